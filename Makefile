@@ -1,0 +1,36 @@
+# modelbus: `make run` and `make test` each do the whole set-up on a fresh machine.
+PY ?= python3.11
+VENV ?= .venv
+# GPU users: make install TORCH_SPEC='torch==2.13.0 --index-url <a CUDA wheel index>'
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.modelbus-installed
+
+.PHONY: install run test bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/modelbus up
+
+test: install
+	$(BIN)/python -m pytest -q tests --ignore=tests/bench
+
+bench: install
+	$(BIN)/python tests/bench/run_all.py
+
+lint: install
+	$(BIN)/ruff check events services workers tests
+	$(BIN)/mypy events services workers
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,15 @@
+"""The event layer: schema, the Redis-streams event store, projections, embedded Redis."""
+
+from events.errors import (
+    ConcurrencyError, EmbeddedRedisError, EventDecodeError, EventStoreError, StoreUnavailableError,
+    UniqueConstraintError,
+)
+from events.keys import Keys
+from events.projection import Projection, ProjectionRunner
+from events.store import AppendResult, EventStore, InMemoryEventStore, RedisEventStore, StoredEvent
+
+__all__ = [
+    "AppendResult", "ConcurrencyError", "EmbeddedRedisError", "EventDecodeError", "EventStore", "EventStoreError",
+    "InMemoryEventStore", "Keys", "Projection", "ProjectionRunner", "RedisEventStore", "StoreUnavailableError",
+    "StoredEvent", "UniqueConstraintError",
+]

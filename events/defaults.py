@@ -1,0 +1,11 @@
+"""Every timeout, TTL and limit of the event layer, in one place."""
+
+READ_BATCH = 1000                 # entries fetched per XRANGE/XREAD call
+SUBSCRIBE_BLOCK_MS = 1000         # how long one blocking XREAD waits before looping
+RECONNECT_BACKOFF_BASE = 0.05     # seconds; doubled per failed attempt
+RECONNECT_BACKOFF_CAP = 2.0
+RECONNECT_DEADLINE = 30.0         # seconds of retrying a transient Redis error before giving up
+ACTIVITY_MAXLEN = 100_000         # approximate cap of the activity stream
+RECLAIM_MIN_IDLE_MS = 30_000      # a pending entry idle this long belongs to a dead consumer
+EMBEDDED_START_TIMEOUT = 20.0     # seconds to wait for an embedded redis-server to answer
+SOCKET_TIMEOUT = 10.0

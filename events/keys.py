@@ -1,0 +1,72 @@
+"""Redis key and queue names. All share the ``{namespace}`` hash tag, so a Redis Cluster keeps them on one
+slot and the multi-key Lua append stays legal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUEUES = ("install", "download", "hash", "gpu")
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.namespace + "}"
+
+    @property
+    def events(self) -> str:
+        """The domain log: never trimmed."""
+        return f"{self.tag}:events"
+
+    @property
+    def activity(self) -> str:
+        """Operational events, capped by length."""
+        return f"{self.tag}:activity"
+
+    @property
+    def versions(self) -> str:
+        """Hash aggregate id -> current version."""
+        return f"{self.tag}:versions"
+
+    @property
+    def idempotency(self) -> str:
+        """Hash idempotency key -> JSON list of the positions first appended for it."""
+        return f"{self.tag}:idempotency"
+
+    @property
+    def unique(self) -> str:
+        """Hash unique field -> owning aggregate id."""
+        return f"{self.tag}:unique"
+
+    def aggregate_index(self, aggregate_id: str) -> str:
+        """List of the stream positions of one aggregate's events (history without a scan)."""
+        return f"{self.tag}:agg:{aggregate_id}"
+
+    def queue(self, name: str) -> str:
+        """An RQ queue name; RQ prefixes it with ``rq:queue:``, the hash tag stays inside."""
+        return f"{self.tag}:{name}"
+
+    def worker_queue(self, worker_id: str) -> str:
+        return f"{self.tag}:gpu:{worker_id}"
+
+    def worker_state(self, worker_id: str) -> str:
+        return f"{self.tag}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set worker id -> last heartbeat time."""
+        return f"{self.tag}:workers"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.tag}:job:{job_id}"
+
+    def cancel_flag(self, job_id: str) -> str:
+        return f"{self.tag}:cancel:{job_id}"
+
+    @property
+    def jobs(self) -> str:
+        """Sorted set of job ids by creation time."""
+        return f"{self.tag}:jobs"

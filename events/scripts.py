@@ -1,0 +1,56 @@
+"""Lua scripts. The append is one script so that the version check, the idempotency check, the unique
+claims and the XADDs happen atomically: either every event of the batch lands or none does.
+
+KEYS: 1 log stream, 2 versions hash, 3 idempotency hash, 4 unique hash, 5 aggregate index list
+ARGV: aggregate id, expected version ('' = any), idempotency key ('' = none), event count,
+      then 6 values per event (type, schema version, time, correlation id, event id, body),
+      then claim count and (field, owner) pairs, then release count and fields.
+Returns {duplicate (0|1), JSON {"ids": [...], "version": n}}.
+"""
+
+PER_EVENT = 6
+
+APPEND = """
+local agg = ARGV[1]
+local expected = ARGV[2]
+local idem = ARGV[3]
+if idem ~= '' then
+  local prior = redis.call('HGET', KEYS[3], idem)
+  if prior then return {1, prior} end
+end
+local current = tonumber(redis.call('HGET', KEYS[2], agg) or '0')
+if expected ~= '' and tonumber(expected) ~= current then
+  return redis.error_reply('CONFLICT ' .. current)
+end
+local n = tonumber(ARGV[4])
+local after = 5 + n * 6
+local nclaims = tonumber(ARGV[after])
+for i = 1, nclaims do
+  local field = ARGV[after + 2 * i - 1]
+  local owner = redis.call('HGET', KEYS[4], field)
+  if owner and owner ~= ARGV[after + 2 * i] then
+    return redis.error_reply('UNIQUE ' .. owner .. ' ' .. field)
+  end
+end
+local ids = {}
+for i = 0, n - 1 do
+  local o = 5 + i * 6
+  current = current + 1
+  local id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[o], 'v', ARGV[o + 1], 'agg', agg, 'ver', current,
+                        'time', ARGV[o + 2], 'corr', ARGV[o + 3], 'id', ARGV[o + 4], 'body', ARGV[o + 5])
+  ids[#ids + 1] = id
+  redis.call('RPUSH', KEYS[5], id)
+end
+redis.call('HSET', KEYS[2], agg, current)
+for i = 1, nclaims do
+  redis.call('HSET', KEYS[4], ARGV[after + 2 * i - 1], ARGV[after + 2 * i])
+end
+local rel = after + 2 * nclaims + 1
+for i = 1, tonumber(ARGV[rel]) do
+  local field = ARGV[rel + i]
+  if redis.call('HGET', KEYS[4], field) == agg then redis.call('HDEL', KEYS[4], field) end
+end
+local result = cjson.encode({ids = ids, version = current})
+if idem ~= '' then redis.call('HSET', KEYS[3], idem, result) end
+return {0, result}
+"""

@@ -1,0 +1,391 @@
+"""The event store: one interface, a Redis-streams implementation and an in-memory one.
+
+Positions are stream ids (``"<ms>-<seq>"``); ``"0-0"`` is before the first event. The domain log is
+never trimmed; the activity stream is capped by length.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import orjson
+import redis
+import structlog
+
+from events import defaults
+from events.codec import decode, encode
+from events.errors import (
+    ConcurrencyError, EventDecodeError, EventStoreError, StoreUnavailableError, UniqueConstraintError,
+)
+from events.keys import Keys
+from events.schema import Event
+from events.scripts import APPEND
+
+log = structlog.get_logger(__name__)
+
+Stream = Literal["events", "activity"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    position: str
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    positions: list[str]
+    version: int
+    duplicate: bool = False
+
+
+def position_key(position: str) -> tuple[int, int]:
+    ms, _, seq = position.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class RedisSettings(Protocol):
+    redis_url: str | None
+    namespace: str
+
+
+class EventStore(ABC):
+    """What every store offers. See the module docstring for positions."""
+
+    namespace: str
+
+    @abstractmethod
+    def append(self, events: Sequence[Event], *, expected_version: int | None = None,
+               idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
+               releases: Sequence[str] = ()) -> AppendResult:
+        """Append events of one aggregate atomically (see events.scripts for the checks)."""
+
+    @abstractmethod
+    def version(self, aggregate_id: str) -> int: ...
+
+    @abstractmethod
+    def head(self, stream: Stream = "events") -> str:
+        """The last position of a stream, ``"0-0"`` when empty."""
+
+    @abstractmethod
+    def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
+        """Events strictly after ``after``, in log order; undecodable entries are reported and skipped."""
+
+    @abstractmethod
+    def history(self, aggregate_id: str) -> list[StoredEvent]: ...
+
+    @abstractmethod
+    def claim_owner(self, field: str) -> str | None: ...
+
+    @abstractmethod
+    def publish(self, event: Event) -> str:
+        """Append an operational event to the capped activity stream; returns its position."""
+
+    @abstractmethod
+    def wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
+        """Block up to ``block_ms`` for events after ``after``."""
+
+    def read_all(self, after: str = "0-0", stream: Stream = "events") -> Iterator[StoredEvent]:
+        while True:
+            batch = self.read(after, stream=stream)
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].position
+
+    def subscribe(self, since: str = "$", stream: Stream = "events", types: Iterable[str] | None = None,
+                  block_ms: int = defaults.SUBSCRIBE_BLOCK_MS, stop: Callable[[], bool] | None = None,
+                  ) -> Iterator[StoredEvent]:
+        """Yield events after ``since`` (``"$"``: only new ones) forever, or until ``stop()`` is true.
+
+        The last delivered position is kept, so a dropped connection resumes exactly where it was.
+        ``types`` filters by event type, or by ``kind`` for activity events.
+        """
+        wanted = set(types) if types else None
+        last = self.head(stream) if since == "$" else since
+        while not (stop and stop()):
+            for stored in self.wait(last, stream, block_ms):
+                last = stored.position
+                if wanted is None or _type_of(stored.event) in wanted:
+                    yield stored
+
+    def publish_activity(self, kind: str, payload: dict[str, Any], source: str = "modelbus",
+                         correlation_id: str | None = None) -> str:
+        from events.schema import activity
+        return self.publish(activity(kind, payload, source=source, correlation_id=correlation_id))
+
+
+def _type_of(event: Event) -> str:
+    return getattr(event, "kind", None) or event.type
+
+
+def _check_batch(events: Sequence[Event]) -> str:
+    if not events:
+        raise EventStoreError("append needs at least one event")
+    aggregate = events[0].aggregate_id
+    if any(e.aggregate_id != aggregate for e in events):
+        raise EventStoreError("all events of one append must share one aggregate id")
+    return aggregate
+
+
+def _decode_entries(entries: Iterable[tuple[Any, Any]]) -> list[StoredEvent]:
+    out: list[StoredEvent] = []
+    for raw_id, fields in entries:
+        position = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        try:
+            out.append(StoredEvent(position, decode(position, fields)))
+        except EventDecodeError as exc:
+            log.warning("event_skipped", position=exc.position, reason=exc.reason)
+    return out
+
+
+class RedisEventStore(EventStore):
+    """The event log on Redis streams. Transient Redis errors are retried with backoff up to a
+    deadline; every append carries an idempotency key, so a retried append cannot land twice."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "modelbus", *, url: str | None = None,
+                 activity_maxlen: int = defaults.ACTIVITY_MAXLEN, replicas: int = 0,
+                 retry_deadline: float = defaults.RECONNECT_DEADLINE) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.keys = Keys(namespace)
+        self.url = url
+        self.activity_maxlen = activity_maxlen
+        self.replicas = replicas
+        self.retry_deadline = retry_deadline
+        self._append = client.register_script(APPEND)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "modelbus", **kwargs: Any) -> RedisEventStore:
+        from events.connection import connect
+        return cls(connect(url), namespace, url=url, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any) -> RedisEventStore:
+        """Open the store a configuration names: its ``redis_url``, else the embedded Redis under its root."""
+        from events.connection import resolve_redis_url
+        url = resolve_redis_url(config)
+        replicas = config.replicas if getattr(config, "durability", "fast") == "replicated" else 0
+        return cls.from_url(url, config.namespace, activity_maxlen=getattr(config, "activity_maxlen",
+                            defaults.ACTIVITY_MAXLEN), replicas=replicas)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_deadline
+        delay = defaults.RECONNECT_BACKOFF_BASE
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailableError(f"Redis at {self.url or '?'} unreachable: {exc}") from exc
+                log.warning("redis_retry", error=str(exc), delay=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, defaults.RECONNECT_BACKOFF_CAP)
+
+    def append(self, events: Sequence[Event], *, expected_version: int | None = None,
+               idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
+               releases: Sequence[str] = ()) -> AppendResult:
+        aggregate = _check_batch(events)
+        args: list[Any] = [aggregate, "" if expected_version is None else expected_version,
+                           idempotency_key or events[0].event_id, len(events)]
+        for e in events:
+            f = encode(e)
+            args += [f["type"], f["v"], f["time"], f["corr"], f["id"], f["body"]]
+        claims = dict(claims or {})
+        args.append(len(claims))
+        for field, owner in claims.items():
+            args += [field, owner]
+        args.append(len(releases))
+        args += list(releases)
+        keys = [self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique,
+                self.keys.aggregate_index(aggregate)]
+        try:
+            duplicate, raw = self._call(lambda: self._append(keys=keys, args=args))
+        except redis.ResponseError as exc:
+            raise _translate(aggregate, expected_version, str(exc)) from exc
+        result = orjson.loads(raw)
+        if self.replicas:
+            self._call(lambda: self.client.wait(self.replicas, 5000))
+        return AppendResult(list(result["ids"]), int(result["version"]), bool(duplicate))
+
+    def version(self, aggregate_id: str) -> int:
+        raw = self._call(lambda: self.client.hget(self.keys.versions, aggregate_id))
+        return int(raw or 0)
+
+    def _stream_key(self, stream: Stream) -> str:
+        return self.keys.events if stream == "events" else self.keys.activity
+
+    def head(self, stream: Stream = "events") -> str:
+        entries = self._call(lambda: self.client.xrevrange(self._stream_key(stream), count=1))
+        if not entries:
+            return "0-0"
+        raw = entries[0][0]
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
+        key = self._stream_key(stream)
+        entries = self._call(lambda: self.client.xrange(key, min=f"({after}", count=count))
+        return _decode_entries(entries)
+
+    def history(self, aggregate_id: str) -> list[StoredEvent]:
+        ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
+        pipe = self.client.pipeline(transaction=False)
+        for raw in ids:
+            pipe.xrange(self.keys.events, min=raw, max=raw)
+        found = self._call(pipe.execute)
+        return _decode_entries(entry for entries in found for entry in entries)
+
+    def claim_owner(self, field: str) -> str | None:
+        raw = self._call(lambda: self.client.hget(self.keys.unique, field))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def publish(self, event: Event) -> str:
+        fields = encode(event)
+        raw = self._call(lambda: self.client.xadd(self.keys.activity, fields,  # type: ignore[arg-type]
+                                                   maxlen=self.activity_maxlen, approximate=True))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
+        key = self._stream_key(stream)
+        reply = self._call(lambda: self.client.xread({key: after}, count=defaults.READ_BATCH, block=block_ms))
+        return [e for _, entries in (reply or []) for e in _decode_entries(entries)]
+
+    # --- consumer groups: each event to one member, with ack and reclaim ------------------------
+
+    def ensure_group(self, group: str, stream: Stream = "events", start: str = "0") -> None:
+        try:
+            self._call(lambda: self.client.xgroup_create(self._stream_key(stream), group, id=start, mkstream=True))
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read_group(self, group: str, consumer: str, stream: Stream = "events", count: int = 100,
+                   block_ms: int | None = None) -> list[StoredEvent]:
+        key = self._stream_key(stream)
+        reply = self._call(lambda: self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms))
+        return [e for _, entries in (reply or []) for e in _decode_entries(entries)]
+
+    def ack(self, group: str, positions: Sequence[str], stream: Stream = "events") -> int:
+        if not positions:
+            return 0
+        return int(self._call(lambda: self.client.xack(self._stream_key(stream), group, *positions)))
+
+    def reclaim(self, group: str, consumer: str, min_idle_ms: int = defaults.RECLAIM_MIN_IDLE_MS,
+                stream: Stream = "events", count: int = 100) -> list[StoredEvent]:
+        """Take over entries whose consumer went quiet (died) for at least ``min_idle_ms``."""
+        key = self._stream_key(stream)
+        reply = self._call(lambda: self.client.xautoclaim(key, group, consumer, min_idle_ms, "0-0", count=count))
+        return _decode_entries(reply[1])
+
+    def pending(self, group: str, stream: Stream = "events") -> int:
+        info = self._call(lambda: self.client.xpending(self._stream_key(stream), group))
+        return int(info["pending"])
+
+
+def _translate(aggregate: str, expected: int | None, message: str) -> EventStoreError:
+    if "CONFLICT" in message:
+        actual = int(message.split("CONFLICT", 1)[1].split()[0])
+        return ConcurrencyError(aggregate, -1 if expected is None else expected, actual)
+    if "UNIQUE" in message:
+        owner, _, field = message.split("UNIQUE", 1)[1].strip().partition(" ")
+        return UniqueConstraintError(field, owner)
+    return EventStoreError(f"append failed: {message}")
+
+
+class InMemoryEventStore(EventStore):
+    """The same semantics in one process, for tests of pure logic and for embedding."""
+
+    def __init__(self, namespace: str = "memory") -> None:
+        self.namespace = namespace
+        self._streams: dict[str, list[StoredEvent]] = {"events": [], "activity": []}
+        self._versions: dict[str, int] = {}
+        self._idempotency: dict[str, AppendResult] = {}
+        self._unique: dict[str, str] = {}
+        self._index: dict[str, list[StoredEvent]] = {}
+        self._last = (0, 0)
+        self._cond = threading.Condition()
+
+    def _next_position(self) -> str:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self._last
+        self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        return f"{self._last[0]}-{self._last[1]}"
+
+    def append(self, events: Sequence[Event], *, expected_version: int | None = None,
+               idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
+               releases: Sequence[str] = ()) -> AppendResult:
+        aggregate = _check_batch(events)
+        key = idempotency_key or events[0].event_id
+        with self._cond:
+            if key in self._idempotency:
+                prior = self._idempotency[key]
+                return AppendResult(prior.positions, prior.version, True)
+            current = self._versions.get(aggregate, 0)
+            if expected_version is not None and expected_version != current:
+                raise ConcurrencyError(aggregate, expected_version, current)
+            for field, owner in (claims or {}).items():
+                holder = self._unique.get(field)
+                if holder is not None and holder != owner:
+                    raise UniqueConstraintError(field, holder)
+            positions = []
+            for e in events:
+                current += 1
+                stored = StoredEvent(self._next_position(), e.model_copy(update={"aggregate_version": current}))
+                self._streams["events"].append(stored)
+                self._index.setdefault(aggregate, []).append(stored)
+                positions.append(stored.position)
+            self._versions[aggregate] = current
+            self._unique.update(claims or {})
+            for field in releases:
+                if self._unique.get(field) == aggregate:
+                    del self._unique[field]
+            result = AppendResult(positions, current)
+            self._idempotency[key] = result
+            self._cond.notify_all()
+            return result
+
+    def version(self, aggregate_id: str) -> int:
+        with self._cond:
+            return self._versions.get(aggregate_id, 0)
+
+    def head(self, stream: Stream = "events") -> str:
+        with self._cond:
+            entries = self._streams[stream]
+            return entries[-1].position if entries else "0-0"
+
+    def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
+        floor = position_key(after)
+        with self._cond:
+            return [s for s in self._streams[stream] if position_key(s.position) > floor][:count]
+
+    def history(self, aggregate_id: str) -> list[StoredEvent]:
+        with self._cond:
+            return list(self._index.get(aggregate_id, []))
+
+    def claim_owner(self, field: str) -> str | None:
+        with self._cond:
+            return self._unique.get(field)
+
+    def publish(self, event: Event) -> str:
+        with self._cond:
+            stored = StoredEvent(self._next_position(), event)
+            self._streams["activity"].append(stored)
+            del self._streams["activity"][:-defaults.ACTIVITY_MAXLEN]
+            self._cond.notify_all()
+            return stored.position
+
+    def wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
+        deadline = time.monotonic() + block_ms / 1000
+        with self._cond:
+            while True:
+                found = self.read(after, stream=stream)
+                remaining = deadline - time.monotonic()
+                if found or remaining <= 0:
+                    return found
+                self._cond.wait(remaining)

@@ -1,0 +1,189 @@
+"""Application configuration: environment (prefix ``MODELBUS_``) over ``$MODELBUS_ROOT/modelbus.yaml``.
+
+Relative paths are resolved against ``root``. A bad value raises :class:`ConfigError` naming the
+variable and the value, so a typo in the environment is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "MODELBUS_"
+CONFIG_FILE_NAME = "modelbus.yaml"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A configuration value could not be used; the message names the variable and the value."""
+
+
+def parse_size(value: int | float | str) -> int:
+    """Parse a byte size such as ``32G``, ``512MiB``, ``1.5g`` or a plain integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value!r}")
+        return int(value)
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"not a size (use e.g. 512M, 32G or a number of bytes): {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "")[:1].lower()])
+
+
+def default_root() -> Path:
+    env = os.environ.get(f"{ENV_PREFIX}ROOT")
+    return Path(env).expanduser() if env else Path.home() / ".modelbus"
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads ``$MODELBUS_ROOT/modelbus.yaml`` when it exists; the environment wins over it."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = default_root() / CONFIG_FILE_NAME
+        self._data: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+            self._data = loaded
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class AppConfig(BaseSettings):
+    """Everything modelbus reads from its environment. See README "Configuration"."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    root: Path = Field(default_factory=default_root, description="root directory of models, databases, redis data")
+    models_dir: Path = Field(default=Path("models"), description="where installed models live")
+    redis_url: str | None = Field(default=None, description="Redis URL; unset = start an embedded Redis")
+    namespace: str = Field(default="modelbus", description="prefix of every Redis key and queue")
+    model_config_db: str | None = Field(default="auto", description="'auto', a .db/.yaml path, or None")
+    conf_path: Path = Field(default=Path("configs/models.yaml"), description="legacy models.yaml")
+    db_path: Path = Field(default=Path("databases/modelbus.db"), description="SQLite database")
+    ram_cache_size: int = Field(default=8 << 30, description="RAM model cache size in bytes (accepts 8G)")
+    vram_cache_size: int = Field(default=16 << 30, description="VRAM model cache size in bytes (accepts 16G)")
+    cache_keep_alive: float = Field(default=0.0, description="seconds an idle model stays cached; 0 = forever")
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    precision: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+    allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")
+    download_threads: int = Field(default=5, ge=1, le=64)
+    download_parts: int = Field(default=4, ge=1, le=64, description="parallel ranges for one large file")
+    download_retries: int = Field(default=5, ge=0, le=50)
+    download_stall_timeout: float = Field(default=30.0, gt=0)
+    hash_threads: int = Field(default=max(1, min(8, os.cpu_count() or 1)), ge=1, le=256)
+    hf_endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    civitai_api: str = Field(default="https://civitai.com")
+    hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN"))
+    civitai_token: str | None = Field(default_factory=lambda: os.environ.get("CIVITAI_TOKEN"))
+    remote_api_tokens: dict[str, str] = Field(default_factory=dict, description="URL regex -> token")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=9090, ge=0, le=65535)
+    api_token: str | None = None
+    durability: Literal["fast", "fsync", "replicated"] = "fast"
+    replicas: int = Field(default=1, ge=0)
+    activity_maxlen: int = Field(default=100_000, ge=1000)
+
+    @field_validator("ram_cache_size", "vram_cache_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> int:
+        return parse_size(value)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        # braces would break the {ns} hash tag; ':' and spaces would make ambiguous keys
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value):
+            raise ValueError("namespace may hold letters, digits, '_', '.', '-' (1-64 characters)")
+        return value
+
+    @field_validator("model_config_db", mode="before")
+    @classmethod
+    def _model_config_db(cls, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return str(value)
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not re.match(r"^(redis|rediss|unix)://", str(value)):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return str(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+    @classmethod
+    def load(cls, **overrides: Any) -> AppConfig:
+        """Build the configuration, translating validation errors into one readable ConfigError."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from exc
+
+    get_config = load  # the spec's spelling
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve a path the way the spec says: relative paths are taken against ``root``."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def models_path(self) -> Path:
+        return self.resolve(self.models_dir)
+
+    @property
+    def db_file(self) -> Path:
+        return self.resolve(self.db_path)
+
+    @property
+    def conf_file(self) -> Path:
+        return self.resolve(self.conf_path)
+
+    def model_path(self, path: str | Path) -> Path:
+        """A record's path as an absolute location: relative ones live under ``models_dir``."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.models_path / p
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(x) for x in err["loc"]) or "?"
+        var = f"{ENV_PREFIX}{name.upper()}"
+        value = err.get("input")
+        parts.append(f"{var}={value!r}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

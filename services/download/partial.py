@@ -1,0 +1,123 @@
+"""The partial file (``<name>.part``) and its range state (``<name>.part.json``).
+
+The state names the URL, total size and validator (ETag or Last-Modified) of what is being
+fetched, and, per range, how many bytes of it are on disk. A range's count is raised only after
+its bytes were written, so after a kill the state never claims more than the file holds, and a
+restarted process (another worker) resumes every range where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class ByteRange:
+    start: int
+    end: int  # exclusive; -1 = until the end of a body of unknown length
+    done: int = 0
+
+    @property
+    def length(self) -> int | None:
+        return None if self.end < 0 else self.end - self.start
+
+    @property
+    def complete(self) -> bool:
+        return self.length is not None and self.done >= self.length
+
+
+@dataclass
+class PartialState:
+    url: str
+    total: int | None
+    etag: str | None
+    last_modified: str | None
+    ranges: list[ByteRange] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    @property
+    def validator(self) -> str | None:
+        """What If-Range may carry: a strong ETag, else Last-Modified."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    @property
+    def done(self) -> int:
+        return sum(r.done for r in self.ranges)
+
+    def matches(self, other: PartialState) -> bool:
+        """Same resource as before: a restart may trust the bytes already on disk."""
+        return (
+            self.url == other.url
+            and self.total == other.total
+            and self.validator is not None
+            and self.validator == other.validator
+        )
+
+
+def part_path(final: Path) -> Path:
+    return final.with_name(final.name + ".part")
+
+
+def state_path(final: Path) -> Path:
+    return final.with_name(final.name + ".part.json")
+
+
+def split_ranges(total: int, parts: int) -> list[ByteRange]:
+    size = -(-total // parts)
+    return [ByteRange(start, min(total, start + size)) for start in range(0, total, size)]
+
+
+def load_state(final: Path) -> PartialState | None:
+    path = state_path(final)
+    if not path.is_file() or not part_path(final).is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("version") != STATE_VERSION:
+            return None
+        ranges = [ByteRange(**r) for r in raw.pop("ranges")]
+        state = PartialState(**raw, ranges=ranges)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("download.state_unreadable", path=str(path), error=str(exc))
+        return None
+    # never trust more bytes than the file holds (a single range is written in order)
+    size = part_path(final).stat().st_size
+    for r in state.ranges:
+        r.done = max(0, min(r.done, size - r.start, r.length if r.length is not None else r.done))
+    return state
+
+
+class StateWriter:
+    """Saves the state atomically; called often from several range threads."""
+
+    def __init__(self, final: Path, state: PartialState) -> None:
+        self.final = final
+        self.state = state
+        self._lock = threading.Lock()
+
+    def save(self) -> None:
+        with self._lock:
+            data = json.dumps(asdict(self.state))
+            tmp = state_path(self.final).with_suffix(".tmp")
+            tmp.write_text(data)
+            os.replace(tmp, state_path(self.final))
+
+
+def remove_partial(final: Path) -> None:
+    for path in (part_path(final), state_path(final), state_path(final).with_suffix(".tmp")):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass

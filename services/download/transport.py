@@ -1,0 +1,67 @@
+"""HTTP requests with redirects followed by hand.
+
+httpx could follow redirects itself, but then we could neither re-check each hop against the
+private-address rule nor decide per hop whether the token may go along (Civitai's download URL
+answers 307 to a presigned URL on another host, which fails if it receives our Authorization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urljoin
+
+import httpx
+import structlog
+
+from .errors import RemoteError
+from .security import Credential, check_url
+
+log = structlog.get_logger(__name__)
+
+MAX_REDIRECTS = 10
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+def open_stream(
+    client: httpx.Client,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    credential: Credential | None,
+    allow_private: bool,
+    method: str = "GET",
+) -> httpx.Response:
+    """Send a request and follow redirects, checking every hop; the caller closes the response."""
+    for _ in range(MAX_REDIRECTS + 1):
+        check_url(url, allow_private)
+        hop_headers = dict(headers or {})
+        if credential is not None and credential.applies_to(url):
+            hop_headers["Authorization"] = f"Bearer {credential.token}"
+        request = client.build_request(method, url, headers=hop_headers)
+        response = client.send(request, stream=True, follow_redirects=False)
+        location = response.headers.get("location")
+        if response.status_code not in _REDIRECTS or not location:
+            return response
+        response.close()
+        next_url = urljoin(url, location)
+        log.debug("download.redirect", status=response.status_code, to_host=httpx.URL(next_url).host)
+        if response.status_code == 303:
+            method = "GET"
+        url = next_url
+    raise RemoteError(f"more than {MAX_REDIRECTS} redirects starting from {url}")
+
+
+def get_json(
+    client: httpx.Client, url: str, *, credential: Credential | None, allow_private: bool
+) -> tuple[int, object]:
+    """GET a JSON document (following redirects safely): (status, parsed body or None)."""
+    response = open_stream(
+        client, url, headers={"Accept": "application/json"}, credential=credential, allow_private=allow_private
+    )
+    try:
+        response.read()
+        if response.status_code >= 400:
+            return response.status_code, None
+        return response.status_code, response.json()
+    finally:
+        response.close()

@@ -1,0 +1,330 @@
+"""The fast path from safetensors files to a model on the target device.
+
+``from_pretrained`` builds a model with random weights, then copies every tensor from the file
+into it one by one. Here, the file's data section is streamed in large chunks straight into ONE
+buffer on the target device: to CUDA through a few reused pinned staging buffers, with the reads
+of the next chunks (threads, GIL released) overlapping the host-to-device copy of the current one;
+to the CPU by parallel ``preadv`` straight into the destination. Tensors are then *views* of that
+buffer, assigned to a model built on the meta device (``load_state_dict(assign=True)``): no
+initialisation, no second copy, bit-exact weights. The cache later moves the whole buffer in one
+copy (see :mod:`services.load.tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from accelerate import init_empty_weights
+
+from services.load.errors import InvalidModelException
+
+log = structlog.get_logger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+CHUNK_BYTES = 32 << 20       # big enough to amortise a copy launch, small enough to pipeline
+STAGING_SLOTS = 6            # pinned staging buffers in flight (reads ahead of the copy engine)
+ALIGN = 64                   # destination alignment of each contiguous range
+_MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    data_start: int
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+@dataclass
+class FlatTensors:
+    """Tensors that are all views of one ``buffer`` (uint8) on one device."""
+
+    buffer: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Range:
+    fd_index: int
+    file_off: int
+    length: int
+    dst_off: int
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Parse a safetensors header; a file that is not one raises :class:`InvalidModelException`."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise InvalidModelException(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+            raise InvalidModelException(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidModelException(f"{path}: safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise InvalidModelException(f"{path}: safetensors header is not a mapping")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, TensorEntry] = {}
+    for name, spec in header.items():
+        try:
+            dtype = DTYPES[spec["dtype"]]
+            begin, end = (int(x) for x in spec["data_offsets"])
+            shape = tuple(int(x) for x in spec["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidModelException(f"{path}: bad header entry for tensor {name!r}: {spec!r}") from exc
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or data_start + end > size:
+            raise InvalidModelException(f"{path}: tensor {name!r} does not fit its header (truncated file?)")
+        entries[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+    return SafetensorsHeader(path, data_start, entries, metadata)
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """Ask the kernel to forget a file's cached pages, so the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _plan(headers: Sequence[SafetensorsHeader], select: Callable[[str], bool] | None,
+          ) -> tuple[list[_Range], dict[str, tuple[TensorEntry, int]], int]:
+    """Merge the selected tensors of each file into contiguous ranges and give each a place."""
+    ranges: list[_Range] = []
+    placed: dict[str, tuple[TensorEntry, int]] = {}
+    cursor = 0
+    for index, header in enumerate(headers):
+        chosen = sorted((e for e in header.entries.values() if select is None or select(e.name)),
+                        key=lambda e: e.start)
+        group: list[TensorEntry] = []
+        for entry in chosen + [None]:  # type: ignore[list-item]
+            if entry is not None and group and entry.start == group[-1].end:
+                group.append(entry)
+                continue
+            if group:
+                file_off = group[0].start
+                # keep the file's alignment modulo ALIGN, so each view(dtype) stays legal
+                dst = _align(cursor) + (file_off - header.data_start) % ALIGN
+                length = group[-1].end - file_off
+                ranges.append(_Range(index, file_off, length, dst))
+                for g in group:
+                    if g.name in placed:
+                        raise InvalidModelException(f"tensor {g.name!r} appears in two weight files")
+                    placed[g.name] = (g, dst + g.start - file_off)
+                cursor = dst + length
+            group = [entry] if entry is not None else []
+    return ranges, placed, cursor
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise InvalidModelException(f"unexpected end of file at offset {offset + done}")
+        done += n
+
+
+def _chunks(ranges: Iterable[_Range], chunk: int) -> list[_Range]:
+    out: list[_Range] = []
+    for r in ranges:
+        for off in range(0, r.length, chunk):
+            n = min(chunk, r.length - off)
+            out.append(_Range(r.fd_index, r.file_off + off, n, r.dst_off + off))
+    return out
+
+
+def _workers() -> int:
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+def _read_to_cpu(fds: list[int], ranges: list[_Range], dst: torch.Tensor) -> None:
+    arr = dst.numpy()
+    pieces = _chunks(ranges, CHUNK_BYTES)
+    if len(pieces) <= 1:
+        for p in pieces:
+            _pread_into(fds[p.fd_index], memoryview(arr[p.dst_off:p.dst_off + p.length]), p.file_off)
+        return
+    with ThreadPoolExecutor(min(_workers(), len(pieces))) as pool:
+        futures = [pool.submit(_pread_into, fds[p.fd_index],
+                               memoryview(arr[p.dst_off:p.dst_off + p.length]), p.file_off) for p in pieces]
+        for f in futures:
+            f.result()
+
+
+class _StagingPool:
+    """A few pinned buffers reused by every load to one CUDA device (pinning is slow: do it once)."""
+
+    def __init__(self, slots: int, chunk: int) -> None:
+        self.lock = threading.Lock()
+        self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+        self.arrays = [b.numpy() for b in self.buffers]
+
+
+_pools: dict[int, _StagingPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool_for(device: torch.device) -> _StagingPool:
+    with _pools_lock:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _pools:
+            _pools[index] = _StagingPool(STAGING_SLOTS, CHUNK_BYTES)
+        return _pools[index]
+
+
+def _read_to_cuda(fds: list[int], ranges: list[_Range], dst: torch.Tensor) -> None:
+    """Reads run ahead in threads into pinned slots; the copy stream drains them in order."""
+    pool = _pool_for(dst.device)
+    pieces = _chunks(ranges, CHUNK_BYTES)
+    slots = len(pool.buffers)
+    stream = torch.cuda.Stream(dst.device)
+    with pool.lock, ThreadPoolExecutor(slots) as executor:
+        done_events: list[torch.cuda.Event | None] = [None] * slots
+
+        def read(i: int, wait: torch.cuda.Event | None) -> None:
+            if wait is not None:
+                wait.synchronize()  # the slot's previous copy must have left it
+            p = pieces[i]
+            _pread_into(fds[p.fd_index], memoryview(pool.arrays[i % slots][:p.length]), p.file_off)
+
+        futures: dict[int, Future[None]] = {i: executor.submit(read, i, None) for i in range(min(slots, len(pieces)))}
+        for i, p in enumerate(pieces):
+            futures.pop(i).result()
+            slot = i % slots
+            with torch.cuda.stream(stream):
+                dst[p.dst_off:p.dst_off + p.length].copy_(pool.buffers[slot][:p.length], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            done_events[slot] = event
+            if i + slots < len(pieces):
+                futures[i + slots] = executor.submit(read, i + slots, event)
+        stream.synchronize()
+
+
+def load_flat(paths: str | Path | Sequence[str | Path], device: torch.device | str = "cpu",
+              dtype: torch.dtype | None = None, select: Callable[[str], bool] | None = None) -> FlatTensors:
+    """Load the (selected) tensors of one or more safetensors files into one buffer on ``device``.
+
+    Floating-point tensors are converted to ``dtype`` when given (on the device, after the copy);
+    other tensors keep their type. Values are bit-exact when no conversion is asked for.
+    """
+    device = torch.device(device)
+    path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    headers = [read_header(p) for p in path_list]
+    ranges, placed, total = _plan(headers, select)
+    fds = [os.open(p, os.O_RDONLY) for p in path_list]
+    try:
+        for fd in fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        if device.type == "cuda":
+            _read_to_cuda(fds, ranges, buffer)
+        elif device.type == "cpu":
+            _read_to_cpu(fds, ranges, buffer)
+        else:  # mps and others: read to the CPU, one copy over
+            host = torch.empty_like(buffer, device="cpu")
+            _read_to_cpu(fds, ranges, host)
+            buffer.copy_(host)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    tensors = {name: _view(buffer, off, e.dtype, e.shape) for name, (e, off) in placed.items()}
+    flat = FlatTensors(buffer, tensors)
+    if dtype is not None and any(_needs_cast(t, dtype) for t in tensors.values()):
+        flat = _cast(flat, dtype)
+    return flat
+
+
+def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape) * dtype.itemsize
+    return buffer[offset:offset + n].view(dtype).view(shape)
+
+
+def _needs_cast(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.is_floating_point() and t.dtype != dtype
+
+
+def _cast(flat: FlatTensors, dtype: torch.dtype) -> FlatTensors:
+    """Repack into a new buffer with floating tensors in ``dtype`` (the old buffer is then freed)."""
+    layout: list[tuple[str, torch.Tensor, torch.dtype, int]] = []
+    cursor = 0
+    for name, t in flat.tensors.items():
+        target = dtype if t.is_floating_point() else t.dtype
+        layout.append((name, t, target, cursor))
+        cursor = _align(cursor + t.numel() * target.itemsize)
+    out = torch.empty(max(cursor, 1), dtype=torch.uint8, device=flat.buffer.device)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t, target, off in layout:
+        view = _view(out, off, target, tuple(t.shape))
+        view.copy_(t)
+        tensors[name] = view
+    return FlatTensors(out, tensors)
+
+
+def empty_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a model whose parameters live on the meta device: no memory, no random init."""
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+                   what: str) -> torch.nn.Module:
+    """Assign ``tensors`` to a meta-built ``model``; every parameter must be given a value."""
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    still_meta += [n for n, b in model.named_buffers() if b.is_meta]
+    if result.missing_keys or still_meta:
+        missing = sorted(set(result.missing_keys) | set(still_meta))
+        raise InvalidModelException(
+            f"{what}: {len(missing)} weights missing for {type(model).__name__}, e.g. {missing[:3]}")
+    if result.unexpected_keys:
+        log.debug("unexpected_weights_ignored", what=what, count=len(result.unexpected_keys),
+                  sample=result.unexpected_keys[:3])
+    # non-persistent buffers (position ids...) were built on the CPU: bring them along
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model

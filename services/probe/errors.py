@@ -1,0 +1,49 @@
+"""Errors of model identification.
+
+::
+
+    ProbeError
+     +-- ModelPathError        the path is missing or not a file/folder
+     +-- UnknownModelError     nothing recognisable: says what was seen
+     +-- UnsafeModelError      a pickle imports something that could run code
+     +-- CorruptModelError     truncated or malformed file (safetensors, pickle, JSON config)
+     +-- InvalidOverrideError  a user-given type/base/format/... is not a valid value
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class ProbeError(Exception):
+    """Base of every error raised by :mod:`services.probe`."""
+
+
+class ModelPathError(ProbeError):
+    """The path to identify does not exist or is neither a file nor a folder."""
+
+
+class UnknownModelError(ProbeError):
+    """The files were read but match no known model family.
+
+    The message says what was seen (suffix, number of tensors, a few key prefixes) so the user
+    can tell a wrong file from an unsupported one, and pass type, base and format explicitly.
+    """
+
+
+class UnsafeModelError(ProbeError):
+    """A pickle file imports a global that could execute code; it is never loaded."""
+
+    def __init__(self, path: Path, findings: Sequence[str]) -> None:
+        self.path = path
+        self.findings = list(findings)
+        super().__init__(f"{path}: refused, unsafe pickle imports: {', '.join(self.findings)}")
+
+
+class CorruptModelError(ProbeError):
+    """The file is truncated or malformed; the message names the inconsistency."""
+
+
+class InvalidOverrideError(ProbeError):
+    """An override (model_type, base_model, ...) is not a valid value."""

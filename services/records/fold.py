@@ -1,0 +1,71 @@
+"""How model events change a record: the one fold every projection, the history and time travel share.
+
+A record's state is its config as a JSON dict, or ``None`` once removed. Events of other aggregates
+kinds (installs...) leave records alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
+from events.store import StoredEvent, position_key
+
+MODEL_EVENTS = (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved)
+PATH_CLAIM_PREFIX = "model-path:"
+
+State = dict[str, Any] | None
+
+
+def is_model_event(event: Event) -> bool:
+    return isinstance(event, MODEL_EVENTS)
+
+
+def next_state(state: State, event: Event) -> State:
+    """The record after ``event``. A rename of a record we never saw stays unseen (nothing to rename)."""
+    if isinstance(event, (ModelAdded, ModelUpdated)):
+        return dict(event.config)
+    if isinstance(event, ModelRenamed):
+        return None if state is None else {**state, "name": event.new_name}
+    if isinstance(event, ModelRemoved):
+        return None
+    return state
+
+
+def fold(events: Iterable[StoredEvent], *, position: str | None = None, time: datetime | None = None) -> State:
+    """Replay one aggregate's events, stopping after ``position`` and/or ``time`` when given."""
+    limit = position_key(position) if position is not None else None
+    state: State = None
+    for stored in events:
+        if limit is not None and position_key(stored.position) > limit:
+            break
+        if time is not None and _aware(stored.event.time) > _aware(time):
+            break
+        state = next_state(state, stored.event)
+    return state
+
+
+def _aware(moment: datetime) -> datetime:
+    # naive datetimes are taken as local time, the way a user typing one means it
+    return moment if moment.tzinfo is not None else moment.astimezone()
+
+
+def resolve_path(path: str, models_dir: Path | None) -> str:
+    """Where a record's path points: relative paths live under ``models_dir`` (the spec's rule).
+
+    Only the text is normalised (no symlinks followed), so the result does not depend on what happens
+    to exist on the disk of whichever process writes.
+    """
+    p = os.path.expanduser(path)
+    if not os.path.isabs(p) and models_dir is not None:
+        p = os.path.join(str(models_dir), p)
+    return os.path.normpath(p)
+
+
+def path_claim(resolved: str) -> str:
+    """The unique-field name that gives one model exclusive use of a path."""
+    return PATH_CLAIM_PREFIX + resolved

@@ -1,0 +1,111 @@
+"""The in-memory projection (and the table the YAML projection keeps in memory between rewrites)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from events.store import StoredEvent
+
+from services.records.enums import BaseModelType, ModelType
+from services.records.fold import State
+from services.records.models import ModelConfigBase
+from services.records.projection import Changes, RecordProjection, after, config_from_state
+
+
+class RecordTable:
+    """Records as JSON dicts with a name index; what both dict-backed projections share."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+        self.versions: dict[str, int] = {}
+        self.by_name: dict[str, set[str]] = {}
+        self.checkpoint = "0-0"
+
+    def load(self, states: dict[str, dict[str, Any]], versions: dict[str, int], checkpoint: str) -> None:
+        self.states, self.versions, self.checkpoint = dict(states), dict(versions), checkpoint
+        self.by_name = {}
+        for key, state in self.states.items():
+            self.by_name.setdefault(state["name"], set()).add(key)
+
+    def change(self, changes: Changes, checkpoint: str) -> None:
+        for key, (state, version) in changes.items():
+            old = self.states.pop(key, None)
+            if old is not None:
+                self.by_name.get(old["name"], set()).discard(key)
+            if state is not None:
+                self.states[key] = state
+                self.by_name.setdefault(state["name"], set()).add(key)
+            self.versions[key] = version
+        self.checkpoint = checkpoint
+
+
+class DictProjection(RecordProjection):
+    """Queries over a :class:`RecordTable`; subclasses decide where the table is kept."""
+
+    def __init__(self, models_dir: Path | None = None, lock: Any = None) -> None:
+        super().__init__(models_dir, lock)
+        self.table = RecordTable()
+
+    def _load_state(self, key: str) -> State:
+        return self.table.states.get(key)
+
+    def version_of(self, key: str) -> int:
+        with self.lock:
+            return self.table.versions.get(key, 0)
+
+    def _configs(self, keys: Sequence[str]) -> list[ModelConfigBase]:
+        out = [c for c in (self.get(k) for k in keys) if c is not None]
+        out.sort(key=lambda c: (c.name, c.key))
+        return out
+
+    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None
+               ) -> list[ModelConfigBase]:
+        with self.lock:
+            keys = self.table.by_name.get(name, set()) if name is not None else self.table.states.keys()
+            found = []
+            for key in keys:
+                state = self.table.states[key]
+                if model_type is not None and state["model_type"] != model_type.value:
+                    continue
+                if base is not None and base.value != state["base_model"] \
+                        and base.value not in state.get("compatible_bases", ()):
+                    continue
+                found.append(key)
+            return self._configs(found)
+
+    def by_path(self, path: str) -> list[ModelConfigBase]:
+        with self.lock:
+            resolved = self.resolve(path)
+            return self._configs([k for k, s in self.table.states.items()
+                                  if s["path"] == path or self.resolve(s["path"]) == resolved])
+
+    def by_tags(self, tags: Sequence[str]) -> list[ModelConfigBase]:
+        wanted = set(tags)
+        with self.lock:
+            return self._configs([k for k, s in self.table.states.items() if wanted <= set(s.get("tags", ()))])
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.table.states)
+
+    def checkpoint(self) -> str:
+        return self.table.checkpoint
+
+
+class MemoryProjection(DictProjection):
+    """Lives and dies with the process; rebuilt from the log at every start."""
+
+    def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
+        fresh = after(batch, self.table.checkpoint)
+        if fresh:
+            self.table.change(self.fold_batch(fresh), checkpoint)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.table = RecordTable()
+            self._cache.clear()
+
+
+__all__ = ["DictProjection", "MemoryProjection", "RecordTable", "config_from_state"]

@@ -1,0 +1,232 @@
+"""Model config records: ``ModelConfigBase`` and its subclasses, one per (model_type, model_format).
+
+The concrete class of a record is chosen by the pair (``model_type``, ``model_format``), the spec's
+discriminated union. ``AnyModelConfig`` is that union as a pydantic type; :mod:`.parsing` turns raw
+dicts into configs with errors that name each bad field.
+
+Beyond the spec: ``compatible_bases`` lists further bases a model serves besides ``base_model`` (an
+SD-1 VAE also works with SD-2), and searches by base honour it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+
+from services.records.enums import (
+    BaseModelType,
+    ModelFormat,
+    ModelType,
+    ModelVariantType,
+    SchedulerPredictionType,
+)
+
+
+class ModelConfigBase(BaseModel):
+    """The fields every model record has (the spec's table)."""
+
+    # extra="forbid": a misspelt field is an error, not silently dropped data
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+    key: str = Field(min_length=1, description="unique identifier (imohash of the files, 32 hex chars)")
+    name: str = Field(min_length=1, description="name of the model (not unique)")
+    model_type: ModelType
+    model_format: ModelFormat
+    base_model: BaseModelType
+    path: str = Field(min_length=1, description="location on disk; relative paths are under models_dir")
+    hash: str = Field(min_length=1, description="most recent hash of the contents; starts out as the key")
+    description: str | None = None
+    author: str | None = None
+    license: str | None = None
+    source: str | None = None
+    thumbnail_url: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    compatible_bases: list[BaseModelType] = Field(
+        default_factory=list, description="bases this model serves besides base_model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_defaults_to_key(cls, data: Any) -> Any:
+        # the spec: "hash starts out being the same as key"
+        if isinstance(data, dict) and data.get("hash") is None and data.get("key"):
+            data = {**data, "hash": data["key"]}
+        return data
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tags(cls, tags: list[str]) -> list[str]:
+        # keep the caller's order, drop repeats: tags are a set with a stable presentation
+        return list(dict.fromkeys(t.strip() for t in tags if t.strip()))
+
+    @model_validator(mode="after")
+    def _normalise_bases(self) -> ModelConfigBase:
+        # the primary base is implied; keep the list free of it and of repeats, in enum order
+        bases = {b for b in self.compatible_bases if b != self.base_model}
+        ordered = [b for b in BaseModelType if b in bases]
+        if ordered != self.compatible_bases:
+            object.__setattr__(self, "compatible_bases", ordered)
+        return self
+
+    @property
+    def bases(self) -> list[BaseModelType]:
+        """The primary base followed by the compatible ones."""
+        return [self.base_model, *self.compatible_bases]
+
+    def serves(self, base: BaseModelType) -> bool:
+        return base == self.base_model or base in self.compatible_bases
+
+
+# --- mixins (the spec's intermediate classes) ---------------------------------------------------
+
+class CheckpointConfig(ModelConfigBase):
+    """A single-file model; ``config`` is its legacy config file (relative to the root)."""
+
+    config: str | None = None
+
+
+class DiffusersConfig(ModelConfigBase):
+    """A diffusers folder."""
+
+
+class MainConfig(ModelConfigBase):
+    """A main (pipeline) model."""
+
+    vae: str | None = None
+    variant: ModelVariantType = ModelVariantType.Normal
+
+
+# --- concrete classes: one per (model_type, model_format) ---------------------------------------
+
+class MainCheckpointConfig(CheckpointConfig, MainConfig):
+    model_type: Literal[ModelType.Main] = ModelType.Main
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class MainDiffusersConfig(DiffusersConfig, MainConfig):
+    model_type: Literal[ModelType.Main] = ModelType.Main
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
+class ONNXSD2Config(MainConfig):
+    """ONNX/Olive pipelines (the spec's ONNXSD2Config; SD-1 ones simply keep the defaults)."""
+
+    model_type: Literal[ModelType.ONNX] = ModelType.ONNX
+    model_format: Literal[ModelFormat.Onnx, ModelFormat.Olive]
+    prediction_type: SchedulerPredictionType = SchedulerPredictionType.Epsilon
+    upcast_attention: bool = False
+
+
+class VaeCheckpointConfig(CheckpointConfig):
+    model_type: Literal[ModelType.Vae] = ModelType.Vae
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class VaeDiffusersConfig(DiffusersConfig):
+    model_type: Literal[ModelType.Vae] = ModelType.Vae
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
+class LoRALycorisConfig(ModelConfigBase):
+    model_type: Literal[ModelType.Lora] = ModelType.Lora
+    model_format: Literal[ModelFormat.Lycoris] = ModelFormat.Lycoris
+
+
+class LoRADiffusersConfig(DiffusersConfig):
+    model_type: Literal[ModelType.Lora] = ModelType.Lora
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
+class TextualInversionFileConfig(ModelConfigBase):
+    model_type: Literal[ModelType.TextualInversion] = ModelType.TextualInversion
+    model_format: Literal[ModelFormat.EmbeddingFile] = ModelFormat.EmbeddingFile
+
+
+class TextualInversionFolderConfig(ModelConfigBase):
+    model_type: Literal[ModelType.TextualInversion] = ModelType.TextualInversion
+    model_format: Literal[ModelFormat.EmbeddingFolder] = ModelFormat.EmbeddingFolder
+
+
+class ControlNetCheckpointConfig(CheckpointConfig):
+    model_type: Literal[ModelType.ControlNet] = ModelType.ControlNet
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class ControlNetDiffusersConfig(DiffusersConfig):
+    model_type: Literal[ModelType.ControlNet] = ModelType.ControlNet
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
+class IPAdapterConfig(ModelConfigBase):
+    """An IP-Adapter in InvokeAI's folder layout (image encoder referenced separately)."""
+
+    model_type: Literal[ModelType.IPAdapter] = ModelType.IPAdapter
+    model_format: Literal[ModelFormat.InvokeAI] = ModelFormat.InvokeAI
+    image_encoder_model_id: str | None = None
+
+
+class IPAdapterCheckpointConfig(CheckpointConfig):
+    model_type: Literal[ModelType.IPAdapter] = ModelType.IPAdapter
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class CLIPVisionDiffusersConfig(DiffusersConfig):
+    model_type: Literal[ModelType.CLIPVision] = ModelType.CLIPVision
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
+class T2IAdapterConfig(DiffusersConfig):
+    model_type: Literal[ModelType.T2IAdapter] = ModelType.T2IAdapter
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
+class T5EncoderConfig(ModelConfigBase):
+    model_type: Literal[ModelType.T5Encoder] = ModelType.T5Encoder
+    model_format: Literal[ModelFormat.T5Encoder] = ModelFormat.T5Encoder
+
+
+CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
+    MainCheckpointConfig, MainDiffusersConfig, ONNXSD2Config, VaeCheckpointConfig, VaeDiffusersConfig,
+    LoRALycorisConfig, LoRADiffusersConfig, TextualInversionFileConfig, TextualInversionFolderConfig,
+    ControlNetCheckpointConfig, ControlNetDiffusersConfig, IPAdapterConfig, IPAdapterCheckpointConfig,
+    CLIPVisionDiffusersConfig, T2IAdapterConfig, T5EncoderConfig,
+)
+
+
+def _pairs(cls: type[ModelConfigBase]) -> list[tuple[ModelType, ModelFormat]]:
+    type_ = cls.model_fields["model_type"].default
+    ann = cls.model_fields["model_format"].annotation
+    formats = getattr(ann, "__args__", ())
+    return [(type_, fmt) for fmt in formats]
+
+
+def tag_of(model_type: str, model_format: str) -> str:
+    """The union tag of a (type, format) pair, e.g. ``main/checkpoint``."""
+    return f"{model_type}/{model_format}"
+
+
+#: (model_type, model_format) -> concrete class
+CONFIG_CLASSES: dict[tuple[ModelType, ModelFormat], type[ModelConfigBase]] = {
+    pair: cls for cls in CONCRETE_CONFIGS for pair in _pairs(cls)
+}
+#: "type/format" -> concrete class (the same table keyed by plain strings, for fast lookups)
+CLASSES_BY_TAG: dict[str, type[ModelConfigBase]] = {
+    tag_of(t.value, f.value): cls for (t, f), cls in CONFIG_CLASSES.items()
+}
+
+
+def _discriminate(value: Any) -> str | None:
+    if isinstance(value, dict):
+        type_, fmt = value.get("model_type"), value.get("model_format")
+    else:
+        type_, fmt = getattr(value, "model_type", None), getattr(value, "model_format", None)
+    if type_ is None or fmt is None:
+        return None
+    return tag_of(getattr(type_, "value", type_), getattr(fmt, "value", fmt))
+
+
+AnyModelConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in CLASSES_BY_TAG.items())],  # type: ignore[valid-type]
+    Discriminator(_discriminate),
+]
+AnyModelConfigAdapter: TypeAdapter[Any] = TypeAdapter(AnyModelConfig)

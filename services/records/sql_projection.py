@@ -1,0 +1,220 @@
+"""The SQLite projection: indexed columns for the searches, the whole config as JSON, the checkpoint.
+
+Tables carry a ``model_record`` prefix because ``from_connection`` shares the application's main
+database. Each batch is one ``BEGIN IMMEDIATE`` transaction that re-reads the checkpoint first, so
+two processes applying the same batch to one file apply it once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from events.store import StoredEvent
+
+from services.records.enums import BaseModelType, ModelType
+from services.records.errors import RecordStoreFormatError
+from services.records.fold import State
+from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
+from services.records.projection import RecordProjection, after, copy_config
+from services.records.yaml_projection import KIND, RECORDS_VERSION
+
+SCHEMA = 1
+META = "model_record_meta"
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS {META} (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS model_records (
+    key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    base TEXT NOT NULL,
+    type TEXT NOT NULL,
+    format TEXT NOT NULL,
+    path TEXT NOT NULL,
+    resolved_path TEXT NOT NULL,
+    hash TEXT,
+    config TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS model_records_name ON model_records(name);
+CREATE INDEX IF NOT EXISTS model_records_base ON model_records(base);
+CREATE INDEX IF NOT EXISTS model_records_type ON model_records(type);
+CREATE INDEX IF NOT EXISTS model_records_format ON model_records(format);
+CREATE INDEX IF NOT EXISTS model_records_path ON model_records(path);
+CREATE INDEX IF NOT EXISTS model_records_resolved_path ON model_records(resolved_path);
+CREATE INDEX IF NOT EXISTS model_records_hash ON model_records(hash);
+CREATE TABLE IF NOT EXISTS model_record_tags (tag TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tag, key));
+CREATE INDEX IF NOT EXISTS model_record_tags_key ON model_record_tags(key);
+-- every base a model serves: the primary one and its compatible bases
+CREATE TABLE IF NOT EXISTS model_record_bases (base TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (base, key));
+CREATE INDEX IF NOT EXISTS model_record_bases_key ON model_record_bases(key);
+-- aggregate versions, removed records included: the expected version of the next write
+CREATE TABLE IF NOT EXISTS model_record_versions (key TEXT PRIMARY KEY, version INTEGER NOT NULL);
+"""
+TABLES = ("model_records", "model_record_tags", "model_record_bases", "model_record_versions")
+
+_SELECT = "SELECT type, format, config, key FROM model_records"
+
+
+def inspect_schema(conn: sqlite3.Connection, where: str) -> str:
+    """``"empty"``, ``"current"`` or ``"stale"`` (ours, older schema); RecordStoreFormatError if foreign."""
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise RecordStoreFormatError(f"{where}: not an SQLite database ({exc})") from None
+    if META not in tables:
+        return "empty"
+    meta = dict(conn.execute(f"SELECT name, value FROM {META}").fetchall())
+    if meta.get("kind") != KIND or meta.get("version") != RECORDS_VERSION:
+        raise RecordStoreFormatError(
+            f"{where}: model record tables of kind {meta.get('kind')!r} version {meta.get('version')!r}, "
+            f"expected {KIND} {RECORDS_VERSION}")
+    return "current" if meta.get("schema") == str(SCHEMA) else "stale"
+
+
+class SQLProjection(RecordProjection):
+    def __init__(self, conn: sqlite3.Connection, lock: Any = None, models_dir: Path | None = None,
+                 where: str = "<connection>") -> None:
+        super().__init__(models_dir, lock)
+        self.conn = conn
+        self.where = where
+        self._seen = "0-0"  # the checkpoint our cache reflects
+        with self.lock:
+            state = inspect_schema(conn, where)
+            self.stale = state == "stale"
+            if state == "empty" or self.stale:
+                with self._transaction():
+                    self._create()
+
+    def _create(self) -> None:
+        if self.stale:
+            for table in TABLES:
+                self.conn.execute(f"DROP TABLE IF EXISTS {table}")
+        for statement in DDL.split(";"):
+            if statement.strip():
+                self.conn.execute(statement)
+        rows = [("kind", KIND), ("version", RECORDS_VERSION), ("schema", str(SCHEMA))]
+        self.conn.executemany(f"INSERT OR REPLACE INTO {META}(name, value) VALUES (?, ?)", rows)
+        if self.stale:
+            self.conn.execute(f"DELETE FROM {META} WHERE name = 'checkpoint'")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, so the checkpoint read inside stays true until commit
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
+
+    def _read_checkpoint(self) -> str:
+        row = self.conn.execute(f"SELECT value FROM {META} WHERE name = 'checkpoint'").fetchone()
+        return row[0] if row else "0-0"
+
+    def checkpoint(self) -> str:
+        with self.lock:
+            position = self._read_checkpoint()
+            if position != self._seen:
+                # another connection moved the table on: our parsed configs may be out of date
+                self._cache.clear()
+                self._seen = position
+            return position
+
+    def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
+        with self._transaction():
+            fresh = after(batch, self._read_checkpoint())
+            if not fresh:
+                return
+            changes = self.fold_batch(fresh)
+            gone = [(k,) for k in changes]
+            for table in ("model_records", "model_record_tags", "model_record_bases"):
+                self.conn.executemany(f"DELETE FROM {table} WHERE key = ?", gone)
+            rows, tags, bases = [], [], []
+            for key, (state, _) in changes.items():
+                if state is None:
+                    continue
+                rows.append((key, state["name"], state["base_model"], state["model_type"], state["model_format"],
+                             state["path"], self.resolve(state["path"]), state.get("hash"),
+                             orjson.dumps(state).decode()))
+                tags += [(tag, key) for tag in dict.fromkeys(state.get("tags") or ())]
+                bases += [(b, key) for b in dict.fromkeys([state["base_model"], *(state.get("compatible_bases") or ())])]
+            self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.conn.executemany("INSERT INTO model_record_tags VALUES (?, ?)", tags)
+            self.conn.executemany("INSERT INTO model_record_bases VALUES (?, ?)", bases)
+            self.conn.executemany("INSERT OR REPLACE INTO model_record_versions VALUES (?, ?)",
+                                  [(k, v) for k, (_, v) in changes.items()])
+            self.conn.execute(f"INSERT OR REPLACE INTO {META}(name, value) VALUES ('checkpoint', ?)", (checkpoint,))
+        self._seen = checkpoint
+
+    def reset(self) -> None:
+        with self.lock, self._transaction():
+            for table in TABLES:
+                self.conn.execute(f"DELETE FROM {table}")
+            self.conn.execute(f"DELETE FROM {META} WHERE name = 'checkpoint'")
+            self._cache.clear()
+            self._seen = "0-0"
+            self.stale = False
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def _load_state(self, key: str) -> State:
+        row = self.conn.execute("SELECT config FROM model_records WHERE key = ?", (key,)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def get(self, key: str) -> ModelConfigBase | None:
+        with self.lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return copy_config(cached)
+            row = self.conn.execute(_SELECT + " WHERE key = ?", (key,)).fetchone()
+            return None if row is None else self._parse(row)
+
+    def _parse(self, row: tuple[str, str, str, str]) -> ModelConfigBase:
+        cached = self._cache.get(row[3])
+        if cached is None:
+            cached = self._cache[row[3]] = CLASSES_BY_TAG[tag_of(row[0], row[1])].model_validate_json(row[2])
+        return copy_config(cached)
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[ModelConfigBase]:
+        with self.lock:
+            return [self._parse(row) for row in self.conn.execute(sql + " ORDER BY name, key", params)]
+
+    def version_of(self, key: str) -> int:
+        with self.lock:
+            row = self.conn.execute("SELECT version FROM model_record_versions WHERE key = ?", (key,)).fetchone()
+            return int(row[0]) if row else 0
+
+    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None
+               ) -> list[ModelConfigBase]:
+        where, params = [], []
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        if model_type is not None:
+            where.append("type = ?")
+            params.append(model_type.value)
+        if base is not None:
+            where.append("key IN (SELECT key FROM model_record_bases WHERE base = ?)")
+            params.append(base.value)
+        return self._query(_SELECT + (" WHERE " + " AND ".join(where) if where else ""), params)
+
+    def by_path(self, path: str) -> list[ModelConfigBase]:
+        return self._query(_SELECT + " WHERE path = ? OR resolved_path = ?", (path, self.resolve(path)))
+
+    def by_tags(self, tags: Sequence[str]) -> list[ModelConfigBase]:
+        wanted = list(dict.fromkeys(tags))
+        marks = ", ".join("?" * len(wanted))
+        sql = (_SELECT + f" WHERE key IN (SELECT key FROM model_record_tags WHERE tag IN ({marks})"
+               " GROUP BY key HAVING COUNT(*) = ?)")
+        return self._query(sql, [*wanted, len(wanted)])
+
+    def count(self) -> int:
+        with self.lock:
+            return int(self.conn.execute("SELECT COUNT(*) FROM model_records").fetchone()[0])

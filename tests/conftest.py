@@ -1,0 +1,78 @@
+"""Shared fixtures: a private Redis for the whole run (or MODELBUS_TEST_REDIS_URL), a fresh namespace
+and root per test, and the environment every modelbus entry point reads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from events.embedded import EmbeddedRedis
+from events.store import RedisEventStore
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis | None]:
+    """A private redis-server for the run, unless MODELBUS_TEST_REDIS_URL names one."""
+    if os.environ.get("MODELBUS_TEST_REDIS_URL"):
+        yield None
+        return
+    data = Path(tempfile.mkdtemp(prefix="modelbus-test-redis-"))
+    server = EmbeddedRedis.ensure(data)
+    yield server
+    server.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis | None) -> str:
+    return os.environ.get("MODELBUS_TEST_REDIS_URL") or (redis_server.url if redis_server else "")
+
+
+@pytest.fixture()
+def namespace(redis_url: str) -> Iterator[str]:
+    ns = f"test-{uuid.uuid4().hex[:12]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for pattern in (f"*{{{ns}}}*",):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            for i in range(0, len(keys), 500):
+                client.delete(*keys[i:i + 500])
+    except redis.RedisError:
+        pass  # a test may have stopped the server on purpose
+
+
+@pytest.fixture()
+def modelbus_env(redis_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment of one test: its Redis, namespace and root (also seen by subprocesses)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {
+        "MODELBUS_REDIS_URL": redis_url,
+        "MODELBUS_NAMESPACE": namespace,
+        "MODELBUS_ROOT": str(root),
+        "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1",
+        "MODELBUS_LOG_FORMAT": "json",
+        "HF_HUB_OFFLINE": "1",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture()
+def app_config(modelbus_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    from services.config import AppConfig
+    return AppConfig.load()
+
+
+@pytest.fixture()
+def event_store(redis_url: str, namespace: str) -> RedisEventStore:
+    return RedisEventStore.from_url(redis_url, namespace)

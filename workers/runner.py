@@ -1,0 +1,89 @@
+"""Starting a worker process on some of modelbus's queues.
+
+``install``, ``download`` and ``hash`` run in RQ's forking Worker (a crash in a job cannot take the
+worker down). ``gpu`` runs in a SimpleWorker: jobs run in the worker process itself, so the model cache
+lives from job to job and CUDA works (a forked child can do neither). Every worker also listens on its
+own queue (``{ns}:gpu:<id>``) so that a load can be routed to the worker already holding the model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import structlog
+from rq import Queue, SimpleWorker, Worker
+
+from events.keys import QUEUES, Keys
+from workers import defaults
+
+log = structlog.get_logger(__name__)
+
+
+def worker_name(prefix: str = "mb") -> str:
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def parse_queues(text: str | Sequence[str]) -> list[str]:
+    names = [q.strip() for q in (text.split(",") if isinstance(text, str) else text) if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if unknown or not names:
+        raise ValueError(f"unknown queue(s) {unknown or names}: choose from {', '.join(QUEUES)}")
+    return names
+
+
+class Heartbeat(threading.Thread):
+    """Publishes this worker's state (queues, device, cache contents) every few seconds with a TTL."""
+
+    def __init__(self, connection: Any, keys: Keys, name: str, queues: list[str],
+                 state: Any = None) -> None:
+        super().__init__(daemon=True, name="modelbus-heartbeat")
+        self.connection, self.keys, self.worker_id, self.queues = connection, keys, name, queues
+        self.state = state  # a callable returning extra fields (the GPU cache's contents)
+        self.stopped = threading.Event()
+
+    def beat(self) -> None:
+        import time
+        info: dict[str, Any] = {"id": self.worker_id, "queues": self.queues, "host": socket.gethostname(),
+                                "pid": os.getpid(), "time": time.time()}
+        if self.state is not None:
+            try:
+                info.update(self.state())
+            except Exception as exc:  # a broken state probe must not kill the heartbeat
+                info["state_error"] = str(exc)
+        pipe = self.connection.pipeline()
+        pipe.set(self.keys.worker_state(self.worker_id), orjson.dumps(info), ex=defaults.WORKER_STATE_TTL)
+        pipe.zadd(self.keys.workers, {self.worker_id: info["time"]})
+        pipe.execute()
+
+    def run(self) -> None:
+        while not self.stopped.wait(defaults.HEARTBEAT_INTERVAL):
+            try:
+                self.beat()
+            except Exception as exc:  # Redis may be restarting: keep beating
+                log.warning("heartbeat_failed", error=str(exc))
+
+    def stop(self) -> None:
+        self.stopped.set()
+        try:
+            self.connection.delete(self.keys.worker_state(self.worker_id))
+            self.connection.zrem(self.keys.workers, self.worker_id)
+        except Exception:
+            pass
+
+
+def build_worker(connection: Any, namespace: str, queue_names: list[str], name: str | None = None) -> Worker:
+    keys = Keys(namespace)
+    name = name or worker_name()
+    names = [keys.queue(q) for q in queue_names]
+    if "gpu" in queue_names:
+        names.insert(0, keys.worker_queue(name))  # jobs routed to this worker first
+    queues = [Queue(n, connection=connection) for n in names]
+    cls = SimpleWorker if "gpu" in queue_names else Worker
+    return cls(queues, name=name, connection=connection, maintenance_interval=defaults.MAINTENANCE_INTERVAL,
+               worker_ttl=defaults.WORKER_TTL, job_monitoring_interval=defaults.JOB_MONITORING_INTERVAL)
