@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmarks: a private Redis, timing, and the ratio line every bench prints."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def bench_redis() -> Iterator[str]:
+    """MODELBUS_BENCH_REDIS_URL, or a private embedded Redis for the run."""
+    url = os.environ.get("MODELBUS_BENCH_REDIS_URL")
+    if url:
+        yield url
+        return
+    from events.embedded import EmbeddedRedis
+    server = EmbeddedRedis.ensure(Path(tempfile.mkdtemp(prefix="modelbus-bench-")))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def rate(n: int, fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def ratio_line(name: str, ours: float, baseline: float, unit: str, goal: str = "", higher_is_better: bool = True) -> str:
+    r = ours / baseline if higher_is_better else baseline / ours
+    line = f"{name:<48} ours {ours:>12.1f} {unit:<8} baseline {baseline:>12.1f} {unit:<8} ratio {r:5.2f}x"
+    if goal:
+        line += f"  (goal {goal})"
+    print(line, flush=True)
+    return line
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return statistics.median(ordered), p99
+
+
+def scale(default: int) -> int:
+    """MODELBUS_BENCH_SCALE multiplies every count (e.g. 10 for a long run)."""
+    return max(1, int(default * float(os.environ.get("MODELBUS_BENCH_SCALE", "1"))))

@@ -1,0 +1,161 @@
+"""The event store under real faults: racing processes, dropped connections, killed consumers and a
+killed Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from events.embedded import EmbeddedRedis
+from events.errors import EmbeddedRedisError, StoreUnavailableError
+from events.schema import ModelAdded
+from events.store import RedisEventStore
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from events.store import RedisEventStore
+    from events.schema import ModelAdded
+    from events.errors import ConcurrencyError
+    store = RedisEventStore.from_url(sys.argv[1], sys.argv[2])
+    while time.time() < float(sys.argv[3]):
+        time.sleep(0.001)
+    try:
+        store.append([ModelAdded(aggregate_id="contested", config={"by": sys.argv[4]})], expected_version=0)
+        print("won")
+    except ConcurrencyError:
+        print("lost")
+""")
+
+
+def test_expected_version_race_between_processes_has_one_winner(redis_url: str, namespace: str) -> None:
+    start_at = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, redis_url, namespace, start_at, str(i)],
+                              stdout=subprocess.PIPE, text=True) for i in range(6)]
+    results = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(results) == ["lost"] * 5 + ["won"]
+    store = RedisEventStore.from_url(redis_url, namespace)
+    assert len(store.history("contested")) == 1 and store.version("contested") == 1
+
+
+def test_subscriber_resumes_after_its_connection_is_killed(event_store: RedisEventStore) -> None:
+    got: list[int] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        for stored in event_store.subscribe(since="0-0", block_ms=200, stop=done.is_set):
+            got.append(int(stored.event.config["n"]))  # type: ignore[attr-defined]
+            if len(got) == 60:
+                done.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    admin = redis.Redis.from_url(event_store.url or "")
+    for n in range(60):
+        event_store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})])
+        if n in (15, 35):
+            admin.client_kill_filter(_type="normal", skipme=True)  # drops every client connection, ours too
+        time.sleep(0.01)
+    thread.join(timeout=30)
+    assert got == list(range(60)), "events lost or repeated across the reconnect"
+
+
+CONSUMER = textwrap.dedent("""
+    import sys, time
+    from events.store import RedisEventStore
+    store = RedisEventStore.from_url(sys.argv[1], sys.argv[2])
+    got = store.read_group("g", "doomed", count=5, block_ms=2000)
+    print(len(got), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_entries_of_a_killed_consumer_are_reclaimed(event_store: RedisEventStore, redis_url: str) -> None:
+    for n in range(8):
+        event_store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})])
+    event_store.ensure_group("g", start="0")
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, redis_url, event_store.namespace],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "5"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rest = event_store.read_group("g", "survivor", count=100)
+    assert len(rest) == 3 and event_store.pending("g") == 8
+    event_store.ack("g", [e.position for e in rest])
+    time.sleep(0.3)
+    reclaimed = event_store.reclaim("g", "survivor", min_idle_ms=200)
+    assert sorted(e.event.config["n"] for e in reclaimed) == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
+    event_store.ack("g", [e.position for e in reclaimed])
+    assert event_store.pending("g") == 0
+
+
+def test_killed_embedded_redis_keeps_every_acknowledged_append(tmp_path: Path) -> None:
+    server = EmbeddedRedis.ensure(tmp_path, appendfsync="always")
+    assert server.process is not None
+    store = RedisEventStore.from_url(server.url, "durable", retry_deadline=2)
+    acknowledged = [store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})]).positions[0]
+                    for n in range(200)]
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    with pytest.raises(StoreUnavailableError):
+        store.append([ModelAdded(aggregate_id="lost", config={})])
+    restarted = EmbeddedRedis._start(server.data_dir, appendfsync="always")
+    try:
+        survivors = [e.position for e in RedisEventStore.from_url(restarted.url, "durable").read_all()]
+        assert survivors == acknowledged
+    finally:
+        restarted.stop()
+
+
+REUSER = "from events.embedded import EmbeddedRedis; import sys; print(EmbeddedRedis.ensure(sys.argv[1]).url)"
+
+
+def test_second_process_reuses_the_running_embedded_redis(tmp_path: Path) -> None:
+    server = EmbeddedRedis.ensure(tmp_path)
+    try:
+        out = subprocess.run([sys.executable, "-c", REUSER, str(tmp_path)], capture_output=True, text=True,
+                             timeout=60, check=True)
+        assert out.stdout.strip() == server.url
+        assert server.process is not None and server.process.poll() is None
+    finally:
+        server.stop()
+
+
+def test_a_redis_that_could_evict_is_refused(tmp_path: Path) -> None:
+    server = EmbeddedRedis.ensure(tmp_path)
+    try:
+        redis.Redis.from_url(server.url).config_set("maxmemory-policy", "allkeys-lru")
+        from events.connection import resolve_redis_url
+
+        class Cfg:
+            redis_url = server.url
+            namespace = "x"
+            root = tmp_path
+
+        with pytest.raises(EmbeddedRedisError, match="allkeys-lru"):
+            resolve_redis_url(Cfg())
+    finally:
+        server.stop()
+
+
+def test_a_configured_redis_that_does_not_answer_is_named(tmp_path: Path) -> None:
+    from events.connection import resolve_redis_url
+    from events.embedded import free_port
+
+    class Cfg:
+        redis_url = f"redis://user:secret@127.0.0.1:{free_port()}/0"
+        namespace = "x"
+        root = tmp_path
+
+    with pytest.raises(StoreUnavailableError) as info:
+        resolve_redis_url(Cfg())
+    assert "127.0.0.1" in str(info.value) and "secret" not in str(info.value)
+    assert not (tmp_path / "redis").exists(), "nothing may be started for a configured URL"
