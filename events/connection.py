@@ -71,4 +71,5 @@ def resolve_redis_url(config: Any) -> str:
         check_fit(client, config.redis_url)
         return str(config.redis_url)
     from events.embedded import EmbeddedRedis
-    return EmbeddedRedis.ensure(config.root).url
+    fsync = "always" if getattr(config, "durability", "fast") == "fsync" else "everysec"
+    return EmbeddedRedis.ensure(config.root, appendfsync=fsync).url

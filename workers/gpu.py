@@ -1,15 +1,95 @@
-"""GPU worker jobs: load, unload, drop and stats against this process's model cache."""
+"""GPU worker jobs: load, unload and stats against this process's model cache.
+
+GPU workers run jobs in their own process (SimpleWorker), so the ``ModelLoadService`` built here on the
+first job — and its RAM/VRAM cache — lives from job to job. Its state (cached models, free VRAM) goes out
+with every heartbeat, which is how ``services.routing`` sends a load to the worker already holding it.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+from workers.context import WorkerContext, current
+
+
+def _records(context: WorkerContext) -> Any:
+    from services.records import ModelRecordServiceMemory
+    # an in-memory projection per worker: no file shared between processes, rebuilt by replay on start
+    return ModelRecordServiceMemory(context.store, config=context.config)
+
+
+def _load_service(context: WorkerContext) -> Any:
+    from services.load import ModelLoadService
+    records = context.get("records", _records)
+    worker = context.worker_id
+
+    def publish(kind: str, payload: dict[str, Any]) -> None:
+        context.store.publish_activity(kind, {"worker": worker, **payload}, source=worker)
+
+    return ModelLoadService(context.config, records, publisher=publish)
+
+
+def load_service() -> Any:
+    return current().get("load_service", _load_service)
+
+
+class JobContext:
+    """The spec's invocation context as far as load events need it: the queue ids of the caller."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.queue_id = fields.get("queue_id")
+        self.queue_item_id = fields.get("queue_item_id")
+        self.queue_batch_id = fields.get("queue_batch_id")
+        self.graph_execution_state_id = fields.get("graph_execution_state_id")
+
+
+def load_job(model_key: str, submodel: str | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a model (or one submodel) into this worker's cache, warm for the next use."""
+    from services.records import SubModelType
+    service = load_service()
+    started = time.perf_counter()
+    info = service.get_model(model_key, SubModelType(submodel) if submodel else None,
+                             context=JobContext(context) if context else None)
+    with info as model:
+        device = str(_device_of(model))
+    return {"model_key": model_key, "submodel": submodel, "worker": current().worker_id, "device": device,
+            "location": str(info.location), "precision": str(info.precision),
+            "seconds": time.perf_counter() - started}
+
+
+def unload_job(model_key: str) -> dict[str, Any]:
+    """Drop a model (every submodel) from this worker's cache."""
+    dropped = load_service().cache.drop_model(model_key)
+    return {"model_key": model_key, "worker": current().worker_id, "dropped": list(dropped)}
+
+
+def stats_job() -> dict[str, Any]:
+    return {"worker": current().worker_id, **cache_state()}
 
 
 def cache_state() -> dict[str, Any]:
-    """What the heartbeat publishes about this worker's cache (filled in by the load service)."""
-    from workers.context import current
+    """What the heartbeat publishes: the device, cached models and free VRAM."""
     context = current()
     service = context.extras.get("load_service")
     if service is None:
-        return {"device": context.device, "models": [], "vram_free": None}
+        return {"device": context.device, "models": [], "vram_free": _free_vram(context.device)}
     return dict(service.cache_state())
+
+
+def _free_vram(device: str | None) -> int | None:
+    try:
+        import torch
+        if device and device.startswith("cuda") and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return int(free)
+    except Exception:
+        return None
+    return None
+
+
+def _device_of(model: Any) -> Any:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"

@@ -1,0 +1,91 @@
+"""Routing GPU work: a load goes to the worker that already holds the model, else to the one with the
+most free VRAM, else to the shared ``gpu`` queue. Worker states are what each GPU worker's heartbeat
+publishes (``Keys.worker_state``): its queues, device, cached models and free VRAM.
+
+Jobs are enqueued by import path (``workers.gpu.*``): services never import the worker package.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from rq import Queue
+from rq.job import Job
+
+from events.keys import Keys
+
+LOAD_JOB = "workers.gpu.load_job"
+UNLOAD_JOB = "workers.gpu.unload_job"
+STATS_JOB = "workers.gpu.stats_job"
+GPU_JOB_TIMEOUT = 1800
+
+
+class RoutingError(Exception):
+    """A GPU job could not be placed or did not finish."""
+
+
+def worker_states(connection: Any, namespace: str) -> list[dict[str, Any]]:
+    """The live workers (those whose state has not expired), newest heartbeat first."""
+    keys = Keys(namespace)
+    ids = [i.decode() if isinstance(i, bytes) else i for i in connection.zrevrange(keys.workers, 0, -1)]
+    if not ids:
+        return []
+    raw = connection.mget([keys.worker_state(i) for i in ids])
+    states = [orjson.loads(r) for r in raw if r]
+    stale = [i for i, r in zip(ids, raw, strict=True) if not r]
+    if stale:
+        connection.zrem(keys.workers, *stale)
+    return states
+
+
+def choose_gpu_worker(states: list[dict[str, Any]], model_key: str, worker: str | None = None) -> str | None:
+    """The id of the worker that should serve ``model_key``; None: use the shared queue."""
+    gpu = [s for s in states if "gpu" in s.get("queues", [])]
+    if worker is not None:
+        if not any(s["id"] == worker for s in gpu):
+            raise RoutingError(f"no live GPU worker named {worker!r}")
+        return worker
+    holders = [s for s in gpu if any(m.get("model_key") == model_key for m in s.get("models", []))]
+    if holders:
+        return str(holders[0]["id"])
+    if not gpu:
+        return None
+    return str(max(gpu, key=lambda s: s.get("vram_free") or 0)["id"])
+
+
+def enqueue_gpu(connection: Any, namespace: str, func: str, *args: Any, model_key: str | None = None,
+                worker: str | None = None, **kwargs: Any) -> Job:
+    keys = Keys(namespace)
+    target = choose_gpu_worker(worker_states(connection, namespace), model_key or "", worker)
+    queue_name = keys.worker_queue(target) if target else keys.queue("gpu")
+    queue = Queue(queue_name, connection=connection)
+    return queue.enqueue(func, *args, kwargs=kwargs, job_timeout=GPU_JOB_TIMEOUT, result_ttl=3600)
+
+
+def broadcast_gpu(connection: Any, namespace: str, func: str, *args: Any, **kwargs: Any) -> list[Job]:
+    """Enqueue a job on every live GPU worker's own queue (unload everywhere, stats of all)."""
+    keys = Keys(namespace)
+    jobs = []
+    for state in worker_states(connection, namespace):
+        if "gpu" in state.get("queues", []):
+            queue = Queue(keys.worker_queue(state["id"]), connection=connection)
+            jobs.append(queue.enqueue(func, *args, kwargs=kwargs, job_timeout=GPU_JOB_TIMEOUT, result_ttl=3600))
+    return jobs
+
+
+def wait_result(job: Job, timeout: float = 600.0) -> Any:
+    """Block until the job ends; return its value or raise RoutingError with the worker's error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = job.get_status(refresh=True)
+        if status == "finished":
+            return job.return_value()
+        if status in ("failed", "stopped", "canceled"):
+            result = job.latest_result()
+            message = (result.exc_string or "").strip().splitlines()[-1:] if result else []
+            raise RoutingError(message[0] if message else f"GPU job {job.id} {status}")
+        if time.monotonic() > deadline:
+            raise RoutingError(f"GPU job {job.id} did not finish within {timeout:.0f}s (status {status})")
+        time.sleep(0.02)
