@@ -11,6 +11,8 @@ from redis.retry import Retry
 
 from events import defaults
 from events.errors import EmbeddedRedisError, StoreUnavailableError
+from events.sentinel import connect_sentinel, is_sentinel_url
+from events.sentinel import redact as redact_sentinel
 
 # eviction of any kind could delete the log; only noeviction is safe
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -26,6 +28,8 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
     }
     options.update(kwargs)
+    if is_sentinel_url(url):
+        return connect_sentinel(url, **options)
     return redis.Redis.from_url(url, **options)
 
 
@@ -56,6 +60,8 @@ def check_fit(client: redis.Redis, url: str) -> None:
 
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
+    if is_sentinel_url(url):
+        return redact_sentinel(url)
     if "@" not in url:
         return url
     scheme, _, rest = url.partition("://")

@@ -9,3 +9,4 @@ ACTIVITY_MAXLEN = 100_000         # approximate cap of the activity stream
 RECLAIM_MIN_IDLE_MS = 30_000      # a pending entry idle this long belongs to a dead consumer
 EMBEDDED_START_TIMEOUT = 20.0     # seconds to wait for an embedded redis-server to answer
 SOCKET_TIMEOUT = 10.0
+REPLICATION_TIMEOUT_MS = 5000    # how long an append waits for its replicas (durability=replicated)

@@ -5,6 +5,7 @@
     ├── UniqueConstraintError   a unique field (e.g. a model's path) is held by another aggregate
     ├── EventDecodeError        a stream entry cannot be read as an event (unknown type, newer schema, bad JSON)
     ├── StoreUnavailableError   Redis did not answer within the retry deadline
+    ├── ReplicationError        an append was not confirmed by the required replicas (durability=replicated)
     └── EmbeddedRedisError      the embedded Redis could not be started, or a given Redis is unfit
 """
 
@@ -39,3 +40,7 @@ class StoreUnavailableError(EventStoreError):
 
 class EmbeddedRedisError(EventStoreError):
     """A Redis server could not be started or is configured in a way that would lose events."""
+
+
+class ReplicationError(EventStoreError):
+    """The append landed on the primary but fewer replicas than required confirmed it in time."""

@@ -20,7 +20,8 @@ import structlog
 from events import defaults
 from events.codec import decode, encode
 from events.errors import (
-    ConcurrencyError, EventDecodeError, EventStoreError, StoreUnavailableError, UniqueConstraintError,
+    ConcurrencyError, EventDecodeError, EventStoreError, ReplicationError, StoreUnavailableError,
+    UniqueConstraintError,
 )
 from events.keys import Keys
 from events.schema import Event
@@ -205,13 +206,22 @@ class RedisEventStore(EventStore):
         args += list(releases)
         keys = [self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique,
                 self.keys.aggregate_index(aggregate)]
+        def append_and_replicate() -> tuple[int, bytes]:
+            # one step for the retry loop: after a failover the append is repeated (the idempotency key
+            # makes that safe) so that WAIT counts replicas of the server that holds the event now
+            reply = self._append(keys=keys, args=args)
+            if self.replicas:
+                acked = int(self.client.wait(self.replicas, defaults.REPLICATION_TIMEOUT_MS))
+                if acked < self.replicas:
+                    raise ReplicationError(f"append reached {acked} of {self.replicas} replicas within "
+                                           f"{defaults.REPLICATION_TIMEOUT_MS} ms")
+            return int(reply[0]), reply[1]
+
         try:
-            duplicate, raw = self._call(lambda: self._append(keys=keys, args=args))
+            duplicate, raw = self._call(append_and_replicate)
         except redis.ResponseError as exc:
             raise _translate(aggregate, expected_version, str(exc)) from exc
         result = orjson.loads(raw)
-        if self.replicas:
-            self._call(lambda: self.client.wait(self.replicas, 5000))
         return AppendResult(list(result["ids"]), int(result["version"]), bool(duplicate))
 
     def version(self, aggregate_id: str) -> int:

@@ -131,8 +131,8 @@ class AppConfig(BaseSettings):
     def _redis_url(cls, value: Any) -> str | None:
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
-        if not re.match(r"^(redis|rediss|unix)://", str(value)):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not re.match(r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://", str(value)):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
         return str(value)
 
     @classmethod
