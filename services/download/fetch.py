@@ -8,22 +8,18 @@ fetched at once; retry each range where it stopped; verify the sha256; rename in
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import os
-import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import structlog
-
-from services.config import AppConfig
 
 from .cancel import Cancellation
 from .errors import (
@@ -36,6 +32,7 @@ from .errors import (
     TokenRequiredError,
 )
 from .names import choose_filename
+from .options import FetchOptions, FileRequest
 from .partial import (
     ByteRange,
     PartialState,
@@ -45,64 +42,24 @@ from .partial import (
     remove_partial,
     split_ranges,
 )
-from .security import Credential
-from .transport import open_stream
+from .responses import Restart, Retry, check_status, looks_like_page, parse_content_range
+from .transport import open_stream, widen_reads
 
 log = structlog.get_logger(__name__)
 
 MODEL_SUFFIXES = {".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".sft", ".pickle"}
-_HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
-_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
+PROGRESS_INTERVAL = 0.05  # seconds between progress callbacks of one file
 ProgressFn = Callable[[int, "int | None"], None]
 
 
-@dataclass(frozen=True)
-class FetchOptions:
-    parts: int = 4
-    min_part_size: int = 32 << 20
-    retries: int = 5
-    stall_timeout: float = 30.0
-    connect_timeout: float = 15.0
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    retry_after_max: float = 120.0
-    state_interval: float = 0.5
-    disk_reserve: int = 16 << 20
-    fsync: bool = True
-    allow_private: bool = False
-
-    @classmethod
-    def from_config(cls, config: AppConfig, **overrides: object) -> FetchOptions:
-        values: dict[str, object] = dict(
-            parts=config.download_parts,
-            retries=config.download_retries,
-            stall_timeout=config.download_stall_timeout,
-            allow_private=config.allow_private_downloads,
-        )
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
-
-
-@dataclass
-class FileRequest:
-    url: str
-    dest_dir: Path
-    name: str | None = None  # a checked relative path; None = from the response
-    size: int | None = None
-    sha256: str | None = None
-    credential: Credential | None = None
-    expect_model: bool | None = None  # None = decide by the file name's suffix
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-class _Restart(Exception):
-    """The resource changed under us: throw away the partial file and start over."""
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Raise InsufficientSpaceError unless the disk holding ``folder`` has ``need`` bytes free."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise InsufficientSpaceError(f"not enough disk space in {folder} for {what}: need {need} bytes, {free} free")
 
 
 def fetch_file(
@@ -117,52 +74,9 @@ def fetch_file(
     for _ in range(3):
         try:
             return _FileFetch(client, request, options, cancel, progress, on_path).run()
-        except _Restart as exc:
+        except Restart as exc:
             log.info("download.restart", url=request.url, reason=str(exc))
     raise RemoteError(f"{request.url} kept changing on the server while it was downloaded")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _check_status(response: httpx.Response) -> None:
-    code = response.status_code
-    if code in (200, 206, 416):
-        return
-    url = str(response.request.url)
-    if code in (401, 403):
-        raise TokenRequiredError(
-            f"HTTP {code} from {response.request.url.host}: this file needs an access token "
-            "(pass access_token, or configure HF_TOKEN / CIVITAI_TOKEN / remote_api_tokens)",
-            code,
-        )
-    if code in (408, 425, 429) or code >= 500:
-        raise _Retry(f"HTTP {code} from {url}", _retry_after(response))
-    raise RemoteError(f"HTTP {code} for {url}", code)
-
-
-def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(first byte, total) of a Content-Range header; None where absent or '*'."""
-    match = _CONTENT_RANGE.match(value or "")
-    if not match:
-        return None, None
-    first, _, total = match.groups()
-    return (int(first) if first else None), (int(total) if total and total != "*" else None)
-
-
-def _looks_like_page(chunk: bytes) -> bool:
-    head = chunk[:256].lstrip().lower()
-    return head.startswith(_HTML_MARKERS)
 
 
 class _FileFetch:
@@ -181,8 +95,8 @@ class _FileFetch:
         self.cancel = Cancellation(cancel)  # a child: one failing range stops its siblings
         self.progress = progress
         self.on_path = on_path
-        self._lock = threading.Lock()
-        self._last_save = 0.0
+        self._unsaved = 0
+        self._last_progress = 0.0
         self.final: Path = request.dest_dir
         self.state: PartialState | None = None
         self.writer: StateWriter | None = None
@@ -197,11 +111,11 @@ class _FileFetch:
                 allow_private=self.opt.allow_private,
             )
         except httpx.TimeoutException as exc:
-            raise _Retry(f"timed out connecting to {url}: {exc!r}") from exc
+            raise Retry(f"timed out connecting to {url}: {exc!r}") from exc
         except httpx.TransportError as exc:
-            raise _Retry(f"connection to {url} failed: {exc!r}") from exc
+            raise Retry(f"connection to {url} failed: {exc!r}") from exc
         try:
-            _check_status(response)
+            check_status(response)
         except BaseException:
             response.close()
             raise
@@ -210,7 +124,7 @@ class _FileFetch:
     def _retrying(
         self, what: str, attempt_fn: Callable[[], bool], marker: Callable[[], int] = lambda: 0
     ) -> None:
-        """Run ``attempt_fn`` until it returns True, retrying on _Retry with backoff.
+        """Run ``attempt_fn`` until it returns True, retrying on Retry with backoff.
 
         Only consecutive failures without progress (``marker`` unchanged) count against the
         limit: a server that drops the connection every few megabytes still gets us the file.
@@ -223,7 +137,7 @@ class _FileFetch:
                 if attempt_fn():
                     return
                 continue
-            except _Retry as exc:
+            except Retry as exc:
                 if self.cancel.stopped:
                     raise DownloadCancelled(self.cancel.reason or "cancel") from exc
                 failures = 1 if marker() > before else failures + 1
@@ -239,26 +153,66 @@ class _FileFetch:
 
     # -- the steps --------------------------------------------------------------------------
     def run(self) -> Path:
+        saved = self._single_range_to_resume()
+        headers = {"Range": "bytes=0-"}
+        if saved is not None and saved.validator:
+            headers = {"Range": f"bytes={saved.ranges[0].done}-", "If-Range": saved.validator}
         holder: list[httpx.Response] = []
 
         def probe() -> bool:
-            holder.append(self._open(self.req.url, {"Range": "bytes=0-"}))
+            holder.append(self._open(self.req.url, headers))
             return True
 
-        self._retrying(f"probing {self.req.url}", probe)
+        self._retrying(f"requesting {self.req.url}", probe)
         response = holder[0]
         try:
+            if saved is not None and response.status_code in (206, 416):
+                return self._resume_single(response, saved)
+            if saved is not None:  # 200: the file changed (or ranges stopped working): start over
+                remove_partial(self.req.dest_dir / str(self.req.name))
             return self._after_probe(response)
         finally:
             response.close()
 
-    def _after_probe(self, probe: httpx.Response) -> Path:
-        name = self.req.name or choose_filename(probe.headers.get("content-disposition"), str(probe.url))
+    def _single_range_to_resume(self) -> PartialState | None:
+        """When the name is known beforehand, a one-range partial file resumes with its first request
+        (Range + If-Range) instead of a probe: 206 continues, 200 restarts, 416 may complete it."""
+        if not self.req.name:
+            return None
+        saved = load_state(self.req.dest_dir / self.req.name)
+        if saved is None or saved.url != self.req.url or len(saved.ranges) != 1 or not saved.validator:
+            return None
+        return saved if saved.ranges[0].done > 0 else None
+
+    def _set_final(self, name: str) -> None:
         self.final = self.req.dest_dir / name
         if self.on_path:
             self.on_path(self.final)
         if self.req.expect_model is None:
             self.expect_model = self.final.suffix.lower() in MODEL_SUFFIXES
+
+    def _resume_single(self, response: httpx.Response, saved: PartialState) -> Path:
+        self._set_final(str(self.req.name))
+        r = saved.ranges[0]
+        offset = r.start + r.done
+        first, total = parse_content_range(response.headers.get("content-range"))
+        if response.status_code == 416:
+            if total is not None and total == offset and saved.total in (None, total):
+                r.end, saved.total = total, total  # the partial file already holds every byte
+                self.state = saved
+                self.writer = StateWriter(self.final, saved)
+                self._report(save=True)
+                return self._finish()
+            remove_partial(self.final)
+            raise Restart(f"server refused bytes from {offset} (HTTP 416, size now {total})")
+        if first != offset or total != saved.total:
+            remove_partial(self.final)
+            raise Restart(f"asked for byte {offset} of {saved.total}, got {first} of {total}")
+        log.info("download.resume", path=str(self.final), have=offset, total=total)
+        return self._download(saved, response, offset)
+
+    def _after_probe(self, probe: httpx.Response) -> Path:
+        self._set_final(self.req.name or choose_filename(probe.headers.get("content-disposition"), str(probe.url)))
         ctype = probe.headers.get("content-type", "").split(";")[0].strip().lower()
         if self.expect_model and ctype in ("text/html", "application/json", "application/xhtml+xml"):
             raise TokenRequiredError(
@@ -273,21 +227,27 @@ class _FileFetch:
             last_modified=probe.headers.get("last-modified"),
         )
         if self._already_there(total):
+            if self.progress is not None:
+                size = self.final.stat().st_size
+                self.progress(size, size)
             return self.final
-        self.state = self._plan(current, ranged)
+        state = self._plan(current, ranged)
+        return self._download(state, probe, 0)
+
+    def _download(self, state: PartialState, first: httpx.Response, first_offset: int) -> Path:
+        """Fetch every range still missing; ``first`` is an open response starting at ``first_offset``."""
+        self.state = state
         self._check_space()
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = StateWriter(self.final, self.state)
+        self.writer = StateWriter(self.final, state)
         self.writer.save()
         self._report()
         fd = os.open(part_path(self.final), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if len(self.state.ranges) > 1 and total and os.fstat(fd).st_size < total:
-                os.ftruncate(fd, total)  # sparse: ranges write at their offsets
-            first = probe if self.state.ranges[0].done == 0 else None
-            if first is None:
-                probe.close()
-            self._fetch_ranges(fd, first)
+            if len(state.ranges) > 1 and state.total and os.fstat(fd).st_size < state.total:
+                os.ftruncate(fd, state.total)  # sparse: ranges write at their offsets
+            with self._saving_state():
+                self._fetch_ranges(fd, first, first_offset)
             if self.opt.fsync:
                 os.fsync(fd)
         finally:
@@ -298,10 +258,10 @@ class _FileFetch:
     def _size_of(self, probe: httpx.Response) -> tuple[int | None, bool]:
         """(total size, whether the server serves ranges) from the probe's answer."""
         if probe.status_code == 206:
-            _, total = _parse_content_range(probe.headers.get("content-range"))
+            _, total = parse_content_range(probe.headers.get("content-range"))
             return total, total is not None
         if probe.status_code == 416:  # `bytes=0-` of an empty resource
-            _, total = _parse_content_range(probe.headers.get("content-range"))
+            _, total = parse_content_range(probe.headers.get("content-range"))
             if total == 0:
                 return 0, False
             raise RemoteError(f"{probe.url} refused a range request from byte 0 (HTTP 416)", 416)
@@ -335,26 +295,22 @@ class _FileFetch:
         assert self.state is not None
         if self.state.total is None:
             return
-        need = self.state.total - self.state.done + self.opt.disk_reserve
-        folder = self.final.parent
-        while not folder.exists():
-            folder = folder.parent
-        free = shutil.disk_usage(folder).free
-        if free < need:
-            raise InsufficientSpaceError(
-                f"not enough disk space in {folder} for {self.final.name}: need {need} bytes, {free} free"
-            )
+        check_free_space(self.final.parent, self.state.total - self.state.done + self.opt.disk_reserve,
+                         self.final.name)
 
     # -- ranges -----------------------------------------------------------------------------
-    def _fetch_ranges(self, fd: int, first: httpx.Response | None) -> None:
+    def _fetch_ranges(self, fd: int, first: httpx.Response, first_offset: int) -> None:
         assert self.state is not None
         pending = [r for r in self.state.ranges if not r.complete]
+        given = {id(r): first for r in pending if r.start + r.done == first_offset}
+        if not given:
+            first.close()  # nothing on disk matches where its body starts: fetch ranges afresh
         if len(pending) <= 1:
             for r in pending:
-                self._fetch_range(fd, r, first if r.start == 0 else None)
+                self._fetch_range(fd, r, given.get(id(r)))
             return
         with ThreadPoolExecutor(len(pending), thread_name_prefix="dl-range") as pool:
-            futures = [pool.submit(self._fetch_range, fd, r, first if r.start == 0 else None) for r in pending]
+            futures = [pool.submit(self._fetch_range, fd, r, given.get(id(r))) for r in pending]
             errors: list[BaseException] = []
             for future in futures:
                 exc = future.exception()
@@ -378,6 +334,7 @@ class _FileFetch:
                 return True
             try:
                 with self.cancel.watching(response):
+                    widen_reads(response)
                     self._pump(fd, r, response)
             finally:
                 response.close()
@@ -395,19 +352,19 @@ class _FileFetch:
             headers["If-Range"] = self.state.validator
         response = self._open(self.req.url, headers)
         if response.status_code == 206:
-            first, _ = _parse_content_range(response.headers.get("content-range"))
+            first, _ = parse_content_range(response.headers.get("content-range"))
             if first != offset:
                 response.close()
-                raise _Restart(f"asked for byte {offset}, server sent from byte {first}")
+                raise Restart(f"asked for byte {offset}, server sent from byte {first}")
             return response
         response.close()
         if response.status_code == 416:
-            _, total = _parse_content_range(response.headers.get("content-range"))
+            _, total = parse_content_range(response.headers.get("content-range"))
             if total is not None and total == offset and (r.end < 0 or r.end == total):
                 r.end = total  # the partial file already holds every byte
                 return None
-            raise _Restart(f"server refused bytes from {offset} (HTTP 416, size now {total})")
-        raise _Restart("server answered the range request with the whole file (changed or no ranges)")
+            raise Restart(f"server refused bytes from {offset} (HTTP 416, size now {total})")
+        raise Restart("server answered the range request with the whole file (changed or no ranges)")
 
     def _pump(self, fd: int, r: ByteRange, response: httpx.Response) -> None:
         length = r.length
@@ -416,9 +373,9 @@ class _FileFetch:
                 if self.cancel.stopped:
                     raise DownloadCancelled(self.cancel.reason or "cancel")
                 pos = r.start + r.done
-                if length is not None:
-                    chunk = chunk[: length - r.done]
-                if pos == 0 and self.expect_model and _looks_like_page(chunk):
+                if length is not None and len(chunk) > length - r.done:
+                    chunk = chunk[: length - r.done]  # a server sending too much: keep the range's bytes
+                if pos == 0 and self.expect_model and looks_like_page(chunk):
                     raise TokenRequiredError(
                         f"{response.url.host} sent an HTML page where a model file was expected; "
                         "the file probably needs a login: pass an access token"
@@ -429,25 +386,46 @@ class _FileFetch:
                 if length is not None and r.done >= length:
                     return
         except httpx.TimeoutException as exc:
-            raise _Retry(f"stalled: no data for {self.opt.stall_timeout:g} s") from exc
+            raise Retry(f"stalled: no data for {self.opt.stall_timeout:g} s") from exc
         except (httpx.TransportError, OSError) as exc:
             if self.cancel.stopped:
                 raise DownloadCancelled(self.cancel.reason or "cancel") from exc
-            raise _Retry(f"connection broke after {r.done} bytes of the range: {exc!r}") from exc
+            raise Retry(f"connection broke after {r.done} bytes of the range: {exc!r}") from exc
         if length is None:
             r.end = r.start + r.done  # a body of unknown length ends where the server stops
             if self.state is not None and self.state.total is None:
                 self.state.total = r.end
         elif r.done < length:
-            raise _Retry(f"connection closed after {r.done} of {length} bytes")
+            raise Retry(f"connection closed after {r.done} of {length} bytes")
 
-    def _report(self, _n: int = 0, save: bool = False) -> None:
+    @contextmanager
+    def _saving_state(self) -> Iterator[None]:
+        """Save the range state (and report progress) every ``state_interval`` s from a ticker, so
+        that a stalled or killed download still leaves a state naming the bytes already on disk."""
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(self.opt.state_interval):
+                self._report(save=True)  # also brings progress up to date while a range stalls
+
+        ticker = threading.Thread(target=tick, name="dl-state", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+
+    def _report(self, n: int = 0, save: bool = False) -> None:
         assert self.state is not None
-        now = time.monotonic()
-        if self.writer is not None and (save or now - self._last_save >= self.opt.state_interval):
-            self._last_save = now
+        self._unsaved += n
+        if self.writer is not None and (save or self._unsaved >= self.opt.state_every_bytes):
+            self._unsaved = 0
             self.writer.save()
-        if self.progress is not None:
+        now = time.monotonic()
+        # per-chunk reports would cost more than the copy itself: a few dozen per second suffice
+        if self.progress is not None and (save or now - self._last_progress >= PROGRESS_INTERVAL):
+            self._last_progress = now
             self.progress(self.state.done, self.state.total)
 
     # -- completion -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from .security import Credential, check_url
 log = structlog.get_logger(__name__)
 
 MAX_REDIRECTS = 10
+BODY_READ_SIZE = 1 << 20
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -49,6 +50,22 @@ def open_stream(
             method = "GET"
         url = next_url
     raise RemoteError(f"more than {MAX_REDIRECTS} redirects starting from {url}")
+
+
+def widen_reads(response: httpx.Response, size: int = BODY_READ_SIZE) -> None:
+    """Let this response's connection read ``size`` bytes per socket read instead of 64 KiB.
+
+    httpcore reads a body 64 KiB at a time, and each read costs a trip through h11 in Python: for
+    large model files 1 MiB reads use several times less CPU (see tests/bench/bench_download.py).
+    httpcore has no option for it, so the per-connection attribute is set through its private
+    stream chain; if that chain changes, this does nothing and downloads just cost more CPU.
+    """
+    stream: object = response.stream
+    for attr in ("_stream", "_httpcore_stream", "_stream"):  # httpx bound -> httpx -> httpcore pool
+        stream = getattr(stream, attr, None)
+    connection = getattr(stream, "_connection", None)
+    if connection is not None and hasattr(connection, "READ_NUM_BYTES"):
+        connection.READ_NUM_BYTES = size
 
 
 def get_json(

@@ -1,0 +1,52 @@
+"""The download queue: a multithreaded, resumable, verified downloader for URLs, Hugging Face repo
+folders and Civitai models (the spec's DownloadQueueServiceBase)."""
+
+from .errors import (
+    DestinationExistsError,
+    DownloadCancelled,
+    DownloadError,
+    InsufficientSpaceError,
+    IntegrityError,
+    InvalidSourceError,
+    MetadataError,
+    RemoteError,
+    RetriesExhaustedError,
+    TokenRequiredError,
+    UnsafePathError,
+    UnsafeURLError,
+)
+from .job import DownloadJob, DownloadJobStatus, FileProgress, RemoteFile
+from .metadata import ModelMetadata
+from .options import FetchOptions
+from .queue import DownloadQueueService
+from .sources import CivitaiSource, HFSource, Source, URLSource, parse_source
+
+DownloadQueueServiceBase = DownloadQueueService  # the spec's name
+
+__all__ = [
+    "CivitaiSource",
+    "DestinationExistsError",
+    "DownloadCancelled",
+    "DownloadError",
+    "DownloadJob",
+    "DownloadJobStatus",
+    "DownloadQueueService",
+    "DownloadQueueServiceBase",
+    "FetchOptions",
+    "FileProgress",
+    "HFSource",
+    "InsufficientSpaceError",
+    "IntegrityError",
+    "InvalidSourceError",
+    "MetadataError",
+    "ModelMetadata",
+    "RemoteError",
+    "RemoteFile",
+    "RetriesExhaustedError",
+    "Source",
+    "TokenRequiredError",
+    "URLSource",
+    "UnsafePathError",
+    "UnsafeURLError",
+    "parse_source",
+]

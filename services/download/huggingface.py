@@ -1,0 +1,192 @@
+"""Hugging Face repos: list files (with sizes and LFS sha256), choose which to fetch, build URLs.
+
+The list comes from ``GET {endpoint}/api/models/{repo}/revision/{rev}?blobs=true`` (the tree
+endpoint when sizes are missing). Files are fetched from ``/{repo}/resolve/{commit}/{path}`` at
+the resolved commit, so that a branch moving during the download cannot mix two revisions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from urllib.parse import quote
+
+import httpx
+
+from .errors import MetadataError, RemoteError, TokenRequiredError
+from .job import RemoteFile
+from .metadata import ModelMetadata
+from .security import Credential
+from .sources import HFSource
+from .transport import get_json, open_stream
+
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+SKIP_SUFFIXES = {".md", ".gitattributes", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".msgpack", ".h5",
+                 ".ot", ".onnx", ".onnx_data", ".pb", ".tflite", ".mlmodel"}
+_SHARD = re.compile(r"^(?P<variant>.*?)-?\d{5}-of-\d{5}$")
+
+
+@dataclass
+class RepoPlan:
+    repo_id: str
+    commit: str
+    folder_name: str
+    files: list[RemoteFile]
+    metadata: ModelMetadata
+
+
+def resolve_repo(
+    client: httpx.Client, source: HFSource, endpoint: str, credential: Credential | None, allow_private: bool
+) -> RepoPlan:
+    endpoint = endpoint.rstrip("/")
+    info = _api(client, f"{endpoint}/api/models/{source.repo_id}/revision/{quote(source.revision, safe='')}"
+                "?blobs=true", source, credential, allow_private)
+    commit = str(info.get("sha") or source.revision)
+    siblings = info.get("siblings") or []
+    if not isinstance(siblings, list):
+        raise MetadataError(f"{source.repo_id}: the file list of the repo is not a list")
+    if any("size" not in s for s in siblings):
+        siblings = _tree(client, endpoint, source, commit, credential, allow_private)
+    entries = {str(s["rfilename"]): s for s in siblings}
+    model_index = _model_index(client, endpoint, source, commit, entries, credential, allow_private)
+    chosen = select_files(list(entries), source.subfolder, source.variant, model_index)
+    if not chosen:
+        scope = f" under {source.subfolder!r}" if source.subfolder else ""
+        raise MetadataError(f"{source.repo_id}@{source.revision}: no model files found{scope}")
+    files = []
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    for name in chosen:
+        entry = entries[name]
+        lfs = entry.get("lfs") or {}
+        files.append(RemoteFile(
+            url=f"{endpoint}/{source.repo_id}/resolve/{commit}/{quote(name)}",
+            path=name[len(prefix):],
+            size=entry.get("size"),
+            sha256=lfs.get("sha256") or lfs.get("oid"),
+        ))
+    return RepoPlan(source.repo_id, commit, source.folder_name, files, _metadata(info, source, endpoint, commit))
+
+
+def _api(client: httpx.Client, url: str, source: HFSource, credential: Credential | None,
+         allow_private: bool) -> dict:  # type: ignore[type-arg]
+    try:
+        status, body = get_json(client, url, credential=credential, allow_private=allow_private)
+    except httpx.HTTPError as exc:
+        raise RemoteError(f"Hugging Face API at {url} failed: {exc!r}") from exc
+    if status in (401, 403):
+        raise TokenRequiredError(f"{source.repo_id}: HTTP {status}: the repo is private or gated; set HF_TOKEN",
+                                 status)
+    if status == 404:
+        raise MetadataError(f"{source.repo_id}: no such repo or revision {source.revision!r} (HTTP 404)")
+    if status >= 400 or not isinstance(body, dict):
+        raise RemoteError(f"Hugging Face API answered HTTP {status} for {url}", status)
+    return body
+
+
+def _tree(client: httpx.Client, endpoint: str, source: HFSource, commit: str, credential: Credential | None,
+          allow_private: bool) -> list[dict]:  # type: ignore[type-arg]
+    url = f"{endpoint}/api/models/{source.repo_id}/tree/{commit}?recursive=true"
+    out = []
+    while url:
+        response = open_stream(client, url, credential=credential, allow_private=allow_private)
+        try:
+            response.read()
+            if response.status_code >= 400:
+                raise RemoteError(f"Hugging Face tree API answered HTTP {response.status_code}", response.status_code)
+            page = response.json()
+            url = response.links.get("next", {}).get("url", "")
+        finally:
+            response.close()
+        out += [{"rfilename": e["path"], "size": e.get("size"), "lfs": e.get("lfs")}
+                for e in page if e.get("type") == "file"]
+    return out
+
+
+def _model_index(client: httpx.Client, endpoint: str, source: HFSource, commit: str, entries: dict,  # type: ignore[type-arg]
+                 credential: Credential | None, allow_private: bool) -> dict | None:  # type: ignore[type-arg]
+    name = f"{source.subfolder}/model_index.json" if source.subfolder else "model_index.json"
+    if name not in entries:
+        return None
+    url = f"{endpoint}/{source.repo_id}/resolve/{commit}/{quote(name)}"
+    status, body = get_json(client, url, credential=credential, allow_private=allow_private)
+    if status >= 400 or not isinstance(body, dict):
+        raise MetadataError(f"{source.repo_id}: model_index.json is unreadable (HTTP {status})")
+    return body
+
+
+def _weight_key(name: str) -> tuple[str, str | None] | None:
+    """(format, variant) of a weight or weight-index file name, None for other files."""
+    parts = name.split(".")
+    if name.endswith(".json") and ".index" in name:  # x.safetensors.index.fp16.json
+        i = parts.index("index")
+        fmt = parts[i - 1] if i >= 1 else ""
+        variant = parts[i + 1] if len(parts) > i + 2 else None
+        return ("safetensors" if fmt == "safetensors" else "bin"), variant
+    suffix = "." + parts[-1] if len(parts) > 1 else ""
+    if suffix not in WEIGHT_SUFFIXES:
+        return None
+    variant = None
+    if len(parts) > 2:
+        m = _SHARD.match(parts[-2])
+        variant = (m.group("variant") or None) if m else parts[-2]
+    return ("safetensors" if suffix == ".safetensors" else "bin"), variant
+
+
+def select_files(paths: list[str], subfolder: str | None, variant: str | None,
+                 model_index: dict | None) -> list[str]:  # type: ignore[type-arg]
+    """The files worth downloading: scope, diffusers folders, one variant, safetensors over .bin."""
+    prefix = f"{subfolder}/" if subfolder else ""
+    scoped = [p for p in paths if p.startswith(prefix)]
+    rel = {p: p[len(prefix):] for p in scoped}
+    keep = [p for p in scoped if PurePosixPath(p).suffix.lower() not in SKIP_SUFFIXES
+            and not PurePosixPath(p).name.startswith(".")]
+    if model_index is not None:
+        # a component set to [null, null] (e.g. a removed safety_checker) is not part of the pipeline
+        folders = {k for k, v in model_index.items()
+                   if isinstance(v, list) and v and v[0] is not None and not k.startswith("_")}
+        keep = [p for p in keep if rel[p] == "model_index.json" or rel[p].split("/", 1)[0] in folders]
+    by_dir: dict[str, list[str]] = {}
+    for p in keep:
+        by_dir.setdefault(str(PurePosixPath(p).parent), []).append(p)
+    chosen: list[str] = []
+    for files in by_dir.values():
+        chosen += _pick_weights(files, variant)
+    return sorted(chosen)
+
+
+def _pick_weights(files: list[str], variant: str | None) -> list[str]:
+    keys = {f: _weight_key(PurePosixPath(f).name) for f in files}
+    weights = {f: k for f, k in keys.items() if k is not None}
+    if not weights:
+        return files
+    variants = {k[1] for k in weights.values()}
+    if variant in variants:
+        want_variant = variant
+    elif None in variants:
+        want_variant = None
+    else:
+        want_variant = min(v for v in variants if v)
+    formats = {k[0] for k in weights.values() if k[1] == want_variant}
+    want_format = "safetensors" if "safetensors" in formats else "bin"
+    return [f for f in files if keys[f] is None or keys[f] == (want_format, want_variant)]
+
+
+def _metadata(info: dict, source: HFSource, endpoint: str, commit: str) -> ModelMetadata:  # type: ignore[type-arg]
+    card = info.get("cardData") or {}
+    license_ = card.get("license") if isinstance(card, dict) else None
+    tags = [str(t) for t in info.get("tags") or []]
+    if license_ is None:
+        license_ = next((t.split(":", 1)[1] for t in tags if t.startswith("license:")), None)
+    return ModelMetadata(
+        source=str(source),
+        name=source.folder_name,
+        author=info.get("author") or source.repo_id.split("/", 1)[0],
+        description=(card.get("description") if isinstance(card, dict) else None) or info.get("description"),
+        license=str(license_) if license_ else None,
+        tags=tags,
+        source_url=f"{endpoint}/{source.repo_id}",
+        repo_id=source.repo_id,
+        revision=commit,
+        extra={"pipeline_tag": info.get("pipeline_tag")} if info.get("pipeline_tag") else {},
+    )
