@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 class ProbeError(Exception):
@@ -29,7 +30,13 @@ class UnknownModelError(ProbeError):
 
     The message says what was seen (suffix, number of tensors, a few key prefixes) so the user
     can tell a wrong file from an unsupported one, and pass type, base and format explicitly.
+    ``partial`` holds what was identified before it stopped (e.g. type and format of a LoRA
+    whose base is unclear), so that the user need only supply the rest.
     """
+
+    def __init__(self, message: str, partial: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial: dict[str, Any] = dict(partial or {})
 
 
 class UnsafeModelError(ProbeError):

@@ -16,11 +16,12 @@ Both torch formats are covered: the zip format (``<archive>/data.pkl``) and the 
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import pickletools
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -152,7 +153,9 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "meta") -> An
     if scan.findings:
         log.warning("unsafe_pickle", path=str(path), findings=scan.findings)
         raise UnsafeModelError(path, scan.findings)
-    stubs = [(_InertStub, name) for name in sorted(scan.globals) if name not in TENSOR_GLOBALS]
+    stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (_InertStub, name) for name in sorted(scan.globals) if name not in TENSOR_GLOBALS
+    ]
     is_zip = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(stubs):
@@ -167,8 +170,9 @@ def _scan_zip(path: Path, scan: PickleScan) -> None:
         if not members:
             raise CorruptModelError(f"{path}: zip archive holds no pickle (.pkl) member")
         for name in members:
-            with archive.open(name) as fh:
-                _scan_stream(path, fh, scan, where=name)
+            # the object pickle is small (tensor data lives in other members); reading it whole
+            # is many times faster than pickletools pulling opcodes through a zip stream
+            _scan_stream(path, io.BytesIO(archive.read(name)), scan, where=name)
 
 
 def _scan_legacy(path: Path, fh: io.BufferedReader, scan: PickleScan) -> None:
@@ -197,12 +201,12 @@ def _imported_globals(ops: Iterable[tuple[pickletools.OpcodeInfo, Any, int | Non
         name = opcode.name
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
-            yield f"{module}.{attr}"
+            yield _py3_name(module, attr)
             recent.append(None)
         elif name == "STACK_GLOBAL":
-            module, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
-            if isinstance(module, str) and isinstance(attr, str):
-                yield f"{module}.{attr}"
+            top = recent[-2:] if len(recent) >= 2 else [None, None]
+            if isinstance(top[0], str) and isinstance(top[1], str):
+                yield _py3_name(top[0], top[1])
             else:
                 # the name was built at run time: we cannot prove it harmless
                 yield "<unresolved STACK_GLOBAL>"
@@ -221,6 +225,13 @@ def _imported_globals(ops: Iterable[tuple[pickletools.OpcodeInfo, Any, int | Non
             recent.append(None)
         if len(recent) > 64:
             del recent[:-8]
+
+
+def _py3_name(module: str, attr: str) -> str:
+    """The name the unpickler resolves: protocols < 3 spell Python 2 names (``__builtin__``)."""
+    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{attr}"
 
 
 def _first_line(exc: BaseException) -> str:

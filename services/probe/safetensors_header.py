@@ -46,15 +46,19 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             if len(prefix) < 8:
                 raise CorruptModelError(f"{path}: {file_size} bytes is too short for a safetensors file")
             header_len = int.from_bytes(prefix, "little")
+            # an error page saved under a model's name is the usual culprit: show how it starts
+            start = f"; the file starts with {prefix + fh.read(24)!r}"
             if header_len > MAX_HEADER_BYTES:
                 raise CorruptModelError(
                     f"{path}: declared header length {header_len} exceeds the {MAX_HEADER_BYTES} byte limit"
+                    f" (not a safetensors file?){start}"
                 )
             if header_len > file_size - 8:
                 raise CorruptModelError(
                     f"{path}: declared header length {header_len} runs past the end of the "
-                    f"{file_size}-byte file (truncated, or not a safetensors file)"
+                    f"{file_size}-byte file (truncated, or not a safetensors file){start}"
                 )
+            fh.seek(8)
             raw = fh.read(header_len)
     except FileNotFoundError as exc:
         raise ModelPathError(f"no such file: {path}") from exc

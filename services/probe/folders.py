@@ -1,0 +1,204 @@
+"""Rules that identify a model folder from its layout and JSON configs (weights stay unread).
+
+- ``model_index.json``: a diffusers pipeline (or an ONNX export of one); the UNet or transformer
+  config gives base and variant, the scheduler config the prediction type.
+- ``pytorch_lora_weights.*``, ``learned_embeds.*``, ``ip_adapter.*``: adapters saved by diffusers
+  training scripts / InvokeAI; their one weights file is read by the file rules for the base.
+- ``config.json``: a single diffusers model (``_class_name``) or transformers model
+  (``architectures``): VAE, ControlNet, T2I-Adapter, CLIP Vision, T5 encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from services.probe.errors import CorruptModelError, UnknownModelError
+from services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion
+from services.probe.result import ProbeResult, compatible_bases, upcast_for
+from services.probe.tensors import read_tensor_index
+from services.records.enums import BaseModelType as Base
+from services.records.enums import ModelFormat, ModelType, ModelVariantType, SchedulerPredictionType
+
+_CONTEXT_DIMS = {768: Base.StableDiffusion1, 1024: Base.StableDiffusion2, 2048: Base.StableDiffusionXL,
+                 1280: Base.StableDiffusionXLRefiner}  # fmt: skip
+_VARIANTS = {4: ModelVariantType.Normal, 9: ModelVariantType.Inpaint, 5: ModelVariantType.Depth}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# AutoencoderKL.scaling_factor of the published VAEs (the latent spaces differ only in it)
+_VAE_SCALING = {0.18215: Base.StableDiffusion1, 0.13025: Base.StableDiffusionXL,
+                1.5305: Base.StableDiffusion3, 0.3611: Base.Flux}  # fmt: skip
+
+
+def identify_folder(path: Path) -> ProbeResult:
+    if (path / "model_index.json").is_file():
+        return _probe_pipeline(path, read_json(path / "model_index.json"))
+    weights = _first_existing(path, "pytorch_lora_weights")
+    if weights is not None:
+        return _result(ModelType.Lora, ModelFormat.Diffusers, lora_base(read_tensor_index(weights)))
+    weights = _first_existing(path, "learned_embeds")
+    if weights is not None:
+        ti = probe_textual_inversion(read_tensor_index(weights))
+        if ti is None:
+            raise UnknownModelError(f"{weights}: named like an embedding but holds no embedding vectors")
+        return _result(ModelType.TextualInversion, ModelFormat.EmbeddingFolder, ti.base_model)
+    weights = _first_existing(path, "ip_adapter")
+    if weights is not None:
+        ip = probe_ip_adapter(read_tensor_index(weights))
+        if ip is None:
+            raise UnknownModelError(f"{weights}: named like an IP-Adapter but lacks image_proj/ip_adapter weights")
+        return _result(ModelType.IPAdapter, ModelFormat.InvokeAI, ip.base_model)
+    if (path / "config.json").is_file():
+        return _probe_single_model(path, read_json(path / "config.json"))
+    t5_config = path / "text_encoder_2" / "config.json"
+    if t5_config.is_file() and "T5EncoderModel" in read_json(t5_config).get("architectures", []):
+        return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
+    if _onnx_files(path):
+        return _probe_onnx(path)
+    raise UnknownModelError(f"{path}: folder is no known model layout: {_describe_folder(path)}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise CorruptModelError(f"{path}: not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise CorruptModelError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CorruptModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def _result(model_type: ModelType, fmt: ModelFormat, base: Base, **fields: Any) -> ProbeResult:
+    return ProbeResult(model_type=model_type, model_format=fmt, base_model=base,
+                       compatible_bases=compatible_bases(model_type, base), **fields)  # fmt: skip
+
+
+def _probe_pipeline(path: Path, index: dict[str, Any]) -> ProbeResult:
+    cls = str(index.get("_class_name", ""))
+    if "onnx" in cls.lower() or cls.startswith("ORT") or _onnx_files(path):
+        return _probe_onnx(path)
+    if cls.startswith("Flux"):
+        transformer = _sub_config(path, "transformer")
+        fill = transformer.get("in_channels") == 384  # FLUX Fill: image + mask + masked image
+        variant = ModelVariantType.Inpaint if fill else ModelVariantType.Normal
+        return _result(ModelType.Main, ModelFormat.Diffusers, Base.Flux, variant=variant)
+    if cls.startswith("StableDiffusion3"):
+        return _result(ModelType.Main, ModelFormat.Diffusers, Base.StableDiffusion3,
+                       variant=ModelVariantType.Normal)  # fmt: skip
+    unet = _sub_config(path, "unet")
+    base = _context_base(path / "unet", unet.get("cross_attention_dim"))
+    channels = unet.get("in_channels", 4)
+    if channels not in _VARIANTS:
+        raise UnknownModelError(f"{path}: UNet with {channels} input channels (known: 4, 5, 9)")
+    prediction = _scheduler_prediction(path)
+    upcast = unet.get("upcast_attention")
+    return _result(
+        ModelType.Main,
+        ModelFormat.Diffusers,
+        base,
+        variant=_VARIANTS[channels],
+        prediction_type=prediction,
+        upcast_attention=bool(upcast) if upcast is not None else upcast_for(base, prediction),
+    )
+
+
+def _probe_onnx(path: Path) -> ProbeResult:
+    unet_config = path / "unet" / "config.json"
+    unet = read_json(unet_config) if unet_config.is_file() else {}
+    dim = unet.get("cross_attention_dim")
+    # ONNX exports were made of SD-1 and SD-2 pipelines; without a UNet config assume SD-1
+    base = _context_base(path / "unet", dim) if dim is not None else Base.StableDiffusion1
+    prediction = _scheduler_prediction(path)
+    upcast = unet.get("upcast_attention")
+    return _result(
+        ModelType.ONNX,
+        ModelFormat.Onnx,
+        base,
+        variant=ModelVariantType.Normal,
+        prediction_type=prediction,
+        upcast_attention=bool(upcast) if upcast is not None else upcast_for(base, prediction),
+    )
+
+
+def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
+    cls = str(config.get("_class_name", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if cls in ("AutoencoderKL", "AutoencoderTiny"):
+        return _result(ModelType.Vae, ModelFormat.Diffusers, _vae_base(path, config))
+    if cls == "ControlNetModel":
+        base = _context_base(path, config.get("cross_attention_dim"))
+        return _result(ModelType.ControlNet, ModelFormat.Diffusers, base)
+    if cls in ("SD3ControlNetModel", "FluxControlNetModel"):
+        base = Base.StableDiffusion3 if cls.startswith("SD3") else Base.Flux
+        return _result(ModelType.ControlNet, ModelFormat.Diffusers, base)
+    if cls == "T2IAdapter":
+        xl = config.get("adapter_type") == "full_adapter_xl"
+        base = Base.StableDiffusionXL if xl else Base.StableDiffusion1
+        return _result(ModelType.T2IAdapter, ModelFormat.Diffusers, base)
+    if any(a.startswith("CLIPVisionModel") for a in architectures):
+        return _result(ModelType.CLIPVision, ModelFormat.Diffusers, Base.Any)
+    if "T5EncoderModel" in architectures:
+        return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
+    seen = cls or (", ".join(architectures) if architectures else "no _class_name or architectures")
+    raise UnknownModelError(f"{path}: config.json describes an unsupported model ({seen}); {_describe_folder(path)}")
+
+
+def _vae_base(path: Path, config: dict[str, Any]) -> Base:
+    scaling = config.get("scaling_factor")
+    for known, base in _VAE_SCALING.items():
+        if isinstance(scaling, (int, float)) and abs(scaling - known) < 1e-4:
+            return base
+    latent = config.get("latent_channels", 4)
+    if latent == 16:
+        return Base.Flux
+    if latent == 4:
+        return Base.StableDiffusionXL if "xl" in path.name.lower() else Base.StableDiffusion1
+    raise UnknownModelError(f"{path}: VAE with {latent} latent channels and scaling factor {scaling}")
+
+
+def _context_base(where: Path, dim: Any) -> Base:
+    if isinstance(dim, list) and dim:
+        dim = dim[0]
+    if dim in _CONTEXT_DIMS:
+        return _CONTEXT_DIMS[dim]
+    raise UnknownModelError(
+        f"{where}: cross_attention_dim {dim!r} matches no known base "
+        "(768 sd-1, 1024 sd-2, 1280 sdxl-refiner, 2048 sdxl); pass base_model explicitly"
+    )
+
+
+def _scheduler_prediction(path: Path) -> SchedulerPredictionType:
+    config_path = path / "scheduler" / "scheduler_config.json"
+    value = read_json(config_path).get("prediction_type") if config_path.is_file() else None
+    try:
+        return SchedulerPredictionType(value or "epsilon")
+    except ValueError as exc:
+        raise UnknownModelError(f"{config_path}: unknown prediction_type {value!r}") from exc
+
+
+def _sub_config(path: Path, sub: str) -> dict[str, Any]:
+    config_path = path / sub / "config.json"
+    if not config_path.is_file():
+        raise UnknownModelError(f"{path}: diffusers pipeline without {sub}/config.json; {_describe_folder(path)}")
+    return read_json(config_path)
+
+
+def _first_existing(path: Path, stem: str) -> Path | None:
+    for suffix in _WEIGHT_SUFFIXES:
+        candidate = path / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _onnx_files(path: Path) -> list[Path]:
+    return [*path.glob("*.onnx"), *path.glob("*/*.onnx")]
+
+
+def _describe_folder(path: Path) -> str:
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+    return f"folder with {len(entries)} entries ({shown or 'empty'})"

@@ -1,0 +1,85 @@
+"""The view of a single model file that identification works on: tensor names and shapes.
+
+Safetensors files give it from the header alone. Pickle files are scanned, then loaded with
+``weights_only=True`` onto the meta device, so shapes come without reading tensor data.
+Nested dictionaries are flattened with dots (``{"string_to_param": {"*": t}}`` becomes
+``string_to_param.*``), which makes a pickle and its safetensors twin look the same to the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.probe.errors import UnknownModelError
+from services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
+from services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
+
+SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
+MODEL_FILE_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES
+_MAX_DEPTH = 4  # state dicts nest at most a few levels (IP-Adapter: 2)
+
+
+@dataclass(frozen=True)
+class TensorIndex:
+    """Tensor name -> shape of one file, plus its string metadata.
+
+    ``metadata`` is the safetensors ``__metadata__``, or for a pickle the top-level scalars
+    (``global_step``, ``epoch``...) that sit next to its ``state_dict``.
+    """
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        return self.shapes.get(key)
+
+    def has_prefix(self, *prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in self.shapes)
+
+    def has_fragment(self, *fragments: str) -> bool:
+        return any(f in k for k in self.shapes for f in fragments)
+
+    def describe(self) -> str:
+        """A short account of what the file holds, for error messages."""
+        prefixes = sorted({k.split(".", 1)[0] for k in self.shapes})
+        shown = ", ".join(prefixes[:6]) + (", ..." if len(prefixes) > 6 else "")
+        return f"{self.path.suffix or 'no suffix'} file with {len(self.shapes)} tensors (key prefixes: {shown})"
+
+
+def read_tensor_index(path: Path) -> TensorIndex:
+    """Read the tensor names and shapes of a safetensors or (scanned) pickle file."""
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        header = read_safetensors_header(path)
+        return TensorIndex(path, tensor_shapes(header), header_metadata(header))
+    if suffix in PICKLE_SUFFIXES:
+        return _from_pickle(path, safe_torch_load(path, map_location="meta"))
+    raise UnknownModelError(
+        f"{path}: unsupported file suffix {path.suffix or '(none)'!r}; "
+        f"model files end in {', '.join(sorted(MODEL_FILE_SUFFIXES))} (or give a diffusers folder)"
+    )
+
+
+def _from_pickle(path: Path, obj: Any) -> TensorIndex:
+    if not isinstance(obj, Mapping):
+        raise UnknownModelError(f"{path}: pickle holds a {type(obj).__name__}, not a dictionary of tensors")
+    metadata = {str(k): str(v) for k, v in obj.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    state = obj.get("state_dict")
+    shapes: dict[str, tuple[int, ...]] = {}
+    _flatten(state if isinstance(state, Mapping) else obj, "", shapes, 0)
+    return TensorIndex(path, shapes, metadata)
+
+
+def _flatten(obj: Mapping[Any, Any], prefix: str, out: dict[str, tuple[int, ...]], depth: int) -> None:
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, torch.Tensor):
+            out[name] = tuple(value.shape)
+        elif isinstance(value, Mapping) and depth < _MAX_DEPTH:
+            _flatten(value, name, out, depth + 1)
