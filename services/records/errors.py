@@ -5,6 +5,7 @@
     ├── DuplicateModelException      the key, or the model's path, is taken; or a lookup is ambiguous
     ├── InvalidModelConfigException  a config failed validation; ``errors`` names each field and value
     ├── RecordConflictError          concurrent writers kept moving the model's version under us
+    ├── EventLogError                the event log could not be read or written (Redis down...)
     └── RecordStoreFormatError       a projection file is of the wrong kind or schema (an AssertionError,
                                      as the spec asks of ``from_db_file``)
 
@@ -60,6 +61,10 @@ class InvalidModelConfigException(RecordServiceError, ValueError):
 
 class RecordConflictError(RecordServiceError):
     pass
+
+
+class EventLogError(RecordServiceError):
+    """An ``events.errors.EventStoreError`` met by the record service; ``__cause__`` keeps the original."""
 
 
 class RecordStoreFormatError(RecordServiceError, AssertionError):

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from events.store import StoredEvent
-
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import State
 from services.records.models import ModelConfigBase
@@ -22,14 +21,17 @@ class RecordTable:
         self.versions: dict[str, int] = {}
         self.by_name: dict[str, set[str]] = {}
         self.checkpoint = "0-0"
+        self.last_event_id: str | None = None
 
-    def load(self, states: dict[str, dict[str, Any]], versions: dict[str, int], checkpoint: str) -> None:
+    def load(self, states: dict[str, dict[str, Any]], versions: dict[str, int], checkpoint: str,
+             last_event_id: str | None) -> None:
         self.states, self.versions, self.checkpoint = dict(states), dict(versions), checkpoint
+        self.last_event_id = last_event_id
         self.by_name = {}
         for key, state in self.states.items():
             self.by_name.setdefault(state["name"], set()).add(key)
 
-    def change(self, changes: Changes, checkpoint: str) -> None:
+    def change(self, changes: Changes, checkpoint: str, last_event_id: str) -> None:
         for key, (state, version) in changes.items():
             old = self.states.pop(key, None)
             if old is not None:
@@ -38,7 +40,7 @@ class RecordTable:
                 self.states[key] = state
                 self.by_name.setdefault(state["name"], set()).add(key)
             self.versions[key] = version
-        self.checkpoint = checkpoint
+        self.checkpoint, self.last_event_id = checkpoint, last_event_id
 
 
 class DictProjection(RecordProjection):
@@ -93,6 +95,9 @@ class DictProjection(RecordProjection):
     def checkpoint(self) -> str:
         return self.table.checkpoint
 
+    def last_event_id(self) -> str | None:
+        return self.table.last_event_id
+
 
 class MemoryProjection(DictProjection):
     """Lives and dies with the process; rebuilt from the log at every start."""
@@ -100,7 +105,7 @@ class MemoryProjection(DictProjection):
     def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
         fresh = after(batch, self.table.checkpoint)
         if fresh:
-            self.table.change(self.fold_batch(fresh), checkpoint)
+            self.table.change(self.fold_batch(fresh), checkpoint, batch[-1].event.event_id)
 
     def reset(self) -> None:
         with self.lock:

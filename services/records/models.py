@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from services.records.enums import (
     BaseModelType,
@@ -222,11 +231,29 @@ def _discriminate(value: Any) -> str | None:
         type_, fmt = getattr(value, "model_type", None), getattr(value, "model_format", None)
     if type_ is None or fmt is None:
         return None
-    return tag_of(getattr(type_, "value", type_), getattr(fmt, "value", fmt))
+    return tag_of(str(getattr(type_, "value", type_)), str(getattr(fmt, "value", fmt)))
 
 
 AnyModelConfig = Annotated[
-    Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in CLASSES_BY_TAG.items())],  # type: ignore[valid-type]
+    Union[  # noqa: UP007 - one member per line reads better as Union[...]
+        Annotated[MainCheckpointConfig, Tag("main/checkpoint")],
+        Annotated[MainDiffusersConfig, Tag("main/diffusers")],
+        Annotated[ONNXSD2Config, Tag("onnx/onnx")],
+        Annotated[ONNXSD2Config, Tag("onnx/olive")],
+        Annotated[VaeCheckpointConfig, Tag("vae/checkpoint")],
+        Annotated[VaeDiffusersConfig, Tag("vae/diffusers")],
+        Annotated[LoRALycorisConfig, Tag("lora/lycoris")],
+        Annotated[LoRADiffusersConfig, Tag("lora/diffusers")],
+        Annotated[TextualInversionFileConfig, Tag("embedding/embedding_file")],
+        Annotated[TextualInversionFolderConfig, Tag("embedding/embedding_folder")],
+        Annotated[ControlNetCheckpointConfig, Tag("controlnet/checkpoint")],
+        Annotated[ControlNetDiffusersConfig, Tag("controlnet/diffusers")],
+        Annotated[IPAdapterConfig, Tag("ip_adapter/invokeai")],
+        Annotated[IPAdapterCheckpointConfig, Tag("ip_adapter/checkpoint")],
+        Annotated[CLIPVisionDiffusersConfig, Tag("clip_vision/diffusers")],
+        Annotated[T2IAdapterConfig, Tag("t2i_adapter/diffusers")],
+        Annotated[T5EncoderConfig, Tag("t5_encoder/t5_encoder")],
+    ],
     Discriminator(_discriminate),
 ]
 AnyModelConfigAdapter: TypeAdapter[Any] = TypeAdapter(AnyModelConfig)

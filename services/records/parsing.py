@@ -19,16 +19,18 @@ from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 _IMMUTABLE = ("key",)
 
 
-def _enum_value(data: Mapping[str, Any], field: str, enum: type[ModelType] | type[ModelFormat],
+_VALUES: dict[type, frozenset[str]] = {enum: frozenset(m.value for m in enum) for enum in (ModelType, ModelFormat)}
+
+
+def _enum_value(data: Mapping[str, Any], field: str, enum: type[ModelType | ModelFormat],
                 errors: list[FieldError]) -> str | None:
-    if field not in data or data[field] is None:
+    raw = data.get(field)
+    if raw is None:
         errors.append(FieldError(field, MISSING, "field required"))
         return None
-    raw = data[field]
     value = getattr(raw, "value", raw)
-    allowed = [m.value for m in enum]
-    if value not in allowed:
-        errors.append(FieldError(field, raw, "must be one of " + ", ".join(allowed)))
+    if value not in _VALUES[enum]:
+        errors.append(FieldError(field, raw, "must be one of " + ", ".join(m.value for m in enum)))
         return None
     return str(value)
 

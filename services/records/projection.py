@@ -18,11 +18,13 @@ from typing import Any
 
 from events.schema import ModelRenamed
 from events.store import StoredEvent, position_key
-
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import State, is_model_event, next_state, resolve_path
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from services.records.parsing import config_class
+
+RECORDS_VERSION = "3.2"  # the spec's version() of the record store
+KIND = "modelbus-model-records"  # marks our files and tables: anything else is not opened
 
 #: key -> (new state or None when removed, aggregate version)
 Changes = dict[str, tuple[State, int]]
@@ -42,6 +44,8 @@ def copy_config(config: ModelConfigBase) -> ModelConfigBase:
 def after(batch: Sequence[StoredEvent], checkpoint: str) -> list[StoredEvent]:
     """The part of a batch strictly after ``checkpoint`` (already-applied events are skipped)."""
     floor = position_key(checkpoint)
+    if not batch or position_key(batch[0].position) > floor:
+        return list(batch)  # the usual case: the whole batch is new
     return [s for s in batch if position_key(s.position) > floor]
 
 
@@ -52,6 +56,8 @@ class RecordProjection(ABC):
         self.models_dir = models_dir
         self.lock = lock if lock is not None else threading.RLock()
         self._cache: dict[str, ModelConfigBase] = {}
+        #: the stored rows use an older layout of ours: the service rebuilds them on open
+        self.stale = False
 
     # --- the Projection protocol ----------------------------------------------------------------
 
@@ -66,6 +72,10 @@ class RecordProjection(ABC):
 
     @abstractmethod
     def reset(self) -> None: ...
+
+    @abstractmethod
+    def last_event_id(self) -> str | None:
+        """The id of the event at the checkpoint: with it, opening checks the rows came from this log."""
 
     def fold_batch(self, batch: Iterable[StoredEvent]) -> Changes:
         """Per-key outcome of a batch; only a rename needs the stored state (it changes one field)."""

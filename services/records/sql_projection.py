@@ -16,13 +16,11 @@ from typing import Any
 import orjson
 
 from events.store import StoredEvent
-
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import RecordStoreFormatError
 from services.records.fold import State
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
-from services.records.projection import RecordProjection, after, copy_config
-from services.records.yaml_projection import KIND, RECORDS_VERSION
+from services.records.projection import KIND, RECORDS_VERSION, RecordProjection, after, copy_config
 
 SCHEMA = 1
 META = "model_record_meta"
@@ -100,7 +98,7 @@ class SQLProjection(RecordProjection):
         rows = [("kind", KIND), ("version", RECORDS_VERSION), ("schema", str(SCHEMA))]
         self.conn.executemany(f"INSERT OR REPLACE INTO {META}(name, value) VALUES (?, ?)", rows)
         if self.stale:
-            self.conn.execute(f"DELETE FROM {META} WHERE name = 'checkpoint'")
+            self.conn.execute(f"DELETE FROM {META} WHERE name IN ('checkpoint', 'last_event')")
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -118,6 +116,11 @@ class SQLProjection(RecordProjection):
         row = self.conn.execute(f"SELECT value FROM {META} WHERE name = 'checkpoint'").fetchone()
         return row[0] if row else "0-0"
 
+    def last_event_id(self) -> str | None:
+        with self.lock:
+            row = self.conn.execute(f"SELECT value FROM {META} WHERE name = 'last_event'").fetchone()
+            return row[0] if row else None
+
     def checkpoint(self) -> str:
         with self.lock:
             position = self._read_checkpoint()
@@ -133,7 +136,9 @@ class SQLProjection(RecordProjection):
             if not fresh:
                 return
             changes = self.fold_batch(fresh)
-            gone = [(k,) for k in changes]
+            # a key whose first event here is its version 1 has no rows yet: nothing to delete
+            born = {s.event.aggregate_id for s in fresh if s.event.aggregate_version == 1}
+            gone = [(k,) for k in changes if k not in born]
             for table in ("model_records", "model_record_tags", "model_record_bases"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE key = ?", gone)
             rows, tags, bases = [], [], []
@@ -150,14 +155,15 @@ class SQLProjection(RecordProjection):
             self.conn.executemany("INSERT INTO model_record_bases VALUES (?, ?)", bases)
             self.conn.executemany("INSERT OR REPLACE INTO model_record_versions VALUES (?, ?)",
                                   [(k, v) for k, (_, v) in changes.items()])
-            self.conn.execute(f"INSERT OR REPLACE INTO {META}(name, value) VALUES ('checkpoint', ?)", (checkpoint,))
+            self.conn.executemany(f"INSERT OR REPLACE INTO {META}(name, value) VALUES (?, ?)",
+                                  [("checkpoint", checkpoint), ("last_event", batch[-1].event.event_id)])
         self._seen = checkpoint
 
     def reset(self) -> None:
         with self.lock, self._transaction():
             for table in TABLES:
                 self.conn.execute(f"DELETE FROM {table}")
-            self.conn.execute(f"DELETE FROM {META} WHERE name = 'checkpoint'")
+            self.conn.execute(f"DELETE FROM {META} WHERE name IN ('checkpoint', 'last_event')")
             self._cache.clear()
             self._seen = "0-0"
             self.stale = False
@@ -201,7 +207,8 @@ class SQLProjection(RecordProjection):
             where.append("type = ?")
             params.append(model_type.value)
         if base is not None:
-            where.append("key IN (SELECT key FROM model_record_bases WHERE base = ?)")
+            # correlated EXISTS: the planner starts from the name index and probes (base, key)
+            where.append("EXISTS (SELECT 1 FROM model_record_bases b WHERE b.base = ? AND b.key = model_records.key)")
             params.append(base.value)
         return self._query(_SELECT + (" WHERE " + " AND ".join(where) if where else ""), params)
 

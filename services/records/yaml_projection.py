@@ -7,6 +7,7 @@ Layout (InvokeAI's models.yaml shape, plus our header)::
       kind: modelbus-model-records
       schema: 1
       checkpoint: 1700000000000-0
+      last_event: <event id at the checkpoint>
       versions: {<key>: <aggregate version>, ...}
     <key>: {name: ..., model_type: ..., ...}
 
@@ -27,13 +28,10 @@ from typing import Any
 import yaml
 
 from events.store import StoredEvent
-
 from services.records.errors import RecordStoreFormatError
 from services.records.memory_projection import DictProjection, RecordTable
-from services.records.projection import after
+from services.records.projection import KIND, RECORDS_VERSION, after
 
-RECORDS_VERSION = "3.2"
-KIND = "modelbus-model-records"
 SCHEMA = 1
 METADATA = "__metadata__"
 
@@ -50,7 +48,7 @@ def read_records_yaml(path: Path) -> dict[str, Any] | None:
     if not text.strip():
         return None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise RecordStoreFormatError(f"{path}: malformed YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -72,7 +70,6 @@ class YamlProjection(DictProjection):
         self.path = Path(path)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._seen: tuple[int, int, int] | None = None
-        self.stale = False  # True when the file's schema is older than ours: the service rebuilds it
         self._sync_from_disk()
 
     # --- the file -------------------------------------------------------------------------------
@@ -102,7 +99,7 @@ class YamlProjection(DictProjection):
                         raise RecordStoreFormatError(f"{self.path}: record {key!r} is not a mapping")
                     states[str(key)] = {**body, "key": str(key)}
                 versions = {str(k): int(v) for k, v in (meta.get("versions") or {}).items()}
-                table.load(states, versions, str(meta.get("checkpoint") or "0-0"))
+                table.load(states, versions, str(meta.get("checkpoint") or "0-0"), meta.get("last_event"))
         self.table = table
         self._cache.clear()
         self._seen = stat
@@ -119,7 +116,8 @@ class YamlProjection(DictProjection):
 
     def _write(self) -> None:
         meta = {"version": RECORDS_VERSION, "kind": KIND, "schema": SCHEMA,
-                "checkpoint": self.table.checkpoint, "versions": self.table.versions}
+                "checkpoint": self.table.checkpoint, "last_event": self.table.last_event_id,
+                "versions": self.table.versions}
         body: dict[str, Any] = {METADATA: meta}
         for key, state in sorted(self.table.states.items()):
             body[key] = {k: v for k, v in state.items() if k != "key"}
@@ -149,9 +147,10 @@ class YamlProjection(DictProjection):
             fresh = after(batch, self.table.checkpoint)
             if not fresh:
                 return
-            previous = (dict(self.table.states), dict(self.table.versions), self.table.checkpoint)
+            previous = (dict(self.table.states), dict(self.table.versions), self.table.checkpoint,
+                        self.table.last_event_id)
             try:
-                self.table.change(self.fold_batch(fresh), checkpoint)
+                self.table.change(self.fold_batch(fresh), checkpoint, batch[-1].event.event_id)
                 self._write()
             except BaseException:
                 self.table.load(*previous)  # the file was not replaced: neither is our view of it

@@ -1,0 +1,81 @@
+"""Fixtures of the record tests: every service test runs on each backend (SQL, YAML, memory) and on
+each event store (a real Redis from tests/conftest.py, and the in-memory one)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from services.config import AppConfig
+from services.records import (
+    ModelRecordServiceBase,
+    ModelRecordServiceFile,
+    ModelRecordServiceMemory,
+    ModelRecordServiceSQL,
+)
+
+BACKENDS = ("sql", "file", "memory")
+ServiceFactory = Callable[..., ModelRecordServiceBase]
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "records-root" / "models").mkdir(parents=True)
+    return tmp_path / "records-root"
+
+
+@pytest.fixture()
+def config(root: Path, namespace: str, redis_url: str) -> AppConfig:
+    return AppConfig.load(root=root, namespace=namespace, redis_url=redis_url)
+
+
+@pytest.fixture(params=["redis", "memory"])
+def log_store(request: pytest.FixtureRequest) -> EventStore:
+    if request.param == "memory":
+        return InMemoryEventStore()
+    store: RedisEventStore = request.getfixturevalue("event_store")
+    return store
+
+
+@pytest.fixture()
+def make_service(root: Path, config: AppConfig) -> Iterator[Callable[..., ModelRecordServiceBase]]:
+    opened: list[ModelRecordServiceBase] = []
+
+    def make(backend: str, store: EventStore, name: str = "records") -> ModelRecordServiceBase:
+        service: ModelRecordServiceBase
+        if backend == "sql":
+            service = ModelRecordServiceSQL.from_db_file(root / f"{name}.db", store, config=config)
+        elif backend == "file":
+            service = ModelRecordServiceFile.from_db_file(root / f"{name}.yaml", store, config=config)
+        else:
+            service = ModelRecordServiceMemory(store, config=config)
+        opened.append(service)
+        return service
+
+    yield make
+    for service in opened:
+        service.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture()
+def service(make_service: ServiceFactory, backend: str, log_store: EventStore) -> ModelRecordServiceBase:
+    return make_service(backend, log_store)
+
+
+def main_config(name: str = "sd15", path: str = "sd-1/main/sd15.safetensors", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "model_type": "main", "model_format": "checkpoint", "base_model": "sd-1",
+            "path": path, "config": "configs/stable-diffusion/v1-inference.yaml", **extra}
+
+
+def vae_config(name: str = "vae", path: str = "sd-1/vae/vae.safetensors", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "model_type": "vae", "model_format": "checkpoint", "base_model": "sd-1",
+            "path": path, **extra}
