@@ -29,18 +29,30 @@ def encode(event: Event) -> dict[str, bytes]:
     }
 
 
-def _text(fields: dict[Any, Any], name: str) -> str:
-    value = fields.get(name.encode(), fields.get(name))
-    if value is None:
-        raise KeyError(name)
-    return value.decode() if isinstance(value, bytes) else str(value)
+_NAMES = ("type", "v", "agg", "ver", "time", "corr", "id", "body")
+_BYTE_NAMES = tuple((n.encode(), n) for n in _NAMES)
+
+
+def _normalise(fields: dict[Any, Any]) -> dict[str, Any]:
+    """Entry fields as text, whether redis-py gave bytes or str (the body stays as given: orjson reads both)."""
+    out: dict[str, Any] = {}
+    get = fields.get
+    for raw_name, name in _BYTE_NAMES:
+        v = get(raw_name)
+        if v is None:
+            v = get(name)
+            if v is None:
+                continue
+        out[name] = v.decode() if (v.__class__ is bytes and name != "body") else v
+    return out
 
 
 def decode(position: str, fields: dict[Any, Any]) -> Event:
     try:
-        type_name = _text(fields, "type")
-        version = int(_text(fields, "v"))
-    except (KeyError, ValueError) as exc:
+        f = _normalise(fields)
+        type_name = f["type"]
+        version = int(f["v"])
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise EventDecodeError(position, f"malformed entry ({type(exc).__name__}: {exc})") from exc
     cls = EVENT_TYPES.get(type_name)
     if cls is None:
@@ -49,25 +61,22 @@ def decode(position: str, fields: dict[Any, Any]) -> Event:
     if version > current:
         raise EventDecodeError(position, f"{type_name} schema version {version} is newer than this reader's {current}")
     try:
-        body = orjson.loads(_text(fields, "body"))
-        envelope = {
-            "aggregate_id": _text(fields, "agg"),
-            "aggregate_version": int(_text(fields, "ver")) if (b"ver" in fields or "ver" in fields) else 0,
-            "time": datetime.fromisoformat(_text(fields, "time")),
-            "correlation_id": _text(fields, "corr") or None,
-            "event_id": _text(fields, "id"),
-        }
-    except (KeyError, ValueError, orjson.JSONDecodeError) as exc:
+        body = orjson.loads(f["body"])
+        if not isinstance(body, dict):
+            raise EventDecodeError(position, "body is not a JSON object")
+        while version < current:
+            upcast = UPCASTERS.get((type_name, version))
+            if upcast is None:
+                raise EventDecodeError(position, f"no upcaster for {type_name} version {version}")
+            body = upcast(body)
+            version += 1
+        body.update(
+            type=type_name, schema_version=version, aggregate_id=f["agg"],
+            aggregate_version=int(f.get("ver", 0)), time=datetime.fromisoformat(f["time"]),
+            correlation_id=f.get("corr") or None, event_id=f["id"],
+        )
+        return cls.model_validate(body)
+    except EventDecodeError:
+        raise
+    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError, ValidationError) as exc:
         raise EventDecodeError(position, f"malformed {type_name} entry ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(body, dict):
-        raise EventDecodeError(position, "body is not a JSON object")
-    while version < current:
-        upcast = UPCASTERS.get((type_name, version))
-        if upcast is None:
-            raise EventDecodeError(position, f"no upcaster for {type_name} version {version}")
-        body = upcast(body)
-        version += 1
-    try:
-        return cls(**body, **envelope, schema_version=version)
-    except (ValidationError, TypeError) as exc:
-        raise EventDecodeError(position, f"invalid {type_name}: {exc}") from exc

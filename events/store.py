@@ -6,6 +6,7 @@ never trimmed; the activity stream is capped by length.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -372,7 +373,9 @@ class InMemoryEventStore(EventStore):
     def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
         floor = position_key(after)
         with self._cond:
-            return [s for s in self._streams[stream] if position_key(s.position) > floor][:count]
+            entries = self._streams[stream]
+            start = bisect.bisect_right(entries, floor, key=lambda s: position_key(s.position))
+            return entries[start:start + count]
 
     def history(self, aggregate_id: str) -> list[StoredEvent]:
         with self._cond:
