@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -164,6 +165,11 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += n
 
 
+def _mv(arr: Any) -> memoryview:
+    """A writable byte view of a numpy slice (numpy's stubs do not declare the buffer protocol)."""
+    return memoryview(arr)
+
+
 def _chunks(ranges: Iterable[_Range], chunk: int) -> list[_Range]:
     out: list[_Range] = []
     for r in ranges:
@@ -182,11 +188,11 @@ def _read_to_cpu(fds: list[int], ranges: list[_Range], dst: torch.Tensor) -> Non
     pieces = _chunks(ranges, CHUNK_BYTES)
     if len(pieces) <= 1:
         for p in pieces:
-            _pread_into(fds[p.fd_index], memoryview(arr[p.dst_off:p.dst_off + p.length]), p.file_off)
+            _pread_into(fds[p.fd_index], _mv(arr[p.dst_off:p.dst_off + p.length]), p.file_off)
         return
     with ThreadPoolExecutor(min(_workers(), len(pieces))) as pool:
         futures = [pool.submit(_pread_into, fds[p.fd_index],
-                               memoryview(arr[p.dst_off:p.dst_off + p.length]), p.file_off) for p in pieces]
+                               _mv(arr[p.dst_off:p.dst_off + p.length]), p.file_off) for p in pieces]
         for f in futures:
             f.result()
 
@@ -225,7 +231,7 @@ def _read_to_cuda(fds: list[int], ranges: list[_Range], dst: torch.Tensor) -> No
             if wait is not None:
                 wait.synchronize()  # the slot's previous copy must have left it
             p = pieces[i]
-            _pread_into(fds[p.fd_index], memoryview(pool.arrays[i % slots][:p.length]), p.file_off)
+            _pread_into(fds[p.fd_index], _mv(pool.arrays[i % slots][:p.length]), p.file_off)
 
         futures: dict[int, Future[None]] = {i: executor.submit(read, i, None) for i in range(min(slots, len(pieces)))}
         for i, p in enumerate(pieces):
@@ -293,11 +299,15 @@ def _cast(flat: FlatTensors, dtype: torch.dtype) -> FlatTensors:
         layout.append((name, t, target, cursor))
         cursor = _align(cursor + t.numel() * target.itemsize)
     out = torch.empty(max(cursor, 1), dtype=torch.uint8, device=flat.buffer.device)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t, target, off in layout:
-        view = _view(out, off, target, tuple(t.shape))
-        view.copy_(t)
-        tensors[name] = view
+    tensors = {name: _view(out, off, target, tuple(t.shape)) for name, t, target, off in layout}
+    pairs = [(tensors[name], t) for name, t, _, _ in layout]
+    if out.device.type == "cpu" and len(pairs) > 1:
+        # CPU casts are bound by first-touch page faults and one core each: spread them (GIL released)
+        with ThreadPoolExecutor(_workers()) as pool:
+            list(pool.map(lambda p: p[0].copy_(p[1]), pairs))
+    else:
+        for dst, src in pairs:
+            dst.copy_(src)
     return FlatTensors(out, tensors)
 
 

@@ -1,0 +1,62 @@
+"""The load service: models by record key, through a RAM/VRAM cache, with load events.
+
+``ModelLoadService(config, store, publisher=None).get_model(key, submodel_type, context)``
+returns a :class:`ModelInfo`; ``with info as model:`` holds the model on the execution device.
+"""
+
+from services.load.cache import CacheEntry, Loaded, ModelCache, ModelLocker
+from services.load.errors import (
+    CacheError,
+    CacheOutOfMemoryError,
+    InvalidModelException,
+    LoadError,
+    ModelNotFoundException,
+    ModelTooLargeError,
+    SubmodelRequiredError,
+    UnsafeModelException,
+)
+from services.load.safetensors_fast import FlatTensors, drop_page_cache, load_flat
+from services.load.service import (
+    CACHE_EVICTED,
+    MODEL_LOAD_COMPLETED,
+    MODEL_LOAD_FAILED,
+    MODEL_LOAD_STARTED,
+    ModelInfo,
+    ModelLoadService,
+    execution_device,
+    inference_dtype,
+)
+from services.load.stats import CacheStats, EntryInfo, TierStats
+from services.records import UnknownModelException
+from services.records.enums import SubModelType
+
+__all__ = [
+    "CACHE_EVICTED",
+    "MODEL_LOAD_COMPLETED",
+    "MODEL_LOAD_FAILED",
+    "MODEL_LOAD_STARTED",
+    "CacheEntry",
+    "CacheError",
+    "CacheOutOfMemoryError",
+    "CacheStats",
+    "EntryInfo",
+    "FlatTensors",
+    "InvalidModelException",
+    "LoadError",
+    "Loaded",
+    "ModelCache",
+    "ModelInfo",
+    "ModelLoadService",
+    "ModelLocker",
+    "ModelNotFoundException",
+    "ModelTooLargeError",
+    "SubModelType",
+    "SubmodelRequiredError",
+    "TierStats",
+    "UnknownModelException",
+    "UnsafeModelException",
+    "drop_page_cache",
+    "execution_device",
+    "inference_dtype",
+    "load_flat",
+]

@@ -1,0 +1,226 @@
+"""Single-file Stable Diffusion checkpoints (original LDM key names), converted without a hub.
+
+The model's shape comes from an original-format inference YAML (the record's ``config``, else the
+one shipped for its base model in ``services/configs/stable-diffusion``); text-encoder sizes are
+read from the checkpoint's own tensor shapes over the configs in ``services/configs/diffusers``.
+Only the tensors of the requested submodel are read from the file (one pass over their ranges);
+diffusers' ``single_file_utils`` functions rename them to diffusers keys.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from services.load.cache import Loaded
+from services.load.errors import InvalidModelException, SubmodelRequiredError
+from services.load.loaders import LoadRequest, fit_keys, read_json, resolve_class
+from services.load.safetensors_fast import assign_weights, empty_model
+from services.load.weights import read_state_dict
+from services.records.enums import SubModelType
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+CLIP_PREFIXES = {"sd-1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
+OPENCLIP_PREFIXES = {"sd-2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model.",
+                     "sdxl-refiner": "conditioner.embedders.0.model."}
+_DEFAULT_YAML = {"sd-1": "v1-inference.yaml", "sd-2": "v2-inference-v.yaml", "sdxl": "sd_xl_base.yaml",
+                 "sdxl-refiner": "sd_xl_refiner.yaml"}
+
+
+def _base(record: Any) -> str:
+    value = getattr(record.base_model, "value", record.base_model)
+    return "sd-1" if value == "any" else str(value)
+
+
+def original_config_path(record: Any) -> Path:
+    """The record's original-format YAML (absolute, or relative to the shipped configs), else the default."""
+    configured = getattr(record, "config", None)
+    if configured:
+        p = Path(configured).expanduser()
+        candidates = [p] if p.is_absolute() else [CONFIGS_DIR / p, CONFIGS_DIR / Path(*p.parts[1:])]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise InvalidModelException(f"config {configured!r} of model {record.key} not found in {CONFIGS_DIR}")
+    base = _base(record)
+    name = _DEFAULT_YAML.get(base)
+    if name is None:
+        raise InvalidModelException(f"no shipped configuration for {base} checkpoints")
+    if base == "sd-1" and str(getattr(getattr(record, "variant", None), "value", "")) == "inpaint":
+        name = "v1-inpainting-inference.yaml"
+    return CONFIGS_DIR / "stable-diffusion" / name
+
+
+def original_config(record: Any) -> dict[str, Any]:
+    path = original_config_path(record)
+    try:
+        data = yaml.safe_load(path.read_text())
+        data["model"]["params"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise InvalidModelException(f"{path}: not an original inference configuration: {exc}") from exc
+    return data  # type: ignore[no-any-return]
+
+
+def _image_size(orig: dict[str, Any]) -> int:
+    params = orig["model"]["params"]
+    factor = 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+    return int(params.get("image_size", 128)) * factor
+
+
+def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():  # diffusers warns that image_size is deprecated: we pass it on purpose
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _read(req: LoadRequest, select: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    if not req.location.is_file():
+        raise InvalidModelException(f"{req.location}: a checkpoint must be a single file")
+    state = read_state_dict([req.location], req.device, req.dtype, select)
+    return state.tensors, state.buffer
+
+
+def _build(cls: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor], req: LoadRequest,
+           buffer: torch.Tensor | None, what: str) -> Loaded:
+    model = empty_model(cls)
+    assign_weights(model, tensors, req.device, f"{req.location} ({what})")
+    return Loaded(model, buffer)
+
+
+def load_unet(req: LoadRequest, orig: dict[str, Any]) -> Loaded:
+    tensors, buffer = _read(req, lambda k: k.startswith(UNET_PREFIX))
+    if not tensors:
+        raise InvalidModelException(f"{req.location}: no UNet weights ({UNET_PREFIX}*)")
+    config = _quiet(sfu.create_unet_diffusers_config_from_ldm, orig, tensors, image_size=_image_size(orig))
+    converted = _quiet(sfu.convert_ldm_unet_checkpoint, tensors, config)
+    return _build(lambda: UNet2DConditionModel.from_config(config), converted, req, buffer, "unet")
+
+
+def load_vae(req: LoadRequest, orig: dict[str, Any], whole_file: bool = False) -> Loaded:
+    select = (lambda k: True) if whole_file else (lambda k: k.startswith(VAE_PREFIXES))
+    tensors, buffer = _read(req, select)
+    if not tensors:
+        raise InvalidModelException(f"{req.location}: no VAE weights ({'|'.join(VAE_PREFIXES)}*)")
+    config = _quiet(sfu.create_vae_diffusers_config_from_ldm, orig, tensors, image_size=_image_size(orig))
+    converted = _quiet(sfu.convert_ldm_vae_checkpoint, tensors, config)
+    return _build(lambda: AutoencoderKL.from_config(config), converted, req, buffer, "vae")
+
+
+def _layers(keys: list[str], pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.search(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def _clip_config(shipped: Path, hidden: int, vocab: int, positions: int, layers: int, inter: int,
+                 projection: int | None = None) -> CLIPTextConfig:
+    base = read_json(shipped / "config.json") if (shipped / "config.json").is_file() else {}
+    base.update(hidden_size=hidden, vocab_size=vocab, max_position_embeddings=positions, num_hidden_layers=layers,
+                intermediate_size=inter, num_attention_heads=max(1, hidden // 64))
+    if projection is not None:
+        base["projection_dim"] = projection
+    return CLIPTextConfig(**{k: v for k, v in base.items() if k not in ("architectures", "transformers_version")})
+
+
+def load_clip_text_encoder(req: LoadRequest, prefix: str, shipped: Path) -> Loaded:
+    tensors, buffer = _read(req, lambda k: k.startswith(prefix))
+    converted = sfu.convert_ldm_clip_checkpoint(tensors, remove_prefix=prefix)
+    try:
+        vocab, hidden = converted["text_model.embeddings.token_embedding.weight"].shape
+        positions = converted["text_model.embeddings.position_embedding.weight"].shape[0]
+        inter = converted["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise InvalidModelException(f"{req.location}: no CLIP text encoder under {prefix}* ({exc})") from exc
+    layers = _layers(list(converted), r"text_model\.encoder\.layers\.(\d+)\.")
+    config = _clip_config(shipped, hidden, vocab, positions, layers, inter)
+    model = empty_model(lambda: CLIPTextModel(config))
+    assign_weights(model, fit_keys(model, converted), req.device, f"{req.location} (text_encoder)")
+    return Loaded(model, buffer)
+
+
+def load_open_clip_text_encoder(req: LoadRequest, prefix: str, shipped: Path, *, with_projection: bool,
+                                drop_last_layer: bool) -> Loaded:
+    tensors, buffer = _read(req, lambda k: k.startswith(prefix))
+    try:
+        vocab, hidden = tensors[prefix + "token_embedding.weight"].shape
+        positions = tensors[prefix + "positional_embedding"].shape[0]
+        inter = tensors[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    except KeyError as exc:
+        raise InvalidModelException(f"{req.location}: no OpenCLIP text encoder under {prefix}* ({exc})") from exc
+    layers = _layers(list(tensors), r"transformer\.resblocks\.(\d+)\.") - (1 if drop_last_layer else 0)
+    proj = tensors.get(prefix + "text_projection")
+    config = _clip_config(shipped, hidden, vocab, positions, layers, inter,
+                          int(proj.shape[1]) if proj is not None else None)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    skeleton = empty_model(lambda: cls(config))
+    converted = sfu.convert_open_clip_checkpoint(skeleton, tensors, prefix=prefix)
+    assign_weights(skeleton, fit_keys(skeleton, converted), req.device, f"{req.location} (open_clip text encoder)")
+    return Loaded(skeleton, buffer)
+
+
+def load_scheduler(req: LoadRequest, orig: dict[str, Any]) -> Loaded:
+    config = read_json(CONFIGS_DIR / "diffusers" / _base(req.record) / "scheduler" / "scheduler_config.json")
+    config["prediction_type"] = "v_prediction" if orig["model"]["params"].get("parameterization") == "v" else "epsilon"
+    return Loaded(resolve_class("diffusers", config["_class_name"]).from_config(config))  # type: ignore[attr-defined]
+
+
+def load_tokenizer(req: LoadRequest) -> Loaded:
+    name = "clip-vit-large-patch14" if req.submodel == SubModelType.Tokenizer and _base(req.record) != "sd-2" \
+        else "clip-vit-bigg-14"
+    folder = CONFIGS_DIR / "tokenizers" / name
+    if not (folder / "vocab.json").is_file():
+        raise InvalidModelException(
+            f"{req.location}: single-file checkpoints hold no tokenizer, and none ships in {folder}; "
+            "install the model in diffusers format (or add the tokenizer files there)")
+    return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def load_main_checkpoint(req: LoadRequest) -> Loaded:
+    if req.submodel is None:
+        raise SubmodelRequiredError(f"model {req.record.key} is a main model: name a submodel (unet, vae, ...)")
+    base, sub = _base(req.record), req.submodel
+    orig = original_config(req.record)
+    shipped = CONFIGS_DIR / "diffusers" / base
+    if sub == SubModelType.UNet:
+        return load_unet(req, orig)
+    if sub in (SubModelType.Vae, SubModelType.VaeDecoder, SubModelType.VaeEncoder):
+        return load_vae(req, orig)
+    if sub == SubModelType.Scheduler:
+        return load_scheduler(req, orig)
+    if sub in (SubModelType.Tokenizer, SubModelType.Tokenizer2):
+        return load_tokenizer(req)
+    if sub == SubModelType.TextEncoder and base in CLIP_PREFIXES:
+        return load_clip_text_encoder(req, CLIP_PREFIXES[base], shipped / "text_encoder")
+    if sub == SubModelType.TextEncoder and base == "sd-2":
+        return load_open_clip_text_encoder(req, OPENCLIP_PREFIXES[base], shipped / "text_encoder",
+                                           with_projection=False, drop_last_layer=True)
+    if sub == SubModelType.TextEncoder2 and base in ("sdxl", "sdxl-refiner"):
+        return load_open_clip_text_encoder(req, OPENCLIP_PREFIXES[base], shipped / "text_encoder_2",
+                                           with_projection=True, drop_last_layer=False)
+    raise InvalidModelException(f"{req.location}: a {base} checkpoint has no {sub.value} submodel")
+
+
+def load_vae_checkpoint(req: LoadRequest) -> Loaded:
+    return load_vae(req, original_config(req.record), whole_file=True)
+
+
+def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
+    orig = original_config(req.record)
+    tensors, buffer = _read(req, lambda k: True)
+    unet = _quiet(sfu.create_unet_diffusers_config_from_ldm, orig, tensors, image_size=_image_size(orig))
+    keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+            "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
+            "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block")
+    config = {k: unet[k] for k in keep if k in unet} | {"conditioning_channels": 3}
+    converted = _quiet(sfu.convert_controlnet_checkpoint, tensors, config)
+    return _build(lambda: ControlNetModel.from_config(config), converted, req, buffer, "controlnet")

@@ -1,0 +1,29 @@
+"""Which loader handles a record: the table keyed by (model type, model format)."""
+
+from __future__ import annotations
+
+from services.load import checkpoints, loaders
+from services.load.errors import InvalidModelException
+from services.load.loaders import Loader
+from services.records.enums import ModelFormat, ModelType
+
+LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
+    (ModelType.Main, ModelFormat.Diffusers): loaders.load_diffusers_main,
+    (ModelType.Main, ModelFormat.Checkpoint): checkpoints.load_main_checkpoint,
+    (ModelType.Vae, ModelFormat.Diffusers): loaders.load_diffusers_vae,
+    (ModelType.Vae, ModelFormat.Checkpoint): checkpoints.load_vae_checkpoint,
+    (ModelType.ControlNet, ModelFormat.Diffusers): loaders.load_diffusers_controlnet,
+    (ModelType.ControlNet, ModelFormat.Checkpoint): checkpoints.load_controlnet_checkpoint,
+    (ModelType.Lora, ModelFormat.Lycoris): loaders.load_lora,
+    (ModelType.Lora, ModelFormat.Diffusers): loaders.load_lora,
+    (ModelType.TextualInversion, ModelFormat.EmbeddingFile): loaders.load_textual_inversion,
+    (ModelType.TextualInversion, ModelFormat.EmbeddingFolder): loaders.load_textual_inversion,
+}
+
+
+def loader_for(model_type: ModelType | str, model_format: ModelFormat | str) -> Loader:
+    """The loader for a record's type and format; :class:`InvalidModelException` when there is none."""
+    try:
+        return LOADERS[(ModelType(model_type), ModelFormat(model_format))]
+    except (KeyError, ValueError) as exc:
+        raise InvalidModelException(f"no loader for {model_type}/{model_format} models") from exc

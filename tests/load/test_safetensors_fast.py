@@ -1,0 +1,94 @@
+"""The fast safetensors path: bit-exact views of one buffer, dtype casts, selection, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from services.load import InvalidModelException, load_flat
+from services.load.safetensors_fast import assign_weights, empty_model, read_header
+from tests.load.builders import UNET_CFG
+
+
+def _file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    sd = {"a": torch.randn(3, 5).half(), "b": torch.randn(7).float(), "c": torch.arange(5), "d": torch.randn(2, 2).half()}
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    return path, sd
+
+
+def test_bit_exact_views_of_one_buffer(tmp_path: Path) -> None:
+    path, sd = _file(tmp_path)
+    flat = load_flat(path)
+    for name, ref in sd.items():
+        got = flat.tensors[name]
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+        base = flat.buffer.data_ptr()
+        assert base <= got.data_ptr() < base + flat.buffer.numel()
+
+
+def test_cast_converts_floats_only(tmp_path: Path) -> None:
+    path, sd = _file(tmp_path)
+    flat = load_flat(path, dtype=torch.float32)
+    assert flat.tensors["a"].dtype == torch.float32 and torch.equal(flat.tensors["a"], sd["a"].float())
+    assert flat.tensors["c"].dtype == torch.int64 and torch.equal(flat.tensors["c"], sd["c"])
+
+
+def test_select_reads_only_chosen_tensors(tmp_path: Path) -> None:
+    path, sd = _file(tmp_path)
+    flat = load_flat(path, select=lambda n: n in ("a", "d"))
+    assert set(flat.tensors) == {"a", "d"}
+    assert flat.buffer.numel() < path.stat().st_size
+    assert torch.equal(flat.tensors["d"], sd["d"])
+
+
+def test_multi_chunk_parallel_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.load.safetensors_fast.CHUNK_BYTES", 4096)  # force many chunks, many threads
+    sd = {f"t{i}": torch.randn(1000 + i) for i in range(20)}
+    save_file(sd, str(tmp_path / "big.safetensors"))
+    flat = load_flat(tmp_path / "big.safetensors")
+    assert all(torch.equal(flat.tensors[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage!", b"\xff" * 8 + b"{}", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"])
+def test_bad_files_are_named(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    with pytest.raises(InvalidModelException, match="bad.safetensors"):
+        read_header(bad)
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path, _ = _file(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(InvalidModelException, match="truncated"):
+        load_flat(path)
+
+
+def test_assign_to_meta_model_is_bit_exact(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    ref = UNet2DConditionModel(**UNET_CFG).half()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "u.safetensors"))
+    flat = load_flat(tmp_path / "u.safetensors")
+    model = empty_model(lambda: UNet2DConditionModel.from_config(ref.config))
+    assert next(model.parameters()).is_meta
+    assign_weights(model, flat.tensors, torch.device("cpu"), "unet")
+    for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_missing_weights_are_named(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    ref = UNet2DConditionModel(**UNET_CFG)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("conv_in")}
+    save_file(sd, str(tmp_path / "u.safetensors"))
+    model = empty_model(lambda: UNet2DConditionModel.from_config(ref.config))
+    with pytest.raises(InvalidModelException, match="conv_in"):
+        assign_weights(model, load_flat(tmp_path / "u.safetensors").tensors, torch.device("cpu"), "unet")
