@@ -27,6 +27,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+JOB_MODULES = {"install": "workers.install", "download": "workers.download", "hash": "workers.hash",
+               "gpu": "workers.gpu"}
+
+
+def _preload(queues: list[str]) -> None:
+    """Import the job modules (and torch with them) once, before forking: each forked job then starts
+    warm instead of importing them again."""
+    import importlib
+    for queue in queues:
+        importlib.import_module(JOB_MODULES[queue])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -44,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, EventStoreError) as exc:
         print(f"modelbus worker: {exc}", file=sys.stderr)
         return 2
+    _preload(queues)
     name = args.name or worker_name("gpu" if "gpu" in queues else "mb")
     context = WorkerContext(config=config, store=store, worker_id=name, device=config.device)
     set_context(context)

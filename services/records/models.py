@@ -51,6 +51,7 @@ class ModelConfigBase(BaseModel):
     source: str | None = None
     thumbnail_url: str | None = None
     tags: list[str] = Field(default_factory=list)
+    trained_words: list[str] = Field(default_factory=list, description="trigger words, as reported by the source")
     compatible_bases: list[BaseModelType] = Field(
         default_factory=list, description="bases this model serves besides base_model")
 

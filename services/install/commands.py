@@ -1,0 +1,119 @@
+"""Submitting an install: one ``InstallRequested`` in the log, then one RQ job on the install queue.
+
+The job id is the command id, so a repeated command finds its own event (idempotency key) and
+returns the same job. The source is claimed in the same atomic append (``install-source:<source>``):
+a second command for a source already being installed gets the running job instead. The RQ job is
+enqueued by its import path: ``services`` never imports ``workers``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from rq import Callback, Queue, Retry
+from rq.job import Job
+
+from events.errors import ConcurrencyError, UniqueConstraintError
+from events.schema import InstallRequested
+from events.store import RedisEventStore
+from services.config import AppConfig
+from services.install import defaults
+from services.install.errors import InvalidCommandError
+from services.install.jobs import load_job, source_claim
+from services.install.sources import normalize_source
+
+log = structlog.get_logger(__name__)
+
+INSTALL_FUNCTION = "workers.install.run_install"
+FAILURE_CALLBACK = "workers.install.on_job_failure"
+# RQ job ids allow these only, and the install's RQ job id is the command id
+_COMMAND_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+
+
+@dataclass
+class InstallCommand:
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)  # inplace, force, config, revision, variant...
+    command_id: str | None = None
+    access_token: str | None = None  # never written to the log: it travels with the RQ job only
+
+
+def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -> str:
+    """Record and enqueue an install; returns its job id (an earlier one for a repeat or a busy source)."""
+    job_id = command.command_id or uuid.uuid4().hex
+    if not _COMMAND_ID.match(job_id):
+        raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
+    normalized = normalize_source(command.source, config, command.options)
+    claim = source_claim(normalized)
+    options = {**command.options, "claim": claim, "normalized_source": normalized}
+    event = InstallRequested(aggregate_id=job_id, source=command.source, options=options, correlation_id=job_id)
+    try:
+        result = store.append([event], expected_version=0, idempotency_key=f"install:{job_id}",
+                              claims={claim: job_id})
+    except UniqueConstraintError as exc:
+        running = _running_owner(store, exc.owner)
+        if running is not None:
+            log.info("install_source_busy", source=normalized, job=running)
+            return running
+        # the claim outlived its job (it should be released by the job's last event): go on without it
+        log.warning("install_claim_stale", source=normalized, owner=exc.owner)
+        options.pop("claim")
+        event = event.model_copy(update={"options": options})
+        return _append_unclaimed(store, config, command, event)
+    except ConcurrencyError:
+        log.info("install_job_exists", job=job_id)
+        return job_id
+    if result.duplicate:
+        log.info("install_command_repeated", job=job_id)
+        _ensure_enqueued(store, config, job_id, command.access_token)
+        return job_id
+    _register(store, job_id)
+    enqueue_install(store, config, job_id, command.access_token)
+    log.info("install_submitted", job=job_id, source=command.source)
+    return job_id
+
+
+def _append_unclaimed(store: RedisEventStore, config: AppConfig, command: InstallCommand,
+                      event: InstallRequested) -> str:
+    job_id = event.aggregate_id
+    try:
+        result = store.append([event], expected_version=0, idempotency_key=f"install:{job_id}")
+    except ConcurrencyError:
+        return job_id
+    if not result.duplicate:
+        _register(store, job_id)
+        enqueue_install(store, config, job_id, command.access_token)
+    return job_id
+
+
+def _running_owner(store: RedisEventStore, owner: str) -> str | None:
+    try:
+        job = load_job(store, owner)
+    except KeyError:
+        return None
+    return None if job.terminal else job.id
+
+
+def _register(store: RedisEventStore, job_id: str) -> None:
+    store.client.zadd(store.keys.jobs, {job_id: time.time()}, nx=True)
+
+
+def _ensure_enqueued(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
+    """A command repeated after a crash between the append and the enqueue still gets its RQ job."""
+    _register(store, job_id)
+    if load_job(store, job_id).waiting and not Job.exists(job_id, connection=store.client):
+        enqueue_install(store, config, job_id, token)
+
+
+def enqueue_install(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
+    queue = Queue(store.keys.queue("install"), connection=store.client)
+    kwargs: dict[str, Any] = {"access_token": token} if token else {}
+    queue.enqueue(INSTALL_FUNCTION, job_id, job_id=job_id, retry=Retry(defaults.JOB_RETRIES),
+                  job_timeout=defaults.JOB_TIMEOUT, result_ttl=defaults.RESULT_TTL,
+                  failure_ttl=defaults.FAILURE_TTL, on_failure=Callback(FAILURE_CALLBACK),
+                  description=f"install {job_id}", **kwargs)

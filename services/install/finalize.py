@@ -1,0 +1,87 @@
+"""The last step of every install, shared by the hash worker and the in-process ``register_path`` /
+``install_path``: identify, refuse duplicates, place into the models directory, add the record.
+
+A failure after the model was placed takes the placed files away again: either the record exists
+and points at the files, or neither does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from services.config import AppConfig
+from services.install.placement import destination_dir, is_inside, place, remove_tree
+from services.install.recording import (
+    add_record,
+    added_by,
+    build_config,
+    check_duplicate,
+    forced_key,
+    identify,
+)
+from services.records import ModelConfigBase, ModelRecordServiceBase
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class FinalizeRequest:
+    path: Path
+    inplace: bool                       # register where it is; else move (a staged copy) into place
+    job_id: str | None = None
+    user: Mapping[str, Any] = field(default_factory=dict)  # the caller's config: overrides and fields
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    force: bool = False
+    threads: int | None = None
+    on_claim: Callable[[Path], None] | None = None  # hears the destination before the rename
+    before_place: Callable[[], None] | None = None  # a last check (e.g. cancelled?) before moving
+
+
+def record_path(config: AppConfig, path: Path) -> str:
+    """Relative under the models dir (the spec's convention), absolute elsewhere."""
+    models = config.models_path
+    if is_inside(path, models):
+        return path.resolve().relative_to(models.resolve()).as_posix()
+    return str(path.resolve())
+
+
+def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
+    given = user.get("name") or metadata.get("name")
+    if given:
+        return str(given)
+    return path.stem if path.is_file() else path.name
+
+
+def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRequest) -> ModelConfigBase:
+    found = identify(req.path, req.user, req.threads)
+    key = found.key
+    if req.force and records.exists(key) and not (req.job_id and added_by(records, key, req.job_id)):
+        key = forced_key(key, req.job_id or uuid.uuid4().hex)
+    else:
+        check_duplicate(records, key, req.job_id)
+    name = model_name(req.path, req.user, req.metadata)
+    target = req.path
+    placed = False
+    if not req.inplace:
+        if req.before_place is not None:
+            req.before_place()
+        folder = destination_dir(config, found.result.base_model, found.result.model_type)
+        target = place(req.path, folder, req.path.name, req.on_claim)
+        placed = True
+    try:
+        fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
+                              metadata=req.metadata, source=req.source, user=req.user)
+        record = add_record(records, key, fields, req.job_id)
+    except BaseException:
+        if placed:
+            remove_tree(target)
+        raise
+    log.info("model_installed", key=key, name=record.name, path=record.path, job=req.job_id)
+    return record

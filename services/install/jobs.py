@@ -1,0 +1,193 @@
+"""An install job is the fold of its events: ``InstallRequested`` … ``InstallCompleted``/``Failed``/``Cancelled``.
+
+The job id is the aggregate id (and the command id), so the job lives in the log: any process can
+read it, and it survives the death of the worker running it and a restart of everything. Live byte
+counts are operational, not history: they come from the progress board (:mod:`.progress`).
+
+Every change is appended at the version the writer folded, so two workers (or a worker and a
+cancel) racing on one job cannot both move it into a terminal state: the loser re-reads and sees
+the job already ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from events.errors import ConcurrencyError
+from events.schema import (
+    Event,
+    InstallCancelled,
+    InstallCompleted,
+    InstallDownloaded,
+    InstallFailed,
+    InstallRequested,
+    InstallStarted,
+)
+from events.store import EventStore, StoredEvent
+from services.install.defaults import APPEND_ATTEMPTS
+from services.install.errors import InstallError, UnknownJobError
+
+SOURCE_CLAIM_PREFIX = "install-source:"
+
+
+class InstallStatus(str, Enum):
+    WAITING = "waiting"
+    DOWNLOADING = "downloading"
+    DOWNLOADS_DONE = "downloads_done"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({InstallStatus.COMPLETED, InstallStatus.ERROR, InstallStatus.CANCELLED})
+TERMINAL_EVENTS = (InstallCompleted, InstallFailed, InstallCancelled)
+
+
+@dataclass
+class InstallJob:
+    """What the spec's job shows: id, source, status, bytes, total_bytes; key/config when done,
+    error_type/error when not."""
+
+    id: str
+    source: str
+    status: InstallStatus = InstallStatus.WAITING
+    bytes: int = 0
+    total_bytes: int = 0
+    key: str | None = None
+    config: dict[str, Any] | None = None
+    error_type: str | None = None
+    error: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    download_path: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    version: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+    @property
+    def claim(self) -> str | None:
+        """The unique field that marks this job's source as being installed (released when it ends)."""
+        value = self.options.get("claim")
+        return str(value) if value else None
+
+    # spec-style predicates
+    @property
+    def waiting(self) -> bool:
+        return self.status is InstallStatus.WAITING
+
+    @property
+    def complete(self) -> bool:
+        return self.status is InstallStatus.COMPLETED
+
+    @property
+    def errored(self) -> bool:
+        return self.status is InstallStatus.ERROR
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status is InstallStatus.CANCELLED
+
+
+def source_claim(normalized_source: str) -> str:
+    return SOURCE_CLAIM_PREFIX + normalized_source
+
+
+def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
+    """The job after one event. Nothing changes a job once it ended (writers check too)."""
+    if isinstance(event, InstallRequested):
+        if job is not None:
+            return job
+        return InstallJob(id=event.aggregate_id, source=event.source, options=dict(event.options),
+                          created_at=event.time, updated_at=event.time, version=event.aggregate_version)
+    if job is None:
+        return None
+    job.version = max(job.version, event.aggregate_version)
+    if job.terminal:
+        return job
+    job.updated_at = event.time
+    if isinstance(event, InstallStarted):
+        if job.status is InstallStatus.WAITING:
+            job.status = InstallStatus.DOWNLOADING
+        elif job.status is InstallStatus.DOWNLOADS_DONE:
+            job.status = InstallStatus.RUNNING
+    elif isinstance(event, InstallDownloaded):
+        job.status = InstallStatus.DOWNLOADS_DONE
+        job.download_path = event.path
+        job.total_bytes = event.total_bytes or job.total_bytes
+        job.bytes = job.total_bytes
+        job.metadata = dict(event.metadata)
+    elif isinstance(event, InstallCompleted):
+        job.status = InstallStatus.COMPLETED
+        job.key, job.config = event.key, dict(event.config)
+        job.total_bytes = event.total_bytes or job.total_bytes
+        job.bytes = job.total_bytes
+    elif isinstance(event, InstallFailed):
+        job.status = InstallStatus.ERROR
+        job.error_type, job.error = event.error_type, event.error
+    elif isinstance(event, InstallCancelled):
+        job.status = InstallStatus.CANCELLED
+        job.error = event.reason
+    return job
+
+
+def fold(history: Sequence[StoredEvent]) -> InstallJob | None:
+    job: InstallJob | None = None
+    for stored in history:
+        job = apply(job, stored.event)
+    return job
+
+
+def load_job(store: EventStore, job_id: str) -> InstallJob:
+    job = fold(store.history(job_id))
+    if job is None:
+        raise UnknownJobError(f"no install job with id {job_id!r}")
+    return job
+
+
+Decide = Callable[[InstallJob], Event | None]
+
+
+def transition(store: EventStore, job_id: str, decide: Decide) -> tuple[InstallJob, bool]:
+    """Append what ``decide`` says given the job's current state, at that state's version.
+
+    ``decide`` returns ``None`` to leave the job alone. Returns (the job after, whether appended).
+    A terminal event releases the job's source claim in the same atomic append.
+    """
+    for _ in range(APPEND_ATTEMPTS):
+        job = load_job(store, job_id)
+        event = decide(job)
+        if event is None:
+            return job, False
+        releases = [job.claim] if isinstance(event, TERMINAL_EVENTS) and job.claim else []
+        try:
+            result = store.append([event], expected_version=job.version, idempotency_key=event.event_id,
+                                  releases=releases)
+        except ConcurrencyError:
+            continue  # someone else wrote to this job first: decide again on what they wrote
+        after = apply(job, event.model_copy(update={"aggregate_version": result.version}))
+        assert after is not None
+        # job state changes are also operational news: UIs follow the activity stream, not the log
+        store.publish_activity("install_job", {"job_id": job_id, "status": after.status.value,
+                                               "event": event.type}, source=job_id, correlation_id=job_id)
+        return after, True
+    raise InstallError(f"install job {job_id!r} kept changing under {APPEND_ATTEMPTS} attempts")
+
+
+def unless_ended(make: Callable[[InstallJob], Event]) -> Decide:
+    """A decision that appends ``make(job)`` only while the job has not ended."""
+    def decide(job: InstallJob) -> Event | None:
+        return None if job.terminal else make(job)
+    return decide

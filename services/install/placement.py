@@ -1,0 +1,154 @@
+"""Where installed models live, and getting them there without ever clobbering anything.
+
+Models land in ``models/<base>/<type>/<name>``. A taken name becomes ``name_1``, ``name_2``...: the
+destination is claimed atomically (``O_EXCL`` for a file, ``mkdir`` for a folder) and the staged
+model renamed onto the claim, so two workers placing two models of one name at once both succeed,
+under different names. Staging lives under the models directory (``.staging/<job id>``), on the
+same filesystem, so the final step is a rename: a reader never sees half a model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from services.config import AppConfig
+from services.install.defaults import MAX_NAME_COLLISIONS, STAGING_DIR
+from services.install.errors import InstallError
+from services.records.enums import BaseModelType, ModelType
+
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\:*?\"<>|]+")
+COPY_BLOCK = 8 << 20
+
+Progress = Callable[[int, int | None], None]
+
+
+def staging_root(config: AppConfig) -> Path:
+    return config.models_path / STAGING_DIR
+
+
+def staging_dir(config: AppConfig, job_id: str) -> Path:
+    return staging_root(config) / job_id
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or folder if it is there (a retried cleanup finds it gone)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def safe_name(name: str) -> str:
+    """A single path component: no separators, no leading dots (no hidden or parent entries)."""
+    cleaned = _UNSAFE_NAME.sub("_", name).strip().lstrip(".").strip()
+    return cleaned or "model"
+
+
+def destination_dir(config: AppConfig, base: BaseModelType, model_type: ModelType) -> Path:
+    return config.models_path / base.value / model_type.value
+
+
+def _candidates(name: str, is_file: bool) -> list[str]:
+    stem, suffix = (Path(name).stem, Path(name).suffix) if is_file else (name, "")
+    return [name] + [f"{stem}_{n}{suffix}" for n in range(1, MAX_NAME_COLLISIONS)]
+
+
+def _claim(folder: Path, name: str, is_file: bool) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for candidate in _candidates(name, is_file):
+        target = folder / candidate
+        try:
+            if is_file:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            else:
+                os.mkdir(target)
+        except FileExistsError:
+            continue
+        return target
+    raise InstallError(f"no free name for {name!r} in {folder} after {MAX_NAME_COLLISIONS} tries")
+
+
+def place(staged: Path, folder: Path, name: str, on_claim: Callable[[Path], None] | None = None) -> Path:
+    """Rename ``staged`` (same filesystem) into ``folder`` under ``name`` or the first free variant.
+
+    ``on_claim`` hears the destination before the rename, so that a retried job that died in between
+    can find where its model went.
+    """
+    is_file = staged.is_file()
+    target = _claim(folder, safe_name(name), is_file)
+    if on_claim is not None:
+        on_claim(target)
+    try:
+        os.replace(staged, target)  # a folder replaces the empty folder claimed for it
+    except OSError:
+        remove_tree(target)
+        raise
+    return target
+
+
+def copy_into(source: Path, folder: Path, progress: Progress | None = None,
+              check: Callable[[], None] | None = None) -> Path:
+    """Copy a file or folder into ``folder`` (a staging dir), reporting bytes copied; ``check`` is called
+    between blocks and may raise to stop (a cancel)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / safe_name(source.name)
+    remove_tree(target)  # a retried copy starts over: the source is local and cheap to read again
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    for file in files:
+        dest = target if source.is_file() else target / file.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("rb") as src, dest.open("wb") as out:
+            while block := src.read(COPY_BLOCK):
+                if check is not None:
+                    check()
+                out.write(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
+        shutil.copystat(file, dest)
+    if progress is not None:
+        progress(done, total)
+    return target
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+    except ValueError:
+        return False
+    return True
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def model_in_staging(config: AppConfig, job_id: str, folder: str | None) -> Path | None:
+    """The downloaded model: the plan's folder, or the one file the server named (None: not there)."""
+    root = staging_dir(config, job_id)
+    if folder:
+        path = root / folder
+        return path if path.exists() else None
+    if not root.is_dir():
+        return None
+    entries = [p for p in root.iterdir() if not p.name.startswith(".") and not _is_partial(p.name)]
+    return entries[0] if len(entries) == 1 else None
+
+
+def partial_files(path: Path) -> list[Path]:
+    """Leftovers of an unfinished download under ``path``."""
+    if path.is_file():
+        return [path] if _is_partial(path.name) else []
+    return [p for p in path.rglob("*") if _is_partial(p.name)] if path.is_dir() else []
+
+
+def _is_partial(name: str) -> bool:
+    return name.endswith((".part", ".part.json", ".part.tmp"))

@@ -1,0 +1,86 @@
+"""Live progress of install jobs: bytes per file in a Redis hash, reports on the activity stream.
+
+Progress is operational state, not history: it would flood the never-trimmed log. Each file of a
+job writes its own fields (``b:<file>`` done, ``t:<file>`` total), so download workers on several
+machines never overwrite each other, and the job's bytes are their sum.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from events.keys import Keys
+from events.store import EventStore
+from services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
+
+
+class ProgressBoard:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def set_total(self, job_id: str, total_bytes: int | None) -> None:
+        key = self.keys.job(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, "total", int(total_bytes or 0))
+        pipe.expire(key, PROGRESS_TTL)
+        pipe.execute()
+
+    def set_file(self, job_id: str, file: str, done: int, total: int | None) -> None:
+        key = self.keys.job(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, f"b:{file}", done)
+        if total is not None:
+            pipe.hset(key, f"t:{file}", total)
+        pipe.expire(key, PROGRESS_TTL)
+        pipe.execute()
+
+    def read(self, job_id: str) -> tuple[int, int]:
+        """(bytes done, total bytes) of a job; the total is the plan's, else the sum of known file sizes."""
+        raw = self.client.hgetall(self.keys.job(job_id))
+        done = total_files = 0
+        planned = 0
+        for name, value in raw.items():
+            field = name.decode() if isinstance(name, bytes) else str(name)
+            if field.startswith("b:"):
+                done += int(value)
+            elif field.startswith("t:"):
+                total_files += int(value)
+            elif field == "total":
+                planned = int(value)
+        return done, planned or total_files
+
+    def set_placed(self, job_id: str, path: Path) -> None:
+        """Where a job is moving its model: a retry after a death mid-move finds it there."""
+        self.client.hset(self.keys.job(job_id), "placed", str(path))
+
+    def placed(self, job_id: str) -> Path | None:
+        raw = self.client.hget(self.keys.job(job_id), "placed")
+        return Path(raw.decode() if isinstance(raw, bytes) else raw) if raw else None
+
+    def clear(self, job_id: str) -> None:
+        self.client.delete(self.keys.job(job_id))
+
+
+class ProgressReporter:
+    """Throttled progress of one file of one job: the board, and an ``install_progress`` activity."""
+
+    def __init__(self, board: ProgressBoard, store: EventStore, job_id: str, file: str,
+                 interval: float = PROGRESS_INTERVAL) -> None:
+        self.board, self.store, self.job_id, self.file = board, store, job_id, file
+        self.interval = interval
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if not finished and now - self._last < self.interval:
+            return
+        self._last = now
+        self.board.set_file(self.job_id, self.file, done, total)
+        self.store.publish_activity("install_progress", {"job_id": self.job_id, "file": self.file,
+                                                         "bytes": done, "total_bytes": total},
+                                    source=self.job_id, correlation_id=self.job_id)

@@ -1,0 +1,110 @@
+"""From identified files to a model record: the config's fields, metadata, and the one ModelAdded.
+
+The duplicate check is the record service's: ``add_model`` appends at the version it saw for the
+key, so of two installs of the same content racing, exactly one lands and the other is refused
+naming the key that won. A retried job that already added its model (the ``ModelAdded`` carries
+the job id as correlation id) recognises it as its own instead of as a duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from services.hashing import HashingError, content_hash, model_key
+from services.install.errors import DuplicateInstallError, ModelIdentificationError
+from services.probe import ProbeError, ProbeResult, probe
+from services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase
+from services.records.models import CONFIG_CLASSES
+
+# record fields a source's metadata fills in (metadata name -> record field)
+_METADATA_FIELDS = {
+    "description": "description", "author": "author", "license": "license", "thumbnail_url": "thumbnail_url",
+    "tags": "tags", "trained_words": "trained_words",
+}
+# what a caller's config may not set: identity is computed, never taken on trust
+_COMPUTED = ("key", "hash", "path")
+
+
+@dataclass(frozen=True)
+class Identified:
+    path: Path
+    key: str
+    hash: str
+    result: ProbeResult
+
+
+def probe_model(path: Path, overrides: Mapping[str, Any] | None = None) -> ProbeResult:
+    try:
+        return probe(path, dict(overrides or {}))
+    except ProbeError as exc:
+        raise ModelIdentificationError(f"{path.name}: {exc}") from exc
+
+
+def hash_model(path: Path, threads: int | None = None) -> tuple[str, str]:
+    """(key, content hash) of a file or folder."""
+    try:
+        return model_key(path), content_hash(path, threads=threads)
+    except HashingError as exc:
+        raise ModelIdentificationError(str(exc)) from exc
+
+
+def identify(path: Path, overrides: Mapping[str, Any] | None = None, threads: int | None = None) -> Identified:
+    """Probe first (headers only: a wrong file fails fast), then hash every byte."""
+    result = probe_model(path, overrides)
+    key, digest = hash_model(path, threads)
+    return Identified(path, key, digest, result)
+
+
+def forced_key(key: str, job_id: str) -> str:
+    """A distinct key for a forced second copy of the same content (same length as an imohash)."""
+    return blake3.blake3(f"{key}:{job_id}".encode()).hexdigest(length=16)
+
+
+def build_config(found: Identified, *, key: str, record_path: str, name: str,
+                 metadata: Mapping[str, Any] | None = None, source: str | None = None,
+                 user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The record's fields: identification, then the source's metadata, then what the caller said."""
+    fields: dict[str, Any] = dict(found.result.as_config_fields())
+    for meta_name, field in _METADATA_FIELDS.items():
+        value = (metadata or {}).get(meta_name)
+        if value:
+            fields[field] = value
+    fields["source"] = (metadata or {}).get("source_url") or source
+    fields.update({k: v for k, v in (user or {}).items() if k not in _COMPUTED and v is not None})
+    fields.update(key=key, hash=found.hash, path=record_path, name=fields.get("name") or name)
+    allowed = CONFIG_CLASSES[(found.result.model_type, found.result.model_format)].model_fields
+    return {k: v for k, v in fields.items() if k in allowed}
+
+
+def added_by(records: ModelRecordServiceBase, key: str, job_id: str) -> bool:
+    """Whether the record under ``key`` was added by this job (a retry finding its own work)."""
+    try:
+        history = records.history(key)
+    except KeyError:
+        return False
+    return any(s.event.type == "ModelAdded" and s.event.correlation_id == job_id for s in history)
+
+
+def check_duplicate(records: ModelRecordServiceBase, key: str, job_id: str | None) -> None:
+    if not records.exists(key) or (job_id is not None and added_by(records, key, job_id)):
+        return
+    existing = records.get_model(key)
+    raise DuplicateInstallError(
+        f"this model is already installed as key {key!r} ({existing.name!r} at {existing.path}); "
+        "pass force=True to install a second copy", key)
+
+
+def add_record(records: ModelRecordServiceBase, key: str, config: dict[str, Any],
+               job_id: str | None) -> ModelConfigBase:
+    if job_id is not None and added_by(records, key, job_id):
+        return records.get_model(key)
+    try:
+        return records.add_model(key, config, correlation_id=job_id,
+                                 idempotency_key=f"install:{job_id}:add" if job_id else None)
+    except DuplicateModelException as exc:
+        raise DuplicateInstallError(f"refused as a duplicate: {exc}", key) from exc

@@ -1,0 +1,244 @@
+"""ModelInstallService: the spec's ModelInstallServiceBase on the event log and the RQ queues.
+
+Asynchronous installs (``heuristic_import``/``import_model``) are commands: an ``InstallRequested``
+plus an RQ job; workers on any machine sharing the models directory and the Redis do the work, and
+the job is read back from the log. ``register_path`` and ``install_path`` run in this process and
+return the key (a local file needs no queue), through the same final step the hash workers use.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from events.schema import InstallCancelled
+from events.store import RedisEventStore
+from services.config import AppConfig
+from services.install.commands import InstallCommand, submit
+from services.install.defaults import WAIT_BLOCK_MS
+from services.install.errors import (
+    DuplicateInstallError,
+    InstallTimeoutError,
+    InvalidSourceError,
+    ModelIdentificationError,
+    UnsafeDeleteError,
+)
+from services.install.finalize import FinalizeRequest, finalize, record_path
+from services.install.jobs import InstallJob, load_job, transition, unless_ended
+from services.install.placement import copy_into, is_inside, remove_tree, staging_dir, staging_root
+from services.install.progress import ProgressBoard
+from services.install.scan import find_models
+from services.install.steps import set_cancel_flag
+from services.records import ModelRecordServiceBase, UnknownModelException
+
+log = structlog.get_logger(__name__)
+
+JobRef = InstallJob | str
+
+
+@dataclass
+class SyncReport:
+    """What ``sync_models_dir`` did: models it registered, records whose files are gone."""
+
+    added: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why it was not registered
+
+
+class ModelInstallService:
+    def __init__(self, config: AppConfig, store: ModelRecordServiceBase | None = None, *,
+                 event_store: RedisEventStore | None = None, download_queue: Any = None) -> None:
+        self.config = config
+        self.event_store = event_store or RedisEventStore.from_config(config)
+        self.record_store = store or ModelRecordServiceBase.open(config, event_store=self.event_store)
+        self.download_queue = download_queue  # kept for the spec's signature; workers do the downloads
+        self.board = ProgressBoard(self.event_store.client, self.event_store.keys)
+
+    # --- asynchronous installs ------------------------------------------------------------------
+
+    def heuristic_import(self, source: str | Path, config: Mapping[str, Any] | None = None,
+                         access_token: str | None = None, *, inplace: bool = False, force: bool = False,
+                         command_id: str | None = None, **options: Any) -> InstallJob:
+        """Install from a path, a URL, ``owner/repo[:subfolder]`` or a Civitai source (guessing which).
+
+        ``config`` holds record fields and identification overrides (name, description, model_type,
+        base_model...). ``inplace`` registers a local path where it is. ``force`` installs content
+        already installed under a new key. A ``command_id`` seen before returns that command's job.
+        """
+        opts = {**options, "inplace": inplace, "force": force, "config": dict(config or {})}
+        job_id = submit(self.event_store, self.config, InstallCommand(str(source), opts, command_id, access_token))
+        return self.get_job_by_id(job_id)
+
+    def import_model(self, source: Any, config: Mapping[str, Any] | None = None,
+                     access_token: str | None = None, **kwargs: Any) -> InstallJob:
+        """The same for a typed source (Path, URLSource, HFSource, CivitaiSource) or a string."""
+        return self.heuristic_import(str(source), config, access_token, **kwargs)
+
+    # --- synchronous, in this process -------------------------------------------------------------
+
+    def register_path(self, path: str | Path, config: Mapping[str, Any] | None = None, *,
+                      force: bool = False) -> str:
+        """Record the model at ``path`` where it is; returns its key."""
+        model = self._existing(path)
+        record = finalize(self.config, self.record_store, FinalizeRequest(
+            path=model, inplace=True, user=dict(config or {}), source=str(model), force=force,
+            threads=self.config.hash_threads))
+        return record.key
+
+    def install_path(self, path: str | Path, config: Mapping[str, Any] | None = None, *,
+                     force: bool = False) -> str:
+        """Copy the model at ``path`` into the models directory and record it; returns its key."""
+        model = self._existing(path)
+        staging = staging_dir(self.config, f"local-{uuid.uuid4().hex}")
+        try:
+            staged = copy_into(model, staging)
+            record = finalize(self.config, self.record_store, FinalizeRequest(
+                path=staged, inplace=False, user=dict(config or {}), source=str(model), force=force,
+                threads=self.config.hash_threads))
+        finally:
+            remove_tree(staging)
+        return record.key
+
+    @staticmethod
+    def _existing(path: str | Path) -> Path:
+        model = Path(path).expanduser()
+        if not model.exists():
+            raise InvalidSourceError(f"no such file or folder: {model}")
+        return model.resolve()
+
+    # --- jobs -------------------------------------------------------------------------------------
+
+    def get_job_by_id(self, job_id: str) -> InstallJob:
+        job = load_job(self.event_store, job_id)
+        if not job.terminal:
+            job.bytes, total = self.board.read(job_id)
+            job.total_bytes = total or job.total_bytes
+        return job
+
+    def list_jobs(self) -> list[InstallJob]:
+        ids = [raw.decode() if isinstance(raw, bytes) else str(raw)
+               for raw in self.event_store.client.zrange(self.event_store.keys.jobs, 0, -1)]
+        return [self.get_job_by_id(job_id) for job_id in ids]
+
+    def wait_for_job(self, job: JobRef, timeout: float | None = None) -> InstallJob:
+        """Block until the job ends (completed, error or cancelled); returns it."""
+        job_id = job if isinstance(job, str) else job.id
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after = self.event_store.head()
+        current = self.get_job_by_id(job_id)
+        while not current.terminal:
+            block_ms = WAIT_BLOCK_MS
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise InstallTimeoutError(
+                        f"install job {job_id} is still {current.status.value} after {timeout:g} s")
+                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            batch = self.event_store.wait(after, "events", block_ms)
+            if batch:
+                after = batch[-1].position
+            if not batch or any(s.event.aggregate_id == job_id for s in batch):
+                current = self.get_job_by_id(job_id)
+        return current
+
+    def wait_for_installs(self, timeout: float | None = None) -> list[InstallJob]:
+        """Block until every listed job has ended; returns them all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self.list_jobs():
+            if not job.terminal:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.wait_for_job(job, left)
+        return self.list_jobs()
+
+    def cancel_job(self, job: JobRef) -> InstallJob:
+        """Cancel a job that has not ended; its running steps stop within a second and clean up."""
+        job_id = job if isinstance(job, str) else job.id
+        current, appended = transition(self.event_store, job_id, unless_ended(
+            lambda j: InstallCancelled(aggregate_id=job_id, reason="cancelled by request", correlation_id=job_id)))
+        if appended:
+            set_cancel_flag(self.event_store.client, self.event_store.keys, job_id)
+            log.info("install_cancelled", job=job_id)
+        return current
+
+    def prune_jobs(self) -> int:
+        """Forget ended jobs in the job list (their events stay in the log); returns how many."""
+        pruned = 0
+        for job in self.list_jobs():
+            if job.terminal:
+                self.event_store.client.zrem(self.event_store.keys.jobs, job.id)
+                self.board.clear(job.id)
+                pruned += 1
+        return pruned
+
+    # --- the models directory -----------------------------------------------------------------------
+
+    def unregister(self, key: str) -> None:
+        """Remove the record; the files stay."""
+        self.record_store.del_model(key)
+
+    def delete(self, key: str) -> None:
+        """Remove the record, and its files when they are inside the models directory."""
+        record = self.record_store.get_model(key)
+        path = self.config.model_path(record.path)
+        models = self.config.models_path
+        inside = is_inside(path, models)
+        if inside and (path.resolve() == models.resolve() or is_inside(path, staging_root(self.config))):
+            raise UnsafeDeleteError(f"model {key!r} points at {path}, which is not a model's own file or folder")
+        self.record_store.del_model(key)
+        if inside:
+            remove_tree(path)
+            log.info("model_deleted", key=key, path=str(path))
+        else:
+            log.info("model_unregistered_files_kept", key=key, path=str(path), reason="outside the models dir")
+
+    def scan_directory(self, path: str | Path, install: bool = False) -> list[str]:
+        """Register (or, with ``install``, install) every model found under ``path``; returns new keys."""
+        root = self._existing(path)
+        keys = []
+        for model in find_models(root):
+            key = self._adopt(model, install)
+            if key is not None:
+                keys.append(key)
+        return keys
+
+    def sync_models_dir(self) -> SyncReport:
+        """Register the models in the models directory that have no record; report records whose files
+        are missing (they are not removed: a disk may just not be mounted)."""
+        report = SyncReport()
+        models = self.config.models_path
+        for record in self.record_store.all_models():
+            if not self.config.model_path(record.path).exists():
+                report.missing.append(record.key)
+        if models.is_dir():
+            for model in find_models(models):
+                try:
+                    key = self._adopt(model, install=False, strict=True)
+                except (DuplicateInstallError, ModelIdentificationError) as exc:
+                    report.skipped[str(model)] = str(exc)
+                    continue
+                if key is not None:
+                    report.added.append(key)
+        if report.missing:
+            log.warning("models_missing", keys=report.missing)
+        return report
+
+    def _adopt(self, model: Path, install: bool, strict: bool = False) -> str | None:
+        """Register one found model unless a record already has its path; errors skip it (or raise)."""
+        try:
+            self.record_store.search_by_path(record_path(self.config, model))
+            return None
+        except UnknownModelException:
+            pass
+        try:
+            return self.install_path(model) if install else self.register_path(model)
+        except (DuplicateInstallError, ModelIdentificationError) as exc:
+            if strict:
+                raise
+            log.warning("scan_skipped", path=str(model), error=str(exc))
+            return None

@@ -1,0 +1,142 @@
+"""What an install source names, and how to fetch it: a local path, or remote files with metadata.
+
+    /abs/path, ./rel, ~/x          -> LocalPlan (must exist)
+    http(s) URL                    -> RemotePlan, one file named by the server
+    owner/repo[:subfolder]         -> RemotePlan, the repo's chosen files under one folder
+    civitai:<id>[@<version>], civitai.com URLs -> RemotePlan, the version's primary file
+
+Parsing is cheap and offline (done when a command is submitted, to find a source already being
+installed); resolving a remote source asks the Hugging Face / Civitai API (done by the install worker).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.config import AppConfig
+from services.download.civitai import resolve_civitai
+from services.download.errors import InvalidSourceError as DownloadSourceError
+from services.download.huggingface import resolve_repo
+from services.download.metadata import ModelMetadata
+from services.download.security import credential_for
+from services.download.sources import CivitaiSource, HFSource, Source, URLSource, parse_source
+from services.install.errors import InvalidSourceError
+
+_PATHLIKE = re.compile(r"^(/|\.{1,2}[/\\]|~|[A-Za-z]:[/\\])")
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file to download: its URL, its path under the model's folder (None: the server names it)."""
+
+    url: str
+    name: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class LocalPlan:
+    path: Path
+
+
+@dataclass
+class RemotePlan:
+    files: list[PlannedFile]
+    folder: str | None  # the model is this folder of the staging dir; None: the one file downloaded
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int | None:
+        sizes = [f.size for f in self.files]
+        return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+
+
+Plan = LocalPlan | RemotePlan
+
+
+def looks_like_path(text: str) -> bool:
+    return bool(_PATHLIKE.match(text)) or os.path.exists(os.path.expanduser(text))
+
+
+def normalize_source(text: str, config: AppConfig, options: dict[str, Any] | None = None) -> str:
+    """A canonical spelling of a source, so that two commands for one source can be told apart from two
+    sources. Unparseable text is kept as given: the job will fail with the parser's message."""
+    text = (text or "").strip()
+    if looks_like_path(text):
+        return str(Path(os.path.expanduser(text)).resolve())
+    try:
+        return str(_parse(text, config, options or {}))
+    except DownloadSourceError:
+        return text
+
+
+def _parse(text: str, config: AppConfig, options: dict[str, Any]) -> Source:
+    return parse_source(text, revision=options.get("revision"), variant=options.get("variant"),
+                        base_model=options.get("base_model_hint"), civitai_api=config.civitai_api)
+
+
+def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callable[[], httpx.Client],
+            access_token: str | None = None) -> Plan:
+    """Turn a source into a plan; raises InvalidSourceError or the download family's errors.
+
+    ``http`` makes the HTTP client, only for the sources that ask an API (a client is not free).
+    """
+    text = (text or "").strip()
+    if not text:
+        raise InvalidSourceError("empty install source")
+    if looks_like_path(text):
+        path = Path(os.path.expanduser(text))
+        if not path.exists():
+            raise InvalidSourceError(f"no such file or folder: {path}")
+        if not (path.is_file() or path.is_dir()):
+            raise InvalidSourceError(f"not a regular file or folder: {path}")
+        return LocalPlan(path.resolve())
+    try:
+        source = _parse(text, config, options)
+    except DownloadSourceError as exc:
+        raise InvalidSourceError(str(exc)) from exc
+    allow_private = config.allow_private_downloads
+    if isinstance(source, URLSource):
+        return RemotePlan([PlannedFile(source.url)], None, {"source": text, "source_url": source.url})
+    if isinstance(source, HFSource):
+        endpoint = config.hf_endpoint
+        with http() as client:
+            repo = resolve_repo(client, source, endpoint, credential_for(endpoint, config, access_token),
+                                allow_private)
+        files = [PlannedFile(f.url, f.path, f.size, f.sha256) for f in repo.files]
+        metadata = _metadata_dict(repo.metadata)
+        if len(files) == 1 and "/" not in (files[0].name or "/") and not _is_folder_layout(files[0].name):
+            return RemotePlan(files, None, metadata)  # a single-file repo: the file is the model
+        return RemotePlan(files, repo.folder_name, metadata)
+    if isinstance(source, CivitaiSource):
+        api = config.civitai_api
+        with http() as client:
+            civitai = resolve_civitai(client, source, api, credential_for(api, config, access_token), allow_private)
+        return RemotePlan([PlannedFile(civitai.url, civitai.filename, civitai.size, civitai.sha256)], None,
+                          _metadata_dict(civitai.metadata))
+    raise InvalidSourceError(f"unsupported source {text!r}")  # pragma: no cover - parse_source is exhaustive
+
+
+# file names that only mean something inside their folder (diffusers/InvokeAI layouts)
+_FOLDER_STEMS = {"pytorch_lora_weights", "learned_embeds", "ip_adapter", "diffusion_pytorch_model", "model",
+                 "model_index", "config"}
+
+
+def _is_folder_layout(name: str | None) -> bool:
+    return bool(name) and Path(str(name)).stem in _FOLDER_STEMS
+
+
+def _metadata_dict(metadata: ModelMetadata) -> dict[str, Any]:
+    return metadata.model_dump(mode="json", exclude_none=True)
+
+
+__all__ = ["LocalPlan", "Plan", "PlannedFile", "RemotePlan", "looks_like_path",
+           "normalize_source", "resolve"]

@@ -1,0 +1,153 @@
+"""Fixtures of the install tests: a bus (namespace + root + environment) shared by a module, with real
+worker processes (``python -m workers``) and real HTTP servers (files, Hugging Face, Civitai) on loopback.
+
+Starting a worker process costs seconds (it imports torch for identification), so a module shares
+one bus and its workers instead of starting burst workers per test; tests use distinct model files,
+so they do not see each other's models.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from events.store import RedisEventStore
+from services.config import AppConfig
+from services.install import ModelInstallService
+from tests.servers import CivitaiServer, FileServer, HFServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The job modules are imported once in the worker's main process, so the forked job processes inherit
+# them instead of importing torch again for every job (MODELBUS_TEST_PLAIN_WORKERS=1: plain
+# ``python -m workers``, which is correct but pays that import in every job).
+WORKER_MAIN = ("import sys, workers.install, workers.download, workers.hash; "
+               "from workers.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+@dataclass
+class Bus:
+    """One namespace, root and environment, the servers, and the worker processes running on them."""
+
+    env: dict[str, str]
+    root: Path
+    logs: Path
+    files: FileServer
+    hub: HFServer
+    civitai: CivitaiServer
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def config(self) -> AppConfig:
+        return AppConfig.load(root=self.root)
+
+    def start_worker(self, queues: str = "install,download,hash", burst: bool = False,
+                     name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or f"w-{uuid.uuid4().hex[:6]}"
+        entry = ["-m", "workers"] if os.environ.get("MODELBUS_TEST_PLAIN_WORKERS") else ["-c", WORKER_MAIN]
+        cmd = [sys.executable, *entry, "--queues", queues, "--name", name]
+        if burst:
+            cmd.append("--burst")
+        log = (self.logs / f"{name}.log").open("wb")
+        # a session of its own: a test can kill the worker and the job process it forked together
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **self.env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and its job process: what a machine dying looks like to the others."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+    def worker_log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.logs.glob("*.log")))
+
+
+def _bus(redis_url: str, tmp: Path, start_workers: int) -> Iterator[Bus]:
+    namespace = f"test-install-{uuid.uuid4().hex[:10]}"
+    root = tmp / "root"
+    logs = tmp / "logs"
+    root.mkdir()
+    logs.mkdir()
+    with FileServer() as files, HFServer() as hub, CivitaiServer() as civitai:
+        env = {
+            "MODELBUS_REDIS_URL": redis_url, "MODELBUS_NAMESPACE": namespace, "MODELBUS_ROOT": str(root),
+            "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1", "MODELBUS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1",
+            "MODELBUS_HF_ENDPOINT": hub.url, "MODELBUS_CIVITAI_API": civitai.url, "MODELBUS_HASH_THREADS": "1",
+            "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20",
+        }
+        bus = Bus(env, root, logs, files, hub, civitai)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("HF_TOKEN", "CIVITAI_TOKEN", "HF_ENDPOINT"):
+                mp.delenv(name, raising=False)
+            for name, value in env.items():
+                mp.setenv(name, value)
+            for _ in range(start_workers):
+                bus.start_worker()
+            try:
+                yield bus
+            finally:
+                bus.stop()
+                _drop_namespace(redis_url, namespace)
+
+
+def _drop_namespace(redis_url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"*{{{namespace}}}*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i:i + 500])
+
+
+@pytest.fixture(scope="module")
+def bus(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    """A bus with one long-running worker on the install, download and hash queues."""
+    yield from _bus(redis_url, tmp_path_factory.mktemp("install-bus"), start_workers=1)
+
+
+@pytest.fixture(scope="module")
+def idle_bus(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    """A bus without workers: tests start (and kill) their own."""
+    yield from _bus(redis_url, tmp_path_factory.mktemp("install-idle-bus"), start_workers=0)
+
+
+def make_service(bus: Bus) -> ModelInstallService:
+    config = bus.config
+    return ModelInstallService(config, event_store=RedisEventStore.from_config(config))
+
+
+@pytest.fixture()
+def installer(bus: Bus) -> Iterator[ModelInstallService]:
+    service = make_service(bus)
+    yield service
+    service.record_store.close()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")

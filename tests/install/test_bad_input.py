@@ -1,0 +1,84 @@
+"""Each bad input ends its job in ``error`` with a message naming the cause, and leaves no record, no
+partial file in the models directory and no job that never ends. A cancel stops a running download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rq.job import Job
+
+from services.install import InstallJob, InstallStatus, ModelInstallService
+from services.install.placement import staging_dir
+from tests.fixtures.model_files import make_lora_kohya
+from tests.install.conftest import Bus, wait_until
+from tests.servers import Fault
+
+TIMEOUT = 60
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def _bad_sources(bus: Bus, tmp_path: Path) -> dict[str, tuple[str, str, str]]:
+    """name -> (source, a phrase the error must contain, the error type)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not weights\n" * 10)
+    good = make_lora_kohya(tmp_path / "whole.safetensors", rank=4).read_bytes()
+    truncated = tmp_path / "truncated_lora.safetensors"
+    truncated.write_bytes(good[: len(good) // 2])
+    return {
+        "missing path": (str(tmp_path / "no_such_model.safetensors"), "no such file", "InvalidSourceError"),
+        "non-model file": (str(notes), "notes.txt", "ModelIdentificationError"),
+        "truncated safetensors": (str(truncated), "truncated_lora.safetensors", "ModelIdentificationError"),
+        "unknown civitai id": ("civitai:987654", "987654", "MetadataError"),
+        "404 url": (bus.files.url_for("nowhere/gone_lora.safetensors"), "404", "RemoteError"),
+    }
+
+
+def test_each_bad_input_ends_in_error_and_leaves_nothing(bus: Bus, installer: ModelInstallService,
+                                                          tmp_path: Path) -> None:
+    cases = _bad_sources(bus, tmp_path)
+    before = {m.key for m in installer.record_store.all_models()}
+    jobs = {name: installer.heuristic_import(source) for name, (source, _, _) in cases.items()}
+    ended: dict[str, InstallJob] = {name: installer.wait_for_job(job, timeout=TIMEOUT) for name, job in jobs.items()}
+    for name, job in ended.items():
+        _, phrase, error_type = cases[name]
+        assert job.status is InstallStatus.ERROR, (name, job, bus.worker_log())
+        assert job.error and phrase in job.error, (name, job.error_type, job.error)
+        assert job.error_type == error_type, (name, job.error_type, job.error)
+        assert not staging_dir(bus.config, job.id).exists(), name
+    assert {m.key for m in installer.record_store.all_models()} == before
+    models = bus.config.models_path
+    leftovers = [p for p in _files_under(models) if any(s in p.name for s in ("truncated", "notes", "gone", ".part"))]
+    assert leftovers == []
+    assert all(j.terminal for j in installer.list_jobs() if j.id in {x.id for x in jobs.values()})
+
+
+def test_cancel_stops_a_running_download_and_cleans_up(bus: Bus, installer: ModelInstallService) -> None:
+    name = "files/slow_lora.safetensors"
+    bus.files.add_file(name, b"\x00" * (2 << 20))
+    # the server sends 64 KiB and then stalls for a minute: only a cancel can end this job in time
+    bus.files.set_fault(name, Fault(stall_after=64 << 10, stall_seconds=60, times=None))
+    job = installer.heuristic_import(bus.files.url_for(name))
+    wait_until(lambda: installer.get_job_by_id(job.id).bytes > 0, TIMEOUT, "the download to start")
+    cancelled = installer.cancel_job(job)
+    assert cancelled.status is InstallStatus.CANCELLED
+    client = installer.event_store.client
+    download = wait_until(lambda: _finished(client, f"{job.id}-dl0"), 30, "the download job to stop")
+    assert download.return_value() == "cancelled"
+    wait_until(lambda: not staging_dir(bus.config, job.id).exists(), 30, "the staging folder to go")
+    assert installer.get_job_by_id(job.id).status is InstallStatus.CANCELLED
+    assert installer.cancel_job(job).status is InstallStatus.CANCELLED  # cancelling again changes nothing
+
+
+def _finished(client, rq_id: str) -> Job | None:  # type: ignore[no-untyped-def]
+    job = Job.fetch(rq_id, connection=client)
+    return job if job.is_finished else None
+
+
+def test_unknown_command_ids_are_refused(installer: ModelInstallService, tmp_path: Path) -> None:
+    from services.install import InvalidCommandError
+    with pytest.raises(InvalidCommandError, match="command id"):
+        installer.heuristic_import(str(tmp_path), command_id="has spaces/and:colons")

@@ -1,0 +1,72 @@
+"""The download queue's job: fetch one file of an install into the job's staging folder.
+
+The fetch is resumable: the bytes on disk and their range state (``.part``/``.part.json``) survive a
+killed worker, and the retry (on any worker sharing the models directory) continues where it stopped.
+A cancel flag set in Redis stops the transfer within a second; a failure sets it too, so the other
+files of the same install stop instead of downloading for nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import structlog
+
+from services.download.cancel import Cancellation
+from services.download.errors import DownloadCancelled
+from services.download.fetch import FetchOptions, FileRequest, fetch_file
+from services.download.partial import remove_partial
+from services.download.security import credential_for
+from services.install.jobs import InstallStatus, load_job
+from services.install.placement import staging_dir
+from services.install.progress import ProgressBoard, ProgressReporter
+from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final, set_cancel_flag
+from workers.context import current
+from workers.install import http_client, retries_left
+
+log = structlog.get_logger(__name__)
+
+
+def run_download(job_id: str, index: int, url: str, name: str | None = None, size: int | None = None,
+                 sha256: str | None = None, folder: str | None = None, access_token: str | None = None) -> str:
+    context = current()
+    store, config = context.store, context.config
+    job = load_job(store, job_id)
+    if job.terminal:
+        return job.status.value
+    dest_dir = staging_dir(config, job_id) / (folder or "")
+    file_name = None
+    if name:
+        relative = PurePosixPath(name)
+        dest_dir, file_name = dest_dir / relative.parent, relative.name
+    request = FileRequest(url=url, dest_dir=dest_dir, name=file_name, size=size, sha256=sha256,
+                          credential=credential_for(url, config, access_token))
+    board = ProgressBoard(store.client, store.keys)
+    reporter = ProgressReporter(board, store, job_id, str(index))
+    final: list[Path] = []
+    cancellation = Cancellation()
+    try:
+        with http_client(config) as client, CancelWatcher(store.client, store.keys, job_id, cancellation):
+            path = fetch_file(client, request, FetchOptions.from_config(config), cancellation, reporter,
+                              on_path=final.append)
+    except DownloadCancelled:
+        _drop_partial(final)
+        log.info("install_download_cancelled", job=job_id, url=url)
+        return InstallStatus.CANCELLED.value
+    except Exception as exc:
+        if not is_final(exc, retries_left()):
+            log.warning("install_download_retry", job=job_id, url=url, error=describe(exc))
+            raise  # the partial file stays: the retry resumes from it
+        _drop_partial(final)
+        fail_job(store, job_id, error_name(exc), describe(exc))
+        set_cancel_flag(store.client, store.keys, job_id)
+        return InstallStatus.ERROR.value
+    done = path.stat().st_size
+    board.set_file(job_id, str(index), done, done)
+    log.info("install_file_downloaded", job=job_id, path=str(path), bytes=done)
+    return str(path)
+
+
+def _drop_partial(final: list[Path]) -> None:
+    if final:
+        remove_partial(final[-1])

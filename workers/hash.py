@@ -1,0 +1,111 @@
+"""The hash queue's job: the last step of an install, run once every download of it has ended.
+
+It checks that the downloads are whole, then (services.install.finalize) identifies the model,
+refuses a duplicate, moves it into ``models/<base>/<type>/<name>`` and appends the ``ModelAdded``,
+and finally ``InstallCompleted``. It also cleans up: whatever happened, the staging folder of the
+job is gone when this job has run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from events.schema import InstallCompleted, InstallDownloaded, InstallStarted
+from events.store import RedisEventStore
+from services.config import AppConfig
+from services.install.errors import InstallError, JobStoppedError
+from services.install.finalize import FinalizeRequest, finalize
+from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
+from services.install.placement import model_in_staging, partial_files, remove_tree, size_of, staging_dir
+from services.install.progress import ProgressBoard
+from services.install.steps import cancel_flag_set, describe, error_name, fail_job, is_final
+from services.records import ModelConfigBase, ModelRecordServiceBase
+from workers.context import current
+from workers.install import retries_left
+
+log = structlog.get_logger(__name__)
+
+
+def open_records(config: AppConfig, store: RedisEventStore) -> ModelRecordServiceBase:
+    return ModelRecordServiceBase.open(config, event_store=store)
+
+
+def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+    context = current()
+    store, config = context.store, context.config
+    try:
+        job = load_job(store, job_id)
+        if not job.terminal:
+            _install(store, config, _downloaded(store, config, job, folder, metadata or {}))
+    except Exception as exc:
+        if not is_final(exc, retries_left()):
+            log.warning("install_hash_retry", job=job_id, error=describe(exc))
+            raise
+        remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        fail_job(store, job_id, error_name(exc), describe(exc))
+    job = load_job(store, job_id)
+    if job.terminal:
+        remove_tree(staging_dir(config, job_id))
+    return job.status.value
+
+
+def _downloaded(store: RedisEventStore, config: AppConfig, job: InstallJob, folder: str | None,
+                metadata: dict[str, Any]) -> InstallJob:
+    """Record that the downloads are done (remote sources), and that this step runs."""
+    if job.status is InstallStatus.DOWNLOADING:
+        path = model_in_staging(config, job.id, folder)
+        if path is None or partial_files(path):
+            raise InstallError(f"the download of {job.source} did not complete (no whole file in staging)")
+        total = size_of(path)
+        job, _ = transition(store, job.id, lambda j: InstallDownloaded(
+            aggregate_id=j.id, path=str(path), total_bytes=total, metadata=metadata, correlation_id=j.id)
+            if j.status is InstallStatus.DOWNLOADING else None)
+    job, _ = transition(store, job.id, lambda j: InstallStarted(aggregate_id=j.id, correlation_id=j.id)
+                        if j.status is InstallStatus.DOWNLOADS_DONE else None)
+    return job
+
+
+def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None:
+    if job.terminal or job.download_path is None:
+        return
+    board = ProgressBoard(store.client, store.keys)
+    path, inplace = Path(job.download_path), bool(job.options.get("inplace"))
+    placed = board.placed(job.id)
+    if not path.exists() and placed is not None and placed.exists():
+        path, inplace = placed, True  # a retry: the model was moved into place before the worker died
+
+    def still_wanted() -> None:
+        if cancel_flag_set(store.client, store.keys, job.id) or load_job(store, job.id).terminal:
+            raise JobStoppedError(f"install job {job.id} ended while it was being finished")
+
+    records = open_records(config, store)
+    try:
+        request = FinalizeRequest(
+            path=path, inplace=inplace, job_id=job.id, user=job.options.get("config") or {},
+            metadata=job.metadata, source=job.source, force=bool(job.options.get("force")),
+            threads=config.hash_threads, on_claim=lambda target: board.set_placed(job.id, target),
+            before_place=still_wanted)
+        record = finalize(config, records, request)
+        remove_tree(staging_dir(config, job.id))  # before the completion: whoever sees it sees no leftovers
+        _complete(store, config, records, job, record, moved=not job.options.get("inplace"))
+    finally:
+        records.close()
+
+
+def _complete(store: RedisEventStore, config: AppConfig, records: ModelRecordServiceBase, job: InstallJob,
+              record: ModelConfigBase, moved: bool) -> None:
+    total = size_of(config.model_path(record.path))
+    _, appended = transition(store, job.id, unless_ended(lambda j: InstallCompleted(
+        aggregate_id=j.id, key=record.key, config=record.model_dump(mode="json"), total_bytes=total,
+        correlation_id=j.id)))
+    if appended:
+        log.info("install_completed", job=job.id, key=record.key, path=record.path)
+        return
+    # cancelled (or failed elsewhere) in the last moment: take the model back out
+    log.info("install_rolled_back", job=job.id, key=record.key)
+    records.del_model(record.key, correlation_id=job.id)
+    if moved:
+        remove_tree(config.model_path(record.path))

@@ -1,0 +1,155 @@
+"""The install queue's job: resolve a source, then fan out.
+
+    run_install(job_id)
+      local path, in place  -> InstallDownloaded(path)                 -> hash job
+      local path, install   -> copy into staging, InstallDownloaded    -> hash job
+      URL / HF / Civitai    -> one download job per file (download queue)
+                               + a hash job that runs when they have all ended (hash queue)
+
+RQ job ids are derived from the install job id (``<id>-dl<N>``, ``<id>-hash``), so a retried install
+job that died half-way through the fan-out does not start a second copy of a download.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import httpx
+import structlog
+from rq import Callback, Queue, Retry, get_current_job
+from rq.job import Dependency, Job
+
+from events.schema import InstallDownloaded, InstallStarted
+from events.store import RedisEventStore
+from services.config import AppConfig
+from services.download.cancel import Cancellation
+from services.install import defaults
+from services.install.jobs import InstallJob, InstallStatus, load_job, transition
+from services.install.placement import copy_into, remove_tree, size_of, staging_dir
+from services.install.progress import ProgressBoard, ProgressReporter
+from services.install.sources import LocalPlan, RemotePlan, resolve
+from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final
+from workers.context import current
+
+log = structlog.get_logger(__name__)
+
+DOWNLOAD_FUNCTION = "workers.download.run_download"
+HASH_FUNCTION = "workers.hash.run_hash"
+FAILURE_CALLBACK = "workers.install.on_job_failure"
+
+
+def retries_left() -> int | None:
+    job = get_current_job()
+    return None if job is None else job.retries_left
+
+
+# Loading the CA bundle costs ~0.1 s: done once per worker process (forked jobs inherit it).
+_TLS = httpx.create_ssl_context()
+
+
+def http_client(config: AppConfig) -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(15.0, read=config.download_stall_timeout), verify=_TLS,
+                        headers={"User-Agent": "modelbus-install/0.1"})
+
+
+def run_install(job_id: str, access_token: str | None = None) -> str:
+    context = current()
+    store, config = context.store, context.config
+    job = load_job(store, job_id)
+    if job.terminal:
+        return job.status.value
+    job, _ = transition(store, job_id, lambda j: InstallStarted(
+        aggregate_id=job_id, worker=context.worker_id, correlation_id=job_id) if j.waiting else None)
+    try:
+        plan = resolve(job.source, config, job.options, lambda: http_client(config), access_token)
+        if isinstance(plan, LocalPlan):
+            _local(store, config, job, plan)
+        else:
+            _fan_out(store, config, job, plan, access_token)
+    except Exception as exc:
+        if not is_final(exc, retries_left()):
+            log.warning("install_step_retry", job=job_id, error=describe(exc))
+            raise
+        remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        fail_job(store, job_id, error_name(exc), describe(exc))
+        return InstallStatus.ERROR.value
+    return load_job(store, job_id).status.value
+
+
+def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: LocalPlan) -> None:
+    if job.status is not InstallStatus.DOWNLOADING:
+        # a retry after the copy was recorded: the hash step may already be reading it, leave it be
+        _enqueue_hash(store, job.id, [], None, {})
+        return
+    path = plan.path
+    if not job.options.get("inplace"):
+        board = ProgressBoard(store.client, store.keys)
+        board.set_total(job.id, size_of(path))
+        cancellation = Cancellation()
+        with CancelWatcher(store.client, store.keys, job.id, cancellation):
+            path = copy_into(path, staging_dir(config, job.id), ProgressReporter(board, store, job.id, "0"),
+                             check=cancellation.check)
+    total = size_of(path)
+    job, appended = transition(store, job.id, lambda j: InstallDownloaded(
+        aggregate_id=job.id, path=str(path), total_bytes=total, correlation_id=job.id)
+        if j.status is InstallStatus.DOWNLOADING else None)
+    if not appended and job.terminal:
+        remove_tree(staging_dir(config, job.id))  # cancelled while copying
+        return
+    _enqueue_hash(store, job.id, [], None, {})
+
+
+def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: RemotePlan,
+             token: str | None) -> None:
+    ProgressBoard(store.client, store.keys).set_total(job.id, plan.total_bytes)
+    queue = Queue(store.keys.queue("download"), connection=store.client)
+    ids = []
+    for index, file in enumerate(plan.files):
+        rq_id = f"{job.id}-dl{index}"
+        ids.append(rq_id)
+        if Job.exists(rq_id, connection=store.client):
+            continue
+        kwargs: dict[str, Any] = {"name": file.name, "size": file.size, "sha256": file.sha256,
+                                  "folder": plan.folder}
+        if token:
+            kwargs["access_token"] = token
+        queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, **_job_options(), **kwargs)
+    _enqueue_hash(store, job.id, ids, plan.folder, plan.metadata)
+    log.info("install_fanned_out", job=job.id, files=len(ids), total=plan.total_bytes)
+
+
+def _enqueue_hash(store: RedisEventStore, job_id: str, after: list[str], folder: str | None,
+                  metadata: dict[str, Any]) -> None:
+    rq_id = f"{job_id}-hash"
+    if Job.exists(rq_id, connection=store.client):
+        return
+    queue = Queue(store.keys.queue("hash"), connection=store.client)
+    depends = Dependency(jobs=after, allow_failure=True) if after else None
+    queue.enqueue(HASH_FUNCTION, job_id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
+                  **_job_options(defaults.HASH_JOB_TIMEOUT))
+
+
+def _job_options(timeout: int = defaults.JOB_TIMEOUT) -> dict[str, Any]:
+    return {"retry": Retry(defaults.JOB_RETRIES), "job_timeout": timeout, "result_ttl": defaults.RESULT_TTL,
+            "failure_ttl": defaults.FAILURE_TTL, "on_failure": Callback(FAILURE_CALLBACK)}
+
+
+def on_job_failure(job: Job, connection: Any, exc_type: type[BaseException] | None = None,
+                   exc: BaseException | None = None, tb: TracebackType | None = None) -> None:
+    """RQ's failure callback for every install step, also run for a job whose worker died.
+
+    While RQ still retries the step there is nothing to do; after the last try the install ends in
+    ``error`` naming the cause, instead of waiting forever for a step that will never run again.
+    """
+    if job.retries_left:
+        return
+    context = current()
+    job_id = str(job.args[0])
+    name = exc_type.__name__ if exc_type is not None else "AbandonedJobError"
+    message = describe(exc) if exc is not None and str(exc) else "the worker running it died"
+    fail_job(context.store, job_id, name, f"{job.func_name} gave up after {defaults.JOB_RETRIES} retries: {message}")
+    if job.func_name != HASH_FUNCTION:
+        return  # the hash job still runs after the downloads (allow_failure) and cleans the staging
+    remove_tree(staging_dir(context.config, job_id))
+
