@@ -61,7 +61,7 @@ def enqueue_gpu(connection: Any, namespace: str, func: str, *args: Any, model_ke
     target = choose_gpu_worker(worker_states(connection, namespace), model_key or "", worker)
     queue_name = keys.worker_queue(target) if target else keys.queue("gpu")
     queue = Queue(queue_name, connection=connection)
-    return queue.enqueue(func, *args, kwargs=kwargs, job_timeout=GPU_JOB_TIMEOUT, result_ttl=3600)
+    return queue.enqueue_call(func, args=args, kwargs=kwargs, timeout=GPU_JOB_TIMEOUT, result_ttl=3600)
 
 
 def broadcast_gpu(connection: Any, namespace: str, func: str, *args: Any, **kwargs: Any) -> list[Job]:
@@ -71,7 +71,7 @@ def broadcast_gpu(connection: Any, namespace: str, func: str, *args: Any, **kwar
     for state in worker_states(connection, namespace):
         if "gpu" in state.get("queues", []):
             queue = Queue(keys.worker_queue(state["id"]), connection=connection)
-            jobs.append(queue.enqueue(func, *args, kwargs=kwargs, job_timeout=GPU_JOB_TIMEOUT, result_ttl=3600))
+            jobs.append(queue.enqueue_call(func, args=args, kwargs=kwargs, timeout=GPU_JOB_TIMEOUT, result_ttl=3600))
     return jobs
 
 

@@ -74,7 +74,11 @@ def cache_state() -> dict[str, Any]:
     service = context.extras.get("load_service")
     if service is None:
         return {"device": context.device, "models": [], "vram_free": _free_vram(context.device)}
-    return dict(service.cache_state())
+    cache = service.cache
+    cache.evict_idle()  # keep-alive expiry runs on the heartbeat, not only on the next load
+    stats = cache.stats()
+    return {"device": str(service.execution_device), "models": [e.to_dict() for e in cache.contents()],
+            "vram_free": stats.vram_free, "stats": stats.to_dict()}
 
 
 def _free_vram(device: str | None) -> int | None:

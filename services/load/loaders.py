@@ -7,6 +7,8 @@ ship in ``services/configs`` (:mod:`services.load.checkpoints`).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,8 +79,13 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
     files = weight_files(folder, dtype)
     if not files:
         raise InvalidModelException(f"{folder}: no weight files (.safetensors, .bin, .ckpt)")
-    model = _empty_from_folder(cls, folder)
-    state = read_state_dict(files, device, dtype)
+    # the weights stream in (threads, GIL released) while this thread builds the meta model
+    with ThreadPoolExecutor(1, thread_name_prefix="modelbus-read") as reader:
+        pending = reader.submit(read_state_dict, files, device, dtype)
+        try:
+            model = _empty_from_folder(cls, folder)
+        finally:
+            state = pending.result()
     tensors = fit_keys(model, state.tensors)
     assign_weights(model, tensors, device, str(folder))
     return Loaded(model, state.buffer)

@@ -36,8 +36,10 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-CHUNK_BYTES = 32 << 20       # big enough to amortise a copy launch, small enough to pipeline
-STAGING_SLOTS = 6            # pinned staging buffers in flight (reads ahead of the copy engine)
+# big enough to amortise a copy launch, small enough to pipeline; tunable per host
+CHUNK_BYTES = int(os.environ.get("MODELBUS_LOAD_CHUNK_MB", "32")) << 20
+# pinned staging buffers in flight, each filled by its own reader thread ahead of the copy engine
+STAGING_SLOTS = int(os.environ.get("MODELBUS_LOAD_SLOTS", "6"))
 ALIGN = 64                   # destination alignment of each contiguous range
 _MAX_HEADER = 100 << 20
 
@@ -317,19 +319,52 @@ def empty_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return factory()
 
 
+def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Set every parameter and persistent buffer straight from ``tensors`` (no load_state_dict hooks:
+    several times faster on models with hundreds of modules). Tied parameters stay tied. Returns the
+    names it could not fill; the caller falls back to ``load_state_dict`` then."""
+    replaced: dict[int, torch.nn.Parameter] = {}
+    unfilled: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, old in list(module._parameters.items()):
+            if old is None:
+                continue
+            value = tensors.get(dot + name)
+            if value is None or value.shape != old.shape:
+                unfilled.append((module, name, dot + name, old))
+                continue
+            if id(old) not in replaced:
+                replaced[id(old)] = torch.nn.Parameter(value, requires_grad=False)
+            module._parameters[name] = replaced[id(old)]
+        for name, buf in list(module._buffers.items()):
+            if buf is None or name in module._non_persistent_buffers_set:
+                continue
+            value = tensors.get(dot + name)
+            if value is None or value.shape != buf.shape:
+                unfilled.append((module, name, dot + name, buf))
+                continue
+            module._buffers[name] = value
+    missing = []
+    for module, name, key, old in unfilled:
+        if id(old) in replaced and name in module._parameters:
+            module._parameters[name] = replaced[id(old)]  # the other end of a tied weight
+        else:
+            missing.append(key)
+    return missing
+
+
 def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
                    what: str) -> torch.nn.Module:
     """Assign ``tensors`` to a meta-built ``model``; every parameter must be given a value."""
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    still_meta += [n for n, b in model.named_buffers() if b.is_meta]
-    if result.missing_keys or still_meta:
-        missing = sorted(set(result.missing_keys) | set(still_meta))
-        raise InvalidModelException(
-            f"{what}: {len(missing)} weights missing for {type(model).__name__}, e.g. {missing[:3]}")
-    if result.unexpected_keys:
-        log.debug("unexpected_weights_ignored", what=what, count=len(result.unexpected_keys),
-                  sample=result.unexpected_keys[:3])
+    if _assign_direct(model, tensors):
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+        still_meta += [n for n, b in model.named_buffers() if b.is_meta]
+        if result.missing_keys or still_meta:
+            missing = sorted(set(result.missing_keys) | set(still_meta))
+            raise InvalidModelException(
+                f"{what}: {len(missing)} weights missing for {type(model).__name__}, e.g. {missing[:3]}")
     # non-persistent buffers (position ids...) were built on the CPU: bring them along
     for module in model.modules():
         for name, buf in list(module._buffers.items()):

@@ -29,7 +29,6 @@ def _bad_sources(bus: Bus, tmp_path: Path) -> dict[str, tuple[str, str, str]]:
     truncated = tmp_path / "truncated_lora.safetensors"
     truncated.write_bytes(good[: len(good) // 2])
     return {
-        "missing path": (str(tmp_path / "no_such_model.safetensors"), "no such file", "InvalidSourceError"),
         "non-model file": (str(notes), "notes.txt", "ModelIdentificationError"),
         "truncated safetensors": (str(truncated), "truncated_lora.safetensors", "ModelIdentificationError"),
         "unknown civitai id": ("civitai:987654", "987654", "MetadataError"),
@@ -54,6 +53,16 @@ def test_each_bad_input_ends_in_error_and_leaves_nothing(bus: Bus, installer: Mo
     leftovers = [p for p in _files_under(models) if any(s in p.name for s in ("truncated", "notes", "gone", ".part"))]
     assert leftovers == []
     assert all(j.terminal for j in installer.list_jobs() if j.id in {x.id for x in jobs.values()})
+
+
+def test_a_missing_path_is_refused_at_submission_and_appends_nothing(bus: Bus, installer: ModelInstallService,
+                                                                     tmp_path: Path) -> None:
+    from services.install.errors import InvalidSourceError
+    store = installer.event_store
+    head = store.head()
+    with pytest.raises(InvalidSourceError, match="no such file"):
+        installer.heuristic_import(str(tmp_path / "no_such_model.safetensors"))
+    assert store.head() == head
 
 
 def test_cancel_stops_a_running_download_and_cleans_up(bus: Bus, installer: ModelInstallService) -> None:

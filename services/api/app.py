@@ -1,0 +1,55 @@
+"""``create_app(config=None) -> FastAPI``: the HTTP API over one ModelBusClient.
+
+Served by uvicorn (``uvicorn services.api:create_app --factory``, which ``modelbus up`` runs). The app
+starts even when Redis is down: every call that needs it answers 503 until it is back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request, Response
+
+from services.api.auth import require_token
+from services.api.errors import COMMON_RESPONSES, install_error_handlers
+from services.api.metrics import build_registry
+from services.api.routes import events, health, models
+from services.client import AsyncModelBusClient, ModelBusClient
+from services.config import AppConfig
+
+API_RETRY_DEADLINE = 2.0  # s a request retries a vanished Redis before it answers 503
+
+
+def create_app(config: AppConfig | None = None, client: ModelBusClient | None = None) -> FastAPI:
+    config = config if config is not None else AppConfig.load()
+    client = client if client is not None else ModelBusClient(config, retry_deadline=API_RETRY_DEADLINE)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.close()
+
+    app = FastAPI(title="modelbus", version="2.0",
+                  description="An event-sourced model manager: records, installs, loads and live events.",
+                  lifespan=lifespan)
+    app.state.config = config
+    app.state.client = client
+    app.state.aclient = AsyncModelBusClient(client=client)
+    app.state.registry, http_metrics = build_registry(client)
+    install_error_handlers(app)
+    secured = [Depends(require_token)]
+    app.include_router(models.router, dependencies=secured, responses=COMMON_RESPONSES)
+    app.include_router(events.router, dependencies=secured, responses=COMMON_RESPONSES)
+    app.include_router(health.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        http_metrics.observe(request.method, route, response.status_code, started)
+        return response
+
+    return app

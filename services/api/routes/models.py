@@ -1,0 +1,153 @@
+"""``/api/v2/models``: records (list/search, get, patch, delete, rename, history), installs and their
+jobs, scan and sync, loads and unloads, and the workers with their caches."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+
+from services.api.errors import CONFLICT, NOT_FOUND, ErrorResponse
+from services.api.schemas import (
+    HistoryEntry,
+    InstallRequest,
+    Job,
+    LoadRequest,
+    LoadResult,
+    ModelPage,
+    Removed,
+    RenameRequest,
+    ScanRequest,
+    ScanResult,
+    SyncResult,
+    UnloadRequest,
+    WorkerInfo,
+)
+from services.client import ModelBusClient
+from services.client import defaults as limits
+from services.records import AnyModelConfig, BaseModelType, ModelType
+
+router = APIRouter(prefix="/api/v2/models", tags=["models"])
+
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,256}$"
+Key = Annotated[str, Path(pattern=ID_PATTERN, description="the model's key")]
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="the install job's id")]
+WORKER = {502: {"model": ErrorResponse, "description": "the worker ran the job and it failed"},
+          504: {"model": ErrorResponse, "description": "the worker did not finish in time"}}
+
+
+def _client(request: Request) -> ModelBusClient:
+    return request.app.state.client  # type: ignore[no-any-return]
+
+
+Client = Annotated[ModelBusClient, Depends(_client)]
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    # records are serialised once with orjson rather than revalidated against the response model
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+# --- records --------------------------------------------------------------------------------------
+
+@router.get("", response_model=ModelPage, summary="List and search models")
+def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = None,
+                base: BaseModelType | None = None, type: ModelType | None = None,
+                tag: Annotated[list[str] | None, Query(description="models carrying all of these tags")] = None,
+                offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+                limit: Annotated[int, Query(ge=1, le=limits.LIST_LIMIT_MAX)] = limits.LIST_LIMIT_DEFAULT,
+                ) -> Response:
+    found = c.list_models(name=name, base=base, type=type, tag=tag)
+    page = [m.model_dump(mode="json") for m in found[offset:offset + limit]]
+    return _json({"total": len(found), "offset": offset, "limit": limit, "items": page})
+
+
+@router.get("/i/{key}", response_model=AnyModelConfig, responses=NOT_FOUND, summary="Get one model")
+def get_model(key: Key, c: Client) -> Response:
+    return _json(c.get_model(key).model_dump(mode="json"))
+
+
+@router.patch("/i/{key}", response_model=AnyModelConfig, responses={**NOT_FOUND, **CONFLICT},
+              summary="Update fields of a model (a sparse object of changes)")
+def update_model(key: Key, c: Client, changes: Annotated[dict[str, Any], Body(
+        examples=[{"description": "a better description", "tags": ["sfw"]}])]) -> Response:
+    return _json(c.update_model(key, changes).model_dump(mode="json"))
+
+
+@router.post("/i/{key}/rename", response_model=AnyModelConfig, responses=NOT_FOUND, summary="Rename a model")
+def rename_model(key: Key, body: RenameRequest, c: Client) -> Response:
+    return _json(c.rename_model(key, body.name).model_dump(mode="json"))
+
+
+@router.delete("/i/{key}", response_model=Removed, responses=NOT_FOUND,
+               summary="Remove a model (and its files, when they are in the models directory)")
+def delete_model(key: Key, c: Client, delete_files: bool = False) -> Removed:
+    c.delete_model(key, delete_files=delete_files)
+    return Removed(key=key, deleted_files=delete_files)
+
+
+@router.get("/i/{key}/history", response_model=list[HistoryEntry], responses=NOT_FOUND,
+            summary="Every event of one model, oldest first")
+def model_history(key: Key, c: Client) -> Response:
+    return _json([{"position": s.position, "type": s.event.type, "event": s.event.model_dump(mode="json")}
+                  for s in c.history(key)])
+
+
+# --- loads ----------------------------------------------------------------------------------------
+
+@router.post("/i/{key}/load", response_model=LoadResult, responses={**NOT_FOUND, **WORKER},
+             summary="Load a model on a GPU worker (the one already holding it, by default)")
+def load_model(key: Key, c: Client, body: LoadRequest | None = None) -> Response:
+    body = body or LoadRequest()
+    submodel = body.submodel.value if body.submodel is not None else None
+    return _json(c.load(key, submodel=submodel, worker=body.worker, wait=body.wait, timeout=body.timeout))
+
+
+@router.post("/i/{key}/unload", response_model=LoadResult, responses={**NOT_FOUND, **WORKER},
+             summary="Drop a model from the workers' caches")
+def unload_model(key: Key, c: Client, body: UnloadRequest | None = None) -> Response:
+    return _json(c.unload(key, worker=(body or UnloadRequest()).worker))
+
+
+# --- installs -------------------------------------------------------------------------------------
+
+@router.post("/install", response_model=Job, status_code=202, responses=WORKER,
+             summary="Install a model from a path, URL, Hugging Face repo id or Civitai id")
+def install(body: InstallRequest, c: Client) -> Response:
+    return _json(c.install(body.source, **body.options()), status=202)
+
+
+@router.get("/install", response_model=list[Job], responses=WORKER, summary="List install jobs")
+def list_jobs(c: Client) -> Response:
+    return _json(c.jobs())
+
+
+@router.get("/install/{job_id}", response_model=Job, responses={**NOT_FOUND, **WORKER},
+            summary="Get one install job")
+def get_job(job_id: JobId, c: Client) -> Response:
+    return _json(c.job(job_id))
+
+
+@router.delete("/install/{job_id}", response_model=Job, responses={**NOT_FOUND, **WORKER},
+               summary="Cancel an install job")
+def cancel_job(job_id: JobId, c: Client) -> Response:
+    return _json(c.cancel(job_id))
+
+
+@router.post("/scan", response_model=ScanResult, summary="Register every model found in a folder (in place)")
+def scan(body: ScanRequest, c: Client) -> Response:
+    return _json(c.scan(body.path))
+
+
+@router.post("/sync", response_model=SyncResult,
+             summary="Reconcile the records with the models directory")
+def sync(c: Client) -> Response:
+    return _json(c.sync())
+
+
+# --- workers --------------------------------------------------------------------------------------
+
+@router.get("/workers", response_model=list[WorkerInfo], summary="Live workers and their cache contents")
+def workers(c: Client, include_dead: bool = False) -> Response:
+    return _json(c.workers(include_dead=include_dead))

@@ -1,0 +1,126 @@
+"""Request and response bodies of the API (they make the OpenAPI document complete)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.records import AnyModelConfig, SubModelType
+
+
+class ModelPage(BaseModel):
+    total: int = Field(description="models matching the filters")
+    offset: int
+    limit: int
+    items: list[AnyModelConfig]  # type: ignore[valid-type]
+
+
+class RenameRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=512)
+
+
+class InstallRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=1, max_length=4096,
+                        description="a local path, a URL, a Hugging Face repo id (owner/name[:sub]) or civitai:ID")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="record fields and identification overrides (name, base_model...)")
+    inplace: bool = Field(default=False, description="register a local path where it is instead of copying it")
+    force: bool = Field(default=False, description="install content already installed, under a new key")
+    revision: str | None = Field(default=None, max_length=256, description="Hugging Face revision")
+    variant: str | None = Field(default=None, max_length=64, description="diffusers variant, e.g. fp16")
+    access_token: str | None = Field(default=None, max_length=4096, description="for this download only; never logged")
+    command_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
+                                   description="idempotency: a repeated command_id returns the first job")
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"source"}, exclude_none=True)
+
+
+class ScanRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, description="a folder to scan for models")
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    submodel: SubModelType | None = Field(default=None, description="the part of a main model to load")
+    worker: str | None = Field(default=None, max_length=256, description="a worker id; default: the one holding it")
+    wait: bool = Field(default=True, description="answer after model_load_completed")
+    timeout: float = Field(default=120.0, gt=0, le=3600)
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    worker: str | None = Field(default=None, max_length=256)
+
+
+class Job(BaseModel):
+    """An install job, folded from its events (bytes are live while it runs)."""
+
+    id: str
+    source: str
+    state: str = Field(description="waiting, downloading, downloads_done, running, completed, error, cancelled")
+    bytes: int
+    total_bytes: int
+    key: str | None = None
+    config: dict[str, Any] | None = None
+    error_type: str | None = None
+    error: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class LoadResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    key: str
+    state: str
+
+
+class WorkerInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    alive: bool
+    last_heartbeat: float
+    queues: list[str] = Field(default_factory=list)
+    host: str | None = None
+    pid: int | None = None
+    device: str | None = None
+    models: list[Any] = Field(default_factory=list, description="the worker's cache contents")
+
+
+class HistoryEntry(BaseModel):
+    position: str
+    type: str
+    event: dict[str, Any]
+
+
+class RedisHealth(BaseModel):
+    ok: bool
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok | degraded (no live worker) | unavailable (Redis unreachable)")
+    redis: RedisHealth
+    workers_alive: int
+    queues: dict[str, int] = Field(default_factory=dict)
+
+
+class Removed(BaseModel):
+    key: str
+    deleted_files: bool
+
+
+class ScanResult(BaseModel):
+    added: list[str] = Field(description="keys of the models registered")
+
+
+class SyncResult(BaseModel):
+    added: list[str] = Field(description="keys of models found in the models directory and registered")
+    missing: list[str] = Field(description="keys of records whose files are gone (kept: a disk may be unmounted)")
+    skipped: dict[str, str] = Field(description="path -> why it was not registered")

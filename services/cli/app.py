@@ -1,0 +1,110 @@
+"""The ``modelbus`` command line (typer + rich). Every command is a thin layer over ModelBusClient;
+every failure is one line on stderr and an exit code (see services.cli.errors), unless --debug."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Any
+
+import typer
+from typer._click.core import Context
+from typer._click.exceptions import TyperException
+from typer.core import TyperGroup
+
+from events.errors import EventStoreError
+from events.logs import configure_logging
+from services.cli import jobs, models, ops
+from services.cli.context import state
+from services.cli.errors import CliError, exit_code, one_line
+from services.cli.output import err_console
+
+
+class ModelBusGroup(TyperGroup):
+    """Turns any exception escaping a command into one readable line and an exit code."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):  # typer's own: usage errors, exits
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI's one error boundary
+            if state.debug:
+                traceback.print_exc()
+            else:
+                err_console.print(f"[red]error:[/] {one_line(exc)}", highlight=False, markup=True,
+                                  soft_wrap=True)
+            raise typer.Exit(exit_code(exc)) from None
+        finally:
+            state.close()
+
+
+app = typer.Typer(cls=ModelBusGroup, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="modelbus: an event-sourced model manager on Redis streams and RQ workers.")
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")] = False) -> None:
+    state.debug = debug or bool(os.environ.get("MODELBUS_DEBUG"))
+    # logs go to stderr; a command's output is stdout
+    configure_logging(os.environ.get("MODELBUS_LOG_FORMAT", "console"), "DEBUG" if state.debug else "WARNING")
+
+
+@app.command()
+def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separated queue lists")] =
+       "install;download;hash;gpu",
+       api: Annotated[bool, typer.Option(help="serve the HTTP API")] = True) -> None:
+    """Start the whole stack in the foreground: Redis (embedded unless MODELBUS_REDIS_URL), workers, API."""
+    from services.stack import Stack
+    config = state.config()
+    configure_logging(config.log_format, config.log_level)
+    stack = Stack(config, worker_queues=[w for w in workers.split(";") if w], with_api=api)
+    try:
+        stack.start()
+    except EventStoreError as exc:
+        stack.stop()
+        raise CliError(str(exc), 5) from exc
+    typer.echo("modelbus is up (Ctrl-C stops it)")
+    for line in stack.describe():
+        typer.echo("  " + line)
+    sys.stdout.flush()
+    raise typer.Exit(stack.wait())
+
+
+@app.command()
+def worker(queues: Annotated[str, typer.Option(help="install,download,hash,gpu")] = "install,download,hash",
+           burst: bool = False, device: str | None = None, ram_cache: str | None = None,
+           vram_cache: str | None = None, name: str | None = None) -> None:
+    """Run one worker process on the given queues."""
+    args = [sys.executable, "-m", "workers", "--queues", queues]
+    for flag, value in (("--device", device), ("--ram-cache", ram_cache), ("--vram-cache", vram_cache),
+                        ("--name", name)):
+        if value:
+            args += [flag, value]
+    if burst:
+        args.append("--burst")
+    os.execv(sys.executable, args)
+
+
+app.command("install")(jobs.install)
+app.command("jobs")(jobs.jobs)
+app.command("cancel")(jobs.cancel)
+app.command("scan")(jobs.scan)
+app.command("sync")(jobs.sync)
+app.command("list")(models.list_models)
+app.command("show")(models.show)
+app.command("rm")(models.rm)
+app.command("rename")(models.rename)
+app.command("update")(models.update)
+app.command("history")(models.history)
+app.command("load")(models.load)
+app.command("unload")(models.unload)
+app.command("events")(ops.events)
+app.command("workers")(ops.workers)
+app.command("doctor")(ops.doctor)
+app.command("import-yaml")(ops.import_yaml)
+
+records = typer.Typer(help="The record projection.", no_args_is_help=True)
+records.command("rebuild")(ops.records_rebuild)
+app.add_typer(records, name="records")

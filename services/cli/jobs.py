@@ -1,0 +1,85 @@
+"""Install commands: install, jobs, cancel, scan, sync."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from services.cli.context import client
+from services.cli.errors import CliError
+from services.cli.output import console, err_console, human_bytes, print_json, table
+from services.cli.progress import follow_install, head
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Face repo id or civitai:ID")],
+            wait: Annotated[bool, typer.Option(help="follow the job with progress bars until it ends")] = False,
+            name: Annotated[str | None, typer.Option(help="the record's name")] = None,
+            description: Annotated[str | None, typer.Option(help="the record's description")] = None,
+            inplace: Annotated[bool, typer.Option(help="register a local path where it is")] = False,
+            force: Annotated[bool, typer.Option(help="install again content already installed")] = False,
+            revision: Annotated[str | None, typer.Option(help="Hugging Face revision")] = None,
+            variant: Annotated[str | None, typer.Option(help="diffusers variant, e.g. fp16")] = None,
+            timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many seconds")] = None,
+            json: JsonFlag = False) -> None:
+    """Install a model: publish the command, and with --wait follow it to the end."""
+    c = client()
+    config = {k: v for k, v in (("name", name), ("description", description)) if v is not None}
+    options: dict[str, Any] = {"inplace": inplace, "force": force}
+    options.update({k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None})
+    since = head(c) if wait else "$"
+    job = c.install(source, config=config, **options)
+    if wait:
+        job = follow_install(c, job, since, err_console, timeout)  # stdout stays for the result
+    if json:
+        print_json(job)
+    elif not wait:
+        console.print(f"install job {job['id']} {job['state']} (follow it: modelbus jobs)")
+    if job["state"] == "completed":
+        if not json:
+            console.print(f"installed {job['source']} as {job['key']}")
+    elif wait:
+        raise CliError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}", 1)
+
+
+def jobs(json: JsonFlag = False) -> None:
+    """List install jobs."""
+    found = client().jobs()
+    if json:
+        print_json(found)
+        return
+    table(f"{len(found)} install job(s)", ("id", "state", "source", "progress", "key / error"),
+          ((j["id"], j["state"], j["source"], f"{human_bytes(j['bytes'])} / {human_bytes(j['total_bytes'])}",
+            j.get("key") or j.get("error") or "") for j in found))
+
+
+def cancel(job_id: str) -> None:
+    """Cancel an install job."""
+    job = client().cancel(job_id)
+    console.print(f"install job {job_id}: {job['state']}")
+
+
+def scan(path: str, json: JsonFlag = False) -> None:
+    """Register every model found under a folder, where it is."""
+    result = client().scan(path)
+    if json:
+        print_json(result)
+        return
+    console.print(f"registered {len(result['added'])} model(s)" +
+                  (": " + ", ".join(result["added"]) if result["added"] else ""))
+
+
+def sync(json: JsonFlag = False) -> None:
+    """Reconcile the records with the models directory."""
+    report = client().sync()
+    if json:
+        print_json(report)
+        return
+    console.print(f"added {len(report['added'])}, missing files {len(report['missing'])}, "
+                  f"skipped {len(report['skipped'])}")
+    for key in report["missing"]:
+        console.print(f"  missing: {key}")
+    for path, why in report["skipped"].items():
+        console.print(f"  skipped {path}: {why}")

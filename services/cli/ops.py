@@ -1,0 +1,106 @@
+"""Operational commands: events, workers, doctor, records rebuild, import-yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Annotated, Any
+
+import typer
+
+from services.cli.context import client
+from services.cli.doctor import run_checks
+from services.cli.errors import CliError
+from services.cli.output import console, human_bytes, print_json, print_json_line, table
+from services.client import Delivered
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
+MARK = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]"}
+
+
+def _line(d: Delivered) -> str:
+    event = d.event
+    payload: Any = getattr(event, "payload", None)
+    detail = payload if payload is not None else {k: v for k, v in event.body().items() if k != "config"}
+    return f"{event.time.isoformat(timespec='milliseconds')}  {d.type:<24} {event.aggregate_id:<34} {detail}"
+
+
+def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+           type_: Annotated[list[str] | None, typer.Option("--type", "-t",
+                                                           help="event type or activity kind (repeatable)")] = None,
+           since: Annotated[str | None, typer.Option(help="'0' (all), '$' (new), a position or a resume token")] = None,
+           count: Annotated[int | None, typer.Option(help="stop after this many events")] = None,
+           json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False) -> None:
+    """Print events; with --follow, wait for new ones (resuming after a lost connection)."""
+    c = client()
+    types = [t for item in (type_ or []) for t in item.split(",") if t] or None
+    emit = (lambda d: print_json_line(d.to_dict())) if json else (lambda d: console.print(_line(d), markup=False,
+                                                                                          highlight=False))
+    seen = 0
+    if not follow:
+        for delivered in c.events(types=types, since=since or "0", limit=count or 1000):
+            emit(delivered)
+        return
+    for delivered in c.subscribe(types, since or "$"):
+        emit(delivered)
+        seen += 1
+        if count is not None and seen >= count:
+            return
+
+
+def workers(json: JsonFlag = False,
+            all_: Annotated[bool, typer.Option("--all", help="include workers whose heartbeat stopped")] = False,
+            ) -> None:
+    """List the workers with their queues, device and cache contents."""
+    found = client().workers(include_dead=all_)
+    if json:
+        print_json(found)
+        return
+    now = time.time()
+    table(f"{len(found)} worker(s)", ("id", "alive", "queues", "device", "cached models", "last beat"),
+          ((w["id"], "yes" if w["alive"] else "no", ",".join(w.get("queues", [])), w.get("device") or "",
+            _cache(w.get("models") or []), f"{now - w['last_heartbeat']:.0f}s ago") for w in found))
+
+
+def _cache(models: list[Any]) -> str:
+    if not models:
+        return "-"
+    size = sum(int(m.get("bytes") or m.get("size") or 0) for m in models if isinstance(m, dict))
+    return f"{len(models)} ({human_bytes(size)})"
+
+
+def doctor(json: JsonFlag = False) -> None:
+    """Check Redis (reachable, persistence, eviction), workers, disk space and the GPU."""
+    checks = run_checks(client())
+    if json:
+        print_json([dataclasses.asdict(c) for c in checks])
+    else:
+        for check in checks:
+            console.print(f"{MARK[check.status]} {check.name:<16} {check.detail}", highlight=False)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        raise CliError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}", 1)
+
+
+def records_rebuild(json: JsonFlag = False) -> None:
+    """Throw the record projection away and replay the whole event log into it."""
+    report = client().rebuild_records()
+    if json:
+        print_json(dataclasses.asdict(report))
+        return
+    console.print(f"rebuilt {report.store} at {report.location}: {report.models} model(s) up to "
+                  f"{report.checkpoint} in {report.seconds:.2f}s")
+
+
+def import_yaml(path: Annotated[str, typer.Argument(help="a legacy models.yaml")], json: JsonFlag = False) -> None:
+    """Import the models of a legacy models.yaml into the records."""
+    report = client().import_yaml(path)
+    if json:
+        print_json({"source": str(report.source), "imported": report.imported, "skipped": report.skipped,
+                    "notes": report.notes})
+    else:
+        console.print(f"imported {len(report.imported)} model(s) from {report.source}")
+        for entry, why in report.skipped:
+            console.print(f"  skipped {entry}: {why}", markup=False)
+    if report.skipped:
+        raise CliError(f"{len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} not imported", 1)

@@ -1,0 +1,47 @@
+"""Printing: rich tables for people, ``--json`` for programs (one document, or one line per event)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
+                                  default=str).decode() + "\n")
+    sys.stdout.flush()
+
+
+def print_json_line(data: Any) -> None:
+    # flushed per line: a pipe reader (jq, a test) sees each event as it comes
+    sys.stdout.write(orjson.dumps(data, default=str).decode() + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for i, column in enumerate(columns):
+        # the first column is an id to copy and paste: never broken across lines
+        t.add_column(column, overflow="fold", no_wrap=i == 0)
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    console.print(t)
+
+
+def human_bytes(n: float | None) -> str:
+    if not n:
+        return "0 B"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -1,0 +1,97 @@
+"""Live progress in the terminal, driven by the events the workers publish: one bar per downloaded
+file (``install_progress``), a status line for the job's steps, a spinner for loads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from services.client import Cursor, ModelBusClient, WaitTimeoutError
+
+JOB_EVENTS = ("install_progress", "InstallStarted", "InstallDownloaded", "InstallCompleted", "InstallFailed",
+              "InstallCancelled")
+STEP_TEXT = {"InstallStarted": "working", "InstallDownloaded": "downloaded; hashing and probing",
+             "InstallCompleted": "installed", "InstallFailed": "failed", "InstallCancelled": "cancelled"}
+TERMINAL = {"completed", "error", "cancelled"}
+LOAD_EVENTS = ("model_load_started", "model_load_completed", "model_load_failed")
+
+
+def head(client: ModelBusClient) -> str:
+    """The resume token of 'now': a subscription from it misses nothing that happens afterwards."""
+    store = client.store
+    return str(Cursor(store.head("events"), store.head("activity")))
+
+
+def follow_install(client: ModelBusClient, job: dict[str, Any], since: str, console: Console,
+                   timeout: float | None = None) -> dict[str, Any]:
+    """Show the job's progress until it ends; returns its final state."""
+    job_id = job["id"]
+    if job["state"] in TERMINAL:
+        return job
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        status = progress.add_task(f"[bold]{job['source']}[/] waiting for a worker", total=None)
+        files: dict[str, Any] = {}
+        stop = lambda: deadline is not None and time.monotonic() > deadline
+        for delivered in client.subscribe(JOB_EVENTS, since, stop=stop, block_ms=250):
+            event = delivered.event
+            if event.aggregate_id != job_id and event.correlation_id != job_id:
+                continue
+            if delivered.type == "install_progress":
+                payload = event.payload  # type: ignore[attr-defined]
+                name = str(payload.get("file") or "download")
+                if name not in files:
+                    files[name] = progress.add_task(f"  {name}", total=payload.get("total_bytes"))
+                progress.update(files[name], completed=payload.get("bytes") or 0,
+                                total=payload.get("total_bytes"))
+                continue
+            progress.update(status, description=f"[bold]{job['source']}[/] {STEP_TEXT[delivered.type]}")
+            if delivered.type in ("InstallCompleted", "InstallFailed", "InstallCancelled"):
+                progress.update(status, total=1, completed=1)
+                break
+    final = client.job(job_id)
+    if final["state"] not in TERMINAL:
+        raise WaitTimeoutError(f"install job {job_id} is still {final['state']} after {timeout:g}s "
+                               f"(it goes on; follow it with: modelbus jobs)")
+    return final
+
+
+class LoadStatus:
+    """A spinner whose text follows the load events of one model while ``client.load`` blocks."""
+
+    def __init__(self, client: ModelBusClient, key: str, console: Console) -> None:
+        self.client, self.key, self.console = client, key, console
+        self.since = head(client)
+        self.stopped = threading.Event()
+        self.seen: list[str] = []
+
+    def run(self, call: Any) -> Any:
+        with self.console.status(f"loading {self.key}: queued") as status:
+            def watch() -> None:
+                for d in self.client.subscribe(LOAD_EVENTS, self.since, stop=self.stopped.is_set, block_ms=200):
+                    if d.event.payload.get("model_key") == self.key:  # type: ignore[attr-defined]
+                        self.seen.append(d.type)
+                        worker = d.event.payload.get("worker", "")  # type: ignore[attr-defined]
+                        status.update(f"loading {self.key}: {d.type.removeprefix('model_load_')} on {worker}")
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            try:
+                return call()
+            finally:
+                self.stopped.set()
+                watcher.join(2)

@@ -1,0 +1,227 @@
+"""ModelBusClient: the one implementation of every user-facing operation.
+
+It talks to Redis directly (the event store, RQ queues, worker heartbeats) and reads records from a
+projection it keeps up to date. The HTTP API and the CLI are thin layers over it, and
+``AsyncModelBusClient`` wraps it for asyncio, so each operation is written exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import structlog
+from rq import Queue
+
+from events.errors import StoreUnavailableError
+from events.keys import QUEUES
+from events.store import RedisEventStore, StoredEvent
+from services.client import defaults
+from services.client.errors import UnavailableError
+from services.client.features import Features
+from services.client.subscription import Delivered, Subscription, read_history
+from services.config import AppConfig
+from services.records import ModelConfigBase, ModelRecordServiceBase
+
+log = structlog.get_logger(__name__)
+
+
+class ModelBusClient:
+    """Publish commands and read state. Thread-safe; open it once and share it."""
+
+    def __init__(self, config: AppConfig | None = None, *, store: RedisEventStore | None = None,
+                 retry_deadline: float | None = None) -> None:
+        """``retry_deadline``: how long a call retries a Redis that went away before failing with
+        UnavailableError (the event store's default is long; a server wants to answer 503 quickly)."""
+        self.config = config if config is not None else AppConfig.load()
+        self._store = store
+        self._retry_deadline = retry_deadline
+        self._records: ModelRecordServiceBase | None = None
+        self._lock = threading.RLock()
+        self.features = Features(self)
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> RedisEventStore:
+        """The event store, opened on first use (so that building a client never blocks on Redis)."""
+        with self._lock:
+            if self._store is None:
+                try:
+                    self._store = RedisEventStore.from_config(self.config)
+                except (StoreUnavailableError, redis.RedisError) as exc:
+                    raise UnavailableError(str(exc)) from exc
+                if self._retry_deadline is not None:
+                    self._store.retry_deadline = self._retry_deadline
+            return self._store
+
+    @property
+    def records(self) -> ModelRecordServiceBase:
+        with self._lock:
+            if self._records is None:
+                self._records = ModelRecordServiceBase.open(self.config, event_store=self.store)
+            return self._records
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self.store.client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._records is not None:
+                self._records.close()
+                self._records = None
+
+    def __enter__(self) -> ModelBusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _locked(self, call: Callable[[ModelRecordServiceBase], Any]) -> Any:
+        # one projection connection for the whole client: its reads and catch-ups take turns
+        records = self.records
+        with self._lock:
+            return call(records)
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def list_models(self, name: str | None = None, base: str | None = None, type: str | None = None,
+                    tag: str | Iterable[str] | None = None) -> list[ModelConfigBase]:
+        """Models matching every filter given (all models when none is)."""
+        tags = [tag] if isinstance(tag, str) else list(tag or [])
+        found = self._locked(lambda r: r.search_by_name(name, base, type))
+        if tags:
+            found = [m for m in found if set(tags) <= set(m.tags or [])]
+        return sorted(found, key=lambda m: (m.name.lower(), m.key))
+
+    def get_model(self, key: str) -> ModelConfigBase:
+        return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]
+
+    def add_model(self, key: str, config: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
+        """Register a model whose files are already in place (installs go through :meth:`install`)."""
+        return self._locked(lambda r: r.add_model(key, config))  # type: ignore[no-any-return]
+
+    def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
+        return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
+
+    def rename_model(self, key: str, new_name: str) -> ModelConfigBase:
+        return self._locked(lambda r: r.rename_model(key, new_name))  # type: ignore[no-any-return]
+
+    def delete_model(self, key: str, delete_files: bool = False) -> ModelConfigBase:
+        """Remove the record; with ``delete_files`` also its files when they lie in the models directory
+        (files elsewhere belong to the user and stay). Returns the record as it was."""
+        model = self.get_model(key)
+        if delete_files:
+            self._locked(lambda r: self.features.delete(key))
+        else:
+            self._locked(lambda r: r.del_model(key))
+        return model
+
+    def history(self, key: str) -> list[StoredEvent]:
+        return self._locked(lambda r: r.history(key))  # type: ignore[no-any-return]
+
+    def rebuild_records(self) -> Any:
+        from services.records.rebuild import rebuild
+        return self._locked(lambda r: rebuild(service=r))
+
+    def import_yaml(self, path: str | Path) -> Any:
+        from services.records.legacy import import_legacy_yaml
+        return self._locked(lambda r: import_legacy_yaml(Path(path), r))
+
+    # --- installs, loads (the services that own them are optional features) -----------------------
+
+    def install(self, source: str, **options: Any) -> dict[str, Any]:
+        """Publish an install command and return the job at once (``wait()`` follows it)."""
+        return self.features.install(source, **options)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.features.job(job_id)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.features.jobs()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.features.cancel(job_id)
+
+    def wait(self, job: str | Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Block until the install job ends (completed, failed or cancelled); returns its final state."""
+        return self.features.wait(job, timeout)
+
+    def scan(self, path: str | Path) -> dict[str, Any]:
+        """Register every model found under ``path`` where it is; ``{"added": [keys]}``."""
+        return self.features.scan(Path(path))
+
+    def sync(self) -> dict[str, Any]:
+        """Register unrecorded models in the models dir; report records whose files are gone."""
+        return self.features.sync()
+
+    def load(self, key: str, submodel: str | None = None, worker: str | None = None,
+             wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Load a model on a GPU worker (the one already holding it, unless ``worker`` is given); with
+        ``wait``, return after the worker's ``model_load_completed`` with what it reported."""
+        self.get_model(key)  # an unknown key fails here, not on a worker
+        return self.features.load(key, submodel, worker, wait, timeout)
+
+    def unload(self, key: str, worker: str | None = None) -> dict[str, Any]:
+        return self.features.unload(key, worker)
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def subscribe(self, types: Iterable[str] | None = None, since: str = "$", *,
+                  stop: Callable[[], bool] | None = None, block_ms: int | None = None,
+                  reconnect_timeout: float | None = None) -> Iterator[Delivered]:
+        """New events of both streams, in order; resumes from its last delivery after Redis drops.
+
+        ``since="$"`` means events after this call (not after the first ``next()``)."""
+        kwargs: dict[str, Any] = {"types": types, "since": since, "stop": stop,
+                                  "reconnect_timeout": reconnect_timeout}
+        if block_ms is not None:
+            kwargs["block_ms"] = block_ms
+        return iter(Subscription(self.store, **kwargs).start())
+
+    def events(self, types: Iterable[str] | None = None, since: str = "0", limit: int = 1000) -> list[Delivered]:
+        """Past events after ``since``, oldest first, without waiting for new ones."""
+        return read_history(self.store, types=types, since=since, limit=limit)
+
+    # --- workers, queues, health --------------------------------------------------------------------
+
+    def workers(self, include_dead: bool = False) -> list[dict[str, Any]]:
+        """Workers with their queues, device and cache contents, from their heartbeats."""
+        keys = self.store.keys
+        entries = self._redis_call(lambda: self.redis.zrange(keys.workers, 0, -1, withscores=True))
+        if not entries:
+            return []
+        ids = [raw.decode() if isinstance(raw, bytes) else raw for raw, _ in entries]
+        states = self._redis_call(lambda: self.redis.mget([keys.worker_state(i) for i in ids]))
+        now = time.time()
+        out = []
+        for (worker_id, (_, beat)), raw in zip(zip(ids, entries), states):
+            info: dict[str, Any] = orjson.loads(raw) if raw else {"id": worker_id}
+            info["last_heartbeat"] = beat
+            info["alive"] = raw is not None and now - beat < defaults.WORKER_ALIVE_SECONDS
+            if info["alive"] or include_dead:
+                out.append(info)
+        return out
+
+    def queue_lengths(self) -> dict[str, int]:
+        keys = self.store.keys
+        return {name: self._redis_call(lambda n=name: Queue(keys.queue(n), connection=self.redis).count)
+                for name in QUEUES}
+
+    def ping(self) -> float:
+        """Round-trip time to Redis in seconds; raises UnavailableError when it does not answer."""
+        started = time.perf_counter()
+        self._redis_call(self.redis.ping)
+        return time.perf_counter() - started
+
+    def _redis_call(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError) as exc:
+            raise UnavailableError(f"Redis unreachable: {exc}") from exc

@@ -1,0 +1,62 @@
+"""GET /api/v2/events over a real uvicorn server: live delivery, type filter, Last-Event-ID resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from events.store import RedisEventStore
+
+
+def read_events(response: httpx.Response) -> Iterator[dict[str, str]]:
+    """Parse an SSE body into messages (comments and retry lines are skipped)."""
+    message: dict[str, str] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in message:
+                yield message
+            message = {}
+        elif not line.startswith((":", "retry:")):
+            field, _, value = line.partition(":")
+            message[field] = value.lstrip()
+
+
+def _publish_soon(store: RedisEventStore, kinds: list[str]) -> None:
+    def run() -> None:
+        time.sleep(0.5)  # after the stream has started
+        for i, kind in enumerate(kinds):
+            store.publish_activity(kind, {"i": i})
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_sse_delivers_filtered_events_and_resumes(live_api: str, event_store: RedisEventStore) -> None:
+    store = event_store
+    with httpx.Client(base_url=live_api, timeout=10) as http:
+        _publish_soon(store, ["download_progress", "model_load_started", "model_load_completed",
+                              "model_load_started"])
+        got = []
+        with http.stream("GET", "/api/v2/events", params={"types": "model_load_started,model_load_completed"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for message in read_events(r):
+                got.append(message)
+                if len(got) == 3:
+                    break
+        assert [m["event"] for m in got] == ["model_load_started", "model_load_completed", "model_load_started"]
+        # resume after the first: the other two arrive again, nothing before
+        headers = {"Last-Event-ID": got[0]["id"]}
+        params = {"types": ["model_load_started", "model_load_completed"]}
+        with http.stream("GET", "/api/v2/events", params=params, headers=headers) as r:
+            again = []
+            for message in read_events(r):
+                again.append(message)
+                if len(again) == 2:
+                    break
+        assert [m["id"] for m in again] == [m["id"] for m in got[1:]]
+
+
+def test_sse_bad_last_event_id_is_422(live_api: str) -> None:
+    r = httpx.get(f"{live_api}/api/v2/events", headers={"Last-Event-ID": "garbage"}, timeout=10)
+    assert r.status_code == 422 and "not an event position" in r.json()["error"]["message"]

@@ -1,0 +1,161 @@
+"""Benchmarks of the surfaces (client, HTTP API, SSE), each against a baseline measured in the same run.
+
+- install commands published per second through ModelBusClient.install vs raw RQ ``enqueue`` (goal >= 0.5x)
+- ``GET /api/v2/models`` with 10,000 models (a page of 100, and all 10,000): p50/p99 vs an in-process
+  ``client.list_models()`` of the same data
+- event delivery latency to an SSE client, p50/p99 vs a direct ``client.subscribe()`` in the same process
+
+``.venv/bin/python tests/bench/bench_surfaces.py``; MODELBUS_BENCH_SCALE multiplies the counts.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx
+from rq import Queue
+
+from events.schema import ModelAdded
+from services.api import create_app
+from services.client import ModelBusClient
+from services.config import AppConfig
+from tests.api.conftest import serve
+from tests.api.test_events_sse import read_events
+from tests.bench.common import bench_redis, percentiles, rate, ratio_line, scale
+
+MODELS = 10_000  # the issue's figure; not scaled down
+
+
+def _client(url: str) -> ModelBusClient:
+    root = Path(tempfile.mkdtemp(prefix="modelbus-bench-surfaces-"))
+    (root / "models").mkdir()
+    config = AppConfig.load(root=root, redis_url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}",
+                            log_level="WARNING")
+    return ModelBusClient(config)
+
+
+def bench_install(url: str) -> None:
+    client = _client(url)
+    n = scale(300)
+    rq_queue = Queue(client.store.keys.queue("bench-raw"), connection=client.redis)
+    sources = [f"/srv/bench/model-{i}.safetensors" for i in range(n)]
+    ours = rate(n, lambda: [client.install(s) for s in sources])
+    raw = rate(n, lambda: [rq_queue.enqueue("os.getcwd") for _ in range(n)])
+    ratio_line("install commands published /s (vs RQ enqueue)", ours, raw, "cmd/s", ">= 0.5x")
+
+
+def _seed(client: ModelBusClient, count: int) -> None:
+    pipe_rate = time.perf_counter()
+    for i in range(count):
+        key = f"{i:032x}"
+        config = {"key": key, "hash": key, "name": f"model-{i:05d}", "model_type": "lora", "model_format": "lycoris",
+                  "base_model": "sd-1" if i % 2 else "sdxl", "path": f"loras/m{i}.safetensors", "tags": ["bench"]}
+        client.store.append([ModelAdded(aggregate_id=key, config=config)], expected_version=0)
+    print(f"  (seeded {count} models in {time.perf_counter() - pipe_rate:.1f}s)", flush=True)
+
+
+def bench_list(url: str) -> None:
+    client = _client(url)
+    _seed(client, MODELS)
+    app = create_app(client.config, client=client)
+    server, thread, base = serve(app)
+    rounds = scale(100)
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            http.get("/api/v2/models", params={"limit": 1})  # the projection catches up once
+            for label, limit, n in (("a page of 100", 100, rounds), ("all 10,000", MODELS, max(5, rounds // 10))):
+                api, direct = [], []
+                for _ in range(n):
+                    started = time.perf_counter()
+                    r = http.get("/api/v2/models", params={"limit": limit})
+                    api.append(time.perf_counter() - started)
+                    assert r.status_code == 200 and r.json()["total"] == MODELS
+                    started = time.perf_counter()
+                    client.list_models()
+                    direct.append(time.perf_counter() - started)
+                (a50, a99), (d50, d99) = percentiles(api), percentiles(direct)
+                ratio_line(f"GET /api/v2/models, {label}: p50", a50 * 1000, d50 * 1000, "ms", higher_is_better=False)
+                ratio_line(f"GET /api/v2/models, {label}: p99", a99 * 1000, d99 * 1000, "ms", higher_is_better=False)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _latencies_direct(client: ModelBusClient, n: int) -> list[float]:
+    got: list[float] = []
+    stop = threading.Event()
+    sub = client.subscribe(types=["bench_tick"], stop=stop.is_set, block_ms=200)
+
+    def consume() -> None:
+        for d in sub:
+            got.append(time.perf_counter() - d.event.payload["t"])  # type: ignore[attr-defined]
+            if len(got) >= n:
+                return
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    _publish(client, n)
+    t.join(60)
+    stop.set()
+    return got
+
+
+def _latencies_sse(client: ModelBusClient, base: str, n: int) -> list[float]:
+    got: list[float] = []
+    since = client.store.head("activity")
+
+    def consume() -> None:
+        with httpx.stream("GET", f"{base}/api/v2/events", params={"types": "bench_tick", "since": since},
+                          timeout=60) as r:
+            import orjson
+            for message in read_events(r):
+                got.append(time.perf_counter() - orjson.loads(message["data"])["event"]["payload"]["t"])
+                if len(got) >= n:
+                    return
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    _publish(client, n)
+    t.join(60)
+    return got
+
+
+def _publish(client: ModelBusClient, n: int) -> None:
+    for _ in range(n):
+        client.store.publish_activity("bench_tick", {"t": time.perf_counter()})
+        time.sleep(0.005)  # spaced: latency, not throughput
+
+
+def bench_sse(url: str) -> None:
+    client = _client(url)
+    n = scale(300)
+    server, thread, base = serve(create_app(client.config, client=client))
+    try:
+        sse = _latencies_sse(client, base, n)
+        direct = _latencies_direct(client, n)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    (s50, s99), (d50, d99) = percentiles(sse), percentiles(direct)
+    ratio_line("SSE event delivery latency p50", s50 * 1000, d50 * 1000, "ms", higher_is_better=False)
+    ratio_line("SSE event delivery latency p99", s99 * 1000, d99 * 1000, "ms", higher_is_better=False)
+
+
+def main() -> int:
+    from events.logs import configure_logging
+    configure_logging("console", "WARNING")
+    with bench_redis() as url:
+        bench_install(url)
+        bench_list(url)
+        bench_sse(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Subscriptions: both streams merged in order, type filters, resume tokens, and surviving a Redis restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from events.embedded import find_redis_server, free_port
+from events.schema import InstallRequested
+from events.store import RedisEventStore
+from services.client import AsyncModelBusClient, Cursor, InvalidRequestError, ModelBusClient, UnavailableError
+from services.config import AppConfig
+
+
+def _request(store: RedisEventStore, n: int) -> str:
+    return store.append([InstallRequested(aggregate_id=f"job-{n}", source=f"/m/{n}")]).positions[0]
+
+
+def test_history_merges_both_streams_in_order(client: ModelBusClient) -> None:
+    store = client.store
+    _request(store, 1)
+    store.publish_activity("download_progress", {"n": 1})
+    _request(store, 2)
+    store.publish_activity("model_load_started", {"n": 2})
+    seen = client.events(since="0")
+    assert [d.type for d in seen] == ["InstallRequested", "download_progress", "InstallRequested",
+                                      "model_load_started"]
+    assert [d.stream for d in seen] == ["events", "activity", "events", "activity"]
+    only = client.events(types=["model_load_started", "InstallRequested"], since="0")
+    assert [d.type for d in only] == ["InstallRequested", "InstallRequested", "model_load_started"]
+    # the token of the second delivery resumes right after it
+    after = client.events(since=str(seen[1].cursor))
+    assert [d.position for d in after] == [d.position for d in seen[2:]]
+
+
+def test_live_subscription_filters_and_resumes(client: ModelBusClient) -> None:
+    store = client.store
+    _request(store, 0)  # before the subscription: "$" must not deliver it
+    got: list[str] = []
+    stop = threading.Event()
+    sub = client.subscribe(types=["model_load_completed"], stop=stop.is_set, block_ms=100)
+    first = next_in_thread(sub, lambda: (store.publish_activity("download_progress", {}),
+                                         store.publish_activity("model_load_completed", {"k": "a"})))
+    got.append(first.event.payload["k"])  # type: ignore[attr-defined]
+    token = str(first.cursor)
+    store.publish_activity("model_load_completed", {"k": "b"})
+    resumed = client.subscribe(types=["model_load_completed"], since=token, block_ms=100)
+    assert next(resumed).event.payload["k"] == "b"  # type: ignore[attr-defined]
+    stop.set()
+
+
+def next_in_thread(sub, action):  # type: ignore[no-untyped-def]
+    """Start waiting on ``sub``, then run ``action``: the event must arrive after the wait began."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(next(sub)))
+    t.start()
+    time.sleep(0.3)
+    action()
+    t.join(10)
+    assert box, "no event delivered"
+    return box[0]
+
+
+def test_bad_position_is_rejected(client: ModelBusClient) -> None:
+    with pytest.raises(InvalidRequestError, match="not an event position"):
+        client.events(since="yesterday")
+    assert Cursor.parse("5") == Cursor("5-0", "5-0")
+
+
+class _Server:
+    """A redis-server of our own, so the test can stop and restart it (same port, same AOF)."""
+
+    def __init__(self, data: Path) -> None:
+        self.data, self.port, self.proc = data, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.data), "--appendonly", "yes", "--save", ""],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        for _ in range(200):
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+
+
+def test_subscription_survives_a_redis_restart(tmp_path: Path) -> None:
+    server = _Server(tmp_path)
+    server.start()
+    try:
+        config = AppConfig.load(root=tmp_path, redis_url=server.url, namespace="restart")
+        client = ModelBusClient(config)
+        store = client.store
+        delivered: list[str] = []
+        stop = threading.Event()
+
+        def consume() -> None:
+            for d in client.subscribe(types=["InstallRequested"], since="0", stop=stop.is_set, block_ms=100):
+                delivered.append(d.event.aggregate_id)
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        for n in range(3):
+            _request(store, n)
+        _wait_for(lambda: len(delivered) == 3)
+        server.stop()
+        time.sleep(0.5)  # the subscriber is now retrying against a dead server
+        server.start()
+        for n in range(3, 6):
+            _request(store, n)
+        _wait_for(lambda: len(delivered) == 6)
+        stop.set()
+        thread.join(5)
+        assert delivered == [f"job-{n}" for n in range(6)]  # every event once, in order
+    finally:
+        server.stop()
+
+
+def test_subscription_gives_up_after_its_reconnect_timeout(tmp_path: Path) -> None:
+    server = _Server(tmp_path)
+    server.start()
+    client = ModelBusClient(AppConfig.load(root=tmp_path, redis_url=server.url, namespace="gone"))
+    sub = client.subscribe(since="0", block_ms=100, reconnect_timeout=0.5)
+    _ = client.store  # opened while the server is up
+    server.stop()
+    with pytest.raises(UnavailableError, match="unreachable"):
+        next(sub)
+
+
+def test_async_client_subscribes_and_calls(client: ModelBusClient) -> None:
+    aclient = AsyncModelBusClient(client=client)
+
+    async def scenario() -> tuple[str, list[str]]:
+        stream = aclient.subscribe(types=["model_load_started"], block_ms=100)
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(client.store.publish_activity, "model_load_started", {"k": "x"})
+        first = await asyncio.wait_for(task, 10)
+        await stream.aclose()
+        past = await aclient.events(since="0")
+        return first.event.payload["k"], [d.type for d in past]  # type: ignore[attr-defined]
+
+    key, past = asyncio.run(scenario())
+    assert key == "x" and past == ["model_load_started"]
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

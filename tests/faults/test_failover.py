@@ -1,0 +1,97 @@
+"""The Redis primary killed while writers work with durability ``replicated``: Sentinel promotes a
+replica, the writer processes (record service, URL ``redis+sentinel://``) follow it and carry on, a
+subscriber keeps reading, and no acknowledged event is lost or doubled."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from events.schema import ModelAdded
+from events.sentinel import connect_sentinel
+from events.store import RedisEventStore, StoredEvent
+from tests.deploy.redis_ha import RedisHA, redis_server_binary
+from tests.faults.test_redis_outages import PER_WRITER, WRITERS, Writer
+
+pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not on PATH")
+
+
+@pytest.fixture()
+def ha(tmp_path: Path) -> Iterator[RedisHA]:
+    # two replicas: after the failover one is left to answer WAIT 1
+    cluster = RedisHA(tmp_path / "ha", replicas=2)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(150)
+def test_primary_killed_replica_promoted_nothing_acknowledged_lost(ha: RedisHA, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELBUS_DURABILITY", "replicated")
+    monkeypatch.setenv("MODELBUS_REPLICAS", "1")
+    namespace = f"failover-{uuid.uuid4().hex[:8]}"
+    client = connect_sentinel(ha.url, socket_timeout=2, socket_connect_timeout=1)
+    store = RedisEventStore(client, namespace, retry_deadline=45)
+    seen: list[StoredEvent] = []
+    stop = threading.Event()
+
+    def follow() -> None:
+        for stored in store.subscribe(since="0-0", block_ms=200, stop=stop.is_set):
+            seen.append(stored)
+
+    subscriber = threading.Thread(target=follow, daemon=True)
+    subscriber.start()
+
+    class HA:  # what Writer needs of a server: its URL
+        url = ha.url
+
+    writers = [Writer(HA, namespace, tmp_path, f"f{i}") for i in range(WRITERS)]  # type: ignore[arg-type]
+    try:
+        for w in writers:
+            assert w.ready.wait(60), "writer did not start"
+        deadline = time.monotonic() + 30
+        while min(len(w.acked) for w in writers) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        acked_at_kill = sum(len(w.acked) for w in writers)
+        old = ha.kill_primary()
+        killed_at = time.monotonic()
+        new = ha.wait_for_promotion(timeout=30)
+        promoted_after = time.monotonic() - killed_at
+        for w in writers:
+            w.join(timeout=90)
+    finally:
+        for w in writers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    acked = [k for w in writers for k in w.acked]
+    errors = [e for w in writers for e in w.errors]
+    log = list(store.read_all())
+    per_key = collections.Counter(s.event.aggregate_id for s in log if isinstance(s.event, ModelAdded))
+    deadline = time.monotonic() + 20
+    while len(seen) < len(log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    subscriber.join(timeout=10)
+    lost = sorted(set(acked) - set(per_key))
+    doubled = sorted(k for k, n in per_key.items() if n > 1)
+    # the appends after the failover waited for a replica (WAIT ran on the new primary)
+    waits = int(new.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+    print(f"\n[failover, durability replicated] {acked_at_kill} adds acknowledged before SIGKILL of the primary "
+          f"(port {old.port}); replica {new.port} promoted after {promoted_after:.1f} s; {len(acked)} of "
+          f"{WRITERS * PER_WRITER} acknowledged in all, {len(errors)} errors; log holds {len(per_key)} models; "
+          f"lost {len(lost)}, doubled {len(doubled)}; subscriber saw {len(seen)} of {len(log)}; "
+          f"{waits} WAIT calls on the new primary")
+    assert errors == [], errors[:5]
+    assert lost == [] and doubled == []
+    assert len(acked) == WRITERS * PER_WRITER
+    assert [s.position for s in seen] == [s.position for s in log]
+    assert ha.live_primaries() == [new.port]
+    assert waits > 0
