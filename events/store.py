@@ -90,8 +90,13 @@ class EventStore(ABC):
         """Append an operational event to the capped activity stream; returns its position."""
 
     @abstractmethod
+    def poll(self, after: str, stream: Stream, block_ms: int) -> tuple[list[StoredEvent], str]:
+        """Block up to ``block_ms`` for entries after ``after``: the decoded events and the position of
+        the last entry seen, undecodable ones included (so a reader moves past them)."""
+
     def wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
         """Block up to ``block_ms`` for events after ``after``."""
+        return self.poll(after, stream, block_ms)[0]
 
     def read_all(self, after: str = "0-0", stream: Stream = "events") -> Iterator[StoredEvent]:
         while True:
@@ -112,10 +117,12 @@ class EventStore(ABC):
         wanted = set(types) if types else None
         last = self.head(stream) if since == "$" else since
         while not (stop and stop()):
-            for stored in self.wait(last, stream, block_ms):
+            batch, cursor = self.poll(last, stream, block_ms)
+            for stored in batch:
                 last = stored.position
                 if wanted is None or _type_of(stored.event) in wanted:
                     yield stored
+            last = cursor
 
     def publish_activity(self, kind: str, payload: dict[str, Any], source: str = "modelbus",
                          correlation_id: str | None = None) -> str:
@@ -134,6 +141,13 @@ def _check_batch(events: Sequence[Event]) -> str:
     if any(e.aggregate_id != aggregate for e in events):
         raise EventStoreError("all events of one append must share one aggregate id")
     return aggregate
+
+
+def _last_id(entries: Sequence[tuple[Any, Any]], default: str) -> str:
+    if not entries:
+        return default
+    raw = entries[-1][0]
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _decode_entries(entries: Iterable[tuple[Any, Any]]) -> list[StoredEvent]:
@@ -241,8 +255,12 @@ class RedisEventStore(EventStore):
 
     def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
         key = self._stream_key(stream)
-        entries = self._call(lambda: self.client.xrange(key, min=f"({after}", count=count))
-        return _decode_entries(entries)
+        while True:
+            entries = self._call(lambda: self.client.xrange(key, min=f"({after}", count=count))
+            decoded = _decode_entries(entries)
+            if decoded or not entries:
+                return decoded
+            after = _last_id(entries, after)  # a whole batch of bad entries: read on past them
 
     def history(self, aggregate_id: str) -> list[StoredEvent]:
         ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
@@ -262,10 +280,11 @@ class RedisEventStore(EventStore):
                                                    maxlen=self.activity_maxlen, approximate=True))
         return raw.decode() if isinstance(raw, bytes) else raw
 
-    def wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
+    def poll(self, after: str, stream: Stream, block_ms: int) -> tuple[list[StoredEvent], str]:
         key = self._stream_key(stream)
         reply = self._call(lambda: self.client.xread({key: after}, count=defaults.READ_BATCH, block=block_ms))
-        return [e for _, entries in (reply or []) for e in _decode_entries(entries)]
+        entries = [entry for _, items in (reply or []) for entry in items]
+        return _decode_entries(entries), _last_id(entries, after)
 
     # --- consumer groups: each event to one member, with ack and reclaim ------------------------
 
@@ -393,7 +412,11 @@ class InMemoryEventStore(EventStore):
             self._cond.notify_all()
             return stored.position
 
-    def wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
+    def poll(self, after: str, stream: Stream, block_ms: int) -> tuple[list[StoredEvent], str]:
+        found = self._wait(after, stream, block_ms)
+        return found, (found[-1].position if found else after)
+
+    def _wait(self, after: str, stream: Stream, block_ms: int) -> list[StoredEvent]:
         deadline = time.monotonic() + block_ms / 1000
         with self._cond:
             while True:

@@ -24,7 +24,9 @@ def sanitize_filename(name: str, fallback: str = "download") -> str:
     name = unicodedata.normalize("NFC", name)
     # keep only the last component of either separator style: a server may send "../../x" or "C:\\x"
     name = re.split(r"[/\\]", name)[-1]
-    name = _BAD_CHARS.sub("_", name).strip().strip(".").strip()
+    name = _BAD_CHARS.sub("_", name)
+    # strip dots and spaces together: ". . ." must not survive as "." (the folder itself) or a dot-file
+    name = name.strip(". \t")
     if name.split(".")[0].lower() in _RESERVED:
         name = "_" + name
     if len(name.encode()) > _MAX_NAME:

@@ -67,6 +67,17 @@ def parse_source(
     civitai_api: str | None = None,
 ) -> Source:
     """Classify ``text``; raises :class:`InvalidSourceError` naming what was expected."""
+    try:
+        return _parse_source(text, revision=revision, variant=variant, base_model=base_model,
+                             civitai_api=civitai_api)
+    except ValueError as exc:  # urlsplit on a broken IPv6 host, int() of an absurdly long id...
+        if isinstance(exc, InvalidSourceError):
+            raise
+        raise InvalidSourceError(f"{(text or '')[:200]!r} is not a valid download source: {exc}") from exc
+
+
+def _parse_source(text: str, *, revision: str | None, variant: str | None, base_model: str | None,
+                  civitai_api: str | None) -> Source:
     text = (text or "").strip()
     if not text:
         raise InvalidSourceError("empty download source")

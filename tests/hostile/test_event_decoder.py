@@ -197,8 +197,6 @@ class _Collect:
         self.rows = []
 
 
-@pytest.mark.xfail(strict=True, reason="EventStore.read returns [] when a whole XRANGE batch (READ_BATCH "
-                   "entries) is undecodable, so read_all and ProjectionRunner.catch_up stop before later events")
 def test_a_batch_of_malformed_entries_does_not_end_the_log(event_store: RedisEventStore) -> None:
     from events import defaults
 
@@ -217,8 +215,6 @@ def test_a_batch_of_malformed_entries_does_not_end_the_log(event_store: RedisEve
     assert [s.position for s in projection.rows] == first + after
 
 
-@pytest.mark.xfail(strict=True, reason="EventStore.subscribe keeps its position at the last *decoded* event: "
-                   "a malformed entry at the tail makes it re-XREAD without blocking (a hot loop)")
 def test_a_malformed_tail_does_not_make_subscribers_spin(event_store: RedisEventStore) -> None:
     client = redis.Redis.from_url(event_store.url or "")
     start = event_store.append([ModelAdded(aggregate_id="a", config={})]).positions[0]
@@ -240,8 +236,6 @@ def test_a_malformed_tail_does_not_make_subscribers_spin(event_store: RedisEvent
     assert calls < 100
 
 
-@pytest.mark.xfail(strict=True, reason="subscribe never moves past READ_BATCH malformed entries in a row: "
-                   "the events after them are never delivered")
 def test_subscriber_gets_past_a_long_run_of_malformed_entries(event_store: RedisEventStore) -> None:
     from events import defaults
 

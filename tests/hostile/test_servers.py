@@ -111,8 +111,6 @@ def test_content_disposition_cannot_place_a_file_outside(cfg: AppConfig, tmp_pat
     assert not found[1][7:].startswith(".")
 
 
-@pytest.mark.xfail(strict=True, reason="sanitize_filename('. . .') is '.', so the file is written at the "
-                   "destination folder's own path, its .part next to it in the parent folder")
 def test_a_dots_and_spaces_name_stays_inside(cfg: AppConfig, tmp_path: Path) -> None:
     dest = tmp_path / "work" / "models"
     with FileServer() as files:

@@ -28,8 +28,6 @@ source_text = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="parse_source lets plain ValueError out: urlsplit('http://[::1/x') "
-                   "(Invalid IPv6 URL) and int() of a >4300-digit Civitai id")
 @FUZZ
 @given(text=source_text, revision=st.none() | st.text(max_size=8), variant=st.none() | st.text(max_size=8))
 @example(text="http://[::1/x", revision=None, variant=None)
@@ -62,8 +60,6 @@ names = st.one_of(st.text(max_size=60), st.sampled_from(TRAVERSALS),
                            max_size=10).map("".join))
 
 
-@pytest.mark.xfail(strict=True, reason="sanitize_filename strips dots before spaces: '. . .' becomes '.' "
-                   "and '. .0' the dot-file '.0'")
 @FUZZ
 @given(name=names)
 @example(name=". . .")
@@ -87,8 +83,6 @@ def test_part_paths_are_refused_or_stay_inside(path: str, tmp_path: Path) -> Non
     assert _inside(tmp_path, rel)
 
 
-@pytest.mark.xfail(strict=True, reason="choose_filename gives '.' for Content-Disposition filename='. . .' "
-                   "(sanitize_filename strips dots before spaces)")
 @FUZZ
 @given(name=names, star=st.booleans())
 @example(name=". . .", star=False)
