@@ -58,6 +58,7 @@ class Stack:
             stop["flag"] = True
 
         signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)  # also when started in the background (SIGINT inherited as ignored)
         try:
             while not stop["flag"]:
                 dead = [p for p in self.processes if p.poll() is not None]

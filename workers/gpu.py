@@ -27,7 +27,7 @@ def _load_service(context: WorkerContext) -> Any:
     def publish(kind: str, payload: dict[str, Any]) -> None:
         context.store.publish_activity(kind, {"worker": worker, **payload}, source=worker)
 
-    return ModelLoadService(context.config, records, publisher=publish)
+    return ModelLoadService(context.config, records, publisher=publish, worker_id=worker)
 
 
 def load_service() -> Any:
