@@ -45,7 +45,7 @@ def test_primary_killed_replica_promoted_nothing_acknowledged_lost(ha: RedisHA, 
 
     def follow() -> None:
         for stored in store.subscribe(since="0-0", block_ms=200, stop=stop.is_set):
-            seen.append(stored)
+            seen.append(stored)  # noqa: PERF402 (seen is read while this runs)
 
     subscriber = threading.Thread(target=follow, daemon=True)
     subscriber.start()

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import orjson
-import pytest
 import redis
 import structlog
 from hypothesis import HealthCheck, given, settings

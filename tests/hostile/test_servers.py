@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService
+from services.download import DownloadQueueService
 from tests.download.conftest import fast_options
 from tests.servers import CivitaiServer, FileServer, HFServer
 from tests.servers.hf_server import RepoFileEntry
@@ -100,7 +100,7 @@ def test_content_disposition_cannot_place_a_file_outside(cfg: AppConfig, tmp_pat
     dest = tmp_path / "work" / "models"
     with FileServer() as files:
         url = files.add_file("dl/123", DATA, disposition=header)
-        status, error_type, error = _download(cfg, url, dest)
+        status, _, error = _download(cfg, url, dest)
     found = _tree(tmp_path / "work")
     print(f"\nContent-Disposition {header!r}: job {status}; files under work: {found}")
     if status == "error":
@@ -115,7 +115,7 @@ def test_a_dots_and_spaces_name_stays_inside(cfg: AppConfig, tmp_path: Path) -> 
     dest = tmp_path / "work" / "models"
     with FileServer() as files:
         url = files.add_file("dl/123", DATA, disposition='attachment; filename=". . ."')
-        status, error_type, error = _download(cfg, url, dest)
+        status, error_type, _ = _download(cfg, url, dest)
     found = _tree(tmp_path / "work")
     print(f"\nContent-Disposition '. . .': job {status} ({error_type}); under work: {found}")
     assert dest.is_dir() and len(found) == 2 and found[1].startswith("models/")

@@ -1,0 +1,99 @@
+"""Horizontal scaling: the same hash-heavy install load (distinct LoRA files installed from local
+paths: a copy into staging, an imohash key, a BLAKE3 hash and a probe each) run by 1, 2 and 4 worker
+processes (``python -m workers --queues install,download,hash``). Prints models/s and each figure as
+a ratio against one worker, measured in the same run.
+
+    .venv/bin/python tests/bench/bench_scaling.py        # MODELBUS_BENCH_SCALE=2 doubles the load
+
+The workers are started and registered before the jobs are queued, so their start-up (torch import)
+is not counted; they are stopped warm (SIGTERM: the current job finishes) after each round.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import redis
+
+from events.embedded import EmbeddedRedis
+from services.install import InstallStatus
+from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
+from tests.install.conftest import _bus, make_service
+
+SCALE = float(os.environ.get("MODELBUS_BENCH_SCALE", "1"))
+MODELS = max(4, int(24 * SCALE))
+RANK = 3000  # about 20 MB per model
+WORKERS = (1, 2, 4)
+
+
+def _models(folder: Path, round_id: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = lora_kohya_shapes("sd-1", RANK)
+    return [write_checkpoint(folder / f"scale_{round_id}_{n}.safetensors", shapes,
+                             {"ss_network_module": "networks.lora", "n": f"{round_id}-{n}"})
+            for n in range(MODELS)]
+
+
+def _wait_registered(client: redis.Redis, count: int, timeout: float = 120) -> None:
+    from rq import Worker
+    deadline = time.monotonic() + timeout
+    while len(Worker.all(connection=client)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers did not register within {timeout} s")
+        time.sleep(0.1)
+
+
+def run_round(redis_url: str, workers: int, tmp: Path) -> float:
+    """Models installed per second by ``workers`` worker processes."""
+    (tmp / f"bus{workers}").mkdir(parents=True)
+    gen = _bus(redis_url, tmp / f"bus{workers}", start_workers=0)
+    bus = next(gen)
+    try:
+        service = make_service(bus)
+        paths = _models(tmp / f"src{workers}", f"w{workers}")
+        for i in range(workers):
+            bus.start_worker(name=f"scale-{workers}-{i}")
+        _wait_registered(service.event_store.client, workers)
+        start = time.perf_counter()
+        jobs = [service.heuristic_import(str(p)) for p in paths]
+        done = [service.wait_for_job(j, timeout=600) for j in jobs]
+        elapsed = time.perf_counter() - start
+        bad = [j for j in done if j.status is not InstallStatus.COMPLETED]
+        if bad:
+            raise RuntimeError(f"{len(bad)} installs failed: {bad[0].error_type}: {bad[0].error}")
+        service.record_store.close()
+        return MODELS / elapsed
+    finally:
+        bus.stop()  # SIGTERM: a warm stop
+        try:
+            next(gen)
+        except StopIteration:
+            pass
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="modelbus-bench-scaling-"))
+    server = EmbeddedRedis.ensure(tmp / "redis-root")
+    try:
+        print(f"bench_scaling: {MODELS} models of ~{RANK * 6.8 / 1000:.0f} MB installed from local paths, "
+              f"on a machine with {os.cpu_count()} CPU cores (more workers than cores cannot scale further)")
+        rates = {n: run_round(server.url, n, tmp / uuid.uuid4().hex[:6]) for n in WORKERS}
+        base = rates[WORKERS[0]]
+        for n, rate in rates.items():
+            print(f"  {n} worker{'s' if n > 1 else ' '}: {rate:6.2f} models/s   x{rate / base:.2f} vs 1 worker")
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
