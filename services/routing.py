@@ -89,3 +89,51 @@ def wait_result(job: Job, timeout: float = 600.0) -> Any:
         if time.monotonic() > deadline:
             raise RoutingError(f"GPU job {job.id} did not finish within {timeout:.0f}s (status {status})")
         time.sleep(0.02)
+
+
+MAX_REROUTES = 3
+
+
+def _alive(connection: Any, namespace: str, worker: str | None) -> bool:
+    return worker is None or bool(connection.exists(Keys(namespace).worker_state(worker)))
+
+
+def enqueue_on(connection: Any, namespace: str, func: str, args: tuple[Any, ...], worker: str | None) -> Job:
+    keys = Keys(namespace)
+    name = keys.worker_queue(worker) if worker else keys.queue("gpu")
+    return Queue(name, connection=connection).enqueue_call(func, args=args, timeout=GPU_JOB_TIMEOUT, result_ttl=3600)
+
+
+def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...], *, model_key: str,
+                worker: str | None = None, timeout: float = GPU_JOB_TIMEOUT) -> tuple[Job, Any]:
+    """Place a GPU job (affinity first), wait for it, and re-route it when its worker dies.
+
+    A job sits on the chosen worker's own queue; if that worker's heartbeat stops (killed mid-load, or
+    before it took the job), the job is cancelled there and placed again on a live worker, so a load
+    finishes on another worker instead of waiting for a queue nobody reads.
+    """
+    deadline = time.monotonic() + timeout
+    dead: set[str] = set()
+    for _ in range(MAX_REROUTES + 1):
+        states = [s for s in worker_states(connection, namespace) if s["id"] not in dead]
+        target = choose_gpu_worker(states, model_key, worker)
+        job = enqueue_on(connection, namespace, func, args, target)
+        while True:
+            try:
+                return job, wait_result(job, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except RoutingError:
+                status = job.get_status(refresh=True)
+                if status in ("failed", "stopped", "canceled"):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+            if not _alive(connection, namespace, target):
+                if worker is not None:
+                    raise RoutingError(f"GPU worker {worker!r} stopped while running job {job.id}")
+                dead.add(str(target))
+                try:
+                    job.cancel()
+                except Exception:  # already gone from the dead worker's queue: nothing to cancel
+                    pass
+                break
+    raise RoutingError(f"{func} for {model_key}: every GPU worker it was sent to stopped")

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gpu" in queues:
         from workers.gpu import cache_state
         state = cache_state
-    heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state)
+    heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state, worker=worker)
     heartbeat.beat()
     heartbeat.start()
     log = structlog.get_logger("workers")

@@ -8,3 +8,4 @@ WORKER_STATE_TTL = 15            # s; a worker's published state expires unless 
 JOB_TIMEOUT = 6 * 3600           # s; downloads of large models take long
 JOB_RETRIES = 3
 RESULT_TTL = 24 * 3600
+GPU_EXECUTION_TTL = 20           # s; a GPU job whose worker stops renewing it this long is abandoned

@@ -37,14 +37,36 @@ def parse_queues(text: str | Sequence[str]) -> list[str]:
     return names
 
 
+class GpuWorker(SimpleWorker):
+    """A SimpleWorker (jobs in this process: the cache and CUDA survive) whose running job stays
+    alive through our heartbeat thread rather than a TTL as long as the job's timeout: RQ's
+    SimpleWorker sends no heartbeat while a job runs, so without this a killed GPU worker's job would
+    wait out its whole timeout before another worker took it."""
+
+    def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+        return defaults.GPU_EXECUTION_TTL
+
+    def renew(self) -> None:
+        """Extend this worker's and its running job's registrations (called by the heartbeat thread)."""
+        execution = getattr(self, "execution", None)
+        job = self.get_current_job() if execution is not None else None
+        if execution is None or job is None:
+            return  # idle: RQ's own loop keeps the worker registered
+        pipe = self.connection.pipeline()
+        self.heartbeat(defaults.GPU_EXECUTION_TTL, pipeline=pipe)
+        execution.heartbeat(job.started_job_registry, defaults.GPU_EXECUTION_TTL, pipe)
+        pipe.execute()
+
+
 class Heartbeat(threading.Thread):
     """Publishes this worker's state (queues, device, cache contents) every few seconds with a TTL."""
 
     def __init__(self, connection: Any, keys: Keys, name: str, queues: list[str],
-                 state: Any = None) -> None:
+                 state: Any = None, worker: Any = None) -> None:
         super().__init__(daemon=True, name="modelbus-heartbeat")
         self.connection, self.keys, self.worker_id, self.queues = connection, keys, name, queues
         self.state = state  # a callable returning extra fields (the GPU cache's contents)
+        self.worker = worker  # a GpuWorker whose running job this thread keeps registered
         self.stopped = threading.Event()
 
     def beat(self) -> None:
@@ -60,6 +82,8 @@ class Heartbeat(threading.Thread):
         pipe.set(self.keys.worker_state(self.worker_id), orjson.dumps(info), ex=defaults.WORKER_STATE_TTL)
         pipe.zadd(self.keys.workers, {self.worker_id: info["time"]})
         pipe.execute()
+        if isinstance(self.worker, GpuWorker):
+            self.worker.renew()
 
     def run(self) -> None:
         while not self.stopped.wait(defaults.HEARTBEAT_INTERVAL):
@@ -84,6 +108,6 @@ def build_worker(connection: Any, namespace: str, queue_names: list[str], name: 
     if "gpu" in queue_names:
         names.insert(0, keys.worker_queue(name))  # jobs routed to this worker first
     queues = [Queue(n, connection=connection) for n in names]
-    cls = SimpleWorker if "gpu" in queue_names else Worker
+    cls = GpuWorker if "gpu" in queue_names else Worker
     return cls(queues, name=name, connection=connection, maintenance_interval=defaults.MAINTENANCE_INTERVAL,
                worker_ttl=defaults.WORKER_TTL, job_monitoring_interval=defaults.JOB_MONITORING_INTERVAL)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from rq import Queue
 from rq.job import Job
 
 from services import routing
@@ -158,12 +157,8 @@ class Features:
     def _enqueue(self, func: str, args: tuple[Any, ...], worker: str | None) -> Job:
         """Enqueue a GPU job on a worker's own queue (None: the shared ``gpu`` queue).
 
-        Not ``routing.enqueue_gpu``: with RQ 3 it passes positional args together with ``kwargs=``,
-        which RQ refuses (reported to the lead); the choice of worker is routing's."""
-        keys = self.client.store.keys
-        name = keys.worker_queue(worker) if worker else keys.queue("gpu")
-        return Queue(name, connection=self.client.redis).enqueue_call(
-            func, args=args, timeout=routing.GPU_JOB_TIMEOUT, result_ttl=3600)
+        The choice of worker is routing's."""
+        return routing.enqueue_on(self.client.redis, self.client.config.namespace, func, args, worker)
 
     def load(self, key: str, submodel: str | None, worker: str | None, wait: bool,
              timeout: float | None) -> dict[str, Any]:
@@ -172,11 +167,14 @@ class Features:
             # waiting on a queue nobody reads would only time out: say why now
             raise UnavailableError("no GPU worker is running (start one: modelbus worker --queues gpu)")
         with _translated():
-            target = routing.choose_gpu_worker(gpu, key, worker)
-            job = self._enqueue(routing.LOAD_JOB, (key, submodel), target)
             if not wait:
+                target = routing.choose_gpu_worker(gpu, key, worker)
+                job = self._enqueue(routing.LOAD_JOB, (key, submodel), target)
                 return {"key": key, "state": "queued", "job_id": job.id, "submodel": submodel}
-            result = routing.wait_result(job, timeout if timeout is not None else routing.GPU_JOB_TIMEOUT)
+            job, result = routing.run_gpu_job(
+                self.client.redis, self.client.config.namespace, routing.LOAD_JOB, (key, submodel),
+                model_key=key, worker=worker,
+                timeout=timeout if timeout is not None else routing.GPU_JOB_TIMEOUT)
         return {"key": key, "state": "loaded", "job_id": job.id, **result}
 
     def unload(self, key: str, worker: str | None) -> dict[str, Any]:
