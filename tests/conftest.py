@@ -12,9 +12,17 @@ from pathlib import Path
 
 import pytest
 import redis
+import structlog
 
 from events.embedded import EmbeddedRedis
 from events.store import RedisEventStore
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A test that runs the CLI or a worker in-process configures structlog; the next one starts clean."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
