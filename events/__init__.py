@@ -1,7 +1,11 @@
 """The event layer: schema, the Redis-streams event store, projections, embedded Redis."""
 
 from events.errors import (
-    ConcurrencyError, EmbeddedRedisError, EventDecodeError, EventStoreError, StoreUnavailableError,
+    ConcurrencyError,
+    EmbeddedRedisError,
+    EventDecodeError,
+    EventStoreError,
+    StoreUnavailableError,
     UniqueConstraintError,
 )
 from events.keys import Keys

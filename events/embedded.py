@@ -29,7 +29,7 @@ from events.errors import EmbeddedRedisError
 log = structlog.get_logger(__name__)
 
 STATE_FILE = "server.json"
-_STARTED: dict[str, "EmbeddedRedis"] = {}  # one server per root per process
+_STARTED: dict[str, EmbeddedRedis] = {}  # one server per root per process
 
 
 def find_redis_server() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -116,11 +116,9 @@ class Activity(Event):
 
 
 DomainEvent = Annotated[
-    Union[
-        ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved,
-        InstallRequested, InstallStarted, InstallDownloaded, InstallCompleted, InstallFailed, InstallCancelled,
-        Activity,
-    ],
+    ModelAdded | ModelUpdated | ModelRenamed | ModelRemoved
+    | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled
+    | Activity,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(DomainEvent)

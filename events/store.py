@@ -12,6 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
@@ -19,9 +20,13 @@ import redis
 import structlog
 
 from events import defaults
-from events.codec import decode, encode
+from events.codec import decode, encode, encode_body
 from events.errors import (
-    ConcurrencyError, EventDecodeError, EventStoreError, ReplicationError, StoreUnavailableError,
+    ConcurrencyError,
+    EventDecodeError,
+    EventStoreError,
+    ReplicationError,
+    StoreUnavailableError,
     UniqueConstraintError,
 )
 from events.keys import Keys
@@ -176,6 +181,7 @@ class RedisEventStore(EventStore):
         self.replicas = replicas
         self.retry_deadline = retry_deadline
         self._append = client.register_script(APPEND)
+        self._append_keys = (self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "modelbus", **kwargs: Any) -> RedisEventStore:
@@ -210,17 +216,15 @@ class RedisEventStore(EventStore):
         aggregate = _check_batch(events)
         args: list[Any] = [aggregate, "" if expected_version is None else expected_version,
                            idempotency_key or events[0].event_id, len(events)]
-        for e in events:
-            f = encode(e)
-            args += [f["type"], f["v"], f["time"], f["corr"], f["id"], f["body"]]
-        claims = dict(claims or {})
-        args.append(len(claims))
-        for field, owner in claims.items():
-            args += [field, owner]
+        for e in events:  # the fields of codec.encode but the aggregate id, which the script writes once
+            args += (e.type, e.schema_version, e.time.isoformat(), e.correlation_id or "", e.event_id,
+                     encode_body(e))
+        args.append(len(claims or ()))
+        for field, owner in (claims or {}).items():
+            args += (field, owner)
         args.append(len(releases))
-        args += list(releases)
-        keys = [self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique,
-                self.keys.aggregate_index(aggregate)]
+        args += releases
+        keys = [*self._append_keys, self.keys.aggregate_index(aggregate)]
         def append_and_replicate() -> tuple[int, bytes]:
             # one step for the retry loop: after a failover the append is repeated (the idempotency key
             # makes that safe) so that WAIT counts replicas of the server that holds the event now
@@ -256,7 +260,7 @@ class RedisEventStore(EventStore):
     def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
         key = self._stream_key(stream)
         while True:
-            entries = self._call(lambda: self.client.xrange(key, min=f"({after}", count=count))
+            entries = self._call(partial(self.client.xrange, key, min=f"({after}", count=count))
             decoded = _decode_entries(entries)
             if decoded or not entries:
                 return decoded

@@ -26,10 +26,11 @@ class ConfigError(ValueError):
     """A configuration value could not be used; the message names the variable and the value."""
 
 
-def parse_size(value: int | float | str) -> int:
+def parse_size(value: float | str) -> int:
     """Parse a byte size such as ``32G``, ``512MiB``, ``1.5g`` or a plain integer."""
     if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
+        # ValueError, not TypeError: pydantic turns only ValueError raised in a validator into a field error
+        raise ValueError(f"not a size: {value!r}")  # noqa: TRY004
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"size must not be negative: {value!r}")

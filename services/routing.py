@@ -11,7 +11,10 @@ import time
 from typing import Any
 
 import orjson
+import redis
+import structlog
 from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from events.keys import Keys
@@ -20,6 +23,8 @@ LOAD_JOB = "workers.gpu.load_job"
 UNLOAD_JOB = "workers.gpu.unload_job"
 STATS_JOB = "workers.gpu.stats_job"
 GPU_JOB_TIMEOUT = 1800
+
+log = structlog.get_logger(__name__)
 
 
 class RoutingError(Exception):
@@ -133,7 +138,8 @@ def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...
                 dead.add(str(target))
                 try:
                     job.cancel()
-                except Exception:  # already gone from the dead worker's queue: nothing to cancel
-                    pass
+                except (InvalidJobOperation, NoSuchJobError, redis.RedisError) as exc:
+                    # already cancelled or gone with the dead worker's queue: nothing left to cancel
+                    log.debug("dead_worker_job_not_cancelled", job=job.id, error=str(exc))
                 break
     raise RoutingError(f"{func} for {model_key}: every GPU worker it was sent to stopped")

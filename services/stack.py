@@ -3,6 +3,7 @@ process per queue, and the HTTP API when it is available. Ctrl-C stops them all.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -36,11 +37,11 @@ class Stack:
                    MODELBUS_ROOT=str(self.config.root))
         for queues in self.worker_queues:
             cmd = [sys.executable, "-m", "workers", "--queues", queues]
-            self.processes.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
+            self.processes.append(_spawn(cmd, env))
         if self.with_api and _api_available():
             cmd = [sys.executable, "-m", "uvicorn", "services.api:create_app", "--factory",
                    "--host", self.config.api_host, "--port", str(self.config.api_port), "--log-level", "warning"]
-            self.processes.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
+            self.processes.append(_spawn(cmd, env))
 
     def describe(self) -> list[str]:
         lines = [f"redis:     {self.redis_url} (namespace {self.config.namespace})",
@@ -84,13 +85,28 @@ class Stack:
                 p.kill()
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not a glibc Linux: no parent-death signal, `wait` still stops the children
+        return None
+
+
+# loaded in the parent, so that the forked child makes a single prctl call before exec (nothing that
+# could wait on a lock another thread of the parent held at fork time)
+_LIBC = _load_libc()
+
+
 def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM when `modelbus up` dies, even by SIGKILL (no orphaned workers)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # preexec_fn is the only way to PR_SET_PDEATHSIG (Popen has no option for it); the function makes one
+    # async-signal-safe system call, which is what the warning about threads asks of it
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
 
 
 def _api_available() -> bool:

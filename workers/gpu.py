@@ -87,7 +87,7 @@ def _free_vram(device: str | None) -> int | None:
         if device and device.startswith("cuda") and torch.cuda.is_available():
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             return int(free)
-    except Exception:
+    except (ImportError, RuntimeError, ValueError):  # no torch, or a device CUDA cannot query
         return None
     return None
 

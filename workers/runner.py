@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import redis
 import structlog
 from rq import Queue, SimpleWorker, Worker
+from rq.worker import BaseWorker
 
 from events.keys import QUEUES, Keys
 from workers import defaults
@@ -76,7 +78,7 @@ class Heartbeat(threading.Thread):
         if self.state is not None:
             try:
                 info.update(self.state())
-            except Exception as exc:  # a broken state probe must not kill the heartbeat
+            except Exception as exc:  # noqa: BLE001 - a probe of worker state must never kill the heartbeat
                 info["state_error"] = str(exc)
         pipe = self.connection.pipeline()
         pipe.set(self.keys.worker_state(self.worker_id), orjson.dumps(info), ex=defaults.WORKER_STATE_TTL)
@@ -89,7 +91,8 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(defaults.HEARTBEAT_INTERVAL):
             try:
                 self.beat()
-            except Exception as exc:  # Redis may be restarting: keep beating
+            except Exception as exc:  # noqa: BLE001 - Redis may be restarting, and a heartbeat thread that
+                # died would make a live worker look dead: it outlives any failure
                 log.warning("heartbeat_failed", error=str(exc))
 
     def stop(self) -> None:
@@ -97,11 +100,11 @@ class Heartbeat(threading.Thread):
         try:
             self.connection.delete(self.keys.worker_state(self.worker_id))
             self.connection.zrem(self.keys.workers, self.worker_id)
-        except Exception:
-            pass
+        except redis.RedisError as exc:  # the state expires by itself (WORKER_STATE_TTL)
+            log.debug("worker_state_not_removed", worker=self.worker_id, error=str(exc))
 
 
-def build_worker(connection: Any, namespace: str, queue_names: list[str], name: str | None = None) -> Worker:
+def build_worker(connection: Any, namespace: str, queue_names: list[str], name: str | None = None) -> BaseWorker:
     keys = Keys(namespace)
     name = name or worker_name()
     names = [keys.queue(q) for q in queue_names]

@@ -4,6 +4,7 @@ but /healthz and /metrics needs ``Authorization: Bearer <token>``."""
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -12,7 +13,7 @@ bearer = HTTPBearer(auto_error=False, description="the value of MODELBUS_API_TOK
 
 
 def require_token(request: Request,
-                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     expected: str | None = request.app.state.config.api_token
     if not expected:
         return

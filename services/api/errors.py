@@ -36,7 +36,7 @@ from services.records.errors import RecordConflictError, RecordServiceError
 
 log = structlog.get_logger(__name__)
 
-STATUS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     ((UnknownModelException, NotFoundError), 404),
     ((DuplicateModelException, RecordConflictError, DuplicateInstallError), 409),
     ((InvalidModelConfigException, InvalidRequestError, ConfigError, ModelIdentificationError, InstallError,
@@ -109,12 +109,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _library_error)
 
 
+#: the ``responses`` of a FastAPI route: status -> its OpenAPI description
+Responses = dict[int | str, dict[str, Any]]
+
 # the error statuses every route may answer, for the OpenAPI document
-COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+COMMON_RESPONSES: Responses = {
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
     404: {"model": ErrorResponse, "description": "unknown model key, install job or worker"},
     422: {"model": ErrorResponse, "description": "invalid request or model config"},
     503: {"model": ErrorResponse, "description": "Redis unreachable"},
 }
-NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown model key, job or worker"}}
-CONFLICT = {409: {"model": ErrorResponse, "description": "duplicate model key or path"}}
+NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "unknown model key, job or worker"}}
+CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path"}}

@@ -36,14 +36,12 @@ def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep pri
     types = [t for item in (type_ or []) for t in item.split(",") if t] or None
     emit = (lambda d: print_json_line(d.to_dict())) if json else (lambda d: console.print(_line(d), markup=False,
                                                                                           highlight=False))
-    seen = 0
     if not follow:
         for delivered in c.events(types=types, since=since or "0", limit=count or 1000):
             emit(delivered)
         return
-    for delivered in c.subscribe(types, since or "$"):
+    for seen, delivered in enumerate(c.subscribe(types, since or "$"), start=1):
         emit(delivered)
-        seen += 1
         if count is not None and seen >= count:
             return
 

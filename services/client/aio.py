@@ -12,7 +12,7 @@ import concurrent.futures
 import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 from services.client import defaults
 from services.client.core import ModelBusClient
@@ -47,7 +47,7 @@ class AsyncModelBusClient:
     def config(self) -> Any:
         return self.sync.config
 
-    async def __aenter__(self) -> AsyncModelBusClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import orjson
 import redis
@@ -77,7 +78,7 @@ class ModelBusClient:
                 self._records.close()
                 self._records = None
 
-    def __enter__(self) -> ModelBusClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -211,8 +212,10 @@ class ModelBusClient:
 
     def queue_lengths(self) -> dict[str, int]:
         keys = self.store.keys
-        return {name: self._redis_call(lambda n=name: Queue(keys.queue(n), connection=self.redis).count)
-                for name in QUEUES}
+
+        def count(name: str) -> int:
+            return int(Queue(keys.queue(name), connection=self.redis).count)
+        return {name: self._redis_call(partial(count, name)) for name in QUEUES}
 
     def ping(self) -> float:
         """Round-trip time to Redis in seconds; raises UnavailableError when it does not answer."""

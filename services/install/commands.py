@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from redis.client import Pipeline
 from rq import Callback, Queue, Retry
 from rq.job import Job
 
@@ -76,8 +77,7 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
         log.info("install_command_repeated", job=job_id)
         _ensure_enqueued(store, config, job_id, command.access_token)
         return job_id
-    _register(store, job_id)
-    enqueue_install(store, config, job_id, command.access_token)
+    _register_and_enqueue(store, config, job_id, command.access_token)
     log.info("install_submitted", job=job_id, source=command.source)
     return job_id
 
@@ -90,8 +90,7 @@ def _append_unclaimed(store: RedisEventStore, config: AppConfig, command: Instal
     except ConcurrencyError:
         return job_id
     if not result.duplicate:
-        _register(store, job_id)
-        enqueue_install(store, config, job_id, command.access_token)
+        _register_and_enqueue(store, config, job_id, command.access_token)
     return job_id
 
 
@@ -103,8 +102,18 @@ def _running_owner(store: RedisEventStore, owner: str) -> str | None:
     return None if job.terminal else job.id
 
 
-def _register(store: RedisEventStore, job_id: str) -> None:
-    store.client.zadd(store.keys.jobs, {job_id: time.time()}, nx=True)
+def _register(store: RedisEventStore, job_id: str, pipeline: Pipeline | None = None) -> None:
+    (pipeline if pipeline is not None else store.client).zadd(store.keys.jobs, {job_id: time.time()}, nx=True)
+
+
+def _register_and_enqueue(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
+    """The job index entry and the RQ job in one MULTI/EXEC: one round trip, and never one without the
+    other. (A crash before it is repaired by repeating the command: see ``_ensure_enqueued``.)"""
+    with store.client.pipeline(transaction=True) as pipe:
+        pipe.multi()  # explicit, as RQ expects of a pipeline it is given (else it calls multi() itself)
+        _register(store, job_id, pipe)
+        enqueue_install(store, config, job_id, token, pipeline=pipe)
+        pipe.execute()
 
 
 def _ensure_enqueued(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
@@ -114,10 +123,13 @@ def _ensure_enqueued(store: RedisEventStore, config: AppConfig, job_id: str, tok
         enqueue_install(store, config, job_id, token)
 
 
-def enqueue_install(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
+def enqueue_install(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None,
+                    pipeline: Pipeline | None = None) -> None:
+    """Enqueue the install job (its id is the command id); with ``pipeline``, the job's commands are
+    queued on it and the caller executes them."""
     queue = Queue(store.keys.queue("install"), connection=store.client)
     kwargs: dict[str, Any] = {"access_token": token} if token else {}
-    queue.enqueue(INSTALL_FUNCTION, job_id, job_id=job_id, retry=Retry(defaults.JOB_RETRIES),
-                  job_timeout=defaults.JOB_TIMEOUT, result_ttl=defaults.RESULT_TTL,
-                  failure_ttl=defaults.FAILURE_TTL, on_failure=Callback(FAILURE_CALLBACK),
-                  description=f"install {job_id}", **kwargs)
+    queue.enqueue_call(INSTALL_FUNCTION, args=(job_id,), kwargs=kwargs, job_id=job_id,
+                       retry=Retry(defaults.JOB_RETRIES), timeout=defaults.JOB_TIMEOUT,
+                       result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,
+                       on_failure=Callback(FAILURE_CALLBACK), description=f"install {job_id}", pipeline=pipeline)

@@ -417,7 +417,7 @@ class ModelCache:
             if self.on_event is not None:
                 try:
                     self.on_event(kind, payload)
-                except Exception as exc:  # a broken subscriber must not break the cache
+                except Exception as exc:  # noqa: BLE001 - a subscriber's code may raise anything; the cache goes on
                     log.warning("cache_event_sink_failed", error=str(exc))
 
 

@@ -7,10 +7,9 @@ ship in ``services/configs`` (:mod:`services.load.checkpoints`).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ import torch
 import transformers
 
 from services.load.cache import Loaded
-from services.load.errors import InvalidModelException, ModelNotFoundException
+from services.load.errors import InvalidModelException
 from services.load.safetensors_fast import assign_weights, empty_model
 from services.load.weights import read_state_dict, weight_files
-from services.records.enums import ModelFormat, ModelType, SubModelType
+from services.records.enums import SubModelType
 
 
 @dataclass(frozen=True)

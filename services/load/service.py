@@ -202,7 +202,7 @@ class ModelLoadService:
         if context is not None:
             try:
                 _bus_emit(context, event_type, payload)
-            except Exception as exc:  # the caller's bus failing must not fail the load
+            except Exception as exc:  # noqa: BLE001 - the caller's bus may raise anything; the load goes on
                 log.warning("context_event_failed", event=event_type, error=str(exc))
 
     def _publish(self, event_type: str, payload: dict[str, Any]) -> None:
@@ -210,5 +210,5 @@ class ModelLoadService:
             return
         try:
             self.publisher(event_type, payload)
-        except Exception as exc:  # the activity stream is best effort; loading goes on
+        except Exception as exc:  # noqa: BLE001 - an injected publisher; the activity stream is best effort
             log.warning("publish_failed", event=event_type, error=str(exc))

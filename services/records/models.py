@@ -72,6 +72,8 @@ class ModelConfigBase(BaseModel):
     @model_validator(mode="after")
     def _normalise_bases(self) -> ModelConfigBase:
         # the primary base is implied; keep the list free of it and of repeats, in enum order
+        if not self.compatible_bases:
+            return self  # the usual case, and nothing to normalise
         bases = {b for b in self.compatible_bases if b != self.base_model}
         ordered = [b for b in BaseModelType if b in bases]
         if ordered != self.compatible_bases:

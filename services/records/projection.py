@@ -117,6 +117,12 @@ class RecordProjection(ABC):
     def version_of(self, key: str) -> int:
         """The aggregate version this projection has seen for ``key`` (removed records included)."""
 
+    def presence(self, key: str) -> tuple[bool, int]:
+        """Whether ``key`` has a record, and :meth:`version_of` it: what a writer checks before appending."""
+        with self.lock:
+            exists = key in self._cache or self._load_state(key) is not None
+            return exists, self.version_of(key)
+
     @abstractmethod
     def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None
                ) -> list[ModelConfigBase]: ...

@@ -277,8 +277,8 @@ class ModelRecordServiceBase:
 
         def attempt() -> ModelConfigBase | None:
             self._sync_for_write(key)
-            expected: int | None = None
-            if self.projection.get(key) is not None:
+            exists, expected = self.projection.presence(key)
+            if exists:
                 if not replay:
                     raise DuplicateModelException(f"a model with key {key!r} already exists")
                 replay.clear()

@@ -7,6 +7,7 @@ two processes applying the same batch to one file apply it once.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +55,9 @@ CREATE INDEX IF NOT EXISTS model_record_bases_key ON model_record_bases(key);
 CREATE TABLE IF NOT EXISTS model_record_versions (key TEXT PRIMARY KEY, version INTEGER NOT NULL);
 """
 TABLES = ("model_records", "model_record_tags", "model_record_bases", "model_record_versions")
+# the search indexes of model_records, dropped while a rebuild fills the table (the indexes by key stay:
+# a rebuild's deletes of re-written keys go through them)
+SEARCH_INDEXES = tuple(re.findall(r"CREATE INDEX IF NOT EXISTS (model_records_\w+)", DDL))
 
 _SELECT = "SELECT type, format, config, key FROM model_records"
 
@@ -81,6 +85,7 @@ class SQLProjection(RecordProjection):
         self.conn = conn
         self.where = where
         self._seen = "0-0"  # the checkpoint our cache reflects
+        self._bulk = False  # inside bulk_load: batches join its transaction
         with self.lock:
             state = inspect_schema(conn, where)
             self.stale = state == "stale"
@@ -92,16 +97,23 @@ class SQLProjection(RecordProjection):
         if self.stale:
             for table in TABLES:
                 self.conn.execute(f"DROP TABLE IF EXISTS {table}")
-        for statement in DDL.split(";"):
-            if statement.strip():
-                self.conn.execute(statement)
+        self._apply_ddl()
         rows = [("kind", KIND), ("version", RECORDS_VERSION), ("schema", str(SCHEMA))]
         self.conn.executemany(f"INSERT OR REPLACE INTO {META}(name, value) VALUES (?, ?)", rows)
         if self.stale:
             self.conn.execute(f"DELETE FROM {META} WHERE name IN ('checkpoint', 'last_event')")
 
+    def _apply_ddl(self) -> None:
+        """Create what is missing of the tables and indexes (every statement is IF NOT EXISTS)."""
+        for statement in DDL.split(";"):
+            if statement.strip():
+                self.conn.execute(statement)
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        if self._bulk:
+            yield  # inside bulk_load: its one transaction commits or rolls back everything
+            return
         # IMMEDIATE takes the write lock up front, so the checkpoint read inside stays true until commit
         if not self.conn.in_transaction:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -111,6 +123,36 @@ class SQLProjection(RecordProjection):
             self.conn.rollback()
             raise
         self.conn.commit()
+
+    @contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """A full rebuild as one transaction without syncs: readers keep seeing the old rows until the
+        new ones are complete, and a crash leaves the old rows (the log is the truth: nothing to lose)."""
+        with self.lock:
+            stale = self.stale
+            synchronous = self.conn.execute("PRAGMA synchronous").fetchone()[0]
+            if not self.conn.in_transaction:  # (a shared connection may be inside the caller's transaction)
+                self.conn.execute("PRAGMA synchronous=OFF")
+            try:
+                with self._transaction():
+                    # filling tables and then indexing them is faster than keeping every index current
+                    # row by row; inside the transaction, so a failed rebuild rolls the drop back too
+                    for index in SEARCH_INDEXES:
+                        self.conn.execute(f"DROP INDEX IF EXISTS {index}")
+                    self._bulk = True
+                    try:
+                        yield
+                    finally:
+                        self._bulk = False
+                    self._apply_ddl()
+            except BaseException:
+                self._cache.clear()  # rows rolled back: drop what was parsed from them
+                self._seen = self._read_checkpoint()
+                self.stale = stale
+                raise
+            finally:
+                if not self.conn.in_transaction:
+                    self.conn.execute(f"PRAGMA synchronous={int(synchronous)}")
 
     def _read_checkpoint(self) -> str:
         row = self.conn.execute(f"SELECT value FROM {META} WHERE name = 'checkpoint'").fetchone()
@@ -191,6 +233,14 @@ class SQLProjection(RecordProjection):
     def _query(self, sql: str, params: Sequence[Any]) -> list[ModelConfigBase]:
         with self.lock:
             return [self._parse(row) for row in self.conn.execute(sql + " ORDER BY name, key", params)]
+
+    def presence(self, key: str) -> tuple[bool, int]:
+        # one statement instead of two on every add: a record always has its version row
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT version, EXISTS(SELECT 1 FROM model_records r WHERE r.key = v.key) "
+                "FROM model_record_versions v WHERE key = ?", (key,)).fetchone()
+            return (False, 0) if row is None else (bool(row[1]), int(row[0]))
 
     def version_of(self, key: str) -> int:
         with self.lock:

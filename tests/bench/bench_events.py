@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import orjson  # noqa: E402
-import redis  # noqa: E402
+import orjson
+import redis
 
-from events.schema import ModelAdded  # noqa: E402
-from events.store import RedisEventStore  # noqa: E402
-from tests.bench.common import bench_redis, percentiles, rate, ratio_line, scale  # noqa: E402
+from events.schema import ModelAdded
+from events.store import RedisEventStore
+from tests.bench.common import bench_redis, percentiles, rate, ratio_line, scale
 
 CONFIG = {"name": "bench", "path": "/models/x.safetensors", "base_model": "sd-1", "model_type": "lora",
           "model_format": "lycoris", "hash": "blake3:" + "0" * 64, "tags": ["a", "b"]}

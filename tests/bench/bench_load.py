@@ -29,13 +29,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 
-from services.load.cache import Loaded, ModelCache  # noqa: E402
-from services.load.loaders import load_module_folder  # noqa: E402
-from services.load.safetensors_fast import drop_page_cache, empty_model  # noqa: E402
+from services.load.cache import Loaded, ModelCache
+from services.load.loaders import load_module_folder
+from services.load.safetensors_fast import drop_page_cache, empty_model
 
 SD15_UNET = Path(__file__).resolve().parents[2] / "services" / "configs" / "diffusers" / "sd-1" / "unet"
 
@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weights = folder / "diffusion_pytorch_model.safetensors"
         size = weights.stat().st_size
         res["file_bytes"] = size
-        cold = lambda: drop_page_cache(weights)  # noqa: E731
+        cold = lambda: drop_page_cache(weights)
         r = args.repeat
         res["read_cold_s"], _ = timed(lambda: read_file(weights), device, r, cold)
         res["read_warm_s"], _ = timed(lambda: read_file(weights), device, r)
-        ours = lambda: load_module_folder(UNet2DConditionModel, folder, device, dtype)  # noqa: E731
-        ref = lambda: UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).to(device)  # noqa: E731
+        ours = lambda: load_module_folder(UNet2DConditionModel, folder, device, dtype)
+        ref = lambda: UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).to(device)
         ours(), ref()  # imports and one-time set-up (pinned staging buffers) outside the timings
         res["ours_cold_s"], _ = timed(ours, device, r, cold)
         res["diffusers_cold_s"], _ = timed(ref, device, r, cold)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hits = []
         for _ in range(2000):
             t0 = time.perf_counter()
-            entry, _hit = cache.get_or_load("unet", lambda d: Loaded(None))
+            _entry, _hit = cache.get_or_load("unet", lambda d: Loaded(None))
             with cache.locker("unet"):
                 pass
             hits.append(time.perf_counter() - t0)

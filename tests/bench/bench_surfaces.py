@@ -45,7 +45,14 @@ def bench_install(url: str) -> None:
     client = _client(url)
     n = scale(300)
     rq_queue = Queue(client.store.keys.queue("bench-raw"), connection=client.redis)
-    sources = [f"/srv/bench/model-{i}.safetensors" for i in range(n)]
+    # submission refuses a path that does not exist (workers share the file system): make real files
+    folder = client.config.root / "bench-sources"
+    folder.mkdir()
+    sources = []
+    for i in range(n):
+        source = folder / f"model-{i}.safetensors"
+        source.write_bytes(b"")
+        sources.append(str(source))
     ours = rate(n, lambda: [client.install(s) for s in sources])
     raw = rate(n, lambda: [rq_queue.enqueue("os.getcwd") for _ in range(n)])
     ratio_line("install commands published /s (vs RQ enqueue)", ours, raw, "cmd/s", ">= 0.5x")

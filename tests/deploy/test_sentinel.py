@@ -114,7 +114,7 @@ def test_failover_loses_no_acknowledged_event_and_appends_carry_on(ha: RedisHA) 
                 assert result.version == n + 1, f"append {n} landed at version {result.version}"
                 acknowledged.append(n)
                 n += 1
-        except Exception as exc:  # reported by the test thread (AssertionError included)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the test thread reports it (AssertionError too)
             errors.append(exc)
 
     thread = threading.Thread(target=writer, daemon=True)

@@ -40,7 +40,7 @@ class CountingProjection:
             self.db.execute("DELETE FROM models")
             self.db.execute("DELETE FROM meta")
 
-    def keys(self) -> list[str]:
+    def stored_keys(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT key FROM models ORDER BY key")]
 
 
@@ -55,11 +55,11 @@ def test_catch_up_resumes_from_the_checkpoint_and_never_applies_twice(store: Eve
     store.append([ModelRemoved(aggregate_id="m03")])
     first = CountingProjection(tmp_path / "p.db")
     ProjectionRunner(store, first, batch_size=7).catch_up()
-    assert first.applied == 26 and "m03" not in first.keys() and len(first.keys()) == 24
+    assert first.applied == 26 and "m03" not in first.stored_keys() and len(first.stored_keys()) == 24
     store.append([ModelAdded(aggregate_id="late", config={})])
     reopened = CountingProjection(tmp_path / "p.db")  # a restart: same file, fresh process state
     position = ProjectionRunner(store, reopened).catch_up()
-    assert reopened.applied == 1 and "late" in reopened.keys() and position == store.head()
+    assert reopened.applied == 1 and "late" in reopened.stored_keys() and position == store.head()
 
 
 def test_rebuild_gives_the_same_answers(store: EventStore, tmp_path: Path) -> None:
@@ -68,9 +68,9 @@ def test_rebuild_gives_the_same_answers(store: EventStore, tmp_path: Path) -> No
     projection = CountingProjection(tmp_path / "p.db")
     runner = ProjectionRunner(store, projection)
     runner.catch_up()
-    before = projection.keys()
+    before = projection.stored_keys()
     runner.rebuild()
-    assert projection.keys() == before
+    assert projection.stored_keys() == before
 
 
 def test_wait_for_a_position_appended_elsewhere(store: EventStore, tmp_path: Path) -> None:

@@ -13,15 +13,18 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 L = 2  # layers per UNet block, as in SD-1
-UNET_CFG = dict(block_out_channels=(32, 64), layers_per_block=L, sample_size=8, in_channels=4, out_channels=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8)
-VAE_CFG = dict(block_out_channels=(32, 64), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=4,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-CLIP_CFG = dict(vocab_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                max_position_embeddings=8, hidden_act="quick_gelu", projection_dim=64, bos_token_id=0, eos_token_id=1,
-                pad_token_id=1)
-SCHED_CFG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+UNET_CFG = {"block_out_channels": (32, 64), "layers_per_block": L, "sample_size": 8, "in_channels": 4,
+            "out_channels": 4, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 64,
+            "attention_head_dim": 8}
+VAE_CFG = {"block_out_channels": (32, 64), "layers_per_block": 1, "in_channels": 3, "out_channels": 3,
+           "latent_channels": 4, "down_block_types": ("DownEncoderBlock2D",) * 2,
+           "up_block_types": ("UpDecoderBlock2D",) * 2, "sample_size": 16}
+CLIP_CFG = {"vocab_size": 16, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 1, "max_position_embeddings": 8, "hidden_act": "quick_gelu", "projection_dim": 64,
+            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+SCHED_CFG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "skip_prk_steps": True,
+             "steps_offset": 1}
 
 
 def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:

@@ -6,17 +6,21 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from events.store import InMemoryEventStore
+from events import defaults as event_defaults
+from events.errors import StoreUnavailableError
+from events.store import InMemoryEventStore, StoredEvent
 from services.config import AppConfig
 from services.records import (
     ModelRecordServiceBase,
     ModelRecordServiceFile,
     ModelRecordServiceSQL,
 )
+from services.records.errors import EventLogError
 from services.records.rebuild import rebuild
 
 from .conftest import main_config
@@ -219,6 +223,44 @@ def test_rebuild_replays_the_whole_log(tmp_path: Path, log: InMemoryEventStore, 
     report = rebuild(service=service)
     assert report.models == 4 and report.checkpoint == log.head() and report.store == "ModelRecordServiceSQL"
     assert service.all_models() == before
+
+
+class LogLostMidway(InMemoryEventStore):
+    """The log's server going away after the first batch of a replay (as Redis restarting would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads_left: int | None = None
+
+    def read(self, *args: Any, **kwargs: Any) -> list[StoredEvent]:
+        if self.reads_left is not None:
+            if self.reads_left == 0:
+                raise StoreUnavailableError("the log went away")
+            self.reads_left -= 1
+        return super().read(*args, **kwargs)
+
+
+def test_a_rebuild_that_fails_midway_leaves_the_old_rows(tmp_path: Path, config: AppConfig,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_defaults, "REBUILD_BATCH", 2)
+    log = LogLostMidway()
+    service = ModelRecordServiceSQL.from_db_file(tmp_path / "r.db", log, config=config)
+    for i in range(5):
+        service.add_model(f"k{i}", main_config(name=f"m{i}", path=f"p{i}"))
+    service.rename_model("k0", "renamed")
+    before, checkpoint = service.all_models(), service.projection.checkpoint()
+    service.runner.batch_size = 2
+    log.reads_left = 1  # the first batch (2 of 6 events) is applied, then the log goes away
+    with pytest.raises(EventLogError, match="the log went away"):
+        service.rebuild()
+    # the whole rebuild was one transaction: the old rows, checkpoint and search indexes are all there
+    assert service.projection.checkpoint() == checkpoint
+    indexes = {r[0] for r in service.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"model_records_name", "model_records_path", "model_records_hash"} <= indexes
+    assert service.conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL again
+    log.reads_left = None
+    assert service.all_models() == before
+    assert rebuild(service=service).models == 5 and service.all_models() == before
 
 
 def test_writes_defer_the_projection_but_reads_see_them(tmp_path: Path, log: InMemoryEventStore,

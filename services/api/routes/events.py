@@ -15,11 +15,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from services.api.errors import Responses
 from services.client import AsyncModelBusClient, Cursor, Delivered, defaults
 
 router = APIRouter(prefix="/api/v2", tags=["events"])
 
-SSE_RESPONSE = {200: {"description": "an endless text/event-stream; each message's id resumes after it",
+SSE_RESPONSE: Responses = {200: {"description": "an endless text/event-stream; each message's id resumes after it",
                       "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 

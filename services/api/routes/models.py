@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from services.api.errors import CONFLICT, NOT_FOUND, ErrorResponse
+from services.api.errors import CONFLICT, NOT_FOUND, ErrorResponse, Responses
 from services.api.schemas import (
     HistoryEntry,
     InstallRequest,
@@ -33,7 +33,7 @@ router = APIRouter(prefix="/api/v2/models", tags=["models"])
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,256}$"
 Key = Annotated[str, Path(pattern=ID_PATTERN, description="the model's key")]
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="the install job's id")]
-WORKER = {502: {"model": ErrorResponse, "description": "the worker ran the job and it failed"},
+WORKER: Responses = {502: {"model": ErrorResponse, "description": "the worker ran the job and it failed"},
           504: {"model": ErrorResponse, "description": "the worker did not finish in time"}}
 
 
