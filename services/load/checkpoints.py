@@ -175,14 +175,14 @@ def load_scheduler(req: LoadRequest, orig: dict[str, Any]) -> Loaded:
 
 
 def load_tokenizer(req: LoadRequest) -> Loaded:
-    name = "clip-vit-large-patch14" if req.submodel == SubModelType.Tokenizer and _base(req.record) != "sd-2" \
-        else "clip-vit-bigg-14"
-    folder = CONFIGS_DIR / "tokenizers" / name
+    """CLIP's BPE tokenizer, shipped with the project (single files carry none). OpenAI CLIP (SD-1,
+    SDXL's first encoder) pads with the end token; the OpenCLIP encoders (SD-2, SDXL's second) with '!'."""
+    folder = CONFIGS_DIR / "tokenizers" / "clip-vit-large-patch14"
     if not (folder / "vocab.json").is_file():
-        raise InvalidModelException(
-            f"{req.location}: single-file checkpoints hold no tokenizer, and none ships in {folder}; "
-            "install the model in diffusers format (or add the tokenizer files there)")
-    return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True))
+        raise InvalidModelException(f"{req.location}: the CLIP tokenizer files are missing from {folder}")
+    open_clip = req.submodel == SubModelType.Tokenizer2 or _base(req.record) == "sd-2"
+    extra = {"pad_token": "!"} if open_clip else {}
+    return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True, **extra))
 
 
 def load_main_checkpoint(req: LoadRequest) -> Loaded:

@@ -69,8 +69,9 @@ def test_single_file_checkpoint_submodels(service: ModelLoadService, checkpoint:
             assert _same(model, ref[sub]), sub
     with service.get_model(key, SubModelType.Scheduler) as scheduler:
         assert scheduler.config.prediction_type == "epsilon"
-    with pytest.raises(InvalidModelException, match="tokenizer"):
-        service.get_model(key, SubModelType.Tokenizer)
+    with service.get_model(key, SubModelType.Tokenizer) as tokenizer:  # shipped: the file has none
+        assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert tokenizer.pad_token == "<|endoftext|>"
 
 
 def test_checkpoint_with_shipped_config_has_real_sd_shape(service: ModelLoadService, add: Any,
