@@ -101,6 +101,14 @@ class ModelBusClient:
             found = [m for m in found if set(tags) <= set(m.tags or [])]
         return sorted(found, key=lambda m: (m.name.lower(), m.key))
 
+    def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
+                         tag: str | Iterable[str] | None = None, *, offset: int = 0,
+                         limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
+        """One page of :meth:`list_models`, in the same order, and the number of matches."""
+        tags = [tag] if isinstance(tag, str) else list(tag or [])
+        return self._locked(  # type: ignore[no-any-return]
+            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit))
+
     def get_model(self, key: str) -> ModelConfigBase:
         return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]
 

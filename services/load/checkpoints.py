@@ -181,8 +181,9 @@ def load_tokenizer(req: LoadRequest) -> Loaded:
     if not (folder / "vocab.json").is_file():
         raise InvalidModelException(f"{req.location}: the CLIP tokenizer files are missing from {folder}")
     open_clip = req.submodel == SubModelType.Tokenizer2 or _base(req.record) == "sd-2"
-    extra = {"pad_token": "!"} if open_clip else {}
-    return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True, **extra))
+    if open_clip:
+        return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True, pad_token="!"))
+    return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True))
 
 
 def load_main_checkpoint(req: LoadRequest) -> Loaded:

@@ -57,13 +57,13 @@ class DictProjection(RecordProjection):
         with self.lock:
             return self.table.versions.get(key, 0)
 
-    def _configs(self, keys: Sequence[str]) -> list[ModelConfigBase]:
-        out = [c for c in (self.get(k) for k in keys) if c is not None]
+    def _configs(self, keys: Sequence[str], copy: bool = True) -> list[ModelConfigBase]:
+        out = [c for c in (self.get(k, copy) for k in keys) if c is not None]
         out.sort(key=lambda c: (c.name, c.key))
         return out
 
-    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None
-               ) -> list[ModelConfigBase]:
+    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+               copy: bool = True) -> list[ModelConfigBase]:
         with self.lock:
             keys = self.table.by_name.get(name, set()) if name is not None else self.table.states.keys()
             found = []
@@ -75,7 +75,7 @@ class DictProjection(RecordProjection):
                         and base.value not in state.get("compatible_bases", ()):
                     continue
                 found.append(key)
-            return self._configs(found)
+            return self._configs(found, copy)
 
     def by_path(self, path: str) -> list[ModelConfigBase]:
         with self.lock:

@@ -103,7 +103,8 @@ class RecordProjection(ABC):
 
     # --- queries --------------------------------------------------------------------------------
 
-    def get(self, key: str) -> ModelConfigBase | None:
+    def get(self, key: str, copy: bool = True) -> ModelConfigBase | None:
+        """The record; ``copy=False`` gives the cached object itself (callers must not change it)."""
         with self.lock:
             cached = self._cache.get(key)
             if cached is None:
@@ -111,7 +112,7 @@ class RecordProjection(ABC):
                 if state is None:
                     return None
                 cached = self._cache[key] = config_from_state(state)
-            return copy_config(cached)
+            return copy_config(cached) if copy else cached
 
     @abstractmethod
     def version_of(self, key: str) -> int:
@@ -124,8 +125,9 @@ class RecordProjection(ABC):
             return exists, self.version_of(key)
 
     @abstractmethod
-    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None
-               ) -> list[ModelConfigBase]: ...
+    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+               copy: bool = True) -> list[ModelConfigBase]:
+        """``copy=False``: the cached objects themselves, for a caller that copies only what it hands out."""
 
     @abstractmethod
     def by_path(self, path: str) -> list[ModelConfigBase]:

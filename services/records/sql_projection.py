@@ -216,23 +216,23 @@ class SQLProjection(RecordProjection):
         row = self.conn.execute("SELECT config FROM model_records WHERE key = ?", (key,)).fetchone()
         return orjson.loads(row[0]) if row else None
 
-    def get(self, key: str) -> ModelConfigBase | None:
+    def get(self, key: str, copy: bool = True) -> ModelConfigBase | None:
         with self.lock:
             cached = self._cache.get(key)
             if cached is not None:
-                return copy_config(cached)
+                return copy_config(cached) if copy else cached
             row = self.conn.execute(_SELECT + " WHERE key = ?", (key,)).fetchone()
-            return None if row is None else self._parse(row)
+            return None if row is None else self._parse(row, copy)
 
-    def _parse(self, row: tuple[str, str, str, str]) -> ModelConfigBase:
+    def _parse(self, row: tuple[str, str, str, str], copy: bool = True) -> ModelConfigBase:
         cached = self._cache.get(row[3])
         if cached is None:
             cached = self._cache[row[3]] = CLASSES_BY_TAG[tag_of(row[0], row[1])].model_validate_json(row[2])
-        return copy_config(cached)
+        return copy_config(cached) if copy else cached
 
-    def _query(self, sql: str, params: Sequence[Any]) -> list[ModelConfigBase]:
+    def _query(self, sql: str, params: Sequence[Any], copy: bool = True) -> list[ModelConfigBase]:
         with self.lock:
-            return [self._parse(row) for row in self.conn.execute(sql + " ORDER BY name, key", params)]
+            return [self._parse(row, copy) for row in self.conn.execute(sql + " ORDER BY name, key", params)]
 
     def presence(self, key: str) -> tuple[bool, int]:
         # one statement instead of two on every add: a record always has its version row
@@ -247,8 +247,8 @@ class SQLProjection(RecordProjection):
             row = self.conn.execute("SELECT version FROM model_record_versions WHERE key = ?", (key,)).fetchone()
             return int(row[0]) if row else 0
 
-    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None
-               ) -> list[ModelConfigBase]:
+    def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+               copy: bool = True) -> list[ModelConfigBase]:
         where, params = [], []
         if name is not None:
             where.append("name = ?")
@@ -260,7 +260,7 @@ class SQLProjection(RecordProjection):
             # correlated EXISTS: the planner starts from the name index and probes (base, key)
             where.append("EXISTS (SELECT 1 FROM model_record_bases b WHERE b.base = ? AND b.key = model_records.key)")
             params.append(base.value)
-        return self._query(_SELECT + (" WHERE " + " AND ".join(where) if where else ""), params)
+        return self._query(_SELECT + (" WHERE " + " AND ".join(where) if where else ""), params, copy)
 
     def by_path(self, path: str) -> list[ModelConfigBase]:
         return self._query(_SELECT + " WHERE path = ? OR resolved_path = ?", (path, self.resolve(path)))

@@ -138,6 +138,17 @@ def test_searches(service: ModelRecordServiceBase) -> None:
         service.search_by_name(base_model="sd-9")
 
 
+def test_search_page_cuts_one_page_and_counts_all(service: ModelRecordServiceBase) -> None:
+    for i, name in enumerate(["beta", "Alpha", "gamma", "delta", "alpha"]):
+        service.add_model(f"k{i}", main_config(name=name, path=f"p{i}", tags=["t"] if i % 2 == 0 else []))
+    total, page = service.search_page(offset=1, limit=2)
+    assert total == 5 and [m.name for m in page] == ["alpha", "beta"]  # by name, case-insensitive, then key
+    assert [m.key for m in service.search_page(limit=100)[1]] == ["k1", "k4", "k0", "k3", "k2"]
+    assert service.search_page(tags=["t"])[0] == 3 and service.search_page(offset=10)[1] == []
+    page[0].tags.append("changed")  # a page holds copies: the store is not changed through them
+    assert "changed" not in service.get_model(page[0].key).tags
+
+
 def test_search_by_tag_needs_all_tags(service: ModelRecordServiceBase) -> None:
     service.add_model("a", main_config(path="a", tags=["sfw", "scenery"]))
     service.add_model("b", main_config(path="b", tags=["sfw"]))

@@ -58,9 +58,9 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                 limit: Annotated[int, Query(ge=1, le=limits.LIST_LIMIT_MAX)] = limits.LIST_LIMIT_DEFAULT,
                 ) -> Response:
-    found = c.list_models(name=name, base=base, type=type, tag=tag)
-    page = [m.model_dump(mode="json") for m in found[offset:offset + limit]]
-    return _json({"total": len(found), "offset": offset, "limit": limit, "items": page})
+    total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit)
+    page = [m.model_dump(mode="json") for m in found]
+    return _json({"total": total, "offset": offset, "limit": limit, "items": page})
 
 
 @router.get("/i/{key}", response_model=AnyModelConfig, responses=NOT_FOUND, summary="Get one model")
