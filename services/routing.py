@@ -60,26 +60,6 @@ def choose_gpu_worker(states: list[dict[str, Any]], model_key: str, worker: str 
     return str(max(gpu, key=lambda s: s.get("vram_free") or 0)["id"])
 
 
-def enqueue_gpu(connection: Any, namespace: str, func: str, *args: Any, model_key: str | None = None,
-                worker: str | None = None, **kwargs: Any) -> Job:
-    keys = Keys(namespace)
-    target = choose_gpu_worker(worker_states(connection, namespace), model_key or "", worker)
-    queue_name = keys.worker_queue(target) if target else keys.queue("gpu")
-    queue = Queue(queue_name, connection=connection)
-    return queue.enqueue_call(func, args=args, kwargs=kwargs, timeout=GPU_JOB_TIMEOUT, result_ttl=3600)
-
-
-def broadcast_gpu(connection: Any, namespace: str, func: str, *args: Any, **kwargs: Any) -> list[Job]:
-    """Enqueue a job on every live GPU worker's own queue (unload everywhere, stats of all)."""
-    keys = Keys(namespace)
-    jobs = []
-    for state in worker_states(connection, namespace):
-        if "gpu" in state.get("queues", []):
-            queue = Queue(keys.worker_queue(state["id"]), connection=connection)
-            jobs.append(queue.enqueue_call(func, args=args, kwargs=kwargs, timeout=GPU_JOB_TIMEOUT, result_ttl=3600))
-    return jobs
-
-
 def wait_result(job: Job, timeout: float = 600.0) -> Any:
     """Block until the job ends; return its value or raise RoutingError with the worker's error."""
     deadline = time.monotonic() + timeout
