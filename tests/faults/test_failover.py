@@ -16,8 +16,8 @@ import pytest
 from events.schema import ModelAdded
 from events.sentinel import connect_sentinel
 from events.store import RedisEventStore, StoredEvent
-from tests.deploy.redis_ha import RedisHA, redis_server_binary
-from tests.faults.test_redis_outages import PER_WRITER, WRITERS, Writer
+from tests.deploy.redis_ha import Node, RedisHA, redis_server_binary
+from tests.faults.test_redis_outages import PER_WRITER, WRITERS, Writer, run_through_fault
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not on PATH")
 
@@ -50,27 +50,15 @@ def test_primary_killed_replica_promoted_nothing_acknowledged_lost(ha: RedisHA, 
     subscriber = threading.Thread(target=follow, daemon=True)
     subscriber.start()
 
-    class HA:  # what Writer needs of a server: its URL
-        url = ha.url
+    writers = [Writer(ha.url, namespace, tmp_path, f"f{i}") for i in range(WRITERS)]
 
-    writers = [Writer(HA, namespace, tmp_path, f"f{i}") for i in range(WRITERS)]  # type: ignore[arg-type]
-    try:
-        for w in writers:
-            assert w.ready.wait(60), "writer did not start"
-        deadline = time.monotonic() + 30
-        while min(len(w.acked) for w in writers) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        acked_at_kill = sum(len(w.acked) for w in writers)
+    def fail_over() -> tuple[Node, Node, float]:
         old = ha.kill_primary()
         killed_at = time.monotonic()
         new = ha.wait_for_promotion(timeout=30)
-        promoted_after = time.monotonic() - killed_at
-        for w in writers:
-            w.join(timeout=90)
-    finally:
-        for w in writers:
-            if w.proc.poll() is None:
-                w.proc.kill()
+        return old, new, time.monotonic() - killed_at
+
+    acked_at_kill, (old, new, promoted_after), _ = run_through_fault(writers, fail_over)
     acked = [k for w in writers for k in w.acked]
     errors = [e for w in writers for e in w.errors]
     log = list(store.read_all())

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -26,6 +27,7 @@ from tests.faults.redis_proc import PrivateRedis
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WRITERS = 2
 PER_WRITER = 150
+T = TypeVar("T")
 PAUSE = 0.01  # between one writer's adds: the run lasts a few seconds, long enough to hit the fault
 
 
@@ -65,11 +67,11 @@ FAULTS: dict[str, Callable[[PrivateRedis], str]] = {
 
 
 class Writer:
-    def __init__(self, srv: PrivateRedis, namespace: str, root: Path, prefix: str) -> None:
+    def __init__(self, url: str, namespace: str, root: Path, prefix: str) -> None:
         self.acked: list[str] = []
         self.errors: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.writer", srv.url, namespace, str(root), prefix, str(PER_WRITER),
+            [sys.executable, "-m", "tests.faults.writer", url, namespace, str(root), prefix, str(PER_WRITER),
              str(PAUSE)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -91,6 +93,27 @@ class Writer:
         self.thread.join(timeout=5)
 
 
+def run_through_fault(writers: list[Writer], fault: Callable[[], T]) -> tuple[int, T, int]:
+    """Once every writer has 20 acknowledged adds, run ``fault``, then let the writers finish (killing any
+    left). Returns the acknowledged adds before the fault, what ``fault`` returned, and those after it."""
+    try:
+        for w in writers:
+            assert w.ready.wait(60), "writer did not start"
+        deadline = time.monotonic() + 30
+        while min(len(w.acked) for w in writers) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = sum(len(w.acked) for w in writers)
+        result = fault()
+        after = sum(len(w.acked) for w in writers)
+        for w in writers:
+            w.join(timeout=90)
+    finally:
+        for w in writers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    return before, result, after
+
+
 def _subscribe(store: RedisEventStore, seen: list[StoredEvent], stop: threading.Event) -> None:
     for stored in store.subscribe(since="0-0", block_ms=200, stop=stop.is_set):
         seen.append(stored)  # noqa: PERF402 (seen is read while this runs)
@@ -104,22 +127,8 @@ def test_writers_and_subscriber_survive_a_redis_outage(server: PrivateRedis, tmp
     stop = threading.Event()
     subscriber = threading.Thread(target=_subscribe, args=(store, seen, stop), daemon=True)
     subscriber.start()
-    writers = [Writer(server, namespace, tmp_path, f"w{i}") for i in range(WRITERS)]
-    try:
-        for w in writers:
-            assert w.ready.wait(60), "writer did not start"
-        deadline = time.monotonic() + 30
-        while min(len(w.acked) for w in writers) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        before = sum(len(w.acked) for w in writers)
-        what = FAULTS[fault](server)
-        after = sum(len(w.acked) for w in writers)
-        for w in writers:
-            w.join(timeout=90)
-    finally:
-        for w in writers:
-            if w.proc.poll() is None:
-                w.proc.kill()
+    writers = [Writer(server.url, namespace, tmp_path, f"w{i}") for i in range(WRITERS)]
+    before, what, after = run_through_fault(writers, lambda: FAULTS[fault](server))
     acked = [k for w in writers for k in w.acked]
     errors = [e for w in writers for e in w.errors]
 

@@ -225,6 +225,15 @@ class BackgroundServer:
     def __enter__(self) -> Any:
         return self.start()
 
+    def serve_until_interrupted(self) -> None:
+        """Start, print the URL, and serve in the foreground until Ctrl-C (the servers' command lines)."""
+        self.start()
+        print(self.url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            self.stop()
+
     def __exit__(self, *exc: object) -> None:
         self.stop()
 

@@ -142,12 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    server = FileServer(args.root, args.host, args.port).start()
-    print(server.url, flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.stop()
+    FileServer(args.root, args.host, args.port).serve_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -198,12 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.repos:
         repo_id, _, folder = spec.partition("=")
         server.add_repo(repo_id, Path(folder))
-    server.start()
-    print(server.url, flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.stop()
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":
