@@ -69,6 +69,9 @@ class ProjectionRunner:
                 return position
             self.projection.apply(batch)
             position = batch[-1].position
+            reached = self.projection.checkpoint()
+            if position_key(reached) < position_key(position):
+                position = reached  # the projection went back (its file was deleted): replay from there
 
     def _replay(self, position: str, batch_size: int) -> str:
         """``_apply_from`` with the next batch read (from Redis, and decoded) in a second thread while this

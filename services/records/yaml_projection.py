@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from events.store import StoredEvent
+from events.store import StoredEvent, position_key
 from services.records.errors import RecordStoreFormatError
 from services.records.memory_projection import DictProjection, RecordTable
 from services.records.projection import KIND, RECORDS_VERSION, after
@@ -143,7 +143,12 @@ class YamlProjection(DictProjection):
 
     def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
         with self._file_lock():
+            known = self.table.checkpoint
             self._sync_from_disk()
+            if position_key(self.table.checkpoint) < position_key(known):
+                # the file went back (deleted, or replaced by an older one) since this batch was read:
+                # applying it now would skip the events in between; the runner replays from our checkpoint
+                return
             fresh = after(batch, self.table.checkpoint)
             if not fresh:
                 return
