@@ -6,8 +6,9 @@ Decoding never crashes a reader: an unknown type, a newer schema version, or bad
 
 from __future__ import annotations
 
+from collections.abc import Container, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from pydantic import ValidationError
@@ -67,7 +68,36 @@ def _envelope(fields: dict[Any, Any]) -> tuple[Any, ...]:
         return tuple(f.get(name) for name in _NAMES)
 
 
-def decode(position: str, fields: dict[Any, Any]) -> Event:
+class EventBody(NamedTuple):
+    """An entry's envelope and its body, without the Event model built from them: what a replay needing a
+    few fields of a few event types reads, since building the model costs more than fetching the entry.
+
+    ``body`` is the (upcast) body, or its JSON text still unparsed when the entry is of the current
+    schema: a replay parses only the bodies it needs (:meth:`parsed`), often a fraction of them. It has
+    not been checked against the type's schema."""
+
+    position: str
+    type: str
+    aggregate_id: str
+    aggregate_version: int
+    event_id: str
+    body: Mapping[str, Any] | bytes
+
+    def parsed(self) -> Mapping[str, Any]:
+        """The body as a mapping; ValueError when its JSON is broken or not an object."""
+        body = self.body
+        if body.__class__ is not bytes:
+            return body  # type: ignore[return-value]
+        value = orjson.loads(body)
+        if value.__class__ is not dict:
+            raise ValueError("body is not a JSON object")
+        return value  # type: ignore[no-any-return]
+
+
+def _parts(position: str, fields: dict[Any, Any], types: Container[str] | None
+           ) -> tuple[str, dict[str, Any], str, int, datetime, str | None, str] | None:
+    """(type, upcast body, aggregate id, aggregate version, time, correlation id, event id) of an entry;
+    None when ``types`` is given and the entry's type is not among them (its body is not parsed)."""
     try:
         type_name, v, agg, ver, when, corr, event_id, raw_body = _envelope(fields)
         if type_name is None or v is None:
@@ -75,8 +105,9 @@ def decode(position: str, fields: dict[Any, Any]) -> Event:
         version = int(v)
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise EventDecodeError(position, f"malformed entry ({type(exc).__name__}: {exc})") from exc
-    cls = EVENT_TYPES.get(type_name)
-    if cls is None:
+    if types is not None and type_name not in types:
+        return None
+    if type_name not in EVENT_TYPES:
         raise EventDecodeError(position, f"unknown event type {type_name!r}")
     current = CURRENT_VERSION[type_name]
     if version > current:
@@ -94,17 +125,55 @@ def decode(position: str, fields: dict[Any, Any]) -> Event:
                 raise EventDecodeError(position, f"no upcaster for {type_name} version {version}")
             body = upcast(body)
             version += 1
-        body["type"] = type_name
-        body["schema_version"] = version
-        body["aggregate_id"] = agg
-        body["aggregate_version"] = 0 if ver is None else int(ver)
-        body["time"] = datetime.fromisoformat(when)
-        body["correlation_id"] = corr or None
-        body["event_id"] = event_id
-        # the validator itself (what model_validate calls): this runs once per entry of every replay
-        event: Event = cls.__pydantic_validator__.validate_python(body)
-        return event
+        return (type_name, body, agg, 0 if ver is None else int(ver), datetime.fromisoformat(when), corr or None,
+                event_id)
     except EventDecodeError:
         raise
-    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError, ValidationError) as exc:
+    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as exc:
+        raise EventDecodeError(position, f"malformed {type_name} entry ({type(exc).__name__}: {exc})") from exc
+
+
+_CURRENT_V = {name: str(v).encode() for name, v in CURRENT_VERSION.items()}
+
+
+def decode_body(position: str, fields: dict[Any, Any], types: Container[str]) -> EventBody | None:
+    """The entry as an :class:`EventBody` when its type is one of ``types``, else None. A malformed
+    envelope raises :class:`EventDecodeError` as :func:`decode` does; a broken body of the current
+    schema is found when :meth:`EventBody.parsed` reads it."""
+    # a replay's inner loop: entries as our appends write them (bytes, current schema, every field) take
+    # this path; anything else goes through the checks of _parts, which raise the precise error
+    try:
+        type_name = fields[b"type"].decode()
+        if type_name not in types:
+            return None
+        body = fields[b"body"]
+        if fields[b"v"] == _CURRENT_V[type_name] and body.__class__ is bytes:
+            datetime.fromisoformat(fields[b"time"].decode())
+            return EventBody(position, type_name, fields[b"agg"].decode(), int(fields[b"ver"]),
+                             fields[b"id"].decode(), body)
+    except (KeyError, AttributeError, ValueError, TypeError):
+        pass
+    parts = _parts(position, fields, types)
+    if parts is None:
+        return None
+    type_name, body, agg, ver, _, _, event_id = parts
+    return EventBody(position, type_name, agg, ver, event_id, body)
+
+
+def decode(position: str, fields: dict[Any, Any]) -> Event:
+    parts = _parts(position, fields, None)
+    assert parts is not None  # (no type filter)
+    type_name, body, agg, ver, when, corr, event_id = parts
+    body["type"] = type_name
+    body["schema_version"] = CURRENT_VERSION[type_name]
+    body["aggregate_id"] = agg
+    body["aggregate_version"] = ver
+    body["time"] = when
+    body["correlation_id"] = corr
+    body["event_id"] = event_id
+    try:
+        # the validator itself (what model_validate calls): this runs once per entry of every replay
+        event: Event = EVENT_TYPES[type_name].__pydantic_validator__.validate_python(body)
+        return event
+    except ValidationError as exc:
         raise EventDecodeError(position, f"malformed {type_name} entry ({type(exc).__name__}: {exc})") from exc

@@ -11,3 +11,7 @@ RECLAIM_MIN_IDLE_MS = 30_000      # a pending entry idle this long belongs to a 
 EMBEDDED_START_TIMEOUT = 20.0     # seconds to wait for an embedded redis-server to answer
 SOCKET_TIMEOUT = 10.0
 REPLICATION_TIMEOUT_MS = 5000    # how long an append waits for its replicas (durability=replicated)
+WATCH_HEARTBEAT = 0.5             # seconds between a log watch's pings on its tracking connection
+WATCH_MAX_QUIET = 2.0             # a log watch trusts silence this long after its last answered ping
+WATCH_RETRY_EVERY = 1.0           # seconds before a lost log watch connects again
+WATCH_PING_TIMEOUT = 0.5          # a ping unanswered this long drops the watch (reads make the round trip)

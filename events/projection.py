@@ -17,12 +17,16 @@ from typing import Protocol
 
 from events import defaults
 from events.errors import EventStoreError
-from events.store import EventStore, StoredEvent, position_key
+from events.store import BodyBatch, EventStore, StoredEvent, position_key
 
 
 class Projection(Protocol):
     """What the runner needs. A projection may also offer ``bulk_load()``: a context manager the runner
-    holds around a full rebuild (one transaction, no per-batch durability: the log is the truth)."""
+    holds around a full rebuild (one transaction, no per-batch durability: the log is the truth).
+
+    A projection that declares ``event_types`` (a set of type names) is fed :class:`BodyBatch` es
+    through ``apply_bodies`` instead of ``apply``: the entries of those types as envelopes and parsed
+    bodies, which is several times cheaper to read than events built and validated one by one."""
 
     def checkpoint(self) -> str:
         """The last position applied, ``"0-0"`` when none."""
@@ -32,6 +36,9 @@ class Projection(Protocol):
 
     def reset(self) -> None:
         """Forget every row and the checkpoint (before a rebuild)."""
+
+
+Batch = Sequence[StoredEvent] | BodyBatch
 
 
 @contextmanager
@@ -62,13 +69,28 @@ class ProjectionRunner:
         with self._lock:
             return self._apply_from(self.projection.checkpoint(), self.batch_size)
 
+    def _fetch(self, position: str, count: int) -> tuple[Batch, str]:
+        """The next batch after ``position`` and where it ends (``position`` itself at the end of the log)."""
+        types = getattr(self.projection, "event_types", None)
+        if types is not None:
+            bodies = self.store.read_bodies(position, count, types)
+            return bodies, bodies.position
+        events = self.store.read(position, count=count)
+        return events, (events[-1].position if events else position)
+
+    def _apply(self, batch: Batch) -> None:
+        if isinstance(batch, BodyBatch):
+            self.projection.apply_bodies(batch)  # type: ignore[attr-defined]
+        else:
+            self.projection.apply(batch)
+
     def _apply_from(self, position: str, batch_size: int) -> str:
         while True:
-            batch = self.store.read(position, count=batch_size)
-            if not batch:
+            batch, end = self._fetch(position, batch_size)
+            if end == position:
                 return position
-            self.projection.apply(batch)
-            position = batch[-1].position
+            self._apply(batch)
+            position = end
             reached = self.projection.checkpoint()
             if position_key(reached) < position_key(position):
                 position = reached  # the projection went back (its file was deleted): replay from there
@@ -78,14 +100,14 @@ class ProjectionRunner:
         one applies the current batch: the projection's database work and the read's network wait and
         parsing overlap."""
         with ThreadPoolExecutor(1, thread_name_prefix="replay-read") as reader:
-            pending = reader.submit(self.store.read, position, batch_size)
+            pending = reader.submit(self._fetch, position, batch_size)
             while True:
-                batch = pending.result()
-                if not batch:
+                batch, end = pending.result()
+                if end == position:
                     return position
-                position = batch[-1].position
-                pending = reader.submit(self.store.read, position, batch_size)
-                self.projection.apply(batch)
+                position = end
+                pending = reader.submit(self._fetch, position, batch_size)
+                self._apply(batch)
 
     def rebuild(self) -> str:
         """Forget the projection's rows and replay the whole log into it."""

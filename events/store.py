@@ -10,7 +10,7 @@ import bisect
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
@@ -20,7 +20,7 @@ import redis
 import structlog
 
 from events import defaults
-from events.codec import decode, encode, encode_body
+from events.codec import EventBody, decode, decode_body, encode, encode_body
 from events.errors import (
     ConcurrencyError,
     EventDecodeError,
@@ -32,6 +32,7 @@ from events.errors import (
 from events.keys import Keys
 from events.schema import Event
 from events.scripts import APPEND
+from events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,16 @@ class AppendResult:
     positions: list[str]
     version: int
     duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BodyBatch:
+    """What :meth:`EventStore.read_bodies` read: the entries of the wanted types, and where the read
+    ended (the last entry, whatever its type: the checkpoint after applying the batch)."""
+
+    entries: list[EventBody]
+    position: str
+    event_id: str | None  # of the entry at ``position`` (None when that entry is unreadable)
 
 
 def position_key(position: str) -> tuple[int, int]:
@@ -83,6 +94,20 @@ class EventStore(ABC):
     @abstractmethod
     def read(self, after: str = "0-0", count: int = defaults.READ_BATCH, stream: Stream = "events") -> list[StoredEvent]:
         """Events strictly after ``after``, in log order; undecodable entries are reported and skipped."""
+
+    def read_bodies(self, after: str, count: int, types: Container[str]) -> BodyBatch:
+        """Domain entries strictly after ``after``: those of ``types`` as envelopes and parsed bodies,
+        without building events (for replays that need a few fields; see codec.EventBody)."""
+        batch = self.read(after, count)
+        entries = [EventBody(s.position, s.event.type, s.event.aggregate_id, s.event.aggregate_version,
+                             s.event.event_id, s.event.body()) for s in batch if s.event.type in types]
+        if not batch:
+            return BodyBatch(entries, after, None)
+        return BodyBatch(entries, batch[-1].position, batch[-1].event.event_id)
+
+    @abstractmethod
+    def watch(self) -> LogWatch | None:
+        """A watch telling a reader when the domain log may have grown (None: this store has none)."""
 
     @abstractmethod
     def history(self, aggregate_id: str) -> list[StoredEvent]: ...
@@ -164,6 +189,23 @@ def _decode_entries(entries: Iterable[tuple[Any, Any]]) -> list[StoredEvent]:
         except EventDecodeError as exc:
             log.warning("event_skipped", position=exc.position, reason=exc.reason)
     return out
+
+
+def _body_batch(entries: Sequence[tuple[Any, Any]], after: str, types: Container[str]) -> BodyBatch:
+    out: list[EventBody] = []
+    position, event_id = after, None
+    for raw_id, fields in entries:
+        position = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        raw_event_id = fields.get(b"id", fields.get("id"))
+        event_id = raw_event_id.decode(errors="replace") if isinstance(raw_event_id, bytes) else raw_event_id
+        try:
+            body = decode_body(position, fields, types)
+        except EventDecodeError as exc:
+            log.warning("event_skipped", position=exc.position, reason=exc.reason)
+            continue
+        if body is not None:
+            out.append(body)
+    return BodyBatch(out, position, event_id)
 
 
 class RedisEventStore(EventStore):
@@ -265,6 +307,13 @@ class RedisEventStore(EventStore):
             if decoded or not entries:
                 return decoded
             after = _last_id(entries, after)  # a whole batch of bad entries: read on past them
+
+    def read_bodies(self, after: str, count: int, types: Container[str]) -> BodyBatch:
+        entries = self._call(partial(self.client.xrange, self.keys.events, min=f"({after}", count=count))
+        return _body_batch(entries, after, types)
+
+    def watch(self) -> LogWatch | None:
+        return RedisLogWatch(self.client, self.keys.events)
 
     def history(self, aggregate_id: str) -> list[StoredEvent]:
         ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
@@ -399,6 +448,9 @@ class InMemoryEventStore(EventStore):
             entries = self._streams[stream]
             start = bisect.bisect_right(entries, floor, key=lambda s: position_key(s.position))
             return entries[start:start + count]
+
+    def watch(self) -> LogWatch | None:
+        return CounterLogWatch(lambda: len(self._streams["events"]))
 
     def history(self, aggregate_id: str) -> list[StoredEvent]:
         with self._cond:

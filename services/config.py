@@ -106,6 +106,9 @@ class AppConfig(BaseSettings):
     durability: Literal["fast", "fsync", "replicated"] = "fast"
     replicas: int = Field(default=1, ge=0)
     activity_maxlen: int = Field(default=100_000, ge=1000)
+    records_read_tracking: bool = Field(
+        default=True, description="record reads learn of appends from Redis client-side tracking instead of a "
+        "round trip per read (false: one round trip per read)")
 
     @field_validator("ram_cache_size", "vram_cache_size", mode="before")
     @classmethod

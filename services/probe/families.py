@@ -2,13 +2,21 @@
 
 Each rule is ``(TensorIndex) -> ProbeResult | None``: ``None`` means "not mine", a result means
 identified, and :class:`UnknownModelError` means "mine, but the base cannot be told". The order of
-:data:`FILE_RULES` matters: adapters (LoRA, textual inversion, IP-Adapter, ControlNet) come before
-main models because they reuse main-model key names, and main models before VAEs because a main
-checkpoint embeds its VAE.
+:data:`FILE_RULES` matters: adapters (LoRA, textual inversion, IP-Adapter, ControlNet, T2I-Adapter)
+come before main models because they reuse main-model key names, and main models before VAEs
+because a main checkpoint embeds its VAE.
 
 The shapes read are those that differ between families: the width of the text conditioning seen
 by cross-attention (SD-1 768, SD-2 1024, SDXL 2048, SDXL refiner 1280), the UNet's input
-channels (4 normal, 9 inpaint, 5 depth), and the latent channels of a VAE (4, or 16 for SD-3/FLUX).
+channels (4 normal, 9 inpaint, 5 depth), the latent channels of a VAE (4, or 16 for SD-3/FLUX),
+the hidden width of a transformer LoRA (FLUX 3072, SD-3 1536/2432) and the pixel-unshuffled hint
+channels of a T2I-Adapter (x64 for SD-1, x256 for SDXL).
+
+FLUX and SD-3 transformers share their text-conditioning width (4096, T5-XXL), so they are told
+apart by structure: the BFL layout names FLUX blocks ``double_blocks``/``single_blocks`` and the
+SAI layout names SD-3 blocks ``joint_blocks``; in the diffusers layout both use
+``transformer_blocks``, and FLUX alone has ``single_transformer_blocks`` and a linear
+``x_embedder`` where SD-3 patchifies with the convolution ``pos_embed.proj``.
 """
 
 from __future__ import annotations
@@ -48,7 +56,14 @@ _VARIANT_BY_IN_CHANNELS = {4: ModelVariantType.Normal, 9: ModelVariantType.Inpai
 _LORA_MARKERS = (
     ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.",
     ".lokr_w1", ".lokr_w2", ".hada_w1_a", ".hada_w2_a", ".lora_linear_layer.",
+    ".processor.qkv_lora", ".processor.proj_lora",  # XLabs FLUX LoRAs
 )  # fmt: skip
+# the top-level blocks of a diffusers-layout transformer (PEFT ``transformer.transformer_blocks.0``,
+# OneTrainer/kohya ``lora_transformer_transformer_blocks_0``); a UNet nests them under ``attentions``
+_MMDIT_LORA_KEY = re.compile(r"^(?:transformer\.|base_model\.model\.|diffusion_model\.|lora_transformer_)?transformer_blocks[._]\d")
+# input widths of the layers a transformer LoRA adapts: hidden and MLP widths
+_FLUX_WIDTHS = frozenset({3072, 12288})
+_SD3_WIDTHS = frozenset({1536, 6144, 2432, 9728})  # SD-3/3.5 medium, SD-3.5 large
 _SD2_EPSILON_STEPS, _SD2_V_STEPS = "220000", "110000"  # global_step of the original SD-2 releases
 
 
@@ -94,10 +109,9 @@ def lora_base(index: TensorIndex) -> Base:
         return Base.Flux
     if index.has_fragment("joint_blocks", "context_block"):
         return Base.StableDiffusion3
-    if index.has_fragment("transformer.transformer_blocks."):
-        # diffusers naming is shared by FLUX and SD-3 transformers: FLUX is 3072 wide
-        widths = {_lora_in_features(index, k) for k in index.shapes if ".attn.to_q." in k}
-        return Base.Flux if 3072 in widths else Base.StableDiffusion3
+    mmdit = [k for k in index.shapes if _MMDIT_LORA_KEY.match(k)]
+    if mmdit:
+        return _mmdit_lora_base(index, mmdit)
     te1 = te2 = unet = None
     for key in sorted(index.shapes):
         width = _lora_in_features(index, key)
@@ -112,6 +126,18 @@ def lora_base(index: TensorIndex) -> Base:
     if te1 is not None and te2 is not None:
         return _base_from_context_dim(index, te1 + te2, "SDXL LoRA")
     return _base_from_context_dim(index, unet or te1 or te2, "LoRA")
+
+
+def _mmdit_lora_base(index: TensorIndex, keys: list[str]) -> Base:
+    """FLUX or SD-3, for a LoRA of ``transformer_blocks`` only: the names are shared, the widths not."""
+    widths = {w for k in keys if (w := _lora_in_features(index, k)) is not None}
+    flux, sd3 = bool(widths & _FLUX_WIDTHS), bool(widths & _SD3_WIDTHS)
+    if flux != sd3:
+        return Base.Flux if flux else Base.StableDiffusion3
+    raise UnknownModelError(
+        f"{index.path}: LoRA of a diffusers-layout transformer (transformer_blocks.*) whose layer widths "
+        f"{sorted(widths) or 'unknown'} tell neither FLUX (3072) nor SD-3 (1536, 2432); pass base_model explicitly"
+    )
 
 
 def _lora_in_features(index: TensorIndex, key: str) -> int | None:
@@ -174,15 +200,64 @@ def probe_ip_adapter(index: TensorIndex) -> ProbeResult | None:
 
 
 def probe_controlnet(index: TensorIndex) -> ProbeResult | None:
+    if index.has_prefix(*_TRANSFORMER_CONTROLNET):
+        return _probe_transformer_controlnet(index)
     if not index.has_prefix("control_model.", "input_hint_block.", "zero_convs.", "controlnet_cond_embedding."):
         return None
-    if index.has_fragment("controlnet_blocks.", "controlnet_single_blocks."):
-        return None  # transformer (FLUX/SD-3) ControlNets: not a single-file format we read
     to_k = next((s for k, s in sorted(index.shapes.items()) if k.endswith("attn2.to_k.weight")), None)
     base = _base_from_context_dim(index, to_k[1] if to_k else None, "ControlNet")
     return _result(
         ModelType.ControlNet, ModelFormat.Checkpoint, base, config_path=controlnet_config_path(base)
     )
+
+
+# per-block outputs added to the transformer's residual stream
+_TRANSFORMER_CONTROLNET = ("controlnet_blocks.", "controlnet_single_blocks.", "single_controlnet_blocks.")
+# FLUX: InstantX/Shakker (diffusers FluxControlNetModel), XLabs and MistoLine (BFL block names)
+_FLUX_CONTROLNET = ("controlnet_x_embedder.", "single_transformer_blocks.", "controlnet_single_blocks.",
+                    "single_controlnet_blocks.", "double_blocks.", "single_blocks.")  # fmt: skip
+
+
+def _probe_transformer_controlnet(index: TensorIndex) -> ProbeResult:
+    """FLUX or SD-3 ControlNet. SD-3 ones (diffusers SD3ControlNetModel and SAI's SD-3.5 files)
+    patchify the control latent with a convolution, ``pos_embed_input.proj``; FLUX ones embed it
+    linearly (``controlnet_x_embedder`` or XLabs' ``pos_embed_input``) and carry FLUX block names."""
+    flux = index.has_prefix(*_FLUX_CONTROLNET)
+    sd3 = _ndim(index, "pos_embed_input.proj.weight") == 4
+    if flux == sd3:
+        raise UnknownModelError(
+            f"{index.path}: transformer ControlNet (controlnet_blocks.*) with "
+            f"{'both' if flux else 'neither'} FLUX (controlnet_x_embedder, single/double blocks) "
+            f"{'and' if flux else 'nor'} SD-3 (pos_embed_input.proj convolution) markers; pass base_model explicitly"
+        )
+    base = Base.Flux if flux else Base.StableDiffusion3
+    return _result(ModelType.ControlNet, ModelFormat.Checkpoint, base, config_path=controlnet_config_path(base))
+
+
+# ------------------------------------------------------------------------------ T2I-Adapter
+
+# diffusers (``adapter.body.0.resnets.0.block1``), TencentARC's originals (``body.0.block1``) and
+# the light adapter of the originals (``body.0.body.0.block1``)
+_T2I_FIRST_BLOCK = re.compile(r"^(?:adapter\.)?body\.0\.(?:resnets\.0\.|body\.0\.)?block1\.weight$")
+# the hint image (1 or 3 channels) is pixel-unshuffled to the UNet's first feature map:
+# by 8 (x64 channels) for SD-1's 64x64 latents, by 16 (x256) for SDXL's downscale factor 16
+_T2I_BASE_BY_HINT_CHANNELS = {64: Base.StableDiffusion1, 192: Base.StableDiffusion1,
+                              256: Base.StableDiffusionXL, 768: Base.StableDiffusionXL}  # fmt: skip
+
+
+def probe_t2i_adapter(index: TensorIndex) -> ProbeResult | None:
+    if not any(_T2I_FIRST_BLOCK.match(k) for k in index.shapes):
+        return None
+    prefix = "adapter." if index.has_prefix("adapter.body.") else ""
+    # full adapters open with conv_in, light adapters with their first block's in_conv
+    first = index.shape(prefix + "conv_in.weight") or index.shape(prefix + "body.0.in_conv.weight")
+    channels = first[1] if first and len(first) == 4 else None
+    if channels not in _T2I_BASE_BY_HINT_CHANNELS:
+        raise UnknownModelError(
+            f"{index.path}: T2I-Adapter taking {channels} pixel-unshuffled hint channels "
+            "(known: 64/192 sd-1, 256/768 sdxl); pass base_model explicitly"
+        )
+    return _result(ModelType.T2IAdapter, ModelFormat.Checkpoint, _T2I_BASE_BY_HINT_CHANNELS[channels])
 
 
 # ------------------------------------------------------------------------------ main models
@@ -194,6 +269,9 @@ def probe_main(index: TensorIndex) -> ProbeResult | None:
         return flux
     if index.has_prefix(_UNET + "joint_blocks.", "joint_blocks."):
         return _result(ModelType.Main, ModelFormat.Checkpoint, Base.StableDiffusion3, variant=ModelVariantType.Normal)
+    mmdit = _probe_diffusers_transformer(index)
+    if mmdit is not None:
+        return mmdit
     if not index.has_prefix(_UNET):
         return None
     return _probe_sd_unet(index)
@@ -204,11 +282,54 @@ def _probe_flux(index: TensorIndex) -> ProbeResult | None:
     img_in = index.shape(prefix + "img_in.weight")
     if not index.has_prefix(prefix + "double_blocks.") or img_in is None or len(img_in) != 2:
         return None
+    if not index.has_prefix(prefix + "vector_in."):
+        raise UnknownModelError(
+            f"{index.path}: FLUX-style transformer (double_blocks, img_in) without FLUX.1's pooled-CLIP "
+            "vector_in: a derivative such as Chroma or FLUX.2, which this version does not support"
+        )
     # FLUX Fill concatenates image, mask and masked image: 384 input features instead of 64
     variant = ModelVariantType.Inpaint if img_in[1] == 384 else ModelVariantType.Normal
     # only the guidance-distilled "dev" models embed the guidance scale
     flavour = "flux-dev" if index.has_prefix(prefix + "guidance_in.") else "flux-schnell"
     return _result(ModelType.Main, ModelFormat.Checkpoint, Base.Flux, variant=variant, config_path=flavour)
+
+
+def _probe_diffusers_transformer(index: TensorIndex) -> ProbeResult | None:
+    """A FLUX.1 or SD-3 transformer saved in the diffusers layout (``FluxTransformer2DModel`` /
+    ``SD3Transformer2DModel`` state dicts), possibly under a prefix."""
+    p = _prefix_of(index, "context_embedder.weight")
+    if p is None or not index.has_prefix(p + "transformer_blocks."):
+        return None
+    flux = index.has_prefix(p + "single_transformer_blocks.") or _ndim(index, p + "x_embedder.weight") == 2
+    sd3 = _ndim(index, p + "pos_embed.proj.weight") == 4
+    if flux == sd3:
+        raise UnknownModelError(
+            f"{index.path}: diffusers-layout transformer (transformer_blocks.*, context_embedder) with "
+            f"{'both' if flux else 'neither'} FLUX (single_transformer_blocks, linear x_embedder) "
+            f"{'and' if flux else 'nor'} SD-3 (pos_embed.proj convolution) markers; pass base_model explicitly"
+        )
+    if sd3:
+        return _result(ModelType.Main, ModelFormat.Checkpoint, Base.StableDiffusion3, variant=ModelVariantType.Normal)
+    if not index.has_prefix(p + "time_text_embed.text_embedder."):
+        raise UnknownModelError(
+            f"{index.path}: FLUX-style diffusers transformer without FLUX.1's pooled-CLIP embedder "
+            "(time_text_embed.text_embedder): a derivative such as Chroma or FLUX.2, which this version does not support"
+        )
+    x_in = index.shape(p + "x_embedder.weight")
+    variant = ModelVariantType.Inpaint if x_in is not None and x_in[-1] == 384 else ModelVariantType.Normal
+    flavour = "flux-dev" if index.has_prefix(p + "time_text_embed.guidance_embedder.") else "flux-schnell"
+    return _result(ModelType.Main, ModelFormat.Checkpoint, Base.Flux, variant=variant, config_path=flavour)
+
+
+def _prefix_of(index: TensorIndex, leaf: str) -> str | None:
+    """The prefix under which ``leaf`` is stored (``""``, ``model.diffusion_model.``...), if present."""
+    found = [k[: -len(leaf)] for k in index.shapes if k == leaf or k.endswith("." + leaf)]
+    return min(found, key=len) if found else None
+
+
+def _ndim(index: TensorIndex, key: str) -> int | None:
+    shape = index.shape(key)
+    return None if shape is None else len(shape)
 
 
 def _probe_sd_unet(index: TensorIndex) -> ProbeResult:
@@ -306,6 +427,7 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_textual_inversion,
     probe_ip_adapter,
     probe_controlnet,
+    probe_t2i_adapter,
     probe_main,
     probe_vae,
     probe_t5_encoder,
@@ -319,6 +441,7 @@ _RULE_CLAIMS: dict[Rule, dict[str, object]] = {
     probe_textual_inversion: {"model_type": ModelType.TextualInversion, "model_format": ModelFormat.EmbeddingFile},
     probe_ip_adapter: {"model_type": ModelType.IPAdapter, "model_format": ModelFormat.Checkpoint},
     probe_controlnet: {"model_type": ModelType.ControlNet, "model_format": ModelFormat.Checkpoint},
+    probe_t2i_adapter: {"model_type": ModelType.T2IAdapter, "model_format": ModelFormat.Checkpoint},
     probe_main: {"model_type": ModelType.Main, "model_format": ModelFormat.Checkpoint},
     probe_vae: {"model_type": ModelType.Vae, "model_format": ModelFormat.Checkpoint},
 }

@@ -6,10 +6,13 @@
   training scripts / InvokeAI; their one weights file is read by the file rules for the base.
 - ``config.json``: a single diffusers model (``_class_name``) or transformers model
   (``architectures``): VAE, ControlNet, T2I-Adapter, CLIP Vision, T5 encoder.
+- ``*.onnx`` files: an ONNX pipeline, format ``olive`` when Olive left its traces (see
+  :func:`onnx_format`), else ``onnx``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # AutoencoderKL.scaling_factor of the published VAEs (the latent spaces differ only in it)
 _VAE_SCALING = {0.18215: Base.StableDiffusion1, 0.13025: Base.StableDiffusionXL,
                 1.5305: Base.StableDiffusion3, 0.3611: Base.Flux}  # fmt: skip
+_OLIVE_NAME = re.compile(r"olive|footprints", re.IGNORECASE)
+_OLIVE_EXTERNAL_DATA = ".onnx.data"  # Olive's <model>.onnx.data; diffusers writes weights.pb, Optimum model.onnx_data
+_MAX_WORKFLOW_JSON = 1 << 20  # Olive workflow configs are a few KB; tokenizer vocabularies are not read
 
 
 def identify_folder(path: Path) -> ProbeResult:
@@ -115,12 +121,57 @@ def _probe_onnx(path: Path) -> ProbeResult:
     upcast = unet.get("upcast_attention")
     return _result(
         ModelType.ONNX,
-        ModelFormat.Onnx,
+        onnx_format(path),
         base,
         variant=ModelVariantType.Normal,
         prediction_type=prediction,
         upcast_attention=bool(upcast) if upcast is not None else upcast_for(base, prediction),
     )
+
+
+def onnx_format(path: Path) -> ModelFormat:
+    """``olive`` for an ONNX pipeline that Microsoft Olive produced, else ``onnx``.
+
+    Olive writes an ordinary ONNX pipeline (the same ``model_index.json``, whether the class is
+    diffusers' ``OnnxStableDiffusionPipeline`` or Optimum's ``ORTStableDiffusionPipeline``), so
+    only what Olive leaves beside the models tells. In the folder or a component subfolder:
+
+    - a file or folder named after Olive or its run records (``olive_config.json``,
+      ``footprints.json``, ``olive-cache/``...);
+    - an Olive workflow config: a JSON object with ``passes`` and ``input_model``;
+    - external weights named ``<model>.onnx.data``, Olive's naming for models over 2 GB
+      (diffusers' exporter writes ``weights.pb``, Optimum ``model.onnx_data``).
+
+    Anything else is plain ``onnx``. The two load the same way; the format records provenance,
+    and a user who knows better overrides it.
+    """
+    for entry in _entries(path, depth=2):
+        if _OLIVE_NAME.search(entry.name) or entry.name.endswith(_OLIVE_EXTERNAL_DATA):
+            return ModelFormat.Olive
+        if entry.suffix == ".json" and _is_olive_workflow(entry):
+            return ModelFormat.Olive
+    return ModelFormat.Onnx
+
+
+def _entries(path: Path, depth: int) -> list[Path]:
+    found: list[Path] = []
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        found.append(entry)
+        if depth > 1 and entry.is_dir():
+            found.extend(_entries(entry, depth - 1))
+    return found
+
+
+def _is_olive_workflow(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_WORKFLOW_JSON:
+            return False
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False  # an unreadable side file does not make a model corrupt
+    return isinstance(data, dict) and "passes" in data and "input_model" in data
 
 
 def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:

@@ -30,15 +30,20 @@ def _context(config: Any, event_store: EventStore | None) -> tuple[Any, EventSto
     return config, store, models_dir
 
 
+def _read_tracking(config: Any) -> bool:
+    return bool(getattr(config, "records_read_tracking", True))
+
+
 class ModelRecordServiceSQL(ModelRecordServiceBase):
     """Records in SQLite: its own database file, or tables in the application's shared connection."""
 
     suffixes = (".db", ".sqlite", ".sqlite3")
 
-    def __init__(self, projection: SQLProjection, event_store: EventStore, *, owns_connection: bool = False) -> None:
+    def __init__(self, projection: SQLProjection, event_store: EventStore, *, owns_connection: bool = False,
+                 read_tracking: bool = True) -> None:
         self._owns_connection = owns_connection
         try:
-            super().__init__(projection, event_store)
+            super().__init__(projection, event_store, read_tracking=read_tracking)
         except BaseException:
             self.close()
             raise
@@ -48,7 +53,8 @@ class ModelRecordServiceSQL(ModelRecordServiceBase):
                         config: Any = None) -> ModelRecordServiceSQL:
         """Keep the records in an already open database, guarded by the caller's lock."""
         config, store, models_dir = _context(config, event_store)
-        return cls(SQLProjection(conn, lock, models_dir, where="<shared connection>"), store)
+        return cls(SQLProjection(conn, lock, models_dir, where="<shared connection>"), store,
+                   read_tracking=_read_tracking(config))
 
     @classmethod
     def from_db_file(cls, path: Any, event_store: EventStore | None = None, *,
@@ -74,7 +80,7 @@ class ModelRecordServiceSQL(ModelRecordServiceBase):
         except BaseException:
             conn.close()
             raise
-        return cls(projection, store, owns_connection=True)
+        return cls(projection, store, owns_connection=True, read_tracking=_read_tracking(config))
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -106,7 +112,7 @@ class ModelRecordServiceFile(ModelRecordServiceBase):
         config, store, models_dir = _context(config, event_store)
         projection = YamlProjection(path, models_dir)
         projection.ensure_file()
-        return cls(projection, store)
+        return cls(projection, store, read_tracking=_read_tracking(config))
 
     @property
     def path(self) -> Path:
@@ -119,4 +125,4 @@ class ModelRecordServiceMemory(ModelRecordServiceBase):
 
     def __init__(self, event_store: EventStore | None = None, *, config: Any = None) -> None:
         config, store, models_dir = _context(config, event_store)
-        super().__init__(MemoryProjection(models_dir), store)
+        super().__init__(MemoryProjection(models_dir), store, read_tracking=_read_tracking(config))

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from events.store import StoredEvent
+from events.store import BodyBatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import State
 from services.records.models import ModelConfigBase
-from services.records.projection import Changes, RecordProjection, after, config_from_state
+from services.records.projection import Changes, RecordProjection, config_from_state, fresh_entries
 
 
 class RecordTable:
@@ -31,7 +31,7 @@ class RecordTable:
         for key, state in self.states.items():
             self.by_name.setdefault(state["name"], set()).add(key)
 
-    def change(self, changes: Changes, checkpoint: str, last_event_id: str) -> None:
+    def change(self, changes: Changes, checkpoint: str, last_event_id: str | None) -> None:
         for key, (state, version) in changes.items():
             old = self.states.pop(key, None)
             if old is not None:
@@ -102,10 +102,10 @@ class DictProjection(RecordProjection):
 class MemoryProjection(DictProjection):
     """Lives and dies with the process; rebuilt from the log at every start."""
 
-    def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
-        fresh = after(batch, self.table.checkpoint)
-        if fresh:
-            self.table.change(self.fold_batch(fresh), checkpoint, batch[-1].event.event_id)
+    def _commit(self, batch: BodyBatch) -> None:
+        fresh = fresh_entries(batch, self.table.checkpoint)
+        if fresh is not None:
+            self.table.change(self.fold_batch(fresh), batch.position, batch.event_id)
 
     def reset(self) -> None:
         with self.lock:

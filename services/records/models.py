@@ -192,16 +192,36 @@ class T2IAdapterConfig(DiffusersConfig):
     model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
 
 
+class CLIPVisionCheckpointConfig(CheckpointConfig):
+    model_type: Literal[ModelType.CLIPVision] = ModelType.CLIPVision
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class T2IAdapterCheckpointConfig(CheckpointConfig):
+    """A single-file T2I-Adapter (diffusers state dict or TencentARC's original naming)."""
+
+    model_type: Literal[ModelType.T2IAdapter] = ModelType.T2IAdapter
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
 class T5EncoderConfig(ModelConfigBase):
     model_type: Literal[ModelType.T5Encoder] = ModelType.T5Encoder
     model_format: Literal[ModelFormat.T5Encoder] = ModelFormat.T5Encoder
+
+
+class T5EncoderCheckpointConfig(CheckpointConfig):
+    """A T5 encoder as one safetensors file (e.g. FLUX's t5xxl_fp16.safetensors)."""
+
+    model_type: Literal[ModelType.T5Encoder] = ModelType.T5Encoder
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
 
 
 CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     MainCheckpointConfig, MainDiffusersConfig, ONNXSD2Config, VaeCheckpointConfig, VaeDiffusersConfig,
     LoRALycorisConfig, LoRADiffusersConfig, TextualInversionFileConfig, TextualInversionFolderConfig,
     ControlNetCheckpointConfig, ControlNetDiffusersConfig, IPAdapterConfig, IPAdapterCheckpointConfig,
-    CLIPVisionDiffusersConfig, T2IAdapterConfig, T5EncoderConfig,
+    CLIPVisionDiffusersConfig, CLIPVisionCheckpointConfig, T2IAdapterConfig, T2IAdapterCheckpointConfig,
+    T5EncoderConfig, T5EncoderCheckpointConfig,
 )
 
 
@@ -254,8 +274,11 @@ AnyModelConfig = Annotated[
         Annotated[IPAdapterConfig, Tag("ip_adapter/invokeai")],
         Annotated[IPAdapterCheckpointConfig, Tag("ip_adapter/checkpoint")],
         Annotated[CLIPVisionDiffusersConfig, Tag("clip_vision/diffusers")],
+        Annotated[CLIPVisionCheckpointConfig, Tag("clip_vision/checkpoint")],
         Annotated[T2IAdapterConfig, Tag("t2i_adapter/diffusers")],
+        Annotated[T2IAdapterCheckpointConfig, Tag("t2i_adapter/checkpoint")],
         Annotated[T5EncoderConfig, Tag("t5_encoder/t5_encoder")],
+        Annotated[T5EncoderCheckpointConfig, Tag("t5_encoder/checkpoint")],
     ],
     Discriminator(_discriminate),
 ]

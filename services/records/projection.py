@@ -16,12 +16,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from events.schema import ModelRenamed
-from events.store import StoredEvent, position_key
+import structlog
+
+from events.codec import EventBody
+from events.store import BodyBatch, StoredEvent, position_key
 from services.records.enums import BaseModelType, ModelType
-from services.records.fold import State, is_model_event, next_state, resolve_path
+from services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from services.records.parsing import config_class
+
+log = structlog.get_logger(__name__)
 
 RECORDS_VERSION = "3.2"  # the spec's version() of the record store
 KIND = "modelbus-model-records"  # marks our files and tables: anything else is not opened
@@ -41,12 +45,23 @@ def copy_config(config: ModelConfigBase) -> ModelConfigBase:
     return config.model_copy(update={"tags": list(config.tags), "compatible_bases": list(config.compatible_bases)})
 
 
-def after(batch: Sequence[StoredEvent], checkpoint: str) -> list[StoredEvent]:
-    """The part of a batch strictly after ``checkpoint`` (already-applied events are skipped)."""
+def fresh_entries(batch: BodyBatch, checkpoint: str) -> list[EventBody] | None:
+    """The entries of a batch strictly after ``checkpoint``; None when the whole batch is applied already
+    (an empty list is a batch of other events: only the checkpoint moves)."""
     floor = position_key(checkpoint)
-    if not batch or position_key(batch[0].position) > floor:
-        return list(batch)  # the usual case: the whole batch is new
-    return [s for s in batch if position_key(s.position) > floor]
+    if position_key(batch.position) <= floor:
+        return None
+    entries = batch.entries
+    if not entries or position_key(entries[0].position) > floor:
+        return entries  # the usual case: the whole batch is new
+    return [e for e in entries if position_key(e.position) > floor]
+
+
+def as_bodies(batch: Sequence[StoredEvent]) -> BodyBatch:
+    """Events (as ``Projection.apply`` gets them) in the form the record projections apply."""
+    entries = [EventBody(s.position, s.event.type, s.event.aggregate_id, s.event.aggregate_version,
+                         s.event.event_id, s.event.__dict__) for s in batch if s.event.type in MODEL_EVENT_TYPES]
+    return BodyBatch(entries, batch[-1].position, batch[-1].event.event_id)
 
 
 class RecordProjection(ABC):
@@ -64,11 +79,16 @@ class RecordProjection(ABC):
     @abstractmethod
     def checkpoint(self) -> str: ...
 
+    #: what the runner feeds us (as BodyBatches: see events.projection.Projection)
+    event_types = MODEL_EVENT_TYPES
+
     def apply(self, batch: Sequence[StoredEvent]) -> None:
-        if not batch:
-            return
+        if batch:
+            self.apply_bodies(as_bodies(batch))
+
+    def apply_bodies(self, batch: BodyBatch) -> None:
         with self.lock:
-            self._commit(batch, batch[-1].position)
+            self._commit(batch)
 
     @abstractmethod
     def reset(self) -> None: ...
@@ -77,26 +97,45 @@ class RecordProjection(ABC):
     def last_event_id(self) -> str | None:
         """The id of the event at the checkpoint: with it, opening checks the rows came from this log."""
 
-    def fold_batch(self, batch: Iterable[StoredEvent]) -> Changes:
-        """Per-key outcome of a batch; only a rename needs the stored state (it changes one field)."""
-        changes: Changes = {}
-        for stored in batch:
-            event = stored.event
-            if not is_model_event(event):
-                continue
-            key = event.aggregate_id
-            if isinstance(event, ModelRenamed):
-                current = changes[key][0] if key in changes else self._load_state(key)
+    def fold_batch(self, entries: Iterable[EventBody]) -> Changes:
+        """Per-key outcome of a batch. Each key's events are read newest first: its last ModelAdded,
+        ModelUpdated or ModelRemoved decides its state, so the bodies before it are never parsed (a
+        rename changes one field of the state before it; only the newest rename after it matters)."""
+        by_key: dict[str, list[EventBody]] = {}
+        for entry in entries:
+            found = by_key.get(entry.aggregate_id)
+            if found is None:
+                by_key[entry.aggregate_id] = [entry]
             else:
-                current = None
-            changes[key] = (next_state(current, event), event.aggregate_version)
-        for key in changes:
+                found.append(entry)
+        changes: Changes = {}
+        for key, events in by_key.items():
+            changes[key] = (self._newest_state(key, events), events[-1].aggregate_version)
             self._cache.pop(key, None)
         return changes
 
+    def _newest_state(self, key: str, events: list[EventBody]) -> State:
+        new_name: str | None = None
+        for entry in reversed(events):
+            try:
+                if entry.type == "ModelRenamed":
+                    if new_name is None:
+                        new_name = step({}, entry.type, entry.parsed())["name"]  # type: ignore[index]
+                    continue
+                state = step(None, entry.type, entry.parsed())
+            except ValueError as exc:  # a hand-written entry: skipped, as the event decoder skips one
+                log.warning("event_skipped", position=entry.position, reason=str(exc))
+                continue
+            break
+        else:
+            state = self._load_state(key)  # no event in the batch replaces the stored state
+        if state is not None and new_name is not None:
+            state = {**state, "name": new_name}
+        return state
+
     @abstractmethod
-    def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
-        """Apply the events after the stored checkpoint and store ``checkpoint``, atomically."""
+    def _commit(self, batch: BodyBatch) -> None:
+        """Apply the entries after the stored checkpoint and store the batch's position, atomically."""
 
     @abstractmethod
     def _load_state(self, key: str) -> State: ...

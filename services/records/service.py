@@ -27,6 +27,7 @@ from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintErr
 from events.projection import ProjectionRunner
 from events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from events.store import AppendResult, EventStore, StoredEvent, position_key
+from events.watch import LogWatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import (
     DuplicateModelException,
@@ -84,7 +85,7 @@ class ModelRecordServiceBase:
         for suffix in cls.__dict__.get("suffixes", ()):
             ModelRecordServiceBase._by_suffix[suffix] = cls
 
-    def __init__(self, projection: RecordProjection, event_store: EventStore) -> None:
+    def __init__(self, projection: RecordProjection, event_store: EventStore, *, read_tracking: bool = True) -> None:
         self.projection = projection
         self.event_store = event_store
         self.runner = ProjectionRunner(event_store, projection)
@@ -92,6 +93,10 @@ class ModelRecordServiceBase:
         #: spec's guarantee). Our own writes are always seen: they force a catch-up while unapplied.
         self.read_staleness = 0.0
         self._last_sync = 0.0
+        # tells a read whether the log can have grown since the last catch-up, without asking Redis
+        # (events.watch); the lock keeps a read from trusting the silence while another catches up
+        self._watch: LogWatch | None = event_store.watch() if read_tracking else None
+        self._watch_lock = threading.Lock()
         # keys we appended that the projection has not applied yet -> position of our last event;
         # writes do not wait for the projection, the next read (or write of that key) catches up
         self._unapplied: dict[str, str] = {}
@@ -155,6 +160,9 @@ class ModelRecordServiceBase:
             if self._unapplied:
                 self.sync()
         finally:
+            watch = getattr(self, "_watch", None)  # (absent when __init__ failed before it)
+            if watch is not None:
+                watch.close()
             self.projection.close()
 
     def __enter__(self) -> Self:
@@ -179,8 +187,17 @@ class ModelRecordServiceBase:
         return checkpoint
 
     def _sync_for_read(self) -> None:
-        if self.read_staleness <= 0 or self._unapplied \
-                or time.monotonic() - self._last_sync >= self.read_staleness:
+        if self.read_staleness > 0 and not self._unapplied \
+                and time.monotonic() - self._last_sync < self.read_staleness:
+            return
+        watch = self._watch
+        if watch is None:
+            self.sync()
+            return
+        with self._watch_lock:
+            if not self._unapplied and watch.quiet():
+                return
+            watch.arm()  # before reading the log: an append from now on breaks the silence again
             self.sync()
 
     def _sync_for_write(self, key: str) -> None:

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from events.store import StoredEvent
+from events.codec import EventBody
+from events.store import BodyBatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import RecordStoreFormatError
 from services.records.fold import State
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
-from services.records.projection import KIND, RECORDS_VERSION, RecordProjection, after, copy_config
+from services.records.projection import (
+    KIND,
+    RECORDS_VERSION,
+    Changes,
+    RecordProjection,
+    copy_config,
+    fresh_entries,
+)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the key tables are WITHOUT ROWID (one B-tree each instead of two)
 META = "model_record_meta"
 
 DDL = f"""
@@ -46,18 +54,34 @@ CREATE INDEX IF NOT EXISTS model_records_format ON model_records(format);
 CREATE INDEX IF NOT EXISTS model_records_path ON model_records(path);
 CREATE INDEX IF NOT EXISTS model_records_resolved_path ON model_records(resolved_path);
 CREATE INDEX IF NOT EXISTS model_records_hash ON model_records(hash);
-CREATE TABLE IF NOT EXISTS model_record_tags (tag TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tag, key));
+CREATE TABLE IF NOT EXISTS model_record_tags (tag TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tag, key))
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS model_record_tags_key ON model_record_tags(key);
 -- every base a model serves: the primary one and its compatible bases
-CREATE TABLE IF NOT EXISTS model_record_bases (base TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (base, key));
+CREATE TABLE IF NOT EXISTS model_record_bases (base TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (base, key))
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS model_record_bases_key ON model_record_bases(key);
 -- aggregate versions, removed records included: the expected version of the next write
-CREATE TABLE IF NOT EXISTS model_record_versions (key TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS model_record_versions (key TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
 """
 TABLES = ("model_records", "model_record_tags", "model_record_bases", "model_record_versions")
-# the search indexes of model_records, dropped while a rebuild fills the table (the indexes by key stay:
-# a rebuild's deletes of re-written keys go through them)
-SEARCH_INDEXES = tuple(re.findall(r"CREATE INDEX IF NOT EXISTS (model_records_\w+)", DDL))
+# the secondary indexes, dropped while a rebuild fills the tables and built again after
+INDEXES = tuple(re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", DDL))
+
+
+class _Pending:
+    """A rebuild's records so far: the final state and version of every key, and where the log was read to."""
+
+    def __init__(self) -> None:
+        self.changes: Changes = {}
+        self.position = "0-0"
+        self.event_id: str | None = None
+
+    def add(self, batch: BodyBatch, fold: Callable[[list[EventBody]], Changes]) -> None:
+        fresh = fresh_entries(batch, self.position)
+        if fresh is not None:
+            self.changes.update(fold(fresh))
+            self.position, self.event_id = batch.position, batch.event_id
 
 _SELECT = "SELECT type, format, config, key FROM model_records"
 
@@ -85,7 +109,7 @@ class SQLProjection(RecordProjection):
         self.conn = conn
         self.where = where
         self._seen = "0-0"  # the checkpoint our cache reflects
-        self._bulk = False  # inside bulk_load: batches join its transaction
+        self._bulk: _Pending | None = None  # inside bulk_load: what the batches folded so far
         with self.lock:
             state = inspect_schema(conn, where)
             self.stale = state == "stale"
@@ -111,7 +135,7 @@ class SQLProjection(RecordProjection):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        if self._bulk:
+        if self._bulk is not None:
             yield  # inside bulk_load: its one transaction commits or rolls back everything
             return
         # IMMEDIATE takes the write lock up front, so the checkpoint read inside stays true until commit
@@ -127,7 +151,11 @@ class SQLProjection(RecordProjection):
     @contextmanager
     def bulk_load(self) -> Iterator[None]:
         """A full rebuild as one transaction without syncs: readers keep seeing the old rows until the
-        new ones are complete, and a crash leaves the old rows (the log is the truth: nothing to lose)."""
+        new ones are complete, and a crash leaves the old rows (the log is the truth: nothing to lose).
+
+        Batches are folded in memory (the final state of every record, the size of the projection
+        itself) and each record is written once at the end, in key order, into tables without indexes;
+        the indexes are built after: far less B-tree work than keeping them current batch by batch."""
         with self.lock:
             stale = self.stale
             synchronous = self.conn.execute("PRAGMA synchronous").fetchone()[0]
@@ -135,15 +163,15 @@ class SQLProjection(RecordProjection):
                 self.conn.execute("PRAGMA synchronous=OFF")
             try:
                 with self._transaction():
-                    # filling tables and then indexing them is faster than keeping every index current
-                    # row by row; inside the transaction, so a failed rebuild rolls the drop back too
-                    for index in SEARCH_INDEXES:
+                    # inside the transaction, so a failed rebuild rolls the drop back too
+                    for index in INDEXES:
                         self.conn.execute(f"DROP INDEX IF EXISTS {index}")
-                    self._bulk = True
+                    self._bulk = _Pending()
                     try:
                         yield
+                        self._write_pending(self._bulk)
                     finally:
-                        self._bulk = False
+                        self._bulk = None
                     self._apply_ddl()
             except BaseException:
                 self._cache.clear()  # rows rolled back: drop what was parsed from them
@@ -153,6 +181,12 @@ class SQLProjection(RecordProjection):
             finally:
                 if not self.conn.in_transaction:
                     self.conn.execute(f"PRAGMA synchronous={int(synchronous)}")
+
+    def _write_pending(self, pending: _Pending) -> None:
+        if pending.event_id is None and pending.position == "0-0":
+            return  # an empty log: nothing read
+        self._write_rows(dict(sorted(pending.changes.items())))
+        self._write_checkpoint(pending.position, pending.event_id)
 
     def _read_checkpoint(self) -> str:
         row = self.conn.execute(f"SELECT value FROM {META} WHERE name = 'checkpoint'").fetchone()
@@ -172,34 +206,44 @@ class SQLProjection(RecordProjection):
                 self._seen = position
             return position
 
-    def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
+    def _commit(self, batch: BodyBatch) -> None:
+        if self._bulk is not None:
+            self._bulk.add(batch, self.fold_batch)
+            return
         with self._transaction():
-            fresh = after(batch, self._read_checkpoint())
-            if not fresh:
+            fresh = fresh_entries(batch, self._read_checkpoint())
+            if fresh is None:
                 return
             changes = self.fold_batch(fresh)
             # a key whose first event here is its version 1 has no rows yet: nothing to delete
-            born = {s.event.aggregate_id for s in fresh if s.event.aggregate_version == 1}
+            born = {e.aggregate_id for e in fresh if e.aggregate_version == 1}
             gone = [(k,) for k in changes if k not in born]
             for table in ("model_records", "model_record_tags", "model_record_bases"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE key = ?", gone)
-            rows, tags, bases = [], [], []
-            for key, (state, _) in changes.items():
-                if state is None:
-                    continue
-                rows.append((key, state["name"], state["base_model"], state["model_type"], state["model_format"],
-                             state["path"], self.resolve(state["path"]), state.get("hash"),
-                             orjson.dumps(state).decode()))
-                tags += [(tag, key) for tag in dict.fromkeys(state.get("tags") or ())]
-                bases += [(b, key) for b in dict.fromkeys([state["base_model"], *(state.get("compatible_bases") or ())])]
-            self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self.conn.executemany("INSERT INTO model_record_tags VALUES (?, ?)", tags)
-            self.conn.executemany("INSERT INTO model_record_bases VALUES (?, ?)", bases)
-            self.conn.executemany("INSERT OR REPLACE INTO model_record_versions VALUES (?, ?)",
-                                  [(k, v) for k, (_, v) in changes.items()])
-            self.conn.executemany(f"INSERT OR REPLACE INTO {META}(name, value) VALUES (?, ?)",
-                                  [("checkpoint", checkpoint), ("last_event", batch[-1].event.event_id)])
-        self._seen = checkpoint
+            self._write_rows(changes)
+            self._write_checkpoint(batch.position, batch.event_id)
+
+    def _write_rows(self, changes: Changes) -> None:
+        """Insert the rows of changed records (their old rows are gone already) and every version."""
+        rows, tags, bases = [], [], []
+        for key, (state, _) in changes.items():
+            if state is None:
+                continue
+            rows.append((key, state["name"], state["base_model"], state["model_type"], state["model_format"],
+                         state["path"], self.resolve(state["path"]), state.get("hash"),
+                         orjson.dumps(state).decode()))
+            tags += [(tag, key) for tag in dict.fromkeys(state.get("tags") or ())]
+            bases += [(b, key) for b in dict.fromkeys([state["base_model"], *(state.get("compatible_bases") or ())])]
+        self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.conn.executemany("INSERT INTO model_record_tags VALUES (?, ?)", tags)
+        self.conn.executemany("INSERT INTO model_record_bases VALUES (?, ?)", bases)
+        self.conn.executemany("INSERT OR REPLACE INTO model_record_versions VALUES (?, ?)",
+                              [(k, v) for k, (_, v) in changes.items()])
+
+    def _write_checkpoint(self, position: str, event_id: str | None) -> None:
+        self.conn.executemany(f"INSERT OR REPLACE INTO {META}(name, value) VALUES (?, ?)",
+                              [("checkpoint", position), ("last_event", event_id or "")])
+        self._seen = position
 
     def reset(self) -> None:
         with self.lock, self._transaction():
@@ -213,6 +257,9 @@ class SQLProjection(RecordProjection):
     # --- queries --------------------------------------------------------------------------------
 
     def _load_state(self, key: str) -> State:
+        if self._bulk is not None:  # a rebuild: the rows are still in memory
+            found = self._bulk.changes.get(key)
+            return None if found is None else found[0]
         row = self.conn.execute("SELECT config FROM model_records WHERE key = ?", (key,)).fetchone()
         return orjson.loads(row[0]) if row else None
 

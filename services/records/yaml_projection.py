@@ -20,17 +20,17 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from events.store import StoredEvent, position_key
+from events.store import BodyBatch, position_key
 from services.records.errors import RecordStoreFormatError
 from services.records.memory_projection import DictProjection, RecordTable
-from services.records.projection import KIND, RECORDS_VERSION, after
+from services.records.projection import KIND, RECORDS_VERSION, fresh_entries
 
 SCHEMA = 1
 METADATA = "__metadata__"
@@ -141,7 +141,7 @@ class YamlProjection(DictProjection):
             self._sync_from_disk()
             return self.table.checkpoint
 
-    def _commit(self, batch: Sequence[StoredEvent], checkpoint: str) -> None:
+    def _commit(self, batch: BodyBatch) -> None:
         with self._file_lock():
             known = self.table.checkpoint
             self._sync_from_disk()
@@ -149,13 +149,13 @@ class YamlProjection(DictProjection):
                 # the file went back (deleted, or replaced by an older one) since this batch was read:
                 # applying it now would skip the events in between; the runner replays from our checkpoint
                 return
-            fresh = after(batch, self.table.checkpoint)
-            if not fresh:
+            fresh = fresh_entries(batch, self.table.checkpoint)
+            if fresh is None:
                 return
             previous = (dict(self.table.states), dict(self.table.versions), self.table.checkpoint,
                         self.table.last_event_id)
             try:
-                self.table.change(self.fold_batch(fresh), checkpoint, batch[-1].event.event_id)
+                self.table.change(self.fold_batch(fresh), batch.position, batch.event_id)
                 self._write()
             except BaseException:
                 self.table.load(*previous)  # the file was not replaced: neither is our view of it

@@ -115,3 +115,49 @@ def test_a_reader_sees_a_write_made_by_another_process(config: AppConfig, modelb
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert reader.get_model("fromchild").base_model.value == "sdxl"
     reader.close()
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from services.config import AppConfig
+    from services.records import ModelRecordServiceBase
+    service = ModelRecordServiceBase.open(AppConfig.load())
+    for n in range(int(sys.argv[1])):
+        service.add_model(f"w{n}", dict(name=f"w{n}", model_type="lora", model_format="lycoris",
+                                         base_model="sd-1", path=f"w{n}.safetensors"))
+        print(f"w{n}", flush=True)  # acknowledged: the reader may look now
+        sys.stdin.readline()         # and says when it has
+""")
+
+
+@pytest.mark.parametrize("tracking", [True, False])
+def test_every_write_of_another_process_is_seen_by_the_next_read(config: AppConfig, modelbus_env: dict[str, str],
+                                                                  event_store: RedisEventStore,
+                                                                  tracking: bool) -> None:
+    """Read-your-writes across processes, with and without the log watch: the writer acknowledges, the
+    reader reads at once (no sleep, no retry) and must find the model, a hundred times over."""
+    reader = ModelRecordServiceSQL.from_db_file(config.root / "reader.db", event_store,
+                                                config=config.model_copy(update={"records_read_tracking": tracking}))
+    assert (reader._watch is not None) is tracking
+    writes = 100
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(writes)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        assert not reader.exists("w0")  # (the watch connects on the first read)
+        seen = 0
+        for line in writer.stdout:
+            key = line.strip()
+            if not key.startswith("w"):
+                continue  # a log line
+            assert reader.get_model(key).name == key
+            seen += 1
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+        assert writer.wait(timeout=60) == 0
+        assert seen == writes
+        print(f"\n{writes} writes by another process, each read at once by this one "
+              f"({'log watch' if tracking else 'round trip per read'}): all seen")
+    finally:
+        writer.kill()
+        reader.close()
