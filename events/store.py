@@ -7,6 +7,7 @@ never trimmed; the activity stream is capped by length.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -222,7 +223,7 @@ class RedisEventStore(EventStore):
         self.activity_maxlen = activity_maxlen
         self.replicas = replicas
         self.retry_deadline = retry_deadline
-        self._append = client.register_script(APPEND)
+        self._append_sha = hashlib.sha1(APPEND.encode()).hexdigest()  # the name Redis gives the script
         self._append_keys = (self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique)
 
     @classmethod
@@ -270,7 +271,7 @@ class RedisEventStore(EventStore):
         def append_and_replicate() -> tuple[int, bytes]:
             # one step for the retry loop: after a failover the append is repeated (the idempotency key
             # makes that safe) so that WAIT counts replicas of the server that holds the event now
-            reply = self._append(keys=keys, args=args)
+            reply = self._run_append(keys, args)
             if self.replicas:
                 acked = int(self.client.wait(self.replicas, defaults.REPLICATION_TIMEOUT_MS))
                 if acked < self.replicas:
@@ -284,6 +285,15 @@ class RedisEventStore(EventStore):
             raise _translate(aggregate, expected_version, str(exc)) from exc
         result = orjson.loads(raw)
         return AppendResult(list(result["ids"]), int(result["version"]), bool(duplicate))
+
+    def _run_append(self, keys: list[str], args: list[Any]) -> Any:
+        # EVALSHA straight through execute_command: redis-py's Script wrapper costs more per call than
+        # the script itself; after a restart or SCRIPT FLUSH the script is loaded again and re-run
+        try:
+            return self.client.execute_command("EVALSHA", self._append_sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(APPEND)
+            return self.client.execute_command("EVALSHA", self._append_sha, len(keys), *keys, *args)
 
     def version(self, aggregate_id: str) -> int:
         raw = self._call(lambda: self.client.hget(self.keys.versions, aggregate_id))

@@ -13,7 +13,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -98,11 +98,24 @@ def _build(cls: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor],
     return Loaded(model, buffer)
 
 
+def unet_config(orig: dict[str, Any], base: str) -> dict[str, Any]:
+    """The diffusers UNet config of an original YAML.
+
+    diffusers tells SDXL's size-and-crop embedding (``text_time``) from a class projection by the
+    context width alone (2048 or 1280); the base model says it whatever the width, as for a small
+    model, so it decides. SDXL's time-id embedding width (256) is part of the architecture."""
+    config: dict[str, Any] = _quiet(sfu.create_unet_diffusers_config_from_ldm, orig, {},
+                                    image_size=_image_size(orig))
+    if base in ("sdxl", "sdxl-refiner") and config.get("class_embed_type") == "projection":
+        config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
+    return config
+
+
 def load_unet(req: LoadRequest, orig: dict[str, Any]) -> Loaded:
     tensors, buffer = _read(req, lambda k: k.startswith(UNET_PREFIX))
     if not tensors:
         raise InvalidModelException(f"{req.location}: no UNet weights ({UNET_PREFIX}*)")
-    config = _quiet(sfu.create_unet_diffusers_config_from_ldm, orig, tensors, image_size=_image_size(orig))
+    config = unet_config(orig, _base(req.record))
     converted = _quiet(sfu.convert_ldm_unet_checkpoint, tensors, config)
     return _build(lambda: UNet2DConditionModel.from_config(config), converted, req, buffer, "unet")
 
@@ -215,13 +228,60 @@ def load_vae_checkpoint(req: LoadRequest) -> Loaded:
     return load_vae(req, original_config(req.record), whole_file=True)
 
 
+_CONTROLNET_KEYS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+                    "cross_attention_dim", "attention_head_dim", "use_linear_projection", "class_embed_type",
+                    "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                    "transformer_layers_per_block")
+# the parts of a whole SD model that ControlNet 1.0 files carry beside ``control_model.*``
+_NOT_CONTROLNET = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "model_ema.")
+_HINT = "controlnet_cond_embedding."
+
+
+def controlnet_config(orig: dict[str, Any], base: str) -> dict[str, Any]:
+    """The diffusers ControlNet config of an original YAML: the ``control_stage_config`` of a
+    ControlNet one (cldm_v15.yaml...), else the UNet of a main model's (the ControlNet copies its encoder)."""
+    params = orig["model"]["params"]
+    control = (params.get("control_stage_config") or {}).get("params")
+    if control:
+        orig = {"model": {"params": {**params, "unet_config": {"params": {"out_channels": 4, **control}}}}}
+    unet = unet_config(orig, base)
+    return {k: unet[k] for k in _CONTROLNET_KEYS if k in unet} | {
+        "conditioning_channels": int(control.get("hint_channels", 3)) if control else 3}
+
+
+def is_controlnet_key(name: str) -> bool:
+    """Whether a tensor of a ControlNet file belongs to the ControlNet (not to the SD model beside it)."""
+    return name.startswith(sfu.LDM_CONTROLNET_KEY) or not name.startswith(_NOT_CONTROLNET)
+
+
+def _hint_channels(converted: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...]] | None:
+    """Input channels and widths of the hint encoder (conditioning_embedding_out_channels), from its weights."""
+    conv_in = converted.get(_HINT + "conv_in.weight")
+    if conv_in is None:
+        return None
+    blocks = sorted(int(m.group(1)) for k in converted if (m := re.fullmatch(rf"{_HINT}blocks\.(\d+)\.weight", k)))
+    widths = [int(conv_in.shape[0])] + [int(converted[f"{_HINT}blocks.{i}.weight"].shape[0]) for i in blocks[1::2]]
+    return int(conv_in.shape[1]), tuple(widths)
+
+
 def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
-    orig = original_config(req.record)
-    tensors, buffer = _read(req, lambda k: True)
-    unet = _quiet(sfu.create_unet_diffusers_config_from_ldm, orig, tensors, image_size=_image_size(orig))
-    keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-            "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
-            "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block")
-    config = {k: unet[k] for k in keep if k in unet} | {"conditioning_channels": 3}
+    """A ControlNet from one file: original names (``control_model.*``, or unprefixed as some
+    re-publications have them) or a diffusers ControlNetModel's. The shape comes from the YAML;
+    the hint encoder's from the weights."""
+    base = _base(req.record)
+    config = controlnet_config(original_config(req.record), base)
+    tensors, buffer = _read(req, is_controlnet_key)
+    if not any(k.startswith((sfu.LDM_CONTROLNET_KEY, "time_embed.", "time_embedding.")) for k in tensors):
+        raise InvalidModelException(f"{req.location}: no ControlNet weights (control_model.*, or a ControlNetModel's)")
     converted = _quiet(sfu.convert_controlnet_checkpoint, tensors, config)
+    if config.get("addition_embed_type") == "text_time":  # diffusers' conversion leaves SDXL's label_emb behind
+        stripped = {k.removeprefix(sfu.LDM_CONTROLNET_KEY): v for k, v in tensors.items()}
+        mapping = cast(dict[str, dict[str, dict[str, str]]], sfu.DIFFUSERS_TO_LDM_MAPPING)
+        for new, old in mapping["controlnet"]["addition_embed_type"].items():
+            if new not in converted and old in stripped:
+                converted[new] = stripped[old]
+    converted = {k: v for k, v in converted.items() if v is not None}  # the conversion maps absent keys to None
+    hint = _hint_channels(converted)
+    if hint is not None:
+        config |= {"conditioning_channels": hint[0], "conditioning_embedding_out_channels": hint[1]}
     return _build(lambda: ControlNetModel.from_config(config), converted, req, buffer, "controlnet")

@@ -28,7 +28,7 @@ from events.schema import ModelAdded, ModelRenamed, ModelUpdated
 from events.store import InMemoryEventStore, RedisEventStore
 from services.config import AppConfig
 from services.records import ModelRecordServiceSQL
-from tests.bench.common import bench_redis, percentiles, rate, ratio_line, scale
+from tests.bench.common import bench_redis, paired_rates, percentiles, rate, ratio_line, scale
 
 
 def _config(i: int) -> dict[str, object]:
@@ -106,26 +106,28 @@ def bench_reads(url: str, root: Path, config: AppConfig) -> None:
 
 
 def bench_writes(url: str, root: Path, config: AppConfig) -> None:
-    n = scale(2000)
+    n, rounds = scale(2000), 5
+    per_round = max(1, n // rounds)
     store = RedisEventStore.from_url(url, f"bench-w-{uuid.uuid4().hex[:6]}")
     service = ModelRecordServiceSQL.from_db_file(root / "writes.db", store, config=config)
-    configs = [_config(i) for i in range(n)]
+    configs = [_config(i) for i in range(per_round * rounds)]
 
-    def ours() -> None:
-        for c in configs:
+    def ours(round_: int) -> None:
+        for c in configs[round_ * per_round:(round_ + 1) * per_round]:
             service.add_model(str(c["key"]), c)
 
     body = orjson.dumps(configs[0])
     raw = redis.Redis.from_url(url)
 
-    def baseline() -> None:
-        for i in range(n):
+    def baseline(round_: int) -> None:
+        for i in range(round_ * per_round, (round_ + 1) * per_round):
             raw.xadd("bench:raw-add", {"type": "ModelAdded", "agg": f"k{i}", "body": body})
 
-    ratio_line("add_model/s (SQLite projection) vs raw XADD", rate(n, ours), rate(n, baseline), "ops/s", ">= 0.4x")
+    mine, theirs = paired_rates((per_round, per_round), ours, baseline, rounds)
+    ratio_line(f"add_model/s (SQLite projection) vs raw XADD, median of {rounds}", mine, theirs, "ops/s", ">= 0.4x")
     memory = InMemoryEventStore()
     mem_service = ModelRecordServiceSQL.from_db_file(root / "writes-mem.db", memory, config=config)
-    per_s = rate(n, lambda: [mem_service.add_model(str(c["key"]), c) for c in configs])  # type: ignore[func-returns-value]
+    per_s = rate(len(configs), lambda: [mem_service.add_model(str(c["key"]), c) for c in configs])  # type: ignore[func-returns-value]
     print(f"  add_model/s on the in-memory log (no network): {per_s:.0f}")
     service.close()
     mem_service.close()
@@ -148,11 +150,13 @@ def bench_rebuild(url: str, root: Path, config: AppConfig) -> None:
             after = "(" + entries[-1][0].decode()
 
     service = ModelRecordServiceSQL.from_db_file(root / "rebuild.db", store, config=config)  # first replay
-    ours = rate(n_events, lambda: service.rebuild() and None)
+    rounds = 3
+    ours, theirs = paired_rates((n_events, n_events), lambda _: service.rebuild() and None,
+                                lambda _: baseline(), rounds)
     decode_only = rate(n_events, lambda: sum(1 for _ in store.read_all()) and None)
     print(f"  events/s of store.read alone (XRANGE + decoding into Event objects): {decode_only:.0f}")
     assert service.projection.count() == n_events // 4
-    ratio_line(f"rebuild {n_events} events into SQLite (ev/s) vs XRANGE+orjson", ours, rate(n_events, baseline),
+    ratio_line(f"rebuild {n_events} events into SQLite (ev/s) vs XRANGE+orjson, median of {rounds}", ours, theirs,
                "ev/s", ">= 0.3x")
     service.close()
 

@@ -32,6 +32,18 @@ def rate(n: int, fn: Callable[[], None]) -> float:
     return n / (time.perf_counter() - start)
 
 
+def paired_rates(counts: tuple[int, int], ours: Callable[[int], None], baseline: Callable[[int], None],
+                 rounds: int = 5) -> tuple[float, float]:
+    """Median rates of ``ours`` and ``baseline`` timed in alternating rounds (round ``i`` of each does
+    ``counts`` items): on a shared machine the load drifts over seconds, and alternation lets both
+    sides meet the same drift instead of one side getting a quiet minute and the other a busy one."""
+    mine, theirs = [], []
+    for i in range(rounds):
+        mine.append(rate(counts[0], lambda i=i: ours(i)))  # type: ignore[misc]
+        theirs.append(rate(counts[1], lambda i=i: baseline(i)))  # type: ignore[misc]
+    return statistics.median(mine), statistics.median(theirs)
+
+
 def ratio_line(name: str, ours: float, baseline: float, unit: str, goal: str = "", higher_is_better: bool = True) -> str:
     r = ours / baseline if higher_is_better else baseline / ours
     line = f"{name:<48} ours {ours:>12.1f} {unit:<8} baseline {baseline:>12.1f} {unit:<8} ratio {r:5.2f}x"

@@ -1,16 +1,19 @@
-"""Tiny real models for the load tests: a diffusers pipeline folder, a single-file SD-1 checkpoint
-with the original (LDM) key names, a LoRA, a VAE, an embedding. Shapes are small, files are real."""
+"""Tiny real models for the load tests: a diffusers pipeline folder, single-file SD-1, SD-2 and SDXL
+checkpoints and ControlNets with the original (LDM) key names, a LoRA, a VAE, an embedding. Shapes
+are small, files are real."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 L = 2  # layers per UNet block, as in SD-1
 UNET_CFG = {"block_out_channels": (32, 64), "layers_per_block": L, "sample_size": 8, "in_channels": 4,
@@ -58,24 +61,27 @@ def write_pipeline(root: Path, seed: int = 0) -> dict[str, torch.nn.Module]:
 
 
 # ---- diffusers -> original (LDM) key names, the inverse of diffusers' single-file conversion ----
-def _unet_to_ldm(sd: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
+def _unet_to_ldm(sd: dict[str, torch.Tensor], n_blocks: int,
+                 prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
     direct = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    # an LDM output block numbers its upsampler after its attention, when it has one
+    up_attention = {i for i in range(n_blocks) if any(k.startswith(f"up_blocks.{i}.attentions.") for k in sd)}
     resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
               ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
     layer: list[tuple[str, str]] = []
     for i in range(n_blocks):
         for j in range(L):
             layer.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{(L + 1) * i + j + 1}.0."))
-            if i < n_blocks - 1:
-                layer.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(L + 1) * i + j + 1}.1."))
+            layer.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(L + 1) * i + j + 1}.1."))
         for j in range(L + 1):
             layer.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{(L + 1) * i + j}.0."))
-            if i > 0:
-                layer.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(L + 1) * i + j}.1."))
+            layer.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(L + 1) * i + j}.1."))
         if i < n_blocks - 1:
             layer.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(L + 1) * (i + 1)}.0.op."))
-            layer.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(L + 1) * i + L}.{1 if i == 0 else 2}."))
+            layer.append((f"up_blocks.{i}.upsamplers.0.",
+                          f"output_blocks.{(L + 1) * i + L}.{2 if i in up_attention else 1}."))
     layer.append(("mid_block.attentions.0.", "middle_block.1."))
     layer += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
     out = {}
@@ -89,7 +95,7 @@ def _unet_to_ldm(sd: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.
                 new = new.replace(hf, ldm)
         for hf, ldm in layer:
             new = new.replace(hf, ldm)
-        out["model.diffusion_model." + new] = value
+        out[prefix + new] = value
     return out
 
 
@@ -118,6 +124,11 @@ def _vae_to_ldm(sd: dict[str, torch.Tensor], n_blocks: int, layers: int) -> dict
     return out
 
 
+_TINY_FIRST_STAGE = {"params": {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+
+
 def write_original_yaml(path: Path) -> Path:
     """The tiny model's original-format inference YAML (same schema as v1-inference.yaml)."""
     config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
@@ -127,9 +138,7 @@ def write_original_yaml(path: Path) -> Path:
                                    "attention_resolutions": [1], "num_res_blocks": L, "channel_mult": [1, 2],
                                    "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1,
                                    "context_dim": 64, "legacy": False}},
-        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": {
-            "double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
-            "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}},
+        "first_stage_config": _TINY_FIRST_STAGE,
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}}}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -162,3 +171,162 @@ def write_embedding(path: Path, seed: int = 3) -> torch.Tensor:
     emb = torch.randn(2, 64)
     save_file({"emb_params": emb}, str(path))
     return emb
+
+
+# ---- SD-2 and SDXL single files: OpenCLIP text encoders, linear-projection UNets, SDXL's text_time embedding ----
+# OpenCLIP encoders use exact GELU; eos 2 is what the shipped configs say (pooling by argmax of the ids)
+OPEN_CLIP_CFG: dict[str, Any] = CLIP_CFG | {"hidden_act": "gelu", "eos_token_id": 2, "projection_dim": 32}
+SD2_UNET_CFG = UNET_CFG | {"attention_head_dim": (4, 8), "use_linear_projection": True}  # 8 channels per head
+SDXL_TIME_DIM = 256  # SDXL's size-and-crop embedding width: fixed by the architecture, not stored in the file
+SDXL_UNET_CFG: dict[str, Any] = {"block_out_channels": (32, 64), "layers_per_block": L, "sample_size": 8, "in_channels": 4,
+                 "out_channels": 4, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 128,
+                 "attention_head_dim": (4, 8), "use_linear_projection": True, "transformer_layers_per_block": (1, 2),
+                 "addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_DIM,
+                 "projection_class_embeddings_input_dim": OPEN_CLIP_CFG["projection_dim"] + 6 * SDXL_TIME_DIM}
+# the refiner conditions on OpenCLIP alone, and on 5 time ids (an aesthetic score instead of the target size)
+SDXL_REFINER_UNET_CFG = SDXL_UNET_CFG | {
+    "cross_attention_dim": OPEN_CLIP_CFG["hidden_size"],
+    "projection_class_embeddings_input_dim": OPEN_CLIP_CFG["projection_dim"] + 5 * SDXL_TIME_DIM}
+
+
+def open_clip_keys(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights under OpenCLIP's names (fused q/k/v, ``resblocks``)."""
+    names = [("embeddings.token_embedding.weight", "token_embedding.weight"),
+             ("embeddings.position_embedding.weight", "positional_embedding"), ("final_layer_norm.", "ln_final."),
+             ("encoder.layers.", "transformer.resblocks."), ("self_attn.out_proj.", "attn.out_proj."),
+             ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    out = {}
+    for key, value in sd.items():
+        if key == "text_projection.weight":  # OpenCLIP multiplies by a bare matrix: x @ P
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif ".self_attn." not in key or ".out_proj." in key:
+            new = key
+            for hf, oc in names:
+                new = new.replace(hf, oc)
+            out[prefix + new] = value
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    for n in sorted(layers):
+        attn = f"encoder.layers.{n}.self_attn."
+        for kind in ("weight", "bias"):
+            fused = torch.cat([sd[f"{attn}{p}_proj.{kind}"] for p in "qkv"])
+            out[f"{prefix}transformer.resblocks.{n}.attn.in_proj_{kind}"] = fused
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)  # in every OpenCLIP file, unused by a text encoder
+    return out
+
+
+def _save(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, str(path))
+
+
+def write_sd2_checkpoint(path: Path, seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+    """A single-file SD-2 checkpoint (OpenCLIP under ``cond_stage_model.model.``); returns the diffusers models.
+
+    SD-2 conditions on OpenCLIP's penultimate layer, so the file holds one more resblock than the
+    diffusers text encoder it becomes (as the real 24-layer file becomes a 23-layer encoder)."""
+    torch.manual_seed(seed)
+    unet, vae = UNet2DConditionModel(**SD2_UNET_CFG).eval(), AutoencoderKL(**VAE_CFG).eval()
+    layers = OPEN_CLIP_CFG["num_hidden_layers"]
+    full = CLIPTextModel(CLIPTextConfig(**OPEN_CLIP_CFG | {"num_hidden_layers": layers + 1}))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**OPEN_CLIP_CFG)).eval()
+    text_encoder.load_state_dict({k: v for k, v in full.state_dict().items()
+                                  if not k.startswith(f"encoder.layers.{layers}.")})
+    hidden = OPEN_CLIP_CFG["hidden_size"]
+    sd = _unet_to_ldm(unet.state_dict(), 2) | _vae_to_ldm(vae.state_dict(), 2, 1)
+    sd |= open_clip_keys(full.state_dict(), "cond_stage_model.model.")
+    sd["cond_stage_model.model.text_projection"] = torch.randn(hidden, hidden)
+    _save(path, sd, dtype)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+def write_sdxl_checkpoint(path: Path, seed: int = 1, dtype: torch.dtype = torch.float32,
+                          refiner: bool = False) -> dict[str, torch.nn.Module]:
+    """A single-file SDXL checkpoint: CLIP-L under ``conditioner.embedders.0.transformer.``, OpenCLIP
+    bigG (with its projection) under ``conditioner.embedders.1.model.``; the refiner has only
+    the latter, as ``conditioner.embedders.0.model.``."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(SDXL_REFINER_UNET_CFG if refiner else SDXL_UNET_CFG)).eval()
+    vae = AutoencoderKL(**VAE_CFG).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CFG | {"eos_token_id": 2})).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_CFG)).eval()
+    sd = _unet_to_ldm(unet.state_dict(), 2) | _vae_to_ldm(vae.state_dict(), 2, 1)
+    models: dict[str, torch.nn.Module] = {"unet": unet, "vae": vae, "text_encoder_2": text_encoder_2}
+    if not refiner:
+        sd |= {"conditioner.embedders.0.transformer.text_model." + k: v for k, v in text_encoder.state_dict().items()}
+        models["text_encoder"] = text_encoder
+    sd |= open_clip_keys(text_encoder_2.state_dict(), f"conditioner.embedders.{0 if refiner else 1}.model.")
+    _save(path, sd, dtype)
+    return models
+
+
+def _write_yaml(path: Path, network: str, unet: dict[str, Any], **params: Any) -> Path:
+    config = {"model": {"params": {"scale_factor": 0.18215, **params, network: {"params": unet},
+                                   "first_stage_config": _TINY_FIRST_STAGE}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+_TINY_LINEAR_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": L,
+                     "channel_mult": [1, 2], "num_head_channels": 8, "use_spatial_transformer": True,
+                     "use_linear_in_transformer": True, "legacy": False}
+
+
+def write_sd2_yaml(path: Path) -> Path:
+    """The tiny SD-2 model's original inference YAML (schema of v2-inference-v.yaml: v prediction)."""
+    unet = _TINY_LINEAR_UNET | {"image_size": 8, "attention_resolutions": [1], "transformer_depth": 1,
+                                "context_dim": 64}
+    return _write_yaml(path, "unet_config", unet, parameterization="v", image_size=8, channels=4,
+                       target="ldm.models.diffusion.ddpm.LatentDiffusion",
+                       cond_stage_config={"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                          "params": {"freeze": True, "layer": "penultimate"}})
+
+
+def write_sdxl_yaml(path: Path, refiner: bool = False) -> Path:
+    """The tiny SDXL model's original inference YAML (schema of sd_xl_base.yaml / sd_xl_refiner.yaml)."""
+    cfg = SDXL_REFINER_UNET_CFG if refiner else SDXL_UNET_CFG
+    unet = _TINY_LINEAR_UNET | {"adm_in_channels": cfg["projection_class_embeddings_input_dim"],
+                                "num_classes": "sequential", "attention_resolutions": [2],
+                                "transformer_depth": [1, 2], "context_dim": cfg["cross_attention_dim"]}
+    return _write_yaml(path, "network_config", unet, scale_factor=0.13025)
+
+
+# ---- ControlNets: the diffusers layout, or the original one (``control_model.*``) ----
+# the original hint encoder is 8 convolutions (16, 16, 32, 32, 96, 96, 256 channels, then the model's);
+# diffusers' conversion knows only that one, so the tiny ControlNets keep the default embedding
+CONTROLNET_CFG = {"block_out_channels": (32, 64), "layers_per_block": L, "cross_attention_dim": 64,
+                  "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "attention_head_dim": 8}
+SDXL_CONTROLNET_CFG = {k: SDXL_UNET_CFG[k] for k in (
+    "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types", "attention_head_dim",
+    "use_linear_projection", "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim")}
+
+
+def controlnet_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel's weights under the original (``control_model.``) names."""
+    n_hint = len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")})
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("down_blocks.")})
+    rules = [(r"controlnet_cond_embedding\.conv_in\.", lambda m: "input_hint_block.0."),
+             (r"controlnet_cond_embedding\.blocks\.(\d+)\.", lambda m: f"input_hint_block.{2 * int(m[1]) + 2}."),
+             (r"controlnet_cond_embedding\.conv_out\.", lambda m: f"input_hint_block.{2 * n_hint + 2}."),
+             (r"controlnet_down_blocks\.(\d+)\.", lambda m: f"zero_convs.{m[1]}.0."),
+             (r"controlnet_mid_block\.", lambda m: "middle_block_out.0.")]
+    out, rest = {}, {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            if re.match(pattern, key):
+                out["control_model." + re.sub(pattern, repl, key, count=1)] = value
+                break
+        else:
+            rest[key] = value
+    return out | _unet_to_ldm(rest, n_blocks, prefix="control_model.")
+
+
+def write_controlnet(path: Path, config: dict[str, Any], original: bool, seed: int = 4,
+                     dtype: torch.dtype = torch.float32) -> ControlNetModel:
+    """A single-file ControlNet, with original or diffusers key names; returns the model it encodes."""
+    torch.manual_seed(seed)
+    model = ControlNetModel(**config).eval()
+    sd = model.state_dict()
+    _save(path, controlnet_to_ldm(sd) if original else dict(sd), dtype)
+    return model
