@@ -64,6 +64,16 @@ class BodyBatch:
     event_id: str | None  # of the entry at ``position`` (None when that entry is unreadable)
 
 
+def as_body_batch(events: Sequence[StoredEvent], types: Container[str], after: str = "0-0") -> BodyBatch:
+    """Decoded events in the form :meth:`EventStore.read_bodies` gives (``after``: where an empty read began)."""
+    # a model keeps its fields in __dict__: the body, without a copy
+    entries = [EventBody(s.position, s.event.type, s.event.aggregate_id, s.event.aggregate_version,
+                         s.event.event_id, s.event.__dict__) for s in events if s.event.type in types]
+    if not events:
+        return BodyBatch(entries, after, None)
+    return BodyBatch(entries, events[-1].position, events[-1].event.event_id)
+
+
 def position_key(position: str) -> tuple[int, int]:
     ms, _, seq = position.partition("-")
     return int(ms), int(seq or 0)
@@ -99,12 +109,7 @@ class EventStore(ABC):
     def read_bodies(self, after: str, count: int, types: Container[str]) -> BodyBatch:
         """Domain entries strictly after ``after``: those of ``types`` as envelopes and parsed bodies,
         without building events (for replays that need a few fields; see codec.EventBody)."""
-        batch = self.read(after, count)
-        entries = [EventBody(s.position, s.event.type, s.event.aggregate_id, s.event.aggregate_version,
-                             s.event.event_id, s.event.body()) for s in batch if s.event.type in types]
-        if not batch:
-            return BodyBatch(entries, after, None)
-        return BodyBatch(entries, batch[-1].position, batch[-1].event.event_id)
+        return as_body_batch(self.read(after, count), types, after)
 
     @abstractmethod
     def watch(self) -> LogWatch | None:

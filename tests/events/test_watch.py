@@ -130,3 +130,28 @@ def test_tracking_refused_means_round_trips(redis_url: str, namespace: str) -> N
         watch.close()
     finally:
         admin.acl_deluser(user)
+
+
+def test_a_forked_child_watches_on_its_own_connection(event_store: RedisEventStore) -> None:
+    """An RQ work horse is a fork: reading the parent's socket would take the pushes the parent waits for."""
+    import os
+
+    watch = RedisLogWatch(event_store.client, event_store.keys.events)
+    try:
+        watch.arm()
+        assert watch.quiet()
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection, its own signals
+            code = 3
+            try:
+                watch.arm()
+                quiet_before = watch.quiet()
+                _append(event_store)
+                code = 0 if quiet_before and not watch.quiet() else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child's watch did not work on its own"
+        assert not watch.quiet(), "the parent missed the child's append"
+    finally:
+        watch.close()
