@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 
-from services.load.checkpoints import CLIP_PREFIXES, OPENCLIP_PREFIXES, UNET_PREFIX, VAE_PREFIXES
+from services.load.checkpoints import (
+    CLIP_PREFIXES,
+    OPENCLIP_PREFIXES,
+    UNET_PREFIX,
+    VAE_PREFIXES,
+    is_controlnet_key,
+)
 from services.load.errors import LoadError
 from services.load.loaders import LoadRequest
 from services.load.safetensors_fast import read_header
@@ -58,6 +64,9 @@ def estimate_bytes(req: LoadRequest) -> int:
             if prefixes is None:
                 return 0
             return _header_bytes([loc], req.dtype, lambda k: k.startswith(prefixes))
+        if ModelType(req.record.model_type) == ModelType.ControlNet:
+            # ControlNet 1.0 files carry a whole SD model beside ``control_model.*``, which the load skips
+            return _header_bytes([loc], req.dtype, is_controlnet_key)
         return _header_bytes([loc], req.dtype)
     except (OSError, ValueError, LoadError):
         return 0  # the load itself reports what is wrong with the files

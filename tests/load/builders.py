@@ -330,3 +330,40 @@ def write_controlnet(path: Path, config: dict[str, Any], original: bool, seed: i
     sd = model.state_dict()
     _save(path, controlnet_to_ldm(sd) if original else dict(sd), dtype)
     return model
+
+
+# ---- the variants of a base (inpaint: 9 UNet input channels, depth: 5) and the shipped YAMLs that describe them ----
+_VARIANT_UNET_CFGS: dict[str, dict[str, Any]] = {"sd-1": UNET_CFG, "sd-2": SD2_UNET_CFG, "sdxl": SDXL_UNET_CFG}
+
+
+def write_variant_checkpoint(path: Path, base: str, in_channels: int, seed: int = 1,
+                             dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+    """A single-file checkpoint of ``base`` (sd-1, sd-2, sdxl) whose UNet takes ``in_channels``; returns
+    the diffusers models it encodes."""
+    from safetensors.torch import load_file
+
+    writers = {"sd-1": write_checkpoint, "sd-2": write_sd2_checkpoint, "sdxl": write_sdxl_checkpoint}
+    models = writers[base](path, seed=seed, dtype=dtype)
+    torch.manual_seed(seed + 1000)
+    unet = UNet2DConditionModel(**_VARIANT_UNET_CFGS[base] | {"in_channels": in_channels}).eval()
+    rest = {k: v for k, v in load_file(str(path)).items() if not k.startswith("model.diffusion_model.")}
+    _save(path, rest | _unet_to_ldm(unet.state_dict(), 2), dtype)
+    return models | {"unet": unet}
+
+
+def write_tiny_yaml_like(shipped: Path, path: Path, base: str) -> Path:
+    """A shipped original YAML shrunk to the tiny models of ``base``: the network's sizes, the first
+    stage and the latent size come from the tiny YAML of that base; everything else (parameterization,
+    the UNet's input channels, the conditioning, a depth stage) stays as shipped."""
+    writers = {"sd-1": write_original_yaml, "sd-2": write_sd2_yaml, "sdxl": write_sdxl_yaml}
+    tiny = yaml.safe_load(writers[base](path).read_text())["model"]["params"]
+    config = yaml.safe_load(shipped.read_text())
+    params = config["model"]["params"]
+    network = "network_config" if "network_config" in params else "unet_config"
+    sizes = {k: v for k, v in tiny[network]["params"].items() if k != "in_channels"}
+    params[network]["params"] |= sizes
+    params["first_stage_config"]["params"] = tiny["first_stage_config"]["params"]
+    if "image_size" in tiny:
+        params["image_size"] = tiny["image_size"]
+    path.write_text(yaml.safe_dump(config))
+    return path
