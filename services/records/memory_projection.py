@@ -10,7 +10,14 @@ from events.store import BodyBatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import State
 from services.records.models import ModelConfigBase
-from services.records.projection import Changes, RecordProjection, config_from_state, fresh_entries
+from services.records.projection import (
+    Changes,
+    RecordProjection,
+    check_page,
+    config_from_state,
+    fresh_entries,
+    listing_order,
+)
 
 
 class RecordTable:
@@ -62,20 +69,38 @@ class DictProjection(RecordProjection):
         out.sort(key=lambda c: (c.name, c.key))
         return out
 
+    def _matching(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+                  tags: Sequence[str] = ()) -> list[str]:
+        """The keys of the records a search (and every one of ``tags``) finds, in no order."""
+        wanted = set(tags)
+        keys = self.table.by_name.get(name, set()) if name is not None else self.table.states.keys()
+        found = []
+        for key in keys:
+            state = self.table.states[key]
+            if model_type is not None and state["model_type"] != model_type.value:
+                continue
+            if base is not None and base.value != state["base_model"] \
+                    and base.value not in (state.get("compatible_bases") or ()):
+                continue
+            if wanted and not wanted <= set(state.get("tags") or ()):
+                continue
+            found.append(key)
+        return found
+
     def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
                copy: bool = True) -> list[ModelConfigBase]:
         with self.lock:
-            keys = self.table.by_name.get(name, set()) if name is not None else self.table.states.keys()
-            found = []
-            for key in keys:
-                state = self.table.states[key]
-                if model_type is not None and state["model_type"] != model_type.value:
-                    continue
-                if base is not None and base.value != state["base_model"] \
-                        and base.value not in state.get("compatible_bases", ()):
-                    continue
-                found.append(key)
-            return self._configs(found, copy)
+            return self._configs(self._matching(name, base, model_type), copy)
+
+    def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+        check_page(offset, limit)
+        with self.lock:
+            found = self._matching(name, base, model_type, tags)
+            # sorted on the stored names: only the page's records are parsed
+            states = self.table.states
+            found.sort(key=lambda k: listing_order(states[k]["name"], k))
+            return len(found), [c for c in (self.get(k) for k in found[offset:offset + limit]) if c is not None]
 
     def by_path(self, path: str) -> list[ModelConfigBase]:
         with self.lock:
@@ -84,9 +109,8 @@ class DictProjection(RecordProjection):
                                   if s["path"] == path or self.resolve(s["path"]) == resolved])
 
     def by_tags(self, tags: Sequence[str]) -> list[ModelConfigBase]:
-        wanted = set(tags)
         with self.lock:
-            return self._configs([k for k, s in self.table.states.items() if wanted <= set(s.get("tags", ()))])
+            return self._configs(self._matching(None, None, None, tags))
 
     def count(self) -> int:
         with self.lock:

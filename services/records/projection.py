@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from events.codec import EventBody
-from events.store import BodyBatch, StoredEvent, position_key
+from events.store import BodyBatch, StoredEvent, as_body_batch, position_key
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
@@ -45,6 +45,20 @@ def copy_config(config: ModelConfigBase) -> ModelConfigBase:
     return config.model_copy(update={"tags": list(config.tags), "compatible_bases": list(config.compatible_bases)})
 
 
+def listing_order(name: str, key: str) -> tuple[str, str]:
+    """The order of a listing page: the name lowered by Python's ``str.lower`` (full Unicode, unlike
+    SQLite's ASCII-only NOCASE), then the key. The SQL projection stores the lowered name in a column and
+    compares it bytewise, which for UTF-8 is code point order, so both sides agree on every name."""
+    return name.lower(), key
+
+
+def check_page(offset: int, limit: int) -> None:
+    if offset < 0:
+        raise ValueError(f"offset={offset!r}: must be >= 0")
+    if limit < 0:
+        raise ValueError(f"limit={limit!r}: must be >= 0")
+
+
 def fresh_entries(batch: BodyBatch, checkpoint: str) -> list[EventBody] | None:
     """The entries of a batch strictly after ``checkpoint``; None when the whole batch is applied already
     (an empty list is a batch of other events: only the checkpoint moves)."""
@@ -55,13 +69,6 @@ def fresh_entries(batch: BodyBatch, checkpoint: str) -> list[EventBody] | None:
     if not entries or position_key(entries[0].position) > floor:
         return entries  # the usual case: the whole batch is new
     return [e for e in entries if position_key(e.position) > floor]
-
-
-def as_bodies(batch: Sequence[StoredEvent]) -> BodyBatch:
-    """Events (as ``Projection.apply`` gets them) in the form the record projections apply."""
-    entries = [EventBody(s.position, s.event.type, s.event.aggregate_id, s.event.aggregate_version,
-                         s.event.event_id, s.event.__dict__) for s in batch if s.event.type in MODEL_EVENT_TYPES]
-    return BodyBatch(entries, batch[-1].position, batch[-1].event.event_id)
 
 
 class RecordProjection(ABC):
@@ -84,7 +91,7 @@ class RecordProjection(ABC):
 
     def apply(self, batch: Sequence[StoredEvent]) -> None:
         if batch:
-            self.apply_bodies(as_bodies(batch))
+            self.apply_bodies(as_body_batch(batch, MODEL_EVENT_TYPES))
 
     def apply_bodies(self, batch: BodyBatch) -> None:
         with self.lock:
@@ -167,6 +174,13 @@ class RecordProjection(ABC):
     def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
                copy: bool = True) -> list[ModelConfigBase]:
         """``copy=False``: the cached objects themselves, for a caller that copies only what it hands out."""
+
+    @abstractmethod
+    def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+        """The records :meth:`search` finds that also carry every one of ``tags``, ordered by
+        :func:`listing_order`, and their number; only the ``limit`` records from ``offset`` on are parsed
+        and copied out."""
 
     @abstractmethod
     def by_path(self, path: str) -> list[ModelConfigBase]:

@@ -41,7 +41,7 @@ from services.records.errors import (
 from services.records.fold import fold, is_model_event, path_claim
 from services.records.models import ModelConfigBase
 from services.records.parsing import merge_update, parse_config
-from services.records.projection import RECORDS_VERSION, RecordProjection, config_from_state, copy_config
+from services.records.projection import RECORDS_VERSION, RecordProjection, config_from_state
 
 log = structlog.get_logger(__name__)
 
@@ -264,17 +264,17 @@ class ModelRecordServiceBase:
     def search_page(self, name: str | None = None, base_model: BaseModelType | str | None = None,
                     model_type: ModelType | str | None = None, tags: Sequence[str] = (), *, offset: int = 0,
                     limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
-        """One page of :meth:`search_by_name` (ordered by name, case-insensitive, then key), filtered by all
-        ``tags``, and the total: only the page's records are copied out, so a page of a large store is cheap."""
+        """One page of :meth:`search_by_name` (ordered by ``name.lower()``, then key: see
+        ``projection.listing_order``), filtered by all ``tags``, and the total. The projection filters, orders
+        and cuts the page itself (in SQL for SQLite), so only the page's records are read and copied out."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
+        for field, value in (("offset", offset), ("limit", limit)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidModelConfigException([FieldError(field, value, "must be an integer >= 0")],
+                                                  "invalid search")
         self._sync_for_read()
-        found = self.projection.search(name, base, type_, copy=False)
-        if tags:
-            wanted = set(tags)
-            found = [m for m in found if wanted <= set(m.tags)]
-        found.sort(key=lambda m: (m.name.lower(), m.key))
-        return len(found), [copy_config(m) for m in found[offset:offset + limit]]
+        return self.projection.page(name, base, type_, list(tags), offset, limit)
 
     def search_by_tag(self, tags: Sequence[str]) -> list[ModelConfigBase]:
         """Models carrying all of ``tags``."""

@@ -27,11 +27,13 @@ from services.records.projection import (
     RECORDS_VERSION,
     Changes,
     RecordProjection,
+    check_page,
     copy_config,
     fresh_entries,
+    listing_order,
 )
 
-SCHEMA = 2  # 2: the key tables are WITHOUT ROWID (one B-tree each instead of two)
+SCHEMA = 3  # 2: the key tables are WITHOUT ROWID (one B-tree each instead of two); 3: sort_name and its index
 META = "model_record_meta"
 
 DDL = f"""
@@ -39,6 +41,8 @@ CREATE TABLE IF NOT EXISTS {META} (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS model_records (
     key TEXT PRIMARY KEY,
     name TEXT NOT NULL,
+    -- the listing order's name (projection.listing_order): Python's lower(), compared bytewise
+    sort_name TEXT NOT NULL,
     base TEXT NOT NULL,
     type TEXT NOT NULL,
     format TEXT NOT NULL,
@@ -48,6 +52,8 @@ CREATE TABLE IF NOT EXISTS model_records (
     config TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS model_records_name ON model_records(name);
+-- a listing page walks this from its offset instead of sorting every match
+CREATE INDEX IF NOT EXISTS model_records_order ON model_records(sort_name, key);
 CREATE INDEX IF NOT EXISTS model_records_base ON model_records(base);
 CREATE INDEX IF NOT EXISTS model_records_type ON model_records(type);
 CREATE INDEX IF NOT EXISTS model_records_format ON model_records(format);
@@ -229,12 +235,12 @@ class SQLProjection(RecordProjection):
         for key, (state, _) in changes.items():
             if state is None:
                 continue
-            rows.append((key, state["name"], state["base_model"], state["model_type"], state["model_format"],
+            rows.append((key, state["name"], listing_order(state["name"], key)[0], state["base_model"], state["model_type"], state["model_format"],
                          state["path"], self.resolve(state["path"]), state.get("hash"),
                          orjson.dumps(state).decode()))
             tags += [(tag, key) for tag in dict.fromkeys(state.get("tags") or ())]
             bases += [(b, key) for b in dict.fromkeys([state["base_model"], *(state.get("compatible_bases") or ())])]
-        self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         self.conn.executemany("INSERT INTO model_record_tags VALUES (?, ?)", tags)
         self.conn.executemany("INSERT INTO model_record_bases VALUES (?, ?)", bases)
         self.conn.executemany("INSERT OR REPLACE INTO model_record_versions VALUES (?, ?)",
@@ -296,18 +302,34 @@ class SQLProjection(RecordProjection):
 
     def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
                copy: bool = True) -> list[ModelConfigBase]:
-        where, params = [], []
-        if name is not None:
-            where.append("name = ?")
-            params.append(name)
-        if model_type is not None:
-            where.append("type = ?")
-            params.append(model_type.value)
-        if base is not None:
-            # correlated EXISTS: the planner starts from the name index and probes (base, key)
-            where.append("EXISTS (SELECT 1 FROM model_record_bases b WHERE b.base = ? AND b.key = model_records.key)")
-            params.append(base.value)
-        return self._query(_SELECT + (" WHERE " + " AND ".join(where) if where else ""), params, copy)
+        where, params = _filters(name, base, model_type, ())
+        return self._query(_SELECT + where, params, copy)
+
+    def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+        check_page(offset, limit)
+        where, params = _filters(name, base, model_type, tags)
+        with self.lock, self._snapshot():
+            total = int(self.conn.execute("SELECT COUNT(*) FROM model_records" + where, params).fetchone()[0])
+            if limit == 0 or offset >= total:
+                return total, []
+            # keys only: the order index covers them, and a sort (after a type or name filter) carries no JSON
+            keys = self.conn.execute("SELECT key FROM model_records" + where
+                                     + " ORDER BY sort_name, key LIMIT ? OFFSET ?", [*params, limit, offset])
+            return total, [c for c in (self.get(k) for (k,) in keys.fetchall()) if c is not None]
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction, so a count and the page after it see the same rows even while another
+        process writes the file (WAL readers keep their snapshot)."""
+        if self.conn.in_transaction or self._bulk is not None:
+            yield  # the caller's (or bulk_load's) transaction already holds one view
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.rollback()  # nothing was written: ending the read is all that is left
 
     def by_path(self, path: str) -> list[ModelConfigBase]:
         return self._query(_SELECT + " WHERE path = ? OR resolved_path = ?", (path, self.resolve(path)))
@@ -322,3 +344,26 @@ class SQLProjection(RecordProjection):
     def count(self) -> int:
         with self.lock:
             return int(self.conn.execute("SELECT COUNT(*) FROM model_records").fetchone()[0])
+
+
+def _filters(name: str | None, base: BaseModelType | None, model_type: ModelType | None,
+             tags: Sequence[str]) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, empty without filters) of a search and its parameters."""
+    where: list[str] = []
+    params: list[Any] = []
+    if name is not None:
+        where.append("name = ?")
+        params.append(name)
+    if model_type is not None:
+        where.append("type = ?")
+        params.append(model_type.value)
+    if base is not None:
+        # correlated EXISTS: the planner starts from the name index and probes (base, key)
+        where.append("EXISTS (SELECT 1 FROM model_record_bases b WHERE b.base = ? AND b.key = model_records.key)")
+        params.append(base.value)
+    for tag in dict.fromkeys(tags):
+        # one EXISTS per tag rather than by_tags's GROUP BY: a page then walks the order index and stops
+        # after offset + limit matches, where the key set of a tag most records carry would be sorted whole
+        where.append("EXISTS (SELECT 1 FROM model_record_tags t WHERE t.tag = ? AND t.key = model_records.key)")
+        params.append(tag)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
