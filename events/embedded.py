@@ -82,14 +82,27 @@ class EmbeddedRedis:
 
     @classmethod
     def _find_running(cls, data_dir: Path) -> EmbeddedRedis | None:
+        """The server another process started for this root, when it answers; None when there is none
+        (or only a stale record of one). A recorded server that is alive but unreachable from here (another
+        host sharing the root, another network namespace) is an error: starting a second server on the
+        same data directory would write one AOF from two servers and split the log in two."""
         state = data_dir / STATE_FILE
         if not state.exists():
             return None
         try:
-            url = orjson.loads(state.read_bytes())["url"]
-        except (orjson.JSONDecodeError, KeyError, OSError):
+            record = orjson.loads(state.read_bytes())
+            url = record["url"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, OSError):
             return None
-        return cls(url=url, data_dir=data_dir) if _answers(url) else None
+        if _answers(url):
+            return cls(url=url, data_dir=data_dir)
+        owner = _owner(record)
+        if owner is not None:
+            raise EmbeddedRedisError(
+                f"the embedded Redis of {data_dir.parent} ({url}, {owner}) does not answer from here: another "
+                "host or network namespace shares this root. Set MODELBUS_REDIS_URL to one Redis all of them "
+                "reach (a second embedded server on this data directory would split the event log)")
+        return None
 
     @classmethod
     def _start(cls, data_dir: Path, port: int | None = None, appendfsync: str = "everysec") -> EmbeddedRedis:
@@ -109,7 +122,8 @@ class EmbeddedRedis:
                 tail = _log_tail(data_dir / "redis.log")
                 raise EmbeddedRedisError(f"embedded redis-server ({binary}) did not start on port {port}: {tail}")
             time.sleep(0.05)
-        (data_dir / STATE_FILE).write_bytes(orjson.dumps({"url": url, "pid": process.pid, "binary": binary}))
+        (data_dir / STATE_FILE).write_bytes(orjson.dumps({"url": url, "pid": process.pid, "binary": binary,
+                                                          "host": socket.gethostname(), "boot": _boot_id()}))
         server = cls(url=url, data_dir=data_dir, process=process)
         atexit.register(server.stop)
         log.info("embedded_redis_started", url=url, data_dir=str(data_dir), pid=process.pid)
@@ -126,6 +140,36 @@ class EmbeddedRedis:
             self.process.kill()
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
         _STARTED.pop(str(self.data_dir), None)
+
+
+def _boot_id() -> str | None:
+    """This machine's current boot (Linux): a pid recorded under another boot id is long gone."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _owner(record: dict[str, object]) -> str | None:
+    """Who may still run a recorded server that does not answer: a description, or None when it is
+    certainly gone (same machine and boot, no such process) and the record is stale."""
+    host, pid = record.get("host"), record.get("pid")
+    if host is not None and host != socket.gethostname():
+        return f"started on host {host}"
+    if record.get("boot") != _boot_id() or not isinstance(pid, int):
+        return None  # (a record from before the last reboot, or from an older version without these fields)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, and someone else's
+    try:
+        if b"redis" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None  # the pid was reused by an unrelated process
+    except OSError:
+        pass
+    return f"pid {pid} still running"
 
 
 def _log_tail(path: Path) -> str:

@@ -221,3 +221,29 @@ def test_workers_on_two_hosts_share_installs_and_downloads(deployment: Deploymen
     download_worker = ran[done[-1]["id"]]["download"]
     assert "-dl-" in download_worker  # a download worker, inside a namespace, fetched it over the veth link
     assert any(r.path == "/files/served_lora.safetensors" and r.method == "GET" for r in d.files.requests)
+
+
+ENSURE = "import sys; from events.embedded import EmbeddedRedis; print(EmbeddedRedis.ensure(sys.argv[1]).url)"
+
+
+def test_a_host_without_redis_url_refuses_to_double_the_machines_embedded_redis(tmp_path: Path) -> None:
+    """A namespaced host sharing the machine's root but given no MODELBUS_REDIS_URL cannot reach the
+    machine's embedded Redis (it listens on the machine's loopback): it must say so, not start a second
+    server on the same data directory."""
+    from events.embedded import EmbeddedRedis
+
+    root = tmp_path / "root"
+    server = EmbeddedRedis.ensure(root)
+    try:
+        with network_hosts(1) as hosts:
+            env = _worker_env({}, "", tmp_path / "unused.db")
+            env.pop("MODELBUS_REDIS_URL")
+            done = hosts[0].run([sys.executable, "-c", ENSURE, str(root)], cwd=REPO_ROOT, env=env, timeout=60)
+        assert done.returncode != 0, done.stdout
+        assert "EmbeddedRedisError" in done.stderr and "MODELBUS_REDIS_URL" in done.stderr, done.stderr
+        assert redis.Redis.from_url(server.url).ping(), "the machine's server is untouched"
+        print("\na namespaced host with the machine's root and no Redis URL: refused, no second server")
+    except NetnsUnavailable as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -159,3 +161,50 @@ def test_a_configured_redis_that_does_not_answer_is_named(tmp_path: Path) -> Non
         resolve_redis_url(Cfg())
     assert "127.0.0.1" in str(info.value) and "secret" not in str(info.value)
     assert not (tmp_path / "redis").exists(), "nothing may be started for a configured URL"
+
+
+def _record(data_dir: Path, **fields: object) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "server.json").write_bytes(orjson.dumps(fields))
+
+
+def test_an_embedded_redis_of_another_host_is_never_doubled(tmp_path: Path) -> None:
+    """A root shared with another host (NFS, a volume) whose embedded Redis we cannot reach: refused, since a
+    second server on the same data directory would write one AOF from two servers."""
+    from events.embedded import free_port
+
+    data_dir = tmp_path / "redis"
+    _record(data_dir, url=f"redis://127.0.0.1:{free_port()}/0", pid=1, host="some-other-host", boot="x")
+    with pytest.raises(EmbeddedRedisError, match="some-other-host.*MODELBUS_REDIS_URL"):
+        EmbeddedRedis.ensure(tmp_path)
+    assert not (data_dir / "redis.log").exists(), "no second server may start"
+
+
+def test_a_running_but_unreachable_embedded_redis_is_not_doubled(tmp_path: Path) -> None:
+    """Same host, the recorded server alive but not answering at its URL (another network namespace)."""
+    from events.embedded import _boot_id, free_port
+
+    server = EmbeddedRedis.ensure(tmp_path / "first")
+    try:
+        assert server.process is not None
+        data_dir = tmp_path / "second" / "redis"
+        _record(data_dir, url=f"redis://127.0.0.1:{free_port()}/0", pid=server.process.pid,
+                host=socket.gethostname(), boot=_boot_id())
+        with pytest.raises(EmbeddedRedisError, match=f"pid {server.process.pid} still running"):
+            EmbeddedRedis.ensure(tmp_path / "second")
+    finally:
+        server.stop()
+
+
+def test_a_stale_record_of_a_dead_server_is_replaced(tmp_path: Path) -> None:
+    from events.embedded import _boot_id, free_port
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _record(tmp_path / "redis", url=f"redis://127.0.0.1:{free_port()}/0", pid=dead.pid,
+            host=socket.gethostname(), boot=_boot_id())
+    server = EmbeddedRedis.ensure(tmp_path)
+    try:
+        assert server.process is not None and redis.Redis.from_url(server.url).ping()
+    finally:
+        server.stop()
