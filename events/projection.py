@@ -24,9 +24,9 @@ class Projection(Protocol):
     """What the runner needs. A projection may also offer ``bulk_load()``: a context manager the runner
     holds around a full rebuild (one transaction, no per-batch durability: the log is the truth).
 
-    A projection that declares ``event_types`` (a set of type names) is fed :class:`BodyBatch` es
-    through ``apply_bodies`` instead of ``apply``: the entries of those types as envelopes and parsed
-    bodies, which is several times cheaper to read than events built and validated one by one."""
+    A projection that declares ``event_types`` (a set of type names) is fed through ``apply_bodies``
+    instead of ``apply``, one :class:`BodyBatch` at a time: the entries of those types as envelopes and
+    bodies (see codec.EventBody), several times cheaper to read than events built and validated one by one."""
 
     def checkpoint(self) -> str:
         """The last position applied, ``"0-0"`` when none."""
