@@ -98,7 +98,7 @@ def bench_reads(url: str, root: Path, config: AppConfig) -> None:
     ours, _ = percentiles(timed(service.search_by_name, names))
     raw, _ = percentiles(timed(lambda n: [orjson.loads(r[0]) for r in conn.execute(
         "SELECT config FROM model_records WHERE name = ?", (n,))], names))
-    ratio_line(f"search_by_name over {n_models} models p50 (ms) vs raw SELECT", ours * 1e3, raw * 1e3, "ms",
+    ratio_line(f"search_by_name over {n_models} models p50 (us) vs raw SELECT", ours * 1e6, raw * 1e6, "us",
                "< 5 ms", higher_is_better=False)
     ours, _ = percentiles(timed(lambda b: service.search_by_name(f"renamed-{b}", base_model="sd-2"), range(200)))
     print(f"  search_by_name(name, base_model=compatible base) p50: {ours * 1e3:.3f} ms")
