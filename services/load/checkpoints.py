@@ -5,10 +5,15 @@ one shipped for its base model in ``services/configs/stable-diffusion``); text-e
 read from the checkpoint's own tensor shapes over the configs in ``services/configs/diffusers``.
 Only the tensors of the requested submodel are read from the file (one pass over their ranges);
 diffusers' ``single_file_utils`` functions rename them to diffusers keys.
+
+Transformer-era files (FLUX transformers, FLUX and SD-3 ControlNets) carry no original config:
+theirs is read from the tensors' names and shapes (blocks from their indices, widths from the
+shapes), so any size loads, the published ones and tiny ones alike.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -17,13 +22,28 @@ from typing import Any, cast
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    FluxControlNetModel,
+    FluxTransformer2DModel,
+    SD3ControlNetModel,
+    UNet2DConditionModel,
+)
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from services.load.cache import Loaded
 from services.load.errors import InvalidModelException, SubmodelRequiredError
-from services.load.loaders import LoadRequest, fit_keys, read_json, resolve_class
+from services.load.loaders import (
+    LoadRequest,
+    block_count,
+    fit_keys,
+    live_buffer,
+    read_json,
+    resolve_class,
+    shape_of,
+)
 from services.load.safetensors_fast import assign_weights, empty_model
 from services.load.weights import read_state_dict
 from services.records.enums import SubModelType
@@ -203,6 +223,8 @@ def load_main_checkpoint(req: LoadRequest) -> Loaded:
     if req.submodel is None:
         raise SubmodelRequiredError(f"model {req.record.key} is a main model: name a submodel (unet, vae, ...)")
     base, sub = _base(req.record), req.submodel
+    if base == "flux":
+        return load_flux_checkpoint(req)
     orig = original_config(req.record)
     shipped = CONFIGS_DIR / "diffusers" / base
     if sub == SubModelType.UNet:
@@ -267,8 +289,12 @@ def _hint_channels(converted: dict[str, torch.Tensor]) -> tuple[int, tuple[int, 
 def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
     """A ControlNet from one file: original names (``control_model.*``, or unprefixed as some
     re-publications have them) or a diffusers ControlNetModel's. The shape comes from the YAML;
-    the hint encoder's from the weights."""
+    the hint encoder's from the weights. FLUX and SD-3 ControlNets are transformers: see below."""
     base = _base(req.record)
+    if base == "flux":
+        return load_flux_controlnet(req)
+    if base == "sd-3":
+        return load_sd3_controlnet(req)
     config = controlnet_config(original_config(req.record), base)
     tensors, buffer = _read(req, is_controlnet_key)
     if not any(k.startswith((sfu.LDM_CONTROLNET_KEY, "time_embed.", "time_embedding.")) for k in tensors):
@@ -285,3 +311,178 @@ def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
     if hint is not None:
         config |= {"conditioning_channels": hint[0], "conditioning_embedding_out_channels": hint[1]}
     return _build(lambda: ControlNetModel.from_config(config), converted, req, buffer, "controlnet")
+
+
+# ---- FLUX and SD-3: transformers, and the ControlNets that copy their blocks ----
+# what an all-in-one FLUX file holds beside its transformer (ComfyUI's bundles): not read
+_NOT_FLUX_TRANSFORMER = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+# the submodel a FLUX file is asked for: SubModelType has no "transformer" yet, so the denoiser's slot
+_DENOISER = ("unet", "transformer")
+_BFL_FLUX_WIDTH = 3072  # FLUX.1's hidden width, which diffusers' conversion of BFL's layout assumes
+_BFL_FUSED = re.compile(r"single_blocks\.(\d+)\.linear1\.(weight|bias)")
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary embedding widths per axis (index, row, column). RoPE has no weights to read them
+    from: FLUX.1 splits its 128-wide heads (16, 56, 56); other widths keep those proportions, rounded
+    down to even widths on the image axes."""
+    image = (7 * head_dim // 16) // 2 * 2
+    return head_dim - 2 * image, image, image
+
+
+def _prefix_of(tensors: dict[str, torch.Tensor], leaf: str) -> str | None:
+    found = [k[: -len(leaf)] for k in tensors if k == leaf or k.endswith("." + leaf)]
+    return min(found, key=len) if found else None
+
+
+def _mmdit_config(sd: dict[str, torch.Tensor], where: Path, what: str) -> dict[str, Any]:
+    """What FLUX transformers and FLUX ControlNets share: widths, blocks and heads (FLUX normalises
+    queries per head, so the norm's width is the head's), the text and pooled-text widths."""
+    inner, in_channels = shape_of(sd, "x_embedder.weight", where, what)
+    head = shape_of(sd, "transformer_blocks.0.attn.norm_q.weight", where, what)[0]
+    if inner % head:
+        raise InvalidModelException(f"{where}: {what} width {inner} is not a multiple of its head width {head}")
+    return {"patch_size": 1, "in_channels": in_channels, "attention_head_dim": head,
+            "num_attention_heads": inner // head,
+            "num_layers": block_count(sd, r"transformer_blocks\.(\d+)\."),
+            "num_single_layers": block_count(sd, r"single_transformer_blocks\.(\d+)\."),
+            "joint_attention_dim": shape_of(sd, "context_embedder.weight", where, what)[1],
+            "pooled_projection_dim": shape_of(sd, "time_text_embed.text_embedder.linear_1.weight", where, what)[1],
+            "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in sd,
+            "axes_dims_rope": rope_axes(head)}
+
+
+def flux_transformer_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
+    """``FluxTransformer2DModel``'s config from diffusers-named weights: dev embeds the guidance
+    scale (schnell not), Fill takes 384 input features; the output is the latent's 64 (patch 1)."""
+    what = "FLUX transformer"
+    return _mmdit_config(sd, where, what) | {"out_channels": shape_of(sd, "proj_out.weight", where, what)[0]}
+
+
+def _from_bfl(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """BFL's layout (``double_blocks``/``single_blocks``) renamed by diffusers' own conversion.
+
+    That conversion splits each single block's fused q/k/v/MLP projection (``linear1``) at FLUX.1's
+    widths. For another width it is handed placeholders of FLUX.1's size (on the meta device: no
+    memory), and the real projections are split here, at the width of the file."""
+    tensors = {k.removeprefix(UNET_PREFIX): v for k, v in tensors.items()}
+    width = shape_of(tensors, "img_in.weight", where, "BFL-layout FLUX transformer")[0]
+    fused = {k: v for k, v in tensors.items() if _BFL_FUSED.fullmatch(k)}
+    for key, value in fused.items():
+        if value.shape[0] != 7 * width:
+            raise InvalidModelException(f"{where}: {key} has {value.shape[0]} rows; FLUX fuses q, k, v and "
+                                        f"its 4x MLP there: {7 * width} for width {width}")
+    if width != _BFL_FLUX_WIDTH:
+        tensors |= {k: torch.empty((7 * _BFL_FLUX_WIDTH, *v.shape[1:]), device="meta") for k, v in fused.items()}
+    try:
+        converted: dict[str, torch.Tensor] = sfu.convert_flux_transformer_checkpoint_to_diffusers(tensors)
+    except (KeyError, IndexError) as exc:  # a tensor missing; no single blocks at all
+        raise InvalidModelException(f"{where}: incomplete BFL-layout FLUX transformer: no tensor {exc}") from exc
+    if width != _BFL_FLUX_WIDTH:
+        names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        for key, value in fused.items():
+            block, kind = cast(re.Match[str], _BFL_FUSED.fullmatch(key)).groups()
+            for name, part in zip(names, torch.split(value, [width, width, width, 4 * width]), strict=True):
+                converted[f"single_transformer_blocks.{block}.{name}.{kind}"] = part
+    return converted
+
+
+def flux_diffusers_state(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's weights under diffusers' names, from BFL's layout or diffusers' own
+    (possibly under a prefix such as ``transformer.`` or ``model.diffusion_model.``)."""
+    if any(k.removeprefix(UNET_PREFIX).startswith("double_blocks.") for k in tensors):
+        return _from_bfl(tensors, where)
+    prefix = _prefix_of(tensors, "context_embedder.weight")
+    if prefix is None or not any(k.startswith(prefix + "transformer_blocks.") for k in tensors):
+        raise InvalidModelException(f"{where}: no FLUX transformer weights (BFL double_blocks.*, or diffusers "
+                                    "transformer_blocks.* with a context_embedder)")
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_flux_checkpoint(req: LoadRequest) -> Loaded:
+    """A FLUX.1 transformer from one file, in BFL's layout or diffusers'."""
+    sub = cast(SubModelType, req.submodel)
+    if sub.value not in _DENOISER:
+        raise InvalidModelException(f"{req.location}: a FLUX checkpoint holds the transformer alone; load it as "
+                                    f"the {SubModelType.UNet.value} submodel (its VAE and text encoders are "
+                                    f"models of their own), not as {sub.value}")
+    tensors, buffer = _read(req, lambda k: not k.startswith(_NOT_FLUX_TRANSFORMER))
+    converted = flux_diffusers_state(tensors, req.location)
+    config = flux_transformer_config(converted, req.location)
+    model = empty_model(lambda: FluxTransformer2DModel.from_config(config))
+    assign_weights(model, converted, req.device, f"{req.location} (FLUX transformer)")
+    return Loaded(model, live_buffer(model, buffer))
+
+
+def load_flux_controlnet(req: LoadRequest) -> Loaded:
+    """A ``FluxControlNetModel`` (InstantX, Shakker-Labs: diffusers' names) from one file: a Union
+    ControlNet embeds its modes, some encode the hint image themselves (``input_hint_block``)."""
+    tensors, buffer = _read(req, lambda k: True)
+    if any(k.startswith("double_blocks.") for k in tensors):
+        raise InvalidModelException(f"{req.location}: FLUX ControlNet in XLabs' layout (BFL double_blocks.*, "
+                                    "input_hint_block): diffusers has no conversion of it, so it does not load")
+    if "controlnet_x_embedder.weight" not in tensors:
+        raise InvalidModelException(f"{req.location}: no FLUX ControlNet weights (controlnet_x_embedder, "
+                                    "controlnet_blocks.*)")
+    what = "FLUX ControlNet"
+    config = _mmdit_config(tensors, req.location, what)
+    if "controlnet_mode_embedder.weight" in tensors:
+        config["num_mode"] = shape_of(tensors, "controlnet_mode_embedder.weight", req.location, what)[0]
+    if any(k.startswith("input_hint_block.") for k in tensors):
+        hint = shape_of(tensors, "input_hint_block.conv_out.weight", req.location, what)
+        config["conditioning_embedding_channels"] = hint[0]
+    model = empty_model(lambda: FluxControlNetModel.from_config(config))
+    assign_weights(model, tensors, req.device, f"{req.location} ({what})")
+    return Loaded(model, buffer)
+
+
+# SD-3's heads are 64 wide in every release, and only a per-head norm (SD-3.5) would show it; a
+# narrower model (a test's) takes the largest width dividing both
+_SD3_HEAD = 64
+
+
+def sd3_controlnet_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
+    """``SD3ControlNetModel``'s config from diffusers-named weights. SD-3's ControlNets patchify the
+    latent and text like the transformer; SD-3.5 large's keep only the control latent's patchifier
+    and blocks without a text stream. Extra control channels (inpainting) widen ``pos_embed_input``."""
+    what = "SD-3 ControlNet"
+    inner, control_in, patch, _ = shape_of(sd, "pos_embed_input.proj.weight", where, what)
+    pos_embed = sd.get("pos_embed.pos_embed")
+    latent_in = shape_of(sd, "pos_embed.proj.weight", where, what)[1] if "pos_embed.proj.weight" in sd else control_in
+    norm = "transformer_blocks.0.attn.norm_q.weight"
+    head = shape_of(sd, norm, where, what)[0] if norm in sd else math.gcd(inner, _SD3_HEAD)
+    if inner % head:
+        raise InvalidModelException(f"{where}: {what} width {inner} is not a multiple of its head width {head}")
+    text = shape_of(sd, "context_embedder.weight", where, what) if "context_embedder.weight" in sd else None
+    config: dict[str, Any] = {
+        "patch_size": patch, "in_channels": latent_in, "out_channels": latent_in,
+        "extra_conditioning_channels": control_in - latent_in, "attention_head_dim": head,
+        "num_attention_heads": inner // head, "num_layers": block_count(sd, r"transformer_blocks\.(\d+)\."),
+        "pooled_projection_dim": shape_of(sd, "time_text_embed.text_embedder.linear_1.weight", where, what)[1],
+        "joint_attention_dim": text[1] if text else None, "caption_projection_dim": text[0] if text else inner,
+        "dual_attention_layers": tuple(i for i in range(block_count(sd, r"transformer_blocks\.(\d+)\."))
+                                       if f"transformer_blocks.{i}.attn2.to_q.weight" in sd),
+        "qk_norm": None if norm not in sd else "layer_norm" if norm.replace("weight", "bias") in sd else "rms_norm",
+        "use_pos_embed": "pos_embed.proj.weight" in sd,
+        # SD-3.5 large's ControlNets take the pooled text the transformer gets, not zeros
+        "force_zeros_for_pooled_projection": text is not None}
+    if "pos_embed.proj.weight" not in sd:
+        config["pos_embed_type"] = None
+    elif pos_embed is not None:  # the sin-cos table is stored: its side is the largest patch grid
+        config["pos_embed_max_size"] = math.isqrt(int(pos_embed.shape[1]))
+    return config
+
+
+def load_sd3_controlnet(req: LoadRequest) -> Loaded:
+    """An ``SD3ControlNetModel`` from one file in diffusers' layout."""
+    tensors, buffer = _read(req, lambda k: True)
+    if "x_embedder.proj.weight" in tensors or any(".attn.qkv." in k for k in tensors):
+        raise InvalidModelException(f"{req.location}: SD-3 ControlNet in Stability's layout (x_embedder, fused "
+                                    "attn.qkv): diffusers has no conversion of it in the library, so it does not load")
+    if "pos_embed_input.proj.weight" not in tensors:
+        raise InvalidModelException(f"{req.location}: no SD-3 ControlNet weights (pos_embed_input, "
+                                    "controlnet_blocks.*)")
+    config = sd3_controlnet_config(tensors, req.location)
+    model = empty_model(lambda: SD3ControlNetModel.from_config(config))
+    assign_weights(model, tensors, req.device, f"{req.location} (SD-3 ControlNet)")
+    return Loaded(model, buffer)

@@ -8,7 +8,9 @@ ship in ``services/configs`` (:mod:`services.load.checkpoints`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ import transformers
 from services.load.cache import Loaded
 from services.load.errors import InvalidModelException
 from services.load.safetensors_fast import assign_weights, empty_model
-from services.load.weights import read_state_dict, weight_files
+from services.load.tensors import plan_layout, tensor_slots
+from services.load.weights import StateDict, read_state_dict, weight_files
 from services.records.enums import SubModelType
 
 
@@ -87,7 +90,20 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
             state = pending.result()
     tensors = fit_keys(model, state.tensors)
     assign_weights(model, tensors, device, str(folder))
-    return Loaded(model, state.buffer)
+    keep_in_fp32(model, dtype)
+    return Loaded(model, live_buffer(model, state.buffer))
+
+
+def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """In fp16, the layers a transformers model names in ``_keep_in_fp32_modules`` stay fp32, as
+    ``from_pretrained`` keeps them (T5's feed-forward outputs overflow fp16)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype != torch.float16 or not keep:
+        return
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            for pname, param in list(module.named_parameters(recurse=False)):
+                module._parameters[pname] = torch.nn.Parameter(param.float(), requires_grad=False)
 
 
 def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
@@ -96,7 +112,9 @@ def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
         return empty_model(lambda: cls.from_config(config))  # type: ignore[attr-defined]
     if issubclass(cls, transformers.PreTrainedModel):
         config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined,union-attr]
-        return empty_model(lambda: cls(config))
+        model = empty_model(lambda: cls(config))
+        model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
+        return model
     raise InvalidModelException(f"{folder}: {cls.__name__} is not a model class")
 
 
@@ -154,6 +172,18 @@ def load_diffusers_controlnet(req: LoadRequest) -> Loaded:
     return load_module_folder(_config_class(req.location, "ControlNetModel"), req.location, req.device, req.dtype)
 
 
+def load_diffusers_t2i_adapter(req: LoadRequest) -> Loaded:
+    return load_module_folder(_config_class(req.location, "T2IAdapter"), req.location, req.device, req.dtype)
+
+
+def load_transformers_folder(req: LoadRequest) -> Loaded:
+    """A transformers model saved with ``save_pretrained`` (CLIP image encoders, T5 encoders): its
+    ``config.json`` names the class."""
+    architectures = read_json(req.location / "config.json").get("architectures") or [""]
+    return load_module_folder(resolve_class("transformers", str(architectures[0])), req.location, req.device,
+                              req.dtype)
+
+
 def _single_weight_file(location: Path, dtype: torch.dtype, preferred: tuple[str, ...] = ()) -> Path:
     if location.is_file():
         return location
@@ -187,3 +217,167 @@ def load_textual_inversion(req: LoadRequest) -> Loaded:
     if not tensors or any(t.ndim not in (1, 2) for t in tensors.values()):
         raise InvalidModelException(f"{path}: not a textual-inversion embedding (expected 1-D or 2-D tensors)")
     return Loaded(tensors, state.buffer)
+
+
+# ---- single files of one model each, their configs read from their tensors' names and shapes ----
+def read_single_file(req: LoadRequest, select: Callable[[str], bool] | None = None) -> StateDict:
+    if not req.location.is_file():
+        what = getattr(req.record.model_type, "value", req.record.model_type)
+        raise InvalidModelException(f"{req.location}: a {what} checkpoint must be a single file")
+    return read_state_dict([req.location], req.device, req.dtype, select)
+
+
+def block_count(keys: Iterable[str], pattern: str) -> int:
+    """One more than the largest block index that ``pattern`` (one group) finds in ``keys``; 0 if none."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def shape_of(tensors: dict[str, torch.Tensor], key: str, where: Path, what: str) -> tuple[int, ...]:
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise InvalidModelException(f"{where}: not a complete {what}: no tensor {key}")
+    return tuple(tensor.shape)
+
+
+def live_buffer(model: torch.nn.Module, buffer: torch.Tensor | None) -> torch.Tensor | None:
+    """The file's buffer to hand the cache with ``model``, or None when most of it is dead.
+
+    A conversion that made new tensors (a split, a cast) leaves the old ones dead in the buffer,
+    which the tensors still in it keep alive whole. Past the cache's own repacking threshold those
+    are copied out, so the buffer is freed and the cache counts what is really held (it packs the
+    model into one buffer again on its first move). Copying only them keeps the peak lower than
+    packing everything anew: the conversion has already doubled what it converted."""
+    if buffer is None or plan_layout(tensor_slots(model), buffer).copy_whole:
+        return buffer
+    storage = buffer.untyped_storage().data_ptr()
+    for slot in tensor_slots(model):
+        if slot.tensor.untyped_storage().data_ptr() == storage:
+            alone = slot.tensor.clone()
+            for set_ in slot.setters:
+                set_(alone)
+    return None
+
+
+# T2I-Adapters: diffusers' layout (``adapter.body.N.resnets.M``); TencentARC's original one has no
+# ``resnets`` level (``body.N.block1``, light adapters ``body.N.body.M.block1``)
+_T2I_DIFFUSERS = re.compile(r"^(?:adapter\.)?body\.\d+\.resnets\.\d+\.block1\.weight$")
+_T2I_TENCENTARC = re.compile(r"^body\.\d+\.(?:body\.\d+\.)?block1\.weight$")
+# the hint image (1 or 3 channels) is pixel-unshuffled to the UNet's first feature map: by 8 for
+# SD-1's latents, by 16 for SDXL adapters -> (hint channels, unshuffle factor)
+_T2I_HINTS = {64: (1, 8), 192: (3, 8), 256: (1, 16), 768: (3, 16)}
+
+
+def t2i_adapter_config(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
+    """The ``T2IAdapter`` config of diffusers-layout weights (keys under ``adapter.``). A full
+    adapter and an SDXL one have the same weights; only their unshuffle factor tells them apart."""
+    keys = list(tensors)
+    light = "adapter.body.0.out_conv.weight" in tensors  # light blocks narrow, then widen back
+    first = shape_of(tensors, "adapter.body.0.in_conv.weight" if light else "adapter.conv_in.weight", where,
+                     "T2I-Adapter")
+    hint = _T2I_HINTS.get(first[1]) if len(first) == 4 else None
+    if hint is None:
+        raise InvalidModelException(f"{where}: T2I-Adapter whose first convolution takes {first} (expected "
+                                    "64/192 pixel-unshuffled hint channels for SD-1, 256/768 for SDXL)")
+    blocks = block_count(keys, r"adapter\.body\.(\d+)\.")
+    if light:  # its last block keeps the width of the one before
+        channels = [shape_of(tensors, f"adapter.body.{i}.out_conv.weight", where, "T2I-Adapter")[0]
+                    for i in range(blocks - 1)]
+    else:
+        channels = [shape_of(tensors, f"adapter.body.{i}.resnets.0.block1.weight", where, "T2I-Adapter")[0]
+                    for i in range(blocks)]
+    kind = "light_adapter" if light else "full_adapter_xl" if hint[1] == 16 else "full_adapter"
+    return {"in_channels": hint[0], "channels": channels, "downscale_factor": hint[1], "adapter_type": kind,
+            "num_res_blocks": block_count(keys, r"adapter\.body\.0\.resnets\.(\d+)\.")}
+
+
+def load_t2i_adapter_checkpoint(req: LoadRequest) -> Loaded:
+    """A T2I-Adapter saved as one file in diffusers' layout (with or without the ``adapter.`` level)."""
+    state = read_single_file(req)
+    if not any(_T2I_DIFFUSERS.match(k) for k in state.tensors):
+        if any(_T2I_TENCENTARC.match(k) for k in state.tensors):
+            raise InvalidModelException(
+                f"{req.location}: T2I-Adapter in TencentARC's original layout (body.N.block1...): diffusers "
+                f"{diffusers.__version__} has no conversion of it in the library (only its repository script "
+                "convert_original_t2i_adapter.py); convert the file to the diffusers layout to load it")
+        raise InvalidModelException(f"{req.location}: no T2I-Adapter weights (adapter.body.N.resnets.M.*)")
+    tensors = {k if k.startswith("adapter.") else f"adapter.{k}": v for k, v in state.tensors.items()}
+    config = t2i_adapter_config(tensors, req.location)
+    model = empty_model(lambda: diffusers.T2IAdapter.from_config(config))
+    assign_weights(model, tensors, req.device, f"{req.location} (T2I-Adapter)")
+    return Loaded(model, state.buffer)
+
+
+def t5_encoder_config(tensors: dict[str, torch.Tensor], where: Path) -> transformers.T5Config:
+    """A T5 encoder's config from its weights: the relative-position table gives the heads; gated
+    feed-forwards (``wi_0``/``wi_1``) are T5 v1.1's gated GELU (FLUX's and SD-3's T5-XXL), else v1.0's ReLU."""
+    what = "T5 encoder"
+    embedding = "shared.weight" if "shared.weight" in tensors else "encoder.embed_tokens.weight"
+    vocab, d_model = shape_of(tensors, embedding, where, what)
+    attention = "encoder.block.0.layer.0.SelfAttention."
+    inner = shape_of(tensors, attention + "q.weight", where, what)[0]
+    buckets, heads = shape_of(tensors, attention + "relative_attention_bias.weight", where, what)
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in tensors
+    d_ff = shape_of(tensors, f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight",
+                    where, what)[0]
+    if inner % heads:
+        raise InvalidModelException(f"{where}: T5 attention width {inner} is not a multiple of its {heads} heads")
+    return transformers.T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_heads=heads,
+        num_layers=block_count(tensors, r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=buckets,
+        feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False)
+
+
+def load_t5_encoder_checkpoint(req: LoadRequest) -> Loaded:
+    """A ``T5EncoderModel`` from one file (a whole T5's decoder, when there, is not read)."""
+    state = read_single_file(req, lambda k: not k.startswith(("decoder.", "lm_head.")))
+    if not any(k.startswith("encoder.block.") for k in state.tensors):
+        raise InvalidModelException(f"{req.location}: no T5 encoder weights (encoder.block.N.*)")
+    config = t5_encoder_config(state.tensors, req.location)
+    model = empty_model(lambda: transformers.T5EncoderModel(config))
+    model.tie_weights()  # type: ignore[operator]  # the meta build unties it from ``shared``: files store it once
+    assign_weights(model, fit_keys(model, state.tensors), req.device, f"{req.location} (T5 encoder)")
+    keep_in_fp32(model, req.dtype)
+    return Loaded(model, live_buffer(model, state.buffer))
+
+
+# a CLIP image tower's attention heads leave no trace in its weights: OpenAI's towers (B, L) have
+# 64-wide heads and quick-GELU; LAION's (H, g, bigG: IP-Adapter's image encoders) 16 heads and GELU
+_LAION_CLIP_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16}
+_CLIP_VISION = ("vision_model.", "visual_projection.")
+
+
+def clip_vision_config(tensors: dict[str, torch.Tensor], where: Path) -> transformers.CLIPVisionConfig:
+    what = "CLIP image encoder"
+    hidden, channels, patch, _ = shape_of(tensors, "vision_model.embeddings.patch_embedding.weight", where, what)
+    positions = shape_of(tensors, "vision_model.embeddings.position_embedding.weight", where, what)[0]
+    side = math.isqrt(max(positions - 1, 0))  # a class token, then a square grid of patches
+    if side * side != positions - 1:
+        raise InvalidModelException(f"{where}: {positions} position embeddings are no class token plus a square grid")
+    inter = shape_of(tensors, "vision_model.encoder.layers.0.mlp.fc1.weight", where, what)[0]
+    projection = tensors.get("visual_projection.weight")
+    return transformers.CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=inter, num_channels=channels, patch_size=patch, image_size=side * patch,
+        num_hidden_layers=block_count(tensors, r"vision_model\.encoder\.layers\.(\d+)\."),
+        num_attention_heads=_LAION_CLIP_VISION_HEADS.get(hidden, max(1, hidden // 64)),
+        hidden_act="gelu" if hidden in _LAION_CLIP_VISION_HEADS else "quick_gelu",
+        projection_dim=int(projection.shape[0]) if projection is not None else 512)
+
+
+def load_clip_vision_checkpoint(req: LoadRequest) -> Loaded:
+    """A CLIP image encoder from one file (a whole CLIP model's text tower is not read):
+    ``CLIPVisionModelWithProjection``, or ``CLIPVisionModel`` when the file has no projection."""
+    state = read_single_file(req, lambda k: k.startswith(_CLIP_VISION))
+    if not any(k.startswith("vision_model.encoder.") for k in state.tensors):
+        raise InvalidModelException(f"{req.location}: no CLIP image encoder weights (vision_model.encoder.*)")
+    config = clip_vision_config(state.tensors, req.location)
+    tensors = state.tensors
+    if "visual_projection.weight" in tensors:
+        model = empty_model(lambda: transformers.CLIPVisionModelWithProjection(config))
+    else:  # transformers 5's CLIPVisionModel has no ``vision_model.`` level
+        model = empty_model(lambda: transformers.CLIPVisionModel(config))
+        wanted = model.state_dict().keys()
+        stripped = {k.removeprefix("vision_model."): v for k, v in tensors.items()}
+        tensors = max((tensors, stripped), key=lambda c: len(wanted & c.keys()))
+    assign_weights(model, tensors, req.device, f"{req.location} (CLIP image encoder)")
+    return Loaded(model, state.buffer)

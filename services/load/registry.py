@@ -18,6 +18,12 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.Lora, ModelFormat.Diffusers): loaders.load_lora,
     (ModelType.TextualInversion, ModelFormat.EmbeddingFile): loaders.load_textual_inversion,
     (ModelType.TextualInversion, ModelFormat.EmbeddingFolder): loaders.load_textual_inversion,
+    (ModelType.T2IAdapter, ModelFormat.Diffusers): loaders.load_diffusers_t2i_adapter,
+    (ModelType.T2IAdapter, ModelFormat.Checkpoint): loaders.load_t2i_adapter_checkpoint,
+    (ModelType.T5Encoder, ModelFormat.Checkpoint): loaders.load_t5_encoder_checkpoint,
+    (ModelType.CLIPVision, ModelFormat.Checkpoint): loaders.load_clip_vision_checkpoint,
+    (ModelType.CLIPVision, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.T5Encoder, ModelFormat.T5Encoder): loaders.load_transformers_folder,
 }
 
 

@@ -367,3 +367,86 @@ def write_tiny_yaml_like(shipped: Path, path: Path, base: str) -> Path:
         params["image_size"] = tiny["image_size"]
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# ---- FLUX in BFL's layout; tiny T5 and CLIP image encoders ----
+# diffusers' FLUX names -> BFL's, per double block (``transformer_blocks.N.``) and single block
+_BFL_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+               "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+               "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+               "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+               "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+               "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+               "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+_BFL_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q.weight": "norm.query_norm.scale",
+               "attn.norm_k.weight": "norm.key_norm.scale", "proj_out": "linear2"}
+_BFL_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+            "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+
+
+def flux_to_bfl(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel's weights in BFL's layout (the inverse of diffusers'
+    conversion): q/k/v fused per stream, a single block's q/k/v/MLP fused into ``linear1``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)$", key):
+            single, n, rest = m.groups()
+            table, stem = (_BFL_SINGLE, f"single_blocks.{n}.") if single else (_BFL_DOUBLE, f"double_blocks.{n}.")
+            for hf, bfl in table.items():
+                if rest == hf or rest.startswith(hf + "."):
+                    out[stem + bfl + rest[len(hf):]] = value
+        elif key.startswith("norm_out.linear."):  # BFL's final modulation is (shift, scale), diffusers' (scale, shift)
+            scale, shift = value.chunk(2)
+            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = torch.cat([shift, scale])
+        else:
+            stem, kind = key.rsplit(".", 1)
+            out[f"{_BFL_TOP[stem]}.{kind}"] = value
+    for kind in ("weight", "bias"):
+        for n in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
+            b = f"transformer_blocks.{n}.attn."
+            out[f"double_blocks.{n}.img_attn.qkv.{kind}"] = torch.cat([sd[f"{b}to_{p}.{kind}"] for p in "qkv"])
+            out[f"double_blocks.{n}.txt_attn.qkv.{kind}"] = torch.cat([sd[f"{b}add_{p}_proj.{kind}"] for p in "qkv"])
+        for n in sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}):
+            b = f"single_transformer_blocks.{n}."
+            out[f"single_blocks.{n}.linear1.{kind}"] = torch.cat(
+                [sd[f"{b}attn.to_{p}.{kind}"] for p in "qkv"] + [sd[f"{b}proj_mlp.{kind}"]])
+    return {prefix + k: v for k, v in out.items()}
+
+
+T5_CFG: dict[str, Any] = {"vocab_size": 32, "d_model": 16, "d_kv": 4, "num_heads": 4, "d_ff": 32, "num_layers": 2,
+          "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False,
+          "use_cache": False}
+# 64 wide: one 64-wide head, as the loader reads OpenAI's CLIP towers
+CLIP_VISION_CFG: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+                   "image_size": 32, "patch_size": 8, "projection_dim": 32, "hidden_act": "quick_gelu"}
+
+
+def write_t5_encoder(path: Path, config: dict[str, Any] = T5_CFG, seed: int = 5,
+                     embedding: str = "shared.weight") -> torch.nn.Module:
+    """A T5EncoderModel as one fp16 file; its (tied) embedding stored once, under ``embedding``."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    model = T5EncoderModel(T5Config(**config)).eval()
+    tied = {"shared.weight", "encoder.embed_tokens.weight"}
+    sd = {k: v for k, v in model.state_dict().items() if k not in tied} | {embedding: model.shared.weight}
+    _save(path, sd, torch.float16)
+    return model
+
+
+def write_clip_vision(path: Path, config: dict[str, Any] = CLIP_VISION_CFG, seed: int = 6,
+                      projection: bool = True, extra: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """A CLIP image encoder (with its projection, or without) as one fp16 file, plus ``extra`` tensors."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+    model = cls(CLIPVisionConfig(**config)).eval()
+    sd = dict(model.state_dict()) if projection else {f"vision_model.{k}": v for k, v in model.state_dict().items()}
+    _save(path, sd | (extra or {}), torch.float16)
+    return model
