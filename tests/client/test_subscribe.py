@@ -16,6 +16,7 @@ from events.schema import InstallRequested
 from events.store import RedisEventStore
 from services.client import AsyncModelBusClient, Cursor, InvalidRequestError, ModelBusClient, UnavailableError
 from services.config import AppConfig
+from tests.waiting import wait_until
 
 
 def _request(store: RedisEventStore, n: int) -> str:
@@ -120,13 +121,13 @@ def test_subscription_survives_a_redis_restart(tmp_path: Path) -> None:
         thread.start()
         for n in range(3):
             _request(store, n)
-        _wait_for(lambda: len(delivered) == 3)
+        wait_until(lambda: len(delivered) == 3, 20, "3 events delivered")
         server.stop()
         time.sleep(0.5)  # the subscriber is now retrying against a dead server
         server.start()
         for n in range(3, 6):
             _request(store, n)
-        _wait_for(lambda: len(delivered) == 6)
+        wait_until(lambda: len(delivered) == 6, 20, "6 events delivered")
         stop.set()
         thread.join(5)
         assert delivered == [f"job-{n}" for n in range(6)]  # every event once, in order
@@ -162,8 +163,3 @@ def test_async_client_subscribes_and_calls(client: ModelBusClient) -> None:
     assert key == "x" and past == ["model_load_started"]
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

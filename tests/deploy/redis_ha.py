@@ -10,13 +10,14 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 from events.embedded import free_port
+from tests.waiting import wait_until
 
 SERVICE = "mymaster"
 
@@ -210,13 +211,8 @@ class RedisHA:
                 healthy += 1
         return healthy == self.replicas
 
-    def _wait(self, check: object, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():  # type: ignore[operator]
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+    def _wait(self, check: Callable[[], object], timeout: float, what: str) -> None:
+        wait_until(check, timeout, what, self.logs, interval=0.1)
 
 
 def _pairs(entry: object) -> dict[str, str]:

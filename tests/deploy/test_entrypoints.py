@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import redis
 
 from events.embedded import free_port
+from tests.waiting import wait_until
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PASSWORD = "node-secret"
@@ -69,16 +69,9 @@ def _client(port: int, password: str = PASSWORD) -> redis.Redis:
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    tails = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(logs.rglob("*.log")))
-    raise TimeoutError(f"timed out waiting for {what}\n{tails}")
+    def tails() -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(logs.rglob("*.log")))
+    wait_until(check, timeout, what, tails, interval=0.1, ignore=(redis.RedisError,))
 
 
 def _role(port: int) -> tuple[str, int | None]:

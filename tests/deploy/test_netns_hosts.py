@@ -18,9 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from services.config import AppConfig
 from tests.fixtures.model_files import make_lora_kohya
 from tests.netns import Host, NetnsUnavailable, network_hosts
 from tests.servers import FileServer
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "netns-secret"
@@ -90,16 +90,6 @@ def _url(ip: str, port: int) -> str:
     return f"redis://:{PASSWORD}@{ip}:{port}/0"
 
 
-def _wait(predicate: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str]) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{details()}")
-
-
 def _tail(path: Path) -> str:
     try:
         return path.read_text(errors="replace")[-2000:]
@@ -126,7 +116,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         server, port = started
         stack.callback(_stop, server)
         redis_url = _url(hosts[0].host_ip, port)
-        _wait(lambda: _pings(redis_url), 10, "redis-server on the hosts' addresses",
+        wait_until(lambda: _pings(redis_url), 10, "redis-server on the hosts' addresses",
               lambda: _tail(tmp_path / "redis" / "redis.log"))
         files = stack.enter_context(FileServer(host=hosts[0].host_ip))
 
@@ -171,7 +161,7 @@ def test_workers_on_two_hosts_share_installs_and_downloads(deployment: Deploymen
     for host in d.hosts:
         died = [p.args for p in host.processes if p.poll() is not None]
         assert not died, f"workers exited at start: {died}\n{d.worker_log()}"
-    _wait(lambda: _idle_workers(conn, set(d.worker_host)), START_TIMEOUT, "every worker to be idle on its queues",
+    wait_until(lambda: _idle_workers(conn, set(d.worker_host)), START_TIMEOUT, "every worker to be idle on its queues",
           d.worker_log)
     # the workers really are elsewhere: other network namespaces, one per host, talking to Redis from
     # their hosts' own addresses

@@ -26,6 +26,7 @@ from events.sentinel import (
 )
 from events.store import RedisEventStore
 from tests.deploy.redis_ha import RedisHA, redis_server_binary
+from tests.waiting import wait_until
 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not on PATH")
 
@@ -120,13 +121,13 @@ def test_failover_loses_no_acknowledged_event_and_appends_carry_on(ha: RedisHA) 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
-        _wait_for(lambda: len(acknowledged) >= 40 or bool(errors), 30, "40 appends before the kill")
+        wait_until(lambda: len(acknowledged) >= 40 or bool(errors), 30, "40 appends before the kill")
         assert not errors, errors
         old = ha.kill_primary()
         killed_at, acked_at_kill = time.monotonic(), len(acknowledged)
         new = ha.wait_for_promotion(timeout=30)
         promoted_after = time.monotonic() - killed_at
-        _wait_for(lambda: len(acknowledged) >= acked_at_kill + 15 or bool(errors), 45,
+        wait_until(lambda: len(acknowledged) >= acked_at_kill + 15 or bool(errors), 45,
                   "15 appends after the failover")
     finally:
         stop.set()
@@ -171,10 +172,3 @@ def test_wrong_data_password_is_refused(tmp_path: Path) -> None:
         cluster.stop()
 
 
-def _wait_for(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")

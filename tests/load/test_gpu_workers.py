@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,6 +18,7 @@ from services import routing
 from services.client import ModelBusClient
 from services.config import AppConfig
 from tests.load import builders
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,23 +29,13 @@ def _start(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]
                             stderr=subprocess.STDOUT)
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture()
 def gpu_workers(modelbus_env: dict[str, str], tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     procs = {name: _start(name, modelbus_env, tmp_path / f"{name}.log") for name in ("gpu-a", "gpu-b")}
     config = AppConfig.load()
     store = RedisEventStore.from_config(config)
     try:
-        _wait_for(lambda: {s["id"] for s in routing.worker_states(store.client, config.namespace)} >= set(procs),
+        wait_until(lambda: {s["id"] for s in routing.worker_states(store.client, config.namespace)} >= set(procs),
                   90, "both GPU workers to register")
         yield procs
     finally:
@@ -78,7 +68,7 @@ def test_loads_follow_the_cache_and_survive_a_dead_worker(gpu_workers: dict[str,
 
     placed = client.load(first, worker="gpu-b", timeout=60)
     assert placed["worker"] == "gpu-b"
-    _wait_for(lambda: any(m["model_key"] == first for w in client.workers() if w["id"] == "gpu-b"
+    wait_until(lambda: any(m["model_key"] == first for w in client.workers() if w["id"] == "gpu-b"
                           for m in w.get("models", [])), 15, "gpu-b's heartbeat to list the model")
     again = client.load(first, timeout=60)
     assert again["worker"] == "gpu-b", "a load goes to the worker that already holds the model"
