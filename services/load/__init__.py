@@ -15,6 +15,7 @@ from services.load.errors import (
     SubmodelRequiredError,
     UnsafeModelException,
 )
+from services.load.ip_adapters import IPAdapter
 from services.load.safetensors_fast import FlatTensors, drop_page_cache, load_flat
 from services.load.service import (
     CACHE_EVICTED,
@@ -41,6 +42,7 @@ __all__ = [
     "CacheStats",
     "EntryInfo",
     "FlatTensors",
+    "IPAdapter",
     "InvalidModelException",
     "LoadError",
     "Loaded",

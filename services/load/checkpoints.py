@@ -315,9 +315,9 @@ def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
 
 # ---- FLUX and SD-3: transformers, and the ControlNets that copy their blocks ----
 # what an all-in-one FLUX file holds beside its transformer (ComfyUI's bundles): not read
-_NOT_FLUX_TRANSFORMER = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+NOT_FLUX_TRANSFORMER = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
 # the submodel a FLUX file is asked for: SubModelType has no "transformer" yet, so the denoiser's slot
-_DENOISER = ("unet", "transformer")
+DENOISER_SUBMODELS = ("unet", "transformer")
 _BFL_FLUX_WIDTH = 3072  # FLUX.1's hidden width, which diffusers' conversion of BFL's layout assumes
 _BFL_FUSED = re.compile(r"single_blocks\.(\d+)\.linear1\.(weight|bias)")
 
@@ -402,11 +402,11 @@ def flux_diffusers_state(tensors: dict[str, torch.Tensor], where: Path) -> dict[
 def load_flux_checkpoint(req: LoadRequest) -> Loaded:
     """A FLUX.1 transformer from one file, in BFL's layout or diffusers'."""
     sub = cast(SubModelType, req.submodel)
-    if sub.value not in _DENOISER:
+    if sub.value not in DENOISER_SUBMODELS:
         raise InvalidModelException(f"{req.location}: a FLUX checkpoint holds the transformer alone; load it as "
                                     f"the {SubModelType.UNet.value} submodel (its VAE and text encoders are "
                                     f"models of their own), not as {sub.value}")
-    tensors, buffer = _read(req, lambda k: not k.startswith(_NOT_FLUX_TRANSFORMER))
+    tensors, buffer = _read(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
     converted = flux_diffusers_state(tensors, req.location)
     config = flux_transformer_config(converted, req.location)
     model = empty_model(lambda: FluxTransformer2DModel.from_config(config))

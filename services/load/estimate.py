@@ -13,9 +13,12 @@ import torch
 
 from services.load.checkpoints import (
     CLIP_PREFIXES,
+    DENOISER_SUBMODELS,
+    NOT_FLUX_TRANSFORMER,
     OPENCLIP_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIXES,
+    flux_diffusers_state,
     is_controlnet_key,
 )
 from services.load.errors import LoadError
@@ -35,6 +38,21 @@ def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str],
                 size = dtype.itemsize if e.dtype.is_floating_point else e.dtype.itemsize
                 total += e.nbytes // e.dtype.itemsize * size
     return total
+
+
+def _flux_transformer_bytes(path: Path, dtype: torch.dtype) -> int:
+    """The transformer's tensors of a FLUX file, whatever its layout (BFL's or diffusers', with or
+    without a ``model.diffusion_model.``/``transformer.`` prefix, alone or in a bundle): the loader's
+    own selection and conversion run on meta tensors of the header's shapes, so what is counted is
+    what the loaded model holds."""
+    if path.suffix != ".safetensors":
+        return 0
+    entries = read_header(path).entries.values()
+    meta = {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries
+            if not e.name.startswith(NOT_FLUX_TRANSFORMER)}
+    converted = flux_diffusers_state(meta, path)
+    return sum(t.numel() * (dtype.itemsize if t.dtype.is_floating_point else t.element_size())
+               for t in converted.values())
 
 
 def _checkpoint_prefixes(sub: SubModelType | None) -> tuple[str, ...] | None:
@@ -60,6 +78,9 @@ def estimate_bytes(req: LoadRequest) -> int:
         if loc.is_dir():
             return _header_bytes(weight_files(loc, req.dtype), req.dtype)
         if ModelType(req.record.model_type) == ModelType.Main:
+            if str(getattr(req.record.base_model, "value", req.record.base_model)) == "flux":
+                denoiser = req.submodel is not None and req.submodel.value in DENOISER_SUBMODELS
+                return _flux_transformer_bytes(loc, req.dtype) if denoiser else 0
             prefixes = _checkpoint_prefixes(req.submodel)
             if prefixes is None:
                 return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.load import checkpoints, loaders
+from services.load import checkpoints, ip_adapters, loaders
 from services.load.errors import InvalidModelException
 from services.load.loaders import Loader
 from services.records.enums import ModelFormat, ModelType
@@ -24,6 +24,8 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.CLIPVision, ModelFormat.Checkpoint): loaders.load_clip_vision_checkpoint,
     (ModelType.CLIPVision, ModelFormat.Diffusers): loaders.load_transformers_folder,
     (ModelType.T5Encoder, ModelFormat.T5Encoder): loaders.load_transformers_folder,
+    (ModelType.IPAdapter, ModelFormat.Checkpoint): ip_adapters.load_ip_adapter,
+    (ModelType.IPAdapter, ModelFormat.InvokeAI): ip_adapters.load_ip_adapter,
 }
 
 

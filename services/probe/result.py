@@ -29,7 +29,7 @@ _LEGACY_CONFIGS: dict[tuple[BaseModelType, ModelVariantType, SchedulerPrediction
     (BaseModelType.StableDiffusion2, _Inpaint, _Eps): "v2-inpainting-inference.yaml",
     (BaseModelType.StableDiffusion2, _Inpaint, _V): "v2-inpainting-inference-v.yaml",
     (BaseModelType.StableDiffusion2, _Depth, _Eps): "v2-midas-inference.yaml",
-    (BaseModelType.StableDiffusion2, _Depth, _V): "v2-midas-inference.yaml",
+    (BaseModelType.StableDiffusion2, _Depth, _V): "v2-midas-inference-v.yaml",
     (BaseModelType.StableDiffusionXL, _Normal, None): "sd_xl_base.yaml",
     (BaseModelType.StableDiffusionXL, _Inpaint, None): "sd_xl_inpaint.yaml",
     (BaseModelType.StableDiffusionXLRefiner, _Normal, None): "sd_xl_refiner.yaml",

@@ -450,3 +450,90 @@ def write_clip_vision(path: Path, config: dict[str, Any] = CLIP_VISION_CFG, seed
     sd = dict(model.state_dict()) if projection else {f"vision_model.{k}": v for k, v in model.state_dict().items()}
     _save(path, sd | (extra or {}), torch.float16)
     return model
+
+
+# ---- IP-Adapters in h94's layout (``image_proj.*``, ``ip_adapter.*``), sized to a tiny UNet ----
+IP_CLIP_EMBED = 32     # the CLIP image encoder's pooled (projected) embedding
+IP_CLIP_HIDDEN = 48    # its hidden states' width (Plus and FaceID Plus read those)
+IP_RESAMPLER = 64      # a resampler's width: one 64-wide head, as diffusers reads heads (width // 64)
+IP_FACE_ID = 16        # the face recognition model's embedding (FaceID)
+IP_LORA_RANK = 4
+IPKind = str  # "ip_adapter", "ip_adapter_plus", "ip_adapter_full", "faceid", "faceid_plus"
+
+
+def _ip_resampler(prefix: str, width: int, layers: int = 4) -> dict[str, tuple[int, ...]]:
+    """Shapes of h94's perceiver layers (attention ``0``, feed-forward ``1``: LayerNorm, Linear, GELU, Linear)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        p = f"{prefix}layers.{i}."
+        shapes |= {p + "0.norm1.weight": (width,), p + "0.norm1.bias": (width,), p + "0.norm2.weight": (width,),
+                   p + "0.norm2.bias": (width,), p + "0.to_q.weight": (64, width), p + "0.to_kv.weight": (128, width),
+                   p + "0.to_out.weight": (width, 64), p + "1.0.weight": (width,), p + "1.0.bias": (width,),
+                   p + "1.1.weight": (4 * width, width), p + "1.3.weight": (width, 4 * width)}
+    return shapes
+
+
+def ip_image_proj_shapes(kind: IPKind, context: int) -> dict[str, tuple[int, ...]]:
+    """The ``image_proj`` shapes of each kind of IP-Adapter for a UNet of cross-attention width ``context``."""
+    e, w, r, i = IP_CLIP_EMBED, IP_CLIP_HIDDEN, IP_RESAMPLER, IP_FACE_ID
+    if kind == "ip_adapter":  # 4 tokens from the pooled embedding
+        return {"proj.weight": (4 * context, e), "proj.bias": (4 * context,), "norm.weight": (context,),
+                "norm.bias": (context,)}
+    if kind == "ip_adapter_plus":  # 16 learnt queries resampling the hidden states
+        return {"latents": (1, 16, r), "proj_in.weight": (r, w), "proj_in.bias": (r,), "proj_out.weight": (context, r),
+                "proj_out.bias": (context,), "norm_out.weight": (context,), "norm_out.bias": (context,),
+                **_ip_resampler("", r)}
+    if kind == "ip_adapter_full":  # one token per hidden state
+        return {"proj.0.weight": (e, e), "proj.0.bias": (e,), "proj.2.weight": (context, e), "proj.2.bias": (context,),
+                "proj.3.weight": (context,), "proj.3.bias": (context,)}
+    if kind == "faceid":  # 4 tokens from the face embedding
+        return {"proj.0.weight": (2 * i, i), "proj.0.bias": (2 * i,), "proj.2.weight": (4 * context, 2 * i),
+                "proj.2.bias": (4 * context,), "norm.weight": (context,), "norm.bias": (context,)}
+    if kind == "faceid_plus":  # 4 face tokens resampling the CLIP hidden states
+        q = "perceiver_resampler."
+        return {"proj.0.weight": (2 * i, i), "proj.0.bias": (2 * i,), "proj.2.weight": (4 * r, 2 * i),
+                "proj.2.bias": (4 * r,), "norm.weight": (r,), "norm.bias": (r,), q + "proj_in.weight": (r, w),
+                q + "proj_in.bias": (r,), q + "proj_out.weight": (context, r), q + "proj_out.bias": (context,),
+                q + "norm_out.weight": (context,), q + "norm_out.bias": (context,), **_ip_resampler(q, r)}
+    raise ValueError(f"unknown IP-Adapter kind {kind!r}")
+
+
+def ip_layer_shapes(unet: Any, lora: bool = False) -> dict[str, tuple[int, ...]]:
+    """The ``ip_adapter`` shapes for ``unet``: image keys and values on each cross-attention layer, numbered
+    by the place of its processor among all of the UNet's; FaceID's LoRA on every attention layer."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, name in enumerate(unet.attn_processors):
+        attn: Any = unet.get_submodule(name.removesuffix(".processor"))
+        if not name.endswith("attn1.processor"):
+            shapes |= {f"{index}.to_k_ip.weight": tuple(attn.to_k.weight.shape),
+                       f"{index}.to_v_ip.weight": tuple(attn.to_v.weight.shape)}
+        if lora:
+            for proj, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v),
+                                ("to_out", attn.to_out[0])):
+                shapes |= {f"{index}.{proj}_lora.down.weight": (IP_LORA_RANK, layer.in_features),
+                           f"{index}.{proj}_lora.up.weight": (layer.out_features, IP_LORA_RANK)}
+    return shapes
+
+
+def ip_adapter_state(kind: IPKind, unet: Any, seed: int = 7) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"image_proj": ..., "ip_adapter": ...}`` of a random IP-Adapter of ``kind`` for ``unet``."""
+    torch.manual_seed(seed)
+    context = int(unet.config.cross_attention_dim)
+    groups = {"image_proj": ip_image_proj_shapes(kind, context),
+              "ip_adapter": ip_layer_shapes(unet, lora=kind.startswith("faceid"))}
+    return {group: {k: torch.randn(shape) / 4 for k, shape in shapes.items()} for group, shapes in groups.items()}
+
+
+def write_ip_adapter(path: Path, state: dict[str, dict[str, torch.Tensor]], image_encoder: str = "") -> Path:
+    """By suffix: ``.safetensors`` (flat, prefixed keys), another (``.bin``) a torch pickle of the nested
+    dicts as h94 saves them; no suffix: InvokeAI's folder (``ip_adapter.bin`` and ``image_encoder.txt``)."""
+    if not path.suffix:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "image_encoder.txt").write_text(image_encoder + "\n")
+        torch.save(state, path / "ip_adapter.bin")
+    elif path.suffix == ".safetensors":
+        save_file({f"{group}.{k}": v.contiguous() for group, tensors in state.items() for k, v in tensors.items()},
+                  str(path))
+    else:
+        torch.save(state, path)
+    return path

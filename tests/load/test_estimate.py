@@ -1,5 +1,6 @@
-"""The cache's size estimate of a single-file ControlNet: a ControlNet 1.0 file carries the whole SD
-model beside ``control_model.*``, and only the ControlNet's tensors are loaded, so only they count."""
+"""The cache's size estimate of single files that hold more than the model loaded from them: a
+ControlNet 1.0 file carries the whole SD model beside ``control_model.*``, a FLUX file may bundle a
+VAE and text encoders with its transformer; only the tensors the load keeps count."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from services.load import checkpoints
 from services.load.estimate import estimate_bytes
 from services.load.loaders import LoadRequest
 from services.load.safetensors_fast import read_header
+from services.load.tensors import object_nbytes
+from services.records.enums import SubModelType
 from tests.load import builders
+from tests.probe import builders as probe
 
 
 def _estimate(store: Any, key: str, path: Path, dtype: torch.dtype) -> int:
@@ -50,3 +54,32 @@ def test_controlnet_in_diffusers_names_counts_the_whole_file(config: Any, add: A
     key = add("cn.safetensors", "controlnet", "checkpoint")
     assert _estimate(store, key, config.models_path / "cn.safetensors", torch.float32) == _model_bytes(
         ref, torch.float32)
+
+
+# FLUX transformers come in BFL's layout or diffusers', with a prefix or none, alone or bundled
+# with the parts that are models of their own (a VAE, text encoders): the estimate counts the
+# transformer's tensors, which is what the load keeps
+_FLUX_OTHERS = {"vae.decoder.conv_in.weight": (64, 16, 3, 3), "text_encoders.t5xxl.transformer.shared.weight": (256, 64),
+                "text_encoder.text_model.embeddings.token_embedding.weight": (256, 64)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("layout", "prefix", "bundled"), [
+    ("diffusers", "", False), ("diffusers", "transformer.", False), ("diffusers", "transformer.", True),
+    ("bfl", "", False), ("bfl", "model.diffusion_model.", False), ("bfl", "model.diffusion_model.", True)])
+def test_flux_transformer_counts_the_transformer(config: Any, add: Any, store: Any, layout: str, prefix: str,
+                                                 bundled: bool, dtype: torch.dtype) -> None:
+    state = probe.flux_transformer_state()
+    stored = builders.flux_to_bfl(state, prefix) if layout == "bfl" else {prefix + k: v for k, v in state.items()}
+    if bundled:
+        torch.manual_seed(0)
+        stored |= {k: torch.randn(shape) for k, shape in _FLUX_OTHERS.items()}
+    probe.write_state(config.models_path / "flux.safetensors", stored)
+    record = store.get_model(add("flux.safetensors", "main", "checkpoint", base="flux", config="flux-dev"))
+    request = LoadRequest(record, config.models_path / "flux.safetensors", SubModelType.UNet, torch.device("cpu"), dtype)
+    estimate = estimate_bytes(request)
+    assert estimate == sum(t.numel() for t in state.values()) * dtype.itemsize > 0
+    assert estimate == object_nbytes(checkpoints.load_main_checkpoint(request).model)
+    vae = LoadRequest(record, request.location, SubModelType.Vae, torch.device("cpu"), dtype)
+    assert estimate_bytes(vae) == 0  # a FLUX file has no other submodel: the load refuses it
+

@@ -35,12 +35,14 @@ SHIPPED: dict[str, tuple[str, int, str]] = {
     "v2-inpainting-inference.yaml": ("sd-2", 9, EPS),
     "v2-inpainting-inference-v.yaml": ("sd-2", 9, V),
     "v2-midas-inference.yaml": ("sd-2", 5, EPS),
+    "v2-midas-inference-v.yaml": ("sd-2", 5, V),
     "sd_xl_base.yaml": ("sdxl", 4, EPS),
     "sd_xl_inpaint.yaml": ("sdxl", 9, EPS),
     "sd_xl_refiner.yaml": ("sdxl-refiner", 4, EPS),
 }
 NEW = ["v1-inference-v.yaml", "v1-inpainting-inference-v.yaml", "v2-inpainting-inference.yaml",
-       "v2-inpainting-inference-v.yaml", "v2-midas-inference.yaml", "sd_xl_inpaint.yaml"]
+       "v2-inpainting-inference-v.yaml", "v2-midas-inference.yaml", "v2-midas-inference-v.yaml",
+       "sd_xl_inpaint.yaml"]
 
 
 def _request(record: Any) -> LoadRequest:
@@ -125,3 +127,18 @@ def test_variant_checkpoint_loads_with_its_config(service: ModelLoadService, con
     with service.get_model(key, SubModelType.TextEncoder2 if base == "sdxl" else SubModelType.TextEncoder) as te:
         want = ref["text_encoder_2" if base == "sdxl" else "text_encoder"]
         assert _same(te, want)
+
+
+@pytest.mark.parametrize(("prediction", "name", "scheduler"), [
+    (SchedulerPredictionType.Epsilon, "v2-midas-inference.yaml", EPS),
+    (SchedulerPredictionType.VPrediction, "v2-midas-inference-v.yaml", V)])
+def test_depth_model_gets_the_config_of_its_prediction(add: Any, store: Any, prediction: SchedulerPredictionType,
+                                                       name: str, scheduler: str) -> None:
+    # a depth model fine-tuned for v prediction once got the epsilon config, so the wrong scheduler
+    path = legacy_config_path(BaseModelType.StableDiffusion2, ModelVariantType.Depth, prediction)
+    assert path == f"configs/stable-diffusion/{name}"
+    record = store.get_model(add("depth.safetensors", "main", "checkpoint", base="sd-2", variant="depth",
+                                 config=path))
+    orig = checkpoints.original_config(record)
+    assert checkpoints.unet_config(orig, "sd-2")["in_channels"] == 5
+    assert checkpoints.load_scheduler(_request(record), orig).model.config.prediction_type == scheduler
