@@ -34,6 +34,8 @@ def redis_server() -> Iterator[EmbeddedRedis | None]:
     data = Path(tempfile.mkdtemp(prefix="modelbus-test-redis-"))
     server = EmbeddedRedis.ensure(data)
     yield server
+    from events.watch import close_all
+    close_all()  # services the tests left open: their watches would report the server's stop as a loss
     server.stop()
     shutil.rmtree(data, ignore_errors=True)
 

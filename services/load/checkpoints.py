@@ -6,9 +6,10 @@ read from the checkpoint's own tensor shapes over the configs in ``services/conf
 Only the tensors of the requested submodel are read from the file (one pass over their ranges);
 diffusers' ``single_file_utils`` functions rename them to diffusers keys.
 
-Transformer-era files (FLUX transformers, FLUX and SD-3 ControlNets) carry no original config:
+Transformer-era files (FLUX and SD-3 transformers, their ControlNets) carry no original config:
 theirs is read from the tensors' names and shapes (blocks from their indices, widths from the
-shapes), so any size loads, the published ones and tiny ones alike.
+shapes), so any size loads, the published ones and tiny ones alike. So are the VAE and CLIP text
+encoders that SD-3's all-in-one files bundle.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import yaml
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    FlowMatchEulerDiscreteScheduler,
     FluxControlNetModel,
     FluxTransformer2DModel,
     SD3ControlNetModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
@@ -225,6 +228,8 @@ def load_main_checkpoint(req: LoadRequest) -> Loaded:
     base, sub = _base(req.record), req.submodel
     if base == "flux":
         return load_flux_checkpoint(req)
+    if base == "sd-3":
+        return load_sd3_checkpoint(req)
     orig = original_config(req.record)
     shipped = CONFIGS_DIR / "diffusers" / base
     if sub == SubModelType.UNet:
@@ -314,9 +319,11 @@ def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
 
 
 # ---- FLUX and SD-3: transformers, and the ControlNets that copy their blocks ----
-# what an all-in-one FLUX file holds beside its transformer (ComfyUI's bundles): not read
+# what an all-in-one FLUX or SD-3 file holds beside its transformer (ComfyUI's and Stability's
+# bundles): not read for the transformer
 NOT_FLUX_TRANSFORMER = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
-# the submodel a FLUX file is asked for: SubModelType has no "transformer" yet, so the denoiser's slot
+# the submodel a FLUX or SD-3 file's transformer is asked as: SubModelType has no "transformer" yet,
+# so the denoiser's slot
 DENOISER_SUBMODELS = ("unet", "transformer")
 _BFL_FLUX_WIDTH = 3072  # FLUX.1's hidden width, which diffusers' conversion of BFL's layout assumes
 _BFL_FUSED = re.compile(r"single_blocks\.(\d+)\.linear1\.(weight|bias)")
@@ -441,6 +448,21 @@ def load_flux_controlnet(req: LoadRequest) -> Loaded:
 _SD3_HEAD = 64
 
 
+def _sd3_blocks(sd: dict[str, torch.Tensor], inner: int, where: Path, what: str) -> dict[str, Any]:
+    """What SD-3 transformers and ControlNets share: blocks and heads. SD-3.5 normalises queries
+    per head (RMS; a layer norm would have a bias), so the norm's width is the head's; its medium
+    model's MMDiT-X blocks add a second, image-only attention (``attn2``)."""
+    norm = "transformer_blocks.0.attn.norm_q.weight"
+    head = shape_of(sd, norm, where, what)[0] if norm in sd else math.gcd(inner, _SD3_HEAD)
+    if inner % head:
+        raise InvalidModelException(f"{where}: {what} width {inner} is not a multiple of its head width {head}")
+    layers = block_count(sd, r"transformer_blocks\.(\d+)\.")
+    return {"attention_head_dim": head, "num_attention_heads": inner // head, "num_layers": layers,
+            "dual_attention_layers": tuple(i for i in range(layers)
+                                           if f"transformer_blocks.{i}.attn2.to_q.weight" in sd),
+            "qk_norm": None if norm not in sd else "layer_norm" if norm.replace("weight", "bias") in sd else "rms_norm"}
+
+
 def sd3_controlnet_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
     """``SD3ControlNetModel``'s config from diffusers-named weights. SD-3's ControlNets patchify the
     latent and text like the transformer; SD-3.5 large's keep only the control latent's patchifier
@@ -449,20 +471,12 @@ def sd3_controlnet_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str,
     inner, control_in, patch, _ = shape_of(sd, "pos_embed_input.proj.weight", where, what)
     pos_embed = sd.get("pos_embed.pos_embed")
     latent_in = shape_of(sd, "pos_embed.proj.weight", where, what)[1] if "pos_embed.proj.weight" in sd else control_in
-    norm = "transformer_blocks.0.attn.norm_q.weight"
-    head = shape_of(sd, norm, where, what)[0] if norm in sd else math.gcd(inner, _SD3_HEAD)
-    if inner % head:
-        raise InvalidModelException(f"{where}: {what} width {inner} is not a multiple of its head width {head}")
     text = shape_of(sd, "context_embedder.weight", where, what) if "context_embedder.weight" in sd else None
-    config: dict[str, Any] = {
+    config: dict[str, Any] = _sd3_blocks(sd, inner, where, what) | {
         "patch_size": patch, "in_channels": latent_in, "out_channels": latent_in,
-        "extra_conditioning_channels": control_in - latent_in, "attention_head_dim": head,
-        "num_attention_heads": inner // head, "num_layers": block_count(sd, r"transformer_blocks\.(\d+)\."),
+        "extra_conditioning_channels": control_in - latent_in,
         "pooled_projection_dim": shape_of(sd, "time_text_embed.text_embedder.linear_1.weight", where, what)[1],
         "joint_attention_dim": text[1] if text else None, "caption_projection_dim": text[0] if text else inner,
-        "dual_attention_layers": tuple(i for i in range(block_count(sd, r"transformer_blocks\.(\d+)\."))
-                                       if f"transformer_blocks.{i}.attn2.to_q.weight" in sd),
-        "qk_norm": None if norm not in sd else "layer_norm" if norm.replace("weight", "bias") in sd else "rms_norm",
         "use_pos_embed": "pos_embed.proj.weight" in sd,
         # SD-3.5 large's ControlNets take the pooled text the transformer gets, not zeros
         "force_zeros_for_pooled_projection": text is not None}
@@ -486,3 +500,141 @@ def load_sd3_controlnet(req: LoadRequest) -> Loaded:
     model = empty_model(lambda: SD3ControlNetModel.from_config(config))
     assign_weights(model, tensors, req.device, f"{req.location} (SD-3 ControlNet)")
     return Loaded(model, buffer)
+
+
+# ---- SD-3 / SD-3.5 main files: the transformer, and the VAE and CLIP encoders a bundle carries ----
+# the text encoders of Stability's and ComfyUI's all-in-one files (HF CLIP names under these), with
+# the shipped configs whose architecture they share (SDXL's CLIP-L and OpenCLIP bigG)
+SD3_CLIP_PREFIXES = {SubModelType.TextEncoder: "text_encoders.clip_l.transformer.",
+                     SubModelType.TextEncoder2: "text_encoders.clip_g.transformer."}
+_SD3_CLIPS = {SubModelType.TextEncoder: ("CLIP-L", CONFIGS_DIR / "diffusers" / "sdxl" / "text_encoder"),
+              SubModelType.TextEncoder2: ("CLIP-G", CONFIGS_DIR / "diffusers" / "sdxl" / "text_encoder_2")}
+# what no weight records: the default latent side (1024 pixels), and the VAE's latent statistics
+# and group norms, the same in every SD-3 and SD-3.5 release
+_SD3_SAMPLE_SIZE = 128
+_SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609, "sample_size": 1024, "norm_num_groups": 32,
+            "force_upcast": True}
+_SD3_SHIFT = 3.0  # the flow-matching schedule's timestep shift SD-3 and SD-3.5 were trained with
+
+
+def sd3_diffusers_state(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """An SD-3 transformer's weights under diffusers' names: Stability's layout (``joint_blocks``,
+    fused q/k/v, under ``model.diffusion_model.`` or bare) through diffusers' own conversion, or
+    diffusers' layout under any prefix."""
+    if any(k.removeprefix(UNET_PREFIX).startswith("joint_blocks.") for k in tensors):
+        try:  # the conversion pops what it renames: it gets a dict of its own
+            converted: dict[str, torch.Tensor] = sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(tensors))
+        except (KeyError, IndexError) as exc:
+            raise InvalidModelException(f"{where}: incomplete SAI-layout SD-3 transformer: no tensor {exc}") from exc
+        return converted
+    prefix = _prefix_of(tensors, "context_embedder.weight")
+    if (prefix is None or prefix + "pos_embed.proj.weight" not in tensors
+            or not any(k.startswith(prefix + "transformer_blocks.") for k in tensors)):
+        raise InvalidModelException(f"{where}: no SD-3 transformer weights (Stability's joint_blocks.*, or diffusers' "
+                                    "transformer_blocks.* with a context_embedder and a pos_embed.proj patchifier)")
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def sd3_transformer_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
+    """``SD3Transformer2DModel``'s config from diffusers-named weights: the patchifier gives the
+    width, input channels and patch; the stored sin-cos table the largest patch grid; the text
+    projection the T5 width and the caption width; the pooled-text embedder the CLIPs' joint width."""
+    what = "SD-3 transformer"
+    inner, in_channels, patch, _ = shape_of(sd, "pos_embed.proj.weight", where, what)
+    table = shape_of(sd, "pos_embed.pos_embed", where, what)
+    grid = table[1] if len(table) == 3 else 0  # (1, patches, width)
+    side = math.isqrt(grid)
+    if not grid or side * side != grid:
+        raise InvalidModelException(f"{where}: {what} positional table of shape {table} is no square grid of patches")
+    caption, text = shape_of(sd, "context_embedder.weight", where, what)
+    out = shape_of(sd, "proj_out.weight", where, what)[0]
+    if out % (patch * patch):
+        raise InvalidModelException(f"{where}: {what} output width {out} is not a whole number of {patch}x{patch} patches")
+    return _sd3_blocks(sd, inner, where, what) | {
+        "sample_size": _SD3_SAMPLE_SIZE, "patch_size": patch, "in_channels": in_channels,
+        "out_channels": out // (patch * patch), "pos_embed_max_size": side, "joint_attention_dim": text,
+        "caption_projection_dim": caption,
+        "pooled_projection_dim": shape_of(sd, "time_text_embed.text_embedder.linear_1.weight", where, what)[1]}
+
+
+def load_sd3_transformer(req: LoadRequest) -> Loaded:
+    tensors, buffer = _read(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
+    converted = sd3_diffusers_state(tensors, req.location)
+    config = sd3_transformer_config(converted, req.location)
+    model = empty_model(lambda: SD3Transformer2DModel.from_config(config))
+    assign_weights(model, converted, req.device, f"{req.location} (SD-3 transformer)")
+    return Loaded(model, live_buffer(model, buffer))
+
+
+def _bundled(req: LoadRequest, what: str, prefixes: tuple[str, ...]) -> tuple[dict[str, torch.Tensor],
+                                                                             torch.Tensor | None]:
+    tensors, buffer = _read(req, lambda k: k.startswith(prefixes))
+    if not tensors:
+        raise InvalidModelException(f"{req.location}: this SD-3 checkpoint bundles no {what} ({'|'.join(prefixes)}*): "
+                                    "load it from a model of its own")
+    return tensors, buffer
+
+
+def sd3_vae_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str, Any]:
+    """``AutoencoderKL``'s config from LDM-named VAE weights (prefix removed): widths per level from
+    each level's first block, 16 latent channels from the decoder's input, no quant convolutions."""
+    what = "SD-3 VAE"
+    levels = block_count(sd, r"encoder\.down\.(\d+)\.")
+    return _SD3_VAE | {
+        "in_channels": shape_of(sd, "encoder.conv_in.weight", where, what)[1],
+        "out_channels": shape_of(sd, "decoder.conv_out.weight", where, what)[0],
+        "latent_channels": shape_of(sd, "decoder.conv_in.weight", where, what)[1],
+        "block_out_channels": [shape_of(sd, f"encoder.down.{i}.block.0.conv2.weight", where, what)[0]
+                               for i in range(levels)],
+        "layers_per_block": block_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "use_quant_conv": "quant_conv.weight" in sd, "use_post_quant_conv": "post_quant_conv.weight" in sd,
+        "mid_block_add_attention": any(k.startswith("encoder.mid.attn_1.") for k in sd)}
+
+
+def load_sd3_vae(req: LoadRequest) -> Loaded:
+    tensors, buffer = _bundled(req, "VAE", VAE_PREFIXES)
+    prefix = next(p for p in VAE_PREFIXES if any(k.startswith(p) for k in tensors))
+    config = sd3_vae_config({k.removeprefix(prefix): v for k, v in tensors.items()}, req.location)
+    converted = _quiet(sfu.convert_ldm_vae_checkpoint, tensors, config)
+    return _build(lambda: AutoencoderKL.from_config(config), converted, req, buffer, "SD-3 VAE")
+
+
+def load_sd3_text_encoder(req: LoadRequest, sub: SubModelType) -> Loaded:
+    """A bundled CLIP as ``CLIPTextModelWithProjection`` (the pipeline pools both through their
+    projections). CLIP-L's projection is missing from some bundles: SD-3's reference code starts it
+    as the identity, and diffusers' single-file loader gives it that too."""
+    name, shipped = _SD3_CLIPS[sub]
+    prefix = SD3_CLIP_PREFIXES[sub]
+    tensors, buffer = _bundled(req, f"{name} text encoder", (prefix,))
+    converted = sfu.convert_ldm_clip_checkpoint(tensors, prefix)
+    flat = {k.removeprefix("text_model."): v for k, v in converted.items()}  # the shapes, with or without the level
+    what = f"{name} text encoder"
+    vocab, hidden = shape_of(flat, "embeddings.token_embedding.weight", req.location, what)
+    positions = shape_of(flat, "embeddings.position_embedding.weight", req.location, what)[0]
+    inter = shape_of(flat, "encoder.layers.0.mlp.fc1.weight", req.location, what)[0]
+    if "text_projection.weight" not in converted:
+        converted["text_projection.weight"] = torch.eye(hidden, device=req.device, dtype=req.dtype)
+    config = _clip_config(shipped, hidden, vocab, positions, block_count(flat, r"encoder\.layers\.(\d+)\."), inter,
+                          int(converted["text_projection.weight"].shape[0]))
+    model = empty_model(lambda: CLIPTextModelWithProjection(config))
+    assign_weights(model, fit_keys(model, converted), req.device, f"{req.location} ({what})")
+    return Loaded(model, live_buffer(model, buffer))
+
+
+def load_sd3_checkpoint(req: LoadRequest) -> Loaded:
+    """A submodel of an SD-3 / SD-3.5 file: its transformer (as ``unet``), and what a bundle carries
+    (VAE, CLIP-L, CLIP-G); the tokenizers and the scheduler ship with the project. A bundled T5-XXL
+    (``text_encoders.t5xxl.``) has no submodel slot: SubModelType has no text_encoder_3."""
+    sub = cast(SubModelType, req.submodel)
+    if sub.value in DENOISER_SUBMODELS:
+        return load_sd3_transformer(req)
+    if sub in (SubModelType.Vae, SubModelType.VaeDecoder, SubModelType.VaeEncoder):
+        return load_sd3_vae(req)
+    if sub in SD3_CLIP_PREFIXES:
+        return load_sd3_text_encoder(req, sub)
+    if sub in (SubModelType.Tokenizer, SubModelType.Tokenizer2):
+        return load_tokenizer(req)
+    if sub == SubModelType.Scheduler:
+        return Loaded(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=_SD3_SHIFT))
+    raise InvalidModelException(f"{req.location}: an sd-3 checkpoint has no {sub.value} submodel")

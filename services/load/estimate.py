@@ -16,10 +16,12 @@ from services.load.checkpoints import (
     DENOISER_SUBMODELS,
     NOT_FLUX_TRANSFORMER,
     OPENCLIP_PREFIXES,
+    SD3_CLIP_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIXES,
     flux_diffusers_state,
     is_controlnet_key,
+    sd3_diffusers_state,
 )
 from services.load.errors import LoadError
 from services.load.loaders import LoadRequest
@@ -40,26 +42,33 @@ def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str],
     return total
 
 
-def _flux_transformer_bytes(path: Path, dtype: torch.dtype) -> int:
-    """The transformer's tensors of a FLUX file, whatever its layout (BFL's or diffusers', with or
-    without a ``model.diffusion_model.``/``transformer.`` prefix, alone or in a bundle): the loader's
-    own selection and conversion run on meta tensors of the header's shapes, so what is counted is
-    what the loaded model holds."""
+Convert = Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]]
+# the loaders' conversions of a transformer file to diffusers' names, by base model
+_TRANSFORMER_STATES: dict[str, Convert] = {"flux": flux_diffusers_state, "sd-3": sd3_diffusers_state}
+
+
+def _transformer_bytes(path: Path, dtype: torch.dtype, convert: Convert) -> int:
+    """The transformer's tensors of a FLUX or SD-3 file, whatever its layout (BFL's, Stability's or
+    diffusers', with or without a ``model.diffusion_model.``/``transformer.`` prefix, alone or in a
+    bundle): the loader's own selection and conversion run on meta tensors of the header's shapes,
+    so what is counted is what the loaded model holds."""
     if path.suffix != ".safetensors":
         return 0
     entries = read_header(path).entries.values()
     meta = {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries
             if not e.name.startswith(NOT_FLUX_TRANSFORMER)}
-    converted = flux_diffusers_state(meta, path)
+    converted = convert(meta, path)
     return sum(t.numel() * (dtype.itemsize if t.dtype.is_floating_point else t.element_size())
                for t in converted.values())
 
 
-def _checkpoint_prefixes(sub: SubModelType | None) -> tuple[str, ...] | None:
+def _checkpoint_prefixes(sub: SubModelType | None, base: str) -> tuple[str, ...] | None:
     if sub == SubModelType.UNet:
         return (UNET_PREFIX,)
     if sub in (SubModelType.Vae, SubModelType.VaeDecoder, SubModelType.VaeEncoder):
         return VAE_PREFIXES
+    if base == "sd-3":  # the CLIP-L or CLIP-G of a bundle; a tokenizer or scheduler reads nothing
+        return (SD3_CLIP_PREFIXES[sub],) if sub in SD3_CLIP_PREFIXES else None
     if sub in (SubModelType.TextEncoder, SubModelType.TextEncoder2):
         return tuple(CLIP_PREFIXES.values()) + tuple(OPENCLIP_PREFIXES.values())
     return None
@@ -78,10 +87,13 @@ def estimate_bytes(req: LoadRequest) -> int:
         if loc.is_dir():
             return _header_bytes(weight_files(loc, req.dtype), req.dtype)
         if ModelType(req.record.model_type) == ModelType.Main:
-            if str(getattr(req.record.base_model, "value", req.record.base_model)) == "flux":
-                denoiser = req.submodel is not None and req.submodel.value in DENOISER_SUBMODELS
-                return _flux_transformer_bytes(loc, req.dtype) if denoiser else 0
-            prefixes = _checkpoint_prefixes(req.submodel)
+            base = str(getattr(req.record.base_model, "value", req.record.base_model))
+            denoiser = req.submodel is not None and req.submodel.value in DENOISER_SUBMODELS
+            if base in _TRANSFORMER_STATES and denoiser:
+                return _transformer_bytes(loc, req.dtype, _TRANSFORMER_STATES[base])
+            if base == "flux":
+                return 0  # a FLUX file has no other submodel: the load refuses it
+            prefixes = _checkpoint_prefixes(req.submodel, base)
             if prefixes is None:
                 return 0
             return _header_bytes([loc], req.dtype, lambda k: k.startswith(prefixes))

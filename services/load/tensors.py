@@ -60,14 +60,14 @@ def _item_setter(mapping: dict[Any, Any], key: Any) -> Setter:
 
 def tensor_slots(obj: Any) -> list[Slot]:
     """Every distinct tensor of ``obj`` (shared ones once, with all their setters)."""
+    # keyed by the id of an object the module holds (a Parameter, a buffer): ``p.data`` is a fresh alias
+    # at every access, whose id may be reused by the next one once it is freed (two slots merged)
     by_id: dict[int, Slot] = {}
     if isinstance(obj, torch.nn.Module):
-        seen_params: set[int] = set()
         for module in obj.modules():
             for p in module._parameters.values():
-                if p is not None and id(p) not in seen_params:
-                    seen_params.add(id(p))
-                    by_id.setdefault(id(p.data), Slot(p.data)).setters.append(_param_setter(p))
+                if p is not None and id(p) not in by_id:  # a tied weight is one Parameter in two modules
+                    by_id[id(p)] = Slot(p.data, [_param_setter(p)])
             for name, b in module._buffers.items():
                 if b is not None:
                     by_id.setdefault(id(b), Slot(b)).setters.append(_buffer_setter(module, name))

@@ -537,3 +537,112 @@ def write_ip_adapter(path: Path, state: dict[str, dict[str, torch.Tensor]], imag
     else:
         torch.save(state, path)
     return path
+
+
+# ---- SD-3 / SD-3.5 main files: Stability's layout (``joint_blocks``) or diffusers', alone or bundled ----
+# SD-3's heads are 64 wide and leave no trace in its weights (no per-head norm): the tiny SD-3 keeps
+# that width. SD-3.5 medium normalises queries per head, so its tiny twin can show narrower heads.
+# The pooled text is CLIP-L's projection beside CLIP-G's, as SD-3's 2048 is 768 + 1280.
+SD3_CFG: dict[str, Any] = {
+    "sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+    "attention_head_dim": 64, "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 128,
+    "pooled_projection_dim": CLIP_CFG["projection_dim"] + OPEN_CLIP_CFG["projection_dim"], "pos_embed_max_size": 16}
+# MMDiT-X: a second image-only attention in the first blocks, RMS-normalised queries and keys
+SD35_MEDIUM_CFG: dict[str, Any] = SD3_CFG | {"num_layers": 3, "attention_head_dim": 16, "caption_projection_dim": 32,
+                                             "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"}
+# SD-3's VAE: 16 latent channels and no quant convolutions
+SD3_VAE_CFG: dict[str, Any] = VAE_CFG | {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+SD3_CLIP_L_CFG: dict[str, Any] = CLIP_CFG | {"eos_token_id": 2}  # as the shipped CLIP-L config: pooled at the largest id
+
+_SAI_TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}
+_SAI_BLOCK = {"attn.norm_q.weight": "x_block.attn.ln_q.weight", "attn.norm_k.weight": "x_block.attn.ln_k.weight",
+              "attn.norm_added_q.weight": "context_block.attn.ln_q.weight",
+              "attn.norm_added_k.weight": "context_block.attn.ln_k.weight",
+              "attn2.norm_q.weight": "x_block.attn2.ln_q.weight", "attn2.norm_k.weight": "x_block.attn2.ln_k.weight",
+              "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+              "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+              "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}
+# diffusers' separate projections -> Stability's fused q/k/v, per stream
+_SAI_FUSED = {"x_block.attn.qkv": "attn.to_{}", "context_block.attn.qkv": "attn.add_{}_proj",
+              "x_block.attn2.qkv": "attn2.to_{}"}
+_SAI_SPLIT = re.compile(r"attn2?\.(to_[qkv]|add_[qkv]_proj)\.")
+
+
+def _shift_scale(value: torch.Tensor) -> torch.Tensor:
+    """Stability's final modulations are (shift, scale), diffusers' (scale, shift): the swap is its own inverse."""
+    first, second = value.chunk(2)
+    return torch.cat([second, first])
+
+
+def sd3_to_sai(sd: dict[str, torch.Tensor], prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """An SD3Transformer2DModel's weights in Stability's layout (the inverse of diffusers' conversion).
+    A tensor this does not know fails here, so the file never silently lacks one."""
+    last = max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = value
+        elif key.startswith("norm_out.linear."):
+            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = _shift_scale(value)
+        elif m := re.match(r"transformer_blocks\.(\d+)\.(.+)$", key):
+            n, rest = int(m[1]), m[2]
+            if _SAI_SPLIT.match(rest):
+                continue
+            hf, sai = next((hf, sai) for hf, sai in _SAI_BLOCK.items() if rest == hf or rest.startswith(hf + "."))
+            if n == last and hf == "norm1_context.linear":  # the last context block only modulates its input
+                value = _shift_scale(value)
+            out[f"joint_blocks.{n}.{sai}{rest[len(hf):]}"] = value
+        else:
+            stem, kind = key.rsplit(".", 1)
+            out[f"{_SAI_TOP[stem]}.{kind}"] = value
+    for n in range(last + 1):
+        for sai, hf in _SAI_FUSED.items():
+            for kind in ("weight", "bias"):
+                parts = [sd.get(f"transformer_blocks.{n}.{hf.format(p)}.{kind}") for p in "qkv"]
+                if all(p is not None for p in parts):
+                    out[f"joint_blocks.{n}.{sai}.{kind}"] = torch.cat([p for p in parts if p is not None])
+    return {prefix + k: v for k, v in out.items()}
+
+
+def write_sd3_checkpoint(path: Path, *, medium: bool = False, layout: str = "sai", prefix: str = "",
+                         bundle: bool = False, clip_l_projection: bool = True, seed: int = 8,
+                         dtype: torch.dtype = torch.float16) -> dict[str, torch.nn.Module]:
+    """A single-file SD-3 (``medium``: SD-3.5 medium-like) transformer, in Stability's ``layout``
+    ("sai") or diffusers' under ``prefix``. A ``bundle`` adds what Stability's and ComfyUI's
+    all-in-one files carry: the VAE (``first_stage_model.``), CLIP-L and CLIP-G (``text_encoders.clip_l|g.
+    transformer.``, without CLIP-L's projection unless ``clip_l_projection``) and a T5 (``text_encoders.t5xxl.``).
+    Returns the models the file encodes, as their weights load from it (rounded through ``dtype``)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer: Any = SD3Transformer2DModel(**(SD35_MEDIUM_CFG if medium else SD3_CFG))
+    models: dict[str, torch.nn.Module] = {"transformer": transformer.eval()}
+    state = transformer.state_dict()
+    sd = sd3_to_sai(state, prefix) if layout == "sai" else {prefix + k: v for k, v in state.items()}
+    if bundle:
+        vae: Any = AutoencoderKL(**SD3_VAE_CFG)
+        vae.eval()
+        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**SD3_CLIP_L_CFG)).eval()
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_CFG)).eval()
+        if not clip_l_projection:  # what the loader then gives it: SD-3's reference starts it as the identity
+            clip_l.text_projection.weight.data = torch.eye(clip_l.config.hidden_size)
+        t5 = T5EncoderModel(T5Config(**T5_CFG)).eval()
+        models |= {"vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g}
+        sd |= _vae_to_ldm(vae.state_dict(), 2, 1)
+        sd |= {f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_l.state_dict().items()
+               if clip_l_projection or k != "text_projection.weight"}
+        sd |= {f"text_encoders.clip_g.transformer.{k}": v for k, v in clip_g.state_dict().items()}
+        sd |= {f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}
+    _save(path, sd, dtype)
+    for model in models.values():  # what the file holds: the weights rounded through its dtype
+        model.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v
+                               for k, v in model.state_dict().items()})
+    return models

@@ -177,3 +177,19 @@ def test_objects_without_tensors_are_cached_at_size_zero(cache: ModelCache) -> N
     entry, _ = cache.get_or_load("tok", lambda d: Loaded({"vocab": "not tensors"}))
     assert entry.size == 0 and entry.device is None
     assert cache.lock("tok") == {"vocab": "not tensors"}
+
+
+def test_every_parameter_is_its_own_slot_and_tied_ones_share_one() -> None:
+    """Found by a flaky size count: slots keyed by ``id(p.data)``, a fresh alias at each access whose id
+    the next parameter's alias could reuse, merged two parameters into one slot (wrong sizes, and a move
+    could hand one parameter the other's tensor)."""
+    for _ in range(20):
+        model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(300)])
+        tied = torch.nn.Embedding(5, 3)
+        head = torch.nn.Linear(3, 5, bias=False)
+        head.weight = tied.weight
+        whole = torch.nn.ModuleDict({"body": model, "emb": tied, "head": head})
+        slots = tensor_slots(whole)
+        assert len(slots) == 600 + 1
+        assert object_nbytes(whole) == sum(p.numel() * p.element_size() for p in whole.parameters())
+        assert sum(len(s.setters) for s in slots) == 601  # the tied weight: one Parameter, one setter
