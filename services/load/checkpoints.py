@@ -413,11 +413,20 @@ def load_flux_checkpoint(req: LoadRequest) -> Loaded:
         raise InvalidModelException(f"{req.location}: a FLUX checkpoint holds the transformer alone; load it as "
                                     f"the {SubModelType.UNet.value} submodel (its VAE and text encoders are "
                                     f"models of their own), not as {sub.value}")
+    return _load_transformer(req, flux_diffusers_state, flux_transformer_config, FluxTransformer2DModel,
+                             "FLUX transformer")
+
+
+def _load_transformer(req: LoadRequest, to_diffusers: Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]],
+                      configure: Callable[[dict[str, torch.Tensor], Path], dict[str, Any]], cls: Any, what: str
+                      ) -> Loaded:
+    """A transformer denoiser from one file: its tensors (bundled parts unread), converted to diffusers'
+    names, a config derived from their shapes, the weights assigned in place."""
     tensors, buffer = _read(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
-    converted = flux_diffusers_state(tensors, req.location)
-    config = flux_transformer_config(converted, req.location)
-    model = empty_model(lambda: FluxTransformer2DModel.from_config(config))
-    assign_weights(model, converted, req.device, f"{req.location} (FLUX transformer)")
+    converted = to_diffusers(tensors, req.location)
+    config = configure(converted, req.location)
+    model = empty_model(lambda: cls.from_config(config))
+    assign_weights(model, converted, req.device, f"{req.location} ({what})")
     return Loaded(model, live_buffer(model, buffer))
 
 
@@ -558,12 +567,8 @@ def sd3_transformer_config(sd: dict[str, torch.Tensor], where: Path) -> dict[str
 
 
 def load_sd3_transformer(req: LoadRequest) -> Loaded:
-    tensors, buffer = _read(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
-    converted = sd3_diffusers_state(tensors, req.location)
-    config = sd3_transformer_config(converted, req.location)
-    model = empty_model(lambda: SD3Transformer2DModel.from_config(config))
-    assign_weights(model, converted, req.device, f"{req.location} (SD-3 transformer)")
-    return Loaded(model, live_buffer(model, buffer))
+    return _load_transformer(req, sd3_diffusers_state, sd3_transformer_config, SD3Transformer2DModel,
+                             "SD-3 transformer")
 
 
 def _bundled(req: LoadRequest, what: str, prefixes: tuple[str, ...]) -> tuple[dict[str, torch.Tensor],
