@@ -44,6 +44,16 @@ def close_all() -> None:
         watch.close()
 
 
+def _restart_in_child() -> None:
+    # a forked child (an RQ work horse) must not read its parent's sockets: it would take the pushes the
+    # parent waits for; each open watch starts afresh there, with its own connection and thread
+    for watch in list(_OPEN):
+        watch._start()
+
+
+os.register_at_fork(after_in_child=_restart_in_child)
+
+
 class LogWatch(ABC):
     """``quiet()`` is true only when nothing can have been appended since the last ``arm()``.
 
@@ -81,16 +91,6 @@ class RedisLogWatch(LogWatch):
         self._disabled = False
         self._start()
         _OPEN.add(self)
-        # a forked child (an RQ work horse) must not read this process's socket: it would take the
-        # pushes this process waits for; it starts afresh with its own connection and thread
-        ref = weakref.ref(self)
-
-        def restart_in_child() -> None:
-            watch = ref()
-            if watch is not None:
-                watch._start()
-
-        os.register_at_fork(after_in_child=restart_in_child)
 
     def _start(self) -> None:
         self._lock = threading.Lock()
@@ -196,6 +196,7 @@ class RedisLogWatch(LogWatch):
 
     def close(self) -> None:
         self._closed.set()
+        _OPEN.discard(self)
         with self._lock:
             if self._conn is not None:
                 self._conn.disconnect()
