@@ -107,7 +107,7 @@ class EventStore(ABC):
         """Events strictly after ``after``, in log order; undecodable entries are reported and skipped."""
 
     def read_bodies(self, after: str, count: int, types: Container[str]) -> BodyBatch:
-        """Domain entries strictly after ``after``: those of ``types`` as envelopes and parsed bodies,
+        """Domain entries strictly after ``after``: those of ``types`` as envelopes and bodies,
         without building events (for replays that need a few fields; see codec.EventBody)."""
         return as_body_batch(self.read(after, count), types, after)
 
