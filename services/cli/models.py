@@ -92,7 +92,7 @@ def _summary(body: dict[str, Any]) -> str:
     return orjson.dumps(body).decode()[:120]
 
 
-def load(key: str, submodel: Annotated[str | None, typer.Option(help="part of a main model, e.g. vae, unet")] = None,
+def load(key: str, submodel: Annotated[str | None, typer.Option(help="part of a main model, e.g. unet, transformer (FLUX, SD-3), vae, text_encoder")] = None,
          worker: Annotated[str | None, typer.Option(help="a GPU worker id (default: the one holding it)")] = None,
          timeout: Annotated[float, typer.Option(help="seconds to wait for the worker")] = 600.0,
          json: JsonFlag = False) -> None:

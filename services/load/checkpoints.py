@@ -8,8 +8,8 @@ diffusers' ``single_file_utils`` functions rename them to diffusers keys.
 
 Transformer-era files (FLUX and SD-3 transformers, their ControlNets) carry no original config:
 theirs is read from the tensors' names and shapes (blocks from their indices, widths from the
-shapes), so any size loads, the published ones and tiny ones alike. So are the VAE and CLIP text
-encoders that SD-3's all-in-one files bundle.
+shapes), so any size loads, the published ones and tiny ones alike. So are the VAE, CLIP and T5
+text encoders that SD-3's all-in-one files bundle.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from services.load.errors import InvalidModelException, SubmodelRequiredError
 from services.load.loaders import (
     LoadRequest,
     block_count,
+    build_t5_encoder,
     fit_keys,
     live_buffer,
     read_json,
@@ -223,9 +224,12 @@ def load_tokenizer(req: LoadRequest) -> Loaded:
 
 
 def load_main_checkpoint(req: LoadRequest) -> Loaded:
+    base = _base(req.record)
     if req.submodel is None:
-        raise SubmodelRequiredError(f"model {req.record.key} is a main model: name a submodel (unet, vae, ...)")
-    base, sub = _base(req.record), req.submodel
+        denoiser = SubModelType.Transformer if base in ("flux", "sd-3") else SubModelType.UNet
+        raise SubmodelRequiredError(f"model {req.record.key} is a main model: name a submodel "
+                                    f"({denoiser.value}, vae, ...)")
+    sub = req.submodel
     if base == "flux":
         return load_flux_checkpoint(req)
     if base == "sd-3":
@@ -322,9 +326,9 @@ def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
 # what an all-in-one FLUX or SD-3 file holds beside its transformer (ComfyUI's and Stability's
 # bundles): not read for the transformer
 NOT_FLUX_TRANSFORMER = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
-# the submodel a FLUX or SD-3 file's transformer is asked as: SubModelType has no "transformer" yet,
-# so the denoiser's slot
-DENOISER_SUBMODELS = ("unet", "transformer")
+# the submodels a FLUX or SD-3 file's transformer is served as: "unet" stays an alias of
+# "transformer", as it was served before SubModelType had a transformer
+DENOISER_SUBMODELS = (SubModelType.Transformer.value, SubModelType.UNet.value)
 _BFL_FLUX_WIDTH = 3072  # FLUX.1's hidden width, which diffusers' conversion of BFL's layout assumes
 _BFL_FUSED = re.compile(r"single_blocks\.(\d+)\.linear1\.(weight|bias)")
 
@@ -411,7 +415,7 @@ def load_flux_checkpoint(req: LoadRequest) -> Loaded:
     sub = cast(SubModelType, req.submodel)
     if sub.value not in DENOISER_SUBMODELS:
         raise InvalidModelException(f"{req.location}: a FLUX checkpoint holds the transformer alone; load it as "
-                                    f"the {SubModelType.UNet.value} submodel (its VAE and text encoders are "
+                                    f"the {SubModelType.Transformer.value} submodel (its VAE and text encoders are "
                                     f"models of their own), not as {sub.value}")
     return _load_transformer(req, flux_diffusers_state, flux_transformer_config, FluxTransformer2DModel,
                              "FLUX transformer")
@@ -511,13 +515,14 @@ def load_sd3_controlnet(req: LoadRequest) -> Loaded:
     return Loaded(model, buffer)
 
 
-# ---- SD-3 / SD-3.5 main files: the transformer, and the VAE and CLIP encoders a bundle carries ----
+# ---- SD-3 / SD-3.5 main files: the transformer, and the VAE and text encoders a bundle carries ----
 # the text encoders of Stability's and ComfyUI's all-in-one files (HF CLIP names under these), with
 # the shipped configs whose architecture they share (SDXL's CLIP-L and OpenCLIP bigG)
 SD3_CLIP_PREFIXES = {SubModelType.TextEncoder: "text_encoders.clip_l.transformer.",
                      SubModelType.TextEncoder2: "text_encoders.clip_g.transformer."}
 _SD3_CLIPS = {SubModelType.TextEncoder: ("CLIP-L", CONFIGS_DIR / "diffusers" / "sdxl" / "text_encoder"),
               SubModelType.TextEncoder2: ("CLIP-G", CONFIGS_DIR / "diffusers" / "sdxl" / "text_encoder_2")}
+SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."  # HF T5EncoderModel names under it
 # what no weight records: the default latent side (1024 pixels), and the VAE's latent statistics
 # and group norms, the same in every SD-3 and SD-3.5 release
 _SD3_SAMPLE_SIZE = 128
@@ -627,10 +632,18 @@ def load_sd3_text_encoder(req: LoadRequest, sub: SubModelType) -> Loaded:
     return Loaded(model, live_buffer(model, buffer))
 
 
+def load_sd3_t5_encoder(req: LoadRequest) -> Loaded:
+    """The bundled T5-XXL as a ``T5EncoderModel``, by the T5 single-file loader's own build."""
+    what = "T5 text encoder"
+    tensors, buffer = _bundled(req, what, (SD3_T5_PREFIX,))
+    return build_t5_encoder(req, {k.removeprefix(SD3_T5_PREFIX): v for k, v in tensors.items()}, buffer,
+                            f"SD-3 {what}")
+
+
 def load_sd3_checkpoint(req: LoadRequest) -> Loaded:
-    """A submodel of an SD-3 / SD-3.5 file: its transformer (as ``unet``), and what a bundle carries
-    (VAE, CLIP-L, CLIP-G); the tokenizers and the scheduler ship with the project. A bundled T5-XXL
-    (``text_encoders.t5xxl.``) has no submodel slot: SubModelType has no text_encoder_3."""
+    """A submodel of an SD-3 / SD-3.5 file: its transformer (as ``transformer``, or ``unet`` as
+    before), and what a bundle carries (VAE, CLIP-L, CLIP-G, T5-XXL); the CLIP tokenizers and the
+    scheduler ship with the project. T5's tokenizer does not: it is not served."""
     sub = cast(SubModelType, req.submodel)
     if sub.value in DENOISER_SUBMODELS:
         return load_sd3_transformer(req)
@@ -638,6 +651,12 @@ def load_sd3_checkpoint(req: LoadRequest) -> Loaded:
         return load_sd3_vae(req)
     if sub in SD3_CLIP_PREFIXES:
         return load_sd3_text_encoder(req, sub)
+    if sub == SubModelType.TextEncoder3:
+        return load_sd3_t5_encoder(req)
+    if sub == SubModelType.Tokenizer3:
+        raise InvalidModelException(f"{req.location}: an SD-3 checkpoint carries no T5 tokenizer ({sub.value}) and "
+                                    "none ships with the project (nothing is downloaded): load it from a diffusers "
+                                    "SD-3 folder's tokenizer_3")
     if sub in (SubModelType.Tokenizer, SubModelType.Tokenizer2):
         return load_tokenizer(req)
     if sub == SubModelType.Scheduler:

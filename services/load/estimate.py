@@ -17,6 +17,7 @@ from services.load.checkpoints import (
     NOT_FLUX_TRANSFORMER,
     OPENCLIP_PREFIXES,
     SD3_CLIP_PREFIXES,
+    SD3_T5_PREFIX,
     UNET_PREFIX,
     VAE_PREFIXES,
     flux_diffusers_state,
@@ -67,7 +68,9 @@ def _checkpoint_prefixes(sub: SubModelType | None, base: str) -> tuple[str, ...]
         return (UNET_PREFIX,)
     if sub in (SubModelType.Vae, SubModelType.VaeDecoder, SubModelType.VaeEncoder):
         return VAE_PREFIXES
-    if base == "sd-3":  # the CLIP-L or CLIP-G of a bundle; a tokenizer or scheduler reads nothing
+    if base == "sd-3":  # the CLIP-L, CLIP-G or T5 of a bundle; a tokenizer or scheduler reads nothing
+        if sub == SubModelType.TextEncoder3:
+            return (SD3_T5_PREFIX,)
         return (SD3_CLIP_PREFIXES[sub],) if sub in SD3_CLIP_PREFIXES else None
     if sub in (SubModelType.TextEncoder, SubModelType.TextEncoder2):
         return tuple(CLIP_PREFIXES.values()) + tuple(OPENCLIP_PREFIXES.values())
@@ -79,7 +82,8 @@ def estimate_bytes(req: LoadRequest) -> int:
     try:
         loc, fmt = req.location, ModelFormat(req.record.model_format)
         if ModelType(req.record.model_type) == ModelType.Main and fmt == ModelFormat.Diffusers:
-            if req.submodel in (None, SubModelType.Scheduler, SubModelType.Tokenizer, SubModelType.Tokenizer2):
+            if req.submodel in (None, SubModelType.Scheduler, SubModelType.Tokenizer, SubModelType.Tokenizer2,
+                                SubModelType.Tokenizer3):
                 return 0
             folder = loc / ("vae" if req.submodel in (SubModelType.VaeDecoder, SubModelType.VaeEncoder)
                             else req.submodel.value)

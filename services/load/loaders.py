@@ -49,7 +49,10 @@ _DEFAULT_CLASSES: dict[SubModelType, tuple[str, str]] = {
     SubModelType.TextEncoder2: ("transformers", "CLIPTextModelWithProjection"),
     SubModelType.Tokenizer: ("transformers", "CLIPTokenizer"),
     SubModelType.Tokenizer2: ("transformers", "CLIPTokenizer"),
+    SubModelType.TextEncoder3: ("transformers", "T5EncoderModel"),
+    SubModelType.Tokenizer3: ("transformers", "T5TokenizerFast"),
 }
+_TOKENIZERS = (SubModelType.Tokenizer, SubModelType.Tokenizer2, SubModelType.Tokenizer3)
 _LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
@@ -145,10 +148,13 @@ def load_diffusers_main(req: LoadRequest) -> Loaded:
         return Loaded(_scheduler_from(folder))
     library, name = (spec if isinstance(spec, list) and len(spec) == 2 and all(spec)
                      else _DEFAULT_CLASSES.get(req.submodel, (None, None)))
-    if library is None or name is None:
+    if library is None and req.submodel == SubModelType.Transformer and (folder / "config.json").is_file():
+        # FLUX and SD-3 transformers share the folder name: diffusers' saved config names the class
+        library, name = "diffusers", read_json(folder / "config.json").get("_class_name")
+    if library is None or not name:
         raise InvalidModelException(f"{req.location}: cannot tell which class {req.submodel.value} is")
-    cls = resolve_class(library, name)
-    if req.submodel in (SubModelType.Tokenizer, SubModelType.Tokenizer2):
+    cls = resolve_class(library, str(name))
+    if req.submodel in _TOKENIZERS:
         return Loaded(cls.from_pretrained(folder, local_files_only=True))  # type: ignore[attr-defined]
     return load_module_folder(cls, folder, req.device, req.dtype)
 
@@ -333,12 +339,19 @@ def load_t5_encoder_checkpoint(req: LoadRequest) -> Loaded:
     state = read_single_file(req, lambda k: not k.startswith(("decoder.", "lm_head.")))
     if not any(k.startswith("encoder.block.") for k in state.tensors):
         raise InvalidModelException(f"{req.location}: no T5 encoder weights (encoder.block.N.*)")
-    config = t5_encoder_config(state.tensors, req.location)
+    return build_t5_encoder(req, state.tensors, state.buffer)
+
+
+def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer: torch.Tensor | None,
+                     what: str = "T5 encoder") -> Loaded:
+    """A ``T5EncoderModel`` from its weights (HF names, no prefix), its config read from their shapes;
+    also the T5-XXL that SD-3's all-in-one files bundle."""
+    config = t5_encoder_config(tensors, req.location)
     model = empty_model(lambda: transformers.T5EncoderModel(config))
     model.tie_weights()  # type: ignore[operator]  # the meta build unties it from ``shared``: files store it once
-    assign_weights(model, fit_keys(model, state.tensors), req.device, f"{req.location} (T5 encoder)")
+    assign_weights(model, fit_keys(model, tensors), req.device, f"{req.location} ({what})")
     keep_in_fp32(model, req.dtype)
-    return Loaded(model, live_buffer(model, state.buffer))
+    return Loaded(model, live_buffer(model, buffer))
 
 
 # a CLIP image tower's attention heads leave no trace in its weights: OpenAI's towers (B, L) have

@@ -37,7 +37,7 @@ from services.load.errors import (
 from services.load.estimate import estimate_bytes
 from services.load.loaders import LoadRequest
 from services.load.registry import loader_for
-from services.records.enums import BaseModelType, ModelType, SubModelType
+from services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +47,8 @@ MODEL_LOAD_STARTED = "model_load_started"
 MODEL_LOAD_COMPLETED = "model_load_completed"
 MODEL_LOAD_FAILED = "model_load_failed"
 CACHE_EVICTED = "cache_evicted"
+# bases whose single-file checkpoints hold a transformer, which older callers ask for as "unet"
+_TRANSFORMER_BASES = (BaseModelType.Flux, BaseModelType.StableDiffusion3)
 
 
 def execution_device(setting: str) -> torch.device:
@@ -142,6 +144,9 @@ class ModelLoadService:
             raise SubmodelRequiredError(f"model {key} ({record.name}) is a main model: name a submodel_type")
         if model_type != ModelType.Main:
             submodel = None  # a VAE, LoRA... is one part: a submodel type means nothing for it
+        elif submodel == SubModelType.UNet and record.model_format == ModelFormat.Checkpoint \
+                and record.base_model in _TRANSFORMER_BASES:
+            submodel = SubModelType.Transformer  # the older name of their denoiser: one cache entry for both
         location = self.config.model_path(record.path)
         if not location.exists():
             raise ModelNotFoundException(f"model {key} ({record.name}): nothing at {location}")

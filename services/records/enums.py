@@ -63,3 +63,6 @@ class SubModelType(str, Enum):
     VaeEncoder = "vae_encoder"
     Scheduler = "scheduler"
     SafetyChecker = "safety_checker"
+    Transformer = "transformer"
+    TextEncoder3 = "text_encoder_3"
+    Tokenizer3 = "tokenizer_3"

@@ -635,6 +635,7 @@ def write_sd3_checkpoint(path: Path, *, medium: bool = False, layout: str = "sai
             clip_l.text_projection.weight.data = torch.eye(clip_l.config.hidden_size)
         t5 = T5EncoderModel(T5Config(**T5_CFG)).eval()
         models |= {"vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g}
+        models["text_encoder_3"] = t5
         sd |= _vae_to_ldm(vae.state_dict(), 2, 1)
         sd |= {f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_l.state_dict().items()
                if clip_l_projection or k != "text_projection.weight"}

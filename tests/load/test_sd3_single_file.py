@@ -9,6 +9,8 @@ same model, which checks what the weights alone cannot say (heads, activations, 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
 from services.load import InvalidModelException, ModelLoadService, checkpoints
 from services.load.estimate import estimate_bytes
@@ -77,9 +79,10 @@ def test_sd3_transformer(service: ModelLoadService, config: Any, add: Any, layou
 
 def test_sd3_bundle_serves_its_parts(service: ModelLoadService, config: Any, add: Any) -> None:
     key, ref = _sd3(config, add, "sd3-all.safetensors", prefix="model.diffusion_model.", bundle=True)
-    with service.get_model(key, SubModelType.UNet) as model:
-        assert _same(model, ref["transformer"])
-        assert torch.equal(_denoised(model, builders.SD3_CFG), _denoised(ref["transformer"], builders.SD3_CFG))
+    for sub in (SubModelType.Transformer, SubModelType.UNet):  # unet: the alias it was served as before
+        with service.get_model(key, sub) as model:
+            assert _is(model, SD3Transformer2DModel) and _same(model, ref["transformer"])
+            assert torch.equal(_denoised(model, builders.SD3_CFG), _denoised(ref["transformer"], builders.SD3_CFG))
     for sub in (SubModelType.Vae, SubModelType.VaeDecoder):
         with service.get_model(key, sub) as vae:
             assert _is(vae, AutoencoderKL) and _same(vae, ref["vae"])
@@ -97,6 +100,17 @@ def test_sd3_bundle_serves_its_parts(service: ModelLoadService, config: Any, add
             assert type(encoder) is CLIPTextModelWithProjection and encoder.config.hidden_act == act
             assert _same(encoder, ref[sub.value])
             assert all(torch.equal(a, b) for a, b in zip(_encoded(encoder), _encoded(ref[sub.value]), strict=True))
+    with service.get_model(key, SubModelType.TextEncoder3) as t5:
+        # every size read from the shapes: the test's T5 is nothing like T5-XXL
+        assert type(t5) is T5EncoderModel and t5.config.feed_forward_proj == "gated-gelu"
+        assert (t5.config.d_model, t5.config.num_heads, t5.config.num_layers) == (16, 4, 2)
+        assert t5.shared.weight is t5.encoder.embed_tokens.weight and _same(t5, ref["text_encoder_3"])
+        ids = torch.tensor([[3, 17, 9, 1]])
+        with torch.no_grad():
+            assert torch.equal(t5(ids).last_hidden_state, ref["text_encoder_3"](ids).last_hidden_state)
+    with pytest.raises(InvalidModelException, match=r"sd3-all\.safetensors: an SD-3 checkpoint carries no T5 "
+                                                    r"tokenizer \(tokenizer_3\)"):
+        service.get_model(key, SubModelType.Tokenizer3)
     with service.get_model(key, SubModelType.Tokenizer) as tok, service.get_model(key, SubModelType.Tokenizer2) as tok2:
         assert isinstance(tok, CLIPTokenizer) and (tok.pad_token, tok2.pad_token) == ("<|endoftext|>", "!")
         assert tok("a cat")["input_ids"] == tok2("a cat")["input_ids"] == [49406, 320, 2368, 49407]
@@ -136,7 +150,11 @@ def test_sd3_estimate_counts_what_the_submodel_reads(config: Any, add: Any, stor
         if layout == "diffusers":  # nothing converted, nothing copied: the buffer is what was read
             assert loaded.buffer is not None and loaded.buffer.numel() < 1.1 * estimate, sub
         counted += estimate
-    assert counted < whole  # the bundled T5 has no submodel: never counted
+    request = _request(store, key, path, SubModelType.TextEncoder3, dtype)
+    estimate, t5 = estimate_bytes(request), checkpoints.load_main_checkpoint(request).model
+    # T5's embedding is tied (once in parameters()); its fp16-unsafe layers, kept fp32, count at dtype
+    assert estimate == sum(p.numel() for p in t5.parameters()) * dtype.itemsize > 0
+    assert counted + estimate == whole  # every tensor of the bundle belongs to one submodel
     for sub in (SubModelType.Tokenizer, SubModelType.Scheduler):
         assert estimate_bytes(_request(store, key, path, sub, dtype)) == 0
 
@@ -145,7 +163,8 @@ def test_sd3_file_without_bundled_parts(service: ModelLoadService, config: Any, 
     key, _ = _sd3(config, add, "sd3.safetensors", prefix="model.diffusion_model.")
     lacks = {SubModelType.TextEncoder: r"CLIP-L text encoder \(text_encoders\.clip_l\.transformer\.\*\)",
              SubModelType.TextEncoder2: r"CLIP-G text encoder \(text_encoders\.clip_g\.transformer\.\*\)",
-             SubModelType.Vae: r"VAE \(first_stage_model\.\|vae\.\*\)"}
+             SubModelType.Vae: r"VAE \(first_stage_model\.\|vae\.\*\)",
+             SubModelType.TextEncoder3: r"T5 text encoder \(text_encoders\.t5xxl\.transformer\.\*\)"}
     for sub, what in lacks.items():
         with pytest.raises(InvalidModelException, match=rf"sd3\.safetensors: this SD-3 checkpoint bundles no {what}"):
             service.get_model(key, sub)
@@ -182,3 +201,21 @@ def test_sd3_transformer_errors(service: ModelLoadService, config: Any, add: Any
     for name in ("sd1.safetensors", "flux.safetensors"):  # an SD-1 UNet; FLUX's linear x_embedder
         with pytest.raises(InvalidModelException, match=rf"{name}: no SD-3 transformer weights"):
             service.get_model(add(name, "main", "checkpoint", base="sd-3"), SubModelType.UNet)
+
+
+def test_sd3_diffusers_folder_serves_transformer_and_t5(service: ModelLoadService, config: Any, add: Any) -> None:
+    models = builders.write_sd3_checkpoint(config.models_path / "sd3-all.safetensors", bundle=True)
+    root = config.models_path / "sd3-pipe"
+    models["transformer"].save_pretrained(root / "transformer")  # type: ignore[operator]
+    models["text_encoder_3"].save_pretrained(root / "text_encoder_3")  # type: ignore[operator]
+    index = {"transformer": ["diffusers", "SD3Transformer2DModel"], "text_encoder_3": ["transformers", "T5EncoderModel"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(root, config.models_path / "sd3-no-index", ignore=shutil.ignore_patterns("model_index.json"))
+    for name in ("sd3-pipe", "sd3-no-index"):  # without an index: the transformer's config names its class
+        key = add(name, "main", "diffusers", base="sd-3")
+        with service.get_model(key, SubModelType.Transformer) as model, \
+                service.get_model(key, SubModelType.TextEncoder3) as t5:
+            assert _is(model, SD3Transformer2DModel) and _same(model, models["transformer"])
+            assert type(t5) is T5EncoderModel and _same(t5, models["text_encoder_3"])
+        with pytest.raises(InvalidModelException, match=rf"{name} has no 'tokenizer_3' folder for submodel tokenizer_3"):
+            service.get_model(key, SubModelType.Tokenizer3)

@@ -163,7 +163,7 @@ def test_flux_checkpoint(service: ModelLoadService, config: Any, add: Any, layou
     stored = builders.flux_to_bfl(state) if layout == "bfl" else state
     probe.write_state(config.models_path / "flux.safetensors", stored, prefix)
     key = add("flux.safetensors", "main", "checkpoint", base="flux", config=f"flux-{flavour}")
-    with service.get_model(key, SubModelType.UNet) as model:
+    with service.get_model(key, SubModelType.Transformer) as model:
         assert _is(model, FluxTransformer2DModel)
         expected = _flux_config(guidance, in_channels, single_layers)
         assert {k: model.config[k] for k in expected} == expected
@@ -172,6 +172,9 @@ def test_flux_checkpoint(service: ModelLoadService, config: Any, add: Any, layou
         with torch.no_grad():
             got, want = model(**_flux_inputs(in_channels, guidance)), ref(**_flux_inputs(in_channels, guidance))
         assert torch.equal(got.sample, want.sample)
+    with service.get_model(key, SubModelType.Transformer) as model, \
+            service.get_model(key, SubModelType.UNet) as alias:  # the name it was served as before
+        assert alias is model, "one cache entry for both names"
 
 
 def test_flux_bundle_loads_only_the_transformer(config: Any, add: Any, store: Any) -> None:
@@ -213,8 +216,10 @@ def test_flux_checkpoint_errors(service: ModelLoadService, config: Any, add: Any
 
     state = probe.flux_transformer_state()
     key = flux("flux.safetensors", state)
-    with pytest.raises(InvalidModelException, match=r"flux\.safetensors: a FLUX checkpoint holds the transformer"):
-        service.get_model(key, SubModelType.Vae)
+    for sub in (SubModelType.Vae, SubModelType.TextEncoder3):
+        with pytest.raises(InvalidModelException, match=r"flux\.safetensors: a FLUX checkpoint holds the transformer "
+                                                        rf"alone; load it as the transformer submodel .* not as {sub.value}"):
+            service.get_model(key, sub)
     builders.write_checkpoint(config.models_path / "sd1.safetensors")
     with pytest.raises(InvalidModelException, match=r"sd1\.safetensors: no FLUX transformer weights"):
         service.get_model(add("sd1.safetensors", "main", "checkpoint", base="flux"), SubModelType.UNet)
