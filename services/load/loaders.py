@@ -93,20 +93,24 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
             state = pending.result()
     tensors = fit_keys(model, state.tensors)
     assign_weights(model, tensors, device, str(folder))
-    keep_in_fp32(model, dtype)
-    return Loaded(model, live_buffer(model, state.buffer))
+    if keep_in_fp32(model, dtype):  # (only then are parts of the buffer dead: checking costs ms per load)
+        return Loaded(model, live_buffer(model, state.buffer))
+    return Loaded(model, state.buffer)
 
 
-def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     """In fp16, the layers a transformers model names in ``_keep_in_fp32_modules`` stay fp32, as
-    ``from_pretrained`` keeps them (T5's feed-forward outputs overflow fp16)."""
+    ``from_pretrained`` keeps them (T5's feed-forward outputs overflow fp16). Whether any was cast."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if dtype != torch.float16 or not keep:
-        return
+        return False
+    cast = False
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in keep:
             for pname, param in list(module.named_parameters(recurse=False)):
                 module._parameters[pname] = torch.nn.Parameter(param.float(), requires_grad=False)
+                cast = True
+    return cast
 
 
 def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
