@@ -4,8 +4,6 @@ subscriber keeps reading, and no acknowledged event is lost or doubled."""
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from events.schema import ModelAdded
 from events.sentinel import connect_sentinel
-from events.store import RedisEventStore, StoredEvent
+from events.store import RedisEventStore
 from tests.deploy.redis_ha import Node, RedisHA, redis_server_binary
-from tests.faults.test_redis_outages import PER_WRITER, WRITERS, Writer, run_through_fault
+from tests.faults.test_redis_outages import PER_WRITER, WRITERS, Subscriber, Writer, run_through_fault, tally
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not on PATH")
 
@@ -40,15 +37,7 @@ def test_primary_killed_replica_promoted_nothing_acknowledged_lost(ha: RedisHA, 
     namespace = f"failover-{uuid.uuid4().hex[:8]}"
     client = connect_sentinel(ha.url, socket_timeout=2, socket_connect_timeout=1)
     store = RedisEventStore(client, namespace, retry_deadline=45)
-    seen: list[StoredEvent] = []
-    stop = threading.Event()
-
-    def follow() -> None:
-        for stored in store.subscribe(since="0-0", block_ms=200, stop=stop.is_set):
-            seen.append(stored)  # noqa: PERF402 (seen is read while this runs)
-
-    subscriber = threading.Thread(target=follow, daemon=True)
-    subscriber.start()
+    subscriber = Subscriber(store)
 
     writers = [Writer(ha.url, namespace, tmp_path, f"f{i}") for i in range(WRITERS)]
 
@@ -59,17 +48,9 @@ def test_primary_killed_replica_promoted_nothing_acknowledged_lost(ha: RedisHA, 
         return old, new, time.monotonic() - killed_at
 
     acked_at_kill, (old, new, promoted_after), _ = run_through_fault(writers, fail_over)
-    acked = [k for w in writers for k in w.acked]
-    errors = [e for w in writers for e in w.errors]
-    log = list(store.read_all())
-    per_key = collections.Counter(s.event.aggregate_id for s in log if isinstance(s.event, ModelAdded))
-    deadline = time.monotonic() + 20
-    while len(seen) < len(log) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    subscriber.join(timeout=10)
-    lost = sorted(set(acked) - set(per_key))
-    doubled = sorted(k for k, n in per_key.items() if n > 1)
+    t = tally(writers, store, subscriber)
+    acked, errors, log, per_key, lost, doubled, seen = t.acked, t.errors, t.log, t.per_key, t.lost, t.doubled, \
+        subscriber.seen
     # the appends after the failover waited for a replica (WAIT ran on the new primary)
     waits = int(new.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
     print(f"\n[failover, durability replicated] {acked_at_kill} adds acknowledged before SIGKILL of the primary "

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,34 +115,64 @@ def run_through_fault(writers: list[Writer], fault: Callable[[], T]) -> tuple[in
     return before, result, after
 
 
-def _subscribe(store: RedisEventStore, seen: list[StoredEvent], stop: threading.Event) -> None:
-    for stored in store.subscribe(since="0-0", block_ms=200, stop=stop.is_set):
-        seen.append(stored)  # noqa: PERF402 (seen is read while this runs)
+class Subscriber:
+    """Follows the log from the start in a thread, as a client would, through the fault."""
+
+    def __init__(self, store: RedisEventStore) -> None:
+        self.seen: list[StoredEvent] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, args=(store,), daemon=True)
+        self._thread.start()
+
+    def _follow(self, store: RedisEventStore) -> None:
+        for stored in store.subscribe(since="0-0", block_ms=200, stop=self._stop.is_set):
+            self.seen.append(stored)
+
+    def stop_after(self, count: int, timeout: float = 20) -> None:
+        """Wait until it has seen ``count`` events (or ``timeout``), then stop it."""
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@dataclass
+class Tally:
+    """What the writers were told and what the log holds after a fault."""
+
+    acked: list[str]
+    errors: list[str]
+    log: list[StoredEvent]
+    per_key: collections.Counter[str]
+
+    @property
+    def lost(self) -> list[str]:
+        return sorted(set(self.acked) - set(self.per_key))
+
+    @property
+    def doubled(self) -> list[str]:
+        return sorted(k for k, n in self.per_key.items() if n > 1)
+
+
+def tally(writers: list[Writer], store: RedisEventStore, subscriber: Subscriber) -> Tally:
+    log = list(store.read_all())
+    result = Tally([k for w in writers for k in w.acked], [e for w in writers for e in w.errors], log,
+                   collections.Counter(s.event.aggregate_id for s in log if isinstance(s.event, ModelAdded)))
+    subscriber.stop_after(len(log))
+    return result
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_writers_and_subscriber_survive_a_redis_outage(server: PrivateRedis, tmp_path: Path, fault: str) -> None:
     namespace = f"outage-{uuid.uuid4().hex[:8]}"
     store = RedisEventStore.from_url(server.url, namespace)
-    seen: list[StoredEvent] = []
-    stop = threading.Event()
-    subscriber = threading.Thread(target=_subscribe, args=(store, seen, stop), daemon=True)
-    subscriber.start()
+    subscriber = Subscriber(store)
     writers = [Writer(server.url, namespace, tmp_path, f"w{i}") for i in range(WRITERS)]
     before, what, after = run_through_fault(writers, lambda: FAULTS[fault](server))
-    acked = [k for w in writers for k in w.acked]
-    errors = [e for w in writers for e in w.errors]
-
-    log = list(RedisEventStore.from_url(server.url, namespace).read_all())
-    per_key = collections.Counter(s.event.aggregate_id for s in log if isinstance(s.event, ModelAdded))
-    deadline = time.monotonic() + 20
-    while len(seen) < len(log) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    subscriber.join(timeout=10)
-
-    lost = sorted(set(acked) - set(per_key))
-    doubled = sorted(k for k, n in per_key.items() if n > 1)
+    t = tally(writers, RedisEventStore.from_url(server.url, namespace), subscriber)
+    acked, errors, log, per_key, lost, doubled, seen = t.acked, t.errors, t.log, t.per_key, t.lost, t.doubled, \
+        subscriber.seen
     seen_positions = [s.position for s in seen]
     config = AppConfig.load(root=tmp_path, namespace=namespace, redis_url=server.url)
     rebuilt = ModelRecordServiceSQL.from_db_file(tmp_path / "check.db", store, config=config)
