@@ -7,7 +7,8 @@ one key exactly one succeeds. A second model at the same resolved path is refuse
 ``model-path:`` claim, in the same atomic script as the append.
 
 Reads catch up with the log first, so a read sees every write acknowledged before it began, whichever
-process made it.
+process made it; while the log watch (events.watch) vouches that nothing was appended since the last
+catch-up, that costs no round trip to Redis.
 """
 
 from __future__ import annotations
