@@ -295,24 +295,30 @@ def test_sd3_controlnet(service: ModelLoadService, config: Any, add: Any, sd35_l
         assert _all_equal(got.controlnet_block_samples, want.controlnet_block_samples)
 
 
+def _refused(service: ModelLoadService, key: str, message: str) -> None:
+    """Loading ``key`` fails with an InvalidModelException matching ``message``."""
+    with pytest.raises(InvalidModelException, match=message):
+        service.get_model(key)
+
+
 def test_transformer_controlnet_refusals(service: ModelLoadService, config: Any, add: Any) -> None:
     write_safetensors(config.models_path / "xlabs.safetensors", probe.xlabs_flux_controlnet_shapes())
-    with pytest.raises(InvalidModelException, match=r"xlabs\.safetensors: FLUX ControlNet in XLabs' layout"):
-        service.get_model(add("xlabs.safetensors", "controlnet", "checkpoint", base="flux"))
+    _refused(service, add("xlabs.safetensors", "controlnet", "checkpoint", base="flux"),
+             r"xlabs\.safetensors: FLUX ControlNet in XLabs' layout")
     write_safetensors(config.models_path / "sai.safetensors", probe.sai_sd35_controlnet_shapes())
-    with pytest.raises(InvalidModelException, match=r"sai\.safetensors: SD-3 ControlNet in Stability's layout"):
-        service.get_model(add("sai.safetensors", "controlnet", "checkpoint", base="sd-3"))
+    _refused(service, add("sai.safetensors", "controlnet", "checkpoint", base="sd-3"),
+             r"sai\.safetensors: SD-3 ControlNet in Stability's layout")
     probe.make_flux_diffusers_file(config.models_path / "flux.safetensors")
-    with pytest.raises(InvalidModelException, match=r"flux\.safetensors: no FLUX ControlNet weights"):
-        service.get_model(add("flux.safetensors", "controlnet", "checkpoint", base="flux"))
+    _refused(service, add("flux.safetensors", "controlnet", "checkpoint", base="flux"),
+             r"flux\.safetensors: no FLUX ControlNet weights")
     probe.make_flux_diffusers_file(config.models_path / "flux2.safetensors")
-    with pytest.raises(InvalidModelException, match=r"flux2\.safetensors: no SD-3 ControlNet weights"):
-        service.get_model(add("flux2.safetensors", "controlnet", "checkpoint", base="sd-3"))
+    _refused(service, add("flux2.safetensors", "controlnet", "checkpoint", base="sd-3"),
+             r"flux2\.safetensors: no SD-3 ControlNet weights")
     state = probe.flux_controlnet_state()
     probe.write_state(config.models_path / "cut.safetensors", state | {
         "transformer_blocks.0.attn.norm_q.weight": state["transformer_blocks.0.attn.norm_q.weight"][:12]})
-    with pytest.raises(InvalidModelException, match=r"cut\.safetensors: FLUX ControlNet width 32 is not a multiple"):
-        service.get_model(add("cut.safetensors", "controlnet", "checkpoint", base="flux"))
+    _refused(service, add("cut.safetensors", "controlnet", "checkpoint", base="flux"),
+             r"cut\.safetensors: FLUX ControlNet width 32 is not a multiple")
 
 
 # ----------------------------------------------------------------------- T5 and CLIP encoders
@@ -359,11 +365,11 @@ def test_clip_vision_checkpoint(service: ModelLoadService, config: Any, add: Any
 
 def test_encoder_refusals(service: ModelLoadService, config: Any, add: Any) -> None:
     builders.write_lora(config.models_path / "lora.safetensors")
-    with pytest.raises(InvalidModelException, match=r"lora\.safetensors: no T5 encoder weights"):
-        service.get_model(add("lora.safetensors", "t5_encoder", "checkpoint", base="any"))
+    _refused(service, add("lora.safetensors", "t5_encoder", "checkpoint", base="any"),
+             r"lora\.safetensors: no T5 encoder weights")
     builders.write_lora(config.models_path / "lora2.safetensors")
-    with pytest.raises(InvalidModelException, match=r"lora2\.safetensors: no CLIP image encoder weights"):
-        service.get_model(add("lora2.safetensors", "clip_vision", "checkpoint", base="any"))
+    _refused(service, add("lora2.safetensors", "clip_vision", "checkpoint", base="any"),
+             r"lora2\.safetensors: no CLIP image encoder weights")
     builders.write_t5_encoder(config.models_path / "t5.safetensors")
     sd = load_file(str(config.models_path / "t5.safetensors"))
     del sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
@@ -375,8 +381,8 @@ def test_encoder_refusals(service: ModelLoadService, config: Any, add: Any) -> N
     sd = load_file(str(config.models_path / "clip.safetensors"))
     sd["vision_model.embeddings.position_embedding.weight"] = sd["vision_model.embeddings.position_embedding.weight"][:12]
     save_file(sd, str(config.models_path / "clip-cut.safetensors"))
-    with pytest.raises(InvalidModelException, match=r"clip-cut\.safetensors: 12 position embeddings"):
-        service.get_model(add("clip-cut.safetensors", "clip_vision", "checkpoint", base="any"))
+    _refused(service, add("clip-cut.safetensors", "clip_vision", "checkpoint", base="any"),
+             r"clip-cut\.safetensors: 12 position embeddings")
 
 
 @pytest.mark.parametrize(("model_type", "fmt"), [("t5_encoder", "t5_encoder"), ("clip_vision", "diffusers")])
