@@ -45,9 +45,24 @@ ENVELOPE_FIELDS = ("type", "schema_version", "aggregate_id", "aggregate_version"
 
 # --- models -------------------------------------------------------------------------------------
 
+class FileEntry(BaseModel):
+    """One file a model owns, as recorded at its install.
+
+    ``path`` is relative (POSIX separators, no ``..``) to the model's *base*: the model's path when that
+    is a folder, else the folder holding the single file (whose entry is then just its name). ``blake3``
+    is the hex BLAKE3 of the content; a content-addressed store names the blob by it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    size: int = Field(ge=0)
+    blake3: str
+
+
 class ModelAdded(Event):
     type: Literal["ModelAdded"] = "ModelAdded"
     config: dict[str, Any]
+    files: tuple[FileEntry, ...] = ()  # the model's manifest; empty in events written before it existed
 
 
 class ModelUpdated(Event):
