@@ -15,6 +15,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from events.errors import InvalidInput
+
 ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"
 
@@ -22,7 +24,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECAS
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError):
     """A configuration value could not be used; the message names the variable and the value."""
 
 

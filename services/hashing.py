@@ -22,6 +22,8 @@ from typing import Literal
 import blake3
 import imohash
 
+from events.errors import InvalidInput
+
 HashAlgorithm = Literal["blake3", "sha256"]
 ALGORITHMS: tuple[str, ...] = ("blake3", "sha256")
 KEY_LENGTH = 32  # hex characters, as the spec says
@@ -30,7 +32,7 @@ _SHA256_CHUNK = 8 << 20
 _FOLDER_CONTEXT = b"modelbus folder v1\x00"
 
 
-class HashingError(Exception):
+class HashingError(InvalidInput):
     """A path could not be hashed (missing, empty folder, unreadable); the message says which."""
 
 
