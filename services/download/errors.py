@@ -7,7 +7,7 @@
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    (TooLarge) not enough free disk space for the download
     ├── RemoteError               (Failed) the server answered with an unexpected status (4xx/5xx)
-    ├── TokenRequiredError        (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
+    │   └── TokenRequiredError    (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
@@ -22,7 +22,16 @@ httpx errors are translated where they come in (fetch.py), so callers see this f
 
 from __future__ import annotations
 
-from events.errors import Conflict, Failed, Forbidden, InvalidInput, ModelbusError, TooLarge, Unavailable
+from events.errors import (
+    Conflict,
+    Failed,
+    Forbidden,
+    InvalidInput,
+    Kind,
+    ModelbusError,
+    TooLarge,
+    Unavailable,
+)
 
 
 class DownloadError(ModelbusError):
@@ -49,18 +58,16 @@ class InsufficientSpaceError(DownloadError, TooLarge):
     pass
 
 
-class _WithStatus(DownloadError):
+class RemoteError(DownloadError, Failed):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
 
 
-class RemoteError(_WithStatus, Failed):
-    pass
+class TokenRequiredError(RemoteError, Forbidden):
+    """A remote error whose kind is forbidden: a login is missing, the server is not broken."""
 
-
-class TokenRequiredError(_WithStatus, Forbidden):
-    """Not a RemoteError: a refused login is forbidden, a broken answer failed (one kind each)."""
+    kind = Kind.FORBIDDEN  # its own kind wins over the one it inherits from RemoteError
 
 
 class RetriesExhaustedError(DownloadError, Failed):
