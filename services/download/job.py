@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .cancel import Cancellation
 from .metadata import ModelMetadata
@@ -27,6 +27,7 @@ class DownloadJobStatus(str, Enum):
 TERMINAL = {DownloadJobStatus.COMPLETED, DownloadJobStatus.CANCELLED, DownloadJobStatus.ERROR}
 
 JobCallback = Callable[["DownloadJob"], None]
+CallbackName = Literal["on_start", "on_progress", "on_complete", "on_error", "on_cancelled"]
 
 # progress events: at most one per this many seconds and per this fraction of the total
 PROGRESS_MIN_INTERVAL = 0.1
@@ -72,6 +73,8 @@ class DownloadJob:
     parts: dict[str, FileProgress] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # revision, variant, base_model
     rate: float = 0.0
+    # callback name -> "ErrorType: message" of its first failure (a callback never changes the outcome)
+    callback_errors: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -122,6 +125,14 @@ class DownloadJob:
                 self.finished_at = time.time()
         self._settled.set()
 
+    def note_callback_error(self, callback: CallbackName, error: Exception) -> bool:
+        """Keep a callback's first failure; True when it is the first (the one to log)."""
+        with self._lock:
+            if callback in self.callback_errors:
+                return False
+            self.callback_errors[callback] = f"{type(error).__name__}: {error}"
+            return True
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job completes, fails, is cancelled or paused; False on timeout."""
         return self._settled.wait(timeout)
@@ -171,4 +182,6 @@ class DownloadJob:
                 ]
             if self.status == DownloadJobStatus.ERROR:
                 body["error_type"], body["error"] = self.error_type, self.error
+            if self.callback_errors:
+                body["callback_errors"] = dict(self.callback_errors)
             return body
