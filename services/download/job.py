@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from .cancel import Cancellation
@@ -45,6 +46,15 @@ class RemoteFile:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", safe_relative_path(self.path).as_posix())
+
+
+def shared_path(dest: Path, files: Sequence[RemoteFile]) -> Path:
+    """Where a multi-file download lands: the one file itself, or the deepest folder all parts share
+    (``dest/<repo-name>`` when every part sits in one repo's folder, else ``dest``)."""
+    if len(files) == 1:
+        return dest / files[0].path
+    common = os.path.commonpath([PurePosixPath(f.path).parent.as_posix() for f in files])
+    return dest / common if common not in ("", ".") else dest
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .civitai import resolve_civitai
 from .errors import DestinationExistsError, DownloadCancelled, DownloadError, RetriesExhaustedError
 from .fetch import check_free_space, fetch_file
 from .huggingface import resolve_repo
-from .job import CallbackName, DownloadJob, DownloadJobStatus, JobCallback, RemoteFile
+from .job import CallbackName, DownloadJob, DownloadJobStatus, JobCallback, RemoteFile, shared_path
 from .options import FetchOptions, FileRequest
 from .partial import remove_partial
 from .security import credential_for
@@ -143,10 +143,11 @@ class DownloadQueueService:
         if not files:
             raise ValueError("multifile_download needs at least one part")
         source = files[0].url if len(files) == 1 else f"{files[0].url} (+{len(files) - 1} files)"
-        job = DownloadJob(source=source, dest=Path(dest), priority=priority, access_token=access_token,
+        folder = Path(dest).expanduser().absolute()  # where the files go, whatever the cwd does later
+        job = DownloadJob(source=source, dest=folder, priority=priority, access_token=access_token,
                           files=files, on_start=on_start, on_progress=on_progress, on_complete=on_complete,
                           on_error=on_error, on_cancelled=on_cancelled)
-        job.download_path = Path(dest)
+        job.download_path = shared_path(folder, files)
         return self._submit(job)
 
     def _submit(self, job: DownloadJob) -> DownloadJob:
