@@ -42,7 +42,7 @@ from services.records.errors import (
 )
 from services.records.fold import fold, is_model_event, path_claim
 from services.records.models import ModelConfigBase
-from services.records.parsing import merge_update, parse_config
+from services.records.parsing import check_key, merge_update, parse_config
 from services.records.projection import RECORDS_VERSION, RecordProjection, config_from_state
 
 log = structlog.get_logger(__name__)
@@ -303,7 +303,7 @@ class ModelRecordServiceBase:
 
     def add_model(self, key: str, config: ModelConfigBase | Mapping[str, Any], *,
                   correlation_id: str | None = None, idempotency_key: str | None = None) -> ModelConfigBase:
-        record = parse_config(config, key=key)
+        record = parse_config(config, key=check_key(key))
         claim = path_claim(self.projection.resolve(record.path))
         body = record.model_dump(mode="json")
         # a retried command (same idempotency key) may find its own earlier add: ask the store once
