@@ -22,7 +22,9 @@ from services.install.recording import (
     added_by,
     build_config,
     check_duplicate,
+    check_key_free,
     forced_key,
+    given_key,
     identify,
 )
 from services.records import ModelConfigBase, ModelRecordServiceBase
@@ -60,12 +62,16 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
 
 
 def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRequest) -> ModelConfigBase:
+    chosen = given_key(req.user)  # a bad key is refused before any work
     found = identify(req.path, req.user, req.threads)
     key = found.key
     if req.force and records.exists(key) and not (req.job_id and added_by(records, key, req.job_id)):
         key = forced_key(key, req.job_id or uuid.uuid4().hex)
     else:
         check_duplicate(records, key, req.job_id)
+    if chosen is not None:
+        check_key_free(records, chosen, req.job_id)
+        key = chosen
     name = model_name(req.path, req.user, req.metadata)
     target = req.path
     placed = False

@@ -33,6 +33,7 @@ from services.install.finalize import FinalizeRequest, finalize, record_path
 from services.install.jobs import InstallJob, load_job, transition, unless_ended
 from services.install.placement import copy_into, is_inside, remove_tree, staging_dir, staging_root
 from services.install.progress import ProgressBoard
+from services.install.recording import given_key
 from services.install.scan import find_models
 from services.install.steps import set_cancel_flag
 from services.records import ModelRecordServiceBase, UnknownModelException
@@ -71,6 +72,7 @@ class ModelInstallService:
         base_model...). ``inplace`` registers a local path where it is. ``force`` installs content
         already installed under a new key. A ``command_id`` seen before returns that command's job.
         """
+        given_key(config or {})  # a bad chosen key is refused now, not by a worker later
         opts = {**options, "inplace": inplace, "force": force, "config": dict(config or {})}
         job_id = submit(self.event_store, self.config, InstallCommand(str(source), opts, command_id, access_token))
         return self.get_job_by_id(job_id)
