@@ -31,6 +31,7 @@ from services.client.errors import (
 )
 from services.config import ConfigError
 from services.install import DuplicateInstallError, InstallError, ModelIdentificationError
+from services.install.errors import ModelPathConflictError, SourceForbiddenError
 from services.records import DuplicateModelException, InvalidModelConfigException, UnknownModelException
 from services.records.errors import RecordConflictError, RecordServiceError
 
@@ -38,7 +39,8 @@ log = structlog.get_logger(__name__)
 
 STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     ((UnknownModelException, NotFoundError), 404),
-    ((DuplicateModelException, RecordConflictError, DuplicateInstallError), 409),
+    (SourceForbiddenError, 403),
+    ((DuplicateModelException, RecordConflictError, DuplicateInstallError, ModelPathConflictError), 409),
     ((InvalidModelConfigException, InvalidRequestError, ConfigError, ModelIdentificationError, InstallError,
       RecordServiceError), 422),
     (JobFailedError, 502),
@@ -120,4 +122,6 @@ COMMON_RESPONSES: Responses = {
     503: {"model": ErrorResponse, "description": "Redis unreachable"},
 }
 NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "unknown model key, job or worker"}}
-CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path"}}
+CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path, or a path "
+                                                                   "shared with another model (named)"}}
+FORBIDDEN: Responses = {403: {"model": ErrorResponse, "description": "a local path outside the import roots"}}

@@ -17,6 +17,7 @@ from services.client import InvalidRequestError, NotFoundError, UnavailableError
 from services.client.errors import JobFailedError
 from services.config import ConfigError
 from services.install import DuplicateInstallError, InstallError
+from services.install.errors import ModelPathConflictError
 from services.records import DuplicateModelException, InvalidModelConfigException, UnknownModelException
 from services.records.errors import RecordConflictError, RecordServiceError
 
@@ -31,7 +32,7 @@ class CliError(Exception):
 
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((UnknownModelException, NotFoundError), 3),
-    ((DuplicateModelException, RecordConflictError, DuplicateInstallError), 4),
+    ((DuplicateModelException, RecordConflictError, DuplicateInstallError, ModelPathConflictError), 4),
     ((UnavailableError, StoreUnavailableError, EmbeddedRedisError, redis.ConnectionError, redis.TimeoutError), 5),
     ((WaitTimeoutError,), 6),
     ((InvalidModelConfigException, InvalidRequestError, ConfigError, InstallError, RecordServiceError,
