@@ -106,6 +106,9 @@ class AppConfig(BaseSettings):
     hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN"))
     civitai_token: str | None = Field(default_factory=lambda: os.environ.get("CIVITAI_TOKEN"))
     remote_api_tokens: dict[str, str] = Field(default_factory=dict, description="URL regex -> token")
+    import_roots: str | None = Field(
+        default=None, description="folders local installs through the API or the queue may read from, separated "
+        "by ':' (unset: the models directory and $MODELBUS_ROOT/import)")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=9090, ge=0, le=65535)
     api_token: str | None = None
