@@ -101,4 +101,6 @@ COMMON_RESPONSES: Responses = {
     503: {"model": ErrorResponse, "description": "Redis unreachable"},
 }
 NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "unknown model key, job or worker"}}
-CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path"}}
+CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path, or a path "
+                                                                   "shared with another model (named)"}}
+FORBIDDEN: Responses = {403: {"model": ErrorResponse, "description": "a local path outside the import roots"}}

@@ -19,6 +19,7 @@ from services import routing
 from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
 from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
 from services.install.commands import InstallCommand, submit
+from services.install.imports import hand_over as hand_over_source
 
 if TYPE_CHECKING:
     from services.client.core import ModelBusClient
@@ -81,7 +82,7 @@ class Features:
 
     # --- installs -----------------------------------------------------------------------------
 
-    def install(self, source: str, **options: Any) -> dict[str, Any]:
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
         if not isinstance(source, str) or not source.strip():
             raise InvalidRequestError("install needs a source: a path, a URL, a Hugging Face repo id or civitai:ID")
         config = options.pop("config", None)
@@ -94,6 +95,8 @@ class Features:
         except TypeError as exc:
             raise InvalidRequestError(f"install options must be plain JSON values: {exc}") from exc
         installer = self.installer
+        if hand_over:
+            opts = self._call(lambda: hand_over_source(source, opts, self.client.config))
         command = InstallCommand(source, opts, command_id, token)
         job_id = self._call(lambda: submit(installer.event_store, self.client.config, command))
         if job_id != command_id:  # a repeated command, or a source already being installed: that job
@@ -118,8 +121,11 @@ class Features:
         return job_dict(self._call(lambda: self.installer.wait_for_job(job_id, timeout)))
 
     def delete(self, key: str) -> None:
-        """The record and its files (kept when they lie outside the models directory)."""
+        """The record and the files it owns (services.install.ownership)."""
         self._call(lambda: self.installer.delete(key))
+
+    def update_path(self, key: str, changes: Mapping[str, Any]) -> Any:
+        return self._call(lambda: self.installer.update_model(key, changes))
 
     def scan(self, path: Path) -> dict[str, Any]:
         return {"added": self._call(lambda: self.installer.scan_directory(path))}

@@ -8,6 +8,10 @@
     ├── UnknownJobError          (NotFound) no install job has this id
     ├── InstallTimeoutError      (TimedOut) wait_for_job / wait_for_installs ran out of time
     ├── UnsafeDeleteError        (InvalidInput) refusing to delete files outside the models directory
+    ├── SourceForbiddenError     (Forbidden) a local source outside the import roots, or a symlink out of it
+    ├── ModelPathConflictError   (Conflict) a path inside, or holding, another model's path; names the other
+    ├── InvalidModelPathError    (InvalidInput) a record path that does not exist or cannot be a model's
+    ├── UnsafeManifestError      (InvalidInput) a manifest entry that leaves the model's folder
     └── JobStoppedError          (Conflict) the job was cancelled or failed elsewhere while a step ran (internal)
 
 Errors of the parts the service drives (probe, hashing, downloads, records) are translated where they
@@ -17,7 +21,7 @@ come in, so every job that fails records one of these names (or the download err
 
 from __future__ import annotations
 
-from events.errors import Conflict, InvalidInput, ModelbusError, NotFound, TimedOut
+from events.errors import Conflict, Forbidden, InvalidInput, ModelbusError, NotFound, TimedOut
 
 
 class InstallError(ModelbusError):
@@ -57,3 +61,21 @@ class UnsafeDeleteError(InstallError, InvalidInput):
 
 class JobStoppedError(InstallError, Conflict):
     """Raised inside a worker step when the job's log says it already ended (cancelled, failed)."""
+
+
+class SourceForbiddenError(InstallError, Forbidden):
+    """A local source this caller may not read: outside the import roots, or a symlink leading out of it."""
+
+
+class ModelPathConflictError(InstallError, Conflict):
+    def __init__(self, message: str, other_key: str) -> None:
+        super().__init__(message)
+        self.other_key = other_key
+
+
+class InvalidModelPathError(InstallError, InvalidInput):
+    pass
+
+
+class UnsafeManifestError(InstallError, InvalidInput):
+    pass

@@ -28,6 +28,7 @@ from services.download.metadata import ModelMetadata
 from services.download.security import credential_for
 from services.download.sources import CivitaiSource, HFSource, Source, URLSource, parse_source
 from services.install.errors import InvalidSourceError
+from services.install.roots import check_local_source
 
 _PATHLIKE = re.compile(r"^(/|\.{1,2}[/\\]|~|[A-Za-z]:[/\\])")
 
@@ -93,7 +94,7 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
     if not text:
         raise InvalidSourceError("empty install source")
     if looks_like_path(text):
-        path = Path(os.path.expanduser(text))
+        path = check_local_source(Path(os.path.expanduser(text)).absolute(), config)
         if not path.exists():
             raise InvalidSourceError(f"no such file or folder: {path}")
         if not (path.is_file() or path.is_dir()):
