@@ -31,6 +31,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check events services workers tests
 	$(BIN)/mypy events services workers
+	$(BIN)/mypy --strict events
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -91,7 +91,7 @@ class EventBody(NamedTuple):
         value = orjson.loads(body)
         if value.__class__ is not dict:
             raise ValueError("body is not a JSON object")
-        return value  # type: ignore[no-any-return]
+        return value
 
 
 def _parts(position: str, fields: dict[Any, Any], types: Container[str] | None

@@ -21,7 +21,7 @@ from events.sentinel import redact as redact_sentinel
 SAFE_EVICTION_POLICIES = {"noeviction"}
 
 
-def connect(url: str, **kwargs: Any) -> redis.Redis:
+def connect(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     """A client for ``url`` (redis://, rediss:// with TLS, unix://; user and password from the URL)."""
     options: dict[str, Any] = {
         "socket_timeout": defaults.SOCKET_TIMEOUT,
@@ -45,7 +45,7 @@ def redis_errors_translated(what: str = "Redis") -> Iterator[None]:
         raise StoreUnavailableError(f"{what} unreachable: {exc}") from exc
 
 
-def check_reachable(url: str) -> redis.Redis:
+def check_reachable(url: str) -> redis.Redis[bytes]:
     client = connect(url, socket_connect_timeout=3, retry=Retry(ExponentialBackoff(), 1))
     try:
         client.ping()
@@ -56,7 +56,7 @@ def check_reachable(url: str) -> redis.Redis:
     return client
 
 
-def check_fit(client: redis.Redis, url: str) -> None:
+def check_fit(client: redis.Redis[bytes], url: str) -> None:
     """Refuse a server whose eviction policy could delete keys (the event log among them)."""
     try:
         policy = client.config_get("maxmemory-policy").get("maxmemory-policy")

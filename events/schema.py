@@ -132,11 +132,9 @@ class InstallCancelled(Event):
 # share the schema version of ``Activity``: a change to a payload bumps it and registers an upcaster that
 # looks at the body's ``kind``.
 
-class Payload(BaseModel):
-    """A typed activity payload. Reads by name (``payload["model_key"]``, ``payload.get(...)``) still work,
-    as they did when payloads were dicts; on the wire each field goes by its alias (``from``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
+class NamedFields(BaseModel):
+    """A model whose fields can also be read by name (``x["model_key"]``, ``x.get(...)``), as callers did when
+    these values were dicts; a field with an alias (``from``) is found by either name."""
 
     def _attribute(self, name: str) -> str | None:
         if name in type(self).model_fields:
@@ -152,6 +150,12 @@ class Payload(BaseModel):
     def get(self, name: str, default: Any = None) -> Any:
         attribute = self._attribute(name)
         return default if attribute is None else getattr(self, attribute)
+
+
+class Payload(NamedFields):
+    """A typed activity payload; on the wire each field goes by its alias."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
 
 def _unset(value: Any) -> bool:
@@ -373,4 +377,4 @@ def activity(kind: str, payload: Mapping[str, Any] | Payload, *, source: str = "
     cls = activity_class(kind)
     if cls is Activity:
         return Activity(aggregate_id=source, kind=kind, payload=dict(payload), correlation_id=correlation_id)
-    return cls(aggregate_id=source, payload=payload, correlation_id=correlation_id)
+    return cls(aggregate_id=source, kind=kind, payload=payload, correlation_id=correlation_id)

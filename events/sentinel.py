@@ -165,7 +165,7 @@ def sentinel_for(parsed: SentinelURL, **connection_kwargs: Any) -> Sentinel:
     return Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs, **data_kwargs)
 
 
-def connect_sentinel(url: str, **kwargs: Any) -> redis.Redis:
+def connect_sentinel(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     """A client for the current primary of the URL's service that follows failovers.
 
     ``kwargs`` are the usual client options (socket timeouts, ``retry``, ``retry_on_error``...): the
@@ -178,7 +178,7 @@ def connect_sentinel(url: str, **kwargs: Any) -> redis.Redis:
     return manager.master_for(parsed.service_name, redis_class=redis.Redis, check_connection=True)
 
 
-def primary_address(client: redis.Redis) -> tuple[str, int]:
+def primary_address(client: redis.Redis[bytes]) -> tuple[str, int]:
     """Where a client from :func:`connect_sentinel` currently sends its commands (asks the sentinels)."""
     pool = client.connection_pool
     get = getattr(pool, "get_master_address", None)

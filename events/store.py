@@ -226,7 +226,7 @@ class RedisEventStore(EventStore):
     """The event log on Redis streams. Transient Redis errors are retried with backoff up to a
     deadline; every append carries an idempotency key, so a retried append cannot land twice."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "modelbus", *, url: str | None = None,
+    def __init__(self, client: redis.Redis[bytes], namespace: str = "modelbus", *, url: str | None = None,
                  activity_maxlen: int = defaults.ACTIVITY_MAXLEN, replicas: int = 0,
                  retry_deadline: float = defaults.RECONNECT_DEADLINE) -> None:
         self.client = client
@@ -305,7 +305,7 @@ class RedisEventStore(EventStore):
         try:
             return self.client.execute_command("EVALSHA", self._append_sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            self.client.script_load(APPEND)
+            self.client.script_load(APPEND)  # type: ignore[no-untyped-call]
             return self.client.execute_command("EVALSHA", self._append_sha, len(keys), *keys, *args)
 
     def version(self, aggregate_id: str) -> int:
@@ -352,7 +352,7 @@ class RedisEventStore(EventStore):
 
     def publish(self, event: Event) -> str:
         fields = encode(event)
-        raw = self._call(lambda: self.client.xadd(self.keys.activity, fields,  # type: ignore[arg-type]
+        raw = self._call(lambda: self.client.xadd(self.keys.activity, fields,
                                                    maxlen=self.activity_maxlen, approximate=True))
         return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -380,7 +380,8 @@ class RedisEventStore(EventStore):
     def ack(self, group: str, positions: Sequence[str], stream: Stream = "events") -> int:
         if not positions:
             return 0
-        return int(self._call(lambda: self.client.xack(self._stream_key(stream), group, *positions)))
+        return int(self._call(lambda: self.client.xack(  # type: ignore[no-untyped-call]
+            self._stream_key(stream), group, *positions)))
 
     def reclaim(self, group: str, consumer: str, min_idle_ms: int = defaults.RECLAIM_MIN_IDLE_MS,
                 stream: Stream = "events", count: int = 100) -> list[StoredEvent]:
@@ -390,7 +391,8 @@ class RedisEventStore(EventStore):
         return _decode_entries(reply[1])
 
     def pending(self, group: str, stream: Stream = "events") -> int:
-        info = self._call(lambda: self.client.xpending(self._stream_key(stream), group))
+        info = self._call(lambda: self.client.xpending(  # type: ignore[no-untyped-call]
+            self._stream_key(stream), group))
         return int(info["pending"])
 
 

@@ -79,7 +79,7 @@ class RedisLogWatch(LogWatch):
     idle reader would otherwise leave piling up in Redis's output buffer. Silence is trusted only while
     the last answer is younger than ``max_quiet``."""
 
-    def __init__(self, client: redis.Redis, prefix: str, *, max_quiet: float = defaults.WATCH_MAX_QUIET,
+    def __init__(self, client: redis.Redis[bytes], prefix: str, *, max_quiet: float = defaults.WATCH_MAX_QUIET,
                  heartbeat: float = defaults.WATCH_HEARTBEAT, retry_every: float = defaults.WATCH_RETRY_EVERY
                  ) -> None:
         self._client = client

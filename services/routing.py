@@ -1,6 +1,6 @@
 """Routing GPU work: a load goes to the worker that already holds the model, else to the one with the
 most free VRAM, else to the shared ``gpu`` queue. Worker states are what each GPU worker's heartbeat
-publishes (``Keys.worker_state``): its queues, device, cached models and free VRAM.
+publishes (``events.workers.WorkerState``): its queues, device, cached models and free VRAM.
 
 Jobs are enqueued by import path (``workers.gpu.*``): services never import the worker package.
 Redis and RQ errors are translated here (``StoreUnavailableError``), so callers see modelbus errors only.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
 import redis
 import structlog
 from rq import Queue
@@ -27,6 +26,7 @@ from rq.job import Job
 from events.connection import redis_errors_translated
 from events.errors import Failed, ModelbusError, NotFound, TimedOut
 from events.keys import Keys
+from events.workers import WorkerState, read_worker_states, worker_alive
 
 LOAD_JOB = "workers.gpu.load_job"
 UNLOAD_JOB = "workers.gpu.unload_job"
@@ -57,33 +57,28 @@ class WorkerStoppedError(RoutingError, Failed):
 
 
 @redis_errors_translated()
-def worker_states(connection: Any, namespace: str) -> list[dict[str, Any]]:
+def worker_states(connection: Any, namespace: str) -> list[WorkerState]:
     """The live workers (those whose state has not expired), newest heartbeat first."""
-    keys = Keys(namespace)
-    ids = [i.decode() if isinstance(i, bytes) else i for i in connection.zrevrange(keys.workers, 0, -1)]
-    if not ids:
-        return []
-    raw = connection.mget([keys.worker_state(i) for i in ids])
-    states = [orjson.loads(r) for r in raw if r]
-    stale = [i for i, r in zip(ids, raw, strict=True) if not r]
-    if stale:
-        connection.zrem(keys.workers, *stale)
-    return states
+    return read_worker_states(connection, Keys(namespace))
 
 
-def choose_gpu_worker(states: list[dict[str, Any]], model_key: str, worker: str | None = None) -> str | None:
+def gpu_workers(states: list[WorkerState]) -> list[WorkerState]:
+    return [s for s in states if s.serves("gpu")]
+
+
+def choose_gpu_worker(states: list[WorkerState], model_key: str, worker: str | None = None) -> str | None:
     """The id of the worker that should serve ``model_key``; None: use the shared queue."""
-    gpu = [s for s in states if "gpu" in s.get("queues", [])]
+    gpu = gpu_workers(states)
     if worker is not None:
-        if not any(s["id"] == worker for s in gpu):
+        if not any(s.id == worker for s in gpu):
             raise NoSuchWorkerError(f"no live GPU worker named {worker!r}")
         return worker
-    holders = [s for s in gpu if any(m.get("model_key") == model_key for m in s.get("models", []))]
+    holders = [s for s in gpu if s.holds(model_key)]
     if holders:
-        return str(holders[0]["id"])
+        return holders[0].id
     if not gpu:
         return None
-    return str(max(gpu, key=lambda s: s.get("vram_free") or 0)["id"])
+    return max(gpu, key=lambda s: s.vram_free or 0).id
 
 
 @redis_errors_translated()
@@ -107,7 +102,7 @@ MAX_REROUTES = 3
 
 
 def _alive(connection: Any, namespace: str, worker: str | None) -> bool:
-    return worker is None or bool(connection.exists(Keys(namespace).worker_state(worker)))
+    return worker is None or worker_alive(connection, Keys(namespace), worker)
 
 
 @redis_errors_translated()
@@ -129,7 +124,7 @@ def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...
     deadline = time.monotonic() + timeout
     dead: set[str] = set()
     for _ in range(MAX_REROUTES + 1):
-        states = [s for s in worker_states(connection, namespace) if s["id"] not in dead]
+        states = [s for s in worker_states(connection, namespace) if s.id not in dead]
         target = choose_gpu_worker(states, model_key, worker)
         job = enqueue_on(connection, namespace, func, args, target)
         while True:

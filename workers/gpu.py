@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from events.workers import CachedModel, CacheState, WorkerCache
 from workers.context import WorkerContext, current
 
 
@@ -62,20 +63,21 @@ def unload_job(model_key: str) -> dict[str, Any]:
 
 
 def stats_job() -> dict[str, Any]:
-    return {"worker": current().worker_id, **cache_state()}
+    return {"worker": current().worker_id, **cache_state().model_dump(mode="json")}
 
 
-def cache_state() -> dict[str, Any]:
-    """What the heartbeat publishes: the device, cached models and free VRAM."""
+def cache_state() -> WorkerCache:
+    """What the heartbeat publishes of the cache: the device, cached models and free VRAM."""
     context = current()
     service = context.extras.get("load_service")
     if service is None:
-        return {"device": context.device, "models": [], "vram_free": _free_vram(context.device)}
+        return WorkerCache(device=context.device, vram_free=_free_vram(context.device))
     cache = service.cache
     cache.evict_idle()  # keep-alive expiry runs on the heartbeat, not only on the next load
     stats = cache.stats()
-    return {"device": str(service.execution_device), "models": [e.to_dict() for e in cache.contents()],
-            "vram_free": stats.vram_free, "stats": stats.to_dict()}
+    return WorkerCache(device=str(service.execution_device), vram_free=stats.vram_free,
+                       models=tuple(CachedModel.model_validate(e.to_dict()) for e in cache.contents()),
+                       stats=CacheState.model_validate(stats.to_dict()))
 
 
 def _free_vram(device: str | None) -> int | None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
 import redis
 import structlog
 from rq import Queue, SimpleWorker, Worker
 from rq.worker import BaseWorker
 
 from events.keys import QUEUES, Keys
+from events.workers import WorkerCache, WorkerState, publish_worker_state, remove_worker_state
 from workers import defaults
 
 log = structlog.get_logger(__name__)
@@ -61,29 +62,29 @@ class GpuWorker(SimpleWorker):
 
 
 class Heartbeat(threading.Thread):
-    """Publishes this worker's state (queues, device, cache contents) every few seconds with a TTL."""
+    """Publishes this worker's :class:`WorkerState` (queues, device, cache contents) every few seconds
+    with a TTL (``events.workers``)."""
 
     def __init__(self, connection: Any, keys: Keys, name: str, queues: list[str],
-                 state: Any = None, worker: Any = None) -> None:
+                 state: Callable[[], WorkerCache] | None = None, worker: Any = None) -> None:
         super().__init__(daemon=True, name="modelbus-heartbeat")
         self.connection, self.keys, self.worker_id, self.queues = connection, keys, name, queues
-        self.state = state  # a callable returning extra fields (the GPU cache's contents)
+        self.state = state  # what the GPU cache holds, asked at every beat
         self.worker = worker  # a GpuWorker whose running job this thread keeps registered
         self.stopped = threading.Event()
 
-    def beat(self) -> None:
-        import time
-        info: dict[str, Any] = {"id": self.worker_id, "queues": self.queues, "host": socket.gethostname(),
-                                "pid": os.getpid(), "time": time.time()}
+    def describe(self) -> WorkerState:
+        cache, error = WorkerCache(), None
         if self.state is not None:
             try:
-                info.update(self.state())
+                cache = self.state()
             except Exception as exc:  # noqa: BLE001 - a probe of worker state must never kill the heartbeat
-                info["state_error"] = str(exc)
-        pipe = self.connection.pipeline()
-        pipe.set(self.keys.worker_state(self.worker_id), orjson.dumps(info), ex=defaults.WORKER_STATE_TTL)
-        pipe.zadd(self.keys.workers, {self.worker_id: info["time"]})
-        pipe.execute()
+                error = str(exc)
+        return WorkerState(id=self.worker_id, queues=tuple(self.queues), host=socket.gethostname(), pid=os.getpid(),
+                           time=time.time(), state_error=error, **dict(cache))
+
+    def beat(self) -> None:
+        publish_worker_state(self.connection, self.keys, self.describe(), defaults.WORKER_STATE_TTL)
         if isinstance(self.worker, GpuWorker):
             self.worker.renew()
 
@@ -98,8 +99,7 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         try:
-            self.connection.delete(self.keys.worker_state(self.worker_id))
-            self.connection.zrem(self.keys.workers, self.worker_id)
+            remove_worker_state(self.connection, self.keys, self.worker_id)
         except redis.RedisError as exc:  # the state expires by itself (WORKER_STATE_TTL)
             log.debug("worker_state_not_removed", worker=self.worker_id, error=str(exc))
 

@@ -85,10 +85,8 @@ class ModelBusCollector(Collector):
         cached = GaugeMetricFamily("modelbus_cache_models", "models in a worker's cache", labels=["worker"])
         cached_bytes = GaugeMetricFamily("modelbus_cache_bytes", "bytes in a worker's cache", labels=["worker"])
         for w in workers:
-            models = w.get("models") or []
-            cached.add_metric([w["id"]], len(models))
-            cached_bytes.add_metric([w["id"]], sum(int(m.get("bytes") or m.get("size") or 0)
-                                                   for m in models if isinstance(m, dict)))
+            cached.add_metric([w.id], len(w.models))
+            cached_bytes.add_metric([w.id], w.cached_bytes)
         yield cached
         yield cached_bytes
         try:

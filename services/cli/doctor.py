@@ -73,7 +73,7 @@ def check_workers(client: ModelBusClient) -> Iterator[Check]:
         yield Check("workers", "fail", f"cannot read worker heartbeats: {exc}")
         return
     for queue in QUEUES:
-        serving = [w["id"] for w in workers if queue in w.get("queues", [])]
+        serving = [w.id for w in workers if queue in w.queues]
         waiting = lengths.get(queue, 0)
         if serving:
             yield Check(f"queue {queue}", "ok", f"{len(serving)} worker(s), {waiting} job(s) waiting")

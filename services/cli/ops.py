@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from events.workers import WorkerInfo
 from services.cli.context import client
 from services.cli.doctor import run_checks
 from services.cli.errors import CommandFailedError
@@ -52,19 +53,18 @@ def workers(json: JsonFlag = False,
     """List the workers with their queues, device and cache contents."""
     found = client().workers(include_dead=all_)
     if json:
-        print_json(found)
+        print_json([w.model_dump(mode="json") for w in found])
         return
     now = time.time()
     table(f"{len(found)} worker(s)", ("id", "alive", "queues", "device", "cached models", "last beat"),
-          ((w["id"], "yes" if w["alive"] else "no", ",".join(w.get("queues", [])), w.get("device") or "",
-            _cache(w.get("models") or []), f"{now - w['last_heartbeat']:.0f}s ago") for w in found))
+          ((w.id, "yes" if w.alive else "no", ",".join(w.queues), w.device or "", _cache(w),
+            f"{now - w.last_heartbeat:.0f}s ago") for w in found))
 
 
-def _cache(models: list[Any]) -> str:
-    if not models:
+def _cache(worker: WorkerInfo) -> str:
+    if not worker.models:
         return "-"
-    size = sum(int(m.get("bytes") or m.get("size") or 0) for m in models if isinstance(m, dict))
-    return f"{len(models)} ({human_bytes(size)})"
+    return f"{len(worker.models)} ({human_bytes(worker.cached_bytes)})"
 
 
 def doctor(json: JsonFlag = False) -> None:

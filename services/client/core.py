@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
-import orjson
 import redis
 import structlog
 from rq import Queue
@@ -22,6 +21,7 @@ from rq import Queue
 from events.errors import StoreUnavailableError
 from events.keys import QUEUES
 from events.store import RedisEventStore, StoredEvent
+from events.workers import WorkerInfo, list_workers
 from services.client import defaults
 from services.client.errors import UnavailableError
 from services.client.features import Features
@@ -206,23 +206,11 @@ class ModelBusClient:
 
     # --- workers, queues, health --------------------------------------------------------------------
 
-    def workers(self, include_dead: bool = False) -> list[dict[str, Any]]:
-        """Workers with their queues, device and cache contents, from their heartbeats."""
-        keys = self.store.keys
-        entries = self._redis_call(lambda: self.redis.zrange(keys.workers, 0, -1, withscores=True))
-        if not entries:
-            return []
-        ids = [raw.decode() if isinstance(raw, bytes) else raw for raw, _ in entries]
-        states = self._redis_call(lambda: self.redis.mget([keys.worker_state(i) for i in ids]))
-        now = time.time()
-        out = []
-        for (worker_id, (_, beat)), raw in zip(zip(ids, entries), states):
-            info: dict[str, Any] = orjson.loads(raw) if raw else {"id": worker_id}
-            info["last_heartbeat"] = beat
-            info["alive"] = raw is not None and now - beat < defaults.WORKER_ALIVE_SECONDS
-            if info["alive"] or include_dead:
-                out.append(info)
-        return out
+    def workers(self, include_dead: bool = False) -> list[WorkerInfo]:
+        """Workers with their queues, device and cache contents, from their heartbeats (``as_dict()``: JSON)."""
+        found = self._redis_call(lambda: list_workers(self.redis, self.store.keys, time.time(),
+                                                      defaults.WORKER_ALIVE_SECONDS))
+        return [w for w in found if w.alive or include_dead]
 
     def queue_lengths(self) -> dict[str, int]:
         keys = self.store.keys

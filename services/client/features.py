@@ -15,6 +15,7 @@ import orjson
 from rq.job import Job
 
 from events.errors import StoreUnavailableError
+from events.workers import WorkerState
 from services import routing
 from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
 from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
@@ -135,9 +136,8 @@ class Features:
 
     # --- loads --------------------------------------------------------------------------------
 
-    def _gpu_workers(self) -> list[dict[str, Any]]:
-        return [s for s in routing.worker_states(self.client.redis, self.client.config.namespace)
-                if "gpu" in s.get("queues", [])]
+    def _gpu_workers(self) -> list[WorkerState]:
+        return routing.gpu_workers(routing.worker_states(self.client.redis, self.client.config.namespace))
 
     def _enqueue(self, func: str, args: tuple[Any, ...], worker: str | None) -> Job:
         """Enqueue a GPU job on a worker's own queue (None: the shared ``gpu`` queue).
@@ -165,7 +165,7 @@ class Features:
     def unload(self, key: str, worker: str | None) -> dict[str, Any]:
         with _translated():
             gpu = self._gpu_workers()
-            targets = [routing.choose_gpu_worker(gpu, key, worker)] if worker else [w["id"] for w in gpu]
+            targets = [routing.choose_gpu_worker(gpu, key, worker)] if worker else [w.id for w in gpu]
             jobs = [self._enqueue(routing.UNLOAD_JOB, (key,), t) for t in targets]
             results = [routing.wait_result(j, UNLOAD_TIMEOUT) for j in jobs]
         dropped = [r for r in results if r.get("dropped")]

@@ -52,7 +52,7 @@ from services.records.enums import BaseModelType, ModelFormat, ModelType, SubMod
 
 log = structlog.get_logger(__name__)
 
-Publisher = Callable[[Activity], None]
+Publisher = Callable[[Activity], object]  # what it returns (a stream position...) is ignored
 CONTEXT_FIELDS = ("queue_id", "queue_item_id", "queue_batch_id", "graph_execution_state_id")
 # bases whose single-file checkpoints hold a transformer, which older callers ask for as "unet"
 _TRANSFORMER_BASES = (BaseModelType.Flux, BaseModelType.StableDiffusion3)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -25,21 +23,23 @@ def read_events(response: httpx.Response) -> Iterator[dict[str, str]]:
             message[field] = value.lstrip()
 
 
-def _publish_soon(store: RedisEventStore, kinds: list[str]) -> None:
-    def run() -> None:
-        time.sleep(0.5)  # after the stream has started
-        for i, kind in enumerate(kinds):
-            store.publish_activity(kind, payload_of(kind, bytes=i))
-    threading.Thread(target=run, daemon=True).start()
+def _publish(store: RedisEventStore, kinds: list[str]) -> str:
+    """Publish the events; returns the resume token of the moment before them (a stream opened from it
+    sees them all, however late it starts)."""
+    since = f"{store.head('events')},{store.head('activity')}"
+    for i, kind in enumerate(kinds):
+        store.publish_activity(kind, payload_of(kind, bytes=i))
+    return since
 
 
 def test_sse_delivers_filtered_events_and_resumes(live_api: str, event_store: RedisEventStore) -> None:
     store = event_store
     with httpx.Client(base_url=live_api, timeout=10) as http:
-        _publish_soon(store, ["download_progress", "model_load_started", "model_load_completed",
-                              "model_load_started"])
+        since = _publish(store, ["download_progress", "model_load_started", "model_load_completed",
+                                 "model_load_started"])
         got = []
-        with http.stream("GET", "/api/v2/events", params={"types": "model_load_started,model_load_completed"}) as r:
+        params = {"types": "model_load_started,model_load_completed", "since": since}
+        with http.stream("GET", "/api/v2/events", params=params) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             for message in read_events(r):
                 got.append(message)

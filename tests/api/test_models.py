@@ -59,10 +59,11 @@ def test_errors_are_json_with_the_right_status(http: TestClient, app_config: App
 
 def test_workers_show_heartbeats_with_cache_contents(http: TestClient, app_config: AppConfig) -> None:
     from events.store import RedisEventStore
+    from events.workers import CachedModel, WorkerCache
     from workers.runner import Heartbeat
     store = RedisEventStore.from_config(app_config)
     beat = Heartbeat(store.client, store.keys, "gpu-test-1", ["gpu"],
-                     state=lambda: {"device": "cpu", "models": [{"key": "k1", "bytes": 1234}]})
+                     state=lambda: WorkerCache(device="cpu", models=(CachedModel(key="k1", model_key="k1", bytes=1234),)))
     beat.beat()
     try:
         workers = http.get("/api/v2/models/workers").json()

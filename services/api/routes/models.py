@@ -151,4 +151,4 @@ def sync(c: Client) -> Response:
 
 @router.get("/workers", response_model=list[WorkerInfo], summary="Live workers and their cache contents")
 def workers(c: Client, include_dead: bool = False) -> Response:
-    return _json(c.workers(include_dead=include_dead))
+    return _json([w.model_dump(mode="json") for w in c.workers(include_dead=include_dead)])
