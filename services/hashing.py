@@ -22,6 +22,7 @@ from typing import Literal
 import blake3
 import imohash
 
+from events.errors import InvalidInput
 from events.schema import FileEntry
 
 HashAlgorithm = Literal["blake3", "sha256"]
@@ -32,7 +33,7 @@ _SHA256_CHUNK = 8 << 20
 _FOLDER_CONTEXT = b"modelbus folder v1\x00"
 
 
-class HashingError(Exception):
+class HashingError(InvalidInput):
     """A path could not be hashed (missing, empty folder, unreadable); the message says which."""
 
 

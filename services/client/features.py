@@ -14,23 +14,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from rq.job import Job
 
+from events.errors import StoreUnavailableError
 from services import routing
-from services.client.errors import (
-    InvalidRequestError,
-    JobFailedError,
-    NotFoundError,
-    UnavailableError,
-    WaitTimeoutError,
-)
-from services.install import (
-    InstallJob,
-    InstallStatus,
-    InstallTimeoutError,
-    InvalidSourceError,
-    ModelInstallService,
-    UnknownJobError,
-    UnsafeDeleteError,
-)
+from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
+from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
 from services.install.commands import InstallCommand, submit, submit_handing_over
 
 if TYPE_CHECKING:
@@ -64,22 +51,14 @@ def job_dict(job: InstallJob) -> dict[str, Any]:
 
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Install and routing errors, as the client's (so the API and CLI know one family)."""
+    """Install and routing errors, as the client's of the same kind (conflicts pass as they are)."""
     try:
         yield
-    except UnknownJobError as exc:
-        raise NotFoundError(str(exc)) from exc
-    except InstallTimeoutError as exc:
-        raise WaitTimeoutError(str(exc)) from exc
-    except (InvalidSourceError, UnsafeDeleteError) as exc:
-        raise InvalidRequestError(str(exc)) from exc
-    except routing.RoutingError as exc:
-        text = str(exc)
-        if text.startswith("no live GPU worker"):
-            raise NotFoundError(text) from exc
-        if "did not finish within" in text:
-            raise WaitTimeoutError(text) from exc
-        raise JobFailedError(text) from exc
+    except (InstallError, routing.RoutingError, StoreUnavailableError) as exc:
+        translated = CLIENT_ERRORS.get(exc.kind)
+        if translated is None:
+            raise
+        raise translated(str(exc)) from exc
 
 
 class Features:

@@ -23,7 +23,9 @@ from services.install.recording import (
     added_by,
     build_config,
     check_duplicate,
+    check_key_free,
     forced_key,
+    given_key,
     identify,
 )
 from services.records import ModelConfigBase, ModelRecordServiceBase
@@ -61,6 +63,7 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
 
 
 def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRequest) -> ModelConfigBase:
+    chosen = given_key(req.user)  # a bad key is refused before any work
     source_files(req.path)  # no symlink out of the model: what it owns is inside it
     if req.inplace:
         check_path_free(config, records.all_models(), req.path, None, same_ok=True)
@@ -70,6 +73,9 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
         key = forced_key(key, req.job_id or uuid.uuid4().hex)
     else:
         check_duplicate(records, key, req.job_id)
+    if chosen is not None:
+        check_key_free(records, chosen, req.job_id)
+        key = chosen
     name = model_name(req.path, req.user, req.metadata)
     target = req.path
     placed = False

@@ -43,6 +43,7 @@ from services.install.ownership import (
 )
 from services.install.placement import copy_into, remove_tree, source_files, staging_dir
 from services.install.progress import ProgressBoard
+from services.install.recording import given_key
 from services.install.roots import check_local_source
 from services.install.scan import find_models
 from services.install.steps import set_cancel_flag
@@ -82,6 +83,7 @@ class ModelInstallService:
         base_model...). ``inplace`` registers a local path where it is. ``force`` installs content
         already installed under a new key. A ``command_id`` seen before returns that command's job.
         """
+        given_key(config or {})  # a bad chosen key is refused now, not by a worker later
         opts = {**options, "inplace": inplace, "force": force, "config": dict(config or {})}
         # this process reads the caller's own file (a local source outside the import roots is handed over)
         job_id = submit_handing_over(self.event_store, self.config,

@@ -22,7 +22,7 @@ import httpx
 
 from services.config import AppConfig
 from services.download.civitai import resolve_civitai
-from services.download.errors import InvalidSourceError as DownloadSourceError
+from services.download.errors import SourceSyntaxError
 from services.download.huggingface import resolve_repo
 from services.download.metadata import ModelMetadata
 from services.download.security import credential_for
@@ -75,7 +75,7 @@ def normalize_source(text: str, config: AppConfig, options: dict[str, Any] | Non
         return str(Path(os.path.expanduser(text)).resolve())
     try:
         return str(_parse(text, config, options or {}))
-    except DownloadSourceError:
+    except SourceSyntaxError:
         return text
 
 
@@ -102,7 +102,7 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         return LocalPlan(path.resolve())
     try:
         source = _parse(text, config, options)
-    except DownloadSourceError as exc:
+    except SourceSyntaxError as exc:
         raise InvalidSourceError(str(exc)) from exc
     allow_private = config.allow_private_downloads
     if isinstance(source, URLSource):
