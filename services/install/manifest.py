@@ -76,8 +76,9 @@ def recorded_manifest(history: Iterable[StoredEvent]) -> Manifest:
     files: Manifest = ()
     for stored in history:
         event = stored.event
-        if isinstance(event, ModelAdded) or isinstance(event, ModelUpdated) and event.files is not None:
-            files = event.files
+        found = event.files if isinstance(event, (ModelAdded, ModelUpdated)) else None
+        if found is not None:
+            files = found
     return files
 
 
