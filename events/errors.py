@@ -38,6 +38,7 @@ and holds each error to one kind. The event layer's own leaves:
     ├── ConcurrencyError        (Conflict) the aggregate is not at the expected version
     ├── UniqueConstraintError   (Conflict) a unique field (e.g. a model's path) is held by another aggregate
     ├── EventDecodeError        (InvalidInput) a stream entry cannot be read as an event
+    ├── InvalidEventError       (InvalidInput) an event to publish does not fit its kind's schema
     ├── StoreUnavailableError   (Unavailable) Redis did not answer within the retry deadline
     ├── ReplicationError        (Unavailable) an append was not confirmed by the required replicas
     ├── EmbeddedRedisError      (Unavailable) the embedded Redis could not be started, or a given Redis is unfit
@@ -114,6 +115,11 @@ class Failed(ModelbusError):
     kind = Kind.FAILED
 
 
+#: the kind classes, one per Kind
+KIND_CLASSES: tuple[type[ModelbusError], ...] = (NotFound, Conflict, InvalidInput, TooLarge, Forbidden, Unavailable,
+                                                 TimedOut, Failed)
+
+
 def kind_of(exc: BaseException) -> Kind | None:
     """The kind of a modelbus error, or None for anything else (a bug, or a library's error not translated)."""
     return exc.kind if isinstance(exc, ModelbusError) else None
@@ -139,6 +145,10 @@ class EventDecodeError(EventStoreError, InvalidInput):
     def __init__(self, position: str, reason: str) -> None:
         super().__init__(f"stream entry {position}: {reason}")
         self.position, self.reason = position, reason
+
+
+class InvalidEventError(EventStoreError, InvalidInput):
+    """An activity payload that does not fit its kind's schema; nothing was published."""
 
 
 class StoreUnavailableError(EventStoreError, Unavailable):

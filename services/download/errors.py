@@ -7,7 +7,7 @@
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    (TooLarge) not enough free disk space for the download
     ├── RemoteError               (Failed) the server answered with an unexpected status (4xx/5xx)
-    │   └── TokenRequiredError    (Failed) 401/403, or an HTML/JSON page where a model file was expected
+    │   └── TokenRequiredError    (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
@@ -27,6 +27,7 @@ from events.errors import (
     Failed,
     Forbidden,
     InvalidInput,
+    Kind,
     ModelbusError,
     TooLarge,
     Unavailable,
@@ -57,18 +58,16 @@ class InsufficientSpaceError(DownloadError, TooLarge):
     pass
 
 
-class _WithStatus(DownloadError):
+class RemoteError(DownloadError, Failed):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
 
 
-class RemoteError(_WithStatus, Failed):
-    pass
+class TokenRequiredError(RemoteError, Forbidden):
+    """A remote error whose kind is forbidden: a login is missing, the server is not broken."""
 
-
-class TokenRequiredError(RemoteError):
-    """A refused login: a RemoteError (callers catch it as one), so of the failed kind; its name says why."""
+    kind = Kind.FORBIDDEN  # its own kind wins over the one it inherits from RemoteError
 
 
 class RetriesExhaustedError(DownloadError, Failed):

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 
 from events.keys import Keys
+from events.schema import InstallProgress, InstallProgressPayload
 from events.store import EventStore
 from services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
 
@@ -81,6 +82,6 @@ class ProgressReporter:
             return
         self._last = now
         self.board.set_file(self.job_id, self.file, done, total)
-        self.store.publish_activity("install_progress", {"job_id": self.job_id, "file": self.file,
-                                                         "bytes": done, "total_bytes": total},
-                                    source=self.job_id, correlation_id=self.job_id)
+        self.store.publish(InstallProgress(aggregate_id=self.job_id, correlation_id=self.job_id,
+                                           payload=InstallProgressPayload(job_id=self.job_id, file=self.file,
+                                                                          bytes=done, total_bytes=total)))
