@@ -11,12 +11,15 @@
     ├── RetriesExhaustedError     connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            the sha256 of the downloaded file is not the published one
     ├── MetadataError             a Hugging Face / Civitai API answer we cannot use
+    ├── ProxyUnavailableError     MODELBUS_DOWNLOAD_PROXY cannot be used (SOCKS without socksio)
     └── DownloadCancelled         the job was cancelled or paused while running (internal signal)
 
 httpx errors are translated where they come in (fetch.py), so callers see this family only.
 """
 
 from __future__ import annotations
+
+from events.errors import InvalidInput
 
 
 class DownloadError(Exception):
@@ -67,3 +70,7 @@ class MetadataError(DownloadError):
 
 class DownloadCancelled(DownloadError):
     """Raised inside a running job when it is cancelled or paused; never reaches a caller."""
+
+
+class ProxyUnavailableError(DownloadError, InvalidInput):
+    """The configured proxy cannot be used by this installation (a SOCKS proxy needs ``socksio``)."""
