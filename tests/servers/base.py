@@ -78,6 +78,16 @@ class BaseHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read .requests instead
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.owner._connection(+1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.owner._connection(-1)
+
     @property
     def owner(self) -> BackgroundServer:
         return self.server.owner
@@ -196,6 +206,7 @@ class BackgroundServer:
         self.port = port
         self.requests: list[LoggedRequest] = []
         self.bytes_sent = 0
+        self.open_connections = 0  # client connections this server holds open right now
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -257,6 +268,10 @@ class BackgroundServer:
     def _log(self, entry: LoggedRequest) -> None:
         with self._lock:
             self.requests.append(entry)
+
+    def _connection(self, delta: int) -> None:
+        with self._lock:
+            self.open_connections += delta
 
     def _count(self, n: int) -> None:
         with self._lock:
