@@ -122,13 +122,13 @@ class BaseHandler(BaseHTTPRequestHandler):
 
     def send_file(self, f: ServedFile, *, headers: dict[str, str] | None = None, ignore_range: bool = False,
                   drop_after: int | None = None, stall_after: int | None = None, stall_seconds: float = 0,
-                  length_delta: int = 0) -> None:
+                  length_delta: int = 0, ignore_if_range: bool = False) -> None:
         """Serve ``f`` honouring Range and If-Range, with optional faults in the body."""
         size = f.size
         start, end, status = 0, size, 200
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        if rng and not ignore_range and (not if_range or if_range in (f.etag, f.last_modified)):
+        if rng and not ignore_range and (not if_range or ignore_if_range or if_range in (f.etag, f.last_modified)):
             m = _RANGE.match(rng.strip())
             if m and (m.group(1) or m.group(2)):
                 a, b = m.group(1), m.group(2)
