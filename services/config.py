@@ -17,6 +17,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from events.errors import InvalidInput
+
 ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"
 
@@ -26,7 +28,7 @@ _ROOT_RELATIVE = ("models_dir", "conf_path", "db_path")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError):
     """A configuration value could not be used; the message names the variable and the value."""
 
 
@@ -117,6 +119,9 @@ class AppConfig(BaseSettings):
     hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN"))
     civitai_token: str | None = Field(default_factory=lambda: os.environ.get("CIVITAI_TOKEN"))
     remote_api_tokens: dict[str, str] = Field(default_factory=dict, description="URL regex -> token")
+    import_roots: str | None = Field(
+        default=None, description="folders local installs through the API or the queue may read from, separated "
+        "by ':' (unset: the models directory and $MODELBUS_ROOT/import)")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=9090, ge=0, le=65535)
     api_token: str | None = None

@@ -16,7 +16,8 @@ from typing import Any
 import structlog
 
 from services.config import AppConfig
-from services.install.placement import destination_dir, is_inside, place, remove_tree
+from services.install.ownership import check_path_free
+from services.install.placement import destination_dir, is_inside, place, remove_tree, source_files
 from services.install.recording import (
     add_record,
     added_by,
@@ -63,6 +64,9 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
 
 def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRequest) -> ModelConfigBase:
     chosen = given_key(req.user)  # a bad key is refused before any work
+    source_files(req.path)  # no symlink out of the model: what it owns is inside it
+    if req.inplace:
+        check_path_free(config, records.all_models(), req.path, None, same_ok=True)
     found = identify(req.path, req.user, req.threads)
     key = found.key
     if req.force and records.exists(key) and not (req.job_id and added_by(records, key, req.job_id)):
@@ -84,7 +88,7 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
     try:
         fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
                               metadata=req.metadata, source=req.source, user=req.user)
-        record = add_record(records, key, fields, req.job_id)
+        record = add_record(records, key, fields, req.job_id, found.files)
     except BaseException:
         if placed:
             remove_tree(target)

@@ -15,8 +15,9 @@ from typing import Any
 
 import blake3
 
-from services.hashing import HashingError, content_hash, model_key
+from services.hashing import HashingError, model_key
 from services.install.errors import DuplicateInstallError, ModelIdentificationError
+from services.install.manifest import Manifest, hash_and_manifest
 from services.probe import ProbeError, ProbeResult, probe
 from services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase
 from services.records.parsing import check_key, config_class
@@ -37,6 +38,7 @@ class Identified:
     key: str
     hash: str
     result: ProbeResult
+    files: Manifest = ()  # what the model owns (services.install.manifest), from the same read as ``hash``
 
 
 def probe_model(path: Path, overrides: Mapping[str, Any] | None = None) -> ProbeResult:
@@ -46,12 +48,14 @@ def probe_model(path: Path, overrides: Mapping[str, Any] | None = None) -> Probe
         raise ModelIdentificationError(f"{path.name}: {exc}") from exc
 
 
-def hash_model(path: Path, threads: int | None = None) -> tuple[str, str]:
-    """(key, content hash) of a file or folder."""
+def hash_model(path: Path, threads: int | None = None) -> tuple[str, str, Manifest]:
+    """(key, content hash, manifest) of a file or folder; every byte is read once."""
     try:
-        return model_key(path), content_hash(path, threads=threads)
+        key = model_key(path)
     except HashingError as exc:
         raise ModelIdentificationError(str(exc)) from exc
+    digest, files = hash_and_manifest(path, threads)
+    return key, digest, files
 
 
 def record_class(result: ProbeResult) -> type[ModelConfigBase]:
@@ -64,8 +68,8 @@ def identify(path: Path, overrides: Mapping[str, Any] | None = None, threads: in
     """Probe first (headers only: a wrong file fails fast), then hash every byte."""
     result = probe_model(path, overrides)
     record_class(result)  # before hashing: an impossible type/format pair is refused at once
-    key, digest = hash_model(path, threads)
-    return Identified(path, key, digest, result)
+    key, digest, files = hash_model(path, threads)
+    return Identified(path, key, digest, result, files)
 
 
 def forced_key(key: str, job_id: str) -> str:
@@ -123,11 +127,11 @@ def check_duplicate(records: ModelRecordServiceBase, key: str, job_id: str | Non
 
 
 def add_record(records: ModelRecordServiceBase, key: str, config: dict[str, Any],
-               job_id: str | None) -> ModelConfigBase:
+               job_id: str | None, files: Manifest = ()) -> ModelConfigBase:
     if job_id is not None and added_by(records, key, job_id):
         return records.get_model(key)
     try:
-        return records.add_model(key, config, correlation_id=job_id,
+        return records.add_model(key, config, correlation_id=job_id, files=files,
                                  idempotency_key=f"install:{job_id}:add" if job_id else None)
     except DuplicateModelException as exc:
         raise DuplicateInstallError(f"refused as a duplicate: {exc}", key) from exc
