@@ -24,6 +24,7 @@ from events.schema import InstallDownloaded, InstallStarted
 from events.store import RedisEventStore
 from services.config import AppConfig
 from services.download.cancel import Cancellation
+from services.download.proxy import build_client, tls_context
 from services.install import defaults
 from services.install.imports import IMPORT_PATH, discard_hand_over
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition
@@ -46,12 +47,12 @@ def retries_left() -> int | None:
     return None if job is None else job.retries_left
 
 
-# Loading the CA bundle costs ~0.1 s: done once per worker process (forked jobs inherit it).
-_TLS = httpx.create_ssl_context()
+tls_context()  # the CA bundle costs ~0.1 s: loaded once per worker process, forked jobs inherit it
 
 
 def http_client(config: AppConfig) -> httpx.Client:
-    return httpx.Client(timeout=httpx.Timeout(15.0, read=config.download_stall_timeout), verify=_TLS,
+    """Downloads and metadata calls of install jobs: through MODELBUS_DOWNLOAD_PROXY, if set."""
+    return build_client(config, timeout=httpx.Timeout(15.0, read=config.download_stall_timeout),
                         headers={"User-Agent": "modelbus-install/0.1"})
 
 

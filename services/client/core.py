@@ -93,21 +93,24 @@ class ModelBusClient:
     # --- records ----------------------------------------------------------------------------------
 
     def list_models(self, name: str | None = None, base: str | None = None, type: str | None = None,
-                    tag: str | Iterable[str] | None = None) -> list[ModelConfigBase]:
-        """Models matching every filter given (all models when none is)."""
+                    tag: str | Iterable[str] | None = None, *, order_by: str = "name",
+                    direction: str = "asc") -> list[ModelConfigBase]:
+        """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
+        type, base, format) in ``direction`` (asc, desc)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
-        found = self._locked(lambda r: r.search_by_name(name, base, type))
+        found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:
             found = [m for m in found if set(tags) <= set(m.tags or [])]
-        return sorted(found, key=lambda m: (m.name.lower(), m.key))
+        return found  # type: ignore[no-any-return]
 
     def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
-                         tag: str | Iterable[str] | None = None, *, offset: int = 0,
-                         limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
+                         tag: str | Iterable[str] | None = None, *, offset: int = 0, limit: int = 100,
+                         order_by: str = "name", direction: str = "asc") -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`list_models`, in the same order, and the number of matches."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         return self._locked(  # type: ignore[no-any-return]
-            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit))
+            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
+                                    direction=direction))
 
     def get_model(self, key: str) -> ModelConfigBase:
         return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]

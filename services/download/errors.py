@@ -11,6 +11,7 @@
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
+    ├── ProxyUnavailableError     (InvalidInput) MODELBUS_DOWNLOAD_PROXY cannot be used (SOCKS without socksio)
     ├── DownloadCancelled         (Conflict) the job was cancelled or paused while running (internal signal)
     ├── Retry                     (Unavailable) this attempt failed, another may not (internal, ``responses``)
     └── Restart                   (Conflict) the resource changed: start over (internal, ``responses``)
@@ -97,6 +98,10 @@ class Retry(DownloadError, Unavailable):
 
 class Restart(DownloadError, Conflict):
     """The resource changed under us: throw away the partial file and start over (internal)."""
+
+
+class ProxyUnavailableError(DownloadError, InvalidInput):
+    """The configured proxy cannot be used by this installation (a SOCKS proxy needs ``socksio``)."""
 
 
 InvalidSourceError = SourceSyntaxError

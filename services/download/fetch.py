@@ -42,6 +42,7 @@ from .partial import (
     load_state,
     part_path,
     remove_partial,
+    same_validators,
     split_ranges,
 )
 from .responses import check_status, looks_like_page, parse_content_range
@@ -210,6 +211,9 @@ class _FileFetch:
         if first != offset or total != saved.total:
             remove_partial(self.final)
             raise Restart(f"asked for byte {offset} of {saved.total}, got {first} of {total}")
+        if not same_validators(saved, response):  # a server that ignored If-Range sent the new file's bytes
+            remove_partial(self.final)
+            raise Restart(f"the file changed on the server (ETag/Last-Modified) since byte {offset} was saved")
         log.info("download.resume", path=str(self.final), have=offset, total=total)
         return self._download(saved, response, offset)
 

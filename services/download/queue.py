@@ -30,6 +30,7 @@ from .huggingface import resolve_repo
 from .job import CallbackName, DownloadJob, DownloadJobStatus, JobCallback, RemoteFile, shared_path
 from .options import FetchOptions, FileRequest
 from .partial import remove_partial
+from .proxy import build_client
 from .security import credential_for
 from .sources import CivitaiSource, HFSource, URLSource, parse_source
 
@@ -65,7 +66,8 @@ class DownloadQueueService:
         with self._lock:
             if self._threads:
                 return
-            self._client = httpx.Client(
+            self._client = build_client(
+                self.config,
                 timeout=httpx.Timeout(self.options.connect_timeout, read=self.options.stall_timeout),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 headers={"User-Agent": "modelbus-downloader/0.1"},

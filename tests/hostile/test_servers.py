@@ -127,12 +127,11 @@ PUBLIC = "http://93.184.216.34"  # a global address: the first hop passes the pr
 
 
 @pytest.fixture()
-def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
-    """A loopback HTTP proxy through which the 'public' host is reached: a FileServer answers
-    absolute-form requests by their path, so it plays the public server without leaving the machine."""
+def proxy() -> Iterator[FileServer]:
+    """A loopback HTTP proxy (MODELBUS_DOWNLOAD_PROXY) through which the 'public' host is reached: a
+    FileServer answers absolute-form requests by their path, so it plays the public server without
+    leaving the machine."""
     with FileServer() as srv:
-        monkeypatch.setenv("HTTP_PROXY", srv.url)
-        monkeypatch.setenv("NO_PROXY", "")
         yield srv
 
 
@@ -141,7 +140,7 @@ def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
                                     "http://10.0.0.1/m.safetensors", "file:///etc/passwd"])
 def test_redirect_to_a_private_address_is_refused(cfg: AppConfig, proxy: FileServer, tmp_path: Path,
                                                    target: str) -> None:
-    private = cfg.model_copy(update={"allow_private_downloads": False})
+    private = cfg.model_copy(update={"allow_private_downloads": False, "download_proxy": proxy.url})
     with FileServer() as internal:
         internal.add_file("m.safetensors", DATA)
         proxy.add_redirect("go", target.format(port=internal.port), 302)
