@@ -21,6 +21,7 @@ package's base *and* one kind. The event layer's own leaves:
     ├── ConcurrencyError        (Conflict) the aggregate is not at the expected version
     ├── UniqueConstraintError   (Conflict) a unique field (e.g. a model's path) is held by another aggregate
     ├── EventDecodeError        (InvalidInput) a stream entry cannot be read as an event
+    ├── InvalidEventError       (InvalidInput) an event to append breaks its schema or a domain check
     ├── StoreUnavailableError   (Unavailable) Redis did not answer within the retry deadline
     ├── ReplicationError        (Unavailable) an append was not confirmed by the required replicas
     └── EmbeddedRedisError      (Unavailable) the embedded Redis could not be started, or a given Redis is unfit
@@ -133,3 +134,11 @@ class EmbeddedRedisError(EventStoreError, Unavailable):
 
 class ReplicationError(EventStoreError, Unavailable):
     """The append landed on the primary but fewer replicas than required confirmed it in time."""
+
+
+class InvalidEventError(EventStoreError, InvalidInput):
+    """An append refused before it ran: one of its events would be quarantined by every reader."""
+
+    def __init__(self, type_name: str, aggregate_id: str, reason: str) -> None:
+        super().__init__(f"refused to append {type_name} for {aggregate_id!r}: {reason}")
+        self.type_name, self.aggregate_id, self.reason = type_name, aggregate_id, reason

@@ -28,6 +28,7 @@ from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintErr
 from events.projection import ProjectionRunner
 from events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from events.store import AppendResult, EventStore, StoredEvent, position_key
+from events.validation import in_sequence
 from events.watch import LogWatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import (
@@ -89,6 +90,7 @@ class ModelRecordServiceBase:
     def __init__(self, projection: RecordProjection, event_store: EventStore, *, read_tracking: bool = True) -> None:
         self.projection = projection
         self.event_store = event_store
+        projection.refuse = event_store.refuse  # what the fold refuses is quarantined (events.validation)
         self.runner = ProjectionRunner(event_store, projection)
         #: seconds a read may skip catching up after the last catch-up (0: every read catches up, the
         #: spec's guarantee). Our own writes are always seen: they force a catch-up while unapplied.
@@ -214,7 +216,8 @@ class ModelRecordServiceBase:
     def history(self, key: str) -> list[StoredEvent]:
         """Every event of one model, oldest first (removed models keep their history)."""
         with _log_errors(f"reading the history of {key!r}"):
-            events = [s for s in self.event_store.history(key) if is_model_event(s.event)]
+            events = in_sequence((s for s in self.event_store.history(key) if is_model_event(s.event)),
+                                 self.event_store.refuse)
         if not events:
             raise UnknownModelException(f"no model with key {key!r} was ever recorded")
         return events

@@ -10,6 +10,7 @@ import pytest
 from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
 from events.schema import Activity, ModelAdded, ModelRemoved, ModelUpdated
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from tests.record_configs import record_config
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -20,12 +21,12 @@ def store(request: pytest.FixtureRequest) -> EventStore:
 
 
 def added(key: str, **config: object) -> ModelAdded:
-    return ModelAdded(aggregate_id=key, config={"name": key, **config})
+    return ModelAdded(aggregate_id=key, config=record_config(key, **config))
 
 
 def test_append_assigns_versions_and_reads_in_order(store: EventStore) -> None:
     first = store.append([added("a")], expected_version=0)
-    second = store.append([ModelUpdated(aggregate_id="a", changes={"x": 1}, config={"x": 1})], expected_version=1)
+    second = store.append([ModelUpdated(aggregate_id="a", changes={"name": "x"}, config=record_config("a", "x"))], expected_version=1)
     store.append([added("b")], expected_version=0)
     assert (first.version, second.version) == (1, 2)
     events = store.read()
