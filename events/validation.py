@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
@@ -57,7 +58,7 @@ def body_problem(type_name: str, aggregate_id: str, body: Mapping[str, Any]) -> 
     return None
 
 
-_ENVELOPE_DEFAULTS = ("type", "aggregate_id", "aggregate_version")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def schema_problem(type_name: str, aggregate_id: str, aggregate_version: int, body: Mapping[str, Any]) -> str | None:
@@ -67,8 +68,10 @@ def schema_problem(type_name: str, aggregate_id: str, aggregate_version: int, bo
     if cls is None:
         return f"unknown event type {type_name!r}"
     try:
+        # the envelope was checked as the entry was read: given here, so that no default factory runs
         cls.__pydantic_validator__.validate_python(
-            {**body, "type": type_name, "aggregate_id": aggregate_id, "aggregate_version": aggregate_version})
+            {"time": _EPOCH, "event_id": "", **body, "type": type_name, "aggregate_id": aggregate_id,
+             "aggregate_version": aggregate_version})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(x) for x in first["loc"]) or "body"

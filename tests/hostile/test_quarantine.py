@@ -12,13 +12,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
+import structlog
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from events.errors import InvalidEventError
-from events.schema import InstallCompleted, InstallRequested, ModelAdded, ModelRemoved, ModelUpdated
+from events.schema import (
+    InstallCompleted,
+    InstallRequested,
+    ModelAdded,
+    ModelRemoved,
+    ModelRenamed,
+    ModelUpdated,
+)
 from events.store import RedisEventStore
 from services.api import create_app
 from services.cli import app as cli_app
@@ -28,6 +37,8 @@ from services.install import InstallStatus, ModelInstallService
 from services.install.jobs import load_job
 from services.records import ModelRecordServiceFile, ModelRecordServiceMemory, ModelRecordServiceSQL
 from services.records.service import ModelRecordServiceBase
+from tests.api.conftest import app, live_api  # noqa: F401 - fixtures: the API on a real uvicorn server
+from tests.api.test_events_sse import read_events
 from tests.client.conftest import model_config, put_file
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus, bus, installer  # noqa: F401 - fixtures: a real worker process
@@ -238,3 +249,34 @@ def test_quarantine_is_reported_by_doctor_healthz_metrics_and_the_cli(app_config
     doctor = json.loads(CliRunner().invoke(cli_app, ["doctor", "--json"]).stdout)
     check = next(c for c in doctor if c["name"] == "event log")
     assert check["status"] == "warn" and "1 entry quarantined" in check["detail"]
+
+
+def test_sse_never_sends_a_forged_entry(live_api: str, event_store: RedisEventStore) -> None:  # noqa: F811
+    raw = redis.Redis.from_url(event_store.url or "")
+    event_store.append([ModelAdded(aggregate_id="k", config=record_config("k"))], expected_version=0)
+    forged = [forge(raw, event_store, "ModelRemoved", "k", ver, _removal("k")) for ver in (1, 5)]
+    forged.append(_poison(event_store))
+    real = event_store.append([ModelRenamed(aggregate_id="k", old_name="k", new_name="renamed")],
+                              expected_version=1).positions[0]
+    with httpx.Client(base_url=live_api, timeout=10) as http, \
+            http.stream("GET", "/api/v2/events", params={"since": "0",
+                                                         "types": "ModelAdded,ModelRemoved,ModelRenamed"}) as r:
+        got = []
+        for message in read_events(r):
+            got.append(json.loads(message["data"]))
+            if got[-1]["position"] == real:
+                break
+    assert [m["type"] for m in got] == ["ModelAdded", "ModelRenamed"]
+    assert {q.position for q in event_store.quarantined()} == set(forged)
+
+
+def test_a_poisoned_tail_does_not_make_every_open_rebuild(app_config: AppConfig,
+                                                          event_store: RedisEventStore) -> None:
+    event_store.append([ModelAdded(aggregate_id="k", config=record_config("k"))], expected_version=0)
+    _poison(event_store)  # the last entry: the projection's checkpoint sits on it
+    path = app_config.root / "tail.db"
+    ModelRecordServiceSQL.from_db_file(path, event_store, config=app_config).close()
+    with structlog.testing.capture_logs() as logs, \
+            ModelRecordServiceSQL.from_db_file(path, event_store, config=app_config) as service:
+        assert [m.key for m in service.all_models()] == ["k"]
+    assert not [e for e in logs if e["event"] == "records_rebuild_on_open"]
