@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from events.validation import register_body_check
+from services.records.models import CLASSES_BY_TAG, tag_of
 from services.records.parsing import config_class
 
 CONFIG_EVENTS = ("ModelAdded", "ModelUpdated")
@@ -22,8 +23,11 @@ def check_model_config(aggregate_id: str, body: Mapping[str, Any]) -> None:
     config = body.get("config")
     if not isinstance(config, Mapping):
         raise ValueError("config is not an object")  # noqa: TRY004 - the hook's one error type
-    # InvalidModelConfigException (a wrong type/format pair) and pydantic's ValidationError are ValueErrors
-    config_class(config).model_validate(config)
+    # InvalidModelConfigException (a wrong type/format pair) and pydantic's ValidationError are ValueErrors;
+    # the class by its tag first (a replay's inner loop), config_class for the error naming a bad pair
+    cls = CLASSES_BY_TAG.get(tag_of(config.get("model_type", ""), config.get("model_format", ""))) \
+        or config_class(config)
+    cls.model_validate(config)
     if config.get("key") != aggregate_id:
         raise ValueError(f"config key {config.get('key')!r} is not the event's aggregate {aggregate_id!r}")
 

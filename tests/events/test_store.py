@@ -134,3 +134,44 @@ def test_redis_keys_share_one_hash_tag(event_store: RedisEventStore) -> None:
     event_store.append([added("a")], claims={"p": "a"})
     keys = [k.decode() for k in event_store.client.scan_iter(match=f"*{event_store.namespace}*")]
     assert keys and all(k.startswith("{" + event_store.namespace + "}:") for k in keys)
+
+
+# --- quarantine (events.validation): the same on both stores ---------------------------------------
+
+def test_appends_are_checked_before_they_run(store: EventStore) -> None:
+    from events.errors import InvalidEventError
+
+    with pytest.raises(InvalidEventError, match="base_model"):
+        store.append([ModelAdded(aggregate_id="a", config={**record_config("a"), "base_model": None})])
+    with pytest.raises(InvalidEventError, match="assigns 1"):
+        store.append([ModelAdded(aggregate_id="a", config=record_config("a"), aggregate_version=3)],
+                     expected_version=0)
+    with pytest.raises(InvalidEventError, match="not an integer"):
+        store.append([ModelAdded(aggregate_id="a", config=record_config("a"))], expected_version="0")  # type: ignore[arg-type]
+    assert store.head() == "0-0" and store.version("a") == 0
+
+
+def test_a_refusal_is_recorded_once_however_many_readers(store: EventStore) -> None:
+    from events.validation import Refusal
+
+    refusal = Refusal("5-0", "ModelRemoved", "k", 1, "aggregate version 1 repeats the current version 1")
+    readers = [store] * 4 if isinstance(store, InMemoryEventStore) else \
+        [RedisEventStore.from_url(store.url or "", store.namespace) for _ in range(4)]  # type: ignore[attr-defined]
+    recorded: list[bool] = []
+    threads = [threading.Thread(target=lambda r=r: recorded.append(r.quarantine(refusal))) for r in readers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(recorded) == [False, False, False, True]
+    assert store.quarantine_count() == 1 and store.quarantined_among(["5-0", "6-0"]) == {"5-0"}
+    [entry] = store.quarantined()
+    assert (entry.position, entry.type, entry.aggregate_id, entry.aggregate_version) == ("5-0", "ModelRemoved", "k", 1)
+
+
+def test_version_before_counts_what_the_append_recorded(store: EventStore) -> None:
+    first = store.append([added("a")]).positions[0]
+    store.append([added("b")])
+    second = store.append([ModelRemoved(aggregate_id="a")]).positions[0]
+    assert [store.version_before("a", p) for p in ("0-0", first, second)] == [0, 0, 1]  # strictly before
+    assert store.version_before("a", "99999999999999-0") == 2 and store.version_before("zzz", second) == 0
