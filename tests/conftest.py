@@ -14,6 +14,7 @@ import pytest
 import redis
 import structlog
 
+import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
 from events.embedded import EmbeddedRedis
 from events.store import RedisEventStore
 

@@ -105,10 +105,12 @@ class RedisHealth(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok | degraded (no live worker) | unavailable (Redis unreachable)")
+    status: str = Field(description="ok | degraded (no live worker, or quarantined log entries) "
+                                    "| unavailable (Redis unreachable)")
     redis: RedisHealth
     workers_alive: int
     queues: dict[str, int] = Field(default_factory=dict)
+    quarantined: int = Field(0, description="log entries refused by every reader (degraded while any)")
 
 
 class Removed(BaseModel):

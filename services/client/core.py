@@ -21,7 +21,7 @@ from rq import Queue
 
 from events.errors import StoreUnavailableError
 from events.keys import QUEUES
-from events.store import RedisEventStore, StoredEvent
+from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from services.client import defaults
 from services.client.errors import UnavailableError
 from services.client.features import Features
@@ -206,6 +206,17 @@ class ModelBusClient:
     def events(self, types: Iterable[str] | None = None, since: str = "0", limit: int = 1000) -> list[Delivered]:
         """Past events after ``since``, oldest first, without waiting for new ones."""
         return read_history(self.store, types=types, since=since, limit=limit)
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        """Entries of the log that every reader refused and skipped (events.validation), in the order
+        they were refused."""
+        out: list[QuarantineEntry] = []
+        while batch := self._redis_call(partial(self.store.quarantined, out[-1].id if out else "0-0")):
+            out += batch
+        return out
+
+    def quarantine_count(self) -> int:
+        return self._redis_call(self.store.quarantine_count)  # type: ignore[no-any-return]
 
     # --- workers, queues, health --------------------------------------------------------------------
 
