@@ -114,7 +114,10 @@ def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: R
                                   "folder": plan.folder}
         if token:
             kwargs["access_token"] = token
-        queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, **_job_options(), **kwargs)
+        # a description of our own: RQ's default one (the call with its arguments) would put the URL and the
+        # access token in every worker's log
+        queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, description=f"download {rq_id}",
+                      **_job_options(), **kwargs)
     _enqueue_hash(store, job.id, ids, plan.folder, plan.metadata)
     log.info("install_fanned_out", job=job.id, files=len(ids), total=plan.total_bytes)
 
