@@ -24,6 +24,7 @@ from events.schema import InstallDownloaded, InstallStarted
 from events.store import RedisEventStore
 from services.config import AppConfig
 from services.download.cancel import Cancellation
+from services.download.network import download_client
 from services.install import defaults
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition
 from services.install.placement import copy_into, remove_tree, size_of, staging_dir
@@ -49,8 +50,9 @@ _TLS = httpx.create_ssl_context()
 
 
 def http_client(config: AppConfig) -> httpx.Client:
-    return httpx.Client(timeout=httpx.Timeout(15.0, read=config.download_stall_timeout), verify=_TLS,
-                        headers={"User-Agent": "modelbus-install/0.1"})
+    return download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
+                           timeout=httpx.Timeout(15.0, read=config.download_stall_timeout), verify=_TLS,
+                           headers={"User-Agent": "modelbus-install/0.1"})
 
 
 def run_install(job_id: str, access_token: str | None = None) -> str:

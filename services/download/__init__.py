@@ -12,6 +12,7 @@ from .errors import (
     RemoteError,
     RetriesExhaustedError,
     TokenRequiredError,
+    UnresolvableHostError,
     UnsafePathError,
     UnsafeURLError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Source",
     "TokenRequiredError",
     "URLSource",
+    "UnresolvableHostError",
     "UnsafePathError",
     "UnsafeURLError",
     "parse_source",

@@ -3,6 +3,7 @@
     DownloadError
     ├── InvalidSourceError        a source string that is no URL, HF repo id or Civitai reference
     ├── UnsafeURLError            a URL (or redirect hop) to a private/loopback address, or a bad scheme
+    ├── UnresolvableHostError     (InvalidInput) a URL's host name does not resolve
     ├── UnsafePathError           a file name or part path that is absolute or climbs out with ``..``
     ├── DestinationExistsError    the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    not enough free disk space for the download
@@ -18,6 +19,8 @@ httpx errors are translated where they come in (fetch.py), so callers see this f
 
 from __future__ import annotations
 
+from events.errors import InvalidInput
+
 
 class DownloadError(Exception):
     """Base of every error raised by :mod:`services.download`."""
@@ -28,6 +31,10 @@ class InvalidSourceError(DownloadError, ValueError):
 
 
 class UnsafeURLError(DownloadError):
+    pass
+
+
+class UnresolvableHostError(DownloadError, InvalidInput):
     pass
 
 
