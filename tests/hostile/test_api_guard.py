@@ -5,17 +5,20 @@ page whose own name now resolves to 127.0.0.1 sends that name as Host), cross-si
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from services.api import create_app
 from services.config import AppConfig
 from tests.api.conftest import serve
 from tests.client.conftest import model_config, put_file
+from tests.waiting import wait_until
 
 DOCUMENTS = ("/metrics", "/docs", "/redoc", "/openapi.json")
 
@@ -64,6 +67,24 @@ def test_dns_rebinding_a_foreign_host_is_refused(app_config: AppConfig, host: st
 def test_the_local_names_are_answered(app_config: AppConfig, host: str) -> None:
     with api(app_config) as (http, port):
         assert http.get("/api/v2/models", headers={"Host": host.format(port=port)}).status_code == 200
+
+
+def test_the_address_the_server_listens_on_is_answered(app_config: AppConfig) -> None:
+    """Bound to 127.0.0.2 (not a default name): its own address passes, another loopback address does not.
+    (Bound to 0.0.0.0, uvicorn reports the address a connection arrived on: a pod IP, for probes.)"""
+    app = create_app(app_config.model_copy(update={"api_allowed_hosts": ()}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.2", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, "uvicorn on 127.0.0.2")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.2:{port}", timeout=10, trust_env=False) as http:
+            assert http.get("/api/v2/models").status_code == 200  # Host: 127.0.0.2:<port>
+            assert http.get("/api/v2/models", headers={"Host": f"127.0.0.3:{port}"}).status_code == 400
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_configured_hosts_with_or_without_port(app_config: AppConfig) -> None:
