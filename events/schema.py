@@ -61,14 +61,17 @@ class FileEntry(BaseModel):
 
 class ModelAdded(Event):
     type: Literal["ModelAdded"] = "ModelAdded"
+    schema_version: int = 2
     config: dict[str, Any]
     files: tuple[FileEntry, ...] = ()  # the model's manifest; empty in events written before it existed
 
 
 class ModelUpdated(Event):
     type: Literal["ModelUpdated"] = "ModelUpdated"
+    schema_version: int = 2
     changes: dict[str, Any]
     config: dict[str, Any]
+    files: tuple[FileEntry, ...] | None = None  # a new manifest (the path changed and was hashed again)
 
 
 class ModelRenamed(Event):
@@ -148,7 +151,20 @@ EVENT_TYPES: dict[str, type[Event]] = {
 # UPCASTERS[(type, version)] turns a version-N body into a version-N+1 body.
 CURRENT_VERSION: dict[str, int] = {name: cls.model_fields["schema_version"].default for name, cls in EVENT_TYPES.items()}
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def _model_added_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no manifest: the files of such a model are not known from the log."""
+    return {**body, "files": []}
+
+
+def _model_updated_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 could not carry a new manifest: the manifest stays the one recorded before."""
+    return {**body, "files": None}
+
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {("ModelAdded", 1): _model_added_v1_to_v2,
+                                              ("ModelUpdated", 1): _model_updated_v1_to_v2}
 
 
 def activity(kind: str, payload: dict[str, Any], *, source: str = "modelbus",
