@@ -24,7 +24,7 @@ from events.schema import InstallDownloaded, InstallStarted
 from events.store import RedisEventStore
 from services.config import AppConfig
 from services.download.cancel import Cancellation
-from services.download.proxy import build_client, tls_context
+from services.download.network import download_client
 from services.install import defaults
 from services.install.imports import IMPORT_PATH, discard_hand_over
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition
@@ -47,13 +47,14 @@ def retries_left() -> int | None:
     return None if job is None else job.retries_left
 
 
-tls_context()  # the CA bundle costs ~0.1 s: loaded once per worker process, forked jobs inherit it
+# Loading the CA bundle costs ~0.1 s: done once per worker process (forked jobs inherit it).
+_TLS = httpx.create_ssl_context()
 
 
 def http_client(config: AppConfig) -> httpx.Client:
-    """Downloads and metadata calls of install jobs: through MODELBUS_DOWNLOAD_PROXY, if set."""
-    return build_client(config, timeout=httpx.Timeout(15.0, read=config.download_stall_timeout),
-                        headers={"User-Agent": "modelbus-install/0.1"})
+    return download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
+                           timeout=httpx.Timeout(15.0, read=config.download_stall_timeout), verify=_TLS,
+                           headers={"User-Agent": "modelbus-install/0.1"})
 
 
 def run_install(job_id: str, access_token: str | None = None) -> str:
@@ -122,7 +123,10 @@ def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: R
                                   "folder": plan.folder}
         if token:
             kwargs["access_token"] = token
-        queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, **_job_options(), **kwargs)
+        # a description of our own: RQ's default one (the call with its arguments) would put the URL and the
+        # access token in every worker's log
+        queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, description=f"download {rq_id}",
+                      **_job_options(), **kwargs)
     _enqueue_hash(store, job.id, ids, plan.folder, plan.metadata)
     log.info("install_fanned_out", job=job.id, files=len(ids), total=plan.total_bytes)
 

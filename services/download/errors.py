@@ -3,6 +3,7 @@
     DownloadError
     ├── SourceSyntaxError         (InvalidInput) a source string that is no URL, HF repo id or Civitai reference
     ├── UnsafeURLError            (Forbidden) a URL (or redirect hop) to a private/loopback address, a bad scheme
+    ├── UnresolvableHostError     (InvalidInput) a URL's host name does not resolve
     ├── UnsafePathError           (Forbidden) a file name or part path that is absolute or climbs out with ``..``
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    (TooLarge) not enough free disk space for the download
@@ -44,6 +45,10 @@ class SourceSyntaxError(DownloadError, InvalidInput, ValueError):
 
 
 class UnsafeURLError(DownloadError, Forbidden):
+    pass
+
+
+class UnresolvableHostError(DownloadError, InvalidInput):
     pass
 
 
