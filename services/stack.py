@@ -3,7 +3,6 @@ process per queue, and the HTTP API when it is available. Ctrl-C stops them all.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import structlog
 
 from events.store import RedisEventStore
 from services.config import AppConfig
+from workers.process import die_with_parent
 
 log = structlog.get_logger(__name__)
 
@@ -85,22 +85,9 @@ class Stack:
                 p.kill()
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not a glibc Linux: no parent-death signal, `wait` still stops the children
-        return None
-
-
-# loaded in the parent, so that the forked child makes a single prctl call before exec (nothing that
-# could wait on a lock another thread of the parent held at fork time)
-_LIBC = _load_libc()
-
-
 def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM when `modelbus up` dies, even by SIGKILL (no orphaned workers)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
 
 
 def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

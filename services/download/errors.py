@@ -10,6 +10,7 @@
     │   └── TokenRequiredError    401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            the sha256 of the downloaded file is not the published one
+    ├── PartialBusyError          (Unavailable) another download holds the partial file's lock too long
     ├── MetadataError             a Hugging Face / Civitai API answer we cannot use
     └── DownloadCancelled         the job was cancelled or paused while running (internal signal)
 
@@ -17,6 +18,8 @@ httpx errors are translated where they come in (fetch.py), so callers see this f
 """
 
 from __future__ import annotations
+
+from events.errors import Unavailable
 
 
 class DownloadError(Exception):
@@ -55,6 +58,10 @@ class TokenRequiredError(RemoteError):
 
 class RetriesExhaustedError(DownloadError):
     pass
+
+
+class PartialBusyError(DownloadError, Unavailable):
+    """Another writer held the partial file's lock for longer than the wait: worth another try later."""
 
 
 class IntegrityError(DownloadError):

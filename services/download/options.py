@@ -25,6 +25,7 @@ class FetchOptions:
     disk_reserve: int = 16 << 20
     fsync: bool = True
     allow_private: bool = False
+    lock_wait: float = 60.0  # s; how long a download waits for another writer of its partial file
 
     @classmethod
     def from_config(cls, config: AppConfig, **overrides: object) -> FetchOptions:

@@ -15,6 +15,7 @@ from types import TracebackType
 import redis
 import structlog
 
+from events.errors import Unavailable
 from events.keys import Keys
 from events.schema import InstallFailed
 from events.store import EventStore
@@ -59,7 +60,7 @@ def cancel_flag_set(client: redis.Redis, keys: Keys, job_id: str) -> bool:
 
 def is_final(exc: BaseException, retries_left: int | None) -> bool:
     """Whether this error ends the job now (bad input, or no retry left)."""
-    return isinstance(exc, FINAL_ERRORS) or not retries_left
+    return (isinstance(exc, FINAL_ERRORS) and not isinstance(exc, Unavailable)) or not retries_left
 
 
 class CancelWatcher:
