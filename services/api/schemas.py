@@ -105,10 +105,12 @@ class RedisHealth(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok | degraded (no live worker) | unavailable (Redis unreachable)")
+    status: str = Field(description="ok | degraded (no live worker, or a queue with jobs that no live worker "
+                                    "serves) | unavailable (Redis unreachable)")
     redis: RedisHealth
     workers_alive: int
     queues: dict[str, int] = Field(default_factory=dict)
+    unserved: list[str] = Field(default_factory=list, description="queues with waiting jobs and no live worker")
 
 
 class Removed(BaseModel):
