@@ -11,6 +11,7 @@
     │   └── TokenRequiredError    (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
+    ├── PartialBusyError          (Unavailable) another download holds the partial file's lock too long
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
     ├── ProxyUnavailableError     (InvalidInput) MODELBUS_DOWNLOAD_PROXY cannot be used (SOCKS without socksio)
     ├── DownloadCancelled         (Conflict) the job was cancelled or paused while running (internal signal)
@@ -82,6 +83,10 @@ class RetriesExhaustedError(DownloadError, Failed):
 
 class IntegrityError(DownloadError, InvalidInput):
     pass
+
+
+class PartialBusyError(DownloadError, Unavailable):
+    """Another writer held the partial file's lock for longer than the wait: worth another try later."""
 
 
 class MetadataError(DownloadError, Failed):
