@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request, Response
 
 from services.api.auth import require_token
 from services.api.errors import COMMON_RESPONSES, install_error_handlers
+from services.api.limits import RequestLimits
 from services.api.metrics import build_registry
 from services.api.routes import events, health, models
 from services.client import AsyncModelBusClient, ModelBusClient
@@ -33,7 +34,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
 
     app = FastAPI(title="modelbus", version="2.0",
                   description="An event-sourced model manager: records, installs, loads and live events.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, max_body_size=config.api_max_body)
     app.state.config = config
     app.state.client = client
     app.state.aclient = AsyncModelBusClient(client=client)
@@ -52,4 +53,5 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
         http_metrics.observe(request.method, route, response.status_code, started)
         return response
 
+    app.add_middleware(RequestLimits, config=config)  # outermost: limits come before any other work
     return app
