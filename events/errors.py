@@ -38,7 +38,7 @@ and holds each error to one kind. The event layer's own leaves:
     ├── ConcurrencyError        (Conflict) the aggregate is not at the expected version
     ├── UniqueConstraintError   (Conflict) a unique field (e.g. a model's path) is held by another aggregate
     ├── EventDecodeError        (InvalidInput) a stream entry cannot be read as an event
-    ├── InvalidEventError       (InvalidInput) an event to publish does not fit its kind's schema
+    ├── InvalidEventError       (InvalidInput) an event to append or publish breaks its schema or a domain check
     ├── StoreUnavailableError   (Unavailable) Redis did not answer within the retry deadline
     ├── ReplicationError        (Unavailable) an append was not confirmed by the required replicas
     ├── EmbeddedRedisError      (Unavailable) the embedded Redis could not be started, or a given Redis is unfit
@@ -147,10 +147,6 @@ class EventDecodeError(EventStoreError, InvalidInput):
         self.position, self.reason = position, reason
 
 
-class InvalidEventError(EventStoreError, InvalidInput):
-    """An activity payload that does not fit its kind's schema; nothing was published."""
-
-
 class StoreUnavailableError(EventStoreError, Unavailable):
     """Redis could not be reached (after retrying); the message carries the URL and the cause."""
 
@@ -161,3 +157,12 @@ class EmbeddedRedisError(EventStoreError, Unavailable):
 
 class ReplicationError(EventStoreError, Unavailable):
     """The append landed on the primary but fewer replicas than required confirmed it in time."""
+
+
+class InvalidEventError(EventStoreError, InvalidInput):
+    """An append or publish refused before it ran: an event that breaks its schema (every reader would
+    quarantine it) or an activity payload that does not fit its kind's schema."""
+
+    def __init__(self, type_name: str, aggregate_id: str, reason: str) -> None:
+        super().__init__(f"refused to append {type_name} for {aggregate_id!r}: {reason}")
+        self.type_name, self.aggregate_id, self.reason = type_name, aggregate_id, reason

@@ -98,6 +98,8 @@ class ModelBusCollector(Collector):
             for state, n in sorted(Counter(str(j.get("state")) for j in jobs).items()):
                 states.add_metric([state], n)
             yield states
+        yield CounterMetricFamily("modelbus_quarantined_events", "log entries refused by every reader",
+                                  value=self.client.quarantine_count())
         self.tally.catch_up()
         t = self.tally
         loads = CounterMetricFamily("modelbus_model_loads", "model loads by cache outcome", labels=["cache"])

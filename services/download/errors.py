@@ -3,6 +3,7 @@
     DownloadError
     ├── SourceSyntaxError         (InvalidInput) a source string that is no URL, HF repo id or Civitai reference
     ├── UnsafeURLError            (Forbidden) a URL (or redirect hop) to a private/loopback address, a bad scheme
+    ├── UnresolvableHostError     (InvalidInput) a URL's host name does not resolve
     ├── UnsafePathError           (Forbidden) a file name or part path that is absolute or climbs out with ``..``
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    (TooLarge) not enough free disk space for the download
@@ -10,7 +11,9 @@
     │   └── TokenRequiredError    (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
+    ├── PartialBusyError          (Unavailable) another download holds the partial file's lock too long
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
+    ├── ProxyUnavailableError     (InvalidInput) MODELBUS_DOWNLOAD_PROXY cannot be used (SOCKS without socksio)
     ├── DownloadCancelled         (Conflict) the job was cancelled or paused while running (internal signal)
     ├── Retry                     (Unavailable) this attempt failed, another may not (internal, ``responses``)
     └── Restart                   (Conflict) the resource changed: start over (internal, ``responses``)
@@ -46,6 +49,10 @@ class UnsafeURLError(DownloadError, Forbidden):
     pass
 
 
+class UnresolvableHostError(DownloadError, InvalidInput):
+    pass
+
+
 class UnsafePathError(DownloadError, Forbidden, ValueError):
     pass
 
@@ -78,6 +85,10 @@ class IntegrityError(DownloadError, InvalidInput):
     pass
 
 
+class PartialBusyError(DownloadError, Unavailable):
+    """Another writer held the partial file's lock for longer than the wait: worth another try later."""
+
+
 class MetadataError(DownloadError, Failed):
     pass
 
@@ -97,6 +108,10 @@ class Retry(DownloadError, Unavailable):
 
 class Restart(DownloadError, Conflict):
     """The resource changed under us: throw away the partial file and start over (internal)."""
+
+
+class ProxyUnavailableError(DownloadError, InvalidInput):
+    """The configured proxy cannot be used by this installation (a SOCKS proxy needs ``socksio``)."""
 
 
 InvalidSourceError = SourceSyntaxError

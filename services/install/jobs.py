@@ -30,6 +30,7 @@ from events.schema import (
     InstallStarted,
 )
 from events.store import EventStore, StoredEvent
+from events.validation import in_sequence
 from services.install.defaults import APPEND_ATTEMPTS
 from services.install.errors import InstallError, UnknownJobError
 
@@ -153,7 +154,8 @@ def fold(history: Sequence[StoredEvent]) -> InstallJob | None:
 
 
 def load_job(store: EventStore, job_id: str) -> InstallJob:
-    job = fold(store.history(job_id))
+    """The job folded from its history; entries every reader refuses (events.validation) are left out."""
+    job = fold(in_sequence(store.history(job_id), store.refuse))
     if job is None:
         raise UnknownJobError(f"no install job with id {job_id!r}")
     return job

@@ -15,6 +15,7 @@ from events.schema import ModelAdded
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
 from events.watch import WATCH_CLIENT_NAME, LogWatch, RedisLogWatch
 from tests.fixtures.activity import load_payload
+from tests.record_configs import record_config
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -33,7 +34,8 @@ def watch(store: EventStore) -> Iterator[LogWatch]:
 
 
 def _append(store: EventStore, n: int = 0) -> None:
-    store.append([ModelAdded(aggregate_id=f"k{n}-{uuid.uuid4().hex[:6]}", config={})])
+    key = f"k{n}-{uuid.uuid4().hex[:6]}"
+    store.append([ModelAdded(aggregate_id=key, config=record_config(key))])
 
 
 def _other_writer(store: EventStore) -> EventStore:
