@@ -24,7 +24,8 @@ from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from events.workers import WorkerInfo, list_workers
 from services.client import defaults
 from services.client.errors import UnavailableError
-from services.client.features import Features
+from services.client.gpu import GpuLoads
+from services.client.installs import Installs
 from services.client.subscription import Delivered, Subscription, read_history
 from services.config import AppConfig
 from services.records import ModelConfigBase, ModelRecordServiceBase
@@ -44,7 +45,7 @@ class ModelBusClient:
         self._retry_deadline = retry_deadline
         self._records: ModelRecordServiceBase | None = None
         self._lock = threading.RLock()
-        self.features = Features(self)
+        self._installs: Installs | None = None
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -71,6 +72,20 @@ class ModelBusClient:
     @property
     def redis(self) -> redis.Redis:
         return self.store.client
+
+    @property
+    def installs(self) -> Installs:
+        """Install commands and jobs (services.client.installs), built on first use."""
+        records = self.records
+        with self._lock:
+            if self._installs is None:
+                self._installs = Installs(self.config, self.store, records)
+            return self._installs
+
+    @property
+    def gpu(self) -> GpuLoads:
+        """Loads and unloads on the GPU workers (services.client.gpu)."""
+        return GpuLoads(self.redis, self.config.namespace)
 
     def close(self) -> None:
         with self._lock:
@@ -122,7 +137,7 @@ class ModelBusClient:
     def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
         """Change fields of a record; a new ``path`` is checked and hashed again (see ModelInstallService)."""
         if not isinstance(changes, Mapping) or "path" in changes:
-            return self._locked(lambda r: self.features.update_path(key, changes))  # type: ignore[no-any-return]
+            return self._locked(lambda r: self.installs.update_path(key, changes))  # type: ignore[no-any-return]
         return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
 
     def rename_model(self, key: str, new_name: str) -> ModelConfigBase:
@@ -133,7 +148,7 @@ class ModelBusClient:
         services.install.ownership: never another model's). Returns the record as it was."""
         model = self.get_model(key)
         if delete_files:
-            self._locked(lambda r: self.features.delete(key))
+            self._locked(lambda r: self.installs.delete(key))
         else:
             self._locked(lambda r: r.del_model(key))
         return model
@@ -149,45 +164,45 @@ class ModelBusClient:
         from services.records.legacy import import_legacy_yaml
         return self._locked(lambda r: import_legacy_yaml(Path(path), r))
 
-    # --- installs, loads (the services that own them are optional features) -----------------------
+    # --- installs, loads ----------------------------------------------------------------------------
 
     def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
         """Publish an install command and return the job at once (``wait()`` follows it).
 
         A local file outside the import roots is handed over by this process (linked or copied into the
         import area with the caller's permissions); ``hand_over=False`` (the HTTP API) refuses it instead."""
-        return self.features.install(source, hand_over=hand_over, **options)
+        return self.installs.install(source, hand_over=hand_over, **options)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.features.job(job_id)
+        return self.installs.job(job_id)
 
     def jobs(self) -> list[dict[str, Any]]:
-        return self.features.jobs()
+        return self.installs.jobs()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.features.cancel(job_id)
+        return self.installs.cancel(job_id)
 
     def wait(self, job: str | Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Block until the install job ends (completed, failed or cancelled); returns its final state."""
-        return self.features.wait(job, timeout)
+        return self.installs.wait(job, timeout)
 
     def scan(self, path: str | Path) -> dict[str, Any]:
         """Register every model found under ``path`` where it is; ``{"added": [keys]}``."""
-        return self.features.scan(Path(path))
+        return self.installs.scan(Path(path))
 
     def sync(self) -> dict[str, Any]:
         """Register unrecorded models in the models dir; report records whose files are gone."""
-        return self.features.sync()
+        return self.installs.sync()
 
     def load(self, key: str, submodel: str | None = None, worker: str | None = None,
              wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
         """Load a model on a GPU worker (the one already holding it, unless ``worker`` is given); with
         ``wait``, return after the worker's ``model_load_completed`` with what it reported."""
         self.get_model(key)  # an unknown key fails here, not on a worker
-        return self.features.load(key, submodel, worker, wait, timeout)
+        return self.gpu.load(key, submodel, worker, wait, timeout)
 
     def unload(self, key: str, worker: str | None = None) -> dict[str, Any]:
-        return self.features.unload(key, worker)
+        return self.gpu.unload(key, worker)
 
     # --- events -------------------------------------------------------------------------------------
 

@@ -17,7 +17,21 @@ they are part of the public API (DESIGN.md), and the API maps them to 404/409/42
 
 from __future__ import annotations
 
-from events.errors import Failed, InvalidInput, Kind, ModelbusError, NotFound, TimedOut, Unavailable
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from events.errors import (
+    Failed,
+    InvalidInput,
+    Kind,
+    ModelbusError,
+    NotFound,
+    StoreUnavailableError,
+    TimedOut,
+    Unavailable,
+)
+from services.install.errors import InstallError
+from services.routing import RoutingError
 
 
 class ClientError(ModelbusError):
@@ -50,3 +64,15 @@ CLIENT_ERRORS: dict[Kind, type[ClientError]] = {
     Kind.NOT_FOUND: NotFoundError, Kind.INVALID_INPUT: InvalidRequestError, Kind.UNAVAILABLE: UnavailableError,
     Kind.TIMED_OUT: WaitTimeoutError, Kind.FAILED: JobFailedError,
 }
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Install, routing and event-store errors, as the client's of the same kind (conflicts pass as they are)."""
+    try:
+        yield
+    except (InstallError, RoutingError, StoreUnavailableError) as exc:
+        client_error = CLIENT_ERRORS.get(exc.kind)
+        if client_error is None:
+            raise
+        raise client_error(str(exc)) from exc

@@ -4,7 +4,7 @@
 returns a :class:`ModelInfo`; ``with info as model:`` holds the model on the execution device.
 """
 
-from services.load.cache import CacheEntry, Loaded, ModelCache, ModelLocker
+from services.load.cache import CacheEntry, ModelCache, ModelLocker
 from services.load.errors import (
     CacheError,
     CacheOutOfMemoryError,
@@ -16,6 +16,7 @@ from services.load.errors import (
     UnsafeModelException,
 )
 from services.load.ip_adapters import IPAdapter
+from services.load.kit import Loaded
 from services.load.safetensors_fast import FlatTensors, drop_page_cache, load_flat
 from services.load.service import (
     ModelInfo,

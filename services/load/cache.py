@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from services.load.errors import CacheOutOfMemoryError, ModelTooLargeError
-from services.load.locker import ModelLocker
+from services.load.kit import Loaded
 from services.load.stats import CacheStats, EntryInfo
 from services.load.tensors import move_object, object_nbytes, tensor_slots
 
@@ -34,12 +34,6 @@ EventSink = Callable[[str, dict[str, Any]], None]
 _OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, RuntimeError)
 
 
-@dataclass
-class Loaded:
-    """What a loader returns: the object and, when its tensors are views of one buffer, that buffer."""
-
-    model: Any
-    buffer: torch.Tensor | None = None
 
 
 @dataclass
@@ -419,6 +413,27 @@ class ModelCache:
                     self.on_event(kind, payload)
                 except Exception as exc:  # noqa: BLE001 - a subscriber's code may raise anything; the cache goes on
                     log.warning("cache_event_sink_failed", error=str(exc))
+
+
+class ModelLocker:
+    """The spec's ``ModelInfo.context``: locks a cached model on the execution device for a ``with`` block
+    (re-entrant, counted)."""
+
+    def __init__(self, cache: ModelCache, key: str) -> None:
+        self.cache = cache
+        self.key = key
+
+    def lock(self) -> Any:
+        return self.cache.lock(self.key)
+
+    def unlock(self) -> None:
+        self.cache.unlock(self.key)
+
+    def __enter__(self) -> Any:
+        return self.lock()
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
 
 
 def _nbytes(t: torch.Tensor | None) -> int:

@@ -11,22 +11,12 @@ from pathlib import Path
 
 import torch
 
-from services.load.checkpoints import (
-    CLIP_PREFIXES,
-    DENOISER_SUBMODELS,
-    NOT_FLUX_TRANSFORMER,
-    OPENCLIP_PREFIXES,
-    SD3_CLIP_PREFIXES,
-    SD3_T5_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIXES,
-    flux_diffusers_state,
-    is_controlnet_key,
-    sd3_diffusers_state,
-)
+from services.load.checkpoints import CLIP_PREFIXES, OPENCLIP_PREFIXES, is_controlnet_key
 from services.load.errors import LoadError
-from services.load.loaders import LoadRequest
+from services.load.flux import flux_diffusers_state
+from services.load.kit import DENOISER_SUBMODELS, NOT_FLUX_TRANSFORMER, UNET_PREFIX, VAE_PREFIXES, LoadRequest
 from services.load.safetensors_fast import read_header
+from services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX, sd3_diffusers_state
 from services.load.weights import weight_files
 from services.records.enums import ModelFormat, ModelType, SubModelType
 

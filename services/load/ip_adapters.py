@@ -32,9 +32,8 @@ from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFullImageProjection, IPAdapterPlusImageProjection
 
-from services.load.cache import Loaded
 from services.load.errors import InvalidModelException
-from services.load.loaders import LoadRequest, live_buffer
+from services.load.kit import Loaded, LoadRequest, live_buffer
 from services.load.safetensors_fast import assign_weights, empty_model
 from services.load.weights import read_state_dict
 

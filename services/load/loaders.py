@@ -7,12 +7,9 @@ ship in ``services/configs`` (:mod:`services.load.checkpoints`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +17,21 @@ import diffusers
 import torch
 import transformers
 
-from services.load.cache import Loaded
 from services.load.errors import InvalidModelException
+from services.load.kit import (
+    Loaded,
+    LoadRequest,
+    block_count,
+    fit_keys,
+    live_buffer,
+    read_json,
+    read_single_file,
+    resolve_class,
+    shape_of,
+)
 from services.load.safetensors_fast import assign_weights, empty_model
-from services.load.tensors import plan_layout, tensor_slots
-from services.load.weights import StateDict, read_state_dict, weight_files
+from services.load.weights import read_state_dict, weight_files
 from services.records.enums import SubModelType
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    record: Any                      # the record service's config object
-    location: Path                   # the record's path, resolved against the models directory
-    submodel: SubModelType | None
-    device: torch.device
-    dtype: torch.dtype
-
-
-Loader = Callable[[LoadRequest], Loaded]
 
 # submodel -> the class used when a diffusers folder has no model_index.json
 _DEFAULT_CLASSES: dict[SubModelType, tuple[str, str]] = {
@@ -52,31 +46,13 @@ _DEFAULT_CLASSES: dict[SubModelType, tuple[str, str]] = {
     SubModelType.TextEncoder3: ("transformers", "T5EncoderModel"),
     SubModelType.Tokenizer3: ("transformers", "T5TokenizerFast"),
 }
+
+
 _TOKENIZERS = (SubModelType.Tokenizer, SubModelType.Tokenizer2, SubModelType.Tokenizer3)
-_LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
 def _folder_of(submodel: SubModelType) -> str:
     return "vae" if submodel in (SubModelType.VaeDecoder, SubModelType.VaeEncoder) else submodel.value
-
-
-def resolve_class(library: str, name: str) -> type:
-    """A class named by a config; only diffusers and transformers classes (configs are data, not code)."""
-    module = _LIBRARIES.get(library)
-    cls = getattr(module, name, None) if module is not None else None
-    if not isinstance(cls, type):
-        raise InvalidModelException(f"unknown class {library}.{name} (only diffusers/transformers classes load)")
-    return cls
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidModelException(f"{path}: unreadable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidModelException(f"{path}: expected a JSON object")
-    return data
 
 
 def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: torch.dtype) -> Loaded:
@@ -123,21 +99,6 @@ def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
         model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
         return model
     raise InvalidModelException(f"{folder}: {cls.__name__} is not a model class")
-
-
-def fit_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Align checkpoint keys to the model's when they differ by a known prefix.
-
-    Transformers 5 dropped the ``text_model.`` level of CLIP text encoders that older files
-    (and every original SD checkpoint) carry; some files also carry or lack the base model prefix.
-    """
-    wanted = set(model.state_dict().keys())
-    prefixes = {"text_model."} | ({f"{model.base_model_prefix}."} if getattr(model, "base_model_prefix", "") else set())
-    candidates = [tensors]
-    for prefix in prefixes:
-        candidates.append({k.removeprefix(prefix): v for k, v in tensors.items()})
-        candidates.append({f"{prefix}{k}": v for k, v in tensors.items()})
-    return max(candidates, key=lambda c: len(wanted & c.keys()))
 
 
 def load_diffusers_main(req: LoadRequest) -> Loaded:
@@ -229,50 +190,14 @@ def load_textual_inversion(req: LoadRequest) -> Loaded:
     return Loaded(tensors, state.buffer)
 
 
-# ---- single files of one model each, their configs read from their tensors' names and shapes ----
-def read_single_file(req: LoadRequest, select: Callable[[str], bool] | None = None) -> StateDict:
-    if not req.location.is_file():
-        what = getattr(req.record.model_type, "value", req.record.model_type)
-        raise InvalidModelException(f"{req.location}: a {what} checkpoint must be a single file")
-    return read_state_dict([req.location], req.device, req.dtype, select)
-
-
-def block_count(keys: Iterable[str], pattern: str) -> int:
-    """One more than the largest block index that ``pattern`` (one group) finds in ``keys``; 0 if none."""
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
-def shape_of(tensors: dict[str, torch.Tensor], key: str, where: Path, what: str) -> tuple[int, ...]:
-    tensor = tensors.get(key)
-    if tensor is None:
-        raise InvalidModelException(f"{where}: not a complete {what}: no tensor {key}")
-    return tuple(tensor.shape)
-
-
-def live_buffer(model: torch.nn.Module, buffer: torch.Tensor | None) -> torch.Tensor | None:
-    """The file's buffer to hand the cache with ``model``, or None when most of it is dead.
-
-    A conversion that made new tensors (a split, a cast) leaves the old ones dead in the buffer,
-    which the tensors still in it keep alive whole. Past the cache's own repacking threshold those
-    are copied out, so the buffer is freed and the cache counts what is really held (it packs the
-    model into one buffer again on its first move). Copying only them keeps the peak lower than
-    packing everything anew: the conversion has already doubled what it converted."""
-    if buffer is None or plan_layout(tensor_slots(model), buffer).copy_whole:
-        return buffer
-    storage = buffer.untyped_storage().data_ptr()
-    for slot in tensor_slots(model):
-        if slot.tensor.untyped_storage().data_ptr() == storage:
-            alone = slot.tensor.clone()
-            for set_ in slot.setters:
-                set_(alone)
-    return None
-
-
 # T2I-Adapters: diffusers' layout (``adapter.body.N.resnets.M``); TencentARC's original one has no
 # ``resnets`` level (``body.N.block1``, light adapters ``body.N.body.M.block1``)
 _T2I_DIFFUSERS = re.compile(r"^(?:adapter\.)?body\.\d+\.resnets\.\d+\.block1\.weight$")
+
+
 _T2I_TENCENTARC = re.compile(r"^body\.\d+\.(?:body\.\d+\.)?block1\.weight$")
+
+
 # the hint image (1 or 3 channels) is pixel-unshuffled to the UNet's first feature map: by 8 for
 # SD-1's latents, by 16 for SDXL adapters -> (hint channels, unshuffle factor)
 _T2I_HINTS = {64: (1, 8), 192: (3, 8), 256: (1, 16), 768: (3, 16)}
@@ -361,6 +286,8 @@ def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer:
 # a CLIP image tower's attention heads leave no trace in its weights: OpenAI's towers (B, L) have
 # 64-wide heads and quick-GELU; LAION's (H, g, bigG: IP-Adapter's image encoders) 16 heads and GELU
 _LAION_CLIP_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16}
+
+
 _CLIP_VISION = ("vision_model.", "visual_projection.")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.load import checkpoints, ip_adapters, loaders
 from services.load.errors import InvalidModelException
-from services.load.loaders import Loader
+from services.load.kit import Loader
 from services.records.enums import ModelFormat, ModelType
 
 LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {

@@ -37,7 +37,7 @@ from events.schema import (
     ModelLoadFailed,
     ModelLoadStarted,
 )
-from services.load.cache import CacheEntry, Loaded, ModelCache, ModelLocker
+from services.load.cache import CacheEntry, ModelCache, ModelLocker
 from services.load.errors import (
     CacheOutOfMemoryError,
     InvalidModelException,
@@ -46,7 +46,7 @@ from services.load.errors import (
     SubmodelRequiredError,
 )
 from services.load.estimate import estimate_bytes
-from services.load.loaders import LoadRequest
+from services.load.kit import Loaded, LoadRequest
 from services.load.registry import loader_for
 from services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
 

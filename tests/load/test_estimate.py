@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from services.load import checkpoints
 from services.load.estimate import estimate_bytes
-from services.load.loaders import LoadRequest
+from services.load.kit import LoadRequest
 from services.load.safetensors_fast import read_header
 from services.load.tensors import object_nbytes
 from services.records.enums import SubModelType

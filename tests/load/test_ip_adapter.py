@@ -24,7 +24,7 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from services.load import InvalidModelException, ModelLoadService, UnsafeModelException
 from services.load.estimate import estimate_bytes
 from services.load.ip_adapters import IPAdapter, load_ip_adapter
-from services.load.loaders import LoadRequest
+from services.load.kit import LoadRequest
 from services.load.tensors import move_object, object_nbytes
 from tests.load import builders
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from services.load import ModelLoadService, checkpoints
-from services.load.loaders import LoadRequest
+from services.load.kit import LoadRequest
 from services.load.safetensors_fast import empty_model
 from services.probe.result import legacy_config_path
 from services.records.enums import BaseModelType, ModelVariantType, SchedulerPredictionType, SubModelType

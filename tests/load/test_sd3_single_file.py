@@ -22,7 +22,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from services.load import InvalidModelException, ModelLoadService, checkpoints
 from services.load.estimate import estimate_bytes
-from services.load.loaders import LoadRequest
+from services.load.kit import LoadRequest
 from services.records.enums import SubModelType
 from tests.load import builders
 from tests.probe import builders as probe

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UN
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from services.load import InvalidModelException, ModelLoadService, checkpoints
-from services.load.loaders import LoadRequest
+from services.load.kit import LoadRequest
 from services.load.safetensors_fast import empty_model
 from services.records.enums import SubModelType
 from tests.load import builders

@@ -23,8 +23,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from services.load import InvalidModelException, ModelLoadService, checkpoints, loaders
-from services.load.loaders import LoadRequest
+from services.load import InvalidModelException, ModelLoadService, checkpoints, flux, kit, loaders
+from services.load.kit import LoadRequest
 from services.load.tensors import object_nbytes
 from services.records.enums import SubModelType
 from tests.fixtures.model_files import write_safetensors
@@ -149,8 +149,8 @@ def _flux_inputs(in_channels: int, guidance: bool) -> dict[str, torch.Tensor | N
 
 
 def test_rope_axes_keep_flux_proportions() -> None:
-    assert checkpoints.rope_axes(128) == (16, 56, 56)  # FLUX.1's own
-    assert checkpoints.rope_axes(16) == (4, 6, 6) and checkpoints.rope_axes(64) == (8, 28, 28)
+    assert flux.rope_axes(128) == (16, 56, 56)  # FLUX.1's own
+    assert flux.rope_axes(16) == (4, 6, 6) and flux.rope_axes(64) == (8, 28, 28)
 
 
 @pytest.mark.parametrize(("layout", "prefix", "flavour", "fill", "single_layers"), [
@@ -200,11 +200,11 @@ def test_a_mostly_dead_buffer_is_let_go() -> None:
     whole = torch.zeros(16 * 16 * 4 + 16 * 4, dtype=torch.uint8)
     model.weight.data = whole[:1024].view(torch.float32).view(16, 16)
     model.bias.data = whole[1024:].view(torch.float32)
-    assert loaders.live_buffer(model, whole) is whole  # all of it in use: kept
+    assert kit.live_buffer(model, whole) is whole  # all of it in use: kept
     dead = torch.zeros(4096, dtype=torch.uint8)
     model.bias.data = dead[:64].view(torch.float32)
     model.bias.data.copy_(torch.arange(16.0))
-    assert loaders.live_buffer(model, dead) is None  # 64 of 4096 bytes in use: let go...
+    assert kit.live_buffer(model, dead) is None  # 64 of 4096 bytes in use: let go...
     assert model.bias.untyped_storage().data_ptr() != dead.untyped_storage().data_ptr()
     assert torch.equal(model.bias, torch.arange(16.0))  # ...what was still in it copied out
 

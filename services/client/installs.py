@@ -1,0 +1,106 @@
+"""The client's side of the install service: it publishes install commands and reads jobs, turning jobs into
+plain dicts (what the API and the CLI print) and the service's errors into the client's (by kind).
+
+Built from what it needs (the configuration, the event store and the record service), not from the client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from events.store import RedisEventStore
+from services.client.errors import InvalidRequestError, translated
+from services.config import AppConfig
+from services.install import InstallJob, InstallStatus, ModelInstallService
+from services.install.commands import InstallCommand, submit, submit_handing_over
+from services.records import ModelRecordServiceBase
+
+T = TypeVar("T")
+SECRET_OPTIONS = frozenset({"access_token", "claim"})  # never shown back to a caller
+
+
+def job_id_of(job: str | InstallJob | Mapping[str, Any]) -> str:
+    if isinstance(job, str):
+        return job
+    if isinstance(job, InstallJob):
+        return job.id
+    found = job.get("id")
+    if not found:
+        raise InvalidRequestError(f"not an install job: {dict(job)!r}")
+    return str(found)
+
+
+def job_dict(job: InstallJob) -> dict[str, Any]:
+    """An install job as JSON-ready data; ``state`` is the status (the spec's name for it)."""
+    return {"id": job.id, "source": job.source, "state": job.status.value, "bytes": job.bytes,
+            "total_bytes": job.total_bytes, "key": job.key, "config": job.config,
+            "error_type": job.error_type, "error": job.error,
+            "options": {k: v for k, v in job.options.items() if k not in SECRET_OPTIONS},
+            "created_at": job.created_at.isoformat() if job.created_at else None,
+            "updated_at": job.updated_at.isoformat() if job.updated_at else None}
+
+
+class Installs:
+    def __init__(self, config: AppConfig, event_store: RedisEventStore, records: ModelRecordServiceBase) -> None:
+        self.config = config
+        self.installer = ModelInstallService(config, store=records, event_store=event_store)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        with translated():
+            return fn()
+
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+        if not isinstance(source, str) or not source.strip():
+            raise InvalidRequestError("install needs a source: a path, a URL, a Hugging Face repo id or civitai:ID")
+        config = options.pop("config", None)
+        token = options.pop("access_token", None)
+        command_id = options.pop("command_id", None) or uuid.uuid4().hex
+        opts = {**options, "inplace": bool(options.get("inplace")), "force": bool(options.get("force")),
+                "config": dict(config or {})}
+        try:  # the options go into the log as JSON: refuse what cannot be stored before anything is written
+            orjson.dumps(opts)
+        except TypeError as exc:
+            raise InvalidRequestError(f"install options must be plain JSON values: {exc}") from exc
+        installer = self.installer
+        command = InstallCommand(source, opts, command_id, token)
+        publish = submit_handing_over if hand_over else submit
+        job_id = self._call(lambda: publish(installer.event_store, self.config, command))
+        if job_id != command_id:  # a repeated command, or a source already being installed: that job
+            return self.job(job_id)
+        # a new job is waiting: say so without reading it back (publishing stays one append + one enqueue)
+        return {"id": job_id, "source": source, "state": InstallStatus.WAITING.value, "bytes": 0, "total_bytes": 0,
+                "key": None, "config": None, "error_type": None, "error": None,
+                "options": {k: v for k, v in opts.items() if k not in SECRET_OPTIONS},
+                "created_at": None, "updated_at": None}
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return job_dict(self._call(lambda: self.installer.get_job_by_id(job_id)))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return [job_dict(j) for j in self._call(self.installer.list_jobs)]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return job_dict(self._call(lambda: self.installer.cancel_job(job_id)))
+
+    def wait(self, job: str | InstallJob | Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+        job_id = job_id_of(job)
+        return job_dict(self._call(lambda: self.installer.wait_for_job(job_id, timeout)))
+
+    def delete(self, key: str) -> None:
+        """The record and the files it owns (services.install.ownership)."""
+        self._call(lambda: self.installer.delete(key))
+
+    def update_path(self, key: str, changes: Any) -> Any:
+        return self._call(lambda: self.installer.update_model(key, changes))
+
+    def scan(self, path: Path) -> dict[str, Any]:
+        return {"added": self._call(lambda: self.installer.scan_directory(path))}
+
+    def sync(self) -> dict[str, Any]:
+        return dataclasses.asdict(self._call(self.installer.sync_models_dir))

@@ -1,0 +1,208 @@
+"""What every loader shares: the request (:class:`LoadRequest`), what a loader returns (:class:`Loaded`),
+and the helpers the loader modules build on (reading a checkpoint's tensors, shapes and block counts,
+building a model on the meta device and assigning its weights, the configs and tokenizers shipped with
+the project). Loaders import this module, never the cache; the cache imports ``Loaded`` from here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from transformers import CLIPTextConfig, CLIPTokenizer
+
+from services.load.errors import InvalidModelException
+from services.load.safetensors_fast import assign_weights, empty_model
+from services.load.tensors import plan_layout, tensor_slots
+from services.load.weights import StateDict, read_state_dict
+from services.records.enums import SubModelType
+
+
+@dataclass
+class Loaded:
+    """What a loader returns: the object and, when its tensors are views of one buffer, that buffer."""
+
+    model: Any
+    buffer: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    record: Any                      # the record service's config object
+    location: Path                   # the record's path, resolved against the models directory
+    submodel: SubModelType | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+Loader = Callable[[LoadRequest], Loaded]
+
+
+_LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
+
+
+def resolve_class(library: str, name: str) -> type:
+    """A class named by a config; only diffusers and transformers classes (configs are data, not code)."""
+    module = _LIBRARIES.get(library)
+    cls = getattr(module, name, None) if module is not None else None
+    if not isinstance(cls, type):
+        raise InvalidModelException(f"unknown class {library}.{name} (only diffusers/transformers classes load)")
+    return cls
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidModelException(f"{path}: unreadable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidModelException(f"{path}: expected a JSON object")
+    return data
+
+
+def fit_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Align checkpoint keys to the model's when they differ by a known prefix.
+
+    Transformers 5 dropped the ``text_model.`` level of CLIP text encoders that older files
+    (and every original SD checkpoint) carry; some files also carry or lack the base model prefix.
+    """
+    wanted = set(model.state_dict().keys())
+    prefixes = {"text_model."} | ({f"{model.base_model_prefix}."} if getattr(model, "base_model_prefix", "") else set())
+    candidates = [tensors]
+    for prefix in prefixes:
+        candidates.append({k.removeprefix(prefix): v for k, v in tensors.items()})
+        candidates.append({f"{prefix}{k}": v for k, v in tensors.items()})
+    return max(candidates, key=lambda c: len(wanted & c.keys()))
+
+
+# ---- single files of one model each, their configs read from their tensors' names and shapes ----
+def read_single_file(req: LoadRequest, select: Callable[[str], bool] | None = None) -> StateDict:
+    if not req.location.is_file():
+        what = getattr(req.record.model_type, "value", req.record.model_type)
+        raise InvalidModelException(f"{req.location}: a {what} checkpoint must be a single file")
+    return read_state_dict([req.location], req.device, req.dtype, select)
+
+
+def block_count(keys: Iterable[str], pattern: str) -> int:
+    """One more than the largest block index that ``pattern`` (one group) finds in ``keys``; 0 if none."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def shape_of(tensors: dict[str, torch.Tensor], key: str, where: Path, what: str) -> tuple[int, ...]:
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise InvalidModelException(f"{where}: not a complete {what}: no tensor {key}")
+    return tuple(tensor.shape)
+
+
+def live_buffer(model: torch.nn.Module, buffer: torch.Tensor | None) -> torch.Tensor | None:
+    """The file's buffer to hand the cache with ``model``, or None when most of it is dead.
+
+    A conversion that made new tensors (a split, a cast) leaves the old ones dead in the buffer,
+    which the tensors still in it keep alive whole. Past the cache's own repacking threshold those
+    are copied out, so the buffer is freed and the cache counts what is really held (it packs the
+    model into one buffer again on its first move). Copying only them keeps the peak lower than
+    packing everything anew: the conversion has already doubled what it converted."""
+    if buffer is None or plan_layout(tensor_slots(model), buffer).copy_whole:
+        return buffer
+    storage = buffer.untyped_storage().data_ptr()
+    for slot in tensor_slots(model):
+        if slot.tensor.untyped_storage().data_ptr() == storage:
+            alone = slot.tensor.clone()
+            for set_ in slot.setters:
+                set_(alone)
+    return None
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+# ---- FLUX and SD-3: transformers, and the ControlNets that copy their blocks ----
+# what an all-in-one FLUX or SD-3 file holds beside its transformer (ComfyUI's and Stability's
+# bundles): not read for the transformer
+NOT_FLUX_TRANSFORMER = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+
+
+# the submodels a FLUX or SD-3 file's transformer is served as: "unet" stays an alias of
+# "transformer", as it was served before SubModelType had a transformer
+DENOISER_SUBMODELS = (SubModelType.Transformer.value, SubModelType.UNet.value)
+
+
+def base_of(record: Any) -> str:
+    value = getattr(record.base_model, "value", record.base_model)
+    return "sd-1" if value == "any" else str(value)
+
+
+def quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():  # diffusers warns that image_size is deprecated: we pass it on purpose
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def read_checkpoint(req: LoadRequest, select: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    if not req.location.is_file():
+        raise InvalidModelException(f"{req.location}: a checkpoint must be a single file")
+    state = read_state_dict([req.location], req.device, req.dtype, select)
+    return state.tensors, state.buffer
+
+
+def build_from(cls: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor], req: LoadRequest,
+           buffer: torch.Tensor | None, what: str) -> Loaded:
+    model = empty_model(cls)
+    assign_weights(model, tensors, req.device, f"{req.location} ({what})")
+    return Loaded(model, buffer)
+
+
+def clip_config(shipped: Path, hidden: int, vocab: int, positions: int, layers: int, inter: int,
+                 projection: int | None = None) -> CLIPTextConfig:
+    base = read_json(shipped / "config.json") if (shipped / "config.json").is_file() else {}
+    base.update(hidden_size=hidden, vocab_size=vocab, max_position_embeddings=positions, num_hidden_layers=layers,
+                intermediate_size=inter, num_attention_heads=max(1, hidden // 64))
+    if projection is not None:
+        base["projection_dim"] = projection
+    return CLIPTextConfig(**{k: v for k, v in base.items() if k not in ("architectures", "transformers_version")})
+
+
+def prefix_of(tensors: dict[str, torch.Tensor], leaf: str) -> str | None:
+    found = [k[: -len(leaf)] for k in tensors if k == leaf or k.endswith("." + leaf)]
+    return min(found, key=len) if found else None
+
+
+def load_transformer(req: LoadRequest, to_diffusers: Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]],
+                      configure: Callable[[dict[str, torch.Tensor], Path], dict[str, Any]], cls: Any, what: str
+                      ) -> Loaded:
+    """A transformer denoiser from one file: its tensors (bundled parts unread), converted to diffusers'
+    names, a config derived from their shapes, the weights assigned in place."""
+    tensors, buffer = read_checkpoint(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
+    converted = to_diffusers(tensors, req.location)
+    config = configure(converted, req.location)
+    model = empty_model(lambda: cls.from_config(config))
+    assign_weights(model, converted, req.device, f"{req.location} ({what})")
+    return Loaded(model, live_buffer(model, buffer))
+
+
+def load_tokenizer(req: LoadRequest) -> Loaded:
+    """CLIP's BPE tokenizer, shipped with the project (single files carry none). OpenAI CLIP (SD-1,
+    SDXL's first encoder) pads with the end token; the OpenCLIP encoders (SD-2, SDXL's second) with '!'."""
+    folder = CONFIGS_DIR / "tokenizers" / "clip-vit-large-patch14"
+    if not (folder / "vocab.json").is_file():
+        raise InvalidModelException(f"{req.location}: the CLIP tokenizer files are missing from {folder}")
+    open_clip = req.submodel == SubModelType.Tokenizer2 or base_of(req.record) == "sd-2"
+    if open_clip:
+        return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True, pad_token="!"))
+    return Loaded(CLIPTokenizer.from_pretrained(folder, local_files_only=True))
