@@ -23,7 +23,7 @@ import structlog
 from events.embedded import EmbeddedRedis
 from events.store import RedisEventStore
 from services.config import AppConfig
-from workers.process import die_with_parent
+from services.process import die_with_parent
 
 log = structlog.get_logger(__name__)
 

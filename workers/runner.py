@@ -33,9 +33,9 @@ from rq.worker import BaseWorker
 
 from events.keys import QUEUES, Keys
 from events.workers import WorkerCache, WorkerState, publish_worker_state, remove_worker_state
+from services.process import die_with_parent
 from workers import defaults
 from workers.errors import LeaseLostError
-from workers.process import die_with_parent
 
 log = structlog.get_logger(__name__)
 
