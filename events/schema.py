@@ -61,6 +61,7 @@ class FileEntry(BaseModel):
 
 class ModelAdded(Event):
     type: Literal["ModelAdded"] = "ModelAdded"
+    schema_version: int = 2
     config: dict[str, Any]
     files: tuple[FileEntry, ...] = ()  # the model's manifest; empty in events written before it existed
 
@@ -148,7 +149,14 @@ EVENT_TYPES: dict[str, type[Event]] = {
 # UPCASTERS[(type, version)] turns a version-N body into a version-N+1 body.
 CURRENT_VERSION: dict[str, int] = {name: cls.model_fields["schema_version"].default for name, cls in EVENT_TYPES.items()}
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def _model_added_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no manifest: the files of such a model are not known from the log."""
+    return {**body, "files": []}
+
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {("ModelAdded", 1): _model_added_v1_to_v2}
 
 
 def activity(kind: str, payload: dict[str, Any], *, source: str = "modelbus",
