@@ -112,6 +112,7 @@ class AppConfig(BaseSettings):
     store_url: str = Field(default="shared", description="where every model's canonical copy lives: 'shared' "
                            "(the models directory) or s3://bucket/prefix (see README 'Model store')")
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, R2...); unset = AWS")
+    store_retries: int = Field(default=5, ge=1, le=50, description="attempts of one store request")
     cache_dir: Path = Field(default=Path("cache"), description="this host's cache of store blobs")
     cache_size: int = Field(default=100 << 30, description="size limit of the host cache in bytes (accepts 500G)")
     records_read_tracking: bool = Field(

@@ -71,6 +71,7 @@ def modelbus_env(redis_url: str, namespace: str, tmp_path: Path, monkeypatch: py
         "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1",
         "MODELBUS_LOG_FORMAT": "json",
         "HF_HUB_OFFLINE": "1",
+        "MODELBUS_STORE_URL": "shared",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -26,6 +26,7 @@ from services.install.recording import (
     identify,
 )
 from services.records import ModelConfigBase, ModelRecordServiceBase
+from services.store.publish import publish_model, renamed
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +68,7 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
     else:
         check_duplicate(records, key, req.job_id)
     name = model_name(req.path, req.user, req.metadata)
+    files = publish_model(config, req.path)  # before the record, which never names a blob the store lacks
     target = req.path
     placed = False
     if not req.inplace:
@@ -78,7 +80,7 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
     try:
         fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
                               metadata=req.metadata, source=req.source, user=req.user)
-        record = add_record(records, key, fields, req.job_id)
+        record = add_record(records, key, fields, req.job_id, renamed(files, req.path, target))
     except BaseException:
         if placed:
             remove_tree(target)

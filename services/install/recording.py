@@ -8,13 +8,14 @@ the job id as correlation id) recognises it as its own instead of as a duplicate
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
 
+from events.schema import FileEntry
 from services.hashing import HashingError, content_hash, model_key
 from services.install.errors import DuplicateInstallError, ModelIdentificationError
 from services.probe import ProbeError, ProbeResult, probe
@@ -100,11 +101,11 @@ def check_duplicate(records: ModelRecordServiceBase, key: str, job_id: str | Non
 
 
 def add_record(records: ModelRecordServiceBase, key: str, config: dict[str, Any],
-               job_id: str | None) -> ModelConfigBase:
+               job_id: str | None, files: Sequence[FileEntry] = ()) -> ModelConfigBase:
     if job_id is not None and added_by(records, key, job_id):
         return records.get_model(key)
     try:
-        return records.add_model(key, config, correlation_id=job_id,
+        return records.add_model(key, config, correlation_id=job_id, files=files,
                                  idempotency_key=f"install:{job_id}:add" if job_id else None)
     except DuplicateModelException as exc:
         raise DuplicateInstallError(f"refused as a duplicate: {exc}", key) from exc

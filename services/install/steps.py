@@ -24,11 +24,13 @@ from services.install.defaults import CANCEL_FLAG_TTL, CANCEL_POLL_INTERVAL
 from services.install.errors import InstallError
 from services.install.jobs import InstallJob, transition, unless_ended
 from services.probe import ProbeError
+from services.store import BlobCorruptError, StoreConfigError
 
 log = structlog.get_logger(__name__)
 
 #: errors that are the answer, not an accident: the job ends with them at once
-FINAL_ERRORS: tuple[type[BaseException], ...] = (InstallError, DownloadError, ProbeError)
+FINAL_ERRORS: tuple[type[BaseException], ...] = (InstallError, DownloadError, ProbeError, BlobCorruptError,
+                                                  StoreConfigError)
 
 
 def error_name(exc: BaseException) -> str:

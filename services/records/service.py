@@ -26,7 +26,7 @@ import structlog
 
 from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
 from events.projection import ProjectionRunner
-from events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
+from events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from events.store import AppendResult, EventStore, StoredEvent, position_key
 from events.watch import LogWatch
 from services.records.enums import BaseModelType, ModelType
@@ -301,7 +301,9 @@ class ModelRecordServiceBase:
     # --- writes -------------------------------------------------------------------------------------
 
     def add_model(self, key: str, config: ModelConfigBase | Mapping[str, Any], *,
-                  correlation_id: str | None = None, idempotency_key: str | None = None) -> ModelConfigBase:
+                  correlation_id: str | None = None, idempotency_key: str | None = None,
+                  files: Sequence[FileEntry] = ()) -> ModelConfigBase:
+        """Record a new model; ``files`` is its manifest (services.install.manifest), kept in the event."""
         record = parse_config(config, key=key)
         claim = path_claim(self.projection.resolve(record.path))
         body = record.model_dump(mode="json")
@@ -316,7 +318,7 @@ class ModelRecordServiceBase:
                     raise DuplicateModelException(f"a model with key {key!r} already exists")
                 replay.clear()
                 expected = -1  # no version matches: the store answers "duplicate" for our key, or refuses
-            event = ModelAdded(aggregate_id=key, config=body, correlation_id=correlation_id)
+            event = ModelAdded(aggregate_id=key, config=body, files=tuple(files), correlation_id=correlation_id)
             result = self._append(event, claims={claim: key}, idempotency_key=idempotency_key,
                                   path=record.path, expected=expected)
             if result is None:

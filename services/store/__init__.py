@@ -34,5 +34,6 @@ def open_store(config: Any) -> BlobStore | None:
         return FileBlobStore(location.path)
     if location.scheme == "s3":
         from services.store.s3 import S3BlobStore  # boto3 costs ~0.3 s to import: only where it is used
-        return S3BlobStore(location, endpoint_url=getattr(config, "s3_endpoint_url", None))
+        return S3BlobStore(location, endpoint_url=getattr(config, "s3_endpoint_url", None),
+                           retries=int(getattr(config, "store_retries", 5)))
     return None
