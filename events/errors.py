@@ -15,7 +15,24 @@ leaf class and never the message, decides the HTTP status, the CLI's exit code a
     └── Failed                      failed           502    1    no   (a worker ran it and it failed)
 
 Leaf errors of each package (``UnknownModelException``, ``DuplicateModelException``...) subclass their
-package's base *and* one kind. The event layer's own leaves:
+package's base *and* one kind; each package's errors module draws its own leaves::
+
+    ModelbusError
+    ├── EventStoreError         events (below; SentinelURLError in events.sentinel)
+    ├── RecordServiceError      services.records.errors
+    ├── ProbeError              services.probe.errors
+    ├── LoadError               services.load.errors
+    ├── InstallError            services.install.errors
+    ├── DownloadError           services.download.errors
+    ├── RoutingError            services.routing
+    ├── ClientError             services.client.errors
+    ├── CliError                services.cli.errors
+    ├── HashingError            (InvalidInput) services.hashing
+    └── ConfigError             (InvalidInput, ValueError) services.config
+
+Errors of redis-py, httpx and RQ are translated where they come in (``events.connection``,
+``services.download.fetch``, ``services.routing``). ``tests/events/test_error_kinds.py`` walks every module
+and holds each error to one kind. The event layer's own leaves:
 
     EventStoreError
     ├── ConcurrencyError        (Conflict) the aggregate is not at the expected version
@@ -23,7 +40,8 @@ package's base *and* one kind. The event layer's own leaves:
     ├── EventDecodeError        (InvalidInput) a stream entry cannot be read as an event
     ├── StoreUnavailableError   (Unavailable) Redis did not answer within the retry deadline
     ├── ReplicationError        (Unavailable) an append was not confirmed by the required replicas
-    └── EmbeddedRedisError      (Unavailable) the embedded Redis could not be started, or a given Redis is unfit
+    ├── EmbeddedRedisError      (Unavailable) the embedded Redis could not be started, or a given Redis is unfit
+    └── SentinelURLError        (InvalidInput) a redis+sentinel:// URL that cannot be used
 """
 
 from __future__ import annotations

@@ -68,8 +68,10 @@ class ModelAdded(Event):
 
 class ModelUpdated(Event):
     type: Literal["ModelUpdated"] = "ModelUpdated"
+    schema_version: int = 2
     changes: dict[str, Any]
     config: dict[str, Any]
+    files: tuple[FileEntry, ...] | None = None  # a new manifest (the path changed and was hashed again)
 
 
 class ModelRenamed(Event):
@@ -156,7 +158,13 @@ def _model_added_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "files": []}
 
 
-UPCASTERS: dict[tuple[str, int], Upcaster] = {("ModelAdded", 1): _model_added_v1_to_v2}
+def _model_updated_v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 could not carry a new manifest: the manifest stays the one recorded before."""
+    return {**body, "files": None}
+
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {("ModelAdded", 1): _model_added_v1_to_v2,
+                                              ("ModelUpdated", 1): _model_updated_v1_to_v2}
 
 
 def activity(kind: str, payload: dict[str, Any], *, source: str = "modelbus",

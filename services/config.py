@@ -1,20 +1,23 @@
 """Application configuration: environment (prefix ``MODELBUS_``) over ``$MODELBUS_ROOT/modelbus.yaml``.
 
-Relative paths are resolved against ``root``. A bad value raises :class:`ConfigError` naming the
+Path settings (``models_dir``, ``db_path``, ``conf_path``) accept paths relative to ``root`` and hold
+absolute ones once loaded, as InvokeAI's config does; ``root`` itself is made absolute. A bad value raises :class:`ConfigError` naming the
 variable and the value, so a typo in the environment is reported instead of silently ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from events.errors import InvalidInput
 from services.store.errors import StoreConfigError
 from services.store.location import parse_store_url
 
@@ -22,10 +25,12 @@ ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+#: path settings given relative to ``root`` and read as absolute paths (``AppConfig._absolute_paths``)
+_ROOT_RELATIVE = ("models_dir", "conf_path", "db_path", "cache_dir")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError):
     """A configuration value could not be used; the message names the variable and the value."""
 
 
@@ -103,6 +108,9 @@ class AppConfig(BaseSettings):
     hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN"))
     civitai_token: str | None = Field(default_factory=lambda: os.environ.get("CIVITAI_TOKEN"))
     remote_api_tokens: dict[str, str] = Field(default_factory=dict, description="URL regex -> token")
+    import_roots: str | None = Field(
+        default=None, description="folders local installs through the API or the queue may read from, separated "
+        "by ':' (unset: the models directory and $MODELBUS_ROOT/import)")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=9090, ge=0, le=65535)
     api_token: str | None = None
@@ -118,6 +126,17 @@ class AppConfig(BaseSettings):
     records_read_tracking: bool = Field(
         default=True, description="record reads learn of appends from Redis client-side tracking instead of a "
         "round trip per read (false: one round trip per read)")
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> AppConfig:
+        # InvokeAI's rule: the settings may be relative (to the root), what a program reads is absolute,
+        # so ``sqlite3.connect(config.db_path)`` opens the same file from any working directory
+        self.root = self.root.expanduser().absolute()
+        for name in _ROOT_RELATIVE:
+            setattr(self, name, self.resolve(getattr(self, name)))
+        with contextlib.suppress(OSError):  # as InvokeAI's db_path does; a read-only root is no config error
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        return self
 
     @field_validator("ram_cache_size", "vram_cache_size", "cache_size", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from events.store import RedisEventStore
 from services.config import AppConfig
 from services.install.errors import InstallError, JobStoppedError
 from services.install.finalize import FinalizeRequest, finalize
+from services.install.imports import discard_hand_over
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
 from services.install.placement import model_in_staging, partial_files, remove_tree, size_of, staging_dir
 from services.install.progress import ProgressBoard
@@ -49,6 +50,7 @@ def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | 
     job = load_job(store, job_id)
     if job.terminal:
         remove_tree(staging_dir(config, job_id))
+        discard_hand_over(config, job.options)
     return job.status.value
 
 

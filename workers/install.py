@@ -25,9 +25,11 @@ from events.store import RedisEventStore
 from services.config import AppConfig
 from services.download.cancel import Cancellation
 from services.install import defaults
+from services.install.imports import IMPORT_PATH, discard_hand_over
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition
-from services.install.placement import copy_into, remove_tree, size_of, staging_dir
+from services.install.placement import copy_into, remove_tree, size_of, source_files, staging_dir
 from services.install.progress import ProgressBoard, ProgressReporter
+from services.install.recording import probe_model
 from services.install.sources import LocalPlan, RemotePlan, resolve
 from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final
 from workers.context import current
@@ -62,7 +64,8 @@ def run_install(job_id: str, access_token: str | None = None) -> str:
     job, _ = transition(store, job_id, lambda j: InstallStarted(
         aggregate_id=job_id, worker=context.worker_id, correlation_id=job_id) if j.waiting else None)
     try:
-        plan = resolve(job.source, config, job.options, lambda: http_client(config), access_token)
+        source = job.options.get(IMPORT_PATH) or job.source  # a hand-over copy stands for the user's path
+        plan = resolve(source, config, job.options, lambda: http_client(config), access_token)
         if isinstance(plan, LocalPlan):
             _local(store, config, job, plan)
         else:
@@ -72,6 +75,7 @@ def run_install(job_id: str, access_token: str | None = None) -> str:
             log.warning("install_step_retry", job=job_id, error=describe(exc))
             raise
         remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        discard_hand_over(config, job.options)
         fail_job(store, job_id, error_name(exc), describe(exc))
         return InstallStatus.ERROR.value
     return load_job(store, job_id).status.value
@@ -83,6 +87,8 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
         _enqueue_hash(store, job.id, [], None, {})
         return
     path = plan.path
+    source_files(path)  # no symlink out of the source, before any byte of it is read
+    probe_model(path, job.options.get("config") or {})  # suffix and headers, before the copy
     if not job.options.get("inplace"):
         board = ProgressBoard(store.client, store.keys)
         board.set_total(job.id, size_of(path))
@@ -96,6 +102,7 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
         if j.status is InstallStatus.DOWNLOADING else None)
     if not appended and job.terminal:
         remove_tree(staging_dir(config, job.id))  # cancelled while copying
+        discard_hand_over(config, job.options)
         return
     _enqueue_hash(store, job.id, [], None, {})
 
@@ -152,4 +159,5 @@ def on_job_failure(job: Job, connection: Any, exc_type: type[BaseException] | No
     if job.func_name != HASH_FUNCTION:
         return  # the hash job still runs after the downloads (allow_failure) and cleans the staging
     remove_tree(staging_dir(context.config, job_id))
+    discard_hand_over(context.config, load_job(context.store, job_id).options)
 

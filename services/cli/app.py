@@ -17,7 +17,7 @@ from events.errors import EventStoreError
 from events.logs import configure_logging
 from services.cli import jobs, models, ops
 from services.cli.context import state
-from services.cli.errors import CliError, exit_code, one_line
+from services.cli.errors import exit_code, one_line
 from services.cli.output import err_console
 
 
@@ -62,9 +62,9 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
     stack = Stack(config, worker_queues=[w for w in workers.split(";") if w], with_api=api)
     try:
         stack.start()
-    except EventStoreError as exc:
+    except EventStoreError:  # Redis missing or unfit: exit code 5 by its kind
         stack.stop()
-        raise CliError(str(exc), 5) from exc
+        raise
     typer.echo("modelbus is up (Ctrl-C stops it)")
     for line in stack.describe():
         typer.echo("  " + line)

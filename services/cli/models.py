@@ -8,7 +8,7 @@ import orjson
 import typer
 
 from services.cli.context import client
-from services.cli.errors import CliError
+from services.cli.errors import UsageError
 from services.cli.output import console, err_console, print_json, table
 from services.cli.progress import LoadStatus
 
@@ -55,7 +55,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     """``field=value``; the value is read as JSON when it is JSON (numbers, lists, null), else as text."""
     field, sep, raw = text.partition("=")
     if not sep or not field.strip():
-        raise CliError(f"--set expects field=value, got {text!r}")
+        raise UsageError(f"--set expects field=value, got {text!r}")
     try:
         value: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -68,7 +68,7 @@ def update(key: str, set_: Annotated[list[str], typer.Option("--set", help="fiel
     """Change fields of a model's record: --set description="..." --set tags='["a","b"]'."""
     changes = dict(parse_assignment(s) for s in set_)
     if not changes:
-        raise CliError("nothing to update: give at least one --set field=value")
+        raise UsageError("nothing to update: give at least one --set field=value")
     model = client().update_model(key, changes)
     if json:
         print_json(model.model_dump(mode="json"))

@@ -10,7 +10,7 @@ import typer
 
 from services.cli.context import client
 from services.cli.doctor import run_checks
-from services.cli.errors import CliError
+from services.cli.errors import CommandFailedError
 from services.cli.output import console, human_bytes, print_json, print_json_line, table
 from services.client import Delivered
 
@@ -77,7 +77,7 @@ def doctor(json: JsonFlag = False) -> None:
             console.print(f"{MARK[check.status]} {check.name:<16} {check.detail}", highlight=False)
     failed = [c.name for c in checks if c.status == "fail"]
     if failed:
-        raise CliError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}", 1)
+        raise CommandFailedError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
 
 
 def records_rebuild(json: JsonFlag = False) -> None:
@@ -101,4 +101,4 @@ def import_yaml(path: Annotated[str, typer.Argument(help="a legacy models.yaml")
         for entry, why in report.skipped:
             console.print(f"  skipped {entry}: {why}", markup=False)
     if report.skipped:
-        raise CliError(f"{len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} not imported", 1)
+        raise CommandFailedError(f"{len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} not imported")

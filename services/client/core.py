@@ -117,6 +117,9 @@ class ModelBusClient:
         return self._locked(lambda r: r.add_model(key, config))  # type: ignore[no-any-return]
 
     def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
+        """Change fields of a record; a new ``path`` is checked and hashed again (see ModelInstallService)."""
+        if isinstance(changes, Mapping) and "path" in changes:
+            return self._locked(lambda r: self.features.update_path(key, changes))  # type: ignore[no-any-return]
         return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
 
     def rename_model(self, key: str, new_name: str) -> ModelConfigBase:
@@ -145,9 +148,12 @@ class ModelBusClient:
 
     # --- installs, loads (the services that own them are optional features) -----------------------
 
-    def install(self, source: str, **options: Any) -> dict[str, Any]:
-        """Publish an install command and return the job at once (``wait()`` follows it)."""
-        return self.features.install(source, **options)
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+        """Publish an install command and return the job at once (``wait()`` follows it).
+
+        A local file outside the import roots is handed over by this process (linked or copied into the
+        import area with the caller's permissions); ``hand_over=False`` (the HTTP API) refuses it instead."""
+        return self.features.install(source, hand_over=hand_over, **options)
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.features.job(job_id)

@@ -28,7 +28,9 @@ from .errors import (
     InsufficientSpaceError,
     IntegrityError,
     RemoteError,
+    Restart,
     RetriesExhaustedError,
+    Retry,
     TokenRequiredError,
 )
 from .names import choose_filename
@@ -42,7 +44,7 @@ from .partial import (
     remove_partial,
     split_ranges,
 )
-from .responses import Restart, Retry, check_status, looks_like_page, parse_content_range
+from .responses import check_status, looks_like_page, parse_content_range
 from .transport import open_stream, widen_reads
 
 log = structlog.get_logger(__name__)

@@ -12,7 +12,6 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -26,7 +25,9 @@ from events.store import RedisEventStore
 from services.config import AppConfig
 from services.install import defaults
 from services.install.errors import InvalidCommandError, InvalidSourceError
+from services.install.imports import IMPORT_PATH
 from services.install.jobs import load_job, source_claim
+from services.install.roots import check_local_source
 from services.install.sources import looks_like_path, normalize_source
 
 log = structlog.get_logger(__name__)
@@ -51,9 +52,12 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     if not _COMMAND_ID.match(job_id):
         raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
     normalized = normalize_source(command.source, config, command.options)
-    if looks_like_path(command.source.strip()) and not Path(normalized).exists():
-        # workers share this file system (models dir and sources): refuse now rather than queue a failure
-        raise InvalidSourceError(f"no such file or folder: {normalized}")
+    if looks_like_path(command.source.strip()):
+        # the workers read local files only inside the import roots: refused before anything is read
+        local = check_local_source(command.options.get(IMPORT_PATH) or normalized, config)
+        if not local.exists():
+            # workers share this file system (models dir and sources): refuse now rather than queue a failure
+            raise InvalidSourceError(f"no such file or folder: {normalized}")
     claim = source_claim(normalized)
     options = {**command.options, "claim": claim, "normalized_source": normalized}
     event = InstallRequested(aggregate_id=job_id, source=command.source, options=options, correlation_id=job_id)

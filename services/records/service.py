@@ -31,6 +31,7 @@ from events.store import AppendResult, EventStore, StoredEvent, position_key
 from events.watch import LogWatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import (
+    MISSING,
     DuplicateModelException,
     EventLogError,
     FieldError,
@@ -41,7 +42,7 @@ from services.records.errors import (
 )
 from services.records.fold import fold, is_model_event, path_claim
 from services.records.models import ModelConfigBase
-from services.records.parsing import merge_update, parse_config
+from services.records.parsing import check_key, merge_update, parse_config
 from services.records.projection import RECORDS_VERSION, RecordProjection, config_from_state
 
 log = structlog.get_logger(__name__)
@@ -304,7 +305,7 @@ class ModelRecordServiceBase:
                   correlation_id: str | None = None, idempotency_key: str | None = None,
                   files: Sequence[FileEntry] = ()) -> ModelConfigBase:
         """Record a new model; ``files`` is its manifest (services.install.manifest), kept in the event."""
-        record = parse_config(config, key=key)
+        record = parse_config(config, key=check_key(key))
         claim = path_claim(self.projection.resolve(record.path))
         body = record.model_dump(mode="json")
         # a retried command (same idempotency key) may find its own earlier add: ask the store once
@@ -328,8 +329,9 @@ class ModelRecordServiceBase:
         return self._retry(attempt, key)
 
     def update_model(self, key: str, config: ModelConfigBase | Mapping[str, Any], *,
-                     correlation_id: str | None = None) -> ModelConfigBase:
-        """Apply a sparse dict of changes, or replace the record with a whole config."""
+                     correlation_id: str | None = None, files: Sequence[FileEntry] | None = None) -> ModelConfigBase:
+        """Apply a sparse dict of changes, or replace the record with a whole config; ``files`` replaces the
+        manifest (when the path moved: services.install checks the new path and hashes it)."""
         def attempt() -> ModelConfigBase | None:
             current = self._current(key)
             updated, changes = merge_update(current, config)
@@ -339,7 +341,7 @@ class ModelRecordServiceBase:
             new_claim = path_claim(self.projection.resolve(updated.path))
             moved = old_claim != new_claim
             event = ModelUpdated(aggregate_id=key, changes=changes, config=updated.model_dump(mode="json"),
-                                 correlation_id=correlation_id)
+                                 files=None if files is None else tuple(files), correlation_id=correlation_id)
             result = self._append(event, claims={new_claim: key} if moved else None,
                                   releases=[old_claim] if moved else (), path=updated.path)
             if result is None:
@@ -348,7 +350,16 @@ class ModelRecordServiceBase:
             return updated
         return self._retry(attempt, key)
 
-    def rename_model(self, key: str, new_name: str, *, correlation_id: str | None = None) -> ModelConfigBase:
+    def rename_model(self, key: str, new_name: str | Mapping[str, Any], *,
+                     correlation_id: str | None = None) -> ModelConfigBase:
+        """Change the model's name: ``rename_model(key, "new")`` or, as the spec writes it,
+        ``rename_model(key, {"name": "new"})`` (a dict holding anything but ``name`` is refused)."""
+        if isinstance(new_name, Mapping):
+            others = [FieldError(str(k), v, "rename_model changes only the name (use update_model)")
+                      for k, v in new_name.items() if k != "name"]
+            if others:
+                raise InvalidModelConfigException(others, "invalid rename")
+            new_name = new_name.get("name", MISSING)
         if not isinstance(new_name, str) or not new_name.strip():
             raise InvalidModelConfigException([FieldError("name", new_name, "must be a non-empty string")])
 

@@ -15,9 +15,8 @@ from typing import Any
 import structlog
 
 from events.schema import FileEntry
-from services.hashing import _folder_files  # the same file list as the content hash (hidden files skipped)
 from services.store import defaults, open_store
-from services.store.blobs import BlobStore, file_digest
+from services.store.blobs import BlobStore
 from services.store.errors import StoreUnavailableError
 
 log = structlog.get_logger(__name__)
@@ -28,22 +27,11 @@ def model_base(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def interim_manifest(path: Path) -> tuple[FileEntry, ...]:
-    """The manifest of the model at ``path``; stands in until the install records one (issue "files")."""
-    if path.is_file():
-        return (FileEntry(path=path.name, size=path.stat().st_size, blake3=file_digest(path)),)
-    return tuple(FileEntry(path=rel, size=file.stat().st_size, blake3=file_digest(file))
-                 for rel, file in _folder_files(path))
-
-
-def publish_model(config: Any, path: Path) -> tuple[FileEntry, ...]:
-    """Publish the model at ``path`` to the configured store; its manifest (empty for ``shared``)."""
+def publish_model(config: Any, path: Path, files: Sequence[FileEntry]) -> None:
+    """Publish the model at ``path`` (``files``: its manifest) to the configured store, if there is one."""
     store = open_store(config)
-    if store is None:
-        return ()
-    files = interim_manifest(path)  # the "files" branch: found.files, hashed with the record
-    publish(store, model_base(path), files)
-    return files
+    if store is not None:
+        publish(store, model_base(path), files)
 
 
 def renamed(files: tuple[FileEntry, ...], old: Path, new: Path) -> tuple[FileEntry, ...]:

@@ -47,6 +47,13 @@ class Bus:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
+    def library(self) -> Path:
+        """An import root of this bus beside the defaults (models dir, import area): in place models live here."""
+        path = self.root.parent / "library"
+        path.mkdir(exist_ok=True)
+        return path
+
+    @property
     def config(self) -> AppConfig:
         return AppConfig.load(root=self.root)
 
@@ -97,6 +104,7 @@ def _bus(redis_url: str, tmp: Path, start_workers: int, extra_env: dict[str, str
             "MODELBUS_HF_ENDPOINT": hub.url, "MODELBUS_CIVITAI_API": civitai.url, "MODELBUS_HASH_THREADS": "1",
             "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20",
             "MODELBUS_STORE_URL": "shared", **(extra_env or {}),
+            "MODELBUS_IMPORT_ROOTS": str(tmp / "library"),  # an operator's folder for in-place models
         }
         bus = Bus(env, root, logs, files, hub, civitai)
         with pytest.MonkeyPatch.context() as mp:

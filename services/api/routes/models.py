@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from services.api.errors import CONFLICT, NOT_FOUND, ErrorResponse, Responses
+from services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
 from services.api.schemas import (
     HistoryEntry,
     InstallRequest,
@@ -68,8 +68,8 @@ def get_model(key: Key, c: Client) -> Response:
     return _json(c.get_model(key).model_dump(mode="json"))
 
 
-@router.patch("/i/{key}", response_model=AnyModelConfig, responses={**NOT_FOUND, **CONFLICT},
-              summary="Update fields of a model (a sparse object of changes)")
+@router.patch("/i/{key}", response_model=AnyModelConfig, responses={**NOT_FOUND, **CONFLICT, **FORBIDDEN},
+              summary="Update fields of a model (a sparse object of changes; a new path is checked and hashed)")
 def update_model(key: Key, c: Client, changes: Annotated[dict[str, Any], Body(
         examples=[{"description": "a better description", "tags": ["sfw"]}])]) -> Response:
     return _json(c.update_model(key, changes).model_dump(mode="json"))
@@ -80,8 +80,8 @@ def rename_model(key: Key, body: RenameRequest, c: Client) -> Response:
     return _json(c.rename_model(key, body.name).model_dump(mode="json"))
 
 
-@router.delete("/i/{key}", response_model=Removed, responses=NOT_FOUND,
-               summary="Remove a model (and its files, when they are in the models directory)")
+@router.delete("/i/{key}", response_model=Removed, responses={**NOT_FOUND, **CONFLICT},
+               summary="Remove a model (and, with delete_files, exactly the files recorded at its install)")
 def delete_model(key: Key, c: Client, delete_files: bool = False) -> Removed:
     c.delete_model(key, delete_files=delete_files)
     return Removed(key=key, deleted_files=delete_files)
@@ -112,10 +112,11 @@ def unload_model(key: Key, c: Client, body: UnloadRequest | None = None) -> Resp
 
 # --- installs -------------------------------------------------------------------------------------
 
-@router.post("/install", response_model=Job, status_code=202, responses=WORKER,
+@router.post("/install", response_model=Job, status_code=202, responses={**WORKER, **FORBIDDEN},
              summary="Install a model from a path, URL, Hugging Face repo id or Civitai id")
 def install(body: InstallRequest, c: Client) -> Response:
-    return _json(c.install(body.source, **body.options()), status=202)
+    # a local path must lie in an import root: the API never reads a file on a caller's behalf
+    return _json(c.install(body.source, hand_over=False, **body.options()), status=202)
 
 
 @router.get("/install", response_model=list[Job], responses=WORKER, summary="List install jobs")
