@@ -1,6 +1,6 @@
 """Every size, count and timeout of the model store and the host caches, in one place."""
 
-PART_SIZE = 16 << 20            # bytes; one ranged GET / one multipart part; smaller blobs go up in one PUT
+PART_SIZE = 8 << 20             # bytes; one ranged GET / one multipart part; smaller blobs go up in one PUT
 TRANSFER_THREADS = 10           # parallel parts of one blob (s3transfer's max_concurrency, ranged GETs)
 BLOB_THREADS = 4                # blobs of one model uploaded / fetched at once
 RETRIES = 5                     # attempts of one request (botocore "standard" retry mode)

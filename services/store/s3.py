@@ -83,20 +83,20 @@ class S3BlobStore(BlobStore):
         self._config = botocore.config.Config(
             retries={"max_attempts": retries, "mode": "standard"}, connect_timeout=defaults.CONNECT_TIMEOUT,
             read_timeout=defaults.READ_TIMEOUT, max_pool_connections=2 * defaults.TRANSFER_THREADS + 8)
-        self._local = threading.local()
+        self._client: Any = None
         self.part_size = part_size
         self._transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
                                         max_concurrency=defaults.TRANSFER_THREADS, use_threads=True)
 
     @property
     def client(self) -> Any:
-        """One client per thread (boto3 sessions are not thread safe; clients are, but are cheap)."""
-        client = getattr(self._local, "client", None)
-        if client is None:
+        """One client for every thread (a boto3 client is thread safe; making one costs ~0.1 s)."""
+        if self._client is None:
             with _SESSION_LOCK:
-                client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=self._config)
-            self._local.client = client
-        return client
+                if self._client is None:
+                    self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url,
+                                                                  config=self._config)
+        return self._client
 
     def key(self, digest: str) -> str:
         return f"{self.prefix}{defaults.BLOB_PREFIX}{check_digest(digest)}"
