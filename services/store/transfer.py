@@ -90,7 +90,8 @@ class _Fetch:
             os.close(fd)
         os.replace(self.partial, self.dest)
         self.parts_file.unlink(missing_ok=True)
-        log.debug("blob_fetched", digest=self.digest, size=self.size, resumed_parts=resumed)
+        if resumed:
+            log.info("blob_fetch_resumed", digest=self.digest, size=self.size, parts=self.count, resumed_parts=resumed)
 
     def _resumable(self) -> set[int]:
         """The parts a killed fetch already wrote, when its partial file is the right size."""

@@ -3,77 +3,29 @@ installed by host A's install worker is loaded by host B's GPU worker, which fet
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from events.schema import ModelAdded
 from services import routing
 from services.client import ModelBusClient
 from services.client.errors import JobFailedError
-from services.install import InstallStatus, ModelInstallService
-from services.store import parse_store_url
-from services.store.s3 import S3BlobStore
+from services.install import ModelInstallService
 from tests.fixtures.model_files import make_lora_kohya
-from tests.install.conftest import REPO_ROOT, Bus, _bus, make_service
-from tests.servers.s3_server import CREDENTIALS, S3Server
+from tests.install.conftest import make_service
+from tests.servers.s3_server import S3Server
+from tests.store.hosts import Hosts, install, two_hosts
 from tests.waiting import wait_until
 
 TIMEOUT = 120
 
 
-@dataclass
-class Hosts:
-    bus: Bus            # host A: the install worker, its root
-    root_b: Path        # host B: a GPU worker, its own root and cache
-    gpu: subprocess.Popen[bytes]
-    s3: S3Server
-
-    @property
-    def cache_b(self) -> Path:
-        return self.root_b / "cache"
-
-    def store(self) -> S3BlobStore:
-        config = self.bus.config
-        return S3BlobStore(parse_store_url(config.store_url), endpoint_url=config.s3_endpoint_url)
-
-
-def start_gpu(bus: Bus, root: Path, name: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "workers", "--queues", "gpu", "--device", "cpu", "--name", name]
-    log = (bus.logs / f"{name}.log").open("wb")
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **bus.env, "MODELBUS_ROOT": str(root)},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_registered(bus: Bus, name: str) -> None:
-    client = ModelBusClient(bus.config)
-    wait_until(lambda: any(w["id"] == name for w in client.workers()), 90, f"GPU worker {name} to register",
-               details=bus.worker_log)
-
-
 @pytest.fixture(scope="module")
 def hosts(redis_url: str, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
-    s3_server.client().create_bucket(Bucket="two-hosts")
-    env = {"MODELBUS_STORE_URL": "s3://two-hosts/fleet", "MODELBUS_S3_ENDPOINT_URL": s3_server.url,
-           "MODELBUS_STORE_RETRIES": "2", **CREDENTIALS}
-    tmp = tmp_path_factory.mktemp("hosts")
-    for bus in _bus(redis_url, tmp, start_workers=1, extra_env=env):
-        root_b = tmp / "host-b"
-        root_b.mkdir()
-        gpu = start_gpu(bus, root_b, "gpu-b")
-        try:
-            wait_registered(bus, "gpu-b")
-            yield Hosts(bus, root_b, gpu, s3_server)
-        finally:
-            if gpu.poll() is None:
-                os.killpg(gpu.pid, signal.SIGTERM)
-                gpu.wait(timeout=20)
+    for hosts in two_hosts(redis_url, s3_server, tmp_path_factory.mktemp("hosts"), "two-hosts"):
+        hosts.start_gpu("gpu-b")
+        yield hosts
 
 
 @pytest.fixture()
@@ -83,17 +35,10 @@ def installer(hosts: Hosts) -> Iterator[ModelInstallService]:
     service.record_store.close()
 
 
-def _install(hosts: Hosts, installer: ModelInstallService, path: Path) -> tuple[str, ModelAdded]:
-    done = installer.wait_for_job(installer.heuristic_import(str(path)), timeout=TIMEOUT)
-    assert done.status is InstallStatus.COMPLETED, (done.error, hosts.bus.worker_log())
-    added = next(s.event for s in installer.record_store.history(done.key) if isinstance(s.event, ModelAdded))
-    return str(done.key), added
-
-
 def test_a_model_installed_on_one_host_is_loaded_on_another(hosts: Hosts, installer: ModelInstallService,
                                                              tmp_path: Path) -> None:
     source = make_lora_kohya(tmp_path / "travelling_lora.safetensors", rank=16)
-    key, added = _install(hosts, installer, source)
+    key, added = install(hosts, installer, source)
     assert not (hosts.root_b / "models").exists() or not list((hosts.root_b / "models").rglob("*.safetensors"))
     client = ModelBusClient(hosts.bus.config)
     placed = client.load(key, timeout=TIMEOUT)
@@ -116,7 +61,7 @@ def test_a_corrupt_blob_in_the_store_fails_the_load_and_is_never_laid_out(hosts:
                                                                           installer: ModelInstallService,
                                                                           tmp_path: Path) -> None:
     source = make_lora_kohya(tmp_path / "rotten_lora.safetensors", rank=8)
-    key, added = _install(hosts, installer, source)
+    key, added = install(hosts, installer, source)
     store = hosts.store()
     digest = added.files[0].blake3
     rotten = bytearray(source.read_bytes())
