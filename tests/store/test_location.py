@@ -71,3 +71,19 @@ def test_a_file_store_that_cannot_be_written_is_named(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(StoreUnavailableError, match=f"file://{blocker}"):
         FileBlobStore(blocker).check()
+
+
+def test_doctor_checks_the_store(modelbus_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_server: S3Server,
+                                 bucket: str) -> None:
+    from services.cli.doctor import check_store
+    monkeypatch.setenv("MODELBUS_S3_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("MODELBUS_STORE_RETRIES", "1")
+    monkeypatch.setenv("MODELBUS_STORE_URL", f"s3://{bucket}/fleet")
+    [ok] = check_store(AppConfig.load())
+    assert ok.status == "ok" and f"s3://{bucket}/fleet reachable" in ok.detail
+    monkeypatch.setenv("MODELBUS_STORE_URL", "s3://no-such-bucket-here/fleet")
+    [fail] = check_store(AppConfig.load())
+    assert fail.status == "fail" and "s3://no-such-bucket-here/fleet" in fail.detail and "404" in fail.detail
+    monkeypatch.setenv("MODELBUS_STORE_URL", "shared")
+    [shared] = check_store(AppConfig.load())
+    assert shared.status == "ok" and "shared models directory" in shared.detail
