@@ -134,8 +134,6 @@ class AppConfig(BaseSettings):
         self.root = self.root.expanduser().absolute()
         for name in _ROOT_RELATIVE:
             setattr(self, name, self.resolve(getattr(self, name)))
-        with contextlib.suppress(OSError):  # as InvokeAI's db_path does; a read-only root is no config error
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
         return self
 
     @field_validator("ram_cache_size", "vram_cache_size", "cache_size", mode="before")
@@ -203,7 +201,15 @@ class AppConfig(BaseSettings):
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from exc
 
-    get_config = load  # the spec's spelling
+    @classmethod
+    def get_config(cls, **overrides: Any) -> AppConfig:
+        """The spec's spelling of :meth:`load`. As InvokeAI's ``db_path`` does, it makes the database's folder,
+        so the spec's ``sqlite3.connect(config.db_path.as_posix())`` opens a file there; ``load`` itself creates
+        nothing (a read-only root is no config error)."""
+        config = cls.load(**overrides)
+        with contextlib.suppress(OSError):
+            config.db_path.parent.mkdir(parents=True, exist_ok=True)
+        return config
 
     def resolve(self, path: str | Path) -> Path:
         """Resolve a path the way the spec says: relative paths are taken against ``root``."""

@@ -46,6 +46,7 @@ def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | 
             log.warning("install_hash_retry", job=job_id, error=describe(exc))
             raise
         remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        discard_hand_over(config, load_job(store, job_id).options)
         fail_job(store, job_id, error_name(exc), describe(exc))
     job = load_job(store, job_id)
     if job.terminal:
@@ -92,6 +93,7 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
             before_place=still_wanted)
         record = finalize(config, records, request)
         remove_tree(staging_dir(config, job.id))  # before the completion: whoever sees it sees no leftovers
+        discard_hand_over(config, job.options)
         _complete(store, config, records, job, record, moved=not job.options.get("inplace"))
     finally:
         records.close()

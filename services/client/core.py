@@ -118,7 +118,7 @@ class ModelBusClient:
 
     def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
         """Change fields of a record; a new ``path`` is checked and hashed again (see ModelInstallService)."""
-        if isinstance(changes, Mapping) and "path" in changes:
+        if not isinstance(changes, Mapping) or "path" in changes:
             return self._locked(lambda r: self.features.update_path(key, changes))  # type: ignore[no-any-return]
         return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
 
@@ -126,8 +126,8 @@ class ModelBusClient:
         return self._locked(lambda r: r.rename_model(key, new_name))  # type: ignore[no-any-return]
 
     def delete_model(self, key: str, delete_files: bool = False) -> ModelConfigBase:
-        """Remove the record; with ``delete_files`` also its files when they lie in the models directory
-        (files elsewhere belong to the user and stay). Returns the record as it was."""
+        """Remove the record; with ``delete_files`` also the files recorded at its install (see
+        services.install.ownership: never another model's). Returns the record as it was."""
         model = self.get_model(key)
         if delete_files:
             self._locked(lambda r: self.features.delete(key))

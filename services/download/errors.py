@@ -7,7 +7,7 @@
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    (TooLarge) not enough free disk space for the download
     ├── RemoteError               (Failed) the server answered with an unexpected status (4xx/5xx)
-    ├── TokenRequiredError        (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
+    │   └── TokenRequiredError    (Failed) 401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
@@ -22,7 +22,15 @@ httpx errors are translated where they come in (fetch.py), so callers see this f
 
 from __future__ import annotations
 
-from events.errors import Conflict, Failed, Forbidden, InvalidInput, ModelbusError, TooLarge, Unavailable
+from events.errors import (
+    Conflict,
+    Failed,
+    Forbidden,
+    InvalidInput,
+    ModelbusError,
+    TooLarge,
+    Unavailable,
+)
 
 
 class DownloadError(ModelbusError):
@@ -59,8 +67,8 @@ class RemoteError(_WithStatus, Failed):
     pass
 
 
-class TokenRequiredError(_WithStatus, Forbidden):
-    """Not a RemoteError: a refused login is forbidden, a broken answer failed (one kind each)."""
+class TokenRequiredError(RemoteError):
+    """A refused login: a RemoteError (callers catch it as one), so of the failed kind; its name says why."""
 
 
 class RetriesExhaustedError(DownloadError, Failed):

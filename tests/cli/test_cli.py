@@ -142,5 +142,6 @@ def test_install_without_workers_then_cancel(cli, app_config) -> None:  # type: 
     assert job["state"] == "waiting" and job["source"] == str(model)
     assert [j["id"] for j in json.loads(cli("jobs", "--json").stdout)] == [job["id"]]
     assert "cancelled" in cli("cancel", job["id"]).stdout
+    assert list((app_config.root / "import").iterdir()) == []  # the hand-over copy went with the job
     cli("cancel", "no-such-job", code=3)
     cli("install", " ", code=2)
