@@ -4,33 +4,23 @@ refused as a duplicate (naming the key), and a copied install still owns the REA
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from events.store import RedisEventStore
-from services.config import AppConfig
 from services.install import DuplicateInstallError, ModelInstallService
 from tests.fixtures.model_files import make_lora_diffusers
 
 
-@pytest.fixture()
-def service(app_config: AppConfig, event_store: RedisEventStore) -> Iterator[ModelInstallService]:
-    svc = ModelInstallService(app_config, event_store=event_store)
-    yield svc
-    svc.record_store.close()
-
-
-def test_a_readme_does_not_make_a_new_model(service: ModelInstallService, tmp_path: Path) -> None:
+def test_a_readme_does_not_make_a_new_model(local_service: ModelInstallService, tmp_path: Path) -> None:
     plain = make_lora_diffusers(tmp_path / "plain" / "style-lora", folder=True)
     documented = tmp_path / "documented" / "style-lora"
     shutil.copytree(plain, documented)
     (documented / "README.md").write_text("# style lora\ntrained on watercolours\n")
-    key = service.install_path(documented)
-    record = service.record_store.get_model(key)
-    assert (service.config.model_path(record.path) / "README.md").is_file()  # copied: the model owns it
+    key = local_service.install_path(documented)
+    record = local_service.record_store.get_model(key)
+    assert (local_service.config.model_path(record.path) / "README.md").is_file()  # copied: the model owns it
     with pytest.raises(DuplicateInstallError, match=key):
-        service.install_path(plain)
-    [only] = service.record_store.all_models()
+        local_service.install_path(plain)
+    [only] = local_service.record_store.all_models()
     assert only.key == key
