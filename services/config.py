@@ -11,11 +11,11 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from events.errors import InvalidInput
 
@@ -125,6 +125,17 @@ class AppConfig(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=9090, ge=0, le=65535)
     api_token: str | None = None
+    api_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="host names the API answers besides its bound address, localhost, 127.0.0.1 "
+        "and [::1] (comma-separated; '*' turns the Host check off)")
+    api_public_metrics: bool = Field(default=False, description="with a token set, /metrics and the API docs "
+                                     "still need no token")
+    # limits before work (services/api/limits.py)
+    api_max_body: int = Field(default=1 << 20, description="largest request body in bytes (accepts 1M); over: 413")
+    api_max_requests: int = Field(default=64, ge=1, description="requests served at once (event streams apart)")
+    api_queue_wait: float = Field(default=1.0, ge=0, description="s a request over the limit waits; then 503")
+    api_max_streams_per_client: int = Field(default=8, ge=1, description="event streams per client address; "
+                                            "over: 429")
     durability: Literal["fast", "fsync", "replicated"] = "fast"
     replicas: int = Field(default=1, ge=0)
     activity_maxlen: int = Field(default=100_000, ge=1000)
@@ -141,10 +152,16 @@ class AppConfig(BaseSettings):
             setattr(self, name, self.resolve(getattr(self, name)))
         return self
 
-    @field_validator("ram_cache_size", "vram_cache_size", mode="before")
+    @field_validator("ram_cache_size", "vram_cache_size", "api_max_body", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
+
+    @field_validator("api_allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value or ())
+        return tuple(str(item).strip().lower() for item in items if str(item).strip())
 
     @field_validator("namespace")
     @classmethod
@@ -217,6 +234,12 @@ class AppConfig(BaseSettings):
         """Resolve a path the way the spec says: relative paths are taken against ``root``."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.root / p
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every configured secret (API token, HF/Civitai tokens, remote API tokens): never logged."""
+        found = (self.api_token, self.hf_token, self.civitai_token, *self.remote_api_tokens.values())
+        return tuple(s for s in found if s)
 
     @property
     def models_path(self) -> Path:

@@ -42,7 +42,7 @@ def show(key: str, json: JsonFlag = False) -> None:
 
 
 def rm(key: str, delete_files: Annotated[bool, typer.Option(
-        help="also delete its files (only inside the models directory)")] = False) -> None:
+        help="also delete the files recorded at its install (never another model's)")] = False) -> None:
     """Remove a model's record (and, with --delete-files, its files)."""
     model = client().delete_model(key, delete_files=delete_files)
     console.print(f"removed {model.name} ({key})" + (" and its files" if delete_files else ""))

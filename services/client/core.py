@@ -21,7 +21,7 @@ from rq import Queue
 
 from events.errors import StoreUnavailableError
 from events.keys import QUEUES
-from events.store import RedisEventStore, StoredEvent
+from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from services.client import defaults
 from services.client.errors import UnavailableError
 from services.client.features import Features
@@ -121,7 +121,7 @@ class ModelBusClient:
 
     def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
         """Change fields of a record; a new ``path`` is checked and hashed again (see ModelInstallService)."""
-        if isinstance(changes, Mapping) and "path" in changes:
+        if not isinstance(changes, Mapping) or "path" in changes:
             return self._locked(lambda r: self.features.update_path(key, changes))  # type: ignore[no-any-return]
         return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
 
@@ -129,8 +129,8 @@ class ModelBusClient:
         return self._locked(lambda r: r.rename_model(key, new_name))  # type: ignore[no-any-return]
 
     def delete_model(self, key: str, delete_files: bool = False) -> ModelConfigBase:
-        """Remove the record; with ``delete_files`` also its files when they lie in the models directory
-        (files elsewhere belong to the user and stay). Returns the record as it was."""
+        """Remove the record; with ``delete_files`` also the files recorded at its install (see
+        services.install.ownership: never another model's). Returns the record as it was."""
         model = self.get_model(key)
         if delete_files:
             self._locked(lambda r: self.features.delete(key))
@@ -206,6 +206,17 @@ class ModelBusClient:
     def events(self, types: Iterable[str] | None = None, since: str = "0", limit: int = 1000) -> list[Delivered]:
         """Past events after ``since``, oldest first, without waiting for new ones."""
         return read_history(self.store, types=types, since=since, limit=limit)
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        """Entries of the log that every reader refused and skipped (events.validation), in the order
+        they were refused."""
+        out: list[QuarantineEntry] = []
+        while batch := self._redis_call(partial(self.store.quarantined, out[-1].id if out else "0-0")):
+            out += batch
+        return out
+
+    def quarantine_count(self) -> int:
+        return self._redis_call(self.store.quarantine_count)  # type: ignore[no-any-return]
 
     # --- workers, queues, health --------------------------------------------------------------------
 

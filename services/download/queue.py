@@ -28,9 +28,9 @@ from .errors import DestinationExistsError, DownloadCancelled, DownloadError, Re
 from .fetch import check_free_space, fetch_file
 from .huggingface import resolve_repo
 from .job import CallbackName, DownloadJob, DownloadJobStatus, JobCallback, RemoteFile, shared_path
+from .network import download_client
 from .options import FetchOptions, FileRequest
 from .partial import remove_partial
-from .proxy import build_client
 from .security import credential_for
 from .sources import CivitaiSource, HFSource, URLSource, parse_source
 
@@ -66,8 +66,8 @@ class DownloadQueueService:
         with self._lock:
             if self._threads:
                 return
-            self._client = build_client(
-                self.config,
+            self._client = download_client(
+                allow_private=self.options.allow_private, proxy=self.options.proxy,
                 timeout=httpx.Timeout(self.options.connect_timeout, read=self.options.stall_timeout),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 headers={"User-Agent": "modelbus-downloader/0.1"},

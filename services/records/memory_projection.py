@@ -64,6 +64,9 @@ class DictProjection(RecordProjection):
         with self.lock:
             return self.table.versions.get(key, 0)
 
+    def _stored_version(self, key: str) -> int:
+        return self.table.versions.get(key, 0)
+
     def _configs(self, keys: Sequence[str], copy: bool = True) -> list[ModelConfigBase]:
         out = [c for c in (self.get(k, copy) for k in keys) if c is not None]
         out.sort(key=lambda c: (c.name, c.key))

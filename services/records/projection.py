@@ -4,6 +4,10 @@
 which writes the rows and the checkpoint in one transaction and skips what it already holds (two
 processes sharing one database may both try to apply the same batch).
 
+The fold checks every entry as every reader does (events.validation: its schema, the record config
+check, the aggregate's version sequence against the version this projection holds); a refused entry
+is handed to ``refuse`` (the store's quarantine) and skipped, so it changes no row and no version.
+
 Parsed configs are cached per key; a cached config is never handed out itself, only a copy, so a
 caller mutating what it got cannot corrupt the projection.
 """
@@ -20,6 +24,7 @@ import structlog
 
 from events.codec import EventBody
 from events.store import BodyBatch, StoredEvent, as_body_batch, position_key
+from events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
@@ -32,6 +37,11 @@ KIND = "modelbus-model-records"  # marks our files and tables: anything else is 
 
 #: key -> (new state or None when removed, aggregate version)
 Changes = dict[str, tuple[State, int]]
+_UNREAD: Any = object()  # a key's stored state, not read yet (only a rename needs it)
+
+
+def _log_refusal(refusal: Refusal) -> None:
+    log.warning("event_skipped", position=refusal.position, reason=refusal.reason)
 
 
 def config_from_state(state: dict[str, Any]) -> ModelConfigBase:
@@ -94,6 +104,8 @@ class RecordProjection(ABC):
         self._cache: dict[str, ModelConfigBase] = {}
         #: the stored rows use an older layout of ours: the service rebuilds them on open
         self.stale = False
+        #: where refused entries go (the record service sets its event store's quarantine)
+        self.refuse: Refuse = _log_refusal
 
     # --- the Projection protocol ----------------------------------------------------------------
 
@@ -119,40 +131,46 @@ class RecordProjection(ABC):
         """The id of the event at the checkpoint: with it, opening checks the rows came from this log."""
 
     def fold_batch(self, entries: Iterable[EventBody]) -> Changes:
-        """Per-key outcome of a batch. Each key's events are read newest first: its last ModelAdded,
-        ModelUpdated or ModelRemoved decides its state, so the bodies before it are never parsed (a
-        rename changes one field of the state before it; only the newest rename after it matters)."""
-        by_key: dict[str, list[EventBody]] = {}
-        for entry in entries:
-            found = by_key.get(entry.aggregate_id)
-            if found is None:
-                by_key[entry.aggregate_id] = [entry]
-            else:
-                found.append(entry)
-        changes: Changes = {}
-        for key, events in by_key.items():
-            changes[key] = (self._newest_state(key, events), events[-1].aggregate_version)
-            self._cache.pop(key, None)
-        return changes
+        return self.fold_entries(entries)[0]
 
-    def _newest_state(self, key: str, events: list[EventBody]) -> State:
-        new_name: str | None = None
-        for entry in reversed(events):
-            try:
-                if entry.type == "ModelRenamed":
-                    if new_name is None:
-                        new_name = step({}, entry.type, entry.parsed())["name"]  # type: ignore[index]
-                    continue
-                state = step(None, entry.type, entry.parsed())
-            except ValueError as exc:  # a hand-written entry: skipped, as the event decoder skips one
-                log.warning("event_skipped", position=entry.position, reason=str(exc))
+    def fold_entries(self, entries: Iterable[EventBody]) -> tuple[Changes, set[str]]:
+        """Per-key outcome of a batch, and the keys it brings in for the first time (no rows yet).
+        Entries are checked in log order; the refused ones are handed to :attr:`refuse` and skipped."""
+        changes: Changes = {}
+        born: set[str] = set()
+        for entry in entries:
+            key = entry.aggregate_id
+            current = changes.get(key)
+            last = current[1] if current is not None else self._stored_version(key)
+            body, reason = self._check(entry, last)
+            if body is None:
+                self.refuse(Refusal(entry.position, entry.type, key, entry.aggregate_version, str(reason)))
                 continue
-            break
-        else:
-            state = self._load_state(key)  # no event in the batch replaces the stored state
-        if state is not None and new_name is not None:
-            state = {**state, "name": new_name}
-        return state
+            if current is None:
+                if last == 0:
+                    born.add(key)
+                state: State = _UNREAD
+            else:
+                state = current[0]
+            if state is _UNREAD and entry.type == "ModelRenamed":
+                state = self._load_state(key)
+            changes[key] = (step(None if state is _UNREAD else state, entry.type, body), entry.aggregate_version)
+            self._cache.pop(key, None)
+        return changes, born
+
+    @staticmethod
+    def _check(entry: EventBody, last: int) -> tuple[Any, str | None]:
+        """(the parsed body, None) when every reader accepts the entry, else (None, why not)."""
+        reason = version_problem(last, entry.aggregate_version)
+        if reason is not None:
+            return None, reason
+        try:
+            body = entry.parsed()
+        except ValueError as exc:
+            return None, f"malformed {entry.type} entry ({exc})"
+        reason = schema_problem(entry.type, entry.aggregate_id, entry.aggregate_version, body) \
+            or body_problem(entry.type, entry.aggregate_id, body)
+        return (None, reason) if reason is not None else (body, None)
 
     @abstractmethod
     def _commit(self, batch: BodyBatch) -> None:
@@ -160,6 +178,10 @@ class RecordProjection(ABC):
 
     @abstractmethod
     def _load_state(self, key: str) -> State: ...
+
+    @abstractmethod
+    def _stored_version(self, key: str) -> int:
+        """:meth:`version_of` for a caller holding :attr:`lock` (which may not be reentrant)."""
 
     # --- queries --------------------------------------------------------------------------------
 

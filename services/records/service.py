@@ -28,6 +28,7 @@ from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintErr
 from events.projection import ProjectionRunner
 from events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from events.store import AppendResult, EventStore, StoredEvent, position_key
+from events.validation import in_sequence
 from events.watch import LogWatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import (
@@ -118,6 +119,7 @@ class ModelRecordServiceBase:
     def __init__(self, projection: RecordProjection, event_store: EventStore, *, read_tracking: bool = True) -> None:
         self.projection = projection
         self.event_store = event_store
+        projection.refuse = event_store.refuse  # what the fold refuses is quarantined (events.validation)
         self.runner = ProjectionRunner(event_store, projection)
         #: seconds a read may skip catching up after the last catch-up (0: every read catches up, the
         #: spec's guarantee). Our own writes are always seen: they force a catch-up while unapplied.
@@ -151,9 +153,9 @@ class ModelRecordServiceBase:
             return True
         ms, seq = position_key(checkpoint)
         before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
-        found = self.event_store.read(before, count=1)
-        return bool(found) and found[0].position == checkpoint \
-            and found[0].event.event_id == self.projection.last_event_id()
+        # the entry itself, whatever it is: a checkpoint may sit on an entry every reader refused
+        found = self.event_store.read_bodies(before, 1, ())
+        return found.position == checkpoint and found.event_id == self.projection.last_event_id()
 
     # --- constructors (the spec's) --------------------------------------------------------------
 
@@ -243,7 +245,8 @@ class ModelRecordServiceBase:
     def history(self, key: str) -> list[StoredEvent]:
         """Every event of one model, oldest first (removed models keep their history)."""
         with _log_errors(f"reading the history of {key!r}"):
-            events = [s for s in self.event_store.history(key) if is_model_event(s.event)]
+            events = in_sequence((s for s in self.event_store.history(key) if is_model_event(s.event)),
+                                 self.event_store.refuse)
         if not events:
             raise UnknownModelException(f"no model with key {key!r} was ever recorded")
         return events

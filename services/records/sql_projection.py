@@ -222,9 +222,8 @@ class SQLProjection(RecordProjection):
             fresh = fresh_entries(batch, self._read_checkpoint())
             if fresh is None:
                 return
-            changes = self.fold_batch(fresh)
-            # a key whose first event here is its version 1 has no rows yet: nothing to delete
-            born = {e.aggregate_id for e in fresh if e.aggregate_version == 1}
+            changes, born = self.fold_entries(fresh)
+            # a key this batch brings in has no rows yet: nothing to delete
             gone = [(k,) for k in changes if k not in born]
             for table in ("model_records", "model_record_tags", "model_record_bases"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE key = ?", gone)
@@ -299,8 +298,14 @@ class SQLProjection(RecordProjection):
 
     def version_of(self, key: str) -> int:
         with self.lock:
-            row = self.conn.execute("SELECT version FROM model_record_versions WHERE key = ?", (key,)).fetchone()
-            return int(row[0]) if row else 0
+            return self._stored_version(key)
+
+    def _stored_version(self, key: str) -> int:
+        if self._bulk is not None:  # a rebuild: the versions are still in memory
+            found = self._bulk.changes.get(key)
+            return 0 if found is None else found[1]
+        row = self.conn.execute("SELECT version FROM model_record_versions WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
 
     def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
                copy: bool = True) -> list[ModelConfigBase]:

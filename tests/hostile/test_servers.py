@@ -24,15 +24,6 @@ def _tree(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
 
 
-@pytest.fixture()
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppConfig:
-    for var in ("HF_TOKEN", "CIVITAI_TOKEN", "HF_ENDPOINT", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
-                "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    return AppConfig.load(root=tmp_path / "root", allow_private_downloads=True, download_stall_timeout=1.0,
-                          download_retries=1)
-
-
 def _download(cfg: AppConfig, source: str, dest: Path) -> tuple[str, str | None, str | None]:
     with DownloadQueueService(1, cfg, options=fast_options(cfg)) as svc:
         job = svc.wait_for_job(svc.download(source, dest), timeout=30)
@@ -128,9 +119,9 @@ PUBLIC = "http://93.184.216.34"  # a global address: the first hop passes the pr
 
 @pytest.fixture()
 def proxy() -> Iterator[FileServer]:
-    """A loopback HTTP proxy (MODELBUS_DOWNLOAD_PROXY) through which the 'public' host is reached: a
-    FileServer answers absolute-form requests by their path, so it plays the public server without
-    leaving the machine."""
+    """A loopback HTTP proxy (configured: the environment's proxies are never used) through which the
+    'public' host is reached: a FileServer answers absolute-form requests by their path, so it plays
+    the public server without leaving the machine."""
     with FileServer() as srv:
         yield srv
 
