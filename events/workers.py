@@ -68,6 +68,7 @@ class WorkerCache(_State):
     device: str | None = None
     vram_free: int | None = None
     models: tuple[CachedModel, ...] = ()
+    disk_models: tuple[str, ...] = ()  # model keys whose blobs this host's store cache holds (disk affinity)
     stats: CacheState | None = None
 
     @property

@@ -1,6 +1,7 @@
-"""Routing GPU work: a load goes to the worker that already holds the model, else to the one with the
-most free VRAM, else to the shared ``gpu`` queue. Worker states are what each GPU worker's heartbeat
-publishes (``events.workers.WorkerState``): its queues, device, cached models and free VRAM.
+"""Routing GPU work: a load goes to the worker that already holds the model, else to one whose host
+cache has its files on disk, else to the one with the most free VRAM, else to the shared ``gpu`` queue.
+Worker states are what each GPU worker's heartbeat publishes (``events.workers.WorkerState``): its queues,
+device, cached models, models on disk and free VRAM.
 
 Jobs are enqueued by import path (``workers.gpu.*``): services never import the worker package.
 Redis and RQ errors are translated here (``StoreUnavailableError``), so callers see modelbus errors only.
@@ -78,7 +79,8 @@ def choose_gpu_worker(states: list[WorkerState], model_key: str, worker: str | N
         return holders[0].id
     if not gpu:
         return None
-    return max(gpu, key=lambda s: s.vram_free or 0).id
+    on_disk = [s for s in gpu if model_key in s.disk_models]  # its host cache has the blobs
+    return max(on_disk or gpu, key=lambda s: s.vram_free or 0).id
 
 
 @redis_errors_translated()

@@ -18,9 +18,9 @@ from services.routing import choose_gpu_worker, worker_states
 
 
 def _state(worker_id: str, *, models: tuple[str, ...] = (), vram_free: int | None = None,
-           queues: tuple[str, ...] = ("gpu",), beat: float | None = None) -> WorkerState:
+           queues: tuple[str, ...] = ("gpu",), beat: float | None = None, disk: tuple[str, ...] = ()) -> WorkerState:
     return WorkerState(id=worker_id, host="h", pid=1, queues=queues, time=beat or time.time(), device="cpu",
-                       vram_free=vram_free, models=tuple(CachedModel(key=f"{m}:unet", model_key=m, bytes=10)
+                       vram_free=vram_free, disk_models=disk, models=tuple(CachedModel(key=f"{m}:unet", model_key=m, bytes=10)
                                                          for m in models))
 
 
@@ -34,14 +34,16 @@ def test_what_is_published_is_read_back_typed(event_store: RedisEventStore) -> N
     assert states == worker_states(client, event_store.namespace)
 
 
-def test_routing_prefers_the_holder_then_free_vram(event_store: RedisEventStore) -> None:
+def test_routing_prefers_the_holder_then_the_disk_then_free_vram(event_store: RedisEventStore) -> None:
     client, keys = event_store.client, event_store.keys
     publish_worker_state(client, keys, _state("roomy", vram_free=100), ttl=30)
+    publish_worker_state(client, keys, _state("disk", vram_free=2, disk=("k3",)), ttl=30)
     publish_worker_state(client, keys, _state("holder", models=("k1",), vram_free=1), ttl=30)
     publish_worker_state(client, keys, _state("cpu-only", queues=("install",), vram_free=1000), ttl=30)
     states = read_worker_states(client, keys)
     assert choose_gpu_worker(states, "k1") == "holder"
     assert choose_gpu_worker(states, "k2") == "roomy"
+    assert choose_gpu_worker(states, "k3") == "disk"
 
 
 def test_expired_or_unreadable_states_are_workers_gone(event_store: RedisEventStore) -> None:

@@ -25,7 +25,7 @@ async def healthz(request: Request,
     def probe() -> Health:
         latency = client.ping()
         workers, queues = client.workers(), client.queue_lengths()
-        served = {q for w in workers for q in w.get("queues", [])}
+        served = {q for w in workers for q in w.queues}
         return Health(status="ok", redis=RedisHealth(ok=True, latency_ms=round(latency * 1000, 3)),
                       workers_alive=len(workers), queues=queues,
                       unserved=sorted(q for q, n in queues.items() if n and q not in served),
