@@ -16,7 +16,7 @@ import structlog
 
 import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
 from events.embedded import EmbeddedRedis
-from events.store import RedisEventStore
+from events.store import EventStore, InMemoryEventStore, RedisEventStore
 
 
 @pytest.fixture(autouse=True)
@@ -90,3 +90,12 @@ def app_config(modelbus_env: dict[str, str]):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def event_store(redis_url: str, namespace: str) -> RedisEventStore:
     return RedisEventStore.from_url(redis_url, namespace)
+
+
+@pytest.fixture(params=["redis", "memory"])
+def log_store(request: pytest.FixtureRequest) -> EventStore:
+    """The event log of one test, once per implementation: every test that takes it runs on both."""
+    if request.param == "memory":
+        return InMemoryEventStore()
+    store: RedisEventStore = request.getfixturevalue("event_store")
+    return store

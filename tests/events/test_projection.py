@@ -6,11 +6,9 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 from events.projection import ProjectionRunner
 from events.schema import ModelAdded, ModelRemoved
-from events.store import EventStore, InMemoryEventStore, StoredEvent
+from events.store import EventStore, StoredEvent
 from tests.record_configs import record_config
 
 
@@ -43,11 +41,6 @@ class CountingProjection:
 
     def stored_keys(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT key FROM models ORDER BY key")]
-
-
-@pytest.fixture(params=["redis", "memory"])
-def store(request: pytest.FixtureRequest) -> EventStore:
-    return InMemoryEventStore() if request.param == "memory" else request.getfixturevalue("event_store")
 
 
 def test_catch_up_resumes_from_the_checkpoint_and_never_applies_twice(store: EventStore, tmp_path: Path) -> None:

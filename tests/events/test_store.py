@@ -14,13 +14,6 @@ from tests.fixtures.activity import download_payload, load_payload
 from tests.record_configs import record_config
 
 
-@pytest.fixture(params=["redis", "memory"])
-def store(request: pytest.FixtureRequest) -> EventStore:
-    if request.param == "memory":
-        return InMemoryEventStore()
-    return request.getfixturevalue("event_store")
-
-
 def added(key: str, **config: object) -> ModelAdded:
     return ModelAdded(aggregate_id=key, config=record_config(key, **config))
 

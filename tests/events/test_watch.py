@@ -12,17 +12,10 @@ import redis
 import structlog
 
 from events.schema import ModelAdded
-from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from events.store import EventStore, RedisEventStore
 from events.watch import WATCH_CLIENT_NAME, LogWatch, RedisLogWatch
 from tests.fixtures.activity import load_payload
 from tests.record_configs import record_config
-
-
-@pytest.fixture(params=["redis", "memory"])
-def store(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> EventStore:
-    if request.param == "memory":
-        return InMemoryEventStore()
-    return RedisEventStore.from_url(redis_url, namespace)
 
 
 @pytest.fixture()

@@ -15,8 +15,9 @@ import pytest
 from events.schema import ModelAdded
 from services.install import InstallStatus
 from services.install.placement import staging_dir
-from tests.install.conftest import Bus, _bus, make_service, wait_until
+from tests.install.conftest import Bus, _bus, make_service
 from tests.servers import Fault
+from tests.waiting import wait_until
 
 TMPFS_SIZE = 24 << 20  # the downloader keeps 16 MiB in reserve: the file must pass that check
 MODEL_SIZE = 6 << 20

@@ -11,8 +11,9 @@ from rq.job import Job
 from services.install import InstallJob, InstallStatus, ModelInstallService
 from services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_kohya
-from tests.install.conftest import Bus, wait_until
+from tests.install.conftest import Bus
 from tests.servers import Fault
+from tests.waiting import wait_until
 
 TIMEOUT = 60
 

@@ -21,8 +21,8 @@ from services.records.models import (
     ModelConfigBase,
     T2IAdapterCheckpointConfig,
 )
+from tests.fixtures import transformer_files as b
 from tests.install.conftest import Bus
-from tests.probe import builders as b
 
 TIMEOUT = 60
 

@@ -12,8 +12,9 @@ from events.keys import Keys
 from services.install import InstallStatus
 from services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_kohya
-from tests.install.conftest import Bus, make_service, wait_until
+from tests.install.conftest import Bus, make_service
 from tests.servers import Fault
+from tests.waiting import wait_until
 
 STALL_AFTER = 64 << 10
 

@@ -14,7 +14,7 @@ import torch
 from services.config import AppConfig
 from services.load import ModelLoadService
 from services.records import ModelRecordServiceMemory
-from tests.load import builders
+from tests.fixtures import loadable as builders
 
 
 @pytest.fixture()
@@ -61,6 +61,6 @@ def pipeline(config: AppConfig, add: Add) -> tuple[str, dict[str, torch.nn.Modul
 
 @pytest.fixture()
 def checkpoint(config: AppConfig, add: Add) -> tuple[str, dict[str, torch.nn.Module]]:
-    models = builders.write_checkpoint(config.models_path / "tiny-sd1.safetensors", dtype=torch.float32)
+    models = builders.write_sd1_checkpoint(config.models_path / "tiny-sd1.safetensors", dtype=torch.float32)
     yaml_path = builders.write_original_yaml(config.root / "tiny-inference.yaml")
     return add("tiny-sd1.safetensors", "main", "checkpoint", config=str(yaml_path)), models

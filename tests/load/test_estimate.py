@@ -17,8 +17,8 @@ from services.load.kit import LoadRequest
 from services.load.safetensors_fast import read_header
 from services.load.tensors import object_nbytes
 from services.records.enums import SubModelType
-from tests.load import builders
-from tests.probe import builders as probe
+from tests.fixtures import loadable as builders
+from tests.fixtures import transformer_files as probe
 
 
 def _estimate(store: Any, key: str, path: Path, dtype: torch.dtype) -> int:
@@ -34,7 +34,7 @@ def test_controlnet_with_a_whole_sd_model_counts_the_controlnet_only(config: Any
                                                                       dtype: torch.dtype) -> None:
     models = config.models_path
     ref = builders.write_controlnet(models / "cn.safetensors", builders.CONTROLNET_CFG, True)
-    builders.write_checkpoint(models / "sd.safetensors", dtype=torch.float32)
+    builders.write_sd1_checkpoint(models / "sd.safetensors", dtype=torch.float32)
     save_file(load_file(str(models / "sd.safetensors")) | load_file(str(models / "cn.safetensors")),
               str(models / "full.safetensors"))
     yaml_path = builders.write_original_yaml(config.root / "tiny.yaml")

@@ -17,7 +17,7 @@ from events.store import RedisEventStore
 from services import routing
 from services.client import ModelBusClient
 from services.config import AppConfig
-from tests.load import builders
+from tests.fixtures import loadable as builders
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

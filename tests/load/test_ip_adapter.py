@@ -26,7 +26,7 @@ from services.load.estimate import estimate_bytes
 from services.load.ip_adapters import IPAdapter, load_ip_adapter
 from services.load.kit import LoadRequest
 from services.load.tensors import move_object, object_nbytes
-from tests.load import builders
+from tests.fixtures import loadable as builders
 
 KINDS = ["ip_adapter", "ip_adapter_plus", "ip_adapter_full", "faceid", "faceid_plus"]
 UNETS: dict[str, dict[str, Any]] = {"sd-1": builders.UNET_CFG, "sdxl": builders.SDXL_UNET_CFG}
@@ -93,7 +93,7 @@ def _patched(unet: Any, adapter: IPAdapter) -> Any:
 def test_ip_adapter_loads_as_diffusers_converts_it(service: ModelLoadService, config: Any, add: Any, base: str,
                                                    kind: str) -> None:
     unet = _unet(base)
-    state = builders.ip_adapter_state(kind, unet)
+    state = builders.ip_adapter_weights(kind, unet)
     builders.write_ip_adapter(config.models_path / "ip.safetensors", state)
     ref = _diffusers_reference(unet, state)
     with service.get_model(add("ip.safetensors", "ip_adapter", "checkpoint", base=base)) as model:
@@ -127,7 +127,7 @@ def test_ip_adapter_pickle_and_invokeai_folder(service: ModelLoadService, config
                                                kind: str) -> None:
     # h94 publishes .bin pickles of {"image_proj": {...}, "ip_adapter": {...}}; InvokeAI's folder holds one
     unet = _unet("sdxl")
-    state = builders.ip_adapter_state(kind, unet)
+    state = builders.ip_adapter_weights(kind, unet)
     name = "ip.bin" if layout == "bin" else "ip-adapter-folder"
     builders.write_ip_adapter(config.models_path / name, state, "ip_adapter_sdxl_image_encoder")
     key = add(name, "ip_adapter", "checkpoint" if layout == "bin" else "invokeai", base="sdxl")
@@ -155,7 +155,7 @@ def test_ip_adapter_pickle_is_scanned_first(service: ModelLoadService, config: A
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ip_adapter_bytes_estimate_and_moves(config: Any, add: Any, store: Any, dtype: torch.dtype) -> None:
-    state = builders.ip_adapter_state("ip_adapter_plus", _unet("sd-1"))
+    state = builders.ip_adapter_weights("ip_adapter_plus", _unet("sd-1"))
     path = builders.write_ip_adapter(config.models_path / "ip.safetensors", state)
     request = LoadRequest(store.get_model(add("ip.safetensors", "ip_adapter", "checkpoint")), path, None,
                           torch.device("cpu"), dtype)
@@ -182,7 +182,7 @@ def test_ip_adapter_errors(service: ModelLoadService, config: Any, add: Any) -> 
         service.get_model(add(name, "ip_adapter", "checkpoint"))
 
     unet = _unet("sd-1")
-    plain, plus = builders.ip_adapter_state("ip_adapter", unet), builders.ip_adapter_state("ip_adapter_plus", unet)
+    plain, plus = builders.ip_adapter_weights("ip_adapter", unet), builders.ip_adapter_weights("ip_adapter_plus", unet)
     builders.write_lora(config.models_path / "lora.safetensors")
     with pytest.raises(InvalidModelException, match=r"lora\.safetensors: no IP-Adapter weights"):
         load("lora.safetensors")
@@ -207,7 +207,7 @@ def test_ip_adapter_errors(service: ModelLoadService, config: Any, add: Any) -> 
 
 def test_ip_adapter_for_another_unet_is_refused(config: Any, add: Any, store: Any) -> None:
     sdxl = _unet("sdxl")
-    path = _write(config, "xl.safetensors", builders.ip_adapter_state("ip_adapter", sdxl))
+    path = _write(config, "xl.safetensors", builders.ip_adapter_weights("ip_adapter", sdxl))
     request = LoadRequest(store.get_model(add("xl.safetensors", "ip_adapter", "checkpoint", base="sdxl")), path,
                           None, torch.device("cpu"), torch.float32)
     adapter: Any = load_ip_adapter(request).model

@@ -19,7 +19,7 @@ from services.load.kit import LoadRequest
 from services.load.safetensors_fast import empty_model
 from services.probe.result import legacy_config_path
 from services.records.enums import BaseModelType, ModelVariantType, SchedulerPredictionType, SubModelType
-from tests.load import builders
+from tests.fixtures import loadable as builders
 
 EPS, V = "epsilon", "v_prediction"
 _CONTEXT = {"sd-1": 768, "sd-2": 1024, "sdxl": 2048, "sdxl-refiner": 1280}

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from services.load import InvalidModelException, load_flat
 from services.load.safetensors_fast import assign_weights, empty_model, read_header
-from tests.load.builders import UNET_CFG
+from tests.fixtures.loadable import UNET_CFG
 
 
 def _file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

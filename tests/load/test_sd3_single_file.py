@@ -24,8 +24,8 @@ from services.load import InvalidModelException, ModelLoadService, checkpoints
 from services.load.estimate import estimate_bytes
 from services.load.kit import LoadRequest
 from services.records.enums import SubModelType
-from tests.load import builders
-from tests.probe import builders as probe
+from tests.fixtures import loadable as builders
+from tests.fixtures import transformer_files as probe
 
 IDS = torch.tensor([[0, 5, 9, 3, 15, 1, 1, 1]])  # CLIP pools at the largest id (15)
 
@@ -196,7 +196,7 @@ def test_sd3_transformer_errors(service: ModelLoadService, config: Any, add: Any
     with pytest.raises(InvalidModelException, match=r"heads\.safetensors: SD-3 transformer width 32 is not a multiple "
                                                     r"of its head width 12"):
         service.get_model(sd3("heads.safetensors", medium | {norm: medium[norm][:12]}), SubModelType.UNet)
-    builders.write_checkpoint(config.models_path / "sd1.safetensors")
+    builders.write_sd1_checkpoint(config.models_path / "sd1.safetensors")
     probe.make_flux_diffusers_file(config.models_path / "flux.safetensors")
     for name in ("sd1.safetensors", "flux.safetensors"):  # an SD-1 UNet; FLUX's linear x_embedder
         with pytest.raises(InvalidModelException, match=rf"{name}: no SD-3 transformer weights"):

@@ -21,7 +21,7 @@ from services.load import (
     UnsafeModelException,
 )
 from services.records.enums import SubModelType
-from tests.load import builders
+from tests.fixtures import loadable as builders
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -77,7 +77,7 @@ def test_single_file_checkpoint_submodels(service: ModelLoadService, checkpoint:
 def test_checkpoint_with_shipped_config_has_real_sd_shape(service: ModelLoadService, add: Any,
                                                          config: Any) -> None:
     # no config on the record: the shipped v1-inference.yaml decides the shape, which the tiny file does not have
-    builders.write_checkpoint(config.models_path / "wrong.safetensors")
+    builders.write_sd1_checkpoint(config.models_path / "wrong.safetensors")
     key = add("wrong.safetensors", "main", "checkpoint")
     with pytest.raises(InvalidModelException, match="wrong.safetensors"):
         service.get_model(key, SubModelType.UNet)
@@ -105,7 +105,7 @@ def test_vae_lora_embedding_controlnet(service: ModelLoadService, add: Any, conf
 
 
 def test_vae_checkpoint(service: ModelLoadService, add: Any, config: Any) -> None:
-    models = builders.write_checkpoint(config.models_path / "full.safetensors", dtype=torch.float32)
+    models = builders.write_sd1_checkpoint(config.models_path / "full.safetensors", dtype=torch.float32)
     from safetensors.torch import load_file, save_file
     vae_only = {k.removeprefix("first_stage_model."): v for k, v in
                 load_file(str(config.models_path / "full.safetensors")).items() if k.startswith("first_stage_model.")}

@@ -18,7 +18,7 @@ from services.load import InvalidModelException, ModelLoadService, checkpoints
 from services.load.kit import LoadRequest
 from services.load.safetensors_fast import empty_model
 from services.records.enums import SubModelType
-from tests.load import builders
+from tests.fixtures import loadable as builders
 
 IDS = torch.tensor([[0, 5, 9, 3, 15, 1, 1, 1]])  # the largest id (15) is where OpenCLIP pools
 
@@ -85,7 +85,7 @@ def test_sd2_checkpoint_submodels(service: ModelLoadService, sd2: Any) -> None:
 
 
 def test_sd2_checkpoint_without_open_clip_is_refused(service: ModelLoadService, config: Any, add: Any) -> None:
-    builders.write_checkpoint(config.models_path / "sd1.safetensors", dtype=torch.float32)  # CLIP, not OpenCLIP
+    builders.write_sd1_checkpoint(config.models_path / "sd1.safetensors", dtype=torch.float32)  # CLIP, not OpenCLIP
     yaml_path = builders.write_sd2_yaml(config.root / "tiny-sd2.yaml")
     key = add("sd1.safetensors", "main", "checkpoint", base="sd-2", config=str(yaml_path))
     with pytest.raises(InvalidModelException, match=r"sd1.safetensors: no OpenCLIP text encoder"):
@@ -169,7 +169,7 @@ def test_controlnet_of_a_full_model_file_reads_only_the_controlnet(config: Any, 
     # ControlNet 1.0 files hold the whole SD model beside control_model.*: only the ControlNet is read
     from safetensors.torch import load_file, save_file
     ref = builders.write_controlnet(config.models_path / "cn.safetensors", builders.CONTROLNET_CFG, True)
-    builders.write_checkpoint(config.models_path / "sd.safetensors", dtype=torch.float32)
+    builders.write_sd1_checkpoint(config.models_path / "sd.safetensors", dtype=torch.float32)
     both = load_file(str(config.models_path / "sd.safetensors")) | load_file(str(config.models_path / "cn.safetensors"))
     save_file(both, str(config.models_path / "full.safetensors"))
     yaml_path = builders.write_original_yaml(config.root / "tiny.yaml")

@@ -27,9 +27,9 @@ from services.load import InvalidModelException, ModelLoadService, checkpoints, 
 from services.load.kit import LoadRequest
 from services.load.tensors import object_nbytes
 from services.records.enums import SubModelType
+from tests.fixtures import loadable as builders
+from tests.fixtures import transformer_files as probe
 from tests.fixtures.model_files import write_safetensors
-from tests.load import builders
-from tests.probe import builders as probe
 
 State = dict[str, torch.Tensor]
 
@@ -220,7 +220,7 @@ def test_flux_checkpoint_errors(service: ModelLoadService, config: Any, add: Any
         with pytest.raises(InvalidModelException, match=r"flux\.safetensors: a FLUX checkpoint holds the transformer "
                                                         rf"alone; load it as the transformer submodel .* not as {sub.value}"):
             service.get_model(key, sub)
-    builders.write_checkpoint(config.models_path / "sd1.safetensors")
+    builders.write_sd1_checkpoint(config.models_path / "sd1.safetensors")
     with pytest.raises(InvalidModelException, match=r"sd1\.safetensors: no FLUX transformer weights"):
         service.get_model(add("sd1.safetensors", "main", "checkpoint", base="flux"), SubModelType.UNet)
     bfl = builders.flux_to_bfl(state)

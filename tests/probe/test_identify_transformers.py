@@ -11,8 +11,8 @@ import pytest
 
 from services.probe import ProbeResult, UnrecognizedFilesError, probe
 from tests import fixtures as fx
+from tests.fixtures import transformer_files as b
 from tests.fixtures.model_files import U, flux_checkpoint_shapes, sd3_checkpoint_shapes, write_safetensors
-from tests.probe import builders as b
 
 Builder = Callable[[Path], Path]
 MAIN, CN, T2I, LORA = (

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from events.store import EventStore
 from services.config import AppConfig
 from services.records import (
     ModelRecordServiceBase,
@@ -31,14 +31,6 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture()
 def config(root: Path, namespace: str, redis_url: str) -> AppConfig:
     return AppConfig.load(root=root, namespace=namespace, redis_url=redis_url)
-
-
-@pytest.fixture(params=["redis", "memory"])
-def log_store(request: pytest.FixtureRequest) -> EventStore:
-    if request.param == "memory":
-        return InMemoryEventStore()
-    store: RedisEventStore = request.getfixturevalue("event_store")
-    return store
 
 
 @pytest.fixture()
