@@ -124,7 +124,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", secrets: Iterable[
 def _adopt_stdlib(shared: list[structlog.typing.Processor], scrub: Scrubber, renderer: structlog.typing.Processor,
                   level: str) -> None:
     """One root handler renders stdlib records with structlog's chain; the libraries' own handlers go."""
-    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
+    handler = logging.StreamHandler(_CurrentStderr())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

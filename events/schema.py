@@ -234,6 +234,32 @@ class DownloadPayload(Payload):
     error: str | None = Field(default=None, exclude_if=_unset)
 
 
+class FetchPayload(Payload):
+    """A GPU worker fetching a model's blobs from the model store into its host cache (services.store.fetcher)."""
+
+    model_key: str
+    worker: str | None = None
+
+
+class FetchStartedPayload(FetchPayload):
+    blobs: int
+    total_bytes: int
+
+
+class FetchProgressPayload(FetchPayload):
+    bytes: int
+    total_bytes: int
+
+
+class FetchCompletedPayload(FetchPayload):
+    bytes: int
+    seconds: float
+
+
+class FetchFailedPayload(FetchPayload):
+    error: str
+
+
 class Activity(Event):
     """An operational event: ``kind`` names it (``model_load_started``, ``download_progress``...). This class
     itself carries a kind this reader does not know; known kinds are the subclasses below."""
@@ -305,9 +331,30 @@ class DownloadFailed(Activity):
     payload: DownloadPayload
 
 
+class ModelFetchStarted(Activity):
+    kind: Literal["model_fetch_started"] = "model_fetch_started"
+    payload: FetchStartedPayload
+
+
+class ModelFetchProgress(Activity):
+    kind: Literal["model_fetch_progress"] = "model_fetch_progress"
+    payload: FetchProgressPayload
+
+
+class ModelFetchCompleted(Activity):
+    kind: Literal["model_fetch_completed"] = "model_fetch_completed"
+    payload: FetchCompletedPayload
+
+
+class ModelFetchFailed(Activity):
+    kind: Literal["model_fetch_failed"] = "model_fetch_failed"
+    payload: FetchFailedPayload
+
+
 ACTIVITY_CLASSES: tuple[type[Activity], ...] = (
     ModelLoadStarted, ModelLoadCompleted, ModelLoadFailed, CacheEvicted, InstallJobChanged, InstallProgress,
-    DownloadStarted, DownloadProgress, DownloadPaused, DownloadStopped, DownloadCompleted, DownloadFailed)
+    DownloadStarted, DownloadProgress, DownloadPaused, DownloadStopped, DownloadCompleted, DownloadFailed,
+    ModelFetchStarted, ModelFetchProgress, ModelFetchCompleted, ModelFetchFailed)
 #: kind -> its class; ``activity_class`` falls back to the plain Activity for a kind not listed
 ACTIVITY_KINDS: dict[str, type[Activity]] = {cls.model_fields["kind"].default: cls for cls in ACTIVITY_CLASSES}
 LOAD_EVENT_KINDS: tuple[str, ...] = ("model_load_started", "model_load_completed", "model_load_failed")
@@ -329,6 +376,8 @@ ActivityEvent = Annotated[
     | Annotated[DownloadStarted, Tag("download_started")] | Annotated[DownloadProgress, Tag("download_progress")]
     | Annotated[DownloadPaused, Tag("download_paused")] | Annotated[DownloadStopped, Tag("download_cancelled")]
     | Annotated[DownloadCompleted, Tag("download_complete")] | Annotated[DownloadFailed, Tag("download_error")]
+    | Annotated[ModelFetchStarted, Tag("model_fetch_started")] | Annotated[ModelFetchProgress, Tag("model_fetch_progress")]
+    | Annotated[ModelFetchCompleted, Tag("model_fetch_completed")] | Annotated[ModelFetchFailed, Tag("model_fetch_failed")]
     | Annotated[Activity, Tag("Activity")],
     Discriminator(_activity_tag),
 ]

@@ -502,7 +502,7 @@ class RedisEventStore(EventStore):
             try:
                 return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
-                self.client.script_load(QUARANTINE)
+                self.client.script_load(QUARANTINE)  # type: ignore[no-untyped-call]
                 return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return bool(self._call(run))
 

@@ -12,16 +12,26 @@ from services.store.blobs import BlobStore, FileBlobStore, check_digest, file_di
 from services.store.errors import (
     BlobCorruptError,
     BlobMissingError,
+    BlobStoreUnavailableError,
     CacheFullError,
     StoreConfigError,
     StoreError,
-    StoreUnavailableError,
 )
 from services.store.location import StoreLocation, parse_store_url
 
 __all__ = [
-    "BlobCorruptError", "BlobMissingError", "BlobStore", "CacheFullError", "FileBlobStore", "StoreConfigError",
-    "StoreError", "StoreLocation", "StoreUnavailableError", "check_digest", "file_digest", "open_store",
+    "BlobCorruptError",
+    "BlobMissingError",
+    "BlobStore",
+    "BlobStoreUnavailableError",
+    "CacheFullError",
+    "FileBlobStore",
+    "StoreConfigError",
+    "StoreError",
+    "StoreLocation",
+    "check_digest",
+    "file_digest",
+    "open_store",
     "parse_store_url",
 ]
 

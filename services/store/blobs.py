@@ -20,7 +20,12 @@ from pathlib import Path
 import blake3
 
 from services.store import defaults
-from services.store.errors import BlobCorruptError, BlobMissingError, StoreConfigError, StoreUnavailableError
+from services.store.errors import (
+    BlobCorruptError,
+    BlobMissingError,
+    BlobStoreUnavailableError,
+    StoreConfigError,
+)
 from services.store.transfer import Progress, fetch_verified
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -41,7 +46,7 @@ def file_digest(path: Path) -> str:
 
 
 class BlobStore(ABC):
-    """Content-addressed blobs. Every method raises StoreUnavailableError naming ``url`` when the store
+    """Content-addressed blobs. Every method raises BlobStoreUnavailableError naming ``url`` when the store
     cannot be reached or refuses us."""
 
     url: str
@@ -49,7 +54,7 @@ class BlobStore(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Raise StoreUnavailableError unless the store answers and we may read and write it."""
+        """Raise BlobStoreUnavailableError unless the store answers and we may read and write it."""
 
     @abstractmethod
     def size_of(self, digest: str) -> int | None:
@@ -104,7 +109,7 @@ class FileBlobStore(BlobStore):
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise StoreUnavailableError(f"model store {self.url} cannot be used: {exc.strerror or exc}") from exc
+            raise BlobStoreUnavailableError(f"model store {self.url} cannot be used: {exc.strerror or exc}") from exc
 
     def size_of(self, digest: str) -> int | None:
         try:

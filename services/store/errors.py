@@ -2,11 +2,13 @@
 
     StoreError
     ├── StoreConfigError       (InvalidInput) MODELBUS_STORE_URL or a setting of it cannot be used
-    ├── StoreUnavailableError  (Unavailable) the store did not answer, the bucket is missing, credentials
-    │                                        were refused: the message names the URL and the reason
+    ├── BlobStoreUnavailableError (Unavailable) the store did not answer, the bucket is missing, credentials
+    │                                       were refused: the message names the URL and the reason (not the
+    │                                       event layer's StoreUnavailableError, which is about Redis)
     ├── BlobMissingError       (NotFound) a blob a manifest names is not in the store
     ├── BlobCorruptError       (Failed) a blob's bytes do not hash to its name (or have the wrong size)
-    └── CacheFullError         (TooLarge) the host cache cannot hold a model even after evicting
+    ├── CacheFullError         (TooLarge) the host cache cannot hold a model even after evicting
+    └── TransferStopped        (Failed) another part of a transfer failed: this one stops (internal, ``transfer``)
 
 botocore's and the filesystem's errors are translated where they come in (``s3.py``, ``transfer.py``).
 """
@@ -24,7 +26,7 @@ class StoreConfigError(StoreError, InvalidInput):
     pass
 
 
-class StoreUnavailableError(StoreError, Unavailable):
+class BlobStoreUnavailableError(StoreError, Unavailable):
     pass
 
 
@@ -38,3 +40,7 @@ class BlobCorruptError(StoreError, Failed):
 
 class CacheFullError(StoreError, TooLarge):
     pass
+
+
+class TransferStopped(StoreError, Failed):
+    """Another part of a transfer failed: this one stops (internal; the first failure is what is raised)."""

@@ -17,7 +17,7 @@ import structlog
 from events.schema import FileEntry
 from services.store import defaults, open_store
 from services.store.blobs import BlobStore
-from services.store.errors import StoreUnavailableError
+from services.store.errors import BlobStoreUnavailableError
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +44,7 @@ def renamed(files: tuple[FileEntry, ...], old: Path, new: Path) -> tuple[FileEnt
 def publish(store: BlobStore, base: Path, files: Sequence[FileEntry]) -> int:
     """Upload the blobs of ``files`` (relative to ``base``) the store lacks; returns the bytes sent.
 
-    Raises StoreUnavailableError when the store cannot take them, BlobCorruptError when a file no
+    Raises BlobStoreUnavailableError when the store cannot take them, BlobCorruptError when a file no
     longer hashes to its manifest entry; either way nothing half-uploaded is visible."""
     entries = {f.blake3: f for f in files}
     missing = store.missing((digest, f.size) for digest, f in entries.items())
@@ -56,7 +56,7 @@ def publish(store: BlobStore, base: Path, files: Sequence[FileEntry]) -> int:
         list(pool.map(put, missing))
     still = store.missing((digest, f.size) for digest, f in entries.items())
     if still:
-        raise StoreUnavailableError(f"model store {store.url} still lacks {len(still)} blob(s) after the upload, "
+        raise BlobStoreUnavailableError(f"model store {store.url} still lacks {len(still)} blob(s) after the upload, "
                                     f"e.g. {still[0]}")
     sent = sum(entries[d].size for d in missing)
     log.info("model_published", store=store.url, blobs=len(entries), uploaded=len(missing), bytes=sent)

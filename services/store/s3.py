@@ -30,7 +30,7 @@ from boto3.s3.transfer import TransferConfig
 
 from services.store import defaults
 from services.store.blobs import BlobStore, check_digest
-from services.store.errors import BlobCorruptError, BlobMissingError, StoreUnavailableError
+from services.store.errors import BlobCorruptError, BlobMissingError, BlobStoreUnavailableError
 from services.store.location import StoreLocation
 
 log = structlog.get_logger(__name__)
@@ -101,14 +101,14 @@ class S3BlobStore(BlobStore):
     def key(self, digest: str) -> str:
         return f"{self.prefix}{defaults.BLOB_PREFIX}{check_digest(digest)}"
 
-    def _unavailable(self, exc: Exception, what: str) -> StoreUnavailableError:
+    def _unavailable(self, exc: Exception, what: str) -> BlobStoreUnavailableError:
         where = self.url + (f" at {self.endpoint_url}" if self.endpoint_url else "")
         if isinstance(exc, botocore.exceptions.ClientError):
             error = exc.response.get("Error", {})
             reason = f"{error.get('Code', '?')}: {error.get('Message') or 'refused'}"
         else:
             reason = str(exc)
-        return StoreUnavailableError(f"model store {where}: {what} failed: {reason}")
+        return BlobStoreUnavailableError(f"model store {where}: {what} failed: {reason}")
 
     def check(self) -> None:
         try:

@@ -24,16 +24,12 @@ import blake3
 import structlog
 
 from services.store import defaults
-from services.store.errors import BlobCorruptError, CacheFullError, StoreError
+from services.store.errors import BlobCorruptError, CacheFullError, StoreError, TransferStopped
 
 log = structlog.get_logger(__name__)
 
 Progress = Callable[[int], None]                   # hears each number of bytes that arrived
 ReadRange = Callable[[int, int], Iterator[bytes]]  # bytes [start, end) of the blob, in chunks
-
-
-class _Stopped(Exception):
-    """Another part failed: this one stops (internal)."""
 
 
 @contextmanager
@@ -135,7 +131,7 @@ class _Fetch:
             if end > start:
                 for chunk in self.read_range(start, end):
                     if self.error is not None:
-                        raise _Stopped
+                        raise TransferStopped
                     if offset + len(chunk) > end:
                         raise BlobCorruptError(f"blob {self.digest}: the store sent more than asked for")
                     os.pwrite(fd, chunk, offset)
@@ -147,7 +143,7 @@ class _Fetch:
             if offset != end:
                 raise BlobCorruptError(f"blob {self.digest}: truncated (part {index} ended at {offset} of {end})")
             os.write(self._parts_fd, f"{index}\n".encode())
-        except _Stopped:
+        except TransferStopped:
             return
         except OSError as exc:
             self._fail(_translate(exc, self.dest))
@@ -183,7 +179,7 @@ class _Fetch:
                     start += len(block)
         finally:
             if self.error is None and len(self.done) < self.count:
-                self._fail(_Stopped())
+                self._fail(TransferStopped())
             self._pool.shutdown(wait=True)
             os.close(self._parts_fd)
         return hasher.hexdigest()

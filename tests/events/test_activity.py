@@ -14,6 +14,7 @@ from events.schema import (
     ACTIVITY_KINDS,
     Activity,
     CacheEvicted,
+    ModelFetchProgress,
     ModelLoadCompleted,
     activity,
 )
@@ -32,6 +33,12 @@ def test_known_kinds_decode_typed_through_the_store(event_store: RedisEventStore
     assert type(future) is Activity and future.kind == "some_future_kind" and future.payload == {"anything": [1, 2]}
 
 
+def test_a_model_fetch_decodes_typed(event_store: RedisEventStore) -> None:
+    event_store.publish_activity("model_fetch_progress", {"model_key": "k", "bytes": 5, "total_bytes": 9, "worker": "w"})
+    (stored,) = event_store.read(stream="activity")
+    assert isinstance(stored.event, ModelFetchProgress) and stored.event.payload.total_bytes == 9
+
+
 def test_the_wire_keeps_the_spec_fields() -> None:
     event = activity("model_load_started", load_payload("k", queue_id="q", queue_item_id=7))
     body = orjson.loads(encode(event)["body"])
@@ -46,6 +53,7 @@ def test_the_wire_keeps_the_spec_fields() -> None:
 def test_one_union_picks_the_class_by_kind() -> None:
     for kind, cls in ACTIVITY_KINDS.items():
         assert cls.model_fields["kind"].default == kind
+    assert len(set(ACTIVITY_KINDS.values())) == len(ACTIVITY_KINDS)  # one class per kind
     dumped = activity("model_load_completed", load_payload()).model_dump()
     assert type(ACTIVITY_ADAPTER.validate_python(dumped)) is ModelLoadCompleted
     assert type(ACTIVITY_ADAPTER.validate_python({**dumped, "kind": "other", "payload": {}})) is Activity

@@ -157,13 +157,15 @@ def test_a_full_disk_evicts_then_fails_cleanly(blob_store: BlobStore, tmp_path: 
 
 
 def test_routing_prefers_vram_then_disk_then_free_vram() -> None:
+    from events.workers import CachedModel, WorkerState
     from services.routing import choose_gpu_worker
-    states = [
-        {"id": "roomy", "queues": ["gpu"], "models": [], "disk_models": [], "vram_free": 80},
-        {"id": "disk", "queues": ["gpu"], "models": [], "disk_models": ["k"], "vram_free": 10},
-        {"id": "vram", "queues": ["gpu"], "models": [{"model_key": "k"}], "disk_models": ["k"], "vram_free": 0},
-    ]
+
+    def state(worker_id: str, vram_free: int, disk: tuple[str, ...] = (), models: tuple[str, ...] = ()) -> WorkerState:
+        return WorkerState(id=worker_id, host="h", pid=1, queues=("gpu",), time=0.0, vram_free=vram_free,
+                           disk_models=disk, models=tuple(CachedModel(key=m, model_key=m) for m in models))
+
+    states = [state("roomy", 80), state("disk", 10, disk=("k",)), state("vram", 0, disk=("k",), models=("k",))]
     assert choose_gpu_worker(states, "k") == "vram"
     assert choose_gpu_worker(states[:2], "k") == "disk"
     assert choose_gpu_worker(states[:2], "other") == "roomy"
-    assert choose_gpu_worker([{"id": "old", "queues": ["gpu"], "models": [], "vram_free": 5}], "k") == "old"
+    assert choose_gpu_worker([state("old", 5)], "k") == "old"

@@ -51,10 +51,10 @@ def test_a_model_installed_on_one_host_is_loaded_on_another(hosts: Hosts, instal
     assert len(kinds) == 2
     assert kinds[1]["bytes"] == source.stat().st_size
     # the heartbeat says what host B holds on disk: routing's disk affinity
-    wait_until(lambda: any(key in w.get("disk_models", []) for w in client.workers()), 30,
+    wait_until(lambda: any(key in w.disk_models for w in client.workers()), 30,
                "gpu-b's heartbeat to list the model on disk")
     states = routing.worker_states(client.redis, hosts.bus.config.namespace)
-    assert routing.choose_gpu_worker([{**s, "models": []} for s in states], key) == "gpu-b"
+    assert routing.choose_gpu_worker([s.model_copy(update={"models": ()}) for s in states], key) == "gpu-b"
 
 
 def test_a_corrupt_blob_in_the_store_fails_the_load_and_is_never_laid_out(hosts: Hosts,

@@ -72,7 +72,7 @@ def test_a_store_that_is_down_fails_the_install_and_records_nothing(redis_url: s
             done = service.wait_for_job(service.heuristic_import(str(source)), timeout=TIMEOUT)
             assert done.status is InstallStatus.ERROR, bus.worker_log()
             assert done.error is not None and f"s3://install-fleet/models at {down}" in done.error
-            assert done.error_type == "StoreUnavailableError"
+            assert done.error_type == "BlobStoreUnavailableError"
             assert service.record_store.all_models() == []
             assert not [p for p in bus.config.models_path.rglob("*") if p.is_file()]
         finally:

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from services.config import AppConfig, ConfigError
-from services.store import FileBlobStore, StoreConfigError, StoreUnavailableError, open_store, parse_store_url
+from services.store import (
+    BlobStoreUnavailableError,
+    FileBlobStore,
+    StoreConfigError,
+    open_store,
+    parse_store_url,
+)
 from services.store.s3 import S3BlobStore
 from tests.servers.s3_server import S3Server, free_port
 
@@ -54,22 +60,22 @@ def test_a_cache_size_and_endpoint_are_checked(modelbus_env: dict[str, str], mon
 def test_an_unreachable_store_is_one_error_naming_the_url(aws_env: dict[str, str]) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = S3BlobStore(parse_store_url("s3://fleet-models/x"), endpoint_url=endpoint, retries=1)
-    with pytest.raises(StoreUnavailableError, match=r"s3://fleet-models/x at http://127\.0\.0\.1:\d+"):
+    with pytest.raises(BlobStoreUnavailableError, match=r"s3://fleet-models/x at http://127\.0\.0\.1:\d+"):
         store.check()
-    with pytest.raises(StoreUnavailableError, match="looking up blob"):
+    with pytest.raises(BlobStoreUnavailableError, match="looking up blob"):
         store.size_of("a" * 64)
 
 
 def test_a_missing_bucket_is_named(s3_server: S3Server, aws_env: dict[str, str]) -> None:
     store = S3BlobStore(parse_store_url("s3://no-such-bucket-here/x"), endpoint_url=s3_server.url, retries=1)
-    with pytest.raises(StoreUnavailableError, match="no-such-bucket-here.*opening the bucket failed: 404"):
+    with pytest.raises(BlobStoreUnavailableError, match="no-such-bucket-here.*opening the bucket failed: 404"):
         store.check()
 
 
 def test_a_file_store_that_cannot_be_written_is_named(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(StoreUnavailableError, match=f"file://{blocker}"):
+    with pytest.raises(BlobStoreUnavailableError, match=f"file://{blocker}"):
         FileBlobStore(blocker).check()
 
 
