@@ -110,7 +110,7 @@ class Health(BaseModel):
     redis: RedisHealth
     workers_alive: int
     queues: dict[str, int] = Field(default_factory=dict)
-    quarantined: int = Field(0, description="log entries refused by every reader (degraded while any)")
+    quarantined: int = Field(default=0, description="log entries refused by every reader (degraded while any)")
 
 
 class Removed(BaseModel):
