@@ -73,6 +73,10 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.tag}:job:{job_id}"
 
+    def lease(self, rq_job_id: str) -> str:
+        """Hash: the running RQ job's lease (holder, expiry) and its fencing token (never reset)."""
+        return f"{self.tag}:lease:{rq_job_id}"
+
     def cancel_flag(self, job_id: str) -> str:
         return f"{self.tag}:cancel:{job_id}"
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import orjson
 import redis
 import structlog
+from pydantic import ValidationError
 
 from events import defaults
 from events.codec import EventBody, decode, decode_body, encode, encode_body
@@ -32,7 +33,7 @@ from events.errors import (
     UniqueConstraintError,
 )
 from events.keys import Keys
-from events.schema import Event
+from events.schema import Event, activity
 from events.scripts import APPEND, QUARANTINE
 from events.validation import Refusal, Refuse, SequenceGate, body_problem
 from events.watch import CounterLogWatch, LogWatch, RedisLogWatch
@@ -216,10 +217,16 @@ class EventStore(ABC):
         """The version check for a reader following this store's domain log from anywhere."""
         return SequenceGate(self.version_before, self.quarantined_among, self.refuse)
 
-    def publish_activity(self, kind: str, payload: dict[str, Any], source: str = "modelbus",
+    def publish_activity(self, kind: str, payload: Mapping[str, Any], source: str = "modelbus",
                          correlation_id: str | None = None) -> str:
-        from events.schema import activity
-        return self.publish(activity(kind, payload, source=source, correlation_id=correlation_id))
+        """Publish an activity event of ``kind`` from a plain payload (its typed class when the kind is known);
+        a payload that does not fit raises InvalidEventError and publishes nothing."""
+        try:
+            event = activity(kind, payload, source=source, correlation_id=correlation_id)
+        except ValidationError as exc:
+            fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+            raise InvalidEventError(kind, source, f"the payload does not fit its schema: {fields}") from exc
+        return self.publish(event)
 
 
 def _type_of(event: Event) -> str:

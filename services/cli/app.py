@@ -58,7 +58,7 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
     """Start the whole stack in the foreground: Redis (embedded unless MODELBUS_REDIS_URL), workers, API."""
     from services.stack import Stack
     config = state.config()
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level, config.secret_values)
     stack = Stack(config, worker_queues=[w for w in workers.split(";") if w], with_api=api)
     try:
         stack.start()

@@ -93,21 +93,24 @@ class ModelBusClient:
     # --- records ----------------------------------------------------------------------------------
 
     def list_models(self, name: str | None = None, base: str | None = None, type: str | None = None,
-                    tag: str | Iterable[str] | None = None) -> list[ModelConfigBase]:
-        """Models matching every filter given (all models when none is)."""
+                    tag: str | Iterable[str] | None = None, *, order_by: str = "name",
+                    direction: str = "asc") -> list[ModelConfigBase]:
+        """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
+        type, base, format) in ``direction`` (asc, desc)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
-        found = self._locked(lambda r: r.search_by_name(name, base, type))
+        found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:
             found = [m for m in found if set(tags) <= set(m.tags or [])]
-        return sorted(found, key=lambda m: (m.name.lower(), m.key))
+        return found  # type: ignore[no-any-return]
 
     def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
-                         tag: str | Iterable[str] | None = None, *, offset: int = 0,
-                         limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
+                         tag: str | Iterable[str] | None = None, *, offset: int = 0, limit: int = 100,
+                         order_by: str = "name", direction: str = "asc") -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`list_models`, in the same order, and the number of matches."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         return self._locked(  # type: ignore[no-any-return]
-            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit))
+            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
+                                    direction=direction))
 
     def get_model(self, key: str) -> ModelConfigBase:
         return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]
@@ -118,7 +121,7 @@ class ModelBusClient:
 
     def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
         """Change fields of a record; a new ``path`` is checked and hashed again (see ModelInstallService)."""
-        if isinstance(changes, Mapping) and "path" in changes:
+        if not isinstance(changes, Mapping) or "path" in changes:
             return self._locked(lambda r: self.features.update_path(key, changes))  # type: ignore[no-any-return]
         return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
 
@@ -126,8 +129,8 @@ class ModelBusClient:
         return self._locked(lambda r: r.rename_model(key, new_name))  # type: ignore[no-any-return]
 
     def delete_model(self, key: str, delete_files: bool = False) -> ModelConfigBase:
-        """Remove the record; with ``delete_files`` also its files when they lie in the models directory
-        (files elsewhere belong to the user and stay). Returns the record as it was."""
+        """Remove the record; with ``delete_files`` also the files recorded at its install (see
+        services.install.ownership: never another model's). Returns the record as it was."""
         model = self.get_model(key)
         if delete_files:
             self._locked(lambda r: self.features.delete(key))

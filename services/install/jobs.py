@@ -24,6 +24,8 @@ from events.schema import (
     InstallCompleted,
     InstallDownloaded,
     InstallFailed,
+    InstallJobChanged,
+    InstallJobPayload,
     InstallRequested,
     InstallStarted,
 )
@@ -182,8 +184,8 @@ def transition(store: EventStore, job_id: str, decide: Decide) -> tuple[InstallJ
         after = apply(job, event.model_copy(update={"aggregate_version": result.version}))
         assert after is not None
         # job state changes are also operational news: UIs follow the activity stream, not the log
-        store.publish_activity("install_job", {"job_id": job_id, "status": after.status.value,
-                                               "event": event.type}, source=job_id, correlation_id=job_id)
+        store.publish(InstallJobChanged(aggregate_id=job_id, correlation_id=job_id, payload=InstallJobPayload(
+            job_id=job_id, status=after.status.value, event=event.type)))
         return after, True
     raise InstallError(f"install job {job_id!r} kept changing under {APPEND_ATTEMPTS} attempts")
 

@@ -63,6 +63,20 @@ def listing_order(name: str, key: str) -> tuple[str, str]:
     return name.lower(), key
 
 
+#: what a listing may be ordered by -> the record field holding it (then name, then key: a total order,
+#: so pages never overlap or skip, whichever direction)
+ORDER_FIELDS: dict[str, str] = {"name": "name", "type": "model_type", "base": "base_model", "format": "model_format"}
+DIRECTIONS = ("asc", "desc")
+
+
+def order_key(state: dict[str, Any], key: str, order_by: str) -> tuple[str, str, str]:
+    """The sort key of a record's stored state in a listing ordered by ``order_by`` (ascending);
+    the SQL projection orders by the same three columns, compared bytewise (code point order)."""
+    name, _ = listing_order(state["name"], key)
+    first = name if order_by == "name" else str(state[ORDER_FIELDS[order_by]])
+    return first, name, key
+
+
 def check_page(offset: int, limit: int) -> None:
     if offset < 0:
         raise ValueError(f"offset={offset!r}: must be >= 0")
@@ -203,10 +217,11 @@ class RecordProjection(ABC):
 
     @abstractmethod
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
-             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+             tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
+             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
         """The records :meth:`search` finds that also carry every one of ``tags``, ordered by
-        :func:`listing_order`, and their number; only the ``limit`` records from ``offset`` on are parsed
-        and copied out."""
+        :func:`order_key` (``order_by`` one of :data:`ORDER_FIELDS`, checked by the service), and their
+        number; only the ``limit`` records from ``offset`` on are parsed and copied out."""
 
     @abstractmethod
     def by_path(self, path: str) -> list[ModelConfigBase]:

@@ -44,7 +44,14 @@ from services.records.errors import (
 from services.records.fold import fold, is_model_event, path_claim
 from services.records.models import ModelConfigBase
 from services.records.parsing import check_key, merge_update, parse_config
-from services.records.projection import RECORDS_VERSION, RecordProjection, config_from_state
+from services.records.projection import (
+    DIRECTIONS,
+    ORDER_FIELDS,
+    RECORDS_VERSION,
+    RecordProjection,
+    config_from_state,
+    order_key,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +78,27 @@ def _enum(enum: type[BaseModelType | ModelType], field: str, value: Any) -> Any:
         allowed = ", ".join(m.value for m in enum)
         raise InvalidModelConfigException([FieldError(field, value, f"must be one of {allowed}")],
                                           "invalid search") from None
+
+
+def _order(order_by: Any) -> str:
+    if order_by not in ORDER_FIELDS:
+        raise InvalidModelConfigException(
+            [FieldError("order_by", order_by, "must be one of " + ", ".join(ORDER_FIELDS))], "invalid search")
+    return str(order_by)
+
+
+def _sort_fields(config: ModelConfigBase) -> dict[str, str]:
+    """A config's fields a listing sorts by, as its stored state holds them."""
+    return {"name": config.name, "model_type": config.model_type.value, "base_model": config.base_model.value,
+            "model_format": config.model_format.value}
+
+
+def _direction(direction: Any) -> bool:
+    """True for descending."""
+    if direction not in DIRECTIONS:
+        raise InvalidModelConfigException(
+            [FieldError("direction", direction, "must be one of " + ", ".join(DIRECTIONS))], "invalid search")
+    return bool(direction == "desc")
 
 
 class ModelRecordServiceBase:
@@ -256,30 +284,41 @@ class ModelRecordServiceBase:
         return found[0]
 
     def search_by_name(self, name: str | None = None, base_model: BaseModelType | str | None = None,
-                       model_type: ModelType | str | None = None) -> list[ModelConfigBase]:
-        """Models matching every criterion given; a base matches the primary base or a compatible one."""
+                       model_type: ModelType | str | None = None, *, order_by: str | None = None,
+                       direction: str = "asc") -> list[ModelConfigBase]:
+        """Models matching every criterion given; a base matches the primary base or a compatible one.
+        ``order_by`` (name, type, base, format) and ``direction`` (asc, desc) sort them as
+        :meth:`search_page` does; without ``order_by`` they come in no particular order."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
+        descending = _direction(direction)
+        field = _order(order_by) if order_by is not None else None
         self._sync_for_read()
-        return self.projection.search(name, base, type_)
+        found = self.projection.search(name, base, type_)
+        if field is not None:
+            found.sort(key=lambda c: order_key(_sort_fields(c), c.key, field), reverse=descending)
+        return found
 
-    def all_models(self) -> list[ModelConfigBase]:
-        return self.search_by_name()
+    def all_models(self, *, order_by: str | None = None, direction: str = "asc") -> list[ModelConfigBase]:
+        return self.search_by_name(order_by=order_by, direction=direction)
 
     def search_page(self, name: str | None = None, base_model: BaseModelType | str | None = None,
                     model_type: ModelType | str | None = None, tags: Sequence[str] = (), *, offset: int = 0,
-                    limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
-        """One page of :meth:`search_by_name` (ordered by ``name.lower()``, then key: see
-        ``projection.listing_order``), filtered by all ``tags``, and the total. The projection filters, orders
+                    limit: int = 100, order_by: str = "name", direction: str = "asc",
+                    ) -> tuple[int, list[ModelConfigBase]]:
+        """One page of :meth:`search_by_name`, filtered by all ``tags``, and the total. Ordered by
+        ``order_by`` (name, type, base or format; then the lowered name, then the key: a total order, so
+        pages neither overlap nor skip) in ``direction`` (asc or desc). The projection filters, orders
         and cuts the page itself (in SQL for SQLite), so only the page's records are read and copied out."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
+        sort_field, descending = _order(order_by), _direction(direction)
         for field, value in (("offset", offset), ("limit", limit)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidModelConfigException([FieldError(field, value, "must be an integer >= 0")],
                                                   "invalid search")
         self._sync_for_read()
-        return self.projection.page(name, base, type_, list(tags), offset, limit)
+        return self.projection.page(name, base, type_, list(tags), offset, limit, sort_field, descending)
 
     def search_by_tag(self, tags: Sequence[str]) -> list[ModelConfigBase]:
         """Models carrying all of ``tags``."""

@@ -90,6 +90,8 @@ class _Pending:
             self.position, self.event_id = batch.position, batch.event_id
 
 _SELECT = "SELECT type, format, config, key FROM model_records"
+#: projection.ORDER_FIELDS -> the column holding it (the only names that reach an ORDER BY)
+_ORDER_COLUMNS = {"type": "type", "base": "base", "format": "format"}
 
 
 def inspect_schema(conn: sqlite3.Connection, where: str) -> str:
@@ -311,8 +313,13 @@ class SQLProjection(RecordProjection):
         return self._query(_SELECT + where, params, copy)
 
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
-             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+             tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
+             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
         check_page(offset, limit)
+        way = "DESC" if descending else "ASC"
+        order = f"sort_name {way}, key {way}"  # projection.order_key, column by column
+        if order_by != "name":
+            order = f"{_ORDER_COLUMNS[order_by]} {way}, {order}"
         where, params = _filters(name, base, model_type, tags)
         with self.lock, self._snapshot():
             total = int(self.conn.execute("SELECT COUNT(*) FROM model_records" + where, params).fetchone()[0])
@@ -320,7 +327,7 @@ class SQLProjection(RecordProjection):
                 return total, []
             # keys only: the order index covers them, and a sort (after a type or name filter) carries no JSON
             keys = self.conn.execute("SELECT key FROM model_records" + where
-                                     + " ORDER BY sort_name, key LIMIT ? OFFSET ?", [*params, limit, offset])
+                                     + f" ORDER BY {order} LIMIT ? OFFSET ?", [*params, limit, offset])
             return total, [c for c in (self.get(k) for (k,) in keys.fetchall()) if c is not None]
 
     @contextmanager

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
-from events.schema import Activity, ModelAdded, ModelRemoved, ModelUpdated
+from events.schema import Activity, DownloadProgress, ModelAdded, ModelRemoved, ModelUpdated
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from tests.fixtures.activity import download_payload, load_payload
 from tests.record_configs import record_config
 
 
@@ -105,13 +106,13 @@ def test_subscribe_from_now_and_from_a_position(store: EventStore) -> None:
 
 def test_activity_stream_is_separate_and_filterable(store: EventStore) -> None:
     store.append([added("a")])
-    store.publish_activity("model_load_started", {"model_key": "a"})
-    store.publish_activity("download_progress", {"bytes": 1})
+    store.publish_activity("model_load_started", load_payload("a"))
+    store.publish_activity("download_progress", download_payload(bytes=1))
     activity = store.read(stream="activity")
     assert [e.event.kind for e in activity if isinstance(e.event, Activity)] == ["model_load_started", "download_progress"]
     assert len(store.read()) == 1
     seen = next(store.subscribe(since="0-0", stream="activity", types=["download_progress"], block_ms=100))
-    assert seen.event.payload == {"bytes": 1}  # type: ignore[attr-defined]
+    assert isinstance(seen.event, DownloadProgress) and seen.event.payload.bytes == 1
 
 
 def test_redis_store_reports_and_skips_unknown_entries(event_store: RedisEventStore,

@@ -14,6 +14,7 @@ import structlog
 from events.schema import ModelAdded
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
 from events.watch import WATCH_CLIENT_NAME, LogWatch, RedisLogWatch
+from tests.fixtures.activity import load_payload
 from tests.record_configs import record_config
 
 
@@ -58,7 +59,7 @@ def test_every_append_breaks_the_silence_before_it_is_acknowledged(store: EventS
 def test_other_streams_and_namespaces_leave_the_watch_quiet(store: EventStore, watch: LogWatch,
                                                             redis_url: str) -> None:
     watch.arm()
-    store.publish_activity("model_load_started", {"key": "x"})  # the capped activity stream
+    store.publish_activity("model_load_started", load_payload("x"))  # the capped activity stream
     _append(RedisEventStore.from_url(redis_url, f"other-{uuid.uuid4().hex[:6]}"))
     assert watch.quiet()
 
