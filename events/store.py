@@ -210,8 +210,10 @@ class EventStore(ABC):
         recorded = dict(zip((r.position for r in new), self.quarantine_all(new), strict=True)) if new else {}
         for r in refusals:
             self._refused.add(r.position)
-            log.warning("event_skipped", position=r.position, reason=r.reason, quarantined=recorded.get(r.position,
-                        False), type=r.type, aggregate=r.aggregate_id, version=r.aggregate_version)
+            # a warning when it is news; a reader passing an entry quarantined before says so at debug level
+            report = log.warning if recorded.get(r.position) else log.debug
+            report("event_skipped", position=r.position, reason=r.reason, quarantined=recorded.get(r.position, False),
+                   type=r.type, aggregate=r.aggregate_id, version=r.aggregate_version)
 
     def gate(self) -> SequenceGate:
         """The version check for a reader following this store's domain log from anywhere."""
