@@ -200,12 +200,20 @@ class EventStore(ABC):
         """How many of the aggregate's appended events lie before ``position``: the version a reader
         starting there expects the aggregate to be at (the append script keeps this index)."""
 
-    def refuse(self, refusal: Refusal) -> None:
-        """Report a refused entry, and quarantine it the first time this store sees it."""
-        recorded = refusal.position not in self._refused and self.quarantine(refusal)
-        self._refused.add(refusal.position)
-        log.warning("event_skipped", position=refusal.position, reason=refusal.reason, quarantined=recorded,
-                    type=refusal.type, aggregate=refusal.aggregate_id, version=refusal.aggregate_version)
+    def quarantine_all(self, refusals: Sequence[Refusal]) -> list[bool]:
+        """:meth:`quarantine` for each (a store may do it in one round trip)."""
+        return [self.quarantine(r) for r in refusals]
+
+    def refuse(self, *refusals: Refusal) -> None:
+        """Report refused entries, and quarantine those this store has not seen refused before."""
+        new = list({r.position: r for r in refusals if r.position not in self._refused}.values())
+        recorded = dict(zip((r.position for r in new), self.quarantine_all(new), strict=True)) if new else {}
+        for r in refusals:
+            self._refused.add(r.position)
+            # a warning when it is news; a reader passing an entry quarantined before says so at debug level
+            report = log.warning if recorded.get(r.position) else log.debug
+            report("event_skipped", position=r.position, reason=r.reason, quarantined=recorded.get(r.position, False),
+                   type=r.type, aggregate=r.aggregate_id, version=r.aggregate_version)
 
     def gate(self) -> SequenceGate:
         """The version check for a reader following this store's domain log from anywhere."""
@@ -275,6 +283,7 @@ def _decode_entries(entries: Iterable[tuple[Any, Any]], refuse: Refuse | None = 
     """Decoded events; the others are reported, and with ``refuse`` (entries of the domain log) refused:
     those that do not decode, and those whose body a domain check refuses."""
     out: list[StoredEvent] = []
+    refused: list[Refusal] = []
     for raw_id, fields in entries:
         position = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
         try:
@@ -283,20 +292,23 @@ def _decode_entries(entries: Iterable[tuple[Any, Any]], refuse: Refuse | None = 
             if refuse is None:
                 log.warning("event_skipped", position=exc.position, reason=exc.reason)
             else:
-                refuse(refusal_of(position, fields, exc.reason))
+                refused.append(refusal_of(position, fields, exc.reason))
             continue
         if refuse is not None:
             reason = body_problem(event.type, event.aggregate_id, event.__dict__)
             if reason is not None:
-                refuse(Refusal(position, event.type, event.aggregate_id, event.aggregate_version, reason))
+                refused.append(Refusal(position, event.type, event.aggregate_id, event.aggregate_version, reason))
                 continue
         out.append(StoredEvent(position, event))
+    if refused and refuse is not None:
+        refuse(*refused)
     return out
 
 
 def _body_batch(entries: Sequence[tuple[Any, Any]], after: str, types: Container[str],
                 refuse: Refuse) -> BodyBatch:
     out: list[EventBody] = []
+    refused: list[Refusal] = []
     position, event_id = after, None
     for raw_id, fields in entries:
         position = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
@@ -305,10 +317,12 @@ def _body_batch(entries: Sequence[tuple[Any, Any]], after: str, types: Container
         try:
             body = decode_body(position, fields, types)
         except EventDecodeError as exc:
-            refuse(refusal_of(position, fields, exc.reason))
+            refused.append(refusal_of(position, fields, exc.reason))
             continue
         if body is not None:
             out.append(body)
+    if refused:
+        refuse(*refused)
     return BodyBatch(out, position, event_id)
 
 
@@ -493,18 +507,23 @@ class RedisEventStore(EventStore):
         return self.refuse if stream == "events" else None
 
     def quarantine(self, refusal: Refusal) -> bool:
-        keys = [self.keys.quarantine, self.keys.quarantined]
-        args = [refusal.position, refusal.type, refusal.aggregate_id, refusal.aggregate_version, refusal.reason,
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
-        sha = self._quarantine_sha
+        return self.quarantine_all([refusal])[0]
 
-        def run() -> Any:
+    def quarantine_all(self, refusals: Sequence[Refusal]) -> list[bool]:
+        keys = [self.keys.quarantine, self.keys.quarantined]
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for r in refusals:  # one round trip for a batch of refused entries (a flood of junk is one batch)
+                pipe.execute_command("EVALSHA", self._quarantine_sha, len(keys), *keys, r.position, r.type,
+                                     r.aggregate_id, r.aggregate_version, r.reason, when)
             try:
-                return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                return pipe.execute()  # type: ignore[no-any-return]
             except redis.exceptions.NoScriptError:
-                self.client.script_load(QUARANTINE)  # type: ignore[no-untyped-call]
-                return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        return bool(self._call(run))
+                self.client.script_load(QUARANTINE)  # type: ignore[no-untyped-call]  # after a restart or SCRIPT FLUSH
+                return run()
+        return [bool(x) for x in self._call(run)]
 
     def quarantined(self, after: str = "0-0", count: int = defaults.READ_BATCH) -> list[QuarantineEntry]:
         entries = self._call(partial(self.client.xrange, self.keys.quarantine, min=f"({after}", count=count))

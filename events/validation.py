@@ -98,7 +98,12 @@ class _Stored(Protocol):
 
 
 S = TypeVar("S", bound=_Stored)
-Refuse = Callable[[Refusal], object]
+
+
+class Refuse(Protocol):
+    """Where a reader hands the entries it refused (the store's quarantine): one call per batch."""
+
+    def __call__(self, *refusals: Refusal) -> object: ...
 
 
 def in_sequence(history: Iterable[S], refuse: Refuse) -> list[S]:

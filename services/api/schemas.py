@@ -111,7 +111,7 @@ class Health(BaseModel):
     workers_alive: int
     queues: dict[str, int] = Field(default_factory=dict)
     unserved: list[str] = Field(default_factory=list, description="queues with waiting jobs and no live worker")
-    quarantined: int = Field(0, description="log entries refused by every reader (degraded while any)")
+    quarantined: int = Field(default=0, description="log entries refused by every reader (degraded while any)")
 
 
 class Removed(BaseModel):

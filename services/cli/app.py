@@ -104,7 +104,7 @@ app.command("workers")(ops.workers)
 app.command("doctor")(ops.doctor)
 app.command("import-yaml")(ops.import_yaml)
 
-events = typer.Typer(help="The event log.")
+events = typer.Typer(help="Print events (with --follow: as they happen); `events quarantine`: the refused ones.")
 events.callback(invoke_without_command=True)(ops.events)
 events.command("quarantine")(ops.quarantine)
 app.add_typer(events, name="events")

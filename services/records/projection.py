@@ -40,8 +40,9 @@ Changes = dict[str, tuple[State, int]]
 _UNREAD: Any = object()  # a key's stored state, not read yet (only a rename needs it)
 
 
-def _log_refusal(refusal: Refusal) -> None:
-    log.warning("event_skipped", position=refusal.position, reason=refusal.reason)
+def _log_refusals(*refusals: Refusal) -> None:
+    for r in refusals:
+        log.warning("event_skipped", position=r.position, reason=r.reason)
 
 
 def config_from_state(state: dict[str, Any]) -> ModelConfigBase:
@@ -105,7 +106,7 @@ class RecordProjection(ABC):
         #: the stored rows use an older layout of ours: the service rebuilds them on open
         self.stale = False
         #: where refused entries go (the record service sets its event store's quarantine)
-        self.refuse: Refuse = _log_refusal
+        self.refuse: Refuse = _log_refusals
 
     # --- the Projection protocol ----------------------------------------------------------------
 
@@ -138,13 +139,14 @@ class RecordProjection(ABC):
         Entries are checked in log order; the refused ones are handed to :attr:`refuse` and skipped."""
         changes: Changes = {}
         born: set[str] = set()
+        refused: list[Refusal] = []
         for entry in entries:
             key = entry.aggregate_id
             current = changes.get(key)
             last = current[1] if current is not None else self._stored_version(key)
             body, reason = self._check(entry, last)
             if body is None:
-                self.refuse(Refusal(entry.position, entry.type, key, entry.aggregate_version, str(reason)))
+                refused.append(Refusal(entry.position, entry.type, key, entry.aggregate_version, str(reason)))
                 continue
             if current is None:
                 if last == 0:
@@ -156,6 +158,8 @@ class RecordProjection(ABC):
                 state = self._load_state(key)
             changes[key] = (step(None if state is _UNREAD else state, entry.type, body), entry.aggregate_version)
             self._cache.pop(key, None)
+        if refused:
+            self.refuse(*refused)
         return changes, born
 
     @staticmethod

@@ -280,3 +280,14 @@ def test_a_poisoned_tail_does_not_make_every_open_rebuild(app_config: AppConfig,
             ModelRecordServiceSQL.from_db_file(path, event_store, config=app_config) as service:
         assert [m.key for m in service.all_models()] == ["k"]
     assert not [e for e in logs if e["event"] == "records_rebuild_on_open"]
+
+
+def test_events_follow_in_the_cli_skips_forged_entries(app_config: AppConfig, event_store: RedisEventStore) -> None:
+    raw = redis.Redis.from_url(event_store.url or "")
+    event_store.append([ModelAdded(aggregate_id="k", config=record_config("k"))], expected_version=0)
+    forged = {forge(raw, event_store, "ModelRemoved", "k", 1, _removal("k")), _poison(event_store)}
+    event_store.append([ModelRenamed(aggregate_id="k", old_name="k", new_name="renamed")], expected_version=1)
+    for args in (("events", "--json"), ("events", "--follow", "--since", "0", "--count", "2", "--json")):
+        lines = [json.loads(line) for line in _cli(*args).stdout.splitlines()]
+        assert [(d["type"], d["event"]["aggregate_version"]) for d in lines] == [("ModelAdded", 1), ("ModelRenamed", 2)]
+        assert not {d["position"] for d in lines} & forged
