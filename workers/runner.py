@@ -223,14 +223,15 @@ def drop_worker_queue(connection: Any, keys: Keys, worker_id: str) -> int:
 
 
 def drop_gone_worker_queues(connection: Any, keys: Keys) -> None:
-    """Remove the own queues of GPU workers that are gone (no published state, no RQ registration)."""
+    """Remove the own queues of GPU workers that are gone: their published state (renewed every
+    ``HEARTBEAT_INTERVAL`` s by a live worker) has lapsed. Jobs routed to one go to the shared gpu queue."""
     prefix = f"{Queue.redis_queue_namespace_prefix}{keys.worker_queue('')}"
     for raw in connection.smembers(Queue.redis_queues_keys):
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         if not name.startswith(prefix):
             continue
         worker_id = name[len(prefix):]
-        if connection.exists(keys.worker_state(worker_id), f"{Worker.redis_worker_namespace_prefix}{worker_id}"):
+        if connection.exists(keys.worker_state(worker_id)):
             continue
         moved = drop_worker_queue(connection, keys, worker_id)
         log.info("gone_worker_queue_dropped", worker=worker_id, jobs_moved=moved)
