@@ -41,6 +41,16 @@ class Keys:
         """Hash unique field -> owning aggregate id."""
         return f"{self.tag}:unique"
 
+    @property
+    def quarantine(self) -> str:
+        """Stream of refused domain-log entries (position, type, aggregate, version, reason): never trimmed."""
+        return f"{self.tag}:quarantine"
+
+    @property
+    def quarantined(self) -> str:
+        """Hash position of a refused entry -> its quarantine stream id: what makes recording it idempotent."""
+        return f"{self.tag}:quarantined"
+
     def aggregate_index(self, aggregate_id: str) -> str:
         """List of the stream positions of one aggregate's events (history without a scan)."""
         return f"{self.tag}:agg:{aggregate_id}"

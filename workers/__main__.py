@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["vram_cache_size"] = parse_size(args.vram_cache)
         config = AppConfig.load(**overrides)
         queues = parse_queues(args.queues)
-        configure_logging(config.log_format, config.log_level)
+        configure_logging(config.log_format, config.log_level, config.secret_values)
         store = RedisEventStore.from_config(config)
     except (ConfigError, ValueError, EventStoreError) as exc:
         print(f"modelbus worker: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from events.store import RedisEventStore
 from services.config import AppConfig
 from services.install.errors import InstallError, JobStoppedError
 from services.install.finalize import FinalizeRequest, finalize
+from services.install.imports import discard_hand_over
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
 from services.install.placement import model_in_staging, partial_files, remove_tree, size_of, staging_dir
 from services.install.progress import ProgressBoard
@@ -57,11 +58,13 @@ def _hash(store: RedisEventStore, config: AppConfig, job_id: str, folder: str | 
             log.warning("install_hash_retry", job=job_id, error=describe(exc))
             raise
         remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        discard_hand_over(config, load_job(store, job_id).options)
         fail_job(store, job_id, error_name(exc), describe(exc))
         give_up(exc)
     job = load_job(store, job_id)
     if job.terminal:
         remove_tree(staging_dir(config, job_id))
+        discard_hand_over(config, job.options)
     return job.status.value
 
 
@@ -106,6 +109,7 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
             before_place=still_wanted)
         record = finalize(config, records, request)
         remove_tree(staging_dir(config, job.id))  # before the completion: whoever sees it sees no leftovers
+        discard_hand_over(config, job.options)
         _complete(store, config, records, job, record, moved=not job.options.get("inplace"))
     finally:
         records.close()

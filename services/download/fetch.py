@@ -28,7 +28,9 @@ from .errors import (
     InsufficientSpaceError,
     IntegrityError,
     RemoteError,
+    Restart,
     RetriesExhaustedError,
+    Retry,
     TokenRequiredError,
 )
 from .names import choose_filename
@@ -41,9 +43,10 @@ from .partial import (
     lock_partial,
     part_path,
     remove_partial,
+    same_validators,
     split_ranges,
 )
-from .responses import Restart, Retry, check_status, looks_like_page, parse_content_range
+from .responses import check_status, looks_like_page, parse_content_range
 from .transport import open_stream, widen_reads
 
 log = structlog.get_logger(__name__)
@@ -209,6 +212,9 @@ class _FileFetch:
         if first != offset or total != saved.total:
             remove_partial(self.final)
             raise Restart(f"asked for byte {offset} of {saved.total}, got {first} of {total}")
+        if not same_validators(saved, response):  # a server that ignored If-Range sent the new file's bytes
+            remove_partial(self.final)
+            raise Restart(f"the file changed on the server (ETag/Last-Modified) since byte {offset} was saved")
         log.info("download.resume", path=str(self.final), have=offset, total=total)
         return self._download(saved, response, offset)
 

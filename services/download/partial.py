@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 import structlog
 
 from .errors import PartialBusyError
@@ -73,6 +74,18 @@ class PartialState:
             and self.validator is not None
             and self.validator == other.validator
         )
+
+
+def same_validators(saved: PartialState, response: httpx.Response) -> bool:
+    """Whether a 206 answer is of the resource the partial file holds: its ETag (else Last-Modified)
+    equals the saved one. A server that ignores If-Range answers 206 for a changed file too."""
+    etag = response.headers.get("etag")
+    if saved.etag and etag:
+        return etag == saved.etag
+    modified = response.headers.get("last-modified")
+    if saved.last_modified and modified:
+        return modified == saved.last_modified
+    return True  # nothing to compare: the server honoured If-Range or there was nothing to send
 
 
 def part_path(final: Path) -> Path:

@@ -15,6 +15,7 @@ import structlog
 
 from events.errors import EventStoreError
 from events.keys import Keys
+from events.schema import InstallProgress, InstallProgressPayload
 from events.store import EventStore
 from services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
 
@@ -86,8 +87,8 @@ class ProgressReporter:
         self._last = now
         try:
             self.board.set_file(self.job_id, self.file, done, total)
-            self.store.publish_activity("install_progress", {"job_id": self.job_id, "file": self.file,
-                                                             "bytes": done, "total_bytes": total},
-                                        source=self.job_id, correlation_id=self.job_id)
+            self.store.publish(InstallProgress(aggregate_id=self.job_id, correlation_id=self.job_id,
+                                               payload=InstallProgressPayload(job_id=self.job_id, file=self.file,
+                                                                              bytes=done, total_bytes=total)))
         except (redis.RedisError, EventStoreError) as exc:  # advisory: a report lost while Redis is away
             log.warning("install_progress_not_reported", job=self.job_id, error=str(exc))  # must not end the copy

@@ -3,11 +3,14 @@
 ::
 
     ProbeError
-     +-- ModelPathError        the path is missing or not a file/folder
-     +-- UnknownModelError     nothing recognisable: says what was seen
-     +-- UnsafeModelError      a pickle imports something that could run code
-     +-- CorruptModelError     truncated or malformed file (safetensors, pickle, JSON config)
-     +-- InvalidOverrideError  a user-given type/base/format/... is not a valid value
+    ├── ModelPathError          (NotFound) the path is missing or not a file/folder
+    ├── UnrecognizedFilesError  (InvalidInput) nothing recognisable: says what was seen
+    ├── UnsafeModelError        (InvalidInput) a pickle imports something that could run code
+    ├── CorruptModelError       (InvalidInput) truncated or malformed file (safetensors, pickle, JSON config)
+    └── InvalidOverrideError    (InvalidInput) a user-given type/base/format/... is not a valid value
+
+``UnknownModelError`` is the old name of ``UnrecognizedFilesError`` (it looked like the record service's
+``UnknownModelException``, which means "no such key"); it stays as an alias while branches that use it land.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from events.errors import InvalidInput, ModelbusError, NotFound
 
-class ProbeError(Exception):
+
+class ProbeError(ModelbusError):
     """Base of every error raised by :mod:`services.probe`."""
 
 
-class ModelPathError(ProbeError):
+class ModelPathError(ProbeError, NotFound):
     """The path to identify does not exist or is neither a file nor a folder."""
 
 
-class UnknownModelError(ProbeError):
+class UnrecognizedFilesError(ProbeError, InvalidInput):
     """The files were read but match no known model family.
 
     The message says what was seen (suffix, number of tensors, a few key prefixes) so the user
@@ -39,7 +44,7 @@ class UnknownModelError(ProbeError):
         self.partial: dict[str, Any] = dict(partial or {})
 
 
-class UnsafeModelError(ProbeError):
+class UnsafeModelError(ProbeError, InvalidInput):
     """A pickle file imports a global that could execute code; it is never loaded."""
 
     def __init__(self, path: Path, findings: Sequence[str]) -> None:
@@ -48,9 +53,12 @@ class UnsafeModelError(ProbeError):
         super().__init__(f"{path}: refused, unsafe pickle imports: {', '.join(self.findings)}")
 
 
-class CorruptModelError(ProbeError):
+class CorruptModelError(ProbeError, InvalidInput):
     """The file is truncated or malformed; the message names the inconsistency."""
 
 
-class InvalidOverrideError(ProbeError):
+class InvalidOverrideError(ProbeError, InvalidInput):
     """An override (model_type, base_model, ...) is not a valid value."""
+
+
+UnknownModelError = UnrecognizedFilesError
