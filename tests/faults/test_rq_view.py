@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
@@ -108,3 +109,26 @@ def test_two_namespaces_on_one_redis_never_see_each_other(redis_url: str, tmp_pa
     finally:
         next(buses_a, None)
         next(buses_b, None)
+
+
+def test_a_command_id_taken_in_another_namespace_is_refused(redis_url: str, tmp_path: Path) -> None:
+    """RQ's job keys are global: B reusing A's command id would overwrite A's RQ job (its access token
+    included). B's command is refused, naming the reason, and A's job is untouched."""
+    from services.install.commands import InstallCommand, submit
+    from services.install.errors import CommandIdTakenError
+
+    model = write_checkpoint(tmp_path / "shared_id_lora.safetensors", lora_kohya_shapes("sd-1", 8))
+    stores = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        config = AppConfig.load(root=tmp_path / name, namespace=f"ns-{name}-{tmp_path.name[-8:]}",
+                                redis_url=redis_url, import_roots=str(tmp_path))
+        stores.append((config, RedisEventStore.from_config(config)))
+    (config_a, store_a), (config_b, store_b) = stores
+    submit(store_a, config_a, InstallCommand(str(model), command_id="shared-cmd", access_token="token-of-a"))
+    before = store_a.client.hgetall("rq:job:shared-cmd")
+    with pytest.raises(CommandIdTakenError, match="another namespace"):
+        submit(store_b, config_b, InstallCommand(str(model), command_id="shared-cmd", access_token="token-of-b"))
+    assert store_a.client.hgetall("rq:job:shared-cmd") == before
+    assert Job.fetch("shared-cmd", connection=store_a.client).origin == Keys(config_a.namespace).queue("install")
+    store_a.client.delete("rq:job:shared-cmd")
