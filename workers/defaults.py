@@ -2,6 +2,7 @@
 
 MAINTENANCE_INTERVAL = 3         # s; how often a worker looks for the jobs of dead workers (RQ's default: 600)
 WORKER_TTL = 20                  # s; a worker silent this long is dead (RQ's dequeue wait is this less 15 s)
+MAINTENANCE_LOCK_TTL = 30       # s; a worker that dies holding the maintenance lock blocks the others this long
 JOB_MONITORING_INTERVAL = 2      # s; how often a busy worker renews its heartbeat and its job's
 JOB_HEARTBEAT_SLACK = 6          # s; a running job whose worker stopped renewing it this much longer is abandoned
 HEARTBEAT_INTERVAL = 2.0         # s; our own heartbeat (SimpleWorker sends none while a job runs)

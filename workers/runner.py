@@ -26,9 +26,10 @@ from typing import Any
 
 import redis
 import structlog
-from rq import Queue, SimpleWorker, Worker
-from rq.registry import StartedJobRegistry
+from rq import Queue, SimpleWorker, Worker, worker_registration
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.timeouts import TimerDeathPenalty
+from rq.utils import now as utcnow
 from rq.worker import BaseWorker
 
 from events.keys import QUEUES, Keys
@@ -76,6 +77,20 @@ class _Fenced:
             return
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry,  # type: ignore[misc]
                                    exc_string=exc_string, execution=execution)
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance pass, under RQ's lock taken for ``MAINTENANCE_LOCK_TTL`` s instead of RQ's 899:
+        a worker killed while it held the lock must not stop every worker's pass for a quarter hour."""
+        for queue in self.queues:  # type: ignore[attr-defined]
+            if not _maintenance_lock(queue):
+                continue
+            try:
+                clean_registries(queue, self._exc_handlers)  # type: ignore[attr-defined]
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+            finally:
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = utcnow()
 
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
         try:
@@ -196,13 +211,18 @@ def rescue_abandoned(worker: BaseWorker) -> None:
     pass for the started registries, under RQ's maintenance lock, run from the heartbeat thread so that
     a busy worker does it too)."""
     for queue in worker.queues:
-        if not queue.acquire_maintenance_lock():
+        if not _maintenance_lock(queue):
             continue
         try:
             # a timer, not SIGALRM, bounds the failure callback: this runs in the heartbeat thread
             StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
         finally:
             queue.release_maintenance_lock()
+
+
+def _maintenance_lock(queue: Queue) -> bool:
+    """RQ's maintenance lock of ``queue`` (the same key, so RQ's own pass and ours exclude each other)."""
+    return bool(queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=defaults.MAINTENANCE_LOCK_TTL))
 
 
 def drop_worker_queue(connection: Any, keys: Keys, worker_id: str) -> int:
@@ -223,14 +243,15 @@ def drop_worker_queue(connection: Any, keys: Keys, worker_id: str) -> int:
 
 
 def drop_gone_worker_queues(connection: Any, keys: Keys) -> None:
-    """Remove the own queues of GPU workers that are gone (no published state, no RQ registration)."""
+    """Remove the own queues of GPU workers that are gone: their published state (renewed every
+    ``HEARTBEAT_INTERVAL`` s by a live worker) has lapsed. Jobs routed to one go to the shared gpu queue."""
     prefix = f"{Queue.redis_queue_namespace_prefix}{keys.worker_queue('')}"
     for raw in connection.smembers(Queue.redis_queues_keys):
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         if not name.startswith(prefix):
             continue
         worker_id = name[len(prefix):]
-        if connection.exists(keys.worker_state(worker_id), f"{Worker.redis_worker_namespace_prefix}{worker_id}"):
+        if connection.exists(keys.worker_state(worker_id)):
             continue
         moved = drop_worker_queue(connection, keys, worker_id)
         log.info("gone_worker_queue_dropped", worker=worker_id, jobs_moved=moved)

@@ -24,7 +24,7 @@ from events.schema import InstallRequested
 from events.store import RedisEventStore
 from services.config import AppConfig
 from services.install import defaults
-from services.install.errors import InvalidCommandError, InvalidSourceError
+from services.install.errors import CommandIdTakenError, InvalidCommandError, InvalidSourceError
 from services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from services.install.jobs import load_job, source_claim
 from services.install.roots import check_local_source
@@ -51,6 +51,7 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     job_id = command.command_id or uuid.uuid4().hex
     if not _COMMAND_ID.match(job_id):
         raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
+    _check_not_foreign(store, job_id)
     normalized = normalize_source(command.source, config, command.options)
     if looks_like_path(command.source.strip()):
         # the workers read local files only inside the import roots: refused before anything is read
@@ -115,6 +116,14 @@ def _append_unclaimed(store: RedisEventStore, config: AppConfig, command: Instal
     if not result.duplicate:
         _register_and_enqueue(store, config, job_id, command.access_token)
     return job_id
+
+
+def _check_not_foreign(store: RedisEventStore, job_id: str) -> None:
+    """Refuse an id whose RQ job belongs to another namespace (RQ's job keys are not namespaced)."""
+    origin = store.client.hget(f"{Job.redis_job_namespace_prefix}{job_id}", "origin")
+    if origin and origin.decode() != store.keys.queue("install"):
+        raise CommandIdTakenError(f"command id {job_id!r} is taken by a job of another namespace on this Redis "
+                                  f"(queue {origin.decode()}): choose another id")
 
 
 def _running_owner(store: RedisEventStore, owner: str) -> str | None:

@@ -3,6 +3,7 @@
     InstallError
     ├── InvalidSourceError       (InvalidInput) a source that is no existing path, URL, HF repo id or Civitai ref
     ├── InvalidCommandError      (InvalidInput) a command id that cannot name a job (letters, digits, '_', '-')
+    ├── CommandIdTakenError      (Conflict) the command id names an RQ job of another namespace on this Redis
     ├── ModelIdentificationError (InvalidInput) the files are not a model we can identify (unknown, unsafe...)
     ├── DuplicateInstallError    (Conflict) the same content is already installed; ``existing_key`` names it
     ├── UnknownJobError          (NotFound) no install job has this id
@@ -38,6 +39,11 @@ class InvalidCommandError(InstallError, InvalidInput, ValueError):
 
 class ModelIdentificationError(InstallError, InvalidInput):
     pass
+
+
+class CommandIdTakenError(InstallError, Conflict):
+    """RQ's job keys are global (``rq:job:<id>``): an id another namespace's job holds is refused, so that
+    namespaces sharing a Redis never run or read each other's jobs."""
 
 
 class DuplicateInstallError(InstallError, Conflict):

@@ -135,3 +135,18 @@ def test_a_job_that_ended_is_not_run_again_by_a_later_delivery(redis_url: str, n
     again = _lease(client, namespace, "again")
     again.acquire()
     assert again.done_before, "a job that ended normally was handed to a later delivery to run again"
+
+
+def test_the_maintenance_lock_of_a_worker_that_dies_holding_it_lapses_soon(redis_url: str, namespace: str) -> None:
+    """RQ takes it for 899 s: a worker killed inside its maintenance pass stopped every worker's pass
+    (and so the hand-on of dead workers' jobs) for a quarter hour. Ours lapses in MAINTENANCE_LOCK_TTL."""
+    from rq import Queue
+
+    from workers import defaults
+    from workers.runner import _maintenance_lock
+
+    queue = Queue(Keys(namespace).queue("download"), connection=redis.Redis.from_url(redis_url))
+    assert _maintenance_lock(queue) and not _maintenance_lock(queue)  # exclusive, with RQ's own pass too
+    assert 0 < queue.connection.ttl(queue.registry_cleaning_key) <= defaults.MAINTENANCE_LOCK_TTL
+    assert not queue.acquire_maintenance_lock()  # the same key as RQ's lock
+    queue.release_maintenance_lock()
