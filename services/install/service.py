@@ -254,7 +254,7 @@ class ModelInstallService:
             for model in find_models(models):
                 try:
                     key = self._adopt(model, install=False, strict=True)
-                except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError) as exc:
+                except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError, InvalidModelPathError) as exc:
                     report.skipped[str(model)] = str(exc)
                     continue
                 if key is not None:
@@ -272,7 +272,7 @@ class ModelInstallService:
             pass
         try:
             return self.install_path(model) if install else self.register_path(model)
-        except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError) as exc:
+        except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError, InvalidModelPathError) as exc:
             if strict:
                 raise
             log.warning("scan_skipped", path=str(model), error=str(exc))

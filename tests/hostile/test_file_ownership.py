@@ -137,6 +137,11 @@ def test_a_new_path_must_exist_lie_in_a_root_and_is_hashed_again(
     link = app_config.models_path / "sneaky.safetensors"
     os.symlink(secret, link)  # inside the models dir by name, outside by what it points to
     assert http.patch(f"/api/v2/models/i/{key}", json={"path": "sneaky.safetensors"}).status_code == 403
+    handed = app_config.root / "import" / "someones-hand-over" / "x.safetensors"
+    make_lora_kohya(handed, rank=16)
+    for nobodys in (".", str(handed)):  # the models directory itself; a transient hand-over copy
+        answer = http.patch(f"/api/v2/models/i/{key}", json={"path": nobodys})
+        assert answer.status_code == 422 and "not a place" in answer.json()["error"]["message"], answer.text
     assert [s.event.type for s in service.record_store.history(key)] == ["ModelAdded"]
 
     moved = app_config.models_path / "moved" / "lora0.safetensors"
