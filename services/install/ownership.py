@@ -120,7 +120,7 @@ def plan_delete(config: AppConfig, record: ModelConfigBase, files: Manifest,
 
 def _keep_reason(config: AppConfig, *, entry_size: int, entry_hash: str, target: Path, ours: bool,
                  others: list[tuple[str, Path]], threads: int | None) -> str | None:
-    if not target.is_file() or target.is_symlink():
+    if not os.path.isfile(target) or os.path.islink(target):
         return "not a regular file (gone, or replaced)"
     real_target = real(target)
     for other, other_path in others:

@@ -8,6 +8,7 @@ return the key (a local file needs no queue), through the same final step the ha
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -223,7 +224,7 @@ class ModelInstallService:
         if target == self.config.model_path(current.path):
             return self.record_store.update_model(key, changes)
         real_target = check_local_source(target, self.config)
-        if not (real_target.is_file() or real_target.is_dir()):
+        if not (os.path.isfile(real_target) or os.path.isdir(real_target)):  # (these swallow ENAMETOOLONG)
             raise InvalidModelPathError(f"path {value!r}: no such file or folder ({target})")
         check_path_free(self.config, self.record_store.all_models(), real_target, key)
         source_files(real_target)

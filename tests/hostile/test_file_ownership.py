@@ -137,6 +137,13 @@ def test_a_new_path_must_exist_lie_in_a_root_and_is_hashed_again(
     link = app_config.models_path / "sneaky.safetensors"
     os.symlink(secret, link)  # inside the models dir by name, outside by what it points to
     assert http.patch(f"/api/v2/models/i/{key}", json={"path": "sneaky.safetensors"}).status_code == 403
+    for bad in ("a" * 300, "sd-1/" + "b" * 300 + "/x.safetensors", 7, ""):  # bad input: 422, never a 500
+        answer = http.patch(f"/api/v2/models/i/{key}", json={"path": bad})
+        assert answer.status_code == 422, (bad, answer.text)
+    long_source = http.post("/api/v2/models/install", json={"source": str(app_config.models_path / ("c" * 300))})
+    assert long_source.status_code == 422 and "no such file" in long_source.text, long_source.text
+    nul = http.post("/api/v2/models/install", json={"source": "/models/x\x00y.safetensors"})
+    assert nul.status_code == 422 and "NUL" in nul.text, nul.text
     handed = app_config.root / "import" / "someones-hand-over" / "x.safetensors"
     make_lora_kohya(handed, rank=16)
     for nobodys in (".", str(handed)):  # the models directory itself; a transient hand-over copy
