@@ -3,9 +3,10 @@
 A worker reads local files only inside the import roots (services.install.roots). The user at the
 keyboard may install any file *they* can read: before the command is published, the caller's process
 links (or, across filesystems, copies) the file or folder into a fresh folder of the import area, with
-its own permissions (a symlink out of a source folder is refused, as the workers would). The command keeps the user's path as its
-``source`` (what the job and the record show) and names the hand-over copy in ``import_path``; the job
-removes that copy once it has ended, whatever the outcome.
+its own permissions (a symlink out of a source folder is refused, as the workers would). The command
+keeps the user's path as its ``source`` (what the job and the record show) and names the hand-over
+copy in ``import_path``; the job removes that copy once it has ended, whatever the outcome, and a copy
+no job took is removed at once (``commands.submit_handing_over``).
 """
 
 from __future__ import annotations

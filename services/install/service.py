@@ -53,6 +53,8 @@ from services.records import ModelConfigBase, ModelRecordServiceBase, UnknownMod
 log = structlog.get_logger(__name__)
 
 JobRef = InstallJob | str
+#: why a found model is skipped by a scan or a sync (reported, not raised)
+SKIPPED_MODELS = (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError, InvalidModelPathError)
 
 
 @dataclass
@@ -255,7 +257,7 @@ class ModelInstallService:
             for model in find_models(models):
                 try:
                     key = self._adopt(model, install=False, strict=True)
-                except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError, InvalidModelPathError) as exc:
+                except SKIPPED_MODELS as exc:
                     report.skipped[str(model)] = str(exc)
                     continue
                 if key is not None:
@@ -273,7 +275,7 @@ class ModelInstallService:
             pass
         try:
             return self.install_path(model) if install else self.register_path(model)
-        except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError, InvalidModelPathError) as exc:
+        except SKIPPED_MODELS as exc:
             if strict:
                 raise
             log.warning("scan_skipped", path=str(model), error=str(exc))
