@@ -130,6 +130,12 @@ class AppConfig(BaseSettings):
         "and [::1] (comma-separated; '*' turns the Host check off)")
     api_public_metrics: bool = Field(default=False, description="with a token set, /metrics and the API docs "
                                      "still need no token")
+    # limits before work (services/api/limits.py)
+    api_max_body: int = Field(default=1 << 20, description="largest request body in bytes (accepts 1M); over: 413")
+    api_max_requests: int = Field(default=64, ge=1, description="requests served at once (event streams apart)")
+    api_queue_wait: float = Field(default=1.0, ge=0, description="s a request over the limit waits; then 503")
+    api_max_streams_per_client: int = Field(default=8, ge=1, description="event streams per client address; "
+                                            "over: 429")
     durability: Literal["fast", "fsync", "replicated"] = "fast"
     replicas: int = Field(default=1, ge=0)
     activity_maxlen: int = Field(default=100_000, ge=1000)
@@ -146,7 +152,7 @@ class AppConfig(BaseSettings):
             setattr(self, name, self.resolve(getattr(self, name)))
         return self
 
-    @field_validator("ram_cache_size", "vram_cache_size", mode="before")
+    @field_validator("ram_cache_size", "vram_cache_size", "api_max_body", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
