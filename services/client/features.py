@@ -19,6 +19,7 @@ from services import routing
 from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
 from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
 from services.install.commands import InstallCommand, submit, submit_handing_over
+from services.install.roots import check_local_source
 
 if TYPE_CHECKING:
     from services.client.core import ModelBusClient
@@ -125,8 +126,12 @@ class Features:
     def update_path(self, key: str, changes: Any) -> Any:
         return self._call(lambda: self.installer.update_model(key, changes))
 
-    def scan(self, path: Path) -> dict[str, Any]:
-        return {"added": self._call(lambda: self.installer.scan_directory(path))}
+    def scan(self, path: Path, import_roots_only: bool = False) -> dict[str, Any]:
+        def run() -> list[str]:
+            if import_roots_only:
+                check_local_source(path, self.client.config)
+            return self.installer.scan_directory(path)
+        return {"added": self._call(run)}
 
     def sync(self) -> dict[str, Any]:
         return dataclasses.asdict(self._call(self.installer.sync_models_dir))

@@ -47,7 +47,7 @@ def check_local_source(text: str | Path, config: AppConfig) -> Path:
     refuse_nul(text)
     path = Path(os.path.expanduser(str(text)))
     if not path.is_absolute():
-        raise SourceForbiddenError(f"{text}: a local source must be an absolute path")
+        raise InvalidSourceError(f"{text}: a local source must be an absolute path")
     roots = import_roots(config)
     if not within_roots(path, roots):
         listed = ", ".join(str(r) for r in roots)
