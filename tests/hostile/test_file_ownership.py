@@ -218,3 +218,14 @@ def test_the_api_scans_only_inside_the_import_roots(http: TestClient, service: M
     make_lora_kohya(app_config.models_path / "dropped" / "ours.safetensors", rank=28)
     found = http.post("/api/v2/models/scan", json={"path": str(app_config.models_path / "dropped")})
     assert found.status_code == 200 and len(found.json()["added"]) == 1, found.text
+
+
+def test_a_model_placed_under_a_free_name_deletes_that_file(http: TestClient, service: ModelInstallService,
+                                                            app_config: AppConfig, tmp_path: Path) -> None:
+    first = service.install_path(make_lora_kohya(tmp_path / "a" / "same.safetensors", rank=4))
+    second = service.install_path(make_lora_kohya(tmp_path / "b" / "same.safetensors", rank=8))
+    assert service.record_store.get_model(second).path == "sd-1/lora/same_1.safetensors"
+    assert http.delete(f"/api/v2/models/i/{second}", params={"delete_files": "true"}).status_code == 200
+    lora = app_config.models_path / "sd-1" / "lora"
+    assert sorted(p.name for p in lora.iterdir()) == ["same.safetensors"]
+    assert service.record_store.get_model(first).path == "sd-1/lora/same.safetensors"
