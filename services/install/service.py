@@ -49,6 +49,7 @@ from services.install.roots import check_local_source
 from services.install.scan import find_models
 from services.install.steps import set_cancel_flag
 from services.records import ModelConfigBase, ModelRecordServiceBase, UnknownModelException
+from services.store.publish import publish_model
 
 log = structlog.get_logger(__name__)
 
@@ -231,6 +232,7 @@ class ModelInstallService:
         check_path_free(self.config, self.record_store.all_models(), real_target, key)
         source_files(real_target)
         digest, files = hash_and_manifest(real_target, self.config.hash_threads)
+        publish_model(self.config, real_target, files)  # as at install: no record names a blob the store lacks
         moved = {"path": record_path(self.config, real_target), "hash": digest}
         new = changes.model_copy(update=moved) if isinstance(changes, ModelConfigBase) else {**changes, **moved}
         return self.record_store.update_model(key, new, files=files)

@@ -25,6 +25,7 @@ from services.api import create_app
 from services.config import AppConfig
 from services.install import ModelInstallService
 from services.install.manifest import model_manifest, resolve_manifest
+from services.store import open_store
 from tests.client.conftest import model_config, put_file
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 
@@ -229,3 +230,24 @@ def test_a_model_placed_under_a_free_name_deletes_that_file(http: TestClient, se
     lora = app_config.models_path / "sd-1" / "lora"
     assert sorted(p.name for p in lora.iterdir()) == ["same.safetensors"]
     assert service.record_store.get_model(first).path == "sd-1/lora/same.safetensors"
+
+
+def test_a_moved_path_is_published_to_the_store_before_it_is_recorded(
+        modelbus_env: dict[str, str], event_store: RedisEventStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELBUS_STORE_URL", f"file://{tmp_path / 'blobs'}")
+    config = AppConfig.load()
+    service = ModelInstallService(config, event_store=event_store)
+    try:
+        key = service.install_path(make_lora_kohya(tmp_path / "src" / "stored.safetensors", rank=4))
+        moved = config.models_path / "elsewhere" / "stored.safetensors"
+        moved.parent.mkdir()
+        os.replace(config.model_path(service.record_store.get_model(key).path), moved)
+        moved.write_bytes(moved.read_bytes() + b"new content")
+        service.update_model(key, {"path": "elsewhere/stored.safetensors"})
+        update = service.record_store.history(key)[-1].event
+        assert isinstance(update, ModelUpdated) and update.files
+        store = open_store(config)
+        assert store is not None and store.missing((f.blake3, f.size) for f in update.files) == []
+    finally:
+        service.record_store.close()
