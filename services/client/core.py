@@ -186,9 +186,12 @@ class ModelBusClient:
         """Block until the install job ends (completed, failed or cancelled); returns its final state."""
         return self.installs.wait(job, timeout)
 
-    def scan(self, path: str | Path) -> dict[str, Any]:
-        """Register every model found under ``path`` where it is; ``{"added": [keys]}``."""
-        return self.installs.scan(Path(path))
+    def scan(self, path: str | Path, *, import_roots_only: bool = False) -> dict[str, Any]:
+        """Register every model found under ``path`` where it is; ``{"added": [keys]}``.
+
+        This process reads the files (the caller's own permissions); ``import_roots_only`` (the HTTP API)
+        refuses a folder outside the import roots, as an in-place install through the queue is."""
+        return self.installs.scan(Path(path), import_roots_only)
 
     def sync(self) -> dict[str, Any]:
         """Register unrecorded models in the models dir; report records whose files are gone."""

@@ -20,6 +20,7 @@ from services.config import AppConfig
 from services.install import InstallJob, InstallStatus, ModelInstallService
 from services.install.commands import InstallCommand, submit, submit_handing_over
 from services.records import ModelRecordServiceBase
+from services.install.roots import check_local_source
 
 T = TypeVar("T")
 SECRET_OPTIONS = frozenset({"access_token", "claim"})  # never shown back to a caller
@@ -99,8 +100,12 @@ class Installs:
     def update_path(self, key: str, changes: Any) -> Any:
         return self._call(lambda: self.installer.update_model(key, changes))
 
-    def scan(self, path: Path) -> dict[str, Any]:
-        return {"added": self._call(lambda: self.installer.scan_directory(path))}
+    def scan(self, path: Path, import_roots_only: bool = False) -> dict[str, Any]:
+        def run() -> list[str]:
+            if import_roots_only:
+                check_local_source(path, self.config)
+            return self.installer.scan_directory(path)
+        return {"added": self._call(run)}
 
     def sync(self) -> dict[str, Any]:
         return dataclasses.asdict(self._call(self.installer.sync_models_dir))

@@ -8,6 +8,7 @@ enqueued by its import path: ``services`` never imports ``workers``.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -27,7 +28,7 @@ from services.install import defaults
 from services.install.errors import CommandIdTakenError, InvalidCommandError, InvalidSourceError
 from services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from services.install.jobs import load_job, source_claim
-from services.install.roots import check_local_source
+from services.install.roots import check_local_source, refuse_nul
 from services.install.sources import looks_like_path, normalize_source
 
 log = structlog.get_logger(__name__)
@@ -52,11 +53,12 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     if not _COMMAND_ID.match(job_id):
         raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
     _check_not_foreign(store, job_id)
+    refuse_nul(command.source)
     normalized = normalize_source(command.source, config, command.options)
     if looks_like_path(command.source.strip()):
         # the workers read local files only inside the import roots: refused before anything is read
         local = check_local_source(command.options.get(IMPORT_PATH) or normalized, config)
-        if not local.exists():
+        if not os.path.exists(local):  # (not Path.exists: a name too long must be "no such file", not a crash)
             # workers share this file system (models dir and sources): refuse now rather than queue a failure
             raise InvalidSourceError(f"no such file or folder: {normalized}")
     claim = source_claim(normalized)

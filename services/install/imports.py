@@ -3,9 +3,10 @@
 A worker reads local files only inside the import roots (services.install.roots). The user at the
 keyboard may install any file *they* can read: before the command is published, the caller's process
 links (or, across filesystems, copies) the file or folder into a fresh folder of the import area, with
-its own permissions (a symlink out of a source folder is refused, as the workers would). The command keeps the user's path as its
-``source`` (what the job and the record show) and names the hand-over copy in ``import_path``; the job
-removes that copy once it has ended, whatever the outcome.
+its own permissions (a symlink out of a source folder is refused, as the workers would). The command
+keeps the user's path as its ``source`` (what the job and the record show) and names the hand-over
+copy in ``import_path``; the job removes that copy once it has ended, whatever the outcome, and a copy
+no job took is removed at once (``commands.submit_handing_over``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import structlog
 from services.config import AppConfig
 from services.install.errors import InvalidSourceError
 from services.install.placement import is_inside, remove_tree, safe_name, source_files
-from services.install.roots import import_area, import_roots, within_roots
+from services.install.roots import import_area, import_roots, refuse_nul, within_roots
 from services.install.sources import looks_like_path
 
 log = structlog.get_logger(__name__)
@@ -37,14 +38,15 @@ def hand_over(source: str, options: dict[str, Any], config: AppConfig) -> dict[s
     (which must name the files it registers: the workers refuse it outside the roots).
     """
     text = source.strip()
+    refuse_nul(text)
     if options.get("inplace") or not looks_like_path(text):
         return options
     path = Path(os.path.expanduser(text)).absolute()
     if within_roots(path, import_roots(config)):
         return options
-    if not path.exists():
+    if not os.path.exists(path):
         raise InvalidSourceError(f"no such file or folder: {path}")
-    if not (path.is_file() or path.is_dir()):
+    if not (os.path.isfile(path) or os.path.isdir(path)):
         raise InvalidSourceError(f"not a regular file or folder: {path}")
     folder = import_area(config) / uuid.uuid4().hex
     folder.mkdir(parents=True)

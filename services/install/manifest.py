@@ -42,9 +42,9 @@ def manifest_base(path: Path, files: Sequence[FileEntry]) -> Path:
 
     When the path is gone from the disk, a manifest of one entry named like the path is a single file.
     """
-    if path.is_dir():
+    if os.path.isdir(path):  # (os.path: a name too long is "not there", not an error)
         return path
-    if path.exists() or (len(files) == 1 and files[0].path == path.name):
+    if os.path.exists(path) or (len(files) == 1 and files[0].path == path.name):
         return path.parent
     return path
 

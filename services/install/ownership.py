@@ -1,7 +1,7 @@
 """A model owns its own files and nothing else: who may point where, and what a delete may remove.
 
 - No record's path is inside another record's path or holds it (a folder model is one model, and the
-  models directory and its staging are nobody's). :func:`check_path_free` refuses such a path naming
+  models directory, its staging and the import area are nobody's). :func:`check_path_free` refuses such a path naming
   the other model; installs, in-place registrations and path updates all pass through it.
 - A delete removes exactly the files of the model's manifest and the folders that leaves empty, up to
   the model's own folder: never the folder holding a single file, never a folder that is (or holds)
@@ -23,10 +23,10 @@ from pathlib import Path
 import structlog
 
 from services.config import AppConfig
-from services.install.errors import ModelPathConflictError, UnsafeDeleteError
+from services.install.errors import InvalidModelPathError, ModelPathConflictError, UnsafeDeleteError
 from services.install.manifest import Manifest, hash_and_manifest, manifest_base, resolve_manifest
 from services.install.placement import is_inside, remove_tree, staging_root
-from services.install.roots import import_roots, within_roots
+from services.install.roots import import_area, import_roots, within_roots
 from services.records import ModelConfigBase
 
 log = structlog.get_logger(__name__)
@@ -53,9 +53,9 @@ def check_path_free(config: AppConfig, records: Iterable[ModelConfigBase], path:
     claim (a retried install finds its own record there)."""
     target = real(path)
     models = real(config.models_path)
-    if target == models or is_inside(target, staging_root(config)):
-        raise ModelPathConflictError(f"{path} is the models directory or staging, not one model's own file "
-                                     "or folder", "")
+    if target == models or is_inside(target, staging_root(config)) or is_inside(target, import_area(config)):
+        raise InvalidModelPathError(f"{path} is the models directory, its staging or the import area (emptied "
+                                    "as installs end), not a place for one model's own files")
     for other, other_path in other_paths(config, records, key):
         if same_ok and target == other_path:
             continue
@@ -120,7 +120,7 @@ def plan_delete(config: AppConfig, record: ModelConfigBase, files: Manifest,
 
 def _keep_reason(config: AppConfig, *, entry_size: int, entry_hash: str, target: Path, ours: bool,
                  others: list[tuple[str, Path]], threads: int | None) -> str | None:
-    if not target.is_file() or target.is_symlink():
+    if not os.path.isfile(target) or os.path.islink(target):
         return "not a regular file (gone, or replaced)"
     real_target = real(target)
     for other, other_path in others:

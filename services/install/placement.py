@@ -121,18 +121,33 @@ def source_files(source: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _open_regular(path: Path) -> int:
-    """A read descriptor on a regular file, never through a symlink swapped in since it was listed."""
+def _open_regular(path: Path, within: str) -> int:
+    """A read descriptor on a regular file, never through a symlink swapped in since it was listed: the
+    last component is opened with ``O_NOFOLLOW``, and (where ``/proc`` tells) the file opened must lie
+    at or under ``within`` (the source's real path), so a folder above it swapped for a link is refused."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise SourceForbiddenError(f"{path} became a symlink while it was copied: refused") from exc
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceForbiddenError(f"{path} is not a regular file: refused")
+        opened = _opened_path(fd)
+        if opened is not None and opened != within and not opened.startswith(within.rstrip(os.sep) + os.sep):
+            raise SourceForbiddenError(f"{path} led to {opened}, outside the source, while it was copied: refused")
+    except BaseException:
         os.close(fd)
-        raise SourceForbiddenError(f"{path} is not a regular file: refused")
+        raise
     return fd
+
+
+def _opened_path(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None  # no /proc (not Linux): O_NOFOLLOW and the listing's checks stand alone
 
 
 def copy_into(source: Path, folder: Path, progress: Progress | None = None,
@@ -141,6 +156,7 @@ def copy_into(source: Path, folder: Path, progress: Progress | None = None,
     between blocks and may raise to stop (a cancel). Files are listed by :func:`source_files` (no symlink
     out of the source) and opened with ``O_NOFOLLOW``."""
     files = source_files(source)
+    within = os.path.realpath(source)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / safe_name(source.name)
     remove_tree(target)  # a retried copy starts over: the source is local and cheap to read again
@@ -149,7 +165,7 @@ def copy_into(source: Path, folder: Path, progress: Progress | None = None,
     for rel, file in files:
         dest = target if source.is_file() else target.joinpath(*rel.split("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(_open_regular(file), "rb") as src, dest.open("wb") as out:
+        with os.fdopen(_open_regular(file, within), "rb") as src, dest.open("wb") as out:
             while block := src.read(COPY_BLOCK):
                 if check is not None:
                     check()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from services.config import AppConfig
 from services.install.defaults import IMPORT_DIR
-from services.install.errors import SourceForbiddenError
+from services.install.errors import InvalidSourceError, SourceForbiddenError
 
 
 def import_area(config: AppConfig) -> Path:
@@ -32,15 +32,22 @@ def within_roots(path: Path | str, roots: list[Path]) -> bool:
     return any(target.is_relative_to(os.path.realpath(root)) for root in roots)
 
 
+def refuse_nul(text: str | Path) -> None:
+    """No file name holds a NUL character (the system calls would refuse it with a bare ValueError)."""
+    if "\x00" in str(text):
+        raise InvalidSourceError(f"{str(text)!r}: a path cannot hold a NUL character")
+
+
 def check_local_source(text: str | Path, config: AppConfig) -> Path:
     """The real path of a local source inside the import roots; SourceForbiddenError otherwise.
 
     Nothing is opened: only the path's own symlinks are read, so a refused path reveals nothing of
     what it names (not even whether it exists).
     """
+    refuse_nul(text)
     path = Path(os.path.expanduser(str(text)))
     if not path.is_absolute():
-        raise SourceForbiddenError(f"{text}: a local source must be an absolute path")
+        raise InvalidSourceError(f"{text}: a local source must be an absolute path")
     roots = import_roots(config)
     if not within_roots(path, roots):
         listed = ", ".join(str(r) for r in roots)

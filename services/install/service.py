@@ -8,6 +8,7 @@ return the key (a local file needs no queue), through the same final step the ha
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -48,10 +49,13 @@ from services.install.roots import check_local_source
 from services.install.scan import find_models
 from services.install.steps import set_cancel_flag
 from services.records import ModelConfigBase, ModelRecordServiceBase, UnknownModelException
+from services.store.publish import publish_model
 
 log = structlog.get_logger(__name__)
 
 JobRef = InstallJob | str
+#: why a found model is skipped by a scan or a sync (reported, not raised)
+SKIPPED_MODELS = (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError, InvalidModelPathError)
 
 
 @dataclass
@@ -223,11 +227,12 @@ class ModelInstallService:
         if target == self.config.model_path(current.path):
             return self.record_store.update_model(key, changes)
         real_target = check_local_source(target, self.config)
-        if not (real_target.is_file() or real_target.is_dir()):
+        if not (os.path.isfile(real_target) or os.path.isdir(real_target)):  # (these swallow ENAMETOOLONG)
             raise InvalidModelPathError(f"path {value!r}: no such file or folder ({target})")
         check_path_free(self.config, self.record_store.all_models(), real_target, key)
         source_files(real_target)
         digest, files = hash_and_manifest(real_target, self.config.hash_threads)
+        publish_model(self.config, real_target, files)  # as at install: no record names a blob the store lacks
         moved = {"path": record_path(self.config, real_target), "hash": digest}
         new = changes.model_copy(update=moved) if isinstance(changes, ModelConfigBase) else {**changes, **moved}
         return self.record_store.update_model(key, new, files=files)
@@ -254,7 +259,7 @@ class ModelInstallService:
             for model in find_models(models):
                 try:
                     key = self._adopt(model, install=False, strict=True)
-                except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError) as exc:
+                except SKIPPED_MODELS as exc:
                     report.skipped[str(model)] = str(exc)
                     continue
                 if key is not None:
@@ -272,7 +277,7 @@ class ModelInstallService:
             pass
         try:
             return self.install_path(model) if install else self.register_path(model)
-        except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError) as exc:
+        except SKIPPED_MODELS as exc:
             if strict:
                 raise
             log.warning("scan_skipped", path=str(model), error=str(exc))

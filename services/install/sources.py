@@ -95,9 +95,9 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         raise InvalidSourceError("empty install source")
     if looks_like_path(text):
         path = check_local_source(Path(os.path.expanduser(text)).absolute(), config)
-        if not path.exists():
+        if not os.path.exists(path):
             raise InvalidSourceError(f"no such file or folder: {path}")
-        if not (path.is_file() or path.is_dir()):
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             raise InvalidSourceError(f"not a regular file or folder: {path}")
         return LocalPlan(path.resolve())
     try:

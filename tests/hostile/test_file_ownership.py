@@ -25,6 +25,7 @@ from services.api import create_app
 from services.config import AppConfig
 from services.install import ModelInstallService
 from services.install.manifest import model_manifest, resolve_manifest
+from services.store import open_store
 from tests.client.conftest import model_config, put_file
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 
@@ -137,6 +138,18 @@ def test_a_new_path_must_exist_lie_in_a_root_and_is_hashed_again(
     link = app_config.models_path / "sneaky.safetensors"
     os.symlink(secret, link)  # inside the models dir by name, outside by what it points to
     assert http.patch(f"/api/v2/models/i/{key}", json={"path": "sneaky.safetensors"}).status_code == 403
+    for bad in ("a" * 300, "sd-1/" + "b" * 300 + "/x.safetensors", 7, ""):  # bad input: 422, never a 500
+        answer = http.patch(f"/api/v2/models/i/{key}", json={"path": bad})
+        assert answer.status_code == 422, (bad, answer.text)
+    long_source = http.post("/api/v2/models/install", json={"source": str(app_config.models_path / ("c" * 300))})
+    assert long_source.status_code == 422 and "no such file" in long_source.text, long_source.text
+    nul = http.post("/api/v2/models/install", json={"source": "/models/x\x00y.safetensors"})
+    assert nul.status_code == 422 and "NUL" in nul.text, nul.text
+    handed = app_config.root / "import" / "someones-hand-over" / "x.safetensors"
+    make_lora_kohya(handed, rank=16)
+    for nobodys in (".", str(handed)):  # the models directory itself; a transient hand-over copy
+        answer = http.patch(f"/api/v2/models/i/{key}", json={"path": nobodys})
+        assert answer.status_code == 422 and "not a place" in answer.json()["error"]["message"], answer.text
     assert [s.event.type for s in service.record_store.history(key)] == ["ModelAdded"]
 
     moved = app_config.models_path / "moved" / "lora0.safetensors"
@@ -193,5 +206,48 @@ def test_in_place_models_outside_the_models_dir_lose_only_unchanged_files_in_a_r
         assert "outside the import roots" in service.delete(elsewhere).kept[str(elsewhere_file)]
         assert changed_file.is_file() and elsewhere_file.is_file() and library.is_dir()
         assert service.record_store.all_models() == []
+    finally:
+        service.record_store.close()
+
+
+def test_the_api_scans_only_inside_the_import_roots(http: TestClient, service: ModelInstallService,
+                                                    app_config: AppConfig, tmp_path: Path) -> None:
+    make_lora_kohya(tmp_path / "someone-else" / "their.safetensors", rank=28)
+    refused = http.post("/api/v2/models/scan", json={"path": str(tmp_path / "someone-else")})
+    assert refused.status_code == 403 and "import roots" in refused.json()["error"]["message"], refused.text
+    assert service.record_store.all_models() == []
+    make_lora_kohya(app_config.models_path / "dropped" / "ours.safetensors", rank=28)
+    found = http.post("/api/v2/models/scan", json={"path": str(app_config.models_path / "dropped")})
+    assert found.status_code == 200 and len(found.json()["added"]) == 1, found.text
+
+
+def test_a_model_placed_under_a_free_name_deletes_that_file(http: TestClient, service: ModelInstallService,
+                                                            app_config: AppConfig, tmp_path: Path) -> None:
+    first = service.install_path(make_lora_kohya(tmp_path / "a" / "same.safetensors", rank=4))
+    second = service.install_path(make_lora_kohya(tmp_path / "b" / "same.safetensors", rank=8))
+    assert service.record_store.get_model(second).path == "sd-1/lora/same_1.safetensors"
+    assert http.delete(f"/api/v2/models/i/{second}", params={"delete_files": "true"}).status_code == 200
+    lora = app_config.models_path / "sd-1" / "lora"
+    assert sorted(p.name for p in lora.iterdir()) == ["same.safetensors"]
+    assert service.record_store.get_model(first).path == "sd-1/lora/same.safetensors"
+
+
+def test_a_moved_path_is_published_to_the_store_before_it_is_recorded(
+        modelbus_env: dict[str, str], event_store: RedisEventStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELBUS_STORE_URL", f"file://{tmp_path / 'blobs'}")
+    config = AppConfig.load()
+    service = ModelInstallService(config, event_store=event_store)
+    try:
+        key = service.install_path(make_lora_kohya(tmp_path / "src" / "stored.safetensors", rank=4))
+        moved = config.models_path / "elsewhere" / "stored.safetensors"
+        moved.parent.mkdir()
+        os.replace(config.model_path(service.record_store.get_model(key).path), moved)
+        moved.write_bytes(moved.read_bytes() + b"new content")
+        service.update_model(key, {"path": "elsewhere/stored.safetensors"})
+        update = service.record_store.history(key)[-1].event
+        assert isinstance(update, ModelUpdated) and update.files
+        store = open_store(config)
+        assert store is not None and store.missing((f.blake3, f.size) for f in update.files) == []
     finally:
         service.record_store.close()

@@ -26,7 +26,7 @@ from services.cli import app as cli_app
 from services.install import InstallStatus, ModelInstallService
 from services.install.commands import enqueue_install
 from services.install.errors import InvalidCommandError, SourceForbiddenError
-from services.install.placement import staging_dir
+from services.install.placement import copy_into, staging_dir
 from services.install.roots import import_area
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 from tests.install.conftest import Bus, _bus, make_service
@@ -171,3 +171,25 @@ def test_a_hand_over_no_job_takes_is_removed(bus: Bus, installer: ModelInstallSe
     done = installer.wait_for_job(first, timeout=TIMEOUT)
     assert done.status is InstallStatus.COMPLETED, (done, bus.worker_log())
     assert _handed_over(bus) == []
+
+
+def test_a_folder_swapped_for_a_link_while_copying_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "racy_model"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(b"a" * 1024)
+    (source / "sub" / "b.bin").write_bytes(b"b" * 1024)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.bin").write_bytes(SECRET)
+    swapped: list[bool] = []
+
+    def swap_once() -> None:  # runs between blocks of the first file: the attacker's moment
+        if not swapped:
+            os.rename(source / "sub", source / "sub-was")
+            os.symlink(elsewhere, source / "sub")
+            swapped.append(True)
+
+    staging = tmp_path / "staging"
+    with pytest.raises(SourceForbiddenError, match="outside the source"):
+        copy_into(source, staging, check=swap_once)
+    assert swapped and not [p for p in staging.rglob("*") if p.is_file() and SECRET in p.read_bytes()]

@@ -140,9 +140,10 @@ def cancel_job(job_id: JobId, c: Client) -> Response:
     return _json(c.cancel(job_id))
 
 
-@router.post("/scan", response_model=ScanResult, summary="Register every model found in a folder (in place)")
+@router.post("/scan", response_model=ScanResult, responses=FORBIDDEN,
+             summary="Register every model found in a folder of an import root (in place)")
 def scan(body: ScanRequest, c: Client) -> Response:
-    return _json(c.scan(body.path))
+    return _json(c.scan(body.path, import_roots_only=True))  # in place, so only inside the import roots
 
 
 @router.post("/sync", response_model=SyncResult,
