@@ -7,6 +7,8 @@
      +-- UnknownModelError     nothing recognisable: says what was seen
      +-- UnsafeModelError      a pickle imports something that could run code
      +-- CorruptModelError     truncated or malformed file (safetensors, pickle, JSON config)
+     |    +-- UnsafeArchiveError  a zip two readers could read differently (InvalidInput)
+     +-- PickleTooLargeError   a pickle over a limit no real checkpoint needs (TooLarge)
      +-- InvalidOverrideError  a user-given type/base/format/... is not a valid value
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from events.errors import InvalidInput, TooLarge
 
 
 class ProbeError(Exception):
@@ -54,3 +58,15 @@ class CorruptModelError(ProbeError):
 
 class InvalidOverrideError(ProbeError):
     """An override (model_type, base_model, ...) is not a valid value."""
+
+
+class UnsafeArchiveError(CorruptModelError, InvalidInput):
+    """A zip whose layout lets two readers see different files: duplicate member names, a member outside
+    the torch checkpoint layout, a local header that disagrees with the central directory, overlapping
+    members, or bytes before the first member. The scanner and ``torch.load`` must read the same pickle,
+    so such a file is refused before anything in it is read."""
+
+
+class PickleTooLargeError(ProbeError, TooLarge):
+    """A pickle stream over :mod:`services.probe.defaults`' limits (inflated bytes, opcodes); the message
+    names the limit."""
