@@ -1,8 +1,11 @@
 """Connecting to Redis: one place that builds clients, checks that a server is fit to hold an event
-log, and decides between a given URL and the embedded server."""
+log, and decides between a given URL and the embedded server. :func:`redis_errors_translated` is the
+boundary where redis-py's connection errors become ours (``StoreUnavailableError``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -31,6 +34,15 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     if is_sentinel_url(url):
         return connect_sentinel(url, **options)
     return redis.Redis.from_url(url, **options)
+
+
+@contextmanager
+def redis_errors_translated(what: str = "Redis") -> Iterator[None]:
+    """Run a block of direct Redis calls; a dropped or refused connection leaves it as StoreUnavailableError."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailableError(f"{what} unreachable: {exc}") from exc
 
 
 def check_reachable(url: str) -> redis.Redis:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote
 import redis
 from redis.sentinel import Sentinel
 
-from events.errors import EventStoreError
+from events.errors import EventStoreError, InvalidInput
 
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 DEFAULT_SENTINEL_PORT = 26379
@@ -32,7 +32,7 @@ _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _SHARED_WITH_SENTINELS = ("socket_timeout", "socket_connect_timeout")
 
 
-class SentinelURLError(EventStoreError, ValueError):
+class SentinelURLError(EventStoreError, InvalidInput, ValueError):
     """A ``redis+sentinel://`` URL that cannot be used; the message names the part that is wrong."""
 
 

@@ -1,29 +1,45 @@
 """Application configuration: environment (prefix ``MODELBUS_``) over ``$MODELBUS_ROOT/modelbus.yaml``.
 
-Relative paths are resolved against ``root``. A bad value raises :class:`ConfigError` naming the
+Path settings (``models_dir``, ``db_path``, ``conf_path``) accept paths relative to ``root`` and hold
+absolute ones once loaded, as InvokeAI's config does; ``root`` itself is made absolute. A bad value raises :class:`ConfigError` naming the
 variable and the value, so a typo in the environment is reported instead of silently ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from events.errors import InvalidInput
 
 ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+#: path settings given relative to ``root`` and read as absolute paths (``AppConfig._absolute_paths``)
+_ROOT_RELATIVE = ("models_dir", "conf_path", "db_path")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError):
     """A configuration value could not be used; the message names the variable and the value."""
+
+
+#: what httpx can speak to a proxy (SOCKS needs the ``socksio`` package: ``pip install httpx[socks]``)
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^@/\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def parse_size(value: float | str) -> int:
@@ -90,6 +106,9 @@ class AppConfig(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")
+    download_proxy: str | None = Field(
+        default=None, repr=False, description="proxy for every download and metadata call (http, https, socks5 URL; "
+        "credentials allowed); unset = direct. The environment's HTTP_PROXY & co. are never used")
     download_threads: int = Field(default=5, ge=1, le=64)
     download_parts: int = Field(default=4, ge=1, le=64, description="parallel ranges for one large file")
     download_retries: int = Field(default=5, ge=0, le=50)
@@ -100,9 +119,17 @@ class AppConfig(BaseSettings):
     hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN"))
     civitai_token: str | None = Field(default_factory=lambda: os.environ.get("CIVITAI_TOKEN"))
     remote_api_tokens: dict[str, str] = Field(default_factory=dict, description="URL regex -> token")
+    import_roots: str | None = Field(
+        default=None, description="folders local installs through the API or the queue may read from, separated "
+        "by ':' (unset: the models directory and $MODELBUS_ROOT/import)")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=9090, ge=0, le=65535)
     api_token: str | None = None
+    api_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="host names the API answers besides its bound address, localhost, 127.0.0.1 "
+        "and [::1] (comma-separated; '*' turns the Host check off)")
+    api_public_metrics: bool = Field(default=False, description="with a token set, /metrics and the API docs "
+                                     "still need no token")
     # limits before work (services/api/limits.py)
     api_max_body: int = Field(default=1 << 20, description="largest request body in bytes (accepts 1M); over: 413")
     api_max_requests: int = Field(default=64, ge=1, description="requests served at once (event streams apart)")
@@ -116,10 +143,25 @@ class AppConfig(BaseSettings):
         default=True, description="record reads learn of appends from Redis client-side tracking instead of a "
         "round trip per read (false: one round trip per read)")
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> AppConfig:
+        # InvokeAI's rule: the settings may be relative (to the root), what a program reads is absolute,
+        # so ``sqlite3.connect(config.db_path)`` opens the same file from any working directory
+        self.root = self.root.expanduser().absolute()
+        for name in _ROOT_RELATIVE:
+            setattr(self, name, self.resolve(getattr(self, name)))
+        return self
+
     @field_validator("ram_cache_size", "vram_cache_size", "api_max_body", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
+
+    @field_validator("api_allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value or ())
+        return tuple(str(item).strip().lower() for item in items if str(item).strip())
 
     @field_validator("namespace")
     @classmethod
@@ -135,6 +177,20 @@ class AppConfig(BaseSettings):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
         return str(value)
+
+    @field_validator("download_proxy", mode="before")
+    @classmethod
+    def _download_proxy(cls, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        text = str(value).strip()
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme.lower() not in PROXY_SCHEMES:
+            raise ValueError(f"must be a URL starting with {', '.join(s + '://' for s in PROXY_SCHEMES)}")
+        host = rest.split("/", 1)[0].rpartition("@")[2]
+        if not host or host.startswith(":") or any(c.isspace() for c in text):
+            raise ValueError("must name the proxy's host (scheme://[user:password@]host[:port])")
+        return text
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -164,12 +220,26 @@ class AppConfig(BaseSettings):
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from exc
 
-    get_config = load  # the spec's spelling
+    @classmethod
+    def get_config(cls, **overrides: Any) -> AppConfig:
+        """The spec's spelling of :meth:`load`. As InvokeAI's ``db_path`` does, it makes the database's folder,
+        so the spec's ``sqlite3.connect(config.db_path.as_posix())`` opens a file there; ``load`` itself creates
+        nothing (a read-only root is no config error)."""
+        config = cls.load(**overrides)
+        with contextlib.suppress(OSError):
+            config.db_path.parent.mkdir(parents=True, exist_ok=True)
+        return config
 
     def resolve(self, path: str | Path) -> Path:
         """Resolve a path the way the spec says: relative paths are taken against ``root``."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.root / p
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every configured secret (API token, HF/Civitai tokens, remote API tokens): never logged."""
+        found = (self.api_token, self.hf_token, self.civitai_token, *self.remote_api_tokens.values())
+        return tuple(s for s in found if s)
 
     @property
     def models_path(self) -> Path:
@@ -195,5 +265,6 @@ def _describe(exc: ValidationError) -> str:
         name = ".".join(str(x) for x in err["loc"]) or "?"
         var = f"{ENV_PREFIX}{name.upper()}"
         value = err.get("input")
-        parts.append(f"{var}={value!r}: {err['msg']}")
+        shown = redact_url(value) if isinstance(value, str) else value  # a URL's password stays out
+        parts.append(f"{var}={shown!r}: {err['msg']}")
     return "invalid configuration: " + "; ".join(parts)

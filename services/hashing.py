@@ -22,6 +22,9 @@ from typing import Literal
 import blake3
 import imohash
 
+from events.errors import InvalidInput
+from events.schema import FileEntry
+
 HashAlgorithm = Literal["blake3", "sha256"]
 ALGORITHMS: tuple[str, ...] = ("blake3", "sha256")
 KEY_LENGTH = 32  # hex characters, as the spec says
@@ -30,7 +33,7 @@ _SHA256_CHUNK = 8 << 20
 _FOLDER_CONTEXT = b"modelbus folder v1\x00"
 
 
-class HashingError(Exception):
+class HashingError(InvalidInput):
     """A path could not be hashed (missing, empty folder, unreadable); the message says which."""
 
 
@@ -56,6 +59,8 @@ def content_hash(path: Path, algorithm: HashAlgorithm = "blake3", threads: int |
         raise HashingError(f"unknown hash algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
     if threads is not None and threads < 1:
         raise HashingError(f"threads must be at least 1, got {threads}")
+    if algorithm == "blake3":
+        return content_hash_and_files(path, threads)[0]
     path = _existing(path)
     digest_file = _file_digester(algorithm, threads)
     if path.is_file():
@@ -66,6 +71,24 @@ def content_hash(path: Path, algorithm: HashAlgorithm = "blake3", threads: int |
             _feed_entry(combined, rel, digest_file(file))
         hexdigest = combined.hexdigest()
     return f"{algorithm}:{hexdigest}"
+
+
+def content_hash_and_files(path: Path, threads: int | None = None) -> tuple[str, tuple[FileEntry, ...]]:
+    """The BLAKE3 content hash (as :func:`content_hash` writes it) and, from the same single read, each
+    file's entry of the model's manifest: its path relative to the model's base (a folder model: the
+    folder; a single file: the folder holding it, so the entry is its name), its size and BLAKE3."""
+    path = _existing(path)
+    digest_file = _file_digester("blake3", threads)
+    if path.is_file():
+        digest = digest_file(path)
+        return f"blake3:{digest.hex()}", (FileEntry(path=path.name, size=path.stat().st_size, blake3=digest.hex()),)
+    combined = blake3.blake3(_FOLDER_CONTEXT + b"blake3\x00")
+    entries = []
+    for rel, file in _folder_files(path):
+        digest = digest_file(file)
+        _feed_entry(combined, rel, digest)
+        entries.append(FileEntry(path=rel, size=file.stat().st_size, blake3=digest.hex()))
+    return f"blake3:{combined.hexdigest()}", tuple(entries)
 
 
 def sha256_file(path: Path) -> str:

@@ -3,6 +3,13 @@ most free VRAM, else to the shared ``gpu`` queue. Worker states are what each GP
 publishes (``Keys.worker_state``): its queues, device, cached models and free VRAM.
 
 Jobs are enqueued by import path (``workers.gpu.*``): services never import the worker package.
+Redis and RQ errors are translated here (``StoreUnavailableError``), so callers see modelbus errors only.
+
+    RoutingError
+    ├── NoSuchWorkerError     (NotFound) the named GPU worker is not alive
+    ├── GpuJobTimeoutError    (TimedOut) the job did not finish in time (it may still run)
+    ├── GpuJobFailedError     (Failed) the worker ran the job and it failed (the message is the worker's)
+    └── WorkerStoppedError    (Failed) the worker(s) the job was sent to stopped before it finished
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
+from events.connection import redis_errors_translated
+from events.errors import Failed, ModelbusError, NotFound, TimedOut
 from events.keys import Keys
 
 LOAD_JOB = "workers.gpu.load_job"
@@ -27,10 +36,27 @@ GPU_JOB_TIMEOUT = 1800
 log = structlog.get_logger(__name__)
 
 
-class RoutingError(Exception):
+class RoutingError(ModelbusError):
     """A GPU job could not be placed or did not finish."""
 
 
+class NoSuchWorkerError(RoutingError, NotFound):
+    pass
+
+
+class GpuJobTimeoutError(RoutingError, TimedOut):
+    pass
+
+
+class GpuJobFailedError(RoutingError, Failed):
+    pass
+
+
+class WorkerStoppedError(RoutingError, Failed):
+    pass
+
+
+@redis_errors_translated()
 def worker_states(connection: Any, namespace: str) -> list[dict[str, Any]]:
     """The live workers (those whose state has not expired), newest heartbeat first."""
     keys = Keys(namespace)
@@ -50,7 +76,7 @@ def choose_gpu_worker(states: list[dict[str, Any]], model_key: str, worker: str 
     gpu = [s for s in states if "gpu" in s.get("queues", [])]
     if worker is not None:
         if not any(s["id"] == worker for s in gpu):
-            raise RoutingError(f"no live GPU worker named {worker!r}")
+            raise NoSuchWorkerError(f"no live GPU worker named {worker!r}")
         return worker
     holders = [s for s in gpu if any(m.get("model_key") == model_key for m in s.get("models", []))]
     if holders:
@@ -60,8 +86,9 @@ def choose_gpu_worker(states: list[dict[str, Any]], model_key: str, worker: str 
     return str(max(gpu, key=lambda s: s.get("vram_free") or 0)["id"])
 
 
+@redis_errors_translated()
 def wait_result(job: Job, timeout: float = 600.0) -> Any:
-    """Block until the job ends; return its value or raise RoutingError with the worker's error."""
+    """Block until the job ends; return its value or raise GpuJobFailedError with the worker's error."""
     deadline = time.monotonic() + timeout
     while True:
         status = job.get_status(refresh=True)
@@ -70,9 +97,9 @@ def wait_result(job: Job, timeout: float = 600.0) -> Any:
         if status in ("failed", "stopped", "canceled"):
             result = job.latest_result()
             message = (result.exc_string or "").strip().splitlines()[-1:] if result else []
-            raise RoutingError(message[0] if message else f"GPU job {job.id} {status}")
+            raise GpuJobFailedError(message[0] if message else f"GPU job {job.id} {status}")
         if time.monotonic() > deadline:
-            raise RoutingError(f"GPU job {job.id} did not finish within {timeout:.0f}s (status {status})")
+            raise GpuJobTimeoutError(f"GPU job {job.id} did not finish within {timeout:.0f}s (status {status})")
         time.sleep(0.02)
 
 
@@ -83,12 +110,14 @@ def _alive(connection: Any, namespace: str, worker: str | None) -> bool:
     return worker is None or bool(connection.exists(Keys(namespace).worker_state(worker)))
 
 
+@redis_errors_translated()
 def enqueue_on(connection: Any, namespace: str, func: str, args: tuple[Any, ...], worker: str | None) -> Job:
     keys = Keys(namespace)
     name = keys.worker_queue(worker) if worker else keys.queue("gpu")
     return Queue(name, connection=connection).enqueue_call(func, args=args, timeout=GPU_JOB_TIMEOUT, result_ttl=3600)
 
 
+@redis_errors_translated()
 def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...], *, model_key: str,
                 worker: str | None = None, timeout: float = GPU_JOB_TIMEOUT) -> tuple[Job, Any]:
     """Place a GPU job (affinity first), wait for it, and re-route it when its worker dies.
@@ -106,15 +135,12 @@ def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...
         while True:
             try:
                 return job, wait_result(job, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            except RoutingError:
-                status = job.get_status(refresh=True)
-                if status in ("failed", "stopped", "canceled"):
-                    raise
+            except GpuJobTimeoutError:
                 if time.monotonic() > deadline:
                     raise
             if not _alive(connection, namespace, target):
                 if worker is not None:
-                    raise RoutingError(f"GPU worker {worker!r} stopped while running job {job.id}")
+                    raise WorkerStoppedError(f"GPU worker {worker!r} stopped while running job {job.id}")
                 dead.add(str(target))
                 try:
                     job.cancel()
@@ -122,4 +148,4 @@ def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...
                     # already cancelled or gone with the dead worker's queue: nothing left to cancel
                     log.debug("dead_worker_job_not_cancelled", job=job.id, error=str(exc))
                 break
-    raise RoutingError(f"{func} for {model_key}: every GPU worker it was sent to stopped")
+    raise WorkerStoppedError(f"{func} for {model_key}: every GPU worker it was sent to stopped")

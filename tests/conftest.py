@@ -14,6 +14,7 @@ import pytest
 import redis
 import structlog
 
+import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
 from events.embedded import EmbeddedRedis
 from events.store import RedisEventStore
 
@@ -71,6 +72,8 @@ def modelbus_env(redis_url: str, namespace: str, tmp_path: Path, monkeypatch: py
         "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1",
         "MODELBUS_LOG_FORMAT": "json",
         "HF_HUB_OFFLINE": "1",
+        "MODELBUS_IMPORT_ROOTS": "",  # the defaults (models dir, import area), whatever the shell exports
+        "MODELBUS_API_ALLOWED_HOSTS": "testserver",  # Starlette's TestClient's Host (the defaults still hold)
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

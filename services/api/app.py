@@ -12,8 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request, Response
 
+from events.logs import configure_logging
 from services.api.auth import require_token
+from services.api.context import RequestContext
 from services.api.errors import COMMON_RESPONSES, install_error_handlers
+from services.api.guard import install_guard
 from services.api.limits import RequestLimits
 from services.api.metrics import build_registry
 from services.api.routes import events, health, models
@@ -25,6 +28,7 @@ API_RETRY_DEADLINE = 2.0  # s a request retries a vanished Redis before it answe
 
 def create_app(config: AppConfig | None = None, client: ModelBusClient | None = None) -> FastAPI:
     config = config if config is not None else AppConfig.load()
+    configure_logging(config.log_format, config.log_level, config.secret_values)  # uvicorn's loggers too
     client = client if client is not None else ModelBusClient(config, retry_deadline=API_RETRY_DEADLINE)
 
     @asynccontextmanager
@@ -53,5 +57,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
         http_metrics.observe(request.method, route, response.status_code, started)
         return response
 
-    app.add_middleware(RequestLimits, config=config)  # outermost: limits come before any other work
+    install_guard(app, config)  # Host, browsers, token on the documents: before anything reads the body
+    app.add_middleware(RequestLimits, config=config)  # token, body size and concurrency before any work
+    app.add_middleware(RequestContext)  # outermost: every answer carries a request id
     return app

@@ -1,5 +1,6 @@
 """Optional bearer-token auth: when ``MODELBUS_API_TOKEN`` (config ``api_token``) is set, every API route
-but /healthz and /metrics needs ``Authorization: Bearer <token>``.
+but /healthz needs ``Authorization: Bearer <token>`` (/metrics and the API documents too, unless
+``MODELBUS_API_PUBLIC_METRICS=1``: see guard.py).
 
 The route dependency below checks it after routing; :mod:`services.api.limits` checks the same token
 before a request's body is read, with the same comparison."""
@@ -28,6 +29,7 @@ def bearer_token(authorization: str | None) -> str:
     """The token of an ``Authorization: Bearer <token>`` header ('' for anything else)."""
     scheme, _, token = (authorization or "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
 
 
 def require_token(request: Request,

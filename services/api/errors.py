@@ -1,11 +1,12 @@
 """Every error the API returns is JSON ``{"error": {"type", "message", "details"}}`` with a status that
-says what went wrong. One table maps the library's errors (records, client, event store) to statuses,
-so a route never builds an error response by hand.
+says what went wrong. The status follows from the error's kind (``events.errors``) in one table, so a
+route never builds an error response by hand and no package's errors are listed here.
 
-    404  unknown model key, job or worker          409  duplicate key/path, concurrent writers
-    422  invalid config, bad parameter             401  missing/wrong bearer token
-    502  a worker ran the job and it failed        503  Redis unreachable, or no GPU worker to wait for
-    504  waiting for a worker timed out            500  a bug (logged with its traceback)
+    404  not found (model key, job, worker)    409  conflict (duplicate key/path, concurrent writers)
+    422  invalid input (config, parameter)     413  over a limit          403  forbidden
+    502  a worker ran the job and it failed    503  Redis unreachable, or no GPU worker to wait for
+    504  waiting for a worker timed out        401  missing/wrong bearer token
+    500  a bug, or a library's error nobody translated (logged with its traceback)
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import redis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,30 +21,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from events.errors import EmbeddedRedisError, StoreUnavailableError
-from services.client.errors import (
-    InvalidRequestError,
-    JobFailedError,
-    NotFoundError,
-    UnavailableError,
-    WaitTimeoutError,
-)
-from services.config import ConfigError
-from services.install import DuplicateInstallError, InstallError, ModelIdentificationError
-from services.records import DuplicateModelException, InvalidModelConfigException, UnknownModelException
-from services.records.errors import RecordConflictError, RecordServiceError
+from events.errors import Kind, ModelbusError, kind_of
 
 log = structlog.get_logger(__name__)
 
-STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
-    ((UnknownModelException, NotFoundError), 404),
-    ((DuplicateModelException, RecordConflictError, DuplicateInstallError), 409),
-    ((InvalidModelConfigException, InvalidRequestError, ConfigError, ModelIdentificationError, InstallError,
-      RecordServiceError), 422),
-    (JobFailedError, 502),
-    ((UnavailableError, StoreUnavailableError, EmbeddedRedisError, redis.ConnectionError, redis.TimeoutError), 503),
-    (WaitTimeoutError, 504),
-)
+STATUS: dict[Kind, int] = {
+    Kind.NOT_FOUND: 404, Kind.CONFLICT: 409, Kind.INVALID_INPUT: 422, Kind.TOO_LARGE: 413, Kind.FORBIDDEN: 403,
+    Kind.UNAVAILABLE: 503, Kind.TIMED_OUT: 504, Kind.FAILED: 502,
+}
 
 
 class ErrorBody(BaseModel):
@@ -65,15 +49,14 @@ def error_response(status: int, type_: str, message: str, details: list[dict[str
 
 
 def status_of(exc: BaseException) -> int:
-    for classes, status in STATUS:
-        if isinstance(exc, classes):
-            return status
-    return 500
+    kind = kind_of(exc)
+    return 500 if kind is None else STATUS[kind]
 
 
 def _details(exc: BaseException) -> list[dict[str, Any]] | None:
+    """Field errors of an invalid input that names them (``InvalidModelConfigException.errors``)."""
     errors = getattr(exc, "errors", None)
-    if isinstance(exc, InvalidModelConfigException) and errors:
+    if kind_of(exc) is Kind.INVALID_INPUT and isinstance(errors, list) and errors:
         return [{"field": e.field, "value": repr(e.value), "message": e.message} for e in errors]
     return None
 
@@ -82,7 +65,9 @@ async def _library_error(request: Request, exc: Exception) -> Response:
     status = status_of(exc)
     if status == 500:
         log.error("api_internal_error", path=request.url.path, method=request.method, exc_info=exc)
-        return error_response(500, "InternalError", f"internal error ({type(exc).__name__}); see the server log")
+        rid = getattr(request.state, "request_id", "?")  # services/api/context.py; also in X-Request-ID
+        return error_response(500, "InternalError", f"internal error ({type(exc).__name__}); "
+                              f"request id {rid}, see the server log")
     headers = {"Retry-After": "5"} if status == 503 else None
     return error_response(status, type(exc).__name__, str(exc), _details(exc), headers)
 
@@ -101,11 +86,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    # each known family gets its own handler: a bare Exception handler would only run in Starlette's
+    # modelbus errors get their own handler: a bare Exception handler would only run in Starlette's
     # outermost middleware, which re-raises after answering
-    for classes, _ in STATUS:
-        for cls in classes if isinstance(classes, tuple) else (classes,):
-            app.add_exception_handler(cls, _library_error)
+    app.add_exception_handler(ModelbusError, _library_error)
     app.add_exception_handler(Exception, _library_error)
 
 
@@ -120,4 +103,6 @@ COMMON_RESPONSES: Responses = {
     503: {"model": ErrorResponse, "description": "Redis unreachable"},
 }
 NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "unknown model key, job or worker"}}
-CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path"}}
+CONFLICT: Responses = {409: {"model": ErrorResponse, "description": "duplicate model key or path, or a path "
+                                                                   "shared with another model (named)"}}
+FORBIDDEN: Responses = {403: {"model": ErrorResponse, "description": "a local path outside the import roots"}}

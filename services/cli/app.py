@@ -17,7 +17,7 @@ from events.errors import EventStoreError
 from events.logs import configure_logging
 from services.cli import jobs, models, ops
 from services.cli.context import state
-from services.cli.errors import CliError, exit_code, one_line
+from services.cli.errors import exit_code, one_line
 from services.cli.output import err_console
 
 
@@ -58,13 +58,13 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
     """Start the whole stack in the foreground: Redis (embedded unless MODELBUS_REDIS_URL), workers, API."""
     from services.stack import Stack
     config = state.config()
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level, config.secret_values)
     stack = Stack(config, worker_queues=[w for w in workers.split(";") if w], with_api=api)
     try:
         stack.start()
-    except EventStoreError as exc:
+    except EventStoreError:  # Redis missing or unfit: exit code 5 by its kind
         stack.stop()
-        raise CliError(str(exc), 5) from exc
+        raise
     typer.echo("modelbus is up (Ctrl-C stops it)")
     for line in stack.describe():
         typer.echo("  " + line)
@@ -100,10 +100,14 @@ app.command("update")(models.update)
 app.command("history")(models.history)
 app.command("load")(models.load)
 app.command("unload")(models.unload)
-app.command("events")(ops.events)
 app.command("workers")(ops.workers)
 app.command("doctor")(ops.doctor)
 app.command("import-yaml")(ops.import_yaml)
+
+events = typer.Typer(help="The event log.")
+events.callback(invoke_without_command=True)(ops.events)
+events.command("quarantine")(ops.quarantine)
+app.add_typer(events, name="events")
 
 records = typer.Typer(help="The record projection.", no_args_is_help=True)
 records.command("rebuild")(ops.records_rebuild)

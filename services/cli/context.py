@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from services.cli.errors import CliError
 from services.client import ModelBusClient
-from services.config import AppConfig, ConfigError
+from services.config import AppConfig
 
 
 @dataclass
@@ -16,10 +15,7 @@ class State:
     _client: ModelBusClient | None = None
 
     def config(self) -> AppConfig:
-        try:
-            return AppConfig.load()
-        except ConfigError as exc:
-            raise CliError(str(exc), 2) from exc
+        return AppConfig.load()  # a ConfigError is invalid input: exit code 2
 
     def client(self) -> ModelBusClient:
         if self._client is None:

@@ -1,60 +1,51 @@
-"""How the CLI reports a failure: one readable line on stderr and an exit code saying what kind.
+"""How the CLI reports a failure: one readable line on stderr and an exit code that follows from the
+error's kind (``events.errors``), in one table:
 
-    1  anything else               3  not found (model key, job, worker)
-    2  bad input or configuration  4  conflict (duplicate key or path)
-    5  Redis or a worker missing   6  timed out (the job goes on)
+    1  failed (a job, a check), or anything else   3  not found (model key, job, worker)
+    2  invalid input, over a limit, forbidden     4  conflict (duplicate key or path)
+    5  Redis or a worker missing                  6  timed out (the job goes on)
     130 interrupted (Ctrl-C)
 
 With ``--debug`` (or ``MODELBUS_DEBUG=1``) the traceback is shown instead.
+
+    CliError
+    ├── UsageError          (InvalidInput) a command line the CLI itself rejects (bad --set syntax...)
+    └── CommandFailedError  (Failed) what the command did failed (an install, a doctor check, an import)
 """
 
 from __future__ import annotations
 
-import redis
+from events.errors import Failed, InvalidInput, Kind, ModelbusError, kind_of
 
-from events.errors import EmbeddedRedisError, StoreUnavailableError
-from services.client import InvalidRequestError, NotFoundError, UnavailableError, WaitTimeoutError
-from services.client.errors import JobFailedError
-from services.config import ConfigError
-from services.install import DuplicateInstallError, InstallError
-from services.records import DuplicateModelException, InvalidModelConfigException, UnknownModelException
-from services.records.errors import RecordConflictError, RecordServiceError
+EXIT_CODES: dict[Kind, int] = {
+    Kind.FAILED: 1, Kind.INVALID_INPUT: 2, Kind.TOO_LARGE: 2, Kind.FORBIDDEN: 2, Kind.NOT_FOUND: 3,
+    Kind.CONFLICT: 4, Kind.UNAVAILABLE: 5, Kind.TIMED_OUT: 6,
+}
+INTERRUPTED = 130
 
 
-class CliError(Exception):
-    """A failure the CLI itself detects (bad --set syntax...), with its exit code."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
+class CliError(ModelbusError):
+    """Base of the failures the CLI itself detects."""
 
 
-EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
-    ((UnknownModelException, NotFoundError), 3),
-    ((DuplicateModelException, RecordConflictError, DuplicateInstallError), 4),
-    ((UnavailableError, StoreUnavailableError, EmbeddedRedisError, redis.ConnectionError, redis.TimeoutError), 5),
-    ((WaitTimeoutError,), 6),
-    ((InvalidModelConfigException, InvalidRequestError, ConfigError, InstallError, RecordServiceError,
-      ValueError), 2),
-    ((JobFailedError,), 1),
-)
+class UsageError(CliError, InvalidInput):
+    pass
+
+
+class CommandFailedError(CliError, Failed):
+    pass
 
 
 def exit_code(exc: BaseException) -> int:
-    if isinstance(exc, CliError):
-        return exc.code
     if isinstance(exc, KeyboardInterrupt):
-        return 130
-    for classes, code in EXIT_CODES:
-        if isinstance(exc, classes):
-            return code
-    return 1
+        return INTERRUPTED
+    kind = kind_of(exc)
+    return 1 if kind is None else EXIT_CODES[kind]
 
 
 def one_line(exc: BaseException) -> str:
-    """The message on one line: the error's own text, prefixed by its kind when that helps."""
+    """The message on one line: the error's own text, prefixed by its class name when it is no modelbus error."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     text = " ".join(str(exc).split()) or type(exc).__name__
-    known = any(isinstance(exc, classes) for classes, _ in EXIT_CODES) or isinstance(exc, CliError)
-    return text if known else f"{type(exc).__name__}: {text}"
+    return text if kind_of(exc) is not None else f"{type(exc).__name__}: {text}"

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from services.cli.context import client
-from services.cli.errors import CliError
+from services.cli.errors import CommandFailedError
 from services.cli.output import console, err_console, human_bytes, print_json, table
 from services.cli.progress import follow_install, head
 
@@ -41,7 +41,7 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
         if not json:
             console.print(f"installed {job['source']} as {job['key']}")
     elif wait:
-        raise CliError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}", 1)
+        raise CommandFailedError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}")
 
 
 def jobs(json: JsonFlag = False) -> None:

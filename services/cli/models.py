@@ -8,7 +8,7 @@ import orjson
 import typer
 
 from services.cli.context import client
-from services.cli.errors import CliError
+from services.cli.errors import UsageError
 from services.cli.output import console, err_console, print_json, table
 from services.cli.progress import LoadStatus
 
@@ -19,9 +19,12 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
                 base: Annotated[str | None, typer.Option(help="base model, e.g. sd-1, sdxl")] = None,
                 type: Annotated[str | None, typer.Option("--type", help="model type, e.g. main, lora, vae")] = None,
                 tag: Annotated[list[str] | None, typer.Option(help="models carrying this tag (repeatable)")] = None,
+                sort: Annotated[str, typer.Option(help="sort by name, type, base or format")] = "name",
+                desc: Annotated[bool, typer.Option("--desc", help="descending order")] = False,
                 json: JsonFlag = False) -> None:
     """List the installed models."""
-    models = client().list_models(name=name, base=base, type=type, tag=tag)
+    models = client().list_models(name=name, base=base, type=type, tag=tag, order_by=sort,
+                                  direction="desc" if desc else "asc")
     if json:
         print_json([m.model_dump(mode="json") for m in models])
         return
@@ -39,7 +42,7 @@ def show(key: str, json: JsonFlag = False) -> None:
 
 
 def rm(key: str, delete_files: Annotated[bool, typer.Option(
-        help="also delete its files (only inside the models directory)")] = False) -> None:
+        help="also delete the files recorded at its install (never another model's)")] = False) -> None:
     """Remove a model's record (and, with --delete-files, its files)."""
     model = client().delete_model(key, delete_files=delete_files)
     console.print(f"removed {model.name} ({key})" + (" and its files" if delete_files else ""))
@@ -55,7 +58,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     """``field=value``; the value is read as JSON when it is JSON (numbers, lists, null), else as text."""
     field, sep, raw = text.partition("=")
     if not sep or not field.strip():
-        raise CliError(f"--set expects field=value, got {text!r}")
+        raise UsageError(f"--set expects field=value, got {text!r}")
     try:
         value: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -68,7 +71,7 @@ def update(key: str, set_: Annotated[list[str], typer.Option("--set", help="fiel
     """Change fields of a model's record: --set description="..." --set tags='["a","b"]'."""
     changes = dict(parse_assignment(s) for s in set_)
     if not changes:
-        raise CliError("nothing to update: give at least one --set field=value")
+        raise UsageError("nothing to update: give at least one --set field=value")
     model = client().update_model(key, changes)
     if json:
         print_json(model.model_dump(mode="json"))

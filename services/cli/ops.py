@@ -1,4 +1,4 @@
-"""Operational commands: events, workers, doctor, records rebuild, import-yaml."""
+"""Operational commands: events (and their quarantine), workers, doctor, records rebuild, import-yaml."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from services.cli.context import client
 from services.cli.doctor import run_checks
-from services.cli.errors import CliError
+from services.cli.errors import CommandFailedError
 from services.cli.output import console, human_bytes, print_json, print_json_line, table
 from services.client import Delivered
 
@@ -25,13 +25,16 @@ def _line(d: Delivered) -> str:
     return f"{event.time.isoformat(timespec='milliseconds')}  {d.type:<24} {event.aggregate_id:<34} {detail}"
 
 
-def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+def events(ctx: typer.Context,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
            type_: Annotated[list[str] | None, typer.Option("--type", "-t",
                                                            help="event type or activity kind (repeatable)")] = None,
            since: Annotated[str | None, typer.Option(help="'0' (all), '$' (new), a position or a resume token")] = None,
            count: Annotated[int | None, typer.Option(help="stop after this many events")] = None,
            json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False) -> None:
     """Print events; with --follow, wait for new ones (resuming after a lost connection)."""
+    if ctx.invoked_subcommand is not None:
+        return
     c = client()
     types = [t for item in (type_ or []) for t in item.split(",") if t] or None
     emit = (lambda d: print_json_line(d.to_dict())) if json else (lambda d: console.print(_line(d), markup=False,
@@ -44,6 +47,17 @@ def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep pri
         emit(delivered)
         if count is not None and seen >= count:
             return
+
+
+def quarantine(json: JsonFlag = False) -> None:
+    """List the log entries every reader refused and skipped (never applied), oldest refusal first."""
+    found = client().quarantined()
+    if json:
+        print_json([dataclasses.asdict(q) for q in found])
+        return
+    table(f"{len(found)} quarantined entr{'y' if len(found) == 1 else 'ies'}",
+          ("position", "type", "aggregate", "version", "refused at", "reason"),
+          ((q.position, q.type, q.aggregate_id, q.aggregate_version, q.time, q.reason) for q in found))
 
 
 def workers(json: JsonFlag = False,
@@ -77,7 +91,7 @@ def doctor(json: JsonFlag = False) -> None:
             console.print(f"{MARK[check.status]} {check.name:<16} {check.detail}", highlight=False)
     failed = [c.name for c in checks if c.status == "fail"]
     if failed:
-        raise CliError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}", 1)
+        raise CommandFailedError(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
 
 
 def records_rebuild(json: JsonFlag = False) -> None:
@@ -101,4 +115,4 @@ def import_yaml(path: Annotated[str, typer.Argument(help="a legacy models.yaml")
         for entry, why in report.skipped:
             console.print(f"  skipped {entry}: {why}", markup=False)
     if report.skipped:
-        raise CliError(f"{len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} not imported", 1)
+        raise CommandFailedError(f"{len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} not imported")

@@ -1,12 +1,15 @@
 """Errors of the client (and so of the HTTP API and the CLI, which sit on it).
 
     ClientError
-    ├── NotFoundError          no such install job or GPU worker (unknown model keys raise the record service's
-    │                          UnknownModelException, which callers already know)
-    ├── InvalidRequestError    an argument rejected before anything changed (bad source, position...)
-    ├── UnavailableError       Redis does not answer (after the store's own retries)
-    ├── WaitTimeoutError       ``wait()`` ran out of time; the job goes on
-    └── JobFailedError         a worker ran the job and it failed (the message is the worker's)
+    ├── NotFoundError          (NotFound) no such install job or GPU worker (unknown model keys raise the
+    │                          record service's UnknownModelException, which callers already know)
+    ├── InvalidRequestError    (InvalidInput) an argument rejected before anything changed (bad source...)
+    ├── UnavailableError       (Unavailable) Redis does not answer (after the store's own retries)
+    ├── WaitTimeoutError       (TimedOut) ``wait()`` ran out of time; the job goes on
+    └── JobFailedError         (Failed) a worker ran the job and it failed (the message is the worker's)
+
+The install service's and the GPU routing's errors are translated into these by their kind
+(``CLIENT_ERRORS``), so that a caller of the client meets one family.
 
 The record service's exceptions (Unknown/Duplicate/InvalidModelConfig) pass through unchanged:
 they are part of the public API (DESIGN.md), and the API maps them to 404/409/422.
@@ -14,27 +17,36 @@ they are part of the public API (DESIGN.md), and the API maps them to 404/409/42
 
 from __future__ import annotations
 
+from events.errors import Failed, InvalidInput, Kind, ModelbusError, NotFound, TimedOut, Unavailable
 
-class ClientError(Exception):
+
+class ClientError(ModelbusError):
     """Base of every error raised by ``services.client`` itself."""
 
 
-class NotFoundError(ClientError, KeyError):
+class NotFoundError(ClientError, NotFound, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "not found"
 
 
-class InvalidRequestError(ClientError, ValueError):
+class InvalidRequestError(ClientError, InvalidInput, ValueError):
     pass
 
 
-class UnavailableError(ClientError):
+class UnavailableError(ClientError, Unavailable):
     pass
 
 
-class WaitTimeoutError(ClientError, TimeoutError):
+class WaitTimeoutError(ClientError, TimedOut, TimeoutError):
     pass
 
 
-class JobFailedError(ClientError):
+class JobFailedError(ClientError, Failed):
     """A worker ran the job and it failed; the message is the worker's error."""
+
+
+#: the client's error for each kind met in the services it drives (install, routing)
+CLIENT_ERRORS: dict[Kind, type[ClientError]] = {
+    Kind.NOT_FOUND: NotFoundError, Kind.INVALID_INPUT: InvalidRequestError, Kind.UNAVAILABLE: UnavailableError,
+    Kind.TIMED_OUT: WaitTimeoutError, Kind.FAILED: JobFailedError,
+}

@@ -14,24 +14,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from rq.job import Job
 
+from events.errors import StoreUnavailableError
 from services import routing
-from services.client.errors import (
-    InvalidRequestError,
-    JobFailedError,
-    NotFoundError,
-    UnavailableError,
-    WaitTimeoutError,
-)
-from services.install import (
-    InstallJob,
-    InstallStatus,
-    InstallTimeoutError,
-    InvalidSourceError,
-    ModelInstallService,
-    UnknownJobError,
-    UnsafeDeleteError,
-)
-from services.install.commands import InstallCommand, submit
+from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
+from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
+from services.install.commands import InstallCommand, submit, submit_handing_over
 
 if TYPE_CHECKING:
     from services.client.core import ModelBusClient
@@ -64,22 +51,14 @@ def job_dict(job: InstallJob) -> dict[str, Any]:
 
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Install and routing errors, as the client's (so the API and CLI know one family)."""
+    """Install and routing errors, as the client's of the same kind (conflicts pass as they are)."""
     try:
         yield
-    except UnknownJobError as exc:
-        raise NotFoundError(str(exc)) from exc
-    except InstallTimeoutError as exc:
-        raise WaitTimeoutError(str(exc)) from exc
-    except (InvalidSourceError, UnsafeDeleteError) as exc:
-        raise InvalidRequestError(str(exc)) from exc
-    except routing.RoutingError as exc:
-        text = str(exc)
-        if text.startswith("no live GPU worker"):
-            raise NotFoundError(text) from exc
-        if "did not finish within" in text:
-            raise WaitTimeoutError(text) from exc
-        raise JobFailedError(text) from exc
+    except (InstallError, routing.RoutingError, StoreUnavailableError) as exc:
+        translated = CLIENT_ERRORS.get(exc.kind)
+        if translated is None:
+            raise
+        raise translated(str(exc)) from exc
 
 
 class Features:
@@ -102,7 +81,7 @@ class Features:
 
     # --- installs -----------------------------------------------------------------------------
 
-    def install(self, source: str, **options: Any) -> dict[str, Any]:
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
         if not isinstance(source, str) or not source.strip():
             raise InvalidRequestError("install needs a source: a path, a URL, a Hugging Face repo id or civitai:ID")
         config = options.pop("config", None)
@@ -116,7 +95,8 @@ class Features:
             raise InvalidRequestError(f"install options must be plain JSON values: {exc}") from exc
         installer = self.installer
         command = InstallCommand(source, opts, command_id, token)
-        job_id = self._call(lambda: submit(installer.event_store, self.client.config, command))
+        publish = submit_handing_over if hand_over else submit
+        job_id = self._call(lambda: publish(installer.event_store, self.client.config, command))
         if job_id != command_id:  # a repeated command, or a source already being installed: that job
             return self.job(job_id)
         # a new job is waiting: say so without reading it back (publishing stays one append + one enqueue)
@@ -139,8 +119,11 @@ class Features:
         return job_dict(self._call(lambda: self.installer.wait_for_job(job_id, timeout)))
 
     def delete(self, key: str) -> None:
-        """The record and its files (kept when they lie outside the models directory)."""
+        """The record and the files it owns (services.install.ownership)."""
         self._call(lambda: self.installer.delete(key))
+
+    def update_path(self, key: str, changes: Any) -> Any:
+        return self._call(lambda: self.installer.update_model(key, changes))
 
     def scan(self, path: Path) -> dict[str, Any]:
         return {"added": self._call(lambda: self.installer.scan_directory(path))}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from .cancel import Cancellation
 from .metadata import ModelMetadata
@@ -27,6 +28,7 @@ class DownloadJobStatus(str, Enum):
 TERMINAL = {DownloadJobStatus.COMPLETED, DownloadJobStatus.CANCELLED, DownloadJobStatus.ERROR}
 
 JobCallback = Callable[["DownloadJob"], None]
+CallbackName = Literal["on_start", "on_progress", "on_complete", "on_error", "on_cancelled"]
 
 # progress events: at most one per this many seconds and per this fraction of the total
 PROGRESS_MIN_INTERVAL = 0.1
@@ -44,6 +46,15 @@ class RemoteFile:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", safe_relative_path(self.path).as_posix())
+
+
+def shared_path(dest: Path, files: Sequence[RemoteFile]) -> Path:
+    """Where a multi-file download lands: the one file itself, or the deepest folder all parts share
+    (``dest/<repo-name>`` when every part sits in one repo's folder, else ``dest``)."""
+    if len(files) == 1:
+        return dest / files[0].path
+    common = os.path.commonpath([PurePosixPath(f.path).parent.as_posix() for f in files])
+    return dest / common if common not in ("", ".") else dest
 
 
 @dataclass
@@ -72,6 +83,8 @@ class DownloadJob:
     parts: dict[str, FileProgress] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # revision, variant, base_model
     rate: float = 0.0
+    # callback name -> "ErrorType: message" of its first failure (a callback never changes the outcome)
+    callback_errors: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -122,6 +135,14 @@ class DownloadJob:
                 self.finished_at = time.time()
         self._settled.set()
 
+    def note_callback_error(self, callback: CallbackName, error: Exception) -> bool:
+        """Keep a callback's first failure; True when it is the first (the one to log)."""
+        with self._lock:
+            if callback in self.callback_errors:
+                return False
+            self.callback_errors[callback] = f"{type(error).__name__}: {error}"
+            return True
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job completes, fails, is cancelled or paused; False on timeout."""
         return self._settled.wait(timeout)
@@ -171,4 +192,6 @@ class DownloadJob:
                 ]
             if self.status == DownloadJobStatus.ERROR:
                 body["error_type"], body["error"] = self.error_type, self.error
+            if self.callback_errors:
+                body["callback_errors"] = dict(self.callback_errors)
             return body

@@ -27,7 +27,8 @@ from .civitai import resolve_civitai
 from .errors import DestinationExistsError, DownloadCancelled, DownloadError, RetriesExhaustedError
 from .fetch import check_free_space, fetch_file
 from .huggingface import resolve_repo
-from .job import DownloadJob, DownloadJobStatus, JobCallback, RemoteFile
+from .job import CallbackName, DownloadJob, DownloadJobStatus, JobCallback, RemoteFile, shared_path
+from .network import download_client
 from .options import FetchOptions, FileRequest
 from .partial import remove_partial
 from .security import credential_for
@@ -65,7 +66,8 @@ class DownloadQueueService:
         with self._lock:
             if self._threads:
                 return
-            self._client = httpx.Client(
+            self._client = download_client(
+                allow_private=self.options.allow_private, proxy=self.options.proxy,
                 timeout=httpx.Timeout(self.options.connect_timeout, read=self.options.stall_timeout),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 headers={"User-Agent": "modelbus-downloader/0.1"},
@@ -143,10 +145,11 @@ class DownloadQueueService:
         if not files:
             raise ValueError("multifile_download needs at least one part")
         source = files[0].url if len(files) == 1 else f"{files[0].url} (+{len(files) - 1} files)"
-        job = DownloadJob(source=source, dest=Path(dest), priority=priority, access_token=access_token,
+        folder = Path(dest).expanduser().absolute()  # where the files go, whatever the cwd does later
+        job = DownloadJob(source=source, dest=folder, priority=priority, access_token=access_token,
                           files=files, on_start=on_start, on_progress=on_progress, on_complete=on_complete,
                           on_error=on_error, on_cancelled=on_cancelled)
-        job.download_path = Path(dest)
+        job.download_path = shared_path(folder, files)
         return self._submit(job)
 
     def _submit(self, job: DownloadJob) -> DownloadJob:
@@ -179,7 +182,7 @@ class DownloadQueueService:
                 return
             job.settle(DownloadJobStatus.CANCELLED)
         self._remove_partials(job)
-        self._announce(job, "download_cancelled", job.on_cancelled)
+        self._announce(job, "download_cancelled", "on_cancelled")
 
     def cancel_all_jobs(self) -> None:
         for job in self.list_jobs():
@@ -228,6 +231,10 @@ class DownloadQueueService:
                 if item is _STOP:
                     return
                 self._run(item)
+            except Exception as exc:  # a bug of ours in one job must not take the thread with it
+                log.exception("download.worker_error", job=item.id)
+                if not item.in_terminal_state:
+                    item.settle(DownloadJobStatus.ERROR, exc)
             finally:
                 self._queue.task_done()
 
@@ -236,7 +243,7 @@ class DownloadQueueService:
             if job.status != DownloadJobStatus.WAITING:
                 return  # cancelled or paused while it waited
             job.begin_run()
-        self._announce(job, "download_started", job.on_start)
+        self._announce(job, "download_started", "on_start")
         try:
             self._execute(job)
         except DownloadCancelled:
@@ -246,17 +253,17 @@ class DownloadQueueService:
             else:
                 self._remove_partials(job)
                 job.settle(DownloadJobStatus.CANCELLED)
-                self._announce(job, "download_cancelled", job.on_cancelled)
+                self._announce(job, "download_cancelled", "on_cancelled")
         except Exception as exc:  # every failure becomes the job's error state, never a dead thread
             if not isinstance(exc, DownloadError):
                 log.exception("download.unexpected_error", job=job.id)
             if not isinstance(exc, (RetriesExhaustedError, DestinationExistsError)):
                 self._remove_partials(job)  # a flaky network keeps its bytes for a retry
             job.settle(DownloadJobStatus.ERROR, exc)
-            self._announce(job, "download_error", job.on_error)
+            self._announce(job, "download_error", "on_error")
         else:
             job.settle(DownloadJobStatus.COMPLETED)
-            self._announce(job, "download_complete", job.on_complete)
+            self._announce(job, "download_complete", "on_complete")
 
     def _execute(self, job: DownloadJob) -> None:
         assert self._client is not None
@@ -287,7 +294,7 @@ class DownloadQueueService:
 
         def progress(done: int, total: int | None) -> None:
             if job.update_file(key or req.url, done, total):
-                self._announce(job, "download_progress", job.on_progress)
+                self._announce(job, "download_progress", "on_progress")
 
         def on_path(final: Path) -> None:
             with job._lock:
@@ -348,14 +355,19 @@ class DownloadQueueService:
             else:
                 remove_partial(p)
 
-    def _announce(self, job: DownloadJob, event: str, callback: JobCallback | None) -> None:
-        if callback is not None:
+    def _announce(self, job: DownloadJob, event: str, callback: CallbackName | None) -> None:
+        """Tell the job's callback and the publisher. Their failures are the caller's, not the
+        download's: each callback's first failure is logged once and kept on the job
+        (``callback_errors``); the download's outcome and the worker thread are untouched."""
+        func = getattr(job, callback) if callback is not None else None
+        if func is not None:
             try:
-                callback(job)
-            except Exception:  # a caller's callback must not kill the download
-                log.exception("download.callback_failed", job=job.id, event=event)
+                func(job)
+            except Exception as exc:
+                if job.note_callback_error(callback, exc):  # type: ignore[arg-type]
+                    log.exception("download.callback_failed", job=job.id, callback=callback, on=event)
         if self.publisher is not None:
             try:
                 self.publisher(event, job.payload())
             except Exception:  # a lost event must not kill the download
-                log.exception("download.publish_failed", job=job.id, event=event)
+                log.exception("download.publish_failed", job=job.id, on=event)

@@ -8,20 +8,10 @@ import time
 
 import httpx
 
-from .errors import RemoteError, TokenRequiredError
+from .errors import RemoteError, Retry, TokenRequiredError
 
 _HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
-
-
-class Retry(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-class Restart(Exception):
-    """The resource changed under us: throw away the partial file and start over."""
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-from .errors import InvalidSourceError
+from .errors import SourceSyntaxError
 
 _REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?::(?P<sub>[\w.\-/]+))?$")
 _CIVITAI = re.compile(r"^civitai:(?P<model>\d+)?(?:@(?P<version>\d+))?$", re.IGNORECASE)
@@ -66,33 +66,33 @@ def parse_source(
     base_model: str | None = None,
     civitai_api: str | None = None,
 ) -> Source:
-    """Classify ``text``; raises :class:`InvalidSourceError` naming what was expected."""
+    """Classify ``text``; raises :class:`SourceSyntaxError` naming what was expected."""
     try:
         return _parse_source(text, revision=revision, variant=variant, base_model=base_model,
                              civitai_api=civitai_api)
     except ValueError as exc:  # urlsplit on a broken IPv6 host, int() of an absurdly long id...
-        if isinstance(exc, InvalidSourceError):
+        if isinstance(exc, SourceSyntaxError):
             raise
-        raise InvalidSourceError(f"{(text or '')[:200]!r} is not a valid download source: {exc}") from exc
+        raise SourceSyntaxError(f"{(text or '')[:200]!r} is not a valid download source: {exc}") from exc
 
 
 def _parse_source(text: str, *, revision: str | None, variant: str | None, base_model: str | None,
                   civitai_api: str | None) -> Source:
     text = (text or "").strip()
     if not text:
-        raise InvalidSourceError("empty download source")
+        raise SourceSyntaxError("empty download source")
     if m := _CIVITAI.match(text):
         if not m.group("model") and not m.group("version"):
-            raise InvalidSourceError(f"{text!r}: expected civitai:<modelId> or civitai:<modelId>@<versionId>")
+            raise SourceSyntaxError(f"{text!r}: expected civitai:<modelId> or civitai:<modelId>@<versionId>")
         return CivitaiSource(_int(m.group("model")), _int(m.group("version")), base_model)
     if "://" in text:
         return _from_url(text, revision=revision, variant=variant, base_model=base_model, civitai_api=civitai_api)
     if m := _REPO.match(text):
         sub = (m.group("sub") or "").strip("/") or None
         if sub and any(part in ("", ".", "..") for part in sub.split("/")):
-            raise InvalidSourceError(f"{text!r}: the subfolder must not contain '.' or '..' components")
+            raise SourceSyntaxError(f"{text!r}: the subfolder must not contain '.' or '..' components")
         return HFSource(m.group("repo"), sub, revision or "main", variant)
-    raise InvalidSourceError(
+    raise SourceSyntaxError(
         f"{text!r} is not a download source: expected an http(s) URL, a Hugging Face repo id "
         "'owner/repo[:subfolder]', or 'civitai:<modelId>[@<versionId>]'"
     )
@@ -107,7 +107,7 @@ def _from_url(
 ) -> Source:
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise InvalidSourceError(f"{url!r}: only http(s) URLs with a host can be downloaded")
+        raise SourceSyntaxError(f"{url!r}: only http(s) URLs with a host can be downloaded")
     host = parts.hostname.lower()
     civitai_hosts = set(_CIVITAI_HOSTS)
     if civitai_api:

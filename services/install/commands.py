@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -26,7 +25,9 @@ from events.store import RedisEventStore
 from services.config import AppConfig
 from services.install import defaults
 from services.install.errors import InvalidCommandError, InvalidSourceError
+from services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from services.install.jobs import load_job, source_claim
+from services.install.roots import check_local_source
 from services.install.sources import looks_like_path, normalize_source
 
 log = structlog.get_logger(__name__)
@@ -51,9 +52,12 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     if not _COMMAND_ID.match(job_id):
         raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
     normalized = normalize_source(command.source, config, command.options)
-    if looks_like_path(command.source.strip()) and not Path(normalized).exists():
-        # workers share this file system (models dir and sources): refuse now rather than queue a failure
-        raise InvalidSourceError(f"no such file or folder: {normalized}")
+    if looks_like_path(command.source.strip()):
+        # the workers read local files only inside the import roots: refused before anything is read
+        local = check_local_source(command.options.get(IMPORT_PATH) or normalized, config)
+        if not local.exists():
+            # workers share this file system (models dir and sources): refuse now rather than queue a failure
+            raise InvalidSourceError(f"no such file or folder: {normalized}")
     claim = source_claim(normalized)
     options = {**command.options, "claim": claim, "normalized_source": normalized}
     event = InstallRequested(aggregate_id=job_id, source=command.source, options=options, correlation_id=job_id)
@@ -79,6 +83,25 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
         return job_id
     _register_and_enqueue(store, config, job_id, command.access_token)
     log.info("install_submitted", job=job_id, source=command.source)
+    return job_id
+
+
+def submit_handing_over(store: RedisEventStore, config: AppConfig, command: InstallCommand) -> str:
+    """:func:`submit`, after this process (the CLI, the client: the caller's own permissions) handed a
+    local source outside the import roots over (services.install.imports). A copy that no job took (a
+    refusal, a repeated command, a source already being installed) is removed again."""
+    command = replace(command, command_id=command.command_id or uuid.uuid4().hex)
+    options = hand_over(command.source, command.options, config)
+    if IMPORT_PATH not in options or options is command.options:
+        return submit(store, config, command)
+    try:
+        job_id = submit(store, config, replace(command, options=options))
+        taken = load_job(store, job_id).options.get(IMPORT_PATH) == options[IMPORT_PATH]
+    except BaseException:
+        discard_hand_over(config, options)
+        raise
+    if not taken:
+        discard_hand_over(config, options)
     return job_id
 
 

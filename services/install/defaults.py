@@ -16,3 +16,4 @@ WAIT_BLOCK_MS = 500             # blocking read of the log while waiting for a j
 STAGING_DIR = ".staging"        # under the models dir: same filesystem, so placing is a rename
 MAX_NAME_COLLISIONS = 10_000    # name_1 ... name_N before giving up on a free destination
 APPEND_ATTEMPTS = 20            # optimistic appends to one job's log before giving up
+IMPORT_DIR = "import"           # under the root: where the CLI and the client hand local sources over

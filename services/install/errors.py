@@ -1,14 +1,18 @@
 """Errors of the install service, one family under :class:`InstallError`.
 
     InstallError
-    ├── InvalidSourceError       a source that is no existing path, URL, HF repo id or Civitai reference
-    ├── InvalidCommandError      a command id that cannot name a job (letters, digits, '_' and '-' only)
-    ├── ModelIdentificationError the files are not a model we can identify (unknown, unsafe, corrupt)
-    ├── DuplicateInstallError    the same content is already installed; ``existing_key`` names it
-    ├── UnknownJobError          no install job has this id
-    ├── InstallTimeoutError      wait_for_job / wait_for_installs ran out of time
-    ├── UnsafeDeleteError        refusing to delete files outside the models directory
-    └── JobStoppedError          the job was cancelled or failed elsewhere while a step ran (internal)
+    ├── InvalidSourceError       (InvalidInput) a source that is no existing path, URL, HF repo id or Civitai ref
+    ├── InvalidCommandError      (InvalidInput) a command id that cannot name a job (letters, digits, '_', '-')
+    ├── ModelIdentificationError (InvalidInput) the files are not a model we can identify (unknown, unsafe...)
+    ├── DuplicateInstallError    (Conflict) the same content is already installed; ``existing_key`` names it
+    ├── UnknownJobError          (NotFound) no install job has this id
+    ├── InstallTimeoutError      (TimedOut) wait_for_job / wait_for_installs ran out of time
+    ├── UnsafeDeleteError        (InvalidInput) refusing to delete files outside the models directory
+    ├── SourceForbiddenError     (Forbidden) a local source outside the import roots, or a symlink out of it
+    ├── ModelPathConflictError   (Conflict) a path inside, or holding, another model's path; names the other
+    ├── InvalidModelPathError    (InvalidInput) a record path that does not exist or cannot be a model's
+    ├── UnsafeManifestError      (InvalidInput) a manifest entry that leaves the model's folder
+    └── JobStoppedError          (Conflict) the job was cancelled or failed elsewhere while a step ran (internal)
 
 Errors of the parts the service drives (probe, hashing, downloads, records) are translated where they
 come in, so every job that fails records one of these names (or the download error's own) as
@@ -17,41 +21,61 @@ come in, so every job that fails records one of these names (or the download err
 
 from __future__ import annotations
 
+from events.errors import Conflict, Forbidden, InvalidInput, ModelbusError, NotFound, TimedOut
 
-class InstallError(Exception):
+
+class InstallError(ModelbusError):
     """Base of every error raised by :mod:`services.install`."""
 
 
-class InvalidSourceError(InstallError, ValueError):
+class InvalidSourceError(InstallError, InvalidInput, ValueError):
     pass
 
 
-class InvalidCommandError(InstallError, ValueError):
+class InvalidCommandError(InstallError, InvalidInput, ValueError):
     pass
 
 
-class ModelIdentificationError(InstallError):
+class ModelIdentificationError(InstallError, InvalidInput):
     pass
 
 
-class DuplicateInstallError(InstallError):
+class DuplicateInstallError(InstallError, Conflict):
     def __init__(self, message: str, existing_key: str) -> None:
         super().__init__(message)
         self.existing_key = existing_key
 
 
-class UnknownJobError(InstallError, KeyError):
+class UnknownJobError(InstallError, NotFound, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "unknown install job"
 
 
-class InstallTimeoutError(InstallError, TimeoutError):
+class InstallTimeoutError(InstallError, TimedOut, TimeoutError):
     pass
 
 
-class UnsafeDeleteError(InstallError):
+class UnsafeDeleteError(InstallError, InvalidInput):
     pass
 
 
-class JobStoppedError(InstallError):
+class JobStoppedError(InstallError, Conflict):
     """Raised inside a worker step when the job's log says it already ended (cancelled, failed)."""
+
+
+class SourceForbiddenError(InstallError, Forbidden):
+    """A local source this caller may not read: outside the import roots, or a symlink leading out of it."""
+
+
+class ModelPathConflictError(InstallError, Conflict):
+    def __init__(self, message: str, other_key: str) -> None:
+        super().__init__(message)
+        self.other_key = other_key
+
+
+class InvalidModelPathError(InstallError, InvalidInput):
+    pass
+
+
+class UnsafeManifestError(InstallError, InvalidInput):
+    pass

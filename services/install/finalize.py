@@ -16,13 +16,16 @@ from typing import Any
 import structlog
 
 from services.config import AppConfig
-from services.install.placement import destination_dir, is_inside, place, remove_tree
+from services.install.ownership import check_path_free
+from services.install.placement import destination_dir, is_inside, place, remove_tree, source_files
 from services.install.recording import (
     add_record,
     added_by,
     build_config,
     check_duplicate,
+    check_key_free,
     forced_key,
+    given_key,
     identify,
 )
 from services.records import ModelConfigBase, ModelRecordServiceBase
@@ -60,12 +63,19 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
 
 
 def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRequest) -> ModelConfigBase:
+    chosen = given_key(req.user)  # a bad key is refused before any work
+    source_files(req.path)  # no symlink out of the model: what it owns is inside it
+    if req.inplace:
+        check_path_free(config, records.all_models(), req.path, None, same_ok=True)
     found = identify(req.path, req.user, req.threads)
     key = found.key
     if req.force and records.exists(key) and not (req.job_id and added_by(records, key, req.job_id)):
         key = forced_key(key, req.job_id or uuid.uuid4().hex)
     else:
         check_duplicate(records, key, req.job_id)
+    if chosen is not None:
+        check_key_free(records, chosen, req.job_id)
+        key = chosen
     name = model_name(req.path, req.user, req.metadata)
     target = req.path
     placed = False
@@ -78,7 +88,7 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
     try:
         fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
                               metadata=req.metadata, source=req.source, user=req.user)
-        record = add_record(records, key, fields, req.job_id)
+        record = add_record(records, key, fields, req.job_id, found.files)
     except BaseException:
         if placed:
             remove_tree(target)

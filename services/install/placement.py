@@ -9,15 +9,17 @@ same filesystem, so the final step is a rename: a reader never sees half a model
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from services.config import AppConfig
 from services.install.defaults import MAX_NAME_COLLISIONS, STAGING_DIR
-from services.install.errors import InstallError
+from services.install.errors import InstallError, SourceForbiddenError
 from services.records.enums import BaseModelType, ModelType
 
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\:*?\"<>|]+")
@@ -90,20 +92,64 @@ def place(staged: Path, folder: Path, name: str, on_claim: Callable[[Path], None
     return target
 
 
+def source_files(source: Path) -> list[tuple[str, Path]]:
+    """``(relative path, real path)`` of each file a local source holds, sorted; hidden entries are not the
+    model's (as in services.hashing). A symlink is followed only to a file inside the source folder: one
+    that leads out of it, or to a folder, is refused naming the link (SourceForbiddenError)."""
+    if source.is_symlink():
+        raise SourceForbiddenError(f"{source} is a symlink; give the file or folder it points to")
+    if source.is_file():
+        return [(source.name, source)]
+    root = os.path.realpath(source)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [*dirnames, *filenames]:
+            entry = Path(dirpath, name)
+            rel = entry.relative_to(source).as_posix()
+            if entry.is_symlink():
+                target = os.path.realpath(entry)
+                if not target.startswith(root + os.sep):
+                    raise SourceForbiddenError(f"{rel} in {source} is a symlink leading out of the source folder: "
+                                               "refused (copy the file it points to into the folder instead)")
+                if not os.path.isfile(target):
+                    raise SourceForbiddenError(f"{rel} in {source} is a symlink to a folder or a special file: refused")
+                if name in filenames and not name.startswith("."):
+                    found.append((rel, Path(target)))
+            elif name in filenames and not name.startswith(".") and entry.is_file():
+                found.append((rel, entry))
+    return sorted(found)
+
+
+def _open_regular(path: Path) -> int:
+    """A read descriptor on a regular file, never through a symlink swapped in since it was listed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SourceForbiddenError(f"{path} became a symlink while it was copied: refused") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SourceForbiddenError(f"{path} is not a regular file: refused")
+    return fd
+
+
 def copy_into(source: Path, folder: Path, progress: Progress | None = None,
               check: Callable[[], None] | None = None) -> Path:
     """Copy a file or folder into ``folder`` (a staging dir), reporting bytes copied; ``check`` is called
-    between blocks and may raise to stop (a cancel)."""
+    between blocks and may raise to stop (a cancel). Files are listed by :func:`source_files` (no symlink
+    out of the source) and opened with ``O_NOFOLLOW``."""
+    files = source_files(source)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / safe_name(source.name)
     remove_tree(target)  # a retried copy starts over: the source is local and cheap to read again
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-    total = sum(p.stat().st_size for p in files)
+    total = sum(p.stat().st_size for _, p in files)
     done = 0
-    for file in files:
-        dest = target if source.is_file() else target / file.relative_to(source)
+    for rel, file in files:
+        dest = target if source.is_file() else target.joinpath(*rel.split("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with file.open("rb") as src, dest.open("wb") as out:
+        with os.fdopen(_open_regular(file), "rb") as src, dest.open("wb") as out:
             while block := src.read(COPY_BLOCK):
                 if check is not None:
                     check()
@@ -111,7 +157,9 @@ def copy_into(source: Path, folder: Path, progress: Progress | None = None,
                 done += len(block)
                 if progress is not None:
                     progress(done, total)
-        shutil.copystat(file, dest)
+            st = os.fstat(src.fileno())
+        os.chmod(dest, stat.S_IMODE(st.st_mode) | stat.S_IRUSR | stat.S_IWUSR)
+        os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
     if progress is not None:
         progress(done, total)
     return target

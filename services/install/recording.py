@@ -15,18 +15,20 @@ from typing import Any
 
 import blake3
 
-from services.hashing import HashingError, content_hash, model_key
+from services.hashing import HashingError, model_key
 from services.install.errors import DuplicateInstallError, ModelIdentificationError
+from services.install.manifest import Manifest, hash_and_manifest
 from services.probe import ProbeError, ProbeResult, probe
 from services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase
-from services.records.models import CONFIG_CLASSES
+from services.records.parsing import check_key, config_class
 
 # record fields a source's metadata fills in (metadata name -> record field)
 _METADATA_FIELDS = {
     "description": "description", "author": "author", "license": "license", "thumbnail_url": "thumbnail_url",
     "tags": "tags", "trained_words": "trained_words",
 }
-# what a caller's config may not set: identity is computed, never taken on trust
+# what a caller's config does not set here: the hash and path are computed; a key the caller chose
+# reaches the record through finalize (given_key: checked, and refused when taken), never unchecked
 _COMPUTED = ("key", "hash", "path")
 
 
@@ -36,6 +38,7 @@ class Identified:
     key: str
     hash: str
     result: ProbeResult
+    files: Manifest = ()  # what the model owns (services.install.manifest), from the same read as ``hash``
 
 
 def probe_model(path: Path, overrides: Mapping[str, Any] | None = None) -> ProbeResult:
@@ -45,19 +48,28 @@ def probe_model(path: Path, overrides: Mapping[str, Any] | None = None) -> Probe
         raise ModelIdentificationError(f"{path.name}: {exc}") from exc
 
 
-def hash_model(path: Path, threads: int | None = None) -> tuple[str, str]:
-    """(key, content hash) of a file or folder."""
+def hash_model(path: Path, threads: int | None = None) -> tuple[str, str, Manifest]:
+    """(key, content hash, manifest) of a file or folder; every byte is read once."""
     try:
-        return model_key(path), content_hash(path, threads=threads)
+        key = model_key(path)
     except HashingError as exc:
         raise ModelIdentificationError(str(exc)) from exc
+    digest, files = hash_and_manifest(path, threads)
+    return key, digest, files
+
+
+def record_class(result: ProbeResult) -> type[ModelConfigBase]:
+    """The record class of an identification; InvalidModelConfigException when an override made a
+    type and a format that do not go together (a "lora" that is an embedding file)."""
+    return config_class({"model_type": result.model_type, "model_format": result.model_format})
 
 
 def identify(path: Path, overrides: Mapping[str, Any] | None = None, threads: int | None = None) -> Identified:
     """Probe first (headers only: a wrong file fails fast), then hash every byte."""
     result = probe_model(path, overrides)
-    key, digest = hash_model(path, threads)
-    return Identified(path, key, digest, result)
+    record_class(result)  # before hashing: an impossible type/format pair is refused at once
+    key, digest, files = hash_model(path, threads)
+    return Identified(path, key, digest, result, files)
 
 
 def forced_key(key: str, job_id: str) -> str:
@@ -77,8 +89,23 @@ def build_config(found: Identified, *, key: str, record_path: str, name: str,
     fields["source"] = (metadata or {}).get("source_url") or source
     fields.update({k: v for k, v in (user or {}).items() if k not in _COMPUTED and v is not None})
     fields.update(key=key, hash=found.hash, path=record_path, name=fields.get("name") or name)
-    allowed = CONFIG_CLASSES[(found.result.model_type, found.result.model_format)].model_fields
+    allowed = record_class(found.result).model_fields
     return {k: v for k, v in fields.items() if k in allowed}
+
+
+def given_key(user: Mapping[str, Any]) -> str | None:
+    """The key the caller asked for (``config={"key": ...}``), checked like any new key; None if none."""
+    key = user.get("key")
+    return None if key is None else check_key(key)
+
+
+def check_key_free(records: ModelRecordServiceBase, key: str, job_id: str | None) -> None:
+    """A key the caller chose must not be taken (by another model, or an earlier run of another job)."""
+    if not records.exists(key) or (job_id is not None and added_by(records, key, job_id)):
+        return
+    existing = records.get_model(key)
+    raise DuplicateInstallError(
+        f"key {key!r} is already used by model {existing.name!r} at {existing.path}; choose another key", key)
 
 
 def added_by(records: ModelRecordServiceBase, key: str, job_id: str) -> bool:
@@ -100,11 +127,11 @@ def check_duplicate(records: ModelRecordServiceBase, key: str, job_id: str | Non
 
 
 def add_record(records: ModelRecordServiceBase, key: str, config: dict[str, Any],
-               job_id: str | None) -> ModelConfigBase:
+               job_id: str | None, files: Manifest = ()) -> ModelConfigBase:
     if job_id is not None and added_by(records, key, job_id):
         return records.get_model(key)
     try:
-        return records.add_model(key, config, correlation_id=job_id,
+        return records.add_model(key, config, correlation_id=job_id, files=files,
                                  idempotency_key=f"install:{job_id}:add" if job_id else None)
     except DuplicateModelException as exc:
         raise DuplicateInstallError(f"refused as a duplicate: {exc}", key) from exc

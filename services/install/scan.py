@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from services.probe import MODEL_FILE_SUFFIXES, ProbeError, UnknownModelError, probe
+from services.probe import MODEL_FILE_SUFFIXES, ProbeError, UnrecognizedFilesError, probe
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,7 @@ def find_models(root: Path) -> Iterator[Path]:
 def _is_model_folder(path: Path) -> bool:
     try:
         probe(path)
-    except UnknownModelError:
+    except UnrecognizedFilesError:
         return False
     except ProbeError as exc:
         # a folder with a known layout that is broken: it is a model folder, just a bad one

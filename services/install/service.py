@@ -20,22 +20,34 @@ import structlog
 from events.schema import InstallCancelled
 from events.store import RedisEventStore
 from services.config import AppConfig
-from services.install.commands import InstallCommand, submit
+from services.install.commands import InstallCommand, submit_handing_over
 from services.install.defaults import WAIT_BLOCK_MS
 from services.install.errors import (
     DuplicateInstallError,
     InstallTimeoutError,
+    InvalidModelPathError,
     InvalidSourceError,
     ModelIdentificationError,
-    UnsafeDeleteError,
+    ModelPathConflictError,
 )
 from services.install.finalize import FinalizeRequest, finalize, record_path
-from services.install.jobs import InstallJob, load_job, transition, unless_ended
-from services.install.placement import copy_into, is_inside, remove_tree, staging_dir, staging_root
+from services.install.imports import discard_hand_over
+from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
+from services.install.manifest import hash_and_manifest, recorded_manifest
+from services.install.ownership import (
+    DeleteReport,
+    check_path_free,
+    delete_model_files,
+    other_paths,
+    plan_delete,
+)
+from services.install.placement import copy_into, remove_tree, source_files, staging_dir
 from services.install.progress import ProgressBoard
+from services.install.recording import given_key
+from services.install.roots import check_local_source
 from services.install.scan import find_models
 from services.install.steps import set_cancel_flag
-from services.records import ModelRecordServiceBase, UnknownModelException
+from services.records import ModelConfigBase, ModelRecordServiceBase, UnknownModelException
 
 log = structlog.get_logger(__name__)
 
@@ -71,8 +83,11 @@ class ModelInstallService:
         base_model...). ``inplace`` registers a local path where it is. ``force`` installs content
         already installed under a new key. A ``command_id`` seen before returns that command's job.
         """
+        given_key(config or {})  # a bad chosen key is refused now, not by a worker later
         opts = {**options, "inplace": inplace, "force": force, "config": dict(config or {})}
-        job_id = submit(self.event_store, self.config, InstallCommand(str(source), opts, command_id, access_token))
+        # this process reads the caller's own file (a local source outside the import roots is handed over)
+        job_id = submit_handing_over(self.event_store, self.config,
+                                     InstallCommand(str(source), opts, command_id, access_token))
         return self.get_job_by_id(job_id)
 
     def import_model(self, source: Any, config: Mapping[str, Any] | None = None,
@@ -163,6 +178,8 @@ class ModelInstallService:
             lambda j: InstallCancelled(aggregate_id=job_id, reason="cancelled by request", correlation_id=job_id)))
         if appended:
             set_cancel_flag(self.event_store.client, self.event_store.keys, job_id)
+            if current.status is InstallStatus.CANCELLED and not current.download_path:
+                discard_hand_over(self.config, current.options)  # no step has begun with it (a worker may)
             log.info("install_cancelled", job=job_id)
         return current
 
@@ -182,20 +199,38 @@ class ModelInstallService:
         """Remove the record; the files stay."""
         self.record_store.del_model(key)
 
-    def delete(self, key: str) -> None:
-        """Remove the record, and its files when they are inside the models directory."""
+    def delete(self, key: str) -> DeleteReport:
+        """Remove the record and the files it owns (services.install.ownership says which); a delete that
+        cannot tell the model's files from another's is refused before anything changes."""
         record = self.record_store.get_model(key)
-        path = self.config.model_path(record.path)
-        models = self.config.models_path
-        inside = is_inside(path, models)
-        if inside and (path.resolve() == models.resolve() or is_inside(path, staging_root(self.config))):
-            raise UnsafeDeleteError(f"model {key!r} points at {path}, which is not a model's own file or folder")
+        files = recorded_manifest(self.record_store.history(key))
+        others = other_paths(self.config, self.record_store.all_models(), key)
+        plan_delete(self.config, record, files, others)
         self.record_store.del_model(key)
-        if inside:
-            remove_tree(path)
-            log.info("model_deleted", key=key, path=str(path))
-        else:
-            log.info("model_unregistered_files_kept", key=key, path=str(path), reason="outside the models dir")
+        report = delete_model_files(self.config, record, files, others, self.config.hash_threads)
+        log.info("model_deleted", key=key, path=record.path, removed=len(report.removed), kept=report.kept)
+        return report
+
+    def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
+        """Change a record's fields (a sparse dict, or a whole config); a new ``path`` must exist, lie in
+        an import root and be no other model's (not inside one, not holding one), and is hashed again:
+        the new hash and manifest are recorded with it."""
+        current = self.record_store.get_model(key)
+        value = changes.path if isinstance(changes, ModelConfigBase) else changes.get("path", current.path)
+        if not isinstance(value, str) or not value.strip() or "\x00" in value:
+            raise InvalidModelPathError(f"path must be a non-empty string, got {value!r}")
+        target = self.config.model_path(value)
+        if target == self.config.model_path(current.path):
+            return self.record_store.update_model(key, changes)
+        real_target = check_local_source(target, self.config)
+        if not (real_target.is_file() or real_target.is_dir()):
+            raise InvalidModelPathError(f"path {value!r}: no such file or folder ({target})")
+        check_path_free(self.config, self.record_store.all_models(), real_target, key)
+        source_files(real_target)
+        digest, files = hash_and_manifest(real_target, self.config.hash_threads)
+        moved = {"path": record_path(self.config, real_target), "hash": digest}
+        new = changes.model_copy(update=moved) if isinstance(changes, ModelConfigBase) else {**changes, **moved}
+        return self.record_store.update_model(key, new, files=files)
 
     def scan_directory(self, path: str | Path, install: bool = False) -> list[str]:
         """Register (or, with ``install``, install) every model found under ``path``; returns new keys."""
@@ -219,7 +254,7 @@ class ModelInstallService:
             for model in find_models(models):
                 try:
                     key = self._adopt(model, install=False, strict=True)
-                except (DuplicateInstallError, ModelIdentificationError) as exc:
+                except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError) as exc:
                     report.skipped[str(model)] = str(exc)
                     continue
                 if key is not None:
@@ -237,7 +272,7 @@ class ModelInstallService:
             pass
         try:
             return self.install_path(model) if install else self.register_path(model)
-        except (DuplicateInstallError, ModelIdentificationError) as exc:
+        except (DuplicateInstallError, ModelIdentificationError, ModelPathConflictError) as exc:
             if strict:
                 raise
             log.warning("scan_skipped", path=str(model), error=str(exc))

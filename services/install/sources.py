@@ -22,12 +22,13 @@ import httpx
 
 from services.config import AppConfig
 from services.download.civitai import resolve_civitai
-from services.download.errors import InvalidSourceError as DownloadSourceError
+from services.download.errors import SourceSyntaxError
 from services.download.huggingface import resolve_repo
 from services.download.metadata import ModelMetadata
 from services.download.security import credential_for
 from services.download.sources import CivitaiSource, HFSource, Source, URLSource, parse_source
 from services.install.errors import InvalidSourceError
+from services.install.roots import check_local_source
 
 _PATHLIKE = re.compile(r"^(/|\.{1,2}[/\\]|~|[A-Za-z]:[/\\])")
 
@@ -74,7 +75,7 @@ def normalize_source(text: str, config: AppConfig, options: dict[str, Any] | Non
         return str(Path(os.path.expanduser(text)).resolve())
     try:
         return str(_parse(text, config, options or {}))
-    except DownloadSourceError:
+    except SourceSyntaxError:
         return text
 
 
@@ -93,7 +94,7 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
     if not text:
         raise InvalidSourceError("empty install source")
     if looks_like_path(text):
-        path = Path(os.path.expanduser(text))
+        path = check_local_source(Path(os.path.expanduser(text)).absolute(), config)
         if not path.exists():
             raise InvalidSourceError(f"no such file or folder: {path}")
         if not (path.is_file() or path.is_dir()):
@@ -101,7 +102,7 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         return LocalPlan(path.resolve())
     try:
         source = _parse(text, config, options)
-    except DownloadSourceError as exc:
+    except SourceSyntaxError as exc:
         raise InvalidSourceError(str(exc)) from exc
     allow_private = config.allow_private_downloads
     if isinstance(source, URLSource):

@@ -1,10 +1,11 @@
 """What every install step (RQ job) shares: ending a job, the cancel flag, and deciding whether an
 error is the job's end or worth another try.
 
-Bad input (a missing path, a 404, a corrupt file, a duplicate) ends the job at once: retrying cannot
-change the answer. Anything unexpected is raised again for RQ to retry while retries are left (a
-Redis blip, a full disk freed meanwhile); the last attempt records the failure instead, so no job
-is left waiting forever.
+The error's kind decides (``events.errors``): a modelbus error that is not unavailable or timed out
+(bad input, a 404, a corrupt file, a duplicate, a failed download) ends the job at once: retrying
+cannot change the answer. Unavailable and timed out errors, and anything unexpected, are raised again
+for RQ to retry while retries are left (a Redis blip, a full disk freed meanwhile); the last attempt
+records the failure instead, so no job is left waiting forever.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from types import TracebackType
 import redis
 import structlog
 
+from events.errors import Kind, kind_of
 from events.keys import Keys
 from events.schema import InstallFailed
 from events.store import EventStore
 from services.download.cancel import Cancellation
-from services.download.errors import DownloadError
 from services.install.defaults import CANCEL_FLAG_TTL, CANCEL_POLL_INTERVAL
-from services.install.errors import InstallError
 from services.install.jobs import InstallJob, transition, unless_ended
-from services.probe import ProbeError
 
 log = structlog.get_logger(__name__)
 
-#: errors that are the answer, not an accident: the job ends with them at once
-FINAL_ERRORS: tuple[type[BaseException], ...] = (InstallError, DownloadError, ProbeError)
+#: kinds worth another attempt; every other modelbus error is the answer, not an accident
+RETRIED_KINDS = frozenset({Kind.UNAVAILABLE, Kind.TIMED_OUT})
 
 
 def error_name(exc: BaseException) -> str:
@@ -59,7 +58,8 @@ def cancel_flag_set(client: redis.Redis, keys: Keys, job_id: str) -> bool:
 
 def is_final(exc: BaseException, retries_left: int | None) -> bool:
     """Whether this error ends the job now (bad input, or no retry left)."""
-    return isinstance(exc, FINAL_ERRORS) or not retries_left
+    kind = kind_of(exc)
+    return (kind is not None and kind not in RETRIED_KINDS) or not retries_left
 
 
 class CancelWatcher:

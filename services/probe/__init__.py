@@ -10,7 +10,7 @@ from services.probe.errors import (
     InvalidOverrideError,
     ModelPathError,
     ProbeError,
-    UnknownModelError,
+    UnrecognizedFilesError,
     UnsafeModelError,
 )
 from services.probe.identify import probe
@@ -27,7 +27,7 @@ __all__ = [
     "ProbeError",
     "ProbeResult",
     "TensorIndex",
-    "UnknownModelError",
+    "UnrecognizedFilesError",
     "UnsafeModelError",
     "inspect_pickle",
     "legacy_config_path",

@@ -1,7 +1,7 @@
 """Rules that identify a single model file from its tensor names and shapes.
 
 Each rule is ``(TensorIndex) -> ProbeResult | None``: ``None`` means "not mine", a result means
-identified, and :class:`UnknownModelError` means "mine, but the base cannot be told". The order of
+identified, and :class:`UnrecognizedFilesError` means "mine, but the base cannot be told". The order of
 :data:`FILE_RULES` matters: adapters (LoRA, textual inversion, IP-Adapter, ControlNet, T2I-Adapter)
 come before main models because they reuse main-model key names, and main models before VAEs
 because a main checkpoint embeds its VAE.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from services.probe.errors import UnknownModelError
+from services.probe.errors import UnrecognizedFilesError
 from services.probe.result import (
     ProbeResult,
     compatible_bases,
@@ -82,7 +82,7 @@ def _result(
 def _base_from_context_dim(index: TensorIndex, dim: int | None, what: str) -> Base:
     if dim in _BASE_BY_CONTEXT_DIM:
         return _BASE_BY_CONTEXT_DIM[dim]
-    raise UnknownModelError(
+    raise UnrecognizedFilesError(
         f"{index.path}: looks like a {what}, but its text-conditioning width {dim} matches no known base "
         f"(768 sd-1, 1024 sd-2, 1280 sdxl-refiner, 2048 sdxl); pass base_model explicitly"
     )
@@ -134,7 +134,7 @@ def _mmdit_lora_base(index: TensorIndex, keys: list[str]) -> Base:
     flux, sd3 = bool(widths & _FLUX_WIDTHS), bool(widths & _SD3_WIDTHS)
     if flux != sd3:
         return Base.Flux if flux else Base.StableDiffusion3
-    raise UnknownModelError(
+    raise UnrecognizedFilesError(
         f"{index.path}: LoRA of a diffusers-layout transformer (transformer_blocks.*) whose layer widths "
         f"{sorted(widths) or 'unknown'} tell neither FLUX (3072) nor SD-3 (1536, 2432); pass base_model explicitly"
     )
@@ -181,7 +181,7 @@ def _ti(index: TensorIndex, base: Base) -> ProbeResult:
 def _ti_base(index: TensorIndex, width: int) -> Base:
     bases = {768: Base.StableDiffusion1, 1024: Base.StableDiffusion2}
     if width not in bases:
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: textual inversion with embedding width {width} (known: 768 sd-1, 1024 sd-2, "
             "clip_l+clip_g sdxl); pass base_model explicitly"
         )
@@ -225,7 +225,7 @@ def _probe_transformer_controlnet(index: TensorIndex) -> ProbeResult:
     flux = index.has_prefix(*_FLUX_CONTROLNET)
     sd3 = _ndim(index, "pos_embed_input.proj.weight") == 4
     if flux == sd3:
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: transformer ControlNet (controlnet_blocks.*) with "
             f"{'both' if flux else 'neither'} FLUX (controlnet_x_embedder, single/double blocks) "
             f"{'and' if flux else 'nor'} SD-3 (pos_embed_input.proj convolution) markers; pass base_model explicitly"
@@ -253,7 +253,7 @@ def probe_t2i_adapter(index: TensorIndex) -> ProbeResult | None:
     first = index.shape(prefix + "conv_in.weight") or index.shape(prefix + "body.0.in_conv.weight")
     channels = first[1] if first and len(first) == 4 else None
     if channels not in _T2I_BASE_BY_HINT_CHANNELS:
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: T2I-Adapter taking {channels} pixel-unshuffled hint channels "
             "(known: 64/192 sd-1, 256/768 sdxl); pass base_model explicitly"
         )
@@ -283,7 +283,7 @@ def _probe_flux(index: TensorIndex) -> ProbeResult | None:
     if not index.has_prefix(prefix + "double_blocks.") or img_in is None or len(img_in) != 2:
         return None
     if not index.has_prefix(prefix + "vector_in."):
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: FLUX-style transformer (double_blocks, img_in) without FLUX.1's pooled-CLIP "
             "vector_in: a derivative such as Chroma or FLUX.2, which this version does not support"
         )
@@ -303,7 +303,7 @@ def _probe_diffusers_transformer(index: TensorIndex) -> ProbeResult | None:
     flux = index.has_prefix(p + "single_transformer_blocks.") or _ndim(index, p + "x_embedder.weight") == 2
     sd3 = _ndim(index, p + "pos_embed.proj.weight") == 4
     if flux == sd3:
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: diffusers-layout transformer (transformer_blocks.*, context_embedder) with "
             f"{'both' if flux else 'neither'} FLUX (single_transformer_blocks, linear x_embedder) "
             f"{'and' if flux else 'nor'} SD-3 (pos_embed.proj convolution) markers; pass base_model explicitly"
@@ -311,7 +311,7 @@ def _probe_diffusers_transformer(index: TensorIndex) -> ProbeResult | None:
     if sd3:
         return _result(ModelType.Main, ModelFormat.Checkpoint, Base.StableDiffusion3, variant=ModelVariantType.Normal)
     if not index.has_prefix(p + "time_text_embed.text_embedder."):
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: FLUX-style diffusers transformer without FLUX.1's pooled-CLIP embedder "
             "(time_text_embed.text_embedder): a derivative such as Chroma or FLUX.2, which this version does not support"
         )
@@ -341,7 +341,7 @@ def _probe_sd_unet(index: TensorIndex) -> ProbeResult:
     conv_in = index.shape(_UNET + "input_blocks.0.0.weight")
     channels = conv_in[1] if conv_in and len(conv_in) == 4 else None
     if channels not in _VARIANT_BY_IN_CHANNELS:
-        raise UnknownModelError(
+        raise UnrecognizedFilesError(
             f"{index.path}: {base.value} main checkpoint with {channels} UNet input channels "
             "(known: 4 normal, 9 inpaint, 5 depth); pass variant explicitly"
         )
@@ -406,7 +406,7 @@ def probe_vae(index: TensorIndex) -> ProbeResult | None:
     elif latent == 4:
         base = Base.StableDiffusionXL if _hint(index, "sdxl", "xl") else Base.StableDiffusion1
     else:
-        raise UnknownModelError(f"{index.path}: VAE with {latent} latent channels (known: 4, 16)")
+        raise UnrecognizedFilesError(f"{index.path}: VAE with {latent} latent channels (known: 4, 16)")
     return _result(ModelType.Vae, ModelFormat.Checkpoint, base)
 
 
@@ -452,9 +452,9 @@ def identify_file(index: TensorIndex) -> ProbeResult:
     for rule in FILE_RULES:
         try:
             result = rule(index)
-        except UnknownModelError as exc:
+        except UnrecognizedFilesError as exc:
             exc.partial = {**_RULE_CLAIMS.get(rule, {}), **exc.partial}
             raise
         if result is not None:
             return result
-    raise UnknownModelError(f"{index.path}: not a model this version recognises: {index.describe()}")
+    raise UnrecognizedFilesError(f"{index.path}: not a model this version recognises: {index.describe()}")

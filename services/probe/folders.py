@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from services.probe.errors import CorruptModelError, UnknownModelError
+from services.probe.errors import CorruptModelError, UnrecognizedFilesError
 from services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion
 from services.probe.result import ProbeResult, compatible_bases, upcast_for
 from services.probe.tensors import read_tensor_index
@@ -47,13 +47,13 @@ def identify_folder(path: Path) -> ProbeResult:
     if weights is not None:
         ti = probe_textual_inversion(read_tensor_index(weights))
         if ti is None:
-            raise UnknownModelError(f"{weights}: named like an embedding but holds no embedding vectors")
+            raise UnrecognizedFilesError(f"{weights}: named like an embedding but holds no embedding vectors")
         return _result(ModelType.TextualInversion, ModelFormat.EmbeddingFolder, ti.base_model)
     weights = _first_existing(path, "ip_adapter")
     if weights is not None:
         ip = probe_ip_adapter(read_tensor_index(weights))
         if ip is None:
-            raise UnknownModelError(f"{weights}: named like an IP-Adapter but lacks image_proj/ip_adapter weights")
+            raise UnrecognizedFilesError(f"{weights}: named like an IP-Adapter but lacks image_proj/ip_adapter weights")
         return _result(ModelType.IPAdapter, ModelFormat.InvokeAI, ip.base_model)
     if (path / "config.json").is_file():
         return _probe_single_model(path, read_json(path / "config.json"))
@@ -62,7 +62,7 @@ def identify_folder(path: Path) -> ProbeResult:
         return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
     if _onnx_files(path):
         return _probe_onnx(path)
-    raise UnknownModelError(f"{path}: folder is no known model layout: {_describe_folder(path)}")
+    raise UnrecognizedFilesError(f"{path}: folder is no known model layout: {_describe_folder(path)}")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def _probe_pipeline(path: Path, index: dict[str, Any]) -> ProbeResult:
     base = _context_base(path / "unet", unet.get("cross_attention_dim"))
     channels = unet.get("in_channels", 4)
     if channels not in _VARIANTS:
-        raise UnknownModelError(f"{path}: UNet with {channels} input channels (known: 4, 5, 9)")
+        raise UnrecognizedFilesError(f"{path}: UNet with {channels} input channels (known: 4, 5, 9)")
     prediction = _scheduler_prediction(path)
     upcast = unet.get("upcast_attention")
     return _result(
@@ -194,7 +194,7 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
     if "T5EncoderModel" in architectures:
         return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
     seen = cls or (", ".join(architectures) if architectures else "no _class_name or architectures")
-    raise UnknownModelError(f"{path}: config.json describes an unsupported model ({seen}); {_describe_folder(path)}")
+    raise UnrecognizedFilesError(f"{path}: config.json describes an unsupported model ({seen}); {_describe_folder(path)}")
 
 
 def _vae_base(path: Path, config: dict[str, Any]) -> Base:
@@ -207,7 +207,7 @@ def _vae_base(path: Path, config: dict[str, Any]) -> Base:
         return Base.Flux
     if latent == 4:
         return Base.StableDiffusionXL if "xl" in path.name.lower() else Base.StableDiffusion1
-    raise UnknownModelError(f"{path}: VAE with {latent} latent channels and scaling factor {scaling}")
+    raise UnrecognizedFilesError(f"{path}: VAE with {latent} latent channels and scaling factor {scaling}")
 
 
 def _context_base(where: Path, dim: Any) -> Base:
@@ -215,7 +215,7 @@ def _context_base(where: Path, dim: Any) -> Base:
         dim = dim[0]
     if dim in _CONTEXT_DIMS:
         return _CONTEXT_DIMS[dim]
-    raise UnknownModelError(
+    raise UnrecognizedFilesError(
         f"{where}: cross_attention_dim {dim!r} matches no known base "
         "(768 sd-1, 1024 sd-2, 1280 sdxl-refiner, 2048 sdxl); pass base_model explicitly"
     )
@@ -227,13 +227,13 @@ def _scheduler_prediction(path: Path) -> SchedulerPredictionType:
     try:
         return SchedulerPredictionType(value or "epsilon")
     except ValueError as exc:
-        raise UnknownModelError(f"{config_path}: unknown prediction_type {value!r}") from exc
+        raise UnrecognizedFilesError(f"{config_path}: unknown prediction_type {value!r}") from exc
 
 
 def _sub_config(path: Path, sub: str) -> dict[str, Any]:
     config_path = path / sub / "config.json"
     if not config_path.is_file():
-        raise UnknownModelError(f"{path}: diffusers pipeline without {sub}/config.json; {_describe_folder(path)}")
+        raise UnrecognizedFilesError(f"{path}: diffusers pipeline without {sub}/config.json; {_describe_folder(path)}")
     return read_json(config_path)
 
 

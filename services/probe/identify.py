@@ -1,6 +1,6 @@
 """``probe()``: identify a model file or folder, then apply what the user said about it.
 
-User overrides win over detection. When detection cannot tell (``UnknownModelError``), overrides
+User overrides win over detection. When detection cannot tell (``UnrecognizedFilesError``), overrides
 that give at least the type, base and format are accepted as the whole answer. Unsafe and corrupt
 files are never rescued by overrides: saying what a file is does not make it loadable.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from services.probe.errors import InvalidOverrideError, ModelPathError, UnknownModelError
+from services.probe.errors import InvalidOverrideError, ModelPathError, UnrecognizedFilesError
 from services.probe.families import identify_file
 from services.probe.folders import identify_folder
 from services.probe.result import (
@@ -49,7 +49,7 @@ def probe(path: Path, overrides: dict[str, Any] | None = None) -> ProbeResult:
     When detection stops short (an unknown base width, say), the overrides complete it: the
     result needs a type, a base and a format, from detection or from the user.
 
-    Raises :class:`UnknownModelError` (with what was seen), :class:`UnsafeModelError`,
+    Raises :class:`UnrecognizedFilesError` (with what was seen), :class:`UnsafeModelError`,
     :class:`CorruptModelError`, :class:`ModelPathError` or :class:`InvalidOverrideError`.
     """
     path = Path(path)
@@ -58,7 +58,7 @@ def probe(path: Path, overrides: dict[str, Any] | None = None) -> ProbeResult:
         raise ModelPathError(f"no such file or folder: {path}")
     try:
         detected = _detect(path)
-    except UnknownModelError as exc:
+    except UnrecognizedFilesError as exc:
         # what detection established (say, "a LoRA") plus what the user said may be enough
         given = {**exc.partial, **given}
         if not all(field in given for field in _REQUIRED_WITHOUT_DETECTION):

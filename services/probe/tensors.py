@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from services.probe.errors import UnknownModelError
+from services.probe.errors import UnrecognizedFilesError
 from services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
 from services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
 
@@ -60,7 +60,7 @@ def read_tensor_index(path: Path) -> TensorIndex:
         return TensorIndex(path, tensor_shapes(header), header_metadata(header))
     if suffix in PICKLE_SUFFIXES:
         return _from_pickle(path, safe_torch_load(path, map_location="meta"))
-    raise UnknownModelError(
+    raise UnrecognizedFilesError(
         f"{path}: unsupported file suffix {path.suffix or '(none)'!r}; "
         f"model files end in {', '.join(sorted(MODEL_FILE_SUFFIXES))} (or give a diffusers folder)"
     )
@@ -68,7 +68,7 @@ def read_tensor_index(path: Path) -> TensorIndex:
 
 def _from_pickle(path: Path, obj: Any) -> TensorIndex:
     if not isinstance(obj, Mapping):
-        raise UnknownModelError(f"{path}: pickle holds a {type(obj).__name__}, not a dictionary of tensors")
+        raise UnrecognizedFilesError(f"{path}: pickle holds a {type(obj).__name__}, not a dictionary of tensors")
     metadata = {str(k): str(v) for k, v in obj.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     state = obj.get("state_dict")
     shapes: dict[str, tuple[int, ...]] = {}

@@ -16,7 +16,7 @@ from services.config import AppConfig
 from services.records.errors import RecordStoreFormatError
 from services.records.memory_projection import MemoryProjection
 from services.records.service import ModelRecordServiceBase
-from services.records.sql_projection import SQLProjection
+from services.records.sql_projection import META, SQLProjection
 from services.records.yaml_projection import YamlProjection
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -32,6 +32,27 @@ def _context(config: Any, event_store: EventStore | None) -> tuple[Any, EventSto
 
 def _read_tracking(config: Any) -> bool:
     return bool(getattr(config, "records_read_tracking", True))
+
+
+def _check_own_database(path: Path) -> None:
+    """An existing database file must be a record store already (the spec: "does not contain the
+    expected schema metainformation" is an AssertionError). Looked at read-only, so a refused file is
+    left exactly as it was; sharing another application's database is what from_connection is for."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise RecordStoreFormatError(f"{path}: cannot be opened as an SQLite database ({exc})") from None
+    try:
+        tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'"))
+    except sqlite3.DatabaseError as exc:
+        raise RecordStoreFormatError(f"{path}: not an SQLite database ({exc})") from None
+    finally:
+        conn.close()
+    if tables and META not in tables:
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise RecordStoreFormatError(
+            f"{path}: an SQLite database without modelbus's schema metainformation (no {META} table; "
+            f"it holds {shown}); not opening it as a record store (use from_connection to share a database)")
 
 
 class ModelRecordServiceSQL(ModelRecordServiceBase):
@@ -68,6 +89,7 @@ class ModelRecordServiceSQL(ModelRecordServiceBase):
             with open(path, "rb") as handle:
                 if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
                     raise RecordStoreFormatError(f"{path}: exists but is not an SQLite database")
+            _check_own_database(path)
         config, store, models_dir = _context(config, event_store)
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 import yaml
 
+from events.errors import InvalidInput
 from services.records.enums import BaseModelType, ModelFormat, ModelType
 from services.records.errors import DuplicateModelException, RecordServiceError
 from services.records.fold import resolve_path
@@ -36,7 +37,7 @@ _CARRIED = ("path", "description", "variant", "vae", "config", "prediction_type"
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-class LegacyImportError(RecordServiceError):
+class LegacyImportError(RecordServiceError, InvalidInput):
     """The file as a whole cannot be read (missing, not YAML, not a mapping)."""
 
 

@@ -139,12 +139,20 @@ class VaeDiffusersConfig(DiffusersConfig):
     model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
 
 
-class LoRALycorisConfig(ModelConfigBase):
+class LoRAConfig(ModelConfigBase):
+    """The spec's ``LoRAConfig``: the common base of every LoRA record, whatever its format, so
+    ``isinstance(cfg, LoRAConfig)`` tells a LoRA. Records are always one of its two subclasses."""
+
+    model_type: Literal[ModelType.Lora] = ModelType.Lora
+    model_format: Literal[ModelFormat.Lycoris, ModelFormat.Diffusers]
+
+
+class LoRALycorisConfig(LoRAConfig):
     model_type: Literal[ModelType.Lora] = ModelType.Lora
     model_format: Literal[ModelFormat.Lycoris] = ModelFormat.Lycoris
 
 
-class LoRADiffusersConfig(DiffusersConfig):
+class LoRADiffusersConfig(DiffusersConfig, LoRAConfig):
     model_type: Literal[ModelType.Lora] = ModelType.Lora
     model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
 
@@ -170,14 +178,16 @@ class ControlNetDiffusersConfig(DiffusersConfig):
 
 
 class IPAdapterConfig(ModelConfigBase):
-    """An IP-Adapter in InvokeAI's folder layout (image encoder referenced separately)."""
+    """The spec's ``IPAdapterConfig``: an IP-Adapter in InvokeAI's folder layout (image encoder
+    referenced separately), and the base of the single-file form, so ``isinstance(cfg, IPAdapterConfig)``
+    tells every IP-Adapter record."""
 
     model_type: Literal[ModelType.IPAdapter] = ModelType.IPAdapter
     model_format: Literal[ModelFormat.InvokeAI] = ModelFormat.InvokeAI
     image_encoder_model_id: str | None = None
 
 
-class IPAdapterCheckpointConfig(CheckpointConfig):
+class IPAdapterCheckpointConfig(CheckpointConfig, IPAdapterConfig):
     model_type: Literal[ModelType.IPAdapter] = ModelType.IPAdapter
     model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
 

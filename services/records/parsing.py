@@ -6,6 +6,7 @@ reported as such instead of as a wall of union-member errors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,8 @@ from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 
 # fields a sparse update may not change: the key is the record's identity
 _IMMUTABLE = ("key",)
+#: what a new record's key may hold: what the API accepts in a URL path (imohash keys are 32 hex digits)
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,256}")
 
 
 _VALUES: dict[type, frozenset[str]] = {enum: frozenset(m.value for m in enum) for enum in (ModelType, ModelFormat)}
@@ -33,6 +36,14 @@ def _enum_value(data: Mapping[str, Any], field: str, enum: type[ModelType | Mode
         errors.append(FieldError(field, raw, "must be one of " + ", ".join(m.value for m in enum)))
         return None
     return str(value)
+
+
+def check_key(key: Any) -> str:
+    """A key a new record may take, or InvalidModelConfigException naming what is wrong with it."""
+    if not isinstance(key, str) or KEY_PATTERN.fullmatch(key) is None:
+        raise InvalidModelConfigException([FieldError(
+            "key", key, "may hold only letters, digits, '_', '.', ':' and '-' (1 to 256 characters)")])
+    return key
 
 
 def config_class(data: Mapping[str, Any]) -> type[ModelConfigBase]:

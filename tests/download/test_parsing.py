@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.config import AppConfig
-from services.download import CivitaiSource, HFSource, InvalidSourceError, URLSource, parse_source
+from services.download import CivitaiSource, HFSource, SourceSyntaxError, URLSource, parse_source
 from services.download.names import choose_filename, safe_relative_path, sanitize_filename
 from services.download.security import Credential, credential_for
 
@@ -35,7 +35,7 @@ def test_parse_source_options() -> None:
 @pytest.mark.parametrize("bad", ["", "  ", "just words", "civitai:", "civitai:abc", "ftp://x/y", "a/b:../etc",
                                  "/abs/path.safetensors", "http:///nohost"])
 def test_bad_sources(bad: str) -> None:
-    with pytest.raises(InvalidSourceError):
+    with pytest.raises(SourceSyntaxError):
         parse_source(bad)
 
 

@@ -218,9 +218,9 @@ def test_progress_events_are_throttled(service: DownloadQueueService, file_serve
 
 
 def test_bad_source_is_refused_at_submit(service: DownloadQueueService, tmp_path: Path) -> None:
-    from services.download import InvalidSourceError
+    from services.download import SourceSyntaxError
 
-    with pytest.raises(InvalidSourceError, match="not a download source"):
+    with pytest.raises(SourceSyntaxError, match="not a download source"):
         service.download("just some words", tmp_path)
 
 

@@ -1,5 +1,5 @@
 """Hostile source strings and file names: the source parser answers a typed source or our own
-InvalidSourceError; names chosen by a server (HF file names, Civitai file names, Content-Disposition)
+SourceSyntaxError; names chosen by a server (HF file names, Civitai file names, Content-Disposition)
 never place a file outside the destination folder."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.download.errors import InvalidSourceError, UnsafePathError
+from services.download.errors import SourceSyntaxError, UnsafePathError
 from services.download.names import choose_filename, safe_relative_path, sanitize_filename
 from services.download.sources import CivitaiSource, HFSource, URLSource, parse_source
 
@@ -37,7 +37,7 @@ source_text = st.one_of(
 def test_parse_source_answers_a_source_or_our_error(text: str, revision: str | None, variant: str | None) -> None:
     try:
         source = parse_source(text, revision=revision, variant=variant)
-    except InvalidSourceError as exc:
+    except SourceSyntaxError as exc:
         assert str(exc)
         return
     assert isinstance(source, (URLSource, HFSource, CivitaiSource))
@@ -99,5 +99,5 @@ def test_content_disposition_names_stay_inside(name: str, star: bool, tmp_path: 
 @pytest.mark.parametrize("bad", ["", "   ", "not a source", "ftp://h/x", "file:///etc/passwd", "owner/repo:../x",
                                  "owner/repo:a/../../b", "civitai:", "civitai:x", "javascript:alert(1)"])
 def test_known_bad_sources_are_named(bad: str) -> None:
-    with pytest.raises(InvalidSourceError):
+    with pytest.raises(SourceSyntaxError):
         parse_source(bad)

@@ -47,6 +47,13 @@ class Bus:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
+    def library(self) -> Path:
+        """An import root of this bus beside the defaults (models dir, import area): in place models live here."""
+        path = self.root.parent / "library"
+        path.mkdir(exist_ok=True)
+        return path
+
+    @property
     def config(self) -> AppConfig:
         return AppConfig.load(root=self.root)
 
@@ -96,6 +103,7 @@ def _bus(redis_url: str, tmp: Path, start_workers: int) -> Iterator[Bus]:
             "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1", "MODELBUS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1",
             "MODELBUS_HF_ENDPOINT": hub.url, "MODELBUS_CIVITAI_API": civitai.url, "MODELBUS_HASH_THREADS": "1",
             "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20",
+            "MODELBUS_IMPORT_ROOTS": str(tmp / "library"),  # an operator's folder for in-place models
         }
         bus = Bus(env, root, logs, files, hub, civitai)
         with pytest.MonkeyPatch.context() as mp:

@@ -34,8 +34,8 @@ def test_install_from_local_path_copies_into_models_dir(bus: Bus, installer: Mod
     assert not staging_dir(bus.config, job.id).exists()
 
 
-def test_register_in_place_through_the_queue(bus: Bus, installer: ModelInstallService, tmp_path: Path) -> None:
-    source = make_vae_checkpoint(tmp_path / "inplace_vae.safetensors")
+def test_register_in_place_through_the_queue(bus: Bus, installer: ModelInstallService) -> None:
+    source = make_vae_checkpoint(bus.library / "inplace_vae.safetensors")  # in place: only from an import root
     job = installer.heuristic_import(source, inplace=True)
     done = installer.wait_for_job(job, timeout=TIMEOUT)
     assert done.status is InstallStatus.COMPLETED, (done.error, bus.worker_log())

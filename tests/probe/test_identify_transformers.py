@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.probe import ProbeResult, UnknownModelError, probe
+from services.probe import ProbeResult, UnrecognizedFilesError, probe
 from tests import fixtures as fx
 from tests.fixtures.model_files import U, flux_checkpoint_shapes, sd3_checkpoint_shapes, write_safetensors
 from tests.probe import builders as b
@@ -156,7 +156,7 @@ CANNOT_TELL: dict[str, tuple[Builder, dict[str, Any], str]] = {
 def test_cannot_tell_is_an_error_with_what_was_established(tmp_path: Path, name: str) -> None:
     builder, partial, words = CANNOT_TELL[name]
     path = builder(tmp_path / name)
-    with pytest.raises(UnknownModelError, match=words) as info:
+    with pytest.raises(UnrecognizedFilesError, match=words) as info:
         probe(path)
     assert info.value.partial == partial
     # the user completes it with the base alone: type and format came from the files

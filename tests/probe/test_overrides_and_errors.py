@@ -14,7 +14,7 @@ from services.probe import (
     ModelPathError,
     ProbeError,
     ProbeResult,
-    UnknownModelError,
+    UnrecognizedFilesError,
     probe,
 )
 from tests import fixtures as fx
@@ -23,12 +23,12 @@ from tests.fixtures.model_files import write_safetensors
 
 def test_public_api() -> None:
     assert set(probe_pkg.__all__) >= {
-        "probe", "ProbeResult", "ProbeError", "UnknownModelError", "UnsafeModelError", "CorruptModelError",
+        "probe", "ProbeResult", "ProbeError", "UnrecognizedFilesError", "UnsafeModelError", "CorruptModelError",
         "read_safetensors_header", "scan_pickle",
     }  # fmt: skip
     for name in probe_pkg.__all__:
         assert hasattr(probe_pkg, name), name
-    for error in ("UnknownModelError", "UnsafeModelError", "CorruptModelError", "ModelPathError"):
+    for error in ("UnrecognizedFilesError", "UnsafeModelError", "CorruptModelError", "ModelPathError"):
         assert issubclass(getattr(probe_pkg, error), ProbeError)
 
 
@@ -58,7 +58,7 @@ def test_vae_compatibility_follows_an_overridden_base(tmp_path: Path) -> None:
 def test_unknown_file_says_what_was_seen(tmp_path: Path) -> None:
     path = write_safetensors(tmp_path / "mystery.safetensors",
                              {"backbone.layer1.weight": (4, 4), "head.fc.weight": (2, 4), "head.fc.bias": (2,)})  # fmt: skip
-    with pytest.raises(UnknownModelError) as info:
+    with pytest.raises(UnrecognizedFilesError) as info:
         probe(path)
     message = str(info.value)
     assert ".safetensors" in message and "3 tensors" in message and "backbone, head" in message
@@ -66,7 +66,7 @@ def test_unknown_file_says_what_was_seen(tmp_path: Path) -> None:
 
 def test_unknown_file_accepted_with_type_base_and_format(tmp_path: Path) -> None:
     path = write_safetensors(tmp_path / "mystery.safetensors", {"backbone.layer1.weight": (4, 4)})
-    with pytest.raises(UnknownModelError):
+    with pytest.raises(UnrecognizedFilesError):
         probe(path, {"model_type": "lora", "base_model": "sd-1"})  # format missing: still unknown
     result = probe(path, {"model_type": "lora", "base_model": "sd-1", "model_format": "lycoris"})
     assert (result.model_type, result.base_model, result.model_format) == ("lora", "sd-1", "lycoris")
@@ -84,7 +84,7 @@ def test_unknown_base_width_asks_for_the_base(tmp_path: Path) -> None:
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 512),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": (320, 4),
     })  # fmt: skip
-    with pytest.raises(UnknownModelError, match="width 512.*pass base_model"):
+    with pytest.raises(UnrecognizedFilesError, match="width 512.*pass base_model"):
         probe(path)
     assert probe(path, {"base_model": "sd-1"}).model_type == "lora"
 
@@ -94,14 +94,14 @@ def test_unknown_folder_lists_its_entries(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "readme.md").write_text("hi")
     (folder / "weights").mkdir()
-    with pytest.raises(UnknownModelError, match=r"2 entries \(readme.md, weights/\)"):
+    with pytest.raises(UnrecognizedFilesError, match=r"2 entries \(readme.md, weights/\)"):
         probe(folder)
 
 
 def test_unsupported_suffix_and_missing_path(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(UnknownModelError, match="unsupported file suffix '.gguf'"):
+    with pytest.raises(UnrecognizedFilesError, match="unsupported file suffix '.gguf'"):
         probe(gguf)
     with pytest.raises(ModelPathError, match="no such file"):
         probe(tmp_path / "missing.safetensors")
@@ -122,7 +122,7 @@ def test_pipeline_without_unet_config(tmp_path: Path) -> None:
     folder = tmp_path / "broken-pipe"
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    with pytest.raises(UnknownModelError, match="without unet/config.json"):
+    with pytest.raises(UnrecognizedFilesError, match="without unet/config.json"):
         probe(folder)
 
 

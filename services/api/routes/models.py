@@ -3,12 +3,12 @@ jobs, scan and sync, loads and unloads, and the workers with their caches."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from services.api.errors import CONFLICT, NOT_FOUND, ErrorResponse, Responses
+from services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
 from services.api.schemas import (
     HistoryEntry,
     InstallRequest,
@@ -57,8 +57,12 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 tag: Annotated[list[str] | None, Query(description="models carrying all of these tags")] = None,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                 limit: Annotated[int, Query(ge=1, le=limits.LIST_LIMIT_MAX)] = limits.LIST_LIMIT_DEFAULT,
+                order_by: Annotated[Literal["name", "type", "base", "format"], Query(
+                    description="sort field; ties by name, then key (stable across pages)")] = "name",
+                direction: Literal["asc", "desc"] = "asc",
                 ) -> Response:
-    total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit)
+    total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
+                                      order_by=order_by, direction=direction)
     page = [m.model_dump(mode="json") for m in found]
     return _json({"total": total, "offset": offset, "limit": limit, "items": page})
 
@@ -68,8 +72,8 @@ def get_model(key: Key, c: Client) -> Response:
     return _json(c.get_model(key).model_dump(mode="json"))
 
 
-@router.patch("/i/{key}", response_model=AnyModelConfig, responses={**NOT_FOUND, **CONFLICT},
-              summary="Update fields of a model (a sparse object of changes)")
+@router.patch("/i/{key}", response_model=AnyModelConfig, responses={**NOT_FOUND, **CONFLICT, **FORBIDDEN},
+              summary="Update fields of a model (a sparse object of changes; a new path is checked and hashed)")
 def update_model(key: Key, c: Client, changes: Annotated[dict[str, Any], Body(
         examples=[{"description": "a better description", "tags": ["sfw"]}])]) -> Response:
     return _json(c.update_model(key, changes).model_dump(mode="json"))
@@ -80,8 +84,8 @@ def rename_model(key: Key, body: RenameRequest, c: Client) -> Response:
     return _json(c.rename_model(key, body.name).model_dump(mode="json"))
 
 
-@router.delete("/i/{key}", response_model=Removed, responses=NOT_FOUND,
-               summary="Remove a model (and its files, when they are in the models directory)")
+@router.delete("/i/{key}", response_model=Removed, responses={**NOT_FOUND, **CONFLICT},
+               summary="Remove a model (and, with delete_files, exactly the files recorded at its install)")
 def delete_model(key: Key, c: Client, delete_files: bool = False) -> Removed:
     c.delete_model(key, delete_files=delete_files)
     return Removed(key=key, deleted_files=delete_files)
@@ -112,10 +116,11 @@ def unload_model(key: Key, c: Client, body: UnloadRequest | None = None) -> Resp
 
 # --- installs -------------------------------------------------------------------------------------
 
-@router.post("/install", response_model=Job, status_code=202, responses=WORKER,
+@router.post("/install", response_model=Job, status_code=202, responses={**WORKER, **FORBIDDEN},
              summary="Install a model from a path, URL, Hugging Face repo id or Civitai id")
 def install(body: InstallRequest, c: Client) -> Response:
-    return _json(c.install(body.source, **body.options()), status=202)
+    # a local path must lie in an import root: the API never reads a file on a caller's behalf
+    return _json(c.install(body.source, hand_over=False, **body.options()), status=202)
 
 
 @router.get("/install", response_model=list[Job], responses=WORKER, summary="List install jobs")
