@@ -171,13 +171,16 @@ class ModelBusClient:
         """Block until the install job ends (completed, failed or cancelled); returns its final state."""
         return self.features.wait(job, timeout)
 
-    def scan(self, path: str | Path) -> dict[str, Any]:
-        """Register every model found under ``path`` where it is; ``{"added": [keys]}``."""
-        return self.features.scan(Path(path))
+    def scan(self, path: str | Path, *, on_worker: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Register every model found under ``path`` where it is; ``{"added": [keys]}``. With ``on_worker``
+        a worker of the hash queue does it (the API's way: it never reads model files itself), within
+        ``timeout`` seconds, and the folder must lie inside the import roots."""
+        return self.features.scan(Path(path), on_worker, timeout)
 
-    def sync(self) -> dict[str, Any]:
-        """Register unrecorded models in the models dir; report records whose files are gone."""
-        return self.features.sync()
+    def sync(self, *, on_worker: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Register unrecorded models in the models dir; report records whose files are gone (``on_worker``:
+        as for :meth:`scan`)."""
+        return self.features.sync(on_worker, timeout)
 
     def load(self, key: str, submodel: str | None = None, worker: str | None = None,
              wait: bool = True, timeout: float | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from rq.job import Job
 
 from events.errors import StoreUnavailableError
 from services import routing
+from services.client import on_worker as on_worker_
 from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
 from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
 from services.install.commands import InstallCommand, submit, submit_handing_over
@@ -125,10 +126,14 @@ class Features:
     def update_path(self, key: str, changes: Any) -> Any:
         return self._call(lambda: self.installer.update_model(key, changes))
 
-    def scan(self, path: Path) -> dict[str, Any]:
+    def scan(self, path: Path, on_worker: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        if on_worker:
+            return on_worker_.run_on_worker(self.client, on_worker_.SCAN_FUNCTION, (str(path),), timeout)
         return {"added": self._call(lambda: self.installer.scan_directory(path))}
 
-    def sync(self) -> dict[str, Any]:
+    def sync(self, on_worker: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        if on_worker:
+            return on_worker_.run_on_worker(self.client, on_worker_.SYNC_FUNCTION, (), timeout)
         return dataclasses.asdict(self._call(self.installer.sync_models_dir))
 
     # --- loads --------------------------------------------------------------------------------
