@@ -136,6 +136,7 @@ class AppConfig(BaseSettings):
     api_max_body: int = Field(default=1 << 20, description="largest request body in bytes (accepts 1M); over: 413")
     api_max_requests: int = Field(default=64, ge=1, description="requests served at once (event streams apart)")
     api_queue_wait: float = Field(default=1.0, ge=0, description="s a request over the limit waits; then 503")
+    api_body_timeout: float = Field(default=30.0, gt=0, description="s a request's body may pause; then 408")
     api_max_streams_per_client: int = Field(default=8, ge=1, description="event streams per client address; "
                                             "over: 429")
     durability: Literal["fast", "fsync", "replicated"] = "fast"

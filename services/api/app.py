@@ -57,7 +57,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
         http_metrics.observe(request.method, route, response.status_code, started)
         return response
 
-    install_guard(app, config)  # Host, browsers, token on the documents: before anything reads the body
     app.add_middleware(RequestLimits, config=config)  # token, body size and concurrency before any work
+    install_guard(app, config)  # outside it: Host, browsers, token on the documents (headers only)
     app.add_middleware(RequestContext)  # outermost: every answer carries a request id
     return app

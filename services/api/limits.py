@@ -10,6 +10,8 @@ Pure ASGI (not BaseHTTPMiddleware), so nothing is buffered and event streams flo
    count passes the limit; the rest is never read.
 3. At most ``api_max_requests`` requests run at once; one over the limit waits up to ``api_queue_wait``
    seconds for a slot, then gets 503 with ``Retry-After`` (kube-apiserver's max-requests-inflight).
+   A slot is not held by a client that stops sending: a body that pauses longer than
+   ``api_body_timeout`` seconds is 408 (nginx's ``client_body_timeout``), and its slot is free again.
 4. Event streams are long-running, so they are not counted there (kube-apiserver exempts watches too)
    but per client address: at most ``api_max_streams_per_client`` at once, then 429 with ``Retry-After``
    (nginx's ``limit_conn`` per ``$remote_addr``).
@@ -22,7 +24,7 @@ from collections import Counter
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.auth import UNAUTHORIZED, bearer_token, token_matches
 from services.api.errors import error_response
@@ -42,6 +44,7 @@ class RequestLimits:
         self.max_body = config.api_max_body
         self.max_requests = config.api_max_requests
         self.queue_wait = config.api_queue_wait
+        self.body_timeout = config.api_body_timeout
         self.max_streams = config.api_max_streams_per_client
         self._slots = asyncio.Semaphore(config.api_max_requests)
         self._streams: Counter[str] = Counter()
@@ -82,7 +85,7 @@ class RequestLimits:
             await busy(scope, receive, send)
             return
         try:
-            await self.app(scope, receive, send)
+            await _InTime(self.body_timeout, scope, receive, send).run(self.app)
         finally:
             self._slots.release()
 
@@ -123,3 +126,50 @@ def _content_length(headers: Headers) -> int | None:
         return int(raw)
     except ValueError:
         return None  # the server (h11/httptools) refuses a malformed length itself
+
+
+class _BodyStalled(Exception):
+    """The body paused too long; the 408 is sent already."""
+
+
+class _InTime:
+    """One request whose body may pause at most ``timeout`` seconds at a time. On a longer pause it
+    answers 408 itself and ends the app's work; what the app would still send is dropped."""
+
+    def __init__(self, timeout: float, scope: Scope, receive: Receive, send: Send) -> None:
+        self.timeout, self.scope, self._receive, self._send = timeout, scope, receive, send
+        self.body_done = False
+        self.started = False
+        self.answered = False
+
+    async def run(self, app: ASGIApp) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except _BodyStalled:
+            pass
+        except Exception:
+            if not self.answered:
+                raise
+
+    async def receive(self) -> Message:
+        if self.body_done:
+            return await self._receive()  # after the body: only a disconnect comes, whenever it does
+        try:
+            message = await asyncio.wait_for(self._receive(), self.timeout)
+        except TimeoutError:
+            if not self.started:
+                stalled = error_response(408, "RequestTimeout", f"the request body paused for more than "
+                                         f"{self.timeout:g} s (MODELBUS_API_BODY_TIMEOUT)",
+                                         headers={"Connection": "close"})
+                await stalled(self.scope, self._receive, self._send)
+            self.answered = True
+            raise _BodyStalled from None
+        self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.answered:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)

@@ -4,9 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.client import defaults
 from services.records import AnyModelConfig, SubModelType
+
+NAME_MAX = 255   # bytes of one path component (Linux, macOS, Windows)
+PATH_MAX = 4096  # bytes of a whole path (Linux)
+
+
+def no_nul(value: str) -> str:
+    """No NUL byte: no path, URL or repo id holds one, and the OS refuses it (a 500 if it got that far)."""
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL byte")
+    return value
+
+
+def check_path(value: str) -> str:
+    """A path the operating system can take: refused here (422) rather than by the OS later (a 500)."""
+    no_nul(value)
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a path must be valid UTF-8 text") from None
+    if len(raw) > PATH_MAX:
+        raise ValueError(f"path is {len(raw)} bytes long, over the {PATH_MAX} a path may have")
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise ValueError(f"path has a {len(longest)}-byte component, over the {NAME_MAX} a file name may have")
+    return value
 
 
 class ModelPage(BaseModel):
@@ -35,13 +61,20 @@ class InstallRequest(BaseModel):
     command_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
                                    description="idempotency: a repeated command_id returns the first job")
 
+    _source = field_validator("source")(no_nul)
+
     def options(self) -> dict[str, Any]:
         return self.model_dump(exclude={"source"}, exclude_none=True)
 
 
 class ScanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1, max_length=4096, description="a folder to scan for models")
+    path: str = Field(min_length=1, max_length=PATH_MAX, description="a folder to scan for models (on a worker: "
+                      "inside the import roots)")
+    timeout: float = Field(default=defaults.SCAN_TIMEOUT, gt=0, le=24 * 3600,
+                           description="seconds to wait for the worker's answer (504 after: the scan goes on)")
+
+    _path = field_validator("path")(check_path)
 
 
 class LoadRequest(BaseModel):

@@ -23,6 +23,7 @@ from events.keys import QUEUES
 from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from events.workers import WorkerInfo, list_workers
 from services.client import defaults
+from services.client import on_worker as on_worker_
 from services.client.errors import UnavailableError
 from services.client.gpu import GpuLoads
 from services.client.installs import Installs
@@ -186,15 +187,23 @@ class ModelBusClient:
         """Block until the install job ends (completed, failed or cancelled); returns its final state."""
         return self.installs.wait(job, timeout)
 
-    def scan(self, path: str | Path, *, import_roots_only: bool = False) -> dict[str, Any]:
+    def scan(self, path: str | Path, *, on_worker: bool = False, timeout: float | None = None,
+             import_roots_only: bool = False) -> dict[str, Any]:
         """Register every model found under ``path`` where it is; ``{"added": [keys]}``.
 
-        This process reads the files (the caller's own permissions); ``import_roots_only`` (the HTTP API)
-        refuses a folder outside the import roots, as an in-place install through the queue is."""
+        In this process the caller's own permissions read the files (``import_roots_only``: only inside
+        the import roots). With ``on_worker`` a worker of the hash queue does it (the API's way: it never
+        reads model files itself), within ``timeout`` seconds, and the folder must lie inside the roots."""
+        if on_worker:
+            return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SCAN_FUNCTION, (str(path),),
+                                            timeout)
         return self.installs.scan(Path(path), import_roots_only)
 
-    def sync(self) -> dict[str, Any]:
-        """Register unrecorded models in the models dir; report records whose files are gone."""
+    def sync(self, *, on_worker: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Register unrecorded models in the models dir; report records whose files are gone (``on_worker``:
+        as for :meth:`scan`)."""
+        if on_worker:
+            return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SYNC_FUNCTION, (), timeout)
         return self.installs.sync()
 
     def load(self, key: str, submodel: str | None = None, worker: str | None = None,

@@ -19,8 +19,8 @@ from services.client.errors import InvalidRequestError, translated
 from services.config import AppConfig
 from services.install import InstallJob, InstallStatus, ModelInstallService
 from services.install.commands import InstallCommand, submit, submit_handing_over
-from services.records import ModelRecordServiceBase
 from services.install.roots import check_local_source
+from services.records import ModelRecordServiceBase
 
 T = TypeVar("T")
 SECRET_OPTIONS = frozenset({"access_token", "claim"})  # never shown back to a caller

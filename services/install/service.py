@@ -127,9 +127,13 @@ class ModelInstallService:
     @staticmethod
     def _existing(path: str | Path) -> Path:
         model = Path(path).expanduser()
-        if not model.exists():
+        try:
+            exists, real = model.exists(), model.resolve()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte: the OS's refusal, named
+            raise InvalidSourceError(f"not a usable path: {str(model)[:300]!r}: {exc}") from exc
+        if not exists:
             raise InvalidSourceError(f"no such file or folder: {model}")
-        return model.resolve()
+        return real
 
     # --- jobs -------------------------------------------------------------------------------------
 

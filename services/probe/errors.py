@@ -7,6 +7,8 @@
     ├── UnrecognizedFilesError  (InvalidInput) nothing recognisable: says what was seen
     ├── UnsafeModelError        (InvalidInput) a pickle imports something that could run code
     ├── CorruptModelError       (InvalidInput) truncated or malformed file (safetensors, pickle, JSON config)
+    │   └── UnsafeArchiveError  (InvalidInput) a zip two readers could read differently
+    ├── PickleTooLargeError     (TooLarge) a pickle over a limit no real checkpoint needs
     └── InvalidOverrideError    (InvalidInput) a user-given type/base/format/... is not a valid value
 
 ``UnknownModelError`` is the old name of ``UnrecognizedFilesError`` (it looked like the record service's
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from events.errors import InvalidInput, ModelbusError, NotFound
+from events.errors import InvalidInput, ModelbusError, NotFound, TooLarge
 
 
 class ProbeError(ModelbusError):
@@ -59,6 +61,18 @@ class CorruptModelError(ProbeError, InvalidInput):
 
 class InvalidOverrideError(ProbeError, InvalidInput):
     """An override (model_type, base_model, ...) is not a valid value."""
+
+
+class UnsafeArchiveError(CorruptModelError):
+    """A zip whose layout lets two readers see different files: duplicate member names, a member outside
+    the torch checkpoint layout, a local header that disagrees with the central directory, overlapping
+    members, or bytes before the first member. The scanner and ``torch.load`` must read the same pickle,
+    so such a file is refused before anything in it is read."""
+
+
+class PickleTooLargeError(ProbeError, TooLarge):
+    """A pickle stream over :mod:`services.probe.defaults`' limits (inflated bytes, opcodes); the message
+    names the limit."""
 
 
 UnknownModelError = UnrecognizedFilesError

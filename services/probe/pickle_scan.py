@@ -12,6 +12,10 @@ so the real class is never imported; this is what lets the original SD-1 ``.ckpt
 
 Both torch formats are covered: the zip format (``<archive>/data.pkl``) and the legacy format
 (up to five pickles in a row: magic number, protocol, system info, the object, storage keys).
+Zip or legacy is decided as ``torch.load`` decides it, and a zip's layout is checked whole before any
+member is read (:mod:`services.probe.torch_zip`). The work is bounded (:mod:`services.probe.defaults`):
+a pickle over the inflated size or the opcode count no real checkpoint needs is refused, and a
+cancelled job stops between two batches of opcodes (:func:`services.stopping.checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from typing import IO, Any
 import structlog
 import torch
 
-from services.probe.errors import CorruptModelError, ModelPathError, UnsafeModelError
+from services.probe.defaults import PICKLE_CHECK_EVERY, PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
+from services.probe.errors import CorruptModelError, ModelPathError, PickleTooLargeError, UnsafeModelError
+from services.probe.torch_zip import pickle_member, refuse_appended_zip, starts_like_zip
+from services.stopping import checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -132,11 +139,12 @@ def inspect_pickle(path: Path) -> PickleScan:
         raise ModelPathError(f"no such file: {path}")
     scan = PickleScan()
     try:
-        if zipfile.is_zipfile(path):
+        if starts_like_zip(path):
             _scan_zip(path, scan)
         else:
+            refuse_appended_zip(path)
             with path.open("rb") as fh:
-                _scan_legacy(path, fh, scan)
+                _scan_legacy(path, _Budget(fh, path), scan)
     except (OSError, zipfile.BadZipFile) as exc:
         raise CorruptModelError(f"{path}: cannot read pickle archive: {exc}") from exc
     return scan
@@ -156,7 +164,7 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "meta") -> An
     stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
         (_InertStub, name) for name in sorted(scan.globals) if name not in TENSOR_GLOBALS
     ]
-    is_zip = zipfile.is_zipfile(path)
+    is_zip = starts_like_zip(path)
     try:
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
@@ -166,31 +174,78 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "meta") -> An
 
 def _scan_zip(path: Path, scan: PickleScan) -> None:
     with zipfile.ZipFile(path) as archive:
-        members = [name for name in archive.namelist() if name.endswith(".pkl")]
-        if not members:
-            raise CorruptModelError(f"{path}: zip archive holds no pickle (.pkl) member")
-        for name in members:
-            # the object pickle is small (tensor data lives in other members); reading it whole
-            # is many times faster than pickletools pulling opcodes through a zip stream
-            _scan_stream(path, io.BytesIO(archive.read(name)), scan, where=name)
+        info = pickle_member(path, archive)
+        if info.file_size > PICKLE_MAX_BYTES:
+            raise _too_large(path, info.filename, f"inflates to {info.file_size} bytes")
+        with archive.open(info) as member:
+            # the object pickle is small (tensor data lives in other members); reading it whole is many
+            # times faster than pickletools pulling opcodes through a zip stream
+            data = member.read(PICKLE_MAX_BYTES + 1)
+        if len(data) > PICKLE_MAX_BYTES:
+            raise _too_large(path, info.filename, "inflates to more")
+        _scan_stream(path, io.BytesIO(data), scan, where=info.filename, counted=[0])
 
 
-def _scan_legacy(path: Path, fh: io.BufferedReader, scan: PickleScan) -> None:
+def _scan_legacy(path: Path, fh: _Budget, scan: PickleScan) -> None:
     # torch's legacy loader unpickles at most this many objects; raw storage bytes follow
+    counted = [0]
     for index in range(_LEGACY_PICKLES):
         if not fh.peek(1):
             if index == 0:
                 raise CorruptModelError(f"{path}: empty file")
             return
-        _scan_stream(path, fh, scan, where=f"pickle #{index + 1}")
+        _scan_stream(path, fh, scan, where=f"pickle #{index + 1}", counted=counted)
 
 
-def _scan_stream(path: Path, fh: IO[bytes], scan: PickleScan, where: str) -> None:
+class _Budget:
+    """A file read by pickletools, refused once its pickles have taken PICKLE_MAX_BYTES."""
+
+    def __init__(self, fh: io.BufferedReader, path: Path) -> None:
+        self.fh, self.path, self.left = fh, path, PICKLE_MAX_BYTES
+
+    def _take(self, data: bytes) -> bytes:
+        self.left -= len(data)
+        if self.left < 0:
+            raise _too_large(self.path, "its pickles", "take more")
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        return self._take(self.fh.read(min(size, self.left + 1) if size >= 0 else self.left + 1))
+
+    def readline(self) -> bytes:
+        return self._take(self.fh.readline(self.left + 1))
+
+    def peek(self, size: int) -> bytes:
+        return self.fh.peek(size)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+def _too_large(path: Path, where: str, what: str) -> PickleTooLargeError:
+    return PickleTooLargeError(f"{path}: {where} {what} than {PICKLE_MAX_BYTES} bytes, the limit for a "
+                               "checkpoint's pickle (services/probe/defaults.py): refused")
+
+
+def _scan_stream(path: Path, fh: IO[bytes] | _Budget, scan: PickleScan, where: str, counted: list[int]) -> None:
     try:
-        for name in _imported_globals(pickletools.genops(fh)):
+        for name in _imported_globals(_bounded(pickletools.genops(fh), path, counted)):
             scan.add(name)
     except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
         raise CorruptModelError(f"{path}: not a valid pickle ({where}): {_first_line(exc)}") from exc
+
+
+def _bounded(ops: Iterable[tuple[pickletools.OpcodeInfo, Any, int | None]], path: Path,
+             counted: list[int]) -> Iterator[tuple[pickletools.OpcodeInfo, Any, int | None]]:
+    """The opcodes, refused past PICKLE_MAX_OPCODES for the whole file, with a stop check now and then."""
+    for op in ops:
+        counted[0] += 1
+        if counted[0] % PICKLE_CHECK_EVERY == 0:
+            if counted[0] > PICKLE_MAX_OPCODES:
+                raise PickleTooLargeError(f"{path}: its pickles hold more than {PICKLE_MAX_OPCODES} opcodes, the "
+                                          "limit for a checkpoint (services/probe/defaults.py): refused")
+            checkpoint()
+        yield op
 
 
 def _imported_globals(ops: Iterable[tuple[pickletools.OpcodeInfo, Any, int | None]]) -> Iterator[str]:

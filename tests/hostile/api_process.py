@@ -64,7 +64,7 @@ def api_process(env: dict[str, str], logs: Path, **settings: str) -> Iterator[Ap
     api = ApiProcess(proc, port, log)
     try:
         wait_until(lambda: proc.poll() is None and httpx.get(f"{api.url}/healthz", timeout=5).status_code,
-                   120, "the API to answer /healthz", api.log_tail, ignore=(httpx.HTTPError,))
+                   240, "the API to answer /healthz", api.log_tail, ignore=(httpx.HTTPError,))
         yield api
     finally:
         proc.terminate()

@@ -77,7 +77,8 @@ def _hold_request(api: ApiProcess) -> socket.socket:
 
 
 def test_requests_over_the_concurrency_limit_get_503(modelbus_env: dict[str, str], logs: Path) -> None:
-    with api_process(modelbus_env, logs, max_requests="2", queue_wait="0.2") as api, ExitStack() as held:
+    with api_process(modelbus_env, logs, max_requests="2", queue_wait="0.2", body_timeout="600") as api, \
+            ExitStack() as held:
         for _ in range(2):
             held.callback(_hold_request(api).close)
         refused = wait_until(lambda: (r := httpx.get(f"{api.url}/api/v2/models", timeout=30)).status_code == 503
@@ -87,6 +88,22 @@ def test_requests_over_the_concurrency_limit_get_503(modelbus_env: dict[str, str
         held.close()  # the two requests end: the API serves again
         wait_until(lambda: httpx.get(f"{api.url}/api/v2/models", timeout=30).status_code == 200, 60,
                    "the API to serve again once the held requests ended", api.log_tail)
+
+
+def test_a_body_that_stops_coming_is_408_and_frees_its_slot(modelbus_env: dict[str, str], logs: Path) -> None:
+    with api_process(modelbus_env, logs, max_requests="1", queue_wait="0", body_timeout="1") as api:
+        sock = _hold_request(api)
+        try:
+            sock.settimeout(120)
+            answer = b""
+            while more := sock.recv(65536):  # the server answers by itself, and closes: the body paused
+                answer += more
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"MODELBUS_API_BODY_TIMEOUT" in answer
+        wait_until(lambda: httpx.get(f"{api.url}/api/v2/models", timeout=30).status_code == 200, 60,
+                   "the slot of the stalled request to be free again", api.log_tail)
 
 
 def test_event_streams_per_client_are_limited(modelbus_env: dict[str, str], logs: Path) -> None:

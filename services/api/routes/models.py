@@ -140,16 +140,17 @@ def cancel_job(job_id: JobId, c: Client) -> Response:
     return _json(c.cancel(job_id))
 
 
-@router.post("/scan", response_model=ScanResult, responses=FORBIDDEN,
-             summary="Register every model found in a folder of an import root (in place)")
+@router.post("/scan", response_model=ScanResult, summary="Register every model found in a folder (in place)",
+             responses={**WORKER, 403: {"model": ErrorResponse, "description": "the folder is outside the import roots"}})
 def scan(body: ScanRequest, c: Client) -> Response:
-    return _json(c.scan(body.path, import_roots_only=True))  # in place, so only inside the import roots
+    # a worker reads the model files: never this process (services/client/on_worker.py)
+    return _json(c.scan(body.path, on_worker=True, timeout=body.timeout))
 
 
-@router.post("/sync", response_model=SyncResult,
+@router.post("/sync", response_model=SyncResult, responses=WORKER,
              summary="Reconcile the records with the models directory")
 def sync(c: Client) -> Response:
-    return _json(c.sync())
+    return _json(c.sync(on_worker=True))
 
 
 # --- workers --------------------------------------------------------------------------------------

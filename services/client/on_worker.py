@@ -1,0 +1,78 @@
+"""Scans and syncs on a worker: what the API runs instead of finding models in its own process.
+
+Finding models reads file headers and unpickles checkpoints, so the API enqueues the work on the hash
+queue (``workers.scan``) and waits for the answer. No live worker on that queue is 503 at once (a job
+nobody reads would only time out); a worker that does not answer in time is 504 (the job goes on); an
+error the worker met comes back as an error of the same kind (a folder outside the import roots is
+403, a missing one 422).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.job import Job
+
+from events.connection import redis_errors_translated
+from events.errors import Kind
+from events.keys import Keys
+from services import routing
+from services.client import defaults
+from services.client.errors import (
+    CLIENT_ERRORS,
+    ClientError,
+    JobFailedError,
+    UnavailableError,
+    WaitTimeoutError,
+)
+from services.install.defaults import FAILURE_TTL, HASH_JOB_TIMEOUT
+
+SCAN_FUNCTION = "workers.scan.run_scan"
+SYNC_FUNCTION = "workers.scan.run_sync"
+QUEUE = "hash"
+
+
+class WorkerRefusedError(ClientError):
+    """What a worker's scan refused, with the kind of the worker's own error."""
+
+    def __init__(self, kind: Kind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def run_on_worker(connection: redis.Redis[bytes], keys: Keys, func: str, args: tuple[Any, ...] = (),
+                  timeout: float | None = None) -> dict[str, Any]:
+    """Enqueue ``func(*args)`` on the hash queue, wait for it, and return its answer."""
+    timeout = defaults.SCAN_TIMEOUT if timeout is None else timeout
+    with redis_errors_translated():
+        states = routing.worker_states(connection, keys.namespace)
+        if not any(s.serves(QUEUE) for s in states):
+            raise UnavailableError(f"no live worker serves the {QUEUE} queue, where scans run "
+                                   f"(start one: modelbus worker --queues {QUEUE})")
+        job = Queue(keys.queue(QUEUE), connection=connection).enqueue(
+            func, *args, job_timeout=HASH_JOB_TIMEOUT, result_ttl=defaults.SCAN_RESULT_TTL, failure_ttl=FAILURE_TTL)
+        return _answer(job, time.monotonic() + timeout)
+
+
+def _answer(job: Job, deadline: float) -> dict[str, Any]:
+    while True:
+        status = job.get_status(refresh=True)
+        if status == "finished":
+            value: dict[str, Any] = job.return_value() or {}
+            error = value.get("error")
+            if isinstance(error, dict):
+                kind = Kind(error.get("kind", Kind.FAILED.value))
+                message = str(error.get("message") or error.get("type") or "refused")
+                error_class = CLIENT_ERRORS.get(kind)
+                raise error_class(message) if error_class is not None else WorkerRefusedError(kind, message)
+            return value
+        if status in ("failed", "stopped", "canceled"):
+            result = job.latest_result()
+            lines = (result.exc_string or "").strip().splitlines()[-1:] if result else []
+            raise JobFailedError(lines[0] if lines else f"{job.func_name} {job.id} {status}")
+        if time.monotonic() > deadline:
+            raise WaitTimeoutError(f"{job.func_name} {job.id} is still {status} on a worker; it goes on")
+        time.sleep(defaults.SCAN_POLL_INTERVAL)
