@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 from events.errors import EventStoreError
 from events.logs import configure_logging
 from services.cli import jobs, models, ops
+from services.cli import store as store_commands
 from services.cli.context import state
 from services.cli.errors import exit_code, one_line
 from services.cli.output import err_console
@@ -108,3 +109,9 @@ app.command("import-yaml")(ops.import_yaml)
 records = typer.Typer(help="The record projection.", no_args_is_help=True)
 records.command("rebuild")(ops.records_rebuild)
 app.add_typer(records, name="records")
+
+store = typer.Typer(help="The model store (MODELBUS_STORE_URL).", no_args_is_help=True)
+store.command("push")(store_commands.push)
+store.command("verify")(store_commands.verify)
+store.command("gc")(store_commands.gc)
+app.add_typer(store, name="store")

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import blake3
 
@@ -24,6 +25,12 @@ from services.store.errors import BlobCorruptError, BlobMissingError, StoreConfi
 from services.store.transfer import Progress, fetch_verified
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobInfo(NamedTuple):
+    digest: str
+    size: int
+    modified: float  # epoch seconds of the blob's last write
 
 
 def check_digest(digest: str) -> str:
@@ -68,8 +75,8 @@ class BlobStore(ABC):
         """Remove a blob (nothing happens when it is not there)."""
 
     @abstractmethod
-    def digests(self) -> Iterator[tuple[str, int]]:
-        """Every blob in the store: (digest, size)."""
+    def digests(self) -> Iterator[BlobInfo]:
+        """Every blob in the store."""
 
     def missing(self, entries: Iterable[tuple[str, int]]) -> list[str]:
         """The digests of ``entries`` (digest, size) the store lacks, or holds with another size."""
@@ -145,9 +152,10 @@ class FileBlobStore(BlobStore):
     def delete(self, digest: str) -> None:
         self._path(digest).unlink(missing_ok=True)
 
-    def digests(self) -> Iterator[tuple[str, int]]:
+    def digests(self) -> Iterator[BlobInfo]:
         if not self.blobs.is_dir():
             return
         for entry in os.scandir(self.blobs):
             if _HEX.match(entry.name):
-                yield entry.name, entry.stat().st_size
+                stat = entry.stat()
+                yield BlobInfo(entry.name, stat.st_size, stat.st_mtime)

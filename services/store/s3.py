@@ -29,7 +29,7 @@ import structlog
 from boto3.s3.transfer import TransferConfig
 
 from services.store import defaults
-from services.store.blobs import BlobStore, check_digest
+from services.store.blobs import BlobInfo, BlobStore, check_digest
 from services.store.errors import BlobCorruptError, BlobMissingError, StoreUnavailableError
 from services.store.location import StoreLocation
 
@@ -165,12 +165,12 @@ class S3BlobStore(BlobStore):
         except (botocore.exceptions.ClientError, *_CONNECTION_ERRORS) as exc:
             raise self._unavailable(exc, f"deleting blob {digest}") from exc
 
-    def digests(self) -> Iterator[tuple[str, int]]:
+    def digests(self) -> Iterator[BlobInfo]:
         base = f"{self.prefix}{defaults.BLOB_PREFIX}"
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for item in page.get("Contents", []):
-                    yield item["Key"][len(base):], int(item["Size"])
+                    yield BlobInfo(item["Key"][len(base):], int(item["Size"]), item["LastModified"].timestamp())
         except (botocore.exceptions.ClientError, *_CONNECTION_ERRORS) as exc:
             raise self._unavailable(exc, "listing blobs") from exc
 
