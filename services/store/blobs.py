@@ -59,8 +59,16 @@ class BlobStore(ABC):
         """Raise StoreUnavailableError unless the store answers and we may read and write it."""
 
     @abstractmethod
+    def stat(self, digest: str) -> BlobInfo | None:
+        """A blob's size and last write, or None when the store lacks it."""
+
+    @abstractmethod
+    def touch(self, digest: str) -> None:
+        """Make a blob's last write now (``store gc`` spares young blobs: see publish.py)."""
+
     def size_of(self, digest: str) -> int | None:
-        """The stored size of a blob, or None when the store lacks it."""
+        info = self.stat(digest)
+        return None if info is None else info.size
 
     @abstractmethod
     def put(self, digest: str, path: Path) -> None:
@@ -113,11 +121,15 @@ class FileBlobStore(BlobStore):
         except OSError as exc:
             raise StoreUnavailableError(f"model store {self.url} cannot be used: {exc.strerror or exc}") from exc
 
-    def size_of(self, digest: str) -> int | None:
+    def stat(self, digest: str) -> BlobInfo | None:
         try:
-            return self._path(digest).stat().st_size
+            stat = self._path(digest).stat()
         except FileNotFoundError:
             return None
+        return BlobInfo(digest, stat.st_size, stat.st_mtime)
+
+    def touch(self, digest: str) -> None:
+        os.utime(self._path(digest))
 
     def put(self, digest: str, path: Path) -> None:
         target = self._path(digest)
