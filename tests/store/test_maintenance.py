@@ -79,3 +79,10 @@ def test_verify_names_a_corrupt_blob_and_gc_removes_only_unreferenced_ones(
 def test_store_commands_need_a_store(modelbus_env: dict[str, str]) -> None:
     result = CliRunner().invoke(app, ["store", "gc"])
     assert result.exit_code == 2 and "MODELBUS_STORE_URL" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["worker", "up"])
+def test_a_bad_store_option_is_refused_before_anything_starts(command: str, modelbus_env: dict[str, str]) -> None:
+    result = CliRunner().invoke(app, [command, "--store", "gs://elsewhere/models"])
+    assert result.exit_code == 2 and "use 'shared', s3://bucket/prefix" in result.stderr
+    assert os.environ.get("MODELBUS_STORE_URL") == "shared"
