@@ -1,11 +1,90 @@
-"""structlog set-up: JSON lines when not on a TTY (or when asked), readable console output otherwise."""
+"""structlog set-up for every process (API, workers, CLI): JSON lines when not on a TTY (or when asked),
+readable console output otherwise.
+
+The rule this module keeps: no secret reaches a log line. Every line, structlog's own and those of the
+stdlib loggers it adopts (uvicorn, RQ, httpx), passes :class:`Scrubber` last before it is rendered,
+which blanks values under secret-sounding keys (``authorization``, ``*token``, ``password``...),
+``Bearer``/``Basic`` credentials, ``user:pass@`` in URLs, secret query parameters and every configured
+secret value (the API token, ``HF_TOKEN``, ``CIVITAI_TOKEN``...) wherever it appears. Tracebacks are
+rendered as plain text without local variables (a rich traceback shows every frame's locals: request
+headers, tokens).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
 
 import structlog
+
+REDACTED = "[redacted]"
+#: environment variables whose values are secrets whether or not a config names them
+SECRET_ENV = ("MODELBUS_API_TOKEN", "MODELBUS_HF_TOKEN", "MODELBUS_CIVITAI_TOKEN", "HF_TOKEN", "CIVITAI_TOKEN",
+              "HUGGING_FACE_HUB_TOKEN")
+#: stdlib loggers whose records go through structlog's chain instead of their own handlers
+ADOPTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "rq", "rq.worker", "rq.queue", "httpx",
+                   "httpcore")
+
+#: adopted loggers that log every request at INFO: kept at WARNING
+QUIET_LOGGERS = ("httpx", "httpcore")
+
+_SECRET_KEY = re.compile(r"^(?:.*token|.*password|passwd|.*secret|credentials?|authorization|"
+                         r"proxy-authorization|cookie|set-cookie|api[_-]?key|x-api-key)$", re.IGNORECASE)
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # scheme://user:pass@host -> scheme://[redacted]@host
+    (re.compile(r"(?P<a>\b[a-z][a-z0-9+.\-]*://)[^/\s@'\"<>]+@", re.IGNORECASE), rf"\g<a>{REDACTED}@"),
+    # Authorization: Bearer xyz / Basic xyz, however it is quoted or joined
+    (re.compile(r"(?P<a>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=\-]{3,}", re.IGNORECASE), rf"\g<a>{REDACTED}"),
+    # ?token=...&sig=... : query parameters that carry credentials (presigned URLs included)
+    (re.compile(r"(?P<a>[?&;](?:[\w.\-]*(?:token|key|sig|signature|password|secret|credential)[\w.\-]*)=)"
+                r"[^&\s'\"#<>]+", re.IGNORECASE), rf"\g<a>{REDACTED}"),
+    # access_token='x', "password": "x", credentials=x in reprs and tracebacks
+    (re.compile(r"(?P<a>\b(?:[\w\-]*token|password|passwd|secret|credentials?|authorization|api[_-]?key)"
+                r"['\"]?\s*[=:]\s*b?['\"]?)(?!\[redacted\])[^'\"\s,)}\]]+", re.IGNORECASE), rf"\g<a>{REDACTED}"),
+)
+
+
+class Scrubber:
+    """A structlog processor: blanks secrets in every value of an event (nested ones included)."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        values = {s for s in (*secrets, *(os.environ.get(name) for name in SECRET_ENV)) if s}
+        # longest first: a secret that contains another is blanked whole
+        self.secrets = sorted(values, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        for pattern, replacement in _PATTERNS:
+            value = pattern.sub(replacement, value)
+        return value
+
+    def value(self, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: REDACTED if self._secret_key(k, v) else self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [self.value(v) for v in value]
+        return self.text(repr(value))
+
+    @staticmethod
+    def _secret_key(key: object, value: object) -> bool:
+        return isinstance(key, str) and bool(_SECRET_KEY.match(key)) and value not in (None, "", True, False)
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in list(event_dict.items()):
+            if key.startswith("_"):  # structlog's own bookkeeping (the stdlib record, its logger)
+                continue
+            event_dict[key] = REDACTED if self._secret_key(key, value) else self.value(value)
+        return event_dict
 
 
 class _CurrentStderr:
@@ -19,20 +98,47 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
+def configure_logging(fmt: str = "auto", level: str = "INFO", secrets: Iterable[str | None] = ()) -> None:
+    """Configure structlog and route the stdlib loggers of our libraries through it; ``secrets`` are
+    values (tokens) to blank wherever they appear, besides those of :data:`SECRET_ENV`."""
     json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer() if json_output
+        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
+    scrub = Scrubber(secrets)
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso"),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info if json_output else structlog.processors.StackInfoRenderer(),
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, scrub, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    _adopt_stdlib(shared, scrub, renderer, level)
+
+
+def _adopt_stdlib(shared: list[structlog.typing.Processor], scrub: Scrubber, renderer: structlog.typing.Processor,
+                  level: str) -> None:
+    """One root handler renders stdlib records with structlog's chain; the libraries' own handlers go."""
+    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, scrub, renderer],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_modelbus", False)]:
+        root.removeHandler(old)
+    handler._modelbus = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.getLevelName(level.upper()))
+    for name in ADOPTED_LOGGERS:
+        adopted = logging.getLogger(name)
+        adopted.handlers.clear()
+        adopted.propagate = True
+    for name in QUIET_LOGGERS:  # a line per HTTP request a worker makes is noise, not news
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

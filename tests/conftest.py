@@ -14,6 +14,7 @@ import pytest
 import redis
 import structlog
 
+import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
 from events.embedded import EmbeddedRedis
 from events.store import RedisEventStore
 
@@ -73,6 +74,7 @@ def modelbus_env(redis_url: str, namespace: str, tmp_path: Path, monkeypatch: py
         "HF_HUB_OFFLINE": "1",
         "MODELBUS_STORE_URL": "shared",
         "MODELBUS_IMPORT_ROOTS": "",  # the defaults (models dir, import area), whatever the shell exports
+        "MODELBUS_API_ALLOWED_HOSTS": "testserver",  # Starlette's TestClient's Host (the defaults still hold)
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -65,7 +65,9 @@ async def _library_error(request: Request, exc: Exception) -> Response:
     status = status_of(exc)
     if status == 500:
         log.error("api_internal_error", path=request.url.path, method=request.method, exc_info=exc)
-        return error_response(500, "InternalError", f"internal error ({type(exc).__name__}); see the server log")
+        rid = getattr(request.state, "request_id", "?")  # services/api/context.py; also in X-Request-ID
+        return error_response(500, "InternalError", f"internal error ({type(exc).__name__}); "
+                              f"request id {rid}, see the server log")
     headers = {"Retry-After": "5"} if status == 503 else None
     return error_response(status, type(exc).__name__, str(exc), _details(exc), headers)
 

@@ -71,7 +71,7 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
     from services.stack import Stack
     _use_store(store)
     config = state.config()
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level, config.secret_values)
     stack = Stack(config, worker_queues=[w for w in workers.split(";") if w], with_api=api)
     try:
         stack.start()
@@ -114,10 +114,14 @@ app.command("update")(models.update)
 app.command("history")(models.history)
 app.command("load")(models.load)
 app.command("unload")(models.unload)
-app.command("events")(ops.events)
 app.command("workers")(ops.workers)
 app.command("doctor")(ops.doctor)
 app.command("import-yaml")(ops.import_yaml)
+
+events = typer.Typer(help="The event log.")
+events.callback(invoke_without_command=True)(ops.events)
+events.command("quarantine")(ops.quarantine)
+app.add_typer(events, name="events")
 
 records = typer.Typer(help="The record projection.", no_args_is_help=True)
 records.command("rebuild")(ops.records_rebuild)

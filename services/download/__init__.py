@@ -12,6 +12,7 @@ from .errors import (
     RetriesExhaustedError,
     SourceSyntaxError,
     TokenRequiredError,
+    UnresolvableHostError,
     UnsafePathError,
     UnsafeURLError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "SourceSyntaxError",
     "TokenRequiredError",
     "URLSource",
+    "UnresolvableHostError",
     "UnsafePathError",
     "UnsafeURLError",
     "parse_source",

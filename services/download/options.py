@@ -25,6 +25,8 @@ class FetchOptions:
     disk_reserve: int = 16 << 20
     fsync: bool = True
     allow_private: bool = False
+    proxy: str | None = None  # MODELBUS_DOWNLOAD_PROXY; the environment's proxies are never used
+    lock_wait: float = 60.0  # s; how long a download waits for another writer of its partial file
 
     @classmethod
     def from_config(cls, config: AppConfig, **overrides: object) -> FetchOptions:
@@ -33,6 +35,7 @@ class FetchOptions:
             "retries": config.download_retries,
             "stall_timeout": config.download_stall_timeout,
             "allow_private": config.allow_private_downloads,
+            "proxy": config.download_proxy,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

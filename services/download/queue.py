@@ -28,6 +28,7 @@ from .errors import DestinationExistsError, DownloadCancelled, DownloadError, Re
 from .fetch import check_free_space, fetch_file
 from .huggingface import resolve_repo
 from .job import CallbackName, DownloadJob, DownloadJobStatus, JobCallback, RemoteFile, shared_path
+from .network import download_client
 from .options import FetchOptions, FileRequest
 from .partial import remove_partial
 from .security import credential_for
@@ -65,7 +66,8 @@ class DownloadQueueService:
         with self._lock:
             if self._threads:
                 return
-            self._client = httpx.Client(
+            self._client = download_client(
+                allow_private=self.options.allow_private, proxy=self.options.proxy,
                 timeout=httpx.Timeout(self.options.connect_timeout, read=self.options.stall_timeout),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 headers={"User-Agent": "modelbus-downloader/0.1"},

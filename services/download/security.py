@@ -2,15 +2,15 @@
 
 A model manager that fetches user-given URLs must not become a way to reach the services of the
 machine it runs on (SSRF): private and loopback addresses are refused unless the configuration
-allows them, and the check is repeated on every redirect hop (transport.py follows redirects itself
-for that reason). A token belongs to one origin (host and port) and is never sent anywhere else.
+allows them, on every redirect hop (transport.py follows redirects itself for that reason) and at the
+moment of connecting, against the address connected to (network.py). A token belongs to one origin
+(host and port) and is never sent anywhere else.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -18,52 +18,44 @@ from services.config import AppConfig
 
 from .errors import UnsafeURLError
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def origin_of(url: str) -> tuple[str, int]:
-    """(host, port) of a URL, host lower-cased, port made explicit."""
+    """(host, port) of a URL, host lower-cased without a trailing dot, port made explicit."""
     parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    return host, parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+    host = (parts.hostname or "").lower().rstrip(".")
+    return host, parts.port or DEFAULT_PORTS.get(parts.scheme.lower(), 0)
 
 
-def _is_public(address: str) -> bool:
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is a global unicast one (IPv4-mapped IPv6 judged as the IPv4 it maps)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
 
 
-def _addresses(host: str, port: int) -> list[str]:
-    try:
-        return [str(ipaddress.ip_address(host.strip("[]")))]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        # the connection attempt will fail with a clear connect error; nothing private is reached
-        return []
-    return sorted({str(info[4][0]) for info in infos})
-
-
 def check_url(url: str, allow_private: bool) -> None:
-    """Raise :class:`UnsafeURLError` for a non-HTTP URL, or one whose host resolves to a private address."""
+    """Raise :class:`UnsafeURLError` for a non-HTTP URL, one without a host, or one naming a private address.
+
+    Host names are not resolved here: network.py resolves each name once, when it connects, and checks
+    the addresses it connects to."""
     parts = urlsplit(url)
-    if parts.scheme.lower() not in _DEFAULT_PORTS:
+    if parts.scheme.lower() not in DEFAULT_PORTS:
         raise UnsafeURLError(f"only http and https URLs can be downloaded: {url!r}")
     if not parts.hostname:
         raise UnsafeURLError(f"URL has no host: {url!r}")
     if allow_private:
         return
-    host, port = origin_of(url)
-    for address in _addresses(host, port):
-        if not _is_public(address):
-            raise UnsafeURLError(
-                f"refusing to download from {host} ({address}): private or loopback address; "
-                "set MODELBUS_ALLOW_PRIVATE_DOWNLOADS=1 to allow it"
-            )
+    host = parts.hostname.rstrip(".")
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not is_public_address(str(literal)):
+        raise UnsafeURLError(f"refusing to download from {host}: private or loopback address; "
+                             "set MODELBUS_ALLOW_PRIVATE_DOWNLOADS=1 to allow it")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ def open_stream(
     """Send a request and follow redirects, checking every hop; the caller closes the response."""
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, allow_private)
+        url = _without_trailing_dot(url)
         hop_headers = dict(headers or {})
         if credential is not None and credential.applies_to(url):
             hop_headers["Authorization"] = f"Bearer {credential.token}"
@@ -50,6 +51,12 @@ def open_stream(
             method = "GET"
         url = next_url
     raise RemoteError(f"more than {MAX_REDIRECTS} redirects starting from {url}")
+
+
+def _without_trailing_dot(url: str) -> str:
+    """``host.`` names the same host as ``host``: one spelling for the token's origin, SNI and the Host header."""
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(host=parsed.host.rstrip("."))) if parsed.host.endswith(".") else url
 
 
 def widen_reads(response: httpx.Response, size: int = BODY_READ_SIZE) -> None:

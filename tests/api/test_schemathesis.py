@@ -1,6 +1,7 @@
-"""A schemathesis run over the OpenAPI document: no generated request may get a 500, and every
-status must be one the document declares. (Driven through hypothesis directly: schemathesis's
-pytest plugin does not support this pytest's version.)"""
+"""A schemathesis run over the OpenAPI document, with a bearer token configured and sent (as a real
+deployment runs): no generated request may get a 500, and every status must be one the document
+declares. (Driven through hypothesis directly: schemathesis's pytest plugin does not support this
+pytest's version.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.specs.openapi.checks import status_code_conformance
 
@@ -18,6 +20,8 @@ from services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 
 EXAMPLES = 12
+TOKEN = "schemathesis-s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @schemathesis.check
@@ -32,10 +36,13 @@ SKIPPED = {"/api/v2/events"}  # the SSE stream never ends by design; test_events
 
 def test_no_generated_request_gets_a_500(app_config: AppConfig) -> None:
     app_config.models_path.mkdir(parents=True, exist_ok=True)
-    app = create_app(app_config)
+    app = create_app(app_config.model_copy(update={"api_token": TOKEN}))
     put_file(app_config, "m.safetensors")
     app.state.client.add_model("k1", model_config("seed", "m.safetensors"))  # something to find
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    with TestClient(app) as http:  # the token is required, so every call below is an authorized one
+        assert http.get("/api/v2/models").status_code == 401
+        assert http.get("/api/v2/models", headers=AUTH).status_code == 200
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)  # the document needs it too
     failures: list[str] = []
     ran = 0
     for result in schema.get_all_operations():
@@ -48,7 +55,7 @@ def test_no_generated_request_gets_a_500(app_config: AppConfig) -> None:
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                   phases=[Phase.explicit, Phase.generate])  # no shrinking: the first failure is enough
         def check(case) -> None:  # type: ignore[no-untyped-def]
-            case.call_and_validate(checks=[no_internal_error, status_code_conformance])
+            case.call_and_validate(headers=AUTH, checks=[no_internal_error, status_code_conformance])
 
         started = time.perf_counter()
         try:

@@ -24,15 +24,6 @@ def _tree(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
 
 
-@pytest.fixture()
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppConfig:
-    for var in ("HF_TOKEN", "CIVITAI_TOKEN", "HF_ENDPOINT", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
-                "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    return AppConfig.load(root=tmp_path / "root", allow_private_downloads=True, download_stall_timeout=1.0,
-                          download_retries=1)
-
-
 def _download(cfg: AppConfig, source: str, dest: Path) -> tuple[str, str | None, str | None]:
     with DownloadQueueService(1, cfg, options=fast_options(cfg)) as svc:
         job = svc.wait_for_job(svc.download(source, dest), timeout=30)
@@ -127,12 +118,11 @@ PUBLIC = "http://93.184.216.34"  # a global address: the first hop passes the pr
 
 
 @pytest.fixture()
-def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
-    """A loopback HTTP proxy through which the 'public' host is reached: a FileServer answers
-    absolute-form requests by their path, so it plays the public server without leaving the machine."""
+def proxy() -> Iterator[FileServer]:
+    """A loopback HTTP proxy (configured: the environment's proxies are never used) through which the
+    'public' host is reached: a FileServer answers absolute-form requests by their path, so it plays
+    the public server without leaving the machine."""
     with FileServer() as srv:
-        monkeypatch.setenv("HTTP_PROXY", srv.url)
-        monkeypatch.setenv("NO_PROXY", "")
         yield srv
 
 
@@ -141,7 +131,7 @@ def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
                                     "http://10.0.0.1/m.safetensors", "file:///etc/passwd"])
 def test_redirect_to_a_private_address_is_refused(cfg: AppConfig, proxy: FileServer, tmp_path: Path,
                                                    target: str) -> None:
-    private = cfg.model_copy(update={"allow_private_downloads": False})
+    private = cfg.model_copy(update={"allow_private_downloads": False, "download_proxy": proxy.url})
     with FileServer() as internal:
         internal.add_file("m.safetensors", DATA)
         proxy.add_redirect("go", target.format(port=internal.port), 302)
