@@ -198,6 +198,18 @@ class CacheEvictedPayload(Payload):
     worker: str | None = Field(default=None, exclude_if=_unset)
 
 
+class FetchPayload(Payload):
+    """A GPU worker bringing a model's blobs from the model store into its host cache."""
+
+    model_key: str
+    worker: str | None = Field(default=None, exclude_if=_unset)
+    blobs: int | None = Field(default=None, exclude_if=_unset)     # started: how many it lacks
+    bytes: int | None = Field(default=None, exclude_if=_unset)     # progress, completed: bytes so far
+    total_bytes: int | None = Field(default=None, exclude_if=_unset)
+    seconds: float | None = Field(default=None, exclude_if=_unset)  # completed
+    error: str | None = Field(default=None, exclude_if=_unset)      # failed
+
+
 class InstallJobPayload(Payload):
     job_id: str
     status: str
@@ -259,6 +271,26 @@ class CacheEvicted(Activity):
     payload: CacheEvictedPayload
 
 
+class ModelFetchStarted(Activity):
+    kind: Literal["model_fetch_started"] = "model_fetch_started"
+    payload: FetchPayload
+
+
+class ModelFetchProgress(Activity):
+    kind: Literal["model_fetch_progress"] = "model_fetch_progress"
+    payload: FetchPayload
+
+
+class ModelFetchCompleted(Activity):
+    kind: Literal["model_fetch_completed"] = "model_fetch_completed"
+    payload: FetchPayload
+
+
+class ModelFetchFailed(Activity):
+    kind: Literal["model_fetch_failed"] = "model_fetch_failed"
+    payload: FetchPayload
+
+
 class InstallJobChanged(Activity):
     kind: Literal["install_job"] = "install_job"
     payload: InstallJobPayload
@@ -303,7 +335,8 @@ class DownloadFailed(Activity):
 
 ACTIVITY_CLASSES: tuple[type[Activity], ...] = (
     ModelLoadStarted, ModelLoadCompleted, ModelLoadFailed, CacheEvicted, InstallJobChanged, InstallProgress,
-    DownloadStarted, DownloadProgress, DownloadPaused, DownloadStopped, DownloadCompleted, DownloadFailed)
+    DownloadStarted, DownloadProgress, DownloadPaused, DownloadStopped, DownloadCompleted, DownloadFailed,
+    ModelFetchStarted, ModelFetchProgress, ModelFetchCompleted, ModelFetchFailed)
 #: kind -> its class; ``activity_class`` falls back to the plain Activity for a kind not listed
 ACTIVITY_KINDS: dict[str, type[Activity]] = {cls.model_fields["kind"].default: cls for cls in ACTIVITY_CLASSES}
 LOAD_EVENT_KINDS: tuple[str, ...] = ("model_load_started", "model_load_completed", "model_load_failed")
@@ -325,6 +358,10 @@ ActivityEvent = Annotated[
     | Annotated[DownloadStarted, Tag("download_started")] | Annotated[DownloadProgress, Tag("download_progress")]
     | Annotated[DownloadPaused, Tag("download_paused")] | Annotated[DownloadStopped, Tag("download_cancelled")]
     | Annotated[DownloadCompleted, Tag("download_complete")] | Annotated[DownloadFailed, Tag("download_error")]
+    | Annotated[ModelFetchStarted, Tag("model_fetch_started")]
+    | Annotated[ModelFetchProgress, Tag("model_fetch_progress")]
+    | Annotated[ModelFetchCompleted, Tag("model_fetch_completed")]
+    | Annotated[ModelFetchFailed, Tag("model_fetch_failed")]
     | Annotated[Activity, Tag("Activity")],
     Discriminator(_activity_tag),
 ]
