@@ -165,6 +165,12 @@ class AppConfig(BaseSettings):
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
 
+    @field_validator("api_allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value or ())
+        return tuple(str(item).strip().lower() for item in items if str(item).strip())
+
     @field_validator("store_url")
     @classmethod
     def _store_url(cls, value: str) -> str:
@@ -181,12 +187,6 @@ class AppConfig(BaseSettings):
         if not re.match(r"^https?://[^/\s]+", str(value)):
             raise ValueError("must be an http:// or https:// URL")
         return str(value).rstrip("/")
-
-    @field_validator("api_allowed_hosts", mode="before")
-    @classmethod
-    def _hosts(cls, value: Any) -> tuple[str, ...]:
-        items = value.split(",") if isinstance(value, str) else list(value or ())
-        return tuple(str(item).strip().lower() for item in items if str(item).strip())
 
     @field_validator("namespace")
     @classmethod

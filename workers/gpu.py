@@ -24,10 +24,10 @@ def _load_service(context: WorkerContext) -> Any:
     records = context.get("records", _records)
     worker = context.worker_id
 
-    def publish_fetch(kind: str, payload: dict[str, Any]) -> None:
+    def publish(kind: str, payload: dict[str, Any]) -> None:
         context.store.publish_activity(kind, {"worker": worker, **payload}, source=worker)
 
-    fetcher = context.get("fetcher", lambda c: _fetcher(c, records, publish_fetch))
+    fetcher = context.get("fetcher", lambda c: _fetcher(c, records, publish))
     return ModelLoadService(context.config, records, publisher=context.store.publish, worker_id=worker,
                             locate=fetcher.locate if fetcher is not None else None)
 

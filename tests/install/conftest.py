@@ -160,3 +160,11 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  #
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture()
+def local_service(app_config: AppConfig, event_store: RedisEventStore) -> Iterator[ModelInstallService]:
+    """The install service in this process (register_path / install_path), on the test's Redis and root."""
+    svc = ModelInstallService(app_config, event_store=event_store)
+    yield svc
+    svc.record_store.close()
