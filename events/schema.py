@@ -376,8 +376,10 @@ ActivityEvent = Annotated[
     | Annotated[DownloadStarted, Tag("download_started")] | Annotated[DownloadProgress, Tag("download_progress")]
     | Annotated[DownloadPaused, Tag("download_paused")] | Annotated[DownloadStopped, Tag("download_cancelled")]
     | Annotated[DownloadCompleted, Tag("download_complete")] | Annotated[DownloadFailed, Tag("download_error")]
-    | Annotated[ModelFetchStarted, Tag("model_fetch_started")] | Annotated[ModelFetchProgress, Tag("model_fetch_progress")]
-    | Annotated[ModelFetchCompleted, Tag("model_fetch_completed")] | Annotated[ModelFetchFailed, Tag("model_fetch_failed")]
+    | Annotated[ModelFetchStarted, Tag("model_fetch_started")]
+    | Annotated[ModelFetchProgress, Tag("model_fetch_progress")]
+    | Annotated[ModelFetchCompleted, Tag("model_fetch_completed")]
+    | Annotated[ModelFetchFailed, Tag("model_fetch_failed")]
     | Annotated[Activity, Tag("Activity")],
     Discriminator(_activity_tag),
 ]

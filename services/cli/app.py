@@ -16,9 +16,11 @@ from typer.core import TyperGroup
 from events.errors import EventStoreError
 from events.logs import configure_logging
 from services.cli import jobs, models, ops
+from services.cli import store as store_commands
 from services.cli.context import state
 from services.cli.errors import exit_code, one_line
 from services.cli.output import err_console
+from services.store import parse_store_url
 
 
 class ModelBusGroup(TyperGroup):
@@ -51,12 +53,23 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks an
     configure_logging(os.environ.get("MODELBUS_LOG_FORMAT", "console"), "DEBUG" if state.debug else "WARNING")
 
 
+StoreOption = Annotated[str | None, typer.Option(help="MODELBUS_STORE_URL for this run: shared or s3://bucket/prefix")]
+
+
+def _use_store(url: str | None) -> None:
+    """``--store``: the same setting as MODELBUS_STORE_URL, for this process and the workers it starts."""
+    if url is not None:
+        os.environ["MODELBUS_STORE_URL"] = parse_store_url(url).url  # a bad URL: StoreConfigError, exit 2
+
+
 @app.command()
 def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separated queue lists")] =
        "install;download;hash;gpu",
-       api: Annotated[bool, typer.Option(help="serve the HTTP API")] = True) -> None:
+       api: Annotated[bool, typer.Option(help="serve the HTTP API")] = True,
+       store: StoreOption = None) -> None:
     """Start the whole stack in the foreground: Redis (embedded unless MODELBUS_REDIS_URL), workers, API."""
     from services.stack import Stack
+    _use_store(store)
     config = state.config()
     configure_logging(config.log_format, config.log_level, config.secret_values)
     stack = Stack(config, worker_queues=[w for w in workers.split(";") if w], with_api=api)
@@ -75,8 +88,9 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
 @app.command()
 def worker(queues: Annotated[str, typer.Option(help="install,download,hash,gpu")] = "install,download,hash",
            burst: bool = False, device: str | None = None, ram_cache: str | None = None,
-           vram_cache: str | None = None, name: str | None = None) -> None:
+           vram_cache: str | None = None, name: str | None = None, store: StoreOption = None) -> None:
     """Run one worker process on the given queues."""
+    _use_store(store)
     args = [sys.executable, "-m", "workers", "--queues", queues]
     for flag, value in (("--device", device), ("--ram-cache", ram_cache), ("--vram-cache", vram_cache),
                         ("--name", name)):
@@ -112,3 +126,9 @@ app.add_typer(events, name="events")
 records = typer.Typer(help="The record projection.", no_args_is_help=True)
 records.command("rebuild")(ops.records_rebuild)
 app.add_typer(records, name="records")
+
+store = typer.Typer(help="The model store (MODELBUS_STORE_URL).", no_args_is_help=True)
+store.command("push")(store_commands.push)
+store.command("verify")(store_commands.verify)
+store.command("gc")(store_commands.gc)
+app.add_typer(store, name="store")

@@ -27,6 +27,10 @@ from events.schema import (
     InstallFailed,
     InstallProgress,
     InstallStarted,
+    ModelFetchCompleted,
+    ModelFetchFailed,
+    ModelFetchProgress,
+    ModelFetchStarted,
     ModelLoadCompleted,
     ModelLoadFailed,
     ModelLoadStarted,
@@ -39,7 +43,8 @@ STEP_TEXT: dict[type[Event], str] = {
 ENDS = (InstallCompleted, InstallFailed, InstallCancelled)
 JOB_EVENTS = (InstallProgress.model_fields["kind"].default, *(cls.model_fields["type"].default for cls in STEP_TEXT))
 TERMINAL = {"completed", "error", "cancelled"}
-LOAD_EVENTS = LOAD_EVENT_KINDS
+FETCH_EVENTS = (ModelFetchStarted, ModelFetchProgress, ModelFetchCompleted, ModelFetchFailed)
+LOAD_EVENTS = (*LOAD_EVENT_KINDS, *(cls.model_fields["kind"].default for cls in FETCH_EVENTS))
 
 
 def head(client: ModelBusClient) -> str:
@@ -105,6 +110,11 @@ class LoadStatus:
                         self.seen.append(event.kind)
                         worker = event.payload.worker or ""
                         status.update(f"loading {self.key}: {event.kind.removeprefix('model_load_')} on {worker}")
+                    elif isinstance(event, FETCH_EVENTS) and event.payload.model_key == self.key:
+                        self.seen.append(event.kind)  # a host without the model's files fetches them first
+                        done, total = event.payload.bytes or 0, event.payload.total_bytes or 0
+                        of = f" {done / (1 << 20):.0f} of {total / (1 << 20):.0f} MiB" if total else ""
+                        status.update(f"loading {self.key}: {event.kind.removeprefix('model_')}{of}")
 
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()

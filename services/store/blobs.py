@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import blake3
 
@@ -29,6 +30,12 @@ from services.store.errors import (
 from services.store.transfer import Progress, fetch_verified
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobInfo(NamedTuple):
+    digest: str
+    size: int
+    modified: float  # epoch seconds of the blob's last write
 
 
 def check_digest(digest: str) -> str:
@@ -57,8 +64,16 @@ class BlobStore(ABC):
         """Raise BlobStoreUnavailableError unless the store answers and we may read and write it."""
 
     @abstractmethod
+    def stat(self, digest: str) -> BlobInfo | None:
+        """A blob's size and last write, or None when the store lacks it."""
+
+    @abstractmethod
+    def touch(self, digest: str) -> None:
+        """Make a blob's last write now (``store gc`` spares young blobs: see publish.py)."""
+
     def size_of(self, digest: str) -> int | None:
-        """The stored size of a blob, or None when the store lacks it."""
+        info = self.stat(digest)
+        return None if info is None else info.size
 
     @abstractmethod
     def put(self, digest: str, path: Path) -> None:
@@ -73,8 +88,8 @@ class BlobStore(ABC):
         """Remove a blob (nothing happens when it is not there)."""
 
     @abstractmethod
-    def digests(self) -> Iterator[tuple[str, int]]:
-        """Every blob in the store: (digest, size)."""
+    def digests(self) -> Iterator[BlobInfo]:
+        """Every blob in the store."""
 
     def missing(self, entries: Iterable[tuple[str, int]]) -> list[str]:
         """The digests of ``entries`` (digest, size) the store lacks, or holds with another size."""
@@ -111,11 +126,15 @@ class FileBlobStore(BlobStore):
         except OSError as exc:
             raise BlobStoreUnavailableError(f"model store {self.url} cannot be used: {exc.strerror or exc}") from exc
 
-    def size_of(self, digest: str) -> int | None:
+    def stat(self, digest: str) -> BlobInfo | None:
         try:
-            return self._path(digest).stat().st_size
+            stat = self._path(digest).stat()
         except FileNotFoundError:
             return None
+        return BlobInfo(digest, stat.st_size, stat.st_mtime)
+
+    def touch(self, digest: str) -> None:
+        os.utime(self._path(digest))
 
     def put(self, digest: str, path: Path) -> None:
         target = self._path(digest)
@@ -150,9 +169,10 @@ class FileBlobStore(BlobStore):
     def delete(self, digest: str) -> None:
         self._path(digest).unlink(missing_ok=True)
 
-    def digests(self) -> Iterator[tuple[str, int]]:
+    def digests(self) -> Iterator[BlobInfo]:
         if not self.blobs.is_dir():
             return
         for entry in os.scandir(self.blobs):
             if _HEX.match(entry.name):
-                yield entry.name, entry.stat().st_size
+                stat = entry.stat()
+                yield BlobInfo(entry.name, stat.st_size, stat.st_mtime)

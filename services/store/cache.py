@@ -95,8 +95,9 @@ class HostCache:
                 if on_fetch is not None:
                     on_fetch(len(missing), sum(f.size for f in missing))
                 self._fetch_all(key, files, missing, progress)
-            if key not in self._verified:
-                self._verify(files, progress)
+            if key not in self._verified:  # what was just fetched was hashed as it arrived
+                fetched = {f.blake3 for f in missing}
+                self._verify([f for f in files if f.blake3 not in fetched], progress)
             path = self._lay_out(key, name, files)
             self._verified.add(key)
             return path

@@ -11,3 +11,4 @@ HASH_BLOCK = 8 << 20            # bytes; one read back from a partial file while
 CORRUPT_REFETCHES = 1           # a blob that does not hash to its name is fetched again this often
 BLOB_PREFIX = "blobs/blake3/"   # under the store's prefix
 PROGRESS_INTERVAL = 0.5         # s; at most one fetch progress report this often
+GC_GRACE = 6 * 3600.0           # s; `store gc` spares unreferenced blobs this young (an install not yet recorded)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import structlog
 
-from events.schema import FileEntry, ModelAdded, ModelUpdated
-from events.store import StoredEvent
+from services.install.manifest import recorded_manifest
 from services.store import defaults
 from services.store.blobs import BlobStore
 from services.store.cache import HostCache
@@ -32,18 +31,6 @@ MODEL_FETCH_FAILED = "model_fetch_failed"
 Publish = Callable[[str, dict[str, Any]], None]
 
 
-def recorded_files(history: Iterable[StoredEvent]) -> tuple[FileEntry, ...]:
-    """The manifest the log holds for one model (the "files" branch brings ``recorded_manifest``)."""
-    files: tuple[FileEntry, ...] = ()
-    for stored in history:
-        event = stored.event
-        if isinstance(event, ModelAdded):
-            files = event.files
-        elif isinstance(event, ModelUpdated) and getattr(event, "files", None) is not None:
-            files = event.files  # type: ignore[attr-defined]
-    return files
-
-
 class ModelFetcher:
     def __init__(self, config: Any, store: BlobStore, records: Any, publish: Publish | None = None) -> None:
         self.cache = HostCache(config.cache_path, int(config.cache_size), store)
@@ -51,7 +38,7 @@ class ModelFetcher:
         self.publish = publish or (lambda kind, payload: None)
 
     def locate(self, record: Any) -> Path:
-        files = recorded_files(self.records.history(record.key))
+        files = recorded_manifest(self.records.history(record.key))
         name = PurePosixPath(str(record.path)).name
         state: dict[str, Any] = {}
         lock = threading.Lock()

@@ -7,6 +7,7 @@ a blob another model already uploaded (a shared VAE) is not sent again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,23 +42,27 @@ def renamed(files: tuple[FileEntry, ...], old: Path, new: Path) -> tuple[FileEnt
     return files
 
 
-def publish(store: BlobStore, base: Path, files: Sequence[FileEntry]) -> int:
+def publish(store: BlobStore, base: Path, files: Sequence[FileEntry], refresh_before: float | None = None) -> int:
     """Upload the blobs of ``files`` (relative to ``base``) the store lacks; returns the bytes sent.
 
+    A blob the store already holds but last wrote before ``refresh_before`` (default: half the gc grace
+    period ago) is touched, so that ``store gc`` (which
+    spares young blobs) cannot remove it between this check and the record that will reference it.
     Raises BlobStoreUnavailableError when the store cannot take them, BlobCorruptError when a file no
     longer hashes to its manifest entry; either way nothing half-uploaded is visible."""
     entries = {f.blake3: f for f in files}
-    missing = store.missing((digest, f.size) for digest, f in entries.items())
-
-    def put(digest: str) -> None:
-        store.put(digest, base / entries[digest].path)
-
     with ThreadPoolExecutor(defaults.BLOB_THREADS, thread_name_prefix="blob-put") as pool:
-        list(pool.map(put, missing))
+        infos = dict(zip(entries, pool.map(store.stat, entries), strict=True))
+        missing = [d for d, info in infos.items() if info is None or info.size != entries[d].size]
+        old = time.time() - defaults.GC_GRACE / 2 if refresh_before is None else refresh_before
+        stale = [d for d, info in infos.items() if d not in missing and info is not None and info.modified < old]
+        list(pool.map(lambda d: store.put(d, base / entries[d].path), missing))
+        list(pool.map(store.touch, stale))
     still = store.missing((digest, f.size) for digest, f in entries.items())
     if still:
         raise BlobStoreUnavailableError(f"model store {store.url} still lacks {len(still)} blob(s) after the upload, "
                                     f"e.g. {still[0]}")
     sent = sum(entries[d].size for d in missing)
-    log.info("model_published", store=store.url, blobs=len(entries), uploaded=len(missing), bytes=sent)
+    log.info("model_published", store=store.url, blobs=len(entries), uploaded=len(missing), refreshed=len(stale),
+             bytes=sent)
     return sent

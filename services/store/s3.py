@@ -29,7 +29,7 @@ import structlog
 from boto3.s3.transfer import TransferConfig
 
 from services.store import defaults
-from services.store.blobs import BlobStore, check_digest
+from services.store.blobs import BlobInfo, BlobStore, check_digest
 from services.store.errors import BlobCorruptError, BlobMissingError, BlobStoreUnavailableError
 from services.store.location import StoreLocation
 
@@ -116,7 +116,7 @@ class S3BlobStore(BlobStore):
         except (botocore.exceptions.ClientError, *_CONNECTION_ERRORS) as exc:
             raise self._unavailable(exc, "opening the bucket") from exc
 
-    def size_of(self, digest: str) -> int | None:
+    def stat(self, digest: str) -> BlobInfo | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
         except botocore.exceptions.ClientError as exc:
@@ -125,7 +125,16 @@ class S3BlobStore(BlobStore):
             raise self._unavailable(exc, f"looking up blob {digest}") from exc
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc, f"looking up blob {digest}") from exc
-        return int(head["ContentLength"])
+        return BlobInfo(digest, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def touch(self, digest: str) -> None:
+        """A server-side copy onto itself (s3transfer's, multipart past 5 GB): its LastModified is now."""
+        key = self.key(digest)
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket, key, Config=self._transfer,
+                             ExtraArgs={"Metadata": {"blake3": digest}, "MetadataDirective": "REPLACE"})
+        except (botocore.exceptions.ClientError, *_CONNECTION_ERRORS) as exc:
+            raise self._unavailable(exc, f"refreshing blob {digest}") from exc
 
     def put(self, digest: str, path: Path) -> None:
         size = path.stat().st_size
@@ -165,12 +174,12 @@ class S3BlobStore(BlobStore):
         except (botocore.exceptions.ClientError, *_CONNECTION_ERRORS) as exc:
             raise self._unavailable(exc, f"deleting blob {digest}") from exc
 
-    def digests(self) -> Iterator[tuple[str, int]]:
+    def digests(self) -> Iterator[BlobInfo]:
         base = f"{self.prefix}{defaults.BLOB_PREFIX}"
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for item in page.get("Contents", []):
-                    yield item["Key"][len(base):], int(item["Size"])
+                    yield BlobInfo(item["Key"][len(base):], int(item["Size"]), item["LastModified"].timestamp())
         except (botocore.exceptions.ClientError, *_CONNECTION_ERRORS) as exc:
             raise self._unavailable(exc, "listing blobs") from exc
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import blake3
 import pytest
 
+from events.schema import FileEntry
 from services.store import BlobCorruptError, BlobMissingError, BlobStore, StoreConfigError, file_digest
+from services.store.maintenance import collect_garbage
+from services.store.publish import publish
 from services.store.s3 import S3BlobStore
 from tests.servers.s3_server import S3Server
+from tests.waiting import wait_until
 
 BIG = 12 << 20 | 12345  # three parts and a tail
 
@@ -34,7 +39,7 @@ def test_put_then_fetch_round_trip(blob_store: BlobStore, tmp_path: Path, size: 
     blob_store.put(digest, path)
     assert blob_store.size_of(digest) == size
     assert blob_store.missing([(digest, size)]) == []
-    assert dict(blob_store.digests()) == {digest: size}
+    assert [(b.digest, b.size) for b in blob_store.digests()] == [(digest, size)]
     seen: list[int] = []
     dest = tmp_path / "cache" / digest
     blob_store.fetch(digest, size, dest, progress=seen.append)
@@ -100,10 +105,13 @@ def test_a_stopped_fetch_resumes_with_the_parts_it_lacks(blob_store: BlobStore, 
         blob_store.fetch(digest, BIG, dest, check=stop_after_a_part)
     assert not dest.exists()
     assert _leftovers(dest.parent) == [f".{digest}.partial", f".{digest}.parts"]
+    size = blob_store.part_size
+    kept = sum(min(BIG, (i + 1) * size) - i * size for i in map(int, parts.read_text().split()))
     resumed: list[int] = []
     blob_store.fetch(digest, BIG, dest, progress=resumed.append)
     assert dest.read_bytes() == path.read_bytes()
-    assert resumed[0] >= blob_store.part_size  # the first report: the parts already there
+    assert resumed[0] == kept > 0  # the first report: the parts already there, not fetched again
+    assert sum(resumed) == BIG
     assert _leftovers(dest.parent) == []
 
 
@@ -134,3 +142,21 @@ def test_a_blob_name_must_be_a_blake3_digest(blob_store: BlobStore, tmp_path: Pa
     for bad in ("../../etc/passwd", "ABC", "0" * 63, "g" * 64):
         with pytest.raises(StoreConfigError, match="not a BLAKE3"):
             blob_store.size_of(bad)
+
+
+def test_publishing_touches_an_old_blob_so_gc_spares_it(blob_store: BlobStore, tmp_path: Path) -> None:
+    path, digest = _blob(tmp_path, 1000)
+    blob_store.put(digest, path)
+    entry = FileEntry(path=path.name, size=1000, blake3=digest)
+    before = blob_store.stat(digest)
+    assert before is not None
+    assert publish(blob_store, tmp_path, [entry]) == 0  # present and young: neither sent nor touched
+    assert blob_store.stat(digest) == before
+
+    def touched() -> bool:  # stale by the caller's clock: refreshed (S3 keeps whole seconds: poll)
+        assert publish(blob_store, tmp_path, [entry], refresh_before=time.time() + 1) == 0
+        after = blob_store.stat(digest)
+        return after is not None and after.modified > before.modified and after.size == 1000
+
+    wait_until(touched, 15, "the blob's last write to move", interval=0.3)
+    assert collect_garbage(blob_store, keep=set(), dry_run=True, grace=0.0).removed == [digest]

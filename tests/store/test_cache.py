@@ -169,3 +169,40 @@ def test_routing_prefers_vram_then_disk_then_free_vram() -> None:
     assert choose_gpu_worker(states[:2], "k") == "disk"
     assert choose_gpu_worker(states[:2], "other") == "roomy"
     assert choose_gpu_worker([state("old", 5)], "k") == "old"
+
+
+def test_two_hosts_fetching_one_blob_at_once_both_get_it_whole(blob_store: BlobStore, tmp_path: Path) -> None:
+    import threading
+    files = _model(blob_store, tmp_path / "src", {"shared.bin": 12 * MiB})
+    caches = [HostCache(tmp_path / f"host-{i}" / "cache", 100 * MiB, blob_store) for i in range(2)]
+    paths: dict[int, Path] = {}
+    errors: list[BaseException] = []
+
+    def load(i: int) -> None:
+        try:
+            paths[i] = caches[i].ensure("m", "shared.bin", files)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    source = (tmp_path / "src" / "shared.bin").read_bytes()
+    assert paths[0].read_bytes() == source == paths[1].read_bytes()
+    assert paths[0].stat().st_ino != paths[1].stat().st_ino  # each host its own copy
+
+
+def test_a_store_that_is_down_fails_the_fetch_naming_it_and_lays_out_nothing(tmp_path: Path,
+                                                                             aws_env: dict[str, str]) -> None:
+    from services.store import BlobStoreUnavailableError, parse_store_url
+    from tests.servers.s3_server import free_port
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    store = S3BlobStore(parse_store_url("s3://gone-bucket/fleet"), endpoint_url=endpoint, retries=1)
+    cache = HostCache(tmp_path / "cache", 10 * MiB, store)
+    entry = FileEntry(path="m.bin", size=MiB, blake3="b" * 64)
+    with pytest.raises(BlobStoreUnavailableError, match=f"s3://gone-bucket/fleet at {endpoint}: reading blob"):
+        cache.ensure("m", "m.bin", (entry,))
+    assert cache.held() == [] and not (cache.blobs / entry.blake3).exists()

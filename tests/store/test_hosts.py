@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from events.schema import ModelFetchCompleted, ModelFetchStarted
 from services import routing
 from services.client import ModelBusClient
 from services.client.errors import JobFailedError
@@ -46,9 +47,10 @@ def test_a_model_installed_on_one_host_is_loaded_on_another(hosts: Hosts, instal
     laid = hosts.cache_b / "models" / key / "travelling_lora.safetensors"
     assert laid.read_bytes() == source.read_bytes()
     assert laid.stat().st_ino == (hosts.cache_b / "blobs" / added.files[0].blake3).stat().st_ino
-    kinds = [d.event.payload for d in client.events(types=["model_fetch_started", "model_fetch_completed"])
-             if d.event.payload["model_key"] == key]  # type: ignore[attr-defined]
-    assert len(kinds) == 2
+    fetches = [d.event for d in client.events(types=["model_fetch_started", "model_fetch_completed"])
+               if d.event.payload["model_key"] == key]  # type: ignore[attr-defined]
+    assert [type(e) for e in fetches] == [ModelFetchStarted, ModelFetchCompleted]
+    kinds = [e.payload for e in fetches]  # type: ignore[attr-defined]
     assert kinds[1]["bytes"] == source.stat().st_size
     # the heartbeat says what host B holds on disk: routing's disk affinity
     wait_until(lambda: any(key in w.disk_models for w in client.workers()), 30,
@@ -72,3 +74,18 @@ def test_a_corrupt_blob_in_the_store_fails_the_load_and_is_never_laid_out(hosts:
         client.load(key, timeout=TIMEOUT)
     assert not (hosts.cache_b / "blobs" / digest).exists()
     assert not (hosts.cache_b / "models" / key).exists()
+
+
+def test_modelbus_load_shows_the_fetch(hosts: Hosts, installer: ModelInstallService, tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from services.cli.progress import LoadStatus
+    source = make_lora_kohya(tmp_path / "shown_lora.safetensors", rank=12)
+    key, _ = install(hosts, installer, source)
+    client = ModelBusClient(hosts.bus.config)
+    status = LoadStatus(client, key, Console(file=io.StringIO()))
+    status.run(lambda: client.load(key, timeout=TIMEOUT))
+    assert "model_fetch_started" in status.seen and "model_fetch_completed" in status.seen
+    assert status.seen.index("model_fetch_completed") < status.seen.index("model_load_completed")
