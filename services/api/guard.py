@@ -145,7 +145,9 @@ class Guard:
 
     def _has_token(self, headers: Headers) -> bool:
         expected = self.config.api_token
-        return bool(expected) and token_matches(expected, bearer_of(headers.get("authorization")))
+        if not expected:  # no token configured (or an empty one): nothing a caller could present
+            return False
+        return token_matches(expected, bearer_of(headers.get("authorization")))
 
 
 def install_guard(app: FastAPI, config: AppConfig) -> None:
