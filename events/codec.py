@@ -14,7 +14,7 @@ import orjson
 from pydantic import ValidationError
 
 from events.errors import EventDecodeError
-from events.schema import CURRENT_VERSION, ENVELOPE_FIELDS, EVENT_TYPES, UPCASTERS, Event
+from events.schema import CURRENT_VERSION, ENVELOPE_FIELDS, EVENT_TYPES, UPCASTERS, Event, activity_class
 
 _ENVELOPE = set(ENVELOPE_FIELDS)  # (a set: what pydantic's exclude takes)
 
@@ -173,7 +173,8 @@ def decode(position: str, fields: dict[Any, Any]) -> Event:
     body["event_id"] = event_id
     try:
         # the validator itself (what model_validate calls): this runs once per entry of every replay
-        event: Event = EVENT_TYPES[type_name].__pydantic_validator__.validate_python(body)
+        cls = activity_class(body.get("kind")) if type_name == "Activity" else EVENT_TYPES[type_name]
+        event: Event = cls.__pydantic_validator__.validate_python(body)
         return event
     except ValidationError as exc:
         raise EventDecodeError(position, f"malformed {type_name} entry ({type(exc).__name__}: {exc})") from exc

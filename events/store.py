@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import orjson
 import redis
 import structlog
+from pydantic import ValidationError
 
 from events import defaults
 from events.codec import EventBody, decode, decode_body, encode, encode_body
@@ -26,13 +27,15 @@ from events.errors import (
     ConcurrencyError,
     EventDecodeError,
     EventStoreError,
+    InvalidEventError,
     ReplicationError,
     StoreUnavailableError,
     UniqueConstraintError,
 )
 from events.keys import Keys
-from events.schema import Event
-from events.scripts import APPEND
+from events.schema import Event, activity
+from events.scripts import APPEND, QUARANTINE
+from events.validation import Refusal, Refuse, SequenceGate, body_problem
 from events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
 log = structlog.get_logger(__name__)
@@ -74,6 +77,19 @@ def as_body_batch(events: Sequence[StoredEvent], types: Container[str], after: s
     return BodyBatch(entries, events[-1].position, events[-1].event.event_id)
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """A refused entry as the quarantine stream keeps it: the refusal, when, and its id in that stream."""
+
+    id: str
+    position: str
+    type: str
+    aggregate_id: str
+    aggregate_version: int
+    reason: str
+    time: str
+
+
 def position_key(position: str) -> tuple[int, int]:
     ms, _, seq = position.partition("-")
     return int(ms), int(seq or 0)
@@ -88,6 +104,7 @@ class EventStore(ABC):
     """What every store offers. See the module docstring for positions."""
 
     namespace: str
+    _refused: set[str]  # positions this store quarantined or saw quarantined: asked of Redis once each
 
     @abstractmethod
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
@@ -152,30 +169,86 @@ class EventStore(ABC):
         """
         wanted = set(types) if types else None
         last = self.head(stream) if since == "$" else since
+        gate = self.gate() if stream == "events" else None
         while not (stop and stop()):
             batch, cursor = self.poll(last, stream, block_ms)
-            for stored in batch:
+            for stored in (batch if gate is None else gate.admit(batch)):
                 last = stored.position
                 if wanted is None or _type_of(stored.event) in wanted:
                     yield stored
             last = cursor
 
-    def publish_activity(self, kind: str, payload: dict[str, Any], source: str = "modelbus",
+    # --- quarantine: refused entries of the domain log (events.validation), recorded once each ----
+
+    @abstractmethod
+    def quarantine(self, refusal: Refusal) -> bool:
+        """Record a refused entry (once per position, whoever calls); True when this call recorded it."""
+
+    @abstractmethod
+    def quarantined(self, after: str = "0-0", count: int = defaults.READ_BATCH) -> list[QuarantineEntry]:
+        """The quarantine in the order entries were refused, after the quarantine id ``after``."""
+
+    @abstractmethod
+    def quarantine_count(self) -> int: ...
+
+    @abstractmethod
+    def quarantined_among(self, positions: Sequence[str]) -> set[str]:
+        """Which of these log positions are quarantined (by any reader)."""
+
+    @abstractmethod
+    def version_before(self, aggregate_id: str, position: str) -> int:
+        """How many of the aggregate's appended events lie before ``position``: the version a reader
+        starting there expects the aggregate to be at (the append script keeps this index)."""
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Report a refused entry, and quarantine it the first time this store sees it."""
+        recorded = refusal.position not in self._refused and self.quarantine(refusal)
+        self._refused.add(refusal.position)
+        log.warning("event_skipped", position=refusal.position, reason=refusal.reason, quarantined=recorded,
+                    type=refusal.type, aggregate=refusal.aggregate_id, version=refusal.aggregate_version)
+
+    def gate(self) -> SequenceGate:
+        """The version check for a reader following this store's domain log from anywhere."""
+        return SequenceGate(self.version_before, self.quarantined_among, self.refuse)
+
+    def publish_activity(self, kind: str, payload: Mapping[str, Any], source: str = "modelbus",
                          correlation_id: str | None = None) -> str:
-        from events.schema import activity
-        return self.publish(activity(kind, payload, source=source, correlation_id=correlation_id))
+        """Publish an activity event of ``kind`` from a plain payload (its typed class when the kind is known);
+        a payload that does not fit raises InvalidEventError and publishes nothing."""
+        try:
+            event = activity(kind, payload, source=source, correlation_id=correlation_id)
+        except ValidationError as exc:
+            fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+            raise InvalidEventError(kind, source, f"the payload does not fit its schema: {fields}") from exc
+        return self.publish(event)
 
 
 def _type_of(event: Event) -> str:
     return getattr(event, "kind", None) or event.type
 
 
-def _check_batch(events: Sequence[Event]) -> str:
+def _check_batch(events: Sequence[Event], expected_version: int | None = None) -> str:
+    """The batch's aggregate, once every event passed what every reader checks (events.validation): its
+    schema, its domain checks, and a version the append will give it (events carry 0: the script assigns)."""
     if not events:
         raise EventStoreError("append needs at least one event")
     aggregate = events[0].aggregate_id
     if any(e.aggregate_id != aggregate for e in events):
         raise EventStoreError("all events of one append must share one aggregate id")
+    if expected_version is not None and (not isinstance(expected_version, int) or isinstance(expected_version, bool)):
+        raise InvalidEventError(events[0].type, aggregate, f"expected_version {expected_version!r} is not an integer")
+    for n, e in enumerate(events):
+        try:  # a model built with model_construct, or changed after, may no longer fit its schema
+            type(e).__pydantic_validator__.validate_python(e.__dict__)
+        except ValueError as exc:
+            raise InvalidEventError(e.type, aggregate, " ".join(str(exc).split())) from None
+        reason = body_problem(e.type, aggregate, e.__dict__)
+        if reason is not None:
+            raise InvalidEventError(e.type, aggregate, reason)
+        slot = None if expected_version is None else expected_version + n + 1
+        if e.aggregate_version and e.aggregate_version != slot:
+            raise InvalidEventError(e.type, aggregate, f"carries aggregate version {e.aggregate_version}, but the "
+                                    f"append assigns {slot if slot is not None else 'the next one'}")
     return aggregate
 
 
@@ -186,18 +259,43 @@ def _last_id(entries: Sequence[tuple[Any, Any]], default: str) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def _decode_entries(entries: Iterable[tuple[Any, Any]]) -> list[StoredEvent]:
+def _field(fields: Mapping[Any, Any], name: str) -> str:
+    raw = fields.get(name.encode(), fields.get(name))
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
+
+
+def refusal_of(position: str, fields: Mapping[Any, Any], reason: str) -> Refusal:
+    """A refusal for a raw entry, with what it claims to be as far as it can be read."""
+    version = _field(fields, "ver")
+    return Refusal(position, _field(fields, "type")[:100], _field(fields, "agg")[:200],
+                   int(version) if version.isdigit() and len(version) < 19 else 0, reason)
+
+
+def _decode_entries(entries: Iterable[tuple[Any, Any]], refuse: Refuse | None = None) -> list[StoredEvent]:
+    """Decoded events; the others are reported, and with ``refuse`` (entries of the domain log) refused:
+    those that do not decode, and those whose body a domain check refuses."""
     out: list[StoredEvent] = []
     for raw_id, fields in entries:
         position = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
         try:
-            out.append(StoredEvent(position, decode(position, fields)))
+            event = decode(position, fields)
         except EventDecodeError as exc:
-            log.warning("event_skipped", position=exc.position, reason=exc.reason)
+            if refuse is None:
+                log.warning("event_skipped", position=exc.position, reason=exc.reason)
+            else:
+                refuse(refusal_of(position, fields, exc.reason))
+            continue
+        if refuse is not None:
+            reason = body_problem(event.type, event.aggregate_id, event.__dict__)
+            if reason is not None:
+                refuse(Refusal(position, event.type, event.aggregate_id, event.aggregate_version, reason))
+                continue
+        out.append(StoredEvent(position, event))
     return out
 
 
-def _body_batch(entries: Sequence[tuple[Any, Any]], after: str, types: Container[str]) -> BodyBatch:
+def _body_batch(entries: Sequence[tuple[Any, Any]], after: str, types: Container[str],
+                refuse: Refuse) -> BodyBatch:
     out: list[EventBody] = []
     position, event_id = after, None
     for raw_id, fields in entries:
@@ -207,7 +305,7 @@ def _body_batch(entries: Sequence[tuple[Any, Any]], after: str, types: Container
         try:
             body = decode_body(position, fields, types)
         except EventDecodeError as exc:
-            log.warning("event_skipped", position=exc.position, reason=exc.reason)
+            refuse(refusal_of(position, fields, exc.reason))
             continue
         if body is not None:
             out.append(body)
@@ -230,6 +328,8 @@ class RedisEventStore(EventStore):
         self.retry_deadline = retry_deadline
         self._append_sha = hashlib.sha1(APPEND.encode()).hexdigest()  # the name Redis gives the script
         self._append_keys = (self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique)
+        self._quarantine_sha = hashlib.sha1(QUARANTINE.encode()).hexdigest()
+        self._refused = set()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "modelbus", **kwargs: Any) -> RedisEventStore:
@@ -261,7 +361,7 @@ class RedisEventStore(EventStore):
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
                releases: Sequence[str] = ()) -> AppendResult:
-        aggregate = _check_batch(events)
+        aggregate = _check_batch(events, expected_version)
         args: list[Any] = [aggregate, "" if expected_version is None else expected_version,
                            idempotency_key or events[0].event_id, len(events)]
         for e in events:  # the fields of codec.encode but the aggregate id, which the script writes once
@@ -318,14 +418,14 @@ class RedisEventStore(EventStore):
         key = self._stream_key(stream)
         while True:
             entries = self._call(partial(self.client.xrange, key, min=f"({after}", count=count))
-            decoded = _decode_entries(entries)
+            decoded = _decode_entries(entries, self._refuser(stream))
             if decoded or not entries:
                 return decoded
             after = _last_id(entries, after)  # a whole batch of bad entries: read on past them
 
     def read_bodies(self, after: str, count: int, types: Container[str]) -> BodyBatch:
         entries = self._call(partial(self.client.xrange, self.keys.events, min=f"({after}", count=count))
-        return _body_batch(entries, after, types)
+        return _body_batch(entries, after, types, self.refuse)
 
     def watch(self) -> LogWatch | None:
         return RedisLogWatch(self.client, self.keys.events)
@@ -336,7 +436,7 @@ class RedisEventStore(EventStore):
         for raw in ids:
             pipe.xrange(self.keys.events, min=raw, max=raw)
         found = self._call(pipe.execute)
-        return _decode_entries(entry for entries in found for entry in entries)
+        return _decode_entries((entry for entries in found for entry in entries), self.refuse)
 
     def claim_owner(self, field: str) -> str | None:
         raw = self._call(lambda: self.client.hget(self.keys.unique, field))
@@ -352,7 +452,7 @@ class RedisEventStore(EventStore):
         key = self._stream_key(stream)
         reply = self._call(lambda: self.client.xread({key: after}, count=defaults.READ_BATCH, block=block_ms))
         entries = [entry for _, items in (reply or []) for entry in items]
-        return _decode_entries(entries), _last_id(entries, after)
+        return _decode_entries(entries, self._refuser(stream)), _last_id(entries, after)
 
     # --- consumer groups: each event to one member, with ack and reclaim ------------------------
 
@@ -367,7 +467,7 @@ class RedisEventStore(EventStore):
                    block_ms: int | None = None) -> list[StoredEvent]:
         key = self._stream_key(stream)
         reply = self._call(lambda: self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms))
-        return [e for _, entries in (reply or []) for e in _decode_entries(entries)]
+        return [e for _, entries in (reply or []) for e in _decode_entries(entries, self._refuser(stream))]
 
     def ack(self, group: str, positions: Sequence[str], stream: Stream = "events") -> int:
         if not positions:
@@ -379,11 +479,55 @@ class RedisEventStore(EventStore):
         """Take over entries whose consumer went quiet (died) for at least ``min_idle_ms``."""
         key = self._stream_key(stream)
         reply = self._call(lambda: self.client.xautoclaim(key, group, consumer, min_idle_ms, "0-0", count=count))
-        return _decode_entries(reply[1])
+        return _decode_entries(reply[1], self._refuser(stream))
 
     def pending(self, group: str, stream: Stream = "events") -> int:
         info = self._call(lambda: self.client.xpending(self._stream_key(stream), group))
         return int(info["pending"])
+
+    # --- quarantine -------------------------------------------------------------------------------
+
+    def _refuser(self, stream: Stream) -> Refuse | None:
+        return self.refuse if stream == "events" else None
+
+    def quarantine(self, refusal: Refusal) -> bool:
+        keys = [self.keys.quarantine, self.keys.quarantined]
+        args = [refusal.position, refusal.type, refusal.aggregate_id, refusal.aggregate_version, refusal.reason,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
+        sha = self._quarantine_sha
+
+        def run() -> Any:
+            try:
+                return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                self.client.script_load(QUARANTINE)
+                return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        return bool(self._call(run))
+
+    def quarantined(self, after: str = "0-0", count: int = defaults.READ_BATCH) -> list[QuarantineEntry]:
+        entries = self._call(partial(self.client.xrange, self.keys.quarantine, min=f"({after}", count=count))
+        out = []
+        for raw_id, fields in entries:
+            version = _field(fields, "ver")
+            out.append(QuarantineEntry(raw_id.decode() if isinstance(raw_id, bytes) else raw_id,
+                                       _field(fields, "position"), _field(fields, "type"), _field(fields, "agg"),
+                                       int(version) if version.isdigit() else 0, _field(fields, "reason"),
+                                       _field(fields, "time")))
+        return out
+
+    def quarantine_count(self) -> int:
+        return int(self._call(lambda: self.client.xlen(self.keys.quarantine)))
+
+    def quarantined_among(self, positions: Sequence[str]) -> set[str]:
+        if not positions:
+            return set()
+        found = self._call(lambda: self.client.hmget(self.keys.quarantined, list(positions)))
+        return {p for p, hit in zip(positions, found, strict=True) if hit is not None}
+
+    def version_before(self, aggregate_id: str, position: str) -> int:
+        ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
+        floor = position_key(position)
+        return sum(1 for raw in ids if position_key(raw.decode() if isinstance(raw, bytes) else raw) < floor)
 
 
 def _translate(aggregate: str, expected: int | None, message: str) -> EventStoreError:
@@ -406,6 +550,8 @@ class InMemoryEventStore(EventStore):
         self._idempotency: dict[str, AppendResult] = {}
         self._unique: dict[str, str] = {}
         self._index: dict[str, list[StoredEvent]] = {}
+        self._quarantine: dict[str, QuarantineEntry] = {}
+        self._refused = set()
         self._last = (0, 0)
         self._cond = threading.Condition()
 
@@ -418,7 +564,7 @@ class InMemoryEventStore(EventStore):
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
                releases: Sequence[str] = ()) -> AppendResult:
-        aggregate = _check_batch(events)
+        aggregate = _check_batch(events, expected_version)
         key = idempotency_key or events[0].event_id
         with self._cond:
             if key in self._idempotency:
@@ -482,6 +628,33 @@ class InMemoryEventStore(EventStore):
             del self._streams["activity"][:-defaults.ACTIVITY_MAXLEN]
             self._cond.notify_all()
             return stored.position
+
+    def quarantine(self, refusal: Refusal) -> bool:
+        with self._cond:
+            if refusal.position in self._quarantine:
+                return False
+            self._quarantine[refusal.position] = QuarantineEntry(
+                f"{len(self._quarantine) + 1}-0", refusal.position, refusal.type, refusal.aggregate_id,
+                refusal.aggregate_version, refusal.reason, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            return True
+
+    def quarantined(self, after: str = "0-0", count: int = defaults.READ_BATCH) -> list[QuarantineEntry]:
+        with self._cond:
+            floor = position_key(after)
+            return [q for q in self._quarantine.values() if position_key(q.id) > floor][:count]
+
+    def quarantine_count(self) -> int:
+        with self._cond:
+            return len(self._quarantine)
+
+    def quarantined_among(self, positions: Sequence[str]) -> set[str]:
+        with self._cond:
+            return {p for p in positions if p in self._quarantine}
+
+    def version_before(self, aggregate_id: str, position: str) -> int:
+        floor = position_key(position)
+        with self._cond:
+            return sum(1 for s in self._index.get(aggregate_id, []) if position_key(s.position) < floor)
 
     def poll(self, after: str, stream: Stream, block_ms: int) -> tuple[list[StoredEvent], str]:
         found = self._wait(after, stream, block_ms)

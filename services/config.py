@@ -32,6 +32,16 @@ class ConfigError(InvalidInput, ValueError):
     """A configuration value could not be used; the message names the variable and the value."""
 
 
+#: what httpx can speak to a proxy (SOCKS needs the ``socksio`` package: ``pip install httpx[socks]``)
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^@/\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
 def parse_size(value: float | str) -> int:
     """Parse a byte size such as ``32G``, ``512MiB``, ``1.5g`` or a plain integer."""
     if isinstance(value, bool):
@@ -96,6 +106,9 @@ class AppConfig(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")
+    download_proxy: str | None = Field(
+        default=None, repr=False, description="proxy for every download and metadata call (http, https, socks5 URL; "
+        "credentials allowed); unset = direct. The environment's HTTP_PROXY & co. are never used")
     download_threads: int = Field(default=5, ge=1, le=64)
     download_parts: int = Field(default=4, ge=1, le=64, description="parallel ranges for one large file")
     download_retries: int = Field(default=5, ge=0, le=50)
@@ -117,8 +130,12 @@ class AppConfig(BaseSettings):
         "and [::1] (comma-separated; '*' turns the Host check off)")
     api_public_metrics: bool = Field(default=False, description="with a token set, /metrics and the API docs "
                                      "still need no token")
-    download_proxy: str | None = Field(default=None, description="HTTP(S) proxy for model downloads; the "
-                                       "environment's HTTP_PROXY/HTTPS_PROXY are not used")
+    # limits before work (services/api/limits.py)
+    api_max_body: int = Field(default=1 << 20, description="largest request body in bytes (accepts 1M); over: 413")
+    api_max_requests: int = Field(default=64, ge=1, description="requests served at once (event streams apart)")
+    api_queue_wait: float = Field(default=1.0, ge=0, description="s a request over the limit waits; then 503")
+    api_max_streams_per_client: int = Field(default=8, ge=1, description="event streams per client address; "
+                                            "over: 429")
     durability: Literal["fast", "fsync", "replicated"] = "fast"
     replicas: int = Field(default=1, ge=0)
     activity_maxlen: int = Field(default=100_000, ge=1000)
@@ -135,7 +152,7 @@ class AppConfig(BaseSettings):
             setattr(self, name, self.resolve(getattr(self, name)))
         return self
 
-    @field_validator("ram_cache_size", "vram_cache_size", mode="before")
+    @field_validator("ram_cache_size", "vram_cache_size", "api_max_body", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
@@ -160,6 +177,20 @@ class AppConfig(BaseSettings):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
         return str(value)
+
+    @field_validator("download_proxy", mode="before")
+    @classmethod
+    def _download_proxy(cls, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        text = str(value).strip()
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme.lower() not in PROXY_SCHEMES:
+            raise ValueError(f"must be a URL starting with {', '.join(s + '://' for s in PROXY_SCHEMES)}")
+        host = rest.split("/", 1)[0].rpartition("@")[2]
+        if not host or host.startswith(":") or any(c.isspace() for c in text):
+            raise ValueError("must name the proxy's host (scheme://[user:password@]host[:port])")
+        return text
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -234,5 +265,6 @@ def _describe(exc: ValidationError) -> str:
         name = ".".join(str(x) for x in err["loc"]) or "?"
         var = f"{ENV_PREFIX}{name.upper()}"
         value = err.get("input")
-        parts.append(f"{var}={value!r}: {err['msg']}")
+        shown = redact_url(value) if isinstance(value, str) else value  # a URL's password stays out
+        parts.append(f"{var}={shown!r}: {err['msg']}")
     return "invalid configuration: " + "; ".join(parts)

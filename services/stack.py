@@ -1,9 +1,15 @@
 """``modelbus up``: the whole stack in the foreground — the Redis (embedded unless configured), one worker
-process per queue, and the HTTP API when it is available. Ctrl-C stops them all."""
+process per queue, and the HTTP API when it is available. Ctrl-C stops them all.
+
+``up`` supervises what it started, as systemd's ``Restart=on-failure`` or a Kubernetes pod's restart
+policy do: a worker, the API or the embedded Redis that dies is logged (exit code or signal) and started
+again, after a delay that doubles with each quick death (``RESTART_BACKOFF_*``) and is forgotten once
+the process has run for ``RESTART_STABLE_AFTER`` s. The embedded Redis comes back on its own port, so
+the workers and every follower reconnect by themselves.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -14,12 +20,55 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from events.embedded import EmbeddedRedis
 from events.store import RedisEventStore
 from services.config import AppConfig
+from workers.process import die_with_parent
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_WORKERS = ("install", "download", "hash", "gpu")
+RESTART_BACKOFF_START = 1.0   # s; the first restart of a process that died
+RESTART_BACKOFF_MAX = 30.0    # s; the delay doubles with each quick death up to this
+RESTART_STABLE_AFTER = 60.0   # s; a process that ran this long before it died restarts at once again
+POLL_INTERVAL = 0.5           # s
+
+
+@dataclass
+class Supervised:
+    """One process ``up`` started, and when to start it again if it died."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    delay: float = RESTART_BACKOFF_START
+    restart_at: float | None = None
+    restarts: int = 0
+
+    def spawn(self) -> None:
+        self.process = _spawn(self.cmd, self.env)
+        self.started_at, self.restart_at = time.monotonic(), None
+
+    def check(self, now: float) -> None:
+        """Notice a death (log it, schedule the restart) or start the process again when it is due."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.spawn()
+                self.restarts += 1
+                log.warning("stack_process_restarted", name=self.name, pid=self.process.pid if self.process else None,
+                            restarts=self.restarts)
+            return
+        if self.process is None or self.process.poll() is None:
+            return
+        code = self.process.returncode
+        if now - self.started_at >= RESTART_STABLE_AFTER:
+            self.delay = RESTART_BACKOFF_START
+        self.restart_at = now + self.delay
+        log.error("stack_process_exited", name=self.name, pid=self.process.pid, code=code,
+                  reason=_why(code), restart_in=self.delay)
+        self.delay = min(RESTART_BACKOFF_MAX, self.delay * 2)
 
 
 @dataclass
@@ -27,21 +76,33 @@ class Stack:
     config: AppConfig
     worker_queues: Sequence[str] = DEFAULT_WORKERS
     with_api: bool = True
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    supervised: list[Supervised] = field(default_factory=list)
     redis_url: str = ""
+    redis: EmbeddedRedis | None = None  # the embedded server, when this process started it
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [s.process for s in self.supervised if s.process is not None]
 
     def start(self) -> None:
         store = RedisEventStore.from_config(self.config)  # starts the embedded Redis when none is configured
         self.redis_url = store.url or ""
+        if not self.config.redis_url:
+            embedded = EmbeddedRedis.ensure(self.config.root)
+            self.redis = embedded if embedded.process is not None else None
         env = dict(os.environ, MODELBUS_REDIS_URL=self.redis_url, MODELBUS_NAMESPACE=self.config.namespace,
                    MODELBUS_ROOT=str(self.config.root))
         for queues in self.worker_queues:
-            cmd = [sys.executable, "-m", "workers", "--queues", queues]
-            self.processes.append(_spawn(cmd, env))
+            self._add(f"worker {queues}", [sys.executable, "-m", "workers", "--queues", queues], env)
         if self.with_api and _api_available():
-            cmd = [sys.executable, "-m", "uvicorn", "services.api:create_app", "--factory",
-                   "--host", self.config.api_host, "--port", str(self.config.api_port), "--log-level", "warning"]
-            self.processes.append(_spawn(cmd, env))
+            self._add("api", [sys.executable, "-m", "uvicorn", "services.api:create_app", "--factory",
+                              "--host", self.config.api_host, "--port", str(self.config.api_port),
+                              "--log-level", "warning"], env)
+
+    def _add(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        entry = Supervised(name, cmd, env)
+        entry.spawn()
+        self.supervised.append(entry)
 
     def describe(self) -> list[str]:
         lines = [f"redis:     {self.redis_url} (namespace {self.config.namespace})",
@@ -52,7 +113,7 @@ class Stack:
         return lines
 
     def wait(self) -> int:
-        """Block until Ctrl-C/SIGTERM or until a process dies; then stop everything."""
+        """Block until Ctrl-C/SIGTERM, restarting what dies; then stop everything."""
         stop = {"flag": False}
 
         def _handler(signum: int, frame: object) -> None:
@@ -60,18 +121,33 @@ class Stack:
 
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)  # also when started in the background (SIGINT inherited as ignored)
+        redis_delay = RESTART_BACKOFF_START
         try:
             while not stop["flag"]:
-                dead = [p for p in self.processes if p.poll() is not None]
-                if dead:
-                    log.error("stack_process_exited", pid=dead[0].pid, code=dead[0].returncode, args=dead[0].args)
-                    return 1
-                time.sleep(0.5)
+                now = time.monotonic()
+                if self.redis is not None and self.redis.process is not None and self.redis.process.poll() is not None:
+                    redis_delay = self._restart_redis(redis_delay)
+                for entry in self.supervised:
+                    entry.check(now)
+                time.sleep(POLL_INTERVAL)
         except KeyboardInterrupt:
             pass
         finally:
             self.stop()
         return 0
+
+    def _restart_redis(self, delay: float) -> float:
+        assert self.redis is not None and self.redis.process is not None
+        code = self.redis.process.returncode
+        log.error("stack_redis_exited", url=self.redis.url, code=code, reason=_why(code), restart_in=delay)
+        time.sleep(delay)
+        try:
+            self.redis.restart()
+        except Exception as exc:  # noqa: BLE001 - keep supervising: the next round tries again
+            log.error("stack_redis_not_restarted", error=str(exc))
+            return min(RESTART_BACKOFF_MAX, delay * 2)
+        log.warning("stack_redis_restarted", url=self.redis.url, pid=self.redis.process.pid)
+        return RESTART_BACKOFF_START
 
     def stop(self) -> None:
         for p in self.processes:
@@ -85,22 +161,20 @@ class Stack:
                 p.kill()
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not a glibc Linux: no parent-death signal, `wait` still stops the children
-        return None
-
-
-# loaded in the parent, so that the forked child makes a single prctl call before exec (nothing that
-# could wait on a lock another thread of the parent held at fork time)
-_LIBC = _load_libc()
+def _why(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM when `modelbus up` dies, even by SIGKILL (no orphaned workers)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
 
 
 def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
 from events.embedded import EmbeddedRedis
 from events.logs import reset_logging
 from events.store import RedisEventStore

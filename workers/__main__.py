@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
+import redis
 import structlog
+from rq.exceptions import StopRequested
 
 from events.errors import EventStoreError
 from events.logs import configure_logging
 from events.store import RedisEventStore
 from services.config import AppConfig, ConfigError, parse_size
+from workers import defaults
 from workers.context import WorkerContext, set_context
 from workers.runner import Heartbeat, build_worker, parse_queues, worker_name
 
@@ -60,21 +64,65 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or worker_name("gpu" if "gpu" in queues else "mb")
     context = WorkerContext(config=config, store=store, worker_id=name, device=config.device)
     set_context(context)
-    worker = build_worker(store.client, config.namespace, queues, name=name)
     state = None
     if "gpu" in queues:
         from workers.gpu import cache_state
         state = cache_state
-    heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state, worker=worker)
-    heartbeat.beat()
-    heartbeat.start()
+    heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state)
     log = structlog.get_logger("workers")
-    log.info("worker_started", worker=name, queues=queues, pid=os.getpid(), redis=store.url)
     try:
-        worker.work(burst=args.burst, logging_level=config.log_level.upper(), with_scheduler=False)
+        serve(store, config.namespace, queues, name, heartbeat, burst=args.burst, level=config.log_level.upper())
     finally:
         heartbeat.stop()
+    log.info("worker_stopped", worker=name)
     return 0
+
+
+def serve(store: RedisEventStore, namespace: str, queues: list[str], name: str, heartbeat: Heartbeat,
+          burst: bool, level: str) -> None:
+    """Run RQ's work loop until asked to stop (or, in burst mode, until the queues are empty), riding out
+    Redis outages of any length: RQ's loop ends on a lost connection, so the worker waits for Redis with
+    a doubling backoff and starts the loop again under the same name."""
+    log = structlog.get_logger("workers")
+    backoff = defaults.REDIS_BACKOFF_START
+    try:
+        while True:
+            try:
+                _forget_registration(store.client, name)
+                worker = build_worker(store.client, namespace, queues, name=name)
+                heartbeat.worker = worker
+                heartbeat.beat()
+                if not heartbeat.is_alive():
+                    heartbeat.start()
+                log.info("worker_started", worker=name, queues=queues, pid=os.getpid(), redis=store.url)
+                worker.work(burst=burst, logging_level=level, with_scheduler=False)
+                if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
+                    return
+                log.warning("worker_loop_ended", worker=name, reason="RQ's loop ended without a stop request")
+            except redis.RedisError as exc:
+                log.warning("worker_lost_redis", worker=name, error=str(exc), retry_in=backoff)
+            if _wait_for_redis(store.client, backoff):
+                backoff = defaults.REDIS_BACKOFF_START
+            else:
+                backoff = min(defaults.REDIS_BACKOFF_MAX, backoff * 2)
+    except StopRequested:  # SIGTERM while waiting for Redis
+        log.info("worker_stop_requested", worker=name)
+
+
+def _wait_for_redis(client: redis.Redis, delay: float) -> bool:
+    """Sleep ``delay`` s, then whether Redis answers."""
+    time.sleep(delay)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _forget_registration(client: redis.Redis, name: str) -> None:
+    """Our own RQ registration left by a loop that ended without unregistering (Redis was away): RQ refuses
+    to register a name that is still registered. Only this process uses this name."""
+    from rq import Worker
+    client.delete(f"{Worker.redis_worker_namespace_prefix}{name}")
 
 
 if __name__ == "__main__":

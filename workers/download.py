@@ -4,6 +4,10 @@ The fetch is resumable: the bytes on disk and their range state (``.part``/``.pa
 killed worker, and the retry (on any worker sharing the models directory) continues where it stopped.
 A cancel flag set in Redis stops the transfer within a second; a failure sets it too, so the other
 files of the same install stop instead of downloading for nothing.
+
+The run holds the RQ job's lease (workers.lease) and checks it before every write; the partial file is
+locked while written (services.download.partial): a run given up for dead that wakes up again stops
+without writing, and never shares the file with the re-run.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from services.install.jobs import InstallStatus, load_job
 from services.install.placement import staging_dir
 from services.install.progress import ProgressBoard, ProgressReporter
 from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final, set_cancel_flag
-from workers.context import current
-from workers.install import http_client, retries_left
+from workers.context import WorkerContext, current
+from workers.errors import LeaseLostError
+from workers.install import give_up, http_client, retries_left
+from workers.lease import current as current_lease
+from workers.lease import for_current_job
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +37,19 @@ log = structlog.get_logger(__name__)
 def run_download(job_id: str, index: int, url: str, name: str | None = None, size: int | None = None,
                  sha256: str | None = None, folder: str | None = None, access_token: str | None = None) -> str:
     context = current()
+    with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
+        if lease is not None and lease.done_before:
+            return load_job(context.store, job_id).status.value  # delivered again: it already ran
+        cancellation = Cancellation()
+        if lease is not None:
+            cancellation.guard(lease.fence)
+            lease.on_lost(lambda: cancellation.stop("abort"))
+        return _download(context, cancellation, job_id, index, url, name, size, sha256, folder, access_token)
+
+
+def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, index: int, url: str,
+              name: str | None, size: int | None, sha256: str | None, folder: str | None,
+              access_token: str | None) -> str:
     store, config = context.store, context.config
     job = load_job(store, job_id)
     if job.terminal:
@@ -44,12 +64,18 @@ def run_download(job_id: str, index: int, url: str, name: str | None = None, siz
     board = ProgressBoard(store.client, store.keys)
     reporter = ProgressReporter(board, store, job_id, str(index))
     final: list[Path] = []
-    cancellation = Cancellation()
     try:
         with http_client(config) as client, CancelWatcher(store.client, store.keys, job_id, cancellation):
             path = fetch_file(client, request, FetchOptions.from_config(config), cancellation, reporter,
                               on_path=final.append)
+    except LeaseLostError:
+        log.warning("install_download_superseded", job=job_id, url=url)
+        raise  # the partial file is the new run's now: leave it be
     except DownloadCancelled:
+        lease = current_lease()
+        if lease is not None and lease.lost:
+            log.warning("install_download_superseded", job=job_id, url=url)
+            raise LeaseLostError(f"install {job_id}: the download of {url} was taken over by another run") from None
         _drop_partial(final)
         log.info("install_download_cancelled", job=job_id, url=url)
         return InstallStatus.CANCELLED.value
@@ -60,7 +86,7 @@ def run_download(job_id: str, index: int, url: str, name: str | None = None, siz
         _drop_partial(final)
         fail_job(store, job_id, error_name(exc), describe(exc))
         set_cancel_flag(store.client, store.keys, job_id)
-        return InstallStatus.ERROR.value
+        give_up(exc)
     done = path.stat().st_size
     board.set_file(job_id, str(index), done, done)
     log.info("install_file_downloaded", job=job_id, path=str(path), bytes=done)

@@ -24,10 +24,7 @@ def _load_service(context: WorkerContext) -> Any:
     records = context.get("records", _records)
     worker = context.worker_id
 
-    def publish(kind: str, payload: dict[str, Any]) -> None:
-        context.store.publish_activity(kind, {"worker": worker, **payload}, source=worker)
-
-    return ModelLoadService(context.config, records, publisher=publish, worker_id=worker)
+    return ModelLoadService(context.config, records, publisher=context.store.publish, worker_id=worker)
 
 
 def load_service() -> Any:

@@ -25,7 +25,10 @@ from services.install.progress import ProgressBoard
 from services.install.steps import cancel_flag_set, describe, error_name, fail_job, is_final
 from services.records import ModelConfigBase, ModelRecordServiceBase
 from workers.context import current
-from workers.install import retries_left
+from workers.errors import LeaseLostError
+from workers.install import give_up, retries_left
+from workers.lease import current as current_lease
+from workers.lease import for_current_job
 
 log = structlog.get_logger(__name__)
 
@@ -36,17 +39,28 @@ def open_records(config: AppConfig, store: RedisEventStore) -> ModelRecordServic
 
 def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | None = None) -> str:
     context = current()
-    store, config = context.store, context.config
+    with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
+        if lease is not None and lease.done_before:
+            return load_job(context.store, job_id).status.value  # delivered again: it already ran
+        return _hash(context.store, context.config, job_id, folder, metadata)
+
+
+def _hash(store: RedisEventStore, config: AppConfig, job_id: str, folder: str | None,
+          metadata: dict[str, Any] | None) -> str:
     try:
         job = load_job(store, job_id)
         if not job.terminal:
             _install(store, config, _downloaded(store, config, job, folder, metadata or {}))
+    except LeaseLostError:
+        raise  # given up for dead: the run that took the job over decides its outcome
     except Exception as exc:
         if not is_final(exc, retries_left()):
             log.warning("install_hash_retry", job=job_id, error=describe(exc))
             raise
         remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        discard_hand_over(config, load_job(store, job_id).options)
         fail_job(store, job_id, error_name(exc), describe(exc))
+        give_up(exc)
     job = load_job(store, job_id)
     if job.terminal:
         remove_tree(staging_dir(config, job_id))
@@ -80,6 +94,9 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
         path, inplace = placed, True  # a retry: the model was moved into place before the worker died
 
     def still_wanted() -> None:
+        lease = current_lease()
+        if lease is not None:
+            lease.fence()  # a run given up for dead moves nothing into place
         if cancel_flag_set(store.client, store.keys, job.id) or load_job(store, job.id).terminal:
             raise JobStoppedError(f"install job {job.id} ended while it was being finished")
 
@@ -92,6 +109,7 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
             before_place=still_wanted)
         record = finalize(config, records, request)
         remove_tree(staging_dir(config, job.id))  # before the completion: whoever sees it sees no leftovers
+        discard_hand_over(config, job.options)
         _complete(store, config, records, job, record, moved=not job.options.get("inplace"))
     finally:
         records.close()

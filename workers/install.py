@@ -13,7 +13,7 @@ job that died half-way through the fan-out does not start a second copy of a dow
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import structlog
@@ -34,6 +34,9 @@ from services.install.recording import probe_model
 from services.install.sources import LocalPlan, RemotePlan, resolve
 from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final
 from workers.context import current
+from workers.errors import LeaseLostError
+from workers.lease import current as current_lease
+from workers.lease import for_current_job
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +48,15 @@ FAILURE_CALLBACK = "workers.install.on_job_failure"
 def retries_left() -> int | None:
     job = get_current_job()
     return None if job is None else job.retries_left
+
+
+def give_up(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again after the install was ended with it (InstallFailed), so that RQ records the
+    step as failed with its traceback (``rq info``, the failed registry), and does not retry it."""
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0
+    raise exc
 
 
 # Loading the CA bundle costs ~0.1 s: done once per worker process (forked jobs inherit it).
@@ -59,12 +71,19 @@ def http_client(config: AppConfig) -> httpx.Client:
 
 def run_install(job_id: str, access_token: str | None = None) -> str:
     context = current()
-    store, config = context.store, context.config
+    with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
+        if lease is not None and lease.done_before:
+            return load_job(context.store, job_id).status.value  # delivered again: it already ran
+        return _install(context.store, context.config, context.worker_id, job_id, access_token)
+
+
+def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: str,
+             access_token: str | None) -> str:
     job = load_job(store, job_id)
     if job.terminal:
         return job.status.value
     job, _ = transition(store, job_id, lambda j: InstallStarted(
-        aggregate_id=job_id, worker=context.worker_id, correlation_id=job_id) if j.waiting else None)
+        aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None)
     try:
         source = job.options.get(IMPORT_PATH) or job.source  # a hand-over copy stands for the user's path
         plan = resolve(source, config, job.options, lambda: http_client(config), access_token)
@@ -72,6 +91,8 @@ def run_install(job_id: str, access_token: str | None = None) -> str:
             _local(store, config, job, plan)
         else:
             _fan_out(store, config, job, plan, access_token)
+    except LeaseLostError:
+        raise  # given up for dead: the run that took the job over decides its outcome
     except Exception as exc:
         if not is_final(exc, retries_left()):
             log.warning("install_step_retry", job=job_id, error=describe(exc))
@@ -79,7 +100,7 @@ def run_install(job_id: str, access_token: str | None = None) -> str:
         remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
         discard_hand_over(config, job.options)
         fail_job(store, job_id, error_name(exc), describe(exc))
-        return InstallStatus.ERROR.value
+        give_up(exc)
     return load_job(store, job_id).status.value
 
 
@@ -95,6 +116,9 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
         board = ProgressBoard(store.client, store.keys)
         board.set_total(job.id, size_of(path))
         cancellation = Cancellation()
+        lease = current_lease()
+        if lease is not None:
+            cancellation.guard(lease.fence)  # a run given up for dead copies nothing more
         with CancelWatcher(store.client, store.keys, job.id, cancellation):
             path = copy_into(path, staging_dir(config, job.id), ProgressReporter(board, store, job.id, "0"),
                              check=cancellation.check)

@@ -17,6 +17,7 @@ from services.api.auth import require_token
 from services.api.context import RequestContext
 from services.api.errors import COMMON_RESPONSES, install_error_handlers
 from services.api.guard import install_guard
+from services.api.limits import RequestLimits
 from services.api.metrics import build_registry
 from services.api.routes import events, health, models
 from services.client import AsyncModelBusClient, ModelBusClient
@@ -37,7 +38,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
 
     app = FastAPI(title="modelbus", version="2.0",
                   description="An event-sourced model manager: records, installs, loads and live events.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, max_body_size=config.api_max_body)
     app.state.config = config
     app.state.client = client
     app.state.aclient = AsyncModelBusClient(client=client)
@@ -57,5 +58,6 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
         return response
 
     install_guard(app, config)  # Host, browsers, token on the documents: before anything reads the body
+    app.add_middleware(RequestLimits, config=config)  # token, body size and concurrency before any work
     app.add_middleware(RequestContext)  # outermost: every answer carries a request id
     return app

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.api.auth import TOKEN_MESSAGE, bearer_of, token_matches
+from services.api.auth import UNAUTHORIZED, bearer_token, token_matches
 from services.api.errors import error_response
 from services.config import AppConfig
 
@@ -133,7 +133,7 @@ class Guard:
             refusal = error_response(400, "HostNotAllowed", f"Host {shown!r} is not a name this API answers to; "
                                      "add it to MODELBUS_API_ALLOWED_HOSTS")
         elif scope["path"] in self.documents and not self._has_token(headers):
-            refusal = error_response(401, "HTTPError", TOKEN_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
+            refusal = error_response(401, "HTTPError", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
         elif (scope.get("method") in STATE_CHANGING and ("origin" in headers or "sec-fetch-site" in headers)
               and not _same_origin(headers, scope.get("scheme", "http")) and not self._has_token(headers)):
             refusal = error_response(403, "CrossSiteRequest", "a cross-site request from a browser may not change "
@@ -145,9 +145,7 @@ class Guard:
 
     def _has_token(self, headers: Headers) -> bool:
         expected = self.config.api_token
-        if not expected:  # no token configured (or an empty one): nothing a caller could present
-            return False
-        return token_matches(expected, bearer_of(headers.get("authorization")))
+        return bool(expected) and token_matches(expected, bearer_token(headers.get("authorization")))
 
 
 def install_guard(app: FastAPI, config: AppConfig) -> None:

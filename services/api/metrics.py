@@ -16,6 +16,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from events.schema import Activity, DownloadCompleted, Event, ModelLoadCompleted
 from services.client import ClientError, ModelBusClient
 
 log = structlog.get_logger(__name__)
@@ -44,16 +45,16 @@ class ActivityTally:
                     self._count(stored.event)
                 self._cursor = batch[-1].position
 
-    def _count(self, event: Any) -> None:
-        kind = getattr(event, "kind", "")
-        payload = getattr(event, "payload", {}) or {}
-        self.kinds[kind] += 1
-        if kind == "model_load_completed":
-            self.loads["hit" if payload.get("cache_hit") else "miss"] += 1
-            self.load_bytes += int(payload.get("bytes") or 0)
-            self.load_seconds += float(payload.get("seconds") or 0.0)
-        elif kind in ("download_completed", "download_complete"):
-            self.download_bytes += int(payload.get("total_bytes") or payload.get("bytes") or 0)
+    def _count(self, event: Event) -> None:
+        if not isinstance(event, Activity):
+            return
+        self.kinds[event.kind] += 1
+        if isinstance(event, ModelLoadCompleted):
+            self.loads["hit" if event.payload.cache_hit else "miss"] += 1
+            self.load_bytes += event.payload.bytes
+            self.load_seconds += event.payload.seconds
+        elif isinstance(event, DownloadCompleted):
+            self.download_bytes += event.payload.total_bytes or event.payload.bytes
 
 
 class ModelBusCollector(Collector):
@@ -99,6 +100,8 @@ class ModelBusCollector(Collector):
             for state, n in sorted(Counter(str(j.get("state")) for j in jobs).items()):
                 states.add_metric([state], n)
             yield states
+        yield CounterMetricFamily("modelbus_quarantined_events", "log entries refused by every reader",
+                                  value=self.client.quarantine_count())
         self.tally.catch_up()
         t = self.tally
         loads = CounterMetricFamily("modelbus_model_loads", "model loads by cache outcome", labels=["cache"])

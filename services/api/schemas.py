@@ -105,10 +105,13 @@ class RedisHealth(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok | degraded (no live worker) | unavailable (Redis unreachable)")
+    status: str = Field(description="ok | degraded (no live worker, a queue with jobs that no live worker "
+                                    "serves, or quarantined log entries) | unavailable (Redis unreachable)")
     redis: RedisHealth
     workers_alive: int
     queues: dict[str, int] = Field(default_factory=dict)
+    unserved: list[str] = Field(default_factory=list, description="queues with waiting jobs and no live worker")
+    quarantined: int = Field(0, description="log entries refused by every reader (degraded while any)")
 
 
 class Removed(BaseModel):

@@ -82,6 +82,16 @@ def check_workers(client: ModelBusClient) -> Iterator[Check]:
                                                   f"(start one: modelbus worker --queues {queue})")
 
 
+def check_quarantine(client: ModelBusClient) -> Iterator[Check]:
+    """Entries of the log every reader refused: the system runs on without them, an operator looks."""
+    count = client.quarantine_count()
+    if count:
+        yield Check("event log", "warn", f"{count} entr{'y' if count == 1 else 'ies'} quarantined (refused by "
+                                         "every reader, never applied): modelbus events quarantine")
+    else:
+        yield Check("event log", "ok", "no quarantined entries")
+
+
 def check_disk(config: AppConfig) -> Iterator[Check]:
     target = config.models_path if config.models_path.exists() else config.root
     while not target.exists() and target != target.parent:
@@ -111,7 +121,7 @@ def check_gpu(config: AppConfig) -> Iterator[Check]:
 def run_checks(client: ModelBusClient) -> list[Check]:
     checks: list[Check] = [Check("config", "ok", f"root {client.config.root}, models {client.config.models_path}")]
     steps: list[Callable[[], Iterator[Check]]] = [
-        lambda: check_redis(client), lambda: check_workers(client),
+        lambda: check_redis(client), lambda: check_quarantine(client), lambda: check_workers(client),
         lambda: check_disk(client.config), lambda: check_gpu(client.config)]
     for step in steps:
         checks.extend(step())

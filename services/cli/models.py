@@ -19,9 +19,12 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
                 base: Annotated[str | None, typer.Option(help="base model, e.g. sd-1, sdxl")] = None,
                 type: Annotated[str | None, typer.Option("--type", help="model type, e.g. main, lora, vae")] = None,
                 tag: Annotated[list[str] | None, typer.Option(help="models carrying this tag (repeatable)")] = None,
+                sort: Annotated[str, typer.Option(help="sort by name, type, base or format")] = "name",
+                desc: Annotated[bool, typer.Option("--desc", help="descending order")] = False,
                 json: JsonFlag = False) -> None:
     """List the installed models."""
-    models = client().list_models(name=name, base=base, type=type, tag=tag)
+    models = client().list_models(name=name, base=base, type=type, tag=tag, order_by=sort,
+                                  direction="desc" if desc else "asc")
     if json:
         print_json([m.model_dump(mode="json") for m in models])
         return
@@ -39,7 +42,7 @@ def show(key: str, json: JsonFlag = False) -> None:
 
 
 def rm(key: str, delete_files: Annotated[bool, typer.Option(
-        help="also delete its files (only inside the models directory)")] = False) -> None:
+        help="also delete the files recorded at its install (never another model's)")] = False) -> None:
     """Remove a model's record (and, with --delete-files, its files)."""
     model = client().delete_model(key, delete_files=delete_files)
     console.print(f"removed {model.name} ({key})" + (" and its files" if delete_files else ""))

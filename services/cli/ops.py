@@ -1,4 +1,4 @@
-"""Operational commands: events, workers, doctor, records rebuild, import-yaml."""
+"""Operational commands: events (and their quarantine), workers, doctor, records rebuild, import-yaml."""
 
 from __future__ import annotations
 
@@ -25,13 +25,16 @@ def _line(d: Delivered) -> str:
     return f"{event.time.isoformat(timespec='milliseconds')}  {d.type:<24} {event.aggregate_id:<34} {detail}"
 
 
-def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+def events(ctx: typer.Context,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
            type_: Annotated[list[str] | None, typer.Option("--type", "-t",
                                                            help="event type or activity kind (repeatable)")] = None,
            since: Annotated[str | None, typer.Option(help="'0' (all), '$' (new), a position or a resume token")] = None,
            count: Annotated[int | None, typer.Option(help="stop after this many events")] = None,
            json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False) -> None:
     """Print events; with --follow, wait for new ones (resuming after a lost connection)."""
+    if ctx.invoked_subcommand is not None:
+        return
     c = client()
     types = [t for item in (type_ or []) for t in item.split(",") if t] or None
     emit = (lambda d: print_json_line(d.to_dict())) if json else (lambda d: console.print(_line(d), markup=False,
@@ -44,6 +47,17 @@ def events(follow: Annotated[bool, typer.Option("--follow", "-f", help="keep pri
         emit(delivered)
         if count is not None and seen >= count:
             return
+
+
+def quarantine(json: JsonFlag = False) -> None:
+    """List the log entries every reader refused and skipped (never applied), oldest refusal first."""
+    found = client().quarantined()
+    if json:
+        print_json([dataclasses.asdict(q) for q in found])
+        return
+    table(f"{len(found)} quarantined entr{'y' if len(found) == 1 else 'ies'}",
+          ("position", "type", "aggregate", "version", "refused at", "reason"),
+          ((q.position, q.type, q.aggregate_id, q.aggregate_version, q.time, q.reason) for q in found))
 
 
 def workers(json: JsonFlag = False,

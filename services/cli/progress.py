@@ -18,14 +18,28 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from events.schema import (
+    LOAD_EVENT_KINDS,
+    Event,
+    InstallCancelled,
+    InstallCompleted,
+    InstallDownloaded,
+    InstallFailed,
+    InstallProgress,
+    InstallStarted,
+    ModelLoadCompleted,
+    ModelLoadFailed,
+    ModelLoadStarted,
+)
 from services.client import Cursor, ModelBusClient, WaitTimeoutError
 
-JOB_EVENTS = ("install_progress", "InstallStarted", "InstallDownloaded", "InstallCompleted", "InstallFailed",
-              "InstallCancelled")
-STEP_TEXT = {"InstallStarted": "working", "InstallDownloaded": "downloaded; hashing and probing",
-             "InstallCompleted": "installed", "InstallFailed": "failed", "InstallCancelled": "cancelled"}
+STEP_TEXT: dict[type[Event], str] = {
+    InstallStarted: "working", InstallDownloaded: "downloaded; hashing and probing", InstallCompleted: "installed",
+    InstallFailed: "failed", InstallCancelled: "cancelled"}
+ENDS = (InstallCompleted, InstallFailed, InstallCancelled)
+JOB_EVENTS = (InstallProgress.model_fields["kind"].default, *(cls.model_fields["type"].default for cls in STEP_TEXT))
 TERMINAL = {"completed", "error", "cancelled"}
-LOAD_EVENTS = ("model_load_started", "model_load_completed", "model_load_failed")
+LOAD_EVENTS = LOAD_EVENT_KINDS
 
 
 def head(client: ModelBusClient) -> str:
@@ -51,16 +65,18 @@ def follow_install(client: ModelBusClient, job: dict[str, Any], since: str, cons
             event = delivered.event
             if event.aggregate_id != job_id and event.correlation_id != job_id:
                 continue
-            if delivered.type == "install_progress":
-                payload = event.payload  # type: ignore[attr-defined]
-                name = str(payload.get("file") or "download")
+            if isinstance(event, InstallProgress):
+                payload = event.payload
+                name = payload.file or "download"
                 if name not in files:
-                    files[name] = progress.add_task(f"  {name}", total=payload.get("total_bytes"))
-                progress.update(files[name], completed=payload.get("bytes") or 0,
-                                total=payload.get("total_bytes"))
+                    files[name] = progress.add_task(f"  {name}", total=payload.total_bytes)
+                progress.update(files[name], completed=payload.bytes, total=payload.total_bytes)
                 continue
-            progress.update(status, description=f"[bold]{job['source']}[/] {STEP_TEXT[delivered.type]}")
-            if delivered.type in ("InstallCompleted", "InstallFailed", "InstallCancelled"):
+            step = STEP_TEXT.get(type(event))
+            if step is None:
+                continue
+            progress.update(status, description=f"[bold]{job['source']}[/] {step}")
+            if isinstance(event, ENDS):
                 progress.update(status, total=1, completed=1)
                 break
     final = client.job(job_id)
@@ -83,10 +99,12 @@ class LoadStatus:
         with self.console.status(f"loading {self.key}: queued") as status:
             def watch() -> None:
                 for d in self.client.subscribe(LOAD_EVENTS, self.since, stop=self.stopped.is_set, block_ms=200):
-                    if d.event.payload.get("model_key") == self.key:  # type: ignore[attr-defined]
-                        self.seen.append(d.type)
-                        worker = d.event.payload.get("worker", "")  # type: ignore[attr-defined]
-                        status.update(f"loading {self.key}: {d.type.removeprefix('model_load_')} on {worker}")
+                    event = d.event
+                    if isinstance(event, ModelLoadStarted | ModelLoadCompleted | ModelLoadFailed) \
+                            and event.payload.model_key == self.key:
+                        self.seen.append(event.kind)
+                        worker = event.payload.worker or ""
+                        status.update(f"loading {self.key}: {event.kind.removeprefix('model_load_')} on {worker}")
 
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()

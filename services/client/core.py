@@ -21,7 +21,7 @@ from rq import Queue
 
 from events.errors import StoreUnavailableError
 from events.keys import QUEUES
-from events.store import RedisEventStore, StoredEvent
+from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from services.client import defaults
 from services.client.errors import UnavailableError
 from services.client.features import Features
@@ -93,21 +93,24 @@ class ModelBusClient:
     # --- records ----------------------------------------------------------------------------------
 
     def list_models(self, name: str | None = None, base: str | None = None, type: str | None = None,
-                    tag: str | Iterable[str] | None = None) -> list[ModelConfigBase]:
-        """Models matching every filter given (all models when none is)."""
+                    tag: str | Iterable[str] | None = None, *, order_by: str = "name",
+                    direction: str = "asc") -> list[ModelConfigBase]:
+        """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
+        type, base, format) in ``direction`` (asc, desc)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
-        found = self._locked(lambda r: r.search_by_name(name, base, type))
+        found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:
             found = [m for m in found if set(tags) <= set(m.tags or [])]
-        return sorted(found, key=lambda m: (m.name.lower(), m.key))
+        return found  # type: ignore[no-any-return]
 
     def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
-                         tag: str | Iterable[str] | None = None, *, offset: int = 0,
-                         limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
+                         tag: str | Iterable[str] | None = None, *, offset: int = 0, limit: int = 100,
+                         order_by: str = "name", direction: str = "asc") -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`list_models`, in the same order, and the number of matches."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         return self._locked(  # type: ignore[no-any-return]
-            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit))
+            lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
+                                    direction=direction))
 
     def get_model(self, key: str) -> ModelConfigBase:
         return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]
@@ -118,7 +121,7 @@ class ModelBusClient:
 
     def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
         """Change fields of a record; a new ``path`` is checked and hashed again (see ModelInstallService)."""
-        if isinstance(changes, Mapping) and "path" in changes:
+        if not isinstance(changes, Mapping) or "path" in changes:
             return self._locked(lambda r: self.features.update_path(key, changes))  # type: ignore[no-any-return]
         return self._locked(lambda r: r.update_model(key, changes))  # type: ignore[no-any-return]
 
@@ -126,8 +129,8 @@ class ModelBusClient:
         return self._locked(lambda r: r.rename_model(key, new_name))  # type: ignore[no-any-return]
 
     def delete_model(self, key: str, delete_files: bool = False) -> ModelConfigBase:
-        """Remove the record; with ``delete_files`` also its files when they lie in the models directory
-        (files elsewhere belong to the user and stay). Returns the record as it was."""
+        """Remove the record; with ``delete_files`` also the files recorded at its install (see
+        services.install.ownership: never another model's). Returns the record as it was."""
         model = self.get_model(key)
         if delete_files:
             self._locked(lambda r: self.features.delete(key))
@@ -203,6 +206,17 @@ class ModelBusClient:
     def events(self, types: Iterable[str] | None = None, since: str = "0", limit: int = 1000) -> list[Delivered]:
         """Past events after ``since``, oldest first, without waiting for new ones."""
         return read_history(self.store, types=types, since=since, limit=limit)
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        """Entries of the log that every reader refused and skipped (events.validation), in the order
+        they were refused."""
+        out: list[QuarantineEntry] = []
+        while batch := self._redis_call(partial(self.store.quarantined, out[-1].id if out else "0-0")):
+            out += batch
+        return out
+
+    def quarantine_count(self) -> int:
+        return self._redis_call(self.store.quarantine_count)  # type: ignore[no-any-return]
 
     # --- workers, queues, health --------------------------------------------------------------------
 

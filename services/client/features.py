@@ -18,8 +18,7 @@ from events.errors import StoreUnavailableError
 from services import routing
 from services.client.errors import CLIENT_ERRORS, InvalidRequestError, UnavailableError
 from services.install import InstallError, InstallJob, InstallStatus, ModelInstallService
-from services.install.commands import InstallCommand, submit
-from services.install.imports import hand_over as hand_over_source
+from services.install.commands import InstallCommand, submit, submit_handing_over
 
 if TYPE_CHECKING:
     from services.client.core import ModelBusClient
@@ -95,10 +94,9 @@ class Features:
         except TypeError as exc:
             raise InvalidRequestError(f"install options must be plain JSON values: {exc}") from exc
         installer = self.installer
-        if hand_over:
-            opts = self._call(lambda: hand_over_source(source, opts, self.client.config))
         command = InstallCommand(source, opts, command_id, token)
-        job_id = self._call(lambda: submit(installer.event_store, self.client.config, command))
+        publish = submit_handing_over if hand_over else submit
+        job_id = self._call(lambda: publish(installer.event_store, self.client.config, command))
         if job_id != command_id:  # a repeated command, or a source already being installed: that job
             return self.job(job_id)
         # a new job is waiting: say so without reading it back (publishing stays one append + one enqueue)
@@ -124,7 +122,7 @@ class Features:
         """The record and the files it owns (services.install.ownership)."""
         self._call(lambda: self.installer.delete(key))
 
-    def update_path(self, key: str, changes: Mapping[str, Any]) -> Any:
+    def update_path(self, key: str, changes: Any) -> Any:
         return self._call(lambda: self.installer.update_model(key, changes))
 
     def scan(self, path: Path) -> dict[str, Any]:

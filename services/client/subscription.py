@@ -4,6 +4,9 @@ The resume token (``Delivered.cursor``) holds the last position delivered on *ea
 subscriber that reconnects with it (the SSE ``Last-Event-ID``, or ``since=``) sees every later event
 exactly once. Redis going away is not an error for a subscriber: it retries with backoff from its
 cursor until Redis answers again (or ``reconnect_timeout`` passes).
+
+Entries of the domain log are checked as every reader checks them (events.validation): what fails is
+quarantined and skipped, never delivered.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from events import defaults as event_defaults
 from events.codec import decode
 from events.errors import EventDecodeError, StoreUnavailableError
 from events.schema import EVENT_TYPES, Event
-from events.store import RedisEventStore, StoredEvent, Stream, position_key
+from events.store import RedisEventStore, StoredEvent, Stream, position_key, refusal_of
+from events.validation import Refusal, body_problem
 from services.client import defaults
 from services.client.errors import InvalidRequestError, UnavailableError
 
@@ -128,6 +132,7 @@ class Subscription:
         self.reconnect_timeout = reconnect_timeout
         self.since = since
         self.cursor: Cursor | None = None if since.strip() == "$" else Cursor.parse(since)
+        self._gate = store.gate()
 
     def start(self) -> Subscription:
         """Fix ``"$"`` to the streams' current heads now (else it is fixed on the first ``next()``)."""
@@ -156,14 +161,13 @@ class Subscription:
         for raw_key, items in reply:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             stream: Stream = "events" if key == self.store.keys.events else "activity"
-            for raw_id, fields in items:
-                position = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                try:
-                    event: Event | None = decode(position, fields)
-                except EventDecodeError as exc:
-                    log.warning("event_skipped", position=exc.position, reason=exc.reason)
-                    event = None
-                entries.append((merge_key(position, event), stream, position, event))
+            decoded = [(position, self._decode_one(stream, position, fields)) for position, fields in
+                       ((raw_id.decode() if isinstance(raw_id, bytes) else raw_id, fields) for raw_id, fields in items)]
+            if stream == "events":
+                admitted = {s.position for s in self._gate.admit(
+                    [StoredEvent(p, e) for p, e in decoded if e is not None])}
+                decoded = [(p, e if p in admitted else None) for p, e in decoded]
+            entries += [(merge_key(p, e), stream, p, e) for p, e in decoded]
         entries.sort(key=lambda e: e[0])
         out: list[Delivered] = []
         cursor = self.cursor or Cursor(START, START)
@@ -174,6 +178,22 @@ class Subscription:
                 continue
             out.append(Delivered(found, stream, position, cursor))
         return out
+
+    def _decode_one(self, stream: Stream, position: str, fields: Any) -> Event | None:
+        """The entry's event; None when it is unreadable, or refused (domain log entries are quarantined)."""
+        try:
+            event = decode(position, fields)
+        except EventDecodeError as exc:
+            if stream == "events":
+                self.store.refuse(refusal_of(position, fields, exc.reason))
+            else:
+                log.warning("event_skipped", position=exc.position, reason=exc.reason)
+            return None
+        reason = body_problem(event.type, event.aggregate_id, event.__dict__) if stream == "events" else None
+        if reason is not None:
+            self.store.refuse(Refusal(position, event.type, event.aggregate_id, event.aggregate_version, reason))
+            return None
+        return event
 
     def _retrying(self, call: Callable[[], Any]) -> Any:
         """Run ``call``; while Redis is away, wait and retry (the cursor is kept, nothing is lost)."""
@@ -201,12 +221,13 @@ def read_history(store: RedisEventStore, *, types: Iterable[str] | None = None, 
     found: list[tuple[Any, Stream, StoredEvent]] = []
     for stream in streams_for(wanted):
         after, kept = getattr(start, stream), 0
+        gate = store.gate()
         while kept < limit:
             batch = store.read(after, stream=stream)
             if not batch:
                 break
             after = batch[-1].position
-            for stored in batch:
+            for stored in (gate.admit(batch) if stream == "events" else batch):
                 if _matches(wanted, stream, stored.event):
                     found.append((merge_key(stored.position, stored.event), stream, stored))
                     kept += 1

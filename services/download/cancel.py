@@ -4,13 +4,16 @@ Setting a flag is not enough: a thread blocked in ``recv`` on a stalled server o
 flag when the read timeout fires (the stall timeout, tens of seconds). So the streams a download
 reads are registered here, and stopping shuts their sockets down, which wakes the blocked read
 at once. Children let one file's parallel ranges stop together when one of them fails.
+
+Guards (:meth:`Cancellation.guard`) are checks that must pass before every write, such as the job's
+lease (workers.lease): a guard raises to stop the writer, or blocks until writing is safe again.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -27,6 +30,7 @@ class Cancellation:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._children: list[Cancellation] = []
+        self._guards: list[Callable[[], None]] = []
         self.reason: StopReason | None = None
         self._parent = parent
         if parent is not None:
@@ -54,9 +58,21 @@ class Cancellation:
         for child in children:
             child.stop(reason)
 
+    def guard(self, check: Callable[[], None]) -> None:
+        """Run ``check`` before every write of this cancellation's downloads (and its children's)."""
+        self._guards.append(check)
+
+    def fence(self) -> None:
+        """The guards only (no cancel check): what a write that must happen even on a pause calls."""
+        for check in self._guards:
+            check()
+        if self._parent is not None:
+            self._parent.fence()
+
     def check(self) -> None:
         if self._event.is_set():
             raise DownloadCancelled(self.reason or "cancel")
+        self.fence()
 
     def wait(self, seconds: float) -> None:
         """Sleep ``seconds`` unless stopped first (then raise DownloadCancelled)."""

@@ -8,10 +8,12 @@
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
     ├── InsufficientSpaceError    (TooLarge) not enough free disk space for the download
     ├── RemoteError               (Failed) the server answered with an unexpected status (4xx/5xx)
-    │   └── TokenRequiredError    (Failed) 401/403, or an HTML/JSON page where a model file was expected
+    │   └── TokenRequiredError    (Forbidden) 401/403, or an HTML/JSON page where a model file was expected
     ├── RetriesExhaustedError     (Failed) connection errors, stalls or 5xx more often than allowed
     ├── IntegrityError            (InvalidInput) the sha256 of the downloaded file is not the published one
+    ├── PartialBusyError          (Unavailable) another download holds the partial file's lock too long
     ├── MetadataError             (Failed) a Hugging Face / Civitai API answer we cannot use
+    ├── ProxyUnavailableError     (InvalidInput) MODELBUS_DOWNLOAD_PROXY cannot be used (SOCKS without socksio)
     ├── DownloadCancelled         (Conflict) the job was cancelled or paused while running (internal signal)
     ├── Retry                     (Unavailable) this attempt failed, another may not (internal, ``responses``)
     └── Restart                   (Conflict) the resource changed: start over (internal, ``responses``)
@@ -28,6 +30,7 @@ from events.errors import (
     Failed,
     Forbidden,
     InvalidInput,
+    Kind,
     ModelbusError,
     TooLarge,
     Unavailable,
@@ -62,18 +65,16 @@ class InsufficientSpaceError(DownloadError, TooLarge):
     pass
 
 
-class _WithStatus(DownloadError):
+class RemoteError(DownloadError, Failed):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
 
 
-class RemoteError(_WithStatus, Failed):
-    pass
+class TokenRequiredError(RemoteError, Forbidden):
+    """A remote error whose kind is forbidden: a login is missing, the server is not broken."""
 
-
-class TokenRequiredError(RemoteError):
-    """A refused login: a RemoteError (callers catch it as one), so of the failed kind; its name says why."""
+    kind = Kind.FORBIDDEN  # its own kind wins over the one it inherits from RemoteError
 
 
 class RetriesExhaustedError(DownloadError, Failed):
@@ -82,6 +83,10 @@ class RetriesExhaustedError(DownloadError, Failed):
 
 class IntegrityError(DownloadError, InvalidInput):
     pass
+
+
+class PartialBusyError(DownloadError, Unavailable):
+    """Another writer held the partial file's lock for longer than the wait: worth another try later."""
 
 
 class MetadataError(DownloadError, Failed):
@@ -103,6 +108,10 @@ class Retry(DownloadError, Unavailable):
 
 class Restart(DownloadError, Conflict):
     """The resource changed under us: throw away the partial file and start over (internal)."""
+
+
+class ProxyUnavailableError(DownloadError, InvalidInput):
+    """The configured proxy cannot be used by this installation (a SOCKS proxy needs ``socksio``)."""
 
 
 InvalidSourceError = SourceSyntaxError

@@ -40,8 +40,10 @@ from .partial import (
     PartialState,
     StateWriter,
     load_state,
+    lock_partial,
     part_path,
     remove_partial,
+    same_validators,
     split_ranges,
 )
 from .responses import check_status, looks_like_page, parse_content_range
@@ -210,6 +212,9 @@ class _FileFetch:
         if first != offset or total != saved.total:
             remove_partial(self.final)
             raise Restart(f"asked for byte {offset} of {saved.total}, got {first} of {total}")
+        if not same_validators(saved, response):  # a server that ignored If-Range sent the new file's bytes
+            remove_partial(self.final)
+            raise Restart(f"the file changed on the server (ETag/Last-Modified) since byte {offset} was saved")
         log.info("download.resume", path=str(self.final), have=offset, total=total)
         return self._download(saved, response, offset)
 
@@ -241,21 +246,36 @@ class _FileFetch:
         self.state = state
         self._check_space()
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = StateWriter(self.final, state)
-        self.writer.save()
-        self._report()
         fd = os.open(part_path(self.final), os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            if not lock_partial(fd, part_path(self.final), self.opt.lock_wait, self.cancel.check):
+                raise Restart(f"{self.final.name}: the partial file was replaced while this download waited for it")
+            self.writer = StateWriter(self.final, state, fence=self.cancel.fence)
+            self.writer.save()
+            self._report()
             if len(state.ranges) > 1 and state.total and os.fstat(fd).st_size < state.total:
                 os.ftruncate(fd, state.total)  # sparse: ranges write at their offsets
             with self._saving_state():
                 self._fetch_ranges(fd, first, first_offset)
             if self.opt.fsync:
                 os.fsync(fd)
+            self.writer.save()
+            return self._finish()  # still under the lock: no other writer sees the file before its rename
+        except BaseException:
+            self._save_after_failure()
+            raise
         finally:
             os.close(fd)
+
+    def _save_after_failure(self) -> None:
+        """The range state as the failed (paused, cancelled, stalled) download left it, for a resume; the
+        error the caller sees is the original one, and a run whose guard refuses writes saves nothing."""
+        if self.writer is None or not part_path(self.final).exists():
+            return
+        try:
             self.writer.save()
-        return self._finish()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.info("download.state_not_saved", path=str(self.final), error=str(exc) or type(exc).__name__)
 
     def _size_of(self, probe: httpx.Response) -> tuple[int | None, bool]:
         """(total size, whether the server serves ranges) from the probe's answer."""
@@ -372,8 +392,7 @@ class _FileFetch:
         length = r.length
         try:
             for chunk in response.iter_raw():
-                if self.cancel.stopped:
-                    raise DownloadCancelled(self.cancel.reason or "cancel")
+                self.cancel.check()  # cancelled, or (a guard) this run's lease is no longer surely its own
                 pos = r.start + r.done
                 if length is not None and len(chunk) > length - r.done:
                     chunk = chunk[: length - r.done]  # a server sending too much: keep the range's bytes
@@ -408,7 +427,11 @@ class _FileFetch:
 
         def tick() -> None:
             while not done.wait(self.opt.state_interval):
-                self._report(save=True)  # also brings progress up to date while a range stalls
+                try:
+                    self._report(save=True)  # also brings progress up to date while a range stalls
+                except Exception as exc:  # noqa: BLE001 - a guard refused the write: the writers stop too
+                    log.info("download.state_ticker_stopped", path=str(self.final), error=str(exc))
+                    return
 
         ticker = threading.Thread(target=tick, name="dl-state", daemon=True)
         ticker.start()

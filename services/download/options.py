@@ -26,6 +26,7 @@ class FetchOptions:
     fsync: bool = True
     allow_private: bool = False
     proxy: str | None = None  # MODELBUS_DOWNLOAD_PROXY; the environment's proxies are never used
+    lock_wait: float = 60.0  # s; how long a download waits for another writer of its partial file
 
     @classmethod
     def from_config(cls, config: AppConfig, **overrides: object) -> FetchOptions:

@@ -4,17 +4,27 @@ The state names the URL, total size and validator (ETag or Last-Modified) of wha
 fetched, and, per range, how many bytes of it are on disk. A range's count is raised only after
 its bytes were written, so after a kill the state never claims more than the file holds, and a
 restarted process (another worker) resumes every range where it stopped.
+
+Whoever writes a partial file holds an exclusive ``flock`` on it (:func:`lock_partial`), so two
+writers (a re-run beside a run that was given up for dead, two jobs with one destination) never
+write one file together: the second waits for the first, or gives up with PartialBusyError.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 import structlog
+
+from .errors import PartialBusyError
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +76,18 @@ class PartialState:
         )
 
 
+def same_validators(saved: PartialState, response: httpx.Response) -> bool:
+    """Whether a 206 answer is of the resource the partial file holds: its ETag (else Last-Modified)
+    equals the saved one. A server that ignores If-Range answers 206 for a changed file too."""
+    etag = response.headers.get("etag")
+    if saved.etag and etag:
+        return etag == saved.etag
+    modified = response.headers.get("last-modified")
+    if saved.last_modified and modified:
+        return modified == saved.last_modified
+    return True  # nothing to compare: the server honoured If-Range or there was nothing to send
+
+
 def part_path(final: Path) -> Path:
     return final.with_name(final.name + ".part")
 
@@ -99,15 +121,42 @@ def load_state(final: Path) -> PartialState | None:
     return state
 
 
-class StateWriter:
-    """Saves the state atomically; called often from several range threads."""
+def lock_partial(fd: int, path: Path, wait: float, check: Callable[[], None]) -> bool:
+    """Take the exclusive lock of the partial file open as ``fd``, waiting up to ``wait`` s for another
+    writer (calling ``check`` meanwhile). False when ``path`` is no longer that file (the other writer
+    finished or removed it while we waited): start over. Raises PartialBusyError after ``wait``."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise PartialBusyError(f"{path.name} is being written by another download for more than "
+                                       f"{wait:g} s") from None
+            check()
+            time.sleep(0.2)
+    held = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
-    def __init__(self, final: Path, state: PartialState) -> None:
+
+class StateWriter:
+    """Saves the state atomically; called often from several range threads. ``fence`` runs before each
+    save (the job's lease: a run that lost it writes no state either)."""
+
+    def __init__(self, final: Path, state: PartialState, fence: Callable[[], None] | None = None) -> None:
         self.final = final
         self.state = state
+        self.fence = fence
         self._lock = threading.Lock()
 
     def save(self) -> None:
+        if self.fence is not None:
+            self.fence()
         with self._lock:
             data = json.dumps(asdict(self.state))
             tmp = state_path(self.final).with_suffix(".tmp")

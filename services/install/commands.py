@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -25,7 +25,7 @@ from events.store import RedisEventStore
 from services.config import AppConfig
 from services.install import defaults
 from services.install.errors import InvalidCommandError, InvalidSourceError
-from services.install.imports import IMPORT_PATH
+from services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from services.install.jobs import load_job, source_claim
 from services.install.roots import check_local_source
 from services.install.sources import looks_like_path, normalize_source
@@ -83,6 +83,25 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
         return job_id
     _register_and_enqueue(store, config, job_id, command.access_token)
     log.info("install_submitted", job=job_id, source=command.source)
+    return job_id
+
+
+def submit_handing_over(store: RedisEventStore, config: AppConfig, command: InstallCommand) -> str:
+    """:func:`submit`, after this process (the CLI, the client: the caller's own permissions) handed a
+    local source outside the import roots over (services.install.imports). A copy that no job took (a
+    refusal, a repeated command, a source already being installed) is removed again."""
+    command = replace(command, command_id=command.command_id or uuid.uuid4().hex)
+    options = hand_over(command.source, command.options, config)
+    if IMPORT_PATH not in options or options is command.options:
+        return submit(store, config, command)
+    try:
+        job_id = submit(store, config, replace(command, options=options))
+        taken = load_job(store, job_id).options.get(IMPORT_PATH) == options[IMPORT_PATH]
+    except BaseException:
+        discard_hand_over(config, options)
+        raise
+    if not taken:
+        discard_hand_over(config, options)
     return job_id
 
 

@@ -24,10 +24,13 @@ from events.schema import (
     InstallCompleted,
     InstallDownloaded,
     InstallFailed,
+    InstallJobChanged,
+    InstallJobPayload,
     InstallRequested,
     InstallStarted,
 )
 from events.store import EventStore, StoredEvent
+from events.validation import in_sequence
 from services.install.defaults import APPEND_ATTEMPTS
 from services.install.errors import InstallError, UnknownJobError
 
@@ -151,7 +154,8 @@ def fold(history: Sequence[StoredEvent]) -> InstallJob | None:
 
 
 def load_job(store: EventStore, job_id: str) -> InstallJob:
-    job = fold(store.history(job_id))
+    """The job folded from its history; entries every reader refuses (events.validation) are left out."""
+    job = fold(in_sequence(store.history(job_id), store.refuse))
     if job is None:
         raise UnknownJobError(f"no install job with id {job_id!r}")
     return job
@@ -180,8 +184,8 @@ def transition(store: EventStore, job_id: str, decide: Decide) -> tuple[InstallJ
         after = apply(job, event.model_copy(update={"aggregate_version": result.version}))
         assert after is not None
         # job state changes are also operational news: UIs follow the activity stream, not the log
-        store.publish_activity("install_job", {"job_id": job_id, "status": after.status.value,
-                                               "event": event.type}, source=job_id, correlation_id=job_id)
+        store.publish(InstallJobChanged(aggregate_id=job_id, correlation_id=job_id, payload=InstallJobPayload(
+            job_id=job_id, status=after.status.value, event=event.type)))
         return after, True
     raise InstallError(f"install job {job_id!r} kept changing under {APPEND_ATTEMPTS} attempts")
 

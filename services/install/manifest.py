@@ -59,6 +59,8 @@ def resolve_manifest(path: Path, files: Sequence[FileEntry]) -> list[Path]:
     real_base = os.path.realpath(base)
     out = []
     for entry in files:
+        if base != path and entry.path != path.name:
+            raise UnsafeManifestError(f"manifest entry {entry.path!r} is not the single file {path.name!r}")
         rel = PurePosixPath(entry.path)
         if rel.is_absolute() or not rel.parts or any(part in ("..", ".", "") for part in rel.parts):
             raise UnsafeManifestError(f"manifest entry {entry.path!r} is not a plain path inside {base}")
@@ -74,8 +76,9 @@ def recorded_manifest(history: Iterable[StoredEvent]) -> Manifest:
     files: Manifest = ()
     for stored in history:
         event = stored.event
-        if isinstance(event, ModelAdded) or isinstance(event, ModelUpdated) and event.files is not None:
-            files = event.files
+        found = event.files if isinstance(event, (ModelAdded, ModelUpdated)) else None
+        if found is not None:
+            files = found
     return files
 
 

@@ -1,7 +1,7 @@
 """A model owns its own files and nothing else: who may point where, and what a delete may remove.
 
 - No record's path is inside another record's path or holds it (a folder model is one model, and the
-  models directory or a base folder is nobody's). :func:`check_path_free` refuses such a path naming
+  models directory and its staging are nobody's). :func:`check_path_free` refuses such a path naming
   the other model; installs, in-place registrations and path updates all pass through it.
 - A delete removes exactly the files of the model's manifest and the folders that leaves empty, up to
   the model's own folder: never the folder holding a single file, never a folder that is (or holds)
@@ -80,8 +80,7 @@ def delete_model_files(config: AppConfig, record: ModelConfigBase, files: Manife
     """
     path = config.model_path(record.path)
     report = DeleteReport()
-    if not files:
-        plan_delete(config, record, files, others)
+    if not files:  # recorded before manifests: plan_delete has checked that the path is this model's alone
         if is_inside(path, config.models_path):
             remove_tree(path)
             report.removed.append(str(path))

@@ -11,10 +11,15 @@ import time
 from pathlib import Path
 
 import redis
+import structlog
 
+from events.errors import EventStoreError
 from events.keys import Keys
+from events.schema import InstallProgress, InstallProgressPayload
 from events.store import EventStore
 from services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
+
+log = structlog.get_logger(__name__)
 
 
 class ProgressBoard:
@@ -80,7 +85,10 @@ class ProgressReporter:
         if not finished and now - self._last < self.interval:
             return
         self._last = now
-        self.board.set_file(self.job_id, self.file, done, total)
-        self.store.publish_activity("install_progress", {"job_id": self.job_id, "file": self.file,
-                                                         "bytes": done, "total_bytes": total},
-                                    source=self.job_id, correlation_id=self.job_id)
+        try:
+            self.board.set_file(self.job_id, self.file, done, total)
+            self.store.publish(InstallProgress(aggregate_id=self.job_id, correlation_id=self.job_id,
+                                               payload=InstallProgressPayload(job_id=self.job_id, file=self.file,
+                                                                              bytes=done, total_bytes=total)))
+        except (redis.RedisError, EventStoreError) as exc:  # advisory: a report lost while Redis is away
+            log.warning("install_progress_not_reported", job=self.job_id, error=str(exc))  # must not end the copy

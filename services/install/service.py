@@ -20,7 +20,7 @@ import structlog
 from events.schema import InstallCancelled
 from events.store import RedisEventStore
 from services.config import AppConfig
-from services.install.commands import InstallCommand, submit
+from services.install.commands import InstallCommand, submit_handing_over
 from services.install.defaults import WAIT_BLOCK_MS
 from services.install.errors import (
     DuplicateInstallError,
@@ -31,7 +31,7 @@ from services.install.errors import (
     ModelPathConflictError,
 )
 from services.install.finalize import FinalizeRequest, finalize, record_path
-from services.install.imports import discard_hand_over, hand_over
+from services.install.imports import discard_hand_over
 from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
 from services.install.manifest import hash_and_manifest, recorded_manifest
 from services.install.ownership import (
@@ -85,8 +85,9 @@ class ModelInstallService:
         """
         given_key(config or {})  # a bad chosen key is refused now, not by a worker later
         opts = {**options, "inplace": inplace, "force": force, "config": dict(config or {})}
-        opts = hand_over(str(source), opts, self.config)  # this process reads the caller's own file
-        job_id = submit(self.event_store, self.config, InstallCommand(str(source), opts, command_id, access_token))
+        # this process reads the caller's own file (a local source outside the import roots is handed over)
+        job_id = submit_handing_over(self.event_store, self.config,
+                                     InstallCommand(str(source), opts, command_id, access_token))
         return self.get_job_by_id(job_id)
 
     def import_model(self, source: Any, config: Mapping[str, Any] | None = None,
@@ -210,14 +211,12 @@ class ModelInstallService:
         log.info("model_deleted", key=key, path=record.path, removed=len(report.removed), kept=report.kept)
         return report
 
-    def update_model(self, key: str, changes: Mapping[str, Any]) -> ModelConfigBase:
-        """Change a record's fields; a new ``path`` must exist, lie in an import root and be no other
-        model's (not inside one, not holding one), and is hashed again: the new hash and manifest are
-        recorded with it."""
-        if not isinstance(changes, Mapping) or "path" not in changes:
-            return self.record_store.update_model(key, changes)
+    def update_model(self, key: str, changes: ModelConfigBase | Mapping[str, Any]) -> ModelConfigBase:
+        """Change a record's fields (a sparse dict, or a whole config); a new ``path`` must exist, lie in
+        an import root and be no other model's (not inside one, not holding one), and is hashed again:
+        the new hash and manifest are recorded with it."""
         current = self.record_store.get_model(key)
-        value = changes["path"]
+        value = changes.path if isinstance(changes, ModelConfigBase) else changes.get("path", current.path)
         if not isinstance(value, str) or not value.strip() or "\x00" in value:
             raise InvalidModelPathError(f"path must be a non-empty string, got {value!r}")
         target = self.config.model_path(value)
@@ -229,7 +228,8 @@ class ModelInstallService:
         check_path_free(self.config, self.record_store.all_models(), real_target, key)
         source_files(real_target)
         digest, files = hash_and_manifest(real_target, self.config.hash_threads)
-        new = {**changes, "path": record_path(self.config, real_target), "hash": digest}
+        moved = {"path": record_path(self.config, real_target), "hash": digest}
+        new = changes.model_copy(update=moved) if isinstance(changes, ModelConfigBase) else {**changes, **moved}
         return self.record_store.update_model(key, new, files=files)
 
     def scan_directory(self, path: str | Path, install: bool = False) -> list[str]:

@@ -18,10 +18,6 @@ from services.load.errors import (
 from services.load.ip_adapters import IPAdapter
 from services.load.safetensors_fast import FlatTensors, drop_page_cache, load_flat
 from services.load.service import (
-    CACHE_EVICTED,
-    MODEL_LOAD_COMPLETED,
-    MODEL_LOAD_FAILED,
-    MODEL_LOAD_STARTED,
     ModelInfo,
     ModelLoadService,
     execution_device,
@@ -32,10 +28,6 @@ from services.records import UnknownModelException
 from services.records.enums import SubModelType
 
 __all__ = [
-    "CACHE_EVICTED",
-    "MODEL_LOAD_COMPLETED",
-    "MODEL_LOAD_FAILED",
-    "MODEL_LOAD_STARTED",
     "CacheEntry",
     "CacheError",
     "CacheOutOfMemoryError",

@@ -1,10 +1,10 @@
 """``ModelLoadService``: the spec's "Let's get loaded", on top of the RAM/VRAM :class:`ModelCache`.
 
 Events. Every ``get_model`` publishes ``model_load_started`` then ``model_load_completed`` (or
-``model_load_failed``) through ``publisher(event_type, payload)`` (the GPU worker passes a
-function that appends to the activity stream); cache evictions go out as ``cache_evicted``.
+``model_load_failed``) through ``publisher(event)``, typed activity events of ``events.schema`` (the GPU
+worker passes the event store's ``publish``); cache evictions go out as ``cache_evicted``.
 When ``context`` is given, its identifiers fill the payload and the event also goes to the
-context's own bus. The context protocol, tried in this order:
+context's own bus, as ``(kind, payload dict)``. The context protocol, tried in this order:
 
 1. ``context.emit(event_type, payload)`` when ``context`` has a callable ``emit``;
 2. ``context.services.events.emit_<event_type>(**payload)`` (InvokeAI's invocation context shape).
@@ -26,6 +26,17 @@ from typing import Any
 import structlog
 import torch
 
+from events.schema import (
+    Activity,
+    CacheEvicted,
+    CacheEvictedPayload,
+    LoadContext,
+    LoadFailedPayload,
+    LoadPayload,
+    ModelLoadCompleted,
+    ModelLoadFailed,
+    ModelLoadStarted,
+)
 from services.load.cache import CacheEntry, Loaded, ModelCache, ModelLocker
 from services.load.errors import (
     CacheOutOfMemoryError,
@@ -41,12 +52,8 @@ from services.records.enums import BaseModelType, ModelFormat, ModelType, SubMod
 
 log = structlog.get_logger(__name__)
 
-Publisher = Callable[[str, dict[str, Any]], None]
+Publisher = Callable[[Activity], None]
 CONTEXT_FIELDS = ("queue_id", "queue_item_id", "queue_batch_id", "graph_execution_state_id")
-MODEL_LOAD_STARTED = "model_load_started"
-MODEL_LOAD_COMPLETED = "model_load_completed"
-MODEL_LOAD_FAILED = "model_load_failed"
-CACHE_EVICTED = "cache_evicted"
 # bases whose single-file checkpoints hold a transformer, which older callers ask for as "unet"
 _TRANSFORMER_BASES = (BaseModelType.Flux, BaseModelType.StableDiffusion3)
 
@@ -129,7 +136,7 @@ class ModelLoadService:
                                          vram_limit=int(config.vram_cache_size),
                                          keep_alive=float(getattr(config, "cache_keep_alive", 0.0)))
         if self.cache.on_event is None:
-            self.cache.on_event = self._publish
+            self.cache.on_event = self._cache_event
         self.precision = inference_dtype(str(getattr(config, "precision", "auto")), self.cache.execution_device)
 
     @property
@@ -152,20 +159,22 @@ class ModelLoadService:
             raise ModelNotFoundException(f"model {key} ({record.name}): nothing at {location}")
         cache_key = f"{key}:{submodel.value}" if submodel is not None else key
         request = LoadRequest(record, location, submodel, self.execution_device, self.precision)
-        payload = self._payload(record, submodel, location, context)
+        ids = self._payload(record, submodel, location, context)
         hit_before = cache_key in self.cache
-        self._announce(MODEL_LOAD_STARTED, payload | {"cache_hit": hit_before, "seconds": 0.0, "bytes": 0}, context)
+        self._announce(ModelLoadStarted(aggregate_id=self.worker_id, payload=LoadPayload(
+            **ids.model_dump(), cache_hit=hit_before, seconds=0.0, bytes=0)), context)
         start = time.perf_counter()
         try:
             entry, hit = self.cache.get_or_load(cache_key, self._loader(request), model_key=key,
                                                 submodel=submodel.value if submodel else None,
                                                 size_hint=0 if hit_before else estimate_bytes(request))
         except Exception as exc:
-            self._announce(MODEL_LOAD_FAILED, payload | {"error": f"{type(exc).__name__}: {exc}"}, context)
+            self._announce(ModelLoadFailed(aggregate_id=self.worker_id, payload=LoadFailedPayload(
+                **ids.model_dump(), error=f"{type(exc).__name__}: {exc}")), context)
             raise
         seconds = time.perf_counter() - start
-        self._announce(MODEL_LOAD_COMPLETED, payload | {"cache_hit": hit, "seconds": seconds, "bytes": entry.size},
-                       context)
+        self._announce(ModelLoadCompleted(aggregate_id=self.worker_id, payload=LoadPayload(
+            **ids.model_dump(), cache_hit=hit, seconds=seconds, bytes=entry.size)), context)
         return ModelInfo(key=key, name=record.name, base_model=BaseModelType(record.base_model),
                          type=submodel or model_type, location=location, precision=self.precision,
                          context=self.cache.locker(cache_key), hash=record.hash, submodel=submodel,
@@ -196,24 +205,30 @@ class ModelLoadService:
 
         return run
 
-    def _payload(self, record: Any, submodel: SubModelType | None, location: Path, context: Any) -> dict[str, Any]:
+    def _payload(self, record: Any, submodel: SubModelType | None, location: Path, context: Any) -> LoadContext:
         ids = {name: (_context_value(context, name) if context is not None else None) for name in CONTEXT_FIELDS}
-        return ids | {"model_key": record.key, "submodel": submodel.value if submodel else None,
-                      "hash": record.hash, "location": str(location), "precision": str(self.precision),
-                      "worker": self.worker_id, "device": str(self.execution_device)}
+        return LoadContext(**ids, model_key=record.key, submodel=submodel.value if submodel else None,
+                           hash=record.hash, location=str(location), precision=str(self.precision),
+                           worker=self.worker_id, device=str(self.execution_device))
 
-    def _announce(self, event_type: str, payload: dict[str, Any], context: Any) -> None:
-        self._publish(event_type, payload)
+    def _announce(self, event: Activity, context: Any) -> None:
+        self._publish(event)
         if context is not None:
             try:
-                _bus_emit(context, event_type, payload)
+                _bus_emit(context, event.kind, event.payload.model_dump())
             except Exception as exc:  # noqa: BLE001 - the caller's bus may raise anything; the load goes on
-                log.warning("context_event_failed", event=event_type, error=str(exc))
+                log.warning("context_event_failed", event=event.kind, error=str(exc))
 
-    def _publish(self, event_type: str, payload: dict[str, Any]) -> None:
+    def _cache_event(self, kind: str, payload: dict[str, Any]) -> None:
+        """The cache's own news (evictions), as typed events from this worker."""
+        if kind == CacheEvicted.model_fields["kind"].default:
+            self._publish(CacheEvicted(aggregate_id=self.worker_id, payload=CacheEvictedPayload(
+                **payload, worker=self.worker_id)))
+
+    def _publish(self, event: Activity) -> None:
         if self.publisher is None:
             return
         try:
-            self.publisher(event_type, payload)
+            self.publisher(event)
         except Exception as exc:  # noqa: BLE001 - an injected publisher; the activity stream is best effort
-            log.warning("publish_failed", event=event_type, error=str(exc))
+            log.warning("publish_failed", event=event.kind, error=str(exc))

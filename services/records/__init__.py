@@ -1,5 +1,6 @@
 """The record service: model config records as projections of the event log (spec: ModelRecordService)."""
 
+import services.records.validation  # noqa: F401 - registers the record config check with the event layer
 from services.records.backends import ModelRecordServiceFile, ModelRecordServiceMemory, ModelRecordServiceSQL
 from services.records.enums import (
     BaseModelType,

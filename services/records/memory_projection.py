@@ -16,7 +16,7 @@ from services.records.projection import (
     check_page,
     config_from_state,
     fresh_entries,
-    listing_order,
+    order_key,
 )
 
 
@@ -64,6 +64,9 @@ class DictProjection(RecordProjection):
         with self.lock:
             return self.table.versions.get(key, 0)
 
+    def _stored_version(self, key: str) -> int:
+        return self.table.versions.get(key, 0)
+
     def _configs(self, keys: Sequence[str], copy: bool = True) -> list[ModelConfigBase]:
         out = [c for c in (self.get(k, copy) for k in keys) if c is not None]
         out.sort(key=lambda c: (c.name, c.key))
@@ -93,13 +96,14 @@ class DictProjection(RecordProjection):
             return self._configs(self._matching(name, base, model_type), copy)
 
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
-             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+             tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
+             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
         check_page(offset, limit)
         with self.lock:
             found = self._matching(name, base, model_type, tags)
-            # sorted on the stored names: only the page's records are parsed
+            # sorted on the stored states: only the page's records are parsed
             states = self.table.states
-            found.sort(key=lambda k: listing_order(states[k]["name"], k))
+            found.sort(key=lambda k: order_key(states[k], k, order_by), reverse=descending)
             return len(found), [c for c in (self.get(k) for k in found[offset:offset + limit]) if c is not None]
 
     def by_path(self, path: str) -> list[ModelConfigBase]:

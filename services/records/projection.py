@@ -4,6 +4,10 @@
 which writes the rows and the checkpoint in one transaction and skips what it already holds (two
 processes sharing one database may both try to apply the same batch).
 
+The fold checks every entry as every reader does (events.validation: its schema, the record config
+check, the aggregate's version sequence against the version this projection holds); a refused entry
+is handed to ``refuse`` (the store's quarantine) and skipped, so it changes no row and no version.
+
 Parsed configs are cached per key; a cached config is never handed out itself, only a copy, so a
 caller mutating what it got cannot corrupt the projection.
 """
@@ -20,6 +24,7 @@ import structlog
 
 from events.codec import EventBody
 from events.store import BodyBatch, StoredEvent, as_body_batch, position_key
+from events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
 from services.records.enums import BaseModelType, ModelType
 from services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
 from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
@@ -32,6 +37,11 @@ KIND = "modelbus-model-records"  # marks our files and tables: anything else is 
 
 #: key -> (new state or None when removed, aggregate version)
 Changes = dict[str, tuple[State, int]]
+_UNREAD: Any = object()  # a key's stored state, not read yet (only a rename needs it)
+
+
+def _log_refusal(refusal: Refusal) -> None:
+    log.warning("event_skipped", position=refusal.position, reason=refusal.reason)
 
 
 def config_from_state(state: dict[str, Any]) -> ModelConfigBase:
@@ -50,6 +60,20 @@ def listing_order(name: str, key: str) -> tuple[str, str]:
     SQLite's ASCII-only NOCASE), then the key. The SQL projection stores the lowered name in a column and
     compares it bytewise, which for UTF-8 is code point order, so both sides agree on every name."""
     return name.lower(), key
+
+
+#: what a listing may be ordered by -> the record field holding it (then name, then key: a total order,
+#: so pages never overlap or skip, whichever direction)
+ORDER_FIELDS: dict[str, str] = {"name": "name", "type": "model_type", "base": "base_model", "format": "model_format"}
+DIRECTIONS = ("asc", "desc")
+
+
+def order_key(state: dict[str, Any], key: str, order_by: str) -> tuple[str, str, str]:
+    """The sort key of a record's stored state in a listing ordered by ``order_by`` (ascending);
+    the SQL projection orders by the same three columns, compared bytewise (code point order)."""
+    name, _ = listing_order(state["name"], key)
+    first = name if order_by == "name" else str(state[ORDER_FIELDS[order_by]])
+    return first, name, key
 
 
 def check_page(offset: int, limit: int) -> None:
@@ -80,6 +104,8 @@ class RecordProjection(ABC):
         self._cache: dict[str, ModelConfigBase] = {}
         #: the stored rows use an older layout of ours: the service rebuilds them on open
         self.stale = False
+        #: where refused entries go (the record service sets its event store's quarantine)
+        self.refuse: Refuse = _log_refusal
 
     # --- the Projection protocol ----------------------------------------------------------------
 
@@ -105,40 +131,46 @@ class RecordProjection(ABC):
         """The id of the event at the checkpoint: with it, opening checks the rows came from this log."""
 
     def fold_batch(self, entries: Iterable[EventBody]) -> Changes:
-        """Per-key outcome of a batch. Each key's events are read newest first: its last ModelAdded,
-        ModelUpdated or ModelRemoved decides its state, so the bodies before it are never parsed (a
-        rename changes one field of the state before it; only the newest rename after it matters)."""
-        by_key: dict[str, list[EventBody]] = {}
-        for entry in entries:
-            found = by_key.get(entry.aggregate_id)
-            if found is None:
-                by_key[entry.aggregate_id] = [entry]
-            else:
-                found.append(entry)
-        changes: Changes = {}
-        for key, events in by_key.items():
-            changes[key] = (self._newest_state(key, events), events[-1].aggregate_version)
-            self._cache.pop(key, None)
-        return changes
+        return self.fold_entries(entries)[0]
 
-    def _newest_state(self, key: str, events: list[EventBody]) -> State:
-        new_name: str | None = None
-        for entry in reversed(events):
-            try:
-                if entry.type == "ModelRenamed":
-                    if new_name is None:
-                        new_name = step({}, entry.type, entry.parsed())["name"]  # type: ignore[index]
-                    continue
-                state = step(None, entry.type, entry.parsed())
-            except ValueError as exc:  # a hand-written entry: skipped, as the event decoder skips one
-                log.warning("event_skipped", position=entry.position, reason=str(exc))
+    def fold_entries(self, entries: Iterable[EventBody]) -> tuple[Changes, set[str]]:
+        """Per-key outcome of a batch, and the keys it brings in for the first time (no rows yet).
+        Entries are checked in log order; the refused ones are handed to :attr:`refuse` and skipped."""
+        changes: Changes = {}
+        born: set[str] = set()
+        for entry in entries:
+            key = entry.aggregate_id
+            current = changes.get(key)
+            last = current[1] if current is not None else self._stored_version(key)
+            body, reason = self._check(entry, last)
+            if body is None:
+                self.refuse(Refusal(entry.position, entry.type, key, entry.aggregate_version, str(reason)))
                 continue
-            break
-        else:
-            state = self._load_state(key)  # no event in the batch replaces the stored state
-        if state is not None and new_name is not None:
-            state = {**state, "name": new_name}
-        return state
+            if current is None:
+                if last == 0:
+                    born.add(key)
+                state: State = _UNREAD
+            else:
+                state = current[0]
+            if state is _UNREAD and entry.type == "ModelRenamed":
+                state = self._load_state(key)
+            changes[key] = (step(None if state is _UNREAD else state, entry.type, body), entry.aggregate_version)
+            self._cache.pop(key, None)
+        return changes, born
+
+    @staticmethod
+    def _check(entry: EventBody, last: int) -> tuple[Any, str | None]:
+        """(the parsed body, None) when every reader accepts the entry, else (None, why not)."""
+        reason = version_problem(last, entry.aggregate_version)
+        if reason is not None:
+            return None, reason
+        try:
+            body = entry.parsed()
+        except ValueError as exc:
+            return None, f"malformed {entry.type} entry ({exc})"
+        reason = schema_problem(entry.type, entry.aggregate_id, entry.aggregate_version, body) \
+            or body_problem(entry.type, entry.aggregate_id, body)
+        return (None, reason) if reason is not None else (body, None)
 
     @abstractmethod
     def _commit(self, batch: BodyBatch) -> None:
@@ -146,6 +178,10 @@ class RecordProjection(ABC):
 
     @abstractmethod
     def _load_state(self, key: str) -> State: ...
+
+    @abstractmethod
+    def _stored_version(self, key: str) -> int:
+        """:meth:`version_of` for a caller holding :attr:`lock` (which may not be reentrant)."""
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -177,10 +213,11 @@ class RecordProjection(ABC):
 
     @abstractmethod
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
-             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+             tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
+             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
         """The records :meth:`search` finds that also carry every one of ``tags``, ordered by
-        :func:`listing_order`, and their number; only the ``limit`` records from ``offset`` on are parsed
-        and copied out."""
+        :func:`order_key` (``order_by`` one of :data:`ORDER_FIELDS`, checked by the service), and their
+        number; only the ``limit`` records from ``offset`` on are parsed and copied out."""
 
     @abstractmethod
     def by_path(self, path: str) -> list[ModelConfigBase]:

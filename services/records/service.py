@@ -28,6 +28,7 @@ from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintErr
 from events.projection import ProjectionRunner
 from events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from events.store import AppendResult, EventStore, StoredEvent, position_key
+from events.validation import in_sequence
 from events.watch import LogWatch
 from services.records.enums import BaseModelType, ModelType
 from services.records.errors import (
@@ -43,7 +44,14 @@ from services.records.errors import (
 from services.records.fold import fold, is_model_event, path_claim
 from services.records.models import ModelConfigBase
 from services.records.parsing import check_key, merge_update, parse_config
-from services.records.projection import RECORDS_VERSION, RecordProjection, config_from_state
+from services.records.projection import (
+    DIRECTIONS,
+    ORDER_FIELDS,
+    RECORDS_VERSION,
+    RecordProjection,
+    config_from_state,
+    order_key,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +80,27 @@ def _enum(enum: type[BaseModelType | ModelType], field: str, value: Any) -> Any:
                                           "invalid search") from None
 
 
+def _order(order_by: Any) -> str:
+    if order_by not in ORDER_FIELDS:
+        raise InvalidModelConfigException(
+            [FieldError("order_by", order_by, "must be one of " + ", ".join(ORDER_FIELDS))], "invalid search")
+    return str(order_by)
+
+
+def _sort_fields(config: ModelConfigBase) -> dict[str, str]:
+    """A config's fields a listing sorts by, as its stored state holds them."""
+    return {"name": config.name, "model_type": config.model_type.value, "base_model": config.base_model.value,
+            "model_format": config.model_format.value}
+
+
+def _direction(direction: Any) -> bool:
+    """True for descending."""
+    if direction not in DIRECTIONS:
+        raise InvalidModelConfigException(
+            [FieldError("direction", direction, "must be one of " + ", ".join(DIRECTIONS))], "invalid search")
+    return bool(direction == "desc")
+
+
 class ModelRecordServiceBase:
     """The record service over one projection. Build one with the subclasses' constructors, or
     :meth:`from_db_file` / :meth:`open`, which pick the subclass."""
@@ -90,6 +119,7 @@ class ModelRecordServiceBase:
     def __init__(self, projection: RecordProjection, event_store: EventStore, *, read_tracking: bool = True) -> None:
         self.projection = projection
         self.event_store = event_store
+        projection.refuse = event_store.refuse  # what the fold refuses is quarantined (events.validation)
         self.runner = ProjectionRunner(event_store, projection)
         #: seconds a read may skip catching up after the last catch-up (0: every read catches up, the
         #: spec's guarantee). Our own writes are always seen: they force a catch-up while unapplied.
@@ -123,9 +153,9 @@ class ModelRecordServiceBase:
             return True
         ms, seq = position_key(checkpoint)
         before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
-        found = self.event_store.read(before, count=1)
-        return bool(found) and found[0].position == checkpoint \
-            and found[0].event.event_id == self.projection.last_event_id()
+        # the entry itself, whatever it is: a checkpoint may sit on an entry every reader refused
+        found = self.event_store.read_bodies(before, 1, ())
+        return found.position == checkpoint and found.event_id == self.projection.last_event_id()
 
     # --- constructors (the spec's) --------------------------------------------------------------
 
@@ -215,7 +245,8 @@ class ModelRecordServiceBase:
     def history(self, key: str) -> list[StoredEvent]:
         """Every event of one model, oldest first (removed models keep their history)."""
         with _log_errors(f"reading the history of {key!r}"):
-            events = [s for s in self.event_store.history(key) if is_model_event(s.event)]
+            events = in_sequence((s for s in self.event_store.history(key) if is_model_event(s.event)),
+                                 self.event_store.refuse)
         if not events:
             raise UnknownModelException(f"no model with key {key!r} was ever recorded")
         return events
@@ -253,30 +284,41 @@ class ModelRecordServiceBase:
         return found[0]
 
     def search_by_name(self, name: str | None = None, base_model: BaseModelType | str | None = None,
-                       model_type: ModelType | str | None = None) -> list[ModelConfigBase]:
-        """Models matching every criterion given; a base matches the primary base or a compatible one."""
+                       model_type: ModelType | str | None = None, *, order_by: str | None = None,
+                       direction: str = "asc") -> list[ModelConfigBase]:
+        """Models matching every criterion given; a base matches the primary base or a compatible one.
+        ``order_by`` (name, type, base, format) and ``direction`` (asc, desc) sort them as
+        :meth:`search_page` does; without ``order_by`` they come in no particular order."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
+        descending = _direction(direction)
+        field = _order(order_by) if order_by is not None else None
         self._sync_for_read()
-        return self.projection.search(name, base, type_)
+        found = self.projection.search(name, base, type_)
+        if field is not None:
+            found.sort(key=lambda c: order_key(_sort_fields(c), c.key, field), reverse=descending)
+        return found
 
-    def all_models(self) -> list[ModelConfigBase]:
-        return self.search_by_name()
+    def all_models(self, *, order_by: str | None = None, direction: str = "asc") -> list[ModelConfigBase]:
+        return self.search_by_name(order_by=order_by, direction=direction)
 
     def search_page(self, name: str | None = None, base_model: BaseModelType | str | None = None,
                     model_type: ModelType | str | None = None, tags: Sequence[str] = (), *, offset: int = 0,
-                    limit: int = 100) -> tuple[int, list[ModelConfigBase]]:
-        """One page of :meth:`search_by_name` (ordered by ``name.lower()``, then key: see
-        ``projection.listing_order``), filtered by all ``tags``, and the total. The projection filters, orders
+                    limit: int = 100, order_by: str = "name", direction: str = "asc",
+                    ) -> tuple[int, list[ModelConfigBase]]:
+        """One page of :meth:`search_by_name`, filtered by all ``tags``, and the total. Ordered by
+        ``order_by`` (name, type, base or format; then the lowered name, then the key: a total order, so
+        pages neither overlap nor skip) in ``direction`` (asc or desc). The projection filters, orders
         and cuts the page itself (in SQL for SQLite), so only the page's records are read and copied out."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
+        sort_field, descending = _order(order_by), _direction(direction)
         for field, value in (("offset", offset), ("limit", limit)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidModelConfigException([FieldError(field, value, "must be an integer >= 0")],
                                                   "invalid search")
         self._sync_for_read()
-        return self.projection.page(name, base, type_, list(tags), offset, limit)
+        return self.projection.page(name, base, type_, list(tags), offset, limit, sort_field, descending)
 
     def search_by_tag(self, tags: Sequence[str]) -> list[ModelConfigBase]:
         """Models carrying all of ``tags``."""

@@ -90,6 +90,8 @@ class _Pending:
             self.position, self.event_id = batch.position, batch.event_id
 
 _SELECT = "SELECT type, format, config, key FROM model_records"
+#: projection.ORDER_FIELDS -> the column holding it (the only names that reach an ORDER BY)
+_ORDER_COLUMNS = {"type": "type", "base": "base", "format": "format"}
 
 
 def inspect_schema(conn: sqlite3.Connection, where: str) -> str:
@@ -220,9 +222,8 @@ class SQLProjection(RecordProjection):
             fresh = fresh_entries(batch, self._read_checkpoint())
             if fresh is None:
                 return
-            changes = self.fold_batch(fresh)
-            # a key whose first event here is its version 1 has no rows yet: nothing to delete
-            born = {e.aggregate_id for e in fresh if e.aggregate_version == 1}
+            changes, born = self.fold_entries(fresh)
+            # a key this batch brings in has no rows yet: nothing to delete
             gone = [(k,) for k in changes if k not in born]
             for table in ("model_records", "model_record_tags", "model_record_bases"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE key = ?", gone)
@@ -297,8 +298,14 @@ class SQLProjection(RecordProjection):
 
     def version_of(self, key: str) -> int:
         with self.lock:
-            row = self.conn.execute("SELECT version FROM model_record_versions WHERE key = ?", (key,)).fetchone()
-            return int(row[0]) if row else 0
+            return self._stored_version(key)
+
+    def _stored_version(self, key: str) -> int:
+        if self._bulk is not None:  # a rebuild: the versions are still in memory
+            found = self._bulk.changes.get(key)
+            return 0 if found is None else found[1]
+        row = self.conn.execute("SELECT version FROM model_record_versions WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
 
     def search(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
                copy: bool = True) -> list[ModelConfigBase]:
@@ -306,8 +313,13 @@ class SQLProjection(RecordProjection):
         return self._query(_SELECT + where, params, copy)
 
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
-             tags: Sequence[str], offset: int, limit: int) -> tuple[int, list[ModelConfigBase]]:
+             tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
+             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
         check_page(offset, limit)
+        way = "DESC" if descending else "ASC"
+        order = f"sort_name {way}, key {way}"  # projection.order_key, column by column
+        if order_by != "name":
+            order = f"{_ORDER_COLUMNS[order_by]} {way}, {order}"
         where, params = _filters(name, base, model_type, tags)
         with self.lock, self._snapshot():
             total = int(self.conn.execute("SELECT COUNT(*) FROM model_records" + where, params).fetchone()[0])
@@ -315,7 +327,7 @@ class SQLProjection(RecordProjection):
                 return total, []
             # keys only: the order index covers them, and a sort (after a type or name filter) carries no JSON
             keys = self.conn.execute("SELECT key FROM model_records" + where
-                                     + " ORDER BY sort_name, key LIMIT ? OFFSET ?", [*params, limit, offset])
+                                     + f" ORDER BY {order} LIMIT ? OFFSET ?", [*params, limit, offset])
             return total, [c for c in (self.get(k) for (k,) in keys.fetchall()) if c is not None]
 
     @contextmanager

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 
 from events.store import RedisEventStore
+from tests.fixtures.activity import payload_of
 
 
 def read_events(response: httpx.Response) -> Iterator[dict[str, str]]:
@@ -28,7 +29,7 @@ def _publish_soon(store: RedisEventStore, kinds: list[str]) -> None:
     def run() -> None:
         time.sleep(0.5)  # after the stream has started
         for i, kind in enumerate(kinds):
-            store.publish_activity(kind, {"i": i})
+            store.publish_activity(kind, payload_of(kind, bytes=i))
     threading.Thread(target=run, daemon=True).start()
 
 

@@ -10,6 +10,7 @@ from events.keys import Keys
 from events.store import RedisEventStore
 from services.api import create_app
 from services.config import AppConfig
+from tests.fixtures.activity import load_payload
 
 
 def test_healthz_without_workers_is_degraded(http: TestClient) -> None:
@@ -35,8 +36,8 @@ def test_metrics_read_queues_and_activity(http: TestClient, app_config: AppConfi
                                           event_store: RedisEventStore) -> None:
     assert http.get("/metrics").status_code == 200  # the tally starts here
     Queue(Keys(app_config.namespace).queue("install"), connection=event_store.client).enqueue("os.getcwd")
-    event_store.publish_activity("model_load_completed", {"cache_hit": True, "bytes": 10, "seconds": 0.5})
-    event_store.publish_activity("model_load_completed", {"cache_hit": False, "bytes": 90, "seconds": 1.5})
+    event_store.publish_activity("model_load_completed", load_payload(cache_hit=True, bytes=10, seconds=0.5))
+    event_store.publish_activity("model_load_completed", load_payload(cache_hit=False, bytes=90, seconds=1.5))
     text = http.get("/metrics").text
     assert 'modelbus_queue_length{queue="install"} 1.0' in text
     assert 'modelbus_model_loads_total{cache="hit"} 1.0' in text

@@ -27,7 +27,7 @@ def main() -> None:
         print(f"redis-py parser: {'hiredis' if redis.utils.HIREDIS_AVAILABLE else 'python'}")
         n = scale(5000)
         store = RedisEventStore.from_url(url, f"bench-{uuid.uuid4().hex[:6]}")
-        events = [ModelAdded(aggregate_id=f"m{i}", config=CONFIG) for i in range(n)]
+        events = [ModelAdded(aggregate_id=f"m{i}", config={**CONFIG, "key": f"m{i}"}) for i in range(n)]
         body = orjson.dumps(CONFIG)
 
         def ours_single() -> None:
@@ -42,7 +42,8 @@ def main() -> None:
 
         batch = 100
         store2 = RedisEventStore.from_url(url, f"bench-{uuid.uuid4().hex[:6]}")
-        groups = [[ModelAdded(aggregate_id=f"b{g}", config=CONFIG) for _ in range(batch)] for g in range(n // batch)]
+        groups = [[ModelAdded(aggregate_id=f"b{g}", config={**CONFIG, "key": f"b{g}"}) for _ in range(batch)]
+                  for g in range(n // batch)]
 
         def ours_batched() -> None:
             for group in groups:
@@ -97,7 +98,7 @@ def main() -> None:
         for i in range(rounds):
             key = f"lat{i}"
             sent[key] = time.perf_counter()
-            store.append([ModelAdded(aggregate_id=key, config=CONFIG)])
+            store.append([ModelAdded(aggregate_id=key, config={**CONFIG, "key": key})])
             time.sleep(0.002)
         thread.join(timeout=30)
         p50, p99 = percentiles(samples)

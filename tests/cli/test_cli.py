@@ -15,6 +15,7 @@ from services.cli import app
 from services.client import ModelBusClient
 from services.config import AppConfig
 from tests.client.conftest import model_config, put_file
+from tests.fixtures.activity import download_payload, load_payload
 
 
 @pytest.fixture()
@@ -74,8 +75,8 @@ def test_unreachable_redis(cli, monkeypatch) -> None:  # type: ignore[no-untyped
 
 
 def test_events_history_and_follow(cli, event_store: RedisEventStore) -> None:  # type: ignore[no-untyped-def]
-    event_store.publish_activity("download_progress", {"n": 1})
-    event_store.publish_activity("model_load_started", {"model_key": "k"})
+    event_store.publish_activity("download_progress", download_payload(bytes=1))
+    event_store.publish_activity("model_load_started", load_payload("k"))
     past = [json.loads(line) for line in cli("events", "--json").stdout.splitlines()]
     assert [e["type"] for e in past] == ["download_progress", "model_load_started"]
     only = cli("events", "--type", "model_load_started", "--json").stdout.splitlines()
@@ -85,12 +86,12 @@ def test_events_history_and_follow(cli, event_store: RedisEventStore) -> None:  
 
     def publish_later() -> None:
         time.sleep(0.5)
-        event_store.publish_activity("download_progress", {"n": 2})
-        event_store.publish_activity("model_load_completed", {"model_key": "k"})
+        event_store.publish_activity("download_progress", download_payload(bytes=2))
+        event_store.publish_activity("model_load_completed", load_payload("k", cache_hit=True))
     threading.Thread(target=publish_later, daemon=True).start()
     followed = cli("events", "--follow", "--type", "model_load_completed", "--since", since, "--count", "1",
                    "--json").stdout
-    assert [json.loads(line)["event"]["payload"] for line in followed.splitlines()] == [{"model_key": "k"}]
+    assert [json.loads(line)["event"]["payload"] for line in followed.splitlines()] == [load_payload("k", cache_hit=True)]
 
 
 def test_workers_and_doctor(cli, app_config, event_store) -> None:  # type: ignore[no-untyped-def]
@@ -142,5 +143,6 @@ def test_install_without_workers_then_cancel(cli, app_config) -> None:  # type: 
     assert job["state"] == "waiting" and job["source"] == str(model)
     assert [j["id"] for j in json.loads(cli("jobs", "--json").stdout)] == [job["id"]]
     assert "cancelled" in cli("cancel", job["id"]).stdout
+    assert list((app_config.root / "import").iterdir()) == []  # the hand-over copy went with the job
     cli("cancel", "no-such-job", code=3)
     cli("install", " ", code=2)

@@ -16,6 +16,7 @@ from events.schema import InstallRequested
 from events.store import RedisEventStore
 from services.client import AsyncModelBusClient, Cursor, InvalidRequestError, ModelBusClient, UnavailableError
 from services.config import AppConfig
+from tests.fixtures.activity import download_payload, load_payload
 from tests.waiting import wait_until
 
 
@@ -26,9 +27,9 @@ def _request(store: RedisEventStore, n: int) -> str:
 def test_history_merges_both_streams_in_order(client: ModelBusClient) -> None:
     store = client.store
     _request(store, 1)
-    store.publish_activity("download_progress", {"n": 1})
+    store.publish_activity("download_progress", download_payload(bytes=1))
     _request(store, 2)
-    store.publish_activity("model_load_started", {"n": 2})
+    store.publish_activity("model_load_started", load_payload("m2"))
     seen = client.events(since="0")
     assert [d.type for d in seen] == ["InstallRequested", "download_progress", "InstallRequested",
                                       "model_load_started"]
@@ -46,13 +47,13 @@ def test_live_subscription_filters_and_resumes(client: ModelBusClient) -> None:
     got: list[str] = []
     stop = threading.Event()
     sub = client.subscribe(types=["model_load_completed"], stop=stop.is_set, block_ms=100)
-    first = next_in_thread(sub, lambda: (store.publish_activity("download_progress", {}),
-                                         store.publish_activity("model_load_completed", {"k": "a"})))
-    got.append(first.event.payload["k"])  # type: ignore[attr-defined]
+    first = next_in_thread(sub, lambda: (store.publish_activity("download_progress", download_payload()),
+                                         store.publish_activity("model_load_completed", load_payload("a"))))
+    got.append(first.event.payload["model_key"])  # type: ignore[attr-defined]
     token = str(first.cursor)
-    store.publish_activity("model_load_completed", {"k": "b"})
+    store.publish_activity("model_load_completed", load_payload("b"))
     resumed = client.subscribe(types=["model_load_completed"], since=token, block_ms=100)
-    assert next(resumed).event.payload["k"] == "b"  # type: ignore[attr-defined]
+    assert next(resumed).event.payload.model_key == "b"  # type: ignore[attr-defined]
     stop.set()
 
 
@@ -153,11 +154,11 @@ def test_async_client_subscribes_and_calls(client: ModelBusClient) -> None:
         stream = aclient.subscribe(types=["model_load_started"], block_ms=100)
         task = asyncio.ensure_future(stream.__anext__())
         await asyncio.sleep(0.3)
-        await asyncio.to_thread(client.store.publish_activity, "model_load_started", {"k": "x"})
+        await asyncio.to_thread(client.store.publish_activity, "model_load_started", load_payload("x"))
         first = await asyncio.wait_for(task, 10)
         await stream.aclose()
         past = await aclient.events(since="0")
-        return first.event.payload["k"], [d.type for d in past]  # type: ignore[attr-defined]
+        return first.event.payload["model_key"], [d.type for d in past]  # type: ignore[attr-defined]
 
     key, past = asyncio.run(scenario())
     assert key == "x" and past == ["model_load_started"]

@@ -19,6 +19,7 @@ from rq import Queue
 
 from events.embedded import free_port
 from events.keys import QUEUES, Keys
+from tests.record_configs import record_config
 from workers.runner import parse_queues
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -268,7 +269,7 @@ def test_acl_user_from_the_guide_can_run_modelbus(redis_url: str, namespace: str
         client = connect(url)
         check_fit(client, url)
         store = RedisEventStore(client, namespace)
-        store.append([ModelAdded(aggregate_id="acl-model", config={"n": 1})], expected_version=0)
+        store.append([ModelAdded(aggregate_id="acl-model", config=record_config("acl-model"))], expected_version=0)
         assert [s.event.aggregate_id for s in store.history("acl-model")] == ["acl-model"]
         queue = Queue(Keys(namespace).queue("hash"), connection=client)
         job = queue.enqueue("os.getcwd")

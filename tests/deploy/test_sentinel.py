@@ -26,6 +26,7 @@ from events.sentinel import (
 )
 from events.store import RedisEventStore
 from tests.deploy.redis_ha import RedisHA, redis_server_binary
+from tests.record_configs import record_config
 from tests.waiting import wait_until
 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not on PATH")
@@ -111,7 +112,7 @@ def test_failover_loses_no_acknowledged_event_and_appends_carry_on(ha: RedisHA) 
         try:
             n = 0
             while not stop.is_set():
-                result = store.append([ModelAdded(aggregate_id=aggregate, config={"n": n})], expected_version=n)
+                result = store.append([ModelAdded(aggregate_id=aggregate, config=record_config(aggregate, f"n{n}"))], expected_version=n)
                 assert result.version == n + 1, f"append {n} landed at version {result.version}"
                 acknowledged.append(n)
                 n += 1
@@ -142,9 +143,9 @@ def test_failover_loses_no_acknowledged_event_and_appends_carry_on(ha: RedisHA) 
     assert ha.live_primaries() == [new.port]  # one primary: the other replica follows it
 
     history = store.history(aggregate)
-    numbers = [int(s.event.config["n"]) for s in history]  # type: ignore[attr-defined]
+    numbers = [int(s.event.config["name"][1:]) for s in history]  # type: ignore[attr-defined]
     versions = [s.event.aggregate_version for s in history]
-    in_log = [int(s.event.config["n"]) for s in store.read_all() if s.event.aggregate_id == aggregate]  # type: ignore[attr-defined]
+    in_log = [int(s.event.config["name"][1:]) for s in store.read_all() if s.event.aggregate_id == aggregate]  # type: ignore[attr-defined]
     lost = sorted(set(acknowledged) - set(in_log))
     doubled = len(in_log) - len(set(in_log))
     print(f"\nsentinel failover: {acked_at_kill} appends acknowledged (WAIT 1) before SIGKILL of the primary "

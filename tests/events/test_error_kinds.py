@@ -9,24 +9,11 @@ import pkgutil
 
 import pytest
 
-from events.errors import (
-    Conflict,
-    Failed,
-    Forbidden,
-    InvalidInput,
-    Kind,
-    ModelbusError,
-    NotFound,
-    TimedOut,
-    TooLarge,
-    Unavailable,
-)
+from events.errors import KIND_CLASSES, Kind, ModelbusError, Unavailable
 from services.api.errors import STATUS, status_of
 from services.cli.errors import EXIT_CODES, exit_code
 from services.install.steps import RETRIED_KINDS, is_final
 
-KIND_CLASSES: tuple[type[ModelbusError], ...] = (NotFound, Conflict, InvalidInput, TooLarge, Forbidden, Unavailable,
-                                                 TimedOut, Failed)
 PACKAGES = ("events", "services", "workers")
 
 
@@ -54,8 +41,11 @@ LEAVES = [e for e in ERRORS if not any(o is not e and issubclass(o, e) for o in 
 
 
 def _kinds(cls: type[BaseException]) -> set[Kind]:
-    """The kinds a class is (TooLarge is also InvalidInput: that counts once, as too large)."""
-    kinds = {k.kind for k in KIND_CLASSES if issubclass(cls, k)}
+    """The kinds a class declares among its own bases, else those its parents have (TooLarge is also
+    InvalidInput: that counts once, as too large). A leaf may refine the kind of the error it extends
+    (TokenRequiredError is a RemoteError, but forbidden rather than failed)."""
+    own = {k.kind for k in KIND_CLASSES if k in cls.__bases__}
+    kinds = own or {k.kind for k in KIND_CLASSES if issubclass(cls, k)}
     return kinds - {Kind.INVALID_INPUT} if Kind.TOO_LARGE in kinds else kinds
 
 
@@ -91,6 +81,7 @@ def test_status_exit_code_and_retry_follow_the_kind(cls: type[ModelbusError]) ->
 
 
 def test_the_tables_decide_by_kind() -> None:
+    assert sorted(k.kind for k in KIND_CLASSES) == sorted(Kind)
     assert set(STATUS) == set(EXIT_CODES) == set(Kind)
     assert [STATUS[k] for k in (Kind.NOT_FOUND, Kind.CONFLICT, Kind.INVALID_INPUT, Kind.TOO_LARGE, Kind.FORBIDDEN,
                                 Kind.UNAVAILABLE, Kind.TIMED_OUT, Kind.FAILED)] == [404, 409, 422, 413, 403, 503, 504, 502]

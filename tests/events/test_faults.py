@@ -21,17 +21,20 @@ from events.embedded import EmbeddedRedis
 from events.errors import EmbeddedRedisError, StoreUnavailableError
 from events.schema import ModelAdded
 from events.store import RedisEventStore
+from tests.record_configs import record_config
 
 RACER = textwrap.dedent("""
     import sys, time
     from events.store import RedisEventStore
     from events.schema import ModelAdded
     from events.errors import ConcurrencyError
+    from tests.record_configs import record_config
     store = RedisEventStore.from_url(sys.argv[1], sys.argv[2])
     while time.time() < float(sys.argv[3]):
         time.sleep(0.001)
     try:
-        store.append([ModelAdded(aggregate_id="contested", config={"by": sys.argv[4]})], expected_version=0)
+        store.append([ModelAdded(aggregate_id="contested", config=record_config("contested", sys.argv[4]))],
+                     expected_version=0)
         print("won")
     except ConcurrencyError:
         print("lost")
@@ -54,7 +57,7 @@ def test_subscriber_resumes_after_its_connection_is_killed(event_store: RedisEve
 
     def consume() -> None:
         for stored in event_store.subscribe(since="0-0", block_ms=200, stop=done.is_set):
-            got.append(int(stored.event.config["n"]))  # type: ignore[attr-defined]
+            got.append(int(stored.event.config["name"][1:]))  # type: ignore[attr-defined]
             if len(got) == 60:
                 done.set()
 
@@ -62,7 +65,7 @@ def test_subscriber_resumes_after_its_connection_is_killed(event_store: RedisEve
     thread.start()
     admin = redis.Redis.from_url(event_store.url or "")
     for n in range(60):
-        event_store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})])
+        event_store.append([ModelAdded(aggregate_id=f"m{n}", config=record_config(f"m{n}"))])
         if n in (15, 35):
             admin.client_kill_filter(_type="normal", skipme=True)  # drops every client connection, ours too
         time.sleep(0.01)
@@ -82,7 +85,7 @@ CONSUMER = textwrap.dedent("""
 
 def test_entries_of_a_killed_consumer_are_reclaimed(event_store: RedisEventStore, redis_url: str) -> None:
     for n in range(8):
-        event_store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})])
+        event_store.append([ModelAdded(aggregate_id=f"m{n}", config=record_config(f"m{n}"))])
     event_store.ensure_group("g", start="0")
     proc = subprocess.Popen([sys.executable, "-c", CONSUMER, redis_url, event_store.namespace],
                             stdout=subprocess.PIPE, text=True)
@@ -94,7 +97,7 @@ def test_entries_of_a_killed_consumer_are_reclaimed(event_store: RedisEventStore
     event_store.ack("g", [e.position for e in rest])
     time.sleep(0.3)
     reclaimed = event_store.reclaim("g", "survivor", min_idle_ms=200)
-    assert sorted(e.event.config["n"] for e in reclaimed) == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
+    assert sorted(int(e.event.config["name"][1:]) for e in reclaimed) == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
     event_store.ack("g", [e.position for e in reclaimed])
     assert event_store.pending("g") == 0
 
@@ -103,12 +106,12 @@ def test_killed_embedded_redis_keeps_every_acknowledged_append(tmp_path: Path) -
     server = EmbeddedRedis.ensure(tmp_path, appendfsync="always")
     assert server.process is not None
     store = RedisEventStore.from_url(server.url, "durable", retry_deadline=2)
-    acknowledged = [store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})]).positions[0]
+    acknowledged = [store.append([ModelAdded(aggregate_id=f"m{n}", config=record_config(f"m{n}"))]).positions[0]
                     for n in range(200)]
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait()
     with pytest.raises(StoreUnavailableError):
-        store.append([ModelAdded(aggregate_id="lost", config={})])
+        store.append([ModelAdded(aggregate_id="lost", config=record_config("lost"))])
     restarted = EmbeddedRedis._start(server.data_dir, appendfsync="always")
     try:
         survivors = [e.position for e in RedisEventStore.from_url(restarted.url, "durable").read_all()]

@@ -11,6 +11,7 @@ import pytest
 from events.projection import ProjectionRunner
 from events.schema import ModelAdded, ModelRemoved
 from events.store import EventStore, InMemoryEventStore, StoredEvent
+from tests.record_configs import record_config
 
 
 class CountingProjection:
@@ -51,12 +52,12 @@ def store(request: pytest.FixtureRequest) -> EventStore:
 
 def test_catch_up_resumes_from_the_checkpoint_and_never_applies_twice(store: EventStore, tmp_path: Path) -> None:
     for n in range(25):
-        store.append([ModelAdded(aggregate_id=f"m{n:02d}", config={})])
+        store.append([ModelAdded(aggregate_id=f"m{n:02d}", config=record_config(f"m{n:02d}"))])
     store.append([ModelRemoved(aggregate_id="m03")])
     first = CountingProjection(tmp_path / "p.db")
     ProjectionRunner(store, first, batch_size=7).catch_up()
     assert first.applied == 26 and "m03" not in first.stored_keys() and len(first.stored_keys()) == 24
-    store.append([ModelAdded(aggregate_id="late", config={})])
+    store.append([ModelAdded(aggregate_id="late", config=record_config("late"))])
     reopened = CountingProjection(tmp_path / "p.db")  # a restart: same file, fresh process state
     position = ProjectionRunner(store, reopened).catch_up()
     assert reopened.applied == 1 and "late" in reopened.stored_keys() and position == store.head()
@@ -64,7 +65,7 @@ def test_catch_up_resumes_from_the_checkpoint_and_never_applies_twice(store: Eve
 
 def test_rebuild_gives_the_same_answers(store: EventStore, tmp_path: Path) -> None:
     for n in range(10):
-        store.append([ModelAdded(aggregate_id=f"m{n}", config={})])
+        store.append([ModelAdded(aggregate_id=f"m{n}", config=record_config(f"m{n}"))])
     projection = CountingProjection(tmp_path / "p.db")
     runner = ProjectionRunner(store, projection)
     runner.catch_up()
@@ -75,5 +76,5 @@ def test_rebuild_gives_the_same_answers(store: EventStore, tmp_path: Path) -> No
 
 def test_wait_for_a_position_appended_elsewhere(store: EventStore, tmp_path: Path) -> None:
     runner = ProjectionRunner(store, CountingProjection(tmp_path / "p.db"))
-    position = store.append([ModelAdded(aggregate_id="x", config={})]).positions[0]
+    position = store.append([ModelAdded(aggregate_id="x", config=record_config("x"))]).positions[0]
     assert runner.wait_for(position, timeout=5) == position

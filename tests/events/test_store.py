@@ -8,8 +8,10 @@ import time
 import pytest
 
 from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
-from events.schema import Activity, ModelAdded, ModelRemoved, ModelUpdated
+from events.schema import Activity, DownloadProgress, ModelAdded, ModelRemoved, ModelUpdated
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from tests.fixtures.activity import download_payload, load_payload
+from tests.record_configs import record_config
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -20,12 +22,12 @@ def store(request: pytest.FixtureRequest) -> EventStore:
 
 
 def added(key: str, **config: object) -> ModelAdded:
-    return ModelAdded(aggregate_id=key, config={"name": key, **config})
+    return ModelAdded(aggregate_id=key, config=record_config(key, **config))
 
 
 def test_append_assigns_versions_and_reads_in_order(store: EventStore) -> None:
     first = store.append([added("a")], expected_version=0)
-    second = store.append([ModelUpdated(aggregate_id="a", changes={"x": 1}, config={"x": 1})], expected_version=1)
+    second = store.append([ModelUpdated(aggregate_id="a", changes={"name": "x"}, config=record_config("a", "x"))], expected_version=1)
     store.append([added("b")], expected_version=0)
     assert (first.version, second.version) == (1, 2)
     events = store.read()
@@ -104,13 +106,13 @@ def test_subscribe_from_now_and_from_a_position(store: EventStore) -> None:
 
 def test_activity_stream_is_separate_and_filterable(store: EventStore) -> None:
     store.append([added("a")])
-    store.publish_activity("model_load_started", {"model_key": "a"})
-    store.publish_activity("download_progress", {"bytes": 1})
+    store.publish_activity("model_load_started", load_payload("a"))
+    store.publish_activity("download_progress", download_payload(bytes=1))
     activity = store.read(stream="activity")
     assert [e.event.kind for e in activity if isinstance(e.event, Activity)] == ["model_load_started", "download_progress"]
     assert len(store.read()) == 1
     seen = next(store.subscribe(since="0-0", stream="activity", types=["download_progress"], block_ms=100))
-    assert seen.event.payload == {"bytes": 1}  # type: ignore[attr-defined]
+    assert isinstance(seen.event, DownloadProgress) and seen.event.payload.bytes == 1
 
 
 def test_redis_store_reports_and_skips_unknown_entries(event_store: RedisEventStore,
@@ -133,3 +135,44 @@ def test_redis_keys_share_one_hash_tag(event_store: RedisEventStore) -> None:
     event_store.append([added("a")], claims={"p": "a"})
     keys = [k.decode() for k in event_store.client.scan_iter(match=f"*{event_store.namespace}*")]
     assert keys and all(k.startswith("{" + event_store.namespace + "}:") for k in keys)
+
+
+# --- quarantine (events.validation): the same on both stores ---------------------------------------
+
+def test_appends_are_checked_before_they_run(store: EventStore) -> None:
+    from events.errors import InvalidEventError
+
+    with pytest.raises(InvalidEventError, match="base_model"):
+        store.append([ModelAdded(aggregate_id="a", config={**record_config("a"), "base_model": None})])
+    with pytest.raises(InvalidEventError, match="assigns 1"):
+        store.append([ModelAdded(aggregate_id="a", config=record_config("a"), aggregate_version=3)],
+                     expected_version=0)
+    with pytest.raises(InvalidEventError, match="not an integer"):
+        store.append([ModelAdded(aggregate_id="a", config=record_config("a"))], expected_version="0")  # type: ignore[arg-type]
+    assert store.head() == "0-0" and store.version("a") == 0
+
+
+def test_a_refusal_is_recorded_once_however_many_readers(store: EventStore) -> None:
+    from events.validation import Refusal
+
+    refusal = Refusal("5-0", "ModelRemoved", "k", 1, "aggregate version 1 repeats the current version 1")
+    readers = [store] * 4 if isinstance(store, InMemoryEventStore) else \
+        [RedisEventStore.from_url(store.url or "", store.namespace) for _ in range(4)]  # type: ignore[attr-defined]
+    recorded: list[bool] = []
+    threads = [threading.Thread(target=lambda r=r: recorded.append(r.quarantine(refusal))) for r in readers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(recorded) == [False, False, False, True]
+    assert store.quarantine_count() == 1 and store.quarantined_among(["5-0", "6-0"]) == {"5-0"}
+    [entry] = store.quarantined()
+    assert (entry.position, entry.type, entry.aggregate_id, entry.aggregate_version) == ("5-0", "ModelRemoved", "k", 1)
+
+
+def test_version_before_counts_what_the_append_recorded(store: EventStore) -> None:
+    first = store.append([added("a")]).positions[0]
+    store.append([added("b")])
+    second = store.append([ModelRemoved(aggregate_id="a")]).positions[0]
+    assert [store.version_before("a", p) for p in ("0-0", first, second)] == [0, 0, 1]  # strictly before
+    assert store.version_before("a", "99999999999999-0") == 2 and store.version_before("zzz", second) == 0

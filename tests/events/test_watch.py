@@ -14,6 +14,8 @@ import structlog
 from events.schema import ModelAdded
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
 from events.watch import WATCH_CLIENT_NAME, LogWatch, RedisLogWatch
+from tests.fixtures.activity import load_payload
+from tests.record_configs import record_config
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -32,7 +34,8 @@ def watch(store: EventStore) -> Iterator[LogWatch]:
 
 
 def _append(store: EventStore, n: int = 0) -> None:
-    store.append([ModelAdded(aggregate_id=f"k{n}-{uuid.uuid4().hex[:6]}", config={})])
+    key = f"k{n}-{uuid.uuid4().hex[:6]}"
+    store.append([ModelAdded(aggregate_id=key, config=record_config(key))])
 
 
 def _other_writer(store: EventStore) -> EventStore:
@@ -56,7 +59,7 @@ def test_every_append_breaks_the_silence_before_it_is_acknowledged(store: EventS
 def test_other_streams_and_namespaces_leave_the_watch_quiet(store: EventStore, watch: LogWatch,
                                                             redis_url: str) -> None:
     watch.arm()
-    store.publish_activity("model_load_started", {"key": "x"})  # the capped activity stream
+    store.publish_activity("model_load_started", load_payload("x"))  # the capped activity stream
     _append(RedisEventStore.from_url(redis_url, f"other-{uuid.uuid4().hex[:6]}"))
     assert watch.quiet()
 

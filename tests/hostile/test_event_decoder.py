@@ -20,6 +20,7 @@ from events.errors import EventDecodeError
 from events.projection import ProjectionRunner
 from events.schema import EVENT_TYPES, Event, InstallFailed, ModelAdded, ModelRenamed
 from events.store import RedisEventStore, StoredEvent
+from tests.record_configs import record_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NAMES = ("type", "v", "agg", "ver", "time", "corr", "id", "body")
@@ -124,9 +125,9 @@ def _interleave(store: RedisEventStore, client: redis.Redis) -> tuple[list[str],
     """Valid appends with malformed entries between them; (valid positions, malformed positions)."""
     valid, bad = [], []
     for n, entry in enumerate(MALFORMED):
-        valid += store.append([ModelAdded(aggregate_id=f"m{n}", config={"n": n})]).positions
+        valid += store.append([ModelAdded(aggregate_id=f"m{n}", config=record_config(f"m{n}"))]).positions
         bad += _inject(client, store.keys.events, [entry])
-    valid += store.append([ModelAdded(aggregate_id="last", config={"n": len(MALFORMED)})]).positions
+    valid += store.append([ModelAdded(aggregate_id="last", config=record_config("last"))]).positions
     return valid, bad
 
 
@@ -200,12 +201,12 @@ def test_a_batch_of_malformed_entries_does_not_end_the_log(event_store: RedisEve
     from events import defaults
 
     client = redis.Redis.from_url(event_store.url or "")
-    first = event_store.append([ModelAdded(aggregate_id="a", config={})]).positions
+    first = event_store.append([ModelAdded(aggregate_id="a", config=record_config("a"))]).positions
     pipe = client.pipeline(transaction=False)
     for _ in range(defaults.READ_BATCH + 10):
         pipe.xadd(event_store.keys.events, {"type": "Bogus", "v": "1"})
     pipe.execute()
-    after = event_store.append([ModelAdded(aggregate_id="b", config={})]).positions
+    after = event_store.append([ModelAdded(aggregate_id="b", config=record_config("b"))]).positions
     projection = _Collect()
     ProjectionRunner(event_store, projection).catch_up()
     read = [s.position for s in event_store.read_all()]
@@ -216,7 +217,7 @@ def test_a_batch_of_malformed_entries_does_not_end_the_log(event_store: RedisEve
 
 def test_a_malformed_tail_does_not_make_subscribers_spin(event_store: RedisEventStore) -> None:
     client = redis.Redis.from_url(event_store.url or "")
-    start = event_store.append([ModelAdded(aggregate_id="a", config={})]).positions[0]
+    start = event_store.append([ModelAdded(aggregate_id="a", config=record_config("a"))]).positions[0]
     _inject(client, event_store.keys.events, MALFORMED[:1])
 
     def xreads() -> int:
@@ -239,12 +240,12 @@ def test_subscriber_gets_past_a_long_run_of_malformed_entries(event_store: Redis
     from events import defaults
 
     client = redis.Redis.from_url(event_store.url or "")
-    start = event_store.append([ModelAdded(aggregate_id="a", config={})]).positions[0]
+    start = event_store.append([ModelAdded(aggregate_id="a", config=record_config("a"))]).positions[0]
     pipe = client.pipeline(transaction=False)
     for _ in range(defaults.READ_BATCH + 10):
         pipe.xadd(event_store.keys.events, {"type": "Bogus", "v": "1"})
     pipe.execute()
-    wanted = event_store.append([ModelAdded(aggregate_id="b", config={})]).positions
+    wanted = event_store.append([ModelAdded(aggregate_id="b", config=record_config("b"))]).positions
     deadline = time.monotonic() + 3
     got = [s.position for s in event_store.subscribe(
         since=start, block_ms=100, stop=lambda: time.monotonic() > deadline)][:1]

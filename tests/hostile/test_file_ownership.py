@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from events.schema import ModelAdded, ModelUpdated
+from events.schema import FileEntry, ModelAdded, ModelUpdated
 from events.store import RedisEventStore
 from services.api import create_app
 from services.config import AppConfig
@@ -153,3 +153,45 @@ def test_a_new_path_must_exist_lie_in_a_root_and_is_hashed_again(
     assert done.json()["hash"] == f"blake3:{update.files[0].blake3}" != old.hash
     assert http.delete(f"/api/v2/models/i/{key}", params={"delete_files": "true"}).status_code == 200
     assert not moved.exists() and moved.parent.is_dir()  # its file; the folder holding it is not the model's
+
+
+def test_a_forged_manifest_cannot_reach_outside_the_model(http: TestClient, service: ModelInstallService,
+                                                          app_config: AppConfig, tmp_path: Path) -> None:
+    victim = put_file(app_config, "sd-1/lora/neighbour.safetensors")  # no record: nobody's file
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    put_file(app_config, "sd-1/lora/forged.safetensors")
+    put_file(app_config, "forged-a/model.safetensors")
+    put_file(app_config, "forged-b/model.safetensors")
+    forged = {"single": ("sd-1/lora/forged.safetensors", "neighbour.safetensors"),
+              "folder": ("forged-a", "../../outside.txt"),
+              "absolute": ("forged-b", str(outside))}
+    for key, (path, entry) in forged.items():
+        service.record_store.add_model(key, model_config(key, path), files=[FileEntry(path=entry, size=1, blake3="0")])
+        refused = http.delete(f"/api/v2/models/i/{key}", params={"delete_files": "true"})
+        assert refused.status_code == 422 and "manifest entry" in refused.json()["error"]["message"], refused.text
+        assert http.get(f"/api/v2/models/i/{key}").status_code == 200  # nothing changed
+    assert victim.is_file() and outside.read_text() == "keep me"
+
+
+def test_in_place_models_outside_the_models_dir_lose_only_unchanged_files_in_a_root(
+        modelbus_env: dict[str, str], event_store: RedisEventStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    library = tmp_path / "library"
+    monkeypatch.setenv("MODELBUS_IMPORT_ROOTS", str(library))
+    service = ModelInstallService(AppConfig.load(), event_store=event_store)
+    try:
+        unchanged = service.register_path(make_lora_kohya(library / "unchanged.safetensors", rank=4))
+        changed_file = make_lora_kohya(library / "changed.safetensors", rank=8)
+        changed = service.register_path(changed_file)
+        elsewhere_file = make_lora_kohya(tmp_path / "elsewhere" / "mine.safetensors", rank=12)
+        elsewhere = service.register_path(elsewhere_file)  # in process: the user's own, outside every root
+        changed_file.write_bytes(changed_file.read_bytes() + b"edited by the user since")
+
+        assert service.delete(unchanged).removed == [str(library / "unchanged.safetensors")]
+        assert "changed since" in service.delete(changed).kept[str(changed_file)]
+        assert "outside the import roots" in service.delete(elsewhere).kept[str(elsewhere_file)]
+        assert changed_file.is_file() and elsewhere_file.is_file() and library.is_dir()
+        assert service.record_store.all_models() == []
+    finally:
+        service.record_store.close()

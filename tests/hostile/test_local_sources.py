@@ -25,7 +25,7 @@ from services.api import create_app
 from services.cli import app as cli_app
 from services.install import InstallStatus, ModelInstallService
 from services.install.commands import enqueue_install
-from services.install.errors import SourceForbiddenError
+from services.install.errors import InvalidCommandError, SourceForbiddenError
 from services.install.placement import staging_dir
 from services.install.roots import import_area
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
@@ -158,3 +158,16 @@ def test_the_cli_hands_over_a_users_file_the_api_refuses(bus: Bus, installer: Mo
 
     refused = http.post("/api/v2/models/install", json={"source": str(source), "force": True})
     assert refused.status_code == 403 and "import roots" in refused.json()["error"]["message"], refused.text
+
+
+def test_a_hand_over_no_job_takes_is_removed(bus: Bus, installer: ModelInstallService, tmp_path: Path) -> None:
+    source = make_lora_kohya(tmp_path / "twice.safetensors", rank=24)
+    with pytest.raises(InvalidCommandError):
+        installer.heuristic_import(str(source), command_id="has spaces")
+    assert _handed_over(bus) == []
+    first = installer.heuristic_import(str(source), command_id="cmd-hand-over-twice")
+    again = installer.heuristic_import(str(source), command_id="cmd-hand-over-twice")  # a repeated command
+    assert again.id == first.id
+    done = installer.wait_for_job(first, timeout=TIMEOUT)
+    assert done.status is InstallStatus.COMPLETED, (done, bus.worker_log())
+    assert _handed_over(bus) == []

@@ -36,7 +36,7 @@ def events() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture()
 def service(config: AppConfig, store: Any, events: list[tuple[str, dict[str, Any]]]) -> ModelLoadService:
-    return ModelLoadService(config, store, publisher=lambda kind, payload: events.append((kind, payload)))
+    return ModelLoadService(config, store, publisher=lambda e: events.append((e.kind, e.payload.model_dump(by_alias=True))))
 
 
 Add = Callable[..., str]

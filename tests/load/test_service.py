@@ -180,7 +180,7 @@ def test_events_and_payloads(service: ModelLoadService, pipeline: Any, events: l
 def test_eviction_is_published(config: Any, store: Any, pipeline: Any, events: list[Any]) -> None:
     key, _ = pipeline
     small = type(config).load(device="cpu", ram_cache_size=6_000_000)  # unet 4.5 MB + vae 2.6 MB do not fit
-    service = ModelLoadService(small, store, publisher=lambda k, p: events.append((k, p)))
+    service = ModelLoadService(small, store, publisher=lambda e: events.append((e.kind, e.payload.model_dump(by_alias=True))))
     service.get_model(key, SubModelType.UNet)
     with service.get_model(key, SubModelType.TextEncoder):
         service.get_model(key, SubModelType.Vae)

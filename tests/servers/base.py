@@ -78,6 +78,16 @@ class BaseHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read .requests instead
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.owner._connection(+1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.owner._connection(-1)
+
     @property
     def owner(self) -> BackgroundServer:
         return self.server.owner
@@ -112,13 +122,13 @@ class BaseHandler(BaseHTTPRequestHandler):
 
     def send_file(self, f: ServedFile, *, headers: dict[str, str] | None = None, ignore_range: bool = False,
                   drop_after: int | None = None, stall_after: int | None = None, stall_seconds: float = 0,
-                  length_delta: int = 0) -> None:
+                  length_delta: int = 0, ignore_if_range: bool = False) -> None:
         """Serve ``f`` honouring Range and If-Range, with optional faults in the body."""
         size = f.size
         start, end, status = 0, size, 200
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        if rng and not ignore_range and (not if_range or if_range in (f.etag, f.last_modified)):
+        if rng and not ignore_range and (not if_range or ignore_if_range or if_range in (f.etag, f.last_modified)):
             m = _RANGE.match(rng.strip())
             if m and (m.group(1) or m.group(2)):
                 a, b = m.group(1), m.group(2)
@@ -196,6 +206,7 @@ class BackgroundServer:
         self.port = port
         self.requests: list[LoggedRequest] = []
         self.bytes_sent = 0
+        self.open_connections = 0  # client connections this server holds open right now
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -257,6 +268,10 @@ class BackgroundServer:
     def _log(self, entry: LoggedRequest) -> None:
         with self._lock:
             self.requests.append(entry)
+
+    def _connection(self, delta: int) -> None:
+        with self._lock:
+            self.open_connections += delta
 
     def _count(self, n: int) -> None:
         with self._lock:

@@ -37,6 +37,7 @@ class Fault:
     stall_seconds: float = 5.0
     length_delta: int = 0
     ignore_range: bool = False
+    ignore_if_range: bool = False  # serve the Range asked for even when If-Range no longer matches
     html_login: bool = False
     times: int | None = 1
 
@@ -133,7 +134,7 @@ class FileServer(BackgroundServer):
             return
         f = fault or Fault()
         h.send_file(served, ignore_range=f.ignore_range, drop_after=f.drop_after, stall_after=f.stall_after,
-                    stall_seconds=f.stall_seconds, length_delta=f.length_delta)
+                    stall_seconds=f.stall_seconds, length_delta=f.length_delta, ignore_if_range=f.ignore_if_range)
 
 
 def main(argv: list[str] | None = None) -> None:

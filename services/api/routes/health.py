@@ -24,8 +24,12 @@ async def healthz(request: Request,
 
     def probe() -> Health:
         latency = client.ping()
+        workers, queues = client.workers(), client.queue_lengths()
+        served = {q for w in workers for q in w.get("queues", [])}
         return Health(status="ok", redis=RedisHealth(ok=True, latency_ms=round(latency * 1000, 3)),
-                      workers_alive=len(client.workers()), queues=client.queue_lengths())
+                      workers_alive=len(workers), queues=queues,
+                      unserved=sorted(q for q, n in queues.items() if n and q not in served),
+                      quarantined=client.quarantine_count())
 
     try:
         health = await asyncio.wait_for(asyncio.to_thread(probe), defaults.HEALTH_REDIS_TIMEOUT)
@@ -33,7 +37,7 @@ async def healthz(request: Request,
         message = str(exc) or type(exc).__name__
         health = Health(status="unavailable", redis=RedisHealth(ok=False, error=message), workers_alive=0)
         return _json(health, 503)
-    if health.workers_alive == 0:
+    if health.workers_alive == 0 or health.unserved or health.quarantined:
         health.status = "degraded"
     status = 503 if require_workers and health.workers_alive == 0 else 200
     return _json(health, status)

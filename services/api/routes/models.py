@@ -3,7 +3,7 @@ jobs, scan and sync, loads and unloads, and the workers with their caches."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
@@ -57,8 +57,12 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 tag: Annotated[list[str] | None, Query(description="models carrying all of these tags")] = None,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                 limit: Annotated[int, Query(ge=1, le=limits.LIST_LIMIT_MAX)] = limits.LIST_LIMIT_DEFAULT,
+                order_by: Annotated[Literal["name", "type", "base", "format"], Query(
+                    description="sort field; ties by name, then key (stable across pages)")] = "name",
+                direction: Literal["asc", "desc"] = "asc",
                 ) -> Response:
-    total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit)
+    total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
+                                      order_by=order_by, direction=direction)
     page = [m.model_dump(mode="json") for m in found]
     return _json({"total": total, "offset": offset, "limit": limit, "items": page})
 

@@ -1,0 +1,125 @@
+"""Limits before work: what every HTTP request passes before the app reads a byte of its body.
+
+Pure ASGI (not BaseHTTPMiddleware), so nothing is buffered and event streams flow. For each request:
+
+1. A request that carries a body (``Content-Length`` > 0, or chunked) must hold the bearer token when one
+   is configured: 401 before a byte of the body is read. (Requests without a body are checked by the
+   routes' own dependency; both use :func:`services.api.auth.token_matches`.)
+2. A declared ``Content-Length`` over ``api_max_body`` is 413 at once. A chunked body is counted as it
+   streams by FastAPI's own limit (``FastAPI(max_body_size=...)``), which answers 413 the moment the
+   count passes the limit; the rest is never read.
+3. At most ``api_max_requests`` requests run at once; one over the limit waits up to ``api_queue_wait``
+   seconds for a slot, then gets 503 with ``Retry-After`` (kube-apiserver's max-requests-inflight).
+4. Event streams are long-running, so they are not counted there (kube-apiserver exempts watches too)
+   but per client address: at most ``api_max_streams_per_client`` at once, then 429 with ``Retry-After``
+   (nginx's ``limit_conn`` per ``$remote_addr``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.api.auth import UNAUTHORIZED, bearer_token, token_matches
+from services.api.errors import error_response
+from services.config import AppConfig
+
+#: paths whose responses are endless event streams (counted per client, not as requests in flight)
+STREAM_PATHS = frozenset({"/api/v2/events"})
+RETRY_AFTER = "1"  # s a refused client is told to wait
+
+
+class RequestLimits:
+    """The ASGI middleware keeping the rules of this module (one per app; state lives in its event loop)."""
+
+    def __init__(self, app: ASGIApp, config: AppConfig) -> None:
+        self.app = app
+        self.token = config.api_token
+        self.max_body = config.api_max_body
+        self.max_requests = config.api_max_requests
+        self.queue_wait = config.api_queue_wait
+        self.max_streams = config.api_max_streams_per_client
+        self._slots = asyncio.Semaphore(config.api_max_requests)
+        self._streams: Counter[str] = Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(Headers(scope=scope))
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        elif scope["path"] in STREAM_PATHS:
+            await self._stream(scope, receive, send)
+        else:
+            await self._counted(scope, receive, send)
+
+    def _refusal(self, headers: Headers) -> Response | None:
+        """401 or 413 for a request whose body must not be read; None to go on."""
+        length = _content_length(headers)
+        has_body = bool(length) or "transfer-encoding" in headers
+        if not has_body:
+            return None
+        # Connection: close, because the unread body would otherwise be taken for the next request
+        if not token_matches(self.token, bearer_token(headers.get("authorization"))):
+            return error_response(401, "HTTPError", UNAUTHORIZED,
+                                  headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+        if length is not None and length > self.max_body:
+            return error_response(413, "RequestTooLarge",
+                                  f"request body of {length} bytes is over the limit of {self.max_body} bytes "
+                                  "(MODELBUS_API_MAX_BODY)", headers={"Connection": "close"})
+        return None
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not await self._take_slot():
+            busy = error_response(503, "ServerBusy",
+                                  f"the API is serving its limit of {self.max_requests} requests at once "
+                                  "(MODELBUS_API_MAX_REQUESTS); retry shortly", headers={"Retry-After": RETRY_AFTER})
+            await busy(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self) -> bool:
+        if self.queue_wait <= 0:
+            if self._slots.locked():
+                return False
+            await self._slots.acquire()  # free: returns at once
+            return True
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.queue_wait)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = (scope.get("client") or ("unknown", 0))[0]
+        if self._streams[client] >= self.max_streams:
+            refused = error_response(429, "TooManyStreams",
+                                     f"{client} already has {self._streams[client]} event streams open, the limit "
+                                     "(MODELBUS_API_MAX_STREAMS_PER_CLIENT)", headers={"Retry-After": RETRY_AFTER})
+            await refused(scope, receive, send)
+            return
+        self._streams[client] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._streams[client] -= 1
+            if self._streams[client] <= 0:
+                del self._streams[client]
+
+
+def _content_length(headers: Headers) -> int | None:
+    raw = headers.get("content-length")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None  # the server (h11/httptools) refuses a malformed length itself

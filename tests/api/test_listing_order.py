@@ -1,0 +1,44 @@
+"""``GET /api/v2/models?order_by=...&direction=...``: the listing sorted, stable across pages; a bad
+sort field is a 422 naming it."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from services.client import ModelBusClient
+from services.config import AppConfig
+from tests.client.conftest import model_config, put_file
+
+SEED = [("k0", "Zed", "sd-1"), ("k1", "amber", "sdxl"), ("k2", "Mid", "sd-2"), ("k3", "mid", "sdxl")]
+
+
+def _seed(app_config: AppConfig) -> None:
+    client = ModelBusClient(app_config)
+    for key, name, base in SEED:
+        put_file(app_config, f"{key}.safetensors")
+        client.add_model(key, model_config(name, f"{key}.safetensors", base_model=base))
+
+
+def _keys(http: TestClient, **params: object) -> list[str]:
+    answer = http.get("/api/v2/models", params=params)
+    assert answer.status_code == 200, answer.text
+    return [m["key"] for m in answer.json()["items"]]
+
+
+def test_order_and_direction(http: TestClient, app_config: AppConfig) -> None:
+    _seed(app_config)
+    assert _keys(http) == ["k1", "k2", "k3", "k0"]  # by name (case-blind), then key: the default
+    assert _keys(http, direction="desc") == ["k0", "k3", "k2", "k1"]
+    assert _keys(http, order_by="base") == ["k0", "k2", "k1", "k3"]  # sd-1, sd-2, sdxl (amber, mid)
+    by_base_desc = _keys(http, order_by="base", direction="desc")
+    assert by_base_desc == ["k3", "k1", "k2", "k0"]
+    pages = [_keys(http, order_by="base", direction="desc", offset=o, limit=1) for o in range(len(SEED))]
+    assert [k for page in pages for k in page] == by_base_desc  # stable across pages
+
+
+def test_a_bad_order_is_a_422_naming_it(http: TestClient, app_config: AppConfig) -> None:
+    _seed(app_config)
+    for params in ({"order_by": "size"}, {"direction": "sideways"}):
+        bad = http.get("/api/v2/models", params=params)
+        assert bad.status_code == 422
+        assert bad.json()["error"]["details"][0]["field"] == f"query.{next(iter(params))}"

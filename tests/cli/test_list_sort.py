@@ -1,0 +1,29 @@
+"""``modelbus list --sort FIELD [--desc]``."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from services.cli import app
+from services.client import ModelBusClient
+from services.config import AppConfig
+from tests.client.conftest import model_config, put_file
+
+
+def _list(*args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(app, ["list", *args])
+    assert result.exit_code == code, (args, result.exit_code, result.stdout, result.stderr)
+    return result.stdout if code == 0 else result.stderr
+
+
+def test_list_sorts_by_a_field_either_way(app_config: AppConfig) -> None:
+    client = ModelBusClient(app_config)
+    for key, name, base in (("k0", "b", "sdxl"), ("k1", "a", "sd-2"), ("k2", "c", "sd-1")):
+        put_file(app_config, f"{key}.safetensors")
+        client.add_model(key, model_config(name, f"{key}.safetensors", base_model=base))
+    assert [m["key"] for m in json.loads(_list("--json"))] == ["k1", "k0", "k2"]
+    assert [m["key"] for m in json.loads(_list("--sort", "base", "--json"))] == ["k2", "k1", "k0"]
+    assert [m["key"] for m in json.loads(_list("--sort", "base", "--desc", "--json"))] == ["k0", "k1", "k2"]
+    assert "order_by='size'" in _list("--sort", "size", code=2)  # refused by name, with a usage exit code
