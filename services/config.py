@@ -18,13 +18,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from events.errors import InvalidInput
+from services.store.errors import StoreConfigError
+from services.store.location import parse_store_url
 
 ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 #: path settings given relative to ``root`` and read as absolute paths (``AppConfig._absolute_paths``)
-_ROOT_RELATIVE = ("models_dir", "conf_path", "db_path")
+_ROOT_RELATIVE = ("models_dir", "conf_path", "db_path", "cache_dir")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -139,6 +141,12 @@ class AppConfig(BaseSettings):
     durability: Literal["fast", "fsync", "replicated"] = "fast"
     replicas: int = Field(default=1, ge=0)
     activity_maxlen: int = Field(default=100_000, ge=1000)
+    store_url: str = Field(default="shared", description="where every model's canonical copy lives: 'shared' "
+                           "(the models directory) or s3://bucket/prefix (see README 'Model store')")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, R2...); unset = AWS")
+    store_retries: int = Field(default=5, ge=1, le=50, description="attempts of one store request")
+    cache_dir: Path = Field(default=Path("cache"), description="this host's cache of store blobs")
+    cache_size: int = Field(default=100 << 30, description="size limit of the host cache in bytes (accepts 500G)")
     records_read_tracking: bool = Field(
         default=True, description="record reads learn of appends from Redis client-side tracking instead of a "
         "round trip per read (false: one round trip per read)")
@@ -152,7 +160,7 @@ class AppConfig(BaseSettings):
             setattr(self, name, self.resolve(getattr(self, name)))
         return self
 
-    @field_validator("ram_cache_size", "vram_cache_size", "api_max_body", mode="before")
+    @field_validator("ram_cache_size", "vram_cache_size", "api_max_body", "cache_size", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
@@ -162,6 +170,23 @@ class AppConfig(BaseSettings):
     def _hosts(cls, value: Any) -> tuple[str, ...]:
         items = value.split(",") if isinstance(value, str) else list(value or ())
         return tuple(str(item).strip().lower() for item in items if str(item).strip())
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        try:
+            return parse_store_url(value).url
+        except StoreConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("s3_endpoint_url", mode="before")
+    @classmethod
+    def _endpoint(cls, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not re.match(r"^https?://[^/\s]+", str(value)):
+            raise ValueError("must be an http:// or https:// URL")
+        return str(value).rstrip("/")
 
     @field_validator("namespace")
     @classmethod
@@ -244,6 +269,10 @@ class AppConfig(BaseSettings):
     @property
     def models_path(self) -> Path:
         return self.resolve(self.models_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.resolve(self.cache_dir)
 
     @property
     def db_file(self) -> Path:

@@ -7,8 +7,12 @@
 
 A folder is hashed as the sorted list of ``(relative path, per-file digest)`` pairs, so the
 result does not depend on directory listing order, and renaming a file inside it changes it.
-Hidden entries (``.cache/``, ``.DS_Store``, ``.gitattributes``...) are skipped on purpose: tools
-such as ``huggingface_hub`` drop bookkeeping there that says nothing about the model.
+Only the files that make the model count (:func:`is_model_file`: weights, configs, tokenizer and
+scheduler files): a ``README.md``, a licence or sample images added to a model folder change neither
+its key nor its hash. Hidden entries (``.cache/``, ``.DS_Store``, ``.gitattributes``...) are skipped
+too: tools such as ``huggingface_hub`` drop bookkeeping there that says nothing about the model.
+The manifest (:func:`content_hash_and_files`) still lists every non-hidden file: the model owns
+them all (they are copied and deleted with it), they just are not its identity.
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ _SHA256_CHUNK = 8 << 20
 _FOLDER_CONTEXT = b"modelbus folder v1\x00"
 
 
+#: suffixes of the files that make a model: weights (safetensors, torch, ONNX and its external data,
+#: Flax, Keras, GGUF), configs, tokenizer vocabularies (sentencepiece ``.model``, ``vocab.json``...)
+MODEL_FILE_SUFFIXES = frozenset({
+    ".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".onnx", ".onnx_data", ".data",
+    ".pb", ".msgpack", ".h5", ".gguf", ".npz", ".json", ".yaml", ".yml", ".model", ".tiktoken",
+})
+#: files without such a suffix that still belong to a model (tokenizers' plain-text vocabularies)
+MODEL_FILE_NAMES = frozenset({"merges.txt", "vocab.txt"})
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file of this name is part of what a folder model is (see the module docstring)."""
+    lowered = name.lower()
+    return lowered in MODEL_FILE_NAMES or os.path.splitext(lowered)[1] in MODEL_FILE_SUFFIXES
+
+
 class HashingError(InvalidInput):
     """A path could not be hashed (missing, empty folder, unreadable); the message says which."""
 
@@ -42,7 +62,7 @@ def model_key(path: Path) -> str:
     path = _existing(path)
     if path.is_file():
         return _imohash_file(path)
-    files = _folder_files(path)
+    files = _folder_files(path, identity=True)
     combined = blake3.blake3(_FOLDER_CONTEXT + b"key\x00")
     for rel, file in files:
         _feed_entry(combined, rel, bytes.fromhex(_imohash_file(file)))
@@ -67,7 +87,7 @@ def content_hash(path: Path, algorithm: HashAlgorithm = "blake3", threads: int |
         hexdigest = digest_file(path).hex()
     else:
         combined = blake3.blake3(_FOLDER_CONTEXT + algorithm.encode() + b"\x00")
-        for rel, file in _folder_files(path):
+        for rel, file in _folder_files(path, identity=True):
             _feed_entry(combined, rel, digest_file(file))
         hexdigest = combined.hexdigest()
     return f"{algorithm}:{hexdigest}"
@@ -84,9 +104,13 @@ def content_hash_and_files(path: Path, threads: int | None = None) -> tuple[str,
         return f"blake3:{digest.hex()}", (FileEntry(path=path.name, size=path.stat().st_size, blake3=digest.hex()),)
     combined = blake3.blake3(_FOLDER_CONTEXT + b"blake3\x00")
     entries = []
-    for rel, file in _folder_files(path):
+    files = _folder_files(path)
+    if not any(is_model_file(file.name) for _, file in files):
+        _folder_files(path, identity=True)  # raises, naming what is missing
+    for rel, file in files:
         digest = digest_file(file)
-        _feed_entry(combined, rel, digest)
+        if is_model_file(file.name):
+            _feed_entry(combined, rel, digest)
         entries.append(FileEntry(path=rel, size=file.stat().st_size, blake3=digest.hex()))
     return f"blake3:{combined.hexdigest()}", tuple(entries)
 
@@ -147,11 +171,15 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _folder_files(root: Path) -> list[tuple[str, Path]]:
-    """``(posix relative path, path)`` of every non-hidden file under ``root``, sorted."""
+def _folder_files(root: Path, identity: bool = False) -> list[tuple[str, Path]]:
+    """``(posix relative path, path)`` of every non-hidden file under ``root`` (``identity``: only the
+    model's own files, :func:`is_model_file`), sorted."""
     files = sorted(_walk(root), key=lambda item: item[0])
+    if identity:
+        files = [(rel, file) for rel, file in files if is_model_file(file.name)]
     if not files:
-        raise HashingError(f"folder holds no files to hash: {root}")
+        what = "no files of a model (weights, configs, tokenizers)" if identity else "no files"
+        raise HashingError(f"folder holds {what} to hash: {root}")
     return files
 
 

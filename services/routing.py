@@ -1,6 +1,6 @@
-"""Routing GPU work: a load goes to the worker that already holds the model, else to the one with the
-most free VRAM, else to the shared ``gpu`` queue. Worker states are what each GPU worker's heartbeat
-publishes (``Keys.worker_state``): its queues, device, cached models and free VRAM.
+"""Routing GPU work: a load goes to the worker that already holds the model, else to one whose host
+cache has its files on disk, else to the one with the most free VRAM, else to the shared ``gpu`` queue.
+Worker states are what each GPU worker's heartbeat publishes (``Keys.worker_state``): its queues, device, cached models, models on disk and free VRAM.
 
 Jobs are enqueued by import path (``workers.gpu.*``): services never import the worker package.
 Redis and RQ errors are translated here (``StoreUnavailableError``), so callers see modelbus errors only.
@@ -83,7 +83,8 @@ def choose_gpu_worker(states: list[dict[str, Any]], model_key: str, worker: str 
         return str(holders[0]["id"])
     if not gpu:
         return None
-    return str(max(gpu, key=lambda s: s.get("vram_free") or 0)["id"])
+    on_disk = [s for s in gpu if model_key in s.get("disk_models", [])]  # its host cache has the blobs
+    return str(max(on_disk or gpu, key=lambda s: s.get("vram_free") or 0)["id"])
 
 
 @redis_errors_translated()

@@ -24,7 +24,20 @@ def _load_service(context: WorkerContext) -> Any:
     records = context.get("records", _records)
     worker = context.worker_id
 
-    return ModelLoadService(context.config, records, publisher=context.store.publish, worker_id=worker)
+    def publish(kind: str, payload: dict[str, Any]) -> None:
+        context.store.publish_activity(kind, {"worker": worker, **payload}, source=worker)
+
+    fetcher = context.get("fetcher", lambda c: _fetcher(c, records, publish))
+    return ModelLoadService(context.config, records, publisher=context.store.publish, worker_id=worker,
+                            locate=fetcher.locate if fetcher is not None else None)
+
+
+def _fetcher(context: WorkerContext, records: Any, publish: Any) -> Any:
+    """With a model store, loads read the host cache, fetching what it lacks; None: the models dir."""
+    from services.store import open_store
+    from services.store.fetcher import ModelFetcher
+    store = open_store(context.config)
+    return ModelFetcher(context.config, store, records, publish) if store is not None else None
 
 
 def load_service() -> Any:
@@ -70,12 +83,25 @@ def cache_state() -> dict[str, Any]:
     context = current()
     service = context.extras.get("load_service")
     if service is None:
-        return {"device": context.device, "models": [], "vram_free": _free_vram(context.device)}
+        return {"device": context.device, "models": [], "disk_models": _disk_models(context),
+                "vram_free": _free_vram(context.device)}
     cache = service.cache
     cache.evict_idle()  # keep-alive expiry runs on the heartbeat, not only on the next load
     stats = cache.stats()
-    return {"device": str(service.execution_device), "models": [e.to_dict() for e in cache.contents()],
+    models = [e.to_dict() for e in cache.contents()]
+    fetcher = context.extras.get("fetcher")
+    if fetcher is not None:  # what is loaded here keeps its blobs in the host cache
+        fetcher.cache.pin({m["model_key"] for m in models})
+    return {"device": str(service.execution_device), "models": models, "disk_models": _disk_models(context),
             "vram_free": stats.vram_free, "stats": stats.to_dict()}
+
+
+def _disk_models(context: WorkerContext) -> list[str]:
+    """The models this host's store cache holds (routing's disk affinity); none without a store."""
+    if context.config.store_url == "shared":
+        return []
+    from services.store.cache import held_models
+    return held_models(context.config.cache_path)
 
 
 def _free_vram(device: str | None) -> int | None:

@@ -1,6 +1,6 @@
 """``modelbus doctor``: is this installation fit to run? Each check says ok, warn or fail and why.
 
-Redis (reachable, persistence on, eviction off), workers per queue, disk space, GPU. A failing check
+Redis (reachable, persistence on, eviction off), workers per queue, disk space, the model store, GPU. A failing check
 makes the exit code 1; warnings do not.
 """
 
@@ -18,6 +18,7 @@ from events.connection import redact
 from events.keys import QUEUES
 from services.client import ModelBusClient
 from services.config import AppConfig
+from services.store import StoreError, open_store
 
 Status = Literal["ok", "warn", "fail"]
 LOW_DISK_BYTES = 10 << 30  # models are gigabytes: less than this free is a warning
@@ -102,6 +103,21 @@ def check_disk(config: AppConfig) -> Iterator[Check]:
     yield Check("disk", status, f"{free_gib:.1f} GiB free at {target}")
 
 
+def check_store(config: AppConfig) -> Iterator[Check]:
+    """The model store answers and lets us in (nothing to check for the shared models directory)."""
+    try:
+        store = open_store(config)
+        if store is None:
+            yield Check("store", "ok", f"shared models directory {config.models_path}")
+            return
+        store.check()
+    except StoreError as exc:
+        yield Check("store", "fail", str(exc))
+        return
+    yield Check("store", "ok", f"{store.url} reachable; host cache {config.cache_path} "
+                               f"(limit {config.cache_size / (1 << 30):.0f} GiB)")
+
+
 def check_gpu(config: AppConfig) -> Iterator[Check]:
     try:
         import torch
@@ -122,7 +138,7 @@ def run_checks(client: ModelBusClient) -> list[Check]:
     checks: list[Check] = [Check("config", "ok", f"root {client.config.root}, models {client.config.models_path}")]
     steps: list[Callable[[], Iterator[Check]]] = [
         lambda: check_redis(client), lambda: check_quarantine(client), lambda: check_workers(client),
-        lambda: check_disk(client.config), lambda: check_gpu(client.config)]
+        lambda: check_disk(client.config), lambda: check_store(client.config), lambda: check_gpu(client.config)]
     for step in steps:
         checks.extend(step())
         if checks[-1].name == "redis" and checks[-1].status == "fail":

@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterable, Mapping
 import httpcore
 import httpx
 
-from .errors import UnresolvableHostError, UnsafeURLError
+from services.config import redact_url
+
+from .errors import ProxyUnavailableError, UnresolvableHostError, UnsafeURLError
 from .security import DEFAULT_PORTS, is_public_address
 
 #: host name, port -> the addresses to try, in order
@@ -113,7 +115,10 @@ def download_client(*, allow_private: bool, timeout: httpx.Timeout, headers: Map
     options: dict[str, object] = {"verify": verify, "trust_env": False, "limits": limits or httpx.Limits()}
     transport: httpx.HTTPTransport
     if proxy:
-        transport = _CheckedProxyTransport(allow_private, resolver, proxy=proxy, **options)
+        try:
+            transport = _CheckedProxyTransport(allow_private, resolver, proxy=proxy, **options)
+        except ImportError as exc:  # httpx: "Using SOCKS proxy, but the 'socksio' package is not installed"
+            raise ProxyUnavailableError(f"MODELBUS_DOWNLOAD_PROXY={redact_url(proxy)!r}: {exc}") from None
     else:
         transport = httpx.HTTPTransport(**options)  # type: ignore[arg-type]
         pool = getattr(transport, "_pool", None)

@@ -122,7 +122,8 @@ class DownloadQueueService:
         """Queue a URL, Hugging Face repo or Civitai model for download into the folder ``dest``."""
         options = {"revision": revision, "variant": variant, "base_model": base_model}
         parse_source(str(source), civitai_api=self.config.civitai_api, **options)  # bad source: fail now
-        job = DownloadJob(source=str(source), dest=Path(dest), priority=priority, access_token=access_token,
+        folder = Path(dest).expanduser().absolute()  # download_path is absolute, whatever the cwd does later
+        job = DownloadJob(source=str(source), dest=folder, priority=priority, access_token=access_token,
                           sha256=sha256.lower() if sha256 else None, options=options,
                           on_start=on_start, on_progress=on_progress, on_complete=on_complete,
                           on_error=on_error, on_cancelled=on_cancelled)

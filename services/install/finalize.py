@@ -29,6 +29,7 @@ from services.install.recording import (
     identify,
 )
 from services.records import ModelConfigBase, ModelRecordServiceBase
+from services.store.publish import publish_model, renamed
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +78,7 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
         check_key_free(records, chosen, req.job_id)
         key = chosen
     name = model_name(req.path, req.user, req.metadata)
+    publish_model(config, req.path, found.files)  # before the record, which never names a blob the store lacks
     target = req.path
     placed = False
     if not req.inplace:
@@ -88,7 +90,7 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
     try:
         fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
                               metadata=req.metadata, source=req.source, user=req.user)
-        record = add_record(records, key, fields, req.job_id, found.files)
+        record = add_record(records, key, fields, req.job_id, renamed(found.files, req.path, target))
     except BaseException:
         if placed:
             remove_tree(target)

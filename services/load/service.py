@@ -126,10 +126,12 @@ class ModelLoadService:
     """Loads models named by their record key into the cache and hands them out locked."""
 
     def __init__(self, config: Any, store: Any, publisher: Publisher | None = None, *,
-                 cache: ModelCache | None = None, worker_id: str | None = None) -> None:
+                 cache: ModelCache | None = None, worker_id: str | None = None,
+                 locate: Callable[[Any], Path] | None = None) -> None:
         self.config = config
         self.store = store
         self.publisher = publisher
+        self.locate = locate  # a record's files on this host (e.g. fetched from the store); None: the models dir
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         device = execution_device(str(getattr(config, "device", "auto")))
         self.cache = cache or ModelCache(execution_device=device, ram_limit=int(config.ram_cache_size),
@@ -154,7 +156,7 @@ class ModelLoadService:
         elif submodel == SubModelType.UNet and record.model_format == ModelFormat.Checkpoint \
                 and record.base_model in _TRANSFORMER_BASES:
             submodel = SubModelType.Transformer  # the older name of their denoiser: one cache entry for both
-        location = self.config.model_path(record.path)
+        location = self.locate(record) if self.locate is not None else self.config.model_path(record.path)
         if not location.exists():
             raise ModelNotFoundException(f"model {key} ({record.name}): nothing at {location}")
         cache_key = f"{key}:{submodel.value}" if submodel is not None else key

@@ -53,3 +53,14 @@ def test_parts_in_different_folders_share_their_common_one(names: list[str], sha
     assert job.status == DownloadJobStatus.COMPLETED, job.error
     assert job.download_path == (tmp_path / shared if shared else tmp_path)
     assert all((tmp_path / n).is_file() for n in names)
+
+
+def test_a_single_download_reports_an_absolute_path_too(service: DownloadQueueService, file_server: FileServer,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = file_server.add_file("src/one.safetensors", DATA)
+    monkeypatch.chdir(tmp_path)
+    job = service.download(url, "dl")  # relative, resolved when queued
+    monkeypatch.chdir("/")
+    service.wait_for_job(job, timeout=30)
+    assert job.status == DownloadJobStatus.COMPLETED, job.error
+    assert job.download_path == tmp_path / "dl" / "one.safetensors" and job.download_path.read_bytes() == DATA

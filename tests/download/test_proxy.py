@@ -16,6 +16,7 @@ import structlog
 
 from services.config import AppConfig, ConfigError
 from services.download import DownloadJobStatus, DownloadQueueService
+from services.download.errors import ProxyUnavailableError
 from tests.servers import FileServer, HFServer
 from workers.install import http_client
 
@@ -118,3 +119,18 @@ def test_the_proxy_password_stays_out_of_the_configs_repr(tmp_path: Path, no_env
     config = AppConfig.load(root=tmp_path, download_proxy=f"socks5://alice:{SECRET}@127.0.0.1:1080")
     assert config.download_proxy == f"socks5://alice:{SECRET}@127.0.0.1:1080"
     assert SECRET not in repr(config) and SECRET not in str(config)
+
+
+def test_a_socks_proxy_without_socksio_is_named(dl_config: AppConfig, no_env_proxies: None) -> None:
+    try:
+        import socksio  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("socksio is installed: SOCKS proxies work here")
+    config = dl_config.model_copy(update={"download_proxy": f"socks5://alice:{SECRET}@127.0.0.1:1080"})
+    with pytest.raises(ProxyUnavailableError, match="socksio") as info:
+        DownloadQueueService(1, config, options=fast_options(config)).start()
+    assert SECRET not in str(info.value) and "MODELBUS_DOWNLOAD_PROXY" in str(info.value)
+    with pytest.raises(ProxyUnavailableError, match="socksio"):
+        http_client(config)

@@ -24,6 +24,7 @@ import redis
 
 from events.keys import Keys
 from events.store import RedisEventStore
+from tests.fixtures.activity import load_payload
 from tests.waiting import wait_until
 
 MODELBUS = str(Path(sys.executable).with_name("modelbus"))
@@ -127,7 +128,7 @@ def test_a_follower_keeps_receiving_across_a_restart_of_up(up: Up) -> None:
     up.start()
     url = up.url()
     namespace = up.env["MODELBUS_NAMESPACE"]
-    RedisEventStore.from_url(url, namespace).publish_activity("model_load_completed", {"model_key": "before"})
+    RedisEventStore.from_url(url, namespace).publish_activity("model_load_completed", load_payload("before"))
     out = (up.root / "follower.log").open("wb")
     follower = subprocess.Popen([MODELBUS, "events", "--follow", "--type", "model_load_completed", "--since", "0",
                                  "--count", "2", "--json"], env=up.env, stdout=out, stderr=subprocess.STDOUT,
@@ -138,7 +139,7 @@ def test_a_follower_keeps_receiving_across_a_restart_of_up(up: Up) -> None:
         assert up.stop() == 0, up.log()
         up.start()
         assert up.url() == url, f"the embedded Redis moved from {url} to {up.url()}"
-        RedisEventStore.from_url(url, namespace).publish_activity("model_load_completed", {"model_key": "after"})
+        RedisEventStore.from_url(url, namespace).publish_activity("model_load_completed", load_payload("after"))
         assert follower.wait(timeout=120) == 0, lines.read_text()
     finally:
         if follower.poll() is None:

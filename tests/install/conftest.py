@@ -91,7 +91,7 @@ class Bus:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.logs.glob("*.log")))
 
 
-def _bus(redis_url: str, tmp: Path, start_workers: int) -> Iterator[Bus]:
+def _bus(redis_url: str, tmp: Path, start_workers: int, extra_env: dict[str, str] | None = None) -> Iterator[Bus]:
     namespace = f"test-install-{uuid.uuid4().hex[:10]}"
     root = tmp / "root"
     logs = tmp / "logs"
@@ -103,6 +103,7 @@ def _bus(redis_url: str, tmp: Path, start_workers: int) -> Iterator[Bus]:
             "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1", "MODELBUS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1",
             "MODELBUS_HF_ENDPOINT": hub.url, "MODELBUS_CIVITAI_API": civitai.url, "MODELBUS_HASH_THREADS": "1",
             "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20",
+            "MODELBUS_STORE_URL": "shared", **(extra_env or {}),
             "MODELBUS_IMPORT_ROOTS": str(tmp / "library"),  # an operator's folder for in-place models
         }
         bus = Bus(env, root, logs, files, hub, civitai)
@@ -159,3 +160,11 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  #
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture()
+def local_service(app_config: AppConfig, event_store: RedisEventStore) -> Iterator[ModelInstallService]:
+    """The install service in this process (register_path / install_path), on the test's Redis and root."""
+    svc = ModelInstallService(app_config, event_store=event_store)
+    yield svc
+    svc.record_store.close()

@@ -1,0 +1,39 @@
+"""The model store: where the fleet's canonical copy of every model lives (``MODELBUS_STORE_URL``).
+
+``open_store(config)`` gives the configured :class:`BlobStore`, or None for ``shared`` (the models
+directory, today's behaviour). See ``blobs.py`` for the store's rule and ``s3.py`` for S3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.store.blobs import BlobStore, FileBlobStore, check_digest, file_digest
+from services.store.errors import (
+    BlobCorruptError,
+    BlobMissingError,
+    CacheFullError,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailableError,
+)
+from services.store.location import StoreLocation, parse_store_url
+
+__all__ = [
+    "BlobCorruptError", "BlobMissingError", "BlobStore", "CacheFullError", "FileBlobStore", "StoreConfigError",
+    "StoreError", "StoreLocation", "StoreUnavailableError", "check_digest", "file_digest", "open_store",
+    "parse_store_url",
+]
+
+
+def open_store(config: Any) -> BlobStore | None:
+    """The blob store ``config.store_url`` names; None when models live in the shared models directory."""
+    location = parse_store_url(getattr(config, "store_url", None))
+    if location.scheme == "file":
+        assert location.path is not None
+        return FileBlobStore(location.path)
+    if location.scheme == "s3":
+        from services.store.s3 import S3BlobStore  # boto3 costs ~0.3 s to import: only where it is used
+        return S3BlobStore(location, endpoint_url=getattr(config, "s3_endpoint_url", None),
+                           retries=int(getattr(config, "store_retries", 5)))
+    return None
