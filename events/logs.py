@@ -142,3 +142,13 @@ def _adopt_stdlib(shared: list[structlog.typing.Processor], scrub: Scrubber, ren
         adopted.propagate = True
     for name in QUIET_LOGGERS:  # a line per HTTP request a worker makes is noise, not news
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging` (tests: the next one starts clean): structlog's defaults, our root
+    handler gone, the root logger back at WARNING."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_modelbus", False)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)

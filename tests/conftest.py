@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 import redis
-import structlog
 
 import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
 from events.embedded import EmbeddedRedis
+from events.logs import reset_logging
 from events.store import EventStore, InMemoryEventStore, RedisEventStore
 
 
 @pytest.fixture(autouse=True)
 def _fresh_logging() -> Iterator[None]:
-    """A test that runs the CLI or a worker in-process configures structlog; the next one starts clean."""
+    """A test that runs the CLI, a worker or the API in-process configures logging; the next one starts clean."""
     yield
-    structlog.reset_defaults()
+    reset_logging()
 
 
 @pytest.fixture(scope="session")

@@ -184,8 +184,13 @@ def test_no_log_line_of_a_stack_run_carries_a_secret(stack: tuple[_Stack, HFServ
         assert http.get("/api/v2/models/i/nope").status_code == 404
         assert http.patch("/api/v2/models/i/nope", json={"base_model": "sd-9"}).status_code in (404, 422)
         assert http.post("/api/v2/models/scan", json={"path": "/" + "x" * 300}).status_code != 200
-        assert http.post("/api/v2/models/install", json={"source": "http://no-such-host.invalid/m.safetensors"}
-                         ).status_code == 202
+        unresolvable = http.post("/api/v2/models/install",
+                                 json={"source": "http://no-such-host.invalid/m.safetensors"})
+        assert unresolvable.status_code == 202
+        failed = wait_until(lambda: _job_done(http, unresolvable.json()["id"]), 120, "the failing install", tail,
+                            interval=0.3)
+        assert failed["state"] == "error" and failed["error_type"] == "UnresolvableHostError", failed
+        assert "no-such-host.invalid" in failed["error"]
     s.stop()
     lines = s.lines()
     print(f"{len(lines)} log lines; the last ones:\n" + "\n".join(lines[-30:]))
