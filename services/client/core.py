@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 import redis
@@ -24,10 +24,12 @@ from events.keys import QUEUES
 from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from services.client import defaults
 from services.client.errors import UnavailableError
-from services.client.features import Features
 from services.client.subscription import Delivered, Subscription, read_history
 from services.config import AppConfig
 from services.records import ModelConfigBase, ModelRecordServiceBase
+
+if TYPE_CHECKING:
+    from services.client.features import Features
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +46,7 @@ class ModelBusClient:
         self._retry_deadline = retry_deadline
         self._records: ModelRecordServiceBase | None = None
         self._lock = threading.RLock()
-        self.features = Features(self)
+        self._features: Features | None = None
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -67,6 +69,16 @@ class ModelBusClient:
             if self._records is None:
                 self._records = ModelRecordServiceBase.open(self.config, event_store=self.store)
             return self._records
+
+    @property
+    def features(self) -> Features:
+        """The install and GPU bridge, imported on first use: reading records never pays for the install
+        service's imports (a CLI ``list`` starts at once)."""
+        with self._lock:
+            if self._features is None:
+                from services.client.features import Features
+                self._features = Features(self)
+            return self._features
 
     @property
     def redis(self) -> redis.Redis:

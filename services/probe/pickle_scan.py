@@ -24,12 +24,14 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
-import torch
 
 from services.probe.errors import CorruptModelError, ModelPathError, UnsafeModelError
+
+if TYPE_CHECKING:
+    import torch
 
 log = structlog.get_logger(__name__)
 
@@ -156,6 +158,8 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "meta") -> An
     stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
         (_InertStub, name) for name in sorted(scan.globals) if name not in TENSOR_GLOBALS
     ]
+    import torch  # imported here: identifying safetensors (and the CLI) must not pay for torch
+
     is_zip = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(stubs):
