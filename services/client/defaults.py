@@ -9,3 +9,4 @@ LIST_LIMIT_DEFAULT = 100
 SSE_KEEPALIVE_SECONDS = 15.0      # comment line sent on an idle SSE stream (proxies drop silent ones)
 SSE_BLOCK_MS = 500                # an SSE subscriber notices a gone client within about this long
 HEALTH_REDIS_TIMEOUT = 2.0        # s; /healthz answers 503 rather than hang on a dead Redis
+HEALTH_REFRESH_SECONDS = 1.0      # s; /healthz serves its last probe for this long (one probe at a time)

@@ -4,12 +4,15 @@
 - ``GET /api/v2/models`` with 10,000 models (a page of 100, and all 10,000): p50/p99 vs an in-process
   ``client.list_models()`` of the same data
 - event delivery latency to an SSE client, p50/p99 vs a direct ``client.subscribe()`` in the same process
+- ``GET /healthz`` under concurrent load (threads + httpx, bounded in count and time): requests/s and
+  p50 with the cached state vs probing on every request (the behaviour before the cache; goal >= 10x)
 
 ``.venv/bin/python tests/bench/bench_surfaces.py``; MODELBUS_BENCH_SCALE multiplies the counts.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import threading
@@ -24,7 +27,7 @@ from rq import Queue
 
 from events.schema import ModelAdded
 from services.api import create_app
-from services.client import ModelBusClient
+from services.client import ModelBusClient, defaults
 from services.config import AppConfig
 from tests.api.conftest import serve
 from tests.api.test_events_sse import read_events
@@ -154,6 +157,69 @@ def bench_sse(url: str) -> None:
     ratio_line("SSE event delivery latency p99", s99 * 1000, d99 * 1000, "ms", higher_is_better=False)
 
 
+HEALTH_THREADS = 8
+HEALTH_SECONDS = 3.0  # per round and side; each thread also stops after HEALTH_REQUESTS
+
+
+def _health_load(base: str, requests: int) -> tuple[float, list[float], int]:
+    """HEALTH_THREADS threads each sending /healthz (keep-alive) until ``requests`` or HEALTH_SECONDS:
+    answers/s over all of them, every latency, and how many answers were not 200 (a probe past its timeout
+    on a starved machine)."""
+    latencies: list[list[float]] = [[] for _ in range(HEALTH_THREADS)]
+    errors: list[int] = []
+    stop_at = time.perf_counter() + HEALTH_SECONDS
+
+    def hammer(mine: list[float]) -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while len(mine) < requests and time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                if http.get("/healthz").status_code != 200:
+                    errors.append(1)
+                mine.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=hammer, args=(mine,)) for mine in latencies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HEALTH_SECONDS + 60)
+    flat = [x for mine in latencies for x in mine]
+    return len(flat) / (time.perf_counter() - started), flat, len(errors)
+
+
+def bench_health(url: str) -> None:
+    from services.api.health_state import HealthState
+    client = _client(url)
+    requests = scale(500)
+    apps = {}
+    for refresh in (defaults.HEALTH_REFRESH_SECONDS, 0.0):  # 0: every request probes, as before the cache
+        app = create_app(client.config, client=client)
+        app.state.health = HealthState(client, refresh_seconds=refresh)
+        apps[refresh] = serve(app)
+        httpx.get(f"{apps[refresh][2]}/healthz", timeout=30)  # the first probe opens the connections
+    errors = 0
+    rates: dict[float, list[float]] = {r: [] for r in apps}
+    samples: dict[float, list[float]] = {r: [] for r in apps}
+    try:
+        for i in range(3):  # alternating rounds: both sides meet the same load on a shared machine
+            for refresh in (list(apps) if i % 2 == 0 else list(reversed(apps))):
+                per_s, latencies, failed = _health_load(apps[refresh][2], requests)
+                errors += failed
+                rates[refresh].append(per_s)
+                samples[refresh] += latencies
+    finally:
+        for server, thread, _ in apps.values():
+            server.should_exit = True
+            thread.join(10)
+    cached, probing = defaults.HEALTH_REFRESH_SECONDS, 0.0
+    if errors:
+        print(f"  ({errors} /healthz answers were not 200: probes past their timeout)", flush=True)
+    ratio_line(f"GET /healthz, {HEALTH_THREADS} threads: req/s (vs probing)", statistics.median(rates[cached]),
+               statistics.median(rates[probing]), "req/s", ">= 10x")
+    (c50, _), (p50, _) = percentiles(samples[cached]), percentiles(samples[probing])
+    ratio_line(f"GET /healthz, {HEALTH_THREADS} threads: p50 (vs probing)", c50 * 1000, p50 * 1000, "ms",
+               higher_is_better=False)
+
+
 def main() -> int:
     from events.logs import configure_logging
     configure_logging("console", "WARNING")
@@ -161,6 +227,7 @@ def main() -> int:
         bench_install(url)
         bench_list(url)
         bench_sse(url)
+        bench_health(url)
     return 0
 
 
