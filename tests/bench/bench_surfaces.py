@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -186,30 +189,61 @@ def _health_load(base: str, requests: int) -> tuple[float, list[float], int]:
     return len(flat) / (time.perf_counter() - started), flat, len(errors)
 
 
+SERVE_HEALTH = """
+import sys, uvicorn
+from services.api import create_app
+from services.api.health_state import HealthState
+from services.client import ModelBusClient
+from services.config import AppConfig
+config = AppConfig.load(redis_url=sys.argv[1], namespace=sys.argv[2], root=sys.argv[3], log_level="WARNING")
+client = ModelBusClient(config)
+app = create_app(config, client=client)
+app.state.health = HealthState(client, refresh_seconds=float(sys.argv[4]))
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[5]), log_level="warning")
+"""
+
+
+def _health_server(client: ModelBusClient, refresh: float) -> tuple[subprocess.Popen[bytes], str]:
+    """The API in its own process (the load generator must not share its GIL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = client.config
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_HEALTH, config.redis_url, config.namespace, str(config.root),
+                             str(refresh), str(port)], cwd=Path(__file__).resolve().parents[2],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            httpx.get(f"{base}/healthz", timeout=30)  # the first probe opens the connections too
+            return proc, base
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+
+
 def bench_health(url: str) -> None:
-    from services.api.health_state import HealthState
     client = _client(url)
     requests = scale(500)
-    apps = {}
-    for refresh in (defaults.HEALTH_REFRESH_SECONDS, 0.0):  # 0: every request probes, as before the cache
-        app = create_app(client.config, client=client)
-        app.state.health = HealthState(client, refresh_seconds=refresh)
-        apps[refresh] = serve(app)
-        httpx.get(f"{apps[refresh][2]}/healthz", timeout=30)  # the first probe opens the connections
+    servers = {refresh: _health_server(client, refresh)  # 0: every request probes, as before the cache
+               for refresh in (defaults.HEALTH_REFRESH_SECONDS, 0.0)}
     errors = 0
-    rates: dict[float, list[float]] = {r: [] for r in apps}
-    samples: dict[float, list[float]] = {r: [] for r in apps}
+    rates: dict[float, list[float]] = {r: [] for r in servers}
+    samples: dict[float, list[float]] = {r: [] for r in servers}
     try:
         for i in range(3):  # alternating rounds: both sides meet the same load on a shared machine
-            for refresh in (list(apps) if i % 2 == 0 else list(reversed(apps))):
-                per_s, latencies, failed = _health_load(apps[refresh][2], requests)
+            for refresh in (list(servers) if i % 2 == 0 else list(reversed(servers))):
+                per_s, latencies, failed = _health_load(servers[refresh][1], requests)
                 errors += failed
                 rates[refresh].append(per_s)
                 samples[refresh] += latencies
     finally:
-        for server, thread, _ in apps.values():
-            server.should_exit = True
-            thread.join(10)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
     cached, probing = defaults.HEALTH_REFRESH_SECONDS, 0.0
     if errors:
         print(f"  ({errors} /healthz answers were not 200: probes past their timeout)", flush=True)
