@@ -4,6 +4,8 @@
 - ``GET /api/v2/models`` with 10,000 models (a page of 100, and all 10,000): p50/p99 vs an in-process
   ``client.list_models()`` of the same data
 - event delivery latency to an SSE client, p50/p99 vs a direct ``client.subscribe()`` in the same process
+- ``client.load(key)`` of a model a GPU worker (on the CPU) already holds: p50/p90 vs a raw Redis round
+  trip (goal <= 3 ms p50)
 - ``GET /healthz`` under concurrent load (threads + httpx, bounded in count and time): requests/s and
   p50 with the cached state vs probing on every request (the behaviour before the cache; goal >= 10x)
 
@@ -254,6 +256,44 @@ def bench_health(url: str) -> None:
                higher_is_better=False)
 
 
+def bench_bus_load(url: str) -> None:
+    from tests.load import builders
+    client = _client(url)
+    config = client.config
+    path = config.models_path / "bench-lora.safetensors"
+    builders.write_lora(path, seed=1)
+    client.add_model("bench-lora", {"name": "bench-lora", "model_type": "lora", "model_format": "lycoris",
+                                    "base_model": "sd-1", "path": path.name, "hash": "bench-lora"})
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "MODELBUS_REDIS_URL": url, "MODELBUS_NAMESPACE": config.namespace,
+           "MODELBUS_ROOT": str(config.root), "MODELBUS_LOG_LEVEL": "WARNING"}
+    worker = subprocess.Popen([sys.executable, "-m", "workers", "--queues", "gpu", "--device", "cpu", "--name",
+                               "bench-gpu"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("gpu" in w.get("queues", []) for w in client.workers()):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the GPU worker did not register")
+            time.sleep(0.2)
+        client.load("bench-lora", timeout=120)  # the miss: from disk into the worker's cache
+        n = scale(30)
+        bus, raw = [], []
+        for _ in range(n):
+            started = time.perf_counter()
+            client.load("bench-lora", timeout=60)
+            bus.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            client.redis.ping()
+            raw.append(time.perf_counter() - started)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    for label, q in (("p50", 0.5), ("p90", 0.9)):
+        ours, base = sorted(bus)[int(q * (n - 1))], sorted(raw)[int(q * (n - 1))]
+        ratio_line(f"client.load of a cached model: {label} (vs PING)", ours * 1000, base * 1000, "ms",
+                   "<= 3 ms" if label == "p50" else "", higher_is_better=False)
+
+
 def main() -> int:
     from events.logs import configure_logging
     configure_logging("console", "WARNING")
@@ -261,6 +301,7 @@ def main() -> int:
         bench_install(url)
         bench_list(url)
         bench_sse(url)
+        bench_bus_load(url)
         bench_health(url)
     return 0
 
