@@ -10,7 +10,6 @@ import typer
 
 from events.workers import WorkerInfo
 from services.cli.context import client
-from services.cli.doctor import run_checks
 from services.cli.errors import CommandFailedError
 from services.cli.output import console, human_bytes, print_json, print_json_line, table
 from services.client import Delivered
@@ -83,6 +82,8 @@ def _cache(worker: WorkerInfo) -> str:
 
 def doctor(json: JsonFlag = False) -> None:
     """Check Redis (reachable, persistence, eviction), workers, disk space and the GPU."""
+    # imported here: its store and config checks import what no other command needs
+    from services.cli.doctor import run_checks
     checks = run_checks(client())
     if json:
         print_json([dataclasses.asdict(c) for c in checks])

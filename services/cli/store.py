@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from services.cli.context import client, state
 from services.cli.output import console, human_bytes, print_json
-from services.install.manifest import Manifest, recorded_manifest
+
+if TYPE_CHECKING:
+    from services.install.manifest import Manifest
 from services.store import BlobStore, StoreConfigError, defaults, maintenance, open_store
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -22,6 +24,7 @@ def _store() -> BlobStore:
 
 
 def _manifests() -> list[tuple[str, str, Manifest]]:
+    from services.install.manifest import recorded_manifest  # (the CLI's other commands never import it)
     c = client()
     return [(m.key, m.path, recorded_manifest(c.history(m.key))) for m in c.list_models()]
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import redis
 import structlog
@@ -23,13 +23,14 @@ from events.keys import QUEUES
 from events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from events.workers import WorkerInfo, list_workers
 from services.client import defaults
-from services.client import on_worker as on_worker_
 from services.client.errors import UnavailableError
 from services.client.gpu import GpuLoads
-from services.client.installs import Installs
 from services.client.subscription import Delivered, Subscription, read_history
 from services.config import AppConfig
 from services.records import ModelConfigBase, ModelRecordServiceBase
+
+if TYPE_CHECKING:
+    from services.client.installs import Installs
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +77,9 @@ class ModelBusClient:
 
     @property
     def installs(self) -> Installs:
-        """Install commands and jobs (services.client.installs), built on first use."""
+        """Install commands and jobs (services.client.installs), imported and built on first use: reading
+        records never pays for the install service's imports (a CLI ``list`` starts at once)."""
+        from services.client.installs import Installs  # (torch comes with the install service)
         records = self.records
         with self._lock:
             if self._installs is None:
@@ -195,6 +198,7 @@ class ModelBusClient:
         the import roots). With ``on_worker`` a worker of the hash queue does it (the API's way: it never
         reads model files itself), within ``timeout`` seconds, and the folder must lie inside the roots."""
         if on_worker:
+            from services.client import on_worker as on_worker_  # (the install service's settings)
             return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SCAN_FUNCTION, (str(path),),
                                             timeout)
         return self.installs.scan(Path(path), import_roots_only)
@@ -203,6 +207,7 @@ class ModelBusClient:
         """Register unrecorded models in the models dir; report records whose files are gone (``on_worker``:
         as for :meth:`scan`)."""
         if on_worker:
+            from services.client import on_worker as on_worker_
             return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SYNC_FUNCTION, (), timeout)
         return self.installs.sync()
 

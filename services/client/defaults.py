@@ -12,3 +12,4 @@ HEALTH_REDIS_TIMEOUT = 2.0        # s; /healthz answers 503 rather than hang on 
 SCAN_TIMEOUT = 600.0              # s the API waits for a worker's scan or sync before answering 504
 SCAN_POLL_INTERVAL = 0.05         # s between two looks at a scan job's status
 SCAN_RESULT_TTL = 3600            # s RQ keeps a scan job's answer
+HEALTH_REFRESH_SECONDS = 1.0      # s; /healthz serves its last probe for this long (one probe at a time)

@@ -30,7 +30,6 @@ from events.errors import (
     TimedOut,
     Unavailable,
 )
-from services.install.errors import InstallError
 from services.routing import RoutingError
 
 
@@ -71,8 +70,10 @@ def translated() -> Iterator[None]:
     """Install, routing and event-store errors, as the client's of the same kind (conflicts pass as they are)."""
     try:
         yield
-    except (InstallError, RoutingError, StoreUnavailableError) as exc:
+    except ModelbusError as exc:
+        # imported here: a client that only reads records never imports the install service
+        from services.install.errors import InstallError
         client_error = CLIENT_ERRORS.get(exc.kind)
-        if client_error is None:
+        if client_error is None or not isinstance(exc, (InstallError, RoutingError, StoreUnavailableError)):
             raise
         raise client_error(str(exc)) from exc

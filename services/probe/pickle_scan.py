@@ -28,15 +28,17 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
-import torch
 
 from services.probe.defaults import PICKLE_CHECK_EVERY, PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
 from services.probe.errors import CorruptModelError, ModelPathError, PickleTooLargeError, UnsafeModelError
 from services.probe.torch_zip import pickle_member, refuse_appended_zip, starts_like_zip
 from services.stopping import checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 log = structlog.get_logger(__name__)
 
@@ -164,6 +166,8 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "meta") -> An
     stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
         (_InertStub, name) for name in sorted(scan.globals) if name not in TENSOR_GLOBALS
     ]
+    import torch  # imported here: identifying safetensors (and the CLI) must not pay for torch
+
     is_zip = starts_like_zip(path)
     try:
         with torch.serialization.safe_globals(stubs):

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from services.probe.errors import UnrecognizedFilesError
 from services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
 from services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
@@ -77,6 +75,7 @@ def _from_pickle(path: Path, obj: Any) -> TensorIndex:
 
 
 def _flatten(obj: Mapping[Any, Any], prefix: str, out: dict[str, tuple[int, ...]], depth: int) -> None:
+    import torch  # only a pickle needs it (it was loaded by then): identifying safetensors stays torch-free
     for key, value in obj.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, torch.Tensor):

@@ -4,12 +4,20 @@
 - ``GET /api/v2/models`` with 10,000 models (a page of 100, and all 10,000): p50/p99 vs an in-process
   ``client.list_models()`` of the same data
 - event delivery latency to an SSE client, p50/p99 vs a direct ``client.subscribe()`` in the same process
+- ``client.load(key)`` of a model a GPU worker (on the CPU) already holds: p50/p90 vs a raw Redis round
+  trip (goal <= 3 ms p50)
+- ``GET /healthz`` under concurrent load (threads + httpx, bounded in count and time): requests/s and
+  p50 with the cached state vs probing on every request (the behaviour before the cache; goal >= 10x)
 
 ``.venv/bin/python tests/bench/bench_surfaces.py``; MODELBUS_BENCH_SCALE multiplies the counts.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +32,7 @@ from rq import Queue
 
 from events.schema import ModelAdded
 from services.api import create_app
-from services.client import ModelBusClient
+from services.client import ModelBusClient, defaults
 from services.config import AppConfig
 from tests.api.conftest import serve
 from tests.api.test_events_sse import read_events
@@ -154,6 +162,138 @@ def bench_sse(url: str) -> None:
     ratio_line("SSE event delivery latency p99", s99 * 1000, d99 * 1000, "ms", higher_is_better=False)
 
 
+HEALTH_THREADS = 8
+HEALTH_SECONDS = 3.0  # per round and side; each thread also stops after HEALTH_REQUESTS
+
+
+def _health_load(base: str, requests: int) -> tuple[float, list[float], int]:
+    """HEALTH_THREADS threads each sending /healthz (keep-alive) until ``requests`` or HEALTH_SECONDS:
+    answers/s over all of them, every latency, and how many answers were not 200 (a probe past its timeout
+    on a starved machine)."""
+    latencies: list[list[float]] = [[] for _ in range(HEALTH_THREADS)]
+    errors: list[int] = []
+    stop_at = time.perf_counter() + HEALTH_SECONDS
+
+    def hammer(mine: list[float]) -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while len(mine) < requests and time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                if http.get("/healthz").status_code != 200:
+                    errors.append(1)
+                mine.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=hammer, args=(mine,)) for mine in latencies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HEALTH_SECONDS + 60)
+    flat = [x for mine in latencies for x in mine]
+    return len(flat) / (time.perf_counter() - started), flat, len(errors)
+
+
+SERVE_HEALTH = """
+import sys, uvicorn
+from services.api import create_app
+from services.api.health_state import HealthState
+from services.client import ModelBusClient
+from services.config import AppConfig
+config = AppConfig.load(redis_url=sys.argv[1], namespace=sys.argv[2], root=sys.argv[3], log_level="WARNING")
+client = ModelBusClient(config)
+app = create_app(config, client=client)
+app.state.health = HealthState(client, refresh_seconds=float(sys.argv[4]))
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[5]), log_level="warning")
+"""
+
+
+def _health_server(client: ModelBusClient, refresh: float) -> tuple[subprocess.Popen[bytes], str]:
+    """The API in its own process (the load generator must not share its GIL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = client.config
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_HEALTH, config.redis_url, config.namespace, str(config.root),
+                             str(refresh), str(port)], cwd=Path(__file__).resolve().parents[2],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            httpx.get(f"{base}/healthz", timeout=30)  # the first probe opens the connections too
+            return proc, base
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+
+
+def bench_health(url: str) -> None:
+    client = _client(url)
+    requests = scale(500)
+    servers = {refresh: _health_server(client, refresh)  # 0: every request probes, as before the cache
+               for refresh in (defaults.HEALTH_REFRESH_SECONDS, 0.0)}
+    errors = 0
+    rates: dict[float, list[float]] = {r: [] for r in servers}
+    samples: dict[float, list[float]] = {r: [] for r in servers}
+    try:
+        for i in range(3):  # alternating rounds: both sides meet the same load on a shared machine
+            for refresh in (list(servers) if i % 2 == 0 else list(reversed(servers))):
+                per_s, latencies, failed = _health_load(servers[refresh][1], requests)
+                errors += failed
+                rates[refresh].append(per_s)
+                samples[refresh] += latencies
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    cached, probing = defaults.HEALTH_REFRESH_SECONDS, 0.0
+    if errors:
+        print(f"  ({errors} /healthz answers were not 200: probes past their timeout)", flush=True)
+    ratio_line(f"GET /healthz, {HEALTH_THREADS} threads: req/s (vs probing)", statistics.median(rates[cached]),
+               statistics.median(rates[probing]), "req/s", ">= 10x")
+    (c50, _), (p50, _) = percentiles(samples[cached]), percentiles(samples[probing])
+    ratio_line(f"GET /healthz, {HEALTH_THREADS} threads: p50 (vs probing)", c50 * 1000, p50 * 1000, "ms",
+               higher_is_better=False)
+
+
+def bench_bus_load(url: str) -> None:
+    from tests.load import builders
+    client = _client(url)
+    config = client.config
+    path = config.models_path / "bench-lora.safetensors"
+    builders.write_lora(path, seed=1)
+    client.add_model("bench-lora", {"name": "bench-lora", "model_type": "lora", "model_format": "lycoris",
+                                    "base_model": "sd-1", "path": path.name, "hash": "bench-lora"})
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "MODELBUS_REDIS_URL": url, "MODELBUS_NAMESPACE": config.namespace,
+           "MODELBUS_ROOT": str(config.root), "MODELBUS_LOG_LEVEL": "WARNING"}
+    worker = subprocess.Popen([sys.executable, "-m", "workers", "--queues", "gpu", "--device", "cpu", "--name",
+                               "bench-gpu"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("gpu" in w.get("queues", []) for w in client.workers()):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the GPU worker did not register")
+            time.sleep(0.2)
+        client.load("bench-lora", timeout=120)  # the miss: from disk into the worker's cache
+        n = scale(30)
+        bus, raw = [], []
+        for _ in range(n):
+            started = time.perf_counter()
+            client.load("bench-lora", timeout=60)
+            bus.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            client.redis.ping()
+            raw.append(time.perf_counter() - started)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    for label, q in (("p50", 0.5), ("p90", 0.9)):
+        ours, base = sorted(bus)[int(q * (n - 1))], sorted(raw)[int(q * (n - 1))]
+        ratio_line(f"client.load of a cached model: {label} (vs PING)", ours * 1000, base * 1000, "ms",
+                   "<= 3 ms" if label == "p50" else "", higher_is_better=False)
+
+
 def main() -> int:
     from events.logs import configure_logging
     configure_logging("console", "WARNING")
@@ -161,6 +301,8 @@ def main() -> int:
         bench_install(url)
         bench_list(url)
         bench_sse(url)
+        bench_bus_load(url)
+        bench_health(url)
     return 0
 
 

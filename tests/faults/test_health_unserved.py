@@ -53,7 +53,8 @@ def test_a_queue_with_jobs_and_no_live_worker_is_degraded(app_config: AppConfig,
         wait_until(lambda: http.get("/healthz").json()["workers_alive"] == 1, 60, "the dead worker's state to lapse")
         client = http.app.state.client  # type: ignore[attr-defined]
         Queue(Keys(app_config.namespace).queue("download"), connection=client.redis).enqueue("os.getcwd")
-        health = http.get("/healthz").json()
+        # /healthz answers from a probe at most a second old: the next probe sees the job
+        health = wait_until(lambda: (h := http.get("/healthz").json())["unserved"] and h, 30, "a probe after it")
         print(f"\n[download worker killed, a download queued] /healthz: {health['status']}, "
               f"unserved {health['unserved']}, {health['workers_alive']} live worker(s)")
         assert health["status"] == "degraded" and health["unserved"] == ["download"]

@@ -43,6 +43,7 @@ from tests.client.conftest import model_config, put_file
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus, bus, installer  # noqa: F401 - fixtures: a real worker process
 from tests.record_configs import record_config
+from tests.waiting import wait_until
 
 
 def _now() -> str:
@@ -236,7 +237,8 @@ def test_quarantine_is_reported_by_doctor_healthz_metrics_and_the_cli(app_config
         assert "0 quarantined" in _cli("events", "quarantine").stdout
         poisoned = _poison(event_store)
         assert _cli("list", "--json").stdout.strip() == "[]"  # a reader refuses it, and quarantines it
-        health = http.get("/healthz")
+        # /healthz answers from a probe at most a second old: the next probe sees it
+        health = wait_until(lambda: (h := http.get("/healthz")).json()["quarantined"] and h, 30, "a probe after it")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
         assert health.json()["quarantined"] == 1
         assert "modelbus_quarantined_events_total 1.0" in http.get("/metrics").text
