@@ -26,6 +26,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from events.errors import TimedOut
 from services.api.auth import UNAUTHORIZED, bearer_token, token_matches
 from services.api.errors import error_response
 from services.config import AppConfig
@@ -128,8 +129,8 @@ def _content_length(headers: Headers) -> int | None:
         return None  # the server (h11/httptools) refuses a malformed length itself
 
 
-class _BodyStalled(Exception):
-    """The body paused too long; the 408 is sent already."""
+class _BodyStalled(TimedOut):
+    """The body paused too long; the 408 is sent already (internal: never reaches a caller)."""
 
 
 class _InTime:

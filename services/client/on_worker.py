@@ -17,7 +17,7 @@ from rq import Queue
 from rq.job import Job
 
 from events.connection import redis_errors_translated
-from events.errors import Kind
+from events.errors import Conflict, Forbidden, Kind, TooLarge
 from events.keys import Keys
 from services import routing
 from services.client import defaults
@@ -36,11 +36,26 @@ QUEUE = "hash"
 
 
 class WorkerRefusedError(ClientError):
-    """What a worker's scan refused, with the kind of the worker's own error."""
+    """What a worker's scan refused, as the leaf of the worker's own error's kind (the client's own errors
+    cover the other kinds)."""
 
-    def __init__(self, kind: Kind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+
+class ScanForbiddenError(WorkerRefusedError, Forbidden):
+    pass
+
+
+class ScanConflictError(WorkerRefusedError, Conflict):
+    pass
+
+
+class ScanTooLargeError(WorkerRefusedError, TooLarge):
+    pass
+
+
+REFUSED: dict[Kind, type[ClientError]] = {
+    **CLIENT_ERRORS, Kind.FORBIDDEN: ScanForbiddenError, Kind.CONFLICT: ScanConflictError,
+    Kind.TOO_LARGE: ScanTooLargeError,
+}
 
 
 def run_on_worker(connection: redis.Redis[bytes], keys: Keys, func: str, args: tuple[Any, ...] = (),
@@ -66,8 +81,7 @@ def _answer(job: Job, deadline: float) -> dict[str, Any]:
             if isinstance(error, dict):
                 kind = Kind(error.get("kind", Kind.FAILED.value))
                 message = str(error.get("message") or error.get("type") or "refused")
-                error_class = CLIENT_ERRORS.get(kind)
-                raise error_class(message) if error_class is not None else WorkerRefusedError(kind, message)
+                raise REFUSED.get(kind, JobFailedError)(message)
             return value
         if status in ("failed", "stopped", "canceled"):
             result = job.latest_result()

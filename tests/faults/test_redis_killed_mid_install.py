@@ -13,8 +13,9 @@ from services.install import InstallStatus
 from services.install.placement import staging_dir
 from tests.faults.redis_proc import PrivateRedis
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
-from tests.install.conftest import _bus, make_service, wait_until
+from tests.install.conftest import _bus, make_service
 from tests.servers import Fault
+from tests.waiting import wait_until
 
 
 def test_redis_killed_and_restarted_mid_install(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from rq.job import Job
 
 from services.install import InstallStatus
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
-from tests.install.conftest import Bus, make_service, wait_until
+from tests.install.conftest import Bus, make_service
 from tests.servers import Fault
+from tests.waiting import wait_until
 
 
 def test_sigterm_lets_the_running_job_finish(idle_bus: Bus, tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_an_install_source_with_a_nul_byte_is_422(http: TestClient) -> None:
 
 def test_a_scan_runs_on_a_worker_inside_the_import_roots(http: TestClient, app_config: AppConfig,
                                                          start_worker: StartWorker, tmp_path: Path) -> None:
-    folder = app_config.root / "import" / "found"
+    folder = app_config.models_path / "found"  # (in place: an import root, but not the hand-over area)
     fx.make_lora_kohya(folder / "style.safetensors")
     outside = tmp_path / "outside"
     fx.make_lora_kohya(outside / "other.safetensors", rank=8)
@@ -102,8 +102,8 @@ def test_a_scan_runs_on_a_worker_inside_the_import_roots(http: TestClient, app_c
 def test_a_cancel_stops_a_hash_job_in_the_middle_of_a_huge_file(app_config: AppConfig, start_worker: StartWorker,
                                                                 tmp_path: Path) -> None:
     # 1 TiB of holes: hashing it whole would keep the worker busy for many minutes
-    (app_config.root / "import").mkdir(parents=True)
-    big = fx.make_sparse_safetensors(app_config.root / "import" / "huge.safetensors", 1 << 40)
+    app_config.models_path.mkdir(parents=True, exist_ok=True)  # in place: an import root, not the hand-over area
+    big = fx.make_sparse_safetensors(app_config.models_path / "huge.safetensors", 1 << 40)
     start_worker("install,hash")
     client = ModelBusClient(app_config)
     try:
