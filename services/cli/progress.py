@@ -98,6 +98,7 @@ class LoadStatus:
         self.client, self.key, self.console = client, key, console
         self.since = head(client)
         self.stopped = threading.Event()
+        self.ended = threading.Event()  # the watcher saw this load's last event
         self.seen: list[str] = []
 
     def run(self, call: Any) -> Any:
@@ -108,11 +109,14 @@ class LoadStatus:
                     if isinstance(event, ModelLoadStarted | ModelLoadCompleted | ModelLoadFailed) \
                             and event.payload.model_key == self.key:
                         self.seen.append(event.kind)
+                        if not isinstance(event, ModelLoadStarted):
+                            self.ended.set()
                         worker = event.payload.worker or ""
                         status.update(f"loading {self.key}: {event.kind.removeprefix('model_load_')} on {worker}")
                     elif isinstance(event, FETCH_EVENTS) and event.payload.model_key == self.key:
                         self.seen.append(event.kind)  # a host without the model's files fetches them first
-                        done, total = event.payload.bytes or 0, event.payload.total_bytes or 0
+                        done = getattr(event.payload, "bytes", None) or 0  # (started and failed carry no bytes)
+                        total = getattr(event.payload, "total_bytes", None) or 0
                         of = f" {done / (1 << 20):.0f} of {total / (1 << 20):.0f} MiB" if total else ""
                         status.update(f"loading {self.key}: {event.kind.removeprefix('model_')}{of}")
 
@@ -121,5 +125,7 @@ class LoadStatus:
             try:
                 return call()
             finally:
+                # the answer can come before the watcher has read the events that led to it
+                self.ended.wait(2)
                 self.stopped.set()
                 watcher.join(2)
