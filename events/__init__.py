@@ -1,6 +1,6 @@
 """The event layer: schema, the Redis-streams event store, projections, embedded Redis."""
 
-from events.errors import (
+from modelbus.events.errors import (
     ConcurrencyError,
     EmbeddedRedisError,
     EventDecodeError,
@@ -8,9 +8,9 @@ from events.errors import (
     StoreUnavailableError,
     UniqueConstraintError,
 )
-from events.keys import Keys
-from events.projection import Projection, ProjectionRunner
-from events.store import AppendResult, EventStore, InMemoryEventStore, RedisEventStore, StoredEvent
+from modelbus.events.keys import Keys
+from modelbus.events.projection import Projection, ProjectionRunner
+from modelbus.events.store import AppendResult, EventStore, InMemoryEventStore, RedisEventStore, StoredEvent
 
 __all__ = [
     "AppendResult", "ConcurrencyError", "EmbeddedRedisError", "EventDecodeError", "EventStore", "EventStoreError",

@@ -13,8 +13,15 @@ from typing import Any, NamedTuple
 import orjson
 from pydantic import ValidationError
 
-from events.errors import EventDecodeError
-from events.schema import CURRENT_VERSION, ENVELOPE_FIELDS, EVENT_TYPES, UPCASTERS, Event, activity_class
+from modelbus.events.errors import EventDecodeError
+from modelbus.events.schema import (
+    CURRENT_VERSION,
+    ENVELOPE_FIELDS,
+    EVENT_TYPES,
+    UPCASTERS,
+    Event,
+    activity_class,
+)
 
 _ENVELOPE = set(ENVELOPE_FIELDS)  # (a set: what pydantic's exclude takes)
 

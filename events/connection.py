@@ -12,10 +12,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from events import defaults
-from events.errors import EmbeddedRedisError, StoreUnavailableError
-from events.sentinel import connect_sentinel, is_sentinel_url
-from events.sentinel import redact as redact_sentinel
+from modelbus.events import defaults
+from modelbus.events.errors import EmbeddedRedisError, StoreUnavailableError
+from modelbus.events.sentinel import connect_sentinel, is_sentinel_url
+from modelbus.events.sentinel import redact as redact_sentinel
 
 # eviction of any kind could delete the log; only noeviction is safe
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -88,6 +88,6 @@ def resolve_redis_url(config: Any) -> str:
         client = check_reachable(config.redis_url)
         check_fit(client, config.redis_url)
         return str(config.redis_url)
-    from events.embedded import EmbeddedRedis
+    from modelbus.events.embedded import EmbeddedRedis
     fsync = "always" if getattr(config, "durability", "fast") == "fsync" else "everysec"
     return EmbeddedRedis.ensure(config.root, appendfsync=fsync).url

@@ -26,8 +26,8 @@ import orjson
 import redis
 import structlog
 
-from events import defaults
-from events.errors import EmbeddedRedisError
+from modelbus.events import defaults
+from modelbus.events.errors import EmbeddedRedisError
 
 log = structlog.get_logger(__name__)
 

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Protocol
 
-from events import defaults
-from events.errors import EventStoreError
-from events.store import BodyBatch, EventStore, StoredEvent, position_key
+from modelbus.events import defaults
+from modelbus.events.errors import EventStoreError
+from modelbus.events.store import BodyBatch, EventStore, StoredEvent, position_key
 
 
 class Projection(Protocol):

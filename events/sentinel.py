@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote
 import redis
 from redis.sentinel import Sentinel
 
-from events.errors import EventStoreError, InvalidInput
+from modelbus.events.errors import EventStoreError, InvalidInput
 
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 DEFAULT_SENTINEL_PORT = 26379

@@ -21,9 +21,9 @@ import redis
 import structlog
 from pydantic import ValidationError
 
-from events import defaults
-from events.codec import EventBody, decode, decode_body, encode, encode_body
-from events.errors import (
+from modelbus.events import defaults
+from modelbus.events.codec import EventBody, decode, decode_body, encode, encode_body
+from modelbus.events.errors import (
     ConcurrencyError,
     EventDecodeError,
     EventStoreError,
@@ -32,11 +32,11 @@ from events.errors import (
     StoreUnavailableError,
     UniqueConstraintError,
 )
-from events.keys import Keys
-from events.schema import Event, activity
-from events.scripts import APPEND, QUARANTINE
-from events.validation import Refusal, Refuse, SequenceGate, body_problem
-from events.watch import CounterLogWatch, LogWatch, RedisLogWatch
+from modelbus.events.keys import Keys
+from modelbus.events.schema import Event, activity
+from modelbus.events.scripts import APPEND, QUARANTINE
+from modelbus.events.validation import Refusal, Refuse, SequenceGate, body_problem
+from modelbus.events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
 log = structlog.get_logger(__name__)
 
@@ -347,13 +347,13 @@ class RedisEventStore(EventStore):
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "modelbus", **kwargs: Any) -> RedisEventStore:
-        from events.connection import connect
+        from modelbus.events.connection import connect
         return cls(connect(url), namespace, url=url, **kwargs)
 
     @classmethod
     def from_config(cls, config: Any) -> RedisEventStore:
         """Open the store a configuration names: its ``redis_url``, else the embedded Redis under its root."""
-        from events.connection import resolve_redis_url
+        from modelbus.events.connection import resolve_redis_url
         url = resolve_redis_url(config)
         replicas = config.replicas if getattr(config, "durability", "fast") == "replicated" else 0
         return cls.from_url(url, config.namespace, activity_maxlen=getattr(config, "activity_maxlen",

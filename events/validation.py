@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from events.schema import EVENT_TYPES, Event
+from modelbus.events.schema import EVENT_TYPES, Event
 
 #: (aggregate id, body) -> None, or ValueError naming what is wrong with the body
 BodyCheck = Callable[[str, Mapping[str, Any]], None]

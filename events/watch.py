@@ -29,7 +29,7 @@ from typing import Any
 import redis
 import structlog
 
-from events import defaults
+from modelbus.events import defaults
 
 log = structlog.get_logger(__name__)
 

@@ -16,8 +16,8 @@ import orjson
 import redis
 from pydantic import ConfigDict, Field, ValidationError
 
-from events.keys import Keys
-from events.schema import NamedFields
+from modelbus.events.keys import Keys
+from modelbus.events.schema import NamedFields
 
 
 class _State(NamedFields):

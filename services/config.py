@@ -17,9 +17,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from events.errors import InvalidInput
-from services.store.errors import StoreConfigError
-from services.store.location import parse_store_url
+from modelbus.events.errors import InvalidInput
+from modelbus.services.store.errors import StoreConfigError
+from modelbus.services.store.location import parse_store_url
 
 ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"

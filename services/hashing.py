@@ -27,9 +27,9 @@ from typing import Literal
 import blake3
 import imohash
 
-from events.errors import InvalidInput
-from events.schema import FileEntry
-from services.stopping import checkpoint
+from modelbus.events.errors import InvalidInput
+from modelbus.events.schema import FileEntry
+from modelbus.services.stopping import checkpoint
 
 HashAlgorithm = Literal["blake3", "sha256"]
 ALGORITHMS: tuple[str, ...] = ("blake3", "sha256")

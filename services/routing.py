@@ -25,14 +25,14 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.results import Result
 
-from events.connection import redis_errors_translated
-from events.errors import Failed, ModelbusError, NotFound, TimedOut
-from events.keys import Keys
-from events.workers import WorkerState, read_worker_states, worker_alive
+from modelbus.events.connection import redis_errors_translated
+from modelbus.events.errors import Failed, ModelbusError, NotFound, TimedOut
+from modelbus.events.keys import Keys
+from modelbus.events.workers import WorkerState, read_worker_states, worker_alive
 
-LOAD_JOB = "workers.gpu.load_job"
-UNLOAD_JOB = "workers.gpu.unload_job"
-STATS_JOB = "workers.gpu.stats_job"
+LOAD_JOB = "modelbus.workers.gpu.load_job"
+UNLOAD_JOB = "modelbus.workers.gpu.unload_job"
+STATS_JOB = "modelbus.workers.gpu.stats_job"
 GPU_JOB_TIMEOUT = 1800
 RESULT_BLOCK_SECONDS = 1  # one blocking read of a job's result stream
 RETRY_POLL_SECONDS = 0.05  # a retried job's next result is polled, not pushed

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from events.embedded import EmbeddedRedis
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.process import die_with_parent
+from modelbus.events.embedded import EmbeddedRedis
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.process import die_with_parent
 
 log = structlog.get_logger(__name__)
 
@@ -93,9 +93,9 @@ class Stack:
         env = dict(os.environ, MODELBUS_REDIS_URL=self.redis_url, MODELBUS_NAMESPACE=self.config.namespace,
                    MODELBUS_ROOT=str(self.config.root))
         for queues in self.worker_queues:
-            self._add(f"worker {queues}", [sys.executable, "-m", "workers", "--queues", queues], env)
+            self._add(f"worker {queues}", [sys.executable, "-m", "modelbus.workers", "--queues", queues], env)
         if self.with_api and _api_available():
-            self._add("api", [sys.executable, "-m", "uvicorn", "services.api:create_app", "--factory",
+            self._add("api", [sys.executable, "-m", "uvicorn", "modelbus.services.api:create_app", "--factory",
                               "--host", self.config.api_host, "--port", str(self.config.api_port),
                               "--log-level", "warning"], env)
 
@@ -185,7 +185,7 @@ def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 def _api_available() -> bool:
     try:
-        import services.api  # noqa: F401
+        import modelbus.services.api  # noqa: F401
     except ImportError:
         return False
     return True

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-import services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
-from events.embedded import EmbeddedRedis
-from events.logs import reset_logging
-from events.store import EventStore, InMemoryEventStore, RedisEventStore
+import modelbus.services.records  # noqa: F401 - as in every modelbus process: the record config check is registered
+from modelbus.events.embedded import EmbeddedRedis
+from modelbus.events.logs import reset_logging
+from modelbus.events.store import EventStore, InMemoryEventStore, RedisEventStore
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def redis_server() -> Iterator[EmbeddedRedis | None]:
     data = Path(tempfile.mkdtemp(prefix="modelbus-test-redis-"))
     server = EmbeddedRedis.ensure(data)
     yield server
-    from events.watch import close_all
+    from modelbus.events.watch import close_all
     close_all()  # services the tests left open: their watches would report the server's stop as a loss
     server.stop()
     shutil.rmtree(data, ignore_errors=True)
@@ -83,7 +83,7 @@ def modelbus_env(redis_url: str, namespace: str, tmp_path: Path, monkeypatch: py
 
 @pytest.fixture()
 def app_config(modelbus_env: dict[str, str]):  # type: ignore[no-untyped-def]
-    from services.config import AppConfig
+    from modelbus.services.config import AppConfig
     return AppConfig.load()
 
 

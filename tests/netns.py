@@ -1,7 +1,7 @@
 """Several "hosts" on one machine: Linux network namespaces joined to the machine by veth pairs.
 
     with network_hosts(2) as hosts:
-        proc = hosts[0].popen([sys.executable, "-m", "workers"], env=...)   # runs inside namespace 0
+        proc = hosts[0].popen([sys.executable, "-m", "modelbus.workers"], env=...)   # runs inside namespace 0
         url = f"redis://{hosts[0].host_ip}:6379/0"                          # how host 0 reaches the machine
 
 Host ``i`` is the namespace ``mb-<pid>-<i>`` holding one end of a veth pair (``<ns_ip>/30``, with a

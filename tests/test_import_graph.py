@@ -11,8 +11,8 @@ PACKAGES = ("events", "services", "workers")
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)  # (installed under the modelbus prefix)
+    return ".".join(["modelbus", *(parts[:-1] if parts[-1] == "__init__" else parts)])
 
 
 MODULES = {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
@@ -89,7 +89,7 @@ GRAPH = import_graph()
 
 
 def test_the_graph_is_read() -> None:
-    assert "services.load.cache" in GRAPH and "events.errors" in GRAPH["services.records.errors"]
+    assert "modelbus.services.load.cache" in GRAPH and "modelbus.events.errors" in GRAPH["modelbus.services.records.errors"]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]  # the check can fail
 
 
@@ -98,17 +98,17 @@ def test_no_import_circle() -> None:
 
 
 def test_imports_point_down() -> None:
-    up = {m: sorted(t for t in targets if not _is_package_of("events", t))
-          for m, targets in GRAPH.items() if _is_package_of("events", m)}
+    up = {m: sorted(t for t in targets if not _is_package_of("modelbus.events", t))
+          for m, targets in GRAPH.items() if _is_package_of("modelbus.events", m)}
     assert {m: t for m, t in up.items() if t} == {}
-    into_workers = {m: sorted(t for t in targets if _is_package_of("workers", t))
-                    for m, targets in GRAPH.items() if _is_package_of("services", m)}
+    into_workers = {m: sorted(t for t in targets if _is_package_of("modelbus.workers", t))
+                    for m, targets in GRAPH.items() if _is_package_of("modelbus.services", m)}
     assert {m: t for m, t in into_workers.items() if t} == {}
 
 
 def test_api_and_cli_import_error_kinds_not_package_errors() -> None:
-    for surface in ("services.api", "services.cli"):
+    for surface in ("modelbus.services.api", "modelbus.services.cli"):
         errors = {m: sorted(t for t in targets if t.endswith(".errors") and not _is_package_of(surface, t)
-                            and t != "events.errors")
+                            and t != "modelbus.events.errors")
                   for m, targets in GRAPH.items() if _is_package_of(surface, m)}
         assert {m: t for m, t in errors.items() if t} == {}

@@ -1,4 +1,4 @@
-"""``python -m workers --queues install,download,hash [--burst] [--device cuda:0 ...]``: one worker process."""
+"""``python -m modelbus.workers --queues install,download,hash [--burst] [--device cuda:0 ...]``: one worker process."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import redis
 import structlog
 from rq.exceptions import StopRequested
 
-from events.errors import EventStoreError
-from events.logs import configure_logging
-from events.store import RedisEventStore
-from services.config import AppConfig, ConfigError, parse_size
-from workers import defaults
-from workers.context import WorkerContext, set_context
-from workers.runner import Heartbeat, build_worker, parse_queues, worker_name
+from modelbus.events.errors import EventStoreError
+from modelbus.events.logs import configure_logging
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig, ConfigError, parse_size
+from modelbus.workers import defaults
+from modelbus.workers.context import WorkerContext, set_context
+from modelbus.workers.runner import Heartbeat, build_worker, parse_queues, worker_name
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m modelbus.workers", description=__doc__)
     parser.add_argument("--queues", default="install,download,hash", help="comma-separated: install,download,hash,gpu")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--name", default=None, help="worker id (default: host-pid-random)")
@@ -31,8 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-JOB_MODULES = {"install": "workers.install", "download": "workers.download", "hash": "workers.hash",
-               "gpu": "workers.gpu"}
+JOB_MODULES = {"install": "modelbus.workers.install", "download": "modelbus.workers.download", "hash": "modelbus.workers.hash",
+               "gpu": "modelbus.workers.gpu"}
 
 
 def _preload(queues: list[str]) -> None:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     set_context(context)
     state = None
     if "gpu" in queues:
-        from workers.gpu import cache_state
+        from modelbus.workers.gpu import cache_state
         state = cache_state
     heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state)
     log = structlog.get_logger("workers")

@@ -7,8 +7,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.store import RedisEventStore
-from services.config import AppConfig
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
 
 
 @dataclass

@@ -16,20 +16,27 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 
-from services.download.cancel import Cancellation
-from services.download.errors import DownloadCancelled
-from services.download.fetch import FetchOptions, FileRequest, fetch_file
-from services.download.partial import remove_partial
-from services.download.security import credential_for
-from services.install.jobs import InstallStatus, load_job
-from services.install.placement import staging_dir
-from services.install.progress import ProgressBoard, ProgressReporter
-from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final, set_cancel_flag
-from workers.context import WorkerContext, current
-from workers.errors import LeaseLostError
-from workers.install import give_up, http_client, retries_left
-from workers.lease import current as current_lease
-from workers.lease import for_current_job
+from modelbus.services.download.cancel import Cancellation
+from modelbus.services.download.errors import DownloadCancelled
+from modelbus.services.download.fetch import FetchOptions, FileRequest, fetch_file
+from modelbus.services.download.partial import remove_partial
+from modelbus.services.download.security import credential_for
+from modelbus.services.install.jobs import InstallStatus, load_job
+from modelbus.services.install.placement import staging_dir
+from modelbus.services.install.progress import ProgressBoard, ProgressReporter
+from modelbus.services.install.steps import (
+    CancelWatcher,
+    describe,
+    error_name,
+    fail_job,
+    is_final,
+    set_cancel_flag,
+)
+from modelbus.workers.context import WorkerContext, current
+from modelbus.workers.errors import LeaseLostError
+from modelbus.workers.install import give_up, http_client, retries_left
+from modelbus.workers.lease import current as current_lease
+from modelbus.workers.lease import for_current_job
 
 log = structlog.get_logger(__name__)
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from events.errors import Conflict, ModelbusError
+from modelbus.events.errors import Conflict, ModelbusError
 
 
 class WorkerError(ModelbusError):

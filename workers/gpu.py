@@ -10,18 +10,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from events.workers import CachedModel, CacheState, WorkerCache
-from workers.context import WorkerContext, current
+from modelbus.events.workers import CachedModel, CacheState, WorkerCache
+from modelbus.workers.context import WorkerContext, current
 
 
 def _records(context: WorkerContext) -> Any:
-    from services.records import ModelRecordServiceMemory
+    from modelbus.services.records import ModelRecordServiceMemory
     # an in-memory projection per worker: no file shared between processes, rebuilt by replay on start
     return ModelRecordServiceMemory(context.store, config=context.config)
 
 
 def _load_service(context: WorkerContext) -> Any:
-    from services.load import ModelLoadService
+    from modelbus.services.load import ModelLoadService
     records = context.get("records", _records)
     worker = context.worker_id
 
@@ -35,8 +35,8 @@ def _load_service(context: WorkerContext) -> Any:
 
 def _fetcher(context: WorkerContext, records: Any, publish: Any) -> Any:
     """With a model store, loads read the host cache, fetching what it lacks; None: the models dir."""
-    from services.store import open_store
-    from services.store.fetcher import ModelFetcher
+    from modelbus.services.store import open_store
+    from modelbus.services.store.fetcher import ModelFetcher
     store = open_store(context.config)
     return ModelFetcher(context.config, store, records, publish) if store is not None else None
 
@@ -57,7 +57,7 @@ class JobContext:
 
 def load_job(model_key: str, submodel: str | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a model (or one submodel) into this worker's cache, warm for the next use."""
-    from services.records import SubModelType
+    from modelbus.services.records import SubModelType
     service = load_service()
     started = time.perf_counter()
     info = service.get_model(model_key, SubModelType(submodel) if submodel else None,
@@ -101,7 +101,7 @@ def _disk_models(context: WorkerContext) -> tuple[str, ...]:
     """The models this host's store cache holds (routing's disk affinity); none without a store."""
     if context.config.store_url == "shared":
         return ()
-    from services.store.cache import held_models
+    from modelbus.services.store.cache import held_models
     return tuple(held_models(context.config.cache_path))
 
 

@@ -18,24 +18,30 @@ from typing import Any
 import redis
 import structlog
 
-from events.schema import InstallCompleted, InstallDownloaded, InstallStarted
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.install.defaults import CANCEL_POLL_INTERVAL
-from services.install.errors import InstallError, JobStoppedError
-from services.install.finalize import FinalizeRequest, finalize
-from services.install.imports import discard_hand_over
-from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
-from services.install.placement import model_in_staging, partial_files, remove_tree, size_of, staging_dir
-from services.install.progress import ProgressBoard
-from services.install.steps import cancel_flag_set, describe, error_name, fail_job, is_final
-from services.records import ModelConfigBase, ModelRecordServiceBase
-from services.stopping import stop_on
-from workers.context import current
-from workers.errors import LeaseLostError
-from workers.install import give_up, retries_left
-from workers.lease import current as current_lease
-from workers.lease import for_current_job
+from modelbus.events.schema import InstallCompleted, InstallDownloaded, InstallStarted
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.install.defaults import CANCEL_POLL_INTERVAL
+from modelbus.services.install.errors import InstallError, JobStoppedError
+from modelbus.services.install.finalize import FinalizeRequest, finalize
+from modelbus.services.install.imports import discard_hand_over
+from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
+from modelbus.services.install.placement import (
+    model_in_staging,
+    partial_files,
+    remove_tree,
+    size_of,
+    staging_dir,
+)
+from modelbus.services.install.progress import ProgressBoard
+from modelbus.services.install.steps import cancel_flag_set, describe, error_name, fail_job, is_final
+from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.stopping import stop_on
+from modelbus.workers.context import current
+from modelbus.workers.errors import LeaseLostError
+from modelbus.workers.install import give_up, retries_left
+from modelbus.workers.lease import current as current_lease
+from modelbus.workers.lease import for_current_job
 
 log = structlog.get_logger(__name__)
 

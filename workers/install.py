@@ -20,29 +20,29 @@ import structlog
 from rq import Callback, Queue, Retry, get_current_job
 from rq.job import Dependency, Job
 
-from events.schema import InstallDownloaded, InstallStarted
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.download.cancel import Cancellation
-from services.download.network import download_client
-from services.install import defaults
-from services.install.imports import IMPORT_PATH, discard_hand_over
-from services.install.jobs import InstallJob, InstallStatus, load_job, transition
-from services.install.placement import copy_into, remove_tree, size_of, source_files, staging_dir
-from services.install.progress import ProgressBoard, ProgressReporter
-from services.install.recording import probe_model
-from services.install.sources import LocalPlan, RemotePlan, resolve
-from services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final
-from workers.context import current
-from workers.errors import LeaseLostError
-from workers.lease import current as current_lease
-from workers.lease import for_current_job
+from modelbus.events.schema import InstallDownloaded, InstallStarted
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.download.cancel import Cancellation
+from modelbus.services.download.network import download_client
+from modelbus.services.install import defaults
+from modelbus.services.install.imports import IMPORT_PATH, discard_hand_over
+from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition
+from modelbus.services.install.placement import copy_into, remove_tree, size_of, source_files, staging_dir
+from modelbus.services.install.progress import ProgressBoard, ProgressReporter
+from modelbus.services.install.recording import probe_model
+from modelbus.services.install.sources import LocalPlan, RemotePlan, resolve
+from modelbus.services.install.steps import CancelWatcher, describe, error_name, fail_job, is_final
+from modelbus.workers.context import current
+from modelbus.workers.errors import LeaseLostError
+from modelbus.workers.lease import current as current_lease
+from modelbus.workers.lease import for_current_job
 
 log = structlog.get_logger(__name__)
 
-DOWNLOAD_FUNCTION = "workers.download.run_download"
-HASH_FUNCTION = "workers.hash.run_hash"
-FAILURE_CALLBACK = "workers.install.on_job_failure"
+DOWNLOAD_FUNCTION = "modelbus.workers.download.run_download"
+HASH_FUNCTION = "modelbus.workers.hash.run_hash"
+FAILURE_CALLBACK = "modelbus.workers.install.on_job_failure"
 
 
 def retries_left() -> int | None:

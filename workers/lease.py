@@ -32,9 +32,9 @@ import redis
 import structlog
 from rq import get_current_job
 
-from events.keys import Keys
-from workers import defaults
-from workers.errors import LeaseLostError
+from modelbus.events.keys import Keys
+from modelbus.workers import defaults
+from modelbus.workers.errors import LeaseLostError
 
 log = structlog.get_logger(__name__)
 

@@ -32,11 +32,11 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as utcnow
 from rq.worker import BaseWorker
 
-from events.keys import QUEUES, Keys
-from events.workers import WorkerCache, WorkerState, publish_worker_state, remove_worker_state
-from services.process import die_with_parent
-from workers import defaults
-from workers.errors import LeaseLostError
+from modelbus.events.keys import QUEUES, Keys
+from modelbus.events.workers import WorkerCache, WorkerState, publish_worker_state, remove_worker_state
+from modelbus.services.process import die_with_parent
+from modelbus.workers import defaults
+from modelbus.workers.errors import LeaseLostError
 
 log = structlog.get_logger(__name__)
 

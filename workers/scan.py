@@ -15,10 +15,10 @@ from typing import Any
 
 import structlog
 
-from events.errors import ModelbusError
-from services.install import ModelInstallService
-from services.install.roots import check_local_source
-from workers.context import WorkerContext, current
+from modelbus.events.errors import ModelbusError
+from modelbus.services.install import ModelInstallService
+from modelbus.services.install.roots import check_local_source
+from modelbus.workers.context import WorkerContext, current
 
 log = structlog.get_logger(__name__)
 

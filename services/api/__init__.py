@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI): ``create_app`` builds it; ``modelbus up`` serves it with uvicorn."""
 
-from services.api.app import create_app
+from modelbus.services.api.app import create_app
 
 __all__ = ["create_app"]

@@ -1,6 +1,6 @@
 """``create_app(config=None) -> FastAPI``: the HTTP API over one ModelBusClient.
 
-Served by uvicorn (``uvicorn services.api:create_app --factory``, which ``modelbus up`` runs). The app
+Served by uvicorn (``uvicorn modelbus.services.api:create_app --factory``, which ``modelbus up`` runs). The app
 starts even when Redis is down: every call that needs it answers 503 until it is back.
 """
 
@@ -12,16 +12,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request, Response
 
-from events.logs import configure_logging
-from services.api.auth import require_token
-from services.api.context import RequestContext
-from services.api.errors import COMMON_RESPONSES, install_error_handlers
-from services.api.guard import install_guard
-from services.api.limits import RequestLimits
-from services.api.metrics import build_registry
-from services.api.routes import events, health, models
-from services.client import AsyncModelBusClient, ModelBusClient
-from services.config import AppConfig
+from modelbus.events.logs import configure_logging
+from modelbus.services.api.auth import require_token
+from modelbus.services.api.context import RequestContext
+from modelbus.services.api.errors import COMMON_RESPONSES, install_error_handlers
+from modelbus.services.api.guard import install_guard
+from modelbus.services.api.limits import RequestLimits
+from modelbus.services.api.metrics import build_registry
+from modelbus.services.api.routes import events, health, models
+from modelbus.services.client import AsyncModelBusClient, ModelBusClient
+from modelbus.services.config import AppConfig
 
 API_RETRY_DEADLINE = 2.0  # s a request retries a vanished Redis before it answers 503
 

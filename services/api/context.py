@@ -16,7 +16,7 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import error_response
+from modelbus.services.api.errors import error_response
 
 log = structlog.get_logger(__name__)
 

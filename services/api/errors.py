@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from events.errors import Kind, ModelbusError, kind_of
+from modelbus.events.errors import Kind, ModelbusError, kind_of
 
 log = structlog.get_logger(__name__)
 

@@ -26,9 +26,9 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.api.auth import UNAUTHORIZED, bearer_token, token_matches
-from services.api.errors import error_response
-from services.config import AppConfig
+from modelbus.services.api.auth import UNAUTHORIZED, bearer_token, token_matches
+from modelbus.services.api.errors import error_response
+from modelbus.services.config import AppConfig
 
 EXEMPT = frozenset({"/healthz"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})

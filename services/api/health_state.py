@@ -14,8 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from services.api.schemas import Health, RedisHealth
-from services.client import ModelBusClient, defaults
+from modelbus.services.api.schemas import Health, RedisHealth
+from modelbus.services.client import ModelBusClient, defaults
 
 
 @dataclass(frozen=True)

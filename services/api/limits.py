@@ -26,10 +26,10 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from events.errors import TimedOut
-from services.api.auth import UNAUTHORIZED, bearer_token, token_matches
-from services.api.errors import error_response
-from services.config import AppConfig
+from modelbus.events.errors import TimedOut
+from modelbus.services.api.auth import UNAUTHORIZED, bearer_token, token_matches
+from modelbus.services.api.errors import error_response
+from modelbus.services.config import AppConfig
 
 #: paths whose responses are endless event streams (counted per client, not as requests in flight)
 STREAM_PATHS = frozenset({"/api/v2/events"})

@@ -16,8 +16,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from events.schema import Activity, DownloadCompleted, Event, ModelLoadCompleted
-from services.client import ClientError, ModelBusClient
+from modelbus.events.schema import Activity, DownloadCompleted, Event, ModelLoadCompleted
+from modelbus.services.client import ClientError, ModelBusClient
 
 log = structlog.get_logger(__name__)
 

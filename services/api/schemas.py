@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.client import defaults
-from services.records import AnyModelConfig, SubModelType
+from modelbus.services.client import defaults
+from modelbus.services.records import AnyModelConfig, SubModelType
 
 NAME_MAX = 255   # bytes of one path component (Linux, macOS, Windows)
 PATH_MAX = 4096  # bytes of a whole path (Linux)

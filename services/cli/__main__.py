@@ -1,3 +1,3 @@
-from services.cli import app
+from modelbus.services.cli import app
 
 app(prog_name="modelbus")

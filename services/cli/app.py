@@ -13,14 +13,14 @@ from typer._click.core import Context
 from typer._click.exceptions import TyperException
 from typer.core import TyperGroup
 
-from events.errors import EventStoreError
-from events.logs import configure_logging
-from services.cli import jobs, models, ops
-from services.cli import store as store_commands
-from services.cli.context import state
-from services.cli.errors import exit_code, one_line
-from services.cli.output import err_console
-from services.store import parse_store_url
+from modelbus.events.errors import EventStoreError
+from modelbus.events.logs import configure_logging
+from modelbus.services.cli import jobs, models, ops
+from modelbus.services.cli import store as store_commands
+from modelbus.services.cli.context import state
+from modelbus.services.cli.errors import exit_code, one_line
+from modelbus.services.cli.output import err_console
+from modelbus.services.store import parse_store_url
 
 
 class ModelBusGroup(TyperGroup):
@@ -68,7 +68,7 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
        api: Annotated[bool, typer.Option(help="serve the HTTP API")] = True,
        store: StoreOption = None) -> None:
     """Start the whole stack in the foreground: Redis (embedded unless MODELBUS_REDIS_URL), workers, API."""
-    from services.stack import Stack
+    from modelbus.services.stack import Stack
     _use_store(store)
     config = state.config()
     configure_logging(config.log_format, config.log_level, config.secret_values)
@@ -91,7 +91,7 @@ def worker(queues: Annotated[str, typer.Option(help="install,download,hash,gpu")
            vram_cache: str | None = None, name: str | None = None, store: StoreOption = None) -> None:
     """Run one worker process on the given queues."""
     _use_store(store)
-    args = [sys.executable, "-m", "workers", "--queues", queues]
+    args = [sys.executable, "-m", "modelbus.workers", "--queues", queues]
     for flag, value in (("--device", device), ("--ram-cache", ram_cache), ("--vram-cache", vram_cache),
                         ("--name", name)):
         if value:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 
 
 @dataclass

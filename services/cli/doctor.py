@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import redis
 
-from events.connection import redact
-from events.keys import QUEUES
-from services.client import ModelBusClient
-from services.config import AppConfig
-from services.store import StoreError, open_store
+from modelbus.events.connection import redact
+from modelbus.events.keys import QUEUES
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
+from modelbus.services.store import StoreError, open_store
 
 Status = Literal["ok", "warn", "fail"]
 LOW_DISK_BYTES = 10 << 30  # models are gigabytes: less than this free is a warning

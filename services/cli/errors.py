@@ -15,7 +15,7 @@ With ``--debug`` (or ``MODELBUS_DEBUG=1``) the traceback is shown instead.
 
 from __future__ import annotations
 
-from events.errors import Failed, InvalidInput, Kind, ModelbusError, kind_of
+from modelbus.events.errors import Failed, InvalidInput, Kind, ModelbusError, kind_of
 
 EXIT_CODES: dict[Kind, int] = {
     Kind.FAILED: 1, Kind.INVALID_INPUT: 2, Kind.TOO_LARGE: 2, Kind.FORBIDDEN: 2, Kind.NOT_FOUND: 3,

@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 import typer
 
-from services.cli.context import client
-from services.cli.errors import CommandFailedError
-from services.cli.output import console, err_console, human_bytes, print_json, table
-from services.cli.progress import follow_install, head
+from modelbus.services.cli.context import client
+from modelbus.services.cli.errors import CommandFailedError
+from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
+from modelbus.services.cli.progress import follow_install, head
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 

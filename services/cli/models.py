@@ -7,10 +7,10 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from services.cli.context import client
-from services.cli.errors import UsageError
-from services.cli.output import console, err_console, print_json, table
-from services.cli.progress import LoadStatus
+from modelbus.services.cli.context import client
+from modelbus.services.cli.errors import UsageError
+from modelbus.services.cli.output import console, err_console, print_json, table
+from modelbus.services.cli.progress import LoadStatus
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 

@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from events.workers import WorkerInfo
-from services.cli.context import client
-from services.cli.errors import CommandFailedError
-from services.cli.output import console, human_bytes, print_json, print_json_line, table
-from services.client import Delivered
+from modelbus.events.workers import WorkerInfo
+from modelbus.services.cli.context import client
+from modelbus.services.cli.errors import CommandFailedError
+from modelbus.services.cli.output import console, human_bytes, print_json, print_json_line, table
+from modelbus.services.client import Delivered
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 MARK = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]"}
@@ -83,7 +83,7 @@ def _cache(worker: WorkerInfo) -> str:
 def doctor(json: JsonFlag = False) -> None:
     """Check Redis (reachable, persistence, eviction), workers, disk space and the GPU."""
     # imported here: its store and config checks import what no other command needs
-    from services.cli.doctor import run_checks
+    from modelbus.services.cli.doctor import run_checks
     checks = run_checks(client())
     if json:
         print_json([dataclasses.asdict(c) for c in checks])

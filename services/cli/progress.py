@@ -18,7 +18,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from events.schema import (
+from modelbus.events.schema import (
     LOAD_EVENT_KINDS,
     Event,
     InstallCancelled,
@@ -35,7 +35,7 @@ from events.schema import (
     ModelLoadFailed,
     ModelLoadStarted,
 )
-from services.client import Cursor, ModelBusClient, WaitTimeoutError
+from modelbus.services.client import Cursor, ModelBusClient, WaitTimeoutError
 
 STEP_TEXT: dict[type[Event], str] = {
     InstallStarted: "working", InstallDownloaded: "downloaded; hashing and probing", InstallCompleted: "installed",

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from services.cli.context import client, state
-from services.cli.output import console, human_bytes, print_json
+from modelbus.services.cli.context import client, state
+from modelbus.services.cli.output import console, human_bytes, print_json
 
 if TYPE_CHECKING:
-    from services.install.manifest import Manifest
-from services.store import BlobStore, StoreConfigError, defaults, maintenance, open_store
+    from modelbus.services.install.manifest import Manifest
+from modelbus.services.store import BlobStore, StoreConfigError, defaults, maintenance, open_store
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 
@@ -24,7 +24,9 @@ def _store() -> BlobStore:
 
 
 def _manifests() -> list[tuple[str, str, Manifest]]:
-    from services.install.manifest import recorded_manifest  # (the CLI's other commands never import it)
+    from modelbus.services.install.manifest import (
+        recorded_manifest,  # (the CLI's other commands never import it)
+    )
     c = client()
     return [(m.key, m.path, recorded_manifest(c.history(m.key))) for m in c.list_models()]
 

@@ -1,6 +1,6 @@
 """The Python client: publish commands, read records and jobs, subscribe to events.
 
-    from services.client import ModelBusClient
+    from modelbus.services.client import ModelBusClient
     client = ModelBusClient()                    # configuration from MODELBUS_* / modelbus.yaml
     job = client.install("/path/to/model.safetensors")
     client.wait(job)
@@ -8,9 +8,9 @@
         print(delivered.event.payload)
 """
 
-from services.client.aio import AsyncModelBusClient
-from services.client.core import ModelBusClient
-from services.client.errors import (
+from modelbus.services.client.aio import AsyncModelBusClient
+from modelbus.services.client.core import ModelBusClient
+from modelbus.services.client.errors import (
     ClientError,
     InvalidRequestError,
     JobFailedError,
@@ -18,7 +18,7 @@ from services.client.errors import (
     UnavailableError,
     WaitTimeoutError,
 )
-from services.client.subscription import Cursor, Delivered, Subscription
+from modelbus.services.client.subscription import Cursor, Delivered, Subscription
 
 __all__ = [
     "AsyncModelBusClient", "ClientError", "Cursor", "Delivered", "InvalidRequestError", "JobFailedError",

@@ -14,9 +14,9 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Self
 
-from services.client import defaults
-from services.client.core import ModelBusClient
-from services.client.subscription import Delivered
+from modelbus.services.client import defaults
+from modelbus.services.client.core import ModelBusClient
+from modelbus.services.client.subscription import Delivered
 
 # the sync methods exposed as coroutines; everything else stays on ``.sync``
 ASYNC_METHODS = (

@@ -18,19 +18,19 @@ import redis
 import structlog
 from rq import Queue
 
-from events.errors import StoreUnavailableError
-from events.keys import QUEUES
-from events.store import QuarantineEntry, RedisEventStore, StoredEvent
-from events.workers import WorkerInfo, list_workers
-from services.client import defaults
-from services.client.errors import UnavailableError
-from services.client.gpu import GpuLoads
-from services.client.subscription import Delivered, Subscription, read_history
-from services.config import AppConfig
-from services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.events.errors import StoreUnavailableError
+from modelbus.events.keys import QUEUES
+from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
+from modelbus.events.workers import WorkerInfo, list_workers
+from modelbus.services.client import defaults
+from modelbus.services.client.errors import UnavailableError
+from modelbus.services.client.gpu import GpuLoads
+from modelbus.services.client.subscription import Delivered, Subscription, read_history
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 
 if TYPE_CHECKING:
-    from services.client.installs import Installs
+    from modelbus.services.client.installs import Installs
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +79,7 @@ class ModelBusClient:
     def installs(self) -> Installs:
         """Install commands and jobs (services.client.installs), imported and built on first use: reading
         records never pays for the install service's imports (a CLI ``list`` starts at once)."""
-        from services.client.installs import Installs  # (torch comes with the install service)
+        from modelbus.services.client.installs import Installs  # (torch comes with the install service)
         records = self.records
         with self._lock:
             if self._installs is None:
@@ -161,11 +161,11 @@ class ModelBusClient:
         return self._locked(lambda r: r.history(key))  # type: ignore[no-any-return]
 
     def rebuild_records(self) -> Any:
-        from services.records.rebuild import rebuild
+        from modelbus.services.records.rebuild import rebuild
         return self._locked(lambda r: rebuild(service=r))
 
     def import_yaml(self, path: str | Path) -> Any:
-        from services.records.legacy import import_legacy_yaml
+        from modelbus.services.records.legacy import import_legacy_yaml
         return self._locked(lambda r: import_legacy_yaml(Path(path), r))
 
     # --- installs, loads ----------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class ModelBusClient:
         the import roots). With ``on_worker`` a worker of the hash queue does it (the API's way: it never
         reads model files itself), within ``timeout`` seconds, and the folder must lie inside the roots."""
         if on_worker:
-            from services.client import on_worker as on_worker_  # (the install service's settings)
+            from modelbus.services.client import on_worker as on_worker_  # (the install service's settings)
             return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SCAN_FUNCTION, (str(path),),
                                             timeout)
         return self.installs.scan(Path(path), import_roots_only)
@@ -207,7 +207,7 @@ class ModelBusClient:
         """Register unrecorded models in the models dir; report records whose files are gone (``on_worker``:
         as for :meth:`scan`)."""
         if on_worker:
-            from services.client import on_worker as on_worker_
+            from modelbus.services.client import on_worker as on_worker_
             return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SYNC_FUNCTION, (), timeout)
         return self.installs.sync()
 

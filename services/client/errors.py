@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from events.errors import (
+from modelbus.events.errors import (
     Failed,
     InvalidInput,
     Kind,
@@ -30,7 +30,7 @@ from events.errors import (
     TimedOut,
     Unavailable,
 )
-from services.routing import RoutingError
+from modelbus.services.routing import RoutingError
 
 
 class ClientError(ModelbusError):
@@ -72,7 +72,7 @@ def translated() -> Iterator[None]:
         yield
     except ModelbusError as exc:
         # imported here: a client that only reads records never imports the install service
-        from services.install.errors import InstallError
+        from modelbus.services.install.errors import InstallError
         client_error = CLIENT_ERRORS.get(exc.kind)
         if client_error is None or not isinstance(exc, (InstallError, RoutingError, StoreUnavailableError)):
             raise

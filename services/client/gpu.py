@@ -11,9 +11,9 @@ from typing import Any
 import redis
 from rq.job import Job
 
-from events.workers import WorkerState
-from services import routing
-from services.client.errors import UnavailableError, translated
+from modelbus.events.workers import WorkerState
+from modelbus.services import routing
+from modelbus.services.client.errors import UnavailableError, translated
 
 UNLOAD_TIMEOUT = 60.0
 

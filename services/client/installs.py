@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 
 import orjson
 
-from events.store import RedisEventStore
-from services.client.errors import InvalidRequestError, translated
-from services.config import AppConfig
-from services.install import InstallJob, InstallStatus, ModelInstallService
-from services.install.commands import InstallCommand, submit, submit_handing_over
-from services.install.roots import check_local_source
-from services.records import ModelRecordServiceBase
+from modelbus.events.store import RedisEventStore
+from modelbus.services.client.errors import InvalidRequestError, translated
+from modelbus.services.config import AppConfig
+from modelbus.services.install import InstallJob, InstallStatus, ModelInstallService
+from modelbus.services.install.commands import InstallCommand, submit, submit_handing_over
+from modelbus.services.install.roots import check_local_source
+from modelbus.services.records import ModelRecordServiceBase
 
 T = TypeVar("T")
 SECRET_OPTIONS = frozenset({"access_token", "claim"})  # never shown back to a caller

@@ -16,22 +16,22 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from events.connection import redis_errors_translated
-from events.errors import Conflict, Forbidden, Kind, TooLarge
-from events.keys import Keys
-from services import routing
-from services.client import defaults
-from services.client.errors import (
+from modelbus.events.connection import redis_errors_translated
+from modelbus.events.errors import Conflict, Forbidden, Kind, TooLarge
+from modelbus.events.keys import Keys
+from modelbus.services import routing
+from modelbus.services.client import defaults
+from modelbus.services.client.errors import (
     CLIENT_ERRORS,
     ClientError,
     JobFailedError,
     UnavailableError,
     WaitTimeoutError,
 )
-from services.install.defaults import FAILURE_TTL, HASH_JOB_TIMEOUT
+from modelbus.services.install.defaults import FAILURE_TTL, HASH_JOB_TIMEOUT
 
-SCAN_FUNCTION = "workers.scan.run_scan"
-SYNC_FUNCTION = "workers.scan.run_sync"
+SCAN_FUNCTION = "modelbus.workers.scan.run_scan"
+SYNC_FUNCTION = "modelbus.workers.scan.run_sync"
 QUEUE = "hash"
 
 

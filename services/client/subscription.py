@@ -20,14 +20,14 @@ import orjson
 import redis
 import structlog
 
-from events import defaults as event_defaults
-from events.codec import decode
-from events.errors import EventDecodeError, StoreUnavailableError
-from events.schema import EVENT_TYPES, Event
-from events.store import RedisEventStore, StoredEvent, Stream, position_key, refusal_of
-from events.validation import Refusal, body_problem
-from services.client import defaults
-from services.client.errors import InvalidRequestError, UnavailableError
+from modelbus.events import defaults as event_defaults
+from modelbus.events.codec import decode
+from modelbus.events.errors import EventDecodeError, StoreUnavailableError
+from modelbus.events.schema import EVENT_TYPES, Event
+from modelbus.events.store import RedisEventStore, StoredEvent, Stream, position_key, refusal_of
+from modelbus.events.validation import Refusal, body_problem
+from modelbus.services.client import defaults
+from modelbus.services.client.errors import InvalidRequestError, UnavailableError
 
 log = structlog.get_logger(__name__)
 

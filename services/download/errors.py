@@ -25,7 +25,7 @@ httpx errors are translated where they come in (fetch.py), so callers see this f
 
 from __future__ import annotations
 
-from events.errors import (
+from modelbus.events.errors import (
     Conflict,
     Failed,
     Forbidden,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 import httpcore
 import httpx
 
-from services.config import redact_url
+from modelbus.services.config import redact_url
 
 from .errors import ProxyUnavailableError, UnresolvableHostError, UnsafeURLError
 from .security import DEFAULT_PORTS, is_public_address

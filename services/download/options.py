@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.config import AppConfig
+from modelbus.services.config import AppConfig
 
 from .security import Credential
 

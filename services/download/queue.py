@@ -20,7 +20,7 @@ from typing import Any, Self
 import httpx
 import structlog
 
-from services.config import AppConfig
+from modelbus.services.config import AppConfig
 
 from .cancel import Cancellation
 from .civitai import resolve_civitai

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from services.config import AppConfig
+from modelbus.services.config import AppConfig
 
 from .errors import UnsafeURLError
 

@@ -1,7 +1,7 @@
 """The install service: models from paths, URLs, Hugging Face and Civitai into the models directory and
 the record store, through the install, download and hash queues (the spec's ModelInstallService)."""
 
-from services.install.errors import (
+from modelbus.services.install.errors import (
     DuplicateInstallError,
     InstallError,
     InstallTimeoutError,
@@ -12,8 +12,8 @@ from services.install.errors import (
     UnknownJobError,
     UnsafeDeleteError,
 )
-from services.install.jobs import InstallJob, InstallStatus
-from services.install.service import ModelInstallService, SyncReport
+from modelbus.services.install.jobs import InstallJob, InstallStatus
+from modelbus.services.install.service import ModelInstallService, SyncReport
 
 ModelInstallServiceBase = ModelInstallService  # the spec's name
 

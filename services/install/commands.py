@@ -20,21 +20,21 @@ from redis.client import Pipeline
 from rq import Callback, Queue, Retry
 from rq.job import Job
 
-from events.errors import ConcurrencyError, UniqueConstraintError
-from events.schema import InstallRequested
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.install import defaults
-from services.install.errors import CommandIdTakenError, InvalidCommandError, InvalidSourceError
-from services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
-from services.install.jobs import load_job, source_claim
-from services.install.roots import check_local_source, refuse_nul
-from services.install.sources import looks_like_path, normalize_source
+from modelbus.events.errors import ConcurrencyError, UniqueConstraintError
+from modelbus.events.schema import InstallRequested
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.install import defaults
+from modelbus.services.install.errors import CommandIdTakenError, InvalidCommandError, InvalidSourceError
+from modelbus.services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
+from modelbus.services.install.jobs import load_job, source_claim
+from modelbus.services.install.roots import check_local_source, refuse_nul
+from modelbus.services.install.sources import looks_like_path, normalize_source
 
 log = structlog.get_logger(__name__)
 
-INSTALL_FUNCTION = "workers.install.run_install"
-FAILURE_CALLBACK = "workers.install.on_job_failure"
+INSTALL_FUNCTION = "modelbus.workers.install.run_install"
+FAILURE_CALLBACK = "modelbus.workers.install.on_job_failure"
 # RQ job ids allow these only, and the install's RQ job id is the command id
 _COMMAND_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 

@@ -22,7 +22,7 @@ come in, so every job that fails records one of these names (or the download err
 
 from __future__ import annotations
 
-from events.errors import Conflict, Forbidden, InvalidInput, ModelbusError, NotFound, TimedOut
+from modelbus.events.errors import Conflict, Forbidden, InvalidInput, ModelbusError, NotFound, TimedOut
 
 
 class InstallError(ModelbusError):

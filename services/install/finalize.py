@@ -15,10 +15,10 @@ from typing import Any
 
 import structlog
 
-from services.config import AppConfig
-from services.install.ownership import check_path_free
-from services.install.placement import destination_dir, is_inside, place, remove_tree, source_files
-from services.install.recording import (
+from modelbus.services.config import AppConfig
+from modelbus.services.install.ownership import check_path_free
+from modelbus.services.install.placement import destination_dir, is_inside, place, remove_tree, source_files
+from modelbus.services.install.recording import (
     add_record,
     added_by,
     build_config,
@@ -28,8 +28,8 @@ from services.install.recording import (
     given_key,
     identify,
 )
-from services.records import ModelConfigBase, ModelRecordServiceBase
-from services.store.publish import publish_model, renamed
+from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.store.publish import publish_model, renamed
 
 log = structlog.get_logger(__name__)
 

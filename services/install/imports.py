@@ -20,11 +20,11 @@ from typing import Any
 
 import structlog
 
-from services.config import AppConfig
-from services.install.errors import InvalidSourceError
-from services.install.placement import is_inside, remove_tree, safe_name, source_files
-from services.install.roots import import_area, import_roots, refuse_nul, within_roots
-from services.install.sources import looks_like_path
+from modelbus.services.config import AppConfig
+from modelbus.services.install.errors import InvalidSourceError
+from modelbus.services.install.placement import is_inside, remove_tree, safe_name, source_files
+from modelbus.services.install.roots import import_area, import_roots, refuse_nul, within_roots
+from modelbus.services.install.sources import looks_like_path
 
 log = structlog.get_logger(__name__)
 

@@ -17,8 +17,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from events.errors import ConcurrencyError
-from events.schema import (
+from modelbus.events.errors import ConcurrencyError
+from modelbus.events.schema import (
     Event,
     InstallCancelled,
     InstallCompleted,
@@ -29,10 +29,10 @@ from events.schema import (
     InstallRequested,
     InstallStarted,
 )
-from events.store import EventStore, StoredEvent
-from events.validation import in_sequence
-from services.install.defaults import APPEND_ATTEMPTS
-from services.install.errors import InstallError, UnknownJobError
+from modelbus.events.store import EventStore, StoredEvent
+from modelbus.events.validation import in_sequence
+from modelbus.services.install.defaults import APPEND_ATTEMPTS
+from modelbus.services.install.errors import InstallError, UnknownJobError
 
 SOURCE_CLAIM_PREFIX = "install-source:"
 

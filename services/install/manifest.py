@@ -16,10 +16,10 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
-from events.schema import FileEntry, ModelAdded, ModelUpdated
-from events.store import StoredEvent
-from services.hashing import HashingError, content_hash_and_files
-from services.install.errors import ModelIdentificationError, UnsafeManifestError
+from modelbus.events.schema import FileEntry, ModelAdded, ModelUpdated
+from modelbus.events.store import StoredEvent
+from modelbus.services.hashing import HashingError, content_hash_and_files
+from modelbus.services.install.errors import ModelIdentificationError, UnsafeManifestError
 
 Manifest = tuple[FileEntry, ...]
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import structlog
 
-from services.config import AppConfig
-from services.install.errors import InvalidModelPathError, ModelPathConflictError, UnsafeDeleteError
-from services.install.manifest import Manifest, hash_and_manifest, manifest_base, resolve_manifest
-from services.install.placement import is_inside, remove_tree, staging_root
-from services.install.roots import import_area, import_roots, within_roots
-from services.records import ModelConfigBase
+from modelbus.services.config import AppConfig
+from modelbus.services.install.errors import InvalidModelPathError, ModelPathConflictError, UnsafeDeleteError
+from modelbus.services.install.manifest import Manifest, hash_and_manifest, manifest_base, resolve_manifest
+from modelbus.services.install.placement import is_inside, remove_tree, staging_root
+from modelbus.services.install.roots import import_area, import_roots, within_roots
+from modelbus.services.records import ModelConfigBase
 
 log = structlog.get_logger(__name__)
 

@@ -17,10 +17,10 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from services.config import AppConfig
-from services.install.defaults import MAX_NAME_COLLISIONS, STAGING_DIR
-from services.install.errors import InstallError, SourceForbiddenError
-from services.records.enums import BaseModelType, ModelType
+from modelbus.services.config import AppConfig
+from modelbus.services.install.defaults import MAX_NAME_COLLISIONS, STAGING_DIR
+from modelbus.services.install.errors import InstallError, SourceForbiddenError
+from modelbus.services.records.enums import BaseModelType, ModelType
 
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\:*?\"<>|]+")
 COPY_BLOCK = 8 << 20

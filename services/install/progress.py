@@ -13,11 +13,11 @@ from pathlib import Path
 import redis
 import structlog
 
-from events.errors import EventStoreError
-from events.keys import Keys
-from events.schema import InstallProgress, InstallProgressPayload
-from events.store import EventStore
-from services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
+from modelbus.events.errors import EventStoreError
+from modelbus.events.keys import Keys
+from modelbus.events.schema import InstallProgress, InstallProgressPayload
+from modelbus.events.store import EventStore
+from modelbus.services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
 
 log = structlog.get_logger(__name__)
 

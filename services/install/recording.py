@@ -15,12 +15,12 @@ from typing import Any
 
 import blake3
 
-from services.hashing import HashingError, model_key
-from services.install.errors import DuplicateInstallError, ModelIdentificationError
-from services.install.manifest import Manifest, hash_and_manifest
-from services.probe import ProbeError, ProbeResult, probe
-from services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase
-from services.records.parsing import check_key, config_class
+from modelbus.services.hashing import HashingError, model_key
+from modelbus.services.install.errors import DuplicateInstallError, ModelIdentificationError
+from modelbus.services.install.manifest import Manifest, hash_and_manifest
+from modelbus.services.probe import ProbeError, ProbeResult, probe
+from modelbus.services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.records.parsing import check_key, config_class
 
 # record fields a source's metadata fills in (metadata name -> record field)
 _METADATA_FIELDS = {

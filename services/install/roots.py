@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services.config import AppConfig
-from services.install.defaults import IMPORT_DIR
-from services.install.errors import InvalidSourceError, SourceForbiddenError
+from modelbus.services.config import AppConfig
+from modelbus.services.install.defaults import IMPORT_DIR
+from modelbus.services.install.errors import InvalidSourceError, SourceForbiddenError
 
 
 def import_area(config: AppConfig) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from services.probe import MODEL_FILE_SUFFIXES, ProbeError, UnrecognizedFilesError, probe
+from modelbus.services.probe import MODEL_FILE_SUFFIXES, ProbeError, UnrecognizedFilesError, probe
 
 log = structlog.get_logger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import structlog
 
-from events.schema import InstallCancelled
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.install.commands import InstallCommand, submit_handing_over
-from services.install.defaults import WAIT_BLOCK_MS
-from services.install.errors import (
+from modelbus.events.schema import InstallCancelled
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.install.commands import InstallCommand, submit_handing_over
+from modelbus.services.install.defaults import WAIT_BLOCK_MS
+from modelbus.services.install.errors import (
     DuplicateInstallError,
     InstallTimeoutError,
     InvalidModelPathError,
@@ -31,25 +31,25 @@ from services.install.errors import (
     ModelIdentificationError,
     ModelPathConflictError,
 )
-from services.install.finalize import FinalizeRequest, finalize, record_path
-from services.install.imports import discard_hand_over
-from services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
-from services.install.manifest import hash_and_manifest, recorded_manifest
-from services.install.ownership import (
+from modelbus.services.install.finalize import FinalizeRequest, finalize, record_path
+from modelbus.services.install.imports import discard_hand_over
+from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
+from modelbus.services.install.manifest import hash_and_manifest, recorded_manifest
+from modelbus.services.install.ownership import (
     DeleteReport,
     check_path_free,
     delete_model_files,
     other_paths,
     plan_delete,
 )
-from services.install.placement import copy_into, remove_tree, source_files, staging_dir
-from services.install.progress import ProgressBoard
-from services.install.recording import given_key
-from services.install.roots import check_local_source
-from services.install.scan import find_models
-from services.install.steps import set_cancel_flag
-from services.records import ModelConfigBase, ModelRecordServiceBase, UnknownModelException
-from services.store.publish import publish_model
+from modelbus.services.install.placement import copy_into, remove_tree, source_files, staging_dir
+from modelbus.services.install.progress import ProgressBoard
+from modelbus.services.install.recording import given_key
+from modelbus.services.install.roots import check_local_source
+from modelbus.services.install.scan import find_models
+from modelbus.services.install.steps import set_cancel_flag
+from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase, UnknownModelException
+from modelbus.services.store.publish import publish_model
 
 log = structlog.get_logger(__name__)
 

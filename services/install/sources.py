@@ -20,15 +20,15 @@ from typing import Any
 
 import httpx
 
-from services.config import AppConfig
-from services.download.civitai import resolve_civitai
-from services.download.errors import SourceSyntaxError
-from services.download.huggingface import resolve_repo
-from services.download.metadata import ModelMetadata
-from services.download.security import credential_for
-from services.download.sources import CivitaiSource, HFSource, Source, URLSource, parse_source
-from services.install.errors import InvalidSourceError
-from services.install.roots import check_local_source
+from modelbus.services.config import AppConfig
+from modelbus.services.download.civitai import resolve_civitai
+from modelbus.services.download.errors import SourceSyntaxError
+from modelbus.services.download.huggingface import resolve_repo
+from modelbus.services.download.metadata import ModelMetadata
+from modelbus.services.download.security import credential_for
+from modelbus.services.download.sources import CivitaiSource, HFSource, Source, URLSource, parse_source
+from modelbus.services.install.errors import InvalidSourceError
+from modelbus.services.install.roots import check_local_source
 
 _PATHLIKE = re.compile(r"^(/|\.{1,2}[/\\]|~|[A-Za-z]:[/\\])")
 

@@ -16,13 +16,13 @@ from types import TracebackType
 import redis
 import structlog
 
-from events.errors import Kind, kind_of
-from events.keys import Keys
-from events.schema import InstallFailed
-from events.store import EventStore
-from services.download.cancel import Cancellation
-from services.install.defaults import CANCEL_FLAG_TTL, CANCEL_POLL_INTERVAL
-from services.install.jobs import InstallJob, transition, unless_ended
+from modelbus.events.errors import Kind, kind_of
+from modelbus.events.keys import Keys
+from modelbus.events.schema import InstallFailed
+from modelbus.events.store import EventStore
+from modelbus.services.download.cancel import Cancellation
+from modelbus.services.install.defaults import CANCEL_FLAG_TTL, CANCEL_POLL_INTERVAL
+from modelbus.services.install.jobs import InstallJob, transition, unless_ended
 
 log = structlog.get_logger(__name__)
 

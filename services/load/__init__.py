@@ -4,8 +4,8 @@
 returns a :class:`ModelInfo`; ``with info as model:`` holds the model on the execution device.
 """
 
-from services.load.cache import CacheEntry, ModelCache, ModelLocker
-from services.load.errors import (
+from modelbus.services.load.cache import CacheEntry, ModelCache, ModelLocker
+from modelbus.services.load.errors import (
     CacheError,
     CacheOutOfMemoryError,
     InvalidModelException,
@@ -15,18 +15,18 @@ from services.load.errors import (
     SubmodelRequiredError,
     UnsafeModelException,
 )
-from services.load.ip_adapters import IPAdapter
-from services.load.kit import Loaded
-from services.load.safetensors_fast import FlatTensors, drop_page_cache, load_flat
-from services.load.service import (
+from modelbus.services.load.ip_adapters import IPAdapter
+from modelbus.services.load.kit import Loaded
+from modelbus.services.load.safetensors_fast import FlatTensors, drop_page_cache, load_flat
+from modelbus.services.load.service import (
     ModelInfo,
     ModelLoadService,
     execution_device,
     inference_dtype,
 )
-from services.load.stats import CacheStats, EntryInfo, TierStats
-from services.records import UnknownModelException
-from services.records.enums import SubModelType
+from modelbus.services.load.stats import CacheStats, EntryInfo, TierStats
+from modelbus.services.records import UnknownModelException
+from modelbus.services.records.enums import SubModelType
 
 __all__ = [
     "CacheEntry",

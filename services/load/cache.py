@@ -23,10 +23,10 @@ from typing import Any
 import structlog
 import torch
 
-from services.load.errors import CacheOutOfMemoryError, ModelTooLargeError
-from services.load.kit import Loaded
-from services.load.stats import CacheStats, EntryInfo
-from services.load.tensors import move_object, object_nbytes, tensor_slots
+from modelbus.services.load.errors import CacheOutOfMemoryError, ModelTooLargeError
+from modelbus.services.load.kit import Loaded
+from modelbus.services.load.stats import CacheStats, EntryInfo
+from modelbus.services.load.tensors import move_object, object_nbytes, tensor_slots
 
 log = structlog.get_logger(__name__)
 

@@ -28,9 +28,9 @@ from diffusers import (
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from services.load.errors import InvalidModelException, SubmodelRequiredError
-from services.load.flux import load_flux_checkpoint, load_flux_controlnet
-from services.load.kit import (
+from modelbus.services.load.errors import InvalidModelException, SubmodelRequiredError
+from modelbus.services.load.flux import load_flux_checkpoint, load_flux_controlnet
+from modelbus.services.load.kit import (
     CONFIGS_DIR,
     UNET_PREFIX,
     VAE_PREFIXES,
@@ -46,9 +46,9 @@ from services.load.kit import (
     read_json,
     resolve_class,
 )
-from services.load.safetensors_fast import assign_weights, empty_model
-from services.load.sd3 import load_sd3_checkpoint, load_sd3_controlnet
-from services.records.enums import SubModelType
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.sd3 import load_sd3_checkpoint, load_sd3_controlnet
+from modelbus.services.records.enums import SubModelType
 
 CLIP_PREFIXES = {"sd-1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 

@@ -18,7 +18,7 @@ re-exported by :mod:`services.load` when that package is importable.
 
 from __future__ import annotations
 
-from events.errors import InvalidInput, ModelbusError, NotFound, TooLarge, Unavailable
+from modelbus.events.errors import InvalidInput, ModelbusError, NotFound, TooLarge, Unavailable
 
 
 class LoadError(ModelbusError):

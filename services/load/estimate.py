@@ -11,14 +11,20 @@ from pathlib import Path
 
 import torch
 
-from services.load.checkpoints import CLIP_PREFIXES, OPENCLIP_PREFIXES, is_controlnet_key
-from services.load.errors import LoadError
-from services.load.flux import flux_diffusers_state
-from services.load.kit import DENOISER_SUBMODELS, NOT_FLUX_TRANSFORMER, UNET_PREFIX, VAE_PREFIXES, LoadRequest
-from services.load.safetensors_fast import read_header
-from services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX, sd3_diffusers_state
-from services.load.weights import weight_files
-from services.records.enums import ModelFormat, ModelType, SubModelType
+from modelbus.services.load.checkpoints import CLIP_PREFIXES, OPENCLIP_PREFIXES, is_controlnet_key
+from modelbus.services.load.errors import LoadError
+from modelbus.services.load.flux import flux_diffusers_state
+from modelbus.services.load.kit import (
+    DENOISER_SUBMODELS,
+    NOT_FLUX_TRANSFORMER,
+    UNET_PREFIX,
+    VAE_PREFIXES,
+    LoadRequest,
+)
+from modelbus.services.load.safetensors_fast import read_header
+from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX, sd3_diffusers_state
+from modelbus.services.load.weights import weight_files
+from modelbus.services.records.enums import ModelFormat, ModelType, SubModelType
 
 
 def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str], bool] | None = None) -> int:

@@ -14,8 +14,8 @@ from diffusers import (
 )
 from diffusers.loaders import single_file_utils as sfu
 
-from services.load.errors import InvalidModelException
-from services.load.kit import (
+from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.kit import (
     DENOISER_SUBMODELS,
     UNET_PREFIX,
     Loaded,
@@ -26,8 +26,8 @@ from services.load.kit import (
     read_checkpoint,
     shape_of,
 )
-from services.load.safetensors_fast import assign_weights, empty_model
-from services.records.enums import SubModelType
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.records.enums import SubModelType
 
 _BFL_FLUX_WIDTH = 3072  # FLUX.1's hidden width, which diffusers' conversion of BFL's layout assumes
 

@@ -32,10 +32,10 @@ from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFullImageProjection, IPAdapterPlusImageProjection
 
-from services.load.errors import InvalidModelException
-from services.load.kit import Loaded, LoadRequest, live_buffer
-from services.load.safetensors_fast import assign_weights, empty_model
-from services.load.weights import read_state_dict
+from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.kit import Loaded, LoadRequest, live_buffer
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.weights import read_state_dict
 
 IMAGE_PROJ, LAYERS = "image_proj.", "ip_adapter."
 _FOLDER_FILES = ("ip_adapter.safetensors", "ip_adapter.bin")

@@ -19,11 +19,11 @@ import torch
 import transformers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from services.load.errors import InvalidModelException
-from services.load.safetensors_fast import assign_weights, empty_model
-from services.load.tensors import plan_layout, tensor_slots
-from services.load.weights import StateDict, read_state_dict
-from services.records.enums import SubModelType
+from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.tensors import plan_layout, tensor_slots
+from modelbus.services.load.weights import StateDict, read_state_dict
+from modelbus.services.records.enums import SubModelType
 
 
 @dataclass

@@ -17,8 +17,8 @@ import diffusers
 import torch
 import transformers
 
-from services.load.errors import InvalidModelException
-from services.load.kit import (
+from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.kit import (
     Loaded,
     LoadRequest,
     block_count,
@@ -29,9 +29,9 @@ from services.load.kit import (
     resolve_class,
     shape_of,
 )
-from services.load.safetensors_fast import assign_weights, empty_model
-from services.load.weights import read_state_dict, weight_files
-from services.records.enums import SubModelType
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.weights import read_state_dict, weight_files
+from modelbus.services.records.enums import SubModelType
 
 # submodel -> the class used when a diffusers folder has no model_index.json
 _DEFAULT_CLASSES: dict[SubModelType, tuple[str, str]] = {

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from services.load import checkpoints, ip_adapters, loaders
-from services.load.errors import InvalidModelException
-from services.load.kit import Loader
-from services.records.enums import ModelFormat, ModelType
+from modelbus.services.load import checkpoints, ip_adapters, loaders
+from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.kit import Loader
+from modelbus.services.records.enums import ModelFormat, ModelType
 
 LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.Main, ModelFormat.Diffusers): loaders.load_diffusers_main,

@@ -27,7 +27,7 @@ import structlog
 import torch
 from accelerate import init_empty_weights
 
-from services.load.errors import InvalidModelException
+from modelbus.services.load.errors import InvalidModelException
 
 log = structlog.get_logger(__name__)
 

@@ -17,8 +17,8 @@ from diffusers import (
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextModelWithProjection
 
-from services.load.errors import InvalidModelException
-from services.load.kit import (
+from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.kit import (
     CONFIGS_DIR,
     DENOISER_SUBMODELS,
     UNET_PREFIX,
@@ -37,9 +37,9 @@ from services.load.kit import (
     read_checkpoint,
     shape_of,
 )
-from services.load.loaders import build_t5_encoder
-from services.load.safetensors_fast import assign_weights, empty_model
-from services.records.enums import SubModelType
+from modelbus.services.load.loaders import build_t5_encoder
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.records.enums import SubModelType
 
 # SD-3's heads are 64 wide in every release, and only a per-head norm (SD-3.5) would show it; a
 # narrower model (a test's) takes the largest width dividing both

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import torch
 
-from events.schema import (
+from modelbus.events.schema import (
     Activity,
     CacheEvicted,
     CacheEvictedPayload,
@@ -37,18 +37,18 @@ from events.schema import (
     ModelLoadFailed,
     ModelLoadStarted,
 )
-from services.load.cache import CacheEntry, ModelCache, ModelLocker
-from services.load.errors import (
+from modelbus.services.load.cache import CacheEntry, ModelCache, ModelLocker
+from modelbus.services.load.errors import (
     CacheOutOfMemoryError,
     InvalidModelException,
     LoadError,
     ModelNotFoundException,
     SubmodelRequiredError,
 )
-from services.load.estimate import estimate_bytes
-from services.load.kit import Loaded, LoadRequest
-from services.load.registry import loader_for
-from services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
+from modelbus.services.load.estimate import estimate_bytes
+from modelbus.services.load.kit import Loaded, LoadRequest
+from modelbus.services.load.registry import loader_for
+from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
 
 log = structlog.get_logger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from services.load.errors import InvalidModelException, UnsafeModelException
-from services.load.safetensors_fast import load_flat
-from services.probe import scan_pickle
+from modelbus.services.load.errors import InvalidModelException, UnsafeModelException
+from modelbus.services.load.safetensors_fast import load_flat
+from modelbus.services.probe import scan_pickle
 
 SAFETENSORS = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")

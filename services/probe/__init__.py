@@ -5,7 +5,7 @@ prediction type, compatible bases, original-format config). Safetensors are read
 header alone; pickles are scanned for unsafe imports before ``torch.load(weights_only=True)``.
 """
 
-from services.probe.errors import (
+from modelbus.services.probe.errors import (
     CorruptModelError,
     InvalidOverrideError,
     ModelPathError,
@@ -13,11 +13,11 @@ from services.probe.errors import (
     UnrecognizedFilesError,
     UnsafeModelError,
 )
-from services.probe.identify import probe
-from services.probe.pickle_scan import inspect_pickle, safe_torch_load, scan_pickle
-from services.probe.result import ProbeResult, legacy_config_path
-from services.probe.safetensors_header import read_safetensors_header, tensor_shapes
-from services.probe.tensors import MODEL_FILE_SUFFIXES, TensorIndex, read_tensor_index
+from modelbus.services.probe.identify import probe
+from modelbus.services.probe.pickle_scan import inspect_pickle, safe_torch_load, scan_pickle
+from modelbus.services.probe.result import ProbeResult, legacy_config_path
+from modelbus.services.probe.safetensors_header import read_safetensors_header, tensor_shapes
+from modelbus.services.probe.tensors import MODEL_FILE_SUFFIXES, TensorIndex, read_tensor_index
 
 __all__ = [
     "MODEL_FILE_SUFFIXES",

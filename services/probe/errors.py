@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from events.errors import InvalidInput, ModelbusError, NotFound, TooLarge
+from modelbus.events.errors import InvalidInput, ModelbusError, NotFound, TooLarge
 
 
 class ProbeError(ModelbusError):

@@ -24,19 +24,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from services.probe.errors import UnrecognizedFilesError
-from services.probe.result import (
+from modelbus.services.probe.errors import UnrecognizedFilesError
+from modelbus.services.probe.result import (
     ProbeResult,
     compatible_bases,
     controlnet_config_path,
     legacy_config_path,
     upcast_for,
 )
-from services.probe.tensors import TensorIndex
-from services.records.enums import (
+from modelbus.services.probe.tensors import TensorIndex
+from modelbus.services.records.enums import (
     BaseModelType as Base,
 )
-from services.records.enums import (
+from modelbus.services.records.enums import (
     ModelFormat,
     ModelType,
     ModelVariantType,

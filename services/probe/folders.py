@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 
-from services.probe.errors import CorruptModelError, UnrecognizedFilesError
-from services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion
-from services.probe.result import ProbeResult, compatible_bases, upcast_for
-from services.probe.tensors import read_tensor_index
-from services.records.enums import BaseModelType as Base
-from services.records.enums import ModelFormat, ModelType, ModelVariantType, SchedulerPredictionType
+from modelbus.services.probe.errors import CorruptModelError, UnrecognizedFilesError
+from modelbus.services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion
+from modelbus.services.probe.result import ProbeResult, compatible_bases, upcast_for
+from modelbus.services.probe.tensors import read_tensor_index
+from modelbus.services.records.enums import BaseModelType as Base
+from modelbus.services.records.enums import ModelFormat, ModelType, ModelVariantType, SchedulerPredictionType
 
 _CONTEXT_DIMS = {768: Base.StableDiffusion1, 1024: Base.StableDiffusion2, 2048: Base.StableDiffusionXL,
                  1280: Base.StableDiffusionXLRefiner}  # fmt: skip

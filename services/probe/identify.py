@@ -13,18 +13,18 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from services.probe.errors import InvalidOverrideError, ModelPathError, UnrecognizedFilesError
-from services.probe.families import identify_file
-from services.probe.folders import identify_folder
-from services.probe.result import (
+from modelbus.services.probe.errors import InvalidOverrideError, ModelPathError, UnrecognizedFilesError
+from modelbus.services.probe.families import identify_file
+from modelbus.services.probe.folders import identify_folder
+from modelbus.services.probe.result import (
     ProbeResult,
     compatible_bases,
     controlnet_config_path,
     legacy_config_path,
     upcast_for,
 )
-from services.probe.tensors import read_tensor_index
-from services.records.enums import ModelFormat, ModelType
+from modelbus.services.probe.tensors import read_tensor_index
+from modelbus.services.records.enums import ModelFormat, ModelType
 
 log = structlog.get_logger(__name__)
 

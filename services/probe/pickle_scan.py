@@ -32,10 +32,15 @@ from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
-from services.probe.defaults import PICKLE_CHECK_EVERY, PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
-from services.probe.errors import CorruptModelError, ModelPathError, PickleTooLargeError, UnsafeModelError
-from services.probe.torch_zip import pickle_member, refuse_appended_zip, starts_like_zip
-from services.stopping import checkpoint
+from modelbus.services.probe.defaults import PICKLE_CHECK_EVERY, PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
+from modelbus.services.probe.errors import (
+    CorruptModelError,
+    ModelPathError,
+    PickleTooLargeError,
+    UnsafeModelError,
+)
+from modelbus.services.probe.torch_zip import pickle_member, refuse_appended_zip, starts_like_zip
+from modelbus.services.stopping import checkpoint
 
 if TYPE_CHECKING:
     import torch

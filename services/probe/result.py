@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.records.enums import (
+from modelbus.services.records.enums import (
     BaseModelType,
     ModelFormat,
     ModelType,

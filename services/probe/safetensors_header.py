@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from services.probe.errors import CorruptModelError, ModelPathError
+from modelbus.services.probe.errors import CorruptModelError, ModelPathError
 
 METADATA_KEY = "__metadata__"
 # the safetensors library refuses headers above 100 MB; so do we, before allocating anything

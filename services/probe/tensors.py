@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.probe.errors import UnrecognizedFilesError
-from services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
-from services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
+from modelbus.services.probe.errors import UnrecognizedFilesError
+from modelbus.services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
+from modelbus.services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
 
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 MODEL_FILE_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES

@@ -22,7 +22,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from services.probe.errors import CorruptModelError, UnsafeArchiveError
+from modelbus.services.probe.errors import CorruptModelError, UnsafeArchiveError
 
 ZIP_MAGIC = b"PK\x03\x04"  # what torch.serialization._is_zipfile tests
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # zipfile's structFileHeader

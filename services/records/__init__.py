@@ -1,8 +1,12 @@
 """The record service: model config records as projections of the event log (spec: ModelRecordService)."""
 
-import services.records.validation  # noqa: F401 - registers the record config check with the event layer
-from services.records.backends import ModelRecordServiceFile, ModelRecordServiceMemory, ModelRecordServiceSQL
-from services.records.enums import (
+import modelbus.services.records.validation  # noqa: F401 - registers the record config check with the event layer
+from modelbus.services.records.backends import (
+    ModelRecordServiceFile,
+    ModelRecordServiceMemory,
+    ModelRecordServiceSQL,
+)
+from modelbus.services.records.enums import (
     BaseModelType,
     ModelFormat,
     ModelType,
@@ -10,12 +14,12 @@ from services.records.enums import (
     SchedulerPredictionType,
     SubModelType,
 )
-from services.records.errors import (
+from modelbus.services.records.errors import (
     DuplicateModelException,
     InvalidModelConfigException,
     UnknownModelException,
 )
-from services.records.models import (
+from modelbus.services.records.models import (
     AnyModelConfig,
     CheckpointConfig,
     CLIPVisionCheckpointConfig,
@@ -42,7 +46,7 @@ from services.records.models import (
     VaeCheckpointConfig,
     VaeDiffusersConfig,
 )
-from services.records.service import ModelRecordServiceBase
+from modelbus.services.records.service import ModelRecordServiceBase
 
 __all__ = [
     "AnyModelConfig",

@@ -11,13 +11,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from events.store import EventStore, RedisEventStore
-from services.config import AppConfig
-from services.records.errors import RecordStoreFormatError
-from services.records.memory_projection import MemoryProjection
-from services.records.service import ModelRecordServiceBase
-from services.records.sql_projection import META, SQLProjection
-from services.records.yaml_projection import YamlProjection
+from modelbus.events.store import EventStore, RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records.errors import RecordStoreFormatError
+from modelbus.services.records.memory_projection import MemoryProjection
+from modelbus.services.records.service import ModelRecordServiceBase
+from modelbus.services.records.sql_projection import META, SQLProjection
+from modelbus.services.records.yaml_projection import YamlProjection
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000  # other processes applying a batch to the same file hold its write lock briefly

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from events.errors import Conflict, InvalidInput, ModelbusError, NotFound, Unavailable
+from modelbus.events.errors import Conflict, InvalidInput, ModelbusError, NotFound, Unavailable
 
 
 class RecordServiceError(ModelbusError):

@@ -13,8 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
-from events.store import StoredEvent, position_key
+from modelbus.events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
+from modelbus.events.store import StoredEvent, position_key
 
 MODEL_EVENTS = (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved)
 PATH_CLAIM_PREFIX = "model-path:"

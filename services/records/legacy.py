@@ -23,12 +23,12 @@ from typing import Any
 import structlog
 import yaml
 
-from events.errors import InvalidInput
-from services.records.enums import BaseModelType, ModelFormat, ModelType
-from services.records.errors import DuplicateModelException, RecordServiceError
-from services.records.fold import resolve_path
-from services.records.models import CLASSES_BY_TAG, tag_of
-from services.records.service import ModelRecordServiceBase
+from modelbus.events.errors import InvalidInput
+from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
+from modelbus.services.records.errors import DuplicateModelException, RecordServiceError
+from modelbus.services.records.fold import resolve_path
+from modelbus.services.records.models import CLASSES_BY_TAG, tag_of
+from modelbus.services.records.service import ModelRecordServiceBase
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ class ImportReport:
 def _key_for(path: str, models_dir: Path | None) -> str:
     """The model's imohash key when its files are there; a random key otherwise."""
     try:
-        from services.hashing import model_key
+        from modelbus.services.hashing import model_key
     except ImportError:  # hashing is optional here: records stay importable without it
         return uuid.uuid4().hex
     location = Path(resolve_path(path, models_dir))

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from events.store import BodyBatch
-from services.records.enums import BaseModelType, ModelType
-from services.records.fold import State
-from services.records.models import ModelConfigBase
-from services.records.projection import (
+from modelbus.events.store import BodyBatch
+from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.fold import State
+from modelbus.services.records.models import ModelConfigBase
+from modelbus.services.records.projection import (
     Changes,
     RecordProjection,
     check_page,

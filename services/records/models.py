@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from services.records.enums import (
+from modelbus.services.records.enums import (
     BaseModelType,
     ModelFormat,
     ModelType,

@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.records.enums import ModelFormat, ModelType
-from services.records.errors import MISSING, FieldError, InvalidModelConfigException
-from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
+from modelbus.services.records.enums import ModelFormat, ModelType
+from modelbus.services.records.errors import MISSING, FieldError, InvalidModelConfigException
+from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 
 # fields a sparse update may not change: the key is the record's identity
 _IMMUTABLE = ("key",)

@@ -22,13 +22,13 @@ from typing import Any
 
 import structlog
 
-from events.codec import EventBody
-from events.store import BodyBatch, StoredEvent, as_body_batch, position_key
-from events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
-from services.records.enums import BaseModelType, ModelType
-from services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
-from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
-from services.records.parsing import config_class
+from modelbus.events.codec import EventBody
+from modelbus.events.store import BodyBatch, StoredEvent, as_body_batch, position_key
+from modelbus.events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
+from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
+from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
+from modelbus.services.records.parsing import config_class
 
 log = structlog.get_logger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import structlog
 
-from events.store import EventStore
-from services.records.service import ModelRecordServiceBase
+from modelbus.events.store import EventStore
+from modelbus.services.records.service import ModelRecordServiceBase
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,7 @@ def rebuild(config: Any = None, *, service: ModelRecordServiceBase | None = None
     """Replay the log into the record store ``config`` names (or into ``service``), from scratch."""
     own = service is None
     if service is None:
-        from services.config import AppConfig
+        from modelbus.services.config import AppConfig
 
         config = config if config is not None else AppConfig.load()
         service = ModelRecordServiceBase.open(config, event_store=event_store)

@@ -24,14 +24,14 @@ from typing import Any, ClassVar, Self
 
 import structlog
 
-from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
-from events.projection import ProjectionRunner
-from events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
-from events.store import AppendResult, EventStore, StoredEvent, position_key
-from events.validation import in_sequence
-from events.watch import LogWatch
-from services.records.enums import BaseModelType, ModelType
-from services.records.errors import (
+from modelbus.events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
+from modelbus.events.projection import ProjectionRunner
+from modelbus.events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
+from modelbus.events.store import AppendResult, EventStore, StoredEvent, position_key
+from modelbus.events.validation import in_sequence
+from modelbus.events.watch import LogWatch
+from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.errors import (
     MISSING,
     DuplicateModelException,
     EventLogError,
@@ -41,10 +41,10 @@ from services.records.errors import (
     RecordStoreFormatError,
     UnknownModelException,
 )
-from services.records.fold import fold, is_model_event, path_claim
-from services.records.models import ModelConfigBase
-from services.records.parsing import check_key, merge_update, parse_config
-from services.records.projection import (
+from modelbus.services.records.fold import fold, is_model_event, path_claim
+from modelbus.services.records.models import ModelConfigBase
+from modelbus.services.records.parsing import check_key, merge_update, parse_config
+from modelbus.services.records.projection import (
     DIRECTIONS,
     ORDER_FIELDS,
     RECORDS_VERSION,

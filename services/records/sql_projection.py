@@ -16,13 +16,13 @@ from typing import Any
 
 import orjson
 
-from events.codec import EventBody
-from events.store import BodyBatch
-from services.records.enums import BaseModelType, ModelType
-from services.records.errors import RecordStoreFormatError
-from services.records.fold import State
-from services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
-from services.records.projection import (
+from modelbus.events.codec import EventBody
+from modelbus.events.store import BodyBatch
+from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.errors import RecordStoreFormatError
+from modelbus.services.records.fold import State
+from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
+from modelbus.services.records.projection import (
     KIND,
     RECORDS_VERSION,
     Changes,

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from events.validation import register_body_check
-from services.records.models import CLASSES_BY_TAG, tag_of
-from services.records.parsing import config_class
+from modelbus.events.validation import register_body_check
+from modelbus.services.records.models import CLASSES_BY_TAG, tag_of
+from modelbus.services.records.parsing import config_class
 
 CONFIG_EVENTS = ("ModelAdded", "ModelUpdated")
 

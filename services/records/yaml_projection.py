@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 
-from events.store import BodyBatch, position_key
-from services.records.errors import RecordStoreFormatError
-from services.records.memory_projection import DictProjection, RecordTable
-from services.records.projection import KIND, RECORDS_VERSION, fresh_entries
+from modelbus.events.store import BodyBatch, position_key
+from modelbus.services.records.errors import RecordStoreFormatError
+from modelbus.services.records.memory_projection import DictProjection, RecordTable
+from modelbus.services.records.projection import KIND, RECORDS_VERSION, fresh_entries
 
 SCHEMA = 1
 METADATA = "__metadata__"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.store.blobs import BlobStore, FileBlobStore, check_digest, file_digest
-from services.store.errors import (
+from modelbus.services.store.blobs import BlobStore, FileBlobStore, check_digest, file_digest
+from modelbus.services.store.errors import (
     BlobCorruptError,
     BlobMissingError,
     BlobStoreUnavailableError,
@@ -17,7 +17,7 @@ from services.store.errors import (
     StoreConfigError,
     StoreError,
 )
-from services.store.location import StoreLocation, parse_store_url
+from modelbus.services.store.location import StoreLocation, parse_store_url
 
 __all__ = [
     "BlobCorruptError",
@@ -43,7 +43,9 @@ def open_store(config: Any) -> BlobStore | None:
         assert location.path is not None
         return FileBlobStore(location.path)
     if location.scheme == "s3":
-        from services.store.s3 import S3BlobStore  # boto3 costs ~0.3 s to import: only where it is used
+        from modelbus.services.store.s3 import (
+            S3BlobStore,  # boto3 costs ~0.3 s to import: only where it is used
+        )
         return S3BlobStore(location, endpoint_url=getattr(config, "s3_endpoint_url", None),
                            retries=int(getattr(config, "store_retries", 5)))
     return None

@@ -20,14 +20,14 @@ from typing import NamedTuple
 
 import blake3
 
-from services.store import defaults
-from services.store.errors import (
+from modelbus.services.store import defaults
+from modelbus.services.store.errors import (
     BlobCorruptError,
     BlobMissingError,
     BlobStoreUnavailableError,
     StoreConfigError,
 )
-from services.store.transfer import Progress, fetch_verified
+from modelbus.services.store.transfer import Progress, fetch_verified
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 

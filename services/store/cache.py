@@ -28,11 +28,11 @@ from pathlib import Path, PurePosixPath
 import orjson
 import structlog
 
-from events.schema import FileEntry
-from services.store import defaults
-from services.store.blobs import BlobStore, check_digest, file_digest
-from services.store.errors import BlobCorruptError, CacheFullError, StoreConfigError
-from services.store.transfer import Progress
+from modelbus.events.schema import FileEntry
+from modelbus.services.store import defaults
+from modelbus.services.store.blobs import BlobStore, check_digest, file_digest
+from modelbus.services.store.errors import BlobCorruptError, CacheFullError, StoreConfigError
+from modelbus.services.store.transfer import Progress
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ botocore's and the filesystem's errors are translated where they come in (``s3.p
 
 from __future__ import annotations
 
-from events.errors import Failed, InvalidInput, ModelbusError, NotFound, TooLarge, Unavailable
+from modelbus.events.errors import Failed, InvalidInput, ModelbusError, NotFound, TooLarge, Unavailable
 
 
 class StoreError(ModelbusError):

@@ -16,10 +16,10 @@ from typing import Any
 
 import structlog
 
-from services.install.manifest import recorded_manifest
-from services.store import defaults
-from services.store.blobs import BlobStore
-from services.store.cache import HostCache
+from modelbus.services.install.manifest import recorded_manifest
+from modelbus.services.store import defaults
+from modelbus.services.store.blobs import BlobStore
+from modelbus.services.store.cache import HostCache
 
 log = structlog.get_logger(__name__)
 

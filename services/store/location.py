@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from services.store.errors import StoreConfigError
+from modelbus.services.store.errors import StoreConfigError
 
 SHARED = "shared"
 # S3's own rules: 3-63 lowercase letters, digits, dots and hyphens

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import blake3
 
-from events.schema import FileEntry
-from services.store import defaults
-from services.store.blobs import BlobStore
-from services.store.errors import BlobMissingError
-from services.store.publish import model_base, publish
+from modelbus.events.schema import FileEntry
+from modelbus.services.store import defaults
+from modelbus.services.store.blobs import BlobStore
+from modelbus.services.store.errors import BlobMissingError
+from modelbus.services.store.publish import model_base, publish
 
 
 @dataclass

@@ -15,10 +15,10 @@ from typing import Any
 
 import structlog
 
-from events.schema import FileEntry
-from services.store import defaults, open_store
-from services.store.blobs import BlobStore
-from services.store.errors import BlobStoreUnavailableError
+from modelbus.events.schema import FileEntry
+from modelbus.services.store import defaults, open_store
+from modelbus.services.store.blobs import BlobStore
+from modelbus.services.store.errors import BlobStoreUnavailableError
 
 log = structlog.get_logger(__name__)
 

@@ -28,10 +28,10 @@ import botocore.exceptions
 import structlog
 from boto3.s3.transfer import TransferConfig
 
-from services.store import defaults
-from services.store.blobs import BlobInfo, BlobStore, check_digest
-from services.store.errors import BlobCorruptError, BlobMissingError, BlobStoreUnavailableError
-from services.store.location import StoreLocation
+from modelbus.services.store import defaults
+from modelbus.services.store.blobs import BlobInfo, BlobStore, check_digest
+from modelbus.services.store.errors import BlobCorruptError, BlobMissingError, BlobStoreUnavailableError
+from modelbus.services.store.location import StoreLocation
 
 log = structlog.get_logger(__name__)
 

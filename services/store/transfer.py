@@ -23,8 +23,8 @@ from pathlib import Path
 import blake3
 import structlog
 
-from services.store import defaults
-from services.store.errors import BlobCorruptError, CacheFullError, StoreError, TransferStopped
+from modelbus.services.store import defaults
+from modelbus.services.store.errors import BlobCorruptError, CacheFullError, StoreError, TransferStopped
 
 log = structlog.get_logger(__name__)
 

@@ -13,8 +13,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from services.api import create_app
-from services.config import AppConfig
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from events.store import RedisEventStore
+from modelbus.events.store import RedisEventStore
 from tests.fixtures.activity import payload_of
 
 

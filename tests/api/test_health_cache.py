@@ -10,11 +10,11 @@ import httpx
 import pytest
 import redis
 
-from events.store import RedisEventStore
-from services.api import create_app
-from services.api.health_state import HealthState
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.events.store import RedisEventStore
+from modelbus.services.api import create_app
+from modelbus.services.api.health_state import HealthState
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.api.conftest import serve
 from tests.waiting import wait_until
 
@@ -56,7 +56,7 @@ def test_one_probe_answers_a_storm_of_health_checks(app_config: AppConfig, refre
 def test_the_answer_follows_the_state_within_the_interval(app_config: AppConfig, event_store: RedisEventStore) -> None:
     from fastapi.testclient import TestClient
 
-    from workers.runner import Heartbeat
+    from modelbus.workers.runner import Heartbeat
     with TestClient(create_app(app_config)) as http:
         assert http.get("/healthz").json()["workers_alive"] == 0
         beat = Heartbeat(event_store.client, event_store.keys, "w-health", ["install"], state=dict)

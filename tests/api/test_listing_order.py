@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 
 SEED = [("k0", "Zed", "sd-1"), ("k1", "amber", "sdxl"), ("k2", "Mid", "sd-2"), ("k3", "mid", "sdxl")]

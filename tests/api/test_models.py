@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 
 
@@ -58,9 +58,9 @@ def test_errors_are_json_with_the_right_status(http: TestClient, app_config: App
 
 
 def test_workers_show_heartbeats_with_cache_contents(http: TestClient, app_config: AppConfig) -> None:
-    from events.store import RedisEventStore
-    from events.workers import CachedModel, WorkerCache
-    from workers.runner import Heartbeat
+    from modelbus.events.store import RedisEventStore
+    from modelbus.events.workers import CachedModel, WorkerCache
+    from modelbus.workers.runner import Heartbeat
     store = RedisEventStore.from_config(app_config)
     beat = Heartbeat(store.client, store.keys, "gpu-test-1", ["gpu"],
                      state=lambda: WorkerCache(device="cpu", models=(CachedModel(key="k1", model_key="k1", bytes=1234),)))

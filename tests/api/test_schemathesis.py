@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from services.api import create_app
-from services.config import AppConfig
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 
 EXAMPLES = 12

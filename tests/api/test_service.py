@@ -6,10 +6,10 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from events.keys import Keys
-from events.store import RedisEventStore
-from services.api import create_app
-from services.config import AppConfig
+from modelbus.events.keys import Keys
+from modelbus.events.store import RedisEventStore
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
 from tests.fixtures.activity import load_payload
 
 

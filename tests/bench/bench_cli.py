@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from events.logs import configure_logging
-from events.schema import ModelAdded
-from events.store import RedisEventStore
-from services.config import AppConfig
+from modelbus.events.logs import configure_logging
+from modelbus.events.schema import ModelAdded
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
 from tests.bench.common import bench_redis, ratio_line, scale
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def main() -> int:
         key = _seed(url, namespace, root)
         env = {**os.environ, "MODELBUS_REDIS_URL": url, "MODELBUS_NAMESPACE": namespace, "MODELBUS_ROOT": str(root),
                "PYTHONPATH": str(REPO)}
-        cli = [sys.executable, "-m", "services.cli"]
+        cli = [sys.executable, "-m", "modelbus.services.cli"]
         runs: dict[str, list[str]] = {
             "python -c pass": [sys.executable, "-c", "pass"],
             "python -c 'import torch'": [sys.executable, "-c", "import torch"],

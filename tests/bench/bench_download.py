@@ -27,8 +27,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService
 
 SIZE = int(os.environ.get("MODELBUS_BENCH_DL_MB", "256")) << 20
 ROUNDS = int(os.environ.get("MODELBUS_BENCH_DL_ROUNDS", "2"))
@@ -37,8 +37,8 @@ REPO_SHARES = [0.22, 0.18, 0.14, 0.11, 0.09, 0.07, 0.06, 0.05, 0.04, 0.02, 0.01,
 _CHILD = """
 import sys
 from pathlib import Path
-from services.config import AppConfig
-from services.download import DownloadQueueService
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadQueueService
 cfg = AppConfig.load(allow_private_downloads=True)
 with DownloadQueueService(1, cfg) as svc:
     svc.wait_for_job(svc.download(sys.argv[1], Path(sys.argv[2])))

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import orjson
 import redis
 
-from events.schema import ModelAdded
-from events.store import RedisEventStore
+from modelbus.events.schema import ModelAdded
+from modelbus.events.store import RedisEventStore
 from tests.bench.common import bench_redis, percentiles, rate, ratio_line, scale
 
 CONFIG = {"name": "bench", "path": "/models/x.safetensors", "base_model": "sd-1", "model_type": "lora",

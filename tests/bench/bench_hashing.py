@@ -32,9 +32,9 @@ if str(ROOT) not in sys.path:
 import blake3
 import structlog
 
-from services.config import parse_size
-from services.hashing import content_hash, model_key
-from services.probe import probe
+from modelbus.services.config import parse_size
+from modelbus.services.hashing import content_hash, model_key
+from modelbus.services.probe import probe
 from tests import fixtures as fx
 from tests.bench.common import ratio_line, scale
 

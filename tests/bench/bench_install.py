@@ -28,14 +28,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from events.embedded import EmbeddedRedis
-from events.keys import Keys
-from events.logs import configure_logging
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.hashing import content_hash
-from services.install import InstallStatus, ModelInstallService
-from services.probe import read_safetensors_header
+from modelbus.events.embedded import EmbeddedRedis
+from modelbus.events.keys import Keys
+from modelbus.events.logs import configure_logging
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.hashing import content_hash
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.probe import read_safetensors_header
 from tests.fixtures.model_files import lora_kohya_shapes, make_sparse_safetensors, write_checkpoint
 
 REGISTER_MB = int(os.environ.get("MODELBUS_BENCH_REGISTER_MB", "512"))

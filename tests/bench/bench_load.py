@@ -33,9 +33,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from services.load.cache import Loaded, ModelCache
-from services.load.loaders import load_module_folder
-from services.load.safetensors_fast import drop_page_cache, empty_model
+from modelbus.services.load.cache import Loaded, ModelCache
+from modelbus.services.load.loaders import load_module_folder
+from modelbus.services.load.safetensors_fast import drop_page_cache, empty_model
 
 SD15_UNET = Path(__file__).resolve().parents[2] / "services" / "configs" / "diffusers" / "sd-1" / "unet"
 

@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import orjson
 import redis
 
-from events.codec import encode
-from events.logs import configure_logging
-from events.schema import ModelAdded, ModelRenamed, ModelUpdated
-from events.store import InMemoryEventStore, RedisEventStore
-from services.config import AppConfig
-from services.records import ModelRecordServiceSQL
+from modelbus.events.codec import encode
+from modelbus.events.logs import configure_logging
+from modelbus.events.schema import ModelAdded, ModelRenamed, ModelUpdated
+from modelbus.events.store import InMemoryEventStore, RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelRecordServiceSQL
 from tests.bench.common import bench_redis, paired_rates, percentiles, rate, ratio_line, scale
 
 

@@ -1,6 +1,6 @@
 """Horizontal scaling: the same hash-heavy install load (distinct LoRA files installed from local
 paths: a copy into staging, an imohash key, a BLAKE3 hash and a probe each) run by 1, 2 and 4 worker
-processes (``python -m workers --queues install,download,hash``). Prints models/s and each figure as
+processes (``python -m modelbus.workers --queues install,download,hash``). Prints models/s and each figure as
 a ratio against one worker, measured in the same run.
 
     .venv/bin/python tests/bench/bench_scaling.py        # MODELBUS_BENCH_SCALE=2 doubles the load
@@ -24,8 +24,8 @@ if __package__ in (None, ""):
 
 import redis
 
-from events.embedded import EmbeddedRedis
-from services.install import InstallStatus
+from modelbus.events.embedded import EmbeddedRedis
+from modelbus.services.install import InstallStatus
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import _bus, make_service
 

@@ -34,13 +34,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from boto3.s3.transfer import TransferConfig
 
-from events.logs import configure_logging
-from events.schema import FileEntry
-from services.config import AppConfig
-from services.install import ModelInstallService
-from services.store import file_digest, parse_store_url
-from services.store.cache import HostCache
-from services.store.s3 import S3BlobStore
+from modelbus.events.logs import configure_logging
+from modelbus.events.schema import FileEntry
+from modelbus.services.config import AppConfig
+from modelbus.services.install import ModelInstallService
+from modelbus.services.store import file_digest, parse_store_url
+from modelbus.services.store.cache import HostCache
+from modelbus.services.store.s3 import S3BlobStore
 from tests.bench.common import bench_redis, ratio_line
 from tests.fixtures.model_files import make_sparse_safetensors
 from tests.servers.s3_server import CREDENTIALS, S3Server

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import httpx
 from rq import Queue
 
-from events.schema import ModelAdded
-from services.api import create_app
-from services.client import ModelBusClient, defaults
-from services.config import AppConfig
+from modelbus.events.schema import ModelAdded
+from modelbus.services.api import create_app
+from modelbus.services.client import ModelBusClient, defaults
+from modelbus.services.config import AppConfig
 from tests.api.conftest import serve
 from tests.api.test_events_sse import read_events
 from tests.bench.common import bench_redis, percentiles, rate, ratio_line, scale
@@ -193,10 +193,10 @@ def _health_load(base: str, requests: int) -> tuple[float, list[float], int]:
 
 SERVE_HEALTH = """
 import sys, uvicorn
-from services.api import create_app
-from services.api.health_state import HealthState
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.api import create_app
+from modelbus.services.api.health_state import HealthState
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 config = AppConfig.load(redis_url=sys.argv[1], namespace=sys.argv[2], root=sys.argv[3], log_level="WARNING")
 client = ModelBusClient(config)
 app = create_app(config, client=client)
@@ -267,7 +267,7 @@ def bench_bus_load(url: str) -> None:
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "MODELBUS_REDIS_URL": url, "MODELBUS_NAMESPACE": config.namespace,
            "MODELBUS_ROOT": str(config.root), "MODELBUS_LOG_LEVEL": "WARNING"}
-    worker = subprocess.Popen([sys.executable, "-m", "workers", "--queues", "gpu", "--device", "cpu", "--name",
+    worker = subprocess.Popen([sys.executable, "-m", "modelbus.workers", "--queues", "gpu", "--device", "cpu", "--name",
                                "bench-gpu"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -295,7 +295,7 @@ def bench_bus_load(url: str) -> None:
 
 
 def main() -> int:
-    from events.logs import configure_logging
+    from modelbus.events.logs import configure_logging
     configure_logging("console", "WARNING")
     with bench_redis() as url:
         bench_install(url)

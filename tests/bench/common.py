@@ -18,7 +18,7 @@ def bench_redis() -> Iterator[str]:
     if url:
         yield url
         return
-    from events.embedded import EmbeddedRedis
+    from modelbus.events.embedded import EmbeddedRedis
     server = EmbeddedRedis.ensure(Path(tempfile.mkdtemp(prefix="modelbus-bench-")))
     try:
         yield server.url

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from events.store import RedisEventStore
-from services.cli import app
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.events.store import RedisEventStore
+from modelbus.services.cli import app
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 from tests.fixtures.activity import download_payload, load_payload
 
@@ -95,7 +95,7 @@ def test_events_history_and_follow(cli, event_store: RedisEventStore) -> None:  
 
 
 def test_workers_and_doctor(cli, app_config, event_store) -> None:  # type: ignore[no-untyped-def]
-    from workers.runner import Heartbeat
+    from modelbus.workers.runner import Heartbeat
     beat = Heartbeat(event_store.client, event_store.keys, "w-1", ["install", "download"])
     beat.beat()
     try:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "diffusers", "transformers", "services.install", "services.load")
+HEAVY = ("torch", "diffusers", "transformers", "modelbus.services.install", "modelbus.services.load")
 
 
 def _imported_after(statement: str) -> list[str]:
@@ -28,7 +28,7 @@ def test_the_cli_and_the_client_import_nothing_heavy(statement: str, modelbus_en
 def test_the_install_bridge_still_comes_on_first_use(modelbus_env: dict[str, str]) -> None:
     # the lazy seam works: asking for the features imports the install service (and still no torch)
     found = _imported_after("from services.client import ModelBusClient; ModelBusClient().installs.installer")
-    assert "services.install" in found and "torch" not in found
+    assert "modelbus.services.install" in found and "torch" not in found
 
 
 def test_identifying_a_pickle_still_imports_torch(tmp_path, modelbus_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]

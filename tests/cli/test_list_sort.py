@@ -6,9 +6,9 @@ import json
 
 from typer.testing import CliRunner
 
-from services.cli import app
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.cli import app
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 
 

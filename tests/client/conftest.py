@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 
 
 def model_config(name: str = "tiny", path: str = "tiny.safetensors", **extra: Any) -> dict[str, Any]:

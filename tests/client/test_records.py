@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.client import ModelBusClient
-from services.records import DuplicateModelException, InvalidModelConfigException, UnknownModelException
+from modelbus.services.client import ModelBusClient
+from modelbus.services.records import (
+    DuplicateModelException,
+    InvalidModelConfigException,
+    UnknownModelException,
+)
 from tests.client.conftest import model_config, put_file
 
 

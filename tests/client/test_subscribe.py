@@ -11,11 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from events.embedded import find_redis_server, free_port
-from events.schema import InstallRequested
-from events.store import RedisEventStore
-from services.client import AsyncModelBusClient, Cursor, InvalidRequestError, ModelBusClient, UnavailableError
-from services.config import AppConfig
+from modelbus.events.embedded import find_redis_server, free_port
+from modelbus.events.schema import InstallRequested
+from modelbus.events.store import RedisEventStore
+from modelbus.services.client import (
+    AsyncModelBusClient,
+    Cursor,
+    InvalidRequestError,
+    ModelBusClient,
+    UnavailableError,
+)
+from modelbus.services.config import AppConfig
 from tests.fixtures.activity import download_payload, load_payload
 from tests.waiting import wait_until
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import AppConfig, ConfigError, parse_size
+from modelbus.services.config import AppConfig, ConfigError, parse_size
 
 
 def test_defaults_and_relative_paths_resolve_against_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

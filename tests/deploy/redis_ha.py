@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from events.embedded import free_port
+from modelbus.events.embedded import free_port
 from tests.waiting import wait_until
 
 SERVICE = "mymaster"

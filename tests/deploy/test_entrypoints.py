@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from events.embedded import free_port
+from modelbus.events.embedded import free_port
 from tests.waiting import wait_until
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

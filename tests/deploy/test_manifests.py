@@ -17,14 +17,14 @@ import redis
 import yaml
 from rq import Queue
 
-from events.embedded import free_port
-from events.keys import QUEUES, Keys
+from modelbus.events.embedded import free_port
+from modelbus.events.keys import QUEUES, Keys
+from modelbus.workers.runner import parse_queues
 from tests.record_configs import record_config
-from workers.runner import parse_queues
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
-WORKER_RE = re.compile(r"-m\s+workers\b(?P<rest>[^\n\"'`\]]*)")
+WORKER_RE = re.compile(r"-m\s+modelbus\.workers\b(?P<rest>[^\n\"'`\]]*)")
 QUEUES_RE = re.compile(r"--queues[=\s]+(?P<queues>[^\s\"'`),\]]+(?:,[^\s\"'`),\]]+)*)")
 
 
@@ -88,7 +88,7 @@ def test_compose_runs_the_api_and_every_worker_kind(name: str) -> None:
             kinds[queues] = svc_name
         assert "${" not in svc.get("image", "") or "MODELBUS_IMAGE" in svc["image"]
     assert set(kinds) == set(QUEUES)
-    assert "services.api:create_app --factory" in " ".join(services["api"]["command"])
+    assert "modelbus.services.api:create_app --factory" in " ".join(services["api"]["command"])
     gpu = services[kinds["gpu"]]
     assert "--device cuda:0" in " ".join(gpu["command"])
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
@@ -179,12 +179,12 @@ def test_systemd_units_stop_workers_warm() -> None:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read(DEPLOY / "systemd" / "modelbus-worker@.service")
     service = parser["Service"]
-    assert service["ExecStart"].endswith("-m workers --queues %I")
+    assert service["ExecStart"].endswith("-m modelbus.workers --queues %I")
     # SIGTERM to the worker only: its work horse must not be killed with it
     assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
     api = configparser.ConfigParser(strict=False, interpolation=None)
     api.read(DEPLOY / "systemd" / "modelbus-api.service")
-    assert "services.api:create_app --factory" in api["Service"]["ExecStart"]
+    assert "modelbus.services.api:create_app --factory" in api["Service"]["ExecStart"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not on PATH")
@@ -253,9 +253,9 @@ def test_acl_user_from_the_guide_can_run_modelbus(redis_url: str, namespace: str
     worker all work as that user, and a key outside its patterns is refused."""
     from rq import SimpleWorker
 
-    from events.connection import check_fit, connect
-    from events.schema import ModelAdded
-    from events.store import RedisEventStore
+    from modelbus.events.connection import check_fit, connect
+    from modelbus.events.schema import ModelAdded
+    from modelbus.events.store import RedisEventStore
 
     rule = next(line for line in (DEPLOY / "OPERATIONS.md").read_text().splitlines()
                 if line.startswith("ACL SETUSER modelbus "))

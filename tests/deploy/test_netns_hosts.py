@@ -2,7 +2,7 @@
 file server on the machine's side, installs published from the machine: nothing may rely on sharing
 127.0.0.1 with Redis or a server.
 
-Each host runs ``python -m workers`` twice (install+hash, download) inside its namespace, reaching Redis
+Each host runs ``python -m modelbus.workers`` twice (install+hash, download) inside its namespace, reaching Redis
 at its own veth address with a password, as a remote host would. The Redis listens on those addresses
 only (not on loopback), so a process that quietly fell back to 127.0.0.1 fails to connect. The models
 directory is shared through the filesystem (the stand-in for a shared volume); each host keeps its own
@@ -30,9 +30,9 @@ import redis
 from rq import Worker
 from rq.job import Job
 
-from events.schema import InstallStarted
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.events.schema import InstallStarted
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.fixtures.model_files import make_lora_kohya
 from tests.netns import Host, NetnsUnavailable, network_hosts
 from tests.servers import FileServer
@@ -134,7 +134,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
                 name = f"h{host.index}-{role}-{uuid.uuid4().hex[:4]}"
                 worker_host[name] = host.index
                 with (logs / f"{name}.log").open("wb") as log:  # the child keeps its own descriptor
-                    host.popen([sys.executable, "-m", "workers", "--queues", queues, "--name", name],
+                    host.popen([sys.executable, "-m", "modelbus.workers", "--queues", queues, "--name", name],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         # workers stop (warm) before the Redis they talk to does; the namespaces go last
         for host in reversed(hosts):
@@ -220,7 +220,7 @@ def test_a_host_without_redis_url_refuses_to_double_the_machines_embedded_redis(
     """A namespaced host sharing the machine's root but given no MODELBUS_REDIS_URL cannot reach the
     machine's embedded Redis (it listens on the machine's loopback): it must say so, not start a second
     server on the same data directory."""
-    from events.embedded import EmbeddedRedis
+    from modelbus.events.embedded import EmbeddedRedis
 
     root = tmp_path / "root"
     server = EmbeddedRedis.ensure(root)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from events.errors import EventStoreError
-from events.schema import ModelAdded
-from events.sentinel import (
+from modelbus.events.errors import EventStoreError
+from modelbus.events.schema import ModelAdded
+from modelbus.events.sentinel import (
     DEFAULT_SENTINEL_PORT,
     SentinelURLError,
     connect_sentinel,
@@ -24,7 +24,7 @@ from events.sentinel import (
     primary_address,
     redact,
 )
-from events.store import RedisEventStore
+from modelbus.events.store import RedisEventStore
 from tests.deploy.redis_ha import RedisHA, redis_server_binary
 from tests.record_configs import record_config
 from tests.waiting import wait_until

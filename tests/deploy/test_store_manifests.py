@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.store import parse_store_url
+from modelbus.services.store import parse_store_url
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

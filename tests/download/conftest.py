@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from services.config import AppConfig
-from services.download import DownloadQueueService, FetchOptions
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadQueueService, FetchOptions
 from tests.servers import CivitaiServer, FileServer, HFServer
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import structlog
 
-from services.config import AppConfig
-from services.download import DownloadJob, DownloadJobStatus, DownloadQueueService
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJob, DownloadJobStatus, DownloadQueueService
 from tests.servers import Fault, FileServer
 from tests.waiting import wait_until
 

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService
-from services.download.civitai import choose_file
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService
+from modelbus.services.download.civitai import choose_file
 from tests.servers import CivitaiServer
 
 from .conftest import fast_options
@@ -123,8 +123,8 @@ def test_choose_file_preferences() -> None:
 
 
 def test_metadata_by_hash(civ: CivitaiServer, dl_config: AppConfig) -> None:
-    from services.download.civitai import metadata_by_hash
-    from services.download.errors import MetadataError
+    from modelbus.services.download.civitai import metadata_by_hash
+    from modelbus.services.download.errors import MetadataError
 
     with httpx.Client() as client:
         meta = metadata_by_hash(client, hashlib.sha256(PICKLE).hexdigest(), civ.url, None, True)

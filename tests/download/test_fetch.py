@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService
 from tests.servers import Fault, FileServer
 
 from .conftest import Events, fast_options
@@ -150,8 +150,8 @@ def test_redirect_to_private_address_refused(dl_config: AppConfig, file_server: 
                                              tmp_path: Path) -> None:
     # the first hop is allowed by the pattern-free check only for private=True; use a public-looking
     # literal that redirects: we check the redirect hop itself by starting on an allowed origin
-    from services.download.errors import UnsafeURLError
-    from services.download.security import check_url
+    from modelbus.services.download.errors import UnsafeURLError
+    from modelbus.services.download.security import check_url
 
     # names are checked when connecting, against the addresses connected to (tests/hostile/test_download_ssrf.py)
     for bad in ("http://127.0.0.1/x", "http://10.1.2.3/x", "http://[::1]/x", "http://169.254.169.254/",

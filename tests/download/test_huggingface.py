@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService
-from services.download.huggingface import select_files
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService
+from modelbus.services.download.huggingface import select_files
 from tests.servers import HFServer
 
 from .conftest import fast_options

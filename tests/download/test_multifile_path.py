@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.download import DownloadJobStatus, DownloadQueueService, RemoteFile
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService, RemoteFile
 from tests.servers import FileServer
 
 DATA = os.urandom(200_000)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import AppConfig
-from services.download import CivitaiSource, HFSource, SourceSyntaxError, URLSource, parse_source
-from services.download.names import choose_filename, safe_relative_path, sanitize_filename
-from services.download.security import Credential, credential_for
+from modelbus.services.config import AppConfig
+from modelbus.services.download import CivitaiSource, HFSource, SourceSyntaxError, URLSource, parse_source
+from modelbus.services.download.names import choose_filename, safe_relative_path, sanitize_filename
+from modelbus.services.download.security import Credential, credential_for
 
 
 @pytest.mark.parametrize("text,expected", [

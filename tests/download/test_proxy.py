@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from services.config import AppConfig, ConfigError
-from services.download import DownloadJobStatus, DownloadQueueService
-from services.download.errors import ProxyUnavailableError
+from modelbus.services.config import AppConfig, ConfigError
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService
+from modelbus.services.download.errors import ProxyUnavailableError
+from modelbus.workers.install import http_client
 from tests.servers import FileServer, HFServer
-from workers.install import http_client
 
 from .conftest import fast_options
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService, RemoteFile, UnsafePathError
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService, RemoteFile, UnsafePathError
 from tests.servers import Fault, FileServer
 
 from .conftest import Events, fast_options
@@ -130,8 +130,8 @@ def test_stopped_service_resumes_in_a_new_one(dl_config: AppConfig, file_server:
 _CHILD = """
 import sys
 from pathlib import Path
-from services.config import AppConfig
-from services.download import DownloadQueueService, FetchOptions
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadQueueService, FetchOptions
 cfg = AppConfig.load(allow_private_downloads=True, download_stall_timeout=60)
 with DownloadQueueService(1, cfg, options=FetchOptions.from_config(cfg, min_part_size=64 << 10,
                                                                    state_interval=0.05)) as svc:
@@ -218,7 +218,7 @@ def test_progress_events_are_throttled(service: DownloadQueueService, file_serve
 
 
 def test_bad_source_is_refused_at_submit(service: DownloadQueueService, tmp_path: Path) -> None:
-    from services.download import SourceSyntaxError
+    from modelbus.services.download import SourceSyntaxError
 
     with pytest.raises(SourceSyntaxError, match="not a download source"):
         service.download("just some words", tmp_path)
@@ -269,7 +269,7 @@ def test_json_where_a_model_was_expected(service: DownloadQueueService, file_ser
 
 
 def test_public_api() -> None:
-    import services.download as api
+    import modelbus.services.download as api
 
     assert sorted(api.__all__) == api.__all__
     assert all(hasattr(api, name) for name in api.__all__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.config import AppConfig
-from services.download import DownloadJobStatus, DownloadQueueService
-from services.download.transport import MAX_REDIRECTS
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService
+from modelbus.services.download.transport import MAX_REDIRECTS
 from tests.servers import FileServer
 from tests.waiting import wait_until
 

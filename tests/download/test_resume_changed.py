@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.download import DownloadJobStatus, DownloadQueueService, RemoteFile
+from modelbus.services.download import DownloadJobStatus, DownloadQueueService, RemoteFile
 from tests.servers import Fault, FileServer
 
 OLD = os.urandom(800_000)

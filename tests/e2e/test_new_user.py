@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from services.client import Cursor
+from modelbus.services.client import Cursor
 from tests.api.test_events_sse import read_events
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 from tests.servers import HFServer

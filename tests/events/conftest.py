@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from events.store import EventStore
+from modelbus.events.store import EventStore
 
 
 @pytest.fixture()

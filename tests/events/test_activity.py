@@ -7,9 +7,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from events.codec import encode
-from events.errors import InvalidEventError
-from events.schema import (
+from modelbus.events.codec import encode
+from modelbus.events.errors import InvalidEventError
+from modelbus.events.schema import (
     ACTIVITY_ADAPTER,
     ACTIVITY_KINDS,
     Activity,
@@ -18,7 +18,7 @@ from events.schema import (
     ModelLoadCompleted,
     activity,
 )
-from events.store import RedisEventStore
+from modelbus.events.store import RedisEventStore
 from tests.fixtures.activity import load_payload
 
 

@@ -9,12 +9,12 @@ import pkgutil
 
 import pytest
 
-from events.errors import KIND_CLASSES, Kind, ModelbusError, Unavailable
-from services.api.errors import STATUS, status_of
-from services.cli.errors import EXIT_CODES, exit_code
-from services.install.steps import RETRIED_KINDS, is_final
+from modelbus.events.errors import KIND_CLASSES, Kind, ModelbusError, Unavailable
+from modelbus.services.api.errors import STATUS, status_of
+from modelbus.services.cli.errors import EXIT_CODES, exit_code
+from modelbus.services.install.steps import RETRIED_KINDS, is_final
 
-PACKAGES = ("events", "services", "workers")
+PACKAGES = ("modelbus.events", "modelbus.services", "modelbus.workers")
 
 
 def _modules() -> list[str]:

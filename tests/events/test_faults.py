@@ -17,17 +17,17 @@ import orjson
 import pytest
 import redis
 
-from events.embedded import EmbeddedRedis
-from events.errors import EmbeddedRedisError, StoreUnavailableError
-from events.schema import ModelAdded
-from events.store import RedisEventStore
+from modelbus.events.embedded import EmbeddedRedis
+from modelbus.events.errors import EmbeddedRedisError, StoreUnavailableError
+from modelbus.events.schema import ModelAdded
+from modelbus.events.store import RedisEventStore
 from tests.record_configs import record_config
 
 RACER = textwrap.dedent("""
     import sys, time
-    from events.store import RedisEventStore
-    from events.schema import ModelAdded
-    from events.errors import ConcurrencyError
+    from modelbus.events.store import RedisEventStore
+    from modelbus.events.schema import ModelAdded
+    from modelbus.events.errors import ConcurrencyError
     from tests.record_configs import record_config
     store = RedisEventStore.from_url(sys.argv[1], sys.argv[2])
     while time.time() < float(sys.argv[3]):
@@ -75,7 +75,7 @@ def test_subscriber_resumes_after_its_connection_is_killed(event_store: RedisEve
 
 CONSUMER = textwrap.dedent("""
     import sys, time
-    from events.store import RedisEventStore
+    from modelbus.events.store import RedisEventStore
     store = RedisEventStore.from_url(sys.argv[1], sys.argv[2])
     got = store.read_group("g", "doomed", count=5, block_ms=2000)
     print(len(got), flush=True)
@@ -138,7 +138,7 @@ def test_a_redis_that_could_evict_is_refused(tmp_path: Path) -> None:
     server = EmbeddedRedis.ensure(tmp_path)
     try:
         redis.Redis.from_url(server.url).config_set("maxmemory-policy", "allkeys-lru")
-        from events.connection import resolve_redis_url
+        from modelbus.events.connection import resolve_redis_url
 
         class Cfg:
             redis_url = server.url
@@ -152,8 +152,8 @@ def test_a_redis_that_could_evict_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_configured_redis_that_does_not_answer_is_named(tmp_path: Path) -> None:
-    from events.connection import resolve_redis_url
-    from events.embedded import free_port
+    from modelbus.events.connection import resolve_redis_url
+    from modelbus.events.embedded import free_port
 
     class Cfg:
         redis_url = f"redis://user:secret@127.0.0.1:{free_port()}/0"
@@ -174,7 +174,7 @@ def _record(data_dir: Path, **fields: object) -> None:
 def test_an_embedded_redis_of_another_host_is_never_doubled(tmp_path: Path) -> None:
     """A root shared with another host (NFS, a volume) whose embedded Redis we cannot reach: refused, since a
     second server on the same data directory would write one AOF from two servers."""
-    from events.embedded import free_port
+    from modelbus.events.embedded import free_port
 
     data_dir = tmp_path / "redis"
     _record(data_dir, url=f"redis://127.0.0.1:{free_port()}/0", pid=1, host="some-other-host", boot="x")
@@ -185,7 +185,7 @@ def test_an_embedded_redis_of_another_host_is_never_doubled(tmp_path: Path) -> N
 
 def test_a_running_but_unreachable_embedded_redis_is_not_doubled(tmp_path: Path) -> None:
     """Same host, the recorded server alive but not answering at its URL (another network namespace)."""
-    from events.embedded import _boot_id, free_port
+    from modelbus.events.embedded import _boot_id, free_port
 
     server = EmbeddedRedis.ensure(tmp_path / "first")
     try:
@@ -200,7 +200,7 @@ def test_a_running_but_unreachable_embedded_redis_is_not_doubled(tmp_path: Path)
 
 
 def test_a_stale_record_of_a_dead_server_is_replaced(tmp_path: Path) -> None:
-    from events.embedded import _boot_id, free_port
+    from modelbus.events.embedded import _boot_id, free_port
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

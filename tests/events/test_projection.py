@@ -6,9 +6,9 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from events.projection import ProjectionRunner
-from events.schema import ModelAdded, ModelRemoved
-from events.store import EventStore, StoredEvent
+from modelbus.events.projection import ProjectionRunner
+from modelbus.events.schema import ModelAdded, ModelRemoved
+from modelbus.events.store import EventStore, StoredEvent
 from tests.record_configs import record_config
 
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
-from events.schema import Activity, DownloadProgress, ModelAdded, ModelRemoved, ModelUpdated
-from events.store import EventStore, InMemoryEventStore, RedisEventStore
+from modelbus.events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
+from modelbus.events.schema import Activity, DownloadProgress, ModelAdded, ModelRemoved, ModelUpdated
+from modelbus.events.store import EventStore, InMemoryEventStore, RedisEventStore
 from tests.fixtures.activity import download_payload, load_payload
 from tests.record_configs import record_config
 
@@ -133,7 +133,7 @@ def test_redis_keys_share_one_hash_tag(event_store: RedisEventStore) -> None:
 # --- quarantine (events.validation): the same on both stores ---------------------------------------
 
 def test_appends_are_checked_before_they_run(store: EventStore) -> None:
-    from events.errors import InvalidEventError
+    from modelbus.events.errors import InvalidEventError
 
     with pytest.raises(InvalidEventError, match="base_model"):
         store.append([ModelAdded(aggregate_id="a", config={**record_config("a"), "base_model": None})])
@@ -146,7 +146,7 @@ def test_appends_are_checked_before_they_run(store: EventStore) -> None:
 
 
 def test_a_refusal_is_recorded_once_however_many_readers(store: EventStore) -> None:
-    from events.validation import Refusal
+    from modelbus.events.validation import Refusal
 
     refusal = Refusal("5-0", "ModelRemoved", "k", 1, "aggregate version 1 repeats the current version 1")
     readers = [store] * 4 if isinstance(store, InMemoryEventStore) else \

@@ -7,11 +7,11 @@ from typing import Any
 import orjson
 import pytest
 
-from events import schema
-from events.codec import decode
-from events.errors import EventDecodeError
-from events.schema import ModelRenamed
-from events.store import RedisEventStore
+from modelbus.events import schema
+from modelbus.events.codec import decode
+from modelbus.events.errors import EventDecodeError
+from modelbus.events.schema import ModelRenamed
+from modelbus.events.store import RedisEventStore
 
 
 def _v1_rename(body: dict[str, Any]) -> dict[str, Any]:

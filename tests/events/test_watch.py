@@ -11,9 +11,9 @@ import pytest
 import redis
 import structlog
 
-from events.schema import ModelAdded
-from events.store import EventStore, RedisEventStore
-from events.watch import WATCH_CLIENT_NAME, LogWatch, RedisLogWatch
+from modelbus.events.schema import ModelAdded
+from modelbus.events.store import EventStore, RedisEventStore
+from modelbus.events.watch import WATCH_CLIENT_NAME, LogWatch, RedisLogWatch
 from tests.fixtures.activity import load_payload
 from tests.record_configs import record_config
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from events.store import RedisEventStore
-from events.workers import (
+from modelbus.events.store import RedisEventStore
+from modelbus.events.workers import (
     CachedModel,
     WorkerState,
     list_workers,
@@ -14,7 +14,7 @@ from events.workers import (
     read_worker_states,
     remove_worker_state,
 )
-from services.routing import choose_gpu_worker, worker_states
+from modelbus.services.routing import choose_gpu_worker, worker_states
 
 
 def _state(worker_id: str, *, models: tuple[str, ...] = (), vram_free: int | None = None,

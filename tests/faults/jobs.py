@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from events.keys import Keys
+from modelbus.events.keys import Keys
 from tests.install.conftest import Bus
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from events.embedded import find_redis_server, free_port
+from modelbus.events.embedded import find_redis_server, free_port
 
 
 @dataclass

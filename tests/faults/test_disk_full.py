@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from events.schema import ModelAdded
-from services.install import InstallStatus
-from services.install.placement import staging_dir
+from modelbus.events.schema import ModelAdded
+from modelbus.services.install import InstallStatus
+from modelbus.services.install.placement import staging_dir
 from tests.install.conftest import Bus, _bus, make_service
 from tests.servers import Fault
 from tests.waiting import wait_until

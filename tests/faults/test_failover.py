@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from events.sentinel import connect_sentinel
-from events.store import RedisEventStore
+from modelbus.events.sentinel import connect_sentinel
+from modelbus.events.store import RedisEventStore
 from tests.deploy.redis_ha import Node, RedisHA, redis_server_binary
 from tests.faults.test_redis_outages import PER_WRITER, WRITERS, Subscriber, Writer, run_through_fault, tally
 

@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from events.keys import Keys
-from services.api import create_app
-from services.config import AppConfig
+from modelbus.events.keys import Keys
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
 from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def start_worker(modelbus_env: dict[str, str], tmp_path: Path) -> Iterator:  # t
 
     def start(queues: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker-{queues}.log").open("wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "workers", "--queues", queues], cwd=REPO_ROOT,
+        procs.append(subprocess.Popen([sys.executable, "-m", "modelbus.workers", "--queues", queues], cwd=REPO_ROOT,
                                       env={**os.environ, **modelbus_env}, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
         return procs[-1]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from services.install import InstallStatus
-from services.install.placement import staging_dir
+from modelbus.services.install import InstallStatus
+from modelbus.services.install.placement import staging_dir
 from tests.faults.jobs import alive, children, count_in_logs, lease_token, log_of, registered, stop
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import Bus, make_service

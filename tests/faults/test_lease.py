@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from events.keys import Keys
-from services.download.errors import PartialBusyError
-from services.download.partial import lock_partial
+from modelbus.events.keys import Keys
+from modelbus.services.download.errors import PartialBusyError
+from modelbus.services.download.partial import lock_partial
+from modelbus.workers.errors import LeaseLostError
+from modelbus.workers.lease import Lease
 from tests.faults.redis_proc import PrivateRedis
 from tests.waiting import wait_until
-from workers.errors import LeaseLostError
-from workers.lease import Lease
 
 
 def _lease(client: redis.Redis, namespace: str, holder: str, ttl: float = 8.0) -> Lease:
@@ -142,8 +142,8 @@ def test_the_maintenance_lock_of_a_worker_that_dies_holding_it_lapses_soon(redis
     (and so the hand-on of dead workers' jobs) for a quarter hour. Ours lapses in MAINTENANCE_LOCK_TTL."""
     from rq import Queue
 
-    from workers import defaults
-    from workers.runner import _maintenance_lock
+    from modelbus.workers import defaults
+    from modelbus.workers.runner import _maintenance_lock
 
     queue = Queue(Keys(namespace).queue("download"), connection=redis.Redis.from_url(redis_url))
     assert _maintenance_lock(queue) and not _maintenance_lock(queue)  # exclusive, with RQ's own pass too

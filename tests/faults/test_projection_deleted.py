@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.records import ModelRecordServiceBase
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelRecordServiceBase
 
 
 def _config(n: int) -> dict[str, Any]:

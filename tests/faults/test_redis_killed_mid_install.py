@@ -8,9 +8,9 @@ import signal
 import time
 from pathlib import Path
 
-from events.schema import ModelAdded
-from services.install import InstallStatus
-from services.install.placement import staging_dir
+from modelbus.events.schema import ModelAdded
+from modelbus.services.install import InstallStatus
+from modelbus.services.install.placement import staging_dir
 from tests.faults.redis_proc import PrivateRedis
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import _bus, make_service

@@ -19,10 +19,10 @@ from typing import TypeVar
 
 import pytest
 
-from events.schema import ModelAdded
-from events.store import RedisEventStore, StoredEvent
-from services.config import AppConfig
-from services.records import ModelRecordServiceSQL
+from modelbus.events.schema import ModelAdded
+from modelbus.events.store import RedisEventStore, StoredEvent
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelRecordServiceSQL
 from tests.faults.redis_proc import PrivateRedis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -18,11 +18,11 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
-from events.keys import Keys
-from events.store import RedisEventStore
-from services.client import ModelBusClient
-from services.config import AppConfig
-from services.install import InstallStatus, ModelInstallService
+from modelbus.events.keys import Keys
+from modelbus.events.store import RedisEventStore
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
+from modelbus.services.install import InstallStatus, ModelInstallService
 from tests.faults.jobs import registered, stop
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import Bus, _bus, make_service
@@ -114,8 +114,8 @@ def test_two_namespaces_on_one_redis_never_see_each_other(redis_url: str, tmp_pa
 def test_a_command_id_taken_in_another_namespace_is_refused(redis_url: str, tmp_path: Path) -> None:
     """RQ's job keys are global: B reusing A's command id would overwrite A's RQ job (its access token
     included). B's command is refused, naming the reason, and A's job is untouched."""
-    from services.install.commands import InstallCommand, submit
-    from services.install.errors import CommandIdTakenError
+    from modelbus.services.install.commands import InstallCommand, submit
+    from modelbus.services.install.errors import CommandIdTakenError
 
     model = write_checkpoint(tmp_path / "shared_id_lora.safetensors", lora_kohya_shapes("sd-1", 8))
     stores = []

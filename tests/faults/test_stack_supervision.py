@@ -22,8 +22,8 @@ import orjson
 import pytest
 import redis
 
-from events.keys import Keys
-from events.store import RedisEventStore
+from modelbus.events.keys import Keys
+from modelbus.events.store import RedisEventStore
 from tests.fixtures.activity import load_payload
 from tests.waiting import wait_until
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.client import ModelBusClient
-from services.install import ModelInstallService
+from modelbus.services.client import ModelBusClient
+from modelbus.services.install import ModelInstallService
 from tests.fixtures.model_files import lora_kohya_shapes, make_sparse_safetensors
 from tests.install.conftest import make_service
 from tests.servers.s3_server import S3Server

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from rq.registry import StartedJobRegistry
 
-from events.keys import Keys
-from services.install import InstallStatus
-from services.store import parse_store_url
-from services.store.s3 import S3BlobStore
+from modelbus.events.keys import Keys
+from modelbus.services.install import InstallStatus
+from modelbus.services.store import parse_store_url
+from modelbus.services.store.s3 import S3BlobStore
 from tests.fixtures.model_files import lora_kohya_shapes, make_sparse_safetensors
 from tests.install.conftest import _bus, make_service
 from tests.servers.s3_server import CREDENTIALS, S3Server

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rq.job import Job
 
-from services.install import InstallStatus
+from modelbus.services.install import InstallStatus
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import Bus, make_service
 from tests.servers import Fault

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from rq.registry import StartedJobRegistry
 
-from events.keys import Keys
-from events.schema import ModelAdded
-from services.install import InstallStatus
-from services.install.placement import staging_dir
+from modelbus.events.keys import Keys
+from modelbus.events.schema import ModelAdded
+from modelbus.services.install import InstallStatus
+from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import Bus, make_service
 from tests.servers import Fault
@@ -125,7 +125,7 @@ def test_same_install_command_delivered_twice(idle_bus: Bus, tmp_path: Path) -> 
     delivered again (as a requeue after a lost acknowledgement would): one job, one record."""
     import threading
 
-    from services.install.commands import enqueue_install
+    from modelbus.services.install.commands import enqueue_install
 
     bus = idle_bus
     services = [make_service(bus), make_service(bus)]

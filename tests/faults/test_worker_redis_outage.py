@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from services.install import InstallStatus
+from modelbus.services.install import InstallStatus
+from modelbus.workers import defaults
 from tests.faults.jobs import count_in_logs
 from tests.faults.redis_proc import PrivateRedis
 from tests.fixtures.model_files import lora_kohya_shapes, write_checkpoint
 from tests.install.conftest import Bus, _bus, make_service
 from tests.servers import Fault
 from tests.waiting import wait_until
-from workers import defaults
 
 LONG = defaults.WORKER_TTL + 10  # s; longer than the worker's TTL, the job's heartbeat TTL and the lease
 

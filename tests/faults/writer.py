@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from events.logs import configure_logging
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.records import ModelRecordServiceSQL
+from modelbus.events.logs import configure_logging
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelRecordServiceSQL
 
 
 def config_for(key: str) -> dict[str, str]:

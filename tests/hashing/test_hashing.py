@@ -11,7 +11,7 @@ import blake3
 import imohash
 import pytest
 
-from services.hashing import HashingError, content_hash, model_key, sha256_file
+from modelbus.services.hashing import HashingError, content_hash, model_key, sha256_file
 from tests.fixtures import make_sparse_safetensors
 
 MIB = 1 << 20

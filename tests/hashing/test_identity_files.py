@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from services.hashing import HashingError, content_hash, content_hash_and_files, is_model_file, model_key
+from modelbus.services.hashing import (
+    HashingError,
+    content_hash,
+    content_hash_and_files,
+    is_model_file,
+    model_key,
+)
 
 MODEL = {
     "model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',

@@ -1,4 +1,4 @@
-"""The API in a process of its own (``python -m uvicorn services.api:create_app --factory``, as ``modelbus up``
+"""The API in a process of its own (``python -m uvicorn modelbus.services.api:create_app --factory``, as ``modelbus up``
 runs it), so that a test can measure what a request costs it (resident memory, via psutil), and a client
 that streams a body far larger than any limit, generated as it is sent, reading the answer as soon as
 the server gives one."""
@@ -58,7 +58,7 @@ def api_process(env: dict[str, str], logs: Path, **settings: str) -> Iterator[Ap
     full.update({f"MODELBUS_API_{k.upper()}": v for k, v in settings.items()})
     log = logs / f"api-{port}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "services.api:create_app", "--factory",
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "modelbus.services.api:create_app", "--factory",
                                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                                 cwd=REPO_ROOT, env=full, stdout=out, stderr=subprocess.STDOUT)
     api = ApiProcess(proc, port, log)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import AppConfig
+from modelbus.services.config import AppConfig
 
 
 @pytest.fixture()

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from services.api import create_app
-from services.config import AppConfig
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
 from tests.api.conftest import serve
 from tests.client.conftest import model_config, put_file
 from tests.waiting import wait_until
@@ -39,7 +39,7 @@ def api(config: AppConfig, **changes: Any) -> Iterator[tuple[httpx.Client, int]]
 
 
 def _seed(config: AppConfig) -> None:
-    from services.client import ModelBusClient
+    from modelbus.services.client import ModelBusClient
     put_file(config, "m.safetensors")
     with ModelBusClient(config) as client:
         client.add_model("k1", model_config("seed", "m.safetensors"))

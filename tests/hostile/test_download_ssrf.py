@@ -16,10 +16,10 @@ import httpcore
 import httpx
 import pytest
 
-from services.config import AppConfig
-from services.download.errors import DownloadError, UnresolvableHostError, UnsafeURLError
-from services.download.network import PinnedBackend, download_client
-from services.download.transport import open_stream
+from modelbus.services.config import AppConfig
+from modelbus.services.download.errors import DownloadError, UnresolvableHostError, UnsafeURLError
+from modelbus.services.download.network import PinnedBackend, download_client
+from modelbus.services.download.transport import open_stream
 from tests.hostile.test_servers import _download
 from tests.servers import FileServer
 

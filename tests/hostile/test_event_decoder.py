@@ -15,11 +15,11 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events.codec import decode, encode
-from events.errors import EventDecodeError
-from events.projection import ProjectionRunner
-from events.schema import EVENT_TYPES, Event, InstallFailed, ModelAdded, ModelRenamed
-from events.store import RedisEventStore, StoredEvent
+from modelbus.events.codec import decode, encode
+from modelbus.events.errors import EventDecodeError
+from modelbus.events.projection import ProjectionRunner
+from modelbus.events.schema import EVENT_TYPES, Event, InstallFailed, ModelAdded, ModelRenamed
+from modelbus.events.store import RedisEventStore, StoredEvent
 from tests.record_configs import record_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -156,7 +156,7 @@ def test_readers_skip_and_report_injected_entries(event_store: RedisEventStore) 
 
 def test_projection_and_record_service_carry_on_past_injected_entries(app_config: Any,
                                                                       event_store: RedisEventStore) -> None:
-    from services.records import ModelRecordServiceSQL
+    from modelbus.services.records import ModelRecordServiceSQL
 
     client = redis.Redis.from_url(event_store.url or "")
     service = ModelRecordServiceSQL.from_db_file(app_config.root / "records.db", event_store, config=app_config)
@@ -198,7 +198,7 @@ class _Collect:
 
 
 def test_a_batch_of_malformed_entries_does_not_end_the_log(event_store: RedisEventStore) -> None:
-    from events import defaults
+    from modelbus.events import defaults
 
     client = redis.Redis.from_url(event_store.url or "")
     first = event_store.append([ModelAdded(aggregate_id="a", config=record_config("a"))]).positions
@@ -237,7 +237,7 @@ def test_a_malformed_tail_does_not_make_subscribers_spin(event_store: RedisEvent
 
 
 def test_subscriber_gets_past_a_long_run_of_malformed_entries(event_store: RedisEventStore) -> None:
-    from events import defaults
+    from modelbus.events import defaults
 
     client = redis.Redis.from_url(event_store.url or "")
     start = event_store.append([ModelAdded(aggregate_id="a", config=record_config("a"))]).positions[0]

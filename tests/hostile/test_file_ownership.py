@@ -19,13 +19,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from events.schema import FileEntry, ModelAdded, ModelUpdated
-from events.store import RedisEventStore
-from services.api import create_app
-from services.config import AppConfig
-from services.install import ModelInstallService
-from services.install.manifest import model_manifest, resolve_manifest
-from services.store import open_store
+from modelbus.events.schema import FileEntry, ModelAdded, ModelUpdated
+from modelbus.events.store import RedisEventStore
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
+from modelbus.services.install import ModelInstallService
+from modelbus.services.install.manifest import model_manifest, resolve_manifest
+from modelbus.services.store import open_store
 from tests.client.conftest import model_config, put_file
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 

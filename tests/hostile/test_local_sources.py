@@ -20,14 +20,14 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from events.schema import InstallRequested
-from services.api import create_app
-from services.cli import app as cli_app
-from services.install import InstallStatus, ModelInstallService
-from services.install.commands import enqueue_install
-from services.install.errors import InvalidCommandError, SourceForbiddenError
-from services.install.placement import copy_into, staging_dir
-from services.install.roots import import_area
+from modelbus.events.schema import InstallRequested
+from modelbus.services.api import create_app
+from modelbus.services.cli import app as cli_app
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.install.commands import enqueue_install
+from modelbus.services.install.errors import InvalidCommandError, SourceForbiddenError
+from modelbus.services.install.placement import copy_into, staging_dir
+from modelbus.services.install.roots import import_area
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 from tests.install.conftest import Bus, _bus, make_service
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from events.errors import InvalidInput, TooLarge
-from services.probe import inspect_pickle, safe_torch_load
-from services.probe.defaults import PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
-from services.probe.errors import PickleTooLargeError, UnsafeArchiveError
+from modelbus.events.errors import InvalidInput, TooLarge
+from modelbus.services.probe import inspect_pickle, safe_torch_load
+from modelbus.services.probe.defaults import PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
+from modelbus.services.probe.errors import PickleTooLargeError, UnsafeArchiveError
 from tests.fixtures import model_files as fx
 
 GIB = 1 << 30

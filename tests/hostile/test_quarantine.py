@@ -19,8 +19,8 @@ import structlog
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from events.errors import InvalidEventError
-from events.schema import (
+from modelbus.events.errors import InvalidEventError
+from modelbus.events.schema import (
     InstallCompleted,
     InstallRequested,
     ModelAdded,
@@ -28,15 +28,15 @@ from events.schema import (
     ModelRenamed,
     ModelUpdated,
 )
-from events.store import RedisEventStore
-from services.api import create_app
-from services.cli import app as cli_app
-from services.client import ModelBusClient
-from services.config import AppConfig
-from services.install import InstallStatus, ModelInstallService
-from services.install.jobs import load_job
-from services.records import ModelRecordServiceFile, ModelRecordServiceMemory, ModelRecordServiceSQL
-from services.records.service import ModelRecordServiceBase
+from modelbus.events.store import RedisEventStore
+from modelbus.services.api import create_app
+from modelbus.services.cli import app as cli_app
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.install.jobs import load_job
+from modelbus.services.records import ModelRecordServiceFile, ModelRecordServiceMemory, ModelRecordServiceSQL
+from modelbus.services.records.service import ModelRecordServiceBase
 from tests.api.conftest import app, live_api  # noqa: F401 - fixtures: the API on a real uvicorn server
 from tests.api.test_events_sse import read_events
 from tests.client.conftest import model_config, put_file

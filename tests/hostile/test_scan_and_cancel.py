@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from rq.job import Job
 
-from services.api import create_app
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.services.api import create_app
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.fixtures import model_files as fx
 from tests.waiting import wait_until
 

@@ -22,9 +22,9 @@ import httpx
 import pytest
 from fastapi import Request
 
-from events.logs import REDACTED, Scrubber
-from services.api import create_app
-from services.config import AppConfig
+from modelbus.events.logs import REDACTED, Scrubber
+from modelbus.services.api import create_app
+from modelbus.services.config import AppConfig
 from tests.api.conftest import serve
 from tests.fixtures.model_files import make_lora_kohya
 from tests.servers import FileServer, HFServer
@@ -114,9 +114,9 @@ class _Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = log.open("wb")
-        api = [sys.executable, "-m", "uvicorn", "services.api:create_app", "--factory", "--host", "127.0.0.1",
+        api = [sys.executable, "-m", "uvicorn", "modelbus.services.api:create_app", "--factory", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "debug"]
-        worker = [sys.executable, "-m", "workers", "--queues", "install,download,hash"]
+        worker = [sys.executable, "-m", "modelbus.workers", "--queues", "install,download,hash"]
         self.procs = [subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                        start_new_session=True) for cmd in (api, worker)]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.config import AppConfig
-from services.download import DownloadQueueService
+from modelbus.services.config import AppConfig
+from modelbus.services.download import DownloadQueueService
 from tests.download.conftest import fast_options
 from tests.servers import CivitaiServer, FileServer, HFServer
 from tests.servers.hf_server import RepoFileEntry

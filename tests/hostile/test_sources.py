@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.download.errors import SourceSyntaxError, UnsafePathError
-from services.download.names import choose_filename, safe_relative_path, sanitize_filename
-from services.download.sources import CivitaiSource, HFSource, URLSource, parse_source
+from modelbus.services.download.errors import SourceSyntaxError, UnsafePathError
+from modelbus.services.download.names import choose_filename, safe_relative_path, sanitize_filename
+from modelbus.services.download.sources import CivitaiSource, HFSource, URLSource, parse_source
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -1,5 +1,5 @@
 """Fixtures of the install tests: a bus (namespace + root + environment) shared by a module, with real
-worker processes (``python -m workers``) and real HTTP servers (files, Hugging Face, Civitai) on loopback.
+worker processes (``python -m modelbus.workers``) and real HTTP servers (files, Hugging Face, Civitai) on loopback.
 
 Starting a worker process costs seconds (it imports torch for identification), so a module shares
 one bus and its workers instead of starting burst workers per test; tests use distinct model files,
@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.install import ModelInstallService
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.install import ModelInstallService
 from tests.servers import CivitaiServer, FileServer, HFServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The job modules are imported once in the worker's main process, so the forked job processes inherit
 # them instead of importing torch again for every job (MODELBUS_TEST_PLAIN_WORKERS=1: plain
-# ``python -m workers``, which is correct but pays that import in every job).
+# ``python -m modelbus.workers``, which is correct but pays that import in every job).
 WORKER_MAIN = ("import sys, workers.install, workers.download, workers.hash; "
                "from workers.__main__ import main; sys.exit(main(sys.argv[1:]))")
 
@@ -59,7 +59,7 @@ class Bus:
     def start_worker(self, queues: str = "install,download,hash", burst: bool = False,
                      name: str | None = None) -> subprocess.Popen[bytes]:
         name = name or f"w-{uuid.uuid4().hex[:6]}"
-        entry = ["-m", "workers"] if os.environ.get("MODELBUS_TEST_PLAIN_WORKERS") else ["-c", WORKER_MAIN]
+        entry = ["-m", "modelbus.workers"] if os.environ.get("MODELBUS_TEST_PLAIN_WORKERS") else ["-c", WORKER_MAIN]
         cmd = [sys.executable, *entry, "--queues", queues, "--name", name]
         if burst:
             cmd.append("--burst")

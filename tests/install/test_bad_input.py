@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from rq.job import Job
 
-from services.install import InstallJob, InstallStatus, ModelInstallService
-from services.install.placement import staging_dir
+from modelbus.services.install import InstallJob, InstallStatus, ModelInstallService
+from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus
 from tests.servers import Fault
@@ -58,7 +58,7 @@ def test_each_bad_input_ends_in_error_and_leaves_nothing(bus: Bus, installer: Mo
 
 def test_a_missing_path_is_refused_at_submission_and_appends_nothing(bus: Bus, installer: ModelInstallService,
                                                                      tmp_path: Path) -> None:
-    from services.install.errors import InvalidSourceError
+    from modelbus.services.install.errors import InvalidSourceError
     store = installer.event_store
     head = store.head()
     with pytest.raises(InvalidSourceError, match="no such file"):
@@ -89,6 +89,6 @@ def _finished(client, rq_id: str) -> Job | None:  # type: ignore[no-untyped-def]
 
 
 def test_unknown_command_ids_are_refused(installer: ModelInstallService, tmp_path: Path) -> None:
-    from services.install import InvalidCommandError
+    from modelbus.services.install import InvalidCommandError
     with pytest.raises(InvalidCommandError, match="command id"):
         installer.heuristic_import(str(tmp_path), command_id="has spaces/and:colons")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.install import DuplicateInstallError, ModelInstallService
+from modelbus.services.install import DuplicateInstallError, ModelInstallService
 from tests.fixtures.model_files import make_lora_diffusers
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.install import InstallStatus, ModelInstallService
-from services.install.placement import staging_dir
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya, make_vae_checkpoint
 from tests.install.conftest import Bus
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from events.schema import (
+from modelbus.events.schema import (
     InstallCancelled,
     InstallCompleted,
     InstallDownloaded,
@@ -10,8 +10,8 @@ from events.schema import (
     InstallRequested,
     InstallStarted,
 )
-from events.store import InMemoryEventStore
-from services.install.jobs import InstallStatus, load_job, source_claim, transition, unless_ended
+from modelbus.events.store import InMemoryEventStore
+from modelbus.services.install.jobs import InstallStatus, load_job, source_claim, transition, unless_ended
 
 
 def _requested(store: InMemoryEventStore, job_id: str, source: str = "acme/repo") -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from events.store import RedisEventStore
-from services.install import DuplicateInstallError, ModelInstallService
-from services.records import InvalidModelConfigException, UnknownModelException
+from modelbus.events.store import RedisEventStore
+from modelbus.services.install import DuplicateInstallError, ModelInstallService
+from modelbus.services.records import InvalidModelConfigException, UnknownModelException
 from tests.fixtures.model_files import make_lora_kohya, make_textual_inversion, make_vae_checkpoint
 
 

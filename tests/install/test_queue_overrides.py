@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.install import InstallStatus, ModelInstallService
+from modelbus.services.install import InstallStatus, ModelInstallService
 from tests.fixtures.model_files import make_lora_kohya, make_textual_inversion
 from tests.install.conftest import Bus
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.install import (
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.install import (
     DuplicateInstallError,
     InvalidSourceError,
     ModelIdentificationError,
     ModelInstallService,
 )
-from services.records import UnknownModelException
+from modelbus.services.records import UnknownModelException
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya, make_vae_checkpoint
 
 

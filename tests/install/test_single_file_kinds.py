@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.install import InstallStatus, ModelInstallService
-from services.records.models import (
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.records.models import (
     AnyModelConfigAdapter,
     ControlNetCheckpointConfig,
     MainCheckpointConfig,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rq.registry import StartedJobRegistry
 
-from events.keys import Keys
-from services.install import InstallStatus
-from services.install.placement import staging_dir
+from modelbus.events.keys import Keys
+from modelbus.services.install import InstallStatus
+from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus, make_service
 from tests.servers import Fault

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from services.config import AppConfig
-from services.load import ModelLoadService
-from services.records import ModelRecordServiceMemory
+from modelbus.services.config import AppConfig
+from modelbus.services.load import ModelLoadService
+from modelbus.services.records import ModelRecordServiceMemory
 from tests.fixtures import loadable as builders
 
 

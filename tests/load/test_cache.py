@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from services.load import Loaded, ModelCache, ModelTooLargeError
-from services.load.tensors import move_object, object_nbytes, tensor_slots
+from modelbus.services.load import Loaded, ModelCache, ModelTooLargeError
+from modelbus.services.load.tensors import move_object, object_nbytes, tensor_slots
 
 KB = 1000
 

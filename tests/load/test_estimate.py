@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.load import checkpoints
-from services.load.estimate import estimate_bytes
-from services.load.kit import LoadRequest
-from services.load.safetensors_fast import read_header
-from services.load.tensors import object_nbytes
-from services.records.enums import SubModelType
+from modelbus.services.load import checkpoints
+from modelbus.services.load.estimate import estimate_bytes
+from modelbus.services.load.kit import LoadRequest
+from modelbus.services.load.safetensors_fast import read_header
+from modelbus.services.load.tensors import object_nbytes
+from modelbus.services.records.enums import SubModelType
 from tests.fixtures import loadable as builders
 from tests.fixtures import transformer_files as probe
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from events.store import RedisEventStore
-from services import routing
-from services.client import ModelBusClient
-from services.config import AppConfig
+from modelbus.events.store import RedisEventStore
+from modelbus.services import routing
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
 from tests.fixtures import loadable as builders
 from tests.waiting import wait_until
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _start(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "workers", "--queues", "gpu", "--device", "cpu", "--name", name]
+    cmd = [sys.executable, "-m", "modelbus.workers", "--queues", "gpu", "--device", "cpu", "--name", name]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
 

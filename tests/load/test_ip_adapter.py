@@ -21,11 +21,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from services.load import InvalidModelException, ModelLoadService, UnsafeModelException
-from services.load.estimate import estimate_bytes
-from services.load.ip_adapters import IPAdapter, load_ip_adapter
-from services.load.kit import LoadRequest
-from services.load.tensors import move_object, object_nbytes
+from modelbus.services.load import InvalidModelException, ModelLoadService, UnsafeModelException
+from modelbus.services.load.estimate import estimate_bytes
+from modelbus.services.load.ip_adapters import IPAdapter, load_ip_adapter
+from modelbus.services.load.kit import LoadRequest
+from modelbus.services.load.tensors import move_object, object_nbytes
 from tests.fixtures import loadable as builders
 
 KINDS = ["ip_adapter", "ip_adapter_plus", "ip_adapter_full", "faceid", "faceid_plus"]

@@ -14,11 +14,16 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from services.load import ModelLoadService, checkpoints
-from services.load.kit import LoadRequest
-from services.load.safetensors_fast import empty_model
-from services.probe.result import legacy_config_path
-from services.records.enums import BaseModelType, ModelVariantType, SchedulerPredictionType, SubModelType
+from modelbus.services.load import ModelLoadService, checkpoints
+from modelbus.services.load.kit import LoadRequest
+from modelbus.services.load.safetensors_fast import empty_model
+from modelbus.services.probe.result import legacy_config_path
+from modelbus.services.records.enums import (
+    BaseModelType,
+    ModelVariantType,
+    SchedulerPredictionType,
+    SubModelType,
+)
 from tests.fixtures import loadable as builders
 
 EPS, V = "epsilon", "v_prediction"

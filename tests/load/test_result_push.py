@@ -11,8 +11,8 @@ import pytest
 import redis
 from rq import Queue
 
-from services import routing
-from services.config import AppConfig
+from modelbus.services import routing
+from modelbus.services.config import AppConfig
 
 
 def _counted(connection: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -9,8 +9,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from services.load import InvalidModelException, load_flat
-from services.load.safetensors_fast import assign_weights, empty_model, read_header
+from modelbus.services.load import InvalidModelException, load_flat
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model, read_header
 from tests.fixtures.loadable import UNET_CFG
 
 
@@ -48,7 +48,7 @@ def test_select_reads_only_chosen_tensors(tmp_path: Path) -> None:
 
 
 def test_multi_chunk_parallel_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("services.load.safetensors_fast.CHUNK_BYTES", 4096)  # force many chunks, many threads
+    monkeypatch.setattr("modelbus.services.load.safetensors_fast.CHUNK_BYTES", 4096)  # force many chunks, many threads
     sd = {f"t{i}": torch.randn(1000 + i) for i in range(20)}
     save_file(sd, str(tmp_path / "big.safetensors"))
     flat = load_flat(tmp_path / "big.safetensors")

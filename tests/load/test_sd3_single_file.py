@@ -20,10 +20,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-from services.load import InvalidModelException, ModelLoadService, checkpoints
-from services.load.estimate import estimate_bytes
-from services.load.kit import LoadRequest
-from services.records.enums import SubModelType
+from modelbus.services.load import InvalidModelException, ModelLoadService, checkpoints
+from modelbus.services.load.estimate import estimate_bytes
+from modelbus.services.load.kit import LoadRequest
+from modelbus.services.records.enums import SubModelType
 from tests.fixtures import loadable as builders
 from tests.fixtures import transformer_files as probe
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from services.load import (
+from modelbus.services.load import (
     InvalidModelException,
     ModelLoadService,
     ModelNotFoundException,
@@ -20,7 +20,7 @@ from services.load import (
     UnknownModelException,
     UnsafeModelException,
 )
-from services.records.enums import SubModelType
+from modelbus.services.records.enums import SubModelType
 from tests.fixtures import loadable as builders
 
 

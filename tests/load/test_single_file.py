@@ -14,10 +14,10 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from services.load import InvalidModelException, ModelLoadService, checkpoints
-from services.load.kit import LoadRequest
-from services.load.safetensors_fast import empty_model
-from services.records.enums import SubModelType
+from modelbus.services.load import InvalidModelException, ModelLoadService, checkpoints
+from modelbus.services.load.kit import LoadRequest
+from modelbus.services.load.safetensors_fast import empty_model
+from modelbus.services.records.enums import SubModelType
 from tests.fixtures import loadable as builders
 
 IDS = torch.tensor([[0, 5, 9, 3, 15, 1, 1, 1]])  # the largest id (15) is where OpenCLIP pools

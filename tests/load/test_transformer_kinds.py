@@ -23,10 +23,10 @@ from transformers import (
     T5EncoderModel,
 )
 
-from services.load import InvalidModelException, ModelLoadService, checkpoints, flux, kit, loaders
-from services.load.kit import LoadRequest
-from services.load.tensors import object_nbytes
-from services.records.enums import SubModelType
+from modelbus.services.load import InvalidModelException, ModelLoadService, checkpoints, flux, kit, loaders
+from modelbus.services.load.kit import LoadRequest
+from modelbus.services.load.tensors import object_nbytes
+from modelbus.services.records.enums import SubModelType
 from tests.fixtures import loadable as builders
 from tests.fixtures import transformer_files as probe
 from tests.fixtures.model_files import write_safetensors

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.probe import ProbeResult, probe
+from modelbus.services.probe import ProbeResult, probe
 from tests import fixtures as fx
 
 SD = "configs/stable-diffusion/"

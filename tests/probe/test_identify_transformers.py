@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.probe import ProbeResult, UnrecognizedFilesError, probe
+from modelbus.services.probe import ProbeResult, UnrecognizedFilesError, probe
 from tests import fixtures as fx
 from tests.fixtures import transformer_files as b
 from tests.fixtures.model_files import U, flux_checkpoint_shapes, sd3_checkpoint_shapes, write_safetensors

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import services.probe as probe_pkg
-from services.probe import (
+import modelbus.services.probe as probe_pkg
+from modelbus.services.probe import (
     CorruptModelError,
     InvalidOverrideError,
     ModelPathError,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.probe import (
+from modelbus.services.probe import (
     CorruptModelError,
     UnsafeModelError,
     inspect_pickle,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from services.probe import (
+from modelbus.services.probe import (
     CorruptModelError,
     ModelPathError,
     ProbeError,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from events.store import EventStore
-from services.config import AppConfig
-from services.records import (
+from modelbus.events.store import EventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import (
     ModelRecordServiceBase,
     ModelRecordServiceFile,
     ModelRecordServiceMemory,

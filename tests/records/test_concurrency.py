@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from events.store import RedisEventStore
-from services.config import AppConfig
-from services.records import ModelRecordServiceMemory, ModelRecordServiceSQL
+from modelbus.events.store import RedisEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelRecordServiceMemory, ModelRecordServiceSQL
 
 from .conftest import main_config
 
 RACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from services.config import AppConfig
-    from services.records import ModelRecordServiceSQL, DuplicateModelException
+    from modelbus.services.config import AppConfig
+    from modelbus.services.records import ModelRecordServiceSQL, DuplicateModelException
     root, index = Path(sys.argv[1]), sys.argv[2]
     service = ModelRecordServiceSQL.from_db_file(root / f"racer{index}.db", config=AppConfig.load())
     (root / f"ready{index}").touch()
@@ -119,8 +119,8 @@ def test_a_reader_sees_a_write_made_by_another_process(config: AppConfig, modelb
 
 WRITER = textwrap.dedent("""
     import sys
-    from services.config import AppConfig
-    from services.records import ModelRecordServiceBase
+    from modelbus.services.config import AppConfig
+    from modelbus.services.records import ModelRecordServiceBase
     service = ModelRecordServiceBase.open(AppConfig.load())
     for n in range(int(sys.argv[1])):
         service.add_model(f"w{n}", dict(name=f"w{n}", model_type="lora", model_format="lycoris",

@@ -8,10 +8,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events.codec import EventBody
-from events.store import BodyBatch
-from services.records.fold import resolve_path
-from services.records.memory_projection import MemoryProjection
+from modelbus.events.codec import EventBody
+from modelbus.events.store import BodyBatch
+from modelbus.services.records.fold import resolve_path
+from modelbus.services.records.memory_projection import MemoryProjection
 
 segments = st.lists(st.sampled_from(["", ".", "..", "a", ".a", "..b", "~", "x y", "é"]), min_size=1, max_size=6)
 

@@ -9,17 +9,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from events.store import InMemoryEventStore
-from services.config import AppConfig
-from services.hashing import model_key
-from services.records import (
+from modelbus.events.store import InMemoryEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.hashing import model_key
+from modelbus.services.records import (
     LoRALycorisConfig,
     MainCheckpointConfig,
     MainDiffusersConfig,
     ModelRecordServiceSQL,
     TextualInversionFileConfig,
 )
-from services.records.legacy import LegacyImportError, import_legacy_yaml
+from modelbus.services.records.legacy import LegacyImportError, import_legacy_yaml
 
 
 def _models(root: Path) -> Path:

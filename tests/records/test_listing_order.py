@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from services.records import InvalidModelConfigException, ModelConfigBase, ModelRecordServiceBase
-from services.records.projection import ORDER_FIELDS
+from modelbus.services.records import InvalidModelConfigException, ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.records.projection import ORDER_FIELDS
 
 MODELS = [  # (key, name, type, format, base): ties on every field, names equal but for case
     ("k1", "Beta", "lora", "lycoris", "sdxl"),

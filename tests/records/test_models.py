@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import TypeAdapter
 
-from services import records
-from services.records import (
+from modelbus.services import records
+from modelbus.services.records import (
     AnyModelConfig,
     BaseModelType,
     InvalidModelConfigException,
@@ -22,8 +22,8 @@ from services.records import (
     TextualInversionFolderConfig,
     VaeCheckpointConfig,
 )
-from services.records.models import CLASSES_BY_TAG
-from services.records.parsing import merge_update, parse_config
+from modelbus.services.records.models import CLASSES_BY_TAG
+from modelbus.services.records.parsing import merge_update, parse_config
 
 from .conftest import main_config
 

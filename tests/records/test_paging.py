@@ -16,17 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events.codec import EventBody
-from events.store import BodyBatch, InMemoryEventStore
-from services.config import AppConfig
-from services.records import ModelRecordServiceBase, ModelRecordServiceSQL
-from services.records.enums import BaseModelType, ModelType
-from services.records.errors import InvalidModelConfigException
-from services.records.memory_projection import MemoryProjection
-from services.records.models import ModelConfigBase
-from services.records.projection import RecordProjection
-from services.records.sql_projection import SQLProjection
-from services.records.yaml_projection import YamlProjection
+from modelbus.events.codec import EventBody
+from modelbus.events.store import BodyBatch, InMemoryEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import ModelRecordServiceBase, ModelRecordServiceSQL
+from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.errors import InvalidModelConfigException
+from modelbus.services.records.memory_projection import MemoryProjection
+from modelbus.services.records.models import ModelConfigBase
+from modelbus.services.records.projection import RecordProjection
+from modelbus.services.records.sql_projection import SQLProjection
+from modelbus.services.records.yaml_projection import YamlProjection
 
 from .conftest import BACKENDS, ServiceFactory, main_config, vae_config
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from events.store import EventStore
-from services.records import (
+from modelbus.events.store import EventStore
+from modelbus.services.records import (
     BaseModelType,
     DuplicateModelException,
     InvalidModelConfigException,
@@ -17,7 +17,7 @@ from services.records import (
     UnknownModelException,
     VaeCheckpointConfig,
 )
-from services.records.models import LoRALycorisConfig
+from modelbus.services.records.models import LoRALycorisConfig
 
 from .conftest import main_config, vae_config
 

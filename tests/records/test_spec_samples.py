@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import TypeAdapter
 
-from events.store import EventStore, InMemoryEventStore
-from services.config import AppConfig
-from services.records import (
+from modelbus.events.store import EventStore, InMemoryEventStore
+from modelbus.services.config import AppConfig
+from modelbus.services.records import (
     AnyModelConfig,
     InvalidModelConfigException,
     IPAdapterConfig,
@@ -24,7 +24,7 @@ from services.records import (
     ModelRecordServiceSQL,
     ModelType,
 )
-from services.records import models as config_module
+from modelbus.services.records import models as config_module
 
 from .conftest import main_config, vae_config
 

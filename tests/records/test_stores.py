@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 import yaml
 
-from events import defaults as event_defaults
-from events.errors import StoreUnavailableError
-from events.store import InMemoryEventStore, StoredEvent
-from services.config import AppConfig
-from services.records import (
+from modelbus.events import defaults as event_defaults
+from modelbus.events.errors import StoreUnavailableError
+from modelbus.events.store import InMemoryEventStore, StoredEvent
+from modelbus.services.config import AppConfig
+from modelbus.services.records import (
     ModelRecordServiceBase,
     ModelRecordServiceFile,
     ModelRecordServiceSQL,
 )
-from services.records.errors import EventLogError
-from services.records.rebuild import rebuild
+from modelbus.services.records.errors import EventLogError
+from modelbus.services.records.rebuild import rebuild
 
 from .conftest import main_config
 
@@ -301,9 +301,9 @@ def test_rebuild_by_configuration(config: AppConfig, log: InMemoryEventStore) ->
 
 
 def test_an_unreachable_log_is_our_error(tmp_path: Path, config: AppConfig) -> None:
-    from events.embedded import free_port
-    from events.store import RedisEventStore
-    from services.records.errors import EventLogError, RecordServiceError
+    from modelbus.events.embedded import free_port
+    from modelbus.events.store import RedisEventStore
+    from modelbus.services.records.errors import EventLogError, RecordServiceError
 
     dead = RedisEventStore.from_url(f"redis://127.0.0.1:{free_port()}/0", "dead", retry_deadline=0.2)
     with pytest.raises(EventLogError, match="opening the record projection") as info:

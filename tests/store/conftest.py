@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.store import BlobStore, FileBlobStore, parse_store_url
-from services.store.s3 import S3BlobStore
+from modelbus.services.store import BlobStore, FileBlobStore, parse_store_url
+from modelbus.services.store.s3 import S3BlobStore
 from tests.servers.s3_server import CREDENTIALS, S3Server
 
 PART = 5 << 20  # S3's smallest multipart part: a 12 MiB blob goes up (and comes down) in three parts

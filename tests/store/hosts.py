@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from events.schema import ModelAdded
-from services.client import ModelBusClient
-from services.install import InstallStatus, ModelInstallService
-from services.store import parse_store_url
-from services.store.s3 import S3BlobStore
+from modelbus.events.schema import ModelAdded
+from modelbus.services.client import ModelBusClient
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.store import parse_store_url
+from modelbus.services.store.s3 import S3BlobStore
 from tests.install.conftest import REPO_ROOT, Bus, _bus
 from tests.servers.s3_server import CREDENTIALS, S3Server
 from tests.waiting import wait_until
@@ -40,7 +40,7 @@ class Hosts:
         return S3BlobStore(parse_store_url(config.store_url), endpoint_url=config.s3_endpoint_url)
 
     def start_gpu(self, name: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "workers", "--queues", "gpu", "--device", "cpu", "--name", name]
+        cmd = [sys.executable, "-m", "modelbus.workers", "--queues", "gpu", "--device", "cpu", "--name", name]
         log = (self.bus.logs / f"{name}.log").open("wb")
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **self.bus.env,
                                                          "MODELBUS_ROOT": str(self.root_b)},

@@ -11,11 +11,17 @@ from pathlib import Path
 import blake3
 import pytest
 
-from events.schema import FileEntry
-from services.store import BlobCorruptError, BlobMissingError, BlobStore, StoreConfigError, file_digest
-from services.store.maintenance import collect_garbage
-from services.store.publish import publish
-from services.store.s3 import S3BlobStore
+from modelbus.events.schema import FileEntry
+from modelbus.services.store import (
+    BlobCorruptError,
+    BlobMissingError,
+    BlobStore,
+    StoreConfigError,
+    file_digest,
+)
+from modelbus.services.store.maintenance import collect_garbage
+from modelbus.services.store.publish import publish
+from modelbus.services.store.s3 import S3BlobStore
 from tests.servers.s3_server import S3Server
 from tests.waiting import wait_until
 

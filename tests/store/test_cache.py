@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from events.schema import FileEntry
-from services.store import BlobCorruptError, BlobStore, CacheFullError, StoreConfigError, file_digest
-from services.store.cache import HostCache
-from services.store.s3 import S3BlobStore
+from modelbus.events.schema import FileEntry
+from modelbus.services.store import BlobCorruptError, BlobStore, CacheFullError, StoreConfigError, file_digest
+from modelbus.services.store.cache import HostCache
+from modelbus.services.store.s3 import S3BlobStore
 from tests.servers.s3_server import S3Server
 
 MiB = 1 << 20
@@ -157,8 +157,8 @@ def test_a_full_disk_evicts_then_fails_cleanly(blob_store: BlobStore, tmp_path: 
 
 
 def test_routing_prefers_vram_then_disk_then_free_vram() -> None:
-    from events.workers import CachedModel, WorkerState
-    from services.routing import choose_gpu_worker
+    from modelbus.events.workers import CachedModel, WorkerState
+    from modelbus.services.routing import choose_gpu_worker
 
     def state(worker_id: str, vram_free: int, disk: tuple[str, ...] = (), models: tuple[str, ...] = ()) -> WorkerState:
         return WorkerState(id=worker_id, host="h", pid=1, queues=("gpu",), time=0.0, vram_free=vram_free,
@@ -197,7 +197,7 @@ def test_two_hosts_fetching_one_blob_at_once_both_get_it_whole(blob_store: BlobS
 
 def test_a_store_that_is_down_fails_the_fetch_naming_it_and_lays_out_nothing(tmp_path: Path,
                                                                              aws_env: dict[str, str]) -> None:
-    from services.store import BlobStoreUnavailableError, parse_store_url
+    from modelbus.services.store import BlobStoreUnavailableError, parse_store_url
     from tests.servers.s3_server import free_port
     endpoint = f"http://127.0.0.1:{free_port()}"
     store = S3BlobStore(parse_store_url("s3://gone-bucket/fleet"), endpoint_url=endpoint, retries=1)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from events.schema import ModelFetchCompleted, ModelFetchStarted
-from services import routing
-from services.client import ModelBusClient
-from services.client.errors import JobFailedError
-from services.install import ModelInstallService
+from modelbus.events.schema import ModelFetchCompleted, ModelFetchStarted
+from modelbus.services import routing
+from modelbus.services.client import ModelBusClient
+from modelbus.services.client.errors import JobFailedError
+from modelbus.services.install import ModelInstallService
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import make_service
 from tests.servers.s3_server import S3Server
@@ -81,7 +81,7 @@ def test_modelbus_load_shows_the_fetch(hosts: Hosts, installer: ModelInstallServ
 
     from rich.console import Console
 
-    from services.cli.progress import LoadStatus
+    from modelbus.services.cli.progress import LoadStatus
     source = make_lora_kohya(tmp_path / "shown_lora.safetensors", rank=12)
     key, _ = install(hosts, installer, source)
     client = ModelBusClient(hosts.bus.config)

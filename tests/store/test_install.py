@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from events.schema import ModelAdded
-from services.install import InstallStatus, ModelInstallService
-from services.store import parse_store_url
-from services.store.s3 import S3BlobStore
+from modelbus.events.schema import ModelAdded
+from modelbus.services.install import InstallStatus, ModelInstallService
+from modelbus.services.store import parse_store_url
+from modelbus.services.store.s3 import S3BlobStore
 from tests.fixtures.model_files import make_lora_kohya, make_vae_checkpoint
 from tests.install.conftest import Bus, _bus, make_service
 from tests.servers.s3_server import CREDENTIALS, S3Server, free_port

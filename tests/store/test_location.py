@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from services.config import AppConfig, ConfigError
-from services.store import (
+from modelbus.services.config import AppConfig, ConfigError
+from modelbus.services.store import (
     BlobStoreUnavailableError,
     FileBlobStore,
     StoreConfigError,
     open_store,
     parse_store_url,
 )
-from services.store.s3 import S3BlobStore
+from modelbus.services.store.s3 import S3BlobStore
 from tests.servers.s3_server import S3Server, free_port
 
 
@@ -81,7 +81,7 @@ def test_a_file_store_that_cannot_be_written_is_named(tmp_path: Path) -> None:
 
 def test_doctor_checks_the_store(modelbus_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_server: S3Server,
                                  bucket: str) -> None:
-    from services.cli.doctor import check_store
+    from modelbus.services.cli.doctor import check_store
     monkeypatch.setenv("MODELBUS_S3_ENDPOINT_URL", s3_server.url)
     monkeypatch.setenv("MODELBUS_STORE_RETRIES", "1")
     monkeypatch.setenv("MODELBUS_STORE_URL", f"s3://{bucket}/fleet")

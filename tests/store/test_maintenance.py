@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from services.cli import app
-from services.config import AppConfig
-from services.install import ModelInstallService
-from services.store import file_digest, open_store, parse_store_url
-from services.store.s3 import S3BlobStore
+from modelbus.services.cli import app
+from modelbus.services.config import AppConfig
+from modelbus.services.install import ModelInstallService
+from modelbus.services.store import file_digest, open_store, parse_store_url
+from modelbus.services.store.s3 import S3BlobStore
 from tests.fixtures.model_files import make_lora_kohya, make_vae_checkpoint
 from tests.servers.s3_server import S3Server
 

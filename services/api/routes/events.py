@@ -15,8 +15,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from services.api.errors import Responses
-from services.client import AsyncModelBusClient, Cursor, Delivered, defaults
+from modelbus.services.api.errors import Responses
+from modelbus.services.client import AsyncModelBusClient, Cursor, Delivered, defaults
 
 router = APIRouter(prefix="/api/v2", tags=["events"])
 

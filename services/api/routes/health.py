@@ -10,9 +10,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.api.health_state import HealthState
-from services.api.schemas import Health
-from services.client import defaults
+from modelbus.services.api.health_state import HealthState
+from modelbus.services.api.schemas import Health
+from modelbus.services.client import defaults
 
 router = APIRouter(tags=["health"])
 

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
-from services.api.schemas import (
+from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
+from modelbus.services.api.schemas import (
     HistoryEntry,
     InstallRequest,
     Job,
@@ -24,9 +24,9 @@ from services.api.schemas import (
     UnloadRequest,
     WorkerInfo,
 )
-from services.client import ModelBusClient
-from services.client import defaults as limits
-from services.records import AnyModelConfig, BaseModelType, ModelType
+from modelbus.services.client import ModelBusClient
+from modelbus.services.client import defaults as limits
+from modelbus.services.records import AnyModelConfig, BaseModelType, ModelType
 
 router = APIRouter(prefix="/api/v2/models", tags=["models"])
 
