@@ -32,6 +32,14 @@ ADOPTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "rq", "rq.worke
 #: adopted loggers that log every request at INFO: kept at WARNING
 QUIET_LOGGERS = ("httpx", "httpcore")
 
+
+class _NoHousekeeping(logging.Filter):
+    """RQ's worker says at INFO each time it cleans its registries (every few seconds with our short
+    maintenance interval): housekeeping, not news, so those lines are dropped; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or "cleaning" not in str(record.msg)
+
 _SECRET_KEY = re.compile(r"^(?:.*token|.*password|passwd|.*secret|credentials?|authorization|"
                          r"proxy-authorization|cookie|set-cookie|api[_-]?key|x-api-key)$", re.IGNORECASE)
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -142,6 +150,9 @@ def _adopt_stdlib(shared: list[structlog.typing.Processor], scrub: Scrubber, ren
         adopted.propagate = True
     for name in QUIET_LOGGERS:  # a line per HTTP request a worker makes is noise, not news
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    rq_worker = logging.getLogger("rq.worker")
+    if not any(isinstance(f, _NoHousekeeping) for f in rq_worker.filters):
+        rq_worker.addFilter(_NoHousekeeping())
 
 
 def reset_logging() -> None:
