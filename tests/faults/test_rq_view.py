@@ -96,6 +96,8 @@ def test_two_namespaces_on_one_redis_never_see_each_other(redis_url: str, tmp_pa
         def names(ns: Keys) -> set[str]:
             return {w.name for q in ("install", "download", "hash")
                     for w in Worker.all(queue=Queue(ns.queue(q), connection=client))}
+        # B's worker may still be starting (its bus was never asked to do anything): wait until it is up
+        wait_until(lambda: names(ns_a) and names(ns_b), 120, "both namespaces' workers to register", interval=0.2)
         workers_a, workers_b = names(ns_a), names(ns_b)
         assert workers_a and workers_b and not workers_a & workers_b
         mb_b = ModelBusClient(store=RedisEventStore.from_url(redis_url, ns_b.namespace))
