@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import redis
+from rq import Worker
 
 from modelbus.events.keys import Keys
 from tests.install.conftest import Bus
@@ -32,8 +33,10 @@ def alive(pid: int) -> bool:
 
 
 def registered(bus: Bus, client: redis.Redis, name: str) -> bool:
-    """Whether worker ``name`` published its state (it is up and listening)."""
-    return bool(client.exists(Keys(bus.env["MODELBUS_NAMESPACE"]).worker_state(name)))
+    """Whether worker ``name`` is up and listening: it published its state (done before RQ's loop starts)
+    and RQ registered it (done when the loop starts, a moment later)."""
+    return bool(client.exists(Keys(bus.env["MODELBUS_NAMESPACE"]).worker_state(name))
+                and client.exists(f"{Worker.redis_worker_namespace_prefix}{name}"))
 
 
 def lease_token(bus: Bus, client: redis.Redis, rq_job_id: str) -> int:
