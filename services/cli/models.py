@@ -19,7 +19,8 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
                 base: Annotated[str | None, typer.Option(help="base model, e.g. sd-1, sdxl")] = None,
                 type: Annotated[str | None, typer.Option("--type", help="model type, e.g. main, lora, vae")] = None,
                 tag: Annotated[list[str] | None, typer.Option(help="models carrying this tag (repeatable)")] = None,
-                sort: Annotated[str, typer.Option(help="sort by name, type, base or format")] = "name",
+                sort: Annotated[str, typer.Option(
+                    help="sort by name, type, base, format, size, added or modified")] = "name",
                 desc: Annotated[bool, typer.Option("--desc", help="descending order")] = False,
                 json: JsonFlag = False) -> None:
     """List the installed models."""

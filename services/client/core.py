@@ -115,7 +115,7 @@ class ModelBusClient:
                     tag: str | Iterable[str] | None = None, *, order_by: str = "name",
                     direction: str = "asc") -> list[ModelConfigBase]:
         """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
-        type, base, format) in ``direction`` (asc, desc)."""
+        type, base, format, size, added, modified) in ``direction`` (asc, desc)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:

@@ -57,8 +57,9 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 tag: Annotated[list[str] | None, Query(description="models carrying all of these tags")] = None,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                 limit: Annotated[int, Query(ge=1, le=limits.LIST_LIMIT_MAX)] = limits.LIST_LIMIT_DEFAULT,
-                order_by: Annotated[Literal["name", "type", "base", "format"], Query(
-                    description="sort field; ties by name, then key (stable across pages)")] = "name",
+                order_by: Annotated[Literal["name", "type", "base", "format", "size", "added", "modified"], Query(
+                    description="sort field (size: bytes installed; added, modified: when recorded); ties by "
+                                "name, then key (stable across pages)")] = "name",
                 direction: Literal["asc", "desc"] = "asc",
                 ) -> Response:
     total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
