@@ -90,23 +90,6 @@ class UnloadRequest(BaseModel):
     worker: str | None = Field(default=None, max_length=256)
 
 
-class Job(BaseModel):
-    """An install job, folded from its events (bytes are live while it runs)."""
-
-    id: str
-    source: str
-    state: str = Field(description="waiting, downloading, downloads_done, running, completed, error, cancelled")
-    bytes: int
-    total_bytes: int
-    key: str | None = None
-    config: dict[str, Any] | None = None
-    error_type: str | None = None
-    error: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
-    created_at: str | None = None
-    updated_at: str | None = None
-
-
 class LoadResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     key: str

@@ -19,6 +19,7 @@ import structlog
 from rq import Queue
 
 from modelbus.events.errors import StoreUnavailableError
+from modelbus.events.jobs import InstallJobView
 from modelbus.events.keys import QUEUES
 from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from modelbus.events.workers import WorkerInfo, list_workers
@@ -170,23 +171,23 @@ class ModelBusClient:
 
     # --- installs, loads ----------------------------------------------------------------------------
 
-    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> InstallJobView:
         """Publish an install command and return the job at once (``wait()`` follows it).
 
         A local file outside the import roots is handed over by this process (linked or copied into the
         import area with the caller's permissions); ``hand_over=False`` (the HTTP API) refuses it instead."""
         return self.installs.install(source, hand_over=hand_over, **options)
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> InstallJobView:
         return self.installs.job(job_id)
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[InstallJobView]:
         return self.installs.jobs()
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> InstallJobView:
         return self.installs.cancel(job_id)
 
-    def wait(self, job: str | Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job: str | InstallJobView | Mapping[str, Any], timeout: float | None = None) -> InstallJobView:
         """Block until the install job ends (completed, failed or cancelled); returns its final state."""
         return self.installs.wait(job, timeout)
 

@@ -8,11 +8,11 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
+from modelbus.events.jobs import InstallJobView
 from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
 from modelbus.services.api.schemas import (
     HistoryEntry,
     InstallRequest,
-    Job,
     LoadRequest,
     LoadResult,
     ModelPage,
@@ -117,28 +117,28 @@ def unload_model(key: Key, c: Client, body: UnloadRequest | None = None) -> Resp
 
 # --- installs -------------------------------------------------------------------------------------
 
-@router.post("/install", response_model=Job, status_code=202, responses={**WORKER, **FORBIDDEN},
+@router.post("/install", response_model=InstallJobView, status_code=202, responses={**WORKER, **FORBIDDEN},
              summary="Install a model from a path, URL, Hugging Face repo id or Civitai id")
 def install(body: InstallRequest, c: Client) -> Response:
     # a local path must lie in an import root: the API never reads a file on a caller's behalf
-    return _json(c.install(body.source, hand_over=False, **body.options()), status=202)
+    return _json(c.install(body.source, hand_over=False, **body.options()).model_dump(mode="json"), status=202)
 
 
-@router.get("/install", response_model=list[Job], responses=WORKER, summary="List install jobs")
+@router.get("/install", response_model=list[InstallJobView], responses=WORKER, summary="List install jobs")
 def list_jobs(c: Client) -> Response:
-    return _json(c.jobs())
+    return _json([j.model_dump(mode="json") for j in c.jobs()])
 
 
-@router.get("/install/{job_id}", response_model=Job, responses={**NOT_FOUND, **WORKER},
+@router.get("/install/{job_id}", response_model=InstallJobView, responses={**NOT_FOUND, **WORKER},
             summary="Get one install job")
 def get_job(job_id: JobId, c: Client) -> Response:
-    return _json(c.job(job_id))
+    return _json(c.job(job_id).model_dump(mode="json"))
 
 
-@router.delete("/install/{job_id}", response_model=Job, responses={**NOT_FOUND, **WORKER},
+@router.delete("/install/{job_id}", response_model=InstallJobView, responses={**NOT_FOUND, **WORKER},
                summary="Cancel an install job")
 def cancel_job(job_id: JobId, c: Client) -> Response:
-    return _json(c.cancel(job_id))
+    return _json(c.cancel(job_id).model_dump(mode="json"))
 
 
 @router.post("/scan", response_model=ScanResult, summary="Register every model found in a folder (in place)",
