@@ -1,5 +1,6 @@
-"""An install job as every surface shows it: :class:`InstallJobView`, the one shape the client returns and
-the API and the CLI print.
+"""Jobs as every surface shows them: :class:`InstallJobView` for an install, :class:`LoadOutcome` and
+:class:`UnloadOutcome` for the GPU workers' loads and unloads; the one shape each that the client returns
+and the API and the CLI print.
 
 The job itself is the fold of its events (``services.install.jobs.InstallJob``); the view adds what is
 live while it runs (bytes per file, from the progress board) and leaves out what a caller must not see
@@ -56,4 +57,31 @@ class InstallJobView(_View):
         return self.state in TERMINAL_STATES
 
 
-__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView"]
+class LoadOutcome(NamedFields):
+    """A load placed on a GPU worker: ``queued`` (not waited for: ``job_id`` follows it) or ``loaded``,
+    with what the worker reported. Fields a newer worker adds are ignored (like its state)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    key: str
+    state: str = Field(description="queued or loaded")
+    job_id: str
+    submodel: str | None = None
+    worker: str | None = Field(default=None, description="the GPU worker that loaded it")
+    device: str | None = None
+    location: str | None = Field(default=None, description="the files it was loaded from")
+    precision: str | None = None
+    seconds: float | None = Field(default=None, description="the worker's time for the load")
+
+
+class UnloadOutcome(NamedFields):
+    """A model dropped from the GPU workers' caches: ``unloaded`` (by ``workers``) or ``not_loaded``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+    state: str = Field(description="unloaded or not_loaded")
+    workers: tuple[str, ...] = ()
+
+
+__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView", "LoadOutcome", "UnloadOutcome"]

@@ -90,12 +90,6 @@ class UnloadRequest(BaseModel):
     worker: str | None = Field(default=None, max_length=256)
 
 
-class LoadResult(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    key: str
-    state: str
-
-
 class WorkerInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str

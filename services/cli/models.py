@@ -104,16 +104,15 @@ def load(key: str, submodel: Annotated[str | None, typer.Option(help="part of a 
     c = client()
     result = LoadStatus(c, key, err_console).run(lambda: c.load(key, submodel=submodel, worker=worker, timeout=timeout))
     if json:
-        print_json(result)
+        print_json(result.model_dump(mode="json"))
         return
-    seconds = result.get("seconds")
-    console.print(f"loaded {key}{'/' + submodel if submodel else ''} on {result.get('worker')} "
-                  f"({result.get('device')}, {result.get('precision')})"
-                  + (f" in {seconds:.2f}s" if isinstance(seconds, (int, float)) else ""))
+    seconds = result.seconds
+    console.print(f"loaded {key}{'/' + submodel if submodel else ''} on {result.worker} "
+                  f"({result.device}, {result.precision})" + (f" in {seconds:.2f}s" if seconds is not None else ""))
 
 
 def unload(key: str, worker: Annotated[str | None, typer.Option(help="only this GPU worker")] = None) -> None:
     """Drop a model from the GPU workers' caches."""
     result = client().unload(key, worker=worker)
-    workers = ", ".join(w for w in result["workers"] if w) or "no worker held it"
-    console.print(f"{key}: {result['state']} ({workers})")
+    workers = ", ".join(w for w in result.workers if w) or "no worker held it"
+    console.print(f"{key}: {result.state} ({workers})")

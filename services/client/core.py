@@ -19,7 +19,7 @@ import structlog
 from rq import Queue
 
 from modelbus.events.errors import StoreUnavailableError
-from modelbus.events.jobs import InstallJobView
+from modelbus.events.jobs import InstallJobView, LoadOutcome, UnloadOutcome
 from modelbus.events.keys import QUEUES
 from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from modelbus.events.workers import WorkerInfo, list_workers
@@ -213,13 +213,13 @@ class ModelBusClient:
         return self.installs.sync()
 
     def load(self, key: str, submodel: str | None = None, worker: str | None = None,
-             wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+             wait: bool = True, timeout: float | None = None) -> LoadOutcome:
         """Load a model on a GPU worker (the one already holding it, unless ``worker`` is given); with
         ``wait``, return after the worker's ``model_load_completed`` with what it reported."""
         self.get_model(key)  # an unknown key fails here, not on a worker
         return self.gpu.load(key, submodel, worker, wait, timeout)
 
-    def unload(self, key: str, worker: str | None = None) -> dict[str, Any]:
+    def unload(self, key: str, worker: str | None = None) -> UnloadOutcome:
         return self.gpu.unload(key, worker)
 
     # --- events -------------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from modelbus.events.jobs import InstallJobView
+from modelbus.events.jobs import InstallJobView, LoadOutcome, UnloadOutcome
 from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
 from modelbus.services.api.schemas import (
     HistoryEntry,
     InstallRequest,
     LoadRequest,
-    LoadResult,
     ModelPage,
     Removed,
     RenameRequest,
@@ -101,18 +100,19 @@ def model_history(key: Key, c: Client) -> Response:
 
 # --- loads ----------------------------------------------------------------------------------------
 
-@router.post("/i/{key}/load", response_model=LoadResult, responses={**NOT_FOUND, **WORKER},
+@router.post("/i/{key}/load", response_model=LoadOutcome, responses={**NOT_FOUND, **WORKER},
              summary="Load a model on a GPU worker (the one already holding it, by default)")
 def load_model(key: Key, c: Client, body: LoadRequest | None = None) -> Response:
     body = body or LoadRequest()
     submodel = body.submodel.value if body.submodel is not None else None
-    return _json(c.load(key, submodel=submodel, worker=body.worker, wait=body.wait, timeout=body.timeout))
+    return _json(c.load(key, submodel=submodel, worker=body.worker, wait=body.wait,
+                        timeout=body.timeout).model_dump(mode="json"))
 
 
-@router.post("/i/{key}/unload", response_model=LoadResult, responses={**NOT_FOUND, **WORKER},
+@router.post("/i/{key}/unload", response_model=UnloadOutcome, responses={**NOT_FOUND, **WORKER},
              summary="Drop a model from the workers' caches")
 def unload_model(key: Key, c: Client, body: UnloadRequest | None = None) -> Response:
-    return _json(c.unload(key, worker=(body or UnloadRequest()).worker))
+    return _json(c.unload(key, worker=(body or UnloadRequest()).worker).model_dump(mode="json"))
 
 
 # --- installs -------------------------------------------------------------------------------------
