@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,11 +36,20 @@ def check_path(value: str) -> str:
     return value
 
 
+class ListingValues(BaseModel):
+    """What a listing sorts a record by beyond its config (``order_by`` size, added, modified)."""
+
+    size: int = Field(description="bytes of the files recorded at its install (0: none recorded)")
+    added: datetime = Field(description="when the log recorded the model's add")
+    modified: datetime = Field(description="when the log recorded its last change")
+
+
 class ModelPage(BaseModel):
     total: int = Field(description="models matching the filters")
     offset: int
     limit: int
     items: list[AnyModelConfig]  # type: ignore[valid-type]
+    listing: dict[str, ListingValues] = Field(default_factory=dict, description="per item key")
 
 
 class RenameRequest(BaseModel):

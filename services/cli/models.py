@@ -9,7 +9,7 @@ import typer
 
 from modelbus.services.cli.context import client
 from modelbus.services.cli.errors import UsageError
-from modelbus.services.cli.output import console, err_console, print_json, table
+from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
 from modelbus.services.cli.progress import LoadStatus
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
@@ -29,8 +29,10 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
     if json:
         print_json([m.model_dump(mode="json") for m in models])
         return
-    table(f"{len(models)} model(s)", ("key", "name", "type", "format", "base", "path"),
-          ((m.key, m.name, m.model_type.value, m.model_format.value, m.base_model.value, m.path) for m in models))
+    sizes = {k: v.size for k, v in client().listing(m.key for m in models).items()}
+    table(f"{len(models)} model(s)", ("key", "name", "type", "format", "base", "size", "path"),
+          ((m.key, m.name, m.model_type.value, m.model_format.value, m.base_model.value,
+            human_bytes(sizes[m.key]) if sizes.get(m.key) else "", m.path) for m in models))
 
 
 def show(key: str, json: JsonFlag = False) -> None:

@@ -29,6 +29,7 @@ from modelbus.services.client.gpu import GpuLoads
 from modelbus.services.client.subscription import Delivered, Subscription, read_history
 from modelbus.services.config import AppConfig
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.records.projection import Listing
 
 if TYPE_CHECKING:
     from modelbus.services.client.installs import Installs
@@ -131,6 +132,12 @@ class ModelBusClient:
         return self._locked(  # type: ignore[no-any-return]
             lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
                                     direction=direction))
+
+    def listing(self, keys: Iterable[str]) -> dict[str, Listing]:
+        """Each recorded key's size (the bytes of its install's manifest) and when the log recorded its
+        add and its last change (Unix ms): what ``order_by`` size, added and modified sort by."""
+        wanted = list(keys)
+        return self._locked(lambda r: r.listing(wanted))  # type: ignore[no-any-return]
 
     def get_model(self, key: str) -> ModelConfigBase:
         return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]

@@ -265,6 +265,11 @@ class RecordProjection(ABC):
         :func:`order_key` (``order_by`` one of :data:`ORDER_FIELDS`, checked by the service), and their
         number; only the ``limit`` records from ``offset`` on are parsed and copied out."""
 
+    def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
+        """The :class:`Listing` values of those of ``keys`` that have a record."""
+        with self.lock:
+            return {k: listing_of(s) for k in dict.fromkeys(keys) if (s := self._load_state(k)) is not None}
+
     @abstractmethod
     def by_path(self, path: str) -> list[ModelConfigBase]:
         """Records whose stored path is ``path``, or resolves to where ``path`` resolves."""

@@ -48,6 +48,7 @@ from modelbus.services.records.projection import (
     DIRECTIONS,
     ORDER_FIELDS,
     RECORDS_VERSION,
+    Listing,
     RecordProjection,
     config_from_state,
 )
@@ -314,6 +315,13 @@ class ModelRecordServiceBase:
                                                   "invalid search")
         self._sync_for_read()
         return self.projection.page(name, base, type_, list(tags), offset, limit, sort_field, descending)
+
+    def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
+        """What a listing sorts records by beyond their configs (:class:`~.projection.Listing`: the bytes
+        of the install's manifest, the log's milliseconds of the add and of the last change), for those
+        of ``keys`` that have a record."""
+        self._sync_for_read()
+        return self.projection.listing(list(keys))
 
     def search_by_tag(self, tags: Sequence[str]) -> list[ModelConfigBase]:
         """Models carrying all of ``tags``."""

@@ -363,6 +363,18 @@ class SQLProjection(RecordProjection):
         finally:
             self.conn.rollback()  # nothing was written: ending the read is all that is left
 
+    def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
+        # the columns alone: no config is read or parsed
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Listing] = {}
+        with self.lock:
+            for i in range(0, len(wanted), 500):  # (SQLite's bound-parameter limit)
+                chunk = wanted[i:i + 500]
+                rows = self.conn.execute("SELECT key, size, added, modified FROM model_records WHERE key IN ("
+                                         + ", ".join("?" * len(chunk)) + ")", chunk)
+                found.update((row[0], Listing(*row[1:])) for row in rows)
+        return {k: found[k] for k in wanted if k in found}
+
     def by_path(self, path: str) -> list[ModelConfigBase]:
         return self._query(_SELECT + " WHERE path = ? OR resolved_path = ?", (path, self.resolve(path)))
 

@@ -4,6 +4,7 @@ size or a date), stable across pages; a bad sort field is a 422 naming it."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 from fastapi.testclient import TestClient
 
@@ -72,3 +73,9 @@ def test_order_by_size_and_dates(http: TestClient, app_config: AppConfig) -> Non
     assert renamed.status_code == 200, renamed.text
     assert _keys(http, order_by="modified", direction="desc") == ["k1", "k3", "k2", "k0"]  # a rename modifies
     assert _keys(http, order_by="added") == ["k0", "k1", "k2", "k3"]  # but adds nothing
+    page = http.get("/api/v2/models", params={"order_by": "added"}).json()
+    listing = page["listing"]  # the values the page was sorted by, per item
+    assert [listing[m["key"]]["size"] for m in page["items"]] == [sizes[k] for k in ("k0", "k1", "k2", "k3")]
+    added = [datetime.fromisoformat(listing[m["key"]]["added"]) for m in page["items"]]
+    assert added == sorted(added) and all(a.tzinfo is not None for a in added)
+    assert listing["k3"]["modified"] == listing["k3"]["added"] < listing["k1"]["modified"]  # (renamed last)

@@ -42,3 +42,9 @@ def test_list_sorts_by_size_and_date(app_config: AppConfig) -> None:
     history = {k: client.history(k)[0].position for k in ("k0", "k1", "k2")}
     by_added = sorted(history, key=lambda k: (position_key(history[k])[0], client.get_model(k).name, k))
     assert [m["key"] for m in json.loads(_list("--sort", "added", "--json"))] == by_added
+    shown = CliRunner().invoke(app, ["list", "--sort", "size"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.stderr
+    rows = {key: line for line in shown.stdout.splitlines() for key in ("k0", "k1", "k2") if key in line}
+    assert "30 B" in rows["k0"] and "10 B" in rows["k1"] and "20 B" in rows["k2"], shown.stdout  # a size column
+    lines = shown.stdout.splitlines()
+    assert lines.index(rows["k1"]) < lines.index(rows["k2"]) < lines.index(rows["k0"])

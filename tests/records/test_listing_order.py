@@ -181,3 +181,19 @@ def test_the_yaml_file_keeps_the_listing_values_in_its_header(make_service: Serv
     data = yaml.safe_load((root / "records.yaml").read_text())
     assert data["__metadata__"]["listing"]["k2"][0] == 1000
     assert all("__listing__" not in body for k, body in data.items() if k != "__metadata__")
+
+
+def test_the_listing_values_of_each_record(service: ModelRecordServiceBase) -> None:
+    _seed_listing(service)
+    keys = [k for k, *_ in MODELS]
+    values = service.listing([*keys, "no-such-key", "k1"])
+    assert list(values) == keys  # the keys asked for that have a record, once each, in the order asked
+    for key in keys:
+        history = service.history(key)
+        manifests = [s.event.files for s in history if getattr(s.event, "files", None) is not None]
+        assert values[key].size == sum(f.size for f in manifests[-1])
+        assert values[key].added == position_key(history[0].position)[0]
+        assert values[key].modified == position_key(history[-1].position)[0]
+    assert values["k2"].size == 1000 and values["k4"].size == 0
+    service.del_model("k3")
+    assert "k3" not in service.listing(keys)

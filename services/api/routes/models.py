@@ -3,6 +3,7 @@ jobs, scan and sync, loads and unloads, and the workers with their caches."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -64,7 +65,13 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
     total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
                                       order_by=order_by, direction=direction)
     page = [m.model_dump(mode="json") for m in found]
-    return _json({"total": total, "offset": offset, "limit": limit, "items": page})
+    listing = {k: {"size": v.size, "added": _iso(v.added), "modified": _iso(v.modified)}
+               for k, v in c.listing(m.key for m in found).items()}
+    return _json({"total": total, "offset": offset, "limit": limit, "items": page, "listing": listing})
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 @router.get("/i/{key}", response_model=AnyModelConfig, responses=NOT_FOUND, summary="Get one model")
