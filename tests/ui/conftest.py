@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 
 from modelbus.services.api import create_app
 from modelbus.services.client import ModelBusClient
+from tests.client.conftest import model_config, put_file
 from tests.install.conftest import REPO_ROOT, Bus, _bus
 
 CHROMIUM = os.environ.get("MODELBUS_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -129,4 +131,9 @@ def ready(page, url: str) -> None:  # type: ignore[no-untyped-def]
     page.wait_for_selector("html[data-ready=yes]", state="attached")
 
 
-AddModel = Callable[..., str]
+def add_record(client: ModelBusClient, name: str, **extra: object) -> str:
+    """A main checkpoint record whose file exists; returns its key."""
+    key = f"ui-{uuid.uuid4().hex[:12]}"
+    put_file(client.config, f"{key}.safetensors")
+    client.add_model(key, model_config(name, f"{key}.safetensors", **extra))
+    return key

@@ -12,21 +12,13 @@ import pytest
 
 from modelbus.services.api.ui.pages import _human_bytes
 from modelbus.services.client import ModelBusClient
-from tests.client.conftest import model_config, put_file
 from tests.fixtures import loadable
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus
-from tests.ui.conftest import ready, shoot, start_gpu_worker
+from tests.ui.conftest import add_record, ready, shoot, start_gpu_worker
 from tests.waiting import wait_until
 
 expect = pytest.importorskip("playwright.sync_api").expect
-
-
-def _record(client: ModelBusClient, name: str, **extra: object) -> str:
-    key = f"ui-{uuid.uuid4().hex[:12]}"
-    put_file(client.config, f"{key}.safetensors")
-    client.add_model(key, model_config(name, f"{key}.safetensors", **extra))
-    return key
 
 
 def test_install_through_the_page_shows_progress_then_the_model_in_the_table(
@@ -59,7 +51,7 @@ def test_install_through_the_page_shows_progress_then_the_model_in_the_table(
 
 def test_an_edited_field_shows_in_the_history_and_the_record_as_it_was(
         page, ui_api: str, ui_client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
-    key = _record(ui_client, f"edit-me-{uuid.uuid4().hex[:6]}", description="first words")
+    key = add_record(ui_client, f"edit-me-{uuid.uuid4().hex[:6]}", description="first words")
     ready(page, f"{ui_api}/ui/models/{key}")
     field = page.locator('.field[data-field="description"]')
     field.locator("button.edit").click()
@@ -82,7 +74,7 @@ def test_an_edited_field_shows_in_the_history_and_the_record_as_it_was(
 
 def test_a_bad_edit_is_shown_beside_its_field_and_keeps_what_was_typed(
         page, ui_api: str, ui_client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
-    key = _record(ui_client, "bad-edit")
+    key = add_record(ui_client, "bad-edit")
     ready(page, f"{ui_api}/ui/models/{key}")
     field = page.locator('.field[data-field="compatible_bases"]')
     field.locator("button.edit").click()
@@ -101,7 +93,7 @@ def test_a_bad_edit_is_shown_beside_its_field_and_keeps_what_was_typed(
 
 
 def test_delete_a_model_with_its_files(page, ui_api: str, ui_client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
-    key = _record(ui_client, f"delete-me-{uuid.uuid4().hex[:6]}")
+    key = add_record(ui_client, f"delete-me-{uuid.uuid4().hex[:6]}")
     path = ui_client.config.model_path(f"{key}.safetensors")
     ready(page, f"{ui_api}/ui/models/{key}")
     page.check("#delete-form input[name=delete_files]")

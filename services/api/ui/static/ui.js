@@ -103,7 +103,12 @@ function initModels() {
     e.preventDefault();
     show(new URL(link.href).search.slice(1), true).then(() => $("#models-table", content)?.focus?.());
   });
-  window.addEventListener("popstate", () => { content.dataset.fragment = `/ui/f/models${location.search}`; reloadContent(); });
+  window.addEventListener("popstate", () => {
+    const params = new URLSearchParams(location.search);
+    for (const el of form.elements) if (el.name) el.value = params.get(el.name) || (el.tagName === "SELECT" ? el.options[0].value : "");
+    content.dataset.fragment = `/ui/f/models${location.search}`;
+    reloadContent();
+  });
 }
 
 // --- one model ------------------------------------------------------------------------------------
