@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -69,7 +70,7 @@ def test_the_page_asks_for_the_token_once_and_shows_nothing_without_it(new_page,
         server.stop()
 
 
-def test_ten_thousand_models_page_without_loading_everything(page, client: ModelBusClient, served: Served) -> None:  # type: ignore[no-untyped-def]
+def test_ten_thousand_models_page_without_loading_everything(page, new_page, client: ModelBusClient, served: Served) -> None:  # type: ignore[no-untyped-def]
     from tests.bench.bench_surfaces import _seed
     _seed(client, 10_000)
     ready(page, f"{served.url}/ui")
@@ -78,6 +79,11 @@ def test_ten_thousand_models_page_without_loading_everything(page, client: Model
     expect(page.locator("#count")).to_have_text("10000 models; 1–50 shown")
     expect(rows.first.locator("td.name a")).to_have_text("model-00000")
     shoot(page, "models")
+    phone = new_page(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    ready(phone, f"{served.url}/ui")
+    expect(phone.locator("#models-table tbody tr")).to_have_count(50)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "the phone view scrolls sideways"
+    shoot(phone, "models-phone-dark")
     page.keyboard.press("Tab")  # keyboard: the pager is a link, reached and followed like any
     page.locator("a[rel=next]").focus()
     page.keyboard.press("Enter")
@@ -160,3 +166,30 @@ def test_another_origin_cannot_act_through_the_browser(page, client: ModelBusCli
     field.locator("input[name=value]").press("Enter")
     expect(page.locator("#model-name")).to_have_text("renamed here")
     assert client.get_model(key).name == "renamed here"
+
+
+def test_covers_show_when_the_api_serves_them_and_the_initial_when_not(page, app_config: AppConfig,
+                                                                        client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
+    from fastapi import Response
+    with_cover = add_record(client, "a-with-cover")
+    add_record(client, "b-without-cover")
+    app = create_app(app_config)
+    png = (Path(__file__).resolve().parents[2] / "services/api/ui/static/favicon.svg").read_bytes()
+
+    @app.get("/api/v2/models/i/{key}/cover")
+    def cover(key: str) -> Response:  # the route the per-model data work adds; absent, no image is asked for
+        if key != with_cover:
+            return Response(status_code=404)
+        return Response(png, media_type="image/svg+xml")
+
+    server = Served(app)
+    try:
+        ready(page, f"{server.url}/ui")
+        rows = page.locator("#models-table tbody tr")
+        expect(rows).to_have_count(2)
+        expect(rows.nth(0).locator("img.cover")).to_have_js_property("complete", True)
+        expect(rows.nth(0).locator("img.cover")).to_be_visible()
+        expect(rows.nth(1).locator("img.cover")).to_have_count(0)  # its 404: the image is dropped
+        expect(rows.nth(1).locator(".initial")).to_be_visible()
+    finally:
+        server.stop()
