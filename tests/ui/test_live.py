@@ -92,6 +92,10 @@ def test_ten_thousand_models_page_without_loading_everything(page, new_page, cli
     expect(page).to_have_url(re.compile(r"offset=50"))
     page.select_option("select[name=base]", "sdxl")  # filters are applied as they change
     expect(page.locator("#count")).to_have_text("5000 models; 1–50 shown")
+    page.fill("input[name=name]", "MODEL-0999")  # part of a name, any case
+    expect(page.locator("#count")).to_have_text("5 models; 1–5 shown")  # the sdxl ones of model-09990..9
+    page.select_option("select[name=format]", "diffusers")
+    expect(page.locator("#models-table .empty")).to_have_text("No models match these filters.")
     page.go_back()  # a filter replaces the page it was set on: back is the first page, unfiltered
     expect(page.locator("#count")).to_have_text("10000 models; 1–50 shown")
     expect(page.locator("select[name=base]")).to_have_value("")

@@ -134,12 +134,15 @@ def _int(raw: str | None, default: int, low: int, high: int, field: str) -> int:
 def _models_view(request: Request) -> dict[str, Any]:
     q = request.query_params
     c = _client(request)
-    name = q.get("name") or None
-    filters = {"name": name or "", "type": q.get("type") or "", "base": q.get("base") or "",
-               "order_by": q.get("order_by") or "name", "direction": q.get("direction") or "asc"}
+    filters = {key: q.get(key) or "" for key in ("name", "type", "base", "format")}
+    filters |= {"order_by": q.get("order_by") or "name", "direction": q.get("direction") or "asc"}
     offset = _int(q.get("offset"), 0, 0, 2**31, "offset")
     limit = _int(q.get("limit"), PAGE_SIZE, 1, PAGE_SIZE_MAX, "limit")
-    total, found = c.list_models_page(name=name, base=filters["base"] or None, type=filters["type"] or None,
+    if filters["order_by"] not in ORDERS or filters["direction"] not in ("asc", "desc"):
+        raise InvalidRequestError(f"invalid order: {filters['order_by'][:20]!r} {filters['direction'][:20]!r} "
+                                  f"(by {', '.join(ORDERS)}; asc or desc)")
+    total, found = c.list_models_page(contains=filters["name"] or None, base=filters["base"] or None,
+                                      type=filters["type"] or None, format=filters["format"] or None,
                                       offset=offset, limit=limit, order_by=filters["order_by"],
                                       direction=filters["direction"])
     loaded: dict[str, list[str]] = {}
@@ -160,8 +163,8 @@ def _choices() -> dict[str, list[str]]:
 @pages.get("")
 def models_page(request: Request) -> HTMLResponse:
     q = request.query_params
-    filters = {"name": q.get("name", ""), "type": q.get("type", ""), "base": q.get("base", ""),
-               "order_by": q.get("order_by", "name"), "direction": q.get("direction", "asc")}
+    filters = {key: q.get(key, "") for key in ("name", "type", "base", "format")}
+    filters |= {"order_by": q.get("order_by", "name"), "direction": q.get("direction", "asc")}
     return _page(request, "models", "models.html", "/ui/f/models", lambda: _models_view(request),
                  choices=_choices(), form=filters)
 
