@@ -197,3 +197,19 @@ def test_covers_show_when_the_api_serves_them_and_the_initial_when_not(page, app
         expect(rows.nth(1).locator(".initial")).to_be_visible()
     finally:
         server.stop()
+
+
+def test_markup_in_names_and_events_stays_text(page, client: ModelBusClient, served: Served,
+                                               event_store: RedisEventStore) -> None:  # type: ignore[no-untyped-def]
+    evil = '<img src=x onerror="window.pwned=1">'
+    key = add_record(client, evil, description=evil)
+    ready(page, f"{served.url}/ui/events?types=ui_tick")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    event_store.publish_activity("ui_tick", {"model_key": evil})
+    expect(page.locator("#events li .summary")).to_have_text(evil)
+    ready(page, f"{served.url}/ui?name=onerror")
+    expect(page.locator("#models-table td.name a")).to_have_text(evil)
+    ready(page, f"{served.url}/ui/models/{key}")
+    expect(page.locator("#model-name")).to_have_text(evil)
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("#content img:not(.cover)").count() == 0
