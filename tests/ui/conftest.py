@@ -81,8 +81,10 @@ def start_gpu_worker(env: dict[str, str], name: str, log: Path) -> subprocess.Po
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
+    # per module, not per session: Playwright's sync API keeps an event loop running in this thread while
+    # it is started, and later tests (asyncio.run) must not find it
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     from playwright.sync_api import expect, sync_playwright

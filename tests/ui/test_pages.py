@@ -103,6 +103,7 @@ def test_delete_a_model_with_its_files(page, ui_api: str, ui_client: ModelBusCli
     expect(dialog).to_contain_text("files")
     page.click("#confirm-delete")
     page.wait_for_url(re.compile(r"/ui\?deleted="))
+    expect(page.locator(".notice")).to_have_text(f"Deleted model {key}.")
     expect(page.locator(f'#models-table tr[data-key="{key}"]')).to_have_count(0)
     assert not path.exists()
     with pytest.raises(Exception, match="unknown model"):

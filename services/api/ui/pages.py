@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 PAGE_SIZE = 50  # rows of the models table per page
 PAGE_SIZE_MAX = 200
+JOBS_SHOWN = 200  # the most recent install jobs on the jobs page
 ORDERS = ("name", "type", "base", "format")
 FEED_TYPES = "model_load_started,model_load_completed,model_load_failed,cache_evicted"
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -118,7 +119,18 @@ def _page(request: Request, page: str, template: str, fragment: str, view: Calla
         context, status = _guarded(view)
     query = str(request.url.query)
     return _render(template, status=status, page=page, nav=NAV, token_required=token, embedded=not token,
-                   fragment_url=fragment + (f"?{query}" if query else ""), **extra, **context)
+                   fragment_url=fragment + (f"?{query}" if query else ""), since=_since(request), **extra, **context)
+
+
+def _since(request: Request) -> str:
+    """Where the page's event stream starts: the heads of both streams as the page was rendered, so an
+    event appended between the render and the stream's first read is not missed ("$" would be resolved
+    only at that read). A position is no secret: the shell of a token-protected API carries it too."""
+    try:
+        store = _client(request).store
+        return f"{store.head('events')},{store.head('activity')}"
+    except ModelbusError:
+        return "$"  # Redis away: the page says so where its data would be
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -166,7 +178,7 @@ def models_page(request: Request) -> HTMLResponse:
     filters = {key: q.get(key, "") for key in ("name", "type", "base", "format")}
     filters |= {"order_by": q.get("order_by", "name"), "direction": q.get("direction", "asc")}
     return _page(request, "models", "models.html", "/ui/f/models", lambda: _models_view(request),
-                 choices=_choices(), form=filters)
+                 choices=_choices(), form=filters, deleted=q.get("deleted", "")[:256])
 
 
 @fragments.get("/models")
@@ -185,7 +197,8 @@ def _model_view(request: Request, key: str) -> dict[str, Any]:
     files = steps[-1].files if steps else ()
     holders = [{"worker": w.id, "device": w.device, "locked": m.locked, "submodel": m.submodel, "tier": m.tier}
                for w in c.workers() for m in w.models if m.model_key == key]
-    editable = [f for f in record if f not in history.READ_ONLY]
+    # a field holding an object (settings...) is shown, not edited here: `modelbus update` takes it
+    editable = [f for f, v in record.items() if f not in history.READ_ONLY and not isinstance(v, dict)]
     return {"record": record, "steps": list(reversed(steps)), "files": files, "holders": holders,
             "editable": editable, "choices": _choices(), "cover": _cover_url(request),
             "total_size": sum(int(f.get("size", 0)) for f in files)}
@@ -240,7 +253,7 @@ def install_page(request: Request) -> HTMLResponse:
 def _jobs_view(request: Request) -> dict[str, Any]:
     jobs = sorted(_client(request).jobs(), key=lambda j: j.get("updated_at") or j.get("created_at") or "",
                   reverse=True)
-    return {"jobs": jobs, "actions": JOB_ACTIONS}
+    return {"jobs": jobs[:JOBS_SHOWN], "more": max(0, len(jobs) - JOBS_SHOWN), "actions": JOB_ACTIONS}
 
 
 @pages.get("/jobs")

@@ -22,8 +22,9 @@ function liveState(state, message) {
   el.textContent = state === "live" ? "live" : message || state;
 }
 
+// from where the page was rendered: nothing appended since then is missed
 function stream(options) {
-  return follow({ onState: liveState, ...options });
+  return follow({ onState: liveState, since: document.body.dataset.since || "$", ...options });
 }
 
 // --- covers: the cover route when the API has one; the initial letter when a model has none ---------
@@ -441,6 +442,7 @@ function initEvents() {
     list.replaceChildren();
     const types = form.types.value.trim();
     history.replaceState(null, "", types ? `/ui/events?types=${encodeURIComponent(types)}` : "/ui/events");
+    document.body.dataset.since = "$";  // a new filter: what comes from now on
     current = eventList(list, types);
   });
   $("#events-clear").addEventListener("click", () => list.replaceChildren());
