@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tomllib
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,8 @@ def test_the_wheel_installs_beside_the_registrys_events_package(tmp_path: Path) 
     wheels = tmp_path / "wheels"
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, REPO)
     wheel = next(wheels.glob("modelbus-*.whl"))
+    shipped = set(zipfile.ZipFile(wheel).namelist())  # the web page's templates and scripts too
+    assert {"modelbus/services/api/ui/templates/base.html", "modelbus/services/api/ui/static/ui.js"} <= shipped
     target = tmp_path / "env"
     venv.create(target, with_pip=True)
     python = target / "bin" / "python"

@@ -126,12 +126,14 @@ class ModelBusClient:
 
     def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
                          tag: str | Iterable[str] | None = None, *, offset: int = 0, limit: int = 100,
-                         order_by: str = "name", direction: str = "asc") -> tuple[int, list[ModelConfigBase]]:
-        """One page of :meth:`list_models`, in the same order, and the number of matches."""
+                         order_by: str = "name", direction: str = "asc", format: str | None = None,
+                         contains: str | None = None) -> tuple[int, list[ModelConfigBase]]:
+        """One page of :meth:`list_models`, in the same order, and the number of matches (``format``: of
+        that model format; ``contains``: a name holding it, any case)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         return self._locked(  # type: ignore[no-any-return]
             lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
-                                    direction=direction))
+                                    direction=direction, model_format=format, name_contains=contains))
 
     def listing(self, keys: Iterable[str]) -> dict[str, Listing]:
         """Each recorded key's size (the bytes of its install's manifest) and when the log recorded its

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from modelbus.events.store import BodyBatch
-from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
 from modelbus.services.records.fold import State
 from modelbus.services.records.models import ModelConfigBase
 from modelbus.services.records.projection import (
@@ -97,12 +97,18 @@ class DictProjection(RecordProjection):
 
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
              tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
-             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
+             descending: bool = False, *, model_format: ModelFormat | None = None,
+             name_contains: str | None = None) -> tuple[int, list[ModelConfigBase]]:
         check_page(offset, limit)
         with self.lock:
             found = self._matching(name, base, model_type, tags)
-            # sorted on the stored states: only the page's records are parsed
             states = self.table.states
+            if model_format is not None:
+                found = [k for k in found if states[k]["model_format"] == model_format.value]
+            if name_contains:
+                needle = name_contains.lower()  # listing_order's lowering, as the SQL side's sort_name
+                found = [k for k in found if needle in states[k]["name"].lower()]
+            # sorted on the stored states: only the page's records are parsed
             found.sort(key=lambda k: order_key(states[k], k, order_by), reverse=descending)
             return len(found), [c for c in (self.get(k) for k in found[offset:offset + limit]) if c is not None]
 

@@ -25,7 +25,7 @@ import structlog
 from modelbus.events.codec import EventBody
 from modelbus.events.store import BodyBatch, StoredEvent, as_body_batch, position_key
 from modelbus.events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
-from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
 from modelbus.services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
 from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from modelbus.services.records.parsing import config_class
@@ -260,10 +260,12 @@ class RecordProjection(ABC):
     @abstractmethod
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
              tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
-             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
-        """The records :meth:`search` finds that also carry every one of ``tags``, ordered by
-        :func:`order_key` (``order_by`` one of :data:`ORDER_FIELDS`, checked by the service), and their
-        number; only the ``limit`` records from ``offset`` on are parsed and copied out."""
+             descending: bool = False, *, model_format: ModelFormat | None = None,
+             name_contains: str | None = None) -> tuple[int, list[ModelConfigBase]]:
+        """The records :meth:`search` finds that also carry every one of ``tags`` (and have ``model_format``,
+        and a name holding ``name_contains`` whatever its case, by :func:`listing_order`'s lowering),
+        ordered by :func:`order_key` (``order_by`` one of :data:`ORDER_FIELDS`, checked by the service),
+        and their number; only the ``limit`` records from ``offset`` on are parsed and copied out."""
 
     def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
         """The :class:`Listing` values of those of ``keys`` that have a record."""

@@ -30,7 +30,7 @@ from modelbus.events.schema import Event, FileEntry, ModelAdded, ModelRemoved, M
 from modelbus.events.store import AppendResult, EventStore, StoredEvent, position_key
 from modelbus.events.validation import in_sequence
 from modelbus.events.watch import LogWatch
-from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
 from modelbus.services.records.errors import (
     MISSING,
     DuplicateModelException,
@@ -70,7 +70,7 @@ def _log_errors(doing: str) -> Iterator[None]:
         raise EventLogError(f"{doing}: {exc}") from exc
 
 
-def _enum(enum: type[BaseModelType | ModelType], field: str, value: Any) -> Any:
+def _enum(enum: type[BaseModelType | ModelType | ModelFormat], field: str, value: Any) -> Any:
     if value is None or isinstance(value, enum):
         return value
     try:
@@ -300,11 +300,13 @@ class ModelRecordServiceBase:
     def search_page(self, name: str | None = None, base_model: BaseModelType | str | None = None,
                     model_type: ModelType | str | None = None, tags: Sequence[str] = (), *, offset: int = 0,
                     limit: int = 100, order_by: str = "name", direction: str = "asc",
+                    model_format: ModelFormat | str | None = None, name_contains: str | None = None,
                     ) -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`search_by_name`, filtered by all ``tags``, and the total. Ordered by
         ``order_by`` (name, type, base, format; size: the bytes of the install's manifest; added, modified:
         when the log recorded the record's add and its last change; then the lowered name, then the key: a
-        total order, so pages neither overlap nor skip) in ``direction`` (asc or desc). The projection filters, orders
+        total order, so pages neither overlap nor skip) in ``direction`` (asc or desc). ``model_format`` and
+        ``name_contains`` (part of the name, any case) narrow it further. The projection filters, orders
         and cuts the page itself (in SQL for SQLite), so only the page's records are read and copied out."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
@@ -314,7 +316,9 @@ class ModelRecordServiceBase:
                 raise InvalidModelConfigException([FieldError(field, value, "must be an integer >= 0")],
                                                   "invalid search")
         self._sync_for_read()
-        return self.projection.page(name, base, type_, list(tags), offset, limit, sort_field, descending)
+        return self.projection.page(name, base, type_, list(tags), offset, limit, sort_field, descending,
+                                    model_format=_enum(ModelFormat, "model_format", model_format),
+                                    name_contains=name_contains or None)
 
     def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
         """What a listing sorts records by beyond their configs (:class:`~.projection.Listing`: the bytes

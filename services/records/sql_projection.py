@@ -18,7 +18,7 @@ import orjson
 
 from modelbus.events.codec import EventBody
 from modelbus.events.store import BodyBatch
-from modelbus.services.records.enums import BaseModelType, ModelType
+from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
 from modelbus.services.records.errors import RecordStoreFormatError
 from modelbus.services.records.fold import State
 from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
@@ -334,13 +334,14 @@ class SQLProjection(RecordProjection):
 
     def page(self, name: str | None, base: BaseModelType | None, model_type: ModelType | None,
              tags: Sequence[str], offset: int, limit: int, order_by: str = "name",
-             descending: bool = False) -> tuple[int, list[ModelConfigBase]]:
+             descending: bool = False, *, model_format: ModelFormat | None = None,
+             name_contains: str | None = None) -> tuple[int, list[ModelConfigBase]]:
         check_page(offset, limit)
         way = "DESC" if descending else "ASC"
         order = f"sort_name {way}, key {way}"  # projection.order_key, column by column
         if order_by != "name":
             order = f"{_ORDER_COLUMNS[order_by]} {way}, {order}"
-        where, params = _filters(name, base, model_type, tags)
+        where, params = _filters(name, base, model_type, tags, model_format, name_contains)
         with self.lock, self._snapshot():
             total = int(self.conn.execute("SELECT COUNT(*) FROM model_records" + where, params).fetchone()[0])
             if limit == 0 or offset >= total:
@@ -391,10 +392,17 @@ class SQLProjection(RecordProjection):
 
 
 def _filters(name: str | None, base: BaseModelType | None, model_type: ModelType | None,
-             tags: Sequence[str]) -> tuple[str, list[Any]]:
+             tags: Sequence[str], model_format: ModelFormat | None = None,
+             name_contains: str | None = None) -> tuple[str, list[Any]]:
     """The WHERE clause (with its leading space, empty without filters) of a search and its parameters."""
     where: list[str] = []
     params: list[Any] = []
+    if model_format is not None:
+        where.append("format = ?")
+        params.append(model_format.value)
+    if name_contains:
+        where.append("instr(sort_name, ?) > 0")  # sort_name is Python's lowering: the same as the memory side
+        params.append(name_contains.lower())
     if name is not None:
         where.append("name = ?")
         params.append(name)

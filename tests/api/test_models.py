@@ -75,3 +75,12 @@ def test_workers_show_heartbeats_with_cache_contents(http: TestClient, app_confi
     finally:
         beat.stop()
     assert http.get("/api/v2/models/workers").json() == []
+
+
+def test_list_by_format_and_part_of_the_name(http: TestClient, app_config: AppConfig) -> None:
+    _seed(app_config)
+    assert [m["key"] for m in http.get("/api/v2/models", params={"contains": "DEL-1"}).json()["items"]] == ["k1"]
+    assert http.get("/api/v2/models", params={"contains": "model", "format": "checkpoint"}).json()["total"] == 3
+    assert http.get("/api/v2/models", params={"format": "diffusers"}).json()["total"] == 0
+    bad = http.get("/api/v2/models", params={"format": "zip"})
+    assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == "query.format"

@@ -269,3 +269,22 @@ def test_random_pages_match_the_reference(
         finally:
             for projection in projections:
                 projection.close()
+
+
+def test_a_page_filters_by_format_and_by_part_of_the_name(service: ModelRecordServiceBase) -> None:
+    # every projection: the page's filters for the web page's search box and format menu
+    def diffusers(name: str, path: str) -> dict[str, Any]:
+        config = main_config(name=name, path=path, model_format="diffusers")
+        del config["config"]  # a checkpoint's field
+        return config
+    service.add_model("k0", main_config(name="Ünïcode Portrait", path="p0"))
+    service.add_model("k1", diffusers("landscape PORTRAIT", "p1"))
+    service.add_model("k2", diffusers("city", "p2"))
+    total, page = service.search_page(name_contains="portrait")
+    assert total == 2 and [m.key for m in page] == ["k1", "k0"]  # any case; by name
+    assert service.search_page(name_contains="ÜNÏ")[0] == 1  # Python's lowering on both sides
+    assert [m.key for m in service.search_page(model_format="diffusers")[1]] == ["k2", "k1"]
+    assert [m.key for m in service.search_page(model_format="diffusers", name_contains="rait")[1]] == ["k1"]
+    assert service.search_page(name_contains="nowhere") == (0, [])
+    with pytest.raises(InvalidModelConfigException, match="invalid search"):
+        service.search_page(model_format="zip")

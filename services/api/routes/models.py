@@ -26,7 +26,7 @@ from modelbus.services.api.schemas import (
 )
 from modelbus.services.client import ModelBusClient
 from modelbus.services.client import defaults as limits
-from modelbus.services.records import AnyModelConfig, BaseModelType, ModelType
+from modelbus.services.records import AnyModelConfig, BaseModelType, ModelFormat, ModelType
 
 router = APIRouter(prefix="/api/v2/models", tags=["models"])
 
@@ -61,9 +61,11 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                     description="sort field (size: bytes installed; added, modified: when recorded); ties by "
                                 "name, then key (stable across pages)")] = "name",
                 direction: Literal["asc", "desc"] = "asc",
+                format: ModelFormat | None = None,
+                contains: Annotated[str | None, Query(max_length=512, description="part of the name, any case")] = None,
                 ) -> Response:
     total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
-                                      order_by=order_by, direction=direction)
+                                      order_by=order_by, direction=direction, format=format, contains=contains)
     page = [m.model_dump(mode="json") for m in found]
     listing = {k: {"size": v.size, "added": _iso(v.added), "modified": _iso(v.modified)}
                for k, v in c.listing(m.key for m in found).items()}
