@@ -1,6 +1,6 @@
 """Jobs as every surface shows them: :class:`InstallJobView` for an install, :class:`LoadOutcome` and
-:class:`UnloadOutcome` for the GPU workers' loads and unloads; the one shape each that the client returns
-and the API and the CLI print.
+:class:`UnloadOutcome` for the GPU workers' loads and unloads, :class:`ScanOutcome` and :class:`SyncOutcome`
+for scans and syncs; the one shape each that the client returns and the API and the CLI print.
 
 The job itself is the fold of its events (``services.install.jobs.InstallJob``); the view adds what is
 live while it runs (bytes per file, from the progress board) and leaves out what a caller must not see
@@ -84,4 +84,25 @@ class UnloadOutcome(NamedFields):
     workers: tuple[str, ...] = ()
 
 
-__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView", "LoadOutcome", "UnloadOutcome"]
+class ScanOutcome(NamedFields):
+    """A folder scanned for models, registered where they are."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    added: tuple[str, ...] = Field(default=(), description="keys of the models registered")
+
+
+class SyncOutcome(NamedFields):
+    """The records reconciled with the models directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    added: tuple[str, ...] = Field(default=(), description="keys of models found in the models directory and "
+                                                           "registered")
+    missing: tuple[str, ...] = Field(default=(), description="keys of records whose files are gone (kept: a "
+                                                             "disk may be unmounted)")
+    skipped: dict[str, str] = Field(default_factory=dict, description="path -> why it was not registered")
+
+
+__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView", "LoadOutcome", "ScanOutcome", "SyncOutcome",
+           "UnloadOutcome"]
