@@ -10,7 +10,6 @@ name (``job["state"]``), as callers did when jobs were dicts; ``model_dump(mode=
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -48,8 +47,9 @@ class InstallJobView(_View):
     error: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="the install's options, secrets left out")
     files: tuple[FileProgress, ...] = Field(default=(), description="per-file progress while it runs")
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    # ISO 8601 text, as the job dicts had them (the web page's templates cut and sort them as text)
+    created_at: str | None = Field(default=None, description="when the job was requested (ISO 8601)")
+    updated_at: str | None = Field(default=None, description="when its last event was written (ISO 8601)")
 
     @property
     def terminal(self) -> bool:
@@ -66,6 +66,7 @@ class LoadOutcome(NamedFields):
     key: str
     state: str = Field(description="queued or loaded")
     job_id: str
+    model_key: str | None = Field(default=None, description="the key the worker loaded (as it reported it)")
     submodel: str | None = None
     worker: str | None = Field(default=None, description="the GPU worker that loaded it")
     device: str | None = None

@@ -49,7 +49,8 @@ def job_view(job: InstallJob) -> InstallJobView:
         id=job.id, source=job.source, state=job.status.value, bytes=job.bytes, total_bytes=job.total_bytes,
         key=job.key, config=job.config, error_type=job.error_type, error=job.error, options=_shown(job.options),
         files=tuple(FileProgress(path=name, bytes=done, total_bytes=total) for name, done, total in job.files),
-        created_at=job.created_at, updated_at=job.updated_at)
+        created_at=job.created_at.isoformat() if job.created_at else None,
+        updated_at=job.updated_at.isoformat() if job.updated_at else None)
 
 
 class Installs:
