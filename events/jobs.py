@@ -1,6 +1,6 @@
 """Jobs as every surface shows them: :class:`InstallJobView` for an install, :class:`LoadOutcome` and
-:class:`UnloadOutcome` for the GPU workers' loads and unloads; the one shape each that the client returns
-and the API and the CLI print.
+:class:`UnloadOutcome` for the GPU workers' loads and unloads, :class:`ScanOutcome` and :class:`SyncOutcome`
+for scans and syncs; the one shape each that the client returns and the API and the CLI print.
 
 The job itself is the fold of its events (``services.install.jobs.InstallJob``); the view adds what is
 live while it runs (bytes per file, from the progress board) and leaves out what a caller must not see
@@ -10,7 +10,6 @@ name (``job["state"]``), as callers did when jobs were dicts; ``model_dump(mode=
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -48,8 +47,9 @@ class InstallJobView(_View):
     error: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="the install's options, secrets left out")
     files: tuple[FileProgress, ...] = Field(default=(), description="per-file progress while it runs")
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    # ISO 8601 text, as the job dicts had them (the web page's templates cut and sort them as text)
+    created_at: str | None = Field(default=None, description="when the job was requested (ISO 8601)")
+    updated_at: str | None = Field(default=None, description="when its last event was written (ISO 8601)")
 
     @property
     def terminal(self) -> bool:
@@ -66,6 +66,7 @@ class LoadOutcome(NamedFields):
     key: str
     state: str = Field(description="queued or loaded")
     job_id: str
+    model_key: str | None = Field(default=None, description="the key the worker loaded (as it reported it)")
     submodel: str | None = None
     worker: str | None = Field(default=None, description="the GPU worker that loaded it")
     device: str | None = None
@@ -84,4 +85,25 @@ class UnloadOutcome(NamedFields):
     workers: tuple[str, ...] = ()
 
 
-__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView", "LoadOutcome", "UnloadOutcome"]
+class ScanOutcome(NamedFields):
+    """A folder scanned for models, registered where they are."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    added: tuple[str, ...] = Field(default=(), description="keys of the models registered")
+
+
+class SyncOutcome(NamedFields):
+    """The records reconciled with the models directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    added: tuple[str, ...] = Field(default=(), description="keys of models found in the models directory and "
+                                                           "registered")
+    missing: tuple[str, ...] = Field(default=(), description="keys of records whose files are gone (kept: a "
+                                                             "disk may be unmounted)")
+    skipped: dict[str, str] = Field(default_factory=dict, description="path -> why it was not registered")
+
+
+__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView", "LoadOutcome", "ScanOutcome", "SyncOutcome",
+           "UnloadOutcome"]

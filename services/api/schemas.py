@@ -139,11 +139,3 @@ class Removed(BaseModel):
     deleted_files: bool
 
 
-class ScanResult(BaseModel):
-    added: list[str] = Field(description="keys of the models registered")
-
-
-class SyncResult(BaseModel):
-    added: list[str] = Field(description="keys of models found in the models directory and registered")
-    missing: list[str] = Field(description="keys of records whose files are gone (kept: a disk may be unmounted)")
-    skipped: dict[str, str] = Field(description="path -> why it was not registered")

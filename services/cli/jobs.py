@@ -65,21 +65,19 @@ def scan(path: str, json: JsonFlag = False) -> None:
     """Register every model found under a folder, where it is."""
     result = client().scan(path)
     if json:
-        print_json(result)
+        print_json(result.model_dump(mode="json"))
         return
-    console.print(f"registered {len(result['added'])} model(s)" +
-                  (": " + ", ".join(result["added"]) if result["added"] else ""))
+    console.print(f"registered {len(result.added)} model(s)" + (": " + ", ".join(result.added) if result.added else ""))
 
 
 def sync(json: JsonFlag = False) -> None:
     """Reconcile the records with the models directory."""
     report = client().sync()
     if json:
-        print_json(report)
+        print_json(report.model_dump(mode="json"))
         return
-    console.print(f"added {len(report['added'])}, missing files {len(report['missing'])}, "
-                  f"skipped {len(report['skipped'])}")
-    for key in report["missing"]:
+    console.print(f"added {len(report.added)}, missing files {len(report.missing)}, skipped {len(report.skipped)}")
+    for key in report.missing:
         console.print(f"  missing: {key}")
-    for path, why in report["skipped"].items():
+    for path, why in report.skipped.items():
         console.print(f"  skipped {path}: {why}")

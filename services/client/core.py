@@ -19,7 +19,7 @@ import structlog
 from rq import Queue
 
 from modelbus.events.errors import StoreUnavailableError
-from modelbus.events.jobs import InstallJobView, LoadOutcome, UnloadOutcome
+from modelbus.events.jobs import InstallJobView, LoadOutcome, ScanOutcome, SyncOutcome, UnloadOutcome
 from modelbus.events.keys import QUEUES
 from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from modelbus.events.workers import WorkerInfo, list_workers
@@ -201,7 +201,7 @@ class ModelBusClient:
         return self.installs.wait(job, timeout)
 
     def scan(self, path: str | Path, *, on_worker: bool = False, timeout: float | None = None,
-             import_roots_only: bool = False) -> dict[str, Any]:
+             import_roots_only: bool = False) -> ScanOutcome:
         """Register every model found under ``path`` where it is; ``{"added": [keys]}``.
 
         In this process the caller's own permissions read the files (``import_roots_only``: only inside
@@ -209,16 +209,17 @@ class ModelBusClient:
         reads model files itself), within ``timeout`` seconds, and the folder must lie inside the roots."""
         if on_worker:
             from modelbus.services.client import on_worker as on_worker_  # (the install service's settings)
-            return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SCAN_FUNCTION, (str(path),),
-                                            timeout)
+            return ScanOutcome.model_validate(on_worker_.run_on_worker(
+                self.redis, self.store.keys, on_worker_.SCAN_FUNCTION, (str(path),), timeout))
         return self.installs.scan(Path(path), import_roots_only)
 
-    def sync(self, *, on_worker: bool = False, timeout: float | None = None) -> dict[str, Any]:
+    def sync(self, *, on_worker: bool = False, timeout: float | None = None) -> SyncOutcome:
         """Register unrecorded models in the models dir; report records whose files are gone (``on_worker``:
         as for :meth:`scan`)."""
         if on_worker:
             from modelbus.services.client import on_worker as on_worker_
-            return on_worker_.run_on_worker(self.redis, self.store.keys, on_worker_.SYNC_FUNCTION, (), timeout)
+            return SyncOutcome.model_validate(on_worker_.run_on_worker(
+                self.redis, self.store.keys, on_worker_.SYNC_FUNCTION, (), timeout))
         return self.installs.sync()
 
     def load(self, key: str, submodel: str | None = None, worker: str | None = None,

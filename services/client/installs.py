@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from modelbus.events.jobs import FileProgress, InstallJobView
+from modelbus.events.jobs import FileProgress, InstallJobView, ScanOutcome, SyncOutcome
 from modelbus.events.store import RedisEventStore
 from modelbus.services.client.errors import InvalidRequestError, translated
 from modelbus.services.config import AppConfig
@@ -49,7 +49,8 @@ def job_view(job: InstallJob) -> InstallJobView:
         id=job.id, source=job.source, state=job.status.value, bytes=job.bytes, total_bytes=job.total_bytes,
         key=job.key, config=job.config, error_type=job.error_type, error=job.error, options=_shown(job.options),
         files=tuple(FileProgress(path=name, bytes=done, total_bytes=total) for name, done, total in job.files),
-        created_at=job.created_at, updated_at=job.updated_at)
+        created_at=job.created_at.isoformat() if job.created_at else None,
+        updated_at=job.updated_at.isoformat() if job.updated_at else None)
 
 
 class Installs:
@@ -102,12 +103,12 @@ class Installs:
     def update_path(self, key: str, changes: Any) -> Any:
         return self._call(lambda: self.installer.update_model(key, changes))
 
-    def scan(self, path: Path, import_roots_only: bool = False) -> dict[str, Any]:
+    def scan(self, path: Path, import_roots_only: bool = False) -> ScanOutcome:
         def run() -> list[str]:
             if import_roots_only:
                 check_local_source(path, self.config)
             return self.installer.scan_directory(path)
-        return {"added": self._call(run)}
+        return ScanOutcome(added=tuple(self._call(run)))
 
-    def sync(self) -> dict[str, Any]:
-        return dataclasses.asdict(self._call(self.installer.sync_models_dir))
+    def sync(self) -> SyncOutcome:
+        return SyncOutcome.model_validate(dataclasses.asdict(self._call(self.installer.sync_models_dir)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -48,6 +49,7 @@ def test_a_running_job_shows_each_file_and_every_surface_the_same_view(bus: Bus,
     view = client.job(job.id)
     assert view.state == "downloading" and view.bytes >= SENT and view.total_bytes == SIZE
     assert sum(f.bytes for f in view.files) == view.bytes
+    assert view.created_at and datetime.fromisoformat(view.created_at) <= datetime.fromisoformat(view.updated_at)
     assert [j.id for j in client.jobs() if j.id == job.id] == [job.id]
 
     with TestClient(create_app(bus.config)) as http:

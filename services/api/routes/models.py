@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from modelbus.events.jobs import InstallJobView, LoadOutcome, UnloadOutcome
+from modelbus.events.jobs import InstallJobView, LoadOutcome, ScanOutcome, SyncOutcome, UnloadOutcome
 from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
 from modelbus.services.api.schemas import (
     HistoryEntry,
@@ -19,8 +19,6 @@ from modelbus.services.api.schemas import (
     Removed,
     RenameRequest,
     ScanRequest,
-    ScanResult,
-    SyncResult,
     UnloadRequest,
     WorkerInfo,
 )
@@ -150,17 +148,17 @@ def cancel_job(job_id: JobId, c: Client) -> Response:
     return _json(c.cancel(job_id).model_dump(mode="json"))
 
 
-@router.post("/scan", response_model=ScanResult, summary="Register every model found in a folder (in place)",
+@router.post("/scan", response_model=ScanOutcome, summary="Register every model found in a folder (in place)",
              responses={**WORKER, 403: {"model": ErrorResponse, "description": "the folder is outside the import roots"}})
 def scan(body: ScanRequest, c: Client) -> Response:
     # a worker reads the model files: never this process (services/client/on_worker.py)
-    return _json(c.scan(body.path, on_worker=True, timeout=body.timeout))
+    return _json(c.scan(body.path, on_worker=True, timeout=body.timeout).model_dump(mode="json"))
 
 
-@router.post("/sync", response_model=SyncResult, responses=WORKER,
+@router.post("/sync", response_model=SyncOutcome, responses=WORKER,
              summary="Reconcile the records with the models directory")
 def sync(c: Client) -> Response:
-    return _json(c.sync(on_worker=True))
+    return _json(c.sync(on_worker=True).model_dump(mode="json"))
 
 
 # --- workers --------------------------------------------------------------------------------------
