@@ -30,8 +30,9 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check events services workers tests
-	$(BIN)/mypy events services workers
-	$(BIN)/mypy --strict events
+	# by their installed names (modelbus.*: .typecheck/modelbus links the top folders; pyproject's mypy_path)
+	$(BIN)/mypy -p modelbus.events -p modelbus.services -p modelbus.workers
+	$(BIN)/mypy --strict -p modelbus.events
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

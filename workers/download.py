@@ -13,6 +13,7 @@ without writing, and never shares the file with the re-run.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -69,7 +70,8 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
     request = FileRequest(url=url, dest_dir=dest_dir, name=file_name, size=size, sha256=sha256,
                           credential=credential_for(url, config, access_token))
     board = ProgressBoard(store.client, store.keys)
-    reporter = ProgressReporter(board, store, job_id, str(index))
+    shown = name or PurePosixPath(urlsplit(url).path).name or None  # what the job's view calls it
+    reporter = ProgressReporter(board, store, job_id, str(index), name=shown)
     final: list[Path] = []
     try:
         with http_client(config) as client, CancelWatcher(store.client, store.keys, job_id, cancellation):
@@ -95,7 +97,7 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
         set_cancel_flag(store.client, store.keys, job_id)
         give_up(exc)
     done = path.stat().st_size
-    board.set_file(job_id, str(index), done, done)
+    board.set_file(job_id, str(index), done, done, shown)
     log.info("install_file_downloaded", job=job_id, path=str(path), bytes=done)
     return str(path)
 

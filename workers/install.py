@@ -120,8 +120,8 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
         if lease is not None:
             cancellation.guard(lease.fence)  # a run given up for dead copies nothing more
         with CancelWatcher(store.client, store.keys, job.id, cancellation):
-            path = copy_into(path, staging_dir(config, job.id), ProgressReporter(board, store, job.id, "0"),
-                             check=cancellation.check)
+            reporter = ProgressReporter(board, store, job.id, "0", name=path.name)
+            path = copy_into(path, staging_dir(config, job.id), reporter, check=cancellation.check)
     total = size_of(path)
     job, appended = transition(store, job.id, lambda j: InstallDownloaded(
         aggregate_id=job.id, path=str(path), total_bytes=total, correlation_id=job.id)

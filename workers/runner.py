@@ -59,6 +59,8 @@ class _Fenced:
 
     log: Any
     name: str
+    connection: Any
+    last_cleaned_at: Any  # (RQ's BaseWorker sets it: None, then a datetime)
 
     def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
         if isinstance(exc_info[1], LeaseLostError):

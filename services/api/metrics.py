@@ -95,7 +95,7 @@ class ModelBusCollector(Collector):
             jobs = None
         if jobs is not None:
             states = GaugeMetricFamily("modelbus_install_jobs", "install jobs by state", labels=["state"])
-            for state, n in sorted(Counter(str(j.get("state")) for j in jobs).items()):
+            for state, n in sorted(Counter(j.state for j in jobs).items()):
                 states.add_metric([state], n)
             yield states
         yield CounterMetricFamily("modelbus_quarantined_events", "log entries refused by every reader",

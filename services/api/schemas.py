@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,11 +36,20 @@ def check_path(value: str) -> str:
     return value
 
 
+class ListingValues(BaseModel):
+    """What a listing sorts a record by beyond its config (``order_by`` size, added, modified)."""
+
+    size: int = Field(description="bytes of the files recorded at its install (0: none recorded)")
+    added: datetime = Field(description="when the log recorded the model's add")
+    modified: datetime = Field(description="when the log recorded its last change")
+
+
 class ModelPage(BaseModel):
     total: int = Field(description="models matching the filters")
     offset: int
     limit: int
     items: list[AnyModelConfig]  # type: ignore[valid-type]
+    listing: dict[str, ListingValues] = Field(default_factory=dict, description="per item key")
 
 
 class RenameRequest(BaseModel):
@@ -88,29 +98,6 @@ class LoadRequest(BaseModel):
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     worker: str | None = Field(default=None, max_length=256)
-
-
-class Job(BaseModel):
-    """An install job, folded from its events (bytes are live while it runs)."""
-
-    id: str
-    source: str
-    state: str = Field(description="waiting, downloading, downloads_done, running, completed, error, cancelled")
-    bytes: int
-    total_bytes: int
-    key: str | None = None
-    config: dict[str, Any] | None = None
-    error_type: str | None = None
-    error: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
-    created_at: str | None = None
-    updated_at: str | None = None
-
-
-class LoadResult(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    key: str
-    state: str
 
 
 class WorkerInfo(BaseModel):

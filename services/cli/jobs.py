@@ -34,31 +34,31 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
     if wait:
         job = follow_install(c, job, since, err_console, timeout)  # stdout stays for the result
     if json:
-        print_json(job)
+        print_json(job.model_dump(mode="json"))
     elif not wait:
-        console.print(f"install job {job['id']} {job['state']} (follow it: modelbus jobs)")
-    if job["state"] == "completed":
+        console.print(f"install job {job.id} {job.state} (follow it: modelbus jobs)")
+    if job.state == "completed":
         if not json:
-            console.print(f"installed {job['source']} as {job['key']}")
+            console.print(f"installed {job.source} as {job.key}")
     elif wait:
-        raise CommandFailedError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}")
+        raise CommandFailedError(f"install of {job.source} {job.state}: {job.error or 'no reason given'}")
 
 
 def jobs(json: JsonFlag = False) -> None:
     """List install jobs."""
     found = client().jobs()
     if json:
-        print_json(found)
+        print_json([j.model_dump(mode="json") for j in found])
         return
     table(f"{len(found)} install job(s)", ("id", "state", "source", "progress", "key / error"),
-          ((j["id"], j["state"], j["source"], f"{human_bytes(j['bytes'])} / {human_bytes(j['total_bytes'])}",
-            j.get("key") or j.get("error") or "") for j in found))
+          ((j.id, j.state, j.source, f"{human_bytes(j.bytes)} / {human_bytes(j.total_bytes)}",
+            j.key or j.error or "") for j in found))
 
 
 def cancel(job_id: str) -> None:
     """Cancel an install job."""
     job = client().cancel(job_id)
-    console.print(f"install job {job_id}: {job['state']}")
+    console.print(f"install job {job_id}: {job.state}")
 
 
 def scan(path: str, json: JsonFlag = False) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from modelbus.services.cli.context import client
 from modelbus.services.cli.errors import UsageError
-from modelbus.services.cli.output import console, err_console, print_json, table
+from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
 from modelbus.services.cli.progress import LoadStatus
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
@@ -19,7 +19,8 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
                 base: Annotated[str | None, typer.Option(help="base model, e.g. sd-1, sdxl")] = None,
                 type: Annotated[str | None, typer.Option("--type", help="model type, e.g. main, lora, vae")] = None,
                 tag: Annotated[list[str] | None, typer.Option(help="models carrying this tag (repeatable)")] = None,
-                sort: Annotated[str, typer.Option(help="sort by name, type, base or format")] = "name",
+                sort: Annotated[str, typer.Option(
+                    help="sort by name, type, base, format, size, added or modified")] = "name",
                 desc: Annotated[bool, typer.Option("--desc", help="descending order")] = False,
                 json: JsonFlag = False) -> None:
     """List the installed models."""
@@ -28,8 +29,10 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
     if json:
         print_json([m.model_dump(mode="json") for m in models])
         return
-    table(f"{len(models)} model(s)", ("key", "name", "type", "format", "base", "path"),
-          ((m.key, m.name, m.model_type.value, m.model_format.value, m.base_model.value, m.path) for m in models))
+    sizes = {k: v.size for k, v in client().listing(m.key for m in models).items()}
+    table(f"{len(models)} model(s)", ("key", "name", "type", "format", "base", "size", "path"),
+          ((m.key, m.name, m.model_type.value, m.model_format.value, m.base_model.value,
+            human_bytes(sizes[m.key]) if sizes.get(m.key) else "", m.path) for m in models))
 
 
 def show(key: str, json: JsonFlag = False) -> None:
@@ -103,16 +106,15 @@ def load(key: str, submodel: Annotated[str | None, typer.Option(help="part of a 
     c = client()
     result = LoadStatus(c, key, err_console).run(lambda: c.load(key, submodel=submodel, worker=worker, timeout=timeout))
     if json:
-        print_json(result)
+        print_json(result.model_dump(mode="json"))
         return
-    seconds = result.get("seconds")
-    console.print(f"loaded {key}{'/' + submodel if submodel else ''} on {result.get('worker')} "
-                  f"({result.get('device')}, {result.get('precision')})"
-                  + (f" in {seconds:.2f}s" if isinstance(seconds, (int, float)) else ""))
+    seconds = result.seconds
+    console.print(f"loaded {key}{'/' + submodel if submodel else ''} on {result.worker} "
+                  f"({result.device}, {result.precision})" + (f" in {seconds:.2f}s" if seconds is not None else ""))
 
 
 def unload(key: str, worker: Annotated[str | None, typer.Option(help="only this GPU worker")] = None) -> None:
     """Drop a model from the GPU workers' caches."""
     result = client().unload(key, worker=worker)
-    workers = ", ".join(w for w in result["workers"] if w) or "no worker held it"
-    console.print(f"{key}: {result['state']} ({workers})")
+    workers = ", ".join(w for w in result.workers if w) or "no worker held it"
+    console.print(f"{key}: {result.state} ({workers})")

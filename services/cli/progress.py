@@ -13,11 +13,13 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
+from modelbus.events.jobs import InstallJobView
 from modelbus.events.schema import (
     LOAD_EVENT_KINDS,
     Event,
@@ -42,7 +44,6 @@ STEP_TEXT: dict[type[Event], str] = {
     InstallFailed: "failed", InstallCancelled: "cancelled"}
 ENDS = (InstallCompleted, InstallFailed, InstallCancelled)
 JOB_EVENTS = (InstallProgress.model_fields["kind"].default, *(cls.model_fields["type"].default for cls in STEP_TEXT))
-TERMINAL = {"completed", "error", "cancelled"}
 FETCH_EVENTS = (ModelFetchStarted, ModelFetchProgress, ModelFetchCompleted, ModelFetchFailed)
 LOAD_EVENTS = (*LOAD_EVENT_KINDS, *(cls.model_fields["kind"].default for cls in FETCH_EVENTS))
 
@@ -53,18 +54,18 @@ def head(client: ModelBusClient) -> str:
     return str(Cursor(store.head("events"), store.head("activity")))
 
 
-def follow_install(client: ModelBusClient, job: dict[str, Any], since: str, console: Console,
-                   timeout: float | None = None) -> dict[str, Any]:
+def follow_install(client: ModelBusClient, job: InstallJobView, since: str, console: Console,
+                   timeout: float | None = None) -> InstallJobView:
     """Show the job's progress until it ends; returns its final state."""
-    job_id = job["id"]
-    if job["state"] in TERMINAL:
+    job_id = job.id
+    if job.terminal:
         return job
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        status = progress.add_task(f"[bold]{job['source']}[/] waiting for a worker", total=None)
-        files: dict[str, Any] = {}
+        status = progress.add_task(f"[bold]{job.source}[/] waiting for a worker", total=None)
+        files: dict[str, TaskID] = {}
         stop = lambda: deadline is not None and time.monotonic() > deadline
         for delivered in client.subscribe(JOB_EVENTS, since, stop=stop, block_ms=250):
             event = delivered.event
@@ -80,13 +81,13 @@ def follow_install(client: ModelBusClient, job: dict[str, Any], since: str, cons
             step = STEP_TEXT.get(type(event))
             if step is None:
                 continue
-            progress.update(status, description=f"[bold]{job['source']}[/] {step}")
+            progress.update(status, description=f"[bold]{job.source}[/] {step}")
             if isinstance(event, ENDS):
                 progress.update(status, total=1, completed=1)
                 break
     final = client.job(job_id)
-    if final["state"] not in TERMINAL:
-        raise WaitTimeoutError(f"install job {job_id} is still {final['state']} after {timeout:g}s "
+    if not final.terminal:
+        raise WaitTimeoutError(f"install job {job_id} is still {final.state} after {timeout:g}s "
                                f"(it goes on; follow it with: modelbus jobs)")
     return final
 

@@ -20,8 +20,8 @@ from modelbus.services.client.subscription import Delivered
 
 # the sync methods exposed as coroutines; everything else stays on ``.sync``
 ASYNC_METHODS = (
-    "install", "wait", "job", "jobs", "cancel", "list_models", "list_models_page", "get_model", "add_model", "update_model",
-    "rename_model", "delete_model", "history", "load", "unload", "workers", "events", "scan", "sync",
+    "install", "wait", "job", "jobs", "cancel", "list_models", "list_models_page", "listing", "get_model", "add_model",
+    "update_model", "rename_model", "delete_model", "history", "load", "unload", "workers", "events", "scan", "sync",
     "queue_lengths", "ping", "rebuild_records", "import_yaml", "close",
 )
 

@@ -19,6 +19,7 @@ import structlog
 from rq import Queue
 
 from modelbus.events.errors import StoreUnavailableError
+from modelbus.events.jobs import InstallJobView, LoadOutcome, UnloadOutcome
 from modelbus.events.keys import QUEUES
 from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from modelbus.events.workers import WorkerInfo, list_workers
@@ -28,6 +29,7 @@ from modelbus.services.client.gpu import GpuLoads
 from modelbus.services.client.subscription import Delivered, Subscription, read_history
 from modelbus.services.config import AppConfig
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.records.projection import Listing
 
 if TYPE_CHECKING:
     from modelbus.services.client.installs import Installs
@@ -115,7 +117,7 @@ class ModelBusClient:
                     tag: str | Iterable[str] | None = None, *, order_by: str = "name",
                     direction: str = "asc") -> list[ModelConfigBase]:
         """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
-        type, base, format) in ``direction`` (asc, desc)."""
+        type, base, format, size, added, modified) in ``direction`` (asc, desc)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:
@@ -132,6 +134,12 @@ class ModelBusClient:
         return self._locked(  # type: ignore[no-any-return]
             lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
                                     direction=direction, model_format=format, name_contains=contains))
+
+    def listing(self, keys: Iterable[str]) -> dict[str, Listing]:
+        """Each recorded key's size (the bytes of its install's manifest) and when the log recorded its
+        add and its last change (Unix ms): what ``order_by`` size, added and modified sort by."""
+        wanted = list(keys)
+        return self._locked(lambda r: r.listing(wanted))  # type: ignore[no-any-return]
 
     def get_model(self, key: str) -> ModelConfigBase:
         return self._locked(lambda r: r.get_model(key))  # type: ignore[no-any-return]
@@ -172,23 +180,23 @@ class ModelBusClient:
 
     # --- installs, loads ----------------------------------------------------------------------------
 
-    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> InstallJobView:
         """Publish an install command and return the job at once (``wait()`` follows it).
 
         A local file outside the import roots is handed over by this process (linked or copied into the
         import area with the caller's permissions); ``hand_over=False`` (the HTTP API) refuses it instead."""
         return self.installs.install(source, hand_over=hand_over, **options)
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> InstallJobView:
         return self.installs.job(job_id)
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[InstallJobView]:
         return self.installs.jobs()
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> InstallJobView:
         return self.installs.cancel(job_id)
 
-    def wait(self, job: str | Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job: str | InstallJobView | Mapping[str, Any], timeout: float | None = None) -> InstallJobView:
         """Block until the install job ends (completed, failed or cancelled); returns its final state."""
         return self.installs.wait(job, timeout)
 
@@ -214,13 +222,13 @@ class ModelBusClient:
         return self.installs.sync()
 
     def load(self, key: str, submodel: str | None = None, worker: str | None = None,
-             wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+             wait: bool = True, timeout: float | None = None) -> LoadOutcome:
         """Load a model on a GPU worker (the one already holding it, unless ``worker`` is given); with
         ``wait``, return after the worker's ``model_load_completed`` with what it reported."""
         self.get_model(key)  # an unknown key fails here, not on a worker
         return self.gpu.load(key, submodel, worker, wait, timeout)
 
-    def unload(self, key: str, worker: str | None = None) -> dict[str, Any]:
+    def unload(self, key: str, worker: str | None = None) -> UnloadOutcome:
         return self.gpu.unload(key, worker)
 
     # --- events -------------------------------------------------------------------------------------

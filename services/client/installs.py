@@ -1,5 +1,6 @@
 """The client's side of the install service: it publishes install commands and reads jobs, turning jobs into
-plain dicts (what the API and the CLI print) and the service's errors into the client's (by kind).
+:class:`~modelbus.events.jobs.InstallJobView` (what the API and the CLI print) and the service's errors into
+the client's (by kind).
 
 Built from what it needs (the configuration, the event store and the record service), not from the client.
 """
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from modelbus.events.jobs import FileProgress, InstallJobView
 from modelbus.events.store import RedisEventStore
 from modelbus.services.client.errors import InvalidRequestError, translated
 from modelbus.services.config import AppConfig
@@ -26,10 +28,10 @@ T = TypeVar("T")
 SECRET_OPTIONS = frozenset({"access_token", "claim"})  # never shown back to a caller
 
 
-def job_id_of(job: str | InstallJob | Mapping[str, Any]) -> str:
+def job_id_of(job: str | InstallJob | InstallJobView | Mapping[str, Any]) -> str:
     if isinstance(job, str):
         return job
-    if isinstance(job, InstallJob):
+    if isinstance(job, InstallJob | InstallJobView):
         return job.id
     found = job.get("id")
     if not found:
@@ -37,14 +39,17 @@ def job_id_of(job: str | InstallJob | Mapping[str, Any]) -> str:
     return str(found)
 
 
-def job_dict(job: InstallJob) -> dict[str, Any]:
-    """An install job as JSON-ready data; ``state`` is the status (the spec's name for it)."""
-    return {"id": job.id, "source": job.source, "state": job.status.value, "bytes": job.bytes,
-            "total_bytes": job.total_bytes, "key": job.key, "config": job.config,
-            "error_type": job.error_type, "error": job.error,
-            "options": {k: v for k, v in job.options.items() if k not in SECRET_OPTIONS},
-            "created_at": job.created_at.isoformat() if job.created_at else None,
-            "updated_at": job.updated_at.isoformat() if job.updated_at else None}
+def _shown(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in SECRET_OPTIONS}
+
+
+def job_view(job: InstallJob) -> InstallJobView:
+    """What a caller sees of an install job (secrets left out)."""
+    return InstallJobView(
+        id=job.id, source=job.source, state=job.status.value, bytes=job.bytes, total_bytes=job.total_bytes,
+        key=job.key, config=job.config, error_type=job.error_type, error=job.error, options=_shown(job.options),
+        files=tuple(FileProgress(path=name, bytes=done, total_bytes=total) for name, done, total in job.files),
+        created_at=job.created_at, updated_at=job.updated_at)
 
 
 class Installs:
@@ -56,7 +61,7 @@ class Installs:
         with translated():
             return fn()
 
-    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> InstallJobView:
         if not isinstance(source, str) or not source.strip():
             raise InvalidRequestError("install needs a source: a path, a URL, a Hugging Face repo id or civitai:ID")
         config = options.pop("config", None)
@@ -75,23 +80,20 @@ class Installs:
         if job_id != command_id:  # a repeated command, or a source already being installed: that job
             return self.job(job_id)
         # a new job is waiting: say so without reading it back (publishing stays one append + one enqueue)
-        return {"id": job_id, "source": source, "state": InstallStatus.WAITING.value, "bytes": 0, "total_bytes": 0,
-                "key": None, "config": None, "error_type": None, "error": None,
-                "options": {k: v for k, v in opts.items() if k not in SECRET_OPTIONS},
-                "created_at": None, "updated_at": None}
+        return InstallJobView(id=job_id, source=source, state=InstallStatus.WAITING.value, options=_shown(opts))
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return job_dict(self._call(lambda: self.installer.get_job_by_id(job_id)))
+    def job(self, job_id: str) -> InstallJobView:
+        return job_view(self._call(lambda: self.installer.get_job_by_id(job_id)))
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return [job_dict(j) for j in self._call(self.installer.list_jobs)]
+    def jobs(self) -> list[InstallJobView]:
+        return [job_view(j) for j in self._call(self.installer.list_jobs)]
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return job_dict(self._call(lambda: self.installer.cancel_job(job_id)))
+    def cancel(self, job_id: str) -> InstallJobView:
+        return job_view(self._call(lambda: self.installer.cancel_job(job_id)))
 
-    def wait(self, job: str | InstallJob | Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+    def wait(self, job: str | InstallJob | InstallJobView | Mapping[str, Any], timeout: float | None) -> InstallJobView:
         job_id = job_id_of(job)
-        return job_dict(self._call(lambda: self.installer.wait_for_job(job_id, timeout)))
+        return job_view(self._call(lambda: self.installer.wait_for_job(job_id, timeout)))
 
     def delete(self, key: str) -> None:
         """The record and the files it owns (services.install.ownership)."""

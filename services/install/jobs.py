@@ -75,6 +75,8 @@ class InstallJob:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     version: int = 0
+    #: live while it runs (the progress board): each file's (name, bytes done, size or None)
+    files: list[tuple[str, int, int | None]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:

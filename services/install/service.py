@@ -140,7 +140,7 @@ class ModelInstallService:
     def get_job_by_id(self, job_id: str) -> InstallJob:
         job = load_job(self.event_store, job_id)
         if not job.terminal:
-            job.bytes, total = self.board.read(job_id)
+            job.bytes, total, job.files = self.board.snapshot(job_id)
             job.total_bytes = total or job.total_bytes
         return job
 

@@ -238,7 +238,8 @@ def _too_large(path: Path, where: str, what: str) -> PickleTooLargeError:
 
 def _scan_stream(path: Path, fh: IO[bytes] | _Budget, scan: PickleScan, where: str, counted: list[int]) -> None:
     try:
-        for name in _imported_globals(_bounded(pickletools.genops(fh), path, counted)):
+        # (_Budget reads like the file it wraps: genops only calls read, readline, tell)
+        for name in _imported_globals(_bounded(pickletools.genops(fh), path, counted)):  # type: ignore[arg-type]
             scan.add(name)
     except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
         raise CorruptModelError(f"{path}: not a valid pickle ({where}): {_first_line(exc)}") from exc

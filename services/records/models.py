@@ -189,7 +189,8 @@ class IPAdapterConfig(ModelConfigBase):
 
 class IPAdapterCheckpointConfig(CheckpointConfig, IPAdapterConfig):
     model_type: Literal[ModelType.IPAdapter] = ModelType.IPAdapter
-    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+    # a narrower Literal than the folder form's: a subclass by design (isinstance tells every IP-Adapter)
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint  # type: ignore[assignment]
 
 
 class CLIPVisionDiffusersConfig(DiffusersConfig):

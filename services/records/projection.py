@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -37,7 +37,8 @@ KIND = "modelbus-model-records"  # marks our files and tables: anything else is 
 
 #: key -> (new state or None when removed, aggregate version)
 Changes = dict[str, tuple[State, int]]
-_UNREAD: Any = object()  # a key's stored state, not read yet (only a rename needs it)
+_UNREAD: Any = object()  # a key's stored state, not read yet (only these events need it:)
+_READS_STATE = frozenset({"ModelRenamed", "ModelUpdated"})
 
 
 def _log_refusals(*refusals: Refusal) -> None:
@@ -45,9 +46,14 @@ def _log_refusals(*refusals: Refusal) -> None:
         log.warning("event_skipped", position=r.position, reason=r.reason)
 
 
+LISTING = "__listing__"  # a stored state's listing values (:class:`Listing`), beside the config's fields
+
+
 def config_from_state(state: dict[str, Any]) -> ModelConfigBase:
     cls = CLASSES_BY_TAG.get(tag_of(state.get("model_type", ""), state.get("model_format", ""))) \
         or config_class(state)
+    if LISTING in state:
+        state = {k: v for k, v in state.items() if k != LISTING}
     return cls.model_validate(state)
 
 
@@ -63,18 +69,50 @@ def listing_order(name: str, key: str) -> tuple[str, str]:
     return name.lower(), key
 
 
+class Listing(NamedTuple):
+    """What a listing may sort a record by beyond its config: the bytes of its manifest (0 for a record
+    without one), and when the log recorded its ``ModelAdded`` and its last change (Unix milliseconds of
+    the entries' positions, the log's own clock: a rebuild anywhere gives the same values)."""
+
+    size: int = 0
+    added: int = 0
+    modified: int = 0
+
+
+def listing_of(state: dict[str, Any]) -> Listing:
+    found = state.get(LISTING)
+    return Listing(*found) if found else Listing()
+
+
+def next_listing(state: State, type_name: str, body: Mapping[str, Any], position: str) -> Listing:
+    """The listing values after one event (``state``: the record before it, with its values)."""
+    moment = position_key(position)[0]
+    before = listing_of(state) if state is not None else None
+    files = body.get("files")
+    size = sum(int((f.get("size") if isinstance(f, Mapping) else getattr(f, "size", 0)) or 0) for f in files) \
+        if isinstance(files, list | tuple) else None  # (None: an update that kept the manifest)
+    if type_name == "ModelAdded" or before is None:
+        return Listing(size or 0, moment, moment)
+    return Listing(before.size if size is None else size, before.added, moment)
+
+
 #: what a listing may be ordered by -> the record field holding it (then name, then key: a total order,
-#: so pages never overlap or skip, whichever direction)
-ORDER_FIELDS: dict[str, str] = {"name": "name", "type": "model_type", "base": "base_model", "format": "model_format"}
+#: so pages never overlap or skip, whichever direction); size, added and modified are :class:`Listing`'s
+ORDER_FIELDS: dict[str, str] = {"name": "name", "type": "model_type", "base": "base_model", "format": "model_format",
+                                "size": "size", "added": "added", "modified": "modified"}
+LISTING_FIELDS = frozenset(Listing._fields)
 DIRECTIONS = ("asc", "desc")
 
 
-def order_key(state: dict[str, Any], key: str, order_by: str) -> tuple[str, str, str]:
+def order_key(state: dict[str, Any], key: str, order_by: str) -> tuple[Any, str, str]:
     """The sort key of a record's stored state in a listing ordered by ``order_by`` (ascending);
     the SQL projection orders by the same three columns, compared bytewise (code point order)."""
     name, _ = listing_order(state["name"], key)
-    first = name if order_by == "name" else str(state[ORDER_FIELDS[order_by]])
-    return first, name, key
+    if order_by == "name":
+        return name, name, key
+    if order_by in LISTING_FIELDS:
+        return getattr(listing_of(state), order_by), name, key
+    return str(state[ORDER_FIELDS[order_by]]), name, key
 
 
 def check_page(offset: int, limit: int) -> None:
@@ -154,9 +192,13 @@ class RecordProjection(ABC):
                 state: State = _UNREAD
             else:
                 state = current[0]
-            if state is _UNREAD and entry.type == "ModelRenamed":
-                state = self._load_state(key)
-            changes[key] = (step(None if state is _UNREAD else state, entry.type, body), entry.aggregate_version)
+            if state is _UNREAD and entry.type in _READS_STATE:
+                state = self._load_state(key)  # a rename keeps the rest, both keep the listing's values
+            before = None if state is _UNREAD else state
+            after = step(before, entry.type, body)
+            if after is not None:
+                after[LISTING] = next_listing(before, entry.type, body, entry.position)
+            changes[key] = (after, entry.aggregate_version)
             self._cache.pop(key, None)
         if refused:
             self.refuse(*refused)
@@ -224,6 +266,11 @@ class RecordProjection(ABC):
         and a name holding ``name_contains`` whatever its case, by :func:`listing_order`'s lowering),
         ordered by :func:`order_key` (``order_by`` one of :data:`ORDER_FIELDS`, checked by the service),
         and their number; only the ``limit`` records from ``offset`` on are parsed and copied out."""
+
+    def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
+        """The :class:`Listing` values of those of ``keys`` that have a record."""
+        with self.lock:
+            return {k: listing_of(s) for k in dict.fromkeys(keys) if (s := self._load_state(k)) is not None}
 
     @abstractmethod
     def by_path(self, path: str) -> list[ModelConfigBase]:

@@ -48,9 +48,9 @@ from modelbus.services.records.projection import (
     DIRECTIONS,
     ORDER_FIELDS,
     RECORDS_VERSION,
+    Listing,
     RecordProjection,
     config_from_state,
-    order_key,
 )
 
 log = structlog.get_logger(__name__)
@@ -58,6 +58,7 @@ log = structlog.get_logger(__name__)
 WRITE_ATTEMPTS = 16  # optimistic retries before a write gives up under constant contention
 RETRY_BACKOFF_BASE = 0.0005  # seconds; the random back-off after a lost race doubles up to the cap
 RETRY_BACKOFF_CAP = 0.05
+_WHOLE = 2**62  # a page limit beyond any store (SQLite's LIMIT takes a 64-bit integer)
 
 
 @contextmanager
@@ -85,12 +86,6 @@ def _order(order_by: Any) -> str:
         raise InvalidModelConfigException(
             [FieldError("order_by", order_by, "must be one of " + ", ".join(ORDER_FIELDS))], "invalid search")
     return str(order_by)
-
-
-def _sort_fields(config: ModelConfigBase) -> dict[str, str]:
-    """A config's fields a listing sorts by, as its stored state holds them."""
-    return {"name": config.name, "model_type": config.model_type.value, "base_model": config.base_model.value,
-            "model_format": config.model_format.value}
 
 
 def _direction(direction: Any) -> bool:
@@ -287,17 +282,17 @@ class ModelRecordServiceBase:
                        model_type: ModelType | str | None = None, *, order_by: str | None = None,
                        direction: str = "asc") -> list[ModelConfigBase]:
         """Models matching every criterion given; a base matches the primary base or a compatible one.
-        ``order_by`` (name, type, base, format) and ``direction`` (asc, desc) sort them as
-        :meth:`search_page` does; without ``order_by`` they come in no particular order."""
+        ``order_by`` (name, type, base, format, size, added, modified) and ``direction`` (asc, desc) sort
+        them as :meth:`search_page` does; without ``order_by`` they come in no particular order."""
         base = _enum(BaseModelType, "base_model", base_model)
         type_ = _enum(ModelType, "model_type", model_type)
         descending = _direction(direction)
         field = _order(order_by) if order_by is not None else None
         self._sync_for_read()
-        found = self.projection.search(name, base, type_)
-        if field is not None:
-            found.sort(key=lambda c: order_key(_sort_fields(c), c.key, field), reverse=descending)
-        return found
+        if field is None:
+            return self.projection.search(name, base, type_)
+        # the projection orders (it holds the listing values a config lacks): one page of everything
+        return self.projection.page(name, base, type_, (), 0, _WHOLE, field, descending)[1]
 
     def all_models(self, *, order_by: str | None = None, direction: str = "asc") -> list[ModelConfigBase]:
         return self.search_by_name(order_by=order_by, direction=direction)
@@ -308,8 +303,9 @@ class ModelRecordServiceBase:
                     model_format: ModelFormat | str | None = None, name_contains: str | None = None,
                     ) -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`search_by_name`, filtered by all ``tags``, and the total. Ordered by
-        ``order_by`` (name, type, base or format; then the lowered name, then the key: a total order, so
-        pages neither overlap nor skip) in ``direction`` (asc or desc). ``model_format`` and
+        ``order_by`` (name, type, base, format; size: the bytes of the install's manifest; added, modified:
+        when the log recorded the record's add and its last change; then the lowered name, then the key: a
+        total order, so pages neither overlap nor skip) in ``direction`` (asc or desc). ``model_format`` and
         ``name_contains`` (part of the name, any case) narrow it further. The projection filters, orders
         and cuts the page itself (in SQL for SQLite), so only the page's records are read and copied out."""
         base = _enum(BaseModelType, "base_model", base_model)
@@ -323,6 +319,13 @@ class ModelRecordServiceBase:
         return self.projection.page(name, base, type_, list(tags), offset, limit, sort_field, descending,
                                     model_format=_enum(ModelFormat, "model_format", model_format),
                                     name_contains=name_contains or None)
+
+    def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
+        """What a listing sorts records by beyond their configs (:class:`~.projection.Listing`: the bytes
+        of the install's manifest, the log's milliseconds of the add and of the last change), for those
+        of ``keys`` that have a record."""
+        self._sync_for_read()
+        return self.projection.listing(list(keys))
 
     def search_by_tag(self, tags: Sequence[str]) -> list[ModelConfigBase]:
         """Models carrying all of ``tags``."""

@@ -24,16 +24,21 @@ from modelbus.services.records.fold import State
 from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from modelbus.services.records.projection import (
     KIND,
+    LISTING,
     RECORDS_VERSION,
     Changes,
+    Listing,
     RecordProjection,
     check_page,
     copy_config,
     fresh_entries,
+    listing_of,
     listing_order,
 )
 
-SCHEMA = 3  # 2: the key tables are WITHOUT ROWID (one B-tree each instead of two); 3: sort_name and its index
+# 2: the key tables are WITHOUT ROWID (one B-tree each instead of two); 3: sort_name and its index;
+# 4: the listing values (size, added, modified) and their order indexes
+SCHEMA = 4
 META = "model_record_meta"
 
 DDL = f"""
@@ -49,11 +54,19 @@ CREATE TABLE IF NOT EXISTS model_records (
     path TEXT NOT NULL,
     resolved_path TEXT NOT NULL,
     hash TEXT,
+    -- projection.Listing: manifest bytes, and the log's milliseconds of the add and of the last change
+    size INTEGER NOT NULL,
+    added INTEGER NOT NULL,
+    modified INTEGER NOT NULL,
+    -- the config alone (the listing values are the columns above)
     config TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS model_records_name ON model_records(name);
 -- a listing page walks this from its offset instead of sorting every match
 CREATE INDEX IF NOT EXISTS model_records_order ON model_records(sort_name, key);
+CREATE INDEX IF NOT EXISTS model_records_order_size ON model_records(size, sort_name, key);
+CREATE INDEX IF NOT EXISTS model_records_order_added ON model_records(added, sort_name, key);
+CREATE INDEX IF NOT EXISTS model_records_order_modified ON model_records(modified, sort_name, key);
 CREATE INDEX IF NOT EXISTS model_records_base ON model_records(base);
 CREATE INDEX IF NOT EXISTS model_records_type ON model_records(type);
 CREATE INDEX IF NOT EXISTS model_records_format ON model_records(format);
@@ -91,7 +104,8 @@ class _Pending:
 
 _SELECT = "SELECT type, format, config, key FROM model_records"
 #: projection.ORDER_FIELDS -> the column holding it (the only names that reach an ORDER BY)
-_ORDER_COLUMNS = {"type": "type", "base": "base", "format": "format"}
+_ORDER_COLUMNS = {"type": "type", "base": "base", "format": "format", "size": "size", "added": "added",
+                  "modified": "modified"}
 
 
 def inspect_schema(conn: sqlite3.Connection, where: str) -> str:
@@ -236,12 +250,13 @@ class SQLProjection(RecordProjection):
         for key, (state, _) in changes.items():
             if state is None:
                 continue
-            rows.append((key, state["name"], listing_order(state["name"], key)[0], state["base_model"], state["model_type"], state["model_format"],
-                         state["path"], self.resolve(state["path"]), state.get("hash"),
-                         orjson.dumps(state).decode()))
+            config = {k: v for k, v in state.items() if k != LISTING}
+            rows.append((key, state["name"], listing_order(state["name"], key)[0], state["base_model"],
+                         state["model_type"], state["model_format"], state["path"], self.resolve(state["path"]),
+                         state.get("hash"), *listing_of(state), orjson.dumps(config).decode()))
             tags += [(tag, key) for tag in dict.fromkeys(state.get("tags") or ())]
             bases += [(b, key) for b in dict.fromkeys([state["base_model"], *(state.get("compatible_bases") or ())])]
-        self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.conn.executemany("INSERT INTO model_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         self.conn.executemany("INSERT INTO model_record_tags VALUES (?, ?)", tags)
         self.conn.executemany("INSERT INTO model_record_bases VALUES (?, ?)", bases)
         self.conn.executemany("INSERT OR REPLACE INTO model_record_versions VALUES (?, ?)",
@@ -267,8 +282,13 @@ class SQLProjection(RecordProjection):
         if self._bulk is not None:  # a rebuild: the rows are still in memory
             found = self._bulk.changes.get(key)
             return None if found is None else found[0]
-        row = self.conn.execute("SELECT config FROM model_records WHERE key = ?", (key,)).fetchone()
-        return orjson.loads(row[0]) if row else None
+        row = self.conn.execute("SELECT config, size, added, modified FROM model_records WHERE key = ?",
+                                (key,)).fetchone()
+        if row is None:
+            return None
+        state: dict[str, Any] = orjson.loads(row[0])
+        state[LISTING] = Listing(*row[1:])
+        return state
 
     def get(self, key: str, copy: bool = True) -> ModelConfigBase | None:
         with self.lock:
@@ -343,6 +363,18 @@ class SQLProjection(RecordProjection):
             yield
         finally:
             self.conn.rollback()  # nothing was written: ending the read is all that is left
+
+    def listing(self, keys: Sequence[str]) -> dict[str, Listing]:
+        # the columns alone: no config is read or parsed
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Listing] = {}
+        with self.lock:
+            for i in range(0, len(wanted), 500):  # (SQLite's bound-parameter limit)
+                chunk = wanted[i:i + 500]
+                rows = self.conn.execute("SELECT key, size, added, modified FROM model_records WHERE key IN ("
+                                         + ", ".join("?" * len(chunk)) + ")", chunk)
+                found.update((row[0], Listing(*row[1:])) for row in rows)
+        return {k: found[k] for k in wanted if k in found}
 
     def by_path(self, path: str) -> list[ModelConfigBase]:
         return self._query(_SELECT + " WHERE path = ? OR resolved_path = ?", (path, self.resolve(path)))

@@ -9,6 +9,7 @@ Layout (InvokeAI's models.yaml shape, plus our header)::
       checkpoint: 1700000000000-0
       last_event: <event id at the checkpoint>
       versions: {<key>: <aggregate version>, ...}
+      listing: {<key>: [size, added, modified], ...}   (projection.Listing)
     <key>: {name: ..., model_type: ..., ...}
 
 Several processes may share the file: each rewrite happens under an ``flock`` on a sidecar lock file,
@@ -30,9 +31,16 @@ import yaml
 from modelbus.events.store import BodyBatch, position_key
 from modelbus.services.records.errors import RecordStoreFormatError
 from modelbus.services.records.memory_projection import DictProjection, RecordTable
-from modelbus.services.records.projection import KIND, RECORDS_VERSION, fresh_entries
+from modelbus.services.records.projection import (
+    KIND,
+    LISTING,
+    RECORDS_VERSION,
+    Listing,
+    fresh_entries,
+    listing_of,
+)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the listing values in the header
 METADATA = "__metadata__"
 
 _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -94,10 +102,12 @@ class YamlProjection(DictProjection):
                 self.stale = True
             else:
                 states = {}
+                listing = meta.get("listing") or {}
                 for key, body in data.items():
                     if not isinstance(body, dict):
                         raise RecordStoreFormatError(f"{self.path}: record {key!r} is not a mapping")
-                    states[str(key)] = {**body, "key": str(key)}
+                    values = listing.get(key)
+                    states[str(key)] = {**body, "key": str(key), LISTING: Listing(*values) if values else Listing()}
                 versions = {str(k): int(v) for k, v in (meta.get("versions") or {}).items()}
                 table.load(states, versions, str(meta.get("checkpoint") or "0-0"), meta.get("last_event"))
         self.table = table
@@ -117,10 +127,11 @@ class YamlProjection(DictProjection):
     def _write(self) -> None:
         meta = {"version": RECORDS_VERSION, "kind": KIND, "schema": SCHEMA,
                 "checkpoint": self.table.checkpoint, "last_event": self.table.last_event_id,
-                "versions": self.table.versions}
+                "versions": self.table.versions,
+                "listing": {k: list(listing_of(s)) for k, s in sorted(self.table.states.items())}}
         body: dict[str, Any] = {METADATA: meta}
         for key, state in sorted(self.table.states.items()):
-            body[key] = {k: v for k, v in state.items() if k != "key"}
+            body[key] = {k: v for k, v in state.items() if k != "key" and k != LISTING}
         text = yaml.dump(body, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:

@@ -3,11 +3,13 @@ each event store (a real Redis from tests/conftest.py, and the in-memory one).""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from modelbus.events.store import EventStore
 from modelbus.services.config import AppConfig
@@ -71,3 +73,19 @@ def main_config(name: str = "sd15", path: str = "sd-1/main/sd15.safetensors", **
 def vae_config(name: str = "vae", path: str = "sd-1/vae/vae.safetensors", **extra: Any) -> dict[str, Any]:
     return {"name": name, "model_type": "vae", "model_format": "checkpoint", "base_model": "sd-1",
             "path": path, **extra}
+
+
+def set_older_layout(path: Path, schema: int, sql: str, edit_yaml: Callable[[dict[str, Any]], None]) -> None:
+    """Make a closed store file look written by an older layout of ours: its schema number set back to
+    ``schema``, then ``sql`` run on it (SQLite) or ``edit_yaml`` applied to the parsed file (YAML)."""
+    if path.suffix == ".db":
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE model_record_meta SET value = ? WHERE name = 'schema'", (str(schema),))
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+    else:
+        data = yaml.safe_load(path.read_text())
+        data["__metadata__"]["schema"] = schema
+        edit_yaml(data)
+        path.write_text(yaml.safe_dump(data))

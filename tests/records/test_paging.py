@@ -146,10 +146,12 @@ def test_a_schema_2_file_is_rebuilt_with_the_order_column(root: Path, config: Ap
     sql = make_service("sql", log)
     assert pages([writer, sql])[0] == 12
     sql.close()
-    # the layout before the order column: no sort_name, no index on it, schema 2
+    # the layout before the order column: no sort_name, no index on it (nor the listing values), schema 2
     conn = sqlite3.connect(root / "records.db")
-    conn.execute("DROP INDEX model_records_order")
-    conn.execute("ALTER TABLE model_records DROP COLUMN sort_name")
+    for order in ("", "_size", "_added", "_modified"):
+        conn.execute(f"DROP INDEX model_records_order{order}")
+    for column in ("sort_name", "size", "added", "modified"):
+        conn.execute(f"ALTER TABLE model_records DROP COLUMN {column}")
     conn.execute("UPDATE model_record_meta SET value = '2' WHERE name = 'schema'")
     conn.commit()
     conn.close()

@@ -23,7 +23,7 @@ from modelbus.services.records import (
 from modelbus.services.records.errors import EventLogError
 from modelbus.services.records.rebuild import rebuild
 
-from .conftest import main_config
+from .conftest import main_config, set_older_layout
 
 
 @pytest.fixture()
@@ -330,16 +330,6 @@ def test_an_older_layout_of_ours_is_rebuilt(tmp_path: Path, log: InMemoryEventSt
     path = tmp_path / f"r{suffix}"
     with ModelRecordServiceBase.from_db_file(path, log, config=config) as service:
         service.add_model("k1", main_config())
-    if suffix == ".db":
-        conn = sqlite3.connect(path)
-        conn.execute("UPDATE model_record_meta SET value = '0' WHERE name = 'schema'")
-        conn.execute("DELETE FROM model_records")
-        conn.commit()
-        conn.close()
-    else:
-        data = yaml.safe_load(path.read_text())
-        data["__metadata__"]["schema"] = 0
-        del data["k1"]
-        path.write_text(yaml.safe_dump(data))
+    set_older_layout(path, 0, "DELETE FROM model_records", lambda data: data.pop("k1"))
     with ModelRecordServiceBase.from_db_file(path, log, config=config) as again:
         assert [m.key for m in again.all_models()] == ["k1"]

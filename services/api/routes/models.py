@@ -3,18 +3,18 @@ jobs, scan and sync, loads and unloads, and the workers with their caches."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
+from modelbus.events.jobs import InstallJobView, LoadOutcome, UnloadOutcome
 from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND, ErrorResponse, Responses
 from modelbus.services.api.schemas import (
     HistoryEntry,
     InstallRequest,
-    Job,
     LoadRequest,
-    LoadResult,
     ModelPage,
     Removed,
     RenameRequest,
@@ -57,8 +57,9 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 tag: Annotated[list[str] | None, Query(description="models carrying all of these tags")] = None,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                 limit: Annotated[int, Query(ge=1, le=limits.LIST_LIMIT_MAX)] = limits.LIST_LIMIT_DEFAULT,
-                order_by: Annotated[Literal["name", "type", "base", "format"], Query(
-                    description="sort field; ties by name, then key (stable across pages)")] = "name",
+                order_by: Annotated[Literal["name", "type", "base", "format", "size", "added", "modified"], Query(
+                    description="sort field (size: bytes installed; added, modified: when recorded); ties by "
+                                "name, then key (stable across pages)")] = "name",
                 direction: Literal["asc", "desc"] = "asc",
                 format: ModelFormat | None = None,
                 contains: Annotated[str | None, Query(max_length=512, description="part of the name, any case")] = None,
@@ -66,7 +67,13 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
     total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
                                       order_by=order_by, direction=direction, format=format, contains=contains)
     page = [m.model_dump(mode="json") for m in found]
-    return _json({"total": total, "offset": offset, "limit": limit, "items": page})
+    listing = {k: {"size": v.size, "added": _iso(v.added), "modified": _iso(v.modified)}
+               for k, v in c.listing(m.key for m in found).items()}
+    return _json({"total": total, "offset": offset, "limit": limit, "items": page, "listing": listing})
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 @router.get("/i/{key}", response_model=AnyModelConfig, responses=NOT_FOUND, summary="Get one model")
@@ -102,44 +109,45 @@ def model_history(key: Key, c: Client) -> Response:
 
 # --- loads ----------------------------------------------------------------------------------------
 
-@router.post("/i/{key}/load", response_model=LoadResult, responses={**NOT_FOUND, **WORKER},
+@router.post("/i/{key}/load", response_model=LoadOutcome, responses={**NOT_FOUND, **WORKER},
              summary="Load a model on a GPU worker (the one already holding it, by default)")
 def load_model(key: Key, c: Client, body: LoadRequest | None = None) -> Response:
     body = body or LoadRequest()
     submodel = body.submodel.value if body.submodel is not None else None
-    return _json(c.load(key, submodel=submodel, worker=body.worker, wait=body.wait, timeout=body.timeout))
+    return _json(c.load(key, submodel=submodel, worker=body.worker, wait=body.wait,
+                        timeout=body.timeout).model_dump(mode="json"))
 
 
-@router.post("/i/{key}/unload", response_model=LoadResult, responses={**NOT_FOUND, **WORKER},
+@router.post("/i/{key}/unload", response_model=UnloadOutcome, responses={**NOT_FOUND, **WORKER},
              summary="Drop a model from the workers' caches")
 def unload_model(key: Key, c: Client, body: UnloadRequest | None = None) -> Response:
-    return _json(c.unload(key, worker=(body or UnloadRequest()).worker))
+    return _json(c.unload(key, worker=(body or UnloadRequest()).worker).model_dump(mode="json"))
 
 
 # --- installs -------------------------------------------------------------------------------------
 
-@router.post("/install", response_model=Job, status_code=202, responses={**WORKER, **FORBIDDEN},
+@router.post("/install", response_model=InstallJobView, status_code=202, responses={**WORKER, **FORBIDDEN},
              summary="Install a model from a path, URL, Hugging Face repo id or Civitai id")
 def install(body: InstallRequest, c: Client) -> Response:
     # a local path must lie in an import root: the API never reads a file on a caller's behalf
-    return _json(c.install(body.source, hand_over=False, **body.options()), status=202)
+    return _json(c.install(body.source, hand_over=False, **body.options()).model_dump(mode="json"), status=202)
 
 
-@router.get("/install", response_model=list[Job], responses=WORKER, summary="List install jobs")
+@router.get("/install", response_model=list[InstallJobView], responses=WORKER, summary="List install jobs")
 def list_jobs(c: Client) -> Response:
-    return _json(c.jobs())
+    return _json([j.model_dump(mode="json") for j in c.jobs()])
 
 
-@router.get("/install/{job_id}", response_model=Job, responses={**NOT_FOUND, **WORKER},
+@router.get("/install/{job_id}", response_model=InstallJobView, responses={**NOT_FOUND, **WORKER},
             summary="Get one install job")
 def get_job(job_id: JobId, c: Client) -> Response:
-    return _json(c.job(job_id))
+    return _json(c.job(job_id).model_dump(mode="json"))
 
 
-@router.delete("/install/{job_id}", response_model=Job, responses={**NOT_FOUND, **WORKER},
+@router.delete("/install/{job_id}", response_model=InstallJobView, responses={**NOT_FOUND, **WORKER},
                summary="Cancel an install job")
 def cancel_job(job_id: JobId, c: Client) -> Response:
-    return _json(c.cancel(job_id))
+    return _json(c.cancel(job_id).model_dump(mode="json"))
 
 
 @router.post("/scan", response_model=ScanResult, summary="Register every model found in a folder (in place)",

@@ -1,0 +1,87 @@
+"""Jobs as every surface shows them: :class:`InstallJobView` for an install, :class:`LoadOutcome` and
+:class:`UnloadOutcome` for the GPU workers' loads and unloads; the one shape each that the client returns
+and the API and the CLI print.
+
+The job itself is the fold of its events (``services.install.jobs.InstallJob``); the view adds what is
+live while it runs (bytes per file, from the progress board) and leaves out what a caller must not see
+(the access token, the source claim). Like the activity payloads, a view's fields can also be read by
+name (``job["state"]``), as callers did when jobs were dicts; ``model_dump(mode="json")`` is its JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from modelbus.events.schema import NamedFields
+
+#: the states in which a job has ended (every other state may still change)
+TERMINAL_STATES = frozenset({"completed", "error", "cancelled"})
+
+
+class _View(NamedFields):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileProgress(_View):
+    """One file of a running job: bytes written so far, and its size when known."""
+
+    path: str = Field(description="the file's path within the model, as its download names it")
+    bytes: int = Field(default=0, ge=0)
+    total_bytes: int | None = Field(default=None, ge=0)
+
+
+class InstallJobView(_View):
+    """An install job, folded from its events; ``bytes``, ``total_bytes`` and ``files`` are live while it
+    runs. ``state`` is the job's status (the spec's name for it)."""
+
+    id: str
+    source: str
+    state: str = Field(description="waiting, downloading, downloads_done, running, completed, error, cancelled")
+    bytes: int = Field(default=0, ge=0)
+    total_bytes: int = Field(default=0, ge=0)
+    key: str | None = Field(default=None, description="the installed model's key, once completed")
+    config: dict[str, Any] | None = Field(default=None, description="the installed model's record (JSON)")
+    error_type: str | None = None
+    error: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="the install's options, secrets left out")
+    files: tuple[FileProgress, ...] = Field(default=(), description="per-file progress while it runs")
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job has ended (completed, failed or cancelled)."""
+        return self.state in TERMINAL_STATES
+
+
+class LoadOutcome(NamedFields):
+    """A load placed on a GPU worker: ``queued`` (not waited for: ``job_id`` follows it) or ``loaded``,
+    with what the worker reported. Fields a newer worker adds are ignored (like its state)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    key: str
+    state: str = Field(description="queued or loaded")
+    job_id: str
+    submodel: str | None = None
+    worker: str | None = Field(default=None, description="the GPU worker that loaded it")
+    device: str | None = None
+    location: str | None = Field(default=None, description="the files it was loaded from")
+    precision: str | None = None
+    seconds: float | None = Field(default=None, description="the worker's time for the load")
+
+
+class UnloadOutcome(NamedFields):
+    """A model dropped from the GPU workers' caches: ``unloaded`` (by ``workers``) or ``not_loaded``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+    state: str = Field(description="unloaded or not_loaded")
+    workers: tuple[str, ...] = ()
+
+
+__all__ = ["TERMINAL_STATES", "FileProgress", "InstallJobView", "LoadOutcome", "UnloadOutcome"]
