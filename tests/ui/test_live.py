@@ -44,6 +44,11 @@ def test_the_page_asks_for_the_token_once_and_shows_nothing_without_it(new_page,
     try:
         shell = httpx.get(f"{server.url}/ui", timeout=30)
         assert shell.status_code == 200 and "secret-model" not in shell.text  # the shell carries no data
+        policy = shell.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert shell.headers["x-frame-options"] == "DENY"
+        root = httpx.get(f"{server.url}/", timeout=30, follow_redirects=False)
+        assert root.status_code == 307 and root.headers["location"] == "/ui"
         assert httpx.get(f"{server.url}/ui/f/models", timeout=30).status_code == 401
         page = new_page()
         page.goto(f"{server.url}/ui")

@@ -47,6 +47,7 @@ def test_install_through_the_page_shows_progress_then_the_model_in_the_table(
     row = page.locator("#models-table tbody tr").first
     expect(row.locator(".badge.type")).to_have_text("lora")
     expect(row.locator(".badge.base")).to_have_text("sd-1")
+    expect(row.locator("td.size")).to_have_text(shown)  # its manifest's bytes
 
 
 def test_an_edited_field_shows_in_the_history_and_the_record_as_it_was(

@@ -19,13 +19,14 @@ from modelbus.services.api.ui import history
 from modelbus.services.client import InvalidRequestError, ModelBusClient
 from modelbus.services.records import BaseModelType, ModelType
 from modelbus.services.records.enums import ModelFormat
+from modelbus.services.records.projection import ORDER_FIELDS
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 PAGE_SIZE = 50  # rows of the models table per page
 PAGE_SIZE_MAX = 200
 JOBS_SHOWN = 200  # the most recent install jobs on the jobs page
-ORDERS = ("name", "type", "base", "format")
+ORDERS = tuple(ORDER_FIELDS)  # name, type, base, format, size, added, modified
 FEED_TYPES = "model_load_started,model_load_completed,model_load_failed,cache_evicted"
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -163,7 +164,9 @@ def _models_view(request: Request) -> dict[str, Any]:
             loaded.setdefault(held.model_key, [])
             if worker.id not in loaded[held.model_key]:
                 loaded[held.model_key].append(worker.id)
+    listing = c.listing([m.key for m in found])
     return {"models": [m.model_dump(mode="json") for m in found], "total": total, "offset": offset,
+            "sizes": {k: v.size for k, v in listing.items()},
             "limit": limit, "filters": filters, "loaded": loaded, "cover": _cover_url(request)}
 
 
@@ -251,8 +254,8 @@ def install_page(request: Request) -> HTMLResponse:
 
 
 def _jobs_view(request: Request) -> dict[str, Any]:
-    jobs = sorted(_client(request).jobs(), key=lambda j: j.get("updated_at") or j.get("created_at") or "",
-                  reverse=True)
+    found = [j.model_dump(mode="json") for j in _client(request).jobs()]
+    jobs = sorted(found, key=lambda j: j.get("updated_at") or j.get("created_at") or "", reverse=True)
     return {"jobs": jobs[:JOBS_SHOWN], "more": max(0, len(jobs) - JOBS_SHOWN), "actions": JOB_ACTIONS}
 
 
