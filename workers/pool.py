@@ -88,10 +88,10 @@ class Pool:
         if pid == 0:
             code = 1
             try:
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)  # not the supervisor's; RQ installs its own in the loop
                 os.setpgrp()
                 die_with_parent(signal.SIGKILL, parent)
-                for sig in STOP_SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)  # RQ installs its own in the slot's loop
                 code = self.target(slot.name)
             except BaseException as exc:  # noqa: BLE001 - a slot must end by os._exit, never return to the pool
                 log.error("worker_slot_crashed", worker=slot.name, error=f"{type(exc).__name__}: {exc}")
@@ -99,6 +99,8 @@ class Pool:
                 os._exit(code)
         slot.pid, slot.started_at, slot.restart_at = pid, time.monotonic(), None
         log.info("worker_slot_started", worker=slot.name, pid=pid)
+        if self.stopping:  # the stop signal came while it was being forked
+            os.kill(pid, signal.SIGTERM)
 
     def _reap(self) -> None:
         for slot in self.slots:

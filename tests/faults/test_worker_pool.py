@@ -14,6 +14,7 @@ import collections
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -158,3 +159,19 @@ def test_sigterm_stops_every_slot_after_its_running_job(idle_bus: Bus, tmp_path:
     done = service.wait_for_job(job.id, timeout=180)  # the hash step, on the install,hash worker
     service.record_store.close()
     assert done.status is InstallStatus.COMPLETED, (done.error, bus.worker_log()[-3000:])
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--queues", "gpu", "--concurrency", "2"], {}, "a gpu worker runs one job at a time"),
+    (["--queues", "download", "--concurrency", "0"], {}, "--concurrency must be between 1 and 64, got 0"),
+    (["--queues", "download"], {"MODELBUS_DOWNLOAD_CONCURRENCY": "65"}, "MODELBUS_DOWNLOAD_CONCURRENCY='65'"),
+])
+def test_a_bad_concurrency_is_one_line_and_starts_nothing(tmp_path: Path, args: list[str], env: dict[str, str],
+                                                          message: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODELBUS_")}
+    run = subprocess.run([sys.executable, "-m", "modelbus.workers", *args], check=False, capture_output=True,
+                         text=True, timeout=120, env={**clean, "MODELBUS_ROOT": str(tmp_path), **env})
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert not (tmp_path / "redis").exists(), "a worker refused at start-up started an embedded Redis"
