@@ -84,3 +84,7 @@ class Keys:
     def jobs(self) -> str:
         """Sorted set of job ids by creation time."""
         return f"{self.tag}:jobs"
+
+    def blob(self, digest: str) -> str:
+        """Hash: the installs claiming one store blob (token -> time) and a delete's ``deleting`` mark."""
+        return f"{self.tag}:blob:{digest}"

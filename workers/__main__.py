@@ -1,4 +1,6 @@
-"""``python -m modelbus.workers --queues install,download,hash [--burst] [--device cuda:0 ...]``: one worker process."""
+"""``python -m modelbus.workers --queues install,download,hash [--burst] [--concurrency N] [--device cuda:0 ...]``:
+one worker process. With a concurrency above 1 it runs that many jobs at once (workers.pool): a download-only
+worker does by default (``MODELBUS_DOWNLOAD_CONCURRENCY``, 4), any other runs one job at a time."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="gpu workers: cpu, cuda, cuda:N")
     parser.add_argument("--ram-cache", default=None, help="gpu workers: RAM cache size, e.g. 32G")
     parser.add_argument("--vram-cache", default=None, help="gpu workers: VRAM cache size, e.g. 60G")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="jobs run at once (default: MODELBUS_DOWNLOAD_CONCURRENCY for a download-only worker, else 1)")
     return parser.parse_args(argv)
 
 
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["vram_cache_size"] = parse_size(args.vram_cache)
         config = AppConfig.load(**overrides)
         queues = parse_queues(args.queues)
+        concurrency = choose_concurrency(args.concurrency, queues, config)
         configure_logging(config.log_format, config.log_level, config.secret_values)
         store = RedisEventStore.from_config(config)
     except (ConfigError, ValueError, EventStoreError) as exc:
@@ -62,6 +67,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _preload(queues)
     name = args.name or worker_name("gpu" if "gpu" in queues else "mb")
+    if concurrency == 1:
+        return run_worker(config, store, queues, name, args.burst)
+    from modelbus.workers.pool import Pool, slot_names
+
+    def slot(slot_name: str) -> int:  # in the forked slot: a connection of its own
+        assert store.url is not None
+        own = RedisEventStore.from_url(store.url, config.namespace, activity_maxlen=store.activity_maxlen,
+                                       replicas=store.replicas)
+        return run_worker(config, own, queues, slot_name, args.burst)
+    structlog.get_logger("workers").info("worker_pool_starting", worker=name, queues=queues, concurrency=concurrency)
+    return Pool(slot_names(name, concurrency), slot, burst=args.burst).run()
+
+
+def choose_concurrency(given: int | None, queues: list[str], config: AppConfig) -> int:
+    """``--concurrency``, else the download default for a download-only worker, else 1; a GPU worker runs
+    one job at a time (its cache and CUDA live in its own process)."""
+    if given is not None and not 1 <= given <= 64:
+        raise ValueError(f"--concurrency must be between 1 and 64, got {given}")
+    if "gpu" in queues:
+        if given not in (None, 1):
+            raise ValueError("--concurrency: a gpu worker runs one job at a time (start more gpu workers instead)")
+        return 1
+    if given is not None:
+        return given
+    return config.download_concurrency if queues == ["download"] else 1
+
+
+def run_worker(config: AppConfig, store: RedisEventStore, queues: list[str], name: str, burst: bool) -> int:
+    """One RQ worker's life: its context, heartbeat and loop."""
     context = WorkerContext(config=config, store=store, worker_id=name, device=config.device)
     set_context(context)
     state = None
@@ -71,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state)
     log = structlog.get_logger("workers")
     try:
-        serve(store, config.namespace, queues, name, heartbeat, burst=args.burst, level=config.log_level.upper())
+        serve(store, config.namespace, queues, name, heartbeat, burst=burst, level=config.log_level.upper())
     finally:
         heartbeat.stop()
     log.info("worker_stopped", worker=name)

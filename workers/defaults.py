@@ -20,3 +20,8 @@ LEASE_POLL = 0.5                 # s; a re-run waiting for a live holder's lease
 
 REDIS_BACKOFF_START = 0.5        # s; a worker that lost Redis waits this long before the first retry
 REDIS_BACKOFF_MAX = 10.0         # s; ... doubling up to this, for as long as the outage lasts
+
+SLOT_RESTART_START = 1.0         # s; a worker slot (workers.pool) that died starts again after this
+SLOT_RESTART_MAX = 30.0          # s; ... doubling with each quick death up to this
+SLOT_STABLE_AFTER = 60.0         # s; a slot that ran this long before it died starts again at once
+SLOT_POLL = 0.2                  # s; how often the pool's supervisor looks for dead slots

@@ -88,10 +88,13 @@ def up(workers: Annotated[str, typer.Option(help="worker processes, ';'-separate
 @app.command()
 def worker(queues: Annotated[str, typer.Option(help="install,download,hash,gpu")] = "install,download,hash",
            burst: bool = False, device: str | None = None, ram_cache: str | None = None,
-           vram_cache: str | None = None, name: str | None = None, store: StoreOption = None) -> None:
+           vram_cache: str | None = None, name: str | None = None, store: StoreOption = None,
+           concurrency: Annotated[int | None, typer.Option(help="jobs at once (download-only: 4)")] = None) -> None:
     """Run one worker process on the given queues."""
     _use_store(store)
     args = [sys.executable, "-m", "modelbus.workers", "--queues", queues]
+    if concurrency is not None:
+        args += ["--concurrency", str(concurrency)]
     for flag, value in (("--device", device), ("--ram-cache", ram_cache), ("--vram-cache", vram_cache),
                         ("--name", name)):
         if value:

@@ -165,6 +165,9 @@ class ModelBusClient:
             self._locked(lambda r: self.installs.delete(key))
         else:
             self._locked(lambda r: r.del_model(key))
+        from modelbus.services.install.manifest import recorded_manifest  # (only deletes need these)
+        from modelbus.services.store.release import release_model_blobs
+        self._locked(lambda r: release_model_blobs(self.config, r, key, lambda k: recorded_manifest(r.history(k))))
         return model
 
     def history(self, key: str) -> list[StoredEvent]:

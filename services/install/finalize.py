@@ -29,7 +29,9 @@ from modelbus.services.install.recording import (
     identify,
 )
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.store import open_store
 from modelbus.services.store.publish import publish_model, renamed
+from modelbus.services.store.release import claimed
 
 log = structlog.get_logger(__name__)
 
@@ -78,22 +80,25 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
         check_key_free(records, chosen, req.job_id)
         key = chosen
     name = model_name(req.path, req.user, req.metadata)
-    publish_model(config, req.path, found.files)  # before the record, which never names a blob the store lacks
-    target = req.path
-    placed = False
-    if not req.inplace:
-        if req.before_place is not None:
-            req.before_place()
-        folder = destination_dir(config, found.result.base_model, found.result.model_type)
-        target = place(req.path, folder, req.path.name, req.on_claim)
-        placed = True
-    try:
-        fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
-                              metadata=req.metadata, source=req.source, user=req.user)
-        record = add_record(records, key, fields, req.job_id, renamed(found.files, req.path, target))
-    except BaseException:
-        if placed:
-            remove_tree(target)
-        raise
+    # the blobs are claimed from before the upload until the record names them: a delete of another model
+    # sharing one keeps it (services.store.release)
+    with claimed(getattr(records, "event_store", None), open_store(config), found.files):
+        publish_model(config, req.path, found.files)  # before the record, which never names a blob the store lacks
+        target = req.path
+        placed = False
+        if not req.inplace:
+            if req.before_place is not None:
+                req.before_place()
+            folder = destination_dir(config, found.result.base_model, found.result.model_type)
+            target = place(req.path, folder, req.path.name, req.on_claim)
+            placed = True
+        try:
+            fields = build_config(found, key=key, record_path=record_path(config, target), name=name,
+                                  metadata=req.metadata, source=req.source, user=req.user)
+            record = add_record(records, key, fields, req.job_id, renamed(found.files, req.path, target))
+        except BaseException:
+            if placed:
+                remove_tree(target)
+            raise
     log.info("model_installed", key=key, name=record.name, path=record.path, job=req.job_id)
     return record

@@ -49,7 +49,9 @@ from modelbus.services.install.roots import check_local_source
 from modelbus.services.install.scan import find_models
 from modelbus.services.install.steps import set_cancel_flag
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase, UnknownModelException
+from modelbus.services.store import open_store
 from modelbus.services.store.publish import publish_model
+from modelbus.services.store.release import claimed
 
 log = structlog.get_logger(__name__)
 
@@ -236,10 +238,11 @@ class ModelInstallService:
         check_path_free(self.config, self.record_store.all_models(), real_target, key)
         source_files(real_target)
         digest, files = hash_and_manifest(real_target, self.config.hash_threads)
-        publish_model(self.config, real_target, files)  # as at install: no record names a blob the store lacks
-        moved = {"path": record_path(self.config, real_target), "hash": digest}
-        new = changes.model_copy(update=moved) if isinstance(changes, ModelConfigBase) else {**changes, **moved}
-        return self.record_store.update_model(key, new, files=files)
+        with claimed(self.event_store, open_store(self.config), files):  # as at install (services.store.release)
+            publish_model(self.config, real_target, files)  # no record names a blob the store lacks
+            moved = {"path": record_path(self.config, real_target), "hash": digest}
+            new = changes.model_copy(update=moved) if isinstance(changes, ModelConfigBase) else {**changes, **moved}
+            return self.record_store.update_model(key, new, files=files)
 
     def scan_directory(self, path: str | Path, install: bool = False) -> list[str]:
         """Register (or, with ``install``, install) every model found under ``path``; returns new keys."""

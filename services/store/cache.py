@@ -240,6 +240,31 @@ class HostCache:
             (self.manifests / f"{key}.json").unlink(missing_ok=True)
             shutil.rmtree(self.models / key, ignore_errors=True)
 
+    def forget_removed(self, recorded: Callable[[str], bool]) -> list[str]:
+        """Lazily follow deletes: drop the layouts of cached models that are no longer ``recorded``, and
+        the blobs only they linked (a blob another laid-out model links, or a live process pinned, stays).
+        Returns the keys forgotten."""
+        gone = [key for key in self.held() if not recorded(key)]
+        if not gone:
+            return []
+        with self._locked():
+            freed: set[str] = set()
+            for key in gone:
+                freed.update(self._linked(key))
+                (self.manifests / f"{key}.json").unlink(missing_ok=True)
+                shutil.rmtree(self.models / key, ignore_errors=True)
+            still = set().union(*(self._linked(key) for key in self.held())) | self._pinned_blobs()
+            for digest in freed - still:
+                (self.blobs / digest).unlink(missing_ok=True)
+        log.info("cache_removed_models_forgotten", models=len(gone), blobs=len(freed - still))
+        return gone
+
+    def _linked(self, key: str) -> set[str]:
+        try:
+            return set(orjson.loads((self.manifests / f"{key}.json").read_bytes()))
+        except (OSError, orjson.JSONDecodeError):
+            return set()
+
     # --- pins -----------------------------------------------------------------------------------
 
     def pin(self, keys: set[str]) -> None:

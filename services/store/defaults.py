@@ -12,3 +12,6 @@ CORRUPT_REFETCHES = 1           # a blob that does not hash to its name is fetch
 BLOB_PREFIX = "blobs/blake3/"   # under the store's prefix
 PROGRESS_INTERVAL = 0.5         # s; at most one fetch progress report this often
 GC_GRACE = 6 * 3600.0           # s; `store gc` spares unreferenced blobs this young (an install not yet recorded)
+CLAIM_TTL = 24 * 3600.0         # s; an install's claim on a blob (kept until its record): a killed one lapses
+DELETE_MARK_TTL = 600.0         # s; a delete's mark on a blob while it decides (a killed delete's lapses)
+CLAIM_WAIT = 0.05               # s; how often a claim refused by a delete's mark asks again

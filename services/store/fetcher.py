@@ -38,6 +38,7 @@ class ModelFetcher:
         self.publish = publish or (lambda kind, payload: None)
 
     def locate(self, record: Any) -> Path:
+        self.cache.forget_removed(self.records.exists)  # deleted models leave this host's cache lazily
         files = recorded_manifest(self.records.history(record.key))
         name = PurePosixPath(str(record.path)).name
         state: dict[str, Any] = {}

@@ -7,17 +7,25 @@ a ratio against one worker, measured in the same run.
 
 The workers are started and registered before the jobs are queued, so their start-up (torch import)
 is not counted; they are stopped warm (SIGTERM: the current job finishes) after each round.
+
+Each round also reports where an install's time goes, from the times of its events in the log (median
+seconds per install, and the share of the sum): ``queued`` (requested -> the install step starts),
+``copy`` (the install step: probe and copy into staging -> downloaded), ``hash wait`` (-> the hash step
+starts: RQ's dependency hand-over and the hash queue), ``hash+record`` (BLAKE3, imohash, probe,
+placement, ModelAdded -> completed).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -52,8 +60,33 @@ def _wait_registered(client: redis.Redis, count: int, timeout: float = 120) -> N
         time.sleep(0.1)
 
 
+PHASES = ("queued", "copy", "hash wait", "hash+record")
+
+
+def phases(store: Any, job_id: str) -> dict[str, float]:
+    """Seconds an install spent in each of ``PHASES``, from its events' times."""
+    marks = [(s.event.type, s.event.time.timestamp()) for s in store.history(job_id)]
+    started = [t for kind, t in marks if kind == "InstallStarted"]
+    at = {kind: t for kind, t in marks if kind != "InstallStarted"}
+    if len(started) < 2 or not {"InstallRequested", "InstallDownloaded", "InstallCompleted"} <= at.keys():
+        return {}
+    points = [at["InstallRequested"], started[0], at["InstallDownloaded"], started[-1], at["InstallCompleted"]]
+    return {name: b - a for name, a, b in zip(PHASES, points, points[1:], strict=False)}
+
+
+def report_phases(workers: int, per_job: list[dict[str, float]]) -> None:
+    per_job = [p for p in per_job if p]
+    if not per_job:
+        return
+    medians = {name: statistics.median(p[name] for p in per_job) for name in PHASES}
+    sums = {name: sum(p[name] for p in per_job) for name in PHASES}
+    total = sum(sums.values()) or 1.0
+    print(f"    {workers} worker{'s' if workers > 1 else ''}: per install (median s, share) " + ", ".join(
+        f"{name} {medians[name]:.3f} ({sums[name] / total:.0%})" for name in PHASES), flush=True)
+
+
 def run_round(redis_url: str, workers: int, tmp: Path) -> float:
-    """Models installed per second by ``workers`` worker processes."""
+    """Models installed per second by ``workers`` worker processes (and where each install's time went)."""
     (tmp / f"bus{workers}").mkdir(parents=True)
     gen = _bus(redis_url, tmp / f"bus{workers}", start_workers=0)
     bus = next(gen)
@@ -70,6 +103,7 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
         bad = [j for j in done if j.status is not InstallStatus.COMPLETED]
         if bad:
             raise RuntimeError(f"{len(bad)} installs failed: {bad[0].error_type}: {bad[0].error}")
+        report_phases(workers, [phases(service.event_store, j.id) for j in done])
         service.record_store.close()
         return MODELS / elapsed
     finally:

@@ -126,7 +126,8 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         logs.mkdir()
         base = {"MODELBUS_NAMESPACE": namespace, "MODELBUS_ROOT": str(root), "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1",
                 "MODELBUS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "MODELBUS_HASH_THREADS": "1",
-                "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20"}
+                "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20",
+                "MODELBUS_DOWNLOAD_CONCURRENCY": "1"}
         worker_host: dict[str, int] = {}
         for host in hosts:
             env = _worker_env(base, _url(host.host_ip, port), tmp_path / f"host{host.index}" / "records.db")

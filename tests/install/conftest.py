@@ -57,10 +57,10 @@ class Bus:
         return AppConfig.load(root=self.root)
 
     def start_worker(self, queues: str = "install,download,hash", burst: bool = False,
-                     name: str | None = None) -> subprocess.Popen[bytes]:
+                     name: str | None = None, concurrency: int = 1) -> subprocess.Popen[bytes]:
         name = name or f"w-{uuid.uuid4().hex[:6]}"
         entry = ["-m", "modelbus.workers"] if os.environ.get("MODELBUS_TEST_PLAIN_WORKERS") else ["-c", WORKER_MAIN]
-        cmd = [sys.executable, *entry, "--queues", queues, "--name", name]
+        cmd = [sys.executable, *entry, "--queues", queues, "--name", name, "--concurrency", str(concurrency)]
         if burst:
             cmd.append("--burst")
         log = (self.logs / f"{name}.log").open("wb")
@@ -102,7 +102,7 @@ def _bus(redis_url: str, tmp: Path, start_workers: int, extra_env: dict[str, str
             "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1", "MODELBUS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1",
             "MODELBUS_HF_ENDPOINT": hub.url, "MODELBUS_CIVITAI_API": civitai.url, "MODELBUS_HASH_THREADS": "1",
             "MODELBUS_DOWNLOAD_RETRIES": "2", "MODELBUS_DOWNLOAD_STALL_TIMEOUT": "20",
-            "MODELBUS_STORE_URL": "shared", **(extra_env or {}),
+            "MODELBUS_STORE_URL": "shared", "MODELBUS_DOWNLOAD_CONCURRENCY": "1", **(extra_env or {}),
             "MODELBUS_IMPORT_ROOTS": str(tmp / "library"),  # an operator's folder for in-place models
         }
         bus = Bus(env, root, logs, files, hub, civitai)

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -166,6 +167,14 @@ class BaseHandler(BaseHTTPRequestHandler):
 
     def _write_range(self, f: ServedFile, start: int, end: int, stall_after: int | None,
                      stall_seconds: float) -> None:
+        self.owner._sending(+1)
+        try:
+            self._write_parts(f, start, end, stall_after, stall_seconds)
+        finally:
+            self.owner._sending(-1)
+
+    def _write_parts(self, f: ServedFile, start: int, end: int, stall_after: int | None,
+                     stall_seconds: float) -> None:
         pos = start
         if stall_after is not None:
             mid = min(end, start + stall_after)
@@ -176,6 +185,9 @@ class BaseHandler(BaseHTTPRequestHandler):
 
     def _write_bytes(self, f: ServedFile, start: int, end: int) -> None:
         if start >= end:
+            return
+        if self.owner.rate is not None:
+            self._write_paced(f, start, end, self.owner.rate)
             return
         if f.data is not None:
             view = memoryview(f.data)
@@ -195,6 +207,24 @@ class BaseHandler(BaseHTTPRequestHandler):
                 pos += sent
                 self.owner._count(sent)
 
+    def _write_paced(self, f: ServedFile, start: int, end: int, rate: int) -> None:
+        """At most ``rate`` bytes/s on this response (a far server's per-connection throughput)."""
+        began, block = time.monotonic(), max(1, min(SEND_BLOCK, rate // 20))
+        for pos in range(start, end, block):
+            n = min(end, pos + block) - pos
+            if f.data is not None:
+                chunk = bytes(memoryview(f.data)[pos:pos + n])
+            else:
+                assert f.path is not None
+                with open(f.path, "rb") as fh:
+                    fh.seek(pos)
+                    chunk = fh.read(n)
+            self.wfile.write(chunk)
+            self.owner._count(len(chunk))
+            ahead = began + (pos + n - start) / rate - time.monotonic()
+            if ahead > 0:
+                self.owner._stall(ahead)
+
 
 class BackgroundServer:
     """Base of the test servers: a ThreadingHTTPServer in a daemon thread."""
@@ -207,6 +237,9 @@ class BackgroundServer:
         self.requests: list[LoggedRequest] = []
         self.bytes_sent = 0
         self.open_connections = 0  # client connections this server holds open right now
+        self.sending = 0  # response bodies being sent right now
+        self.peak_sending = 0  # the most bodies sent at once since the last reset_log()
+        self.rate: int | None = None  # bytes/s per response body; None = as fast as it goes
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -260,6 +293,7 @@ class BackgroundServer:
         with self._lock:
             self.requests.clear()
             self.bytes_sent = 0
+            self.peak_sending = self.sending
 
     # -- for handlers ------------------------------------------------------------------------
     def handle(self, h: BaseHandler) -> None:
@@ -272,6 +306,11 @@ class BackgroundServer:
     def _connection(self, delta: int) -> None:
         with self._lock:
             self.open_connections += delta
+
+    def _sending(self, delta: int) -> None:
+        with self._lock:
+            self.sending += delta
+            self.peak_sending = max(self.peak_sending, self.sending)
 
     def _count(self, n: int) -> None:
         with self._lock:

@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("repos", nargs="+", help="owner/repo=DIR")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--rate", type=int, default=None, help="bytes/s per response body (default: unpaced)")
     args = parser.parse_args(argv)
     server = HFServer(args.host, args.port)
+    server.rate = args.rate
     for spec in args.repos:
         repo_id, _, folder = spec.partition("=")
         server.add_repo(repo_id, Path(folder))
