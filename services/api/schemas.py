@@ -60,6 +60,10 @@ class InstallRequest(BaseModel):
     access_token: str | None = Field(default=None, max_length=4096, description="for this download only; never logged")
     command_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
                                    description="idempotency: a repeated command_id returns the first job")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="a URL download's expected SHA-256: a mismatch fails and leaves nothing")
+    blake3: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="a URL download's expected BLAKE3: a mismatch fails and leaves nothing")
 
     _source = field_validator("source")(no_nul)
 
@@ -95,7 +99,8 @@ class Job(BaseModel):
 
     id: str
     source: str
-    state: str = Field(description="waiting, downloading, downloads_done, running, completed, error, cancelled")
+    state: str = Field(description="waiting, downloading, paused, downloads_done, hashing, completed, error, "
+                       "cancelled")
     bytes: int
     total_bytes: int
     key: str | None = None
@@ -105,6 +110,8 @@ class Job(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None
     updated_at: str | None = None
+    already_installed: bool = Field(default=False, description="completed: the content was a record already (key)")
+    attempt: int = Field(default=0, description="resumes and restarts so far")
 
 
 class LoadResult(BaseModel):

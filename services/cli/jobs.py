@@ -23,12 +23,15 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
             revision: Annotated[str | None, typer.Option(help="Hugging Face revision")] = None,
             variant: Annotated[str | None, typer.Option(help="diffusers variant, e.g. fp16")] = None,
             timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many seconds")] = None,
+            sha256: Annotated[str | None, typer.Option(help="a URL download's expected SHA-256 (else it fails)")] = None,
+            blake3: Annotated[str | None, typer.Option(help="a URL download's expected BLAKE3 (else it fails)")] = None,
             json: JsonFlag = False) -> None:
     """Install a model: publish the command, and with --wait follow it to the end."""
     c = client()
     config = {k: v for k, v in (("name", name), ("description", description)) if v is not None}
     options: dict[str, Any] = {"inplace": inplace, "force": force}
-    options.update({k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None})
+    options.update({k: v for k, v in (("revision", revision), ("variant", variant), ("sha256", sha256),
+                                      ("blake3", blake3)) if v is not None})
     since = head(c) if wait else "$"
     job = c.install(source, config=config, **options)
     if wait:
@@ -39,7 +42,9 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
         console.print(f"install job {job['id']} {job['state']} (follow it: modelbus jobs)")
     if job["state"] == "completed":
         if not json:
-            console.print(f"installed {job['source']} as {job['key']}")
+            done = "already installed as" if job.get("already_installed") else "installed"
+            console.print(f"{job['source']}: {done} {job['key']}" if job.get("already_installed")
+                          else f"installed {job['source']} as {job['key']}")
     elif wait:
         raise CommandFailedError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}")
 

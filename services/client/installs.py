@@ -44,7 +44,8 @@ def job_dict(job: InstallJob) -> dict[str, Any]:
             "error_type": job.error_type, "error": job.error,
             "options": {k: v for k, v in job.options.items() if k not in SECRET_OPTIONS},
             "created_at": job.created_at.isoformat() if job.created_at else None,
-            "updated_at": job.updated_at.isoformat() if job.updated_at else None}
+            "updated_at": job.updated_at.isoformat() if job.updated_at else None,
+            "already_installed": job.already_installed, "attempt": job.attempt}
 
 
 class Installs:
@@ -78,7 +79,7 @@ class Installs:
         return {"id": job_id, "source": source, "state": InstallStatus.WAITING.value, "bytes": 0, "total_bytes": 0,
                 "key": None, "config": None, "error_type": None, "error": None,
                 "options": {k: v for k, v in opts.items() if k not in SECRET_OPTIONS},
-                "created_at": None, "updated_at": None}
+                "created_at": None, "updated_at": None, "already_installed": False, "attempt": 0}
 
     def job(self, job_id: str) -> dict[str, Any]:
         return job_dict(self._call(lambda: self.installer.get_job_by_id(job_id)))

@@ -29,7 +29,7 @@ from modelbus.services.install.errors import CommandIdTakenError, InvalidCommand
 from modelbus.services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from modelbus.services.install.jobs import load_job, source_claim
 from modelbus.services.install.roots import check_local_source, refuse_nul
-from modelbus.services.install.sources import looks_like_path, normalize_source
+from modelbus.services.install.sources import check_expected_hashes, looks_like_path, normalize_source
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,7 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     _check_not_foreign(store, job_id)
     refuse_nul(command.source)
     normalized = normalize_source(command.source, config, command.options)
+    check_expected_hashes(command.source, config, command.options)
     if looks_like_path(command.source.strip()):
         # the workers read local files only inside the import roots: refused before anything is read
         local = check_local_source(command.options.get(IMPORT_PATH) or normalized, config)
@@ -140,6 +141,9 @@ def _register(store: RedisEventStore, job_id: str, pipeline: Pipeline | None = N
     (pipeline if pipeline is not None else store.client).zadd(store.keys.jobs, {job_id: time.time()}, nx=True)
 
 
+register_job = _register  # (a resumed or restarted job is listed again, if it was pruned from the list)
+
+
 def _register_and_enqueue(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
     """The job index entry and the RQ job in one MULTI/EXEC: one round trip, and never one without the
     other. (A crash before it is repaired by repeating the command: see ``_ensure_enqueued``.)"""
@@ -158,12 +162,15 @@ def _ensure_enqueued(store: RedisEventStore, config: AppConfig, job_id: str, tok
 
 
 def enqueue_install(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None,
-                    pipeline: Pipeline | None = None) -> None:
-    """Enqueue the install job (its id is the command id); with ``pipeline``, the job's commands are
-    queued on it and the caller executes them."""
+                    pipeline: Pipeline | None = None, *, run_id: str | None = None, attempt: int = 0) -> None:
+    """Enqueue the install job (its id is the command id; a resumed or restarted attempt's is ``run_id``);
+    with ``pipeline``, the job's commands are queued on it and the caller executes them."""
     queue = Queue(store.keys.queue("install"), connection=store.client)
     kwargs: dict[str, Any] = {"access_token": token} if token else {}
-    queue.enqueue_call(INSTALL_FUNCTION, args=(job_id,), kwargs=kwargs, job_id=job_id,
+    if attempt:
+        kwargs["attempt"] = attempt
+    queue.enqueue_call(INSTALL_FUNCTION, args=(job_id,), kwargs=kwargs, job_id=run_id or job_id,
                        retry=Retry(defaults.JOB_RETRIES), timeout=defaults.JOB_TIMEOUT,
                        result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,
-                       on_failure=Callback(FAILURE_CALLBACK), description=f"install {job_id}", pipeline=pipeline)
+                       on_failure=Callback(FAILURE_CALLBACK), description=f"install {run_id or job_id}",
+                       pipeline=pipeline)

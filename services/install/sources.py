@@ -106,7 +106,9 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         raise InvalidSourceError(str(exc)) from exc
     allow_private = config.allow_private_downloads
     if isinstance(source, URLSource):
-        return RemotePlan([PlannedFile(source.url)], None, {"source": text, "source_url": source.url})
+        sha256 = options.get("sha256")
+        return RemotePlan([PlannedFile(source.url, sha256=str(sha256).lower() if sha256 else None)], None,
+                          {"source": text, "source_url": source.url})
     if isinstance(source, HFSource):
         endpoint = config.hf_endpoint
         with http() as client:
@@ -124,6 +126,27 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         return RemotePlan([PlannedFile(civitai.url, civitai.filename, civitai.size, civitai.sha256)], None,
                           _metadata_dict(civitai.metadata))
     raise InvalidSourceError(f"unsupported source {text!r}")  # pragma: no cover - parse_source is exhaustive
+
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+EXPECTED_HASHES = ("sha256", "blake3")
+
+
+def check_expected_hashes(text: str, config: AppConfig, options: dict[str, Any]) -> None:
+    """``sha256``/``blake3`` options: 64 hex digits each, and only for a plain URL download."""
+    given = [name for name in EXPECTED_HASHES if options.get(name) is not None]
+    if not given:
+        return
+    for name in given:
+        value = options[name]
+        if not isinstance(value, str) or not _HEX64.match(value):
+            raise InvalidSourceError(f"--{name} must be 64 hexadecimal digits, got {str(value)[:80]!r}")
+    try:
+        url = not looks_like_path(text.strip()) and isinstance(_parse(text.strip(), config, options), URLSource)
+    except SourceSyntaxError:
+        url = False
+    if not url:
+        raise InvalidSourceError(f"--{given[0]} verifies a plain URL download; {text[:200]!r} is not a URL")
 
 
 # file names that only mean something inside their folder (diffusers/InvokeAI layouts)
