@@ -49,8 +49,10 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
         raise CommandFailedError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}")
 
 
-def jobs(json: JsonFlag = False) -> None:
+def jobs(ctx: typer.Context, json: JsonFlag = False) -> None:
     """List install jobs."""
+    if ctx.invoked_subcommand is not None:
+        return
     found = client().jobs()
     if json:
         print_json(found)

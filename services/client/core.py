@@ -276,3 +276,27 @@ class ModelBusClient:
             return call()
         except (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError) as exc:
             raise UnavailableError(f"Redis unreachable: {exc}") from exc
+
+    # --- finding models, job control, health (services.client.lookup, services.client.lifecycle) ----------
+
+    def find_model(self, ref: str) -> ModelConfigBase:
+        """The model ``ref`` names: its key, a unique key prefix, or a unique name (several: AmbiguousModelError)."""
+        from modelbus.services.client.lookup import find
+        return find(self._locked(lambda r: r.all_models()), ref)
+
+    def models_by_hash(self, hash: str) -> list[ModelConfigBase]:
+        """Every model with this content hash (``blake3:<hex>``; forced copies share one)."""
+        from modelbus.services.client.lookup import by_hash
+        return by_hash(self._locked(lambda r: r.all_models()), hash)
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        """Pause a waiting or downloading install job: its downloads stop and keep their partial files."""
+        return self.installs.pause(job_id)
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Resume a paused install job: its downloads continue where they stopped (HTTP ranges)."""
+        return self.installs.resume(job_id)
+
+    def restart(self, job_id: str) -> dict[str, Any]:
+        """Run a failed or cancelled install job again from the start."""
+        return self.installs.restart(job_id)

@@ -90,6 +90,18 @@ class Installs:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return job_dict(self._call(lambda: self.installer.cancel_job(job_id)))
 
+    def pause(self, job_id: str) -> dict[str, Any]:
+        from modelbus.services.install import control
+        return job_dict(self._call(lambda: control.pause(self.installer.event_store, job_id)))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        from modelbus.services.install import control
+        return job_dict(self._call(lambda: control.resume(self.installer.event_store, self.config, job_id)))
+
+    def restart(self, job_id: str) -> dict[str, Any]:
+        from modelbus.services.install import control
+        return job_dict(self._call(lambda: control.restart(self.installer.event_store, self.config, job_id)))
+
     def wait(self, job: str | InstallJob | Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
         job_id = job_id_of(job)
         return job_dict(self._call(lambda: self.installer.wait_for_job(job_id, timeout)))
