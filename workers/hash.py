@@ -34,6 +34,7 @@ from modelbus.services.install.placement import (
     staging_dir,
 )
 from modelbus.services.install.progress import ProgressBoard
+from modelbus.services.install.repair import repair_files
 from modelbus.services.install.steps import cancel_flag_set, describe, error_name, fail_job, is_final
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 from modelbus.services.stopping import stop_on
@@ -144,6 +145,14 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
 
     records = open_records(config, store)
     try:
+        repair = job.options.get("repair")
+        if repair:  # a download of a model's own source: only its broken files are put back
+            still_wanted()
+            replaced = repair_files(config, records, str(repair), path, config.hash_threads)
+            remove_tree(staging_dir(config, job.id))
+            log.info("install_repaired", job=job.id, key=repair, replaced=replaced)
+            _complete(store, config, records, job, records.get_model(str(repair)), moved=False, already=True)
+            return
         request = FinalizeRequest(
             path=path, inplace=inplace, job_id=job.id, user=job.options.get("config") or {},
             metadata=job.metadata, source=job.source, force=bool(job.options.get("force")),

@@ -300,3 +300,18 @@ class ModelBusClient:
     def restart(self, job_id: str) -> dict[str, Any]:
         """Run a failed or cancelled install job again from the start."""
         return self.installs.restart(job_id)
+
+    def verify(self, keys: Iterable[str] = (), *, repair: bool = False,
+               on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
+        """Re-hash installed files against the recorded ones on the hash workers (all models, or those
+        ``keys`` name: keys, prefixes, names); ``repair`` downloads broken models again from their source.
+        ``{"models": [per-model report], "summary": counts, "healthy": bool}``."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.verify(self, list(keys), repair=repair, on_progress=on_progress, timeout=timeout)
+
+    def prune(self, *, dry_run: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Delete the files in the models directory that no record owns, and empty folders (on a hash worker;
+        refused while a record's files are missing). ``{"files", "folders", "bytes", "dry_run"}``."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.prune(self, dry_run=dry_run, timeout=timeout)

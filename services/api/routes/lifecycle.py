@@ -8,11 +8,13 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from modelbus.services.api.errors import CONFLICT, NOT_FOUND
 from modelbus.services.api.routes.models import WORKER, JobId
 from modelbus.services.api.schemas import Job
 from modelbus.services.client import ModelBusClient
+from modelbus.services.client import defaults
 from modelbus.services.records import AnyModelConfig
 
 router = APIRouter(prefix="/api/v2/models", tags=["lifecycle"])
@@ -65,3 +67,58 @@ def resume_job(job_id: JobId, c: Client) -> Response:
              summary="Run a failed or cancelled install job again from the start")
 def restart_job(job_id: JobId, c: Client) -> Response:
     return _json(c.restart(job_id))
+
+
+# --- health ---------------------------------------------------------------------------------------
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+        default_factory=list, max_length=10_000, description="keys, key prefixes or names (empty: every model)")
+    repair: bool = Field(default=False, description="download missing or changed models again from their source")
+    timeout: float = Field(default=defaults.SCAN_TIMEOUT, gt=0, le=24 * 3600,
+                           description="seconds to wait for the workers (504 after)")
+
+
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = Field(default=False, description="only list what would be deleted")
+    timeout: float = Field(default=defaults.SCAN_TIMEOUT, gt=0, le=24 * 3600)
+
+
+class ModelCheck(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    key: str
+    name: str
+    status: str = Field(description="ok, missing, changed, busy (being written: no verdict) or error")
+    missing: list[str] = Field(default_factory=list)
+    changed: list[str] = Field(default_factory=list)
+    busy: list[str] = Field(default_factory=list)
+    extra: list[str] = Field(default_factory=list, description="files in a folder model its manifest does not list")
+
+
+class VerifyResult(BaseModel):
+    models: list[ModelCheck]
+    summary: dict[str, int]
+    healthy: bool = Field(description="nothing missing, changed, busy or refused")
+
+
+class PruneResult(BaseModel):
+    files: list[str] = Field(description="deleted (or, with dry_run, to delete), relative to the models directory")
+    folders: list[str]
+    bytes: int
+    dry_run: bool
+
+
+@router.post("/verify", response_model=VerifyResult, responses={**NOT_FOUND, **CONFLICT, **WORKER},
+             summary="Re-hash installed files against the recorded hashes (on hash workers), optionally repair")
+def verify(c: Client, body: VerifyRequest | None = None) -> Response:
+    body = body or VerifyRequest()
+    return _json(c.verify(body.keys, repair=body.repair, timeout=body.timeout))
+
+
+@router.post("/prune", response_model=PruneResult, responses={**CONFLICT, **WORKER},
+             summary="Delete the files in the models directory that no record owns, and empty folders")
+def prune(c: Client, body: PruneRequest | None = None) -> Response:
+    body = body or PruneRequest()
+    return _json(c.prune(dry_run=body.dry_run, timeout=body.timeout))
