@@ -25,6 +25,12 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
             timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many seconds")] = None,
             sha256: Annotated[str | None, typer.Option(help="a URL download's expected SHA-256 (else it fails)")] = None,
             blake3: Annotated[str | None, typer.Option(help="a URL download's expected BLAKE3 (else it fails)")] = None,
+            include: Annotated[list[str] | None, typer.Option(help="Hugging Face: only files matching this glob "
+                                                                   "(repeatable)")] = None,
+            exclude: Annotated[list[str] | None, typer.Option(help="Hugging Face: leave out files matching this "
+                                                                   "glob (repeatable)")] = None,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be downloaded and where; "
+                                                                    "install nothing")] = False,
             json: JsonFlag = False) -> None:
     """Install a model: publish the command, and with --wait follow it to the end."""
     c = client()
@@ -32,6 +38,10 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
     options: dict[str, Any] = {"inplace": inplace, "force": force}
     options.update({k: v for k, v in (("revision", revision), ("variant", variant), ("sha256", sha256),
                                       ("blake3", blake3)) if v is not None})
+    options.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v})
+    if dry_run:
+        show_plan(c.plan_install(source, **options), json)
+        return
     since = head(c) if wait else "$"
     job = c.install(source, config=config, **options)
     if wait:
@@ -47,6 +57,16 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
                           else f"installed {job['source']} as {job['key']}")
     elif wait:
         raise CommandFailedError(f"install of {job['source']} {job['state']}: {job.get('error') or 'no reason given'}")
+
+
+def show_plan(plan: dict[str, Any], json: bool) -> None:
+    if json:
+        print_json(plan)
+        return
+    table(f"{plan['source']}: {len(plan['files'])} file(s), {human_bytes(plan['total_bytes'])} (dry run: "
+          "nothing downloaded)", ("file", "size"),
+          ((f["path"], human_bytes(f["size"]) if f["size"] is not None else "unknown") for f in plan["files"]))
+    console.print(f"would install into {plan['destination']}", markup=False, highlight=False)
 
 
 def jobs(ctx: typer.Context, json: JsonFlag = False) -> None:

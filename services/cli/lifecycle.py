@@ -89,3 +89,29 @@ def prune(dry_run: Annotated[bool, typer.Option("--dry-run", help="list what wou
         console.print(f"  {path}", markup=False, highlight=False)
     for path in report["folders"]:
         console.print(f"  {path}/", markup=False, highlight=False)
+
+
+def ls_remote(source: Annotated[str, typer.Argument(help="owner/repo[:subfolder] or civitai:MODEL[@VERSION]")],
+              revision: Annotated[str | None, typer.Option(help="Hugging Face branch, tag or commit")] = None,
+              json: JsonFlag = False) -> None:
+    """List the files of a Hugging Face repo (sizes; * marks what an install takes) or a Civitai model's versions."""
+    found = client().ls_remote(source, revision=revision)
+    if json:
+        print_json(found)
+        return
+    if found["kind"] == "huggingface":
+        where = found["repo_id"] + (f":{found['subfolder']}" if found["subfolder"] else "")
+        table(f"{where}@{found['revision']} ({found['commit'][:12]}): {len(found['files'])} file(s), "
+              f"{human_bytes(found['total_bytes'])}; an install takes {human_bytes(found['chosen_bytes'])}",
+              ("file", "size", "install"),
+              ((f["path"], _size(f["size"]), "*" if f["chosen"] else "") for f in found["files"]))
+        return
+    table(f"civitai:{found['model_id']} {found['name']} ({found['type']})",
+          ("version", "name", "base", "published", "file", "size", "install"),
+          ((v["id"], v["name"], v["base_model"], v["published_at"] or "", f["name"], _size(f["size"]),
+            "*" if v["chosen"] and f["chosen"] else "")
+           for v in found["versions"] for f in v["files"]))
+
+
+def _size(size: int | None) -> str:
+    return "unknown" if size is None else human_bytes(size)

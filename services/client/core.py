@@ -315,3 +315,14 @@ class ModelBusClient:
         refused while a record's files are missing). ``{"files", "folders", "bytes", "dry_run"}``."""
         from modelbus.services.client import lifecycle
         return lifecycle.prune(self, dry_run=dry_run, timeout=timeout)
+
+    def ls_remote(self, source: str, revision: str | None = None, access_token: str | None = None) -> dict[str, Any]:
+        """The files (with sizes, and which an install picks) of a Hugging Face repo ``owner/repo[:subfolder]``,
+        or the versions and files of a Civitai model ``civitai:MODEL[@VERSION]``."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.ls_remote(self, source, revision, access_token)
+
+    def plan_install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+        """What ``install(source, **options)`` would download (files, sizes) and where; nothing is queued."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.plan_install(self, source, hand_over=hand_over, **options)

@@ -86,3 +86,34 @@ def prune(client: ModelBusClient, *, dry_run: bool = False, timeout: float | Non
     answer = on_worker.run_each_on_worker(client.redis, client.store.keys, on_worker.PRUNE_FUNCTION,
                                           [(dry_run,)], timeout)[0]
     return answer
+
+
+# --- browsing before an install (asks the Hugging Face / Civitai APIs from this process) ------------
+
+def _http(client: ModelBusClient) -> Callable[[], Any]:
+    import httpx
+
+    from modelbus.services.download.network import download_client
+    config = client.config
+    return lambda: download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
+                                   timeout=httpx.Timeout(15.0, read=config.download_stall_timeout),
+                                   headers={"User-Agent": "modelbus-browse/0.1"})
+
+
+def ls_remote(client: ModelBusClient, source: str, revision: str | None = None,
+              access_token: str | None = None) -> dict[str, Any]:
+    from modelbus.services.client.errors import translated
+    from modelbus.services.install.browse import ls_remote as listing
+    with translated():
+        return listing(source, client.config, _http(client), revision, access_token)
+
+
+def plan_install(client: ModelBusClient, source: str, *, hand_over: bool = True, access_token: str | None = None,
+                 **options: Any) -> dict[str, Any]:
+    """What ``install(source, **options)`` would download and where (nothing is downloaded or queued)."""
+    from modelbus.services.client.errors import translated
+    from modelbus.services.install.browse import plan
+    from modelbus.services.install.commands import check_command_options
+    with translated():
+        check_command_options(source, client.config, options, roots=not hand_over)
+        return plan(source, client.config, options, _http(client), access_token, roots=not hand_over)

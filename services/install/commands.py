@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,7 +30,12 @@ from modelbus.services.install.errors import CommandIdTakenError, InvalidCommand
 from modelbus.services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from modelbus.services.install.jobs import load_job, source_claim
 from modelbus.services.install.roots import check_local_source, refuse_nul
-from modelbus.services.install.sources import check_expected_hashes, looks_like_path, normalize_source
+from modelbus.services.install.sources import (
+    check_expected_hashes,
+    check_file_globs,
+    looks_like_path,
+    normalize_source,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -53,15 +59,7 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     if not _COMMAND_ID.match(job_id):
         raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
     _check_not_foreign(store, job_id)
-    refuse_nul(command.source)
-    normalized = normalize_source(command.source, config, command.options)
-    check_expected_hashes(command.source, config, command.options)
-    if looks_like_path(command.source.strip()):
-        # the workers read local files only inside the import roots: refused before anything is read
-        local = check_local_source(command.options.get(IMPORT_PATH) or normalized, config)
-        if not os.path.exists(local):  # (not Path.exists: a name too long must be "no such file", not a crash)
-            # workers share this file system (models dir and sources): refuse now rather than queue a failure
-            raise InvalidSourceError(f"no such file or folder: {normalized}")
+    normalized = check_command_options(command.source, config, command.options)
     claim = source_claim(normalized)
     options = {**command.options, "claim": claim, "normalized_source": normalized}
     event = InstallRequested(aggregate_id=job_id, source=command.source, options=options, correlation_id=job_id)
@@ -88,6 +86,23 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     _register_and_enqueue(store, config, job_id, command.access_token)
     log.info("install_submitted", job=job_id, source=command.source)
     return job_id
+
+
+def check_command_options(source: str, config: AppConfig, options: dict[str, Any], roots: bool = True) -> str:
+    """Refuse a source or options no worker could act on, before anything is written; returns the source's
+    normalized spelling. ``roots``: a local path must lie in the import roots (else the caller hands it over)."""
+    refuse_nul(source)
+    normalized = normalize_source(source, config, options)
+    check_expected_hashes(source, config, options)
+    check_file_globs(source, config, options)
+    if looks_like_path(source.strip()):
+        local = Path(options.get(IMPORT_PATH) or normalized)
+        if roots:  # the workers read local files only inside the import roots: refused before anything is read
+            local = check_local_source(local, config)
+        if not os.path.exists(local):  # (not Path.exists: a name too long must be "no such file", not a crash)
+            # workers share this file system (models dir and sources): refuse now rather than queue a failure
+            raise InvalidSourceError(f"no such file or folder: {normalized}")
+    return normalized
 
 
 def submit_handing_over(store: RedisEventStore, config: AppConfig, command: InstallCommand) -> str:

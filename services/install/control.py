@@ -24,7 +24,14 @@ from modelbus.services.config import AppConfig
 from modelbus.services.install.commands import enqueue_install, register_job
 from modelbus.services.install.defaults import APPEND_ATTEMPTS, CANCEL_FLAG_TTL
 from modelbus.services.install.errors import InstallError, JobStateError
-from modelbus.services.install.jobs import PAUSABLE, RESTARTABLE, InstallJob, InstallStatus, load_job, transition
+from modelbus.services.install.jobs import (
+    PAUSABLE,
+    RESTARTABLE,
+    InstallJob,
+    InstallStatus,
+    load_job,
+    transition,
+)
 from modelbus.services.install.sources import looks_like_path
 
 log = structlog.get_logger(__name__)

@@ -32,7 +32,6 @@ from modelbus.services.install.jobs import load_job
 from modelbus.services.install.placement import staging_root
 from modelbus.services.install.progress import ProgressBoard
 from modelbus.services.install.roots import import_area
-from modelbus.services.records import ModelConfigBase
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +54,7 @@ class PruneReport:
         return asdict(self)
 
 
-def _real(path: Path) -> str:
+def _real(path: str | Path) -> str:
     return os.path.realpath(path)
 
 

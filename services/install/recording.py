@@ -16,7 +16,11 @@ from typing import Any
 import blake3
 
 from modelbus.services.hashing import HashingError, model_key
-from modelbus.services.install.errors import AlreadyInstalledError, DuplicateInstallError, ModelIdentificationError
+from modelbus.services.install.errors import (
+    AlreadyInstalledError,
+    DuplicateInstallError,
+    ModelIdentificationError,
+)
 from modelbus.services.install.manifest import Manifest, hash_and_manifest
 from modelbus.services.probe import ProbeError, ProbeResult, probe
 from modelbus.services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase

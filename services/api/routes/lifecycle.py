@@ -10,11 +10,10 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelbus.services.api.errors import CONFLICT, NOT_FOUND
+from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND
 from modelbus.services.api.routes.models import WORKER, JobId
-from modelbus.services.api.schemas import Job
-from modelbus.services.client import ModelBusClient
-from modelbus.services.client import defaults
+from modelbus.services.api.schemas import InstallRequest, Job
+from modelbus.services.client import ModelBusClient, defaults
 from modelbus.services.records import AnyModelConfig
 
 router = APIRouter(prefix="/api/v2/models", tags=["lifecycle"])
@@ -122,3 +121,21 @@ def verify(c: Client, body: VerifyRequest | None = None) -> Response:
 def prune(c: Client, body: PruneRequest | None = None) -> Response:
     body = body or PruneRequest()
     return _json(c.prune(dry_run=body.dry_run, timeout=body.timeout))
+
+
+# --- browsing before an install -------------------------------------------------------------------
+
+@router.get("/remote", summary="The files of a Hugging Face repo (owner/repo[:subfolder]) or the versions "
+            "of a Civitai model (civitai:MODEL[@VERSION]), with sizes", responses={**NOT_FOUND, **WORKER})
+def ls_remote(c: Client, source: Annotated[str, Query(min_length=1, max_length=4096)],
+              revision: Annotated[str | None, Query(max_length=256)] = None) -> Response:
+    return _json(c.ls_remote(source, revision=revision))
+
+
+@router.post("/install/plan", summary="What an install would download and where (a dry run: nothing queued)",
+             responses={**NOT_FOUND, **FORBIDDEN, **WORKER})
+def plan_install(body: InstallRequest, c: Client) -> Response:
+    options = body.options()
+    options.pop("command_id", None)
+    token = options.pop("access_token", None)
+    return _json(c.plan_install(body.source, hand_over=False, access_token=token, **options))
