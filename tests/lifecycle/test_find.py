@@ -53,3 +53,31 @@ def test_find_refusals(bus: Bus, cli: Cli, http: TestClient) -> None:
     assert http.get("/api/v2/models/by-hash/blake3:nothex!").status_code == 422
     assert http.get("/api/v2/models/find", params={"ref": ""}).status_code == 422
     assert json.loads(http.get("/openapi.json").text)["paths"]["/api/v2/models/find"]["get"]["summary"]
+
+
+def test_the_async_client_has_the_same_lifecycle_methods(bus: Bus, cli: Cli, http: TestClient, tmp_path: Path) -> None:
+    import asyncio
+
+    from modelbus.services.client import AsyncModelBusClient
+    from modelbus.services.client.aio import ASYNC_METHODS
+    from modelbus.services.install.errors import JobStateError
+
+    job = _install(cli, make_lora_kohya(tmp_path / "async.safetensors", rank=15), "--name", "async-one")
+    for name in ("find_model", "models_by_hash", "pause", "resume", "restart", "verify", "prune", "ls_remote",
+                 "plan_install"):
+        assert name in ASYNC_METHODS
+
+    async def run() -> None:
+        async with AsyncModelBusClient(bus.config) as client:
+            found = await client.find_model("async-one")  # type: ignore[attr-defined]
+            assert found.key == job["key"]
+            assert [m.key for m in await client.models_by_hash(found.hash)] == [job["key"]]  # type: ignore[attr-defined]
+            checked = await client.verify([job["key"]])  # type: ignore[attr-defined]
+            assert checked["healthy"]
+            try:
+                await client.pause(job["id"])  # type: ignore[attr-defined]
+            except JobStateError as exc:
+                assert "completed" in str(exc)
+            else:
+                raise AssertionError("a finished job was paused")
+    asyncio.run(run())

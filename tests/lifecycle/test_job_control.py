@@ -93,3 +93,22 @@ def test_job_control_refusals(bus: Bus, cli: Cli, http: TestClient, tmp_path: Pa
     local = client.wait(client.install(str(make_lora_kohya(tmp_path / "ctl.safetensors", rank=7))), timeout=TIMEOUT)
     assert local["state"] == "completed"
     assert "completed" in cli("jobs", "resume", local["id"], code=4).stderr
+
+
+def test_cancelling_a_paused_job_removes_its_partial_files(bus: Bus, cli: Cli, http: TestClient,
+                                                           tmp_path: Path) -> None:
+    data = make_lora_kohya(tmp_path / "dropped.safetensors", rank=48).read_bytes()
+    url = bus.files.add_file("files/dropped.safetensors", data)
+    bus.files.set_fault("files/dropped.safetensors", Fault(stall_after=len(data) // 3, stall_seconds=120))
+    client = _client(http)
+    job = client.install(url)
+    wait_until(lambda: client.job(job["id"])["bytes"] >= len(data) // 3, TIMEOUT, "a third downloaded",
+               bus.worker_log)
+    client.pause(job["id"])
+    wait_until(lambda: _parts(bus, job["id"]), TIMEOUT, "the partial file kept")
+    cancelled = cli("cancel", job["id"])
+    assert "cancelled" in cancelled.stdout
+    wait_until(lambda: not staging_dir(bus.config, job["id"]).exists(), TIMEOUT, "the staging folder removed")
+    assert client.job(job["id"])["state"] == "cancelled"
+    assert "only a paused job" in cli("jobs", "resume", job["id"], code=4).stderr
+
