@@ -87,3 +87,34 @@ def test_prune_with_a_record_whose_file_is_missing_changes_nothing(bus: Bus, cli
     assert http.post("/api/v2/models/prune", json={"dry_run": "maybe"}).status_code == 422
     client.delete_model(gone["key"])
     assert "junk-while-missing.bin" in cli_json(cli, "prune")["files"]
+
+
+def test_prune_keeps_a_running_installs_destination_and_never_follows_a_link(bus: Bus, cli: Cli, http: TestClient,
+                                                                            tmp_path: Path) -> None:
+    from modelbus.services.install.progress import ProgressBoard
+    from tests.servers.file_server import Fault
+    from tests.waiting import wait_until
+
+    client = _client(http)
+    models = bus.config.models_path
+    data = make_lora_kohya(tmp_path / "p_running.safetensors", rank=40).read_bytes()
+    url = bus.files.add_file("files/p_running.safetensors", data)
+    bus.files.set_fault("files/p_running.safetensors", Fault(stall_after=len(data) // 2, stall_seconds=120))
+    job = client.install(url)
+    wait_until(lambda: client.job(job["id"])["state"] == "downloading", TIMEOUT, "the download running")
+    # where the job is moving its model (as the hash step says before its rename): not anybody's junk
+    incoming = models / "sd-1" / "lora" / "incoming.safetensors"
+    incoming.parent.mkdir(parents=True, exist_ok=True)
+    incoming.write_bytes(b"being placed")
+    ProgressBoard(client.redis, client.store.keys).set_placed(job["id"], incoming)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"not in the models dir")
+    os.symlink(outside, models / "link-to-outside")
+    report = cli_json(cli, "prune")
+    assert "link-to-outside" in report["files"]
+    assert not any("incoming" in f for f in report["files"])
+    assert incoming.exists() and (outside / "precious.bin").exists() and not (models / "link-to-outside").exists()
+    client.cancel(job["id"])
+    wait_until(lambda: client.job(job["id"])["state"] == "cancelled", TIMEOUT, "the job cancelled")
+    assert "sd-1/lora/incoming.safetensors" in cli_json(cli, "prune")["files"]  # its job ended: now it is junk
