@@ -38,7 +38,8 @@ class InstallJobView(_View):
 
     id: str
     source: str
-    state: str = Field(description="waiting, downloading, downloads_done, running, completed, error, cancelled")
+    state: str = Field(description="waiting, downloading, paused, downloads_done, hashing, completed, error, "
+                       "cancelled")
     bytes: int = Field(default=0, ge=0)
     total_bytes: int = Field(default=0, ge=0)
     key: str | None = Field(default=None, description="the installed model's key, once completed")
@@ -50,6 +51,8 @@ class InstallJobView(_View):
     # ISO 8601 text, as the job dicts had them (the web page's templates cut and sort them as text)
     created_at: str | None = Field(default=None, description="when the job was requested (ISO 8601)")
     updated_at: str | None = Field(default=None, description="when its last event was written (ISO 8601)")
+    already_installed: bool = Field(default=False, description="completed: the content was a record already (key)")
+    attempt: int = Field(default=0, ge=0, description="resumes and restarts so far")
 
     @property
     def terminal(self) -> bool:

@@ -80,6 +80,10 @@ class Keys:
     def cancel_flag(self, job_id: str) -> str:
         return f"{self.tag}:cancel:{job_id}"
 
+    def pause_flag(self, run_id: str) -> str:
+        """Set while one attempt of an install job (its RQ run id) is paused: its downloads stop."""
+        return f"{self.tag}:pause:{run_id}"
+
     @property
     def jobs(self) -> str:
         """Sorted set of job ids by creation time."""

@@ -110,6 +110,7 @@ class InstallCompleted(Event):
     key: str
     config: dict[str, Any]
     total_bytes: int = 0
+    already_installed: bool = False  # the content was a record already: ``key`` is that record's
 
 
 class InstallFailed(Event):
@@ -121,6 +122,35 @@ class InstallFailed(Event):
 class InstallCancelled(Event):
     type: Literal["InstallCancelled"] = "InstallCancelled"
     reason: str | None = None
+
+
+class InstallPaused(Event):
+    """Downloads stop; their partial files stay for the resume (which continues them with ranges)."""
+
+    type: Literal["InstallPaused"] = "InstallPaused"
+    reason: str | None = None
+
+
+class InstallResumed(Event):
+    type: Literal["InstallResumed"] = "InstallResumed"
+
+
+class InstallRestarted(Event):
+    """A failed or cancelled job runs again from the start (its source claimed again in the same append)."""
+
+    type: Literal["InstallRestarted"] = "InstallRestarted"
+    previous_error: str | None = None
+
+
+# --- the models directory (aggregate id ``models-dir``) -----------------------------------------
+
+class ModelsDirPruned(Event):
+    """``prune`` deleted these files (relative to the models directory) and folders: no record owned them."""
+
+    type: Literal["ModelsDirPruned"] = "ModelsDirPruned"
+    files: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()
+    bytes: int = 0
 
 
 # --- operational events (the activity stream) ---------------------------------------------------
@@ -387,7 +417,8 @@ ActivityEvent = Annotated[
 
 DomainEvent = Annotated[
     ModelAdded | ModelUpdated | ModelRenamed | ModelRemoved
-    | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled,
+    | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled
+    | InstallPaused | InstallResumed | InstallRestarted | ModelsDirPruned,
     Field(discriminator="type"),
 ]
 #: any event of either stream
@@ -398,7 +429,8 @@ ACTIVITY_ADAPTER: TypeAdapter[Any] = TypeAdapter(ActivityEvent)
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
     for cls in (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved, InstallRequested, InstallStarted,
-                InstallDownloaded, InstallCompleted, InstallFailed, InstallCancelled, Activity)
+                InstallDownloaded, InstallCompleted, InstallFailed, InstallCancelled, Activity,
+                InstallPaused, InstallResumed, InstallRestarted, ModelsDirPruned)
 }
 
 # The current schema version of each type, and how to bring an older body up to date:

@@ -35,7 +35,7 @@ from modelbus.services.install.steps import (
 )
 from modelbus.workers.context import WorkerContext, current
 from modelbus.workers.errors import LeaseLostError
-from modelbus.workers.install import give_up, http_client, retries_left
+from modelbus.workers.install import give_up, http_client, not_for, retries_left
 from modelbus.workers.lease import current as current_lease
 from modelbus.workers.lease import for_current_job
 
@@ -43,7 +43,8 @@ log = structlog.get_logger(__name__)
 
 
 def run_download(job_id: str, index: int, url: str, name: str | None = None, size: int | None = None,
-                 sha256: str | None = None, folder: str | None = None, access_token: str | None = None) -> str:
+                 sha256: str | None = None, folder: str | None = None, access_token: str | None = None,
+                 attempt: int = 0) -> str:
     context = current()
     with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
         if lease is not None and lease.done_before:
@@ -52,16 +53,18 @@ def run_download(job_id: str, index: int, url: str, name: str | None = None, siz
         if lease is not None:
             cancellation.guard(lease.fence)
             lease.on_lost(lambda: cancellation.stop("abort"))
-        return _download(context, cancellation, job_id, index, url, name, size, sha256, folder, access_token)
+        return _download(context, cancellation, job_id, index, url, name, size, sha256, folder, access_token,
+                         attempt)
 
 
 def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, index: int, url: str,
               name: str | None, size: int | None, sha256: str | None, folder: str | None,
-              access_token: str | None) -> str:
+              access_token: str | None, attempt: int = 0) -> str:
     store, config = context.store, context.config
     job = load_job(store, job_id)
-    if job.terminal:
-        return job.status.value
+    skip = not_for(job, attempt)
+    if skip is not None:
+        return skip
     dest_dir = staging_dir(config, job_id) / (folder or "")
     file_name = None
     if name:
@@ -74,7 +77,8 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
     reporter = ProgressReporter(board, store, job_id, str(index), name=shown)
     final: list[Path] = []
     try:
-        with http_client(config) as client, CancelWatcher(store.client, store.keys, job_id, cancellation):
+        with http_client(config) as client, CancelWatcher(store.client, store.keys, job_id, cancellation,
+                                                          pause_id=job.run_id):
             path = fetch_file(client, request, FetchOptions.from_config(config), cancellation, reporter,
                               on_path=final.append)
     except LeaseLostError:
@@ -85,6 +89,9 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
         if lease is not None and lease.lost:
             log.warning("install_download_superseded", job=job_id, url=url)
             raise LeaseLostError(f"install {job_id}: the download of {url} was taken over by another run") from None
+        if cancellation.reason == "pause":
+            log.info("install_download_paused", job=job_id, url=url)  # the partial file stays for the resume
+            return InstallStatus.PAUSED.value
         _drop_partial(final)
         log.info("install_download_cancelled", job=job_id, url=url)
         return InstallStatus.CANCELLED.value

@@ -22,7 +22,7 @@ from modelbus.events.schema import InstallCompleted, InstallDownloaded, InstallS
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
 from modelbus.services.install.defaults import CANCEL_POLL_INTERVAL
-from modelbus.services.install.errors import InstallError, JobStoppedError
+from modelbus.services.install.errors import AlreadyInstalledError, InstallError, JobStoppedError
 from modelbus.services.install.finalize import FinalizeRequest, finalize
 from modelbus.services.install.imports import discard_hand_over
 from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
@@ -34,12 +34,13 @@ from modelbus.services.install.placement import (
     staging_dir,
 )
 from modelbus.services.install.progress import ProgressBoard
+from modelbus.services.install.repair import repair_files
 from modelbus.services.install.steps import cancel_flag_set, describe, error_name, fail_job, is_final
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 from modelbus.services.stopping import stop_on
 from modelbus.workers.context import current
 from modelbus.workers.errors import LeaseLostError
-from modelbus.workers.install import give_up, retries_left
+from modelbus.workers.install import give_up, not_for, retries_left
 from modelbus.workers.lease import current as current_lease
 from modelbus.workers.lease import for_current_job
 
@@ -50,11 +51,15 @@ def open_records(config: AppConfig, store: RedisEventStore) -> ModelRecordServic
     return ModelRecordServiceBase.open(config, event_store=store)
 
 
-def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | None = None,
+             attempt: int = 0) -> str:
     context = current()
     with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
         if lease is not None and lease.done_before:
             return load_job(context.store, job_id).status.value  # delivered again: it already ran
+        skip = not_for(load_job(context.store, job_id), attempt)
+        if skip in ("superseded", InstallStatus.PAUSED.value):
+            return skip  # (a paused job's resume enqueues a hash step of its own)
         return _hash(context.store, context.config, job_id, folder, metadata)
 
 
@@ -140,28 +145,45 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
 
     records = open_records(config, store)
     try:
+        repair = job.options.get("repair")
+        if repair:  # a download of a model's own source: only its broken files are put back
+            still_wanted()
+            replaced = repair_files(config, records, str(repair), path, config.hash_threads)
+            remove_tree(staging_dir(config, job.id))
+            log.info("install_repaired", job=job.id, key=repair, replaced=replaced)
+            _complete(store, config, records, job, records.get_model(str(repair)), moved=False, already=True)
+            return
         request = FinalizeRequest(
             path=path, inplace=inplace, job_id=job.id, user=job.options.get("config") or {},
             metadata=job.metadata, source=job.source, force=bool(job.options.get("force")),
             threads=config.hash_threads, on_claim=lambda target: board.set_placed(job.id, target),
-            before_place=still_wanted)
-        record = finalize(config, records, request)
+            before_place=still_wanted, expected_blake3=job.options.get("blake3"))
+        already = False
+        try:
+            record = finalize(config, records, request)
+        except AlreadyInstalledError as exc:
+            if request.force or not records.exists(exc.existing_key):
+                raise
+            record, already = records.get_model(exc.existing_key), True  # success: the record it already is
         remove_tree(staging_dir(config, job.id))  # before the completion: whoever sees it sees no leftovers
         discard_hand_over(config, job.options)
-        _complete(store, config, records, job, record, moved=not job.options.get("inplace"))
+        _complete(store, config, records, job, record, moved=not job.options.get("inplace"), already=already)
     finally:
         records.close()
 
 
 def _complete(store: RedisEventStore, config: AppConfig, records: ModelRecordServiceBase, job: InstallJob,
-              record: ModelConfigBase, moved: bool) -> None:
-    total = size_of(config.model_path(record.path))
+              record: ModelConfigBase, moved: bool, already: bool = False) -> None:
+    target = config.model_path(record.path)
+    total = size_of(target) if target.exists() else 0
     _, appended = transition(store, job.id, unless_ended(lambda j: InstallCompleted(
         aggregate_id=j.id, key=record.key, config=record.model_dump(mode="json"), total_bytes=total,
-        correlation_id=j.id)))
+        already_installed=already, correlation_id=j.id)))
     if appended:
-        log.info("install_completed", job=job.id, key=record.key, path=record.path)
+        log.info("install_completed", job=job.id, key=record.key, path=record.path, already_installed=already)
         return
+    if already:
+        return  # cancelled in the last moment: the record is another install's, it stays
     # cancelled (or failed elsewhere) in the last moment: take the model back out
     log.info("install_rolled_back", job=job.id, key=record.key)
     records.del_model(record.key, correlation_id=job.id)

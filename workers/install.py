@@ -69,19 +69,32 @@ def http_client(config: AppConfig) -> httpx.Client:
                            headers={"User-Agent": "modelbus-install/0.1"})
 
 
-def run_install(job_id: str, access_token: str | None = None) -> str:
+def run_install(job_id: str, access_token: str | None = None, attempt: int = 0) -> str:
     context = current()
     with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
         if lease is not None and lease.done_before:
             return load_job(context.store, job_id).status.value  # delivered again: it already ran
-        return _install(context.store, context.config, context.worker_id, job_id, access_token)
+        return _install(context.store, context.config, context.worker_id, job_id, access_token, attempt)
+
+
+def not_for(job: InstallJob, attempt: int) -> str | None:
+    """Why a step of ``attempt`` has nothing to do for the job as it is now (None: it has)."""
+    if job.terminal:
+        return job.status.value
+    if job.attempt != attempt:
+        log.info("install_step_superseded", job=job.id, attempt=attempt, current=job.attempt)
+        return "superseded"
+    if job.status is InstallStatus.PAUSED:
+        return job.status.value
+    return None
 
 
 def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: str,
-             access_token: str | None) -> str:
+             access_token: str | None, attempt: int = 0) -> str:
     job = load_job(store, job_id)
-    if job.terminal:
-        return job.status.value
+    skip = not_for(job, attempt)
+    if skip is not None:
+        return skip
     job, _ = transition(store, job_id, lambda j: InstallStarted(
         aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None)
     try:
@@ -107,7 +120,7 @@ def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: 
 def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: LocalPlan) -> None:
     if job.status is not InstallStatus.DOWNLOADING:
         # a retry after the copy was recorded: the hash step may already be reading it, leave it be
-        _enqueue_hash(store, job.id, [], None, {})
+        _enqueue_hash(store, job, [], None, {})
         return
     path = plan.path
     source_files(path)  # no symlink out of the source, before any byte of it is read
@@ -130,7 +143,7 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
         remove_tree(staging_dir(config, job.id))  # cancelled while copying
         discard_hand_over(config, job.options)
         return
-    _enqueue_hash(store, job.id, [], None, {})
+    _enqueue_hash(store, job, [], None, {})
 
 
 def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: RemotePlan,
@@ -139,7 +152,7 @@ def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: R
     queue = Queue(store.keys.queue("download"), connection=store.client)
     ids = []
     for index, file in enumerate(plan.files):
-        rq_id = f"{job.id}-dl{index}"
+        rq_id = f"{job.run_id}-dl{index}"
         ids.append(rq_id)
         if Job.exists(rq_id, connection=store.client):
             continue
@@ -147,23 +160,26 @@ def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: R
                                   "folder": plan.folder}
         if token:
             kwargs["access_token"] = token
+        if job.attempt:
+            kwargs["attempt"] = job.attempt
         # a description of our own: RQ's default one (the call with its arguments) would put the URL and the
         # access token in every worker's log
         queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, description=f"download {rq_id}",
                       **_job_options(), **kwargs)
-    _enqueue_hash(store, job.id, ids, plan.folder, plan.metadata)
+    _enqueue_hash(store, job, ids, plan.folder, plan.metadata)
     log.info("install_fanned_out", job=job.id, files=len(ids), total=plan.total_bytes)
 
 
-def _enqueue_hash(store: RedisEventStore, job_id: str, after: list[str], folder: str | None,
+def _enqueue_hash(store: RedisEventStore, job: InstallJob, after: list[str], folder: str | None,
                   metadata: dict[str, Any]) -> None:
-    rq_id = f"{job_id}-hash"
+    rq_id = f"{job.run_id}-hash"
     if Job.exists(rq_id, connection=store.client):
         return
     queue = Queue(store.keys.queue("hash"), connection=store.client)
     depends = Dependency(jobs=after, allow_failure=True) if after else None
-    queue.enqueue(HASH_FUNCTION, job_id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
-                  **_job_options(defaults.HASH_JOB_TIMEOUT))
+    extra: dict[str, Any] = {"attempt": job.attempt} if job.attempt else {}
+    queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
+                  **extra, **_job_options(defaults.HASH_JOB_TIMEOUT))
 
 
 def _job_options(timeout: int = defaults.JOB_TIMEOUT) -> dict[str, Any]:
@@ -182,6 +198,8 @@ def on_job_failure(job: Job, connection: Any, exc_type: type[BaseException] | No
         return
     context = current()
     job_id = str(job.args[0])
+    if not_for(load_job(context.store, job_id), int(job.kwargs.get("attempt") or 0)) == "superseded":
+        return  # a step of an earlier attempt: the job has moved on without it
     name = exc_type.__name__ if exc_type is not None else "AbandonedJobError"
     message = describe(exc) if exc is not None and str(exc) else "the worker running it died"
     fail_job(context.store, job_id, name, f"{job.func_name} gave up after {defaults.JOB_RETRIES} retries: {message}")

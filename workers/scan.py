@@ -32,6 +32,9 @@ def _refused(exc: ModelbusError) -> dict[str, Any]:
     return {"error": {"kind": exc.kind.value, "type": type(exc).__name__, "message": str(exc)}}
 
 
+refused = _refused  # (the other hash-queue jobs answer the same way)
+
+
 def run_scan(path: str) -> dict[str, Any]:
     context = current()
     try:

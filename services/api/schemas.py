@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -70,6 +70,14 @@ class InstallRequest(BaseModel):
     access_token: str | None = Field(default=None, max_length=4096, description="for this download only; never logged")
     command_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
                                    description="idempotency: a repeated command_id returns the first job")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="a URL download's expected SHA-256: a mismatch fails and leaves nothing")
+    blake3: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="a URL download's expected BLAKE3: a mismatch fails and leaves nothing")
+    include: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        default=None, max_length=100, description="Hugging Face: only the files matching these globs")
+    exclude: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        default=None, max_length=100, description="Hugging Face: leave out the files matching these globs")
 
     _source = field_validator("source")(no_nul)
 

@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from modelbus.events.errors import EventStoreError
 from modelbus.events.logs import configure_logging
-from modelbus.services.cli import jobs, models, ops
+from modelbus.services.cli import jobs, lifecycle, models, ops
 from modelbus.services.cli import store as store_commands
 from modelbus.services.cli.context import state
 from modelbus.services.cli.errors import exit_code, one_line
@@ -105,7 +105,6 @@ def worker(queues: Annotated[str, typer.Option(help="install,download,hash,gpu")
 
 
 app.command("install")(jobs.install)
-app.command("jobs")(jobs.jobs)
 app.command("cancel")(jobs.cancel)
 app.command("scan")(jobs.scan)
 app.command("sync")(jobs.sync)
@@ -135,3 +134,13 @@ store.command("push")(store_commands.push)
 store.command("verify")(store_commands.verify)
 store.command("gc")(store_commands.gc)
 app.add_typer(store, name="store")
+
+jobs_group = typer.Typer(help="List install jobs; `jobs pause|resume|restart JOB` controls one.")
+jobs_group.callback(invoke_without_command=True)(jobs.jobs)
+jobs_group.command("pause")(lifecycle.pause)
+jobs_group.command("resume")(lifecycle.resume)
+jobs_group.command("restart")(lifecycle.restart)
+app.add_typer(jobs_group, name="jobs")
+app.command("verify")(lifecycle.verify)
+app.command("prune")(lifecycle.prune)
+app.command("ls-remote")(lifecycle.ls_remote)

@@ -23,12 +23,25 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
             revision: Annotated[str | None, typer.Option(help="Hugging Face revision")] = None,
             variant: Annotated[str | None, typer.Option(help="diffusers variant, e.g. fp16")] = None,
             timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many seconds")] = None,
+            sha256: Annotated[str | None, typer.Option(help="a URL download's expected SHA-256 (else it fails)")] = None,
+            blake3: Annotated[str | None, typer.Option(help="a URL download's expected BLAKE3 (else it fails)")] = None,
+            include: Annotated[list[str] | None, typer.Option(help="Hugging Face: only files matching this glob "
+                                                                   "(repeatable)")] = None,
+            exclude: Annotated[list[str] | None, typer.Option(help="Hugging Face: leave out files matching this "
+                                                                   "glob (repeatable)")] = None,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be downloaded and where; "
+                                                                    "install nothing")] = False,
             json: JsonFlag = False) -> None:
     """Install a model: publish the command, and with --wait follow it to the end."""
     c = client()
     config = {k: v for k, v in (("name", name), ("description", description)) if v is not None}
     options: dict[str, Any] = {"inplace": inplace, "force": force}
-    options.update({k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None})
+    options.update({k: v for k, v in (("revision", revision), ("variant", variant), ("sha256", sha256),
+                                      ("blake3", blake3)) if v is not None})
+    options.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v})
+    if dry_run:
+        show_plan(c.plan_install(source, **options), json)
+        return
     since = head(c) if wait else "$"
     job = c.install(source, config=config, **options)
     if wait:
@@ -39,13 +52,26 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
         console.print(f"install job {job.id} {job.state} (follow it: modelbus jobs)")
     if job.state == "completed":
         if not json:
-            console.print(f"installed {job.source} as {job.key}")
+            console.print(f"{job.source}: already installed as {job.key}" if job.already_installed
+                          else f"installed {job.source} as {job.key}")
     elif wait:
         raise CommandFailedError(f"install of {job.source} {job.state}: {job.error or 'no reason given'}")
 
 
-def jobs(json: JsonFlag = False) -> None:
+def show_plan(plan: dict[str, Any], json: bool) -> None:
+    if json:
+        print_json(plan)
+        return
+    table(f"{plan['source']}: {len(plan['files'])} file(s), {human_bytes(plan['total_bytes'])} (dry run: "
+          "nothing downloaded)", ("file", "size"),
+          ((f["path"], human_bytes(f["size"]) if f["size"] is not None else "unknown") for f in plan["files"]))
+    console.print(f"would install into {plan['destination']}", markup=False, highlight=False)
+
+
+def jobs(ctx: typer.Context, json: JsonFlag = False) -> None:
     """List install jobs."""
+    if ctx.invoked_subcommand is not None:
+        return
     found = client().jobs()
     if json:
         print_json([j.model_dump(mode="json") for j in found])

@@ -35,13 +35,19 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
             human_bytes(sizes[m.key]) if sizes.get(m.key) else "", m.path) for m in models))
 
 
-def show(key: str, json: JsonFlag = False) -> None:
-    """Show one model's record."""
-    data = client().get_model(key).model_dump(mode="json")
+def show(key: Annotated[str | None, typer.Argument(help="a key, a unique start of a key, or a unique name")] = None,
+         hash: Annotated[str | None, typer.Option("--hash", help="find by content hash: blake3:<hex>")] = None,
+         json: JsonFlag = False) -> None:
+    """Show one model's record (by key, key prefix or name; --hash: every model with that content)."""
+    if (key is None) == (hash is None):
+        raise UsageError("show takes a key (or its start, or a name) or --hash blake3:<hex>, not both")
+    models = client().models_by_hash(hash) if hash is not None else [client().find_model(str(key))]
+    found = [m.model_dump(mode="json") for m in models]
     if json:
-        print_json(data)
+        print_json(found if hash is not None else found[0])
         return
-    table(data["name"], ("field", "value"), ((k, v) for k, v in data.items() if v not in (None, [], "")))
+    for data in found:
+        table(data["name"], ("field", "value"), ((k, v) for k, v in data.items() if v not in (None, [], "")))
 
 
 def rm(key: str, delete_files: Annotated[bool, typer.Option(

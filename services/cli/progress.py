@@ -27,7 +27,10 @@ from modelbus.events.schema import (
     InstallCompleted,
     InstallDownloaded,
     InstallFailed,
+    InstallPaused,
     InstallProgress,
+    InstallRestarted,
+    InstallResumed,
     InstallStarted,
     ModelFetchCompleted,
     ModelFetchFailed,
@@ -41,7 +44,8 @@ from modelbus.services.client import Cursor, ModelBusClient, WaitTimeoutError
 
 STEP_TEXT: dict[type[Event], str] = {
     InstallStarted: "working", InstallDownloaded: "downloaded; hashing and probing", InstallCompleted: "installed",
-    InstallFailed: "failed", InstallCancelled: "cancelled"}
+    InstallFailed: "failed", InstallCancelled: "cancelled", InstallPaused: "paused (modelbus jobs resume JOB)",
+    InstallResumed: "resumed", InstallRestarted: "restarted"}
 ENDS = (InstallCompleted, InstallFailed, InstallCancelled)
 JOB_EVENTS = (InstallProgress.model_fields["kind"].default, *(cls.model_fields["type"].default for cls in STEP_TEXT))
 FETCH_EVENTS = (ModelFetchStarted, ModelFetchProgress, ModelFetchCompleted, ModelFetchFailed)

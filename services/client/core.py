@@ -290,3 +290,53 @@ class ModelBusClient:
             return call()
         except (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError) as exc:
             raise UnavailableError(f"Redis unreachable: {exc}") from exc
+
+    # --- finding models, job control, health (services.client.lookup, services.client.lifecycle) ----------
+
+    def find_model(self, ref: str) -> ModelConfigBase:
+        """The model ``ref`` names: its key, a unique key prefix, or a unique name (several: AmbiguousModelError)."""
+        from modelbus.services.client.lookup import find
+        return find(self._locked(lambda r: r.all_models()), ref)
+
+    def models_by_hash(self, hash: str) -> list[ModelConfigBase]:
+        """Every model with this content hash (``blake3:<hex>``; forced copies share one)."""
+        from modelbus.services.client.lookup import by_hash
+        return by_hash(self._locked(lambda r: r.all_models()), hash)
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        """Pause a waiting or downloading install job: its downloads stop and keep their partial files."""
+        return self.installs.pause(job_id)
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Resume a paused install job: its downloads continue where they stopped (HTTP ranges)."""
+        return self.installs.resume(job_id)
+
+    def restart(self, job_id: str) -> dict[str, Any]:
+        """Run a failed or cancelled install job again from the start."""
+        return self.installs.restart(job_id)
+
+    def verify(self, keys: Iterable[str] = (), *, repair: bool = False,
+               on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
+        """Re-hash installed files against the recorded ones on the hash workers (all models, or those
+        ``keys`` name: keys, prefixes, names); ``repair`` downloads broken models again from their source.
+        ``{"models": [per-model report], "summary": counts, "healthy": bool}``."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.verify(self, list(keys), repair=repair, on_progress=on_progress, timeout=timeout)
+
+    def prune(self, *, dry_run: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Delete the files in the models directory that no record owns, and empty folders (on a hash worker;
+        refused while a record's files are missing). ``{"files", "folders", "bytes", "dry_run"}``."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.prune(self, dry_run=dry_run, timeout=timeout)
+
+    def ls_remote(self, source: str, revision: str | None = None, access_token: str | None = None) -> dict[str, Any]:
+        """The files (with sizes, and which an install picks) of a Hugging Face repo ``owner/repo[:subfolder]``,
+        or the versions and files of a Civitai model ``civitai:MODEL[@VERSION]``."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.ls_remote(self, source, revision, access_token)
+
+    def plan_install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]:
+        """What ``install(source, **options)`` would download (files, sizes) and where; nothing is queued."""
+        from modelbus.services.client import lifecycle
+        return lifecycle.plan_install(self, source, hand_over=hand_over, **options)

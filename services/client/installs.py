@@ -50,7 +50,8 @@ def job_view(job: InstallJob) -> InstallJobView:
         key=job.key, config=job.config, error_type=job.error_type, error=job.error, options=_shown(job.options),
         files=tuple(FileProgress(path=name, bytes=done, total_bytes=total) for name, done, total in job.files),
         created_at=job.created_at.isoformat() if job.created_at else None,
-        updated_at=job.updated_at.isoformat() if job.updated_at else None)
+        updated_at=job.updated_at.isoformat() if job.updated_at else None,
+        already_installed=job.already_installed, attempt=job.attempt)
 
 
 class Installs:
@@ -91,6 +92,18 @@ class Installs:
 
     def cancel(self, job_id: str) -> InstallJobView:
         return job_view(self._call(lambda: self.installer.cancel_job(job_id)))
+
+    def pause(self, job_id: str) -> InstallJobView:
+        from modelbus.services.install import control
+        return job_view(self._call(lambda: control.pause(self.installer.event_store, job_id)))
+
+    def resume(self, job_id: str) -> InstallJobView:
+        from modelbus.services.install import control
+        return job_view(self._call(lambda: control.resume(self.installer.event_store, self.config, job_id)))
+
+    def restart(self, job_id: str) -> InstallJobView:
+        from modelbus.services.install import control
+        return job_view(self._call(lambda: control.restart(self.installer.event_store, self.config, job_id)))
 
     def wait(self, job: str | InstallJob | InstallJobView | Mapping[str, Any], timeout: float | None) -> InstallJobView:
         job_id = job_id_of(job)

@@ -10,6 +10,7 @@ error the worker met comes back as an error of the same kind (a folder outside t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -63,22 +64,27 @@ def run_on_worker(connection: redis.Redis[bytes], keys: Keys, func: str, args: t
     """Enqueue ``func(*args)`` on the hash queue, wait for it, and return its answer."""
     timeout = defaults.SCAN_TIMEOUT if timeout is None else timeout
     with redis_errors_translated():
-        states = routing.worker_states(connection, keys.namespace)
-        if not any(s.serves(QUEUE) for s in states):
-            raise UnavailableError(f"no live worker serves the {QUEUE} queue, where scans run "
-                                   f"(start one: modelbus worker --queues {QUEUE})")
+        _require_worker(connection, keys, "scans run")
         job = Queue(keys.queue(QUEUE), connection=connection).enqueue(
             func, *args, job_timeout=HASH_JOB_TIMEOUT, result_ttl=defaults.SCAN_RESULT_TTL, failure_ttl=FAILURE_TTL)
         return _answer(job, time.monotonic() + timeout)
 
 
-def _answer(job: Job, deadline: float) -> dict[str, Any]:
+def _require_worker(connection: redis.Redis[bytes], keys: Keys, what: str) -> None:
+    """No live worker on the queue is 503 at once: a job nobody reads would only time out."""
+    if not any(s.serves(QUEUE) for s in routing.worker_states(connection, keys.namespace)):
+        raise UnavailableError(f"no live worker serves the {QUEUE} queue, where {what} "
+                               f"(start one: modelbus worker --queues {QUEUE})")
+
+
+def _answer(job: Job, deadline: float, refusals: bool = True) -> dict[str, Any]:
+    """The job's answer; ``refusals``: a refusal the worker answered is raised (else returned as it is)."""
     while True:
         status = job.get_status(refresh=True)
         if status == "finished":
             value: dict[str, Any] = job.return_value() or {}
             error = value.get("error")
-            if isinstance(error, dict):
+            if isinstance(error, dict) and refusals:
                 kind = Kind(error.get("kind", Kind.FAILED.value))
                 message = str(error.get("message") or error.get("type") or "refused")
                 raise REFUSED.get(kind, JobFailedError)(message)
@@ -90,3 +96,30 @@ def _answer(job: Job, deadline: float) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise WaitTimeoutError(f"{job.func_name} {job.id} is still {status} on a worker; it goes on")
         time.sleep(defaults.SCAN_POLL_INTERVAL)
+
+
+VERIFY_FUNCTION = "modelbus.workers.lifecycle.run_verify"
+PRUNE_FUNCTION = "modelbus.workers.lifecycle.run_prune"
+
+
+def run_each_on_worker(connection: redis.Redis[bytes], keys: Keys, func: str, calls: list[tuple[Any, ...]],
+                       timeout: float | None = None,
+                       on_answer: Callable[[int, dict[str, Any]], None] | None = None,
+                       refusals: bool = True) -> list[dict[str, Any]]:
+    """``func(*args)`` for each ``args`` of ``calls``, all enqueued at once (the hash workers run them in
+    parallel); their answers in order, each told to ``on_answer(index, answer)`` as it comes
+    (``refusals=False``: a refusal is an answer ``{"error": ...}``, not raised)."""
+    timeout = defaults.SCAN_TIMEOUT if timeout is None else timeout
+    with redis_errors_translated():
+        _require_worker(connection, keys, "verify and prune run")
+        queue = Queue(keys.queue(QUEUE), connection=connection)
+        jobs = [queue.enqueue(func, *args, job_timeout=HASH_JOB_TIMEOUT, result_ttl=defaults.SCAN_RESULT_TTL,
+                              failure_ttl=FAILURE_TTL) for args in calls]
+        deadline = time.monotonic() + timeout
+        answers = []
+        for index, job in enumerate(jobs):
+            answer = _answer(job, deadline, refusals)
+            if on_answer is not None:
+                on_answer(index, answer)
+            answers.append(answer)
+        return answers

@@ -33,15 +33,7 @@ def resolve_civitai(
     client: httpx.Client, source: CivitaiSource, api: str, credential: Credential | None, allow_private: bool
 ) -> CivitaiPlan:
     api = api.rstrip("/")
-    fetch = _Fetcher(client, api, credential, allow_private)
-    if source.version_id is not None:
-        version = fetch.json(f"/api/v1/model-versions/{source.version_id}", f"version {source.version_id}")
-        model_id = source.model_id or version.get("modelId")
-        model = fetch.json(f"/api/v1/models/{model_id}", f"model {model_id}") if model_id else {}
-    else:
-        model = fetch.json(f"/api/v1/models/{source.model_id}", f"model {source.model_id}")
-        version = choose_version(model, source.base_model)
-        model_id = source.model_id
+    model, version, model_id = _model_and_version(_Fetcher(client, api, credential, allow_private), source)
     file = choose_file(version)
     version_id = int(version["id"])
     url = file.get("downloadUrl") or version.get("downloadUrl") or f"{api}/api/download/models/{version_id}"
@@ -53,6 +45,17 @@ def resolve_civitai(
         sha256=(file.get("hashes") or {}).get("SHA256"),
         metadata=_metadata(model, version, file, source, model_id, api),
     )
+
+
+def _model_and_version(fetch: _Fetcher, source: CivitaiSource) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """(the model, the version ``source`` names or an install of the model takes, the model's id)."""
+    if source.version_id is not None:
+        version = fetch.json(f"/api/v1/model-versions/{source.version_id}", f"version {source.version_id}")
+        model_id = source.model_id or version.get("modelId")
+        model = fetch.json(f"/api/v1/models/{model_id}", f"model {model_id}") if model_id else {}
+        return model, version, model_id
+    model = fetch.json(f"/api/v1/models/{source.model_id}", f"model {source.model_id}")
+    return model, choose_version(model, source.base_model), source.model_id
 
 
 def metadata_by_hash(
@@ -157,3 +160,31 @@ def _metadata(model: dict[str, Any], version: dict[str, Any], file: dict[str, An
         hashes={k: str(v) for k, v in (file.get("hashes") or {}).items()},
         extra={"model_type": model.get("type"), "file_name": file.get("name")},
     )
+
+
+def list_versions(
+    client: httpx.Client, source: CivitaiSource, api: str, credential: Credential | None, allow_private: bool
+) -> dict[str, Any]:
+    """A Civitai model's versions (or the one ``source`` names) with their files, newest first; ``chosen``
+    marks the file an install takes, and ``chosen`` on a version the one an install of the model takes."""
+    model, default, _ = _model_and_version(_Fetcher(client, api.rstrip("/"), credential, allow_private), source)
+    versions = [default] if source.version_id is not None else sorted(
+        model.get("modelVersions") or [], reverse=True,
+        key=lambda v: str(v.get("publishedAt") or v.get("createdAt") or ""))
+    out = []
+    for version in versions:
+        try:
+            picked = choose_file(version)
+        except MetadataError:
+            picked = None
+        files = []
+        for f in version.get("files") or []:
+            size_kb = f.get("sizeKB")
+            files.append({"name": str(f.get("name") or ""), "type": f.get("type", "Model"),
+                          "size": int(size_kb * 1024) if isinstance(size_kb, (int, float)) else None,
+                          "primary": bool(f.get("primary")), "sha256": (f.get("hashes") or {}).get("SHA256"),
+                          "chosen": f is picked})
+        out.append({"id": version.get("id"), "name": version.get("name"), "base_model": version.get("baseModel"),
+                    "published_at": version.get("publishedAt") or version.get("createdAt"),
+                    "chosen": version.get("id") == default.get("id"), "files": files})
+    return {"model_id": model.get("id"), "name": model.get("name"), "type": model.get("type"), "versions": out}

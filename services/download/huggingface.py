@@ -7,7 +7,9 @@ the resolved commit, so that a branch moving during the download cannot mix two 
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote
@@ -36,9 +38,20 @@ class RepoPlan:
     metadata: ModelMetadata
 
 
-def resolve_repo(
+@dataclass
+class RepoListing:
+    """Every file of a repo at one commit (``entries``: path -> the API's entry), and the files an install
+    would choose (``chosen``: under the subfolder, one variant, safetensors over .bin...)."""
+
+    info: dict  # type: ignore[type-arg]
+    commit: str
+    entries: dict[str, dict]  # type: ignore[type-arg]
+    chosen: list[str]
+
+
+def list_repo(
     client: httpx.Client, source: HFSource, endpoint: str, credential: Credential | None, allow_private: bool
-) -> RepoPlan:
+) -> RepoListing:
     endpoint = endpoint.rstrip("/")
     info = _api(client, f"{endpoint}/api/models/{source.repo_id}/revision/{quote(source.revision, safe='')}"
                 "?blobs=true", source, credential, allow_private)
@@ -50,12 +63,36 @@ def resolve_repo(
         siblings = _tree(client, endpoint, source, commit, credential, allow_private)
     entries = {str(s["rfilename"]): s for s in siblings}
     model_index = _model_index(client, endpoint, source, commit, entries, credential, allow_private)
-    chosen = select_files(list(entries), source.subfolder, source.variant, model_index)
+    return RepoListing(info, commit, entries, select_files(list(entries), source.subfolder, source.variant,
+                                                           model_index))
+
+
+def filter_files(paths: list[str], scoped: list[str], prefix: str, include: Sequence[str] = (),
+                 exclude: Sequence[str] = ()) -> list[str]:
+    """``include`` globs (on the path under the subfolder) choose among every file under it instead of the
+    default choice ``paths``; ``exclude`` globs then leave files out."""
+    rel = lambda p: p[len(prefix):]
+    if include:
+        paths = [p for p in scoped if any(fnmatch.fnmatchcase(rel(p), g) for g in include)]
+    return sorted(p for p in paths if not any(fnmatch.fnmatchcase(rel(p), g) for g in exclude))
+
+
+def resolve_repo(
+    client: httpx.Client, source: HFSource, endpoint: str, credential: Credential | None, allow_private: bool,
+    include: Sequence[str] = (), exclude: Sequence[str] = (),
+) -> RepoPlan:
+    endpoint = endpoint.rstrip("/")
+    listing = list_repo(client, source, endpoint, credential, allow_private)
+    info, commit, entries = listing.info, listing.commit, listing.entries
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    chosen = listing.chosen
+    if include or exclude:
+        chosen = filter_files(chosen, [p for p in entries if p.startswith(prefix)], prefix, include, exclude)
     if not chosen:
         scope = f" under {source.subfolder!r}" if source.subfolder else ""
-        raise MetadataError(f"{source.repo_id}@{source.revision}: no model files found{scope}")
+        globs = " matching --include/--exclude" if include or exclude else ""
+        raise MetadataError(f"{source.repo_id}@{source.revision}: no model files found{scope}{globs}")
     files = []
-    prefix = f"{source.subfolder}/" if source.subfolder else ""
     for name in chosen:
         entry = entries[name]
         lfs = entry.get("lfs") or {}

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,7 +30,12 @@ from modelbus.services.install.errors import CommandIdTakenError, InvalidCommand
 from modelbus.services.install.imports import IMPORT_PATH, discard_hand_over, hand_over
 from modelbus.services.install.jobs import load_job, source_claim
 from modelbus.services.install.roots import check_local_source, refuse_nul
-from modelbus.services.install.sources import looks_like_path, normalize_source
+from modelbus.services.install.sources import (
+    check_expected_hashes,
+    check_file_globs,
+    looks_like_path,
+    normalize_source,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -53,14 +59,7 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     if not _COMMAND_ID.match(job_id):
         raise InvalidCommandError(f"command id {job_id!r}: use 1-100 letters, digits, '_' or '-'")
     _check_not_foreign(store, job_id)
-    refuse_nul(command.source)
-    normalized = normalize_source(command.source, config, command.options)
-    if looks_like_path(command.source.strip()):
-        # the workers read local files only inside the import roots: refused before anything is read
-        local = check_local_source(command.options.get(IMPORT_PATH) or normalized, config)
-        if not os.path.exists(local):  # (not Path.exists: a name too long must be "no such file", not a crash)
-            # workers share this file system (models dir and sources): refuse now rather than queue a failure
-            raise InvalidSourceError(f"no such file or folder: {normalized}")
+    normalized = check_command_options(command.source, config, command.options)
     claim = source_claim(normalized)
     options = {**command.options, "claim": claim, "normalized_source": normalized}
     event = InstallRequested(aggregate_id=job_id, source=command.source, options=options, correlation_id=job_id)
@@ -87,6 +86,23 @@ def submit(store: RedisEventStore, config: AppConfig, command: InstallCommand) -
     _register_and_enqueue(store, config, job_id, command.access_token)
     log.info("install_submitted", job=job_id, source=command.source)
     return job_id
+
+
+def check_command_options(source: str, config: AppConfig, options: dict[str, Any], roots: bool = True) -> str:
+    """Refuse a source or options no worker could act on, before anything is written; returns the source's
+    normalized spelling. ``roots``: a local path must lie in the import roots (else the caller hands it over)."""
+    refuse_nul(source)
+    normalized = normalize_source(source, config, options)
+    check_expected_hashes(source, config, options)
+    check_file_globs(source, config, options)
+    if looks_like_path(source.strip()):
+        local = Path(options.get(IMPORT_PATH) or normalized)
+        if roots:  # the workers read local files only inside the import roots: refused before anything is read
+            local = check_local_source(local, config)
+        if not os.path.exists(local):  # (not Path.exists: a name too long must be "no such file", not a crash)
+            # workers share this file system (models dir and sources): refuse now rather than queue a failure
+            raise InvalidSourceError(f"no such file or folder: {normalized}")
+    return normalized
 
 
 def submit_handing_over(store: RedisEventStore, config: AppConfig, command: InstallCommand) -> str:
@@ -140,6 +156,9 @@ def _register(store: RedisEventStore, job_id: str, pipeline: Pipeline | None = N
     (pipeline if pipeline is not None else store.client).zadd(store.keys.jobs, {job_id: time.time()}, nx=True)
 
 
+register_job = _register  # (a resumed or restarted job is listed again, if it was pruned from the list)
+
+
 def _register_and_enqueue(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None) -> None:
     """The job index entry and the RQ job in one MULTI/EXEC: one round trip, and never one without the
     other. (A crash before it is repaired by repeating the command: see ``_ensure_enqueued``.)"""
@@ -158,12 +177,15 @@ def _ensure_enqueued(store: RedisEventStore, config: AppConfig, job_id: str, tok
 
 
 def enqueue_install(store: RedisEventStore, config: AppConfig, job_id: str, token: str | None,
-                    pipeline: Pipeline | None = None) -> None:
-    """Enqueue the install job (its id is the command id); with ``pipeline``, the job's commands are
-    queued on it and the caller executes them."""
+                    pipeline: Pipeline | None = None, *, run_id: str | None = None, attempt: int = 0) -> None:
+    """Enqueue the install job (its id is the command id; a resumed or restarted attempt's is ``run_id``);
+    with ``pipeline``, the job's commands are queued on it and the caller executes them."""
     queue = Queue(store.keys.queue("install"), connection=store.client)
     kwargs: dict[str, Any] = {"access_token": token} if token else {}
-    queue.enqueue_call(INSTALL_FUNCTION, args=(job_id,), kwargs=kwargs, job_id=job_id,
+    if attempt:
+        kwargs["attempt"] = attempt
+    queue.enqueue_call(INSTALL_FUNCTION, args=(job_id,), kwargs=kwargs, job_id=run_id or job_id,
                        retry=Retry(defaults.JOB_RETRIES), timeout=defaults.JOB_TIMEOUT,
                        result_ttl=defaults.RESULT_TTL, failure_ttl=defaults.FAILURE_TTL,
-                       on_failure=Callback(FAILURE_CALLBACK), description=f"install {job_id}", pipeline=pipeline)
+                       on_failure=Callback(FAILURE_CALLBACK), description=f"install {run_id or job_id}",
+                       pipeline=pipeline)

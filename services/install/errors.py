@@ -6,6 +6,7 @@
     ├── CommandIdTakenError      (Conflict) the command id names an RQ job of another namespace on this Redis
     ├── ModelIdentificationError (InvalidInput) the files are not a model we can identify (unknown, unsafe...)
     ├── DuplicateInstallError    (Conflict) the same content is already installed; ``existing_key`` names it
+    │   └── AlreadyInstalledError  the content itself is that record's (not a chosen key taken by another)
     ├── UnknownJobError          (NotFound) no install job has this id
     ├── InstallTimeoutError      (TimedOut) wait_for_job / wait_for_installs ran out of time
     ├── UnsafeDeleteError        (InvalidInput) refusing to delete files outside the models directory
@@ -13,6 +14,7 @@
     ├── ModelPathConflictError   (Conflict) a path inside, or holding, another model's path; names the other
     ├── InvalidModelPathError    (InvalidInput) a record path that does not exist or cannot be a model's
     ├── UnsafeManifestError      (InvalidInput) a manifest entry that leaves the model's folder
+    ├── JobStateError            (Conflict) a pause, resume or restart the job's state does not allow
     └── JobStoppedError          (Conflict) the job was cancelled or failed elsewhere while a step ran (internal)
 
 Errors of the parts the service drives (probe, hashing, downloads, records) are translated where they
@@ -52,6 +54,14 @@ class DuplicateInstallError(InstallError, Conflict):
         self.existing_key = existing_key
 
 
+class AlreadyInstalledError(DuplicateInstallError):
+    """The same content is a record already: a queued install completes with that record's key."""
+
+
+class ExpectedHashError(InstallError, InvalidInput):
+    """The downloaded file's hash is not the one the caller gave (``--sha256``/``--blake3``)."""
+
+
 class UnknownJobError(InstallError, NotFound, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "unknown install job"
@@ -62,6 +72,10 @@ class InstallTimeoutError(InstallError, TimedOut, TimeoutError):
 
 
 class UnsafeDeleteError(InstallError, InvalidInput):
+    pass
+
+
+class JobStateError(InstallError, Conflict):
     pass
 
 

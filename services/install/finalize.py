@@ -16,6 +16,8 @@ from typing import Any
 import structlog
 
 from modelbus.services.config import AppConfig
+from modelbus.services.install.errors import ExpectedHashError
+from modelbus.services.install.manifest import Manifest
 from modelbus.services.install.ownership import check_path_free
 from modelbus.services.install.placement import destination_dir, is_inside, place, remove_tree, source_files
 from modelbus.services.install.recording import (
@@ -48,6 +50,7 @@ class FinalizeRequest:
     threads: int | None = None
     on_claim: Callable[[Path], None] | None = None  # hears the destination before the rename
     before_place: Callable[[], None] | None = None  # a last check (e.g. cancelled?) before moving
+    expected_blake3: str | None = None  # the caller's BLAKE3 of the one file (``--blake3``): else refused
 
 
 def record_path(config: AppConfig, path: Path) -> str:
@@ -65,12 +68,21 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
     return path.stem if path.is_file() else path.name
 
 
+def check_expected_blake3(files: Manifest, expected: str) -> None:
+    got = [f.blake3 for f in files]
+    if got != [expected.lower()]:
+        shown = got[0] if len(got) == 1 else f"{len(got)} files"
+        raise ExpectedHashError(f"BLAKE3 mismatch: expected {expected.lower()}, the download has {shown}")
+
+
 def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRequest) -> ModelConfigBase:
     chosen = given_key(req.user)  # a bad key is refused before any work
     source_files(req.path)  # no symlink out of the model: what it owns is inside it
     if req.inplace:
         check_path_free(config, records.all_models(), req.path, None, same_ok=True)
     found = identify(req.path, req.user, req.threads)
+    if req.expected_blake3:
+        check_expected_blake3(found.files, req.expected_blake3)
     key = found.key
     if req.force and records.exists(key) and not (req.job_id and added_by(records, key, req.job_id)):
         key = forced_key(key, req.job_id or uuid.uuid4().hex)

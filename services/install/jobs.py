@@ -26,7 +26,10 @@ from modelbus.events.schema import (
     InstallFailed,
     InstallJobChanged,
     InstallJobPayload,
+    InstallPaused,
     InstallRequested,
+    InstallRestarted,
+    InstallResumed,
     InstallStarted,
 )
 from modelbus.events.store import EventStore, StoredEvent
@@ -40,8 +43,9 @@ SOURCE_CLAIM_PREFIX = "install-source:"
 class InstallStatus(str, Enum):
     WAITING = "waiting"
     DOWNLOADING = "downloading"
+    PAUSED = "paused"
     DOWNLOADS_DONE = "downloads_done"
-    RUNNING = "running"
+    HASHING = "hashing"
     COMPLETED = "completed"
     ERROR = "error"
     CANCELLED = "cancelled"
@@ -53,6 +57,9 @@ class InstallStatus(str, Enum):
 
 TERMINAL = frozenset({InstallStatus.COMPLETED, InstallStatus.ERROR, InstallStatus.CANCELLED})
 TERMINAL_EVENTS = (InstallCompleted, InstallFailed, InstallCancelled)
+#: a pause stops downloads (their partial files stay); hashing and placing run to their end
+PAUSABLE = frozenset({InstallStatus.WAITING, InstallStatus.DOWNLOADING})
+RESTARTABLE = frozenset({InstallStatus.ERROR, InstallStatus.CANCELLED})
 
 
 @dataclass
@@ -77,6 +84,13 @@ class InstallJob:
     version: int = 0
     #: live while it runs (the progress board): each file's (name, bytes done, size or None)
     files: list[tuple[str, int, int | None]] = field(default_factory=list)
+    already_installed: bool = False  # completed with the key of the record that had this content already
+    attempt: int = 0  # resumes and restarts so far: each runs under RQ ids of its own (``run_id``)
+
+    @property
+    def run_id(self) -> str:
+        """The RQ job id of this attempt's install step; its download and hash steps derive theirs from it."""
+        return self.id if self.attempt == 0 else f"{self.id}-a{self.attempt}"
 
     @property
     def terminal(self) -> bool:
@@ -120,6 +134,10 @@ def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
     if job is None:
         return None
     job.version = max(job.version, event.aggregate_version)
+    if isinstance(event, InstallRestarted) and job.status in RESTARTABLE:
+        job.status, job.error_type, job.error = InstallStatus.WAITING, None, None
+        job.bytes, job.download_path, job.attempt, job.updated_at = 0, None, job.attempt + 1, event.time
+        return job
     if job.terminal:
         return job
     job.updated_at = event.time
@@ -127,7 +145,13 @@ def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
         if job.status is InstallStatus.WAITING:
             job.status = InstallStatus.DOWNLOADING
         elif job.status is InstallStatus.DOWNLOADS_DONE:
-            job.status = InstallStatus.RUNNING
+            job.status = InstallStatus.HASHING
+    elif isinstance(event, InstallPaused):
+        if job.status in PAUSABLE:
+            job.status = InstallStatus.PAUSED
+    elif isinstance(event, InstallResumed):
+        if job.status is InstallStatus.PAUSED:
+            job.status, job.attempt = InstallStatus.WAITING, job.attempt + 1
     elif isinstance(event, InstallDownloaded):
         job.status = InstallStatus.DOWNLOADS_DONE
         job.download_path = event.path
@@ -137,6 +161,7 @@ def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
     elif isinstance(event, InstallCompleted):
         job.status = InstallStatus.COMPLETED
         job.key, job.config = event.key, dict(event.config)
+        job.already_installed = event.already_installed
         job.total_bytes = event.total_bytes or job.total_bytes
         job.bytes = job.total_bytes
     elif isinstance(event, InstallFailed):

@@ -16,7 +16,11 @@ from typing import Any
 import blake3
 
 from modelbus.services.hashing import HashingError, model_key
-from modelbus.services.install.errors import DuplicateInstallError, ModelIdentificationError
+from modelbus.services.install.errors import (
+    AlreadyInstalledError,
+    DuplicateInstallError,
+    ModelIdentificationError,
+)
 from modelbus.services.install.manifest import Manifest, hash_and_manifest
 from modelbus.services.probe import ProbeError, ProbeResult, probe
 from modelbus.services.records import DuplicateModelException, ModelConfigBase, ModelRecordServiceBase
@@ -121,7 +125,7 @@ def check_duplicate(records: ModelRecordServiceBase, key: str, job_id: str | Non
     if not records.exists(key) or (job_id is not None and added_by(records, key, job_id)):
         return
     existing = records.get_model(key)
-    raise DuplicateInstallError(
+    raise AlreadyInstalledError(
         f"this model is already installed as key {key!r} ({existing.name!r} at {existing.path}); "
         "pass force=True to install a second copy", key)
 
@@ -134,4 +138,7 @@ def add_record(records: ModelRecordServiceBase, key: str, config: dict[str, Any]
         return records.add_model(key, config, correlation_id=job_id, files=files,
                                  idempotency_key=f"install:{job_id}:add" if job_id else None)
     except DuplicateModelException as exc:
-        raise DuplicateInstallError(f"refused as a duplicate: {exc}", key) from exc
+        same = records.exists(key) and records.get_model(key).hash == config.get("hash")
+        # the same content, added by a racing install a moment ago, or another model under a chosen key
+        error = AlreadyInstalledError if same else DuplicateInstallError
+        raise error(f"refused as a duplicate: {exc}", key) from exc

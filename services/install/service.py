@@ -184,10 +184,16 @@ class ModelInstallService:
     def cancel_job(self, job: JobRef) -> InstallJob:
         """Cancel a job that has not ended; its running steps stop within a second and clean up."""
         job_id = job if isinstance(job, str) else job.id
-        current, appended = transition(self.event_store, job_id, unless_ended(
-            lambda j: InstallCancelled(aggregate_id=job_id, reason="cancelled by request", correlation_id=job_id)))
+        before: list[InstallStatus] = []
+
+        def cancel(j: InstallJob) -> InstallCancelled:
+            before.append(j.status)
+            return InstallCancelled(aggregate_id=job_id, reason="cancelled by request", correlation_id=job_id)
+        current, appended = transition(self.event_store, job_id, unless_ended(cancel))
         if appended:
             set_cancel_flag(self.event_store.client, self.event_store.keys, job_id)
+            if before[-1] is InstallStatus.PAUSED:
+                remove_tree(staging_dir(self.config, job_id))  # no step of it runs: its partial files go now
             if current.status is InstallStatus.CANCELLED and not current.download_path:
                 discard_hand_over(self.config, current.options)  # no step has begun with it (a worker may)
             log.info("install_cancelled", job=job_id)

@@ -84,6 +84,9 @@ def _parse(text: str, config: AppConfig, options: dict[str, Any]) -> Source:
                         base_model=options.get("base_model_hint"), civitai_api=config.civitai_api)
 
 
+parse_source_text = _parse  # (browsing asks what a source names, as an install does)
+
+
 def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callable[[], httpx.Client],
             access_token: str | None = None) -> Plan:
     """Turn a source into a plan; raises InvalidSourceError or the download family's errors.
@@ -106,12 +109,14 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         raise InvalidSourceError(str(exc)) from exc
     allow_private = config.allow_private_downloads
     if isinstance(source, URLSource):
-        return RemotePlan([PlannedFile(source.url)], None, {"source": text, "source_url": source.url})
+        sha256 = options.get("sha256")
+        return RemotePlan([PlannedFile(source.url, sha256=str(sha256).lower() if sha256 else None)], None,
+                          {"source": text, "source_url": source.url})
     if isinstance(source, HFSource):
         endpoint = config.hf_endpoint
         with http() as client:
             repo = resolve_repo(client, source, endpoint, credential_for(endpoint, config, access_token),
-                                allow_private)
+                                allow_private, include=globs(options, "include"), exclude=globs(options, "exclude"))
         files = [PlannedFile(f.url, f.path, f.size, f.sha256) for f in repo.files]
         metadata = _metadata_dict(repo.metadata)
         if len(files) == 1 and "/" not in (files[0].name or "/") and not _is_folder_layout(files[0].name):
@@ -124,6 +129,55 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         return RemotePlan([PlannedFile(civitai.url, civitai.filename, civitai.size, civitai.sha256)], None,
                           _metadata_dict(civitai.metadata))
     raise InvalidSourceError(f"unsupported source {text!r}")  # pragma: no cover - parse_source is exhaustive
+
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+FILE_GLOBS = ("include", "exclude")
+MAX_GLOBS = 100
+
+
+def globs(options: dict[str, Any], name: str) -> list[str]:
+    value = options.get(name) or []
+    return [value] if isinstance(value, str) else [str(g) for g in value]
+
+
+def check_file_globs(text: str, config: AppConfig, options: dict[str, Any]) -> None:
+    """``include``/``exclude``: lists of glob patterns (at most MAX_GLOBS), only for a Hugging Face repo."""
+    given = [name for name in FILE_GLOBS if options.get(name)]
+    if not given:
+        return
+    for name in given:
+        value = options[name]
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or len(items) > MAX_GLOBS or not all(
+                isinstance(g, str) and 0 < len(g) <= 512 and "\x00" not in g for g in items):
+            raise InvalidSourceError(f"--{name} takes glob patterns (at most {MAX_GLOBS}, 1-512 characters each)")
+    if not _names(text, config, options, HFSource):
+        raise InvalidSourceError(f"--{given[0]} chooses files of a Hugging Face repo; {text[:200]!r} is not one")
+
+
+def _names(text: str, config: AppConfig, options: dict[str, Any], kind: type[URLSource | HFSource]) -> bool:
+    """Whether ``text`` names a remote source of this kind."""
+    try:
+        return not looks_like_path(text.strip()) and isinstance(_parse(text.strip(), config, options), kind)
+    except SourceSyntaxError:
+        return False
+
+
+EXPECTED_HASHES = ("sha256", "blake3")
+
+
+def check_expected_hashes(text: str, config: AppConfig, options: dict[str, Any]) -> None:
+    """``sha256``/``blake3`` options: 64 hex digits each, and only for a plain URL download."""
+    given = [name for name in EXPECTED_HASHES if options.get(name) is not None]
+    if not given:
+        return
+    for name in given:
+        value = options[name]
+        if not isinstance(value, str) or not _HEX64.match(value):
+            raise InvalidSourceError(f"--{name} must be 64 hexadecimal digits, got {str(value)[:80]!r}")
+    if not _names(text, config, options, URLSource):
+        raise InvalidSourceError(f"--{given[0]} verifies a plain URL download; {text[:200]!r} is not a URL")
 
 
 # file names that only mean something inside their folder (diffusers/InvokeAI layouts)

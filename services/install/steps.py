@@ -67,8 +67,10 @@ class CancelWatcher:
     wakes a download blocked in a socket read at once (see services.download.cancel)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, job_id: str, cancellation: Cancellation,
-                 interval: float = CANCEL_POLL_INTERVAL) -> None:
+                 interval: float = CANCEL_POLL_INTERVAL, pause_id: str | None = None) -> None:
+        """``pause_id``: also stop (reason ``pause``) when this attempt's pause flag is set."""
         self.client, self.keys, self.job_id = client, keys, job_id
+        self.pause_id = pause_id
         self.cancellation = cancellation
         self.interval = interval
         self._stop = threading.Event()
@@ -77,15 +79,22 @@ class CancelWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if cancel_flag_set(self.client, self.keys, self.job_id):
-                    self.cancellation.stop("cancel")
+                if self._check():
                     return
             except redis.RedisError as exc:  # keep watching: Redis may be restarting
                 log.warning("cancel_watch_failed", job=self.job_id, error=str(exc))
 
-    def __enter__(self) -> CancelWatcher:  # noqa: PYI034
+    def _check(self) -> bool:
         if cancel_flag_set(self.client, self.keys, self.job_id):
             self.cancellation.stop("cancel")
+            return True
+        if self.pause_id is not None and self.client.exists(self.keys.pause_flag(self.pause_id)):
+            self.cancellation.stop("pause")
+            return True
+        return False
+
+    def __enter__(self) -> CancelWatcher:  # noqa: PYI034
+        self._check()
         self._thread.start()
         return self
 

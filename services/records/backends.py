@@ -19,7 +19,6 @@ from modelbus.services.records.service import ModelRecordServiceBase
 from modelbus.services.records.sql_projection import META, SQLProjection
 from modelbus.services.records.yaml_projection import YamlProjection
 
-SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000  # other processes applying a batch to the same file hold its write lock briefly
 
 
@@ -86,9 +85,8 @@ class ModelRecordServiceSQL(ModelRecordServiceBase):
         if path.is_dir():
             raise RecordStoreFormatError(f"{path}: is a directory, not an SQLite database")
         if path.exists() and path.stat().st_size > 0:
-            with open(path, "rb") as handle:
-                if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                    raise RecordStoreFormatError(f"{path}: exists but is not an SQLite database")
+            # read by SQLite itself, never by a plain open(): closing any descriptor of the file drops every
+            # POSIX lock this process holds on it, those of its other connections to the file too
             _check_own_database(path)
         config, store, models_dir = _context(config, event_store)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def test_list_show_update_rename_history_rm(cli, seeded, app_config) -> None:  #
 
 def test_errors_are_one_line_with_an_exit_code(cli, seeded) -> None:  # type: ignore[no-untyped-def]
     missing = cli("show", "nope", code=3)
-    assert missing.stderr.strip() == "error: unknown model key 'nope'"
+    assert missing.stderr.strip() == "error: no model has the key, a key starting with, or the name 'nope'"
     invalid = cli("update", "k0", "--set", "base_model=sd-9", code=2)
     assert invalid.stderr.startswith("error: ") and "base_model" in invalid.stderr
     assert len(invalid.stderr.strip().splitlines()) == 1 and "Traceback" not in invalid.stderr

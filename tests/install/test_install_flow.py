@@ -115,24 +115,25 @@ def test_a_source_being_installed_returns_the_running_job(bus: Bus, installer: M
     assert second.id == first.id
     done = installer.wait_for_job(first, timeout=TIMEOUT)
     assert done.status is InstallStatus.COMPLETED, (done.error, bus.worker_log())
-    # once it ended, the source is free again: a new command is a new job (refused as a duplicate)
+    # once it ended, the source is free again: a new command is a new job (already installed: that key)
     third = installer.wait_for_job(installer.heuristic_import(url), timeout=TIMEOUT)
     assert third.id != first.id
-    assert third.status is InstallStatus.ERROR and third.error_type == "DuplicateInstallError"
+    assert third.status is InstallStatus.COMPLETED and third.already_installed and third.key == done.key
 
 
-def test_duplicate_content_is_refused_naming_the_key_unless_forced(bus: Bus, installer: ModelInstallService,
-                                                                    tmp_path: Path) -> None:
+def test_duplicate_content_completes_with_the_existing_key_unless_forced(bus: Bus, installer: ModelInstallService,
+                                                                          tmp_path: Path) -> None:
     original = make_lora_kohya(tmp_path / "dup_a.safetensors", rank=24)
     copy = tmp_path / "dup_b.safetensors"
     copy.write_bytes(original.read_bytes())
     first = installer.wait_for_job(installer.heuristic_import(original), timeout=TIMEOUT)
     assert first.status is InstallStatus.COMPLETED, (first.error, bus.worker_log())
     second = installer.wait_for_job(installer.heuristic_import(copy), timeout=TIMEOUT)
-    assert second.status is InstallStatus.ERROR
-    assert second.error_type == "DuplicateInstallError"
-    assert second.error and first.key and first.key in second.error
+    assert second.status is InstallStatus.COMPLETED and second.already_installed, (second.error, bus.worker_log())
+    assert second.key == first.key
     assert not (_models(bus) / "sd-1/lora/dup_b.safetensors").exists()
+    assert not staging_dir(bus.config, second.id).exists()
+    assert len([m for m in installer.record_store.all_models() if m.key == first.key]) == 1
     forced = installer.wait_for_job(installer.heuristic_import(copy, force=True), timeout=TIMEOUT)
     assert forced.status is InstallStatus.COMPLETED, (forced.error, bus.worker_log())
     assert forced.key != first.key

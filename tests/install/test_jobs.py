@@ -34,7 +34,7 @@ def test_statuses_follow_the_events() -> None:
         store.append([event])
         seen.append(load_job(store, "j1").status)
     assert seen == [InstallStatus.WAITING, InstallStatus.DOWNLOADING, InstallStatus.DOWNLOADS_DONE,
-                    InstallStatus.RUNNING, InstallStatus.COMPLETED]
+                    InstallStatus.HASHING, InstallStatus.COMPLETED]
     job = load_job(store, "j1")
     assert (job.key, job.bytes, job.total_bytes, job.metadata) == ("k" * 32, 10, 10, {"author": "a"})
 
