@@ -84,3 +84,7 @@ class Keys:
     def jobs(self) -> str:
         """Sorted set of job ids by creation time."""
         return f"{self.tag}:jobs"
+
+    def cover(self, model_key: str, blake3: str) -> str:
+        """String: the WebP bytes of one model's cover (services.covers), named by their BLAKE3."""
+        return f"{self.tag}:cover:{model_key}:{blake3}"

@@ -19,7 +19,7 @@ from modelbus.services.api.errors import COMMON_RESPONSES, install_error_handler
 from modelbus.services.api.guard import install_guard
 from modelbus.services.api.limits import RequestLimits
 from modelbus.services.api.metrics import build_registry
-from modelbus.services.api.routes import events, health, models
+from modelbus.services.api.routes import events, health, modeldata, models
 from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.config import AppConfig
 
@@ -47,6 +47,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
     secured = [Depends(require_token)]
     app.include_router(models.router, dependencies=secured, responses=COMMON_RESPONSES)
     app.include_router(events.router, dependencies=secured, responses=COMMON_RESPONSES)
+    app.include_router(modeldata.router, dependencies=secured, responses=COMMON_RESPONSES)
     app.include_router(health.router)
 
     @app.middleware("http")

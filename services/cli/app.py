@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from modelbus.events.errors import EventStoreError
 from modelbus.events.logs import configure_logging
-from modelbus.services.cli import jobs, models, ops
+from modelbus.services.cli import jobs, modeldata, models, ops
 from modelbus.services.cli import store as store_commands
 from modelbus.services.cli.context import state
 from modelbus.services.cli.errors import exit_code, one_line
@@ -132,3 +132,13 @@ store.command("push")(store_commands.push)
 store.command("verify")(store_commands.verify)
 store.command("gc")(store_commands.gc)
 app.add_typer(store, name="store")
+
+app.command("settings")(modeldata.settings)
+app.command("link")(modeldata.link)
+app.command("unlink")(modeldata.unlink)
+app.command("links")(modeldata.links)
+cover = typer.Typer(help="A model's cover image: set, get, rm.", no_args_is_help=True)
+cover.command("set")(modeldata.cover_set)
+cover.command("get")(modeldata.cover_get)
+cover.command("rm")(modeldata.cover_rm)
+app.add_typer(cover, name="cover")

@@ -35,6 +35,7 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
 def show(key: str, json: JsonFlag = False) -> None:
     """Show one model's record."""
     data = client().get_model(key).model_dump(mode="json")
+    data["linked_from"] = client().links(data["key"])["linked_from"]  # links are shown on both sides
     if json:
         print_json(data)
         return

@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from modelbus.services.client import defaults
 from modelbus.services.client.core import ModelBusClient
+from modelbus.services.client.modeldata import MODELDATA_METHODS
 from modelbus.services.client.subscription import Delivered
 
 # the sync methods exposed as coroutines; everything else stays on ``.sync``
@@ -23,7 +24,7 @@ ASYNC_METHODS = (
     "install", "wait", "job", "jobs", "cancel", "list_models", "list_models_page", "get_model", "add_model", "update_model",
     "rename_model", "delete_model", "history", "load", "unload", "workers", "events", "scan", "sync",
     "queue_lengths", "ping", "rebuild_records", "import_yaml", "close",
-)
+) + MODELDATA_METHODS
 
 _DONE = object()
 

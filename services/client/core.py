@@ -25,6 +25,7 @@ from modelbus.events.workers import WorkerInfo, list_workers
 from modelbus.services.client import defaults
 from modelbus.services.client.errors import UnavailableError
 from modelbus.services.client.gpu import GpuLoads
+from modelbus.services.client.modeldata import ModelDataCalls
 from modelbus.services.client.subscription import Delivered, Subscription, read_history
 from modelbus.services.config import AppConfig
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-class ModelBusClient:
+class ModelBusClient(ModelDataCalls):
     """Publish commands and read state. Thread-safe; open it once and share it."""
 
     def __init__(self, config: AppConfig | None = None, *, store: RedisEventStore | None = None,
@@ -155,6 +156,8 @@ class ModelBusClient:
             self._locked(lambda r: self.installs.delete(key))
         else:
             self._locked(lambda r: r.del_model(key))
+        if model.cover is not None:
+            self._covers().drop(key, model.cover.blake3)
         return model
 
     def history(self, key: str) -> list[StoredEvent]:

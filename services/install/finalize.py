@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from modelbus.services.config import AppConfig
+from modelbus.services.covers.fetch import first_cover
 from modelbus.services.install.ownership import check_path_free
 from modelbus.services.install.placement import destination_dir, is_inside, place, remove_tree, source_files
 from modelbus.services.install.recording import (
@@ -96,4 +97,5 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
             remove_tree(target)
         raise
     log.info("model_installed", key=key, name=record.name, path=record.path, job=req.job_id)
+    first_cover(config, records, record)
     return record

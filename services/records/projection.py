@@ -26,7 +26,7 @@ from modelbus.events.codec import EventBody
 from modelbus.events.store import BodyBatch, StoredEvent, as_body_batch, position_key
 from modelbus.events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
 from modelbus.services.records.enums import BaseModelType, ModelType
-from modelbus.services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
+from modelbus.services.records.fold import MODEL_EVENT_TYPES, READS_STATE, State, resolve_path, step
 from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from modelbus.services.records.parsing import config_class
 
@@ -53,7 +53,8 @@ def config_from_state(state: dict[str, Any]) -> ModelConfigBase:
 
 def copy_config(config: ModelConfigBase) -> ModelConfigBase:
     # a shallow copy with fresh lists: the only mutable fields a config has
-    return config.model_copy(update={"tags": list(config.tags), "compatible_bases": list(config.compatible_bases)})
+    return config.model_copy(update={"tags": list(config.tags), "compatible_bases": list(config.compatible_bases),
+                                     "trigger_phrases": list(config.trigger_phrases), "links": list(config.links)})
 
 
 def listing_order(name: str, key: str) -> tuple[str, str]:
@@ -154,7 +155,7 @@ class RecordProjection(ABC):
                 state: State = _UNREAD
             else:
                 state = current[0]
-            if state is _UNREAD and entry.type == "ModelRenamed":
+            if state is _UNREAD and entry.type in READS_STATE:
                 state = self._load_state(key)
             changes[key] = (step(None if state is _UNREAD else state, entry.type, body), entry.aggregate_version)
             self._cache.pop(key, None)
