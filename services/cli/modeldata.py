@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from modelbus.services.cli.context import client
-from modelbus.services.cli.errors import UsageError
-from modelbus.services.cli.output import console, print_json, table
+from modelbus.services.cli.errors import CommandFailedError, UsageError
+from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
+from modelbus.services.cli.progress import follow_install, head
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
@@ -105,3 +106,56 @@ def cover_rm(key: str) -> None:
     """Remove the model's cover."""
     client().delete_cover(key)
     console.print(f"removed the cover of {key}")
+
+
+def starters(json: JsonFlag = False) -> None:
+    """The starter models (and bundles) modelbus knows, with the key of each one installed."""
+    found = client().starters()
+    if json:
+        print_json(found)
+        return
+    table(f"{len(found['models'])} starter model(s)", ("name", "type", "base", "size", "installed", "needs", "source"),
+          ((s["name"], s["type"], s["base"], human_bytes(s["size"]), s["installed"] or "",
+            ", ".join(s["dependencies"]) + (" (gated: HF_TOKEN)" if s["gated"] else ""), s["source"])
+           for s in found["models"]))
+    table("bundles (install --bundle NAME)", ("bundle", "models", "description"),
+          ((b["name"], ", ".join(b["models"]), b["description"]) for b in found["bundles"]))
+
+
+def install_starters(source: str | None, names: list[str], bundle: str | None, *, wait: bool,
+                     timeout: float | None, json: bool) -> None:
+    """``install --starter NAME`` / ``--bundle NAME``: each starter with its dependencies."""
+    if source is not None:
+        raise UsageError("give a SOURCE or --starter/--bundle, not both")
+    c = client()
+    since = head(c) if wait else "$"
+    started = c.install_starters(names, bundle)
+    failed = []
+    for entry in started:
+        if "job" in entry and wait:
+            entry["job"] = follow_install(c, entry["job"], since, err_console, timeout)
+            if entry["job"]["state"] != "completed":
+                failed.append(f"{entry['starter']}: {entry['job']['state']} ({entry['job'].get('error')})")
+    if json:
+        print_json(started)
+    else:
+        for entry in started:
+            job = entry.get("job")
+            what = f"already installed as {entry['installed']}" if job is None else \
+                f"job {job['id']} {job['state']}" + (f" as {job['key']}" if job.get("key") else "")
+            console.print(f"{entry['starter']}: {what}")
+    if failed:
+        raise CommandFailedError("starters not installed: " + "; ".join(failed))
+
+
+def convert(key: str, keep_original: Annotated[bool, typer.Option(
+        "--keep-original", help="keep the single file (it is no longer the record's)")] = False,
+            timeout: Annotated[float | None, typer.Option(help="give up waiting after this many seconds")] = None,
+            json: JsonFlag = False) -> None:
+    """Convert a single-file main checkpoint into a diffusers folder, on a worker of the hash queue."""
+    result = client().convert(key, keep_original=keep_original, timeout=timeout)
+    if json:
+        print_json(result)
+        return
+    kept = "removed" if result["original_removed"] else "kept"
+    console.print(f"converted {key} to {result['path']} (hash {result['hash']}); the original file is {kept}")

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
+from modelbus.services.catalog import NoStarterGiven, load_catalog
+from modelbus.services.convert import check_convertible
 from modelbus.services.covers import MAX_COVER_BYTES, CoverTooLarge, NotAnImage
 from modelbus.services.records import ModelConfigBase
 from modelbus.services.records.extras import Cover
@@ -18,7 +20,10 @@ if TYPE_CHECKING:
     from modelbus.services.config import AppConfig
     from modelbus.services.covers.storage import CoverStore
 
-MODELDATA_METHODS = ("set_settings", "link", "unlink", "links", "set_cover", "get_cover", "delete_cover")
+MODELDATA_METHODS = ("set_settings", "link", "unlink", "links", "set_cover", "get_cover", "delete_cover", "starters",
+                     "install_starters", "convert")
+CONVERT_FUNCTION = "modelbus.workers.convert.run_convert"
+CONVERT_TIMEOUT = 3600.0  # s a caller waits for a conversion by default (a full SDXL file takes minutes)
 
 
 def read_image_file(path: str | Path) -> bytes:
@@ -48,6 +53,9 @@ class _Client(Protocol):
     def _locked(self, call: Callable[[Any], Any]) -> Any: ...
     def get_model(self, key: str) -> ModelConfigBase: ...
     def _covers(self) -> CoverStore: ...
+    def list_models(self) -> list[ModelConfigBase]: ...
+    def install(self, source: str, *, hand_over: bool = True, **options: Any) -> dict[str, Any]: ...
+    def starters(self) -> dict[str, Any]: ...
 
 
 class ModelDataCalls:
@@ -116,3 +124,47 @@ class ModelDataCalls:
         updated = self._locked(lambda r: r.set_cover(key, None))
         self._covers().drop(key, model.cover.blake3)
         return updated  # type: ignore[no-any-return]
+
+    # --- starter models (services.catalog) ---------------------------------------------------------
+
+    def starters(self: _Client) -> dict[str, Any]:
+        """The catalogue: each starter with the key of its installed record (or None), and the bundles."""
+        catalog = load_catalog()
+        models = self.list_models()
+        return {
+            "models": [{**s.model_dump(mode="json"), "source": s.install_source(self.config.hf_endpoint),
+                        "installed": next((m.key for m in models if s.installed_by(m)), None)}
+                       for s in catalog.models],
+            "bundles": [b.model_dump(mode="json") for b in catalog.bundles],
+        }
+
+    def install_starters(self: _Client, names: Sequence[str] = (), bundle: str | None = None,
+                         **options: Any) -> list[dict[str, Any]]:
+        """Install starters (and a bundle's members) with their dependencies, dependencies first; one
+        entry per starter: ``{"starter", "job"}``, or ``{"starter", "installed": key}`` for one already there."""
+        catalog = load_catalog()
+        wanted = [*(catalog.bundle(bundle).models if bundle else ()), *names]
+        if not wanted:
+            raise NoStarterGiven("name a starter model or a bundle (see `modelbus starters`)")
+        order = catalog.with_dependencies(wanted)  # an unknown name fails before anything is published
+        installed = {s["name"]: s["installed"] for s in self.starters()["models"]}
+        out: list[dict[str, Any]] = []
+        for starter in order:
+            if installed.get(starter.name):
+                out.append({"starter": starter.name, "installed": installed[starter.name]})
+                continue
+            extra = {"variant": starter.variant} if starter.variant else {}
+            job = self.install(starter.install_source(self.config.hf_endpoint), **{**extra, **options})
+            out.append({"starter": starter.name, "job": job})
+        return out
+
+    # --- conversion (services.convert, on a worker of the hash queue) ---------------------------------
+
+    def convert(self: _Client, key: str, *, keep_original: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Convert a single-file main checkpoint into a diffusers folder, recorded under the same key;
+        the original file is deleted unless ``keep_original``. A model that cannot be converted is
+        refused here, before any worker is asked."""
+        from modelbus.services.client import on_worker
+        check_convertible(self.get_model(key))
+        return on_worker.run_on_worker(self.redis, self.store.keys, CONVERT_FUNCTION, (key, keep_original),
+                                       CONVERT_TIMEOUT if timeout is None else timeout)

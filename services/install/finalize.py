@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
 from modelbus.services.covers.fetch import first_cover
 from modelbus.services.install.ownership import check_path_free
@@ -61,6 +62,9 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
     given = user.get("name") or metadata.get("name")
     if given:
         return str(given)
+    repo = hfcache.snapshot_repo(path)  # a Hugging Face cache snapshot is named by its repo, not its commit
+    if repo is not None:
+        return repo
     return path.stem if path.is_file() else path.name
 
 

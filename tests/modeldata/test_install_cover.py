@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from modelbus.services.api import create_app
 from modelbus.services.cli import app as cli_app
-from modelbus.services.client import ModelBusClient
 from tests.fixtures import make_lora_kohya
 from tests.install.conftest import Bus
 
@@ -45,12 +44,11 @@ def test_a_civitai_install_brings_its_preview_as_the_cover(bus: Bus, tmp_path: P
 def test_a_broken_preview_leaves_the_install_alone(bus: Bus, tmp_path: Path) -> None:
     _civitai_lora(bus, tmp_path, 5102, rank=10)
     bus.civitai.images[51020] = b"<html>not an image</html>"
-    with ModelBusClient(bus.config) as client:
-        with TestClient(create_app(bus.config)) as http:
-            job = http.post("/api/v2/models/install", json={"source": "civitai:5102"},
-                            headers={"Host": "127.0.0.1"}).json()
+    with TestClient(create_app(bus.config)) as http:
+        job = http.post("/api/v2/models/install", json={"source": "civitai:5102"}, headers={"Host": "127.0.0.1"}).json()
+        client = http.app.state.client  # (one record store per process: see services/records/backends.py)
         done = client.wait(job["id"], timeout=TIMEOUT)
         assert done["state"] == "completed", (done, bus.worker_log())
         model = client.get_model(done["key"])
         assert model.cover is None and model.thumbnail_url
-        assert "cover_fetch_failed" in bus.worker_log()
+    assert "cover_fetch_failed" in bus.worker_log()

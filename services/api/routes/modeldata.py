@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelbus.services.api.errors import ErrorResponse, Responses
-from modelbus.services.api.routes.models import ID_PATTERN, Client, Key, _json
+from modelbus.services.api.routes.models import ID_PATTERN, WORKER, Client, Key, _json
 from modelbus.services.client import AsyncModelBusClient
 from modelbus.services.covers import ACCEPTED_TYPES, MAX_COVER_BYTES, NotAnImage
 from modelbus.services.records import AnyModelConfig
@@ -107,3 +107,48 @@ def delete_cover(key: Key, c: Client) -> Response:
 
 
 __all__ = ["router"]
+
+
+# --- starter models -------------------------------------------------------------------------------
+
+class StarterInstall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    names: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=100,
+                                                               description="starter models to install")
+    bundle: str | None = Field(default=None, max_length=128, description="a bundle: sd-1, sdxl, flux")
+
+
+@router.get("/starters", summary="The starter models and bundles, with the key of each one installed")
+def list_starters(c: Client) -> Response:
+    return _json(c.starters())
+
+
+@router.post("/starters/install", status_code=202, responses={**FOUND, 502: {
+    "model": ErrorResponse, "description": "the install queue could not take the job"}},
+             summary="Install starter models (or a bundle) with their dependencies, dependencies first")
+def install_starters(body: StarterInstall, c: Client) -> Response:
+    return _json(c.install_starters(body.names, body.bundle), status=202)
+
+
+# --- conversion -----------------------------------------------------------------------------------
+
+class ConvertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep_original: bool = Field(default=False, description="keep the single file (it is no longer the record's)")
+    timeout: float | None = Field(default=None, gt=0, le=86400, description="seconds to wait for the worker")
+
+
+class Converted(BaseModel):
+    key: str
+    path: str
+    hash: str
+    model_format: str
+    original: str
+    original_removed: bool
+
+
+@router.post("/i/{key}/convert", response_model=Converted, responses={**FOUND, **WORKER},
+             summary="Convert a single-file main checkpoint into a diffusers folder (same key), on a worker")
+def convert_model(key: Key, c: Client, body: ConvertRequest | None = None) -> Response:
+    body = body or ConvertRequest()
+    return _json(c.convert(key, keep_original=body.keep_original, timeout=body.timeout))
