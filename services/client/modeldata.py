@@ -99,13 +99,13 @@ class ModelDataCalls:
         cover = Cover(blake3=digest, width=thumb.width, height=thumb.height, bytes=len(thumb.webp),
                       source=(source or "upload")[:2048])
         try:
-            updated = self._locked(lambda r: r.set_cover(key, cover))
+            updated, replaced = self._locked(lambda r: r.replace_cover(key, cover))
         except BaseException:
             if current.cover is None or current.cover.blake3 != digest:
                 covers.drop(key, digest)
             raise
-        if current.cover is not None and current.cover.blake3 != digest:
-            covers.drop(key, current.cover.blake3)
+        if replaced is not None and replaced.blake3 != digest:
+            covers.drop(key, replaced.blake3)  # the bytes of the cover this write replaced (no one else's)
         return updated  # type: ignore[no-any-return]
 
     def get_cover(self: _Client, key: str) -> bytes:
@@ -121,8 +121,9 @@ class ModelDataCalls:
         model = self.get_model(key)
         if model.cover is None:
             raise CoverMissing(f"model {key} has no cover")
-        updated = self._locked(lambda r: r.set_cover(key, None))
-        self._covers().drop(key, model.cover.blake3)
+        updated, replaced = self._locked(lambda r: r.replace_cover(key, None))
+        if replaced is not None:
+            self._covers().drop(key, replaced.blake3)
         return updated  # type: ignore[no-any-return]
 
     # --- starter models (services.catalog) ---------------------------------------------------------

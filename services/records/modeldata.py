@@ -59,6 +59,8 @@ class _Records(Protocol):
                correlation_id: str | None = None) -> ModelConfigBase: ...
     def linked_from(self, key: str) -> list[tuple[str, str]]: ...
     def _check_vae(self, model: ModelConfigBase, vae_key: str) -> None: ...
+    def replace_cover(self, key: str, cover: Cover | None, *,
+                      correlation_id: str | None = None) -> tuple[ModelConfigBase, Cover | None]: ...
 
 
 class ModelDataWrites:
@@ -180,13 +182,19 @@ class ModelDataWrites:
     def set_cover(self: _Records, key: str, cover: Cover | None, *,
                   correlation_id: str | None = None) -> ModelConfigBase:
         """Record ``cover`` (its bytes are already stored: services.covers), or no cover."""
-        def attempt() -> ModelConfigBase | None:
+        return self.replace_cover(key, cover, correlation_id=correlation_id)[0]
+
+    def replace_cover(self: _Records, key: str, cover: Cover | None, *,
+                      correlation_id: str | None = None) -> tuple[ModelConfigBase, Cover | None]:
+        """:meth:`set_cover`, and the cover the record had just before (whose bytes the caller may drop:
+        the one this write replaced, even when another writer changed it since the caller looked)."""
+        def attempt() -> tuple[ModelConfigBase, Cover | None] | None:
             current = self._current(key)
             if current.cover == cover:
-                return current
+                return current, None
             event = ModelCoverChanged(aggregate_id=key, cover=None if cover is None else cover.model_dump(),
                                       correlation_id=correlation_id)
             if self._append(event) is None:
                 return None
-            return self.get_model(key)
+            return self.get_model(key), current.cover
         return self._retry(attempt, key)  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.config import AppConfig
 from tests.client.conftest import model_config, put_file
 from tests.modeldata import images
+from tests.modeldata.concurrency import run_at_once
 
 MAIN, VAE, LORA = "main-1", "vae-1", "lora-1"
 
@@ -230,3 +231,13 @@ def test_async_client_has_the_same_calls(seeded: ModelBusClient) -> None:
             await aclient.set_cover(LORA, images.png(64, 64))
             assert (await aclient.get_cover(LORA))[8:12] == b"WEBP"
     asyncio.run(run())
+
+
+def test_concurrent_covers_leave_exactly_the_recorded_bytes(seeded: ModelBusClient) -> None:
+    """Six writers set six covers at once: the record names one, and Redis holds that one's bytes only."""
+    errors = run_at_once(lambda n: seeded.set_cover(MAIN, images.png(64 + n, 64, (n * 40, 10, 10))), 6)
+    assert errors == []
+    cover = seeded.get_model(MAIN).cover
+    assert cover is not None
+    assert [k.decode() for k in seeded.redis.keys(f"*cover:{MAIN}:*")] == [seeded.store.keys.cover(MAIN, cover.blake3)]
+    assert seeded.get_cover(MAIN)[8:12] == b"WEBP"

@@ -8,6 +8,7 @@ import pytest
 
 from modelbus.events.errors import InvalidInput, NotFound
 from modelbus.services.records import ModelRecordServiceBase
+from tests.modeldata.concurrency import run_at_once
 from tests.records.conftest import ServiceFactory, main_config, vae_config
 
 KEY, VAE, LORA, XL = "main-1", "vae-1", "lora-1", "main-xl"
@@ -127,22 +128,9 @@ def test_every_backend_rebuilds_the_same_per_model_data(
 def test_concurrent_writers_each_land_once_in_sequence(filled: ModelRecordServiceBase) -> None:
     """Eight threads change one model's settings and links at once: every change is one event, in an
     unbroken version sequence, and the record is the fold of them (optimistic appends retried)."""
-    import threading
-
     before = filled.event_store.version(KEY)
-    errors: list[BaseException] = []
-
-    def write(n: int) -> None:
-        try:
-            filled.set_settings(KEY, {"steps": 10 + n}) if n % 2 else filled.set_settings(KEY, {"width": 64 + 8 * n})
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_at_once(lambda n: filled.set_settings(KEY, {"steps": 10 + n} if n % 2 else {"width": 64 + 8 * n}),
+                       8) == []
     events = [s.event for s in filled.history(KEY)][1:]
     assert [e.aggregate_version for e in events] == list(range(before + 1, before + 9))
     settings = filled.get_model(KEY).default_settings
