@@ -92,3 +92,7 @@ class Keys:
     def blob(self, digest: str) -> str:
         """Hash: the installs claiming one store blob (token -> time) and a delete's ``deleting`` mark."""
         return f"{self.tag}:blob:{digest}"
+
+    def cover(self, model_key: str, blake3: str) -> str:
+        """String: the WebP bytes of one model's cover (services.covers), named by their BLAKE3."""
+        return f"{self.tag}:cover:{model_key}:{blake3}"

@@ -85,6 +85,40 @@ class ModelRemoved(Event):
     path: str | None = None
 
 
+# --- per-model data (aggregate id = the model's key; each patches the record it follows) ---------
+#
+# The bodies are plain JSON here (the event layer knows no record configs); services.records registers
+# the checks that make them valid settings, phrases, links and covers (services.records.extras).
+
+class ModelSettingsChanged(Event):
+    """Default generation settings and/or trigger phrases set; a field absent (None) is left as it was."""
+
+    type: Literal["ModelSettingsChanged"] = "ModelSettingsChanged"
+    settings: dict[str, Any] | None = None  # the whole new default settings ({} clears them)
+    trigger_phrases: tuple[str, ...] | None = None  # the whole new list
+
+
+class ModelLinked(Event):
+    """This model is related to ``target`` (a LoRA made for a main model, a VAE for a pipeline...)."""
+
+    type: Literal["ModelLinked"] = "ModelLinked"
+    target: str
+    relation: str
+
+
+class ModelUnlinked(Event):
+    type: Literal["ModelUnlinked"] = "ModelUnlinked"
+    target: str
+    reason: str | None = None  # "removed" when the target was deleted
+
+
+class ModelCoverChanged(Event):
+    """A new cover image (WebP thumbnail, stored outside the log by its BLAKE3), or none (``cover`` None)."""
+
+    type: Literal["ModelCoverChanged"] = "ModelCoverChanged"
+    cover: dict[str, Any] | None = None
+
+
 # --- installs (aggregate id = the install job id = the command id) ------------------------------
 
 class InstallRequested(Event):
@@ -417,6 +451,7 @@ ActivityEvent = Annotated[
 
 DomainEvent = Annotated[
     ModelAdded | ModelUpdated | ModelRenamed | ModelRemoved
+    | ModelSettingsChanged | ModelLinked | ModelUnlinked | ModelCoverChanged
     | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled
     | InstallPaused | InstallResumed | InstallRestarted | ModelsDirPruned,
     Field(discriminator="type"),
@@ -430,7 +465,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
     for cls in (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved, InstallRequested, InstallStarted,
                 InstallDownloaded, InstallCompleted, InstallFailed, InstallCancelled, Activity,
-                InstallPaused, InstallResumed, InstallRestarted, ModelsDirPruned)
+                InstallPaused, InstallResumed, InstallRestarted, ModelsDirPruned,
+                ModelSettingsChanged, ModelLinked, ModelUnlinked, ModelCoverChanged)
 }
 
 # The current schema version of each type, and how to bring an older body up to date:

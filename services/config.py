@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from modelbus.events.errors import InvalidInput
+from modelbus.services.hfcache import read_token
 from modelbus.services.store.errors import StoreConfigError
 from modelbus.services.store.location import parse_store_url
 
@@ -120,7 +121,7 @@ class AppConfig(BaseSettings):
     hash_threads: int = Field(default=max(1, min(8, os.cpu_count() or 1)), ge=1, le=256)
     hf_endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     civitai_api: str = Field(default="https://civitai.com")
-    hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN"))
+    hf_token: str | None = Field(default_factory=lambda: os.environ.get("HF_TOKEN") or read_token())  # or the login's
     civitai_token: str | None = Field(default_factory=lambda: os.environ.get("CIVITAI_TOKEN"))
     remote_api_tokens: dict[str, str] = Field(default_factory=dict, description="URL regex -> token")
     import_roots: str | None = Field(

@@ -22,6 +22,7 @@ from modelbus.services.download.errors import DownloadCancelled
 from modelbus.services.download.fetch import FetchOptions, FileRequest, fetch_file
 from modelbus.services.download.partial import remove_partial
 from modelbus.services.download.security import credential_for
+from modelbus.services.hfcache import repo_of_url, take_from_cache
 from modelbus.services.install.jobs import InstallStatus, load_job
 from modelbus.services.install.placement import staging_dir
 from modelbus.services.install.progress import ProgressBoard, ProgressReporter
@@ -74,6 +75,10 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
                           credential=credential_for(url, config, access_token))
     board = ProgressBoard(store.client, store.keys)
     shown = name or PurePosixPath(urlsplit(url).path).name or None  # what the job's view calls it
+    if sha256 and file_name and take_from_cache(sha256, size, dest_dir / file_name, repo_of_url(url)):
+        done = (dest_dir / file_name).stat().st_size  # the Hugging Face cache held it (services.hfcache)
+        board.set_file(job_id, str(index), done, done, shown)
+        return str(dest_dir / file_name)
     reporter = ProgressReporter(board, store, job_id, str(index), name=shown)
     final: list[Path] = []
     try:

@@ -19,7 +19,7 @@ from modelbus.services.api.errors import COMMON_RESPONSES, install_error_handler
 from modelbus.services.api.guard import install_guard
 from modelbus.services.api.limits import RequestLimits
 from modelbus.services.api.metrics import build_registry
-from modelbus.services.api.routes import events, health, lifecycle, models
+from modelbus.services.api.routes import events, health, lifecycle, modeldata, models
 from modelbus.services.api.ui import install_ui
 from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.config import AppConfig
@@ -48,6 +48,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
     secured = [Depends(require_token)]
     app.include_router(models.router, dependencies=secured, responses=COMMON_RESPONSES)
     app.include_router(events.router, dependencies=secured, responses=COMMON_RESPONSES)
+    app.include_router(modeldata.router, dependencies=secured, responses=COMMON_RESPONSES)
     app.include_router(health.router)
     install_ui(app)  # the web page at /ui
     app.include_router(lifecycle.router, dependencies=secured, responses=COMMON_RESPONSES)

@@ -20,6 +20,7 @@ Pure ASGI (not BaseHTTPMiddleware), so nothing is buffered and event streams flo
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 
 from starlette.datastructures import Headers
@@ -30,10 +31,14 @@ from modelbus.events.errors import TimedOut
 from modelbus.services.api.auth import UNAUTHORIZED, bearer_token, token_matches
 from modelbus.services.api.errors import error_response
 from modelbus.services.config import AppConfig
+from modelbus.services.covers.limits import MAX_COVER_BYTES
 
 #: paths whose responses are endless event streams (counted per client, not as requests in flight)
 STREAM_PATHS = frozenset({"/api/v2/events"})
 RETRY_AFTER = "1"  # s a refused client is told to wait
+#: routes with a body limit of their own instead of api_max_body (each route keeps it for chunked bodies too)
+ROUTE_BODY_LIMITS: tuple[tuple[re.Pattern[str], int], ...] = (
+    (re.compile(r"/api/v2/models/i/[^/]+/cover"), MAX_COVER_BYTES),)
 
 
 class RequestLimits:
@@ -54,7 +59,7 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(Headers(scope=scope))
+        refusal = self._refusal(Headers(scope=scope), scope["path"])
         if refusal is not None:
             await refusal(scope, receive, send)
         elif scope["path"] in STREAM_PATHS:
@@ -62,7 +67,7 @@ class RequestLimits:
         else:
             await self._counted(scope, receive, send)
 
-    def _refusal(self, headers: Headers) -> Response | None:
+    def _refusal(self, headers: Headers, path: str) -> Response | None:
         """401 or 413 for a request whose body must not be read; None to go on."""
         length = _content_length(headers)
         has_body = bool(length) or "transfer-encoding" in headers
@@ -72,10 +77,12 @@ class RequestLimits:
         if not token_matches(self.token, bearer_token(headers.get("authorization"))):
             return error_response(401, "HTTPError", UNAUTHORIZED,
                                   headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
-        if length is not None and length > self.max_body:
+        limit, setting = next(((n, "the route's own") for p, n in ROUTE_BODY_LIMITS if p.fullmatch(path)),
+                              (self.max_body, "MODELBUS_API_MAX_BODY"))
+        if length is not None and length > limit:
             return error_response(413, "RequestTooLarge",
-                                  f"request body of {length} bytes is over the limit of {self.max_body} bytes "
-                                  "(MODELBUS_API_MAX_BODY)", headers={"Connection": "close"})
+                                  f"request body of {length} bytes is over the limit of {limit} bytes "
+                                  f"({setting})", headers={"Connection": "close"})
         return None
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:

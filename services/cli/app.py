@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from modelbus.events.errors import EventStoreError
 from modelbus.events.logs import configure_logging
-from modelbus.services.cli import jobs, lifecycle, models, ops
+from modelbus.services.cli import jobs, lifecycle, modeldata, models, ops
 from modelbus.services.cli import store as store_commands
 from modelbus.services.cli.context import state
 from modelbus.services.cli.errors import exit_code, one_line
@@ -144,3 +144,14 @@ app.add_typer(jobs_group, name="jobs")
 app.command("verify")(lifecycle.verify)
 app.command("prune")(lifecycle.prune)
 app.command("ls-remote")(lifecycle.ls_remote)
+app.command("settings")(modeldata.settings)
+app.command("link")(modeldata.link)
+app.command("unlink")(modeldata.unlink)
+app.command("links")(modeldata.links)
+app.command("starters")(modeldata.starters)
+app.command("convert")(modeldata.convert)
+cover = typer.Typer(help="A model's cover image: set, get, rm.", no_args_is_help=True)
+cover.command("set")(modeldata.cover_set)
+cover.command("get")(modeldata.cover_get)
+cover.command("rm")(modeldata.cover_rm)
+app.add_typer(cover, name="cover")

@@ -7,14 +7,16 @@ from typing import Annotated, Any
 import typer
 
 from modelbus.services.cli.context import client
-from modelbus.services.cli.errors import CommandFailedError
+from modelbus.services.cli.errors import CommandFailedError, UsageError
+from modelbus.services.cli.modeldata import install_starters
 from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
 from modelbus.services.cli.progress import follow_install, head
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
-def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Face repo id or civitai:ID")],
+def install(source: Annotated[str | None, typer.Argument(
+                help="a path, URL, Hugging Face repo id or civitai:ID")] = None,
             wait: Annotated[bool, typer.Option(help="follow the job with progress bars until it ends")] = False,
             name: Annotated[str | None, typer.Option(help="the record's name")] = None,
             description: Annotated[str | None, typer.Option(help="the record's description")] = None,
@@ -31,8 +33,17 @@ def install(source: Annotated[str, typer.Argument(help="a path, URL, Hugging Fac
                                                                    "glob (repeatable)")] = None,
             dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be downloaded and where; "
                                                                     "install nothing")] = False,
-            json: JsonFlag = False) -> None:
+            json: JsonFlag = False,
+            starter: Annotated[list[str] | None, typer.Option(help="a starter model (repeatable): `modelbus starters`")]
+            = None,
+            bundle: Annotated[str | None, typer.Option(help="a bundle of starter models: sd-1, sdxl, flux")] = None,
+            ) -> None:
     """Install a model: publish the command, and with --wait follow it to the end."""
+    if starter or bundle:
+        install_starters(source, starter or [], bundle, wait=wait, timeout=timeout, json=json)
+        return
+    if source is None:
+        raise UsageError("install needs a SOURCE (or --starter NAME / --bundle NAME)")
     c = client()
     config = {k: v for k, v in (("name", name), ("description", description)) if v is not None}
     options: dict[str, Any] = {"inplace": inplace, "force": force}

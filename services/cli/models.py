@@ -43,6 +43,8 @@ def show(key: Annotated[str | None, typer.Argument(help="a key, a unique start o
         raise UsageError("show takes a key (or its start, or a name) or --hash blake3:<hex>, not both")
     models = client().models_by_hash(hash) if hash is not None else [client().find_model(str(key))]
     found = [m.model_dump(mode="json") for m in models]
+    for data in found:
+        data["linked_from"] = client().links(data["key"])["linked_from"]  # links are shown on both sides
     if json:
         print_json(found if hash is not None else found[0])
         return

@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from modelbus.services.client import defaults
 from modelbus.services.client.core import ModelBusClient
+from modelbus.services.client.modeldata import MODELDATA_METHODS
 from modelbus.services.client.subscription import Delivered
 
 # the sync methods exposed as coroutines; everything else stays on ``.sync``
@@ -24,7 +25,7 @@ ASYNC_METHODS = (
     "update_model", "rename_model", "delete_model", "history", "load", "unload", "workers", "events", "scan", "sync",
     "queue_lengths", "ping", "rebuild_records", "import_yaml", "close",
     "find_model", "models_by_hash", "pause", "resume", "restart", "verify", "prune", "ls_remote", "plan_install",
-)
+) + MODELDATA_METHODS
 
 _DONE = object()
 

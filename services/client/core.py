@@ -26,6 +26,7 @@ from modelbus.events.workers import WorkerInfo, list_workers
 from modelbus.services.client import defaults
 from modelbus.services.client.errors import UnavailableError
 from modelbus.services.client.gpu import GpuLoads
+from modelbus.services.client.modeldata import ModelDataCalls
 from modelbus.services.client.subscription import Delivered, Subscription, read_history
 from modelbus.services.config import AppConfig
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-class ModelBusClient:
+class ModelBusClient(ModelDataCalls):
     """Publish commands and read state. Thread-safe; open it once and share it."""
 
     def __init__(self, config: AppConfig | None = None, *, store: RedisEventStore | None = None,
@@ -168,6 +169,8 @@ class ModelBusClient:
         from modelbus.services.install.manifest import recorded_manifest  # (only deletes need these)
         from modelbus.services.store.release import release_model_blobs
         self._locked(lambda r: release_model_blobs(self.config, r, key, lambda k: recorded_manifest(r.history(k))))
+        if model.cover is not None:
+            self._covers().drop(key, model.cover.blake3)
         return model
 
     def history(self, key: str) -> list[StoredEvent]:

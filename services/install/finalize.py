@@ -15,7 +15,9 @@ from typing import Any
 
 import structlog
 
+from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
+from modelbus.services.covers.fetch import first_cover
 from modelbus.services.install.errors import ExpectedHashError
 from modelbus.services.install.manifest import Manifest
 from modelbus.services.install.ownership import check_path_free
@@ -65,6 +67,9 @@ def model_name(path: Path, user: Mapping[str, Any], metadata: Mapping[str, Any])
     given = user.get("name") or metadata.get("name")
     if given:
         return str(given)
+    repo = hfcache.snapshot_repo(path)  # a Hugging Face cache snapshot is named by its repo, not its commit
+    if repo is not None:
+        return repo
     return path.stem if path.is_file() else path.name
 
 
@@ -113,4 +118,5 @@ def finalize(config: AppConfig, records: ModelRecordServiceBase, req: FinalizeRe
                 remove_tree(target)
             raise
     log.info("model_installed", key=key, name=record.name, path=record.path, job=req.job_id)
+    first_cover(config, records, record)
     return record

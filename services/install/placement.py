@@ -17,6 +17,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
 from modelbus.services.install.defaults import MAX_NAME_COLLISIONS, STAGING_DIR
 from modelbus.services.install.errors import InstallError, SourceForbiddenError
@@ -94,13 +95,14 @@ def place(staged: Path, folder: Path, name: str, on_claim: Callable[[Path], None
 
 def source_files(source: Path) -> list[tuple[str, Path]]:
     """``(relative path, real path)`` of each file a local source holds, sorted; hidden entries are not the
-    model's (as in services.hashing). A symlink is followed only to a file inside the source folder: one
-    that leads out of it, or to a folder, is refused naming the link (SourceForbiddenError)."""
+    model's (as in services.hashing). A symlink is followed only to a file inside the source folder (or,
+    for a Hugging Face cache snapshot, its repo's blobs: :func:`source_roots`): one that leads elsewhere,
+    or to a folder, is refused naming the link (SourceForbiddenError)."""
     if source.is_symlink():
         raise SourceForbiddenError(f"{source} is a symlink; give the file or folder it points to")
     if source.is_file():
         return [(source.name, source)]
-    root = os.path.realpath(source)
+    allowed = tuple(r + os.sep for r in source_roots(source))
     found = []
     for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -109,7 +111,7 @@ def source_files(source: Path) -> list[tuple[str, Path]]:
             rel = entry.relative_to(source).as_posix()
             if entry.is_symlink():
                 target = os.path.realpath(entry)
-                if not target.startswith(root + os.sep):
+                if not target.startswith(allowed):
                     raise SourceForbiddenError(f"{rel} in {source} is a symlink leading out of the source folder: "
                                                "refused (copy the file it points to into the folder instead)")
                 if not os.path.isfile(target):
@@ -121,7 +123,15 @@ def source_files(source: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _open_regular(path: Path, within: str) -> int:
+def source_roots(source: Path) -> tuple[str, ...]:
+    """Where the files of a source may really lie: its own folder, and for a Hugging Face cache snapshot
+    (services.hfcache) also its repo's ``blobs`` folder, which the snapshot's symlinks point into."""
+    root = os.path.realpath(source)
+    blobs = hfcache.snapshot_blobs(source)
+    return (root,) if blobs is None or blobs.is_symlink() else (root, os.path.realpath(blobs))
+
+
+def _open_regular(path: Path, within: tuple[str, ...]) -> int:
     """A read descriptor on a regular file, never through a symlink swapped in since it was listed: the
     last component is opened with ``O_NOFOLLOW``, and (where ``/proc`` tells) the file opened must lie
     at or under ``within`` (the source's real path), so a folder above it swapped for a link is refused."""
@@ -135,7 +145,7 @@ def _open_regular(path: Path, within: str) -> int:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SourceForbiddenError(f"{path} is not a regular file: refused")
         opened = _opened_path(fd)
-        if opened is not None and opened != within and not opened.startswith(within.rstrip(os.sep) + os.sep):
+        if opened is not None and not any(opened == w or opened.startswith(w.rstrip(os.sep) + os.sep) for w in within):
             raise SourceForbiddenError(f"{path} led to {opened}, outside the source, while it was copied: refused")
     except BaseException:
         os.close(fd)
@@ -156,7 +166,7 @@ def copy_into(source: Path, folder: Path, progress: Progress | None = None,
     between blocks and may raise to stop (a cancel). Files are listed by :func:`source_files` (no symlink
     out of the source) and opened with ``O_NOFOLLOW``."""
     files = source_files(source)
-    within = os.path.realpath(source)
+    within = source_roots(source)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / safe_name(source.name)
     remove_tree(target)  # a retried copy starts over: the source is local and cheap to read again

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
 from modelbus.services.download.civitai import resolve_civitai
 from modelbus.services.download.errors import SourceSyntaxError
@@ -114,6 +115,12 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
                           {"source": text, "source_url": source.url})
     if isinstance(source, HFSource):
         endpoint = config.hf_endpoint
+        if hfcache.offline(endpoint):  # no network: the Hugging Face cache's snapshot, copied like a folder
+            snapshot = hfcache.cached_snapshot(source.repo_id, source.revision, source.subfolder)
+            if snapshot is None:
+                raise InvalidSourceError(f"{source} (revision {source.revision}) is not in the Hugging Face cache at "
+                                         f"{hfcache.hub_cache()}, and HF_HUB_OFFLINE forbids downloading it")
+            return LocalPlan(snapshot)
         with http() as client:
             repo = resolve_repo(client, source, endpoint, credential_for(endpoint, config, access_token),
                                 allow_private, include=globs(options, "include"), exclude=globs(options, "exclude"))

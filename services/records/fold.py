@@ -13,16 +13,30 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from modelbus.events.schema import Event, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
+from modelbus.events.schema import (
+    Event,
+    ModelAdded,
+    ModelCoverChanged,
+    ModelLinked,
+    ModelRemoved,
+    ModelRenamed,
+    ModelSettingsChanged,
+    ModelUnlinked,
+    ModelUpdated,
+)
 from modelbus.events.store import StoredEvent, position_key
+from modelbus.services.records.extras import PATCH_TYPES, patch
 
-MODEL_EVENTS = (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved)
+MODEL_EVENTS = (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved, ModelSettingsChanged, ModelLinked, ModelUnlinked,
+                ModelCoverChanged)
 PATH_CLAIM_PREFIX = "model-path:"
 
 State = dict[str, Any] | None
 
 
 MODEL_EVENT_TYPES = frozenset(cls.model_fields["type"].default for cls in MODEL_EVENTS)
+#: events that change a record they find (so a projection must read the stored state first)
+READS_STATE = frozenset({"ModelRenamed", *PATCH_TYPES})
 
 
 def is_model_event(event: Event) -> bool:
@@ -45,6 +59,8 @@ def step(state: State, type_name: str, body: Mapping[str, Any]) -> State:
         return None if state is None else {**state, "name": new_name}
     if type_name == "ModelRemoved":
         return None
+    if type_name in PATCH_TYPES:
+        return patch(state, type_name, body)
     return state
 
 

@@ -30,6 +30,7 @@ from modelbus.services.records.enums import (
     ModelVariantType,
     SchedulerPredictionType,
 )
+from modelbus.services.records.extras import Cover, DefaultSettings, ModelLink
 
 
 class ModelConfigBase(BaseModel):
@@ -54,6 +55,11 @@ class ModelConfigBase(BaseModel):
     trained_words: list[str] = Field(default_factory=list, description="trigger words, as reported by the source")
     compatible_bases: list[BaseModelType] = Field(
         default_factory=list, description="bases this model serves besides base_model")
+    # per-model data the user edits, each by its own event (services.records.extras)
+    default_settings: DefaultSettings | None = None
+    trigger_phrases: list[str] = Field(default_factory=list, description="phrases a prompt uses to invoke it")
+    links: list[ModelLink] = Field(default_factory=list, description="models this one is related to")
+    cover: Cover | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -103,6 +103,11 @@ def parse_config(config: ModelConfigBase | Mapping[str, Any], *, key: str | None
         raise InvalidModelConfigException(describe(exc, data)) from None
 
 
+#: record fields that change only by their own events (services.records.extras), and the CLI command for each
+OWN_COMMANDS = {"default_settings": "modelbus settings", "trigger_phrases": "modelbus settings --trigger",
+                "links": "modelbus link", "cover": "modelbus cover"}
+
+
 def merge_update(current: ModelConfigBase, changes: ModelConfigBase | Mapping[str, Any]) -> tuple[
         ModelConfigBase, dict[str, Any]]:
     """Apply an update: a sparse dict of changed fields, or a whole config replacing the old one.
@@ -125,6 +130,10 @@ def merge_update(current: ModelConfigBase, changes: ModelConfigBase | Mapping[st
         if new_data.get(field, old[field]) != old[field]:
             raise InvalidModelConfigException(
                 [FieldError(field, new_data[field], "cannot be changed by an update")])
+    for field, command in OWN_COMMANDS.items():
+        if new_data.get(field, old.get(field)) != old.get(field):
+            raise InvalidModelConfigException(
+                [FieldError(field, new_data[field], f"changes only by its own command ({command})")])
     if isinstance(changes, Mapping) and "hash" not in changes:
         new_data["hash"] = old["hash"]
     updated = parse_config(new_data, key=current.key)

@@ -26,7 +26,7 @@ from modelbus.events.codec import EventBody
 from modelbus.events.store import BodyBatch, StoredEvent, as_body_batch, position_key
 from modelbus.events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
-from modelbus.services.records.fold import MODEL_EVENT_TYPES, State, resolve_path, step
+from modelbus.services.records.fold import MODEL_EVENT_TYPES, READS_STATE, State, resolve_path, step
 from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from modelbus.services.records.parsing import config_class
 
@@ -37,8 +37,7 @@ KIND = "modelbus-model-records"  # marks our files and tables: anything else is 
 
 #: key -> (new state or None when removed, aggregate version)
 Changes = dict[str, tuple[State, int]]
-_UNREAD: Any = object()  # a key's stored state, not read yet (only these events need it:)
-_READS_STATE = frozenset({"ModelRenamed", "ModelUpdated"})
+_UNREAD: Any = object()  # a key's stored state, not read yet (only fold.READS_STATE events need it)
 
 
 def _log_refusals(*refusals: Refusal) -> None:
@@ -59,7 +58,8 @@ def config_from_state(state: dict[str, Any]) -> ModelConfigBase:
 
 def copy_config(config: ModelConfigBase) -> ModelConfigBase:
     # a shallow copy with fresh lists: the only mutable fields a config has
-    return config.model_copy(update={"tags": list(config.tags), "compatible_bases": list(config.compatible_bases)})
+    return config.model_copy(update={"tags": list(config.tags), "compatible_bases": list(config.compatible_bases),
+                                     "trigger_phrases": list(config.trigger_phrases), "links": list(config.links)})
 
 
 def listing_order(name: str, key: str) -> tuple[str, str]:
@@ -192,7 +192,7 @@ class RecordProjection(ABC):
                 state: State = _UNREAD
             else:
                 state = current[0]
-            if state is _UNREAD and entry.type in _READS_STATE:
+            if state is _UNREAD and entry.type in READS_STATE:
                 state = self._load_state(key)  # a rename keeps the rest, both keep the listing's values
             before = None if state is _UNREAD else state
             after = step(before, entry.type, body)

@@ -42,6 +42,7 @@ from modelbus.services.records.errors import (
     UnknownModelException,
 )
 from modelbus.services.records.fold import fold, is_model_event, path_claim
+from modelbus.services.records.modeldata import ModelDataWrites
 from modelbus.services.records.models import ModelConfigBase
 from modelbus.services.records.parsing import check_key, merge_update, parse_config
 from modelbus.services.records.projection import (
@@ -96,7 +97,7 @@ def _direction(direction: Any) -> bool:
     return bool(direction == "desc")
 
 
-class ModelRecordServiceBase:
+class ModelRecordServiceBase(ModelDataWrites):
     """The record service over one projection. Build one with the subclasses' constructors, or
     :meth:`from_db_file` / :meth:`open`, which pick the subclass."""
 
@@ -433,6 +434,7 @@ class ModelRecordServiceBase:
             log.debug("model_removed", key=key, path=current.path)
             return True
         self._retry(attempt, key)
+        self.drop_links_to(key, correlation_id)  # (a link left by a crash here shows as a dangling key)
 
     # --- write plumbing -----------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ class CivitaiServer(BackgroundServer):
         self.models: dict[int, dict[str, Any]] = {}
         self.versions: dict[int, dict[str, Any]] = {}
         self.login_required: set[int] = set()
+        #: version id -> the bytes its preview image answers (default: a small JPEG made with Pillow)
+        self.images: dict[int, bytes] = {}
         self._file_ids = iter(range(1, 1 << 30))
         self._mlock = threading.Lock()
 
@@ -113,6 +115,9 @@ class CivitaiServer(BackgroundServer):
             self._send(h, self.versions.get(int(parts[3])), "Model version")
         elif parts[:3] == ["api", "download", "models"] and len(parts) == 4 and parts[3].isdigit():
             self._download(h, int(parts[3]), query)
+        elif parts[:1] == ["images"] and len(parts) == 2 and parts[1].removesuffix(".jpeg").isdigit():
+            vid = int(parts[1].removesuffix(".jpeg"))
+            h.send_body(200, self.images.get(vid) or _preview(vid), "image/jpeg")
         else:
             h.send_json(404, {"error": "not found"})
 
@@ -144,3 +149,13 @@ class CivitaiServer(BackgroundServer):
             (f for f in files if f["primary"]), files[0])
         target = self.cdn.url_for(f"files/{vid}/{file['id']}/{file['name']}") + "?X-Amz-Signature=test"
         h.send_body(307, b"", headers={"Location": target})
+
+
+def _preview(vid: int) -> bytes:
+    """A version's preview image: a 768x1024 JPEG of one colour."""
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (768, 1024), (vid * 37 % 256, 90, 160)).save(out, format="JPEG")
+    return out.getvalue()

@@ -1,0 +1,34 @@
+"""Conversion of single-file checkpoints to diffusers folders: what can be converted (here, light:
+the client checks it before it asks a worker) and the conversion itself (:mod:`.folder`, on a worker).
+"""
+
+from __future__ import annotations
+
+from modelbus.events.errors import InvalidInput
+from modelbus.services.records import ModelConfigBase
+
+#: base -> (pipeline class, its parts); a part None in model_index.json is absent from the pipeline
+PIPELINES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sd-1": ("StableDiffusionPipeline", ("unet", "vae", "text_encoder", "tokenizer", "scheduler")),
+    "sd-2": ("StableDiffusionPipeline", ("unet", "vae", "text_encoder", "tokenizer", "scheduler")),
+    "sdxl": ("StableDiffusionXLPipeline",
+             ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")),
+    "sdxl-refiner": ("StableDiffusionXLImg2ImgPipeline", ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")),
+}
+ABSENT = {"StableDiffusionPipeline": ("safety_checker", "feature_extractor"),
+          "StableDiffusionXLImg2ImgPipeline": ("text_encoder", "tokenizer")}
+
+
+class NotConvertible(InvalidInput):
+    """The model is not a single-file main checkpoint of a base the converter knows."""
+
+
+def check_convertible(model: ModelConfigBase) -> str:
+    """The model's base when it can be converted; NotConvertible naming why not."""
+    what = f"model {model.key} ({model.model_type.value}/{model.model_format.value}, {model.base_model.value})"
+    if model.model_type.value != "main" or model.model_format.value != "checkpoint":
+        raise NotConvertible(f"{what} is not a single-file main checkpoint: only those convert to diffusers")
+    base = model.base_model.value
+    if base not in PIPELINES:
+        raise NotConvertible(f"{what}: converting {base} checkpoints is not supported (SD-1, SD-2, SDXL, refiner)")
+    return base

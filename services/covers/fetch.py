@@ -1,0 +1,62 @@
+"""The first cover of a model installed from a source that shows one (Civitai's preview image): fetched
+once the record exists, through the download client (private-address rule, proxy), within the cover
+limits. A preview that cannot be had is a warning in the log, never a failed install."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import structlog
+
+from modelbus.events.errors import ModelbusError
+from modelbus.services.covers.errors import CoverTooLarge
+from modelbus.services.covers.images import make_thumbnail
+from modelbus.services.covers.limits import MAX_COVER_BYTES
+from modelbus.services.covers.storage import CoverStore
+from modelbus.services.download.errors import RemoteError
+from modelbus.services.download.network import download_client
+from modelbus.services.download.transport import open_stream
+from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
+from modelbus.services.records.extras import Cover
+
+log = structlog.get_logger(__name__)
+TIMEOUT = httpx.Timeout(15.0)
+
+
+def fetch_image(config: Any, url: str) -> bytes:
+    with download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
+                         timeout=TIMEOUT, headers={"User-Agent": "modelbus-install/0.1"}) as client:
+        response = open_stream(client, url, headers={"Accept": "image/png, image/jpeg, image/webp"},
+                               credential=None, allow_private=config.allow_private_downloads)
+        try:
+            if response.status_code >= 400:
+                raise RemoteError(f"{url} answered {response.status_code}")
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_COVER_BYTES:
+                    raise CoverTooLarge(f"{url} is over the cover limit of {MAX_COVER_BYTES} bytes")
+            return bytes(data)
+        finally:
+            response.close()
+
+
+def first_cover(config: Any, records: ModelRecordServiceBase, record: ModelConfigBase) -> None:
+    """Make the record's ``thumbnail_url`` its cover when it has none yet (best effort)."""
+    url = record.thumbnail_url
+    store = records.event_store
+    if not url or record.cover is not None or not hasattr(store, "client"):
+        return
+    try:
+        thumb = make_thumbnail(fetch_image(config, url), f"the preview image {url}")
+        covers = CoverStore(store.client, store.keys, config.root)
+        digest = covers.put(record.key, thumb.webp)
+        cover = Cover(blake3=digest, width=thumb.width, height=thumb.height, bytes=len(thumb.webp), source=url[:2048])
+        try:
+            records.set_cover(record.key, cover, correlation_id=None)
+        except BaseException:
+            covers.drop(record.key, digest)
+            raise
+    except (ModelbusError, httpx.HTTPError, OSError) as exc:
+        log.warning("cover_fetch_failed", key=record.key, url=url, error=str(exc))

@@ -1,0 +1,120 @@
+"""The Hugging Face cache: files it holds are taken from it (hard link or copy, verified, the cache left as it
+was), HF_HUB_OFFLINE installs from it alone, `scan $HF_HOME/hub` names snapshots by repo id, and the token
+file of `hf auth login` is used when HF_TOKEN is unset. The cache is made by the real huggingface_hub client
+(in a subprocess, online against the local hub) from the local Hugging Face server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelbus.services.cli import app as cli_app
+from modelbus.services.client import ModelBusClient
+from modelbus.services.config import AppConfig
+from tests.fixtures import make_vae_diffusers
+from tests.install.conftest import Bus, _bus
+
+TIMEOUT = 240.0
+REPO = "acme/cached-vae"
+SCANNED = "acme/scanned-vae"  # (a twin of REPO's model would be a duplicate: its config differs)
+
+
+def _fill_cache(hub_url: str, cache: Path, repo: str) -> Path:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODELBUS_"))}
+    code = ("import sys, huggingface_hub; print(huggingface_hub.snapshot_download("
+            f"{repo!r}, endpoint={hub_url!r}, cache_dir={str(cache)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cached(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bus, Path]]:
+    """A bus whose worker sees a Hugging Face cache (HF_HOME) holding REPO."""
+    tmp = tmp_path_factory.mktemp("hfcache")
+    home = tmp / "hf-home"
+    for bus in _bus(redis_url, tmp, start_workers=0, extra_env={"HF_HOME": str(home), "HF_TOKEN_PATH": ""}):
+        bus.hub.add_repo(REPO, make_vae_diffusers(tmp / "vae"))
+        other = make_vae_diffusers(tmp / "vae2")
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "_name_or_path": SCANNED}))
+        bus.hub.add_repo(SCANNED, other)
+        for repo in (REPO, SCANNED):
+            _fill_cache(bus.hub.url, home / "hub", repo)
+        bus.start_worker()
+        yield bus, home
+
+
+def _run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(cli_app, list(args))
+    assert result.exit_code == code, (args, result.stdout, result.stderr)
+    return result
+
+
+def _blob_bytes(home: Path) -> dict[str, bytes]:
+    blobs = home / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    return {p.name: p.read_bytes() for p in sorted(blobs.iterdir())}
+
+
+def test_an_install_takes_what_the_cache_holds(cached: tuple[Bus, Path]) -> None:
+    bus, home = cached
+    before = _blob_bytes(home)
+    weights = next(n for n in bus.hub.repos[REPO].files if n.endswith(".safetensors"))
+    asked_before = len([r for r in bus.hub.requests if r.path.endswith(weights)])
+    done = json.loads(_run("install", REPO, "--wait", "--json", "--timeout", str(TIMEOUT)).stdout)
+    assert done["state"] == "completed", (done, bus.worker_log())
+    assert [r for r in bus.hub.requests if r.path.endswith(weights)][asked_before:] == []  # never downloaded
+    assert "hf_cache_hit" in bus.worker_log()
+    with ModelBusClient(bus.config) as client:
+        model = client.get_model(done["key"])
+        installed = bus.config.model_path(model.path) / weights
+    sha = bus.hub.repos[REPO].files[weights].sha256
+    blob = home / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs" / str(sha)
+    assert installed.read_bytes() == blob.read_bytes()
+    assert os.path.samefile(installed, blob) or installed.stat().st_ino != blob.stat().st_ino  # a link or a copy
+    assert _blob_bytes(home) == before  # the cache is as it was
+
+
+def test_scan_of_the_hub_cache_names_snapshots_by_repo_id(cached: tuple[Bus, Path]) -> None:
+    bus, home = cached
+    added = json.loads(_run("scan", str(home / "hub"), "--json").stdout)["added"]
+    with ModelBusClient(bus.config) as client:
+        names = {client.get_model(k).name for k in added}
+    assert SCANNED in names and not any(len(n) == 40 for n in names)  # not a commit hash
+
+
+def test_offline_installs_come_from_the_cache_alone(redis_url: str, tmp_path: Path,
+                                                   cached: tuple[Bus, Path]) -> None:
+    _, home = cached
+    env = {"HF_HOME": str(home), "MODELBUS_HF_OFFLINE": "1"}
+    for bus in _bus(redis_url, tmp_path, start_workers=1, extra_env=env):
+        bus.hub.add_repo("acme/not-cached", make_vae_diffusers(tmp_path / "other"))
+        asked = len(bus.hub.requests)
+        missing = _run("install", "acme/not-cached", "--wait", "--timeout", str(TIMEOUT), code=1)
+        assert "is not in the Hugging Face cache" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+        done = json.loads(_run("install", REPO, "--wait", "--json", "--timeout", str(TIMEOUT)).stdout)
+        assert done["state"] == "completed", (done, bus.worker_log())
+        assert len(bus.hub.requests) == asked  # not one request to the hub
+        with ModelBusClient(bus.config) as client:
+            assert [m.key for m in client.list_models()] == [done["key"]]
+
+
+def test_the_login_token_file_is_used_when_hf_token_is_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+    assert AppConfig.load(root=tmp_path).hf_token is None
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "token").write_text("hf_fromlogin\n")
+    config = AppConfig.load(root=tmp_path)
+    assert config.hf_token == "hf_fromlogin" and "hf_fromlogin" in config.secret_values
+    monkeypatch.setenv("HF_TOKEN", "hf_fromenv")
+    assert AppConfig.load(root=tmp_path).hf_token == "hf_fromenv"
