@@ -41,7 +41,8 @@ def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str],
 
 Convert = Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]]
 # the loaders' conversions of a transformer file to diffusers' names, by base model
-_TRANSFORMER_STATES: dict[str, Convert] = {"flux": flux_diffusers_state, "sd-3": sd3_diffusers_state}
+_TRANSFORMER_STATES: dict[str, Convert] = {"flux": flux_diffusers_state, "sd-3": sd3_diffusers_state,
+                                           "sd-3.5-medium": sd3_diffusers_state, "sd-3.5-large": sd3_diffusers_state}
 
 
 def _transformer_bytes(path: Path, dtype: torch.dtype, convert: Convert) -> int:
@@ -64,7 +65,7 @@ def _checkpoint_prefixes(sub: SubModelType | None, base: str) -> tuple[str, ...]
         return (UNET_PREFIX,)
     if sub in (SubModelType.Vae, SubModelType.VaeDecoder, SubModelType.VaeEncoder):
         return VAE_PREFIXES
-    if base == "sd-3":  # the CLIP-L, CLIP-G or T5 of a bundle; a tokenizer or scheduler reads nothing
+    if base.startswith("sd-3"):  # the CLIP-L, CLIP-G or T5 of a bundle; a tokenizer or scheduler reads nothing
         if sub == SubModelType.TextEncoder3:
             return (SD3_T5_PREFIX,)
         return (SD3_CLIP_PREFIXES[sub],) if sub in SD3_CLIP_PREFIXES else None
