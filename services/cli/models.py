@@ -21,10 +21,13 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
                 tag: Annotated[list[str] | None, typer.Option(help="models carrying this tag (repeatable)")] = None,
                 sort: Annotated[str, typer.Option(help="sort by name, type, base or format")] = "name",
                 desc: Annotated[bool, typer.Option("--desc", help="descending order")] = False,
-                json: JsonFlag = False) -> None:
+                json: JsonFlag = False,
+                format: Annotated[str | None, typer.Option("--format", help="model format, e.g. gguf")] = None,
+                quantization: Annotated[str | None, typer.Option(help="quantization, e.g. Q4_K, nf4")] = None,
+                ) -> None:
     """List the installed models."""
     models = client().list_models(name=name, base=base, type=type, tag=tag, order_by=sort,
-                                  direction="desc" if desc else "asc")
+                                  direction="desc" if desc else "asc", format=format, quantization=quantization)
     if json:
         print_json([m.model_dump(mode="json") for m in models])
         return

@@ -113,20 +113,27 @@ class ModelBusClient:
 
     def list_models(self, name: str | None = None, base: str | None = None, type: str | None = None,
                     tag: str | Iterable[str] | None = None, *, order_by: str = "name",
-                    direction: str = "asc") -> list[ModelConfigBase]:
+                    direction: str = "asc", format: str | None = None,
+                    quantization: str | None = None) -> list[ModelConfigBase]:
         """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
-        type, base, format) in ``direction`` (asc, desc)."""
+        type, base, format) in ``direction`` (asc, desc). ``format`` (gguf, checkpoint...) and
+        ``quantization`` (Q4_K, nf4, fp8_scaled; case-insensitive) filter on those record fields."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:
             found = [m for m in found if set(tags) <= set(m.tags or [])]
-        return found  # type: ignore[no-any-return]
+        return _storage_filtered(found, format, quantization)
 
     def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
                          tag: str | Iterable[str] | None = None, *, offset: int = 0, limit: int = 100,
-                         order_by: str = "name", direction: str = "asc") -> tuple[int, list[ModelConfigBase]]:
+                         order_by: str = "name", direction: str = "asc", format: str | None = None,
+                         quantization: str | None = None) -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`list_models`, in the same order, and the number of matches."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
+        if format is not None or quantization is not None:  # filtered here, then cut: same order as the store's
+            found = self.list_models(name, base, type, tags, order_by=order_by, direction=direction, format=format,
+                                     quantization=quantization)
+            return len(found), found[offset:offset + limit]
         return self._locked(  # type: ignore[no-any-return]
             lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
                                     direction=direction))
@@ -276,3 +283,13 @@ class ModelBusClient:
             return call()
         except (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError) as exc:
             raise UnavailableError(f"Redis unreachable: {exc}") from exc
+
+
+def _storage_filtered(found: list[Any], fmt: str | None, quantization: str | None) -> list[Any]:
+    """Records of format ``fmt`` and quantization ``quantization`` (case-insensitive), where given."""
+    if fmt is not None:
+        want = str(getattr(fmt, "value", fmt))
+        found = [m for m in found if m.model_format.value == want]
+    if quantization is not None:
+        found = [m for m in found if (m.quantization or "").lower() == quantization.lower()]
+    return found

@@ -34,6 +34,7 @@ from modelbus.services.probe.result import (
     legacy_config_path,
     upcast_for,
 )
+from modelbus.services.probe.storage import with_storage_facts
 from modelbus.services.probe.tensors import TensorIndex
 from modelbus.services.records.enums import (
     BaseModelType as Base,
@@ -526,5 +527,5 @@ def identify_file(index: TensorIndex) -> ProbeResult:
             exc.partial = {**_RULE_CLAIMS.get(rule, {}), **exc.partial}
             raise
         if result is not None:
-            return with_claim_checked(index, result)
+            return with_storage_facts(index, with_claim_checked(index, result))
     raise UnrecognizedFilesError(f"{index.path}: not a model this version recognises: {index.describe()}")

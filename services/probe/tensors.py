@@ -34,6 +34,8 @@ class TensorIndex:
     path: Path
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: tensor name -> safetensors dtype (``BF16``, ``F8_E4M3``...), where the format says it
+    dtypes: dict[str, str] = field(default_factory=dict)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         return self.shapes.get(key)
@@ -56,7 +58,8 @@ def read_tensor_index(path: Path) -> TensorIndex:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         header = read_safetensors_header(path)
-        return TensorIndex(path, tensor_shapes(header), header_metadata(header))
+        dtypes = {k: str(v.get("dtype")) for k, v in header.items() if isinstance(v, dict) and "dtype" in v}
+        return TensorIndex(path, tensor_shapes(header), header_metadata(header), dtypes)
     if suffix in PICKLE_SUFFIXES:
         return _from_pickle(path, safe_torch_load(path, map_location="meta"))
     if suffix in GGUF_SUFFIXES:

@@ -208,3 +208,54 @@ def test_largest_layout_is_identified_from_its_header_alone(tmp_path: Path) -> N
     started = time.perf_counter()
     assert probe(path).base_model == "flux2"
     print(f"identified {path.stat().st_size / 1e9:.0f} GB in {time.perf_counter() - started:.3f}s")
+
+
+def _pipeline(cls: str, config: str, **extra: Any) -> Builder:
+    """A diffusers pipeline folder: model_index.json and the transformer's config (the shipped one)."""
+    import json
+
+    def build(path: Path) -> Path:
+        (path / "transformer").mkdir(parents=True)
+        (path / "transformer" / "config.json").write_text(json.dumps(d.shipped_config(config)))
+        index = {"_class_name": cls, "transformer": ["diffusers", d.shipped_config(config)["_class_name"]], **extra}
+        (path / "model_index.json").write_text(json.dumps(index))
+        return path
+
+    return build
+
+
+FOLDERS: dict[str, tuple[Builder, dict[str, Any]]] = {
+    "Wan2.1-T2V-1.3B-Diffusers": (_pipeline("WanPipeline", "wan-2.1-t2v-1.3b"), wan_main("wan-2.1-t2v-1.3b")),
+    "Wan2.1-I2V-14B-720P-Diffusers": (_pipeline("WanImageToVideoPipeline", "wan-2.1-i2v-14b"),
+                                      wan_main("wan-2.1-i2v-14b")),
+    "Wan2.2-T2V-A14B-Diffusers": (_pipeline("WanPipeline", "wan-2.2-t2v-a14b", transformer_2=["diffusers", "x"]),
+                                  wan_main("wan-2.2-t2v-a14b")),
+    "Wan2.2-TI2V-5B-Diffusers": (_pipeline("WanPipeline", "wan-2.2-ti2v-5b"), wan_main("wan-2.2-ti2v-5b")),
+    "Qwen-Image": (_pipeline("QwenImagePipeline", "qwen-image"), main("qwen-image", config="qwen-image")),
+    "Qwen-Image-Edit-2509": (_pipeline("QwenImageEditPlusPipeline", "qwen-image"), main("qwen-image", "edit", "qwen-image")),
+    "FLUX.2-dev": (_pipeline("Flux2Pipeline", "flux2-dev"), main("flux2", config="flux2-dev")),
+    "FLUX.2-klein-4B": (_pipeline("Flux2KleinPipeline", "flux2-klein-4b"), main("flux2", config="flux2-klein-4b")),
+    "Chroma1-HD": (_pipeline("ChromaPipeline", "chroma"), main("chroma", config="chroma")),
+    "Z-Image-Turbo": (_pipeline("ZImagePipeline", "z-image-turbo"), main("z-image", config="z-image-turbo")),
+    "HiDream-I1-Full": (_pipeline("HiDreamImagePipeline", "hidream-i1"), main("hidream", config="hidream-i1")),
+    "Lumina-Image-2.0": (_pipeline("Lumina2Pipeline", "lumina-2"), main("lumina-2", config="lumina-2")),
+    "Sana_600M_1024px_diffusers": (_pipeline("SanaPipeline", "sana-600m"), main("sana", config="sana-600m")),
+    "LTX-Video": (_pipeline("LTXPipeline", "ltx-video-2b"), main("ltx-video", "ti2v", "ltx-video-2b")),
+    "LTX-2": (_pipeline("LTX2Pipeline", "ltx-2"), main("ltx-2", config="ltx-2")),
+    "HunyuanVideo": (_pipeline("HunyuanVideoPipeline", "hunyuan-video"), main("hunyuan-video", "t2v", "hunyuan-video")),
+    "HunyuanVideo-1.5-480p_i2v": (_pipeline("HunyuanVideo15ImageToVideoPipeline", "hunyuan-video-1.5"),
+                                  main("hunyuan-video-1.5", "ti2v", "hunyuan-video-1.5")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FOLDERS))
+def test_diffusers_folder_identified(tmp_path: Path, name: str) -> None:
+    builder, expected = FOLDERS[name]
+    got = probe(builder(tmp_path / name)).model_dump(mode="json")
+    _check(got, expected | {"model_format": "diffusers"}, name)
+
+
+def test_wan_14b_folder_without_second_expert_is_2_1(tmp_path: Path) -> None:
+    """Wan 2.2's A14B pipelines hold two experts (transformer_2); a single 14B transformer is 2.1's."""
+    path = _pipeline("WanPipeline", "wan-2.1-t2v-14b")(tmp_path / "my-video-model")
+    assert probe(path).base_model == "wan-2.1"

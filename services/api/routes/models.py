@@ -26,7 +26,7 @@ from modelbus.services.api.schemas import (
 )
 from modelbus.services.client import ModelBusClient
 from modelbus.services.client import defaults as limits
-from modelbus.services.records import AnyModelConfig, BaseModelType, ModelType
+from modelbus.services.records import AnyModelConfig, BaseModelType, ModelFormat, ModelType
 
 router = APIRouter(prefix="/api/v2/models", tags=["models"])
 
@@ -60,9 +60,11 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 order_by: Annotated[Literal["name", "type", "base", "format"], Query(
                     description="sort field; ties by name, then key (stable across pages)")] = "name",
                 direction: Literal["asc", "desc"] = "asc",
+                format: ModelFormat | None = None,
+                quantization: Annotated[str | None, Query(max_length=64, description="e.g. Q4_K, nf4")] = None,
                 ) -> Response:
     total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
-                                      order_by=order_by, direction=direction)
+                                      order_by=order_by, direction=direction, format=format, quantization=quantization)
     page = [m.model_dump(mode="json") for m in found]
     return _json({"total": total, "offset": offset, "limit": limit, "items": page})
 
