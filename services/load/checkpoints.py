@@ -28,6 +28,7 @@ from diffusers import (
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from modelbus.services.load.dit import DIT_BASES, load_dit_checkpoint
 from modelbus.services.load.errors import InvalidModelException, SubmodelRequiredError
 from modelbus.services.load.flux import load_flux_checkpoint, load_flux_controlnet
 from modelbus.services.load.kit import (
@@ -178,7 +179,7 @@ def load_scheduler(req: LoadRequest, orig: dict[str, Any]) -> Loaded:
 def load_main_checkpoint(req: LoadRequest) -> Loaded:
     base = base_of(req.record)
     if req.submodel is None:
-        denoiser = SubModelType.Transformer if base in ("flux", *SD3_BASES) else SubModelType.UNet
+        denoiser = SubModelType.Transformer if base in ("flux", *SD3_BASES, *DIT_BASES) else SubModelType.UNet
         raise SubmodelRequiredError(f"model {req.record.key} is a main model: name a submodel "
                                     f"({denoiser.value}, vae, ...)")
     sub = req.submodel
@@ -186,6 +187,8 @@ def load_main_checkpoint(req: LoadRequest) -> Loaded:
         return load_flux_checkpoint(req)
     if base in SD3_BASES:
         return load_sd3_checkpoint(req)
+    if base in DIT_BASES:
+        return load_dit_checkpoint(req)
     orig = original_config(req.record)
     shipped = CONFIGS_DIR / "diffusers" / base
     if sub == SubModelType.UNet:
