@@ -78,6 +78,8 @@ def estimate_bytes(req: LoadRequest) -> int:
     """Bytes of the (sub)model's tensors in the target dtype; 0 when it cannot be told cheaply."""
     try:
         loc, fmt = req.location, ModelFormat(req.record.model_format)
+        if fmt == ModelFormat.GGUF:  # kept quantized in memory: the quantized size
+            return gguf_bytes(loc)
         if ModelType(req.record.model_type) == ModelType.Main and fmt == ModelFormat.Diffusers:
             if req.submodel in (None, SubModelType.Scheduler, SubModelType.Tokenizer, SubModelType.Tokenizer2,
                                 SubModelType.Tokenizer3):
@@ -104,3 +106,14 @@ def estimate_bytes(req: LoadRequest) -> int:
         return _header_bytes([loc], req.dtype)
     except (OSError, ValueError, LoadError):
         return 0  # the load itself reports what is wrong with the files
+
+
+def gguf_bytes(path: Path) -> int:
+    """The tensors' bytes of a GGUF file as stored (quantized), from its header."""
+    from modelbus.services.probe import ProbeError
+    from modelbus.services.probe.gguf_file import read_gguf_header
+
+    try:
+        return read_gguf_header(path).data_bytes()
+    except ProbeError:
+        return 0  # the load itself reports what is wrong with the file
