@@ -489,7 +489,30 @@ def probe_t5_encoder(index: TensorIndex) -> ProbeResult | None:
 def probe_clip_vision(index: TensorIndex) -> ProbeResult | None:
     if "vision_model.embeddings.patch_embedding.weight" not in index.shapes:
         return None
+    # SigLIP pools with an attention probe (``head.probe``) and has no class token
+    if "vision_model.head.probe" in index.shapes or "vision_model.embeddings.class_embedding" not in index.shapes \
+            and index.has_prefix("vision_model.head."):
+        return _result(ModelType.SigLIP, ModelFormat.Checkpoint, Base.Any)
     return _result(ModelType.CLIPVision, ModelFormat.Checkpoint, Base.Any)
+
+
+# image-to-image networks Spandrel loads: (marker keys, all present) -> architecture, read under the
+# ``params_ema.``/``params.`` wrappers BasicSR checkpoints use
+_UPSCALERS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("conv_first.weight", "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"), "HAT"),
+    (("conv_first.weight", "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"), "SwinIR"),
+    (("conv_first.weight", "body.0.rdb1.conv1.weight"), "RealESRGAN (RRDBNet)"),
+    (("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"), "ESRGAN"),
+)
+
+
+def probe_upscaler(index: TensorIndex) -> ProbeResult | None:
+    for wrapper in ("", "params_ema.", "params."):
+        for markers, arch in _UPSCALERS:
+            if all(wrapper + m in index.shapes for m in markers):
+                return _result(ModelType.SpandrelImageToImage, ModelFormat.Checkpoint, Base.Any,
+                               notes=f"{arch} image-to-image network")
+    return None
 
 
 FILE_RULES: tuple[Rule, ...] = (
@@ -503,6 +526,7 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_vae,
     probe_t5_encoder,
     probe_clip_vision,
+    probe_upscaler,
 )
 
 

@@ -250,6 +250,10 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
         xl = config.get("adapter_type") == "full_adapter_xl"
         base = Base.StableDiffusionXL if xl else Base.StableDiffusion1
         return _result(ModelType.T2IAdapter, ModelFormat.Diffusers, base)
+    if any(a.startswith("Siglip") for a in architectures):
+        return _result(ModelType.SigLIP, ModelFormat.Diffusers, Base.Any)
+    if any(a.startswith("Llava") for a in architectures):
+        return _result(ModelType.LlavaOnevision, ModelFormat.Diffusers, Base.Any)
     if any(a.startswith("CLIPVisionModel") for a in architectures):
         return _result(ModelType.CLIPVision, ModelFormat.Diffusers, Base.Any)
     if "T5EncoderModel" in architectures:
