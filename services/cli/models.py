@@ -22,10 +22,13 @@ def list_models(name: Annotated[str | None, typer.Option(help="exact model name"
                 sort: Annotated[str, typer.Option(
                     help="sort by name, type, base, format, size, added or modified")] = "name",
                 desc: Annotated[bool, typer.Option("--desc", help="descending order")] = False,
-                json: JsonFlag = False) -> None:
+                json: JsonFlag = False,
+                format: Annotated[str | None, typer.Option("--format", help="model format, e.g. gguf")] = None,
+                quantization: Annotated[str | None, typer.Option(help="quantization, e.g. Q4_K, nf4")] = None,
+                ) -> None:
     """List the installed models."""
     models = client().list_models(name=name, base=base, type=type, tag=tag, order_by=sort,
-                                  direction="desc" if desc else "asc")
+                                  direction="desc" if desc else "asc", format=format, quantization=quantization)
     if json:
         print_json([m.model_dump(mode="json") for m in models])
         return

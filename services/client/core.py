@@ -116,22 +116,31 @@ class ModelBusClient(ModelDataCalls):
 
     def list_models(self, name: str | None = None, base: str | None = None, type: str | None = None,
                     tag: str | Iterable[str] | None = None, *, order_by: str = "name",
-                    direction: str = "asc") -> list[ModelConfigBase]:
+                    direction: str = "asc", format: str | None = None,
+                    quantization: str | None = None) -> list[ModelConfigBase]:
         """Models matching every filter given (all models when none is), ordered by ``order_by`` (name,
-        type, base, format, size, added, modified) in ``direction`` (asc, desc)."""
+        type, base, format, size, added, modified) in ``direction`` (asc, desc). ``format`` (gguf,
+        checkpoint...) and ``quantization`` (Q4_K, nf4, fp8_scaled; case-insensitive) filter on those record fields."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
         found = self._locked(lambda r: r.search_by_name(name, base, type, order_by=order_by, direction=direction))
         if tags:
             found = [m for m in found if set(tags) <= set(m.tags or [])]
-        return found  # type: ignore[no-any-return]
+        return _storage_filtered(found, format, quantization)
 
     def list_models_page(self, name: str | None = None, base: str | None = None, type: str | None = None,
                          tag: str | Iterable[str] | None = None, *, offset: int = 0, limit: int = 100,
                          order_by: str = "name", direction: str = "asc", format: str | None = None,
-                         contains: str | None = None) -> tuple[int, list[ModelConfigBase]]:
+                         contains: str | None = None,
+                         quantization: str | None = None) -> tuple[int, list[ModelConfigBase]]:
         """One page of :meth:`list_models`, in the same order, and the number of matches (``format``: of
-        that model format; ``contains``: a name holding it, any case)."""
+        that model format; ``contains``: a name holding it, any case; ``quantization``: as list_models)."""
         tags = [tag] if isinstance(tag, str) else list(tag or [])
+        if quantization is not None:  # filtered here, then cut: same order as the store's
+            found = self.list_models(name, base, type, tags, order_by=order_by, direction=direction, format=format,
+                                     quantization=quantization)
+            if contains:
+                found = [m for m in found if contains.lower() in m.name.lower()]
+            return len(found), found[offset:offset + limit]
         return self._locked(  # type: ignore[no-any-return]
             lambda r: r.search_page(name, base, type, tags, offset=offset, limit=limit, order_by=order_by,
                                     direction=direction, model_format=format, name_contains=contains))
@@ -306,15 +315,15 @@ class ModelBusClient(ModelDataCalls):
         from modelbus.services.client.lookup import by_hash
         return by_hash(self._locked(lambda r: r.all_models()), hash)
 
-    def pause(self, job_id: str) -> dict[str, Any]:
+    def pause(self, job_id: str) -> InstallJobView:
         """Pause a waiting or downloading install job: its downloads stop and keep their partial files."""
         return self.installs.pause(job_id)
 
-    def resume(self, job_id: str) -> dict[str, Any]:
+    def resume(self, job_id: str) -> InstallJobView:
         """Resume a paused install job: its downloads continue where they stopped (HTTP ranges)."""
         return self.installs.resume(job_id)
 
-    def restart(self, job_id: str) -> dict[str, Any]:
+    def restart(self, job_id: str) -> InstallJobView:
         """Run a failed or cancelled install job again from the start."""
         return self.installs.restart(job_id)
 
@@ -343,3 +352,13 @@ class ModelBusClient(ModelDataCalls):
         """What ``install(source, **options)`` would download (files, sizes) and where; nothing is queued."""
         from modelbus.services.client import lifecycle
         return lifecycle.plan_install(self, source, hand_over=hand_over, **options)
+
+
+def _storage_filtered(found: list[Any], fmt: str | None, quantization: str | None) -> list[Any]:
+    """Records of format ``fmt`` and quantization ``quantization`` (case-insensitive), where given."""
+    if fmt is not None:
+        want = str(getattr(fmt, "value", fmt))
+        found = [m for m in found if m.model_format.value == want]
+    if quantization is not None:
+        found = [m for m in found if (m.quantization or "").lower() == quantization.lower()]
+    return found

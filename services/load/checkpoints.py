@@ -28,6 +28,7 @@ from diffusers import (
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from modelbus.services.load.dit import DIT_BASES, load_dit_checkpoint
 from modelbus.services.load.errors import InvalidModelException, SubmodelRequiredError
 from modelbus.services.load.flux import load_flux_checkpoint, load_flux_controlnet
 from modelbus.services.load.kit import (
@@ -47,7 +48,7 @@ from modelbus.services.load.kit import (
     resolve_class,
 )
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
-from modelbus.services.load.sd3 import load_sd3_checkpoint, load_sd3_controlnet
+from modelbus.services.load.sd3 import SD3_BASES, load_sd3_checkpoint, load_sd3_controlnet
 from modelbus.services.records.enums import SubModelType
 
 CLIP_PREFIXES = {"sd-1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
@@ -178,14 +179,16 @@ def load_scheduler(req: LoadRequest, orig: dict[str, Any]) -> Loaded:
 def load_main_checkpoint(req: LoadRequest) -> Loaded:
     base = base_of(req.record)
     if req.submodel is None:
-        denoiser = SubModelType.Transformer if base in ("flux", "sd-3") else SubModelType.UNet
+        denoiser = SubModelType.Transformer if base in ("flux", *SD3_BASES, *DIT_BASES) else SubModelType.UNet
         raise SubmodelRequiredError(f"model {req.record.key} is a main model: name a submodel "
                                     f"({denoiser.value}, vae, ...)")
     sub = req.submodel
     if base == "flux":
         return load_flux_checkpoint(req)
-    if base == "sd-3":
+    if base in SD3_BASES:
         return load_sd3_checkpoint(req)
+    if base in DIT_BASES:
+        return load_dit_checkpoint(req)
     orig = original_config(req.record)
     shipped = CONFIGS_DIR / "diffusers" / base
     if sub == SubModelType.UNet:
@@ -258,7 +261,7 @@ def load_controlnet_checkpoint(req: LoadRequest) -> Loaded:
     base = base_of(req.record)
     if base == "flux":
         return load_flux_controlnet(req)
-    if base == "sd-3":
+    if base in SD3_BASES:
         return load_sd3_controlnet(req)
     config = controlnet_config(original_config(req.record), base)
     tensors, buffer = read_checkpoint(req, is_controlnet_key)

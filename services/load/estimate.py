@@ -41,7 +41,8 @@ def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str],
 
 Convert = Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]]
 # the loaders' conversions of a transformer file to diffusers' names, by base model
-_TRANSFORMER_STATES: dict[str, Convert] = {"flux": flux_diffusers_state, "sd-3": sd3_diffusers_state}
+_TRANSFORMER_STATES: dict[str, Convert] = {"flux": flux_diffusers_state, "sd-3": sd3_diffusers_state,
+                                           "sd-3.5-medium": sd3_diffusers_state, "sd-3.5-large": sd3_diffusers_state}
 
 
 def _transformer_bytes(path: Path, dtype: torch.dtype, convert: Convert) -> int:
@@ -64,7 +65,7 @@ def _checkpoint_prefixes(sub: SubModelType | None, base: str) -> tuple[str, ...]
         return (UNET_PREFIX,)
     if sub in (SubModelType.Vae, SubModelType.VaeDecoder, SubModelType.VaeEncoder):
         return VAE_PREFIXES
-    if base == "sd-3":  # the CLIP-L, CLIP-G or T5 of a bundle; a tokenizer or scheduler reads nothing
+    if base.startswith("sd-3"):  # the CLIP-L, CLIP-G or T5 of a bundle; a tokenizer or scheduler reads nothing
         if sub == SubModelType.TextEncoder3:
             return (SD3_T5_PREFIX,)
         return (SD3_CLIP_PREFIXES[sub],) if sub in SD3_CLIP_PREFIXES else None
@@ -77,6 +78,8 @@ def estimate_bytes(req: LoadRequest) -> int:
     """Bytes of the (sub)model's tensors in the target dtype; 0 when it cannot be told cheaply."""
     try:
         loc, fmt = req.location, ModelFormat(req.record.model_format)
+        if fmt == ModelFormat.GGUF:  # kept quantized in memory: the quantized size
+            return gguf_bytes(loc)
         if ModelType(req.record.model_type) == ModelType.Main and fmt == ModelFormat.Diffusers:
             if req.submodel in (None, SubModelType.Scheduler, SubModelType.Tokenizer, SubModelType.Tokenizer2,
                                 SubModelType.Tokenizer3):
@@ -103,3 +106,14 @@ def estimate_bytes(req: LoadRequest) -> int:
         return _header_bytes([loc], req.dtype)
     except (OSError, ValueError, LoadError):
         return 0  # the load itself reports what is wrong with the files
+
+
+def gguf_bytes(path: Path) -> int:
+    """The tensors' bytes of a GGUF file as stored (quantized), from its header."""
+    from modelbus.services.probe import ProbeError
+    from modelbus.services.probe.gguf_file import read_gguf_header
+
+    try:
+        return read_gguf_header(path).data_bytes()
+    except ProbeError:
+        return 0  # the load itself reports what is wrong with the file

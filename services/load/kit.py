@@ -20,6 +20,7 @@ import transformers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.fp8 import fold_fp8_scales
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
 from modelbus.services.load.tensors import plan_layout, tensor_slots
 from modelbus.services.load.weights import StateDict, read_state_dict
@@ -158,7 +159,7 @@ def read_checkpoint(req: LoadRequest, select: Callable[[str], bool]) -> tuple[di
     if not req.location.is_file():
         raise InvalidModelException(f"{req.location}: a checkpoint must be a single file")
     state = read_state_dict([req.location], req.device, req.dtype, select)
-    return state.tensors, state.buffer
+    return fold_fp8_scales(state.tensors, req.location), state.buffer
 
 
 def build_from(cls: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor], req: LoadRequest,

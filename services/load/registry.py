@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelbus.services.load import checkpoints, ip_adapters, loaders
+from modelbus.services.load import bnb, checkpoints, gguf, ip_adapters, loaders
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.kit import Loader
 from modelbus.services.records.enums import ModelFormat, ModelType
@@ -26,6 +26,9 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.T5Encoder, ModelFormat.T5Encoder): loaders.load_transformers_folder,
     (ModelType.IPAdapter, ModelFormat.Checkpoint): ip_adapters.load_ip_adapter,
     (ModelType.IPAdapter, ModelFormat.InvokeAI): ip_adapters.load_ip_adapter,
+    (ModelType.Main, ModelFormat.BnbQuantizedNF4): bnb.load_bnb_main,
+    (ModelType.Main, ModelFormat.BnbQuantizedInt8): bnb.load_bnb_main,
+    (ModelType.Main, ModelFormat.GGUF): gguf.load_gguf_main,
 }
 
 

@@ -44,6 +44,8 @@ from modelbus.services.records.enums import SubModelType
 # SD-3's heads are 64 wide in every release, and only a per-head norm (SD-3.5) would show it; a
 # narrower model (a test's) takes the largest width dividing both
 _SD3_HEAD = 64
+#: the bases whose single files this module loads (the SD-3.5 sizes are their own bases)
+SD3_BASES = ("sd-3", "sd-3.5-medium", "sd-3.5-large")
 
 
 def _sd3_blocks(sd: dict[str, torch.Tensor], inner: int, where: Path, what: str) -> dict[str, Any]:

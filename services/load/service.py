@@ -55,7 +55,8 @@ log = structlog.get_logger(__name__)
 Publisher = Callable[[Activity], object]  # what it returns (a stream position...) is ignored
 CONTEXT_FIELDS = ("queue_id", "queue_item_id", "queue_batch_id", "graph_execution_state_id")
 # bases whose single-file checkpoints hold a transformer, which older callers ask for as "unet"
-_TRANSFORMER_BASES = (BaseModelType.Flux, BaseModelType.StableDiffusion3)
+_TRANSFORMER_BASES = (BaseModelType.Flux, BaseModelType.StableDiffusion3, BaseModelType.StableDiffusion35Medium,
+                      BaseModelType.StableDiffusion35Large)
 
 
 def execution_device(setting: str) -> torch.device:

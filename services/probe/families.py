@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from modelbus.services.probe.claims import with_claim_checked
+from modelbus.services.probe.dit import probe_dit
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
     ProbeResult,
@@ -32,6 +34,7 @@ from modelbus.services.probe.result import (
     legacy_config_path,
     upcast_for,
 )
+from modelbus.services.probe.storage import with_storage_facts
 from modelbus.services.probe.tensors import TensorIndex
 from modelbus.services.records.enums import (
     BaseModelType as Base,
@@ -108,7 +111,7 @@ def lora_base(index: TensorIndex) -> Base:
     if index.has_fragment("double_blocks", "single_blocks", "single_transformer_blocks"):
         return Base.Flux
     if index.has_fragment("joint_blocks", "context_block"):
-        return Base.StableDiffusion3
+        return _sd3_lora_base(index, list(index.shapes))
     mmdit = [k for k in index.shapes if _MMDIT_LORA_KEY.match(k)]
     if mmdit:
         return _mmdit_lora_base(index, mmdit)
@@ -133,10 +136,32 @@ def _mmdit_lora_base(index: TensorIndex, keys: list[str]) -> Base:
     widths = {w for k in keys if (w := _lora_in_features(index, k)) is not None}
     flux, sd3 = bool(widths & _FLUX_WIDTHS), bool(widths & _SD3_WIDTHS)
     if flux != sd3:
-        return Base.Flux if flux else Base.StableDiffusion3
+        return Base.Flux if flux else _sd3_lora_base(index, keys)
     raise UnrecognizedFilesError(
         f"{index.path}: LoRA of a diffusers-layout transformer (transformer_blocks.*) whose layer widths "
         f"{sorted(widths) or 'unknown'} tell neither FLUX (3072) nor SD-3 (1536, 2432); pass base_model explicitly"
+    )
+
+
+_SD35_LARGE_WIDTHS = frozenset({2432, 9728})
+
+
+def _sd3_lora_base(index: TensorIndex, keys: list[str]) -> Base:
+    """SD-3.5 large LoRAs are 2432 wide; SD-3 medium and SD-3.5 medium are both 1536 wide, and only a
+    LoRA of SD-3.5 medium's extra attention (``attn2``) or the file's name/metadata tell them apart."""
+    widths = {w for k in keys if (w := _lora_in_features(index, k)) is not None}
+    if widths & _SD35_LARGE_WIDTHS:
+        return Base.StableDiffusion35Large
+    if any("attn2" in k for k in keys):
+        return Base.StableDiffusion35Medium
+    if _hint(index, "sd3.5", "sd35", "sd-3.5", "sd3_5", "stable-diffusion-3.5", "sd3.5m", "3.5-medium"):
+        return Base.StableDiffusion35Medium
+    if _hint(index, "sd3_medium", "sd3-medium", "stable-diffusion-3-medium", "sd3m"):
+        return Base.StableDiffusion3
+    raise UnrecognizedFilesError(
+        f"{index.path}: cannot tell: a LoRA of a 1536-wide MMDiT, sd-3 (SD-3 medium) or sd-3.5-medium, which "
+        "share their layer widths; it adapts no SD-3.5-only attn2 layer and its name and metadata do not say; "
+        "pass base_model explicitly (sd-3, sd-3.5-medium)"
     )
 
 
@@ -230,7 +255,8 @@ def _probe_transformer_controlnet(index: TensorIndex) -> ProbeResult:
             f"{'both' if flux else 'neither'} FLUX (controlnet_x_embedder, single/double blocks) "
             f"{'and' if flux else 'nor'} SD-3 (pos_embed_input.proj convolution) markers; pass base_model explicitly"
         )
-    base = Base.Flux if flux else Base.StableDiffusion3
+    proj = index.shape("pos_embed_input.proj.weight")
+    base = Base.Flux if flux else sd3_base(proj[0] if proj else None, False)
     return _result(ModelType.ControlNet, ModelFormat.Checkpoint, base, config_path=controlnet_config_path(base))
 
 
@@ -264,11 +290,17 @@ def probe_t2i_adapter(index: TensorIndex) -> ProbeResult | None:
 
 
 def probe_main(index: TensorIndex) -> ProbeResult | None:
+    dit = probe_dit(index)
+    if dit is not None:
+        return dit
     flux = _probe_flux(index)
     if flux is not None:
         return flux
     if index.has_prefix(_UNET + "joint_blocks.", "joint_blocks."):
-        return _result(ModelType.Main, ModelFormat.Checkpoint, Base.StableDiffusion3, variant=ModelVariantType.Normal)
+        p = _UNET if index.has_prefix(_UNET + "joint_blocks.") else ""
+        proj = index.shape(p + "x_embedder.proj.weight")
+        dual = index.has_prefix(p + "joint_blocks.0.x_block.attn2.")
+        return _sd3_main(proj[0] if proj else None, dual)
     mmdit = _probe_diffusers_transformer(index)
     if mmdit is not None:
         return mmdit
@@ -285,13 +317,31 @@ def _probe_flux(index: TensorIndex) -> ProbeResult | None:
     if not index.has_prefix(prefix + "vector_in."):
         raise UnrecognizedFilesError(
             f"{index.path}: FLUX-style transformer (double_blocks, img_in) without FLUX.1's pooled-CLIP "
-            "vector_in: a derivative such as Chroma or FLUX.2, which this version does not support"
+            "vector_in, nor Chroma's distilled_guidance_layer or FLUX.2's shared modulations: an unknown derivative"
         )
-    # FLUX Fill concatenates image, mask and masked image: 384 input features instead of 64
-    variant = ModelVariantType.Inpaint if img_in[1] == 384 else ModelVariantType.Normal
     # only the guidance-distilled "dev" models embed the guidance scale
     flavour = "flux-dev" if index.has_prefix(prefix + "guidance_in.") else "flux-schnell"
-    return _result(ModelType.Main, ModelFormat.Checkpoint, Base.Flux, variant=variant, config_path=flavour)
+    return _flux1(index, img_in[1], flavour)
+
+
+# FLUX.1 input features (patchified latents and what is concatenated to them): Fill adds the mask and
+# the masked image (384), Canny/Depth the control image's latents (128)
+_FLUX_VARIANTS = {384: ModelVariantType.Inpaint, 128: ModelVariantType.Control}
+
+
+def _flux1(index: TensorIndex, in_features: int, flavour: str) -> ProbeResult:
+    """FLUX.1 and its variants. Kontext has dev's shapes (its reference image rides in the sequence), so
+    only the file's name or metadata tell it; Canny and Depth differ only in weights."""
+    variant = _FLUX_VARIANTS.get(in_features, ModelVariantType.Normal)
+    notes = None
+    if variant is ModelVariantType.Control:
+        kind = "Canny" if _hint(index, "canny") else "Depth" if _hint(index, "depth") else "Canny or Depth"
+        notes = f"FLUX.1 {kind} (control image concatenated to the latents: 128 input features)"
+    elif variant is ModelVariantType.Normal and flavour == "flux-dev" and _hint(index, "kontext"):
+        variant = ModelVariantType.Kontext
+        notes = "FLUX.1 Kontext has FLUX.1 dev's shapes: the file name or metadata said Kontext"
+    return _result(ModelType.Main, ModelFormat.Checkpoint, Base.Flux, variant=variant, config_path=flavour,
+                   notes=notes)
 
 
 def _probe_diffusers_transformer(index: TensorIndex) -> ProbeResult | None:
@@ -309,16 +359,29 @@ def _probe_diffusers_transformer(index: TensorIndex) -> ProbeResult | None:
             f"{'and' if flux else 'nor'} SD-3 (pos_embed.proj convolution) markers; pass base_model explicitly"
         )
     if sd3:
-        return _result(ModelType.Main, ModelFormat.Checkpoint, Base.StableDiffusion3, variant=ModelVariantType.Normal)
+        proj = index.shape(p + "pos_embed.proj.weight")
+        return _sd3_main(proj[0] if proj else None, index.has_prefix(p + "transformer_blocks.0.attn2."))
     if not index.has_prefix(p + "time_text_embed.text_embedder."):
         raise UnrecognizedFilesError(
             f"{index.path}: FLUX-style diffusers transformer without FLUX.1's pooled-CLIP embedder "
-            "(time_text_embed.text_embedder): a derivative such as Chroma or FLUX.2, which this version does not support"
+            "(time_text_embed.text_embedder), nor Chroma's or FLUX.2's markers: an unknown derivative"
         )
     x_in = index.shape(p + "x_embedder.weight")
-    variant = ModelVariantType.Inpaint if x_in is not None and x_in[-1] == 384 else ModelVariantType.Normal
     flavour = "flux-dev" if index.has_prefix(p + "time_text_embed.guidance_embedder.") else "flux-schnell"
-    return _result(ModelType.Main, ModelFormat.Checkpoint, Base.Flux, variant=variant, config_path=flavour)
+    return _flux1(index, x_in[-1] if x_in else 64, flavour)
+
+
+def sd3_base(width: int | None, dual_attention: bool) -> Base:
+    """SD-3.5 large is 2432 wide (38 blocks); SD-3.5 medium's MMDiT-X blocks add a second, image-only
+    attention (``attn2``) that SD-3 medium, of the same 1536 width, has not."""
+    if width == 2432:
+        return Base.StableDiffusion35Large
+    return Base.StableDiffusion35Medium if dual_attention else Base.StableDiffusion3
+
+
+def _sd3_main(width: int | None, dual_attention: bool) -> ProbeResult:
+    base = sd3_base(width, dual_attention)
+    return _result(ModelType.Main, ModelFormat.Checkpoint, base, variant=ModelVariantType.Normal)
 
 
 def _prefix_of(index: TensorIndex, leaf: str) -> str | None:
@@ -410,6 +473,13 @@ def probe_vae(index: TensorIndex) -> ProbeResult | None:
     return _result(ModelType.Vae, ModelFormat.Checkpoint, base)
 
 
+def probe_flux_redux(index: TensorIndex) -> ProbeResult | None:
+    """FLUX.1 Redux: two linear layers from SigLIP's 1152-wide features to T5's 4096-wide tokens."""
+    if not ("redux_up.weight" in index.shapes and "redux_down.weight" in index.shapes):
+        return None
+    return _result(ModelType.FluxRedux, ModelFormat.Checkpoint, Base.Flux)
+
+
 def probe_t5_encoder(index: TensorIndex) -> ProbeResult | None:
     if not index.has_prefix("encoder.block.0.layer.0.SelfAttention."):
         return None
@@ -419,7 +489,30 @@ def probe_t5_encoder(index: TensorIndex) -> ProbeResult | None:
 def probe_clip_vision(index: TensorIndex) -> ProbeResult | None:
     if "vision_model.embeddings.patch_embedding.weight" not in index.shapes:
         return None
+    # SigLIP pools with an attention probe (``head.probe``) and has no class token
+    if "vision_model.head.probe" in index.shapes or "vision_model.embeddings.class_embedding" not in index.shapes \
+            and index.has_prefix("vision_model.head."):
+        return _result(ModelType.SigLIP, ModelFormat.Checkpoint, Base.Any)
     return _result(ModelType.CLIPVision, ModelFormat.Checkpoint, Base.Any)
+
+
+# image-to-image networks Spandrel loads: (marker keys, all present) -> architecture, read under the
+# ``params_ema.``/``params.`` wrappers BasicSR checkpoints use
+_UPSCALERS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("conv_first.weight", "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"), "HAT"),
+    (("conv_first.weight", "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"), "SwinIR"),
+    (("conv_first.weight", "body.0.rdb1.conv1.weight"), "RealESRGAN (RRDBNet)"),
+    (("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"), "ESRGAN"),
+)
+
+
+def probe_upscaler(index: TensorIndex) -> ProbeResult | None:
+    for wrapper in ("", "params_ema.", "params."):
+        for markers, arch in _UPSCALERS:
+            if all(wrapper + m in index.shapes for m in markers):
+                return _result(ModelType.SpandrelImageToImage, ModelFormat.Checkpoint, Base.Any,
+                               notes=f"{arch} image-to-image network")
+    return None
 
 
 FILE_RULES: tuple[Rule, ...] = (
@@ -428,10 +521,12 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_ip_adapter,
     probe_controlnet,
     probe_t2i_adapter,
+    probe_flux_redux,
     probe_main,
     probe_vae,
     probe_t5_encoder,
     probe_clip_vision,
+    probe_upscaler,
 )
 
 
@@ -456,5 +551,5 @@ def identify_file(index: TensorIndex) -> ProbeResult:
             exc.partial = {**_RULE_CLAIMS.get(rule, {}), **exc.partial}
             raise
         if result is not None:
-            return result
+            return with_storage_facts(index, with_claim_checked(index, result))
     raise UnrecognizedFilesError(f"{index.path}: not a model this version recognises: {index.describe()}")

@@ -18,10 +18,11 @@ from typing import Any
 
 import orjson
 
+from modelbus.services.probe.dit import probe_dit
 from modelbus.services.probe.errors import CorruptModelError, UnrecognizedFilesError
-from modelbus.services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion
+from modelbus.services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion, sd3_base
 from modelbus.services.probe.result import ProbeResult, compatible_bases, upcast_for
-from modelbus.services.probe.tensors import read_tensor_index
+from modelbus.services.probe.tensors import TensorIndex, read_tensor_index
 from modelbus.services.records.enums import BaseModelType as Base
 from modelbus.services.records.enums import ModelFormat, ModelType, ModelVariantType, SchedulerPredictionType
 
@@ -86,14 +87,22 @@ def _probe_pipeline(path: Path, index: dict[str, Any]) -> ProbeResult:
     cls = str(index.get("_class_name", ""))
     if "onnx" in cls.lower() or cls.startswith("ORT") or _onnx_files(path):
         return _probe_onnx(path)
+    dit = _probe_dit_pipeline(path, index)
+    if dit is not None:
+        return dit
     if cls.startswith("Flux"):
         transformer = _sub_config(path, "transformer")
-        fill = transformer.get("in_channels") == 384  # FLUX Fill: image + mask + masked image
-        variant = ModelVariantType.Inpaint if fill else ModelVariantType.Normal
+        # FLUX Fill: image + mask + masked image; Canny/Depth: image + control latents
+        variant = {384: ModelVariantType.Inpaint, 128: ModelVariantType.Control}.get(
+            transformer.get("in_channels", 64), ModelVariantType.Normal)
+        if variant is ModelVariantType.Normal and "Kontext" in cls:
+            variant = ModelVariantType.Kontext
         return _result(ModelType.Main, ModelFormat.Diffusers, Base.Flux, variant=variant)
     if cls.startswith("StableDiffusion3"):
-        return _result(ModelType.Main, ModelFormat.Diffusers, Base.StableDiffusion3,
-                       variant=ModelVariantType.Normal)  # fmt: skip
+        transformer = _sub_config(path, "transformer")
+        width = int(transformer.get("num_attention_heads", 24)) * int(transformer.get("attention_head_dim", 64))
+        base = sd3_base(width, bool(transformer.get("dual_attention_layers")))
+        return _result(ModelType.Main, ModelFormat.Diffusers, base, variant=ModelVariantType.Normal)
     unet = _sub_config(path, "unet")
     base = _context_base(path / "unet", unet.get("cross_attention_dim"))
     channels = unet.get("in_channels", 4)
@@ -109,6 +118,58 @@ def _probe_pipeline(path: Path, index: dict[str, Any]) -> ProbeResult:
         prediction_type=prediction,
         upcast_attention=bool(upcast) if upcast is not None else upcast_for(base, prediction),
     )
+
+
+# transformer classes of the families the dit rules identify from their tensors
+_DIT_CLASSES = frozenset({
+    "ChromaTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel",
+    "QwenImage21Transformer2DModel", "WanTransformer3DModel", "ZImageTransformer2DModel",
+    "HiDreamImageTransformer2DModel", "Lumina2Transformer2DModel", "SanaTransformer2DModel",
+    "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel", "HunyuanVideoTransformer3DModel",
+    "HunyuanVideo15Transformer3DModel",
+})  # fmt: skip
+
+
+def _probe_dit_pipeline(path: Path, index: dict[str, Any]) -> ProbeResult | None:
+    """A pipeline of one of the 2025-2026 families: its transformer's config builds the model on the meta
+    device, and the file rules read the names and shapes that gives (the same rules as for single
+    files, so a size is told the same way). The pipeline class and a second expert (Wan 2.2's
+    ``transformer_2``) stand in for the file name where shapes cannot tell."""
+    config_path = path / "transformer" / "config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    cls_name = str(config.get("_class_name", ""))
+    if cls_name not in _DIT_CLASSES:
+        return None
+    shapes = _meta_shapes(config_path, cls_name, config)
+    words = re.sub(r"(?<!^)(?=[A-Z])", " ", str(index.get("_class_name", ""))).lower()
+    if "transformer_2" in index:  # Wan 2.2 A14B: a high-noise and a low-noise expert
+        words += " wan2.2 a14b"
+    elif cls_name == "WanTransformer3DModel":
+        words += " wan2.1"
+    try:
+        result = probe_dit(TensorIndex(path, shapes, {"pipeline": words}))
+    except UnrecognizedFilesError as exc:
+        raise UnrecognizedFilesError(str(exc), {**exc.partial, "model_format": ModelFormat.Diffusers}) from exc
+    if result is None:
+        raise UnrecognizedFilesError(f"{config_path}: a {cls_name} whose weights match none of its family's rules")
+    return result.model_copy(update={"model_format": ModelFormat.Diffusers})
+
+
+def _meta_shapes(where: Path, cls_name: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    import warnings
+
+    import diffusers
+    import torch
+
+    cls = getattr(diffusers, cls_name)
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = cls.from_config(kwargs)
+    except Exception as exc:  # a config diffusers cannot build: whatever it raises, the config is the fault
+        raise CorruptModelError(f"{where}: {cls_name} config that diffusers cannot build: {exc}") from exc
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _probe_onnx(path: Path) -> ProbeResult:
@@ -189,6 +250,10 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
         xl = config.get("adapter_type") == "full_adapter_xl"
         base = Base.StableDiffusionXL if xl else Base.StableDiffusion1
         return _result(ModelType.T2IAdapter, ModelFormat.Diffusers, base)
+    if any(a.startswith("Siglip") for a in architectures):
+        return _result(ModelType.SigLIP, ModelFormat.Diffusers, Base.Any)
+    if any(a.startswith("Llava") for a in architectures):
+        return _result(ModelType.LlavaOnevision, ModelFormat.Diffusers, Base.Any)
     if any(a.startswith("CLIPVisionModel") for a in architectures):
         return _result(ModelType.CLIPVision, ModelFormat.Diffusers, Base.Any)
     if "T5EncoderModel" in architectures:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from modelbus.services.probe.errors import InvalidOverrideError, ModelPathError, UnrecognizedFilesError
 from modelbus.services.probe.families import identify_file
 from modelbus.services.probe.folders import identify_folder
+from modelbus.services.probe.gguf_file import identify_gguf
 from modelbus.services.probe.result import (
     ProbeResult,
     compatible_bases,
@@ -23,7 +24,7 @@ from modelbus.services.probe.result import (
     legacy_config_path,
     upcast_for,
 )
-from modelbus.services.probe.tensors import read_tensor_index
+from modelbus.services.probe.tensors import GGUF_SUFFIXES, read_tensor_index
 from modelbus.services.records.enums import ModelFormat, ModelType
 
 log = structlog.get_logger(__name__)
@@ -39,6 +40,7 @@ _OVERRIDE_FIELDS = {
     "config": "config_path", "config_path": "config_path",
     "compatible_bases": "compatible_bases",
     "name": "name",
+    "quantization": "quantization", "precision": "precision", "notes": "notes",
 }  # fmt: skip
 _REQUIRED_WITHOUT_DETECTION = ("model_type", "base_model", "model_format")
 
@@ -73,6 +75,8 @@ def probe(path: Path, overrides: dict[str, Any] | None = None) -> ProbeResult:
 def _detect(path: Path) -> ProbeResult:
     if path.is_dir():
         return identify_folder(path)
+    if path.is_file() and path.suffix.lower() in GGUF_SUFFIXES:
+        return identify_gguf(path, identify_file)
     if path.is_file():
         return identify_file(read_tensor_index(path))
     raise ModelPathError(f"not a regular file or folder: {path}")

@@ -56,6 +56,12 @@ class ProbeResult(BaseModel):
     #: ``configs/stable-diffusion/v1-inference.yaml``; FLUX: ``flux-dev`` or ``flux-schnell``
     config_path: str | None = None
     name: str = ""
+    #: GGUF quantization type (``Q4_K``...) or bitsandbytes' (``nf4``, ``int8``)
+    quantization: str | None = None
+    #: the dtype most of the file's weights are stored in (``bf16``, ``fp8_e4m3fn``...)
+    precision: str | None = None
+    #: what identification noticed beyond the fields: metadata that disagreed with the tensors...
+    notes: str | None = None
 
     def as_config_fields(self) -> dict[str, Any]:
         """The fields a model record takes from identification (not the name: callers pick it)."""
@@ -70,6 +76,9 @@ class ProbeResult(BaseModel):
             "prediction_type": self.prediction_type,
             "upcast_attention": self.upcast_attention,
             "config": self.config_path,
+            "quantization": self.quantization,
+            "precision": self.precision,
+            "notes": self.notes,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields

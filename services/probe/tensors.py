@@ -18,7 +18,8 @@ from modelbus.services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
 from modelbus.services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
 
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
-MODEL_FILE_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES
+GGUF_SUFFIXES = frozenset({".gguf"})
+MODEL_FILE_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES | GGUF_SUFFIXES
 _MAX_DEPTH = 4  # state dicts nest at most a few levels (IP-Adapter: 2)
 
 
@@ -33,6 +34,8 @@ class TensorIndex:
     path: Path
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: tensor name -> safetensors dtype (``BF16``, ``F8_E4M3``...), where the format says it
+    dtypes: dict[str, str] = field(default_factory=dict)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         return self.shapes.get(key)
@@ -55,9 +58,14 @@ def read_tensor_index(path: Path) -> TensorIndex:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         header = read_safetensors_header(path)
-        return TensorIndex(path, tensor_shapes(header), header_metadata(header))
+        dtypes = {k: str(v.get("dtype")) for k, v in header.items() if isinstance(v, dict) and "dtype" in v}
+        return TensorIndex(path, tensor_shapes(header), header_metadata(header), dtypes)
     if suffix in PICKLE_SUFFIXES:
         return _from_pickle(path, safe_torch_load(path, map_location="meta"))
+    if suffix in GGUF_SUFFIXES:
+        from modelbus.services.probe.gguf_file import gguf_tensor_index  # it builds on this module
+
+        return gguf_tensor_index(path)
     raise UnrecognizedFilesError(
         f"{path}: unsupported file suffix {path.suffix or '(none)'!r}; "
         f"model files end in {', '.join(sorted(MODEL_FILE_SUFFIXES))} (or give a diffusers folder)"

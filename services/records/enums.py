@@ -16,6 +16,10 @@ class ModelType(str, Enum):
     T2IAdapter = "t2i_adapter"
     T5Encoder = "t5_encoder"
     ONNX = "onnx"
+    FluxRedux = "flux_redux"
+    SpandrelImageToImage = "spandrel_image_to_image"
+    SigLIP = "siglip"
+    LlavaOnevision = "llava_onevision"
 
 
 class ModelFormat(str, Enum):
@@ -28,6 +32,9 @@ class ModelFormat(str, Enum):
     EmbeddingFolder = "embedding_folder"
     InvokeAI = "invokeai"
     T5Encoder = "t5_encoder"
+    GGUF = "gguf"
+    BnbQuantizedNF4 = "bnb_quantized_nf4b"
+    BnbQuantizedInt8 = "bnb_quantized_int8b"
 
 
 class BaseModelType(str, Enum):
@@ -38,12 +45,34 @@ class BaseModelType(str, Enum):
     StableDiffusionXLRefiner = "sdxl-refiner"
     StableDiffusion3 = "sd-3"
     Flux = "flux"
+    StableDiffusion35Medium = "sd-3.5-medium"
+    StableDiffusion35Large = "sd-3.5-large"
+    Chroma = "chroma"
+    Flux2 = "flux2"
+    QwenImage = "qwen-image"
+    QwenImage21 = "qwen-image-2.1"
+    Wan21 = "wan-2.1"
+    Wan22 = "wan-2.2"
+    ZImage = "z-image"
+    HiDream = "hidream"
+    Lumina2 = "lumina-2"
+    Sana = "sana"
+    LTXVideo = "ltx-video"
+    LTXVideo2 = "ltx-2"
+    HunyuanVideo = "hunyuan-video"
+    HunyuanVideo15 = "hunyuan-video-1.5"
 
 
 class ModelVariantType(str, Enum):
     Normal = "normal"
     Inpaint = "inpaint"
     Depth = "depth"
+    Kontext = "kontext"  # FLUX.1 Kontext: same shapes as dev, told by name or metadata
+    Control = "control"  # FLUX.1 Canny/Depth: the control image concatenated to the latents
+    Edit = "edit"  # Qwen-Image-Edit: same shapes as Qwen-Image, told by name or metadata
+    TextToVideo = "t2v"
+    ImageToVideo = "i2v"
+    TextImageToVideo = "ti2v"
 
 
 class SchedulerPredictionType(str, Enum):

@@ -60,6 +60,9 @@ class ModelConfigBase(BaseModel):
     trigger_phrases: list[str] = Field(default_factory=list, description="phrases a prompt uses to invoke it")
     links: list[ModelLink] = Field(default_factory=list, description="models this one is related to")
     cover: Cover | None = None
+    quantization: str | None = Field(default=None, description="quantization of the weights (GGUF Q4_K, nf4, int8)")
+    precision: str | None = Field(default=None, description="dtype the file stores (bf16, fp8_e4m3fn...)")
+    notes: str | None = Field(default=None, description="what identification noticed (metadata that disagreed)")
 
     @model_validator(mode="before")
     @classmethod
@@ -233,12 +236,58 @@ class T5EncoderCheckpointConfig(CheckpointConfig):
     model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
 
 
+# --- the 2025-2026 families and quantized formats (appended: see CONCRETE_CONFIGS) ----------------
+
+class MainGGUFConfig(CheckpointConfig, MainConfig):
+    """A transformer quantized as GGUF (Q8_0, Q4_K...); ``quantization`` names the dominant type."""
+
+    model_type: Literal[ModelType.Main] = ModelType.Main
+    model_format: Literal[ModelFormat.GGUF] = ModelFormat.GGUF
+
+
+class MainBnbQuantizedConfig(CheckpointConfig, MainConfig):
+    """A bitsandbytes-quantized checkpoint (NF4 or int8): loadable only where bitsandbytes runs (CUDA)."""
+
+    model_type: Literal[ModelType.Main] = ModelType.Main
+    model_format: Literal[ModelFormat.BnbQuantizedNF4, ModelFormat.BnbQuantizedInt8]
+
+
+class FluxReduxConfig(CheckpointConfig):
+    """FLUX.1 Redux: projects SigLIP image features into FLUX's text-token space."""
+
+    model_type: Literal[ModelType.FluxRedux] = ModelType.FluxRedux
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class SpandrelImageToImageConfig(CheckpointConfig):
+    """An image-to-image network Spandrel recognises (ESRGAN, SwinIR, DAT, HAT...): upscalers mostly."""
+
+    model_type: Literal[ModelType.SpandrelImageToImage] = ModelType.SpandrelImageToImage
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
+class SigLIPConfig(ModelConfigBase):
+    """A SigLIP vision encoder (folder or single file)."""
+
+    model_type: Literal[ModelType.SigLIP] = ModelType.SigLIP
+    model_format: Literal[ModelFormat.Diffusers, ModelFormat.Checkpoint]
+
+
+class LlavaOnevisionConfig(ModelConfigBase):
+    """A LLaVA-style vision-language model (transformers folder)."""
+
+    model_type: Literal[ModelType.LlavaOnevision] = ModelType.LlavaOnevision
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
 CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     MainCheckpointConfig, MainDiffusersConfig, ONNXSD2Config, VaeCheckpointConfig, VaeDiffusersConfig,
     LoRALycorisConfig, LoRADiffusersConfig, TextualInversionFileConfig, TextualInversionFolderConfig,
     ControlNetCheckpointConfig, ControlNetDiffusersConfig, IPAdapterConfig, IPAdapterCheckpointConfig,
     CLIPVisionDiffusersConfig, CLIPVisionCheckpointConfig, T2IAdapterConfig, T2IAdapterCheckpointConfig,
     T5EncoderConfig, T5EncoderCheckpointConfig,
+    MainGGUFConfig, MainBnbQuantizedConfig, FluxReduxConfig, SpandrelImageToImageConfig, SigLIPConfig,
+    LlavaOnevisionConfig,
 )
 
 
@@ -296,6 +345,14 @@ AnyModelConfig = Annotated[
         Annotated[T2IAdapterCheckpointConfig, Tag("t2i_adapter/checkpoint")],
         Annotated[T5EncoderConfig, Tag("t5_encoder/t5_encoder")],
         Annotated[T5EncoderCheckpointConfig, Tag("t5_encoder/checkpoint")],
+        Annotated[MainGGUFConfig, Tag("main/gguf")],
+        Annotated[MainBnbQuantizedConfig, Tag("main/bnb_quantized_nf4b")],
+        Annotated[MainBnbQuantizedConfig, Tag("main/bnb_quantized_int8b")],
+        Annotated[FluxReduxConfig, Tag("flux_redux/checkpoint")],
+        Annotated[SpandrelImageToImageConfig, Tag("spandrel_image_to_image/checkpoint")],
+        Annotated[SigLIPConfig, Tag("siglip/diffusers")],
+        Annotated[SigLIPConfig, Tag("siglip/checkpoint")],
+        Annotated[LlavaOnevisionConfig, Tag("llava_onevision/diffusers")],
     ],
     Discriminator(_discriminate),
 ]

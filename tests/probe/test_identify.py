@@ -219,13 +219,14 @@ def test_as_config_fields_of_a_main_checkpoint(tmp_path: Path) -> None:
     assert fields == {
         "model_type": "main", "model_format": "checkpoint", "base_model": "sd-2", "compatible_bases": [],
         "variant": "normal", "prediction_type": "v_prediction", "upcast_attention": True,
-        "config": "configs/stable-diffusion/v2-inference-v.yaml",
+        "config": "configs/stable-diffusion/v2-inference-v.yaml", "precision": "fp16",
     }  # fmt: skip
 
 
 def test_as_config_fields_of_a_lora_and_a_vae(tmp_path: Path) -> None:
     lora = probe(fx.make_lora_kohya(tmp_path / "l.safetensors")).as_config_fields()
-    assert lora == {"model_type": "lora", "model_format": "lycoris", "base_model": "sd-1", "compatible_bases": []}
+    assert lora == {"model_type": "lora", "model_format": "lycoris", "base_model": "sd-1", "compatible_bases": [],
+                    "precision": "fp16"}
     vae = probe(fx.make_vae_checkpoint(tmp_path / "v.safetensors")).as_config_fields()
     assert vae["compatible_bases"] == ["sd-2"] and "variant" not in vae
 

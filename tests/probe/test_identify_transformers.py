@@ -79,12 +79,17 @@ CASES: dict[str, tuple[Builder, dict[str, Any]]] = {
     "sd3-sai-transformer-only.safetensors": (_shapes(lambda: {
         k.removeprefix(U): v for k, v in sd3_checkpoint_shapes().items() if k.startswith(U)}), SD3),
     "sd3-diffusers.safetensors": (b.make_sd3_diffusers_file, SD3),
-    "sd35-medium-diffusers.safetensors": (lambda p: b.make_sd3_diffusers_file(p, dual_attention=True), SD3),
+    "sd35-medium-diffusers.safetensors": (lambda p: b.make_sd3_diffusers_file(p, dual_attention=True),
+                                          SD3 | {"base_model": "sd-3.5-medium"}),
     "sd3-diffusers-comfy.safetensors": (lambda p: b.make_sd3_diffusers_file(p, prefix=U), SD3),
-    "sd3-peft.safetensors": (lambda p: b.make_lora(p, {
+    "sd3-medium-peft.safetensors": (lambda p: b.make_lora(p, {
         "transformer.transformer_blocks.0.attn.to_q": (1536, 1536)}, "peft"), LORA | {"base_model": "sd-3"}),
+    "sd35-medium-peft.safetensors": (lambda p: b.make_lora(p, {
+        "transformer.transformer_blocks.0.attn.to_q": (1536, 1536)}, "peft"), LORA | {"base_model": "sd-3.5-medium"}),
+    "lora-medium-attn2.safetensors": (lambda p: b.make_lora(p, {
+        "transformer.transformer_blocks.0.attn2.to_q": (1536, 1536)}, "peft"), LORA | {"base_model": "sd-3.5-medium"}),
     "sd35-large-peft.safetensors": (lambda p: b.make_lora(p, {
-        "transformer.transformer_blocks.0.attn.add_q_proj": (2432, 2432)}, "peft"), LORA | {"base_model": "sd-3"}),
+        "transformer.transformer_blocks.0.attn.add_q_proj": (2432, 2432)}, "peft"), LORA | {"base_model": "sd-3.5-large"}),
     # 3. transformer ControlNets; UNet ControlNets as before
     "flux-controlnet-instantx.safetensors": (_state(b.flux_controlnet_state), CN | {"base_model": "flux"}),
     "flux-controlnet-no-single.safetensors": (_state(lambda: b.flux_controlnet_state(single_layers=0)),
@@ -94,6 +99,9 @@ CASES: dict[str, tuple[Builder, dict[str, Any]]] = {
     "sd35-large-controlnet-diffusers.safetensors": (_state(lambda: b.sd3_controlnet_state(sd35_large=True)),
                                                     CN | {"base_model": "sd-3"}),
     "sd35-large-controlnet-sai.safetensors": (_shapes(b.sai_sd35_controlnet_shapes), CN | {"base_model": "sd-3"}),
+    "sd35-large-controlnet-sai-2432.safetensors": (_shapes(lambda: {
+        **b.sai_sd35_controlnet_shapes(), "pos_embed_input.proj.weight": (2432, 16, 2, 2)}),
+        CN | {"base_model": "sd-3.5-large"}),
     "controlnet-unet-diffusers.safetensors": (_state(b.unet_controlnet_state), CN | {
         "base_model": "sd-1", "config_path": "configs/controlnet/cldm_v15.yaml"}),
     "control_sd15_canny.pth": (fx.make_controlnet_checkpoint, CN | {
@@ -144,11 +152,12 @@ CANNOT_TELL: dict[str, tuple[Builder, dict[str, Any], str]] = {
         "transformer.transformer_blocks.0.attn.to_q": (1024, 1024)}, "peft"), LORA, "neither FLUX"),
     # a 2-channel hint (128 = 2 x 8 x 8) matches no published adapter
     "t2i-odd-hint.safetensors": (_t2i("full_adapter", in_channels=2), T2I, "128 pixel-unshuffled"),
-    # FLUX derivatives that look like FLUX.1 but are not loadable as it
-    "chroma-diffusers.safetensors": (_state(b.chroma_transformer_state), MAIN, "Chroma or FLUX.2"),
-    "chroma-bfl.safetensors": (_shapes(lambda: {
+    # a FLUX-style transformer without FLUX.1's, Chroma's or FLUX.2's markers
+    "flux-derivative-bfl.safetensors": (_shapes(lambda: {
         k: v for k, v in flux_checkpoint_shapes("schnell").items() if not k.startswith("vector_in.")}),
-        MAIN, "Chroma or FLUX.2"),
+        MAIN, "unknown derivative"),
+    "sd3-peft-1536.safetensors": (lambda p: b.make_lora(p, {
+        "transformer.transformer_blocks.0.attn.to_q": (1536, 1536)}, "peft"), LORA, "cannot tell.*sd-3.5-medium"),
 }  # fmt: skip
 
 

@@ -99,9 +99,13 @@ def test_unknown_folder_lists_its_entries(tmp_path: Path) -> None:
 
 
 def test_unsupported_suffix_and_missing_path(tmp_path: Path) -> None:
-    gguf = tmp_path / "model.gguf"
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    with pytest.raises(UnrecognizedFilesError, match="unsupported file suffix '.onnx'"):
+        probe(onnx)
+    gguf = tmp_path / "model.gguf"  # GGUF is read now; four bytes of it are a truncated header
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(UnrecognizedFilesError, match="unsupported file suffix '.gguf'"):
+    with pytest.raises(CorruptModelError, match="truncated GGUF header"):
         probe(gguf)
     with pytest.raises(ModelPathError, match="no such file"):
         probe(tmp_path / "missing.safetensors")

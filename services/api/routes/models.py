@@ -61,9 +61,11 @@ def list_models(c: Client, name: Annotated[str | None, Query(max_length=512)] = 
                 direction: Literal["asc", "desc"] = "asc",
                 format: ModelFormat | None = None,
                 contains: Annotated[str | None, Query(max_length=512, description="part of the name, any case")] = None,
+                quantization: Annotated[str | None, Query(max_length=64, description="e.g. Q4_K, nf4")] = None,
                 ) -> Response:
     total, found = c.list_models_page(name=name, base=base, type=type, tag=tag, offset=offset, limit=limit,
-                                      order_by=order_by, direction=direction, format=format, contains=contains)
+                                      order_by=order_by, direction=direction, format=format, contains=contains,
+                                      quantization=quantization)
     page = [m.model_dump(mode="json") for m in found]
     listing = {k: {"size": v.size, "added": _iso(v.added), "modified": _iso(v.modified)}
                for k, v in c.listing(m.key for m in found).items()}

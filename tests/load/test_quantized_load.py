@@ -1,0 +1,87 @@
+"""fp8 FLUX transformers (e4m3fn, e5m2, ComfyUI's fp8_scaled) are identified with the file's precision and
+loaded upcast on the CPU, the scales folded back in; bitsandbytes checkpoints are refused on a CPU worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelbus.services.load import InvalidModelException, ModelLoadService
+from modelbus.services.probe import probe
+from modelbus.services.records.enums import SubModelType
+from tests.fixtures import transformer_files as tf
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_flux_identified_and_loaded_upcast(service: ModelLoadService, config: Any, add: Any,
+                                               dtype: torch.dtype, scaled: bool) -> None:
+    state = tf.flux_transformer_state()
+    stored: dict[str, torch.Tensor] = {}
+    expected: dict[str, torch.Tensor] = {}
+    for name, w in state.items():
+        w = w.detach().float()
+        if scaled and w.dim() == 2:
+            scale = (w.abs().max() / 8).clamp(min=1e-3).reshape(())
+            q = (w / scale).to(dtype)
+            stored[name], stored[name.removesuffix(".weight") + ".scale_weight"] = q, scale.float()
+            expected[name] = q.float() * scale
+        else:
+            stored[name] = w.to(dtype)
+            expected[name] = stored[name].float()
+    if scaled:
+        stored["scaled_fp8"] = torch.zeros(0, dtype=dtype)
+    path = _write(config.models_path / "flux-fp8.safetensors", stored)
+    found = probe(path)
+    precision = "fp8_e4m3fn" if dtype == torch.float8_e4m3fn else "fp8_e5m2"
+    assert (found.base_model, found.precision) == ("flux", precision)
+    assert found.quantization == ("fp8_scaled" if scaled else None)
+    key = add("flux-fp8.safetensors", "main", "checkpoint", base="flux", config="flux-dev", precision=precision)
+    with service.get_model(key, SubModelType.Transformer) as model:
+        got = model.state_dict()
+        assert got.keys() == expected.keys()
+        for name, want in expected.items():
+            assert got[name].dtype == torch.float32, name
+            assert torch.equal(got[name], want), name
+
+
+def _bnb_flux(path: Path, kind: str) -> Path:
+    """Key layout of a bitsandbytes-quantized FLUX (BFL names under model.diffusion_model.)."""
+    from tests.fixtures.model_files import flux_checkpoint_shapes
+
+    def u8() -> torch.Tensor:
+        return torch.zeros(8, 1, dtype=torch.uint8)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in flux_checkpoint_shapes().items():
+        key = "model.diffusion_model." + name
+        if len(shape) == 2 and kind == "nf4":
+            tensors |= {key: u8(), key + ".absmax": torch.zeros(4), key + ".quant_map": torch.zeros(16),
+                        key + ".quant_state.bitsandbytes__nf4": u8()}  # fmt: skip
+        elif len(shape) == 2:
+            tensors |= {key: torch.zeros(shape, dtype=torch.int8), key.removesuffix(".weight") + ".SCB": torch.zeros(shape[0]),
+                        key.removesuffix(".weight") + ".weight_format": torch.zeros((), dtype=torch.uint8)}  # fmt: skip
+        else:
+            tensors[key] = torch.zeros(shape, dtype=torch.bfloat16)
+    return _write(path, tensors)
+
+
+@pytest.mark.parametrize(("kind", "fmt"), [("nf4", "bnb_quantized_nf4b"), ("int8", "bnb_quantized_int8b")])
+def test_bitsandbytes_identified_and_refused_on_cpu(service: ModelLoadService, config: Any, add: Any,
+                                                    kind: str, fmt: str) -> None:
+    path = _bnb_flux(config.models_path / f"flux1-dev-bnb-{kind}.safetensors", kind)
+    found = probe(path)
+    assert (found.model_type, found.model_format, found.base_model, found.quantization) == ("main", fmt, "flux", kind)
+    key = add(path.name, "main", fmt, base="flux", quantization=kind)
+    with pytest.raises(InvalidModelException, match=f"bitsandbytes {kind}.*CUDA.*this worker's device is cpu"):
+        service.get_model(key, SubModelType.Transformer)
