@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.skeleton import skeleton_model
 from modelbus.services.load.tensors import plan_layout, tensor_slots
 from modelbus.services.load.weights import StateDict, read_state_dict
 from modelbus.services.records.enums import SubModelType
@@ -191,7 +192,7 @@ def load_transformer(req: LoadRequest, to_diffusers: Callable[[dict[str, torch.T
     tensors, buffer = read_checkpoint(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
     converted = to_diffusers(tensors, req.location)
     config = configure(converted, req.location)
-    model = empty_model(lambda: cls.from_config(config))
+    model = skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))
     assign_weights(model, converted, req.device, f"{req.location} ({what})")
     return Loaded(model, live_buffer(model, buffer))
 

@@ -30,6 +30,7 @@ from modelbus.services.load.kit import (
     shape_of,
 )
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.skeleton import skeleton_model
 from modelbus.services.load.weights import read_state_dict, weight_files
 from modelbus.services.records.enums import SubModelType
 
@@ -92,12 +93,16 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> bool:
 def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
     if issubclass(cls, diffusers.ModelMixin):
         config = cls.load_config(folder, local_files_only=True)  # type: ignore[attr-defined]
-        return empty_model(lambda: cls.from_config(config))  # type: ignore[attr-defined]
+        return skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))  # type: ignore[attr-defined]
     if issubclass(cls, transformers.PreTrainedModel):
         config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined,union-attr]
-        model = empty_model(lambda: cls(config))
-        model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
-        return model
+
+        def build() -> torch.nn.Module:
+            model = empty_model(lambda: cls(config))
+            model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
+            return model
+
+        return skeleton_model(cls, config, build)  # clones keep the ties (one Parameter, two modules)
     raise InvalidModelException(f"{folder}: {cls.__name__} is not a model class")
 
 
