@@ -330,8 +330,8 @@ class ModelCache:
                                                    pool=self.host_pool)
         try:
             e.streamed = attach(e.model, self.execution_device, room)
-        except (MemoryError, *_OOM_ERRORS) as exc:
-            if isinstance(exc, RuntimeError) and not _is_oom(exc):
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, MemoryError) and not _is_oom(exc):
                 raise
             raise CacheOutOfMemoryError(f"cannot stream {e.key} ({_gib(e.size)}) within {_gib(max(room, 0))} of "
                                         f"VRAM: {exc}") from exc

@@ -14,7 +14,6 @@ tests/load/test_streaming.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from bench_load import emit
 
 from modelbus.services.load.cache import Loaded, ModelCache
 from modelbus.services.load.pinned import PinnedPool
@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported, not fatal
             res["diffusers_group_offload"] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"  diffusers group offloading failed: {exc}")
-    print("RESULT " + json.dumps(res))
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(res) + "\n")
+    emit(res, args.out)
     return res
 
 

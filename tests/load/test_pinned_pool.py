@@ -6,6 +6,7 @@ the same, and that is what these tests check; the speed is measured by bench_loa
 from __future__ import annotations
 
 import gc
+import itertools
 
 import torch
 
@@ -47,7 +48,7 @@ def test_pieces_do_not_overlap_and_keep_their_data() -> None:
     for i, p in enumerate(pieces):
         assert p is not None and bool((p == i + 1).all())
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel()) for p in pieces if p is not None)
-    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
 def test_a_full_pool_falls_back_and_an_empty_one_is_never_used() -> None:
