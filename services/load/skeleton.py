@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ SKELETONS = int(os.environ.get("MODELBUS_SKELETON_CACHE", "16"))
 
 _lock = threading.Lock()
 _skeletons: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
+_keys: weakref.WeakKeyDictionary[torch.nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
 _CONTAINERS = (dict, list, set)
 _PLAIN = frozenset({dict, OrderedDict, list, set})
 
@@ -68,11 +70,21 @@ def skeleton_model(cls: type, config: Any, build: Callable[[], torch.nn.Module])
             _skeletons.move_to_end(key)
     if kept is None:
         kept = build()
+        kept.eval()  # clones start in inference mode: no walk over the tree per load
+        kept.requires_grad_(False)
+        _keys[kept] = frozenset(kept.state_dict().keys())
         with _lock:
             _skeletons[key] = kept
             while len(_skeletons) > SKELETONS:
                 _skeletons.popitem(last=False)
-    return clone_module(kept)
+    twin = clone_module(kept)
+    _keys[twin] = _keys[kept]
+    return twin
+
+
+def state_keys(model: torch.nn.Module) -> frozenset[str] | None:
+    """The ``state_dict`` keys of a skeleton's clone (known without walking it); None for other models."""
+    return _keys.get(model)
 
 
 def forget_skeletons() -> None:
