@@ -249,6 +249,7 @@ class LoadPayload(LoadContext):
     cache_hit: bool
     seconds: float
     bytes: int
+    resident_bytes: int | None = None  # on the execution device (less than bytes: streamed), when known
 
 
 class LoadFailedPayload(LoadContext):

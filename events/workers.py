@@ -36,6 +36,7 @@ class CachedModel(_State):
     locked: bool = False
     idle_seconds: float = 0.0
     ram_copy: bool = False
+    resident_bytes: int = 0  # bytes on the device; less than ``bytes`` when streamed (tier "partial")
 
 
 class TierState(_State):

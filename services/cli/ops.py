@@ -77,7 +77,9 @@ def workers(json: JsonFlag = False,
 def _cache(worker: WorkerInfo) -> str:
     if not worker.models:
         return "-"
-    return f"{len(worker.models)} ({human_bytes(worker.cached_bytes)})"
+    partial = [m for m in worker.models if m.tier == "partial"]
+    streamed = "".join(f", {m.key} {m.resident_bytes / max(m.bytes, 1):.0%} resident" for m in partial)
+    return f"{len(worker.models)} ({human_bytes(worker.cached_bytes)}{streamed})"
 
 
 def doctor(json: JsonFlag = False) -> None:

@@ -3,10 +3,15 @@
 - Sizes are measured from parameters and buffers (:mod:`services.load.tensors`).
 - Unlocked models leave in least-recently-used order: VRAM -> RAM -> out. A locked model is
   never evicted. A model larger than the tier that must hold it is refused with
-  :class:`ModelTooLargeError` before anything is allocated.
+  :class:`ModelTooLargeError` before anything is allocated, except a module larger than the VRAM
+  tier on a CUDA device (``partial``): it is kept in pinned RAM, and as many of its blocks as the
+  VRAM limit leaves room for are resident while the rest stream in during the forward pass
+  (:mod:`services.load.streaming`); it counts its resident part and staging buffers in VRAM.
 - With a CUDA execution device, RAM copies are pinned and kept while the model sits in VRAM
   (a spare copy that is released first under RAM pressure), so offload and reload are single
-  pinned copies at bus speed.
+  pinned copies at bus speed. The pinned memory comes from a pool the size of ``ram_limit``,
+  pinned in the background when the cache starts (:mod:`services.load.pinned`), so the first
+  offload of a model is as fast as the later ones.
 - Thread-safe: one re-entrant lock guards the state; loads run outside it, and concurrent
   requests for one key wait for the single load in flight.
 - Events (``cache_evicted``) are handed to ``on_event(type, payload)`` after the lock is released.
@@ -14,6 +19,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +31,9 @@ import torch
 
 from modelbus.services.load.errors import CacheOutOfMemoryError, ModelTooLargeError
 from modelbus.services.load.kit import Loaded
+from modelbus.services.load.pinned import PinnedPool
 from modelbus.services.load.stats import CacheStats, EntryInfo
+from modelbus.services.load.streaming import Streamed, attach
 from modelbus.services.load.tensors import move_object, object_nbytes, tensor_slots
 
 log = structlog.get_logger(__name__)
@@ -49,6 +57,11 @@ class CacheEntry:
     last_used: float
     locks: int = 0
     load_seconds: float = 0.0
+    streamed: Streamed | None = None     # partially resident: the rest streams in during forward
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.streamed.resident_bytes if self.streamed is not None else 0
 
     @property
     def locked(self) -> bool:
@@ -68,6 +81,8 @@ class ModelCache:
     on_event: EventSink | None = None
     pin_memory: bool | None = None
     clock: Callable[[], float] = time.monotonic
+    partial: bool = True  # stream modules larger than vram_limit instead of refusing them
+    host_pool: PinnedPool | None = None  # None: one the size of ram_limit when pinning (MODELBUS_PINNED_POOL=0: none)
 
     def __post_init__(self) -> None:
         self.execution_device = torch.device(self.execution_device)
@@ -75,6 +90,9 @@ class ModelCache:
             self.execution_device = torch.device("cuda", torch.cuda.current_device())
         if self.pin_memory is None:
             self.pin_memory = self.execution_device.type == "cuda"
+        if self.host_pool is None and self.pin_memory and self.execution_device.type == "cuda" \
+                and os.environ.get("MODELBUS_PINNED_POOL", "1") != "0":
+            self.host_pool = PinnedPool(self.ram_limit, device=self.execution_device)
         self._lock = threading.RLock()
         self._entries: dict[str, CacheEntry] = {}  # insertion order is not LRU: last_used is
         self._loading: dict[str, threading.Event] = {}
@@ -97,7 +115,13 @@ class ModelCache:
 
     def vram_used(self) -> int:
         with self._lock:
-            return sum(e.size for e in self._entries.values() if self._on_vram(e))
+            return sum(e.size if self._on_vram(e) else e.streamed.device_bytes if e.streamed is not None else 0
+                       for e in self._entries.values())
+
+    def _streams(self, size: int, model: Any = None) -> bool:
+        """Whether an object of ``size`` bytes is served partially resident (too large for VRAM)."""
+        return (self.partial and self.execution_device.type == "cuda" and size > self.vram_limit
+                and (model is None or isinstance(model, torch.nn.Module)))
 
     def free_vram(self) -> int:
         """Bytes the VRAM tier could still take (limit minus use, capped by the device's free memory)."""
@@ -105,6 +129,14 @@ class ModelCache:
             return 0
         room = self.vram_limit - self.vram_used() - self._reserved_vram
         return max(min(room, self._device_free()), 0)
+
+    def resident_bytes(self, key: str) -> int:
+        """Bytes of ``key`` on the execution device: all in VRAM, the resident part when streamed, else 0."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return 0
+            return e.size if self._on_vram(e) else e.resident_bytes
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -121,8 +153,9 @@ class ModelCache:
             entries = sorted(self._entries.values(), key=lambda e: e.last_used, reverse=True)
             return [EntryInfo(key=e.key, model_key=e.model_key, submodel=e.submodel, bytes=e.size,
                               device=str(e.device) if e.device is not None else "none",
-                              tier="vram" if self._on_vram(e) else "ram", locked=e.locked,
-                              idle_seconds=now - e.last_used, ram_copy=e.host_buffer is not None)
+                              tier=self._tier(e), locked=e.locked,
+                              idle_seconds=now - e.last_used, ram_copy=e.host_buffer is not None,
+                              resident_bytes=e.size if self._on_vram(e) else e.resident_bytes)
                     for e in entries]
 
     def stats(self) -> CacheStats:
@@ -187,13 +220,18 @@ class ModelCache:
         slots = tensor_slots(loaded.model)
         actual = slots[0].tensor.device if slots else None
         with self._lock:
-            self._check_size(key, size)
+            self._check_size(key, size, loaded.model)
             on_cpu = actual is None or actual.type == "cpu"
             entry = CacheEntry(key, model_key, submodel, loaded.model, size, actual, loaded.buffer,
                                loaded.buffer if on_cpu else None, self.clock(), load_seconds=seconds)
             if on_cpu:
                 self._make_room_ram(size, exclude=key)
                 self._entries[key] = entry
+                if self._streams(size, loaded.model):
+                    try:  # loaded "to VRAM" as far as it fits; a lock retries when it could not
+                        self._stream(entry)
+                    except CacheOutOfMemoryError as exc:
+                        log.warning("partial_load_deferred", key=key, error=str(exc))
             else:
                 fits = self._make_room_vram(size, exclude=key)
                 self._entries[key] = entry
@@ -205,7 +243,9 @@ class ModelCache:
         log.info("model_cached", key=key, bytes=size, device=str(actual), seconds=round(seconds, 4))
         return entry
 
-    def _check_size(self, key: str, size: int) -> None:
+    def _check_size(self, key: str, size: int, model: Any = None) -> None:
+        if self._streams(size, model) and size <= self.ram_limit:
+            return  # held in RAM, streamed to the device
         if self.uses_vram and size > self.vram_limit:
             raise ModelTooLargeError(f"model {key} needs {_gib(size)}, more than the VRAM cache's limit of "
                                      f"{_gib(self.vram_limit)} (MODELBUS_VRAM_CACHE_SIZE)")
@@ -215,7 +255,7 @@ class ModelCache:
 
     def _placement(self, size_hint: int) -> torch.device:
         """Load straight to the execution device when VRAM can make room, else to RAM."""
-        if self.uses_vram and self._make_room_vram(size_hint, exclude=None):
+        if self.uses_vram and not self._streams(size_hint) and self._make_room_vram(size_hint, exclude=None):
             return self.execution_device
         if not self._make_room_ram(size_hint, exclude=None):
             raise ModelTooLargeError(f"no room in the RAM cache for {_gib(size_hint)}: "
@@ -232,8 +272,11 @@ class ModelCache:
             e.locks += 1
             e.last_used = self.clock()
             try:
-                if self.uses_vram and e.device is not None and not self._on_vram(e):
-                    self._to_vram(e)
+                if self.uses_vram and e.device is not None and not self._on_vram(e) and e.streamed is None:
+                    if self._streams(e.size, e.model):
+                        self._stream(e)
+                    else:
+                        self._to_vram(e)
             except BaseException:
                 e.locks -= 1
                 raise
@@ -275,11 +318,32 @@ class ModelCache:
                     self._offload(other, reason="oom")
                 torch.cuda.empty_cache()
 
+    def _stream(self, e: CacheEntry) -> None:
+        """Attach a model too large for VRAM for streaming, with all the room VRAM can make."""
+        for victim in self._lru(vram=True, exclude=e.key):
+            self._offload(victim, reason="lru")
+        room = self.vram_limit - self.vram_used() - self._reserved_vram
+        room = min(room, self._device_free())
+        if self.pin_memory and e.buffer is not None and not e.buffer.is_pinned():
+            # streamed copies overlap compute only from pinned memory: repack the RAM copy once
+            e.buffer = e.host_buffer = move_object(e.model, e.buffer, torch.device("cpu"), pin=True,
+                                                   pool=self.host_pool)
+        try:
+            e.streamed = attach(e.model, self.execution_device, room)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, MemoryError) and not _is_oom(exc):
+                raise
+            raise CacheOutOfMemoryError(f"cannot stream {e.key} ({_gib(e.size)}) within {_gib(max(room, 0))} of "
+                                        f"VRAM: {exc}") from exc
+        self.stats_.moved("vram", e.streamed.resident_bytes)
+        log.info("model_streamed", key=e.key, bytes=e.size, resident_bytes=e.streamed.resident_bytes,
+                 staging_bytes=e.streamed.staging_bytes, room=room)
+
     def offload(self, key: str) -> bool:
         """Move an unlocked model from VRAM to RAM now; False when it is locked or not in VRAM."""
         with self._lock:
             e = self._entries.get(key)
-            if e is None or e.locked or not self._on_vram(e):
+            if e is None or e.locked or not (self._on_vram(e) or e.streamed is not None):
                 return False
             self._offload(e, reason="request")
             events = self._take_events()
@@ -288,11 +352,19 @@ class ModelCache:
 
     def _offload(self, e: CacheEntry, reason: str) -> None:
         """VRAM -> RAM, or out when RAM cannot take it. The cache stays consistent on failure."""
+        if e.streamed is not None:  # its whole copy is in RAM already: drop the device part
+            resident = e.streamed.resident_bytes
+            e.streamed.detach()
+            e.streamed = None
+            self.stats_.evicted("vram", resident)
+            self._event(e, "vram", "ram", reason)
+            return
         if self.ram_limit < e.size or not self._make_room_ram(e.size - _nbytes(e.host_buffer), exclude=e.key):
             self._remove(e, reason=reason, to="out")
             return
         try:
-            new = move_object(e.model, e.buffer, torch.device("cpu"), reuse=e.host_buffer, pin=bool(self.pin_memory))
+            new = move_object(e.model, e.buffer, torch.device("cpu"), reuse=e.host_buffer, pin=bool(self.pin_memory),
+                              pool=self.host_pool)
         except _OOM_ERRORS as exc:
             log.warning("offload_failed", key=e.key, error=str(exc))
             self._remove(e, reason="oom", to="out")
@@ -306,7 +378,7 @@ class ModelCache:
     # ---- eviction -----------------------------------------------------------------------------
     def _lru(self, *, vram: bool, exclude: str | None) -> list[CacheEntry]:
         candidates = [e for e in self._entries.values()
-                      if not e.locked and e.key != exclude and self._on_vram(e) == vram]
+                      if not e.locked and e.key != exclude and (self._on_vram(e) or e.streamed is not None) == vram]
         return sorted(candidates, key=lambda e: e.last_used)
 
     def _vram_room(self, need: int) -> bool:
@@ -349,6 +421,9 @@ class ModelCache:
 
     def _remove(self, e: CacheEntry, *, reason: str, to: str) -> None:
         tier = self._tier(e)
+        if e.streamed is not None:
+            e.streamed.detach()
+            e.streamed = None
         self._entries.pop(e.key, None)
         self.stats_.evicted(tier, e.size)
         self._event(e, tier, to, reason)
@@ -395,7 +470,7 @@ class ModelCache:
 
     # ---- events ---------------------------------------------------------------------------
     def _tier(self, e: CacheEntry) -> str:
-        return "vram" if self._on_vram(e) else "ram"
+        return "vram" if self._on_vram(e) else "partial" if e.streamed is not None else "ram"
 
     def _event(self, e: CacheEntry, src: str, dst: str, reason: str) -> None:
         self._events.append(("cache_evicted", {"key": e.key, "model_key": e.model_key, "submodel": e.submodel,

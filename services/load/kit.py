@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.fp8 import fold_fp8_scales
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.skeleton import skeleton_model, state_keys
 from modelbus.services.load.tensors import plan_layout, tensor_slots
 from modelbus.services.load.weights import StateDict, read_state_dict
 from modelbus.services.records.enums import SubModelType
@@ -75,7 +76,9 @@ def fit_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     Transformers 5 dropped the ``text_model.`` level of CLIP text encoders that older files
     (and every original SD checkpoint) carry; some files also carry or lack the base model prefix.
     """
-    wanted = set(model.state_dict().keys())
+    wanted = state_keys(model) or set(model.state_dict().keys())
+    if wanted <= tensors.keys():
+        return tensors  # the usual case: the file's names are the model's
     prefixes = {"text_model."} | ({f"{model.base_model_prefix}."} if getattr(model, "base_model_prefix", "") else set())
     candidates = [tensors]
     for prefix in prefixes:
@@ -192,7 +195,7 @@ def load_transformer(req: LoadRequest, to_diffusers: Callable[[dict[str, torch.T
     tensors, buffer = read_checkpoint(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
     converted = to_diffusers(tensors, req.location)
     config = configure(converted, req.location)
-    model = empty_model(lambda: cls.from_config(config))
+    model = skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))
     assign_weights(model, converted, req.device, f"{req.location} ({what})")
     return Loaded(model, live_buffer(model, buffer))
 

@@ -29,8 +29,9 @@ from modelbus.services.load.kit import (
     resolve_class,
     shape_of,
 )
-from modelbus.services.load.safetensors_fast import assign_weights, empty_model
-from modelbus.services.load.weights import read_state_dict, weight_files
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model, needs_cast, start_flat
+from modelbus.services.load.skeleton import skeleton_model
+from modelbus.services.load.weights import StateDict, read_state_dict, weight_files
 from modelbus.services.records.enums import SubModelType
 
 # submodel -> the class used when a diffusers folder has no model_index.json
@@ -60,15 +61,25 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
     files = weight_files(folder, dtype)
     if not files:
         raise InvalidModelException(f"{folder}: no weight files (.safetensors, .bin, .ckpt)")
-    # the weights stream in (threads, GIL released) while this thread builds the meta model
-    with ThreadPoolExecutor(1, thread_name_prefix="modelbus-read") as reader:
-        pending = reader.submit(read_state_dict, files, device, dtype)
+    if all(f.suffix == ".safetensors" for f in files) and not needs_cast(files, dtype):
+        # the weights stream in (threads, GIL released) while this thread builds the meta model and
+        # assigns it the buffer's views, whose bytes are still arriving: all of the build hides
+        # behind the copy
+        pending = start_flat(files, device)
         try:
             model = _empty_from_folder(cls, folder)
+            assign_weights(model, fit_keys(model, pending.flat.tensors), device, str(folder))
         finally:
-            state = pending.result()
-    tensors = fit_keys(model, state.tensors)
-    assign_weights(model, tensors, device, str(folder))
+            flat = pending.wait()
+        state = StateDict(flat.tensors, flat.buffer)
+    else:
+        with ThreadPoolExecutor(1, thread_name_prefix="modelbus-read") as reader:
+            future = reader.submit(read_state_dict, files, device, dtype)
+            try:
+                model = _empty_from_folder(cls, folder)
+            finally:
+                state = future.result()
+        assign_weights(model, fit_keys(model, state.tensors), device, str(folder))
     if keep_in_fp32(model, dtype):  # (only then are parts of the buffer dead: checking costs ms per load)
         return Loaded(model, live_buffer(model, state.buffer))
     return Loaded(model, state.buffer)
@@ -92,12 +103,16 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> bool:
 def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
     if issubclass(cls, diffusers.ModelMixin):
         config = cls.load_config(folder, local_files_only=True)  # type: ignore[attr-defined]
-        return empty_model(lambda: cls.from_config(config))  # type: ignore[attr-defined]
+        return skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))  # type: ignore[attr-defined]
     if issubclass(cls, transformers.PreTrainedModel):
         config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined,union-attr]
-        model = empty_model(lambda: cls(config))
-        model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
-        return model
+
+        def build() -> torch.nn.Module:
+            model = empty_model(lambda: cls(config))
+            model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
+            return model
+
+        return skeleton_model(cls, config, build)  # clones keep the ties (one Parameter, two modules)
     raise InvalidModelException(f"{folder}: {cls.__name__} is not a model class")
 
 

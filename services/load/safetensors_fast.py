@@ -42,6 +42,9 @@ CHUNK_BYTES = int(os.environ.get("MODELBUS_LOAD_CHUNK_MB", "32")) << 20
 # (12 on a 16-core H200 host: warm 0.119 s vs 0.167 s with 6)
 STAGING_SLOTS = int(os.environ.get("MODELBUS_LOAD_SLOTS", str(min(12, max(4, os.cpu_count() or 4)))))
 ALIGN = 64                   # destination alignment of each contiguous range
+PAGE = 4096                  # O_DIRECT's alignment of offsets, lengths and buffers
+# cold reads straight from the disk (O_DIRECT) for pages the page cache does not hold
+DIRECT = os.environ.get("MODELBUS_LOAD_DIRECT", "0") == "1"
 _MAX_HEADER = 100 << 20
 
 
@@ -205,7 +208,8 @@ class _StagingPool:
 
     def __init__(self, slots: int, chunk: int) -> None:
         self.lock = threading.Lock()
-        self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+        # two pages of slack: a direct read starts at the page below a piece and ends at the one above
+        self.buffers = [torch.empty(chunk + 2 * PAGE, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
         self.arrays = [b.numpy() for b in self.buffers]
 
 
@@ -221,33 +225,155 @@ def _pool_for(device: torch.device) -> _StagingPool:
         return _pools[index]
 
 
-def _read_to_cuda(fds: list[int], ranges: list[_Range], dst: torch.Tensor) -> None:
+def _read_piece(fd: int, direct: int | None, arr: Any, file_off: int, length: int) -> int:
+    """Read one piece into ``arr``; returns where in ``arr`` it starts. With a ``direct`` (O_DIRECT)
+    descriptor, pages the page cache holds are read from it (``RWF_NOWAIT``), the others straight
+    from the disk, page-aligned."""
+    if direct is not None:
+        try:
+            got = os.preadv(fd, [_mv(arr[:length])], file_off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        if got == length:
+            return 0
+        start = file_off - file_off % PAGE
+        delta = file_off - start
+        end = -(-(delta + length) // PAGE) * PAGE
+        done = 0
+        while done < delta + length:
+            n = os.preadv(direct, [_mv(arr[done:end])], start + done)
+            if n <= 0:
+                raise InvalidModelException(f"unexpected end of file at offset {start + done}")
+            done += n
+        return delta
+    _pread_into(fd, _mv(arr[:length]), file_off)
+    return 0
+
+
+def _direct_fds(paths: Sequence[Path], fds: list[int]) -> list[int] | None:
+    """O_DIRECT descriptors for cold reads, when ``MODELBUS_LOAD_DIRECT`` is on and the system has
+    them (and can tell cached pages apart: RWF_NOWAIT); None otherwise."""
+    if not DIRECT or not hasattr(os, "O_DIRECT") or not hasattr(os, "RWF_NOWAIT"):
+        return None
+    probe = bytearray(1)
+    opened: list[int] = []
+    try:
+        for p, fd in zip(paths, fds, strict=True):
+            try:
+                os.preadv(fd, [probe], 0, os.RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            opened.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        for d in opened:
+            os.close(d)
+        return None
+    return opened
+
+
+def _read_to_cuda(fds: list[int], ranges: list[_Range], dst: torch.Tensor, direct: list[int] | None = None) -> None:
     """Reads run ahead in threads into pinned slots; the copy stream drains them in order."""
     pool = _pool_for(dst.device)
+    if direct is not None and any(b.data_ptr() % PAGE for b in pool.buffers):
+        direct = None
     pieces = _chunks(ranges, CHUNK_BYTES)
     slots = len(pool.buffers)
     stream = torch.cuda.Stream(dst.device)
     with pool.lock, ThreadPoolExecutor(slots) as executor:
         done_events: list[torch.cuda.Event | None] = [None] * slots
 
-        def read(i: int, wait: torch.cuda.Event | None) -> None:
+        def read(i: int, wait: torch.cuda.Event | None) -> int:
             if wait is not None:
                 wait.synchronize()  # the slot's previous copy must have left it
             p = pieces[i]
-            _pread_into(fds[p.fd_index], _mv(pool.arrays[i % slots][:p.length]), p.file_off)
+            return _read_piece(fds[p.fd_index], direct[p.fd_index] if direct is not None else None,
+                               pool.arrays[i % slots], p.file_off, p.length)
 
-        futures: dict[int, Future[None]] = {i: executor.submit(read, i, None) for i in range(min(slots, len(pieces)))}
+        futures: dict[int, Future[int]] = {i: executor.submit(read, i, None) for i in range(min(slots, len(pieces)))}
         for i, p in enumerate(pieces):
-            futures.pop(i).result()
+            at = futures.pop(i).result()
             slot = i % slots
             with torch.cuda.stream(stream):
-                dst[p.dst_off:p.dst_off + p.length].copy_(pool.buffers[slot][:p.length], non_blocking=True)
+                dst[p.dst_off:p.dst_off + p.length].copy_(pool.buffers[slot][at:at + p.length], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
             done_events[slot] = event
             if i + slots < len(pieces):
                 futures[i + slots] = executor.submit(read, i + slots, event)
         stream.synchronize()
+
+
+class PendingFlat:
+    """A flat load under way: ``flat`` holds the tensors (views of the buffer being filled) at once;
+    ``wait()`` returns when every byte has arrived (and raises what the read raised)."""
+
+    def __init__(self, flat: FlatTensors, fill: Callable[[], None]) -> None:
+        self.flat = flat
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fill()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                self._error = exc
+            finally:
+                self._done.set()
+
+        threading.Thread(target=run, name="modelbus-read", daemon=True).start()
+
+    def wait(self) -> FlatTensors:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self.flat
+
+
+def _prepare(paths: str | Path | Sequence[str | Path], device: torch.device, select: Callable[[str], bool] | None,
+             ) -> tuple[FlatTensors, Callable[[], None]]:
+    """The buffer and its views now; the function that fills the buffer from the files."""
+    path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    headers = [read_header(p) for p in path_list]
+    ranges, placed, total = _plan(headers, select)
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+    tensors = {name: _view(buffer, off, e.dtype, e.shape) for name, (e, off) in placed.items()}
+
+    def fill() -> None:
+        fds = [os.open(p, os.O_RDONLY) for p in path_list]
+        direct = _direct_fds(path_list, fds) if device.type == "cuda" else None
+        try:
+            for fd in fds:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if device.type == "cuda":
+                _read_to_cuda(fds, ranges, buffer, direct)
+            elif device.type == "cpu":
+                _read_to_cpu(fds, ranges, buffer)
+            else:  # mps and others: read to the CPU, one copy over
+                host = torch.empty_like(buffer, device="cpu")
+                _read_to_cpu(fds, ranges, host)
+                buffer.copy_(host)
+        finally:
+            for fd in fds + (direct or []):
+                os.close(fd)
+
+    return FlatTensors(buffer, tensors), fill
+
+
+def start_flat(paths: str | Path | Sequence[str | Path], device: torch.device | str = "cpu",
+               select: Callable[[str], bool] | None = None) -> PendingFlat:
+    """Start a :func:`load_flat` without a dtype conversion in the background: the tensors' views
+    exist at once (a model can be assigned them while the bytes stream in); ``wait()`` before use."""
+    flat, fill = _prepare(paths, torch.device(device), select)
+    return PendingFlat(flat, fill)
+
+
+def needs_cast(paths: Sequence[str | Path], dtype: torch.dtype | None,
+               select: Callable[[str], bool] | None = None) -> bool:
+    """Whether loading ``paths`` in ``dtype`` converts any floating-point tensor (headers only)."""
+    if dtype is None:
+        return False
+    return any(e.dtype.is_floating_point and e.dtype != dtype for p in paths for e in read_header(p).entries.values()
+               if select is None or select(e.name))
 
 
 def load_flat(paths: str | Path | Sequence[str | Path], device: torch.device | str = "cpu",
@@ -257,29 +383,9 @@ def load_flat(paths: str | Path | Sequence[str | Path], device: torch.device | s
     Floating-point tensors are converted to ``dtype`` when given (on the device, after the copy);
     other tensors keep their type. Values are bit-exact when no conversion is asked for.
     """
-    device = torch.device(device)
-    path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    headers = [read_header(p) for p in path_list]
-    ranges, placed, total = _plan(headers, select)
-    fds = [os.open(p, os.O_RDONLY) for p in path_list]
-    try:
-        for fd in fds:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
-        if device.type == "cuda":
-            _read_to_cuda(fds, ranges, buffer)
-        elif device.type == "cpu":
-            _read_to_cpu(fds, ranges, buffer)
-        else:  # mps and others: read to the CPU, one copy over
-            host = torch.empty_like(buffer, device="cpu")
-            _read_to_cpu(fds, ranges, host)
-            buffer.copy_(host)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    tensors = {name: _view(buffer, off, e.dtype, e.shape) for name, (e, off) in placed.items()}
-    flat = FlatTensors(buffer, tensors)
-    if dtype is not None and any(_needs_cast(t, dtype) for t in tensors.values()):
+    flat, fill = _prepare(paths, torch.device(device), select)
+    fill()
+    if dtype is not None and any(_needs_cast(t, dtype) for t in flat.tensors.values()):
         flat = _cast(flat, dtype)
     return flat
 
@@ -320,7 +426,7 @@ def empty_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return factory()
 
 
-def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> list[str]:
     """Set every parameter and persistent buffer straight from ``tensors`` (no load_state_dict hooks:
     several times faster on models with hundreds of modules). Tied parameters stay tied. Returns the
     names it could not fill; the caller falls back to ``load_state_dict`` then."""
@@ -339,7 +445,11 @@ def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
                 replaced[id(old)] = torch.nn.Parameter(value, requires_grad=False)
             module._parameters[name] = replaced[id(old)]
         for name, buf in list(module._buffers.items()):
-            if buf is None or name in module._non_persistent_buffers_set:
+            if buf is None:
+                continue
+            if name in module._non_persistent_buffers_set:
+                if buf.device != device:  # position ids...: built on the CPU, brought along
+                    module._buffers[name] = buf.to(device)
                 continue
             value = tensors.get(dot + name)
             if value is None or value.shape != buf.shape:
@@ -358,7 +468,7 @@ def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
 def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
                    what: str) -> torch.nn.Module:
     """Assign ``tensors`` to a meta-built ``model``; every parameter must be given a value."""
-    if _assign_direct(model, tensors):
+    if _assign_direct(model, tensors, device):
         result = model.load_state_dict(tensors, strict=False, assign=True)
         still_meta = [n for n, p in model.named_parameters() if p.is_meta]
         still_meta += [n for n, b in model.named_buffers() if b.is_meta]
@@ -366,11 +476,11 @@ def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dev
             missing = sorted(set(result.missing_keys) | set(still_meta))
             raise InvalidModelException(
                 f"{what}: {len(missing)} weights missing for {type(model).__name__}, e.g. {missing[:3]}")
-    # non-persistent buffers (position ids...) were built on the CPU: bring them along
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None and buf.device != device:
-                module._buffers[name] = buf.to(device)
-    model.requires_grad_(False)
-    model.eval()
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+        model.requires_grad_(False)  # (the direct assignment makes parameters that need no gradient)
+    if model.training:  # a skeleton's clone is built in inference mode already
+        model.eval()
     return model

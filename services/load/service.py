@@ -177,7 +177,8 @@ class ModelLoadService:
             raise
         seconds = time.perf_counter() - start
         self._announce(ModelLoadCompleted(aggregate_id=self.worker_id, payload=LoadPayload(
-            **ids.model_dump(), cache_hit=hit, seconds=seconds, bytes=entry.size)), context)
+            **ids.model_dump(), cache_hit=hit, seconds=seconds, bytes=entry.size,
+            resident_bytes=self.cache.resident_bytes(cache_key))), context)
         return ModelInfo(key=key, name=record.name, base_model=BaseModelType(record.base_model),
                          type=submodel or model_type, location=location, precision=self.precision,
                          context=self.cache.locker(cache_key), hash=record.hash, submodel=submodel,

@@ -82,6 +82,7 @@ class EntryInfo:
     locked: bool
     idle_seconds: float
     ram_copy: bool
+    resident_bytes: int = 0  # on the execution device: all of it in VRAM, a part when streamed (tier "partial")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from modelbus.services.load.pinned import PinnedPool
+
 ALIGN = 64
 _REPACK_BELOW = 0.75  # repack when less than this share of the old buffer is still in use
 
@@ -139,9 +141,13 @@ def plan_layout(slots: list[Slot], buffer: torch.Tensor | None) -> Layout:
     return Layout(max(cursor, 1), False, places)
 
 
-def allocate(size: int, device: torch.device, pin: bool) -> torch.Tensor:
-    """A uint8 buffer; pinned host memory when asked (falls back to pageable if pinning fails)."""
+def allocate(size: int, device: torch.device, pin: bool, pool: PinnedPool | None = None) -> torch.Tensor:
+    """A uint8 buffer; pinned host memory when asked: a piece of ``pool`` when it has room, else
+    freshly pinned (falls back to pageable if pinning fails)."""
     if device.type == "cpu" and pin:
+        piece = pool.take(size) if pool is not None else None
+        if piece is not None:
+            return piece
         try:
             return torch.empty(size, dtype=torch.uint8, pin_memory=True)
         except RuntimeError:
@@ -156,31 +162,49 @@ def _synchronize(*devices: torch.device) -> None:
 
 
 def move_object(obj: Any, buffer: torch.Tensor | None, dst: torch.device, *,
-                reuse: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor | None:
+                reuse: torch.Tensor | None = None, pin: bool = False,
+                pool: PinnedPool | None = None) -> torch.Tensor | None:
     """Move every tensor of ``obj`` into one buffer on ``dst`` and return that buffer.
 
     ``buffer`` is the object's current flat buffer (None: unknown, pack it now). ``reuse`` is a
-    buffer on ``dst`` to copy into when it has the right size (the kept pinned RAM copy).
+    buffer on ``dst`` to copy into when it has the right size (the kept pinned RAM copy); ``pool``
+    gives pinned host memory for a new RAM buffer.
     Raises the allocator's error (e.g. ``torch.OutOfMemoryError``) before changing anything.
+
+    When the object still lies whole in ``buffer`` (the usual case), the copy of the whole buffer
+    is queued first and the walk over the object's tensors runs while the copy engine works.
     """
+    early: torch.Tensor | None = None
+    if buffer is not None and buffer.device != dst:
+        early = reuse if reuse is not None and reuse.numel() == buffer.numel() and reuse.device == dst \
+            else allocate(buffer.numel(), dst, pin, pool)
+        early.copy_(buffer, non_blocking=True)
     slots = tensor_slots(obj)
     if not slots:
         return None
     layout = plan_layout(slots, buffer)
-    if reuse is not None and reuse.numel() == layout.size and reuse.device == dst:
-        target = reuse
+    if early is not None and layout.copy_whole and layout.size == early.numel():
+        target = early
+        todo = [(slot, off) for slot, off, inside in layout.places if not inside]
     else:
-        target = allocate(layout.size, dst, pin)
+        if early is not None:
+            _synchronize(dst, buffer.device if buffer is not None else dst)  # let the early copy finish
+        if reuse is not None and reuse.numel() == layout.size and reuse.device == dst:
+            target = reuse
+        else:
+            target = allocate(layout.size, dst, pin, pool)
+        if layout.copy_whole and buffer is not None:
+            target[:buffer.numel()].copy_(buffer, non_blocking=True)
+        todo = [(slot, off) for slot, off, inside in layout.places if not inside]
     src_devices = {s.tensor.device for s in slots}
-    if layout.copy_whole and buffer is not None:
-        target[:buffer.numel()].copy_(buffer, non_blocking=True)
-    views: list[tuple[Slot, torch.Tensor]] = []
-    for slot, off, inside in layout.places:
-        view = _view(target, off, slot.tensor)
-        if not inside:
-            view.copy_(slot.tensor, non_blocking=True)
-        views.append((slot, view))
-    _synchronize(dst, *src_devices)
+    for slot, off in todo:
+        _view(target, off, slot.tensor).copy_(slot.tensor, non_blocking=True)
+    views = [(slot, _view(target, off, slot.tensor)) for slot, off, _inside in layout.places]
+    if dst.type == "cpu" or any(d.type != "cpu" for d in src_devices):
+        # the host must see finished data before rebinding; a host -> device move needs no wait:
+        # later work on the device's stream runs after the copy, and the host side stays alive (the
+        # kept RAM copy; pinned pieces are reused only after the device drained)
+        _synchronize(dst, *src_devices)
     for slot, view in views:
         for set_ in slot.setters:
             set_(view)

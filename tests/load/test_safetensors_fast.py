@@ -92,3 +92,32 @@ def test_missing_weights_are_named(tmp_path: Path) -> None:
     model = empty_model(lambda: UNet2DConditionModel.from_config(ref.config))
     with pytest.raises(InvalidModelException, match="conv_in"):
         assign_weights(model, load_flat(tmp_path / "u.safetensors").tensors, torch.device("cpu"), "unet")
+
+
+def test_direct_reads_give_the_same_bytes_as_buffered_ones(tmp_path: Path) -> None:
+    import mmap
+    import os
+
+    from modelbus.services.load import safetensors_fast as sf
+
+    path = tmp_path / "blob"
+    data = os.urandom(3 * sf.PAGE * 5 + 123)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        os.close(fd)
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        import numpy as np
+        arr = np.frombuffer(mmap.mmap(-1, len(data) + 2 * sf.PAGE), dtype=np.uint8)  # page-aligned
+        for off, n in ((0, 100), (5, sf.PAGE), (sf.PAGE + 17, 2 * sf.PAGE + 3), (len(data) - 50, 50)):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not cached: the direct path reads it
+            at = sf._read_piece(fd, direct, arr, off, n)
+            assert bytes(arr[at:at + n]) == data[off:off + n]
+            at = sf._read_piece(fd, None, arr, off, n)
+            assert at == 0 and bytes(arr[:n]) == data[off:off + n]
+    finally:
+        os.close(fd)
+        os.close(direct)

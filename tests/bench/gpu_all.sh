@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the load work in one go, on a bare lent GPU machine (python3 with torch,
+# no internet): partial VRAM loading (bench_partial), then bench_load (SD-1.5 and SDXL UNets, a
+# FLUX-size flat file with --flux, fastsafetensors and Run:ai streamer baselines when their wheels
+# came along, first/later offload and reload).
+#
+#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux]
+#
+# The wheels: diffusers, structlog, fastsafetensors, runai-model-streamer (pip download them for the
+# machine's Python). Only modelbus's load modules are put on the path (no Redis, records or API).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+WHL=${WHL:-$REPO/../whl}
+OUT=${OUT:-/tmp/bench-out}
+STEPS=${*:-partial load}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+  || echo "some wheels did not install"
+MB=/tmp/mb/modelbus
+rm -rf /tmp/mb
+mkdir -p $MB/events $MB/services/load $MB/services/records $MB/services/probe
+touch $MB/__init__.py $MB/events/__init__.py $MB/services/__init__.py $MB/services/load/__init__.py \
+  $MB/services/records/__init__.py
+ln -s "$REPO/events/errors.py" $MB/events/errors.py
+ln -s "$REPO/services/records/enums.py" $MB/services/records/enums.py
+ln -s "$REPO/services/configs" $MB/services/configs
+for f in "$REPO"/services/load/*.py; do
+  [ "$(basename "$f")" = "__init__.py" ] || ln -s "$f" "$MB/services/load/$(basename "$f")"
+done
+cat > $MB/services/probe/__init__.py <<'EOF'
+def scan_pickle(path):  # the benchmarks load safetensors only
+    raise RuntimeError(f"{path}: pickles are not loaded on the bench machine")
+EOF
+export PYTHONPATH=/tmp/mb:/tmp/site
+cd "$REPO"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; df -h /tmp
+  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+for step in $STEPS; do
+  case $step in
+    partial) timeout "${PARTIAL_TIMEOUT:-300}" python3 tests/bench/bench_partial.py --out "$OUT/partial.jsonl" \
+               ${PARTIAL_ARGS:-} 2>&1 | tee "$OUT/partial.log" ;;
+    load) timeout "${LOAD_TIMEOUT:-330}" python3 tests/bench/bench_load.py --device cuda --repeat "${REPEAT:-3}" \
+            --out "$OUT/load.jsonl" ${LOAD_ARGS:-} 2>&1 | tee "$OUT/load.log" ;;
+    flux) timeout "${FLUX_TIMEOUT:-330}" python3 tests/bench/bench_load.py --device cuda --sizes "" --flux \
+            --out "$OUT/flux.jsonl" 2>&1 | tee "$OUT/flux.log" ;;
+  esac
+done
