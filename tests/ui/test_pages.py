@@ -166,7 +166,7 @@ def test_errors_are_shown_where_they_happened(page, ui_api: str, ui_bus: Bus) ->
     expect(page.locator("#content .error")).to_contain_text("invalid offset")
 
 
-def test_jobs_page_lists_installs_and_cancels(page, ui_api: str, ui_bus: Bus, ui_client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
+def test_jobs_page_lists_installs_pauses_resumes_and_cancels(page, ui_api: str, ui_bus: Bus, ui_client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
     from tests.servers.file_server import Fault
     name = f"files/slow-{uuid.uuid4().hex[:6]}.safetensors"
     ui_bus.files.add_file(name, b"\x00" * (2 << 20))
@@ -175,6 +175,11 @@ def test_jobs_page_lists_installs_and_cancels(page, ui_api: str, ui_bus: Bus, ui
     ready(page, f"{ui_api}/ui/jobs")
     row = page.locator(f'tr[data-job="{job["id"]}"]')
     expect(row).to_be_visible()
+    row.locator('button[data-action="pause"]').click()
+    expect(row).to_have_attribute("data-state", "paused", timeout=60_000)
+    wait_until(lambda: ui_client.job(job["id"])["state"] == "paused", 60, "the job to be paused")
+    row.locator('button[data-action="resume"]').click()
+    expect(row).not_to_have_attribute("data-state", "paused", timeout=60_000)
     cancel = row.locator('button[data-action="cancel"]')
     expect(cancel).to_be_visible()
     shoot(page, "jobs")

@@ -39,7 +39,7 @@ NAV = (("models", "/ui", "Models"), ("install", "/ui/install", "Install"), ("job
 @dataclass(frozen=True)
 class JobAction:
     """A button of a job's row: ``method`` on ``url`` (``{id}`` is the job id) while its state is one of
-    ``states``. The lifecycle's pause/resume are two more of these."""
+    ``states``."""
 
     name: str
     label: str
@@ -50,6 +50,9 @@ class JobAction:
 
 ACTIVE = frozenset({"waiting", "downloading", "downloads_done", "running", "hashing", "paused"})
 JOB_ACTIONS: list[JobAction] = [
+    JobAction("pause", "Pause", "POST", "/api/v2/models/install/{id}/pause", frozenset({"waiting", "downloading"})),
+    JobAction("resume", "Resume", "POST", "/api/v2/models/install/{id}/resume", frozenset({"paused"})),
+    JobAction("restart", "Restart", "POST", "/api/v2/models/install/{id}/restart", frozenset({"error", "cancelled"})),
     JobAction("cancel", "Cancel", "DELETE", "/api/v2/models/install/{id}", ACTIVE),
 ]
 
