@@ -14,15 +14,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _plain(value: Any) -> Any:
+    """A typed view (a pydantic model: job views, outcomes) as its JSON fields; anything else as text."""
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else str(value)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
-                                  default=str).decode() + "\n")
+                                  default=_plain).decode() + "\n")
     sys.stdout.flush()
 
 
 def print_json_line(data: Any) -> None:
     # flushed per line: a pipe reader (jq, a test) sees each event as it comes
-    sys.stdout.write(orjson.dumps(data, default=str).decode() + "\n")
+    sys.stdout.write(orjson.dumps(data, default=_plain).decode() + "\n")
     sys.stdout.flush()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from modelbus.events.errors import Conflict
 from modelbus.services.config import AppConfig
 from modelbus.services.install.errors import ExpectedHashError, InstallError
 from modelbus.services.install.jobs import load_job
@@ -28,7 +29,7 @@ from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 log = structlog.get_logger(__name__)
 
 
-class NotRepairableError(InstallError):
+class NotRepairableError(InstallError, Conflict):
     """Nothing to re-download from (a local source), or the model is not in the models directory."""
 
 

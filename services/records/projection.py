@@ -37,7 +37,10 @@ KIND = "modelbus-model-records"  # marks our files and tables: anything else is 
 
 #: key -> (new state or None when removed, aggregate version)
 Changes = dict[str, tuple[State, int]]
-_UNREAD: Any = object()  # a key's stored state, not read yet (only fold.READS_STATE events need it)
+_UNREAD: Any = object()  # a key's stored state, not read yet (only these events need it:)
+# a rename and the per-model patches change the record they find; an update replaces the config but keeps
+# the listing's values (when it was added, its size when the manifest stays)
+_READS_STATE = READS_STATE | {"ModelUpdated"}
 
 
 def _log_refusals(*refusals: Refusal) -> None:
@@ -192,7 +195,7 @@ class RecordProjection(ABC):
                 state: State = _UNREAD
             else:
                 state = current[0]
-            if state is _UNREAD and entry.type in READS_STATE:
+            if state is _UNREAD and entry.type in _READS_STATE:
                 state = self._load_state(key)  # a rename keeps the rest, both keep the listing's values
             before = None if state is _UNREAD else state
             after = step(before, entry.type, body)

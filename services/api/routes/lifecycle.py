@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelbus.events.jobs import InstallJobView
 from modelbus.services.api.errors import CONFLICT, FORBIDDEN, NOT_FOUND
-from modelbus.services.api.routes.models import WORKER, JobId
+from modelbus.services.api.routes.models import WORKER, JobId, _typed
 from modelbus.services.api.schemas import InstallRequest
 from modelbus.services.client import ModelBusClient, defaults
 from modelbus.services.records import AnyModelConfig
@@ -28,7 +28,7 @@ Client = Annotated[ModelBusClient, Depends(_client)]
 
 
 def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+    return Response(orjson.dumps(payload, default=_typed), status_code=status, media_type="application/json")
 
 
 # --- finding --------------------------------------------------------------------------------------

@@ -42,9 +42,17 @@ def _client(request: Request) -> ModelBusClient:
 Client = Annotated[ModelBusClient, Depends(_client)]
 
 
+def _typed(value: Any) -> Any:
+    """orjson's fallback: a typed view inside a payload (a job view in a starter's report) as its JSON."""
+    dump = getattr(value, "model_dump", None)
+    if not callable(dump):
+        raise TypeError(f"{type(value).__name__} is not JSON")
+    return dump(mode="json")
+
+
 def _json(payload: Any, status: int = 200) -> Response:
     # records are serialised once with orjson rather than revalidated against the response model
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+    return Response(orjson.dumps(payload, default=_typed), status_code=status, media_type="application/json")
 
 
 # --- records --------------------------------------------------------------------------------------
