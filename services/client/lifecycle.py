@@ -7,13 +7,13 @@ The client process itself never reads or deletes a model file here: the API sits
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
 from modelbus.events.errors import ModelbusError
 from modelbus.services.client import on_worker
 
-if TYPE_CHECKING:
-    from modelbus.services.client.core import ModelBusClient
+# services.client.core.ModelBusClient, which calls into this module (typed loosely: no import circle)
+ModelBusClient: TypeAlias = Any
 
 Progress = Callable[[int, int, dict[str, Any]], None]  # (done, total, the model's report)
 PROBLEMS = ("missing", "changed", "busy", "error")

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from modelbus.services.probe.errors import CorruptModelError, UnrecognizedFilesError
 from modelbus.services.probe.result import ProbeResult
-from modelbus.services.probe.tensors import TensorIndex
+from modelbus.services.probe.tensor_index import TensorIndex
 from modelbus.services.records.enums import ModelFormat, ModelType
 
 _MAGIC = b"GGUF"

@@ -9,48 +9,18 @@ Nested dictionaries are flattened with dots (``{"string_to_param": {"*": t}}`` b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.pickle_scan import PICKLE_SUFFIXES, safe_torch_load
 from modelbus.services.probe.safetensors_header import header_metadata, read_safetensors_header, tensor_shapes
+from modelbus.services.probe.tensor_index import TensorIndex
 
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 GGUF_SUFFIXES = frozenset({".gguf"})
 MODEL_FILE_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES | GGUF_SUFFIXES
 _MAX_DEPTH = 4  # state dicts nest at most a few levels (IP-Adapter: 2)
-
-
-@dataclass(frozen=True)
-class TensorIndex:
-    """Tensor name -> shape of one file, plus its string metadata.
-
-    ``metadata`` is the safetensors ``__metadata__``, or for a pickle the top-level scalars
-    (``global_step``, ``epoch``...) that sit next to its ``state_dict``.
-    """
-
-    path: Path
-    shapes: dict[str, tuple[int, ...]]
-    metadata: dict[str, str] = field(default_factory=dict)
-    #: tensor name -> safetensors dtype (``BF16``, ``F8_E4M3``...), where the format says it
-    dtypes: dict[str, str] = field(default_factory=dict)
-
-    def shape(self, key: str) -> tuple[int, ...] | None:
-        return self.shapes.get(key)
-
-    def has_prefix(self, *prefixes: str) -> bool:
-        return any(k.startswith(prefixes) for k in self.shapes)
-
-    def has_fragment(self, *fragments: str) -> bool:
-        return any(f in k for k in self.shapes for f in fragments)
-
-    def describe(self) -> str:
-        """A short account of what the file holds, for error messages."""
-        prefixes = sorted({k.split(".", 1)[0] for k in self.shapes})
-        shown = ", ".join(prefixes[:6]) + (", ..." if len(prefixes) > 6 else "")
-        return f"{self.path.suffix or 'no suffix'} file with {len(self.shapes)} tensors (key prefixes: {shown})"
 
 
 def read_tensor_index(path: Path) -> TensorIndex:
@@ -63,7 +33,7 @@ def read_tensor_index(path: Path) -> TensorIndex:
     if suffix in PICKLE_SUFFIXES:
         return _from_pickle(path, safe_torch_load(path, map_location="meta"))
     if suffix in GGUF_SUFFIXES:
-        from modelbus.services.probe.gguf_file import gguf_tensor_index  # it builds on this module
+        from modelbus.services.probe.gguf_file import gguf_tensor_index  # (the gguf reader, on first use)
 
         return gguf_tensor_index(path)
     raise UnrecognizedFilesError(

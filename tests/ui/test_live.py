@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -177,31 +176,27 @@ def test_another_origin_cannot_act_through_the_browser(page, client: ModelBusCli
     assert client.get_model(key).name == "renamed here"
 
 
-def test_covers_show_when_the_api_serves_them_and_the_initial_when_not(page, app_config: AppConfig,
-                                                                        client: ModelBusClient) -> None:  # type: ignore[no-untyped-def]
-    from fastapi import Response
+def test_a_models_cover_shows_in_the_table_and_a_model_without_one_shows_its_initial(
+        page, client: ModelBusClient, served: Served) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from PIL import Image
     with_cover = add_record(client, "a-with-cover")
     add_record(client, "b-without-cover")
-    app = create_app(app_config)
-    png = (Path(__file__).resolve().parents[2] / "services/api/ui/static/favicon.svg").read_bytes()
-
-    @app.get("/api/v2/models/i/{key}/cover")
-    def cover(key: str) -> Response:  # the route the per-model data work adds; absent, no image is asked for
-        if key != with_cover:
-            return Response(status_code=404)
-        return Response(png, media_type="image/svg+xml")
-
-    server = Served(app)
-    try:
-        ready(page, f"{server.url}/ui")
-        rows = page.locator("#models-table tbody tr")
-        expect(rows).to_have_count(2)
-        expect(rows.nth(0).locator("img.cover")).to_have_js_property("complete", True)
-        expect(rows.nth(0).locator("img.cover")).to_be_visible()
-        expect(rows.nth(1).locator("img.cover")).to_have_count(0)  # its 404: the image is dropped
-        expect(rows.nth(1).locator(".initial")).to_be_visible()
-    finally:
-        server.stop()
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(image, format="PNG")
+    client.set_cover(with_cover, image.getvalue())
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url) if "/cover" in r.url else None)
+    ready(page, f"{served.url}/ui")
+    rows = page.locator("#models-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0).locator("img.cover")).to_have_js_property("complete", True)
+    expect(rows.nth(0).locator("img.cover")).to_be_visible()
+    assert rows.nth(0).locator("img.cover").evaluate("img => img.naturalWidth") > 0  # the WebP thumbnail decoded
+    expect(rows.nth(1).locator("img.cover")).to_have_count(0)  # no cover: no request, the initial letter
+    expect(rows.nth(1).locator(".initial")).to_be_visible()
+    assert requested and all(with_cover in url for url in requested), requested
 
 
 def test_markup_in_names_and_events_stays_text(page, client: ModelBusClient, served: Served,

@@ -91,18 +91,13 @@ def _render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
     return HTMLResponse(_env.get_template(name).render(**context), status_code=status, headers=HEADERS)
 
 
+COVER_URL = "/api/v2/models/i/{key}/cover"  # services.api.routes.modeldata; shown for records with a cover
+
+
 def _cover_url(request: Request) -> str | None:
-    """The URL template of a model's cover (``{key}`` in it) when the API serves covers, else None."""
-    state = request.app.state
-    if not hasattr(state, "ui_cover"):
-        found = None
-        for route in request.app.routes:
-            path = getattr(route, "path", "")
-            if path.endswith("/cover") and "{key}" in path and "GET" in (getattr(route, "methods", None) or ()):
-                found = path
-                break
-        state.ui_cover = found
-    return state.ui_cover  # type: ignore[no-any-return]
+    """The URL template of a model's cover (``{key}`` in it); the templates ask for it only for a record
+    whose ``cover`` is set, so a model without one costs no request."""
+    return COVER_URL
 
 
 def _guarded(view: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], int]:
