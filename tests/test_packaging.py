@@ -36,8 +36,14 @@ def test_the_wheel_installs_beside_the_registrys_events_package(tmp_path: Path) 
     wheels = tmp_path / "wheels"
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, REPO)
     wheel = next(wheels.glob("modelbus-*.whl"))
-    shipped = set(zipfile.ZipFile(wheel).namelist())  # the web page's templates and scripts too
-    assert {"modelbus/services/api/ui/templates/base.html", "modelbus/services/api/ui/static/ui.js"} <= shipped
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    # the package data folders (the Makefile mutes setuptools' warnings about them): every shipped config,
+    # the starter catalogue, the web page's templates and scripts
+    data = {f"modelbus/services/{p.relative_to(REPO / 'services').as_posix()}"
+            for pattern in ("configs/**/*", "catalog/*.yaml", "api/ui/templates/*.html", "api/ui/static/*")
+            for p in (REPO / "services").glob(pattern) if p.is_file() and "__pycache__" not in p.parts}
+    assert len(data) > 50 and "modelbus/services/api/ui/static/ui.js" in data
+    assert data <= shipped, sorted(data - shipped)[:5]
     target = tmp_path / "env"
     venv.create(target, with_pip=True)
     python = target / "bin" / "python"
