@@ -93,6 +93,10 @@ class Keys:
         """Hash: the installs claiming one store blob (token -> time) and a delete's ``deleting`` mark."""
         return f"{self.tag}:blob:{digest}"
 
+    def api_streams(self, client: str) -> str:
+        """Sorted set: the event streams one client address holds open on any API process (seat -> expiry)."""
+        return f"{self.tag}:api:streams:{client}"
+
     def cover(self, model_key: str, blake3: str) -> str:
         """String: the WebP bytes of one model's cover (services.covers), named by their BLAKE3."""
         return f"{self.tag}:cover:{model_key}:{blake3}"

@@ -129,6 +129,9 @@ class AppConfig(BaseSettings):
         "by ':' (unset: the models directory and $MODELBUS_ROOT/import)")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=9090, ge=0, le=65535)
+    api_workers: int = Field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 1) // 2)), ge=1, le=64,
+                             description="API processes `modelbus up` serves on its one socket (default: half "
+                             "the cores, 1 to 8)")
     api_token: str | None = None
     api_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="host names the API answers besides its bound address, localhost, 127.0.0.1 "

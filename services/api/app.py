@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request, Response
 
+from modelbus.events.keys import Keys
 from modelbus.events.logs import configure_logging
 from modelbus.services.api.auth import require_token
 from modelbus.services.api.context import RequestContext
@@ -20,6 +21,7 @@ from modelbus.services.api.guard import install_guard
 from modelbus.services.api.limits import RequestLimits
 from modelbus.services.api.metrics import build_registry
 from modelbus.services.api.routes import events, health, lifecycle, modeldata, models
+from modelbus.services.api.streams import StreamSeats
 from modelbus.services.api.ui import install_ui
 from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.config import AppConfig
@@ -61,7 +63,8 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
         http_metrics.observe(request.method, route, response.status_code, started)
         return response
 
-    app.add_middleware(RequestLimits, config=config)  # token, body size and concurrency before any work
+    seats = StreamSeats(lambda: client.redis, Keys(config.namespace), config.api_max_streams_per_client)
+    app.add_middleware(RequestLimits, config=config, seats=seats)  # token, body size, concurrency before work
     install_guard(app, config)  # outside it: Host, browsers, token on the documents (headers only)
     app.add_middleware(RequestContext)  # outermost: every answer carries a request id
     return app

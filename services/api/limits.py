@@ -14,14 +14,14 @@ Pure ASGI (not BaseHTTPMiddleware), so nothing is buffered and event streams flo
    ``api_body_timeout`` seconds is 408 (nginx's ``client_body_timeout``), and its slot is free again.
 4. Event streams are long-running, so they are not counted there (kube-apiserver exempts watches too)
    but per client address: at most ``api_max_streams_per_client`` at once, then 429 with ``Retry-After``
-   (nginx's ``limit_conn`` per ``$remote_addr``).
+   (nginx's ``limit_conn`` per ``$remote_addr``), counted in Redis across every API process
+   (:mod:`services.api.streams`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections import Counter
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from modelbus.events.errors import TimedOut
 from modelbus.services.api.auth import UNAUTHORIZED, bearer_token, token_matches
 from modelbus.services.api.errors import error_response
+from modelbus.services.api.streams import StreamSeats
 from modelbus.services.config import AppConfig
 from modelbus.services.covers.limits import MAX_COVER_BYTES
 
@@ -44,7 +45,7 @@ ROUTE_BODY_LIMITS: tuple[tuple[re.Pattern[str], int], ...] = (
 class RequestLimits:
     """The ASGI middleware keeping the rules of this module (one per app; state lives in its event loop)."""
 
-    def __init__(self, app: ASGIApp, config: AppConfig) -> None:
+    def __init__(self, app: ASGIApp, config: AppConfig, seats: StreamSeats) -> None:
         self.app = app
         self.token = config.api_token
         self.max_body = config.api_max_body
@@ -53,7 +54,7 @@ class RequestLimits:
         self.body_timeout = config.api_body_timeout
         self.max_streams = config.api_max_streams_per_client
         self._slots = asyncio.Semaphore(config.api_max_requests)
-        self._streams: Counter[str] = Counter()
+        self.seats = seats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,19 +112,17 @@ class RequestLimits:
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = (scope.get("client") or ("unknown", 0))[0]
-        if self._streams[client] >= self.max_streams:
+        seat, held = await self.seats.take(client)
+        if seat is None:
             refused = error_response(429, "TooManyStreams",
-                                     f"{client} already has {self._streams[client]} event streams open, the limit "
+                                     f"{client} already has {held} event streams open, the limit "
                                      "(MODELBUS_API_MAX_STREAMS_PER_CLIENT)", headers={"Retry-After": RETRY_AFTER})
             await refused(scope, receive, send)
             return
-        self._streams[client] += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self._streams[client] -= 1
-            if self._streams[client] <= 0:
-                del self._streams[client]
+            await self.seats.give_back(seat)
 
 
 def _content_length(headers: Headers) -> int | None:

@@ -1,9 +1,15 @@
 """Prometheus metrics. Gauges are read from Redis at scrape time (queue lengths, jobs by state, live
 workers, their caches); counters follow the activity stream from the API's start (loads with cache
-hits and bytes, downloads, every activity kind); the HTTP middleware counts requests and latency."""
+hits and bytes, downloads, every activity kind); the HTTP middleware counts requests and latency.
+
+When the API runs as several processes (``modelbus up`` with ``MODELBUS_API_WORKERS`` > 1 sets
+``PROMETHEUS_MULTIPROC_DIR``), the HTTP counters live in prometheus_client's per-process files and a
+scrape of any process sums them all; the gauges and activity counters are read from Redis, the same
+in every process."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -14,6 +20,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from modelbus.events.schema import Activity, DownloadCompleted, Event, ModelLoadCompleted
@@ -116,7 +123,7 @@ class ModelBusCollector(Collector):
 
 
 class HttpMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
         self.requests = PromCounter("modelbus_http_requests", "HTTP requests", ["method", "route", "status"],
                                     registry=registry)
         self.latency = Histogram("modelbus_http_request_seconds", "HTTP request latency", ["method", "route"],
@@ -130,4 +137,7 @@ class HttpMetrics:
 def build_registry(client: ModelBusClient) -> tuple[CollectorRegistry, HttpMetrics]:
     registry = CollectorRegistry()
     registry.register(ModelBusCollector(client))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several API processes: theirs summed from the files
+        MultiProcessCollector(registry)
+        return registry, HttpMetrics(None)
     return registry, HttpMetrics(registry)

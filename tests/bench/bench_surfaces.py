@@ -8,6 +8,9 @@
   trip (goal <= 3 ms p50)
 - ``GET /healthz`` under concurrent load (threads + httpx, bounded in count and time): requests/s and
   p50 with the cached state vs probing on every request (the behaviour before the cache; goal >= 10x)
+- ``GET /api/v2/models?limit=100`` (2,000 models) under load from processes of their own, with ``modelbus
+  up`` serving the API as ``MODELBUS_API_WORKERS`` processes (default: the cores, at most 4) vs one
+  process: requests/s and p99 (goal >= 3x the rate at the same p99, on a host with the cores for it)
 
 ``.venv/bin/python tests/bench/bench_surfaces.py``; MODELBUS_BENCH_SCALE multiplies the counts.
 """
@@ -15,6 +18,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -256,6 +261,90 @@ def bench_health(url: str) -> None:
                higher_is_better=False)
 
 
+PAGE_MODELS = 2_000
+PAGE_SECONDS = 4.0  # per round and side
+PAGE_CONNECTIONS = 48  # load-generator connections in all, over PAGE_LOADERS processes
+PAGE_LOADERS = 4
+
+
+def _page_hammer(base: str, seconds: float, connections: int) -> list[float]:
+    """One load-generator process: ``connections`` keep-alive threads on the page route for ``seconds``."""
+    stop_at = time.perf_counter() + seconds
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+
+    def hammer(mine: list[float]) -> None:
+        with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                assert http.get("/api/v2/models", params={"limit": 100}).status_code == 200
+                mine.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=hammer, args=(mine,)) for mine in latencies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [x for mine in latencies for x in mine]
+
+
+def _up_api(client: ModelBusClient, processes: int) -> tuple[subprocess.Popen[bytes], str]:
+    repo = Path(__file__).resolve().parents[2]
+    config = client.config
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELBUS_")}, "PYTHONPATH": str(repo),
+           "MODELBUS_REDIS_URL": config.redis_url or "", "MODELBUS_NAMESPACE": config.namespace,
+           "MODELBUS_ROOT": str(config.root), "MODELBUS_LOG_LEVEL": "WARNING", "MODELBUS_API_PORT": "0",
+           "MODELBUS_API_WORKERS": str(processes), "MODELBUS_API_MAX_REQUESTS": "256"}
+    log = config.root / f"up-{processes}.log"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("modelbus")), "up", "--workers", ""], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        found = re.search(r"api:\s+(http://127\.0\.0\.1:\d+)/", log.read_text(errors="replace"))
+        if found:
+            base = found.group(1)
+            try:  # every process answers once (the projection catches up in each)
+                for _ in range(4 * processes):
+                    httpx.get(f"{base}/api/v2/models", params={"limit": 1}, timeout=60, trust_env=False)
+                return proc, base
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"modelbus up did not serve the API: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.3)
+
+
+def bench_api_processes(url: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+    client = _client(url)
+    _seed(client, PAGE_MODELS)
+    many = int(os.environ.get("MODELBUS_BENCH_API_WORKERS", min(4, os.cpu_count() or 1)))
+    sides = {n: _up_api(client, n) for n in (many, 1)}
+    rates: dict[int, list[float]] = {n: [] for n in sides}
+    samples: dict[int, list[float]] = {n: [] for n in sides}
+    try:
+        with ProcessPoolExecutor(PAGE_LOADERS) as pool:
+            for i in range(3):  # alternating rounds
+                for n in (list(sides) if i % 2 == 0 else list(reversed(sides))):
+                    started = time.perf_counter()
+                    parts = list(pool.map(_page_hammer, [sides[n][1]] * PAGE_LOADERS, [PAGE_SECONDS] * PAGE_LOADERS,
+                                          [PAGE_CONNECTIONS // PAGE_LOADERS] * PAGE_LOADERS))
+                    flat = [x for part in parts for x in part]
+                    rates[n].append(len(flat) / (time.perf_counter() - started))
+                    samples[n] += flat
+    finally:
+        for proc, _ in sides.values():
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    label = f"GET /api/v2/models?limit=100, {PAGE_CONNECTIONS} conns"
+    ratio_line(f"{label}: req/s, {many} API processes (vs 1)", statistics.median(rates[many]),
+               statistics.median(rates[1]), "req/s", ">= 3x")
+    (m50, m99), (o50, o99) = percentiles(samples[many]), percentiles(samples[1])
+    ratio_line(f"{label}: p99, {many} API processes (vs 1)", m99 * 1000, o99 * 1000, "ms", higher_is_better=False)
+    print(f"  (p50 {m50 * 1000:.1f} ms vs {o50 * 1000:.1f} ms; {os.cpu_count()} cores shared with the load "
+          "generator)", flush=True)
+
+
 def bench_bus_load(url: str) -> None:
     from tests.load import builders
     client = _client(url)
@@ -303,6 +392,7 @@ def main() -> int:
         bench_sse(url)
         bench_bus_load(url)
         bench_health(url)
+        bench_api_processes(url)
     return 0
 
 

@@ -7,6 +7,7 @@ before it is read. The image is decoded here only after the cheap checks (servic
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -90,7 +91,8 @@ async def put_cover(key: Key, request: Request,
     if kind not in ACCEPTED_TYPES and kind not in LOOSE_TYPES:
         raise NotAnImage(f"a cover must be {', '.join(ACCEPTED_TYPES)}, not {kind!r}")
     data = await request.body()
-    model = await _aclient(request).set_cover(key, data, source=source or "upload")
+    client = _aclient(request).sync
+    model = await asyncio.to_thread(client.set_cover, key, data, source=source or "upload")
     return _json(model.model_dump(mode="json"))
 
 
