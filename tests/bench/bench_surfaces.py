@@ -346,7 +346,7 @@ def bench_api_processes(url: str) -> None:
 
 
 def bench_bus_load(url: str) -> None:
-    from tests.load import builders
+    from tests.fixtures import loadable as builders
     client = _client(url)
     config = client.config
     path = config.models_path / "bench-lora.safetensors"
