@@ -78,6 +78,34 @@ class LoadOutcome(NamedFields):
     seconds: float | None = Field(default=None, description="the worker's time for the load")
 
 
+#: s a caller waits for a worker's answer to a CacheHitRequest before it loads through RQ (and a worker
+#: skips a request older than this: its caller has gone the RQ way)
+CACHE_HIT_WAIT = 1.0
+
+
+class CacheHitRequest(NamedFields):
+    """A load of a model that a GPU worker's heartbeat says it holds, sent to that worker's hit list
+    (``Keys.gpu_hits``) instead of RQ: the worker answers from its cache, or says it no longer holds it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=r"^[0-9a-f]{32}$", description="the answer goes to Keys.gpu_reply(id)")
+    model_key: str
+    submodel: str | None = None
+    sent: float = Field(description="the caller's wall-clock time; a worker skips requests older than the "
+                        "caller waits")
+
+
+class CacheHitReply(NamedFields):
+    """The worker's answer: the load (``LoadOutcome`` fields, ``job_id`` = the request's id), or ``held``
+    false when the model is not in its cache any more (the caller then loads it through RQ)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    held: bool
+    outcome: LoadOutcome | None = None
+
+
 class UnloadOutcome(NamedFields):
     """A model dropped from the GPU workers' caches: ``unloaded`` (by ``workers``) or ``not_loaded``."""
 

@@ -62,6 +62,14 @@ class Keys:
     def worker_queue(self, worker_id: str) -> str:
         return f"{self.tag}:gpu:{worker_id}"
 
+    def gpu_hits(self, worker_id: str) -> str:
+        """List: requests for a model this GPU worker holds, answered from its cache without RQ."""
+        return f"{self.tag}:hits:{worker_id}"
+
+    def gpu_reply(self, request_id: str) -> str:
+        """List: the one answer to a cache-hit request (expires if nobody reads it)."""
+        return f"{self.tag}:reply:{request_id}"
+
     def worker_state(self, worker_id: str) -> str:
         return f"{self.tag}:worker:{worker_id}"
 

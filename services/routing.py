@@ -128,7 +128,8 @@ def enqueue_on(connection: Any, namespace: str, func: str, args: tuple[Any, ...]
 
 @redis_errors_translated()
 def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...], *, model_key: str,
-                worker: str | None = None, timeout: float = GPU_JOB_TIMEOUT) -> tuple[Job, Any]:
+                worker: str | None = None, timeout: float = GPU_JOB_TIMEOUT,
+                states: list[WorkerState] | None = None) -> tuple[Job, Any]:
     """Place a GPU job (affinity first), wait for it, and re-route it when its worker dies.
 
     A job sits on the chosen worker's own queue; if that worker's heartbeat stops (killed mid-load, or
@@ -138,8 +139,9 @@ def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...
     deadline = time.monotonic() + timeout
     dead: set[str] = set()
     for _ in range(MAX_REROUTES + 1):
-        states = [s for s in worker_states(connection, namespace) if s.id not in dead]
-        target = choose_gpu_worker(states, model_key, worker)
+        # the caller's fresh read of the states serves the first placement; a re-route reads them again
+        live = states if states is not None and not dead else worker_states(connection, namespace)
+        target = choose_gpu_worker([s for s in live if s.id not in dead], model_key, worker)
         job = enqueue_on(connection, namespace, func, args, target)
         while True:
             try:

@@ -98,16 +98,20 @@ def run_worker(config: AppConfig, store: RedisEventStore, queues: list[str], nam
     """One RQ worker's life: its context, heartbeat and loop."""
     context = WorkerContext(config=config, store=store, worker_id=name, device=config.device)
     set_context(context)
-    state = None
+    state, hits = None, None
     if "gpu" in queues:
-        from modelbus.workers.gpu import cache_state
+        from modelbus.workers.gpu import HitServer, cache_state
         state = cache_state
+        hits = HitServer(store.client, store.keys, name)  # loads of what this cache holds, without RQ
+        hits.start()
     heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state)
     log = structlog.get_logger("workers")
     try:
         serve(store, config.namespace, queues, name, heartbeat, burst=burst, level=config.log_level.upper())
     finally:
         heartbeat.stop()
+        if hits is not None:
+            hits.stop()
     log.info("worker_stopped", worker=name)
     return 0
 

@@ -7,11 +7,24 @@ with every heartbeat, which is how ``services.routing`` sends a load to the work
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
+import orjson
+import pydantic
+import redis
+import structlog
+
+from modelbus.events.jobs import CACHE_HIT_WAIT, CacheHitReply, CacheHitRequest, LoadOutcome
+from modelbus.events.keys import Keys
 from modelbus.events.workers import CachedModel, CacheState, WorkerCache
 from modelbus.workers.context import WorkerContext, current
+
+log = structlog.get_logger(__name__)
+
+HIT_REPLY_TTL = 10  # s an answer waits in Redis for its caller (then it expires)
+HIT_BACKOFF = 1.0   # s the hit server waits after a Redis error before it listens again
 
 
 def _records(context: WorkerContext) -> Any:
@@ -62,11 +75,75 @@ def load_job(model_key: str, submodel: str | None = None, context: dict[str, Any
     started = time.perf_counter()
     info = service.get_model(model_key, SubModelType(submodel) if submodel else None,
                              context=JobContext(context) if context else None)
+    return _loaded(info, model_key, submodel, started)
+
+
+def _loaded(info: Any, model_key: str, submodel: str | None, started: float) -> dict[str, Any]:
     with info as model:
         device = str(_device_of(model))
     return {"model_key": model_key, "submodel": submodel, "worker": current().worker_id, "device": device,
             "location": str(info.location), "precision": str(info.precision),
             "seconds": time.perf_counter() - started}
+
+
+class HitServer(threading.Thread):
+    """Answers loads of models this worker already holds without RQ: a caller whose routing picked this
+    worker for a model its heartbeat lists pushes a :class:`CacheHitRequest` on ``Keys.gpu_hits`` and
+    waits on its reply list. A hit is the same ``get_model`` (record check, load events, lock and
+    unlock) as a load job; a model no longer cached (evicted since the beat), a record that changed or
+    any error is ``held: false``, and the caller loads through RQ, which reports errors the usual way.
+    The cache is shared with the RQ job thread under the cache's own lock."""
+
+    def __init__(self, connection: redis.Redis, keys: Keys, worker_id: str) -> None:
+        super().__init__(daemon=True, name="modelbus-cache-hits")
+        self.connection, self.keys, self.worker_id = connection, keys, worker_id
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        queue = self.keys.gpu_hits(self.worker_id)
+        while not self.stopped.is_set():
+            try:
+                popped = self.connection.blpop([queue], timeout=1)
+                if popped is not None:
+                    self.answer(popped[1])
+            except redis.RedisError as exc:  # Redis restarting: listen again after a pause
+                log.debug("cache_hits_redis_error", worker=self.worker_id, error=str(exc))
+                self.stopped.wait(HIT_BACKOFF)
+
+    def answer(self, raw: bytes) -> None:
+        try:
+            request = CacheHitRequest.model_validate_json(raw)
+        except pydantic.ValidationError:
+            log.warning("cache_hit_request_refused", worker=self.worker_id, size=len(raw))
+            return
+        if time.time() - request.sent > CACHE_HIT_WAIT:
+            return  # its caller has stopped waiting and loads through RQ
+        reply = CacheHitReply(held=False)
+        started = time.perf_counter()
+        try:
+            info = _cached(request.model_key, request.submodel)
+            if info is not None:
+                loaded = _loaded(info, request.model_key, request.submodel, started)
+                reply = CacheHitReply(held=True, outcome=LoadOutcome.model_validate(
+                    {**loaded, "key": request.model_key, "state": "loaded", "job_id": request.id}))
+        except Exception as exc:  # noqa: BLE001 - the RQ load reports it to the caller, typed
+            log.info("cache_hit_declined", worker=self.worker_id, model=request.model_key, error=str(exc))
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.rpush(self.keys.gpu_reply(request.id), orjson.dumps(reply.model_dump(mode="json")))
+        pipe.expire(self.keys.gpu_reply(request.id), HIT_REPLY_TTL)
+        pipe.execute()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _cached(model_key: str, submodel: str | None) -> Any:
+    """The model from this worker's cache, or None: no load service yet means nothing is cached."""
+    service = current().extras.get("load_service")
+    if service is None:
+        return None
+    from modelbus.services.records import SubModelType
+    return service.get_cached(model_key, SubModelType(submodel) if submodel else None)
 
 
 def unload_job(model_key: str) -> dict[str, Any]:

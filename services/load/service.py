@@ -147,6 +147,18 @@ class ModelLoadService:
         return self.cache.execution_device
 
     def get_model(self, key: str, submodel_type: SubModelType | str | None = None, context: Any = None) -> ModelInfo:
+        info = self._get(key, submodel_type, context, hits_only=False)
+        assert info is not None
+        return info
+
+    def get_cached(self, key: str, submodel_type: SubModelType | str | None = None,
+                   context: Any = None) -> ModelInfo | None:
+        """``get_model`` for a model this cache already holds (the same checks and events); None, and no
+        event, when it does not: the caller loads it the usual way."""
+        return self._get(key, submodel_type, context, hits_only=True)
+
+    def _get(self, key: str, submodel_type: SubModelType | str | None, context: Any,
+             hits_only: bool) -> ModelInfo | None:
         record = self.store.get_model(key)  # UnknownModelException propagates
         model_type = ModelType(record.model_type)
         submodel = SubModelType(submodel_type) if submodel_type is not None else None
@@ -164,6 +176,8 @@ class ModelLoadService:
         request = LoadRequest(record, location, submodel, self.execution_device, self.precision)
         ids = self._payload(record, submodel, location, context)
         hit_before = cache_key in self.cache
+        if hits_only and not hit_before:
+            return None
         self._announce(ModelLoadStarted(aggregate_id=self.worker_id, payload=LoadPayload(
             **ids.model_dump(), cache_hit=hit_before, seconds=0.0, bytes=0)), context)
         start = time.perf_counter()

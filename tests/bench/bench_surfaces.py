@@ -365,6 +365,10 @@ def bench_bus_load(url: str) -> None:
                 raise RuntimeError("the GPU worker did not register")
             time.sleep(0.2)
         client.load("bench-lora", timeout=120)  # the miss: from disk into the worker's cache
+        while not any(m.model_key == "bench-lora" for w in client.workers() for m in w.models):
+            if time.monotonic() > deadline:  # its heartbeat says so within seconds: then loads are hits
+                raise RuntimeError("the GPU worker's heartbeat does not list the model")
+            time.sleep(0.2)
         n = scale(30)
         bus, raw = [], []
         for _ in range(n):
