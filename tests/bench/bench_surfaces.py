@@ -12,7 +12,8 @@
   up`` serving the API as ``MODELBUS_API_WORKERS`` processes (default: the cores, at most 4) vs one
   process: requests/s and p99 (goal >= 3x the rate at the same p99, on a host with the cores for it)
 
-``.venv/bin/python tests/bench/bench_surfaces.py``; MODELBUS_BENCH_SCALE multiplies the counts.
+``.venv/bin/python tests/bench/bench_surfaces.py``; MODELBUS_BENCH_SCALE multiplies the counts,
+MODELBUS_BENCH_SURFACES=health,api picks benches, MODELBUS_BENCH_LOADERS=N loads /healthz from N processes.
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ def _health_server(client: ModelBusClient, refresh: float) -> tuple[subprocess.P
 
 
 def bench_health(url: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor
     client = _client(url)
     requests = scale(500)
     servers = {refresh: _health_server(client, refresh)  # 0: every request probes, as before the cache
@@ -240,13 +242,23 @@ def bench_health(url: str) -> None:
     errors = 0
     rates: dict[float, list[float]] = {r: [] for r in servers}
     samples: dict[float, list[float]] = {r: [] for r in servers}
+    loaders = int(os.environ.get("MODELBUS_BENCH_LOADERS", "0"))  # >0: load from that many processes
     try:
-        for i in range(3):  # alternating rounds: both sides meet the same load on a shared machine
-            for refresh in (list(servers) if i % 2 == 0 else list(reversed(servers))):
-                per_s, latencies, failed = _health_load(servers[refresh][1], requests)
-                errors += failed
-                rates[refresh].append(per_s)
-                samples[refresh] += latencies
+        with ProcessPoolExecutor(max(1, loaders)) as pool:
+            for i in range(3):  # alternating rounds: both sides meet the same load on a shared machine
+                for refresh in (list(servers) if i % 2 == 0 else list(reversed(servers))):
+                    if loaders:
+                        started = time.perf_counter()
+                        parts = list(pool.map(_page_hammer, [servers[refresh][1]] * loaders,
+                                              [HEALTH_SECONDS] * loaders, [HEALTH_THREADS] * loaders,
+                                              ["/healthz"] * loaders))
+                        latencies = [x for part in parts for x in part]
+                        per_s, failed = len(latencies) / (time.perf_counter() - started), 0
+                    else:
+                        per_s, latencies, failed = _health_load(servers[refresh][1], requests)
+                    errors += failed
+                    rates[refresh].append(per_s)
+                    samples[refresh] += latencies
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -267,8 +279,9 @@ PAGE_CONNECTIONS = 48  # load-generator connections in all, over PAGE_LOADERS pr
 PAGE_LOADERS = 4
 
 
-def _page_hammer(base: str, seconds: float, connections: int) -> list[float]:
-    """One load-generator process: ``connections`` keep-alive threads on the page route for ``seconds``."""
+def _page_hammer(base: str, seconds: float, connections: int, path: str = "/api/v2/models?limit=100",
+                 ) -> list[float]:
+    """One load-generator process: ``connections`` keep-alive threads on ``path`` for ``seconds``."""
     stop_at = time.perf_counter() + seconds
     latencies: list[list[float]] = [[] for _ in range(connections)]
 
@@ -276,7 +289,7 @@ def _page_hammer(base: str, seconds: float, connections: int) -> list[float]:
         with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
-                assert http.get("/api/v2/models", params={"limit": 100}).status_code == 200
+                assert http.get(path).status_code == 200
                 mine.append(time.perf_counter() - started)
 
     threads = [threading.Thread(target=hammer, args=(mine,)) for mine in latencies]
@@ -390,13 +403,13 @@ def bench_bus_load(url: str) -> None:
 def main() -> int:
     from modelbus.events.logs import configure_logging
     configure_logging("console", "WARNING")
+    benches = {"install": bench_install, "list": bench_list, "sse": bench_sse, "bus": bench_bus_load,
+               "health": bench_health, "api": bench_api_processes}
+    # MODELBUS_BENCH_SURFACES=health,api runs some of them (a lent many-core host)
+    chosen = [n.strip() for n in os.environ.get("MODELBUS_BENCH_SURFACES", ",".join(benches)).split(",") if n.strip()]
     with bench_redis() as url:
-        bench_install(url)
-        bench_list(url)
-        bench_sse(url)
-        bench_bus_load(url)
-        bench_health(url)
-        bench_api_processes(url)
+        for name in chosen:
+            benches[name](url)
     return 0
 
 
