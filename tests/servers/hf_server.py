@@ -8,6 +8,7 @@ Endpoints: ``/api/models/{repo}[/revision/{rev}]`` (``siblings`` with size and L
 ``blobs=true``), ``/api/models/{repo}/tree/{rev}[/{path}]`` (``recursive``), and GET/HEAD
 ``/{repo}/resolve/{rev}/{path}`` with Range, ``ETag``, ``X-Repo-Commit``, ``X-Linked-Etag`` and
 ``X-Linked-Size``. Weight files and files over 100 KiB are LFS files, as on the hub.
+``set_failing(repo, path, 500)`` makes the downloads of one file answer that status until it is cleared.
 CLI: ``python -m tests.servers hf owner/repo=DIR ... [--port N]``.
 """
 
@@ -67,7 +68,16 @@ class HFServer(BackgroundServer):
         super().__init__(host, port)
         self.repos: dict[str, Repo] = {}
         self.require_token = require_token
+        self.failing: dict[tuple[str, str], int] = {}  # (repo id, file path) -> the status its downloads get
         self._rlock = threading.Lock()
+
+    def set_failing(self, repo_id: str, path: str, status: int | None) -> None:
+        """Answer ``status`` to every download of ``path`` in ``repo_id`` (None: serve it again)."""
+        with self._rlock:
+            if status is None:
+                self.failing.pop((repo_id, path), None)
+            else:
+                self.failing[(repo_id, path)] = status
 
     def add_repo(self, repo_id: str, folder: Path, *, card: dict[str, Any] | None = None,
                  tags: list[str] | None = None) -> str:
@@ -179,6 +189,10 @@ class HFServer(BackgroundServer):
         if repo is None:
             return
         entry = repo.files.get("/".join(parts[4:]))
+        failing = self.failing.get((repo.repo_id, "/".join(parts[4:])))
+        if failing is not None:
+            h.send_json(failing, {"error": "the server is having a bad day"})
+            return
         if entry is None:
             h.send_json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
             return
