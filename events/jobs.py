@@ -53,8 +53,9 @@ class InstallJobView(_View):
     updated_at: str | None = Field(default=None, description="when its last event was written (ISO 8601)")
     already_installed: bool = Field(default=False, description="completed: the content was a record already (key)")
     attempt: int = Field(default=0, ge=0, description="resumes and restarts so far")
-    kept_files: tuple[str, ...] = Field(default=(), description="files the last restart (or resume) kept from the "
-                                        "attempt before, downloaded whole and verified: not fetched again")
+    kept_files: tuple[str, ...] = Field(default=(), description="files the last restart (or resume) keeps from the "
+                                        "attempt before, which downloaded them whole and verified: not fetched "
+                                        "again unless the staged file or the repo's size or sha256 differs now")
 
     @property
     def terminal(self) -> bool:

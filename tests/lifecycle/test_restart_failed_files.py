@@ -4,6 +4,7 @@ verified, and the restart fetches only the failed and the missing ones (the hub 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from modelbus.services.cli import app as cli_app
-from modelbus.services.client import ModelBusClient
+from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.install.errors import JobStateError
 from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_folders import make_tiny_sd_diffusers
@@ -76,7 +77,13 @@ def test_restart_fetches_only_the_failed_and_missing_files(bus: Bus, cli: Cli, h
     client, repo = _client(http), "acme/restart-sd"
     failed, downloaded = _failed_install(bus, client, repo, pipeline)
     bus.hub.set_failing(repo, BROKEN, None)  # the hub is fixed
+    # a kept file cut short on disk meanwhile is not the file its download recorded: fetched again
+    damaged = "text_encoder/model.safetensors"
+    assert damaged in downloaded
+    staged = staging_dir(bus.config, failed["id"]) / repo.split("/")[1] / damaged
+    staged.write_bytes(staged.read_bytes()[:-1])
     bus.hub.reset_log()
+
     def by_cli() -> str:
         result = CliRunner().invoke(cli_app, ["jobs", "restart", failed["id"]])
         if result.exit_code == 4 and "still stopping" in result.stderr:
@@ -89,11 +96,12 @@ def test_restart_fetches_only_the_failed_and_missing_files(bus: Bus, cli: Cli, h
     assert done["state"] == "completed" and done["attempt"] == 1, (done, bus.worker_log())
     assert set(done["kept_files"]) == downloaded
     fetched = _downloads(bus, repo)
-    assert not (set(fetched) & downloaded) - {INDEX}, fetched  # nothing kept is downloaded again
-    assert fetched.count(INDEX) <= 1 and fetched.count(BROKEN) == 1
+    assert not (set(fetched) & downloaded) - {INDEX, damaged}, fetched  # nothing kept is downloaded again
+    assert fetched.count(INDEX) <= 1 and fetched.count(BROKEN) == 1 and fetched.count(damaged) == 1
     model = bus.config.model_path(client.get_model(done["key"]).path)
     installed = _files(model)
-    assert set(fetched) - {INDEX} == set(installed) - downloaded  # the failed file and those never fetched
+    # the failed file, those never fetched, and the damaged one
+    assert set(fetched) - {INDEX} == (set(installed) - downloaded) | {damaged}
     assert installed == {name: data for name, data in _files(pipeline).items() if name in installed}
     restarts = [s.event for s in client.store.history(failed["id"]) if s.event.type == "InstallRestarted"]
     assert [(e.kept_files, e.from_scratch) for e in restarts] == [(sorted(downloaded), False)]
@@ -103,6 +111,8 @@ def test_restart_fetches_only_the_failed_and_missing_files(bus: Bus, cli: Cli, h
     refused = cli("jobs", "restart", failed["id"], code=4).stderr
     assert "completed" in refused and len(refused.strip().splitlines()) == 1
     assert http.post(f"/api/v2/models/install/{failed['id']}/restart").status_code == 409
+    with pytest.raises(JobStateError, match="completed"):  # the asyncio client: the same call, the same refusal
+        asyncio.run(AsyncModelBusClient(client=client).restart(failed["id"], from_scratch=True))
     assert [s.event.event_id for s in client.store.history(failed["id"])] == history
 
 
