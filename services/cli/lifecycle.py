@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
+from modelbus.events.jobs import InstallJobView
 from modelbus.services.cli.context import client
 from modelbus.services.cli.errors import CommandFailedError
 from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
@@ -15,8 +16,8 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 JobArg = Annotated[str, typer.Argument(help="the install job's id")]
 
 
-def _job_line(job: dict[str, object], did: str) -> None:
-    console.print(f"install job {job['id']} {did}: {job['state']}")
+def _job_line(job: InstallJobView, did: str) -> None:
+    console.print(f"install job {job.id} {did}: {job.state}")
 
 
 def pause(job_id: JobArg, json: JsonFlag = False) -> None:

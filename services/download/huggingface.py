@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -231,7 +232,8 @@ def thumbnail_url(info: dict, source: HFSource, endpoint: str, commit: str) -> s
             if ".." not in PurePosixPath(path).parts:
                 return f"{endpoint}/{source.repo_id}/resolve/{commit}/{quote(path)}"
     prefix = f"{source.subfolder}/" if source.subfolder else ""
-    siblings = info.get("siblings") if isinstance(info.get("siblings"), list) else []
+    listed = info.get("siblings")
+    siblings: list[Any] = listed if isinstance(listed, list) else []
     images = sorted(name for s in siblings if isinstance(s, dict) and isinstance(name := s.get("rfilename"), str)
                     and name.startswith(prefix) and "/" not in name[len(prefix):]
                     and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES)
