@@ -1,6 +1,7 @@
 """``jobs restart``: a repo install whose download of one file failed keeps the files it downloaded whole and
 verified, and the restart fetches only the failed and the missing ones (the hub counts the requests);
-``--from-scratch`` fetches them all; a running or completed job refuses a restart and stays as it was."""
+``--from-scratch`` fetches them all; a running or completed job refuses a restart and stays as it was. A resumed
+repo install likewise fetches only what it lacked (its partial file continues with a range)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_folders import make_tiny_sd_diffusers
 from tests.install.conftest import Bus
 from tests.lifecycle.conftest import TIMEOUT, Cli, stalled_install
+from tests.servers.file_server import Fault
 from tests.waiting import wait_until
 
 BROKEN = "unet/diffusion_pytorch_model.safetensors"
@@ -49,7 +51,7 @@ def _failed_install(bus: Bus, client: ModelBusClient, repo: str, pipeline: Path)
     """A repo install whose weights of the unet fail (HTTP 500 every time); returns the job and the files it
     recorded as downloaded."""
     bus.hub.add_repo(repo, pipeline)
-    bus.hub.set_failing(repo, BROKEN, 500)
+    bus.hub.set_fault(repo, BROKEN, Fault(status=500, times=None))
     failed = client.wait(client.install(repo), timeout=TIMEOUT)
     assert failed["state"] == "error" and "500" in failed["error"], (failed, bus.worker_log())
     events = [s.event for s in client.store.history(failed["id"])]
@@ -76,7 +78,7 @@ def test_restart_fetches_only_the_failed_and_missing_files(bus: Bus, cli: Cli, h
                                                           pipeline: Path) -> None:
     client, repo = _client(http), "acme/restart-sd"
     failed, downloaded = _failed_install(bus, client, repo, pipeline)
-    bus.hub.set_failing(repo, BROKEN, None)  # the hub is fixed
+    bus.hub.set_fault(repo, BROKEN, None)  # the hub is fixed
     # a kept file cut short on disk meanwhile is not the file its download recorded: fetched again
     damaged = "text_encoder/model.safetensors"
     assert damaged in downloaded
@@ -122,7 +124,7 @@ def test_restart_from_scratch_downloads_every_file_again(bus: Bus, http: TestCli
     url = f"/api/v2/models/install/{failed['id']}/restart"
     assert http.post(url, json={"from_scratch": True, "bogus": 1}).status_code == 422  # nothing restarted
     assert client.job(failed["id"])["state"] == "error"
-    bus.hub.set_failing(repo, BROKEN, None)
+    bus.hub.set_fault(repo, BROKEN, None)
     bus.hub.reset_log()
 
     def restart() -> dict[str, Any]:
@@ -149,3 +151,32 @@ def test_a_running_job_refuses_a_restart(bus: Bus, cli: Cli, http: TestClient, t
     assert answer.status_code == 409 and "downloading" in answer.json()["error"]["message"]
     assert [s.event.event_id for s in client.store.history(job["id"])] == history
     assert "cancelled" in cli("cancel", job["id"]).stdout
+
+
+def test_a_resumed_repo_install_fetches_only_what_it_lacked(bus: Bus, http: TestClient, pipeline: Path) -> None:
+    client, repo = _client(http), "acme/resume-sd"
+    bus.hub.add_repo(repo, pipeline)
+    size = (pipeline / BROKEN).stat().st_size
+    bus.hub.set_fault(repo, BROKEN, Fault(stall_after=size // 2, stall_seconds=120))
+    job = client.install(repo)
+
+    def stalled() -> bool:
+        return any(f.path == BROKEN and f.bytes >= size // 2 for f in client.job(job["id"]).files)
+    wait_until(stalled, TIMEOUT, "half of the unet's weights downloaded", bus.worker_log)
+    client.pause(job["id"])
+    wait_until(lambda: "install_download_paused" in bus.worker_log(), TIMEOUT, "the download stopped")
+    downloaded = {s.event.file for s in client.store.history(job["id"]) if s.event.type == "InstallFileDownloaded"}
+    assert downloaded and BROKEN not in downloaded
+    bus.hub.reset_log()
+    resumed = client.resume(job["id"])
+    assert set(resumed["kept_files"]) == downloaded
+    done = client.wait(job["id"], timeout=TIMEOUT)
+    assert done["state"] == "completed", (done, bus.worker_log())
+    fetched = _downloads(bus, repo)
+    assert not (set(fetched) & downloaded) - {INDEX}, fetched
+    ranges = [r.headers.get("Range") or r.headers.get("range") or "" for r in bus.hub.requests
+              if r.path.endswith(BROKEN)]
+    starts = [int(r.removeprefix("bytes=").split("-")[0]) for r in ranges if r.startswith("bytes=")]
+    assert any(0 < start < size for start in starts), ranges  # the partial file continued, not fetched again
+    installed = _files(bus.config.model_path(client.get_model(done["key"]).path))
+    assert installed == {name: data for name, data in _files(pipeline).items() if name in installed}
