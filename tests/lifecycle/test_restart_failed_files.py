@@ -18,7 +18,7 @@ from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.install.errors import JobStateError
 from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_folders import make_tiny_sd_diffusers
-from tests.install.conftest import Bus
+from tests.install.conftest import Bus, make_service
 from tests.lifecycle.conftest import TIMEOUT, Cli, stalled_install
 from tests.servers.file_server import Fault
 from tests.waiting import wait_until
@@ -139,6 +139,19 @@ def test_restart_from_scratch_downloads_every_file_again(bus: Bus, http: TestCli
     assert done["state"] == "completed", (done, bus.worker_log())
     fetched = _downloads(bus, repo)
     assert downloaded - {INDEX} <= set(fetched) and BROKEN in fetched
+
+
+def test_forgetting_a_failed_job_removes_the_files_it_kept(bus: Bus, http: TestClient, pipeline: Path) -> None:
+    client = _client(http)
+    failed, _ = _failed_install(bus, client, "acme/restart-sd-forgotten", pipeline)
+    staging = staging_dir(bus.config, failed["id"])
+    assert staging.is_dir()
+    installer = make_service(bus)
+    try:
+        assert installer.prune_jobs() >= 1
+    finally:
+        installer.record_store.close()
+    assert not staging.exists() and failed["id"] not in {j.id for j in client.jobs()}
 
 
 def test_a_running_job_refuses_a_restart(bus: Bus, cli: Cli, http: TestClient, tmp_path: Path) -> None:
