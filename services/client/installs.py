@@ -51,7 +51,8 @@ def job_view(job: InstallJob) -> InstallJobView:
         files=tuple(FileProgress(path=name, bytes=done, total_bytes=total) for name, done, total in job.files),
         created_at=job.created_at.isoformat() if job.created_at else None,
         updated_at=job.updated_at.isoformat() if job.updated_at else None,
-        already_installed=job.already_installed, attempt=job.attempt, kept_files=tuple(job.kept_files))
+        already_installed=job.already_installed, attempt=job.attempt,
+        downloaded_files=tuple(sorted(job.downloaded)), kept_files=tuple(job.kept_files))
 
 
 class Installs:

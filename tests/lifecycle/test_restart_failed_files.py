@@ -57,6 +57,7 @@ def _failed_install(bus: Bus, client: ModelBusClient, repo: str, pipeline: Path)
     events = [s.event for s in client.store.history(failed["id"])]
     downloaded = {e.file for e in events if e.type == "InstallFileDownloaded"}
     assert downloaded and BROKEN not in downloaded
+    assert set(client.job(failed["id"])["downloaded_files"]) == downloaded  # what a restart will keep
     staging = staging_dir(bus.config, failed["id"]) / repo.split("/")[1]
     # the hash step ends the failed attempt: partial files go, the whole ones stay for the restart
     wait_until(lambda: not list(staging.rglob("*.part*")), TIMEOUT, "the partial files removed", bus.worker_log)
