@@ -4,6 +4,7 @@ limits. A preview that cannot be had is a warning in the log, never a failed ins
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -25,6 +26,9 @@ TIMEOUT = httpx.Timeout(15.0)
 
 
 def fetch_image(config: Any, url: str) -> bytes:
+    """The image's bytes, at most MAX_COVER_BYTES of them within ``config.cover_fetch_timeout`` seconds (a
+    server that sends slowly cannot hold the worker that records the model)."""
+    deadline = time.monotonic() + config.cover_fetch_timeout
     with download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
                          timeout=TIMEOUT, headers={"User-Agent": "modelbus-install/0.1"}) as client:
         response = open_stream(client, url, headers={"Accept": "image/png, image/jpeg, image/webp"},
@@ -37,6 +41,8 @@ def fetch_image(config: Any, url: str) -> bytes:
                 data += chunk
                 if len(data) > MAX_COVER_BYTES:
                     raise CoverTooLarge(f"{url} is over the cover limit of {MAX_COVER_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise RemoteError(f"{url} took longer than {config.cover_fetch_timeout:g} s to send")
             return bytes(data)
         finally:
             response.close()

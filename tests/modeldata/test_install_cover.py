@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,18 @@ from modelbus.services.covers.fetch import fetch_image
 from modelbus.services.covers.limits import MAX_COVER_BYTES
 from modelbus.services.download.errors import UnsafeURLError
 from tests.fixtures import make_lora_kohya
-from tests.install.conftest import Bus
+from tests.install.conftest import Bus, _bus
 from tests.modeldata.images import jpeg, png
+from tests.servers.file_server import Fault
 
 TIMEOUT = 240.0
+COVER_FETCH_TIMEOUT = 5  # the workers' time for a preview image, all of it (a slow image ends past it)
+
+
+@pytest.fixture(scope="module")
+def bus(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    yield from _bus(redis_url, tmp_path_factory.mktemp("cover-bus"), start_workers=1,
+                    extra_env={"MODELBUS_COVER_FETCH_TIMEOUT": str(COVER_FETCH_TIMEOUT)})
 
 
 def _civitai_lora(bus: Bus, tmp_path: Path, model_id: int, rank: int) -> None:
@@ -113,8 +122,14 @@ def test_a_bad_hugging_face_image_leaves_the_install_alone(bus: Bus, tmp_path: P
             assert done["state"] == "completed", (done, bus.worker_log())
             model = http.app.state.client.get_model(done["key"])
             assert model.cover is None and model.thumbnail_url.endswith(name)
+    # an image whose server pauses past the fetch's time (though never as long as a read's timeout)
+    _hf_lora(bus, tmp_path, "acme/cover-slow", 19, {"slow.png": png(400, 400)})
+    bus.hub.set_fault("acme/cover-slow", "slow.png", Fault(stall_after=200, stall_seconds=2 * COVER_FETCH_TIMEOUT))
+    shown = _install(bus, "acme/cover-slow")
+    assert shown["cover"] is None and shown["thumbnail_url"].endswith("slow.png")
     log = "".join(p.read_text(errors="replace") for p in bus.logs.glob("*.log"))
     assert "is not a PNG, JPEG or WebP image" in log and f"over the cover limit of {MAX_COVER_BYTES}" in log
+    assert f"took longer than {COVER_FETCH_TIMEOUT} s to send" in log
 
 
 def test_the_image_is_fetched_through_the_download_guard(bus: Bus) -> None:
