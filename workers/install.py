@@ -154,7 +154,7 @@ def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: R
     queue = Queue(store.keys.queue("download"), connection=store.client)
     # a later attempt (resume, restart) keeps what the earlier ones downloaded whole (services.install.kept);
     # a retry of this attempt's install step leaves the folder to the downloads it already started
-    kept = take_over(config, job, plan.folder, plan.files) if job.attempt and first_run and plan.folder else set()
+    kept = take_over(config, job, plan.folder, plan.files, tidy=first_run) if job.attempt and plan.folder else set()
     ids = []
     for index, file in enumerate(plan.files):
         if file.name in kept:

@@ -44,9 +44,10 @@ def clean_after_failure(config: AppConfig, job: InstallJob) -> None:
     log.info("install_files_kept", job=job.id, files=len(job.downloaded))
 
 
-def take_over(config: AppConfig, job: InstallJob, folder: str, files: list[PlannedFile]) -> set[str]:
+def take_over(config: AppConfig, job: InstallJob, folder: str, files: list[PlannedFile], tidy: bool = True) -> set[str]:
     """The planned files (by name) this attempt need not download, after the staging folder was cleared
-    of everything else it will not use (see the module's docstring)."""
+    of everything else it will not use (see the module's docstring). ``tidy=False`` (a retry of the
+    attempt's first step, whose downloads may be writing) only names them and removes nothing."""
     root = staging_dir(config, job.id) / folder
     planned = {f.name: f for f in files if f.name}
     kept: set[str] = set()
@@ -56,12 +57,12 @@ def take_over(config: AppConfig, job: InstallJob, folder: str, files: list[Plann
         rel = path.relative_to(root).as_posix()
         name = _unpartial(rel)
         if name != rel:  # a partial file: a planned one resumes from it
-            if name not in planned:
+            if name not in planned and tidy:
                 path.unlink(missing_ok=True)
             continue
         if _still_good(path, planned.get(rel), job.downloaded.get(rel)):
             kept.add(rel)
-        else:
+        elif tidy:
             path.unlink(missing_ok=True)
     log.info("install_staging_taken_over", job=job.id, attempt=job.attempt, kept=len(kept),
              to_fetch=len(planned) - len(kept))
