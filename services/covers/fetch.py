@@ -1,6 +1,6 @@
 """The first cover of a model installed from a source that shows one (Civitai's preview image): fetched
-once the record exists, through the download client (private-address rule, proxy), within the cover
-limits. A preview that cannot be had is a warning in the log, never a failed install."""
+once the record exists, through the download client (private-address rule, proxy, the configured token
+of the image's origin and no other), within the cover limits. A preview that cannot be had is a warning in the log, never a failed install."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from modelbus.services.covers.limits import MAX_COVER_BYTES
 from modelbus.services.covers.storage import CoverStore
 from modelbus.services.download.errors import RemoteError
 from modelbus.services.download.network import download_client
+from modelbus.services.download.security import credential_for
 from modelbus.services.download.transport import open_stream
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 from modelbus.services.records.extras import Cover
@@ -31,8 +32,9 @@ def fetch_image(config: Any, url: str) -> bytes:
     deadline = time.monotonic() + config.cover_fetch_timeout
     with download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
                          timeout=TIMEOUT, headers={"User-Agent": "modelbus-install/0.1"}) as client:
+        # the configured token of the image's origin, as for a download (a gated repo's card image needs it)
         response = open_stream(client, url, headers={"Accept": "image/png, image/jpeg, image/webp"},
-                               credential=None, allow_private=config.allow_private_downloads)
+                               credential=credential_for(url, config), allow_private=config.allow_private_downloads)
         try:
             if response.status_code >= 400:
                 raise RemoteError(f"{url} answered {response.status_code}")

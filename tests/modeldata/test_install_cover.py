@@ -19,11 +19,12 @@ from modelbus.services.api import create_app
 from modelbus.services.cli import app as cli_app
 from modelbus.services.covers.fetch import fetch_image
 from modelbus.services.covers.limits import MAX_COVER_BYTES
-from modelbus.services.download.errors import UnsafeURLError
+from modelbus.services.download.errors import RemoteError, UnsafeURLError
 from tests.fixtures import make_lora_kohya
 from tests.install.conftest import Bus, _bus
 from tests.modeldata.images import jpeg, png
 from tests.servers.file_server import Fault
+from tests.servers.hf_server import HFServer
 
 TIMEOUT = 240.0
 COVER_FETCH_TIMEOUT = 5  # the workers' time for a preview image, all of it (a slow image ends past it)
@@ -136,3 +137,16 @@ def test_the_image_is_fetched_through_the_download_guard(bus: Bus) -> None:
     guarded = bus.config.model_copy(update={"allow_private_downloads": False})
     with pytest.raises(UnsafeURLError):
         fetch_image(guarded, f"{bus.hub.url}/acme/cover-gallery/resolve/main/images/sample.png")
+
+
+def test_a_gated_repo_image_takes_the_hub_token_and_no_other_host_gets_it(bus: Bus, tmp_path: Path) -> None:
+    image = png(64, 64)
+    (tmp_path / "gated").mkdir()
+    (tmp_path / "gated" / "cover.png").write_bytes(image)
+    with HFServer(require_token="hub-s3cret") as gated:
+        gated.add_repo("acme/gated", tmp_path / "gated")
+        url = f"{gated.url}/acme/gated/resolve/main/cover.png"
+        with_token = bus.config.model_copy(update={"hf_endpoint": gated.url, "hf_token": "hub-s3cret"})
+        assert fetch_image(with_token, url) == image
+        with pytest.raises(RemoteError, match="401"):  # a token configured for another host is not sent here
+            fetch_image(bus.config.model_copy(update={"hf_token": "hub-s3cret"}), url)
