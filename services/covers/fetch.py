@@ -11,6 +11,7 @@ import httpx
 import structlog
 
 from modelbus.events.errors import ModelbusError
+from modelbus.events.store import RedisEventStore
 from modelbus.services.covers.errors import CoverTooLarge
 from modelbus.services.covers.images import make_thumbnail
 from modelbus.services.covers.limits import MAX_COVER_BYTES
@@ -54,7 +55,7 @@ def first_cover(config: Any, records: ModelRecordServiceBase, record: ModelConfi
     """Make the record's ``thumbnail_url`` its cover when it has none yet (best effort)."""
     url = record.thumbnail_url
     store = records.event_store
-    if not url or record.cover is not None or not hasattr(store, "client"):
+    if not url or record.cover is not None or not isinstance(store, RedisEventStore):
         return
     try:
         thumb = make_thumbnail(fetch_image(config, url), f"the preview image {url}")
