@@ -35,17 +35,38 @@ from modelbus.services.load.checkpoints import load_main_checkpoint
 from modelbus.services.load.kit import NOT_FLUX_TRANSFORMER, VAE_PREFIXES, LoadRequest
 from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX
 from modelbus.services.probe import read_tensor_index
+from modelbus.services.probe.storage import precision_of
 from modelbus.services.records import SubModelType
 
 log = structlog.get_logger(__name__)
 
+#: the file's precision (services.probe.storage) -> the dtype its folder is written in; fp8 (which diffusers
+#: folders do not store) becomes bf16, and a file that does not say (a pickle) float32
+_FOLDER_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.bfloat16,
+                  "fp8_e5m2": torch.bfloat16}
+
+
+def folder_dtype(original: Path) -> torch.dtype:
+    """The dtype a conversion keeps: the file's own, so the folder is about the file's size (a 16-bit FLUX
+    file would double as float32)."""
+    if original.suffix.lower() not in (".safetensors", ".sft"):
+        return torch.float32
+    try:
+        precision = precision_of(read_tensor_index(original))
+    except ModelbusError as exc:
+        raise NotConvertible(f"{original}: cannot read its tensors: {exc}") from exc
+    return _FOLDER_DTYPES.get(precision or "", torch.float32)
+
+
 def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_original: bool = False,
-            dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+            dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """``dtype``: what the folder's weights are written in (default: the file's precision)."""
     records = installer.record_store
     model = records.get_model(key)
     base = check_convertible(model)
     original = config.model_path(model.path)
     pipeline, parts, absent = plan_parts(base, original)
+    dtype = dtype or folder_dtype(original)
     staging = staging_dir(config, f"convert-{key}")
     remove_tree(staging)
     folder = staging / f"{original.stem}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from fastapi.testclient import TestClient
+from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 from typer.testing import CliRunner
 
@@ -121,6 +122,9 @@ def test_convert_a_flux_checkpoint(bus: Bus) -> None:
     assert all(index[part] == [None, None] for part in ("vae", "text_encoder", "text_encoder_2", "scheduler"))
     transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
     assert transformer.config.guidance_embeds and _same_weights(transformer, {k: v.half() for k, v in state.items()})
+    with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        names = list(weights.keys())  # (a safetensors file is not iterable)
+        assert {weights.get_slice(k).get_dtype() for k in names} == {"F16"}  # the file's precision kept
 
 
 def test_a_flux_file_bundling_more_than_its_transformer_is_refused(bus: Bus) -> None:
