@@ -53,6 +53,12 @@ class InstallJobView(_View):
     updated_at: str | None = Field(default=None, description="when its last event was written (ISO 8601)")
     already_installed: bool = Field(default=False, description="completed: the content was a record already (key)")
     attempt: int = Field(default=0, ge=0, description="resumes and restarts so far")
+    downloaded_files: tuple[str, ...] = Field(default=(), description="files of a repo install downloaded whole "
+                                              "and verified so far, by this attempt or kept from one before (a "
+                                              "restart after a failed download keeps them)")
+    kept_files: tuple[str, ...] = Field(default=(), description="files the last restart (or resume) keeps from the "
+                                        "attempt before, which downloaded them whole and verified: not fetched "
+                                        "again unless the staged file or the repo's size or sha256 differs now")
 
     @property
     def terminal(self) -> bool:

@@ -169,11 +169,26 @@ class InstallResumed(Event):
     type: Literal["InstallResumed"] = "InstallResumed"
 
 
+class InstallFileDownloaded(Event):
+    """One file of a multi-file install is whole in the job's staging folder, verified against its published
+    size and sha256 (``attempt``: the attempt whose download step fetched it). A restart keeps it."""
+
+    type: Literal["InstallFileDownloaded"] = "InstallFileDownloaded"
+    file: str = Field(min_length=1, max_length=4096, description="its path under the model's folder")
+    size: int = Field(ge=0)
+    sha256: str | None = None
+    attempt: int = Field(default=0, ge=0)
+
+
 class InstallRestarted(Event):
-    """A failed or cancelled job runs again from the start (its source claimed again in the same append)."""
+    """A failed or cancelled job runs again: its downloads fetch what ``kept_files`` does not name (files a
+    failed attempt downloaded whole and verified, kept in its staging folder); ``from_scratch`` keeps none.
+    Its source is claimed again in the same append."""
 
     type: Literal["InstallRestarted"] = "InstallRestarted"
     previous_error: str | None = None
+    kept_files: list[str] = Field(default_factory=list)
+    from_scratch: bool = False
 
 
 # --- the models directory (aggregate id ``models-dir``) -----------------------------------------
@@ -454,7 +469,7 @@ DomainEvent = Annotated[
     ModelAdded | ModelUpdated | ModelRenamed | ModelRemoved
     | ModelSettingsChanged | ModelLinked | ModelUnlinked | ModelCoverChanged
     | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled
-    | InstallPaused | InstallResumed | InstallRestarted | ModelsDirPruned,
+    | InstallPaused | InstallResumed | InstallRestarted | InstallFileDownloaded | ModelsDirPruned,
     Field(discriminator="type"),
 ]
 #: any event of either stream
@@ -466,7 +481,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
     for cls in (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved, InstallRequested, InstallStarted,
                 InstallDownloaded, InstallCompleted, InstallFailed, InstallCancelled, Activity,
-                InstallPaused, InstallResumed, InstallRestarted, ModelsDirPruned,
+                InstallPaused, InstallResumed, InstallRestarted, InstallFileDownloaded, ModelsDirPruned,
                 ModelSettingsChanged, ModelLinked, ModelUnlinked, ModelCoverChanged)
 }
 

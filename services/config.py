@@ -116,6 +116,8 @@ class AppConfig(BaseSettings):
     download_parts: int = Field(default=4, ge=1, le=64, description="parallel ranges for one large file")
     download_retries: int = Field(default=5, ge=0, le=50)
     download_stall_timeout: float = Field(default=30.0, gt=0)
+    cover_fetch_timeout: float = Field(default=60.0, gt=0, le=3600, description="seconds an install may spend on "
+                                       "its source's preview image, all of it (then: no cover, a warning)")
     download_concurrency: int = Field(default=4, ge=1, le=64, description="downloads one download-only worker "
                                       "process runs at once (its RQ worker slots; --concurrency overrides)")
     hash_threads: int = Field(default=max(1, min(8, os.cpu_count() or 1)), ge=1, le=256)

@@ -17,13 +17,14 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from modelbus.events.schema import InstallFileDownloaded
 from modelbus.services.download.cancel import Cancellation
 from modelbus.services.download.errors import DownloadCancelled
 from modelbus.services.download.fetch import FetchOptions, FileRequest, fetch_file
 from modelbus.services.download.partial import remove_partial
 from modelbus.services.download.security import credential_for
 from modelbus.services.hfcache import repo_of_url, take_from_cache
-from modelbus.services.install.jobs import InstallStatus, load_job
+from modelbus.services.install.jobs import InstallStatus, load_job, transition, unless_ended
 from modelbus.services.install.placement import staging_dir
 from modelbus.services.install.progress import ProgressBoard, ProgressReporter
 from modelbus.services.install.steps import (
@@ -78,6 +79,7 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
     if sha256 and file_name and take_from_cache(sha256, size, dest_dir / file_name, repo_of_url(url)):
         done = (dest_dir / file_name).stat().st_size  # the Hugging Face cache held it (services.hfcache)
         board.set_file(job_id, str(index), done, done, shown)
+        _record_file(context, job_id, folder, name, done, sha256, attempt)
         return str(dest_dir / file_name)
     reporter = ProgressReporter(board, store, job_id, str(index), name=shown)
     final: list[Path] = []
@@ -110,8 +112,18 @@ def _download(context: WorkerContext, cancellation: Cancellation, job_id: str, i
         give_up(exc)
     done = path.stat().st_size
     board.set_file(job_id, str(index), done, done, shown)
+    _record_file(context, job_id, folder, name, done, sha256, attempt)
     log.info("install_file_downloaded", job=job_id, path=str(path), bytes=done)
     return str(path)
+
+
+def _record_file(context: WorkerContext, job_id: str, folder: str | None, name: str | None, size: int,
+                 sha256: str | None, attempt: int) -> None:
+    """A file of a multi-file install is whole and verified: in the log, so that a restart keeps it."""
+    if folder is None or not name:
+        return  # the one file of a single-file install: nothing to keep when it fails
+    transition(context.store, job_id, unless_ended(lambda j: InstallFileDownloaded(
+        aggregate_id=job_id, file=name, size=size, sha256=sha256, attempt=attempt, correlation_id=job_id)))
 
 
 def _drop_partial(final: list[Path]) -> None:

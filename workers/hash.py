@@ -26,6 +26,7 @@ from modelbus.services.install.errors import AlreadyInstalledError, InstallError
 from modelbus.services.install.finalize import FinalizeRequest, finalize
 from modelbus.services.install.imports import discard_hand_over
 from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
+from modelbus.services.install.kept import clean_after_failure
 from modelbus.services.install.placement import (
     model_in_staging,
     partial_files,
@@ -80,13 +81,14 @@ def _hash(store: RedisEventStore, config: AppConfig, job_id: str, folder: str | 
         if not is_final(exc, retries_left()):
             log.warning("install_hash_retry", job=job_id, error=describe(exc))
             raise
-        remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
-        discard_hand_over(config, load_job(store, job_id).options)
+        job = load_job(store, job_id)
+        clean_after_failure(config, job)  # first: whoever sees the error sees no leftovers (but kept files)
+        discard_hand_over(config, job.options)
         fail_job(store, job_id, error_name(exc), describe(exc))
         give_up(exc)
     job = load_job(store, job_id)
     if job.terminal:
-        remove_tree(staging_dir(config, job_id))
+        clean_after_failure(config, job)  # (a completed job's staging is gone already)
         discard_hand_over(config, job.options)
     return job.status.value
 

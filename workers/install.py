@@ -28,6 +28,7 @@ from modelbus.services.download.network import download_client
 from modelbus.services.install import defaults
 from modelbus.services.install.imports import IMPORT_PATH, discard_hand_over
 from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition
+from modelbus.services.install.kept import clean_after_failure, take_over
 from modelbus.services.install.placement import copy_into, remove_tree, size_of, source_files, staging_dir
 from modelbus.services.install.progress import ProgressBoard, ProgressReporter
 from modelbus.services.install.recording import probe_model
@@ -95,7 +96,7 @@ def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: 
     skip = not_for(job, attempt)
     if skip is not None:
         return skip
-    job, _ = transition(store, job_id, lambda j: InstallStarted(
+    job, first_run = transition(store, job_id, lambda j: InstallStarted(
         aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None)
     try:
         source = job.options.get(IMPORT_PATH) or job.source  # a hand-over copy stands for the user's path
@@ -103,14 +104,14 @@ def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: 
         if isinstance(plan, LocalPlan):
             _local(store, config, job, plan)
         else:
-            _fan_out(store, config, job, plan, access_token)
+            _fan_out(store, config, job, plan, access_token, first_run)
     except LeaseLostError:
         raise  # given up for dead: the run that took the job over decides its outcome
     except Exception as exc:
         if not is_final(exc, retries_left()):
             log.warning("install_step_retry", job=job_id, error=describe(exc))
             raise
-        remove_tree(staging_dir(config, job_id))  # first: whoever sees the error sees no leftovers
+        clean_after_failure(config, job)  # first: whoever sees the error sees no leftovers (but kept files)
         discard_hand_over(config, job.options)
         fail_job(store, job_id, error_name(exc), describe(exc))
         give_up(exc)
@@ -147,11 +148,19 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
 
 
 def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: RemotePlan,
-             token: str | None) -> None:
-    ProgressBoard(store.client, store.keys).set_total(job.id, plan.total_bytes)
+             token: str | None, first_run: bool = True) -> None:
+    board = ProgressBoard(store.client, store.keys)
+    board.set_total(job.id, plan.total_bytes)
     queue = Queue(store.keys.queue("download"), connection=store.client)
+    # a later attempt (resume, restart) keeps what the earlier ones downloaded whole (services.install.kept);
+    # a retry of this attempt's install step leaves the folder to the downloads it already started
+    kept = take_over(config, job, plan.folder, plan.files, tidy=first_run) if job.attempt and plan.folder else set()
     ids = []
     for index, file in enumerate(plan.files):
+        if file.name in kept:
+            size = job.downloaded[file.name][0]
+            board.set_file(job.id, str(index), size, size, file.name)
+            continue
         rq_id = f"{job.run_id}-dl{index}"
         ids.append(rq_id)
         if Job.exists(rq_id, connection=store.client):
@@ -167,7 +176,7 @@ def _fan_out(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: R
         queue.enqueue(DOWNLOAD_FUNCTION, job.id, index, file.url, job_id=rq_id, description=f"download {rq_id}",
                       **_job_options(), **kwargs)
     _enqueue_hash(store, job, ids, plan.folder, plan.metadata)
-    log.info("install_fanned_out", job=job.id, files=len(ids), total=plan.total_bytes)
+    log.info("install_fanned_out", job=job.id, files=len(ids), kept=len(kept), total=plan.total_bytes)
 
 
 def _enqueue_hash(store: RedisEventStore, job: InstallJob, after: list[str], folder: str | None,
@@ -205,6 +214,7 @@ def on_job_failure(job: Job, connection: Any, exc_type: type[BaseException] | No
     fail_job(context.store, job_id, name, f"{job.func_name} gave up after {defaults.JOB_RETRIES} retries: {message}")
     if job.func_name != HASH_FUNCTION:
         return  # the hash job still runs after the downloads (allow_failure) and cleans the staging
-    remove_tree(staging_dir(context.config, job_id))
-    discard_hand_over(context.config, load_job(context.store, job_id).options)
+    ended = load_job(context.store, job_id)
+    clean_after_failure(context.config, ended)
+    discard_hand_over(context.config, ended.options)
 

@@ -32,10 +32,18 @@ def resume(job_id: JobArg, json: JsonFlag = False) -> None:
     print_json(job) if json else _job_line(job, "resumed")
 
 
-def restart(job_id: JobArg, json: JsonFlag = False) -> None:
-    """Run a failed or cancelled install job again from the start."""
-    job = client().restart(job_id)
-    print_json(job) if json else _job_line(job, "restarted")
+def restart(job_id: JobArg,
+            from_scratch: Annotated[bool, typer.Option("--from-scratch", help="download every file again (by "
+                                                       "default the files a failed repo install downloaded whole "
+                                                       "and verified are kept)")] = False,
+            json: JsonFlag = False) -> None:
+    """Run a failed or cancelled install job again: only its failed and missing files are downloaded."""
+    job = client().restart(job_id, from_scratch=from_scratch)
+    if json:
+        print_json(job)
+        return
+    kept = f"; {len(job.kept_files)} downloaded file(s) kept" if job.kept_files else ""
+    console.print(f"install job {job.id} restarted: {job.state}{kept}")
 
 
 def _details(report: dict[str, Any]) -> str:

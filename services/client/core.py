@@ -323,9 +323,11 @@ class ModelBusClient(ModelDataCalls):
         """Resume a paused install job: its downloads continue where they stopped (HTTP ranges)."""
         return self.installs.resume(job_id)
 
-    def restart(self, job_id: str) -> InstallJobView:
-        """Run a failed or cancelled install job again from the start."""
-        return self.installs.restart(job_id)
+    def restart(self, job_id: str, *, from_scratch: bool = False) -> InstallJobView:
+        """Run a failed or cancelled install job again. The files a failed repo install downloaded whole and
+        verified are kept (``kept_files``): only the failed and missing ones are fetched; ``from_scratch``
+        fetches every file again."""
+        return self.installs.restart(job_id, from_scratch=from_scratch)
 
     def verify(self, keys: Iterable[str] = (), *, repair: bool = False,
                on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,

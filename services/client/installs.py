@@ -51,7 +51,8 @@ def job_view(job: InstallJob) -> InstallJobView:
         files=tuple(FileProgress(path=name, bytes=done, total_bytes=total) for name, done, total in job.files),
         created_at=job.created_at.isoformat() if job.created_at else None,
         updated_at=job.updated_at.isoformat() if job.updated_at else None,
-        already_installed=job.already_installed, attempt=job.attempt)
+        already_installed=job.already_installed, attempt=job.attempt,
+        downloaded_files=tuple(sorted(job.downloaded)), kept_files=tuple(job.kept_files))
 
 
 class Installs:
@@ -101,9 +102,10 @@ class Installs:
         from modelbus.services.install import control
         return job_view(self._call(lambda: control.resume(self.installer.event_store, self.config, job_id)))
 
-    def restart(self, job_id: str) -> InstallJobView:
+    def restart(self, job_id: str, *, from_scratch: bool = False) -> InstallJobView:
         from modelbus.services.install import control
-        return job_view(self._call(lambda: control.restart(self.installer.event_store, self.config, job_id)))
+        return job_view(self._call(lambda: control.restart(self.installer.event_store, self.config, job_id,
+                                                           from_scratch=from_scratch)))
 
     def wait(self, job: str | InstallJob | InstallJobView | Mapping[str, Any], timeout: float | None) -> InstallJobView:
         job_id = job_id_of(job)

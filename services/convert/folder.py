@@ -1,8 +1,14 @@
-"""Converting a single-file main checkpoint (SD-1, SD-2, SDXL, the SDXL refiner) into a diffusers folder.
+"""Converting a single-file main checkpoint (SD-1, SD-2, SDXL, the SDXL refiner, FLUX.1, SD-3 and SD-3.5) into
+a diffusers folder.
 
 Each part is built by the load service exactly as a load builds it (services.load.checkpoints: offline,
-the shipped configs, diffusers' single-file key conversion) and written with ``save_pretrained``; the
-folder gets the ``model_index.json`` of the base's pipeline. The record keeps its key and becomes the
+the shipped configs or, for the transformer-era files, configs read from the tensors' names and shapes;
+diffusers' single-file key conversion) and written with ``save_pretrained``; the folder gets the
+``model_index.json`` of the base's pipeline, a part it lacks set to ``[null, null]``. A FLUX.1 file gives
+the transformer; a FLUX file that bundles more (ComfyUI's all-in-one files) is refused, since the rest
+would be lost with the original. An SD-3 file gives the transformer and the scheduler, and what it
+bundles: the VAE, CLIP-L and CLIP-G (with the shipped CLIP tokenizers) and T5-XXL (whose tokenizer is
+not shipped: ``tokenizer_3`` stays null). The record keeps its key and becomes the
 folder (``model_format: diffusers``): the install service checks and hashes the new path, so the hash
 and the manifest change, as the spec says a conversion does. The original file is deleted unless it is
 kept, and only when it lies in the models directory (a file registered in place elsewhere is the user's).
@@ -19,24 +25,48 @@ from typing import Any
 import structlog
 import torch
 
+from modelbus.events.errors import ModelbusError
 from modelbus.services.config import AppConfig
-from modelbus.services.convert import ABSENT, PIPELINES, check_convertible
+from modelbus.services.convert import ABSENT, PIPELINES, NotConvertible, check_convertible
 from modelbus.services.install import ModelInstallService
 from modelbus.services.install.finalize import record_path
 from modelbus.services.install.placement import destination_dir, is_inside, place, remove_tree, staging_dir
 from modelbus.services.load.checkpoints import load_main_checkpoint
-from modelbus.services.load.kit import LoadRequest
+from modelbus.services.load.kit import NOT_FLUX_TRANSFORMER, VAE_PREFIXES, LoadRequest
+from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX
+from modelbus.services.probe import read_tensor_index
+from modelbus.services.probe.storage import precision_of
 from modelbus.services.records import SubModelType
 
 log = structlog.get_logger(__name__)
 
+#: the file's precision (services.probe.storage) -> the dtype its folder is written in; fp8 (which diffusers
+#: folders do not store) becomes bf16, and a file that does not say (a pickle) float32
+_FOLDER_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.bfloat16,
+                  "fp8_e5m2": torch.bfloat16}
+
+
+def folder_dtype(original: Path) -> torch.dtype:
+    """The dtype a conversion keeps: the file's own, so the folder is about the file's size (a 16-bit FLUX
+    file would double as float32)."""
+    if original.suffix.lower() not in (".safetensors", ".sft"):
+        return torch.float32
+    try:
+        precision = precision_of(read_tensor_index(original))
+    except ModelbusError as exc:
+        raise NotConvertible(f"{original}: cannot read its tensors: {exc}") from exc
+    return _FOLDER_DTYPES.get(precision or "", torch.float32)
+
+
 def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_original: bool = False,
-            dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+            dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """``dtype``: what the folder's weights are written in (default: the file's precision)."""
     records = installer.record_store
     model = records.get_model(key)
     base = check_convertible(model)
     original = config.model_path(model.path)
-    pipeline, parts = PIPELINES[base]
+    pipeline, parts, absent = plan_parts(base, original)
+    dtype = dtype or folder_dtype(original)
     staging = staging_dir(config, f"convert-{key}")
     remove_tree(staging)
     folder = staging / f"{original.stem}"
@@ -49,7 +79,7 @@ def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_or
             built.save_pretrained(folder / part, **({} if part.startswith("tokenizer") or part == "scheduler"
                                                     else {"safe_serialization": True}))
             index[part] = [_library(built), type(built).__name__]
-        for part in ABSENT.get(pipeline, ()):
+        for part in absent:
             index[part] = [None, None]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
         target = place(folder, destination_dir(config, model.base_model, model.model_type), folder.name)
@@ -67,6 +97,38 @@ def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_or
     log.info("model_converted", key=key, path=updated.path, original=str(original), original_removed=removed)
     return {"key": key, "path": updated.path, "hash": updated.hash, "model_format": updated.model_format.value,
             "original": str(original), "original_removed": removed}
+
+
+#: the parts an SD-3 file may bundle, by the tensor names that show them
+SD3_BUNDLED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("vae",): VAE_PREFIXES,
+    ("text_encoder", "tokenizer"): (SD3_CLIP_PREFIXES[SubModelType.TextEncoder],),
+    ("text_encoder_2", "tokenizer_2"): (SD3_CLIP_PREFIXES[SubModelType.TextEncoder2],),
+    ("text_encoder_3",): (SD3_T5_PREFIX,),
+}
+
+
+def plan_parts(base: str, original: Path) -> tuple[str, list[str], list[str]]:
+    """(the pipeline class, the parts to write, the parts the folder lacks) for the file ``original``;
+    NotConvertible for a FLUX file that holds more than a transformer (nothing is read but its header)."""
+    pipeline, parts = PIPELINES[base]
+    absent = list(ABSENT.get(pipeline, ()))
+    if pipeline not in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        return pipeline, list(parts), absent
+    try:
+        names = list(read_tensor_index(original).shapes)
+    except ModelbusError as exc:
+        raise NotConvertible(f"{original}: cannot read its tensors: {exc}") from exc
+    if pipeline == "FluxPipeline":
+        bundled = sorted({n.split(".", 1)[0] for n in names if n.startswith(NOT_FLUX_TRANSFORMER)})
+        if bundled:
+            raise NotConvertible(f"{original.name} bundles more than a FLUX transformer ({', '.join(bundled)}): the "
+                                 "conversion keeps the transformer alone, so it is refused rather than lose the rest")
+        return pipeline, list(parts), absent
+    found = list(parts)
+    for group, prefixes in SD3_BUNDLED.items():
+        (found if any(n.startswith(prefixes) for n in names) else absent).extend(group)
+    return pipeline, found, absent
 
 
 def _library(obj: Any) -> str:

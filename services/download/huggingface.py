@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -209,6 +210,36 @@ def _pick_weights(files: list[str], variant: str | None) -> list[str]:
     return [f for f in files if keys[f] is None or keys[f] == (want_format, want_variant)]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def thumbnail_url(info: dict, source: HFSource, endpoint: str, commit: str) -> str | None:  # type: ignore[type-arg]
+    """The image that stands for a repo, when it has one. The hub has no thumbnail field for models: its
+    model page shows the card's gallery (``cardData.widget[].output.url``, written by diffusers' training
+    scripts and most LoRA repos), else the card embeds images kept as files of the repo (SDXL base's
+    ``01.png``, FLUX.1-dev's ``dev_grid.jpg``). The first gallery image, else the first image file at the
+    top of the repo (of the subfolder installed); a relative path is a file of the repo at ``commit``."""
+    card = info.get("cardData")
+    widget = card.get("widget") if isinstance(card, dict) else None
+    for item in widget if isinstance(widget, list) else [widget]:
+        output = item.get("output") if isinstance(item, dict) else None
+        url = output.get("url") if isinstance(output, dict) else None
+        if isinstance(url, str) and url.strip() and PurePosixPath(url.split("?")[0]).suffix.lower() in IMAGE_SUFFIXES:
+            url = url.strip()
+            if url.startswith(("https://", "http://")):
+                return url
+            path = url.removeprefix("./").lstrip("/")
+            if ".." not in PurePosixPath(path).parts:
+                return f"{endpoint}/{source.repo_id}/resolve/{commit}/{quote(path)}"
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    listed = info.get("siblings")
+    siblings: list[Any] = listed if isinstance(listed, list) else []
+    images = sorted(name for s in siblings if isinstance(s, dict) and isinstance(name := s.get("rfilename"), str)
+                    and name.startswith(prefix) and "/" not in name[len(prefix):]
+                    and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES)
+    return f"{endpoint}/{source.repo_id}/resolve/{commit}/{quote(images[0])}" if images else None
+
+
 def _metadata(info: dict, source: HFSource, endpoint: str, commit: str) -> ModelMetadata:  # type: ignore[type-arg]
     card = info.get("cardData") or {}
     license_ = card.get("license") if isinstance(card, dict) else None
@@ -223,6 +254,7 @@ def _metadata(info: dict, source: HFSource, endpoint: str, commit: str) -> Model
         license=str(license_) if license_ else None,
         tags=tags,
         source_url=f"{endpoint}/{source.repo_id}",
+        thumbnail_url=thumbnail_url(info, source, endpoint, commit),
         repo_id=source.repo_id,
         revision=commit,
         extra={"pipeline_tag": info.get("pipeline_tag")} if info.get("pipeline_tag") else {},

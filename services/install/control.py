@@ -2,8 +2,11 @@
 
 A pause stops the job's downloads and keeps their partial files (``.part`` and its range state); the
 resume runs the install step again as a new *attempt*, whose downloads continue those files with
-ranges. A restart runs a failed or cancelled job again from the start, claiming its source again in
-the same append (another job may have taken it meanwhile: then the restart is refused naming it).
+ranges. A restart runs a failed or cancelled job again, claiming its source again in the same append
+(another job may have taken it meanwhile: then the restart is refused naming it). A repo install that
+failed in its downloads keeps the files it downloaded whole and verified (``InstallFileDownloaded``)
+in its staging folder; the restart names them (``kept_files``) and its downloads fetch only the others.
+``from_scratch`` keeps none.
 
 Every attempt runs under RQ ids of its own (``InstallJob.run_id``) and its steps carry the attempt
 number: a step of an earlier attempt that still runs sees that it was superseded and stops, without
@@ -32,6 +35,8 @@ from modelbus.services.install.jobs import (
     load_job,
     transition,
 )
+from modelbus.services.install.kept import keepable
+from modelbus.services.install.progress import ProgressBoard
 from modelbus.services.install.sources import looks_like_path
 
 log = structlog.get_logger(__name__)
@@ -69,8 +74,9 @@ def resume(store: RedisEventStore, config: AppConfig, job_id: str) -> InstallJob
     return job
 
 
-def restart(store: RedisEventStore, config: AppConfig, job_id: str) -> InstallJob:
-    """Run a failed or cancelled job again from the start, once its last attempt's steps have all ended."""
+def restart(store: RedisEventStore, config: AppConfig, job_id: str, *, from_scratch: bool = False) -> InstallJob:
+    """Run a failed or cancelled job again once its last attempt's steps have all ended, keeping the files a
+    failed download attempt left whole and verified (unless ``from_scratch``)."""
     for _ in range(APPEND_ATTEMPTS):
         job = load_job(store, job_id)
         if job.status not in RESTARTABLE:
@@ -80,7 +86,8 @@ def restart(store: RedisEventStore, config: AppConfig, job_id: str) -> InstallJo
         if busy:
             raise JobStateError(f"install job {job_id} is still stopping ({', '.join(busy)} not ended yet): "
                                 "restart it in a moment")
-        event = InstallRestarted(aggregate_id=job_id, previous_error=job.error, correlation_id=job_id)
+        event = InstallRestarted(aggregate_id=job_id, previous_error=job.error, correlation_id=job_id,
+                                 kept_files=[] if from_scratch else keepable(job), from_scratch=from_scratch)
         claims = {job.claim: job_id} if job.claim else {}
         try:
             store.append([event], expected_version=job.version, idempotency_key=event.event_id, claims=claims)
@@ -91,9 +98,11 @@ def restart(store: RedisEventStore, config: AppConfig, job_id: str) -> InstallJo
                                 "follow that one") from exc
         job = load_job(store, job_id)
         store.client.delete(store.keys.cancel_flag(job_id))  # the failure told the old steps to stop
+        ProgressBoard(store.client, store.keys).clear(job_id)  # the new attempt reports its files afresh
         register_job(store, job_id)
         enqueue_install(store, config, job_id, None, run_id=job.run_id, attempt=job.attempt)
-        log.info("install_restarted", job=job_id, attempt=job.attempt)
+        log.info("install_restarted", job=job_id, attempt=job.attempt, kept=len(job.kept_files),
+                 from_scratch=from_scratch)
         return job
     raise InstallError(f"install job {job_id!r} kept changing under {APPEND_ATTEMPTS} attempts")
 

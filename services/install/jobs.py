@@ -24,6 +24,7 @@ from modelbus.events.schema import (
     InstallCompleted,
     InstallDownloaded,
     InstallFailed,
+    InstallFileDownloaded,
     InstallJobChanged,
     InstallJobPayload,
     InstallPaused,
@@ -86,6 +87,9 @@ class InstallJob:
     files: list[tuple[str, int, int | None]] = field(default_factory=list)
     already_installed: bool = False  # completed with the key of the record that had this content already
     attempt: int = 0  # resumes and restarts so far: each runs under RQ ids of its own (``run_id``)
+    #: files of a multi-file install whole and verified in its staging folder: path -> (size, sha256)
+    downloaded: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    kept_files: list[str] = field(default_factory=list)  # what the last restart or resume took over
 
     @property
     def run_id(self) -> str:
@@ -137,6 +141,8 @@ def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
     if isinstance(event, InstallRestarted) and job.status in RESTARTABLE:
         job.status, job.error_type, job.error = InstallStatus.WAITING, None, None
         job.bytes, job.download_path, job.attempt, job.updated_at = 0, None, job.attempt + 1, event.time
+        job.kept_files = [f for f in event.kept_files if f in job.downloaded]
+        job.downloaded = {f: job.downloaded[f] for f in job.kept_files}
         return job
     if job.terminal:
         return job
@@ -152,6 +158,10 @@ def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
     elif isinstance(event, InstallResumed):
         if job.status is InstallStatus.PAUSED:
             job.status, job.attempt = InstallStatus.WAITING, job.attempt + 1
+            job.kept_files = sorted(job.downloaded)  # the new attempt takes them over as they are
+    elif isinstance(event, InstallFileDownloaded):
+        if event.attempt == job.attempt:  # (a step of an attempt given up for dead may still report)
+            job.downloaded[event.file] = (event.size, event.sha256)
     elif isinstance(event, InstallDownloaded):
         job.status = InstallStatus.DOWNLOADS_DONE
         job.download_path = event.path

@@ -200,12 +200,14 @@ class ModelInstallService:
         return current
 
     def prune_jobs(self) -> int:
-        """Forget ended jobs in the job list (their events stay in the log); returns how many."""
+        """Forget ended jobs in the job list (their events stay in the log), and the files a failed one kept
+        for its restart (services.install.kept); returns how many."""
         pruned = 0
         for job in self.list_jobs():
             if job.terminal:
                 self.event_store.client.zrem(self.event_store.keys.jobs, job.id)
                 self.board.clear(job.id)
+                remove_tree(staging_dir(self.config, job.id))
                 pruned += 1
         return pruned
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,11 @@ from typer.testing import CliRunner, Result
 
 from modelbus.services.api import create_app
 from modelbus.services.cli import app as cli_app
+from modelbus.services.client import ModelBusClient
+from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus, _bus
+from tests.servers.file_server import Fault
+from tests.waiting import wait_until
 
 TIMEOUT = 90
 Cli = Callable[..., Result]
@@ -35,6 +40,17 @@ def cli(bus: Bus) -> Cli:
         assert result.exit_code == code, (args, result.exit_code, result.stdout, result.stderr, bus.worker_log())
         return result
     return run
+
+
+def stalled_install(bus: Bus, client: ModelBusClient, path: Path) -> dict[str, Any]:
+    """An install of a URL whose server stalls after a third of the file, once that third has arrived."""
+    data = make_lora_kohya(path, rank=48).read_bytes()
+    url = bus.files.add_file(f"files/{path.name}", data)
+    bus.files.set_fault(f"files/{path.name}", Fault(stall_after=len(data) // 3, stall_seconds=120))
+    job = client.install(url)
+    wait_until(lambda: client.job(job["id"])["bytes"] >= len(data) // 3, TIMEOUT, "a third downloaded",
+               bus.worker_log)
+    return job  # type: ignore[return-value]
 
 
 def cli_json(cli: Cli, *args: str, code: int = 0) -> Any:

@@ -12,7 +12,7 @@ from modelbus.services.install.errors import JobStateError
 from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus
-from tests.lifecycle.conftest import TIMEOUT, Cli, cli_json
+from tests.lifecycle.conftest import TIMEOUT, Cli, cli_json, stalled_install
 from tests.servers.file_server import Fault
 from tests.waiting import wait_until
 
@@ -97,13 +97,8 @@ def test_job_control_refusals(bus: Bus, cli: Cli, http: TestClient, tmp_path: Pa
 
 def test_cancelling_a_paused_job_removes_its_partial_files(bus: Bus, cli: Cli, http: TestClient,
                                                            tmp_path: Path) -> None:
-    data = make_lora_kohya(tmp_path / "dropped.safetensors", rank=48).read_bytes()
-    url = bus.files.add_file("files/dropped.safetensors", data)
-    bus.files.set_fault("files/dropped.safetensors", Fault(stall_after=len(data) // 3, stall_seconds=120))
     client = _client(http)
-    job = client.install(url)
-    wait_until(lambda: client.job(job["id"])["bytes"] >= len(data) // 3, TIMEOUT, "a third downloaded",
-               bus.worker_log)
+    job = stalled_install(bus, client, tmp_path / "dropped.safetensors")
     client.pause(job["id"])
     wait_until(lambda: _parts(bus, job["id"]), TIMEOUT, "the partial file kept")
     cancelled = cli("cancel", job["id"])

@@ -1,5 +1,6 @@
-"""`modelbus convert`: a single-file SD-1 checkpoint becomes a diffusers folder on a worker of the hash queue,
-under the same key with a new hash, whose weights are the checkpoint's; what cannot be converted is refused
+"""`modelbus convert`: a single-file SD-1, FLUX.1 or SD-3 checkpoint becomes a diffusers folder on a worker of the
+hash queue, under the same key with a new hash, whose weights are the checkpoint's (an SD-3 file's bundled VAE
+and text encoders too); what cannot be converted is refused
 before any worker is asked, and nothing changes."""
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from fastapi.testclient import TestClient
+from safetensors import safe_open
+from transformers import CLIPTextModelWithProjection, T5EncoderModel
 from typer.testing import CliRunner
 
 from modelbus.services.api import create_app
 from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
-from tests.fixtures import loadable, make_lora_kohya
+from tests.fixtures import loadable, make_lora_kohya, transformer_files
 from tests.install.conftest import Bus
 from tests.waiting import wait_until
 
@@ -94,3 +97,72 @@ def test_what_cannot_be_converted_is_refused_and_nothing_changes(bus: Bus, tmp_p
     assert "not a single-file main checkpoint" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     with ModelBusClient(bus.config) as client:
         assert client.store.head() == head
+
+
+def _add(bus: Bus, key: str, base: str, file: str) -> None:
+    with ModelBusClient(bus.config) as client:
+        client.add_model(key, {"name": key, "model_type": "main", "model_format": "checkpoint", "base_model": base,
+                               "path": file})
+
+
+def _same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> bool:
+    got = model.state_dict()
+    return set(got) == set(expected) and all(torch.equal(v.float(), expected[k].float()) for k, v in got.items())
+
+
+def test_convert_a_flux_checkpoint(bus: Bus) -> None:
+    state = transformer_files.flux_transformer_state(guidance=True)
+    transformer_files.write_state(bus.config.models_path / "tiny-flux.safetensors", loadable.flux_to_bfl(state))
+    _add(bus, "tiny-flux", "flux", "tiny-flux.safetensors")
+    done = json.loads(_cli("convert", "tiny-flux", "--json", "--timeout", TIMEOUT).stdout)
+    assert done["model_format"] == "diffusers" and done["original_removed"]
+    folder = bus.config.model_path(done["path"])
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert all(index[part] == [None, None] for part in ("vae", "text_encoder", "text_encoder_2", "scheduler"))
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+    assert transformer.config.guidance_embeds and _same_weights(transformer, {k: v.half() for k, v in state.items()})
+    with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        names = list(weights.keys())  # (a safetensors file is not iterable)
+        assert {weights.get_slice(k).get_dtype() for k in names} == {"F16"}  # the file's precision kept
+
+
+def test_a_flux_file_bundling_more_than_its_transformer_is_refused(bus: Bus) -> None:
+    state = loadable.flux_to_bfl(transformer_files.flux_transformer_state(), "model.diffusion_model.")
+    state["vae.decoder.conv_in.weight"] = torch.randn(8, 16, 3, 3)
+    path = transformer_files.write_state(bus.config.models_path / "flux-bundle.safetensors", state)
+    _add(bus, "flux-bundle", "flux", "flux-bundle.safetensors")
+    with ModelBusClient(bus.config) as client:
+        head = client.store.head()
+    refused = _cli("convert", "flux-bundle", "--timeout", TIMEOUT, code=2).stderr
+    assert "bundles more than a FLUX transformer (vae)" in refused and len(refused.strip().splitlines()) == 1
+    with ModelBusClient(bus.config) as client:
+        assert client.store.head() == head and client.get_model("flux-bundle").model_format.value == "checkpoint"
+    assert path.is_file() and not list(bus.config.models_path.glob("flux/main/flux-bundle*"))
+
+
+@pytest.mark.parametrize("bundle", [True, False])
+def test_convert_an_sd3_checkpoint(bus: Bus, bundle: bool) -> None:
+    key = f"tiny-sd3-{'bundle' if bundle else 'alone'}"
+    models = loadable.write_sd3_checkpoint(bus.config.models_path / f"{key}.safetensors", bundle=bundle,
+                                           prefix="model.diffusion_model.", medium=not bundle)
+    _add(bus, key, "sd-3" if bundle else "sd-3.5-medium", f"{key}.safetensors")
+    with TestClient(create_app(bus.config)) as http:
+        r = http.post(f"/api/v2/models/i/{key}/convert", json={"timeout": 600}, headers={"Host": "127.0.0.1"})
+        assert r.status_code == 200, r.text
+    folder = bus.config.model_path(r.json()["path"])
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["tokenizer_3"] == [None, None]
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    bundled = {"vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+               "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel}
+    for part, cls in bundled.items():
+        if not bundle:
+            assert index[part] == [None, None] and not (folder / part).exists()
+            continue
+        assert index[part][1] == cls.__name__
+        assert _same_weights(cls.from_pretrained(folder / part, local_files_only=True), models[part].state_dict())
+    assert (index["tokenizer"] == ["transformers", "CLIPTokenizer"]) is bundle
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+    assert _same_weights(transformer, models["transformer"].state_dict())

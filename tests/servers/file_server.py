@@ -42,13 +42,39 @@ class Fault:
     times: int | None = 1
 
 
+class Faults:
+    """Faults by key (a path, or what a server names a file by), each taken by the next ``times`` requests."""
+
+    def __init__(self) -> None:
+        self._faults: dict[object, Fault] = {}
+        self._lock = threading.Lock()
+
+    def set(self, key: object, fault: Fault | None) -> None:
+        with self._lock:
+            if fault is None:
+                self._faults.pop(key, None)
+            else:
+                self._faults[key] = fault
+
+    def take(self, key: object) -> Fault | None:
+        with self._lock:
+            fault = self._faults.get(key)
+            if fault is None:
+                return None
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    del self._faults[key]
+            return fault
+
+
 class FileServer(BackgroundServer):
     def __init__(self, root: Path | None = None, host: str = "127.0.0.1", port: int = 0,
                  require_token: str | None = None, reject_authorization: bool = False) -> None:
         super().__init__(host, port)
         self.files: dict[str, ServedFile] = {}
         self.redirects: dict[str, tuple[str, int]] = {}
-        self.faults: dict[str, Fault] = {}
+        self.faults = Faults()
         self.require_token = require_token
         self.reject_authorization = reject_authorization
         self._flock = threading.Lock()
@@ -79,25 +105,13 @@ class FileServer(BackgroundServer):
         return self.url_for(name)
 
     def set_fault(self, name: str, fault: Fault | None) -> None:
-        with self._flock:
-            if fault is None:
-                self.faults.pop(name.lstrip("/"), None)
-            else:
-                self.faults[name.lstrip("/")] = fault
+        self.faults.set(name.lstrip("/"), fault)
 
     def url_for(self, name: str) -> str:
         return f"{self.url}/{name.lstrip('/')}"
 
     def _take_fault(self, name: str) -> Fault | None:
-        with self._flock:
-            fault = self.faults.get(name)
-            if fault is None:
-                return None
-            if fault.times is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    del self.faults[name]
-            return fault
+        return self.faults.take(name)
 
     # -- serving -----------------------------------------------------------------------------
     def handle(self, h: BaseHandler) -> None:

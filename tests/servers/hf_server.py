@@ -8,6 +8,8 @@ Endpoints: ``/api/models/{repo}[/revision/{rev}]`` (``siblings`` with size and L
 ``blobs=true``), ``/api/models/{repo}/tree/{rev}[/{path}]`` (``recursive``), and GET/HEAD
 ``/{repo}/resolve/{rev}/{path}`` with Range, ``ETag``, ``X-Repo-Commit``, ``X-Linked-Etag`` and
 ``X-Linked-Size``. Weight files and files over 100 KiB are LFS files, as on the hub.
+``set_fault(repo, path, Fault(...))`` makes the next downloads of one file fail (``status``) or stall
+(``stall_after``/``stall_seconds``), as the file server's faults do.
 CLI: ``python -m tests.servers hf owner/repo=DIR ... [--port N]``.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .base import BackgroundServer, BaseHandler, ServedFile
+from .file_server import Fault, Faults
 
 LFS_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5"}
 LFS_MIN_SIZE = 100 << 10
@@ -67,7 +70,12 @@ class HFServer(BackgroundServer):
         super().__init__(host, port)
         self.repos: dict[str, Repo] = {}
         self.require_token = require_token
+        self.faults = Faults()  # by (repo id, file path)
         self._rlock = threading.Lock()
+
+    def set_fault(self, repo_id: str, path: str, fault: Fault | None) -> None:
+        """The next downloads of ``path`` in ``repo_id`` meet ``fault`` (None: served as they are again)."""
+        self.faults.set((repo_id, path), fault)
 
     def add_repo(self, repo_id: str, folder: Path, *, card: dict[str, Any] | None = None,
                  tags: list[str] | None = None) -> str:
@@ -179,13 +187,18 @@ class HFServer(BackgroundServer):
         if repo is None:
             return
         entry = repo.files.get("/".join(parts[4:]))
+        fault = self.faults.take((repo.repo_id, "/".join(parts[4:])))
+        if fault is not None and fault.status is not None:
+            h.send_json(fault.status, {"error": "the server is having a bad day"})
+            return
         if entry is None:
             h.send_json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
             return
         etag = f'"{entry.sha256 or entry.blob_id}"'
         served = ServedFile(path=entry.disk, etag_value=etag, extra_headers={
             "X-Repo-Commit": repo.commit, "X-Linked-Etag": etag, "X-Linked-Size": str(entry.size)})
-        h.send_file(served)
+        f = fault or Fault()
+        h.send_file(served, drop_after=f.drop_after, stall_after=f.stall_after, stall_seconds=f.stall_seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,10 +63,18 @@ def resume_job(job_id: JobId, c: Client) -> Response:
     return _json(c.resume(job_id))
 
 
+class RestartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_scratch: bool = Field(default=False, description="download every file again (by default a repo install "
+                                                          "that failed in its downloads keeps the files it "
+                                                          "downloaded whole and verified: kept_files)")
+
+
 @router.post("/install/{job_id}/restart", response_model=InstallJobView, responses=_JOB_STATE,
-             summary="Run a failed or cancelled install job again from the start")
-def restart_job(job_id: JobId, c: Client) -> Response:
-    return _json(c.restart(job_id))
+             summary="Run a failed or cancelled install job again: only its failed and missing files are "
+                     "downloaded (the body's from_scratch: all of them)")
+def restart_job(job_id: JobId, c: Client, body: RestartRequest | None = None) -> Response:
+    return _json(c.restart(job_id, from_scratch=bool(body and body.from_scratch)))
 
 
 # --- health ---------------------------------------------------------------------------------------
