@@ -151,6 +151,10 @@ def test_real_hub_client_downloads_the_same_repo(hf_server: HFServer, tiny_repo:
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     import huggingface_hub
+    import huggingface_hub.constants
+    # the library reads HF_HUB_OFFLINE once, at its import: a test that imported it under the suite's
+    # offline environment (tests/install) left it offline for the whole process
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
     out = huggingface_hub.snapshot_download("acme/tiny-sd", endpoint=hf_server.url,
                                             cache_dir=tmp_path / "cache", local_dir=tmp_path / "local")
