@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from modelbus.services.probe.claims import with_claim_checked
 from modelbus.services.probe.dit import probe_dit
+from modelbus.services.probe.dit_loras import dit_lora_base
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
     ProbeResult,
@@ -108,6 +109,9 @@ def probe_lora(index: TensorIndex) -> ProbeResult | None:
 
 def lora_base(index: TensorIndex) -> Base:
     """Base of a LoRA in kohya, diffusers/PEFT or LyCORIS (LoHa, LoKr) naming."""
+    dit = dit_lora_base(index)
+    if dit is not None:
+        return dit
     if index.has_fragment("double_blocks", "single_blocks", "single_transformer_blocks"):
         return Base.Flux
     if index.has_fragment("joint_blocks", "context_block"):

@@ -1,0 +1,205 @@
+"""The base of a LoRA of a 2025-2026 diffusion transformer (FLUX.2, Qwen-Image, Wan, Chroma) from the names
+of the layers it adapts and their widths.
+
+The trainers write the same layer under different spellings: PEFT/diffusers
+(``transformer.blocks.0.attn1.to_q.lora_A.weight``), ai-toolkit, diffusion-pipe and ComfyUI the original
+release's names under ``diffusion_model.`` (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``), kohya,
+musubi-tuner and OneTrainer the same names with ``_`` for ``.`` (``lora_unet_blocks_0_self_attn_q.lora_down
+.weight``). Each key is reduced to the adapted layer's name with every ``.`` made ``_`` (one spelling for
+all), and the layer's input and output widths (``lora_A``/``lora_down``: ``(rank, in)``; ``lora_B``/
+``lora_up``: ``(out, rank)``). What tells the families apart:
+
+- Wan: ``blocks.N`` with ``self_attn``/``cross_attn``/``ffn`` (``attn1``/``attn2``/``ffn.net`` in diffusers'
+  names); width 1536 is 2.1's 1.3B, 3072 2.2's 5B, 5120 the 14B models, of which only 2.1's image-to-video
+  has image projections (``k_img``, ``add_k_proj``); a 14B LoRA without them fits 2.1 and 2.2 alike.
+- Qwen-Image: per-stream ``img_mlp``/``txt_mlp``/``img_mod``/``txt_mod`` in its 60 ``transformer_blocks``;
+  2.1 (4096 wide) has one stream, its MLP ``img_mlp.proj``/``gate_layer``/``out``.
+- FLUX.2: the shared modulations, SwiGLU ``ff.linear_in``/``linear_out``, fused single-block
+  ``to_qkv_mlp_proj``; in BFL names (``double_blocks``/``single_blocks``, as FLUX.1) its MLP ratio of 3
+  (FLUX.1's is 4) or its width (Klein 9B 4096, dev 6144).
+- Chroma: ``distilled_guidance_layer``; FLUX.1: the per-block modulations Chroma pruned (``norm1.linear``,
+  ``img_mod.lin``, ``modulation.lin``). Chroma keeps all of FLUX.1's other layers at the same widths: a LoRA
+  of those alone is recorded as FLUX.1's (the common case) unless its name or metadata says Chroma.
+- A LoRA of 3072-wide attention alone fits FLUX.1, Chroma, FLUX.2 Klein 4B and Qwen-Image: the file's name
+  or metadata decides, else "cannot tell" naming them.
+
+Widths of SD-3's MMDiT (1536, 2432) are left to the SD-3 rules (``None``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from modelbus.services.probe.errors import UnrecognizedFilesError
+from modelbus.services.probe.tensor_index import TensorIndex
+from modelbus.services.records.enums import BaseModelType as Base
+
+# the weight names of a low-rank pair: group 1 is the adapted layer, group 2 says down (A) or up (B)
+_PAIR = re.compile(r"^(.+?)\.(?:lora_(A|B)(?:\.default)?|lora_(down|up)|lora\.(down|up))\.weight$")
+_PREFIX = re.compile(r"^(?:base_model\.model\.|model\.diffusion_model\.|diffusion_model\.|transformer\.|"
+                     r"lora_unet_|lora_transformer_|lycoris_)+")  # fmt: skip
+_SD3_WIDTHS = frozenset({1536, 2432})
+
+_WAN = re.compile(r"^blocks_\d+_(?:self_attn_[qkvo]|cross_attn_(?:[qkvo]|k_img|v_img)|attn[12]_(?:to_[qkv]|to_out_0|"
+                  r"add_[kv]_proj)|ffn_(?:0|2|net_0_proj|net_2))$")  # fmt: skip
+_WAN_IMAGE = re.compile(r"_(?:k_img|v_img|attn2_add_[kv]_proj)$")
+_CHROMA = re.compile(r"^distilled_guidance_layer_")
+_QWEN = re.compile(r"^transformer_blocks_\d+_(?:img|txt)_(?:mlp_net_|mod_1$)")
+_QWEN21 = re.compile(r"^transformer_blocks_\d+_img_mlp_(?:proj|out|gate_layer)$")
+_FLUX2 = re.compile(r"^(?:transformer_blocks_\d+_ff(?:_context)?_linear_(?:in|out)|single_transformer_blocks_\d+_attn_"
+                    r"(?:to_qkv_mlp_proj|to_out)|(?:double|single)_stream_modulation)")  # fmt: skip
+_FLUX1 = re.compile(r"^(?:transformer_blocks_\d+_norm1(?:_context)?_linear|single_transformer_blocks_\d+_norm_linear|"
+                    r"double_blocks_\d+_(?:img|txt)_mod_lin|single_blocks_\d+_modulation_lin|vector_in_|"
+                    r"time_text_embed_text_embedder_)")  # fmt: skip
+# diffusers-named layers FLUX.1 and Chroma share (and no other family has): FLUX.1's single blocks and MLPs
+_FLUX1_OR_CHROMA = re.compile(r"^(?:single_transformer_blocks_\d+_(?:proj_mlp|proj_out|attn_to_[qkv])|"
+                              r"transformer_blocks_\d+_ff(?:_context)?_net_)")  # fmt: skip
+_BFL = re.compile(r"^(?:double_blocks|single_blocks)_(\d+)_")
+_ATTENTION = re.compile(r"^transformer_blocks_(\d+)_attn_")
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The layers a LoRA adapts: name (``.`` as ``_``, no trainer prefix) -> (in, out) widths, each when known."""
+
+    index: TensorIndex
+    widths: dict[str, tuple[int | None, int | None]]
+
+    def matching(self, pattern: re.Pattern[str]) -> dict[str, tuple[int | None, int | None]]:
+        return {k: v for k, v in self.widths.items() if pattern.search(k)}
+
+    def ins(self, pattern: re.Pattern[str]) -> set[int]:
+        return {i for i, _ in self.matching(pattern).values() if i is not None}
+
+    def hint(self, *patterns: str) -> bool:
+        """Whether the file's name or its metadata match one of ``patterns`` (for same-shape families)."""
+        text = " ".join([self.index.path.name, *self.index.metadata.values()]).lower()
+        return any(re.search(rf"(?:^|[^a-z0-9]){p}", text) for p in patterns)
+
+
+def adapted_layers(index: TensorIndex) -> Layers:
+    widths: dict[str, tuple[int | None, int | None]] = {}
+    for key, shape in index.shapes.items():
+        m = _PAIR.match(key)
+        if m is None or len(shape) < 2:
+            continue
+        name = _PREFIX.sub("", m.group(1)).replace(".", "_")
+        down = (m.group(2) or m.group(3) or m.group(4)) in ("A", "down")
+        known_in, known_out = widths.get(name, (None, None))
+        widths[name] = (shape[1], known_out) if down else (known_in, shape[0])
+    return Layers(index, widths)
+
+
+def dit_lora_base(index: TensorIndex) -> Base | None:
+    """The base of a LoRA of one of these families; ``None`` when it is none of theirs (SD, SD-3, XLabs...)."""
+    layers = adapted_layers(index)
+    if not layers.widths:
+        return None
+    for rule in (_wan, _marked, _bfl, _attention_only):
+        base = rule(layers)
+        if base is not None:
+            return base
+    return None
+
+
+def _cannot_tell(layers: Layers, what: str, candidates: list[Base]) -> UnrecognizedFilesError:
+    names = ", ".join(b.value for b in candidates)
+    return UnrecognizedFilesError(
+        f"{layers.index.path}: cannot tell: a LoRA of {what}, which {names} all have at these widths; its name and "
+        f"metadata do not say which; pass base_model explicitly ({names})"
+    )
+
+
+def _wan(layers: Layers) -> Base | None:
+    blocks = layers.matching(_WAN)
+    if not blocks:
+        return None
+    ins = {i for i, _ in blocks.values() if i is not None}
+    width = min(ins) if ins else None
+    if width == 1536:
+        return Base.Wan21
+    if width == 3072:
+        return Base.Wan22
+    if width == 5120:
+        if layers.matching(_WAN_IMAGE):
+            return Base.Wan21  # only 2.1's image-to-video 14B projects CLIP image features
+        if layers.hint("wan2\\.?2", "wan2_2", "wan-2\\.2", "a14b", "high_noise", "low_noise", "high-noise", "low-noise"):
+            return Base.Wan22
+        if layers.hint("wan2\\.?1", "wan2_1", "wan-2\\.1"):
+            return Base.Wan21
+        raise _cannot_tell(layers, "a 14B Wan transformer (5120 wide, no image projections)", [Base.Wan21, Base.Wan22])
+    raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a Wan-style video transformer of width {width}, "
+                                 "which matches no published Wan (1536, 3072, 5120); pass base_model explicitly")
+
+
+def _marked(layers: Layers) -> Base | None:
+    """Layers that one family alone has."""
+    if layers.matching(_CHROMA):
+        return Base.Chroma
+    if layers.matching(_QWEN21):
+        return Base.QwenImage21
+    if layers.matching(_QWEN):
+        return Base.QwenImage
+    if layers.matching(_FLUX2):
+        return Base.Flux2
+    if layers.matching(_FLUX1):
+        return Base.Flux
+    if 3072 in layers.ins(_FLUX1_OR_CHROMA):
+        return Base.Chroma if layers.hint("chroma") else Base.Flux
+    return None
+
+
+def _bfl(layers: Layers) -> Base | None:
+    """BFL names (``double_blocks``/``single_blocks``), FLUX.1's and FLUX.2's: the MLP ratio and the width."""
+    named = layers.matching(_BFL)
+    if not named:
+        return None
+    width = min((i for k, (i, _) in named.items() if i is not None and ("_attn_" in k or k.endswith("_linear1"))),
+                default=None)
+    mlp = {o for k, (_, o) in named.items() if k.endswith("_mlp_0") and o} | {
+        i for k, (i, _) in named.items() if k.endswith("_mlp_2") and i}
+    linear1 = {o for k, (_, o) in named.items() if k.endswith("_linear1") and o}
+    if width in (4096, 6144):
+        return Base.Flux2
+    if width is not None and (mlp or linear1):
+        # FLUX.1: MLP 4 x width, single-block linear1 3 + 4; FLUX.2: SwiGLU of 3 x width, linear1 3 + 2 x 3
+        if mlp & {4 * width} or linear1 & {7 * width}:
+            return Base.Chroma if layers.hint("chroma") else Base.Flux
+        if mlp & {3 * width, 6 * width} or linear1 & {9 * width}:
+            return Base.Flux2
+    return _by_name(layers, "FLUX-style attention (BFL names, 3072 wide)", [Base.Flux, Base.Chroma, Base.Flux2])
+
+
+def _attention_only(layers: Layers) -> Base | None:
+    """``transformer_blocks.N.attn`` alone: FLUX.1/Chroma/FLUX.2/Qwen-Image by width, block count and name."""
+    attention = layers.matching(_ATTENTION)
+    ins = {i for i, _ in attention.values() if i is not None}
+    if not ins or ins & _SD3_WIDTHS:
+        return None
+    width = max(ins)
+    blocks = max(int(m.group(1)) for k in attention if (m := _ATTENTION.match(k)))
+    joint = any("_add_" in k or k.endswith("_to_add_out") for k in attention)
+    if width == 6144:
+        return Base.Flux2
+    if width == 4096:
+        if joint:
+            return Base.Flux2  # Klein 9B's double blocks; Qwen-Image 2.1's attention is one stream
+        if blocks >= 8:
+            return Base.QwenImage21
+        return _by_name(layers, "4096-wide single-stream attention", [Base.Flux2, Base.QwenImage21])
+    if width == 3072:
+        if blocks >= 19:
+            return Base.QwenImage  # 60 blocks; FLUX.1 and Chroma have 19 double blocks, Klein 4B 5
+        return _by_name(layers, "3072-wide joint attention (transformer_blocks)",
+                        [Base.Flux, Base.Chroma, Base.Flux2, Base.QwenImage])
+    return None
+
+
+def _by_name(layers: Layers, what: str, candidates: list[Base]) -> Base:
+    words = {Base.Flux2: ("flux[-_.]?2", "klein"), Base.QwenImage: ("qwen",), Base.Chroma: ("chroma",),
+             Base.QwenImage21: ("qwen",), Base.Flux: ("flux",)}  # fmt: skip
+    for base in sorted(candidates, key=lambda b: b is Base.Flux):  # "flux" is in "flux2" too: FLUX.1 last
+        if layers.hint(*words[base]):
+            return base
+    raise _cannot_tell(layers, what, candidates)
