@@ -17,6 +17,7 @@ import diffusers
 import torch
 import transformers
 
+from modelbus.services.load import loras
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.kit import (
     Loaded,
@@ -189,6 +190,9 @@ def load_lora(req: LoadRequest) -> Loaded:
     state = read_state_dict([path], req.device, req.dtype)
     if not any(("lora" in k or "hada" in k or "lokr" in k or "alpha" in k) for k in state.tensors):
         raise InvalidModelException(f"{path}: no LoRA weights in it (no lora/alpha keys)")
+    base = getattr(req.record, "base_model", None)
+    if loras.converts(base):  # the new transformers' LoRAs: in the names of the model we load for them
+        return Loaded(loras.to_diffusers_names(base, state.tensors, path))
     return Loaded(state.tensors, state.buffer)
 
 
