@@ -27,6 +27,7 @@ from collections.abc import Callable
 from modelbus.services.probe.claims import with_claim_checked
 from modelbus.services.probe.dit import probe_dit
 from modelbus.services.probe.dit_loras import dit_lora_base
+from modelbus.services.probe.encoders import probe_qwen25_vl, probe_umt5, probe_video_vae
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
     ProbeResult,
@@ -472,8 +473,10 @@ def probe_vae(index: TensorIndex) -> ProbeResult | None:
         base = Base.StableDiffusion3 if _hint(index, "sd3", "sd-3", "stable-diffusion-3") else Base.Flux
     elif latent == 4:
         base = Base.StableDiffusionXL if _hint(index, "sdxl", "xl") else Base.StableDiffusion1
+    elif latent == 32:  # FLUX.2's autoencoder (its latents batch-normed after a 2x2 patchify: ``bn``)
+        base = Base.Flux2
     else:
-        raise UnrecognizedFilesError(f"{index.path}: VAE with {latent} latent channels (known: 4, 16)")
+        raise UnrecognizedFilesError(f"{index.path}: VAE with {latent} latent channels (known: 4, 16, 32)")
     return _result(ModelType.Vae, ModelFormat.Checkpoint, base)
 
 
@@ -528,7 +531,10 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_flux_redux,
     probe_main,
     probe_vae,
+    probe_video_vae,
+    probe_umt5,
     probe_t5_encoder,
+    probe_qwen25_vl,
     probe_clip_vision,
     probe_upscaler,
 )
@@ -543,6 +549,7 @@ _RULE_CLAIMS: dict[Rule, dict[str, object]] = {
     probe_t2i_adapter: {"model_type": ModelType.T2IAdapter, "model_format": ModelFormat.Checkpoint},
     probe_main: {"model_type": ModelType.Main, "model_format": ModelFormat.Checkpoint},
     probe_vae: {"model_type": ModelType.Vae, "model_format": ModelFormat.Checkpoint},
+    probe_video_vae: {"model_type": ModelType.Vae, "model_format": ModelFormat.Checkpoint},
 }
 
 

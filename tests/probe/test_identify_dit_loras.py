@@ -17,7 +17,7 @@ import pytest
 
 from modelbus.services.probe import probe
 from tests.fixtures import dit_loras as dl
-from tests.fixtures.dit_files import assert_cannot_tell, write_sparse
+from tests.fixtures.dit_files import assert_cannot_tell, assert_fields, write_sparse
 
 Builder = Callable[[Path], Path]
 
@@ -89,9 +89,7 @@ LORA_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
 @pytest.mark.parametrize("name", sorted(LORA_LAYOUTS))
 def test_lora_layout_identified(tmp_path: Path, name: str) -> None:
     builder, expected = LORA_LAYOUTS[name]
-    got = probe(builder(tmp_path / name)).model_dump(mode="json")
-    for field, value in expected.items():
-        assert got[field] == value, f"{name}: {field} = {got[field]!r}, expected {value!r}"
+    assert_fields(probe(builder(tmp_path / name)), expected, name)
 
 
 def _first_blocks(n: int) -> Callable[[dl.Widths], dl.Widths]:
