@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from modelbus.services.load import InvalidModelException, ModelLoadService
 from modelbus.services.probe import probe
-from tests.fixtures.dit_loras import wan_vae_original_key
 from tests.fixtures.loadable import T5_CFG
+from tests.fixtures.wan_vae import wan_vae_original_key
 
 VAES: dict[str, tuple[str, dict[str, Any]]] = {
     "wan-2.1": ("AutoencoderKLWan", {"base_dim": 8, "z_dim": 4}),
@@ -76,6 +76,14 @@ def test_vae_folder(service: ModelLoadService, add: Any, config: Any, base: str)
     assert probe(config.models_path / f"{base}-vae").base_model == base
     with service.get_model(add(f"{base}-vae", "vae", "diffusers", base=base)) as model:
         _same(model, vae.state_dict())
+
+
+def test_wan_vae_names_round_trip_through_diffusers_conversion() -> None:
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    state = _tiny_vae("wan-2.1").state_dict()
+    original = {wan_vae_original_key(k): v for k, v in state.items()}
+    assert len(original) == len(state) and convert_wan_vae_to_diffusers(dict(original)).keys() == state.keys()
 
 
 def test_umt5_single_file(service: ModelLoadService, add: Any, config: Any) -> None:
