@@ -12,6 +12,7 @@ files hold them (the patcher's input).
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,9 @@ _MIXINS = {
     Base.Wan22: "WanLoraLoaderMixin",
     Base.Chroma: "FluxLoraLoaderMixin",
 }
+
+
+_TRAINER_NAME = re.compile(r"^(?:lycoris_|lora_|diffusion_model\.|base_model\.|[^.]+_\d+_)")
 
 
 def converts(base: object) -> bool:
@@ -63,4 +67,10 @@ def to_diffusers_names(base: object, tensors: dict[str, torch.Tensor], where: Pa
            if not k.startswith(("text_encoder", "te."))}
     if not out:
         raise InvalidModelException(f"{where}: a {family.value} LoRA with no transformer layers")
+    # diffusers passes through what no conversion of the family knows (a LyCORIS LoKr of Wan, say): each
+    # key must now name a module of the transformer, not a trainer's flattened name
+    unplaced = [k for k in out if _TRAINER_NAME.match(k.removeprefix("transformer."))]
+    if unplaced:
+        raise InvalidModelException(f"{where}: a {family.value} LoRA in a layout diffusers does not convert for "
+                                    f"this family ({len(unplaced)} tensors, e.g. {unplaced[0]})")
     return out

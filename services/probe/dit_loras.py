@@ -37,6 +37,7 @@ from modelbus.services.records.enums import BaseModelType as Base
 
 # the weight names of a low-rank pair: group 1 is the adapted layer, group 2 says down (A) or up (B)
 _PAIR = re.compile(r"^(.+?)\.(?:lora_(A|B)(?:\.default)?|lora_(down|up)|lora\.(down|up))\.weight$")
+_LYCORIS = re.compile(r"^(.+?)\.(hada_w1_a|hada_w1_b|lokr_w[12](?:_[ab])?)$")  # LoHa, LoKr factors
 _PREFIX = re.compile(r"^(?:base_model\.model\.|model\.diffusion_model\.|diffusion_model\.|transformer\.|"
                      r"lora_unet_|lora_transformer_|lycoris_)+")  # fmt: skip
 _SD3_WIDTHS = frozenset({1536, 2432})
@@ -80,15 +81,44 @@ class Layers:
 
 def adapted_layers(index: TensorIndex) -> Layers:
     widths: dict[str, tuple[int | None, int | None]] = {}
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in index.shapes.items():
+        if (lycoris := _LYCORIS.match(key)) and len(shape) == 2:
+            factors.setdefault(_layer_name(lycoris.group(1)), {})[lycoris.group(2)] = shape
+            continue
         m = _PAIR.match(key)
         if m is None or len(shape) < 2:
             continue
-        name = _PREFIX.sub("", m.group(1)).replace(".", "_")
+        name = _layer_name(m.group(1))
         down = (m.group(2) or m.group(3) or m.group(4)) in ("A", "down")
         known_in, known_out = widths.get(name, (None, None))
         widths[name] = (shape[1], known_out) if down else (known_in, shape[0])
+    for name, parts in factors.items():
+        widths.setdefault(name, _lycoris_widths(parts))
     return Layers(index, widths)
+
+
+def _layer_name(stem: str) -> str:
+    return _PREFIX.sub("", stem).replace(".", "_")
+
+
+def _lycoris_widths(parts: dict[str, tuple[int, ...]]) -> tuple[int | None, int | None]:
+    """LoHa: ``W = (w1_a @ w1_b) * (w2_a @ w2_b)``, so (in, out) = (w1_b's columns, w1_a's rows). LoKr:
+    ``W = kron(w1, w2)``, each factor whole or as ``_a @ _b``: in = w1's columns x w2's, out = their rows."""
+    if "hada_w1_a" in parts or "hada_w1_b" in parts:
+        a, b = parts.get("hada_w1_a"), parts.get("hada_w1_b")
+        return (b[1] if b else None), (a[0] if a else None)
+
+    def factor(n: str) -> tuple[int, int] | None:
+        whole, left, right = parts.get(f"lokr_w{n}"), parts.get(f"lokr_w{n}_a"), parts.get(f"lokr_w{n}_b")
+        if whole:
+            return whole[0], whole[1]
+        return (left[0], right[1]) if left and right else None
+
+    w1, w2 = factor("1"), factor("2")
+    if w1 is None or w2 is None:
+        return None, None
+    return w1[1] * w2[1], w1[0] * w2[0]
 
 
 def dit_lora_base(index: TensorIndex) -> Base | None:

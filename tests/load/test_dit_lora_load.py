@@ -106,3 +106,34 @@ def test_lora_of_another_family_is_refused_naming_it(service: ModelLoadService, 
     name, _ = _write(config.models_path, "wan-2.1", "aitk", True, alpha=1.0)
     with pytest.raises(InvalidModelException, match=r"wan-2\.1-aitk-original\.safetensors: a flux2 LoRA whose layers"):
         service.get_model(add(name, "lora", "lycoris", base="flux2"))
+
+
+def test_flux2_lokr_loads_on_the_transformers_modules(service: ModelLoadService, add: Any, config: Any) -> None:
+    """LyCORIS LoKr (``lycoris_<module>.lokr_w1``...), which diffusers converts for FLUX.2: kron(w1, w2_a @ w2_b)
+    has the shape of the module's weight."""
+    import diffusers
+
+    layers = dl.linear_layers(TINY["flux2"])
+    save_file({k: v.contiguous() for k, v in dl.lora_tensors(layers, "lokr", rank=RANK).items()},
+              str(config.models_path / "klein-lokr.safetensors"))
+    with service.get_model(add("klein-lokr.safetensors", "lora", "lycoris", base="flux2")) as state:
+        loaded = dict(state)
+    model_config = dict(TINY["flux2"])
+    with torch.device("meta"):
+        modules = dict(getattr(diffusers, model_config.pop("_class_name"))(**model_config).named_modules())
+    stems = {k.removeprefix("transformer.").removesuffix(".lokr_w1") for k in loaded if k.endswith(".lokr_w1")}
+    assert stems == set(layers)
+    for stem in stems:
+        w1 = loaded[f"transformer.{stem}.lokr_w1"]
+        w2 = loaded[f"transformer.{stem}.lokr_w2_a"] @ loaded[f"transformer.{stem}.lokr_w2_b"]
+        assert torch.kron(w1, w2).shape == modules[stem].weight.shape, stem
+
+
+def test_lokr_of_a_family_diffusers_does_not_convert_is_refused(service: ModelLoadService, add: Any,
+                                                                config: Any) -> None:
+    layers = dl.original_widths("wan", dl.linear_layers(TINY["wan-2.1"]))
+    save_file({k: v.contiguous() for k, v in dl.lora_tensors(layers, "lokr", rank=RANK).items()},
+              str(config.models_path / "wan-lokr.safetensors"))
+    with pytest.raises(InvalidModelException, match=r"wan-lokr\.safetensors: a wan-2\.1 LoRA in a layout diffusers "
+                                                     r"does not convert for this family \(\d+ tensors, e\.g\. "):
+        service.get_model(add("wan-lokr.safetensors", "lora", "lycoris", base="wan-2.1"))

@@ -78,6 +78,11 @@ LORA_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
     "wan2.1_t2v_14b_lora.safetensors": (original_names("wan", "wan-2.1-t2v-14b", "kohya"), lora("wan-2.1")),
     "t2v-14b-musubi.safetensors": (original_names("wan", "wan-2.1-t2v-14b", "kohya",
                                                   metadata={"ss_base_model_version": "wan2.1_t2v_14B"}), lora("wan-2.1")),
+    # LyCORIS: LoKr (FLUX.2 Klein's trainers ship it), LoHa
+    "klein-4b-lokr.safetensors": (diffusers_names("flux2-klein-4b", "lokr"), lora("flux2")),
+    "bfl-names-lokr.safetensors": (original_names("flux2", "flux2-klein-4b", "lokr"), lora("flux2")),
+    "qwen-loha.safetensors": (diffusers_names("qwen-image", "loha"), lora("qwen-image")),
+    "wan-5b-lokr.safetensors": (original_names("wan", "wan-2.2-ti2v-5b", "lokr"), lora("wan-2.2")),
     # Chroma: its guidance approximator, or its name; FLUX.1's layers alone are FLUX.1's
     "chroma-approximator-peft.safetensors": (lambda p: dl.write_lora_file(
         p, dl.linear_layers(dl.shipped_config("chroma"), blocks_only=False), "peft"), lora("chroma")),
