@@ -133,6 +133,17 @@ def dit_lora_base(index: TensorIndex) -> Base | None:
     return None
 
 
+def lora_notes(index: TensorIndex, base: Base) -> str | None:
+    """What the record should say beside the base: a FLUX.1 LoRA whose layers Chroma has too."""
+    if base is not Base.Flux:
+        return None
+    layers = adapted_layers(index)
+    if not layers.widths or layers.matching(_FLUX1):
+        return None
+    return ("the layers it adapts are FLUX.1's and Chroma's alike (Chroma prunes only FLUX.1's modulations): "
+            "recorded as flux; set base_model chroma for a Chroma LoRA")
+
+
 def _cannot_tell(layers: Layers, what: str, candidates: list[Base]) -> UnrecognizedFilesError:
     names = ", ".join(b.value for b in candidates)
     return UnrecognizedFilesError(

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from modelbus.services.probe.claims import with_claim_checked
 from modelbus.services.probe.dit import probe_dit
-from modelbus.services.probe.dit_loras import dit_lora_base
+from modelbus.services.probe.dit_loras import dit_lora_base, lora_notes
 from modelbus.services.probe.encoders import probe_qwen25_vl, probe_umt5, probe_video_vae
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
@@ -105,7 +105,8 @@ def _hint(index: TensorIndex, *words: str) -> bool:
 def probe_lora(index: TensorIndex) -> ProbeResult | None:
     if not index.has_fragment(*_LORA_MARKERS):
         return None
-    return _result(ModelType.Lora, ModelFormat.Lycoris, lora_base(index))
+    base = lora_base(index)
+    return _result(ModelType.Lora, ModelFormat.Lycoris, base, notes=lora_notes(index, base))
 
 
 def lora_base(index: TensorIndex) -> Base:

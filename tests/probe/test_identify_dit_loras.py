@@ -125,6 +125,14 @@ def test_the_name_decides_between_same_shape_bases(tmp_path: Path) -> None:
     assert (probe(qwen).base_model, probe(klein).base_model) == ("qwen-image", "flux2")
 
 
+def test_a_flux_lora_of_layers_chroma_shares_says_so(tmp_path: Path) -> None:
+    shared = probe(diffusers_names("chroma", "peft")(tmp_path / "unnamed-peft.safetensors"))
+    assert shared.base_model == "flux" and shared.notes is not None and "Chroma" in shared.notes
+    modulated = dl.shipped_layers("chroma") | {"transformer_blocks.0.norm1.linear": (3072, 18432)}
+    flux1 = probe(dl.write_lora_file(tmp_path / "flux1.safetensors", modulated, "peft"))
+    assert (flux1.base_model, flux1.notes) == ("flux", None)
+
+
 def test_metadata_claiming_another_family_is_noted(tmp_path: Path) -> None:
     path = diffusers_names("qwen-image", "kohya", metadata={"ss_base_model_version": "flux1"})(tmp_path / "x.safetensors")
     result = probe(path)
