@@ -20,8 +20,11 @@ all), and the layer's input and output widths (``lora_A``/``lora_down``: ``(rank
 - Chroma: ``distilled_guidance_layer``; FLUX.1: the per-block modulations Chroma pruned (``norm1.linear``,
   ``img_mod.lin``, ``modulation.lin``). Chroma keeps all of FLUX.1's other layers at the same widths: a LoRA
   of those alone is recorded as FLUX.1's (the common case) unless its name or metadata says Chroma.
-- A LoRA of 3072-wide attention alone fits FLUX.1, Chroma, FLUX.2 Klein 4B and Qwen-Image: the file's name
-  or metadata decides, else "cannot tell" naming them.
+- HunyuanVideo: FLUX.1's layers in diffusers' names, but 20 double and 40 single blocks (FLUX.1's 19 and 38);
+  in its own names ``img_mod.linear`` (BFL's ``img_mod.lin``) and its token refiner.
+- A LoRA of 3072-wide attention alone fits FLUX.1, Chroma, FLUX.2 Klein 4B and Qwen-Image (with 20 blocks,
+  HunyuanVideo and Qwen-Image; past 20, Qwen-Image): the file's name or metadata decides, else "cannot
+  tell" naming them.
 
 Widths of SD-3's MMDiT (1536, 2432) are left to the SD-3 rules (``None``).
 """
@@ -56,6 +59,12 @@ _FLUX1 = re.compile(r"^(?:transformer_blocks_\d+_norm1(?:_context)?_linear|singl
 # diffusers-named layers FLUX.1 and Chroma share (and no other family has): FLUX.1's single blocks and MLPs
 _FLUX1_OR_CHROMA = re.compile(r"^(?:single_transformer_blocks_\d+_(?:proj_mlp|proj_out|attn_to_[qkv])|"
                               r"transformer_blocks_\d+_ff(?:_context)?_net_)")  # fmt: skip
+# HunyuanVideo's blocks are FLUX.1's in diffusers' names, 20 and 40 of them (FLUX.1 and Chroma have 19 and 38);
+# its own names say ``img_mod.linear`` where BFL's say ``img_mod.lin``, and its token refiner is its own
+_HUNYUAN = re.compile(r"^(?:context_embedder_token_refiner_|txt_in_individual_token_refiner_|"
+                      r"double_blocks_\d+_(?:img|txt)_mod_linear$|single_blocks_\d+_modulation_linear$)")  # fmt: skip
+_DOUBLE = re.compile(r"^(?:transformer_blocks|double_blocks)_(\d+)_")
+_SINGLE = re.compile(r"^(?:single_transformer_blocks|single_blocks)_(\d+)_")
 _BFL = re.compile(r"^(?:double_blocks|single_blocks)_(\d+)_")
 _ATTENTION = re.compile(r"^transformer_blocks_(\d+)_attn_")
 
@@ -126,7 +135,7 @@ def dit_lora_base(index: TensorIndex) -> Base | None:
     layers = adapted_layers(index)
     if not layers.widths:
         return None
-    for rule in (_wan, _marked, _bfl, _attention_only):
+    for rule in (_wan, _hunyuan, _marked, _bfl, _attention_only):
         base = rule(layers)
         if base is not None:
             return base
@@ -172,6 +181,23 @@ def _wan(layers: Layers) -> Base | None:
         raise _cannot_tell(layers, "a 14B Wan transformer (5120 wide, no image projections)", [Base.Wan21, Base.Wan22])
     raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a Wan-style video transformer of width {width}, "
                                  "which matches no published Wan (1536, 3072, 5120); pass base_model explicitly")
+
+
+def _hunyuan(layers: Layers) -> Base | None:
+    if layers.matching(_HUNYUAN):
+        return Base.HunyuanVideo
+    if layers.matching(_QWEN) or layers.matching(_QWEN21) or 3072 not in layers.ins(_DOUBLE) | layers.ins(_SINGLE):
+        return None
+    doubles = _indices(layers, _DOUBLE)
+    singles = _indices(layers, _SINGLE)
+    joint_only = all(_ATTENTION.match(k) for k in layers.matching(_DOUBLE)) and not singles
+    if (singles and max(singles) >= 38) or (doubles and max(doubles) >= 19 and not joint_only):
+        return Base.HunyuanVideo  # past FLUX.1's 19 double / 38 single blocks, with FLUX.1's layers
+    return None
+
+
+def _indices(layers: Layers, pattern: re.Pattern[str]) -> set[int]:
+    return {int(m.group(1)) for k in layers.widths if (m := pattern.match(k))}
 
 
 def _marked(layers: Layers) -> Base | None:
@@ -230,8 +256,10 @@ def _attention_only(layers: Layers) -> Base | None:
             return Base.QwenImage21
         return _by_name(layers, "4096-wide single-stream attention", [Base.Flux2, Base.QwenImage21])
     if width == 3072:
-        if blocks >= 19:
-            return Base.QwenImage  # 60 blocks; FLUX.1 and Chroma have 19 double blocks, Klein 4B 5
+        if blocks >= 20:
+            return Base.QwenImage  # 60 blocks; HunyuanVideo has 20, FLUX.1 and Chroma 19, Klein 4B 5
+        if blocks == 19:
+            return _by_name(layers, "3072-wide joint attention of 20 blocks", [Base.HunyuanVideo, Base.QwenImage])
         return _by_name(layers, "3072-wide joint attention (transformer_blocks)",
                         [Base.Flux, Base.Chroma, Base.Flux2, Base.QwenImage])
     return None
@@ -239,7 +267,7 @@ def _attention_only(layers: Layers) -> Base | None:
 
 def _by_name(layers: Layers, what: str, candidates: list[Base]) -> Base:
     words = {Base.Flux2: ("flux[-_.]?2", "klein"), Base.QwenImage: ("qwen",), Base.Chroma: ("chroma",),
-             Base.QwenImage21: ("qwen",), Base.Flux: ("flux",)}  # fmt: skip
+             Base.QwenImage21: ("qwen",), Base.Flux: ("flux",), Base.HunyuanVideo: ("hunyuan", "hyvid")}  # fmt: skip
     for base in sorted(candidates, key=lambda b: b is Base.Flux):  # "flux" is in "flux2" too: FLUX.1 last
         if layers.hint(*words[base]):
             return base

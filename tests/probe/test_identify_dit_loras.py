@@ -83,6 +83,15 @@ LORA_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
     "bfl-names-lokr.safetensors": (original_names("flux2", "flux2-klein-4b", "lokr"), lora("flux2")),
     "qwen-loha.safetensors": (diffusers_names("qwen-image", "loha"), lora("qwen-image")),
     "wan-5b-lokr.safetensors": (original_names("wan", "wan-2.2-ti2v-5b", "lokr"), lora("wan-2.2")),
+    # HunyuanVideo: FLUX.1's layers, 20/40 blocks (it was recorded as FLUX before); musubi-tuner's own names
+    "hunyuan-peft.safetensors": (diffusers_names("hunyuan-video", "peft"), lora("hunyuan-video")),
+    "hv-double-only-aitoolkit.safetensors": (diffusers_names(
+        "hunyuan-video", "aitk", lambda ls: {k: v for k, v in ls.items() if k.startswith("transformer_blocks.")}),
+        lora("hunyuan-video")),
+    "hv-musubi.safetensors": (lambda p: dl.write_lora_file(p, {
+        "double_blocks.0.img_attn_qkv": (3072, 9216), "double_blocks.0.img_mod.linear": (3072, 18432),
+        "single_blocks.0.linear1": (3072, 21504), "single_blocks.0.modulation.linear": (3072, 9216)}, "kohya"),
+        lora("hunyuan-video")),
     # Chroma: its guidance approximator, or its name; FLUX.1's layers alone are FLUX.1's
     "chroma-approximator-peft.safetensors": (lambda p: dl.write_lora_file(
         p, dl.linear_layers(dl.shipped_config("chroma"), blocks_only=False), "peft"), lora("chroma")),
@@ -106,6 +115,8 @@ CANNOT_TELL: dict[str, tuple[Builder, list[str]]] = {
     # the attention of a few joint blocks, 3072 wide: FLUX.1, Chroma, FLUX.2 Klein 4B and Qwen-Image alike
     "lora.safetensors": (diffusers_names("qwen-image", "peft", _first_blocks(4)),
                          ["flux", "chroma", "flux2", "qwen-image"]),
+    "twenty-blocks.safetensors": (diffusers_names("qwen-image", "peft", _first_blocks(20)),
+                                  ["hunyuan-video", "qwen-image"]),
     "attn-only-aitoolkit.safetensors": (original_names("flux2", "flux2-klein-4b", "aitk", _attention),
                                         ["flux", "chroma", "flux2"]),
     "video-lora.safetensors": (original_names("wan", "wan-2.2-i2v-a14b", "aitk"), ["wan-2.1", "wan-2.2"]),
