@@ -1,4 +1,4 @@
-"""LoRAs of the 2025-2026 transformers (FLUX.2, Qwen-Image, Wan, Chroma) in the names of the diffusers model
+"""LoRAs of the 2025-2026 transformers (FLUX.2, Qwen-Image, Wan, Chroma, Z-Image, Lumina 2) in the names of the diffusers model
 the load service builds for their base.
 
 The trainers these families' users train with write other names (kohya, musubi-tuner: ``lora_unet_blocks_0_
@@ -29,6 +29,8 @@ _MIXINS = {
     Base.Wan21: "WanLoraLoaderMixin",
     Base.Wan22: "WanLoraLoaderMixin",
     Base.Chroma: "FluxLoraLoaderMixin",
+    Base.ZImage: "ZImageLoraLoaderMixin",
+    Base.Lumina2: "Lumina2LoraLoaderMixin",
 }
 
 

@@ -1,4 +1,5 @@
-"""The base of a LoRA of a 2025-2026 diffusion transformer (FLUX.2, Qwen-Image, Wan, Chroma) from the names
+"""The base of a LoRA of a 2025-2026 diffusion transformer (FLUX.2, Qwen-Image, Wan, Chroma, HunyuanVideo,
+Z-Image, Lumina 2) from the names
 of the layers it adapts and their widths.
 
 The trainers write the same layer under different spellings: PEFT/diffusers
@@ -20,6 +21,8 @@ all), and the layer's input and output widths (``lora_A``/``lora_down``: ``(rank
 - Chroma: ``distilled_guidance_layer``; FLUX.1: the per-block modulations Chroma pruned (``norm1.linear``,
   ``img_mod.lin``, ``modulation.lin``). Chroma keeps all of FLUX.1's other layers at the same widths: a LoRA
   of those alone is recorded as FLUX.1's (the common case) unless its name or metadata says Chroma.
+- Z-Image and Lumina 2: single-stream ``layers.N`` (``attention``/``attn``, ``feed_forward``), 3840 and 2304
+  wide.
 - HunyuanVideo: FLUX.1's layers in diffusers' names, but 20 double and 40 single blocks (FLUX.1's 19 and 38);
   in its own names ``img_mod.linear`` (BFL's ``img_mod.lin``) and its token refiner.
 - A LoRA of 3072-wide attention alone fits FLUX.1, Chroma, FLUX.2 Klein 4B and Qwen-Image (with 20 blocks,
@@ -65,6 +68,12 @@ _HUNYUAN = re.compile(r"^(?:context_embedder_token_refiner_|txt_in_individual_to
                       r"double_blocks_\d+_(?:img|txt)_mod_linear$|single_blocks_\d+_modulation_linear$)")  # fmt: skip
 _DOUBLE = re.compile(r"^(?:transformer_blocks|double_blocks)_(\d+)_")
 _SINGLE = re.compile(r"^(?:single_transformer_blocks|single_blocks)_(\d+)_")
+# Z-Image's and Lumina 2's single-stream ``layers`` (and refiners), in diffusers' names and the originals'
+# (``attention.qkv``, ``feed_forward.w1``); the width tells them: Z-Image 3840, Lumina 2 2304
+_LUMINA_STYLE = re.compile(r"^(?:layers|noise_refiner|context_refiner)_\d+_(?:attention_(?:to_[qkv]|to_out_0|qkv|out)|"
+                           r"attn_(?:to_[qkv]|to_out_0)|feed_forward_(?:w[123]|linear_[123])|adaLN_modulation_[01]|"
+                           r"norm1_linear)$")  # fmt: skip
+_LUMINA_WIDTHS = {3840: Base.ZImage, 2304: Base.Lumina2}
 _BFL = re.compile(r"^(?:double_blocks|single_blocks)_(\d+)_")
 _ATTENTION = re.compile(r"^transformer_blocks_(\d+)_attn_")
 
@@ -135,7 +144,7 @@ def dit_lora_base(index: TensorIndex) -> Base | None:
     layers = adapted_layers(index)
     if not layers.widths:
         return None
-    for rule in (_wan, _hunyuan, _marked, _bfl, _attention_only):
+    for rule in (_wan, _lumina_style, _hunyuan, _marked, _bfl, _attention_only):
         base = rule(layers)
         if base is not None:
             return base
@@ -181,6 +190,19 @@ def _wan(layers: Layers) -> Base | None:
         raise _cannot_tell(layers, "a 14B Wan transformer (5120 wide, no image projections)", [Base.Wan21, Base.Wan22])
     raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a Wan-style video transformer of width {width}, "
                                  "which matches no published Wan (1536, 3072, 5120); pass base_model explicitly")
+
+
+def _lumina_style(layers: Layers) -> Base | None:
+    named = layers.matching(_LUMINA_STYLE)
+    if not named:
+        return None
+    attention = {i for k, (i, _) in named.items() if i is not None and ("_attention_" in k or "_attn_" in k)}
+    width = min(attention or {i for i, _ in named.values() if i is not None} or {0})
+    if width in _LUMINA_WIDTHS:
+        return _LUMINA_WIDTHS[width]
+    raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a Lumina-style transformer (layers.N.attention) of "
+                                 f"width {width}, which is neither Z-Image's (3840) nor Lumina 2's (2304); pass "
+                                 "base_model explicitly")  # fmt: skip
 
 
 def _hunyuan(layers: Layers) -> Base | None:

@@ -31,6 +31,12 @@ TINY: dict[str, dict[str, Any]] = {
                "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
                "axes_dims_rope": [2, 2, 4], "approximator_num_channels": 8, "approximator_hidden_dim": 16,
                "approximator_layers": 1},
+    "z-image": {"_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
+                "in_channels": 4, "dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2,
+                "cap_feat_dim": 16, "axes_dims": [4, 6, 6], "axes_lens": [32, 32, 32]},
+    "lumina-2": {"_class_name": "Lumina2Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
+                 "hidden_size": 32, "num_layers": 1, "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1,
+                 "multiple_of": 16, "axes_dim_rope": [4, 6, 6], "axes_lens": [32, 32, 32], "cap_feat_dim": 16},
 }  # fmt: skip
 _FAMILY = {"flux2": "flux2", "wan-2.1": "wan"}  # bases whose trainers also write the original names
 
@@ -60,7 +66,8 @@ CASES = [
     ("flux2", "peft", False), ("flux2", "aitk", True), ("flux2", "kohya", True),
     ("qwen-image", "peft", False), ("qwen-image", "aitk", False), ("qwen-image", "kohya", False),
     ("wan-2.1", "peft", False), ("wan-2.1", "aitk", True), ("wan-2.1", "kohya", True),
-    ("chroma", "peft", False),
+    ("chroma", "peft", False), ("z-image", "peft", False), ("z-image", "aitk", False), ("z-image", "kohya", False),
+    ("lumina-2", "peft", False),
 ]  # fmt: skip
 
 

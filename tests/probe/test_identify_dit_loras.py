@@ -92,6 +92,13 @@ LORA_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
         "double_blocks.0.img_attn_qkv": (3072, 9216), "double_blocks.0.img_mod.linear": (3072, 18432),
         "single_blocks.0.linear1": (3072, 21504), "single_blocks.0.modulation.linear": (3072, 9216)}, "kohya"),
         lora("hunyuan-video")),
+    # Z-Image (Turbo's LoRAs are many), Lumina 2
+    "z-image-peft.safetensors": (diffusers_names("z-image-turbo", "peft"), lora("z-image")),
+    "z-image-aitoolkit.safetensors": (diffusers_names("z-image-turbo", "aitk"),
+                                      lora("z-image")),
+    "zit-kohya.safetensors": (diffusers_names("z-image-turbo", "kohya"),
+                              lora("z-image")),
+    "lumina-2-peft.safetensors": (diffusers_names("lumina-2", "peft"), lora("lumina-2")),
     # Chroma: its guidance approximator, or its name; FLUX.1's layers alone are FLUX.1's
     "chroma-approximator-peft.safetensors": (lambda p: dl.write_lora_file(
         p, dl.linear_layers(dl.shipped_config("chroma"), blocks_only=False), "peft"), lora("chroma")),
