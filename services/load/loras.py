@@ -12,6 +12,7 @@ files hold them (the patcher's input).
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ import diffusers
 import torch
 
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.kit import CONFIGS_DIR, read_json, resolve_class
 from modelbus.services.records.enums import BaseModelType as Base
 
 _MIXINS = {
@@ -34,7 +36,27 @@ _MIXINS = {
 }
 
 
-_TRAINER_NAME = re.compile(r"^(?:lycoris_|lora_|diffusion_model\.|base_model\.|[^.]+_\d+_)")
+# the family's shipped transformer config whose module names a converted LoRA must use
+_SHIPPED = {
+    Base.Flux2: "flux2-klein-4b", Base.QwenImage: "qwen-image", Base.QwenImage21: "qwen-image-2.1",
+    Base.Wan21: "wan-2.1-i2v-14b", Base.Wan22: "wan-2.2-ti2v-5b", Base.Chroma: "chroma", Base.ZImage: "z-image-turbo",
+    Base.Lumina2: "lumina-2",
+}  # fmt: skip
+_SUFFIX = re.compile(r"\.(?:lora_[AB](?:\.default)?\.weight|lora_(?:down|up)\.weight|lokr_w[12](?:_[ab])?|"
+                     r"hada_w[12]_[ab]|alpha|diff(?:_b)?|dora_scale|lora_magnitude_vector)$")  # fmt: skip
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+# module names diffusers' kohya conversions split at an underscore they should keep (its Qwen-Image
+# conversion turns every ``_`` of a kohya name into ``.`` but for the names it knows; 2.1's ``gate_layer``
+# is not one of them)
+_SPLIT_NAMES = ((".img_mlp.gate.layer.", ".img_mlp.gate_layer."),)
+
+
+def _repaired(key: str) -> str:
+    for wrong, right in _SPLIT_NAMES:
+        key = key.replace(wrong, right)
+    return key
 
 
 def converts(base: object) -> bool:
@@ -65,14 +87,35 @@ def to_diffusers_names(base: object, tensors: dict[str, torch.Tensor], where: Pa
                                     f"{first[:300]}") from exc
     if isinstance(converted, tuple):  # FLUX's loader may answer (state, alphas)
         converted = converted[0]
-    out = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()
+    out = {_repaired(k if k.startswith("transformer.") else f"transformer.{k}"): v for k, v in converted.items()
            if not k.startswith(("text_encoder", "te."))}
     if not out:
         raise InvalidModelException(f"{where}: a {family.value} LoRA with no transformer layers")
     # diffusers passes through what no conversion of the family knows (a LyCORIS LoKr of Wan, say): each
-    # key must now name a module of the transformer, not a trainer's flattened name
-    unplaced = [k for k in out if _TRAINER_NAME.match(k.removeprefix("transformer."))]
+    # key must now name a module of the family's transformer (the shipped config's, built on the meta device)
+    modules = _module_names(_SHIPPED[family])
+    unplaced = [k for k in out if _general(_module_of(k)) not in modules]
     if unplaced:
         raise InvalidModelException(f"{where}: a {family.value} LoRA in a layout diffusers does not convert for "
-                                    f"this family ({len(unplaced)} tensors, e.g. {unplaced[0]})")
+                                    f"this family ({len(unplaced)} tensors name no module of its transformer, e.g. "
+                                    f"{unplaced[0]})")
     return out
+
+
+def _module_of(key: str) -> str:
+    return _SUFFIX.sub("", key.removeprefix("transformer."))
+
+
+def _general(name: str) -> str:
+    return _INDEX.sub(".N", name)
+
+
+@functools.cache
+def _module_names(config_name: str) -> frozenset[str]:
+    """Every module of the transformer a shipped config describes, block indices as ``N``."""
+    config = read_json(CONFIGS_DIR / "diffusers" / config_name / "transformer" / "config.json")
+    cls = resolve_class("diffusers", str(config.get("_class_name")))
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return frozenset(_general(name) for name, _ in model.named_modules())

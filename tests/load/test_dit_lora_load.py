@@ -24,6 +24,9 @@ TINY: dict[str, dict[str, Any]] = {
     "qwen-image": {"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 16,
                    "out_channels": 4, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
                    "joint_attention_dim": 16, "axes_dims_rope": [2, 2, 4]},
+    "qwen-image-2.1": {"_class_name": "QwenImage21Transformer2DModel", "patch_size": 1, "in_channels": 16,
+                       "out_channels": 16, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+                       "context_in_dim": 16, "axes_dims_rope": [2, 2, 4]},
     "wan-2.1": {"_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "num_attention_heads": 2,
                 "attention_head_dim": 8, "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
                 "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32, "image_dim": 16},
@@ -65,6 +68,7 @@ def _write(root: Path, base: str, layout: dl.Layout, original: bool, alpha: floa
 CASES = [
     ("flux2", "peft", False), ("flux2", "aitk", True), ("flux2", "kohya", True),
     ("qwen-image", "peft", False), ("qwen-image", "aitk", False), ("qwen-image", "kohya", False),
+    ("qwen-image-2.1", "peft", False), ("qwen-image-2.1", "aitk", False), ("qwen-image-2.1", "kohya", False),
     ("wan-2.1", "peft", False), ("wan-2.1", "aitk", True), ("wan-2.1", "kohya", True),
     ("chroma", "peft", False), ("z-image", "peft", False), ("z-image", "aitk", False), ("z-image", "kohya", False),
     ("lumina-2", "peft", False),
@@ -142,5 +146,6 @@ def test_lokr_of_a_family_diffusers_does_not_convert_is_refused(service: ModelLo
     save_file({k: v.contiguous() for k, v in dl.lora_tensors(layers, "lokr", rank=RANK).items()},
               str(config.models_path / "wan-lokr.safetensors"))
     with pytest.raises(InvalidModelException, match=r"wan-lokr\.safetensors: a wan-2\.1 LoRA in a layout diffusers "
-                                                     r"does not convert for this family \(\d+ tensors, e\.g\. "):
+                                                     r"does not convert for this family \(\d+ tensors name no "
+                                                     r"module of its transformer, e\.g\. "):
         service.get_model(add("wan-lokr.safetensors", "lora", "lycoris", base="wan-2.1"))
