@@ -30,6 +30,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from modelbus.services.load.dit import DIT_BASES, load_dit_checkpoint
 from modelbus.services.load.errors import InvalidModelException, SubmodelRequiredError
+from modelbus.services.load.family_vaes import PUBLISHED, load_family_vae
 from modelbus.services.load.flux import load_flux_checkpoint, load_flux_controlnet
 from modelbus.services.load.kit import (
     CONFIGS_DIR,
@@ -211,6 +212,8 @@ def load_main_checkpoint(req: LoadRequest) -> Loaded:
 
 
 def load_vae_checkpoint(req: LoadRequest) -> Loaded:
+    if base_of(req.record) in PUBLISHED:  # Wan's, Qwen-Image's, FLUX.2's: diffusers classes of their own
+        return load_family_vae(req)
     return load_vae(req, original_config(req.record), whole_file=True)
 
 

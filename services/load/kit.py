@@ -70,6 +70,20 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# classes whose files keep the names transformers 4 gave them (and transformers 5 still writes): Qwen2.5-VL's
+# language model and vision tower moved under ``model.`` (transformers 4.5x's _checkpoint_conversion_mapping)
+_SAVED_NAMES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
+    "Qwen2_5_VLForConditionalGeneration": ((re.compile(r"^visual\."), "model.visual."),
+                                           (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model.")),
+}
+
+
+def _renamed(key: str, renames: tuple[tuple[re.Pattern[str], str], ...]) -> str:
+    for pattern, replacement in renames:
+        key = pattern.sub(replacement, key, count=1)
+    return key
+
+
 def fit_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Align checkpoint keys to the model's when they differ by a known prefix.
 
@@ -81,6 +95,9 @@ def fit_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
         return tensors  # the usual case: the file's names are the model's
     prefixes = {"text_model."} | ({f"{model.base_model_prefix}."} if getattr(model, "base_model_prefix", "") else set())
     candidates = [tensors]
+    renames = _SAVED_NAMES.get(type(model).__name__)
+    if renames:
+        candidates.append({_renamed(k, renames): v for k, v in tensors.items()})
     for prefix in prefixes:
         candidates.append({k.removeprefix(prefix): v for k, v in tensors.items()})
         candidates.append({f"{prefix}{k}": v for k, v in tensors.items()})

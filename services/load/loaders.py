@@ -17,6 +17,7 @@ import diffusers
 import torch
 import transformers
 
+from modelbus.services.load import loras
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.kit import (
     Loaded,
@@ -189,6 +190,9 @@ def load_lora(req: LoadRequest) -> Loaded:
     state = read_state_dict([path], req.device, req.dtype)
     if not any(("lora" in k or "hada" in k or "lokr" in k or "alpha" in k) for k in state.tensors):
         raise InvalidModelException(f"{path}: no LoRA weights in it (no lora/alpha keys)")
+    base = getattr(req.record, "base_model", None)
+    if loras.converts(base):  # the new transformers' LoRAs: in the names of the model we load for them
+        return Loaded(loras.to_diffusers_names(base, state.tensors, path))
     return Loaded(state.tensors, state.buffer)
 
 
@@ -291,7 +295,12 @@ def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer:
     """A ``T5EncoderModel`` from its weights (HF names, no prefix), its config read from their shapes;
     also the T5-XXL that SD-3's all-in-one files bundle."""
     config = t5_encoder_config(tensors, req.location)
-    model = empty_model(lambda: transformers.T5EncoderModel(config))
+    if "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in tensors:
+        # UMT5 (Wan's encoder): a relative position bias in every layer, not the first alone
+        umt5 = transformers.UMT5Config(**config.to_diff_dict())
+        model = empty_model(lambda: transformers.UMT5EncoderModel(umt5))
+    else:
+        model = empty_model(lambda: transformers.T5EncoderModel(config))
     model.tie_weights()  # type: ignore[operator]  # the meta build unties it from ``shared``: files store it once
     assign_weights(model, fit_keys(model, tensors), req.device, f"{req.location} ({what})")
     keep_in_fp32(model, req.dtype)

@@ -29,6 +29,7 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.Main, ModelFormat.BnbQuantizedNF4): bnb.load_bnb_main,
     (ModelType.Main, ModelFormat.BnbQuantizedInt8): bnb.load_bnb_main,
     (ModelType.Main, ModelFormat.GGUF): gguf.load_gguf_main,
+    (ModelType.Qwen25VL, ModelFormat.Diffusers): loaders.load_transformers_folder,
 }
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 from modelbus.services.probe.claims import with_claim_checked
 from modelbus.services.probe.dit import probe_dit
+from modelbus.services.probe.dit_loras import dit_lora_base, lora_notes
+from modelbus.services.probe.encoders import probe_qwen25_vl, probe_umt5, probe_video_vae
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
     ProbeResult,
@@ -103,11 +105,15 @@ def _hint(index: TensorIndex, *words: str) -> bool:
 def probe_lora(index: TensorIndex) -> ProbeResult | None:
     if not index.has_fragment(*_LORA_MARKERS):
         return None
-    return _result(ModelType.Lora, ModelFormat.Lycoris, lora_base(index))
+    base = lora_base(index)
+    return _result(ModelType.Lora, ModelFormat.Lycoris, base, notes=lora_notes(index, base))
 
 
 def lora_base(index: TensorIndex) -> Base:
     """Base of a LoRA in kohya, diffusers/PEFT or LyCORIS (LoHa, LoKr) naming."""
+    dit = dit_lora_base(index)
+    if dit is not None:
+        return dit
     if index.has_fragment("double_blocks", "single_blocks", "single_transformer_blocks"):
         return Base.Flux
     if index.has_fragment("joint_blocks", "context_block"):
@@ -468,8 +474,10 @@ def probe_vae(index: TensorIndex) -> ProbeResult | None:
         base = Base.StableDiffusion3 if _hint(index, "sd3", "sd-3", "stable-diffusion-3") else Base.Flux
     elif latent == 4:
         base = Base.StableDiffusionXL if _hint(index, "sdxl", "xl") else Base.StableDiffusion1
+    elif latent == 32:  # FLUX.2's autoencoder (its latents batch-normed after a 2x2 patchify: ``bn``)
+        base = Base.Flux2
     else:
-        raise UnrecognizedFilesError(f"{index.path}: VAE with {latent} latent channels (known: 4, 16)")
+        raise UnrecognizedFilesError(f"{index.path}: VAE with {latent} latent channels (known: 4, 16, 32)")
     return _result(ModelType.Vae, ModelFormat.Checkpoint, base)
 
 
@@ -524,7 +532,10 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_flux_redux,
     probe_main,
     probe_vae,
+    probe_video_vae,
+    probe_umt5,
     probe_t5_encoder,
+    probe_qwen25_vl,
     probe_clip_vision,
     probe_upscaler,
 )
@@ -539,6 +550,7 @@ _RULE_CLAIMS: dict[Rule, dict[str, object]] = {
     probe_t2i_adapter: {"model_type": ModelType.T2IAdapter, "model_format": ModelFormat.Checkpoint},
     probe_main: {"model_type": ModelType.Main, "model_format": ModelFormat.Checkpoint},
     probe_vae: {"model_type": ModelType.Vae, "model_format": ModelFormat.Checkpoint},
+    probe_video_vae: {"model_type": ModelType.Vae, "model_format": ModelFormat.Checkpoint},
 }
 
 

@@ -33,6 +33,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # AutoencoderKL.scaling_factor of the published VAEs (the latent spaces differ only in it)
 _VAE_SCALING = {0.18215: Base.StableDiffusion1, 0.13025: Base.StableDiffusionXL,
                 1.5305: Base.StableDiffusion3, 0.3611: Base.Flux}  # fmt: skip
+_VAE_CLASSES = {"AutoencoderKLWan": Base.Wan21, "AutoencoderKLQwenImage": Base.QwenImage,
+                "AutoencoderKLFlux2": Base.Flux2}  # fmt: skip
 _OLIVE_NAME = re.compile(r"olive|footprints", re.IGNORECASE)
 _OLIVE_EXTERNAL_DATA = ".onnx.data"  # Olive's <model>.onnx.data; diffusers writes weights.pb, Optimum model.onnx_data
 _MAX_WORKFLOW_JSON = 1 << 20  # Olive workflow configs are a few KB; tokenizer vocabularies are not read
@@ -240,6 +242,9 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
     architectures = [str(a) for a in config.get("architectures") or []]
     if cls in ("AutoencoderKL", "AutoencoderTiny"):
         return _result(ModelType.Vae, ModelFormat.Diffusers, _vae_base(path, config))
+    if cls in _VAE_CLASSES:  # the new families' VAEs: the class names the family (Wan's: its latent channels)
+        base = Base.Wan22 if cls == "AutoencoderKLWan" and config.get("z_dim") == 48 else _VAE_CLASSES[cls]
+        return _result(ModelType.Vae, ModelFormat.Diffusers, base)
     if cls == "ControlNetModel":
         base = _context_base(path, config.get("cross_attention_dim"))
         return _result(ModelType.ControlNet, ModelFormat.Diffusers, base)
@@ -258,6 +263,15 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
         return _result(ModelType.CLIPVision, ModelFormat.Diffusers, Base.Any)
     if "T5EncoderModel" in architectures:
         return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
+    if "UMT5EncoderModel" in architectures:
+        return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Wan21, notes="UMT5 encoder (Wan's text encoder)")
+    if any(a.startswith("Qwen2_5_VL") for a in architectures):
+        text_config = config.get("text_config")
+        text = text_config if isinstance(text_config, dict) else config
+        width = text.get("hidden_size") or config.get("hidden_size")
+        base = Base.QwenImage if width == 3584 else Base.Any
+        return _result(ModelType.Qwen25VL, ModelFormat.Diffusers, base,
+                       notes=None if base is Base.QwenImage else f"Qwen2.5-VL of width {width}")
     seen = cls or (", ".join(architectures) if architectures else "no _class_name or architectures")
     raise UnrecognizedFilesError(f"{path}: config.json describes an unsupported model ({seen}); {_describe_folder(path)}")
 

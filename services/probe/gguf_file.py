@@ -20,6 +20,7 @@ from typing import IO, Any
 from modelbus.services.probe.errors import CorruptModelError, UnrecognizedFilesError
 from modelbus.services.probe.result import ProbeResult
 from modelbus.services.probe.tensor_index import TensorIndex
+from modelbus.services.records.enums import BaseModelType as Base
 from modelbus.services.records.enums import ModelFormat, ModelType
 
 _MAGIC = b"GGUF"
@@ -30,6 +31,14 @@ _MAX_ARRAY = 64 << 20  # tokenizer vocabularies: ~250k entries
 _MAX_DIMS = 8
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# city96's converters name the family in general.architecture; a name not listed claims nothing
+_ARCH_FAMILIES: dict[str, frozenset[Base]] = {
+    "flux": frozenset({Base.Flux, Base.Chroma}), "chroma": frozenset({Base.Chroma}), "flux2": frozenset({Base.Flux2}),
+    "wan": frozenset({Base.Wan21, Base.Wan22}), "qwen_image": frozenset({Base.QwenImage, Base.QwenImage21}),
+    "sd3": frozenset({Base.StableDiffusion3, Base.StableDiffusion35Medium, Base.StableDiffusion35Large}),
+    "hidream": frozenset({Base.HiDream}), "lumina2": frozenset({Base.Lumina2}),
+    "ltxv": frozenset({Base.LTXVideo, Base.LTXVideo2}), "hyvid": frozenset({Base.HunyuanVideo, Base.HunyuanVideo15}),
+}  # fmt: skip
 _LLM_MARKERS = ("token_embd.", "blk.", "output_norm.")
 _TEXT_ENCODER_MARKERS = ("enc.blk.", "dec.blk.")
 
@@ -207,6 +216,11 @@ def identify_gguf(path: Path, identify_file: Callable[[TensorIndex], ProbeResult
     quant, shares = header.quantization()
     others = [f"{t} {share:.0%}" for t, share in shares.items() if t != quant and share >= 0.01]
     notes = [result.notes] if result.notes else []
+    claimed = _ARCH_FAMILIES.get(header.architecture.lower())
+    if claimed is not None and result.base_model not in claimed:
+        notes.append(f"GGUF general.architecture={header.architecture!r} claims "
+                     f"{'/'.join(sorted(b.value for b in claimed))}, but the tensors are "
+                     f"{result.base_model.value}'s: identified by the tensors")  # fmt: skip
     if others:
         notes.append(f"GGUF {quant} with {', '.join(others)} of the weights in other types")
     return result.model_copy(update={"model_format": ModelFormat.GGUF, "quantization": quant,

@@ -106,16 +106,22 @@ def controlnet_config_path(base: BaseModelType) -> str | None:
 def compatible_bases(model_type: ModelType, base: BaseModelType) -> list[BaseModelType]:
     """Further bases a model serves besides its own.
 
-    Only VAEs cross bases: SD-1 and SD-2 share one latent space (the kl-f8 autoencoder), and the
-    SDXL refiner decodes with the SDXL VAE. Everything else is tied to the network it was made for.
+    VAEs cross bases: SD-1 and SD-2 share one latent space (the kl-f8 autoencoder), the SDXL refiner
+    decodes with the SDXL VAE, and Wan 2.2's A14B models with Wan 2.1's. So do the encoders of families
+    that share one: UMT5 (Wan 2.1 and 2.2), Qwen2.5-VL-7B (Qwen-Image and HunyuanVideo 1.5). Everything else
+    is tied to the network it was made for.
     """
-    if model_type is not ModelType.Vae:
-        return []
-    return {
-        BaseModelType.StableDiffusion1: [BaseModelType.StableDiffusion2],
-        BaseModelType.StableDiffusion2: [BaseModelType.StableDiffusion1],
-        BaseModelType.StableDiffusionXL: [BaseModelType.StableDiffusionXLRefiner],
-    }.get(base, [])
+    shared = {
+        ModelType.Vae: {
+            BaseModelType.StableDiffusion1: [BaseModelType.StableDiffusion2],
+            BaseModelType.StableDiffusion2: [BaseModelType.StableDiffusion1],
+            BaseModelType.StableDiffusionXL: [BaseModelType.StableDiffusionXLRefiner],
+            BaseModelType.Wan21: [BaseModelType.Wan22],
+        },
+        ModelType.T5Encoder: {BaseModelType.Wan21: [BaseModelType.Wan22]},
+        ModelType.Qwen25VL: {BaseModelType.QwenImage: [BaseModelType.HunyuanVideo15]},
+    }
+    return list(shared.get(model_type, {}).get(base, []))
 
 
 def upcast_for(base: BaseModelType, prediction: SchedulerPredictionType | None) -> bool:

@@ -20,6 +20,7 @@ class ModelType(str, Enum):
     SpandrelImageToImage = "spandrel_image_to_image"
     SigLIP = "siglip"
     LlavaOnevision = "llava_onevision"
+    Qwen25VL = "qwen2_5_vl"  # Qwen2.5-VL, Qwen-Image's (and HunyuanVideo 1.5's) text encoder
 
 
 class ModelFormat(str, Enum):

@@ -280,6 +280,13 @@ class LlavaOnevisionConfig(ModelConfigBase):
     model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
 
 
+class Qwen25VLConfig(ModelConfigBase):
+    """Qwen2.5-VL, the vision-language model Qwen-Image encodes its prompts (and Edit its images) with."""
+
+    model_type: Literal[ModelType.Qwen25VL] = ModelType.Qwen25VL
+    model_format: Literal[ModelFormat.Diffusers, ModelFormat.Checkpoint]
+
+
 CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     MainCheckpointConfig, MainDiffusersConfig, ONNXSD2Config, VaeCheckpointConfig, VaeDiffusersConfig,
     LoRALycorisConfig, LoRADiffusersConfig, TextualInversionFileConfig, TextualInversionFolderConfig,
@@ -287,7 +294,7 @@ CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     CLIPVisionDiffusersConfig, CLIPVisionCheckpointConfig, T2IAdapterConfig, T2IAdapterCheckpointConfig,
     T5EncoderConfig, T5EncoderCheckpointConfig,
     MainGGUFConfig, MainBnbQuantizedConfig, FluxReduxConfig, SpandrelImageToImageConfig, SigLIPConfig,
-    LlavaOnevisionConfig,
+    LlavaOnevisionConfig, Qwen25VLConfig,
 )
 
 
@@ -353,6 +360,8 @@ AnyModelConfig = Annotated[
         Annotated[SigLIPConfig, Tag("siglip/diffusers")],
         Annotated[SigLIPConfig, Tag("siglip/checkpoint")],
         Annotated[LlavaOnevisionConfig, Tag("llava_onevision/diffusers")],
+        Annotated[Qwen25VLConfig, Tag("qwen2_5_vl/diffusers")],
+        Annotated[Qwen25VLConfig, Tag("qwen2_5_vl/checkpoint")],
     ],
     Discriminator(_discriminate),
 ]

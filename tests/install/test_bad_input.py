@@ -10,6 +10,7 @@ from rq.job import Job
 
 from modelbus.services.install import InstallJob, InstallStatus, ModelInstallService
 from modelbus.services.install.placement import staging_dir
+from tests.fixtures import gguf_files as g
 from tests.fixtures.model_files import make_lora_kohya
 from tests.install.conftest import Bus
 from tests.servers import Fault
@@ -29,7 +30,17 @@ def _bad_sources(bus: Bus, tmp_path: Path) -> dict[str, tuple[str, str, str]]:
     good = make_lora_kohya(tmp_path / "whole.safetensors", rank=4).read_bytes()
     truncated = tmp_path / "truncated_lora.safetensors"
     truncated.write_bytes(good[: len(good) // 2])
+    small = {"img_in.weight": (256, 64), "double_blocks.0.img_attn.qkv.weight": (768, 256)}
+    cut = g.write_gguf(tmp_path / "cut-Q8_0.gguf", small, "Q8_0")
+    with cut.open("r+b") as fh:
+        fh.truncate(cut.stat().st_size - 1000)
+    odd = g.set_tensor_type(g.write_gguf(tmp_path / "odd-Q8_0.gguf", small, "Q8_0"), "img_in.weight", 99)
+    llm = g.write_gguf(tmp_path / "tinyllama-Q4_K.gguf", g.llm_shapes(layers=2, width=256), "Q4_K", "llama",
+                       metadata={"tokenizer.ggml.model": "llama"})  # fmt: skip
     return {
+        "truncated gguf": (str(cut), "truncated GGUF: tensor", "ModelIdentificationError"),
+        "gguf of an unknown quantization type": (str(odd), "unknown quantization type 99", "ModelIdentificationError"),
+        "gguf of a language model": (str(llm), "GGUF of a language model (architecture 'llama'", "ModelIdentificationError"),
         "non-model file": (str(notes), "notes.txt", "ModelIdentificationError"),
         "truncated safetensors": (str(truncated), "truncated_lora.safetensors", "ModelIdentificationError"),
         "unknown civitai id": ("civitai:987654", "987654", "MetadataError"),
@@ -46,12 +57,12 @@ def test_each_bad_input_ends_in_error_and_leaves_nothing(bus: Bus, installer: Mo
     for name, job in ended.items():
         _, phrase, error_type = cases[name]
         assert job.status is InstallStatus.ERROR, (name, job, bus.worker_log())
-        assert job.error and phrase in job.error, (name, job.error_type, job.error)
+        assert job.error and phrase in job.error and "\n" not in job.error, (name, job.error_type, job.error)
         assert job.error_type == error_type, (name, job.error_type, job.error)
         assert not staging_dir(bus.config, job.id).exists(), name
     assert {m.key for m in installer.record_store.all_models()} == before
     models = bus.config.models_path
-    leftovers = [p for p in _files_under(models) if any(s in p.name for s in ("truncated", "notes", "gone", ".part"))]
+    leftovers = [p for p in _files_under(models) if any(s in p.name for s in ("truncated", "notes", "gone", ".part", ".gguf"))]
     assert leftovers == []
     assert all(j.terminal for j in installer.list_jobs() if j.id in {x.id for x in jobs.values()})
 

@@ -1,6 +1,7 @@
 """Single files that the probe recognises beyond the SD checkpoints, installed from a local path end
 to end through the queue and real workers: T2I-Adapters (diffusers state dict, TencentARC's original
-pickle), a FLUX transformer in the diffusers layout, and transformer ControlNets (FLUX, SD-3). Each
+pickle), a FLUX transformer in the diffusers layout, transformer ControlNets (FLUX, SD-3), and LoRAs of Wan
+and FLUX.2 in their trainers' layouts. Each
 lands under ``<base>/<type>/`` with a record of the right concrete config class."""
 
 from __future__ import annotations
@@ -17,16 +18,24 @@ from modelbus.services.install import InstallStatus, ModelInstallService
 from modelbus.services.records.models import (
     AnyModelConfigAdapter,
     ControlNetCheckpointConfig,
+    LoRALycorisConfig,
     MainCheckpointConfig,
     ModelConfigBase,
     T2IAdapterCheckpointConfig,
 )
+from tests.fixtures import dit_loras as dl
 from tests.fixtures import transformer_files as b
 from tests.install.conftest import Bus
 
 TIMEOUT = 60
 
 Builder = Callable[[Path], Path]
+
+
+def _first_block(layers: dl.Widths) -> dl.Widths:
+    return {k: v for k, v in layers.items() if ".0." in k}
+
+
 CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
     "t2i-sd15-depth.safetensors": (
         lambda p: b.write_state(p, b.t2i_adapter_state("full_adapter")),
@@ -43,6 +52,15 @@ CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
     "sd3-controlnet-canny.safetensors": (
         lambda p: b.write_state(p, b.sd3_controlnet_state()),
         ControlNetCheckpointConfig, {"base_model": "sd-3", "config": None}),
+    # LoRAs of the new families, the real layers of their first blocks (rank 4: a few hundred KB)
+    "wan-1.3b-diffusion-pipe.safetensors": (
+        lambda p: dl.write_lora_file(p, _first_block(dl.original_widths("wan", dl.shipped_layers("wan-2.1-t2v-1.3b"))),
+                                     "aitk"),
+        LoRALycorisConfig, {"base_model": "wan-2.1", "model_format": "lycoris"}),
+    "my-style-kohya.safetensors": (
+        lambda p: dl.write_lora_file(p, _first_block(dl.original_widths("flux2", dl.shipped_layers("flux2-klein-4b"))),
+                                     "kohya"),
+        LoRALycorisConfig, {"base_model": "flux2", "model_format": "lycoris"}),
 }  # fmt: skip
 
 
@@ -56,7 +74,7 @@ def test_install_single_file(bus: Bus, installer: ModelInstallService, tmp_path:
     assert type(record) is cls
     model_type = cls.model_fields["model_type"].default.value
     fields = record.model_dump(mode="json")
-    assert (fields["model_type"], fields["model_format"]) == (model_type, "checkpoint")
+    assert (fields["model_type"], fields["model_format"]) == (model_type, expected.get("model_format", "checkpoint"))
     assert {k: fields[k] for k in expected} == expected
     assert record.path == f"{expected['base_model']}/{model_type}/{name}"
     assert (bus.config.models_path / record.path).read_bytes() == source.read_bytes()

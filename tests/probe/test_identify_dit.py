@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from modelbus.services.probe import UnrecognizedFilesError, probe
+from modelbus.services.probe import probe
 from tests.fixtures import dit_files as d
 from tests.fixtures.model_files import flux_checkpoint_shapes, sd3_checkpoint_shapes
 
@@ -155,12 +155,7 @@ def test_layout_identified(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", sorted(CANNOT_TELL))
 def test_same_shapes_cannot_tell(tmp_path: Path, name: str) -> None:
     builder, candidates = CANNOT_TELL[name]
-    path = builder(tmp_path / name)
-    with pytest.raises(UnrecognizedFilesError, match="cannot tell") as info:
-        probe(path)
-    assert all(c in str(info.value) for c in candidates)
-    assert info.value.partial == {"model_type": "main", "model_format": "checkpoint"}
-    assert probe(path, {"base_model": candidates[1]}).base_model == candidates[1]
+    d.assert_cannot_tell(builder(tmp_path / name), candidates, {"model_type": "main", "model_format": "checkpoint"})
 
 
 ORACLE = {  # layout -> the model type diffusers' own single-file detection gives it

@@ -67,6 +67,16 @@ def test_mixed_quantization_is_noted(tmp_path: Path) -> None:
     assert result.quantization == "Q4_K" and result.notes and "F32" in result.notes
 
 
+def test_architecture_that_disagrees_with_the_tensors_is_noted(tmp_path: Path) -> None:
+    """general.architecture names a family (city96's converters write it): the tensors win, the record says so."""
+    claims_wan = probe(g.write_gguf(tmp_path / "model-Q8_0.gguf", _flux(), "Q8_0", "wan"))
+    assert (claims_wan.base_model, claims_wan.model_format) == ("flux", "gguf")
+    assert claims_wan.notes is not None and "general.architecture='wan'" in claims_wan.notes
+    assert "wan-2.1/wan-2.2" in claims_wan.notes and "flux's" in claims_wan.notes
+    agrees = probe(g.write_gguf(tmp_path / "wan22-Q8_0.gguf", d.wan_original_shapes("wan-2.2-ti2v-5b"), "Q8_0", "wan"))
+    assert agrees.base_model == "wan-2.2" and agrees.notes is None
+
+
 def test_full_size_header_costs_no_disk(tmp_path: Path) -> None:
     path = g.write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", _flux(), "Q8_0")
     header = read_gguf_header(path)

@@ -23,6 +23,10 @@ NEW_KINDS: dict[str, dict[str, Any]] = {
     "siglip/diffusers": {"base_model": "any"},
     "siglip/checkpoint": {"base_model": "any"},
     "llava_onevision/diffusers": {"base_model": "any"},
+    "qwen2_5_vl/diffusers": {"base_model": "qwen-image"},
+    "qwen2_5_vl/checkpoint": {"base_model": "qwen-image", "precision": "fp8_e4m3fn"},
+    "t5_encoder/checkpoint": {"base_model": "wan-2.1", "compatible_bases": ["wan-2.2"], "notes": "UMT5-XXL"},
+    "vae/checkpoint": {"base_model": "wan-2.2"},
 }
 
 
@@ -56,7 +60,7 @@ def test_new_kinds_and_bases_round_trip(service: ModelRecordServiceBase) -> None
     assert service.get_model("k00").quantization == "Q4_K"
     assert service.get_model("b00").precision == "fp8_e4m3fn"
     for base in NEW_BASES:
-        assert [m.base_model.value for m in service.search_by_name(base_model=base)] == [base]
+        assert [m.base_model.value for m in service.search_by_name(base_model=base, model_type="main")] == [base]
     assert len(service.search_by_name(model_type="siglip")) == 2
 
 
