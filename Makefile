@@ -3,6 +3,8 @@ PY ?= python3.11
 VENV ?= .venv
 # GPU users: make install TORCH_SPEC='torch==2.13.0 --index-url <a CUDA wheel index>'
 TORCH_SPEC ?= torch==2.13.0
+# test processes (pytest-xdist): every test has its own Redis namespace, root and ports
+TEST_JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.modelbus-installed
 
@@ -25,7 +27,7 @@ run: install
 	$(BIN)/modelbus up
 
 test: install
-	$(BIN)/python -m pytest -q tests --ignore=tests/bench
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) tests --ignore=tests/bench
 
 bench: install
 	$(BIN)/python tests/bench/run_all.py
