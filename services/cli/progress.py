@@ -70,6 +70,10 @@ def follow_install(client: ModelBusClient, job: InstallJobView, since: str, cons
     with Progress(*columns, console=console, transient=False) as progress:
         status = progress.add_task(f"[bold]{job.source}[/] waiting for a worker", total=None)
         files: dict[str, TaskID] = {}
+        names: dict[str, str] = {}  # a file's id in the events -> its name in the job (read once per new file)
+        # (imported here: a reading command must not import the install package; an install imports it anyway)
+        from modelbus.services.install.progress import ProgressBoard
+        board = ProgressBoard(client.redis, client.store.keys)
         stop = lambda: deadline is not None and time.monotonic() > deadline
         for delivered in client.subscribe(JOB_EVENTS, since, stop=stop, block_ms=250):
             event = delivered.event
@@ -77,10 +81,12 @@ def follow_install(client: ModelBusClient, job: InstallJobView, since: str, cons
                 continue
             if isinstance(event, InstallProgress):
                 payload = event.payload
-                name = payload.file or "download"
-                if name not in files:
-                    files[name] = progress.add_task(f"  {name}", total=payload.total_bytes)
-                progress.update(files[name], completed=payload.bytes, total=payload.total_bytes)
+                file = payload.file or "download"
+                if file not in files:
+                    if file not in names:
+                        names.update(board.names(job_id))
+                    files[file] = progress.add_task(f"  {names.get(file, file)}", total=payload.total_bytes)
+                progress.update(files[file], completed=payload.bytes, total=payload.total_bytes)
                 continue
             step = STEP_TEXT.get(type(event))
             if step is None:

@@ -75,6 +75,13 @@ class ProgressBoard:
         per_file = sorted((names.get(f, f), int(b or 0), t) for f, (b, t) in files.items())
         return done, planned or total_files, per_file
 
+    def names(self, job_id: str) -> dict[str, str]:
+        """What the job's view calls each file, by the id its ``install_progress`` events carry."""
+        raw = self.client.hgetall(self.keys.job(job_id))
+        return {k[2:]: (v.decode() if isinstance(v, bytes) else str(v))
+                for k, v in ((k.decode() if isinstance(k, bytes) else str(k), v) for k, v in raw.items())
+                if k.startswith("n:")}
+
     def set_placed(self, job_id: str, path: Path) -> None:
         """Where a job is moving its model: a retry after a death mid-move finds it there."""
         self.client.hset(self.keys.job(job_id), "placed", str(path))

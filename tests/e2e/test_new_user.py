@@ -121,8 +121,11 @@ def test_a_new_user_installs_lists_and_loads(stack: Stack, hub: HFServer, tmp_pa
     stack.wait_ready()
     # from a local file
     lora = make_lora_kohya(tmp_path / "my-style.safetensors")
-    local = json.loads(stack.cli("install", str(lora), "--wait", "--json").stdout)
+    installed = stack.cli("install", str(lora), "--wait", "--json")
+    local = json.loads(installed.stdout)
     assert local["state"] == "completed" and local["key"]
+    # the progress on stderr names the file (not its number within the job)
+    assert "my-style.safetensors" in installed.stderr.replace(str(lora), ""), installed.stderr
     # from the (local) Hugging Face hub
     folder = make_lora_diffusers(tmp_path / "repo", base="sdxl", folder=True)
     hub.add_repo("acme/tiny-lora", folder, card={"license": "mit"})
