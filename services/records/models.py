@@ -32,6 +32,8 @@ from modelbus.services.records.enums import (
 )
 from modelbus.services.records.extras import Cover, DefaultSettings, ModelLink
 
+_BASE_ORDER = {b: i for i, b in enumerate(BaseModelType)}  # enum order, without iterating the enum per record
+
 
 class ModelConfigBase(BaseModel):
     """The fields every model record has (the spec's table)."""
@@ -84,7 +86,7 @@ class ModelConfigBase(BaseModel):
         if not self.compatible_bases:
             return self  # the usual case, and nothing to normalise
         bases = {b for b in self.compatible_bases if b != self.base_model}
-        ordered = [b for b in BaseModelType if b in bases]
+        ordered = sorted(bases, key=_BASE_ORDER.__getitem__)
         if ordered != self.compatible_bases:
             object.__setattr__(self, "compatible_bases", ordered)
         return self
