@@ -39,7 +39,9 @@ class ModelConfigBase(BaseModel):
     """The fields every model record has (the spec's table)."""
 
     # extra="forbid": a misspelt field is an error, not silently dropped data
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    # defer_build: each record class builds its validator when it first validates (a CLI listing LoRAs
+    # builds the LoRA classes only, not the forty others)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, defer_build=True)
 
     key: str = Field(min_length=1, description="unique identifier (imohash of the files, 32 hex chars)")
     name: str = Field(min_length=1, description="name of the model (not unique)")
@@ -358,4 +360,4 @@ AnyModelConfig = Annotated[
     ],
     Discriminator(_discriminate),
 ]
-AnyModelConfigAdapter: TypeAdapter[Any] = TypeAdapter(AnyModelConfig)
+AnyModelConfigAdapter: TypeAdapter[Any] = TypeAdapter(AnyModelConfig, config=ConfigDict(defer_build=True))
