@@ -58,6 +58,20 @@ def test_cpu_cast_from_mapped_files_matches_a_plain_cast(tmp_path: Path) -> None
     assert all(base <= t.data_ptr() < base + flat.buffer.numel() for t in flat.tensors.values())
 
 
+def test_a_module_loads_cast_gives_tensors_of_their_own(tmp_path: Path) -> None:
+    # read_state_dict on the CPU with a cast (a module's weights): each tensor in memory of its own
+    from modelbus.services.load.weights import read_state_dict
+
+    path, sd = _file(tmp_path)
+    state = read_state_dict([path], torch.device("cpu"), torch.float32)
+    assert state.buffer is None
+    for name, ref in sd.items():
+        want = ref.float() if ref.is_floating_point() else ref
+        assert state.tensors[name].dtype == want.dtype and torch.equal(state.tensors[name], want)
+    pointers = [t.untyped_storage().data_ptr() for t in state.tensors.values()]
+    assert len(set(pointers)) == len(pointers)
+
+
 def test_a_cast_of_a_truncated_file_is_refused(tmp_path: Path) -> None:
     path, _ = _file(tmp_path)
     path.write_bytes(path.read_bytes()[:-10])
