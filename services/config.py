@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -74,6 +73,7 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         path = default_root() / CONFIG_FILE_NAME
         self._data: dict[str, Any] = {}
         if path.is_file():
+            import yaml  # (only when there is a file: most commands start without one)
             try:
                 loaded = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as exc:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Self
 
 import redis
 import structlog
-from rq import Queue
 
 from modelbus.events.errors import StoreUnavailableError
 from modelbus.events.jobs import InstallJobView, LoadOutcome, ScanOutcome, SyncOutcome, UnloadOutcome
@@ -25,7 +24,6 @@ from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from modelbus.events.workers import WorkerInfo, list_workers
 from modelbus.services.client import defaults
 from modelbus.services.client.errors import UnavailableError
-from modelbus.services.client.gpu import GpuLoads
 from modelbus.services.client.modeldata import ModelDataCalls
 from modelbus.services.client.subscription import Delivered, Subscription, read_history
 from modelbus.services.config import AppConfig
@@ -33,6 +31,7 @@ from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 from modelbus.services.records.projection import Listing
 
 if TYPE_CHECKING:
+    from modelbus.services.client.gpu import GpuLoads
     from modelbus.services.client.installs import Installs
 
 log = structlog.get_logger(__name__)
@@ -92,6 +91,7 @@ class ModelBusClient(ModelDataCalls):
     @property
     def gpu(self) -> GpuLoads:
         """Loads and unloads on the GPU workers (services.client.gpu)."""
+        from modelbus.services.client.gpu import GpuLoads  # (RQ and routing: only for GPU work)
         return GpuLoads(self.redis, self.config.namespace)
 
     def close(self) -> None:
@@ -285,6 +285,7 @@ class ModelBusClient(ModelDataCalls):
         return [w for w in found if w.alive or include_dead]
 
     def queue_lengths(self) -> dict[str, int]:
+        from rq import Queue
         keys = self.store.keys
 
         def count(name: str) -> int:

@@ -30,7 +30,6 @@ from modelbus.events.errors import (
     TimedOut,
     Unavailable,
 )
-from modelbus.services.routing import RoutingError
 
 
 class ClientError(ModelbusError):
@@ -71,8 +70,9 @@ def translated() -> Iterator[None]:
     try:
         yield
     except ModelbusError as exc:
-        # imported here: a client that only reads records never imports the install service
+        # imported here: a client that only reads records never imports the install service (nor RQ)
         from modelbus.services.install.errors import InstallError
+        from modelbus.services.routing import RoutingError
         client_error = CLIENT_ERRORS.get(exc.kind)
         if client_error is None or not isinstance(exc, (InstallError, RoutingError, StoreUnavailableError)):
             raise

@@ -11,7 +11,7 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -19,10 +19,13 @@ from modelbus.events.jobs import FileProgress, InstallJobView, ScanOutcome, Sync
 from modelbus.events.store import RedisEventStore
 from modelbus.services.client.errors import InvalidRequestError, translated
 from modelbus.services.config import AppConfig
-from modelbus.services.install import InstallJob, InstallStatus, ModelInstallService
-from modelbus.services.install.commands import InstallCommand, submit, submit_handing_over
+from modelbus.services.install.jobs import InstallJob, InstallStatus, live_job, live_jobs
+from modelbus.services.install.progress import ProgressBoard
 from modelbus.services.install.roots import check_local_source
 from modelbus.services.records import ModelRecordServiceBase
+
+if TYPE_CHECKING:
+    from modelbus.services.install import ModelInstallService
 
 T = TypeVar("T")
 SECRET_OPTIONS = frozenset({"access_token", "claim"})  # never shown back to a caller
@@ -58,7 +61,18 @@ def job_view(job: InstallJob) -> InstallJobView:
 class Installs:
     def __init__(self, config: AppConfig, event_store: RedisEventStore, records: ModelRecordServiceBase) -> None:
         self.config = config
-        self.installer = ModelInstallService(config, store=records, event_store=event_store)
+        self.event_store, self.records = event_store, records
+        self.board = ProgressBoard(event_store.client, event_store.keys)
+        self._installer: ModelInstallService | None = None
+
+    @property
+    def installer(self) -> ModelInstallService:
+        """The install service, imported and built on first use: reading jobs needs only the job fold and the
+        progress board, not the download, probe and cover stacks (``modelbus jobs`` starts at once)."""
+        if self._installer is None:
+            from modelbus.services.install import ModelInstallService
+            self._installer = ModelInstallService(self.config, store=self.records, event_store=self.event_store)
+        return self._installer
 
     def _call(self, fn: Callable[[], T]) -> T:
         with translated():
@@ -76,35 +90,35 @@ class Installs:
             orjson.dumps(opts)
         except TypeError as exc:
             raise InvalidRequestError(f"install options must be plain JSON values: {exc}") from exc
-        installer = self.installer
+        from modelbus.services.install.commands import InstallCommand, submit, submit_handing_over
         command = InstallCommand(source, opts, command_id, token)
         publish = submit_handing_over if hand_over else submit
-        job_id = self._call(lambda: publish(installer.event_store, self.config, command))
+        job_id = self._call(lambda: publish(self.event_store, self.config, command))
         if job_id != command_id:  # a repeated command, or a source already being installed: that job
             return self.job(job_id)
         # a new job is waiting: say so without reading it back (publishing stays one append + one enqueue)
         return InstallJobView(id=job_id, source=source, state=InstallStatus.WAITING.value, options=_shown(opts))
 
     def job(self, job_id: str) -> InstallJobView:
-        return job_view(self._call(lambda: self.installer.get_job_by_id(job_id)))
+        return job_view(self._call(lambda: live_job(self.event_store, self.board, job_id)))
 
     def jobs(self) -> list[InstallJobView]:
-        return [job_view(j) for j in self._call(self.installer.list_jobs)]
+        return [job_view(j) for j in self._call(lambda: live_jobs(self.event_store, self.board))]
 
     def cancel(self, job_id: str) -> InstallJobView:
         return job_view(self._call(lambda: self.installer.cancel_job(job_id)))
 
     def pause(self, job_id: str) -> InstallJobView:
         from modelbus.services.install import control
-        return job_view(self._call(lambda: control.pause(self.installer.event_store, job_id)))
+        return job_view(self._call(lambda: control.pause(self.event_store, job_id)))
 
     def resume(self, job_id: str) -> InstallJobView:
         from modelbus.services.install import control
-        return job_view(self._call(lambda: control.resume(self.installer.event_store, self.config, job_id)))
+        return job_view(self._call(lambda: control.resume(self.event_store, self.config, job_id)))
 
     def restart(self, job_id: str, *, from_scratch: bool = False) -> InstallJobView:
         from modelbus.services.install import control
-        return job_view(self._call(lambda: control.restart(self.installer.event_store, self.config, job_id,
+        return job_view(self._call(lambda: control.restart(self.event_store, self.config, job_id,
                                                            from_scratch=from_scratch)))
 
     def wait(self, job: str | InstallJob | InstallJobView | Mapping[str, Any], timeout: float | None) -> InstallJobView:

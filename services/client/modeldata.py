@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
-from modelbus.services.catalog import NoStarterGiven, load_catalog
 from modelbus.services.convert import check_convertible
 from modelbus.services.covers import MAX_COVER_BYTES, CoverTooLarge, NotAnImage
 from modelbus.services.records import ModelConfigBase
@@ -131,6 +130,7 @@ class ModelDataCalls:
 
     def starters(self: _Client) -> dict[str, Any]:
         """The catalogue: each starter with the key of its installed record (or None), and the bundles."""
+        from modelbus.services.catalog import load_catalog  # (YAML and its models: only for these two calls)
         catalog = load_catalog()
         models = self.list_models()
         return {
@@ -144,6 +144,7 @@ class ModelDataCalls:
                          **options: Any) -> list[dict[str, Any]]:
         """Install starters (and a bundle's members) with their dependencies, dependencies first; one
         entry per starter: ``{"starter", "job"}``, or ``{"starter", "installed": key}`` for one already there."""
+        from modelbus.services.catalog import NoStarterGiven, load_catalog
         catalog = load_catalog()
         wanted = [*(catalog.bundle(bundle).models if bundle else ()), *names]
         if not wanted:

@@ -36,6 +36,7 @@ from .errors import (
 from .names import choose_filename
 from .options import FetchOptions, FileRequest
 from .partial import (
+    WRITE_BEHIND,
     ByteRange,
     PartialState,
     StateWriter,
@@ -45,6 +46,7 @@ from .partial import (
     remove_partial,
     same_validators,
     split_ranges,
+    start_writeback,
 )
 from .responses import check_status, looks_like_page, parse_content_range
 from .transport import open_stream, widen_reads
@@ -390,6 +392,7 @@ class _FileFetch:
 
     def _pump(self, fd: int, r: ByteRange, response: httpx.Response) -> None:
         length = r.length
+        unflushed = r.start + r.done  # where the bytes not yet handed to the disk begin
         try:
             for chunk in response.iter_raw():
                 self.cancel.check()  # cancelled, or (a guard) this run's lease is no longer surely its own
@@ -403,6 +406,9 @@ class _FileFetch:
                     )
                 os.pwrite(fd, chunk, pos)
                 r.done += len(chunk)
+                if self.opt.fsync and pos + len(chunk) - unflushed >= WRITE_BEHIND:
+                    start_writeback(fd, unflushed, pos + len(chunk) - unflushed)
+                    unflushed = pos + len(chunk)
                 self._report(len(chunk))
                 if length is not None and r.done >= length:
                     return

@@ -12,9 +12,11 @@ write one file together: the second waits for the first, or gives up with Partia
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,8 @@ from .errors import PartialBusyError
 log = structlog.get_logger(__name__)
 
 STATE_VERSION = 1
+WRITE_BEHIND = 8 << 20  # bytes a range writes before it asks the kernel to start writing them to disk
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 @dataclass
@@ -162,6 +166,32 @@ class StateWriter:
             tmp = state_path(self.final).with_suffix(".tmp")
             tmp.write_text(data)
             os.replace(tmp, state_path(self.final))
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` to disk now, without waiting.
+
+    The download's closing fsync then waits for the last few MiB instead of the whole file (on a
+    disk slower than the network it was a quarter of the time). Linux's ``sync_file_range``; on
+    other systems, or when it fails, nothing: the fsync still makes the file durable.
+    """
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def remove_partial(final: Path) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelbus.events.errors import ConcurrencyError
 from modelbus.events.schema import (
@@ -37,6 +37,10 @@ from modelbus.events.store import EventStore, StoredEvent
 from modelbus.events.validation import in_sequence
 from modelbus.services.install.defaults import APPEND_ATTEMPTS
 from modelbus.services.install.errors import InstallError, UnknownJobError
+
+if TYPE_CHECKING:
+    from modelbus.events.store import RedisEventStore
+    from modelbus.services.install.progress import ProgressBoard
 
 SOURCE_CLAIM_PREFIX = "install-source:"
 
@@ -196,6 +200,21 @@ def load_job(store: EventStore, job_id: str) -> InstallJob:
     if job is None:
         raise UnknownJobError(f"no install job with id {job_id!r}")
     return job
+
+
+def live_job(store: EventStore, board: ProgressBoard, job_id: str) -> InstallJob:
+    """The job as :func:`load_job` folds it, with a running job's bytes and files from the progress board."""
+    job = load_job(store, job_id)
+    if not job.terminal:
+        job.bytes, total, job.files = board.snapshot(job_id)
+        job.total_bytes = total or job.total_bytes
+    return job
+
+
+def live_jobs(store: RedisEventStore, board: ProgressBoard) -> list[InstallJob]:
+    """Every install job (the jobs index, oldest first), each as :func:`live_job` reads it."""
+    ids = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in store.client.zrange(store.keys.jobs, 0, -1)]
+    return [live_job(store, board, job_id) for job_id in ids]
 
 
 Decide = Callable[[InstallJob], Event | None]

@@ -33,7 +33,14 @@ from modelbus.services.install.errors import (
 )
 from modelbus.services.install.finalize import FinalizeRequest, finalize, record_path
 from modelbus.services.install.imports import discard_hand_over
-from modelbus.services.install.jobs import InstallJob, InstallStatus, load_job, transition, unless_ended
+from modelbus.services.install.jobs import (
+    InstallJob,
+    InstallStatus,
+    live_job,
+    live_jobs,
+    transition,
+    unless_ended,
+)
 from modelbus.services.install.manifest import hash_and_manifest, recorded_manifest
 from modelbus.services.install.ownership import (
     DeleteReport,
@@ -140,16 +147,10 @@ class ModelInstallService:
     # --- jobs -------------------------------------------------------------------------------------
 
     def get_job_by_id(self, job_id: str) -> InstallJob:
-        job = load_job(self.event_store, job_id)
-        if not job.terminal:
-            job.bytes, total, job.files = self.board.snapshot(job_id)
-            job.total_bytes = total or job.total_bytes
-        return job
+        return live_job(self.event_store, self.board, job_id)
 
     def list_jobs(self) -> list[InstallJob]:
-        ids = [raw.decode() if isinstance(raw, bytes) else str(raw)
-               for raw in self.event_store.client.zrange(self.event_store.keys.jobs, 0, -1)]
-        return [self.get_job_by_id(job_id) for job_id in ids]
+        return live_jobs(self.event_store, self.board)
 
     def wait_for_job(self, job: JobRef, timeout: float | None = None) -> InstallJob:
         """Block until the job ends (completed, error or cancelled); returns it."""

@@ -17,7 +17,6 @@ from modelbus.services.records.errors import RecordStoreFormatError
 from modelbus.services.records.memory_projection import MemoryProjection
 from modelbus.services.records.service import ModelRecordServiceBase
 from modelbus.services.records.sql_projection import META, SQLProjection
-from modelbus.services.records.yaml_projection import YamlProjection
 
 BUSY_TIMEOUT_MS = 30_000  # other processes applying a batch to the same file hold its write lock briefly
 
@@ -129,6 +128,7 @@ class ModelRecordServiceFile(ModelRecordServiceBase):
             raise RecordStoreFormatError(f"{path}: a YAML record store needs a .yaml file name")
         if path.is_dir():
             raise RecordStoreFormatError(f"{path}: is a directory, not a YAML record file")
+        from modelbus.services.records.yaml_projection import YamlProjection  # (YAML: only for this store)
         config, store, models_dir = _context(config, event_store)
         projection = YamlProjection(path, models_dir)
         projection.ensure_file()

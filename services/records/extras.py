@@ -45,7 +45,7 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,256}$")
 class DefaultSettings(BaseModel):
     """What a generation with this main model starts from; every field optional."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     vae: str | None = Field(default=None, pattern=KEY_PATTERN.pattern,
                             description="key of the VAE model to use instead of the pipeline's own")
@@ -59,7 +59,7 @@ class DefaultSettings(BaseModel):
 
 
 class ModelLink(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     key: str = Field(pattern=KEY_PATTERN.pattern)
     relation: Literal["for", "uses"]
@@ -68,7 +68,7 @@ class ModelLink(BaseModel):
 class Cover(BaseModel):
     """The model's cover: a WebP thumbnail named by its BLAKE3 (services.covers keeps the bytes)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
     width: int = Field(ge=1)

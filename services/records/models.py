@@ -32,12 +32,16 @@ from modelbus.services.records.enums import (
 )
 from modelbus.services.records.extras import Cover, DefaultSettings, ModelLink
 
+_BASE_ORDER = {b: i for i, b in enumerate(BaseModelType)}  # enum order, without iterating the enum per record
+
 
 class ModelConfigBase(BaseModel):
     """The fields every model record has (the spec's table)."""
 
     # extra="forbid": a misspelt field is an error, not silently dropped data
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    # defer_build: each record class builds its validator when it first validates (a CLI listing LoRAs
+    # builds the LoRA classes only, not the forty others)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, defer_build=True)
 
     key: str = Field(min_length=1, description="unique identifier (imohash of the files, 32 hex chars)")
     name: str = Field(min_length=1, description="name of the model (not unique)")
@@ -84,7 +88,7 @@ class ModelConfigBase(BaseModel):
         if not self.compatible_bases:
             return self  # the usual case, and nothing to normalise
         bases = {b for b in self.compatible_bases if b != self.base_model}
-        ordered = [b for b in BaseModelType if b in bases]
+        ordered = sorted(bases, key=_BASE_ORDER.__getitem__)
         if ordered != self.compatible_bases:
             object.__setattr__(self, "compatible_bases", ordered)
         return self
@@ -365,4 +369,4 @@ AnyModelConfig = Annotated[
     ],
     Discriminator(_discriminate),
 ]
-AnyModelConfigAdapter: TypeAdapter[Any] = TypeAdapter(AnyModelConfig)
+AnyModelConfigAdapter: TypeAdapter[Any] = TypeAdapter(AnyModelConfig, config=ConfigDict(defer_build=True))

@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import orjson
 import redis
 
-from modelbus.events.codec import encode
+from modelbus.events.codec import encode, encode_body
 from modelbus.events.logs import configure_logging
 from modelbus.events.schema import ModelAdded, ModelRenamed, ModelUpdated
+from modelbus.events.scripts import APPEND
 from modelbus.events.store import InMemoryEventStore, RedisEventStore
 from modelbus.services.config import AppConfig
 from modelbus.services.records import ModelRecordServiceSQL
@@ -125,6 +126,20 @@ def bench_writes(url: str, root: Path, config: AppConfig) -> None:
 
     mine, theirs = paired_rates((per_round, per_round), ours, baseline, rounds)
     ratio_line(f"add_model/s (SQLite projection) vs raw XADD, median of {rounds}", mine, theirs, "ops/s", ">= 0.4x")
+    # the floor of the design: the append script alone (one EVALSHA, the events built beforehand)
+    events = [ModelAdded(aggregate_id=str(c["key"]), config=c) for c in configs]
+    floor = RedisEventStore.from_url(url, f"bench-f-{uuid.uuid4().hex[:6]}")
+
+    def script_only(round_: int) -> None:
+        for e in events[round_ * per_round:(round_ + 1) * per_round]:
+            floor.client.execute_command("EVALSHA", floor._append_sha, 5, *floor._append_keys,
+                                         floor.keys.aggregate_index(e.aggregate_id), e.aggregate_id, 0, e.event_id, 1,
+                                         e.type, e.schema_version, e.time.isoformat(), "", e.event_id, encode_body(e),
+                                         1, f"path:{e.aggregate_id}", e.aggregate_id, 0)
+
+    floor.client.script_load(APPEND)
+    script, theirs = paired_rates((per_round, per_round), script_only, baseline, rounds)
+    ratio_line("  the append script alone (EVALSHA) vs raw XADD", script, theirs, "ops/s")
     memory = InMemoryEventStore()
     mem_service = ModelRecordServiceSQL.from_db_file(root / "writes-mem.db", memory, config=config)
     per_s = rate(len(configs), lambda: [mem_service.add_model(str(c["key"]), c) for c in configs])  # type: ignore[func-returns-value]

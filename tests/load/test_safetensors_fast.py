@@ -39,6 +39,46 @@ def test_cast_converts_floats_only(tmp_path: Path) -> None:
     assert flat.tensors["c"].dtype == torch.int64 and torch.equal(flat.tensors["c"], sd["c"])
 
 
+def test_cpu_cast_from_mapped_files_matches_a_plain_cast(tmp_path: Path) -> None:
+    # a CPU load that casts reads the files mapped into memory: two files, a selection, every dtype kept
+    torch.manual_seed(2)
+    one = {"h": torch.randn(64, 33).half(), "i": torch.arange(9, dtype=torch.int32), "f": torch.randn(5)}
+    two = {"b": torch.randn(17).bfloat16(), "skip": torch.randn(4).half()}
+    save_file(one, str(tmp_path / "one.safetensors"))
+    save_file(two, str(tmp_path / "two.safetensors"))
+    flat = load_flat([tmp_path / "one.safetensors", tmp_path / "two.safetensors"], dtype=torch.float32,
+                     select=lambda n: n != "skip")
+    assert set(flat.tensors) == {"h", "i", "f", "b"}
+    for name, ref in {**one, **two}.items():
+        if name == "skip":
+            continue
+        want = ref.float() if ref.is_floating_point() else ref
+        assert flat.tensors[name].dtype == want.dtype and torch.equal(flat.tensors[name], want)
+    base = flat.buffer.data_ptr()  # one fresh buffer holds them all, not the files' mappings
+    assert all(base <= t.data_ptr() < base + flat.buffer.numel() for t in flat.tensors.values())
+
+
+def test_a_module_loads_cast_gives_tensors_of_their_own(tmp_path: Path) -> None:
+    # read_state_dict on the CPU with a cast (a module's weights): each tensor in memory of its own
+    from modelbus.services.load.weights import read_state_dict
+
+    path, sd = _file(tmp_path)
+    state = read_state_dict([path], torch.device("cpu"), torch.float32)
+    assert state.buffer is None
+    for name, ref in sd.items():
+        want = ref.float() if ref.is_floating_point() else ref
+        assert state.tensors[name].dtype == want.dtype and torch.equal(state.tensors[name], want)
+    pointers = [t.untyped_storage().data_ptr() for t in state.tensors.values()]
+    assert len(set(pointers)) == len(pointers)
+
+
+def test_a_cast_of_a_truncated_file_is_refused(tmp_path: Path) -> None:
+    path, _ = _file(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(InvalidModelException, match="truncated"):
+        load_flat(path, dtype=torch.float32)
+
+
 def test_select_reads_only_chosen_tensors(tmp_path: Path) -> None:
     path, sd = _file(tmp_path)
     flat = load_flat(path, select=lambda n: n in ("a", "d"))
