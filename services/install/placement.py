@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from modelbus.services import hfcache
@@ -55,9 +55,12 @@ def destination_dir(config: AppConfig, base: BaseModelType, model_type: ModelTyp
     return config.models_path / base.value / model_type.value
 
 
-def _candidates(name: str, is_file: bool) -> list[str]:
+def _candidates(name: str, is_file: bool) -> Iterator[str]:
+    """``name``, then ``<stem>_1<suffix>`` ...: made one at a time (the first is nearly always free)."""
     stem, suffix = (Path(name).stem, Path(name).suffix) if is_file else (name, "")
-    return [name] + [f"{stem}_{n}{suffix}" for n in range(1, MAX_NAME_COLLISIONS)]
+    yield name
+    for n in range(1, MAX_NAME_COLLISIONS):
+        yield f"{stem}_{n}{suffix}"
 
 
 def _claim(folder: Path, name: str, is_file: bool) -> Path:
@@ -176,11 +179,10 @@ def copy_into(source: Path, folder: Path, progress: Progress | None = None,
         dest = target if source.is_file() else target.joinpath(*rel.split("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         with os.fdopen(_open_regular(file, within), "rb") as src, dest.open("wb") as out:
-            while block := src.read(COPY_BLOCK):
+            for n in _copy_blocks(src.fileno(), out.fileno()):
                 if check is not None:
                     check()
-                out.write(block)
-                done += len(block)
+                done += n
                 if progress is not None:
                     progress(done, total)
             st = os.fstat(src.fileno())
@@ -189,6 +191,36 @@ def copy_into(source: Path, folder: Path, progress: Progress | None = None,
     if progress is not None:
         progress(done, total)
     return target
+
+
+# copy_file_range's answers that mean "not between these two files" (another filesystem on old kernels,
+# a filesystem or file kind without it): the plain read/write loop copies the rest
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+
+
+def _copy_blocks(src: int, dst: int) -> Iterator[int]:
+    """Copy ``src`` to ``dst`` from their current offsets to the end, yielding each block's byte count.
+
+    The kernel copies (``copy_file_range``): no pass of the bytes through this process, about half the
+    time of a read/write loop on ext4, and a reflink (no bytes written at all) on XFS, btrfs and other
+    filesystems that share extents. Where it is refused, a read/write loop goes on from where it stopped."""
+    kernel = hasattr(os, "copy_file_range")
+    while kernel:
+        try:
+            n = os.copy_file_range(src, dst, COPY_BLOCK)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            break
+        if n == 0:
+            return
+        yield n
+    while block := os.read(src, COPY_BLOCK):
+        view = memoryview(block)
+        while view:
+            written = os.write(dst, view)
+            view = view[written:]
+        yield len(block)
 
 
 def is_inside(path: Path, folder: Path) -> bool:
