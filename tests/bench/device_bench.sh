@@ -13,33 +13,34 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WHL=${WHL:-$REPO/../whl}
 OUT=${OUT:-/tmp/bench-out}
+LABEL=${LABEL:-}  # a prefix of the output files (two trees measured in one call)
 STEPS=${*:-scaling profile concurrency}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-  || echo "some wheels did not install"
+[ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$WHL"/*.whl || echo "some wheels did not install"
 cp "$WHL"/*.py /tmp/site/ 2>/dev/null
 [ -n "${BIN:-}" ] && export PATH="$(cd "$BIN" && pwd):$PATH"
 export PYTHONPATH=$REPO/.typecheck:$REPO:/tmp/site
 cd "$REPO"
 { date -u; nproc; free -g; df -h /tmp; python3 --version; git log -1 --oneline 2>/dev/null
   python3 -c "import modelbus.workers.__main__, pydantic, rq, redis; print('imports ok')"; redis-server --version
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$OUT/${LABEL}machine.txt"
 summary() { grep -E "models/s|per install|submitting took|processes, |ratio|Error|error" "$1"; }
 for step in $STEPS; do
   case $step in
     scaling) MODELBUS_BENCH_WORKERS=${WORKERS:-1,2,4,8,12} MODELBUS_BENCH_SCALE=${SCALE:-10} \
-               timeout "${SCALING_TIMEOUT:-280}" python3 tests/bench/bench_scaling.py > "$OUT/scaling.log" 2>&1
-             summary "$OUT/scaling.log" ;;
+               timeout "${SCALING_TIMEOUT:-280}" python3 tests/bench/bench_scaling.py > "$OUT/${LABEL}scaling.log" 2>&1
+             summary "$OUT/${LABEL}scaling.log" ;;
     profile) rm -rf /tmp/prof
              MODELBUS_BENCH_WORKERS=${PROFILE_WORKERS:-1,12} MODELBUS_BENCH_SCALE=${PROFILE_SCALE:-4} \
                MODELBUS_BENCH_PROFILE=/tmp/prof timeout "${PROFILE_TIMEOUT:-150}" python3 tests/bench/bench_scaling.py \
-               > "$OUT/profile.log" 2>&1
-             summary "$OUT/profile.log"
-             for w in /tmp/prof/w*; do python3 tests/bench/profile_report.py "$w" horse 40 > "$OUT/prof-$(basename "$w").txt"; done
+               > "$OUT/${LABEL}profile.log" 2>&1
+             summary "$OUT/${LABEL}profile.log"
+             for w in /tmp/prof/w*; do python3 tests/bench/profile_report.py "$w" horse 40 > "$OUT/${LABEL}prof-$(basename "$w").txt"; done
              python3 tests/bench/profile_report.py "/tmp/prof/w${PROFILE_WORKERS##*,}" horse 22 | head -40 ;;
     concurrency) MODELBUS_BENCH_STORE_ONLY=concurrency timeout "${CONC_TIMEOUT:-120}" python3 tests/bench/bench_store.py \
-                   > "$OUT/concurrency.log" 2>&1
-                 summary "$OUT/concurrency.log" ;;
+                   > "$OUT/${LABEL}concurrency.log" 2>&1
+                 summary "$OUT/${LABEL}concurrency.log" ;;
   esac
 done
