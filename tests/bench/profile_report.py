@@ -10,16 +10,24 @@ from pathlib import Path
 
 
 def report(folder: Path, kind: str = "horse", lines: int = 30) -> str:
-    files = sorted(folder.glob(f"{kind}-*.prof"))
-    if not files:
-        return f"no {kind} profiles under {folder}"
     out = io.StringIO()
-    stats = pstats.Stats(str(files[0]), stream=out)
-    for f in files[1:]:
-        stats.add(str(f))
+    stats: pstats.Stats | None = None
+    files = 0
+    for f in sorted(folder.glob(f"{kind}-*.prof")):
+        try:
+            one = pstats.Stats(str(f), stream=out)
+        except (TypeError, EOFError, ValueError):
+            continue  # a process that ran nothing under the profiler (or died writing it)
+        files += 1
+        if stats is None:
+            stats = one
+        else:
+            stats.add(one)
+    if stats is None:
+        return f"no {kind} profiles under {folder}"
     stats.files = []  # (no header line per profile file)
     stats.strip_dirs()
-    print(f"{len(files)} {kind} processes, {stats.total_tt:.2f} s in all (wall clock, summed)", file=out)
+    print(f"{files} {kind} processes, {stats.total_tt:.2f} s in all (wall clock, summed)", file=out)
     stats.sort_stats("cumulative").print_stats(lines)
     stats.sort_stats("tottime").print_stats(lines)
     return out.getvalue()
