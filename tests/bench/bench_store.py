@@ -60,6 +60,8 @@ ONLY = os.environ.get("MODELBUS_BENCH_STORE_ONLY", "")
 ROUNDS = int(os.environ.get("MODELBUS_BENCH_STORE_ROUNDS", "3"))
 BUCKET = "bench-store"
 BOTO = TransferConfig(max_concurrency=10)
+# the repository first, then whatever the caller's path held (where modelbus is not installed, its path)
+PYTHONPATH = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -97,7 +99,7 @@ def _install_repo(tmp: Path, redis_url: str, hub: str, concurrency: int, i: int)
     namespace, root = f"bench-conc-{uuid.uuid4().hex[:8]}", tmp / f"croot-{concurrency}-{i}"
     env = {**os.environ, "MODELBUS_REDIS_URL": redis_url, "MODELBUS_NAMESPACE": namespace, "MODELBUS_ROOT": str(root),
            "MODELBUS_ALLOW_PRIVATE_DOWNLOADS": "1", "MODELBUS_HF_ENDPOINT": hub, "MODELBUS_STORE_URL": "shared",
-           "MODELBUS_LOG_FORMAT": "json", "PYTHONPATH": str(REPO_ROOT)}
+           "MODELBUS_LOG_FORMAT": "json", "PYTHONPATH": PYTHONPATH}
     config = AppConfig.load(root=root, redis_url=redis_url, namespace=namespace, store_url="shared", hf_endpoint=hub,
                             allow_private_downloads=True)
     procs = [_worker(env, "download", concurrency, tmp / "workers.log"), _worker(env, "install,hash", 1,
@@ -131,7 +133,7 @@ def bench_concurrency(tmp: Path) -> None:
     repo = _repo(tmp / "repo12")
     hub_proc = subprocess.Popen([sys.executable, "-m", "tests.servers", "hf", f"bench/repo12={repo}", "--rate",
                                  str(RATE)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                                env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert hub_proc.stdout is not None
     hub = hub_proc.stdout.readline().strip()
     try:
