@@ -138,8 +138,15 @@ def bench_concurrency(tmp: Path) -> None:
     hub = hub_proc.stdout.readline().strip()
     try:
         with bench_redis() as redis_url:
-            four, one = alternate(lambda i: _install_repo(tmp, redis_url, hub, 4, i),
-                                  lambda i: _install_repo(tmp, redis_url, hub, 1, i))
+            # each round's own figure (the command to its InstallCompleted), not the time of the whole call,
+            # which also starts the worker processes, waits for their slots and stops them again
+            fours, ones = [], []
+            for i in range(ROUNDS):
+                fours.append(_install_repo(tmp, redis_url, hub, 4, i))
+                ones.append(_install_repo(tmp, redis_url, hub, 1, i))
+            four, one = statistics.median(fours), statistics.median(ones)
+            print(f"    rounds: concurrency 4 {', '.join(f'{t:.2f}' for t in fours)} s; "
+                  f"concurrency 1 {', '.join(f'{t:.2f}' for t in ones)} s", flush=True)
     finally:
         hub_proc.terminate()
         hub_proc.wait()
