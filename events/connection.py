@@ -21,9 +21,24 @@ from modelbus.events.sentinel import redact as redact_sentinel
 SAFE_EVICTION_POLICIES = {"noeviction"}
 
 
+def _driver_options() -> dict[str, Any]:
+    """What a client tells the server about itself (CLIENT SETINFO), worked out once: left to redis-py,
+    every connection it opens looks its own version up among the installed distributions
+    (importlib.metadata), milliseconds each, and every forked job process opens new ones."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7: the older keyword
+        return {"lib_version": redis.__version__}
+    return {"driver_info": DriverInfo(lib_version=redis.__version__)}
+
+
+_DRIVER = _driver_options()
+
+
 def connect(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     """A client for ``url`` (redis://, rediss:// with TLS, unix://; user and password from the URL)."""
     options: dict[str, Any] = {
+        **_DRIVER,
         "socket_timeout": defaults.SOCKET_TIMEOUT,
         "socket_connect_timeout": defaults.SOCKET_TIMEOUT,
         "health_check_interval": 30,

@@ -10,6 +10,7 @@ of hashing or scanning a file: those loops check the job's cancel flag between c
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,8 @@ def _install(store: RedisEventStore, config: AppConfig, job: InstallJob) -> None
     board = ProgressBoard(store.client, store.keys)
     path, inplace = Path(job.download_path), bool(job.options.get("inplace"))
     placed = board.placed(job.id)
+    if placed is not None and placed.exists() and path.is_file() and os.path.samefile(path, placed):
+        path.unlink()  # a retry: the worker died between linking the file into place and unlinking it here
     if not path.exists() and placed is not None and placed.exists():
         path, inplace = placed, True  # a retry: the model was moved into place before the worker died
 

@@ -196,10 +196,16 @@ class Heartbeat(threading.Thread):
             log.debug("worker_state_not_removed", worker=self.worker_id, error=str(exc))
 
 
+# the order a worker takes jobs from its queues: the later step of a started install before the first
+# step of a new one, so that installs end in the order they came (each as soon as its own work is done,
+# not after every queued copy) and no staging folder waits while new ones fill up
+LISTEN_ORDER = ("hash", "download", "install", "gpu")
+
+
 def build_worker(connection: Any, namespace: str, queue_names: list[str], name: str | None = None) -> BaseWorker:
     keys = Keys(namespace)
     name = name or worker_name()
-    names = [keys.queue(q) for q in queue_names]
+    names = [keys.queue(q) for q in sorted(queue_names, key=LISTEN_ORDER.index)]
     if "gpu" in queue_names:
         names.insert(0, keys.worker_queue(name))  # jobs routed to this worker first
     queues = [Queue(n, connection=connection) for n in names]

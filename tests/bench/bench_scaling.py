@@ -4,6 +4,10 @@ processes (``python -m modelbus.workers --queues install,download,hash``). Print
 a ratio against one worker, measured in the same run.
 
     .venv/bin/python tests/bench/bench_scaling.py        # MODELBUS_BENCH_SCALE=2 doubles the load
+    MODELBUS_BENCH_WORKERS=1,2,4,8,12 MODELBUS_BENCH_SCALE=10 python3 tests/bench/bench_scaling.py  # 16 cores
+
+``MODELBUS_BENCH_PROFILE=DIR`` runs every worker's job processes under cProfile (tests/bench/profile_hook)
+and prints, after each round, where the job processes' time went (tests/bench/profile_report.py).
 
 The workers are started and registered before the jobs are queued, so their start-up (torch import)
 is not counted; they are stopped warm (SIGTERM: the current job finishes) after each round.
@@ -40,7 +44,9 @@ from tests.install.conftest import _bus, make_service
 SCALE = float(os.environ.get("MODELBUS_BENCH_SCALE", "1"))
 MODELS = max(4, int(24 * SCALE))
 RANK = 3000  # about 20 MB per model
-WORKERS = (1, 2, 4)
+WORKERS = tuple(int(n) for n in os.environ.get("MODELBUS_BENCH_WORKERS", "1,2,4").split(","))
+PROFILE = os.environ.get("MODELBUS_BENCH_PROFILE")
+HOOK = Path(__file__).resolve().parent / "profile_hook"
 
 
 def _models(folder: Path, round_id: str) -> list[Path]:
@@ -85,6 +91,29 @@ def report_phases(workers: int, per_job: list[dict[str, float]]) -> None:
         f"{name} {medians[name]:.3f} ({sums[name] / total:.0%})" for name in PHASES), flush=True)
 
 
+def _cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat's first line: user nice system idle iowait ...)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+def _cpu_share(before: list[int], after: list[int]) -> tuple[float, float]:
+    """(busy, iowait) shares of all CPUs between two readings of :func:`_cpu_times`."""
+    if not before or not after:
+        return 0.0, 0.0
+    delta = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(delta) or 1
+    return 1 - (delta[3] + delta[4]) / total, delta[4] / total
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 def run_round(redis_url: str, workers: int, tmp: Path) -> float:
     """Models installed per second by ``workers`` worker processes (and where each install's time went)."""
     (tmp / f"bus{workers}").mkdir(parents=True)
@@ -93,13 +122,22 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
     try:
         service = make_service(bus)
         paths = _models(tmp / f"src{workers}", f"w{workers}")
+        if PROFILE:  # the workers started now inherit it (tests/bench/profile_hook)
+            os.environ["MODELBUS_BENCH_PROFILE"] = str(Path(PROFILE) / f"w{workers}")
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))
         for i in range(workers):
             bus.start_worker(name=f"scale-{workers}-{i}")
         _wait_registered(service.event_store.client, workers)
+        cpu, redis_cpu = _cpu_times(), _redis_cpu(service.event_store.client)
         start = time.perf_counter()
         jobs = [service.heuristic_import(str(p)) for p in paths]
+        submitted = time.perf_counter() - start
         done = [service.wait_for_job(j, timeout=600) for j in jobs]
         elapsed = time.perf_counter() - start
+        busy, iowait = _cpu_share(cpu, _cpu_times())
+        redis_share = (_redis_cpu(service.event_store.client) - redis_cpu) / elapsed
+        print(f"    {workers} worker{'s' if workers > 1 else ''}: {elapsed:.2f} s, submitting took {submitted:.2f} s; "
+              f"CPUs {busy:.0%} busy ({iowait:.0%} iowait), Redis {redis_share:.0%} of one core", flush=True)
         bad = [j for j in done if j.status is not InstallStatus.COMPLETED]
         if bad:
             raise RuntimeError(f"{len(bad)} installs failed: {bad[0].error_type}: {bad[0].error}")
@@ -112,6 +150,10 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
             next(gen)
         except StopIteration:
             pass
+        shutil.rmtree(tmp, ignore_errors=True)  # a round's sources and models: GBs at a large scale
+        if PROFILE:
+            from tests.bench.profile_report import report
+            print(report(Path(PROFILE) / f"w{workers}", "horse", 25), flush=True)
 
 
 def main() -> None:
