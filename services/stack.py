@@ -125,8 +125,10 @@ class Stack:
             shutil.rmtree(metrics, ignore_errors=True)
             metrics.mkdir(parents=True)
             api_env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+        # no proxy headers: a client's address is the socket's (uvicorn would otherwise take X-Forwarded-For
+        # from any local process, which could then pose as any number of clients to the per-client limits)
         cmd = [sys.executable, "-m", "uvicorn", "modelbus.services.api:create_app", "--factory",
-               "--fd", str(sock.fileno()), "--log-level", "warning"]
+               "--fd", str(sock.fileno()), "--log-level", "warning", "--no-proxy-headers"]
         for i in range(count):
             self._add("api" if count == 1 else f"api-{i}", cmd, api_env, (sock.fileno(),))
 

@@ -150,8 +150,10 @@ def test_the_stream_limit_per_client_holds_across_the_processes(up_api: UpApi) -
     held: list[httpx.Response] = []
     try:
         statuses = []
-        for http in clients:  # one connection each: counted per process, four of six would get in
-            answer = http.send(http.build_request("GET", "/api/v2/events"), stream=True)
+        for i, http in enumerate(clients):  # one connection each: counted per process, four of six would get in
+            # a client naming other addresses in X-Forwarded-For is still the one socket address
+            request = http.build_request("GET", "/api/v2/events", headers={"X-Forwarded-For": f"10.9.9.{i}"})
+            answer = http.send(request, stream=True)
             statuses.append(answer.status_code)
             (held if answer.status_code == 200 else [answer]).append(answer)
             if answer.status_code != 200:
