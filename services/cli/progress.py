@@ -52,6 +52,18 @@ FETCH_EVENTS = (ModelFetchStarted, ModelFetchProgress, ModelFetchCompleted, Mode
 LOAD_EVENTS = (*LOAD_EVENT_KINDS, *(cls.model_fields["kind"].default for cls in FETCH_EVENTS))
 
 
+class _FileColumn(DownloadColumn):
+    """Bytes of a file's bar; nothing on the job's status line (a count of steps, not of bytes)."""
+
+    def render(self, task: Any) -> Any:
+        return "" if task.fields.get("status") else super().render(task)
+
+
+class _SpeedColumn(TransferSpeedColumn):
+    def render(self, task: Any) -> Any:
+        return "" if task.fields.get("status") else super().render(task)
+
+
 def head(client: ModelBusClient) -> str:
     """The resume token of 'now': a subscription from it misses nothing that happens afterwards."""
     store = client.store
@@ -65,10 +77,10 @@ def follow_install(client: ModelBusClient, job: InstallJobView, since: str, cons
     if job.terminal:
         return job
     deadline = None if timeout is None else time.monotonic() + timeout
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _FileColumn(), _SpeedColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        status = progress.add_task(f"[bold]{job.source}[/] waiting for a worker", total=None)
+        status = progress.add_task(f"[bold]{job.source}[/] waiting for a worker", total=None, status=True)
         files: dict[str, TaskID] = {}
         names: dict[str, str] = {}  # a file's id in the events -> its name in the job (read once per new file)
         # (imported here: a reading command must not import the install package; an install imports it anyway)
