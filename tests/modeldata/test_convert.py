@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from fastapi.testclient import TestClient
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 from typer.testing import CliRunner
 
@@ -125,6 +126,50 @@ def test_convert_a_flux_checkpoint(bus: Bus) -> None:
     with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
         names = list(weights.keys())  # (a safetensors file is not iterable)
         assert {weights.get_slice(k).get_dtype() for k in names} == {"F16"}  # the file's precision kept
+
+
+def _as_fp8_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """As ComfyUI ships fp8 files: matrices in float8_e4m3fn, vectors (norms, biases) in bf16."""
+    return {k: v.to(torch.float8_e4m3fn) if v.dim() >= 2 else v.to(torch.bfloat16) for k, v in tensors.items()}
+
+
+def test_convert_an_fp8_flux_checkpoint_to_bf16(bus: Bus) -> None:
+    state = transformer_files.flux_transformer_state(guidance=True)
+    bus.config.models_path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in _as_fp8_file(loadable.flux_to_bfl(state)).items()},
+              str(bus.config.models_path / "fp8-flux.safetensors"))
+    _add(bus, "fp8-flux", "flux", "fp8-flux.safetensors")
+    done = json.loads(_cli("convert", "fp8-flux", "--json", "--timeout", TIMEOUT).stdout)
+    folder = bus.config.model_path(done["path"])
+    with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        names = list(weights.keys())  # (a safetensors file is not iterable)
+        assert {weights.get_slice(k).get_dtype() for k in names} == {"BF16"}  # fp8 upcast, once
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+    expected = {k: v.to(torch.bfloat16) for k, v in _as_fp8_file(state).items()}  # what the file held, exactly
+    assert _same_weights(transformer, expected)
+
+
+def test_convert_an_fp8_scaled_flux_checkpoint_folds_its_scales(bus: Bus) -> None:
+    # ComfyUI's fp8_scaled: each matrix stored as weight / scale in fp8, its scale beside it, a marker tensor
+    bfl = loadable.flux_to_bfl(transformer_files.flux_transformer_state(guidance=True))
+    scales = {k: v.abs().max().float() / 200 for k, v in bfl.items() if v.dim() >= 2}
+    stored = {k: ((v.float() / scales[k]).to(torch.float8_e4m3fn) if k in scales else v.to(torch.bfloat16))
+              for k, v in bfl.items()}
+    file = {**stored, **{k[: -len("weight")] + "scale_weight": s.reshape(1) for k, s in scales.items()},
+            "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    bus.config.models_path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in file.items()}, str(bus.config.models_path / "fp8s-flux.safetensors"))
+    _add(bus, "fp8s-flux", "flux", "fp8s-flux.safetensors")
+    done = json.loads(_cli("convert", "fp8s-flux", "--json", "--timeout", TIMEOUT).stdout)
+    folder = bus.config.model_path(done["path"])
+    with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    assert not any(n.endswith(("scale_weight", "scaled_fp8")) for n in names)  # folded, not carried over
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+    assert names == set(transformer.state_dict())
+    # a folded weight is the file's fp8 value times its scale (to bf16's rounding)
+    folded = stored["img_in.weight"].float() * scales["img_in.weight"]
+    assert torch.allclose(transformer.state_dict()["x_embedder.weight"].float(), folded, rtol=1e-2, atol=1e-3)
 
 
 def test_a_flux_file_bundling_more_than_its_transformer_is_refused(bus: Bus) -> None:
