@@ -41,7 +41,7 @@ def create_app(config: AppConfig | None = None, client: ModelBusClient | None = 
 
     app = FastAPI(title="modelbus", version="2.0",
                   description="An event-sourced model manager: records, installs, loads and live events.",
-                  lifespan=lifespan, max_body_size=config.api_max_body)
+                  lifespan=lifespan)  # body limits: services.api.limits (Starlette's would answer before it)
     app.state.config = config
     app.state.client = client
     app.state.aclient = AsyncModelBusClient(client=client)

@@ -5,9 +5,10 @@ Pure ASGI (not BaseHTTPMiddleware), so nothing is buffered and event streams flo
 1. A request that carries a body (``Content-Length`` > 0, or chunked) must hold the bearer token when one
    is configured: 401 before a byte of the body is read. (Requests without a body are checked by the
    routes' own dependency; both use :func:`services.api.auth.token_matches`.)
-2. A declared ``Content-Length`` over ``api_max_body`` is 413 at once. A chunked body is counted as it
-   streams by FastAPI's own limit (``FastAPI(max_body_size=...)``), which answers 413 the moment the
-   count passes the limit; the rest is never read.
+2. A declared ``Content-Length`` over ``api_max_body`` is 413 at once. A chunked body is counted here as
+   it streams and answered 413 the moment the count passes the limit; the rest is never read. (Not by
+   Starlette's app-wide body limit: it answers a declared length over it with its own plain-text 413
+   before this middleware can say 401, and ends the request with an exception of its own.)
 3. At most ``api_max_requests`` requests run at once; one over the limit waits up to ``api_queue_wait``
    seconds for a slot, then gets 503 with ``Retry-After`` (kube-apiserver's max-requests-inflight).
    A slot is not held by a client that stops sending: a body that pauses longer than
@@ -78,13 +79,17 @@ class RequestLimits:
         if not token_matches(self.token, bearer_token(headers.get("authorization"))):
             return error_response(401, "HTTPError", UNAUTHORIZED,
                                   headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
-        limit, setting = next(((n, "the route's own") for p, n in ROUTE_BODY_LIMITS if p.fullmatch(path)),
-                              (self.max_body, "MODELBUS_API_MAX_BODY"))
+        limit, setting = self._limit(path)
         if length is not None and length > limit:
             return error_response(413, "RequestTooLarge",
                                   f"request body of {length} bytes is over the limit of {limit} bytes "
                                   f"({setting})", headers={"Connection": "close"})
         return None
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        """The body limit of ``path`` and the setting that names it."""
+        return next(((n, "the route's own") for p, n in ROUTE_BODY_LIMITS if p.fullmatch(path)),
+                    (self.max_body, "MODELBUS_API_MAX_BODY"))
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not await self._take_slot():
@@ -94,7 +99,7 @@ class RequestLimits:
             await busy(scope, receive, send)
             return
         try:
-            await _InTime(self.body_timeout, scope, receive, send).run(self.app)
+            await _InTime(self.body_timeout, self._limit(scope["path"]), scope, receive, send).run(self.app)
         finally:
             self._slots.release()
 
@@ -139,12 +144,19 @@ class _BodyStalled(TimedOut):
     """The body paused too long; the 408 is sent already (internal: never reaches a caller)."""
 
 
-class _InTime:
-    """One request whose body may pause at most ``timeout`` seconds at a time. On a longer pause it
-    answers 408 itself and ends the app's work; what the app would still send is dropped."""
+class _BodyTooLarge(_BodyStalled):
+    """A chunked body passed its limit; the 413 is sent already (internal: never reaches a caller)."""
 
-    def __init__(self, timeout: float, scope: Scope, receive: Receive, send: Send) -> None:
+
+class _InTime:
+    """One request whose body may pause at most ``timeout`` seconds at a time and hold at most its limit.
+    On a longer pause it answers 408 itself, past the limit 413, and ends the app's work; what the app
+    would still send is dropped."""
+
+    def __init__(self, timeout: float, limit: tuple[int, str], scope: Scope, receive: Receive, send: Send) -> None:
         self.timeout, self.scope, self._receive, self._send = timeout, scope, receive, send
+        self.limit, self.setting = limit
+        self.received = 0
         self.body_done = False
         self.started = False
         self.answered = False
@@ -164,15 +176,24 @@ class _InTime:
         try:
             message = await asyncio.wait_for(self._receive(), self.timeout)
         except TimeoutError:
-            if not self.started:
-                stalled = error_response(408, "RequestTimeout", f"the request body paused for more than "
-                                         f"{self.timeout:g} s (MODELBUS_API_BODY_TIMEOUT)",
-                                         headers={"Connection": "close"})
-                await stalled(self.scope, self._receive, self._send)
-            self.answered = True
+            await self._answer(error_response(408, "RequestTimeout", f"the request body paused for more than "
+                                              f"{self.timeout:g} s (MODELBUS_API_BODY_TIMEOUT)",
+                                              headers={"Connection": "close"}))
             raise _BodyStalled from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                await self._answer(error_response(413, "RequestTooLarge", f"request body over the limit of "
+                                                  f"{self.limit} bytes ({self.setting})",
+                                                  headers={"Connection": "close"}))
+                raise _BodyTooLarge
         self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
         return message
+
+    async def _answer(self, response: Response) -> None:
+        if not self.started:
+            await response(self.scope, self._receive, self._send)
+        self.answered = True
 
     async def send(self, message: Message) -> None:
         if self.answered:

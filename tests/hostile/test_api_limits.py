@@ -68,6 +68,17 @@ def test_a_body_without_the_token_is_refused_before_it_is_read(modelbus_env: dic
                           headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_oversized_body_is_answered_by_the_api_itself(guarded_api: ApiProcess, chunked: bool) -> None:
+    # at the default limit too, no token is 401 (Starlette's app-wide body limit used to answer a declared
+    # length first with its own plain-text 413, and log an internal error with a traceback for each)
+    without = send_body(guarded_api, "POST", "/api/v2/models/install", HUGE, chunked=chunked)
+    assert without.status == 401, guarded_api.log_tail()
+    refused = send_body(guarded_api, "POST", "/api/v2/models/install", HUGE, chunked=chunked, headers=AUTH)
+    assert refused.status == 413 and "application/json" in refused.head, refused.head
+    assert "api_internal_error" not in guarded_api.log.read_text(errors="replace"), guarded_api.log_tail()
+
+
 def _hold_request(api: ApiProcess) -> socket.socket:
     """A request in flight until closed: its headers promise a body that never comes."""
     sock = socket.create_connection(("127.0.0.1", api.port), timeout=30)
