@@ -5,6 +5,7 @@ WORKER_TTL = 20                  # s; a worker silent this long is dead (RQ's de
 MAINTENANCE_LOCK_TTL = 30       # s; a worker that dies holding the maintenance lock blocks the others this long
 JOB_MONITORING_INTERVAL = 2      # s; how often a busy worker renews its heartbeat and its job's
 JOB_HEARTBEAT_SLACK = 6          # s; a running job whose worker stopped renewing it this much longer is abandoned
+PUBSUB_POLL = 1.0                # s; how long the thread taking RQ's worker commands waits per poll (a stop joins it)
 HEARTBEAT_INTERVAL = 2.0         # s; our own heartbeat (SimpleWorker sends none while a job runs)
 WORKER_STATE_TTL = 15            # s; a worker's published state expires unless renewed
 JOB_TIMEOUT = 6 * 3600           # s; downloads of large models take long

@@ -60,6 +60,9 @@ class _Fenced:
     log: Any
     name: str
     connection: Any
+    pubsub: Any
+    pubsub_channel_name: str
+    pubsub_thread: Any
     last_cleaned_at: Any  # (RQ's BaseWorker sets it: None, then a datetime)
 
     def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
@@ -93,6 +96,16 @@ class _Fenced:
             finally:
                 queue.release_maintenance_lock()
         self.last_cleaned_at = utcnow()
+
+    def subscribe(self) -> None:
+        """RQ's, but the thread that takes RQ's commands (kill-horse, shutdown) polls every
+        ``PUBSUB_POLL`` s instead of 60: redis-py 8.2's ``PubSubWorkerThread.stop()`` joins that thread,
+        which after the unsubscribe waits out a whole poll for a subscription, so a stopping worker (a
+        burst worker's exit, a warm shutdown) hung for up to a minute after 'done, quitting'."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})  # type: ignore[attr-defined]
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=defaults.PUBSUB_POLL, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)  # type: ignore[attr-defined]
 
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
         try:
