@@ -1,6 +1,7 @@
 """Every timeout, TTL and limit of the event layer, in one place."""
 
 READ_BATCH = 1000                 # entries fetched per XRANGE/XREAD call
+HISTORY_CACHE = 512               # aggregates whose decoded history a store keeps (RedisEventStore.history)
 REBUILD_BATCH = 5000              # entries per XRANGE during a full replay (read ahead while the last applies)
 SUBSCRIBE_BLOCK_MS = 1000         # how long one blocking XREAD waits before looping
 RECONNECT_BACKOFF_BASE = 0.05     # seconds; doubled per failed attempt

@@ -11,6 +11,7 @@ import hashlib
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +35,7 @@ from modelbus.events.errors import (
 )
 from modelbus.events.keys import Keys
 from modelbus.events.schema import Event, activity
-from modelbus.events.scripts import APPEND, QUARANTINE
+from modelbus.events.scripts import APPEND, HISTORY, QUARANTINE
 from modelbus.events.validation import Refusal, Refuse, SequenceGate, body_problem
 from modelbus.events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
@@ -279,6 +280,14 @@ def refusal_of(position: str, fields: Mapping[Any, Any], reason: str) -> Refusal
                    int(version) if version.isdigit() and len(version) < 19 else 0, reason)
 
 
+def _field_map(flat: Any) -> Any:
+    """An entry's fields as a script returns them (a flat list, or a map under RESP3) as a mapping."""
+    if isinstance(flat, Mapping):
+        return flat
+    values = iter(flat)
+    return dict(zip(values, values, strict=False))
+
+
 def _decode_entries(entries: Iterable[tuple[Any, Any]], refuse: Refuse | None = None) -> list[StoredEvent]:
     """Decoded events; the others are reported, and with ``refuse`` (entries of the domain log) refused:
     those that do not decode, and those whose body a domain check refuses."""
@@ -343,7 +352,12 @@ class RedisEventStore(EventStore):
         self._append_sha = hashlib.sha1(APPEND.encode()).hexdigest()  # the name Redis gives the script
         self._append_keys = (self.keys.events, self.keys.versions, self.keys.idempotency, self.keys.unique)
         self._quarantine_sha = hashlib.sha1(QUARANTINE.encode()).hexdigest()
+        self._history_sha = hashlib.sha1(HISTORY.encode()).hexdigest()
         self._refused = set()
+        # aggregate -> (index entries read, the last one's id, its decoded events): the log only grows,
+        # so a history read fetches and decodes only what was appended since (see ``history``)
+        self._histories: OrderedDict[str, tuple[int, str, tuple[StoredEvent, ...]]] = OrderedDict()
+        self._histories_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "modelbus", **kwargs: Any) -> RedisEventStore:
@@ -406,12 +420,7 @@ class RedisEventStore(EventStore):
         return AppendResult(list(result["ids"]), int(result["version"]), bool(duplicate))
 
     def _run_append(self, keys: list[str], args: list[Any]) -> Any:
-        # after a restart or SCRIPT FLUSH the script is loaded again and re-run
-        try:
-            return self._evalsha(self._append_sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            self.client.script_load(APPEND)  # type: ignore[no-untyped-call]
-            return self._evalsha(self._append_sha, len(keys), *keys, *args)
+        return self._run_script(self._append_sha, APPEND, keys, args)
 
     def _evalsha(self, *args: Any) -> Any:
         """EVALSHA on a connection of the client's pool, sent and read directly: redis-py's Script wrapper
@@ -464,12 +473,36 @@ class RedisEventStore(EventStore):
         return RedisLogWatch(self.client, self.keys.events)
 
     def history(self, aggregate_id: str) -> list[StoredEvent]:
-        ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
-        pipe = self.client.pipeline(transaction=False)
-        for raw in ids:
-            pipe.xrange(self.keys.events, min=raw, max=raw)
-        found = self._call(pipe.execute)
-        return _decode_entries((entry for entries in found for entry in entries), self.refuse)
+        """The aggregate's events, read fresh from Redis on every call (read-your-writes holds) but
+        fetched and decoded only past what an earlier call of this process saw: a job's steps read
+        their job's history at every transition, and decoding it whole each time cost them more than
+        the rest of their bookkeeping. One script call: the index's tail and its entries together."""
+        with self._histories_lock:
+            known, last, events = self._histories.get(aggregate_id, (0, "", ()))
+        keys = [self.keys.aggregate_index(aggregate_id), self.keys.events]
+        reply = self._call(lambda: self._run_script(self._history_sha, HISTORY, keys, [known, last]))
+        start, read, raw_last = int(reply[0]), int(reply[1]), reply[2]
+        entries = [(entry[0], _field_map(entry[1])) for entry in reply[3:]]
+        fresh = tuple(_decode_entries(entries, self.refuse))
+        if start == 0:
+            events = fresh
+        elif fresh:
+            events += fresh
+        if read:
+            last = raw_last.decode() if isinstance(raw_last, bytes) else raw_last
+        with self._histories_lock:
+            self._histories[aggregate_id] = (start + read, last, events)
+            self._histories.move_to_end(aggregate_id)
+            while len(self._histories) > defaults.HISTORY_CACHE:
+                self._histories.popitem(last=False)
+        return list(events)
+
+    def _run_script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self._evalsha(sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # after a restart or SCRIPT FLUSH
+            self.client.script_load(source)  # type: ignore[no-untyped-call]
+            return self._evalsha(sha, len(keys), *keys, *args)
 
     def claim_owner(self, field: str) -> str | None:
         raw = self._call(lambda: self.client.hget(self.keys.unique, field))
