@@ -114,6 +114,18 @@ def _redis_cpu(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+def _redis_calls(client: redis.Redis) -> dict[str, int]:
+    return {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in client.info("commandstats").items()}
+
+
+def report_calls(before: dict[str, int], after: dict[str, int], installs: int) -> None:
+    """Redis commands per install, the busiest first: every one is a round trip some process waited for."""
+    per = {name: (after[name] - before.get(name, 0)) / installs for name in after}
+    top = sorted(((n, c) for n, c in per.items() if c >= 0.05), key=lambda item: -item[1])
+    print(f"    Redis commands per install: {sum(per.values()):.0f} (" +
+          ", ".join(f"{name} {count:.1f}" for name, count in top[:12]) + ")", flush=True)
+
+
 def run_round(redis_url: str, workers: int, tmp: Path) -> float:
     """Models installed per second by ``workers`` worker processes (and where each install's time went)."""
     (tmp / f"bus{workers}").mkdir(parents=True)
@@ -129,6 +141,7 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
             bus.start_worker(name=f"scale-{workers}-{i}")
         _wait_registered(service.event_store.client, workers)
         cpu, redis_cpu = _cpu_times(), _redis_cpu(service.event_store.client)
+        calls = _redis_calls(service.event_store.client)
         start = time.perf_counter()
         jobs = [service.heuristic_import(str(p)) for p in paths]
         submitted = time.perf_counter() - start
@@ -136,12 +149,14 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
         elapsed = time.perf_counter() - start
         busy, iowait = _cpu_share(cpu, _cpu_times())
         redis_share = (_redis_cpu(service.event_store.client) - redis_cpu) / elapsed
+        calls_after = _redis_calls(service.event_store.client)
         print(f"    {workers} worker{'s' if workers > 1 else ''}: {elapsed:.2f} s, submitting took {submitted:.2f} s; "
               f"CPUs {busy:.0%} busy ({iowait:.0%} iowait), Redis {redis_share:.0%} of one core", flush=True)
         bad = [j for j in done if j.status is not InstallStatus.COMPLETED]
         if bad:
             raise RuntimeError(f"{len(bad)} installs failed: {bad[0].error_type}: {bad[0].error}")
         report_phases(workers, [phases(service.event_store, j.id) for j in done])
+        report_calls(calls, calls_after, len(done))
         service.record_store.close()
         return MODELS / elapsed
     finally:
