@@ -65,21 +65,3 @@ local id = redis.call('XADD', KEYS[1], '*', 'position', ARGV[1], 'type', ARGV[2]
 redis.call('HSET', KEYS[2], ARGV[1], id)
 return 1
 """
-
-# An aggregate's entries after the first ``known`` of its index, in one round trip. What a reader
-# already holds is trusted only while the index still has the same id at that place (a Redis that lost
-# its data, or a namespace emptied and filled again, starts over from the first entry).
-# KEYS: 1 aggregate index list, 2 log stream. ARGV: known count, the last known id ('' when none).
-# Returns {start, ids read, last id read, entry...}; an entry is {id, {field, value, ...}}, and an id
-# whose entry is gone from the stream is read and skipped.
-HISTORY = """
-local start = tonumber(ARGV[1])
-if start > 0 and redis.call('LINDEX', KEYS[1], start - 1) ~= ARGV[2] then start = 0 end
-local ids = redis.call('LRANGE', KEYS[1], start, -1)
-local out = {start, #ids, ids[#ids] or ''}
-for _, id in ipairs(ids) do
-  local found = redis.call('XRANGE', KEYS[2], id, id)
-  if found[1] then out[#out + 1] = found[1] end
-end
-return out
-"""

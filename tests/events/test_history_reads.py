@@ -1,5 +1,5 @@
 """RedisEventStore.history fetches and decodes only what was appended since its last read of an
-aggregate, in one script call; what it trusts of an earlier read must never outlive the log it came
+aggregate; what it trusts of an earlier read must never outlive the log it came
 from (another writer, a poison entry, an emptied namespace, a flushed script cache)."""
 
 from __future__ import annotations
