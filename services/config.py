@@ -106,6 +106,9 @@ class AppConfig(BaseSettings):
     cache_keep_alive: float = Field(default=0.0, description="seconds an idle model stays cached; 0 = forever")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    fp8_storage: Literal["auto", "on", "off"] = Field(
+        default="auto", description="keep fp8 files' weights in fp8 in memory, upcast layer by layer in the forward "
+        "pass: 'on', 'off', or 'auto' (on CUDA devices with fp8 support, compute capability 8.9 and later)")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")

@@ -46,6 +46,7 @@ from modelbus.services.load.errors import (
     SubmodelRequiredError,
 )
 from modelbus.services.load.estimate import estimate_bytes
+from modelbus.services.load.fp8 import keeps_fp8
 from modelbus.services.load.kit import Loaded, LoadRequest
 from modelbus.services.load.registry import loader_for
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
@@ -141,6 +142,8 @@ class ModelLoadService:
         if self.cache.on_event is None:
             self.cache.on_event = self._cache_event
         self.precision = inference_dtype(str(getattr(config, "precision", "auto")), self.cache.execution_device)
+        # decided for the execution device, whether a load parks the model in RAM first or not
+        self.fp8_storage = keeps_fp8(str(getattr(config, "fp8_storage", "auto")), self.cache.execution_device)
 
     @property
     def execution_device(self) -> torch.device:
@@ -173,7 +176,8 @@ class ModelLoadService:
         if not location.exists():
             raise ModelNotFoundException(f"model {key} ({record.name}): nothing at {location}")
         cache_key = f"{key}:{submodel.value}" if submodel is not None else key
-        request = LoadRequest(record, location, submodel, self.execution_device, self.precision)
+        request = LoadRequest(record, location, submodel, self.execution_device, self.precision,
+                              self.fp8_storage)
         ids = self._payload(record, submodel, location, context)
         hit_before = cache_key in self.cache
         if hits_only and not hit_before:
@@ -207,7 +211,8 @@ class ModelLoadService:
 
         def run(device: torch.device) -> Loaded:
             # parked in RAM or not, weights take the inference dtype: a later move to VRAM is one copy
-            req = LoadRequest(request.record, request.location, request.submodel, device, self.precision)
+            req = LoadRequest(request.record, request.location, request.submodel, device, self.precision,
+                              self.fp8_storage)
             try:
                 return load(req)
             except LoadError:
