@@ -50,8 +50,9 @@ def is_fp8(t: torch.Tensor) -> bool:
 def keeps_fp8(policy: str, device: torch.device) -> bool:
     """Whether loads for ``device`` keep fp8 weights in fp8. ``auto``: on CUDA devices with fp8 support
     (compute capability 8.9, Ada and Hopper, and later), where the memory saved costs little time; not
-    on the CPU, where a kept FLUX-like block measured 0.50x the memory and a 3.3x slower forward pass
-    (``tests/bench/bench_fp8.py``): the upcast runs on every forward there."""
+    on the CPU, where the upcast on every forward pass is paid in full: a FLUX-shaped fp8_scaled
+    transformer (1 + 2 blocks of width 1536, fp32 compute) held 0.39x the memory and ran its forward
+    pass 1.74x slower there (``tests/bench/bench_fp8.py``, one run on the busy 2-core dev VM)."""
     if policy == "on":
         return True
     if policy != "auto" or device.type != "cuda":
