@@ -144,7 +144,12 @@ def source_files(source: Path) -> list[tuple[str, Path]]:
     for a Hugging Face cache snapshot, its repo's blobs: :func:`source_roots`): one that leads elsewhere,
     or to a folder, is refused naming the link (SourceForbiddenError)."""
     if source.is_symlink():
-        raise SourceForbiddenError(f"{source} is a symlink; give the file or folder it points to")
+        blobs = hfcache.snapshot_blobs(source)  # one file of a cache snapshot: its blob, under the file's name
+        target = os.path.realpath(source)
+        if blobs is None or blobs.is_symlink() or not target.startswith(os.path.realpath(blobs) + os.sep) \
+                or not os.path.isfile(target):
+            raise SourceForbiddenError(f"{source} is a symlink; give the file or folder it points to")
+        return [(source.name, Path(target))]
     if source.is_file():
         return [(source.name, source)]
     allowed = tuple(r + os.sep for r in source_roots(source))
