@@ -195,6 +195,19 @@ class InstallRestarted(Event):
     from_scratch: bool = False
 
 
+class InstallStagingReclaimed(Event):
+    """The staging janitor (``prune``) removed a staging folder older than ``MODELBUS_STAGING_TTL`` that no
+    running job uses (a worker killed mid-install left it, or its job ended long ago and kept files for a
+    restart). The aggregate is the job whose folder it was, else ``@staging`` (an in-process install's copy, a
+    conversion's folder, a name no job has); a later restart of that job keeps nothing and downloads again."""
+
+    type: Literal["InstallStagingReclaimed"] = "InstallStagingReclaimed"
+    folder: str = Field(min_length=1, max_length=255, description="its name under the staging folder")
+    files: int = Field(default=0, ge=0)
+    bytes: int = Field(default=0, ge=0)
+    modified: datetime = Field(description="the newest change inside it")
+
+
 # --- the models directory (aggregate id ``models-dir``) -----------------------------------------
 
 class ModelsDirPruned(Event):
@@ -476,7 +489,8 @@ DomainEvent = Annotated[
     ModelAdded | ModelUpdated | ModelRenamed | ModelRemoved
     | ModelSettingsChanged | ModelLinked | ModelUnlinked | ModelCoverChanged
     | InstallRequested | InstallStarted | InstallDownloaded | InstallCompleted | InstallFailed | InstallCancelled
-    | InstallPaused | InstallResumed | InstallRestarted | InstallFileDownloaded | ModelsDirPruned,
+    | InstallPaused | InstallResumed | InstallRestarted | InstallFileDownloaded | InstallStagingReclaimed
+    | ModelsDirPruned,
     Field(discriminator="type"),
 ]
 #: any event of either stream
@@ -488,7 +502,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
     for cls in (ModelAdded, ModelUpdated, ModelRenamed, ModelRemoved, InstallRequested, InstallStarted,
                 InstallDownloaded, InstallCompleted, InstallFailed, InstallCancelled, Activity,
-                InstallPaused, InstallResumed, InstallRestarted, InstallFileDownloaded, ModelsDirPruned,
+                InstallPaused, InstallResumed, InstallRestarted, InstallFileDownloaded, InstallStagingReclaimed,
+                ModelsDirPruned,
                 ModelSettingsChanged, ModelLinked, ModelUnlinked, ModelCoverChanged)
 }
 

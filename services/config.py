@@ -24,6 +24,8 @@ from modelbus.services.store.location import parse_store_url
 ENV_PREFIX = "MODELBUS_"
 CONFIG_FILE_NAME = "modelbus.yaml"
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 #: path settings given relative to ``root`` and read as absolute paths (``AppConfig._absolute_paths``)
 _ROOT_RELATIVE = ("models_dir", "conf_path", "db_path", "cache_dir")
@@ -58,6 +60,22 @@ def parse_size(value: float | str) -> int:
         raise ValueError(f"not a size (use e.g. 512M, 32G or a number of bytes): {value!r}")
     number, unit = match.groups()
     return int(float(number) * _SIZE_UNITS[(unit or "")[:1].lower()])
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds from a duration such as ``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")  # noqa: TRY004 - (see parse_size)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"not a duration (use e.g. 7d, 12h, 30m or a number of seconds): {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be more than 0: {value!r}")
+    return seconds
 
 
 def default_root() -> Path:
@@ -112,6 +130,8 @@ class AppConfig(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")
+    staging_ttl: float = Field(default=7 * 86400, description="age (7d, 12h... or seconds) after which `prune` "
+                               "reclaims a staging folder no running job uses (a worker killed mid-install)")
     download_proxy: str | None = Field(
         default=None, repr=False, description="proxy for every download and metadata call (http, https, socks5 URL; "
         "credentials allowed); unset = direct. The environment's HTTP_PROXY & co. are never used")
@@ -176,6 +196,11 @@ class AppConfig(BaseSettings):
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
+
+    @field_validator("staging_ttl", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> float:
+        return parse_duration(value)
 
     @field_validator("api_allowed_hosts", mode="before")
     @classmethod

@@ -137,14 +137,61 @@ PUBLIC_HUB = "https://huggingface.co"
 _TRUE = ("1", "true", "yes", "on")
 
 
+#: the public Hub's hosts (the site, its short name, and their subdomains: the LFS and Xet CDNs)
+PUBLIC_HOSTS = ("huggingface.co", "hf.co")
+
+
+def _flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return value.strip().lower() in _TRUE if value is not None and value.strip() else None
+
+
 def offline(hf_endpoint: str) -> bool:
     """Whether Hugging Face installs must come from the cache alone: ``MODELBUS_HF_OFFLINE`` when set,
     else ``HF_HUB_OFFLINE`` for the public Hub (a mirror configured with MODELBUS_HF_ENDPOINT is the
     operator's own server, which HF_HUB_OFFLINE, set for the libraries, does not forbid)."""
-    own = os.environ.get("MODELBUS_HF_OFFLINE")
-    if own is not None and own.strip():
-        return own.strip().lower() in _TRUE
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE and hf_endpoint.rstrip("/") == PUBLIC_HUB
+    return offline_reason(hf_endpoint) is not None
+
+
+def offline_reason(hf_endpoint: str) -> str | None:
+    """The variable that makes ``hf_endpoint`` offline (``HF_HUB_OFFLINE=1``, ``MODELBUS_HF_OFFLINE=1``), or None."""
+    own = _flag("MODELBUS_HF_OFFLINE")
+    if own is not None:
+        return "MODELBUS_HF_OFFLINE=1" if own else None
+    if _flag("HF_HUB_OFFLINE") and hf_endpoint.rstrip("/") == PUBLIC_HUB:
+        return "HF_HUB_OFFLINE=1"
+    return None
+
+
+def _is_public_host(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return any(host == h or host.endswith("." + h) for h in PUBLIC_HOSTS)
+
+
+def offline_for_url(url: str, hf_endpoint: str) -> str | None:
+    """The variable that forbids calling ``url`` (any request: downloads, listings, metadata, thumbnails), or
+    None: a public Hub host under ``HF_HUB_OFFLINE`` (unless ``MODELBUS_HF_OFFLINE=0``), the public Hub or the
+    configured endpoint's host under ``MODELBUS_HF_OFFLINE=1``."""
+    from urllib.parse import urlsplit
+    host = (urlsplit(url).hostname or "").lower()
+    endpoint_host = (urlsplit(hf_endpoint).hostname or "").lower()
+    own = _flag("MODELBUS_HF_OFFLINE")
+    if own is not None:
+        return "MODELBUS_HF_OFFLINE=1" if own and (_is_public_host(host) or host == endpoint_host) else None
+    return "HF_HUB_OFFLINE=1" if _flag("HF_HUB_OFFLINE") and _is_public_host(host) else None
+
+
+def cached_file(url: str, cache: Path | None = None) -> Path | None:
+    """The cache's copy of a ``.../<owner>/<name>/resolve/<rev>/<path>`` URL's file, or None."""
+    from urllib.parse import unquote, urlsplit
+    parts = [unquote(p) for p in urlsplit(url).path.split("/") if p]
+    if len(parts) < 5 or parts[2] != "resolve" or any(p in ("", ".", "..") for p in parts):
+        return None
+    snapshot = cached_snapshot(f"{parts[0]}/{parts[1]}", parts[3], None, cache)
+    if snapshot is None:
+        return None
+    path = snapshot.joinpath(*parts[4:])
+    return path if path.is_file() else None
 
 
 def cached_snapshot(repo_id: str, revision: str, subfolder: str | None, cache: Path | None = None) -> Path | None:

@@ -3,6 +3,7 @@ and root per test, and the environment every modelbus entry point reads."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -10,7 +11,26 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+#: the test run's own knobs, kept from the shell (everything else of modelbus's and Hugging Face's is dropped)
+KEPT_FROM_SHELL = ("MODELBUS_TEST_", "MODELBUS_BENCH_", "MODELBUS_SLOW")
+DROPPED_FROM_SHELL = ("MODELBUS_", "HF_", "HUGGINGFACE_", "CIVITAI_")
+
+
+def scrub_environment(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Tests pass whatever the shell exports: its MODELBUS_*, HF_* and CIVITAI_* variables are dropped (before
+    any library reads them at its import, as huggingface_hub does HF_HUB_OFFLINE), and HF_HOME is a folder of
+    the run's own, so no test reads the user's Hugging Face cache or the token `hf auth login` saved. Every
+    process a test starts inherits this environment."""
+    for name in [n for n in environ if n.startswith(DROPPED_FROM_SHELL) and not n.startswith(KEPT_FROM_SHELL)]:
+        del environ[name]
+    home = tempfile.mkdtemp(prefix="modelbus-test-hf-home-")
+    environ["HF_HOME"] = home
+    atexit.register(shutil.rmtree, home, True)
+
+
+scrub_environment()
+
+import pytest  # (after the scrub: nothing imported has read the shell's variables)
 import redis
 
 import modelbus.services.records  # noqa: F401 - as in every modelbus process: the record config check is registered

@@ -67,7 +67,7 @@ _TLS = httpx.create_ssl_context()
 def http_client(config: AppConfig) -> httpx.Client:
     return download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
                            timeout=httpx.Timeout(15.0, read=config.download_stall_timeout), verify=_TLS,
-                           headers={"User-Agent": "modelbus-install/0.1"})
+                           headers={"User-Agent": "modelbus-install/0.1"}, hf_endpoint=config.hf_endpoint)
 
 
 def run_install(job_id: str, access_token: str | None = None, attempt: int = 0) -> str:

@@ -1,6 +1,7 @@
 """``modelbus doctor``: is this installation fit to run? Each check says ok, warn or fail and why.
 
-Redis (reachable, persistence on, eviction off), workers per queue, disk space, the model store, GPU. A failing check
+Redis (reachable, persistence on, eviction off), workers per queue, disk space, the staging folder (what the janitor
+of ``prune`` would reclaim), the model store, GPU. A failing check
 makes the exit code 1; warnings do not.
 """
 
@@ -103,6 +104,19 @@ def check_disk(config: AppConfig) -> Iterator[Check]:
     yield Check("disk", status, f"{free_gib:.1f} GiB free at {target}")
 
 
+def check_staging(client: ModelBusClient) -> Iterator[Check]:
+    """This host's staging folder: folders, bytes, the oldest; a warning when some are reclaimable."""
+    # (the install service: only this command of the CLI needs it)
+    from modelbus.services.cli.lifecycle import staging_line
+    from modelbus.services.install.staging import figures, survey
+    report = figures(client.config, survey(client.config, client.store))
+    line = staging_line(report.as_dict(), dry_run=True)
+    if report.reclaimable:
+        yield Check("staging", "warn", line + ": modelbus prune removes them")
+    else:
+        yield Check("staging", "ok", line)
+
+
 def check_store(config: AppConfig) -> Iterator[Check]:
     """The model store answers and lets us in (nothing to check for the shared models directory)."""
     try:
@@ -138,7 +152,8 @@ def run_checks(client: ModelBusClient) -> list[Check]:
     checks: list[Check] = [Check("config", "ok", f"root {client.config.root}, models {client.config.models_path}")]
     steps: list[Callable[[], Iterator[Check]]] = [
         lambda: check_redis(client), lambda: check_quarantine(client), lambda: check_workers(client),
-        lambda: check_disk(client.config), lambda: check_store(client.config), lambda: check_gpu(client.config)]
+        lambda: check_disk(client.config), lambda: check_staging(client), lambda: check_store(client.config),
+        lambda: check_gpu(client.config)]
     for step in steps:
         checks.extend(step())
         if checks[-1].name == "redis" and checks[-1].status == "fail":

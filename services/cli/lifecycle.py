@@ -86,7 +86,8 @@ def verify(keys: Annotated[list[str] | None, typer.Argument(help="keys, key pref
 def prune(dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted")] = False,
           timeout: Annotated[float | None, typer.Option(help="seconds to wait for the worker")] = None,
           json: JsonFlag = False) -> None:
-    """Delete files in the models directory that no record owns, and empty folders."""
+    """Delete files in the models directory that no record owns, and empty folders; reclaim staging folders
+    older than MODELBUS_STAGING_TTL that no running job uses."""
     report = client().prune(dry_run=dry_run, timeout=timeout)
     if json:
         print_json(report)
@@ -98,6 +99,28 @@ def prune(dry_run: Annotated[bool, typer.Option("--dry-run", help="list what wou
         console.print(f"  {path}", markup=False, highlight=False)
     for path in report["folders"]:
         console.print(f"  {path}/", markup=False, highlight=False)
+    console.print(staging_line(report["staging"], dry_run), markup=False, highlight=False)
+    for name in report["staging"]["reclaimable"] if dry_run else report["staging"]["reclaimed"]:
+        console.print(f"  .staging/{name}/", markup=False, highlight=False)
+
+
+def staging_line(staging: dict[str, Any], dry_run: bool = True) -> str:
+    """One line of staging figures: folders, bytes, the oldest, what the janitor reclaims."""
+    line = f"staging: {staging['count']} folder(s), {human_bytes(staging['bytes'])}"
+    if staging["oldest"]:
+        line += f", oldest changed {staging['oldest'][:19].replace('T', ' ')} UTC"
+    done = staging["reclaimable"] if dry_run else staging["reclaimed"]
+    size = staging["reclaimable_bytes"] if dry_run else staging["reclaimed_bytes"]
+    verb = "would reclaim" if dry_run else "reclaimed"
+    return line + f"; {verb} {len(done)} ({human_bytes(size)}) older than {human_duration(staging['ttl'])} " \
+                  "that no running job uses"
+
+
+def human_duration(seconds: float) -> str:
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def ls_remote(source: Annotated[str, typer.Argument(help="owner/repo[:subfolder] or civitai:MODEL[@VERSION]")],

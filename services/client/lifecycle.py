@@ -97,7 +97,7 @@ def _http(client: ModelBusClient) -> Callable[[], Any]:
     config = client.config
     return lambda: download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
                                    timeout=httpx.Timeout(15.0, read=config.download_stall_timeout),
-                                   headers={"User-Agent": "modelbus-browse/0.1"})
+                                   headers={"User-Agent": "modelbus-browse/0.1"}, hf_endpoint=config.hf_endpoint)
 
 
 def ls_remote(client: ModelBusClient, source: str, revision: str | None = None,

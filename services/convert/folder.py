@@ -17,6 +17,7 @@ Runs on a worker of the hash queue (workers.convert); a refused model changes no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -58,6 +59,12 @@ def folder_dtype(original: Path) -> torch.dtype:
     return _FOLDER_DTYPES.get(precision or "", torch.float32)
 
 
+def convert_staging_name(key: str) -> str:
+    """``convert-<key>``, or of its hash when a long key would make too long a file name."""
+    name = f"convert-{key}"
+    return name if len(name) <= 255 else f"convert-{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_original: bool = False,
             dtype: torch.dtype | None = None) -> dict[str, Any]:
     """``dtype``: what the folder's weights are written in (default: the file's precision)."""
@@ -67,7 +74,7 @@ def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_or
     original = config.model_path(model.path)
     pipeline, parts, absent = plan_parts(base, original)
     dtype = dtype or folder_dtype(original)
-    staging = staging_dir(config, f"convert-{key}")
+    staging = staging_dir(config, convert_staging_name(key))
     remove_tree(staging)
     folder = staging / f"{original.stem}"
     target: Path | None = None

@@ -32,7 +32,8 @@ def fetch_image(config: Any, url: str) -> bytes:
     server that sends slowly cannot hold the worker that records the model)."""
     deadline = time.monotonic() + config.cover_fetch_timeout
     with download_client(allow_private=config.allow_private_downloads, proxy=config.download_proxy,
-                         timeout=TIMEOUT, headers={"User-Agent": "modelbus-install/0.1"}) as client:
+                         timeout=TIMEOUT, headers={"User-Agent": "modelbus-install/0.1"},
+                         hf_endpoint=config.hf_endpoint) as client:
         # the configured token of the image's origin, as for a download (a gated repo's card image needs it)
         response = open_stream(client, url, headers={"Accept": "image/png, image/jpeg, image/webp"},
                                credential=credential_for(url, config), allow_private=config.allow_private_downloads)

@@ -3,6 +3,7 @@
     DownloadError
     ├── SourceSyntaxError         (InvalidInput) a source string that is no URL, HF repo id or Civitai reference
     ├── UnsafeURLError            (Forbidden) a URL (or redirect hop) to a private/loopback address, a bad scheme
+    │   └── HFOfflineError        a request to Hugging Face while HF_HUB_OFFLINE / MODELBUS_HF_OFFLINE forbids it
     ├── UnresolvableHostError     (InvalidInput) a URL's host name does not resolve
     ├── UnsafePathError           (Forbidden) a file name or part path that is absolute or climbs out with ``..``
     ├── DestinationExistsError    (Conflict) the final file/folder exists and differs from what is downloaded
@@ -47,6 +48,10 @@ class SourceSyntaxError(DownloadError, InvalidInput, ValueError):
 
 class UnsafeURLError(DownloadError, Forbidden):
     pass
+
+
+class HFOfflineError(UnsafeURLError):
+    """No request reaches Hugging Face while it is offline (the message names the variable and the URL)."""
 
 
 class UnresolvableHostError(DownloadError, InvalidInput):

@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable, Mapping
 import httpcore
 import httpx
 
+from modelbus.services import hfcache
 from modelbus.services.config import redact_url
 
-from .errors import ProxyUnavailableError, UnresolvableHostError, UnsafeURLError
+from .errors import HFOfflineError, ProxyUnavailableError, UnresolvableHostError, UnsafeURLError
 from .security import DEFAULT_PORTS, is_public_address
 
 #: host name, port -> the addresses to try, in order
@@ -107,10 +108,25 @@ class _CheckedProxyTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+def hf_offline_guard(hf_endpoint: str) -> Callable[[httpx.Request], None]:
+    """A request hook that refuses every request to Hugging Face while it is offline (services.hfcache): each
+    request and each redirect hop, whatever sends it (downloads, listings, metadata, thumbnails)."""
+    def guard(request: httpx.Request) -> None:
+        url = str(request.url)
+        why = hfcache.offline_for_url(url, hf_endpoint)
+        if why is not None:
+            raise HFOfflineError(f"not calling {request.url.host} ({redact_url(url.split('?', 1)[0])[:300]}): {why} "
+                                 "forbids network access to Hugging Face; only files in the Hugging Face cache at "
+                                 f"{hfcache.hub_cache()} can be installed")
+    return guard
+
+
 def download_client(*, allow_private: bool, timeout: httpx.Timeout, headers: Mapping[str, str],
                     proxy: str | None = None, verify: object = True, limits: httpx.Limits | None = None,
-                    resolver: Resolver = system_resolver, backend: PinnedBackend | None = None) -> httpx.Client:
-    """An httpx client for model downloads: pinned connections, no proxy or credentials from the environment.
+                    resolver: Resolver = system_resolver, backend: PinnedBackend | None = None,
+                    hf_endpoint: str = hfcache.PUBLIC_HUB) -> httpx.Client:
+    """An httpx client for model downloads: pinned connections, no proxy or credentials from the environment,
+    no request to Hugging Face while it is offline (``hf_endpoint``: the configured one, see hf_offline_guard).
     ``backend`` replaces the default ``PinnedBackend(allow_private, resolver)`` (tests: to see what it connects to)."""
     options: dict[str, object] = {"verify": verify, "trust_env": False, "limits": limits or httpx.Limits()}
     transport: httpx.HTTPTransport
@@ -126,4 +142,5 @@ def download_client(*, allow_private: bool, timeout: httpx.Timeout, headers: Map
             raise RuntimeError("httpx's transport no longer has an httpcore pool with a network backend: "
                                "downloads cannot be pinned to checked addresses (see services/download/network.py)")
         pool._network_backend = backend or PinnedBackend(allow_private, resolver)
-    return httpx.Client(transport=transport, timeout=timeout, headers=dict(headers), trust_env=False)
+    return httpx.Client(transport=transport, timeout=timeout, headers=dict(headers), trust_env=False,
+                        event_hooks={"request": [hf_offline_guard(hf_endpoint)]})

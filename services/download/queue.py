@@ -70,7 +70,7 @@ class DownloadQueueService:
                 allow_private=self.options.allow_private, proxy=self.options.proxy,
                 timeout=httpx.Timeout(self.options.connect_timeout, read=self.options.stall_timeout),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-                headers={"User-Agent": "modelbus-downloader/0.1"},
+                headers={"User-Agent": "modelbus-downloader/0.1"}, hf_endpoint=self.config.hf_endpoint,
             )
             self._threads = [
                 threading.Thread(target=self._worker, name=f"download-{i}", daemon=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
 from modelbus.services.download.civitai import list_versions
 from modelbus.services.download.errors import SourceSyntaxError
@@ -39,6 +40,9 @@ def ls_remote(text: str, config: AppConfig, http: Http, revision: str | None = N
         raise InvalidSourceError(str(exc)) from exc
     if isinstance(source, HFSource):
         endpoint = config.hf_endpoint
+        offline = hfcache.offline_reason(endpoint)
+        if offline is not None:
+            return _cached_listing(source, offline)
         with http() as client:
             listing = list_repo(client, source, endpoint, credential_for(endpoint, config, access_token),
                                 config.allow_private_downloads)
@@ -63,6 +67,29 @@ def ls_remote(text: str, config: AppConfig, http: Http, revision: str | None = N
         return {"kind": "civitai", **found}
     raise InvalidSourceError(f"ls-remote lists a Hugging Face repo (owner/repo[:subfolder]) or a Civitai model "
                              f"(civitai:MODEL[@VERSION]); {text[:200]!r} is neither")
+
+
+def _cached_listing(source: HFSource, offline: str) -> dict[str, Any]:
+    """What the Hugging Face cache holds of ``source`` (offline: no request is made); an install takes all of it."""
+    snapshot = hfcache.cached_snapshot(source.repo_id, source.revision, source.subfolder)
+    if snapshot is None:
+        raise InvalidSourceError(f"{source} (revision {source.revision}) is not in the Hugging Face cache at "
+                                 f"{hfcache.hub_cache()}, and {offline} forbids asking Hugging Face")
+    files: list[dict[str, Any]] = []
+    total = 0
+    for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        target = path.resolve()  # a snapshot's entries link to blobs named by their etag (an LFS file's sha256)
+        sha256 = target.name if len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name) else None
+        size = path.stat().st_size
+        total += size
+        files.append({"path": path.relative_to(snapshot).as_posix(), "size": size, "sha256": sha256, "chosen": True})
+    if not files:
+        raise InvalidSourceError(f"{source.repo_id}@{source.revision} has no files under {source.subfolder!r} in "
+                                 f"the Hugging Face cache at {hfcache.hub_cache()}")
+    commit = snapshot.relative_to(hfcache.hub_cache() / hfcache.repo_folder(source.repo_id) / "snapshots").parts[0]
+    return {"kind": "huggingface", "repo_id": source.repo_id, "subfolder": source.subfolder,
+            "revision": source.revision, "commit": commit, "files": files, "total_bytes": total,
+            "chosen_bytes": total, "offline": True}
 
 
 def plan(text: str, config: AppConfig, options: dict[str, Any], http: Http, access_token: str | None = None,

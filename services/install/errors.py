@@ -14,6 +14,7 @@
     ├── ModelPathConflictError   (Conflict) a path inside, or holding, another model's path; names the other
     ├── InvalidModelPathError    (InvalidInput) a record path that does not exist or cannot be a model's
     ├── UnsafeManifestError      (InvalidInput) a manifest entry that leaves the model's folder
+    ├── InvalidStagingNameError  (InvalidInput) a staging folder name that is not one plain path component
     ├── JobStateError            (Conflict) a pause, resume or restart the job's state does not allow
     └── JobStoppedError          (Conflict) the job was cancelled or failed elsewhere while a step ran (internal)
 
@@ -73,6 +74,10 @@ class InstallTimeoutError(InstallError, TimedOut, TimeoutError):
 
 class UnsafeDeleteError(InstallError, InvalidInput):
     pass
+
+
+class InvalidStagingNameError(InstallError, InvalidInput, ValueError):
+    """A job id (or convert key) that would name a staging folder outside ``.staging`` or a hidden one."""
 
 
 class JobStateError(InstallError, Conflict):

@@ -31,6 +31,7 @@ from modelbus.events.schema import (
     InstallRequested,
     InstallRestarted,
     InstallResumed,
+    InstallStagingReclaimed,
     InstallStarted,
 )
 from modelbus.events.store import EventStore, StoredEvent
@@ -147,6 +148,9 @@ def apply(job: InstallJob | None, event: Event) -> InstallJob | None:
         job.bytes, job.download_path, job.attempt, job.updated_at = 0, None, job.attempt + 1, event.time
         job.kept_files = [f for f in event.kept_files if f in job.downloaded]
         job.downloaded = {f: job.downloaded[f] for f in job.kept_files}
+        return job
+    if isinstance(event, InstallStagingReclaimed):  # (also of an ended job: what a restart could keep is gone)
+        job.downloaded, job.kept_files = {}, []
         return job
     if job.terminal:
         return job

@@ -20,7 +20,7 @@ from pathlib import Path
 from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
 from modelbus.services.install.defaults import MAX_NAME_COLLISIONS, STAGING_DIR
-from modelbus.services.install.errors import InstallError, SourceForbiddenError
+from modelbus.services.install.errors import InstallError, InvalidStagingNameError, SourceForbiddenError
 from modelbus.services.records.enums import BaseModelType, ModelType
 
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\:*?\"<>|]+")
@@ -33,7 +33,15 @@ def staging_root(config: AppConfig) -> Path:
     return config.models_path / STAGING_DIR
 
 
+#: what a staging folder may be named: one path component (a job id, ``local-<hex>``, ``convert-<key>``)
+STAGING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
+
+
 def staging_dir(config: AppConfig, job_id: str) -> Path:
+    """The staging folder of ``job_id`` (a name from a job, checked: never a path that leaves the staging folder)."""
+    if not isinstance(job_id, str) or STAGING_NAME.fullmatch(job_id) is None:
+        raise InvalidStagingNameError(f"staging folder name {str(job_id)[:300]!r}: use 1-255 letters, digits, "
+                                      "'.', '_', ':' or '-', not starting with '.', '_', ':' or '-'")
     return staging_root(config) / job_id
 
 
@@ -136,7 +144,12 @@ def source_files(source: Path) -> list[tuple[str, Path]]:
     for a Hugging Face cache snapshot, its repo's blobs: :func:`source_roots`): one that leads elsewhere,
     or to a folder, is refused naming the link (SourceForbiddenError)."""
     if source.is_symlink():
-        raise SourceForbiddenError(f"{source} is a symlink; give the file or folder it points to")
+        blobs = hfcache.snapshot_blobs(source)  # one file of a cache snapshot: its blob, under the file's name
+        target = os.path.realpath(source)
+        if blobs is None or blobs.is_symlink() or not target.startswith(os.path.realpath(blobs) + os.sep) \
+                or not os.path.isfile(target):
+            raise SourceForbiddenError(f"{source} is a symlink; give the file or folder it points to")
+        return [(source.name, Path(target))]
     if source.is_file():
         return [(source.name, source)]
     allowed = tuple(r + os.sep for r in source_roots(source))

@@ -9,6 +9,9 @@ data). The order of the reads makes a concurrent install safe: the directory is 
 running jobs' destinations, then the records (a model placed before the listing is either still a
 running job's destination or already a record).
 
+Prune also runs the staging janitor (:mod:`.staging`): staging folders older than ``MODELBUS_STAGING_TTL``
+that no running job uses are reclaimed, and the report carries the staging figures (``staging``).
+
 When a record's files are gone, nothing is pruned: the directory may be incomplete (a disk that is not
 mounted), and what looks unowned may be a moved model. The refusal names the records.
 """
@@ -32,6 +35,7 @@ from modelbus.services.install.jobs import load_job
 from modelbus.services.install.placement import staging_root
 from modelbus.services.install.progress import ProgressBoard
 from modelbus.services.install.roots import import_area
+from modelbus.services.install.staging import StagingReport, reclaim
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +53,7 @@ class PruneReport:
     folders: list[str] = field(default_factory=list)
     bytes: int = 0
     dry_run: bool = False
+    staging: StagingReport = field(default_factory=StagingReport)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +152,7 @@ def prune(config: AppConfig, store: Any, records: Any, dry_run: bool = False) ->
     """Delete what :func:`plan_prune` found (unless ``dry_run``) and record it (``ModelsDirPruned``)."""
     report, files, folders = plan_prune(config, store, records)
     report.dry_run = dry_run
+    report.staging = reclaim(config, store, dry_run)
     if dry_run or not (files or folders):
         return report
     models = config.models_path

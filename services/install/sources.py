@@ -110,16 +110,24 @@ def resolve(text: str, config: AppConfig, options: dict[str, Any], http: Callabl
         raise InvalidSourceError(str(exc)) from exc
     allow_private = config.allow_private_downloads
     if isinstance(source, URLSource):
+        offline = hfcache.offline_for_url(source.url, config.hf_endpoint)
+        if offline is not None:  # a Hugging Face file's URL: the cache's copy, or a clear refusal
+            cached = hfcache.cached_file(source.url)
+            if cached is None:
+                raise InvalidSourceError(f"{source.url} is not in the Hugging Face cache at {hfcache.hub_cache()}, "
+                                         f"and {offline} forbids downloading it")
+            return LocalPlan(cached)
         sha256 = options.get("sha256")
         return RemotePlan([PlannedFile(source.url, sha256=str(sha256).lower() if sha256 else None)], None,
                           {"source": text, "source_url": source.url})
     if isinstance(source, HFSource):
         endpoint = config.hf_endpoint
-        if hfcache.offline(endpoint):  # no network: the Hugging Face cache's snapshot, copied like a folder
+        offline = hfcache.offline_reason(endpoint)
+        if offline is not None:  # no network: the Hugging Face cache's snapshot, copied like a folder
             snapshot = hfcache.cached_snapshot(source.repo_id, source.revision, source.subfolder)
             if snapshot is None:
                 raise InvalidSourceError(f"{source} (revision {source.revision}) is not in the Hugging Face cache at "
-                                         f"{hfcache.hub_cache()}, and HF_HUB_OFFLINE forbids downloading it")
+                                         f"{hfcache.hub_cache()}, and {offline} forbids downloading it")
             return LocalPlan(snapshot)
         with http() as client:
             repo = resolve_repo(client, source, endpoint, credential_for(endpoint, config, access_token),

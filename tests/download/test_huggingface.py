@@ -155,6 +155,8 @@ def test_real_hub_client_downloads_the_same_repo(hf_server: HFServer, tiny_repo:
     # the library reads HF_HUB_OFFLINE once, at its import: a test that imported it under the suite's
     # offline environment (tests/install) left it offline for the whole process
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # and its token file's path (a test whose environment had HF_TOKEN_PATH="" left it '.', a folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
 
     out = huggingface_hub.snapshot_download("acme/tiny-sd", endpoint=hf_server.url,
                                             cache_dir=tmp_path / "cache", local_dir=tmp_path / "local")

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from modelbus.services import hfcache
 from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
 from modelbus.services.config import AppConfig
+from modelbus.services.covers.fetch import fetch_image
+from modelbus.services.download.errors import HFOfflineError
 from tests.fixtures import make_vae_diffusers
 from tests.install.conftest import Bus, _bus
 
@@ -93,18 +96,73 @@ def test_scan_of_the_hub_cache_names_snapshots_by_repo_id(cached: tuple[Bus, Pat
 
 def test_offline_installs_come_from_the_cache_alone(redis_url: str, tmp_path: Path,
                                                    cached: tuple[Bus, Path]) -> None:
-    _, home = cached
+    first, home = cached  # (its hub published what the cache holds)
     env = {"HF_HOME": str(home), "MODELBUS_HF_OFFLINE": "1"}
     for bus in _bus(redis_url, tmp_path, start_workers=1, extra_env=env):
         bus.hub.add_repo("acme/not-cached", make_vae_diffusers(tmp_path / "other"))
         asked = len(bus.hub.requests)
         missing = _run("install", "acme/not-cached", "--wait", "--timeout", str(TIMEOUT), code=1)
-        assert "is not in the Hugging Face cache" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+        assert "is not in the Hugging Face cache" in missing.stderr and "MODELBUS_HF_OFFLINE=1" in missing.stderr
+        assert len([line for line in missing.stderr.splitlines() if line.startswith("error:")]) == 1
         done = json.loads(_run("install", REPO, "--wait", "--json", "--timeout", str(TIMEOUT)).stdout)
         assert done["state"] == "completed", (done, bus.worker_log())
+        # browsing: the cache's snapshot, every file with its size (and an LFS file's sha256, its blob's name)
+        listed = json.loads(_run("ls-remote", REPO, "--json").stdout)
+        published = first.hub.repos[REPO].files
+        weights = next(n for n in published if n.endswith(".safetensors"))
+        entry = next(f for f in listed["files"] if f["path"] == weights)
+        assert listed["offline"] and entry["size"] == published[weights].size
+        assert entry["sha256"] == published[weights].sha256
+        for command in (("ls-remote", "acme/not-cached"), ("install", "acme/not-cached", "--dry-run")):
+            refused = _run(*command, code=2).stderr.strip()
+            assert len(refused.splitlines()) == 1 and "acme/not-cached" in refused
+            assert "not in the Hugging Face cache" in refused and "MODELBUS_HF_OFFLINE=1" in refused
+        # a file's URL: the cache's copy of it, or a refusal naming it
+        url = f"{bus.hub.url}/{SCANNED}/resolve/main/{weights}"
+        by_url = json.loads(_run("install", url, "--wait", "--json", "--timeout", str(TIMEOUT)).stdout)
+        assert by_url["state"] == "completed", (by_url, bus.worker_log())
+        gone = _run("install", f"{bus.hub.url}/{SCANNED}/resolve/main/nothing.safetensors", "--wait", "--timeout",
+                    str(TIMEOUT), code=1).stderr.strip()
+        assert "nothing.safetensors is not in the Hugging Face cache" in gone
+        assert len([line for line in gone.splitlines() if line.startswith("error:")]) == 1
+        # a thumbnail (or any request the download client would send there) is refused before it is sent
+        with pytest.raises(HFOfflineError, match="MODELBUS_HF_OFFLINE=1 forbids network access to Hugging Face"):
+            fetch_image(bus.config, f"{bus.hub.url}/{REPO}/resolve/main/cover.png")
         assert len(bus.hub.requests) == asked  # not one request to the hub
         with ModelBusClient(bus.config) as client:
-            assert [m.key for m in client.list_models()] == [done["key"]]
+            assert sorted(m.key for m in client.list_models()) == sorted([done["key"], by_url["key"]])
+            assert client.get_model(by_url["key"]).path.endswith(weights)  # the file's name, not its blob's
+
+
+@pytest.mark.parametrize(("hub_offline", "own", "public", "mirror"), [
+    ("1", None, "HF_HUB_OFFLINE=1", None),  # the libraries' flag: the public Hub only (a mirror is the operator's)
+    ("1", "0", None, None),  # MODELBUS_HF_OFFLINE overrides it either way
+    (None, "1", "MODELBUS_HF_OFFLINE=1", "MODELBUS_HF_OFFLINE=1"),
+    ("0", "1", "MODELBUS_HF_OFFLINE=1", "MODELBUS_HF_OFFLINE=1"),
+    (None, None, None, None),
+])
+def test_which_variable_makes_hugging_face_offline(monkeypatch: pytest.MonkeyPatch, hub_offline: str | None,
+                                                   own: str | None, public: str | None, mirror: str | None) -> None:
+    for name, value in (("HF_HUB_OFFLINE", hub_offline), ("MODELBUS_HF_OFFLINE", own)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    endpoint = "http://mirror.example:8080"
+    for url in ("https://huggingface.co/api/models/a/b", "https://cdn-lfs.huggingface.co/x", "https://hf.co/a/b"):
+        assert hfcache.offline_for_url(url, endpoint) == public
+    assert hfcache.offline_for_url(f"{endpoint}/a/b/resolve/main/x", endpoint) == mirror
+    assert hfcache.offline_for_url("https://civitai.com/api/v1/models/1", endpoint) is None
+    assert hfcache.offline_for_url("https://nothuggingface.co/x", endpoint) is None
+
+
+def test_a_public_hub_url_under_hf_hub_offline_is_refused_before_any_connection(
+        modelbus_env: dict[str, str]) -> None:
+    from modelbus.services.config import AppConfig
+    config = AppConfig.load()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(HFOfflineError, match=r"not calling huggingface.co .*HF_HUB_OFFLINE=1"):
+        fetch_image(config, "https://huggingface.co/acme/x/resolve/main/cover.png")  # (no network here: no DNS)
 
 
 def test_the_login_token_file_is_used_when_hf_token_is_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

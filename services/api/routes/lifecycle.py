@@ -111,11 +111,23 @@ class VerifyResult(BaseModel):
     healthy: bool = Field(description="nothing missing, changed, busy or refused")
 
 
+class StagingFigures(BaseModel):
+    count: int = Field(description="folders under the staging folder (installs, paused downloads, conversions)")
+    bytes: int
+    oldest: str | None = Field(description="ISO time of the oldest folder's newest change")
+    ttl: float = Field(description="MODELBUS_STAGING_TTL in seconds")
+    reclaimable: list[str] = Field(description="older than the TTL, no running job: what the janitor removes")
+    reclaimable_bytes: int
+    reclaimed: list[str] = Field(description="removed now (none with dry_run), each an InstallStagingReclaimed event")
+    reclaimed_bytes: int
+
+
 class PruneResult(BaseModel):
     files: list[str] = Field(description="deleted (or, with dry_run, to delete), relative to the models directory")
     folders: list[str]
     bytes: int
     dry_run: bool
+    staging: StagingFigures
 
 
 @router.post("/verify", response_model=VerifyResult, responses={**NOT_FOUND, **CONFLICT, **WORKER},
@@ -126,7 +138,8 @@ def verify(c: Client, body: VerifyRequest | None = None) -> Response:
 
 
 @router.post("/prune", response_model=PruneResult, responses={**CONFLICT, **WORKER},
-             summary="Delete the files in the models directory that no record owns, and empty folders")
+             summary="Delete the files in the models directory that no record owns, and empty folders; reclaim "
+             "staging folders older than MODELBUS_STAGING_TTL that no running job uses")
 def prune(c: Client, body: PruneRequest | None = None) -> Response:
     body = body or PruneRequest()
     return _json(c.prune(dry_run=body.dry_run, timeout=body.timeout))
