@@ -31,6 +31,8 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.Main, ModelFormat.GGUF): gguf.load_gguf_main,
     (ModelType.Qwen25VL, ModelFormat.Diffusers): loaders.load_transformers_folder,
     (ModelType.SpandrelImageToImage, ModelFormat.Checkpoint): upscalers.load_spandrel,
+    (ModelType.SigLIP, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.LlavaOnevision, ModelFormat.Diffusers): loaders.load_transformers_folder,
 }
 
 
