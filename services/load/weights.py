@@ -19,6 +19,7 @@ import torch
 from modelbus.services.load.errors import InvalidModelException, UnsafeModelException
 from modelbus.services.load.safetensors_fast import cast_to_cpu, load_flat, needs_cast
 from modelbus.services.probe import scan_pickle
+from modelbus.services.probe.errors import CorruptModelError, UnsafeArchiveError
 
 SAFETENSORS = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
@@ -79,7 +80,12 @@ def read_state_dict(paths: list[Path], device: torch.device, dtype: torch.dtype 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Scan, then load a pickled checkpoint with ``weights_only=True``; unwraps ``state_dict``."""
-    findings = scan_pickle(path)
+    try:
+        findings = scan_pickle(path)
+    except UnsafeArchiveError as exc:  # the probe's errors, in the load service's family
+        raise UnsafeModelException(str(exc)) from exc
+    except CorruptModelError as exc:  # a truncated or malformed archive
+        raise InvalidModelException(str(exc)) from exc
     if findings:
         raise UnsafeModelException(f"{path}: refusing to unpickle, it imports {', '.join(findings[:5])}")
     try:

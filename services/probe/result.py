@@ -60,6 +60,9 @@ class ProbeResult(BaseModel):
     quantization: str | None = None
     #: the dtype most of the file's weights are stored in (``bf16``, ``fp8_e4m3fn``...)
     precision: str | None = None
+    #: image-to-image networks (Spandrel's): the architecture's id (``ESRGAN``, ``SwinIR``...) and scale
+    architecture: str | None = None
+    scale: int | None = None
     #: what identification noticed beyond the fields: metadata that disagreed with the tensors...
     notes: str | None = None
 
@@ -79,6 +82,8 @@ class ProbeResult(BaseModel):
             "quantization": self.quantization,
             "precision": self.precision,
             "notes": self.notes,
+            "architecture": self.architecture,
+            "scale": self.scale,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields

@@ -268,6 +268,8 @@ class SpandrelImageToImageConfig(CheckpointConfig):
 
     model_type: Literal[ModelType.SpandrelImageToImage] = ModelType.SpandrelImageToImage
     model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+    architecture: str | None = Field(default=None, description="Spandrel's id of the architecture (ESRGAN, SwinIR...)")
+    scale: int | None = Field(default=None, description="how many times larger the output is (1: restoration)")
 
 
 class SigLIPConfig(ModelConfigBase):
