@@ -19,7 +19,6 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 import redis
-import structlog
 from pydantic import ValidationError
 
 from modelbus.events import defaults
@@ -34,12 +33,13 @@ from modelbus.events.errors import (
     UniqueConstraintError,
 )
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import Event, activity
 from modelbus.events.scripts import APPEND, QUARANTINE
 from modelbus.events.validation import Refusal, Refuse, SequenceGate, body_problem
 from modelbus.events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Stream = Literal["events", "activity"]
 T = TypeVar("T")

@@ -22,9 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-import structlog
-
 from modelbus.events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
+from modelbus.events.logs import get_logger
 from modelbus.events.projection import ProjectionRunner
 from modelbus.events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from modelbus.events.store import AppendResult, EventStore, StoredEvent, position_key
@@ -54,7 +53,7 @@ from modelbus.services.records.projection import (
     config_from_state,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 WRITE_ATTEMPTS = 16  # optimistic retries before a write gives up under constant contention
 RETRY_BACKOFF_BASE = 0.0005  # seconds; the random back-off after a lost race doubles up to the cap
