@@ -115,8 +115,9 @@ class _CurrentStderr:
 def configure_logging(fmt: str = "auto", level: str = "INFO", secrets: Iterable[str | None] = ()) -> None:
     """Configure structlog and route the stdlib loggers of our libraries through it; ``secrets`` are
     values (tokens) to blank wherever they appear, besides those of :data:`SECRET_ENV`."""
-    global _pending
+    global _pending, _generation
     _pending = None
+    _generation += 1
     _drop_deferred_handler()
     import structlog
 
@@ -171,10 +172,11 @@ def _adopt_stdlib(shared: list[structlog.typing.Processor], scrub: Scrubber, ren
 def reset_logging() -> None:
     """Undo :func:`configure_logging` (tests: the next one starts clean): structlog's defaults, our root
     handler gone, the root logger back at WARNING."""
-    global _pending
+    global _pending, _generation
     import structlog
 
     _pending = None
+    _generation += 1
     _drop_deferred_handler()
     structlog.reset_defaults()
     root = logging.getLogger()
@@ -185,6 +187,8 @@ def reset_logging() -> None:
 
 #: the arguments of :func:`configure_logging_later`, until the first log line applies them
 _pending: tuple[str, str, tuple[str | None, ...]] | None = None
+#: how many times the set-up was made or undone: a logger made under an earlier one is made again
+_generation = 0
 
 
 def configure_logging_later(fmt: str = "auto", level: str = "INFO", secrets: Iterable[str | None] = ()) -> None:
@@ -222,25 +226,31 @@ def _drop_deferred_handler() -> None:
 
 
 class _Logger:
-    """structlog's logger for a name, imported and made on the first call (see :func:`get_logger`)."""
+    """structlog's logger for a name, imported and made on the first call (see :func:`get_logger`), and
+    bound once per set-up: structlog's own lazy proxy binds a new logger (its context, its output, its
+    filtering class) at every call, a twentieth of a record add's own time. The bound logger shares
+    the configured processor list, which ``structlog.testing.capture_logs`` changes in place."""
 
-    __slots__ = ("_logger", "_name")
+    __slots__ = ("_generation", "_logger", "_name")
 
     def __init__(self, name: str | None) -> None:
         self._name = name
         self._logger: Any = None
+        self._generation = -1
 
     def __getattr__(self, attr: str) -> Any:  # each call: log.info is no attribute of ours
         if _pending is not None:
             _apply_pending()
-        if self._logger is None:
+        if self._generation != _generation:
             import structlog
 
-            self._logger = structlog.get_logger(self._name)
+            self._logger = structlog.get_logger(self._name).bind()
+            self._generation = _generation
         return getattr(self._logger, attr)
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
     """``structlog.get_logger(name)``, without importing structlog until the logger is first used (the
-    logger follows every later :func:`configure_logging`, as structlog's own lazy proxy does)."""
+    logger follows every later :func:`configure_logging` and :func:`reset_logging`; set structlog up
+    through them, not with ``structlog.configure``)."""
     return _Logger(name)  # type: ignore[return-value]

@@ -52,6 +52,7 @@ from modelbus.services.records.projection import (
     RecordProjection,
     config_from_state,
 )
+from modelbus.services.records.validation import validated
 
 log = get_logger(__name__)
 
@@ -369,6 +370,7 @@ class ModelRecordServiceBase(ModelDataWrites):
                 replay.clear()
                 expected = -1  # no version matches: the store answers "duplicate" for our key, or refuses
             event = ModelAdded(aggregate_id=key, config=body, files=tuple(files), correlation_id=correlation_id)
+            validated(event.config)  # the record's own dump: the append need not validate it again
             result = self._append(event, claims={claim: key}, idempotency_key=idempotency_key,
                                   path=record.path, expected=expected)
             if result is None:

@@ -81,17 +81,20 @@ def test_the_reading_commands_run_and_import_only_their_own(modelbus_env: dict[s
 def test_logging_set_up_later_applies_at_the_first_line_of_either_kind() -> None:
     probe = """
 import logging, sys
-from modelbus.events.logs import configure_logging_later, get_logger
+from modelbus.events.logs import configure_logging, configure_logging_later, get_logger
 configure_logging_later("json", "INFO")
 log = get_logger("probe")
 print("structlog" in sys.modules)
 logging.getLogger("rq.worker").warning("stdlib first %s", "line")
 log.info("then_structlog", token="s3cret")
 log.debug("filtered_out")
+configure_logging("json", "DEBUG")  # a logger already used follows a new set-up
+log.debug("now_shown")
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.split() == ["False"]  # nothing logged yet: structlog not imported; logs never on stdout
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     assert [(line["event"], line["level"]) for line in lines] == [("stdlib first line", "warning"),
-                                                                   ("then_structlog", "info")]
+                                                                   ("then_structlog", "info"),
+                                                                   ("now_shown", "debug")]
     assert lines[0]["logger"] == "rq.worker" and lines[1]["token"] == "[redacted]"
