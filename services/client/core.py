@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import redis
-import structlog
 
 from modelbus.events.errors import StoreUnavailableError
 from modelbus.events.jobs import InstallJobView, LoadOutcome, ScanOutcome, SyncOutcome, UnloadOutcome
 from modelbus.events.keys import QUEUES
+from modelbus.events.logs import get_logger
 from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
 from modelbus.events.workers import WorkerInfo, list_workers
 from modelbus.services.client import defaults
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from modelbus.services.client.gpu import GpuLoads
     from modelbus.services.client.installs import Installs
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class ModelBusClient(ModelDataCalls):

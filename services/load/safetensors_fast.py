@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from accelerate import init_empty_weights
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

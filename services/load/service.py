@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import (
     Activity,
     CacheEvicted,
@@ -51,7 +51,7 @@ from modelbus.services.load.kit import Loaded, LoadRequest
 from modelbus.services.load.registry import loader_for
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Publisher = Callable[[Activity], object]  # what it returns (a stream position...) is ignored
 CONTEXT_FIELDS = ("queue_id", "queue_item_id", "queue_batch_id", "graph_execution_state_id")
