@@ -62,11 +62,11 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
     files = weight_files(folder, dtype)
     if not files:
         raise InvalidModelException(f"{folder}: no weight files (.safetensors, .bin, .ckpt)")
-    if all(f.suffix == ".safetensors" for f in files) and not needs_cast(files, dtype):
-        # the weights stream in (threads, GIL released) while this thread builds the meta model and
-        # assigns it the buffer's views, whose bytes are still arriving: all of the build hides
-        # behind the copy
-        pending = start_flat(files, device)
+    if all(f.suffix == ".safetensors" for f in files) and (device.type == "cpu" or not needs_cast(files, dtype)):
+        # the weights stream in (threads, GIL released; on the CPU cast as they arrive) while this
+        # thread builds the meta model and assigns it the buffer's views, whose bytes are still
+        # arriving: all of the build hides behind the copy
+        pending = start_flat(files, device, dtype=dtype if device.type == "cpu" else None)
         try:
             model = _empty_from_folder(cls, folder)
             assign_weights(model, fit_keys(model, pending.flat.tensors), device, str(folder))

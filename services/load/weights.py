@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from modelbus.services.load.errors import InvalidModelException, UnsafeModelException
-from modelbus.services.load.safetensors_fast import cast_to_cpu, load_flat, needs_cast
+from modelbus.services.load.safetensors_fast import load_flat
 from modelbus.services.probe import scan_pickle
 from modelbus.services.probe.errors import CorruptModelError, UnsafeArchiveError
 
@@ -65,8 +65,6 @@ def read_state_dict(paths: list[Path], device: torch.device, dtype: torch.dtype 
     if missing:
         raise InvalidModelException(f"weight files missing: {', '.join(map(str, missing))}")
     if all(p.suffix == ".safetensors" for p in paths):
-        if device.type == "cpu" and select is None and dtype is not None and needs_cast(paths, dtype):
-            return StateDict(cast_to_cpu(paths, dtype), None)  # (tensors of their own: no buffer)
         flat = load_flat(paths, device, dtype, select)
         return StateDict(flat.tensors, flat.buffer)
     tensors: dict[str, torch.Tensor] = {}
