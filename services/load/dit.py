@@ -18,10 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from diffusers.loaders import single_file_utils as sfu
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.fp8 import keep_fp8
 from modelbus.services.load.kit import (
@@ -39,7 +39,7 @@ from modelbus.services.load.kit import (
 )
 from modelbus.services.load.safetensors_fast import empty_model
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: the bases this module loads single files of
 DIT_BASES = ("chroma", "flux2", "qwen-image", "qwen-image-2.1", "wan-2.1", "wan-2.2", "z-image", "hidream",

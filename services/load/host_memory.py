@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import structlog
 import torch
 
 from modelbus.events.errors import InvalidInput
+from modelbus.events.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 GRAIN = 2 << 20          # new buffers are whole huge pages
 _SLACK = 1.25            # a free buffer up to this much larger than asked for is used, not a new one

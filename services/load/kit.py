@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-import structlog
 import torch
 import transformers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.fp8 import FP8_DTYPES, fold_fp8_scales, keep_fp8, scales_after, split_fp8
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model, read_header
@@ -49,7 +49,7 @@ class LoadRequest:
 
 Loader = Callable[[LoadRequest], Loaded]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 _LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
