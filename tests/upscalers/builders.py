@@ -40,6 +40,32 @@ def _dat() -> torch.nn.Module:
                expansion_factor=2, upsampler="pixelshuffle")
 
 
+def _more(kind: str) -> torch.nn.Module:
+    """Further architectures, each in an upsampler its scale rule must read."""
+    from spandrel.architectures.ATD import ATD
+    from spandrel.architectures.DRCT import DRCT
+    from spandrel.architectures.PLKSR import PLKSR
+    from spandrel.architectures.RGT import RGT
+    from spandrel.architectures.SPAN import SPAN
+    from spandrel.architectures.SwinIR import SwinIR
+
+    swin = {"img_size": 16, "window_size": 4, "embed_dim": 12, "depths": [1], "num_heads": [2], "mlp_ratio": 2}
+    atd = {"img_size": 16, "depths": [2], "num_heads": [2], "window_size": 4, "category_size": 16, "num_tokens": 8}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "span_x2": lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2),
+        "plksr_x3": lambda: PLKSR(dim=16, n_blocks=2, upscaling_factor=3, kernel_size=7),
+        "atd_x4": lambda: ATD(embed_dim=12, upscale=4, upsampler="pixelshuffle", **atd),
+        "atd_light_x2": lambda: ATD(embed_dim=48, upscale=2, upsampler="pixelshuffledirect", **atd),
+        "drct_x2": lambda: DRCT(img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, upscale=2,
+                                upsampler="pixelshuffle", gc=8),
+        "rgt_x3": lambda: RGT(img_size=16, embed_dim=12, depth=[1], num_heads=[2], split_size=[4, 4], upscale=3),
+        "swinir_nearest_x4": lambda: SwinIR(upscale=4, upsampler="nearest+conv", **swin),
+        "swinir_direct_x3": lambda: SwinIR(upscale=3, upsampler="pixelshuffledirect", **swin),
+        "swinir_x1": lambda: SwinIR(upscale=1, upsampler="", **swin),
+    }
+    return builders[kind]()
+
+
 def _lama() -> torch.nn.Module:
     from spandrel.architectures.LaMa import LaMa
     return LaMa(in_nc=4, out_nc=3)  # LaMa's one size (51M parameters): the test saves it in fp16
@@ -113,3 +139,7 @@ KINDS: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {
     "dat_x4": (_dat, "plain"),
     "lama": (_lama, "plain"),
 }
+#: identified only (as .safetensors): their scale rules checked against Spandrel's
+MORE_KINDS = ("span_x2", "plksr_x3", "atd_x4", "atd_light_x2", "drct_x2", "rgt_x3", "swinir_nearest_x4",
+              "swinir_direct_x3", "swinir_x1")
+KINDS.update({kind: ((lambda k=kind: _more(k)), "plain") for kind in MORE_KINDS})
