@@ -258,8 +258,8 @@ class _Logger:
         return getattr(self._logger, attr)
 
 
-def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
+def get_logger(name: str | None = None) -> Any:
     """``structlog.get_logger(name)``, without importing structlog until the logger is first used (the
     logger follows every later :func:`configure_logging` and :func:`reset_logging`; set structlog up
     through them, not with ``structlog.configure``)."""
-    return _Logger(name)  # type: ignore[return-value]
+    return _Logger(name)
