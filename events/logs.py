@@ -17,6 +17,7 @@ set-up and applies it at the first log line, structlog's or a stdlib logger's, w
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -46,20 +47,28 @@ class _NoHousekeeping(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or "cleaning" not in str(record.msg)
 
-_SECRET_KEY = re.compile(r"^(?:.*token|.*password|passwd|.*secret|credentials?|authorization|"
-                         r"proxy-authorization|cookie|set-cookie|api[_-]?key|x-api-key)$", re.IGNORECASE)
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # scheme://user:pass@host -> scheme://[redacted]@host
-    (re.compile(r"(?P<a>\b[a-z][a-z0-9+.\-]*://)[^/\s@'\"<>]+@", re.IGNORECASE), rf"\g<a>{REDACTED}@"),
-    # Authorization: Bearer xyz / Basic xyz, however it is quoted or joined
-    (re.compile(r"(?P<a>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=\-]{3,}", re.IGNORECASE), rf"\g<a>{REDACTED}"),
-    # ?token=...&sig=... : query parameters that carry credentials (presigned URLs included)
-    (re.compile(r"(?P<a>[?&;](?:[\w.\-]*(?:token|key|sig|signature|password|secret|credential)[\w.\-]*)=)"
-                r"[^&\s'\"#<>]+", re.IGNORECASE), rf"\g<a>{REDACTED}"),
-    # access_token='x', "password": "x", credentials=x in reprs and tracebacks
-    (re.compile(r"(?P<a>\b(?:[\w\-]*token|password|passwd|secret|credentials?|authorization|api[_-]?key)"
-                r"['\"]?\s*[=:]\s*b?['\"]?)(?!\[redacted\])[^'\"\s,)}\]]+", re.IGNORECASE), rf"\g<a>{REDACTED}"),
-)
+
+@functools.cache
+def _secret_key() -> re.Pattern[str]:
+    return re.compile(r"^(?:.*token|.*password|passwd|.*secret|credentials?|authorization|"
+                      r"proxy-authorization|cookie|set-cookie|api[_-]?key|x-api-key)$", re.IGNORECASE)
+
+
+@functools.cache
+def _patterns() -> tuple[tuple[re.Pattern[str], str], ...]:
+    """The secrets' shapes, compiled on first use (a process that never logs never compiles them)."""
+    return (
+        # scheme://user:pass@host -> scheme://[redacted]@host
+        (re.compile(r"(?P<a>\b[a-z][a-z0-9+.\-]*://)[^/\s@'\"<>]+@", re.IGNORECASE), rf"\g<a>{REDACTED}@"),
+        # Authorization: Bearer xyz / Basic xyz, however it is quoted or joined
+        (re.compile(r"(?P<a>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=\-]{3,}", re.IGNORECASE), rf"\g<a>{REDACTED}"),
+        # ?token=...&sig=... : query parameters that carry credentials (presigned URLs included)
+        (re.compile(r"(?P<a>[?&;](?:[\w.\-]*(?:token|key|sig|signature|password|secret|credential)[\w.\-]*)=)"
+                    r"[^&\s'\"#<>]+", re.IGNORECASE), rf"\g<a>{REDACTED}"),
+        # access_token='x', "password": "x", credentials=x in reprs and tracebacks
+        (re.compile(r"(?P<a>\b(?:[\w\-]*token|password|passwd|secret|credentials?|authorization|api[_-]?key)"
+                    r"['\"]?\s*[=:]\s*b?['\"]?)(?!\[redacted\])[^'\"\s,)}\]]+", re.IGNORECASE), rf"\g<a>{REDACTED}"),
+    )
 
 
 class Scrubber:
@@ -74,7 +83,7 @@ class Scrubber:
         for secret in self.secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        for pattern, replacement in _PATTERNS:
+        for pattern, replacement in _patterns():
             value = pattern.sub(replacement, value)
         return value
 
@@ -91,7 +100,7 @@ class Scrubber:
 
     @staticmethod
     def _secret_key(key: object, value: object) -> bool:
-        return isinstance(key, str) and bool(_SECRET_KEY.match(key)) and value not in (None, "", True, False)
+        return isinstance(key, str) and bool(_secret_key().match(key)) and value not in (None, "", True, False)
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in list(event_dict.items()):
@@ -249,8 +258,8 @@ class _Logger:
         return getattr(self._logger, attr)
 
 
-def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
+def get_logger(name: str | None = None) -> Any:
     """``structlog.get_logger(name)``, without importing structlog until the logger is first used (the
     logger follows every later :func:`configure_logging` and :func:`reset_logging`; set structlog up
     through them, not with ``structlog.configure``)."""
-    return _Logger(name)  # type: ignore[return-value]
+    return _Logger(name)

@@ -246,8 +246,10 @@ def _pack(command: str, args: tuple[Any, ...], conn: Any) -> Any:
     return conn.pack_command(command, *args)
 
 
+_pack_command: Callable[..., Any] | None
 try:
-    from hiredis import pack_command as _pack_command
+    import hiredis
+    _pack_command = hiredis.pack_command
 except ImportError:  # redis-py's pure-Python packer
     _pack_command = None
 
@@ -447,10 +449,11 @@ class RedisEventStore(EventStore):
         here; a broken connection is closed and dropped. A client without a pool of its own (a cluster,
         a single-connection client) goes the ordinary way."""
         client = self.client
-        pool = getattr(client, "connection_pool", None)
+        pool: Any = getattr(client, "connection_pool", None)
         if pool is None or getattr(client, "connection", None) is not None:
             return client.execute_command("EVALSHA", *args)
-        if isinstance(pool, SentinelConnectionPool):
+        follows_failover = isinstance(pool, SentinelConnectionPool)  # (a flag: the stubs' pool is redis-py 4's)
+        if follows_failover:
             conn = pool.get_connection()
             try:
                 conn.send_command("EVALSHA", *args)
