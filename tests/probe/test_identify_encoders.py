@@ -62,11 +62,12 @@ def wan_vae_original(**config: Any) -> dict[str, tuple[int, ...]]:
 def umt5(wan_names: bool = False) -> dict[str, tuple[int, ...]]:
     import transformers
 
-    if wan_names:  # Wan-AI's models_t5_umt5-xxl-enc-bf16.pth
-        return {"token_embedding.weight": (256384, 4096), "blocks.0.attn.q.weight": (4096, 4096),
-                "blocks.0.pos_embedding.embedding.weight": (32, 64), "blocks.1.pos_embedding.embedding.weight": (32, 64),
-                "blocks.0.ffn.gate.0.weight": (10240, 4096), "norm.weight": (4096,)}  # fmt: skip
-    return _meta_state(lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_XXL)))
+    shapes = _meta_state(lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_XXL)))
+    if wan_names:  # Wan-AI's models_t5_umt5-xxl-enc-bf16.pth: every tensor under its wan/modules/t5.py name
+        from tests.fixtures.transformer_files import to_wan_t5_names
+
+        return to_wan_t5_names(shapes)
+    return shapes
 
 
 def t5_xxl() -> dict[str, tuple[int, ...]]:
