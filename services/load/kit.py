@@ -75,14 +75,19 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 # classes whose files keep the names transformers 4 gave them (and transformers 5 still writes): Qwen2.5-VL's
-# language model and vision tower moved under ``model.`` (transformers 4.5x's _checkpoint_conversion_mapping)
-# LLaVA's (transformers' conversion mapping for llava, llava_next, llava_onevision) likewise
+# language model and vision tower moved under ``model.``, and Mistral3's likewise (transformers 4.5x's
+# _checkpoint_conversion_mapping); LLaVA's (transformers' conversion mapping for llava, llava_next,
+# llava_onevision) likewise
 _LLAVA_NAMES = ((re.compile(r"^language_model\.lm_head\."), "lm_head."),
                 (re.compile(r"^language_model\.model\."), "model.language_model."),
                 (re.compile(r"^(vision_tower|multi_modal_projector|image_newline)\b"), r"model.\1"))
 _SAVED_NAMES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
     "Qwen2_5_VLForConditionalGeneration": ((re.compile(r"^visual\."), "model.visual."),
                                            (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model.")),
+    # Mistral3: transformers 4 kept the language model whole (``language_model.model.``, its head beside it)
+    "Mistral3ForConditionalGeneration": ((re.compile(r"^language_model\.model\."), "model.language_model."),
+                                         (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+                                         (re.compile(r"^(vision_tower|multi_modal_projector)\."), r"model.\1.")),
     "LlavaForConditionalGeneration": _LLAVA_NAMES,
     "LlavaNextForConditionalGeneration": _LLAVA_NAMES,
     "LlavaOnevisionForConditionalGeneration": _LLAVA_NAMES,

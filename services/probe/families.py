@@ -28,7 +28,13 @@ from modelbus.services.probe import upscalers
 from modelbus.services.probe.claims import with_claim_checked
 from modelbus.services.probe.dit import probe_dit
 from modelbus.services.probe.dit_loras import dit_lora_base, lora_notes
-from modelbus.services.probe.encoders import probe_qwen25_vl, probe_umt5, probe_video_vae
+from modelbus.services.probe.encoders import (
+    probe_mistral,
+    probe_qwen3,
+    probe_qwen25_vl,
+    probe_umt5,
+    probe_video_vae,
+)
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
     ProbeResult,
@@ -531,6 +537,8 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_umt5,
     probe_t5_encoder,
     probe_qwen25_vl,
+    probe_qwen3,
+    probe_mistral,
     probe_clip_vision,
     probe_upscaler,
 )
