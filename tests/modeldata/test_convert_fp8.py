@@ -1,0 +1,131 @@
+"""`modelbus convert` of fp8 single files of SD-1, SD-2 and SDXL (FLUX's are in test_convert): a plain e4m3fn
+file becomes a bf16 diffusers folder holding the file's values exactly (each upcast once), a ComfyUI fp8_scaled
+one has its scales folded into the denoiser's weights and carries no scale or marker tensor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from typer.testing import CliRunner
+
+from modelbus.services.cli import app as cli_app
+from modelbus.services.client import ModelBusClient
+from tests.fixtures import loadable
+from tests.install.conftest import Bus
+from tests.waiting import wait_until
+
+TIMEOUT = "600"
+SCALE = 0.037  # one scale for every scaled weight: what the folder holds is then known per tensor
+DENOISER = ("model.diffusion_model.",)
+
+#: base -> (write the float32 checkpoint, write its inference YAML, the parts and their classes)
+Writer = Callable[[Path], dict[str, torch.nn.Module]]
+CASES: dict[str, tuple[Writer, Callable[[Path], Path], dict[str, type]]] = {
+    "sd-1": (lambda p: loadable.write_sd1_checkpoint(p, dtype=torch.float32), loadable.write_original_yaml,
+             {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}),
+    "sd-2": (lambda p: loadable.write_sd2_checkpoint(p, dtype=torch.float32), loadable.write_sd2_yaml,
+             {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}),
+    "sdxl": (lambda p: loadable.write_sdxl_checkpoint(p, dtype=torch.float32), loadable.write_sdxl_yaml,
+             {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+              "text_encoder_2": CLIPTextModelWithProjection}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _hash_worker_up(bus: Bus) -> None:
+    with ModelBusClient(bus.config) as client:
+        wait_until(lambda: any("hash" in w.queues for w in client.workers()), 120, "a worker on the hash queue",
+                   bus.worker_log)
+
+
+def _cli(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(cli_app, list(args))
+    assert result.exit_code == code, (args, result.stdout, result.stderr)
+    return result
+
+
+def as_fp8_file(tensors: dict[str, torch.Tensor], scaled_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """As ComfyUI ships fp8 files: matrices in float8_e4m3fn, vectors (norms, biases) in bf16. ``scaled_prefixes``:
+    the weights under them are stored as ``weight / SCALE`` with a ``scale_weight`` beside each, and the file
+    gets the ``scaled_fp8`` marker (ComfyUI's fp8_scaled)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            out[key] = value
+        elif value.dim() < 2:
+            out[key] = value.to(torch.bfloat16)
+        elif key.startswith(scaled_prefixes) and key.endswith(".weight"):
+            out[key] = (value.float() / SCALE).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = torch.tensor([SCALE], dtype=torch.float32)
+        else:
+            out[key] = value.to(torch.float8_e4m3fn)
+    if scaled_prefixes:
+        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def expected_weights(model: torch.nn.Module, scaled: bool) -> dict[str, torch.Tensor]:
+    """What the folder must hold of a part whose weights the file stored as :func:`as_fp8_file` does: renaming,
+    slicing and transposing (what a conversion does to names) commute with these elementwise roundings."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            out[key] = value
+        elif value.dim() < 2:
+            out[key] = value.to(torch.bfloat16)
+        elif scaled and key.endswith(".weight"):  # folded in bf16, as the loader folds: fp8 upcast, times the scale
+            out[key] = (value.float() / SCALE).to(torch.float8_e4m3fn).to(torch.bfloat16) \
+                * torch.tensor(SCALE).to(torch.bfloat16)
+        else:
+            out[key] = value.to(torch.float8_e4m3fn).to(torch.bfloat16)
+    return out
+
+
+def same(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors of ``model`` that are not ``expected``'s, bit for bit."""
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    return [k for k, v in got.items() if not torch.equal(v, expected[k])]
+
+
+def folder_tensor_names(folder: Path) -> set[str]:
+    names: set[str] = set()
+    for file in folder.rglob("*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            held = list(weights.keys())  # (a safetensors file is not iterable)
+            names |= set(held)
+            assert {weights.get_slice(k).get_dtype() for k in held} <= {"BF16", "I64"}, file
+    return names
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["e4m3fn", "fp8_scaled"])
+@pytest.mark.parametrize("base", sorted(CASES))
+def test_convert_an_fp8_checkpoint(bus: Bus, base: str, scaled: bool) -> None:
+    write, write_yaml, parts = CASES[base]
+    key = f"fp8-{base}-{'scaled' if scaled else 'plain'}"
+    models_dir = bus.config.models_path
+    models_dir.mkdir(parents=True, exist_ok=True)
+    file = models_dir / f"{key}.safetensors"
+    models = write(file)
+    save_file(as_fp8_file(load_file(str(file)), DENOISER if scaled else ()), str(file))
+    yaml_path = write_yaml(bus.root / f"{key}.yaml")
+    with ModelBusClient(bus.config) as client:
+        client.add_model(key, {"name": key, "model_type": "main", "model_format": "checkpoint", "base_model": base,
+                               "path": file.name, "config": str(yaml_path)})
+    done = json.loads(_cli("convert", key, "--json", "--timeout", TIMEOUT).stdout)
+    assert done["model_format"] == "diffusers" and done["original_removed"]
+    folder = bus.config.model_path(done["path"])
+    names = folder_tensor_names(folder)  # every weight bf16: fp8 upcast once, nothing kept in fp8
+    assert not any(n.endswith(("scale_weight", "scaled_fp8")) for n in names)
+    for part, cls in parts.items():
+        loaded = cls.from_pretrained(folder / part, local_files_only=True)
+        wrong = same(loaded, expected_weights(models[part], scaled and part == "unet"))
+        assert wrong == [], (part, wrong[:5])
