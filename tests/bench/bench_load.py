@@ -228,7 +228,9 @@ def rounds(methods: dict[str, Callable[[], Any]], device: torch.device, n: int, 
 
 
 def summary(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: min(ts) for name, ts in times.items()}
+    """Each method's median over the rounds (a busy machine's outliers in either direction count less
+    than in a best-of or a mean)."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_file(label: str, weights: Path, folder: Path | None, device: torch.device, dtype: torch.dtype,
@@ -236,11 +238,13 @@ def bench_file(label: str, weights: Path, folder: Path | None, device: torch.dev
     methods, missing = methods_for(weights, folder, device, dtype)
     for name in skip:
         methods.pop(name, None)
-    out: dict[str, Any] = {"file_bytes": weights.stat().st_size, "missing": missing}
+    out: dict[str, Any] = {"file_bytes": weights.stat().st_size, "missing": missing, "rounds": repeat,
+                           "cold_rounds": cold_repeat}
     for fn in methods.values() if warmup else ():  # imports, staging buffers, skeletons: outside the timings
         fn()
-    out["warm_s"] = summary(rounds(methods, device, repeat, None))
-    out["cold_s"] = summary(rounds(methods, device, cold_repeat, weights))
+    out["warm_rounds_s"] = rounds(methods, device, repeat, None)
+    out["cold_rounds_s"] = rounds(methods, device, cold_repeat, weights)
+    out["warm_s"], out["cold_s"] = summary(out["warm_rounds_s"]), summary(out["cold_rounds_s"])
     warm, cold = out["warm_s"], out["cold_s"]
     peers = [p for p in ("fastsafetensors", "runai") if p in cold]
     if "module" in warm:
@@ -259,9 +263,12 @@ def bench_file(label: str, weights: Path, folder: Path | None, device: torch.dev
 
 
 def print_file(label: str, out: dict[str, Any]) -> None:
-    print(f"== {label}: {out['file_bytes'] / 1e9:.2f} GB")
+    print(f"== {label}: {out['file_bytes'] / 1e9:.2f} GB (medians of {out['rounds']} warm, {out['cold_rounds']} "
+          "cold rounds, alternating the order)")
     for name in out["warm_s"]:
-        print(f"  {name:16s} cold {out['cold_s'].get(name, float('nan')):7.3f} s   warm {out['warm_s'][name]:7.3f} s")
+        each = " ".join(f"{t:.3f}" for t in out["cold_rounds_s"].get(name, []))
+        print(f"  {name:16s} cold {out['cold_s'].get(name, float('nan')):7.3f} s   warm {out['warm_s'][name]:7.3f} s"
+              f"   (cold rounds: {each})")
     for key, value in out.items():
         if isinstance(value, float):
             print(f"  {key}: {value:.3f}")
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default=None, help="comma list of sd15, sdxl, half (CPU default: half)")
     ap.add_argument("--flux", action="store_true", help="also a FLUX-size (23.8 GB) flat file (CUDA)")
-    ap.add_argument("--repeat", type=int, default=int(os.environ.get("MODELBUS_BENCH_REPEAT", "3")))
+    ap.add_argument("--repeat", type=int, default=int(os.environ.get("MODELBUS_BENCH_REPEAT", "5")))
     ap.add_argument("--cold-repeat", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list of methods to leave out")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON results line to this file")
