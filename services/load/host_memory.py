@@ -64,6 +64,14 @@ class _Block:
 class HostMemory:
     """A pool of host buffers for CPU loads (see the module docstring)."""
 
+    _lock: threading.RLock
+    _wake: threading.Condition
+    _busy: bool
+    _pending: list[_Block]
+    _free: list[_Block]           # oldest returned first
+    _leased_bytes: int
+    _reaper: threading.Thread | None
+
     def __init__(self, max_bytes: int, idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         if max_bytes < 0 or idle_seconds < 0:
             raise ValueError(f"max_bytes and idle_seconds must not be negative: {max_bytes}, {idle_seconds}")
@@ -213,10 +221,10 @@ class HostMemory:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._busy = False
-        self._pending: list[_Block] = []
-        self._free: list[_Block] = []   # oldest returned first
+        self._pending = []
+        self._free = []
         self._leased_bytes = 0
-        self._reaper: threading.Thread | None = None
+        self._reaper = None
 
 
 _EMPTY: np.ndarray[Any, np.dtype[np.uint8]] = np.empty(0, dtype=np.uint8)

@@ -193,7 +193,7 @@ class _Plan:
         visit(root)
 
     def clone(self) -> torch.nn.Module:
-        twins = [object.__new__(n.cls) for n in self.nodes]
+        twins: list[torch.nn.Module] = [object.__new__(n.cls) for n in self.nodes]
         # meta parameters are the skeleton's own objects (the assignment replaces each by a new
         # Parameter holding the weights, ties kept by identity); real ones are copied
         params = [p if p.is_meta else _param(p, {}) for p in self.params]
