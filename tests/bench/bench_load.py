@@ -210,8 +210,10 @@ def methods_for(weights: Path, folder: Path | None, device: torch.device, dtype:
 
 
 def rounds(methods: dict[str, Callable[[], Any]], device: torch.device, n: int, cold: Path | None,
-           ) -> dict[str, list[float]]:
-    """Each method ``n`` times, the order reversed every other round; ``cold``: drop this file's pages first."""
+           cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Each method ``n`` times, the order reversed every other round; ``cold``: drop this file's pages first.
+    ``cpu``: filled with the CPU seconds this process spent in each (all its threads, kernel time too),
+    which other processes on a busy machine disturb far less than the wall time."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
     for r in range(n):
@@ -219,10 +221,12 @@ def rounds(methods: dict[str, Callable[[], Any]], device: torch.device, n: int, 
             if cold is not None:
                 drop_page_cache(cold)
             sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             result = methods[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
             del result
     return times
 
@@ -242,15 +246,18 @@ def bench_file(label: str, weights: Path, folder: Path | None, device: torch.dev
                            "cold_rounds": cold_repeat}
     for fn in methods.values() if warmup else ():  # imports, staging buffers, skeletons: outside the timings
         fn()
-    out["warm_rounds_s"] = rounds(methods, device, repeat, None)
+    warm_cpu: dict[str, list[float]] = {}
+    out["warm_rounds_s"] = rounds(methods, device, repeat, None, warm_cpu)
     out["cold_rounds_s"] = rounds(methods, device, cold_repeat, weights)
     out["warm_s"], out["cold_s"] = summary(out["warm_rounds_s"]), summary(out["cold_rounds_s"])
+    out["warm_cpu_s"] = summary(warm_cpu)
     warm, cold = out["warm_s"], out["cold_s"]
     peers = [p for p in ("fastsafetensors", "runai") if p in cold]
     if "module" in warm:
         out["module_over_flat_warm"] = warm["module"] / warm["flat"]
         out["diffusers_over_module_warm"] = warm["diffusers"] / warm["module"]
         out["diffusers_over_module_cold"] = cold["diffusers"] / cold["module"]
+        out["diffusers_over_module_warm_cpu"] = out["warm_cpu_s"]["diffusers"] / out["warm_cpu_s"]["module"]
     ours_cold = cold["module"] if "module" in cold else cold["flat"]
     out["ours_cold_over_best_read"] = ours_cold / min(v for k, v in cold.items() if k.startswith("read"))
     if peers:
@@ -268,7 +275,7 @@ def print_file(label: str, out: dict[str, Any]) -> None:
     for name in out["warm_s"]:
         each = " ".join(f"{t:.3f}" for t in out["cold_rounds_s"].get(name, []))
         print(f"  {name:16s} cold {out['cold_s'].get(name, float('nan')):7.3f} s   warm {out['warm_s'][name]:7.3f} s"
-              f"   (cold rounds: {each})")
+              f" ({out['warm_cpu_s'][name]:6.3f} s CPU)   (cold rounds: {each})")
     for key, value in out.items():
         if isinstance(value, float):
             print(f"  {key}: {value:.3f}")
