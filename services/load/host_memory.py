@@ -64,6 +64,14 @@ class _Block:
 class HostMemory:
     """A pool of host buffers for CPU loads (see the module docstring)."""
 
+    _lock: threading.RLock
+    _wake: threading.Condition
+    _busy: bool
+    _pending: list[_Block]
+    _free: list[_Block]           # oldest returned first
+    _leased_bytes: int
+    _reaper: threading.Thread | None
+
     def __init__(self, max_bytes: int, idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         if max_bytes < 0 or idle_seconds < 0:
             raise ValueError(f"max_bytes and idle_seconds must not be negative: {max_bytes}, {idle_seconds}")
@@ -110,6 +118,16 @@ class HostMemory:
         with self._inside():
             return self._drop(self._idle_blocks(self.clock()))
 
+    def set_bounds(self, max_bytes: int, idle_seconds: float) -> None:
+        """New bounds; free buffers over them go now."""
+        if max_bytes < 0 or idle_seconds < 0:
+            raise ValueError(f"max_bytes and idle_seconds must not be negative: {max_bytes}, {idle_seconds}")
+        with self._inside():
+            self.max_bytes, self.idle_seconds = max_bytes, idle_seconds
+            self._drop(self._over_cap(self.max_bytes) if idle_seconds > 0 else list(self._free))
+            if self._reaper is not None:
+                self._wake.notify()
+
     def clear(self) -> int:
         """Unmap every free buffer now (leased ones come back later as usual)."""
         with self._inside():
@@ -148,15 +166,19 @@ class HostMemory:
             return
         block.returned_at = self.clock()
         self._free.append(block)
+        self._drop(self._over_cap(self.max_bytes))  # the one just returned is last and fits alone
+        self._start_reaper()
+
+    def _over_cap(self, cap: int) -> list[_Block]:
+        """The oldest free buffers whose release brings the free bytes within ``cap``."""
         total = sum(b.size for b in self._free)
         over: list[_Block] = []
-        for old in self._free:  # oldest first; the one just returned is last and fits alone
-            if total <= self.max_bytes:
+        for old in self._free:
+            if total <= cap:
                 break
             over.append(old)
             total -= old.size
-        self._drop(over)
-        self._start_reaper()
+        return over
 
     def _best_fit(self, want: int) -> _Block | None:
         fits = [b for b in self._free if want <= b.size <= max(want * _SLACK, want + GRAIN)]
@@ -199,10 +221,10 @@ class HostMemory:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._busy = False
-        self._pending: list[_Block] = []
-        self._free: list[_Block] = []   # oldest returned first
+        self._pending = []
+        self._free = []
         self._leased_bytes = 0
-        self._reaper: threading.Thread | None = None
+        self._reaper = None
 
 
 _EMPTY: np.ndarray[Any, np.dtype[np.uint8]] = np.empty(0, dtype=np.uint8)
@@ -234,11 +256,24 @@ _default_lock = threading.Lock()
 
 
 def host_memory() -> HostMemory:
-    """The process's pool, made on first use from ``MODELBUS_CPU_RECYCLE_MB`` and ``..._IDLE_S``."""
+    """The process's pool; made on first use from ``MODELBUS_CPU_RECYCLE_MB`` and ``..._IDLE_S`` when
+    no :func:`configure` came first (a load outside the service: the benchmarks, a script)."""
     global _default
     with _default_lock:
         if _default is None:
             _default = HostMemory(int(_setting(RECYCLE_MB_ENV, "4096") * (1 << 20)), _setting(RECYCLE_IDLE_ENV, "60"))
+        return _default
+
+
+def configure(max_bytes: int, idle_seconds: float) -> HostMemory:
+    """Set the process's pool's bounds (``ModelLoadService`` does, from its config's
+    ``cpu_recycle_mb`` and ``cpu_recycle_idle_s``)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = HostMemory(max_bytes, idle_seconds)
+        else:
+            _default.set_bounds(max_bytes, idle_seconds)
         return _default
 
 

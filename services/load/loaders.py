@@ -31,7 +31,7 @@ from modelbus.services.load.kit import (
     shape_of,
 )
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model, needs_cast, start_flat
-from modelbus.services.load.skeleton import skeleton_model
+from modelbus.services.load.skeleton import gc_paused, skeleton_model
 from modelbus.services.load.weights import StateDict, read_state_dict, weight_files
 from modelbus.services.records.enums import SubModelType
 
@@ -68,8 +68,9 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
         # arriving: all of the build hides behind the copy
         pending = start_flat(files, device, dtype=dtype if device.type == "cpu" else None)
         try:
-            model = _empty_from_folder(cls, folder)
-            assign_weights(model, fit_keys(model, pending.flat.tensors), device, str(folder))
+            with gc_paused():  # (the assignment makes a Parameter per weight)
+                model = _empty_from_folder(cls, folder)
+                assign_weights(model, fit_keys(model, pending.flat.tensors), device, str(folder))
         finally:
             flat = pending.wait()
         state = StateDict(flat.tensors, flat.buffer)

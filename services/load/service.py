@@ -47,6 +47,7 @@ from modelbus.services.load.errors import (
 )
 from modelbus.services.load.estimate import estimate_bytes
 from modelbus.services.load.fp8 import keeps_fp8
+from modelbus.services.load.host_memory import configure as configure_host_memory
 from modelbus.services.load.kit import Loaded, LoadRequest
 from modelbus.services.load.registry import loader_for
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
@@ -139,6 +140,8 @@ class ModelLoadService:
         self.cache = cache or ModelCache(execution_device=device, ram_limit=int(config.ram_cache_size),
                                          vram_limit=int(config.vram_cache_size),
                                          keep_alive=float(getattr(config, "cache_keep_alive", 0.0)))
+        configure_host_memory(int(float(getattr(config, "cpu_recycle_mb", 4096)) * (1 << 20)),
+                              float(getattr(config, "cpu_recycle_idle_s", 60.0)))
         if self.cache.on_event is None:
             self.cache.on_event = self._cache_event
         self.precision = inference_dtype(str(getattr(config, "precision", "auto")), self.cache.execution_device)

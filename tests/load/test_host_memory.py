@@ -13,7 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from modelbus.services.load import InvalidModelException, ModelCache, load_flat
+from modelbus.services.config import AppConfig, ConfigError
+from modelbus.services.load import InvalidModelException, ModelCache, ModelLoadService, load_flat
 from modelbus.services.load import host_memory as hm
 from modelbus.services.load import safetensors_fast as sf
 from modelbus.services.load.host_memory import GRAIN, HostMemory, RecycleSettingError
@@ -130,9 +131,10 @@ def test_free_buffers_are_released_when_idle() -> None:
     del t
     assert pool.free_bytes == 3 * GRAIN and pool.leased_bytes == 0
     now[0] = 59.0
-    assert pool.release_idle() == 0
+    assert pool.release_idle() == 0 and pool.free_bytes == 3 * GRAIN
     now[0] = 60.5
-    assert pool.release_idle() == 3 * GRAIN and pool.free_bytes == 0
+    pool.release_idle()  # (or the pool's thread did it first, reading the same clock)
+    assert pool.free_bytes == 0
     # the pool's own thread does it too, with no call
     real = HostMemory(1 << 30, 0.2)
     t = real.take(GRAIN)
@@ -205,3 +207,17 @@ def test_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELBUS_CPU_RECYCLE_IDLE_S", "2.5")
     made = hm.host_memory()
     assert (made.max_bytes, made.idle_seconds) == (512 << 20, 2.5)
+
+
+def test_the_service_sets_the_bounds_from_its_config(config: AppConfig, store: object,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hm, "_default", HostMemory(1 << 30, 60.0))
+    kept = hm.host_memory().take(3 * GRAIN)
+    del kept
+    assert hm.host_memory().free_bytes == 3 * GRAIN
+    ModelLoadService(config.model_copy(update={"cpu_recycle_mb": 4, "cpu_recycle_idle_s": 5}), store)
+    pool = hm.host_memory()
+    assert (pool.max_bytes, pool.idle_seconds) == (4 << 20, 5.0)
+    assert pool.free_bytes == 0  # over the new cap: given back at once
+    with pytest.raises(ConfigError, match="MODELBUS_CPU_RECYCLE_MB=-1"):
+        AppConfig.load(cpu_recycle_mb=-1)
