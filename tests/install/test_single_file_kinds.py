@@ -1,7 +1,7 @@
 """Single files that the probe recognises beyond the SD checkpoints, installed from a local path end
 to end through the queue and real workers: T2I-Adapters (diffusers state dict, TencentARC's original
-pickle), a FLUX transformer in the diffusers layout, transformer ControlNets (FLUX, SD-3), and LoRAs of Wan
-and FLUX.2 in their trainers' layouts. Each
+pickle), a FLUX transformer in the diffusers layout, transformer ControlNets (FLUX, SD-3), LoRAs of Wan
+and FLUX.2 in their trainers' layouts, and a Qwen3 text encoder. Each
 lands under ``<base>/<type>/`` with a record of the right concrete config class."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from modelbus.services.records.models import (
     LoRALycorisConfig,
     MainCheckpointConfig,
     ModelConfigBase,
+    Qwen3EncoderConfig,
     T2IAdapterCheckpointConfig,
 )
 from tests.fixtures import dit_loras as dl
@@ -34,6 +35,17 @@ Builder = Callable[[Path], Path]
 
 def _first_block(layers: dl.Widths) -> dl.Widths:
     return {k: v for k, v in layers.items() if ".0." in k}
+
+
+def _tiny_qwen3(path: Path) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    state = {k: v for k, v in transformers.Qwen3ForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    return b.write_state(path, state)
 
 
 CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
@@ -61,6 +73,8 @@ CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
         lambda p: dl.write_lora_file(p, _first_block(dl.original_widths("flux2", dl.shipped_layers("flux2-klein-4b"))),
                                      "kohya"),
         LoRALycorisConfig, {"base_model": "flux2", "model_format": "lycoris"}),
+    # a Qwen3 language model of no published encoder's width (the real widths: tests/probe/test_identify_encoders)
+    "qwen3-tiny.safetensors": (_tiny_qwen3, Qwen3EncoderConfig, {"base_model": "any", "config": None}),
 }  # fmt: skip
 
 
