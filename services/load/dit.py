@@ -30,14 +30,15 @@ from modelbus.services.load.kit import (
     Loaded,
     LoadRequest,
     base_of,
-    build_from,
     kept_scales,
+    live_buffer,
     read_checkpoint,
     read_json,
     read_kept,
     resolve_class,
 )
-from modelbus.services.load.safetensors_fast import empty_model
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.skeleton import skeleton_model, state_keys
 
 log = get_logger(__name__)
 
@@ -121,7 +122,9 @@ def load_dit_checkpoint(req: LoadRequest) -> Loaded:
     def make() -> torch.nn.Module:
         return cls.from_config(kwargs)  # type: ignore[attr-defined, no-any-return]
 
-    expected = set(empty_model(make).state_dict())
+    # one meta build per (class, config) in the process, cloned for later loads (services.load.skeleton)
+    model = skeleton_model(cls, kwargs, lambda: empty_model(make))
+    expected = set(state_keys(model) or model.state_dict())
     kept = read_kept(req, lambda k: True)
     tensors, buffer = (kept[0], kept[1]) if kept is not None else read_checkpoint(req, lambda k: True)
     tensors = to_diffusers_names(tensors, cls.__name__, expected, req.location)
@@ -129,7 +132,7 @@ def load_dit_checkpoint(req: LoadRequest) -> Loaded:
     if scales is None:
         log.info("fp8_kept_fallback", path=str(req.location), reason="the conversion leaves a scale untold")
         return load_dit_checkpoint(replace(req, fp8_storage=False))
-    loaded = build_from(make, tensors, req, buffer, f"{base} transformer")
+    assign_weights(model, tensors, req.device, f"{req.location} ({base} transformer)")
     if kept is not None:
-        keep_fp8(loaded.model, scales, req.dtype)
-    return loaded
+        keep_fp8(model, scales, req.dtype)
+    return Loaded(model, live_buffer(model, buffer))

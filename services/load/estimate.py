@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from modelbus.services.load.checkpoints import CLIP_PREFIXES, OPENCLIP_PREFIXES, is_controlnet_key
+from modelbus.services.load.dit import DIT_BASES
 from modelbus.services.load.errors import LoadError
 from modelbus.services.load.flux import flux_diffusers_state
-from modelbus.services.load.fp8 import FP8_DTYPES
+from modelbus.services.load.fp8 import FP8_DTYPES, is_scale
 from modelbus.services.load.kit import (
     DENOISER_SUBMODELS,
     NOT_FLUX_TRANSFORMER,
@@ -101,6 +102,9 @@ def estimate_bytes(req: LoadRequest) -> int:
             denoiser = req.submodel is not None and req.submodel.value in DENOISER_SUBMODELS
             if base in _TRANSFORMER_STATES and denoiser:
                 return _transformer_bytes(loc, req.dtype, _TRANSFORMER_STATES[base], req.fp8_storage)
+            if base in DIT_BASES:  # the file holds the transformer alone (fp8 scales: buffers of a kept load only)
+                select = None if req.fp8_storage else (lambda k: not is_scale(k))
+                return _header_bytes([loc], req.dtype, select, req.fp8_storage) if denoiser else 0
             if base == "flux":
                 return 0  # a FLUX file has no other submodel: the load refuses it
             prefixes = _checkpoint_prefixes(req.submodel, base)

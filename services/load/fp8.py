@@ -64,6 +64,11 @@ def _is_marker(key: str) -> bool:
     return any(key == m or key.endswith("." + m) for m in _MARKERS)
 
 
+def is_scale(key: str) -> bool:
+    """A ComfyUI fp8_scaled file's scale or marker tensor (held as a buffer only by a kept load)."""
+    return _is_marker(key) or _scale_target(key) is not None
+
+
 def _scale_target(key: str) -> str | None:
     suffix = next((s for s in _SCALES if key.endswith(s)), None)
     return key[: -len(suffix)] + _SCALES[suffix] if suffix is not None else None

@@ -6,8 +6,10 @@ self_attn_q.lora_down.weight``; ai-toolkit, diffusion-pipe, ComfyUI: the origina
 ``diffusion_model.``; BFL's fused ``qkv``). diffusers' own LoRA loaders know each family's conversions
 (``<Family>LoraLoaderMixin.lora_state_dict``, offline for a dict); the result is PEFT's layout,
 ``transformer.<module>.lora_A.weight`` / ``lora_B.weight``, kohya's alphas folded into the weights, which
-``transformer.load_lora_adapter(state, prefix="transformer")`` applies. Other bases' LoRAs stay as their
-files hold them (the patcher's input).
+``transformer.load_lora_adapter(state, prefix="transformer")`` applies. LTX-Video's, LTX-2's, HiDream's and
+Sana's trainers write diffusers' module names, and diffusers converts no kohya names for them: those are read
+back against the family's module names (:func:`_from_kohya`). Other bases' LoRAs stay as their files hold
+them (the patcher's input).
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def to_diffusers_names(base: object, tensors: dict[str, torch.Tensor], where: Pa
                                     f"{first[:300]}") from exc
     if isinstance(converted, tuple):  # FLUX's loader may answer (state, alphas)
         converted = converted[0]
+    if family in _KOHYA_BY_NAME and any(k.startswith(("lora_unet_", "transformer.lora_unet_")) for k in converted):
+        converted = _from_kohya(converted, _SHIPPED[family], where)
     out = {_repaired(k if k.startswith("transformer.") else f"transformer.{k}"): v for k, v in converted.items()
            if not k.startswith(("text_encoder", "te."))}
     if not out:
@@ -105,6 +109,59 @@ def to_diffusers_names(base: object, tensors: dict[str, torch.Tensor], where: Pa
                                     f"this family ({len(unplaced)} tensors name no module of its transformer, e.g. "
                                     f"{unplaced[0]})")
     return out
+
+
+# families whose trainers write diffusers' names and whose diffusers conversion knows no kohya names: kohya's
+# ``lora_unet_<module with _ for .>`` are read back against the family's own module names
+_KOHYA_BY_NAME = frozenset({Base.LTXVideo, Base.LTXVideo2, Base.HiDream, Base.Sana})
+_KOHYA_KEY = re.compile(r"^(?:transformer\.)?lora_unet_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def _from_kohya(tensors: dict[str, torch.Tensor], config_name: str, where: Path) -> dict[str, torch.Tensor]:
+    """kohya's names as PEFT's (``lora_down`` -> ``lora_A``, ``lora_up`` -> ``lora_B``, alpha / rank folded into
+    ``lora_A``); the other keys as they are. A kohya name that fits no module, or two, is left for the caller's
+    check to refuse."""
+    patterns = _kohya_patterns(config_name)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = _KOHYA_KEY.match(key)
+        module = _kohya_module(m.group(1), patterns) if m else None
+        if m is None or module is None:
+            out[key] = value
+            continue
+        parts.setdefault(module, {})[m.group(2)] = value
+    for module, got in parts.items():
+        down, up = got.get("lora_down.weight"), got.get("lora_up.weight")
+        if down is None or up is None:
+            raise InvalidModelException(f"{where}: kohya LoRA layer {module} lacks its lora_down or lora_up")
+        alpha = got.get("alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        out[f"transformer.{module}.lora_A.weight"] = down * scale if scale != 1.0 else down
+        out[f"transformer.{module}.lora_B.weight"] = up
+    return out
+
+
+def _kohya_module(stem: str, patterns: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+    found = [(p, general) for p, general in patterns if p.fullmatch(stem)]
+    if len(found) != 1:
+        return None
+    match = found[0][0].fullmatch(stem)
+    assert match is not None
+    indices = iter(match.groups())
+    return ".".join(next(indices) if part == "N" else part for part in found[0][1].split("."))
+
+
+@functools.cache
+def _kohya_patterns(config_name: str) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """Each module name of the family (indices as ``N``) as the regex of its kohya spelling."""
+    out = []
+    for general in sorted(_module_names(config_name)):
+        if not general:
+            continue
+        regex = "_".join(r"(\d+)" if part == "N" else re.escape(part) for part in general.split("."))
+        out.append((re.compile(regex), general))
+    return tuple(out)
 
 
 def _module_of(key: str) -> str:

@@ -19,12 +19,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import struct
 import sys
 import tempfile
 import time
-from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import ratio_line
+from common import emit, held_bytes, median_forward, ratio_line, sync
 
 from modelbus.services.load.flux import load_flux_checkpoint
 from modelbus.services.load.kit import LoadRequest
@@ -97,11 +95,6 @@ def write_fp8_file(path: Path, config: dict[str, Any]) -> int:
     return fp8
 
 
-def held_bytes(model: torch.nn.Module) -> int:
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in chain(model.parameters(), model.buffers())}
-    return sum(storages.values())
-
 
 def inputs(config: dict[str, Any], tokens: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
@@ -118,11 +111,6 @@ def inputs(config: dict[str, Any], tokens: int, device: torch.device, dtype: tor
             for k, v in made.items()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(path: Path, keep: bool, device: torch.device, dtype: torch.dtype, feed: dict[str, Any],
             repeat: int) -> tuple[dict[str, Any], torch.Tensor]:
     record = SimpleNamespace(key="bench", model_type="main", base_model="flux", config=None, model_format="checkpoint")
@@ -132,22 +120,16 @@ def measure(path: Path, keep: bool, device: torch.device, dtype: torch.dtype, fe
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model = load_flux_checkpoint(req).model
-    _sync(device)
+    sync(device)
     load_s = time.perf_counter() - start
     held = held_bytes(model)
-    times = []
     with torch.no_grad():
-        out = model(**feed).sample  # warm-up (kernels, allocator)
-        _sync(device)
-        for _ in range(repeat):
-            start = time.perf_counter()
-            model(**feed)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        out = model(**feed).sample
+    forward_s = median_forward(model, feed, device, repeat)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     kept = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
     result = {"kept": keep, "held_bytes": held, "peak_bytes": peak, "load_s": round(load_s, 3),
-              "forward_s": round(statistics.median(times), 4), "fp8_params": kept}
+              "forward_s": round(forward_s, 4), "fp8_params": kept}
     result_out = out.float().cpu()
     del model, out
     return result, result_out
@@ -200,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "forward_ratio": kept["forward_s"] / upcast["forward_s"]}  # fmt: skip
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name(device)
-    print("RESULT " + json.dumps(res))
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(res) + "\n")
+    emit(res, args.out)
     return res
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -62,3 +63,46 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 def scale(default: int) -> int:
     """MODELBUS_BENCH_SCALE multiplies every count (e.g. 10 for a long run)."""
     return max(1, int(default * float(os.environ.get("MODELBUS_BENCH_SCALE", "1"))))
+
+
+def held_bytes(model: Any) -> int:
+    """Bytes of the distinct memory a torch module's parameters and buffers lie in (a shared buffer once)."""
+    from itertools import chain
+
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in chain(model.parameters(), model.buffers())}
+    return sum(storages.values())
+
+
+def emit(res: dict[str, Any], out: Path | None) -> None:
+    """The RESULT line on stdout, and appended to ``out`` when given."""
+    import json
+
+    print("RESULT " + json.dumps(res), flush=True)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+
+
+def sync(device: Any) -> None:
+    """Wait for a CUDA device's queued work (timings of GPU code); nothing elsewhere."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def median_forward(model: Any, feed: dict[str, Any], device: Any, repeat: int) -> float:
+    """Median seconds of ``model(**feed)`` over ``repeat`` runs after one warm-up (kernels, allocator)."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        model(**feed)
+        sync(device)
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(**feed)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)

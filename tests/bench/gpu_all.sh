@@ -3,17 +3,20 @@
 # no internet): partial VRAM loading (bench_partial), then bench_load (SD-1.5 and SDXL UNets, a
 # FLUX-size flat file with --flux, fastsafetensors and Run:ai streamer baselines when their wheels
 # came along, first/later offload and reload), then bench_fp8 (a FLUX.1-size fp8_scaled transformer kept
-# in fp8 vs upcast to bf16: memory held, peak and forward time; it writes a 12 GB file under $MB_TMP).
+# in fp8 vs upcast to bf16: memory held, peak and forward time; it writes a 12 GB file under $MB_TMP), then
+# bench_families (a FLUX.1-size GGUF Q8_0 vs its bf16 file: memory, load, forward; a Qwen-Image-size
+# transformer, 41 GB, through the DiT loader vs diffusers' from_single_file; sparse files under $MB_TMP).
 #
-#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux] [fp8]
+#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux] [fp8] [families]
 #
-# The wheels: diffusers, structlog, fastsafetensors, runai-model-streamer (pip download them for the
-# machine's Python). Only modelbus's load modules are put on the path (no Redis, records or API).
+# The wheels: diffusers, structlog, fastsafetensors, runai-model-streamer, and for the families step gguf and
+# pydantic (pip download them for the machine's Python). Only modelbus's load modules are put on the path (no
+# Redis, records or API; of the probe, the GGUF header reader the GGUF loader uses).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WHL=${WHL:-$REPO/../whl}
 OUT=${OUT:-/tmp/bench-out}
-STEPS=${*:-partial load fp8}
+STEPS=${*:-partial load fp8 families}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
@@ -33,6 +36,9 @@ cat > $MB/services/probe/__init__.py <<'EOF'
 def scan_pickle(path):  # the benchmarks load safetensors only
     raise RuntimeError(f"{path}: pickles are not loaded on the bench machine")
 EOF
+for f in errors gguf_file result tensor_index; do  # the GGUF loader reads a FLUX GGUF's header through these
+  ln -s "$REPO/services/probe/$f.py" "$MB/services/probe/$f.py"
+done
 export PYTHONPATH=/tmp/mb:/tmp/site
 cd "$REPO"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; df -h /tmp
@@ -48,5 +54,7 @@ for step in $STEPS; do
             --out "$OUT/flux.jsonl" 2>&1 | tee "$OUT/flux.log" ;;
     fp8) MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${FP8_TIMEOUT:-330}" python3 tests/bench/bench_fp8.py \
            --device cuda --out "$OUT/fp8.jsonl" ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" ;;
+    families) MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${FAMILIES_TIMEOUT:-400}" python3 tests/bench/bench_families.py \
+                --device cuda --out "$OUT/families.jsonl" ${FAMILIES_ARGS:-} 2>&1 | tee "$OUT/families.log" ;;
   esac
 done

@@ -1,7 +1,8 @@
 """Single files that the probe recognises beyond the SD checkpoints, installed from a local path end
 to end through the queue and real workers: T2I-Adapters (diffusers state dict, TencentARC's original
-pickle), a FLUX transformer in the diffusers layout, transformer ControlNets (FLUX, SD-3), and LoRAs of Wan
-and FLUX.2 in their trainers' layouts, a Real-ESRGAN upscaler (its architecture and scale recorded). Each
+pickle), a FLUX transformer in the diffusers layout, transformer ControlNets (FLUX, SD-3), LoRAs of Wan
+and FLUX.2 in their trainers' layouts, a Real-ESRGAN upscaler (its architecture and scale recorded), and a
+Qwen3 text encoder. Each
 lands under ``<base>/<type>/`` with a record of the right concrete config class."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from modelbus.services.records.models import (
     LoRALycorisConfig,
     MainCheckpointConfig,
     ModelConfigBase,
+    Qwen3EncoderConfig,
     SpandrelImageToImageConfig,
     T2IAdapterCheckpointConfig,
 )
@@ -42,6 +44,18 @@ _REALESRGAN_X2PLUS = {
     "conv_first.weight": (8, 12, 3, 3), "body.0.rdb1.conv1.weight": (4, 8, 3, 3), "conv_body.weight": (8, 8, 3, 3),
     "conv_up1.weight": (8, 8, 3, 3), "conv_up2.weight": (8, 8, 3, 3), "conv_hr.weight": (8, 8, 3, 3),
     "conv_last.weight": (3, 8, 3, 3)}
+
+
+def _tiny_qwen3(path: Path) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    state = {k: v for k, v in transformers.Qwen3ForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    return b.write_state(path, state)
+
 
 CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
     "t2i-sd15-depth.safetensors": (
@@ -68,6 +82,8 @@ CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
         lambda p: dl.write_lora_file(p, _first_block(dl.original_widths("flux2", dl.shipped_layers("flux2-klein-4b"))),
                                      "kohya"),
         LoRALycorisConfig, {"base_model": "flux2", "model_format": "lycoris"}),
+    # a Qwen3 language model of no published encoder's width (the real widths: tests/probe/test_identify_encoders)
+    "qwen3-tiny.safetensors": (_tiny_qwen3, Qwen3EncoderConfig, {"base_model": "any", "config": None}),
     # Real-ESRGAN x2plus in BasicSR's names: an x4 RRDBNet behind a pixel unshuffle (12 input channels)
     "RealESRGAN_x2plus.safetensors": (
         lambda p: b.write_state(p, {k: torch.zeros(shape) for k, shape in _REALESRGAN_X2PLUS.items()}),

@@ -182,6 +182,16 @@ def test_wan_kept_fp8_in_comfyui_names(service: ModelLoadService, kept: ModelLoa
         torch.testing.assert_close(loaded(**inputs)[0], want, rtol=1e-5, atol=1e-5)
         fp8_elements = sum(p.numel() for p in loaded.parameters() if p.dtype == E4M3)
         assert upcast_bytes - held_bytes(loaded) > 0.95 * 3 * fp8_elements
+    # the cache makes room for what each load holds: the file's tensors (fp8 ones at 1 byte when kept), and
+    # beside them the model's own non-persistent buffers (RoPE tables), which no file holds
+    for svc, keep in ((service, False), (kept, True)):
+        req = LoadRequest(svc.store.get_model(key), config.models_path / "wan-fp8.safetensors", SubModelType.Transformer,
+                          torch.device("cpu"), torch.float32, fp8_storage=keep)
+        info = svc.get_model(key, SubModelType.Transformer)
+        saved = set(info.model.state_dict())
+        own = sum(b.numel() * b.element_size() for n, b in info.model.named_buffers()
+                  if n not in saved and "_fp8_scale_" not in n)
+        assert estimate_bytes(req) == info.bytes - own > 0, (keep, estimate_bytes(req), info.bytes, own)
 
 
 def test_policy(monkeypatch: pytest.MonkeyPatch, modelbus_env: dict[str, str]) -> None:
