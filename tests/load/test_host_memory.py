@@ -4,6 +4,7 @@ uses it, free buffers are bounded in bytes and in idle time, and a refused load 
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,32 @@ def test_free_buffers_are_capped() -> None:
     del d  # 3 + 2 + 1 grains: over the cap, the oldest (3) goes
     assert pool.free_bytes == 3 * GRAIN
     assert pool.take(3 * GRAIN) is not None and pool.reused == 1
+
+
+def test_a_lease_freed_by_a_gc_pass_inside_the_pool_waits_its_turn() -> None:
+    # a model in a reference cycle is freed by whichever gc pass comes next, which may run inside the
+    # pool's own work on the same thread: its buffer must come back after that work, not in the middle
+    class Holder:
+        pass
+
+    pool = HostMemory(1 << 30, 60.0, clock=lambda: (gc.collect(), time.monotonic())[1])
+    cycle = Holder()
+    cycle.me, cycle.tensor = cycle, pool.take(GRAIN)  # type: ignore[attr-defined]
+    other = pool.take(2 * GRAIN)
+    del cycle
+    done: list[int] = []
+
+    def give_back() -> None:
+        nonlocal other
+        del other  # its return reads the clock, whose gc pass frees the cycle's lease on this thread
+        done.append(pool.free_bytes)
+
+    worker = threading.Thread(target=give_back, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the pool deadlocked on its own lock"
+    assert done == [3 * GRAIN] and pool.leased_bytes == 0
+    assert pool.take(GRAIN) is not None and pool.take(2 * GRAIN) is not None and pool.reused == 2
 
 
 def test_a_cap_of_zero_keeps_nothing() -> None:
