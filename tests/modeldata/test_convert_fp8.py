@@ -14,13 +14,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
-from typer.testing import CliRunner
 
-from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable
 from tests.install.conftest import Bus
-from tests.waiting import wait_until
+from tests.modeldata.companions import run_cli, wait_for_hash_worker
 
 TIMEOUT = "600"
 SCALE = 0.037  # one scale for every scaled weight: what the folder holds is then known per tensor
@@ -41,15 +39,10 @@ CASES: dict[str, tuple[Writer, Callable[[Path], Path], dict[str, type]]] = {
 
 @pytest.fixture(autouse=True)
 def _hash_worker_up(bus: Bus) -> None:
-    with ModelBusClient(bus.config) as client:
-        wait_until(lambda: any("hash" in w.queues for w in client.workers()), 120, "a worker on the hash queue",
-                   bus.worker_log)
+    wait_for_hash_worker(bus)
 
 
-def _cli(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(cli_app, list(args))
-    assert result.exit_code == code, (args, result.stdout, result.stderr)
-    return result
+_cli = run_cli
 
 
 def as_fp8_file(tensors: dict[str, torch.Tensor], scaled_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
