@@ -157,3 +157,18 @@ def test_a_staging_name_from_a_job_cannot_leave_the_staging_folder(bus: Bus, nam
     with pytest.raises(InvalidStagingNameError, match="staging folder name"):
         staging_dir(bus.config, name)
     assert staging_dir(bus.config, "0123abcd").parent == staging_root(bus.config)
+
+
+def test_a_starting_worker_runs_the_janitor(bus: Bus, http: TestClient) -> None:
+    """A worker killed mid-install is mostly followed by a new one on its host: as it starts it reclaims what
+    was left long ago (once, whoever else starts with it)."""
+    client = _client(http)
+    left = _stage(bus, f"local-{uuid.uuid4().hex}", {"half-copied.safetensors": 64}, 10)
+    kept = _stage(bus, f"local-{uuid.uuid4().hex}", {"copying.safetensors": 8}, 0)
+    before = len(client.store.history(STAGING_AGGREGATE))
+    bus.start_worker()
+    wait_until(lambda: not left.exists(), 120, "the new worker's janitor", bus.worker_log)
+    assert kept.is_dir()
+    events = [s.event for s in client.store.history(STAGING_AGGREGATE)][before:]
+    assert [(e.folder, e.bytes) for e in events] == [(left.name, 64)]
+    shutil.rmtree(kept)
