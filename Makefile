@@ -8,7 +8,14 @@ TEST_JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.modelbus-installed
 
-.PHONY: install run test bench lint clean
+# Upscalers (Spandrel) need torchvision, and PyPI's torchvision does not import beside the CPU torch 2.13.0
+# build: a second venv holds the CUDA build of torch 2.14.1 with its torchvision (5.6 GB, about a minute
+# from this machine's disk) and Spandrel, and reaches everything else (the project included) in .venv
+VISION_VENV ?= .venv-vision
+VISION_SPEC ?= torch==2.14.1 torchvision==0.29.1 spandrel==0.4.2
+VISION_STAMP := $(VISION_VENV)/.modelbus-installed
+
+.PHONY: install run test bench lint clean install-upscalers test-upscalers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,11 +30,28 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+$(VISION_STAMP): $(STAMP)
+	rm -rf $(VISION_VENV)
+	$(PY) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/python -m pip install -q $(VISION_SPEC)
+	# its own packages come first on sys.path, then .venv's (a site dir added by this .pth)
+	$(BIN)/python -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$($(VISION_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_modelbus_venv.pth"
+	$(VISION_VENV)/bin/python -c "import spandrel, torchvision, modelbus.services.load"
+	touch $(VISION_STAMP)
+
+install-upscalers: $(VISION_STAMP)
+
 run: install
 	$(BIN)/modelbus up
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) tests --ignore=tests/bench
+
+# the tests that need Spandrel (they skip in .venv): identification checked against Spandrel's own, loads,
+# an upscale, a GPU worker of this venv loading one through the queue
+test-upscalers: install-upscalers
+	$(VISION_VENV)/bin/python -m pytest -q tests/upscalers
 
 bench: install
 	$(BIN)/python tests/bench/run_all.py
@@ -39,4 +63,4 @@ lint: install
 	$(BIN)/mypy --strict -p modelbus.events
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VISION_VENV) .pytest_cache .mypy_cache .ruff_cache

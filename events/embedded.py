@@ -24,12 +24,12 @@ from pathlib import Path
 
 import orjson
 import redis
-import structlog
 
 from modelbus.events import defaults
 from modelbus.events.errors import EmbeddedRedisError
+from modelbus.events.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STATE_FILE = "server.json"
 PORT_FILE = "port"

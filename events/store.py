@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -19,8 +20,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 import redis
-import structlog
 from pydantic import ValidationError
+from redis.sentinel import SentinelConnectionPool
 
 from modelbus.events import defaults
 from modelbus.events.codec import EventBody, decode, decode_body, encode, encode_body
@@ -34,12 +35,13 @@ from modelbus.events.errors import (
     UniqueConstraintError,
 )
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import Event, activity
 from modelbus.events.scripts import APPEND, QUARANTINE
 from modelbus.events.validation import Refusal, Refuse, SequenceGate, body_problem
 from modelbus.events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Stream = Literal["events", "activity"]
 T = TypeVar("T")
@@ -236,6 +238,22 @@ def _type_of(event: Event) -> str:
     return getattr(event, "kind", None) or event.type
 
 
+def _pack(command: str, args: tuple[Any, ...], conn: Any) -> Any:
+    """The command in Redis's protocol: hiredis's packer on the arguments as they are (str, bytes and
+    int, all an append sends) skips redis-py's per-argument encoding; without hiredis, redis-py's own."""
+    if _pack_command is not None:
+        return [_pack_command((command, *args))]
+    return conn.pack_command(command, *args)
+
+
+_pack_command: Callable[..., Any] | None
+try:
+    import hiredis
+    _pack_command = hiredis.pack_command
+except ImportError:  # redis-py's pure-Python packer
+    _pack_command = None
+
+
 def _check_batch(events: Sequence[Event], expected_version: int | None = None) -> str:
     """The batch's aggregate, once every event passed what every reader checks (events.validation): its
     schema, its domain checks, and a version the append will give it (events carry 0: the script assigns)."""
@@ -353,6 +371,9 @@ class RedisEventStore(EventStore):
         # so a history read fetches and decodes only what was appended since (see ``history``)
         self._histories: OrderedDict[str, tuple[int, str, tuple[StoredEvent, ...]]] = OrderedDict()
         self._histories_lock = threading.Lock()
+        # connections kept for appends (see _evalsha), idle ones here; the pid they were made in
+        self._kept: list[Any] = []
+        self._kept_pid = os.getpid()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "modelbus", **kwargs: Any) -> RedisEventStore:
@@ -418,24 +439,47 @@ class RedisEventStore(EventStore):
         return self._run_script(self._append_sha, APPEND, keys, args)
 
     def _evalsha(self, *args: Any) -> Any:
-        """EVALSHA on a connection of the client's pool, sent and read directly: redis-py's Script wrapper
-        and even ``execute_command`` (its own retry, its metrics hooks) cost more client time per append
-        than the pool's connection does (39 us against 29 us a call on the dev VM). ``_call`` retries what
-        fails here; a broken connection is closed before it goes back to the pool. A client without a
-        pool of its own (a cluster, a single-connection client) goes the ordinary way."""
+        """EVALSHA sent and read directly on a connection: redis-py's Script wrapper and even
+        ``execute_command`` (its own retry, its metrics hooks) cost more client time per append than the
+        connection does (39 us against 29 us a call on the dev VM). A plain server's appends go on
+        connections this store keeps (one per concurrent append, made by the client's pool and then
+        kept out of it): the pool's checkout, its health poll and its release events cost as much client
+        time again. Under Sentinel they go through the pool, whose connections follow a failover to the
+        new master (a kept one would go on writing to the demoted server). ``_call`` retries what fails
+        here; a broken connection is closed and dropped. A client without a pool of its own (a cluster,
+        a single-connection client) goes the ordinary way."""
         client = self.client
-        pool = getattr(client, "connection_pool", None)
+        pool: Any = getattr(client, "connection_pool", None)
         if pool is None or getattr(client, "connection", None) is not None:
             return client.execute_command("EVALSHA", *args)
-        conn = pool.get_connection()
+        follows_failover = isinstance(pool, SentinelConnectionPool)  # (a flag: the stubs' pool is redis-py 4's)
+        if follows_failover:
+            conn = pool.get_connection()
+            try:
+                conn.send_command("EVALSHA", *args)
+                return conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+        if self._kept_pid != os.getpid():  # a forked child: the parent's sockets are not ours to use
+            self._kept, self._kept_pid = [], os.getpid()
         try:
-            conn.send_command("EVALSHA", *args)
-            return conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
+            conn = self._kept.pop()  # (atomic: concurrent appends each get their own)
+        except IndexError:
+            conn = pool.make_connection()
+        try:
+            conn.send_packed_command(_pack("EVALSHA", args, conn))
+            reply = conn.read_response()
+        except redis.ResponseError:
+            self._kept.append(conn)  # an error reply (NOSCRIPT, CONFLICT...): the connection is fine
+            raise
+        except BaseException:  # broken, timed out or interrupted half-way: never used again
             conn.disconnect()
             raise
-        finally:
-            pool.release(conn)
+        self._kept.append(conn)
+        return reply
 
     def version(self, aggregate_id: str) -> int:
         raw = self._call(lambda: self.client.hget(self.keys.versions, aggregate_id))

@@ -27,11 +27,11 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import redis
-import structlog
 
 from modelbus.events import defaults
+from modelbus.events.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 WATCH_CLIENT_NAME = "modelbus-log-watch"  # what CLIENT LIST shows for a watch's connection
 

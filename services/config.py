@@ -124,6 +124,9 @@ class AppConfig(BaseSettings):
     cache_keep_alive: float = Field(default=0.0, description="seconds an idle model stays cached; 0 = forever")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    fp8_storage: Literal["auto", "on", "off"] = Field(
+        default="auto", description="keep fp8 files' weights in fp8 in memory, upcast layer by layer in the forward "
+        "pass: 'on', 'off', or 'auto' (on CUDA devices with fp8 support, compute capability 8.9 and later)")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")
@@ -176,6 +179,10 @@ class AppConfig(BaseSettings):
     store_retries: int = Field(default=5, ge=1, le=50, description="attempts of one store request")
     cache_dir: Path = Field(default=Path("cache"), description="this host's cache of store blobs")
     cache_size: int = Field(default=100 << 30, description="size limit of the host cache in bytes (accepts 500G)")
+    cpu_recycle_mb: float = Field(default=4096, ge=0, description="MiB of freed CPU-load buffers a process keeps "
+                                  "for its next CPU loads (0: none; see services/load/host_memory.py)")
+    cpu_recycle_idle_s: float = Field(default=60.0, ge=0, description="s a kept CPU-load buffer may go unused "
+                                      "before it is given back to the OS")
     records_read_tracking: bool = Field(
         default=True, description="record reads learn of appends from Redis client-side tracking instead of a "
         "round trip per read (false: one round trip per read)")

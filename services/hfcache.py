@@ -19,9 +19,9 @@ import os
 import shutil
 from pathlib import Path
 
-import structlog
+from modelbus.events.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 READ_SIZE = 8 << 20
 

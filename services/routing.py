@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import redis
-import structlog
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -28,6 +27,7 @@ from rq.results import Result
 from modelbus.events.connection import redis_errors_translated
 from modelbus.events.errors import Failed, ModelbusError, NotFound, TimedOut
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.workers import WorkerState, read_worker_states, worker_alive
 
 LOAD_JOB = "modelbus.workers.gpu.load_job"
@@ -37,7 +37,7 @@ GPU_JOB_TIMEOUT = 1800
 RESULT_BLOCK_SECONDS = 1  # one blocking read of a job's result stream
 RETRY_POLL_SECONDS = 0.05  # a retried job's next result is polled, not pushed
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class RoutingError(ModelbusError):

@@ -27,15 +27,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import structlog
-
 from modelbus.events.embedded import EmbeddedRedis
 from modelbus.events.errors import Conflict
+from modelbus.events.logs import get_logger
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
 from modelbus.services.process import die_with_parent
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_WORKERS = ("install", "download", "hash", "gpu")
 RESTART_BACKOFF_START = 1.0   # s; the first restart of a process that died

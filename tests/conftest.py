@@ -96,6 +96,7 @@ def modelbus_env(redis_url: str, namespace: str, tmp_path: Path, monkeypatch: py
         "MODELBUS_DOWNLOAD_CONCURRENCY": "1",  # one job per worker process unless a test asks for more
         "MODELBUS_API_WORKERS": "1",  # one API process in `modelbus up` unless a test asks for more
         "MODELBUS_IMPORT_ROOTS": "",  # the defaults (models dir, import area), whatever the shell exports
+        "MODELBUS_FP8_STORAGE": "auto",  # loads upcast fp8 on the CPU unless a test asks to keep it
         "MODELBUS_API_ALLOWED_HOSTS": "testserver",  # Starlette's TestClient's Host (the defaults still hold)
     }
     for name, value in env.items():

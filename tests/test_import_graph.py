@@ -112,3 +112,12 @@ def test_api_and_cli_import_error_kinds_not_package_errors() -> None:
                             and t != "modelbus.events.errors")
                   for m, targets in GRAPH.items() if _is_package_of(surface, m)}
         assert {m: t for m, t in errors.items() if t} == {}
+
+
+def test_modules_log_through_the_deferred_logger() -> None:
+    """``events.logs.get_logger`` is the one way to a logger: a module-level ``structlog.get_logger`` runs
+    before the CLI's deferred set-up, so its lines would go to stdout in structlog's default format (a
+    command's ``--json`` output then starts with debug lines)."""
+    offenders = sorted(str(path.relative_to(ROOT)) for module, path in MODULES.items()
+                       if module != "modelbus.events.logs" and "structlog.get_logger(" in path.read_text())
+    assert offenders == []

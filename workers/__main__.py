@@ -10,11 +10,10 @@ import sys
 import time
 
 import redis
-import structlog
 from rq.exceptions import StopRequested
 
 from modelbus.events.errors import EventStoreError
-from modelbus.events.logs import configure_logging
+from modelbus.events.logs import configure_logging, get_logger
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig, ConfigError, parse_size
 from modelbus.services.install.staging import reclaim
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         own = RedisEventStore.from_url(store.url, config.namespace, activity_maxlen=store.activity_maxlen,
                                        replicas=store.replicas)
         return run_worker(config, own, queues, slot_name, args.burst)
-    structlog.get_logger("workers").info("worker_pool_starting", worker=name, queues=queues, concurrency=concurrency)
+    get_logger("workers").info("worker_pool_starting", worker=name, queues=queues, concurrency=concurrency)
     return Pool(slot_names(name, concurrency), slot, burst=args.burst).run()
 
 
@@ -150,7 +149,7 @@ def run_worker(config: AppConfig, store: RedisEventStore, queues: list[str], nam
         hits = HitServer(store.client, store.keys, name)  # loads of what this cache holds, without RQ
         hits.start()
     heartbeat = Heartbeat(store.client, store.keys, name, queues, state=state)
-    log = structlog.get_logger("workers")
+    log = get_logger("workers")
     try:
         serve(store, config.namespace, queues, name, heartbeat, burst=burst, level=config.log_level.upper())
     finally:
@@ -166,7 +165,7 @@ def serve(store: RedisEventStore, namespace: str, queues: list[str], name: str, 
     """Run RQ's work loop until asked to stop (or, in burst mode, until the queues are empty), riding out
     Redis outages of any length: RQ's loop ends on a lost connection, so the worker waits for Redis with
     a doubling backoff and starts the loop again under the same name."""
-    log = structlog.get_logger("workers")
+    log = get_logger("workers")
     backoff = defaults.REDIS_BACKOFF_START
     try:
         while True:

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallFileDownloaded
 from modelbus.services.download.cancel import Cancellation
 from modelbus.services.download.errors import DownloadCancelled
@@ -41,7 +40,7 @@ from modelbus.workers.install import give_up, http_client, not_for, retries_left
 from modelbus.workers.lease import current as current_lease
 from modelbus.workers.lease import for_current_job
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def run_download(job_id: str, index: int, url: str, name: str | None = None, size: int | None = None,

@@ -14,14 +14,14 @@ from typing import Any
 import orjson
 import pydantic
 import redis
-import structlog
 
 from modelbus.events.jobs import CACHE_HIT_WAIT, CacheHitReply, CacheHitRequest, LoadOutcome
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.workers import CachedModel, CacheState, WorkerCache
 from modelbus.workers.context import WorkerContext, current
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 HIT_REPLY_TTL = 10  # s an answer waits in Redis for its caller (then it expires)
 HIT_BACKOFF = 1.0   # s the hit server waits after a Redis error before it listens again

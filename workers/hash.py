@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import structlog
 
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallCompleted, InstallDownloaded, InstallStarted
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
@@ -46,7 +46,7 @@ from modelbus.workers.install import give_up, not_for, retries_left
 from modelbus.workers.lease import current as current_lease
 from modelbus.workers.lease import for_current_job
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def open_records(config: AppConfig, store: RedisEventStore) -> ModelRecordServiceBase:

@@ -16,10 +16,10 @@ from types import TracebackType
 from typing import Any, NoReturn
 
 import httpx
-import structlog
 from rq import Callback, Queue, Retry, get_current_job
 from rq.job import Dependency, Job
 
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallDownloaded, InstallStarted
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
@@ -39,7 +39,7 @@ from modelbus.workers.errors import LeaseLostError
 from modelbus.workers.lease import current as current_lease
 from modelbus.workers.lease import for_current_job
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DOWNLOAD_FUNCTION = "modelbus.workers.download.run_download"
 HASH_FUNCTION = "modelbus.workers.hash.run_hash"

@@ -29,14 +29,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-import structlog
 from rq import get_current_job
 
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.workers import defaults
 from modelbus.workers.errors import LeaseLostError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _ACQUIRE = """
 local t = redis.call('TIME')

@@ -24,12 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.process import die_with_parent
 from modelbus.workers import defaults
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

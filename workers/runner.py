@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-import structlog
 from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.timeouts import TimerDeathPenalty
@@ -33,12 +32,13 @@ from rq.utils import now as utcnow
 from rq.worker import BaseWorker
 
 from modelbus.events.keys import QUEUES, Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.workers import WorkerCache, WorkerState, publish_worker_state, remove_worker_state
 from modelbus.services.process import die_with_parent
 from modelbus.workers import defaults
 from modelbus.workers.errors import LeaseLostError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def worker_name(prefix: str = "mb") -> str:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import structlog
-
 from modelbus.events.errors import ModelbusError
+from modelbus.events.logs import get_logger
 from modelbus.services.install import ModelInstallService
 from modelbus.services.install.roots import check_local_source
 from modelbus.workers.context import WorkerContext, current
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def _installer(context: WorkerContext) -> ModelInstallService:

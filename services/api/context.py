@@ -16,9 +16,10 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from modelbus.events.logs import get_logger
 from modelbus.services.api.errors import error_response
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._\-]{1,64}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -22,8 +21,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelbus.events.errors import Kind, ModelbusError, kind_of
+from modelbus.events.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STATUS: dict[Kind, int] = {
     Kind.NOT_FOUND: 404, Kind.CONFLICT: 409, Kind.INVALID_INPUT: 422, Kind.TOO_LARGE: 413, Kind.FORBIDDEN: 403,

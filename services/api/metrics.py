@@ -16,17 +16,17 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import Activity, DownloadCompleted, Event, ModelLoadCompleted
 from modelbus.services.client import ClientError, ModelBusClient
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class ActivityTally:

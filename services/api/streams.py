@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-import structlog
 
 from modelbus.events.errors import Unavailable
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SEAT_TTL = 30.0  # s a seat lives unless its process renews it
 RENEW_EVERY = SEAT_TTL / 3

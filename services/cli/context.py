@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from modelbus.services.client import ModelBusClient
-from modelbus.services.config import AppConfig
+if TYPE_CHECKING:  # imported by the first command that needs them (not by --help, not at import)
+    from modelbus.services.client import ModelBusClient
+    from modelbus.services.config import AppConfig
 
 
 @dataclass
@@ -15,10 +17,12 @@ class State:
     _client: ModelBusClient | None = None
 
     def config(self) -> AppConfig:
+        from modelbus.services.config import AppConfig
         return AppConfig.load()  # a ConfigError is invalid input: exit code 2
 
     def client(self) -> ModelBusClient:
         if self._client is None:
+            from modelbus.services.client import ModelBusClient
             self._client = ModelBusClient(self.config())
         return self._client
 

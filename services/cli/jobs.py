@@ -8,9 +8,7 @@ import typer
 
 from modelbus.services.cli.context import client
 from modelbus.services.cli.errors import CommandFailedError, UsageError
-from modelbus.services.cli.modeldata import install_starters
 from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
-from modelbus.services.cli.progress import follow_install, head
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 
@@ -39,6 +37,8 @@ def install(source: Annotated[str | None, typer.Argument(
             bundle: Annotated[str | None, typer.Option(help="a bundle of starter models: sd-1, sdxl, flux")] = None,
             ) -> None:
     """Install a model: publish the command, and with --wait follow it to the end."""
+    from modelbus.services.cli.modeldata import install_starters  # (rich.progress: not for `jobs`)
+    from modelbus.services.cli.progress import follow_install, head
     if starter or bundle:
         install_starters(source, starter or [], bundle, wait=wait, timeout=timeout, json=json)
         return

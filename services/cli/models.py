@@ -10,7 +10,6 @@ import typer
 from modelbus.services.cli.context import client
 from modelbus.services.cli.errors import UsageError
 from modelbus.services.cli.output import console, err_console, human_bytes, print_json, table
-from modelbus.services.cli.progress import LoadStatus
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
@@ -115,6 +114,7 @@ def load(key: str, submodel: Annotated[str | None, typer.Option(help="part of a 
          json: JsonFlag = False) -> None:
     """Load a model into a GPU worker's cache and wait for model_load_completed."""
     c = client()
+    from modelbus.services.cli.progress import LoadStatus  # rich.progress: only for a load
     result = LoadStatus(c, key, err_console).run(lambda: c.load(key, submodel=submodel, worker=worker, timeout=timeout))
     if json:
         print_json(result.model_dump(mode="json"))

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import redis
-import structlog
 
 from modelbus.events.errors import StoreUnavailableError
-from modelbus.events.jobs import InstallJobView, LoadOutcome, ScanOutcome, SyncOutcome, UnloadOutcome
 from modelbus.events.keys import QUEUES
+from modelbus.events.logs import get_logger
 from modelbus.events.store import QuarantineEntry, RedisEventStore, StoredEvent
-from modelbus.events.workers import WorkerInfo, list_workers
 from modelbus.services.client import defaults
 from modelbus.services.client.errors import UnavailableError
 from modelbus.services.client.modeldata import ModelDataCalls
@@ -30,11 +28,13 @@ from modelbus.services.config import AppConfig
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 from modelbus.services.records.projection import Listing
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (the job and worker views: imported where used, not by a CLI ``list``)
+    from modelbus.events.jobs import InstallJobView, LoadOutcome, ScanOutcome, SyncOutcome, UnloadOutcome
+    from modelbus.events.workers import WorkerInfo
     from modelbus.services.client.gpu import GpuLoads
     from modelbus.services.client.installs import Installs
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class ModelBusClient(ModelDataCalls):
@@ -223,6 +223,7 @@ class ModelBusClient(ModelDataCalls):
         the import roots). With ``on_worker`` a worker of the hash queue does it (the API's way: it never
         reads model files itself), within ``timeout`` seconds, and the folder must lie inside the roots."""
         if on_worker:
+            from modelbus.events.jobs import ScanOutcome
             from modelbus.services.client import on_worker as on_worker_  # (the install service's settings)
             return ScanOutcome.model_validate(on_worker_.run_on_worker(
                 self.redis, self.store.keys, on_worker_.SCAN_FUNCTION, (str(path),), timeout))
@@ -232,6 +233,7 @@ class ModelBusClient(ModelDataCalls):
         """Register unrecorded models in the models dir; report records whose files are gone (``on_worker``:
         as for :meth:`scan`)."""
         if on_worker:
+            from modelbus.events.jobs import SyncOutcome
             from modelbus.services.client import on_worker as on_worker_
             return SyncOutcome.model_validate(on_worker_.run_on_worker(
                 self.redis, self.store.keys, on_worker_.SYNC_FUNCTION, (), timeout))
@@ -280,6 +282,7 @@ class ModelBusClient(ModelDataCalls):
 
     def workers(self, include_dead: bool = False) -> list[WorkerInfo]:
         """Workers with their queues, device and cache contents, from their heartbeats (``model_dump()``: JSON)."""
+        from modelbus.events.workers import list_workers
         found = self._redis_call(lambda: list_workers(self.redis, self.store.keys, time.time(),
                                                       defaults.WORKER_ALIVE_SECONDS))
         return [w for w in found if w.alive or include_dead]

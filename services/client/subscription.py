@@ -18,18 +18,18 @@ from typing import Any
 
 import orjson
 import redis
-import structlog
 
 from modelbus.events import defaults as event_defaults
 from modelbus.events.codec import decode
 from modelbus.events.errors import EventDecodeError, StoreUnavailableError
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import EVENT_TYPES, Event
 from modelbus.events.store import RedisEventStore, StoredEvent, Stream, position_key, refusal_of
 from modelbus.events.validation import Refusal, body_problem
 from modelbus.services.client import defaults
 from modelbus.services.client.errors import InvalidRequestError, UnavailableError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DOMAIN_TYPES = frozenset(name for name in EVENT_TYPES if name != "Activity")
 START = "0-0"

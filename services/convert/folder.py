@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from modelbus.events.errors import ModelbusError
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.convert import (
     ABSENT,
@@ -55,7 +55,7 @@ from modelbus.services.probe import read_tensor_index
 from modelbus.services.probe.storage import precision_of
 from modelbus.services.records import SubModelType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: the file's precision (services.probe.storage) -> the dtype its folder is written in; fp8 (which diffusers
 #: folders do not store) becomes bf16, and a file that does not say (a pickle) float32

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import httpx
-import structlog
 
 from modelbus.events.errors import ModelbusError
+from modelbus.events.logs import get_logger
 from modelbus.events.store import RedisEventStore
 from modelbus.services.covers.errors import CoverTooLarge
 from modelbus.services.covers.images import make_thumbnail
@@ -23,7 +23,7 @@ from modelbus.services.download.transport import open_stream
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 from modelbus.services.records.extras import Cover
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 TIMEOUT = httpx.Timeout(15.0)
 
 

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import structlog
+
+from modelbus.events.logs import get_logger
 
 from .cancel import Cancellation
 from .errors import (
@@ -51,7 +52,7 @@ from .partial import (
 from .responses import check_status, looks_like_page, parse_content_range
 from .transport import open_stream, widen_reads
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MODEL_SUFFIXES = {".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".sft", ".pickle"}
 

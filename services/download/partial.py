@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-import structlog
+
+from modelbus.events.logs import get_logger
 
 from .errors import PartialBusyError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STATE_VERSION = 1
 WRITE_BEHIND = 8 << 20  # bytes a range writes before it asks the kernel to start writing them to disk

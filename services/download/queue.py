@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
-import structlog
 
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 
 from .cancel import Cancellation
@@ -34,7 +34,7 @@ from .partial import remove_partial
 from .security import credential_for
 from .sources import CivitaiSource, HFSource, URLSource, parse_source
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Publisher = Callable[[str, dict[str, Any]], None]
 _STOP = object()

@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from urllib.parse import urljoin
 
 import httpx
-import structlog
+
+from modelbus.events.logs import get_logger
 
 from .errors import RemoteError
 from .security import Credential, check_url
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_REDIRECTS = 10
 BODY_READ_SIZE = 1 << 20

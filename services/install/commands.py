@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import structlog
 from redis.client import Pipeline
 from rq import Callback, Queue, Retry
 from rq.job import Job
 
 from modelbus.events.errors import ConcurrencyError, UniqueConstraintError
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallRequested
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
@@ -37,7 +37,7 @@ from modelbus.services.install.sources import (
     normalize_source,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 INSTALL_FUNCTION = "modelbus.workers.install.run_install"
 FAILURE_CALLBACK = "modelbus.workers.install.on_job_failure"

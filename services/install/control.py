@@ -16,11 +16,11 @@ steps never see the old one's.
 
 from __future__ import annotations
 
-import structlog
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from modelbus.events.errors import ConcurrencyError, UniqueConstraintError
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallPaused, InstallRestarted, InstallResumed
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
@@ -39,7 +39,7 @@ from modelbus.services.install.kept import keepable
 from modelbus.services.install.progress import ProgressBoard
 from modelbus.services.install.sources import looks_like_path
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services import hfcache
 from modelbus.services.config import AppConfig
 from modelbus.services.covers.fetch import first_cover
@@ -37,7 +36,7 @@ from modelbus.services.store import open_store
 from modelbus.services.store.publish import publish_model, renamed
 from modelbus.services.store.release import claimed
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

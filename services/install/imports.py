@@ -18,15 +18,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.install.errors import InvalidSourceError
 from modelbus.services.install.placement import is_inside, remove_tree, safe_name, source_files
 from modelbus.services.install.roots import import_area, import_roots, refuse_nul, within_roots
 from modelbus.services.install.sources import looks_like_path
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 IMPORT_PATH = "import_path"  # the install option naming the hand-over copy
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.install.jobs import InstallJob, InstallStatus
 from modelbus.services.install.placement import partial_files, remove_tree, staging_dir
 from modelbus.services.install.sources import PlannedFile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PARTIAL_SUFFIXES = (".part.json", ".part.tmp", ".part")
 

@@ -20,8 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.install.errors import InvalidModelPathError, ModelPathConflictError, UnsafeDeleteError
 from modelbus.services.install.manifest import Manifest, hash_and_manifest, manifest_base, resolve_manifest
@@ -29,7 +28,7 @@ from modelbus.services.install.placement import is_inside, remove_tree, staging_
 from modelbus.services.install.roots import import_area, import_roots, within_roots
 from modelbus.services.records import ModelConfigBase
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def real(path: Path) -> Path:

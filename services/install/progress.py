@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import redis
-import structlog
 
 from modelbus.events.errors import EventStoreError
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallProgress, InstallProgressPayload
 from modelbus.events.store import EventStore
 from modelbus.services.install.defaults import PROGRESS_INTERVAL, PROGRESS_TTL
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 FileBytes = tuple[str, int, int | None]  # a file of a job: its name, bytes done, its size when known
 

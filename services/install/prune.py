@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from modelbus.events.errors import Conflict
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import ModelsDirPruned
 from modelbus.services.config import AppConfig
 from modelbus.services.install.defaults import STAGING_DIR
@@ -37,7 +36,7 @@ from modelbus.services.install.progress import ProgressBoard
 from modelbus.services.install.roots import import_area
 from modelbus.services.install.staging import StagingReport, reclaim
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PRUNE_AGGREGATE = "@models-dir"  # (no model key or job id has an '@')
 SHOWN_MISSING = 10

@@ -14,9 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from modelbus.events.errors import Conflict
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.install.errors import ExpectedHashError, InstallError
 from modelbus.services.install.jobs import load_job
@@ -26,7 +25,7 @@ from modelbus.services.install.sources import looks_like_path
 from modelbus.services.install.verify import verify_model
 from modelbus.services.records import ModelConfigBase, ModelRecordServiceBase
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class NotRepairableError(InstallError, Conflict):

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.probe import MODEL_FILE_SUFFIXES, ProbeError, UnrecognizedFilesError, probe
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def find_models(root: Path) -> Iterator[Path]:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallCancelled
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
@@ -60,7 +59,7 @@ from modelbus.services.store import open_store
 from modelbus.services.store.publish import publish_model
 from modelbus.services.store.release import claimed
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 JobRef = InstallJob | str
 #: why a found model is skipped by a scan or a sync (reported, not raised)

@@ -26,15 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallStagingReclaimed
 from modelbus.services.config import AppConfig
 from modelbus.services.install.errors import UnknownJobError
 from modelbus.services.install.jobs import InstallJob, load_job, transition
 from modelbus.services.install.placement import STAGING_NAME, remove_tree, staging_root
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STAGING_AGGREGATE = "@staging"  # (no model key or job id has an '@')
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})

@@ -14,17 +14,17 @@ import threading
 from types import TracebackType
 
 import redis
-import structlog
 
 from modelbus.events.errors import Kind, kind_of
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import InstallFailed
 from modelbus.events.store import EventStore
 from modelbus.services.download.cancel import Cancellation
 from modelbus.services.install.defaults import CANCEL_FLAG_TTL, CANCEL_POLL_INTERVAL
 from modelbus.services.install.jobs import InstallJob, transition, unless_ended
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: kinds worth another attempt; every other modelbus error is the answer, not an accident
 RETRIED_KINDS = frozenset({Kind.UNAVAILABLE, Kind.TIMED_OUT})

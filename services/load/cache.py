@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import torch
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import CacheOutOfMemoryError, ModelTooLargeError
 from modelbus.services.load.kit import Loaded
 from modelbus.services.load.pinned import PinnedPool
@@ -36,7 +36,7 @@ from modelbus.services.load.stats import CacheStats, EntryInfo
 from modelbus.services.load.streaming import Streamed, attach
 from modelbus.services.load.tensors import move_object, object_nbytes, tensor_slots
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 EventSink = Callable[[str, dict[str, Any]], None]
 _OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, RuntimeError)

@@ -14,13 +14,16 @@ The other submodels (VAE, text encoders) are companion models: a single file hol
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.loaders import single_file_utils as sfu
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.fp8 import keep_fp8
 from modelbus.services.load.kit import (
     CONFIGS_DIR,
     DENOISER_SUBMODELS,
@@ -28,11 +31,15 @@ from modelbus.services.load.kit import (
     LoadRequest,
     base_of,
     build_from,
+    kept_scales,
     read_checkpoint,
     read_json,
+    read_kept,
     resolve_class,
 )
 from modelbus.services.load.safetensors_fast import empty_model
+
+log = get_logger(__name__)
 
 #: the bases this module loads single files of
 DIT_BASES = ("chroma", "flux2", "qwen-image", "qwen-image-2.1", "wan-2.1", "wan-2.2", "z-image", "hidream",
@@ -115,6 +122,14 @@ def load_dit_checkpoint(req: LoadRequest) -> Loaded:
         return cls.from_config(kwargs)  # type: ignore[attr-defined, no-any-return]
 
     expected = set(empty_model(make).state_dict())
-    tensors, buffer = read_checkpoint(req, lambda k: True)
+    kept = read_kept(req, lambda k: True)
+    tensors, buffer = (kept[0], kept[1]) if kept is not None else read_checkpoint(req, lambda k: True)
     tensors = to_diffusers_names(tensors, cls.__name__, expected, req.location)
-    return build_from(make, tensors, req, buffer, f"{base} transformer")
+    scales = kept_scales(kept, tensors)
+    if scales is None:
+        log.info("fp8_kept_fallback", path=str(req.location), reason="the conversion leaves a scale untold")
+        return load_dit_checkpoint(replace(req, fp8_storage=False))
+    loaded = build_from(make, tensors, req, buffer, f"{base} transformer")
+    if kept is not None:
+        keep_fp8(loaded.model, scales, req.dtype)
+    return loaded

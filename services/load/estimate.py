@@ -14,6 +14,7 @@ import torch
 from modelbus.services.load.checkpoints import CLIP_PREFIXES, OPENCLIP_PREFIXES, is_controlnet_key
 from modelbus.services.load.errors import LoadError
 from modelbus.services.load.flux import flux_diffusers_state
+from modelbus.services.load.fp8 import FP8_DTYPES
 from modelbus.services.load.kit import (
     DENOISER_SUBMODELS,
     NOT_FLUX_TRANSFORMER,
@@ -27,15 +28,22 @@ from modelbus.services.load.weights import weight_files
 from modelbus.services.records.enums import ModelFormat, ModelType, SubModelType
 
 
-def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str], bool] | None = None) -> int:
+def _itemsize(stored: torch.dtype, dtype: torch.dtype, keep_fp8: bool) -> int:
+    """Bytes an element stored as ``stored`` takes once loaded in ``dtype`` (fp8 kept as it is, if asked)."""
+    if not stored.is_floating_point or (keep_fp8 and stored in FP8_DTYPES):
+        return stored.itemsize
+    return dtype.itemsize
+
+
+def _header_bytes(files: list[Path], dtype: torch.dtype, select: Callable[[str], bool] | None = None,
+                  keep_fp8: bool = False) -> int:
     total = 0
     for f in files:
         if f.suffix != ".safetensors":
             return 0
         for e in read_header(f).entries.values():
             if select is None or select(e.name):
-                size = dtype.itemsize if e.dtype.is_floating_point else e.dtype.itemsize
-                total += e.nbytes // e.dtype.itemsize * size
+                total += e.nbytes // e.dtype.itemsize * _itemsize(e.dtype, dtype, keep_fp8)
     return total
 
 
@@ -45,7 +53,7 @@ _TRANSFORMER_STATES: dict[str, Convert] = {"flux": flux_diffusers_state, "sd-3":
                                            "sd-3.5-medium": sd3_diffusers_state, "sd-3.5-large": sd3_diffusers_state}
 
 
-def _transformer_bytes(path: Path, dtype: torch.dtype, convert: Convert) -> int:
+def _transformer_bytes(path: Path, dtype: torch.dtype, convert: Convert, keep_fp8: bool = False) -> int:
     """The transformer's tensors of a FLUX or SD-3 file, whatever its layout (BFL's, Stability's or
     diffusers', with or without a ``model.diffusion_model.``/``transformer.`` prefix, alone or in a
     bundle): the loader's own selection and conversion run on meta tensors of the header's shapes,
@@ -56,8 +64,7 @@ def _transformer_bytes(path: Path, dtype: torch.dtype, convert: Convert) -> int:
     meta = {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries
             if not e.name.startswith(NOT_FLUX_TRANSFORMER)}
     converted = convert(meta, path)
-    return sum(t.numel() * (dtype.itemsize if t.dtype.is_floating_point else t.element_size())
-               for t in converted.values())
+    return sum(t.numel() * _itemsize(t.dtype, dtype, keep_fp8) for t in converted.values())
 
 
 def _checkpoint_prefixes(sub: SubModelType | None, base: str) -> tuple[str, ...] | None:
@@ -93,7 +100,7 @@ def estimate_bytes(req: LoadRequest) -> int:
             base = str(getattr(req.record.base_model, "value", req.record.base_model))
             denoiser = req.submodel is not None and req.submodel.value in DENOISER_SUBMODELS
             if base in _TRANSFORMER_STATES and denoiser:
-                return _transformer_bytes(loc, req.dtype, _TRANSFORMER_STATES[base])
+                return _transformer_bytes(loc, req.dtype, _TRANSFORMER_STATES[base], req.fp8_storage)
             if base == "flux":
                 return 0  # a FLUX file has no other submodel: the load refuses it
             prefixes = _checkpoint_prefixes(req.submodel, base)

@@ -1,39 +1,242 @@
-"""fp8 checkpoints: ComfyUI's "fp8_scaled" files keep a scale beside each fp8 weight.
+"""fp8 checkpoints: upcast as they are read, or kept in fp8 and upcast one layer at a time.
 
-A plain fp8 file (e4m3fn or e5m2) loads like any other: its tensors are upcast to the worker's
-dtype as they are read. A scaled one stores ``weight / scale`` in fp8 and the scale as
-``<layer>.scale_weight`` (older ComfyUI) or ``<layer>.weight_scale``, with a ``scaled_fp8`` marker
-tensor; the weights are only right once multiplied back, which :func:`fold_fp8_scales` does on the
-upcast tensors (and drops the scales and the marker, which no model has as parameters).
+A plain fp8 file (e4m3fn or e5m2) stores the weights themselves; ComfyUI's "fp8_scaled" ones store
+``weight / scale`` in fp8 and the scale as ``<layer>.scale_weight`` (older ComfyUI) or
+``<layer>.weight_scale``, with a ``scaled_fp8`` marker tensor: their weights are only right once
+multiplied back.
+
+Upcast (the default on the CPU): :func:`fold_fp8_scales` multiplies the scales into the upcast
+tensors and drops the scales and the marker, which no model has as parameters.
+
+Kept (``MODELBUS_FP8_STORAGE``, see :func:`keeps_fp8`): the fp8 tensors stay fp8 in memory, half of
+bf16, and :func:`keep_fp8` hooks each module holding them so that its forward pass sees them upcast
+to the compute dtype, times their scale: ``w.to(dtype) * scale.to(dtype)``, the same arithmetic as the
+fold, so a kept model's outputs are the upcast model's. The upcast copy lives only during the module's
+own forward. diffusers' ``enable_layerwise_casting`` hook casts the whole module back to the storage
+dtype after each forward: that writes new tensors (the cache's one flat buffer would then hold a
+second, dead copy of every weight), rounds a module's bf16 bias to fp8, and knows no scale; the hook
+here is one of its kind in the same registry, under the same name, so diffusers still reports the
+model's ``dtype`` as the compute dtype, and it never writes the stored tensor.
+
+A file's layout is often converted to diffusers' names (qkv split in three, renames) after the read:
+each scale follows its weight through the conversion as a tag that every torch operation passes on
+(:func:`split_fp8`, :func:`scales_after`); where the tags cannot tell a scale (tensors of two scales
+joined, a per-row scale's rows cut), the load falls back to the upcast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK, LayerwiseCastingHook
 
 from modelbus.services.load.errors import InvalidModelException
 
 _SCALES = {".scale_weight": ".weight", ".weight_scale": ".weight"}
 _MARKERS = ("scaled_fp8",)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: values of ``MODELBUS_FP8_STORAGE``
+FP8_STORAGE_POLICIES = ("auto", "on", "off")
+_SCALE_BUFFER = "_fp8_scale_"  # + the parameter's name: a module's buffer of that parameter's scale
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in FP8_DTYPES
+
+
+def keeps_fp8(policy: str, device: torch.device) -> bool:
+    """Whether loads for ``device`` keep fp8 weights in fp8. ``auto``: on CUDA devices with fp8 support
+    (compute capability 8.9, Ada and Hopper, and later), where the memory saved costs little time; not
+    on the CPU, where the upcast on every forward pass is paid in full: a FLUX-shaped fp8_scaled
+    transformer (1 + 2 blocks of width 1536, fp32 compute) held 0.39x the memory and ran its forward
+    pass 1.74x slower there (``tests/bench/bench_fp8.py``, one run on the busy 2-core dev VM)."""
+    if policy == "on":
+        return True
+    if policy != "auto" or device.type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _is_marker(key: str) -> bool:
+    return any(key == m or key.endswith("." + m) for m in _MARKERS)
+
+
+def _scale_target(key: str) -> str | None:
+    suffix = next((s for s in _SCALES if key.endswith(s)), None)
+    return key[: -len(suffix)] + _SCALES[suffix] if suffix is not None else None
+
+
+def _checked_factor(scale: torch.Tensor, weight: torch.Tensor, key: str, target: str, where: object) -> torch.Tensor:
+    if scale.numel() != 1 and scale.shape[0] != weight.shape[0]:
+        raise InvalidModelException(f"{where}: fp8 scale {key} of shape {tuple(scale.shape)} fits no row of "
+                                    f"{target} {tuple(weight.shape)}")  # fmt: skip
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
 def fold_fp8_scales(tensors: dict[str, torch.Tensor], where: object = "") -> dict[str, torch.Tensor]:
     """Multiply each scaled weight by its scale, in place; the scale entries are removed."""
-    for marker in _MARKERS:
-        for key in [k for k in tensors if k == marker or k.endswith("." + marker)]:
-            del tensors[key]
-    for key in [k for k in tensors if k.endswith(tuple(_SCALES))]:
-        suffix = next(s for s in _SCALES if key.endswith(s))
-        target = key[: -len(suffix)] + _SCALES[suffix]
+    for key in [k for k in tensors if _is_marker(k)]:
+        del tensors[key]
+    for key in [k for k in tensors if _scale_target(k) is not None]:
+        target = str(_scale_target(key))
         scale = tensors.pop(key)
         weight = tensors.get(target)
         if weight is None:
             continue  # the scale of a tensor the loader did not select
-        if scale.numel() != 1 and scale.shape[0] != weight.shape[0]:
-            raise InvalidModelException(f"{where}: fp8 scale {key} of shape {tuple(scale.shape)} fits no row of "
-                                        f"{target} {tuple(weight.shape)}")  # fmt: skip
-        factor = scale.to(weight.dtype)
-        if factor.numel() != 1:  # per output row
-            factor = factor.reshape(-1, *([1] * (weight.dim() - 1)))
-        tensors[target] = weight * factor.reshape(()) if factor.numel() == 1 else weight * factor
+        tensors[target] = weight * _checked_factor(scale, weight, key, target, where).to(weight.dtype)
     return tensors
+
+
+class _Tagged(torch.Tensor):
+    """An fp8 tensor of a scaled file on its way through a layout conversion: ``fp8_scale`` (its scale, or
+    :data:`_UNIT` for an unscaled one) follows it through every torch operation (chunks, concatenations,
+    views, copies); an operation on tensors of different scales gives :data:`_MIXED`."""
+
+    fp8_scale: Any
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        found: dict[int, Any] = {}
+        _walk((args, kwargs), lambda t: found.setdefault(id(t.fp8_scale), t.fp8_scale))
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if found:
+            tag = next(iter(found.values())) if len(found) == 1 else _MIXED
+            _walk(out, lambda t: setattr(t, "fp8_scale", tag))
+        return out
+
+
+_UNIT = object()   # the tag of an fp8 tensor without a scale
+_MIXED = object()  # the tag of a tensor made from tensors of different scales
+
+
+def _walk(obj: Any, visit: Callable[[_Tagged], object]) -> None:
+    if isinstance(obj, _Tagged):
+        visit(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _walk(item, visit)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _walk(item, visit)
+
+
+def split_fp8(tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: object = ""
+              ) -> tuple[dict[str, torch.Tensor], bool]:
+    """For a kept load: the file's tensors with the fp8 ones as they are, other floating ones cast to
+    ``dtype``, scales and markers taken out, and whether the file is scaled. In a scaled file each fp8
+    tensor carries its scale (``_Tagged``) into the conversion; :func:`scales_after` reads them out."""
+    scales: dict[str, tuple[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    scaled = False
+    for key, t in tensors.items():
+        target = _scale_target(key)
+        if _is_marker(key):
+            scaled = True
+        elif target is not None:
+            scales[target] = (key, t.to(torch.float32).clone())
+            scaled = True
+        elif is_fp8(t) or not t.is_floating_point() or t.dtype == dtype:
+            out[key] = t
+        else:
+            out[key] = t.to(dtype)
+    for target, (key, scale) in scales.items():
+        weight = out.get(target)
+        if weight is not None and not is_fp8(weight):  # a scale beside a weight already upcast: folded at once
+            out[target] = weight * _checked_factor(scale, weight, key, target, where).to(weight.dtype)
+        elif weight is not None:
+            _checked_factor(scale, weight, key, target, where)
+    if scaled:
+        for key, t in out.items():
+            if is_fp8(t):
+                tagged = t.as_subclass(_Tagged)
+                tagged.fp8_scale = scales[key][1] if key in scales else _UNIT
+                out[key] = tagged
+    return out, scaled
+
+
+def scales_after(converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The scale of each fp8 tensor of a scaled file's ``converted`` tensors, by converted name; the tensors
+    become plain ones again (in place), and one the conversion upcast has its scale multiplied in. None
+    when a scale cannot be told: an fp8 tensor that lost its tag or mixes scales, or a per-row scale whose
+    rows the conversion cut."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = False
+    for name, t in list(converted.items()):
+        if not isinstance(t, _Tagged):
+            unknown = unknown or is_fp8(t)
+            continue
+        scale = t.fp8_scale
+        plain = t.as_subclass(torch.Tensor)
+        converted[name] = plain
+        if scale is _UNIT:
+            continue
+        if scale is _MIXED or (scale.numel() != 1 and (plain.dim() == 0 or plain.shape[0] != scale.numel())):
+            unknown = True
+            continue
+        factor = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (plain.dim() - 1)))
+        if is_fp8(plain):
+            out[name] = factor
+        else:
+            converted[name] = plain * factor.to(plain.dtype)
+    return None if unknown else out
+
+
+class Fp8UpcastHook(LayerwiseCastingHook):
+    """During its module's forward pass, the module's fp8 parameters are upcast copies (times their
+    scale); afterwards the parameters are the stored fp8 tensors again, unchanged."""
+
+    def __init__(self, names: tuple[str, ...], compute_dtype: torch.dtype) -> None:
+        super().__init__(FP8_DTYPES[0], compute_dtype, non_blocking=False)
+        self.names = names
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module  # (diffusers' hook casts the module to its storage dtype here)
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        stored: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        try:
+            for name in self.names:
+                param = module._parameters[name]
+                assert param is not None
+                up = param.data.to(self.compute_dtype)
+                scale = module._buffers.get(_SCALE_BUFFER + name)
+                if scale is not None:
+                    up = up * scale.to(self.compute_dtype)
+                stored.append((param, param.data))
+                param.data = up
+            forward: Any = self.fn_ref.original_forward  # (diffusers types it None: set once the hook is registered)
+            return forward(*args, **kwargs)
+        finally:
+            for param, data in stored:
+                param.data = data
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        return output
+
+
+def keep_fp8(model: torch.nn.Module, scales: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> int:
+    """Hook every module of ``model`` that holds fp8 parameters (see the module's docstring); ``scales``
+    by parameter name. The scales become (non-persistent) buffers of their modules, so they move with
+    the model. Returns how many parameters stay fp8."""
+    kept = 0
+    for prefix, module in model.named_modules():
+        names = tuple(n for n, p in module._parameters.items() if p is not None and is_fp8(p))
+        if not names:
+            continue
+        for name in names:
+            scale = scales.get(f"{prefix}.{name}" if prefix else name)
+            if scale is not None:
+                param = module._parameters[name]
+                assert param is not None
+                module.register_buffer(_SCALE_BUFFER + name, scale.to(param.device), persistent=False)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(
+            Fp8UpcastHook(names, compute_dtype), _LAYERWISE_CASTING_HOOK)
+        kept += len(names)
+    return kept
+

@@ -10,7 +10,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ import torch
 import transformers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
-from modelbus.services.load.fp8 import fold_fp8_scales
-from modelbus.services.load.safetensors_fast import assign_weights, empty_model
+from modelbus.services.load.fp8 import FP8_DTYPES, fold_fp8_scales, keep_fp8, scales_after, split_fp8
+from modelbus.services.load.safetensors_fast import assign_weights, empty_model, read_header
 from modelbus.services.load.skeleton import skeleton_model, state_keys
 from modelbus.services.load.tensors import plan_layout, tensor_slots
 from modelbus.services.load.weights import StateDict, read_state_dict
@@ -43,9 +44,12 @@ class LoadRequest:
     submodel: SubModelType | None
     device: torch.device
     dtype: torch.dtype
+    fp8_storage: bool = False        # keep a file's fp8 weights in fp8 (services.load.fp8), where the loader can
 
 
 Loader = Callable[[LoadRequest], Loaded]
+
+log = get_logger(__name__)
 
 
 _LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
@@ -71,10 +75,22 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 # classes whose files keep the names transformers 4 gave them (and transformers 5 still writes): Qwen2.5-VL's
-# language model and vision tower moved under ``model.`` (transformers 4.5x's _checkpoint_conversion_mapping)
+# language model and vision tower moved under ``model.``, and Mistral3's likewise (transformers 4.5x's
+# _checkpoint_conversion_mapping); LLaVA's (transformers' conversion mapping for llava, llava_next,
+# llava_onevision) likewise
+_LLAVA_NAMES = ((re.compile(r"^language_model\.lm_head\."), "lm_head."),
+                (re.compile(r"^language_model\.model\."), "model.language_model."),
+                (re.compile(r"^(vision_tower|multi_modal_projector|image_newline)\b"), r"model.\1"))
 _SAVED_NAMES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
     "Qwen2_5_VLForConditionalGeneration": ((re.compile(r"^visual\."), "model.visual."),
                                            (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model.")),
+    # Mistral3: transformers 4 kept the language model whole (``language_model.model.``, its head beside it)
+    "Mistral3ForConditionalGeneration": ((re.compile(r"^language_model\.model\."), "model.language_model."),
+                                         (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+                                         (re.compile(r"^(vision_tower|multi_modal_projector)\."), r"model.\1.")),
+    "LlavaForConditionalGeneration": _LLAVA_NAMES,
+    "LlavaNextForConditionalGeneration": _LLAVA_NAMES,
+    "LlavaOnevisionForConditionalGeneration": _LLAVA_NAMES,
 }
 
 
@@ -182,6 +198,31 @@ def read_checkpoint(req: LoadRequest, select: Callable[[str], bool]) -> tuple[di
     return fold_fp8_scales(state.tensors, req.location), state.buffer
 
 
+def read_kept(req: LoadRequest, select: Callable[[str], bool]
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, bool] | None:
+    """For a load that keeps fp8 weights (``req.fp8_storage``): the file's selected tensors with the fp8
+    ones as stored and the others in ``req.dtype``, and whether it is scaled (its fp8 tensors then carry
+    their scales through a conversion: :func:`kept_scales`). None when the file has no fp8 tensor to
+    keep: read it the usual way."""
+    if not req.fp8_storage or req.dtype in FP8_DTYPES or req.location.suffix != ".safetensors" \
+            or not req.location.is_file():
+        return None
+    if not any(e.dtype in FP8_DTYPES for e in read_header(req.location).entries.values() if select(e.name)):
+        return None
+    state = read_state_dict([req.location], req.device, None, select)
+    tensors, scaled = split_fp8(state.tensors, req.dtype, req.location)
+    return tensors, state.buffer, scaled
+
+
+def kept_scales(kept: tuple[Any, Any, bool] | None, converted: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor] | None:
+    """The scales of a kept load's converted tensors by name ({} for a load that keeps nothing or an
+    unscaled file); None when they cannot be told, and the load should be made again upcast."""
+    if kept is None or not kept[2]:
+        return {}
+    return scales_after(converted)
+
+
 def build_from(cls: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor], req: LoadRequest,
            buffer: torch.Tensor | None, what: str) -> Loaded:
     model = empty_model(cls)
@@ -209,11 +250,21 @@ def load_transformer(req: LoadRequest, to_diffusers: Callable[[dict[str, torch.T
                       ) -> Loaded:
     """A transformer denoiser from one file: its tensors (bundled parts unread), converted to diffusers'
     names, a config derived from their shapes, the weights assigned in place."""
-    tensors, buffer = read_checkpoint(req, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
+    def select(key: str) -> bool:
+        return not key.startswith(NOT_FLUX_TRANSFORMER)
+
+    kept = read_kept(req, select)
+    tensors, buffer = (kept[0], kept[1]) if kept is not None else read_checkpoint(req, select)
     converted = to_diffusers(tensors, req.location)
+    scales = kept_scales(kept, converted)
+    if scales is None:
+        log.info("fp8_kept_fallback", path=str(req.location), reason="the conversion leaves a scale untold")
+        return load_transformer(replace(req, fp8_storage=False), to_diffusers, configure, cls, what)
     config = configure(converted, req.location)
     model = skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))
     assign_weights(model, converted, req.device, f"{req.location} ({what})")
+    if kept is not None:
+        keep_fp8(model, scales, req.dtype)
     return Loaded(model, live_buffer(model, buffer))
 
 

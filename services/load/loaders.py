@@ -31,7 +31,7 @@ from modelbus.services.load.kit import (
     shape_of,
 )
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model, needs_cast, start_flat
-from modelbus.services.load.skeleton import skeleton_model
+from modelbus.services.load.skeleton import gc_paused, skeleton_model
 from modelbus.services.load.weights import StateDict, read_state_dict, weight_files
 from modelbus.services.records.enums import SubModelType
 
@@ -62,14 +62,15 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
     files = weight_files(folder, dtype)
     if not files:
         raise InvalidModelException(f"{folder}: no weight files (.safetensors, .bin, .ckpt)")
-    if all(f.suffix == ".safetensors" for f in files) and not needs_cast(files, dtype):
-        # the weights stream in (threads, GIL released) while this thread builds the meta model and
-        # assigns it the buffer's views, whose bytes are still arriving: all of the build hides
-        # behind the copy
-        pending = start_flat(files, device)
+    if all(f.suffix == ".safetensors" for f in files) and (device.type == "cpu" or not needs_cast(files, dtype)):
+        # the weights stream in (threads, GIL released; on the CPU cast as they arrive) while this
+        # thread builds the meta model and assigns it the buffer's views, whose bytes are still
+        # arriving: all of the build hides behind the copy
+        pending = start_flat(files, device, dtype=dtype if device.type == "cpu" else None)
         try:
-            model = _empty_from_folder(cls, folder)
-            assign_weights(model, fit_keys(model, pending.flat.tensors), device, str(folder))
+            with gc_paused():  # (the assignment makes a Parameter per weight)
+                model = _empty_from_folder(cls, folder)
+                assign_weights(model, fit_keys(model, pending.flat.tensors), device, str(folder))
         finally:
             flat = pending.wait()
         state = StateDict(flat.tensors, flat.buffer)
@@ -282,12 +283,45 @@ def t5_encoder_config(tensors: dict[str, torch.Tensor], where: Path) -> transfor
         feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False)
 
 
+# Wan-AI's own UMT5 (wan/modules/t5.py, ``models_t5_umt5-xxl-enc-bf16.pth``): block name -> transformers'
+_WAN_T5_BLOCK = {"norm1.weight": "layer.0.layer_norm.weight", "attn.q.weight": "layer.0.SelfAttention.q.weight",
+                 "attn.k.weight": "layer.0.SelfAttention.k.weight", "attn.v.weight": "layer.0.SelfAttention.v.weight",
+                 "attn.o.weight": "layer.0.SelfAttention.o.weight",
+                 "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+                 "norm2.weight": "layer.1.layer_norm.weight",
+                 "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # the GELU-gated half
+                 "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight", "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight"}
+_WAN_T5_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def from_wan_t5(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """Wan-AI's UMT5 names as transformers' (``blocks.N.attn.q`` -> ``encoder.block.N.layer.0.SelfAttention.q``,
+    ``token_embedding`` -> ``shared``); a name of neither is refused."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = _WAN_T5_BLOCK_KEY.match(key)
+        if key == "token_embedding.weight":
+            out["shared.weight"] = value
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = value
+        elif m and m.group(2) in _WAN_T5_BLOCK:
+            out[f"encoder.block.{m.group(1)}.{_WAN_T5_BLOCK[m.group(2)]}"] = value
+        else:
+            raise InvalidModelException(f"{where}: {key} is no tensor of Wan-AI's UMT5 encoder")
+    return out
+
+
 def load_t5_encoder_checkpoint(req: LoadRequest) -> Loaded:
-    """A ``T5EncoderModel`` from one file (a whole T5's decoder, when there, is not read)."""
+    """A ``T5EncoderModel`` from one file (a whole T5's decoder, when there, is not read); Wan-AI's own UMT5
+    file in its names."""
     state = read_single_file(req, lambda k: not k.startswith(("decoder.", "lm_head.")))
-    if not any(k.startswith("encoder.block.") for k in state.tensors):
-        raise InvalidModelException(f"{req.location}: no T5 encoder weights (encoder.block.N.*)")
-    return build_t5_encoder(req, state.tensors, state.buffer)
+    tensors = state.tensors
+    if "token_embedding.weight" in tensors and "blocks.0.attn.q.weight" in tensors:
+        tensors = from_wan_t5(tensors, req.location)
+    if not any(k.startswith("encoder.block.") for k in tensors):
+        raise InvalidModelException(f"{req.location}: no T5 encoder weights (encoder.block.N.*, or Wan-AI's "
+                                    "blocks.N.attn.*)")
+    return build_t5_encoder(req, tensors, state.buffer)
 
 
 def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer: torch.Tensor | None,

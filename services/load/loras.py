@@ -1,5 +1,5 @@
-"""LoRAs of the 2025-2026 transformers (FLUX.2, Qwen-Image, Wan, Chroma, Z-Image, Lumina 2) in the names of the diffusers model
-the load service builds for their base.
+"""LoRAs of the 2025-2026 transformers (FLUX.2, Qwen-Image, Wan, Chroma, Z-Image, Lumina 2, LTX-Video, LTX-2,
+HiDream, Sana) in the names of the diffusers model the load service builds for their base.
 
 The trainers these families' users train with write other names (kohya, musubi-tuner: ``lora_unet_blocks_0_
 self_attn_q.lora_down.weight``; ai-toolkit, diffusion-pipe, ComfyUI: the original release's names under
@@ -33,6 +33,10 @@ _MIXINS = {
     Base.Chroma: "FluxLoraLoaderMixin",
     Base.ZImage: "ZImageLoraLoaderMixin",
     Base.Lumina2: "Lumina2LoraLoaderMixin",
+    Base.LTXVideo: "LTXVideoLoraLoaderMixin",
+    Base.LTXVideo2: "LTX2LoraLoaderMixin",
+    Base.HiDream: "HiDreamImageLoraLoaderMixin",
+    Base.Sana: "SanaLoraLoaderMixin",
 }
 
 
@@ -40,7 +44,8 @@ _MIXINS = {
 _SHIPPED = {
     Base.Flux2: "flux2-klein-4b", Base.QwenImage: "qwen-image", Base.QwenImage21: "qwen-image-2.1",
     Base.Wan21: "wan-2.1-i2v-14b", Base.Wan22: "wan-2.2-ti2v-5b", Base.Chroma: "chroma", Base.ZImage: "z-image-turbo",
-    Base.Lumina2: "lumina-2",
+    Base.Lumina2: "lumina-2", Base.LTXVideo: "ltx-video-2b", Base.LTXVideo2: "ltx-2", Base.HiDream: "hidream-i1",
+    Base.Sana: "sana-600m",
 }  # fmt: skip
 _SUFFIX = re.compile(r"\.(?:lora_[AB](?:\.default)?\.weight|lora_(?:down|up)\.weight|lokr_w[12](?:_[ab])?|"
                      r"hada_w[12]_[ab]|alpha|diff(?:_b)?|dora_scale|lora_magnitude_vector)$")  # fmt: skip

@@ -23,10 +23,11 @@ import weakref
 from typing import Any
 
 import numpy as np
-import structlog
 import torch
 
-log = structlog.get_logger(__name__)
+from modelbus.events.logs import get_logger
+
+log = get_logger(__name__)
 
 GRAIN = 2 << 20  # pieces start on 2 MiB boundaries (huge-page friendly, few free-list entries)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelbus.services.load import bnb, checkpoints, gguf, ip_adapters, loaders
+from modelbus.services.load import bnb, checkpoints, gguf, ip_adapters, loaders, text_encoders, upscalers
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.kit import Loader
 from modelbus.services.records.enums import ModelFormat, ModelType
@@ -30,6 +30,14 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.Main, ModelFormat.BnbQuantizedInt8): bnb.load_bnb_main,
     (ModelType.Main, ModelFormat.GGUF): gguf.load_gguf_main,
     (ModelType.Qwen25VL, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.SpandrelImageToImage, ModelFormat.Checkpoint): upscalers.load_spandrel,
+    (ModelType.SigLIP, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.LlavaOnevision, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.Qwen25VL, ModelFormat.Checkpoint): text_encoders.load_llm_checkpoint,
+    (ModelType.Qwen3Encoder, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.Qwen3Encoder, ModelFormat.Checkpoint): text_encoders.load_llm_checkpoint,
+    (ModelType.MistralEncoder, ModelFormat.Diffusers): loaders.load_transformers_folder,
+    (ModelType.MistralEncoder, ModelFormat.Checkpoint): text_encoders.load_llm_checkpoint,
 }
 
 

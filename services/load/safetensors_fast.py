@@ -4,7 +4,8 @@
 into it one by one. Here, the file's data section is streamed in large chunks straight into ONE
 buffer on the target device: to CUDA through a few reused pinned staging buffers, with the reads
 of the next chunks (threads, GIL released) overlapping the host-to-device copy of the current one;
-to the CPU by parallel ``preadv`` straight into the destination. Tensors are then *views* of that
+to the CPU by parallel ``preadv`` straight into recycled host memory (:mod:`services.load.host_memory`),
+or, when the dtype changes, piece by piece into a small buffer cast from there. Tensors are then *views* of that
 buffer, assigned to a model built on the meta device (``load_state_dict(assign=True)``): no
 initialisation, no second copy, bit-exact weights. The cache later moves the whole buffer in one
 copy (see :mod:`services.load.tensors`).
@@ -14,24 +15,23 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from accelerate import init_empty_weights
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.host_memory import host_memory
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,6 +43,8 @@ CHUNK_BYTES = int(os.environ.get("MODELBUS_LOAD_CHUNK_MB", "32")) << 20
 # pinned staging buffers in flight, each filled by its own reader thread ahead of the copy engine
 # (12 on a 16-core H200 host: warm 0.119 s vs 0.167 s with 6)
 STAGING_SLOTS = int(os.environ.get("MODELBUS_LOAD_SLOTS", str(min(12, max(4, os.cpu_count() or 4)))))
+# CPU casts: a piece read, then cast while it is still in the CPU's cache
+CAST_PIECE_BYTES = 4 << 20
 ALIGN = 64                   # destination alignment of each contiguous range
 PAGE = 4096                  # O_DIRECT's alignment of offsets, lengths and buffers
 # cold reads straight from the disk (O_DIRECT) for pages the page cache does not hold
@@ -332,12 +334,17 @@ class PendingFlat:
 
 
 def _prepare(paths: str | Path | Sequence[str | Path], device: torch.device, select: Callable[[str], bool] | None,
-             ) -> tuple[FlatTensors, Callable[[], None]]:
-    """The buffer and its views now; the function that fills the buffer from the files."""
+             dtype: torch.dtype | None = None) -> tuple[FlatTensors, Callable[[], None]]:
+    """The buffer and its views now; the function that fills the buffer from the files. ``dtype``
+    (CPU only): floating tensors are cast to it piece by piece as they are read."""
     path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     headers = [read_header(p) for p in path_list]
+    if device.type == "cpu" and dtype is not None and _casts(headers, dtype, select):
+        return _prepare_cast(path_list, headers, dtype, select)
     ranges, placed, total = _plan(headers, select)
-    buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+    # on the CPU: memory an earlier load used and freed, its pages still mapped (host_memory)
+    buffer = host_memory().take(total) if device.type == "cpu" else torch.empty(max(total, 1), dtype=torch.uint8,
+                                                                                 device=device)
     tensors = {name: _view(buffer, off, e.dtype, e.shape) for name, (e, off) in placed.items()}
 
     def fill() -> None:
@@ -361,11 +368,109 @@ def _prepare(paths: str | Path | Sequence[str | Path], device: torch.device, sel
     return FlatTensors(buffer, tensors), fill
 
 
+def _casts(headers: Sequence[SafetensorsHeader], dtype: torch.dtype, select: Callable[[str], bool] | None) -> bool:
+    return any(e.dtype.is_floating_point and e.dtype != dtype for h in headers for e in h.entries.values()
+               if select is None or select(e.name))
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Part of one tensor inside a piece: ``count`` elements at ``src`` in the piece, ``dst`` in the buffer."""
+
+    src: int
+    dst: int
+    count: int
+    src_dtype: torch.dtype
+    dst_dtype: torch.dtype
+
+
+@dataclass
+class _Piece:
+    fd_index: int
+    file_off: int
+    length: int
+    segments: list[_Segment]
+
+
+def _cast_plan(headers: Sequence[SafetensorsHeader], dtype: torch.dtype, select: Callable[[str], bool] | None,
+               piece_bytes: int) -> tuple[list[_Piece], dict[str, tuple[torch.dtype, tuple[int, ...], int]], int]:
+    """Each selected tensor's place in the buffer in its loaded dtype, and the file read in pieces of
+    at most ``piece_bytes`` (a tensor larger than that split at whole elements) that each cast alone."""
+    pieces: list[_Piece] = []
+    placed: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+    cursor = 0
+    for index, header in enumerate(headers):
+        chosen = sorted((e for e in header.entries.values() if select is None or select(e.name)),
+                        key=lambda e: e.start)
+        for e in chosen:
+            if e.name in placed:
+                raise InvalidModelException(f"tensor {e.name!r} appears in two weight files")
+            target = dtype if e.dtype.is_floating_point else e.dtype
+            dst = _align(cursor)
+            numel = math.prod(e.shape)
+            placed[e.name] = (target, e.shape, dst)
+            cursor = dst + numel * target.itemsize
+            step = max(1, piece_bytes // e.dtype.itemsize)
+            for first in range(0, numel, step):
+                count = min(step, numel - first)
+                file_off, length = e.start + first * e.dtype.itemsize, count * e.dtype.itemsize
+                last = pieces[-1] if pieces else None
+                if (last is None or last.fd_index != index or last.file_off + last.length != file_off
+                        or last.length + length > piece_bytes):
+                    last = _Piece(index, file_off, 0, [])
+                    pieces.append(last)
+                last.segments.append(_Segment(last.length, dst + first * target.itemsize, count, e.dtype, target))
+                last.length += length
+    return pieces, placed, cursor
+
+
+def _prepare_cast(path_list: list[Path], headers: Sequence[SafetensorsHeader], dtype: torch.dtype,
+                  select: Callable[[str], bool] | None) -> tuple[FlatTensors, Callable[[], None]]:
+    """A CPU load that casts: pieces of the file are read (``preadv``) into a small buffer per
+    thread and cast from there into the pooled buffer, while they are still in the CPU's cache;
+    the file is never mapped, nor copied whole."""
+    pieces, placed, total = _cast_plan(headers, dtype, select, CAST_PIECE_BYTES)
+    buffer = host_memory().take(total)
+    tensors = {name: _view(buffer, off, target, shape) for name, (target, shape, off) in placed.items()}
+
+    def fill() -> None:
+        fds = [os.open(p, os.O_RDONLY) for p in path_list]
+        local = threading.local()
+
+        def run(piece: _Piece) -> None:
+            staging = getattr(local, "staging", None)
+            if staging is None:
+                staging = local.staging = torch.empty(CAST_PIECE_BYTES, dtype=torch.uint8)
+            _pread_into(fds[piece.fd_index], _mv(staging.numpy()[:piece.length]), piece.file_off)
+            for g in piece.segments:
+                src = staging[g.src:g.src + g.count * g.src_dtype.itemsize].view(g.src_dtype)
+                buffer[g.dst:g.dst + g.count * g.dst_dtype.itemsize].view(g.dst_dtype).copy_(src)
+
+        try:
+            for fd in fds:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if len(pieces) <= 1:
+                for piece in pieces:
+                    run(piece)
+            else:
+                with ThreadPoolExecutor(min(_workers(), len(pieces)), thread_name_prefix="modelbus-cast") as pool:
+                    for f in [pool.submit(run, piece) for piece in pieces]:
+                        f.result()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    return FlatTensors(buffer, tensors), fill
+
+
 def start_flat(paths: str | Path | Sequence[str | Path], device: torch.device | str = "cpu",
-               select: Callable[[str], bool] | None = None) -> PendingFlat:
-    """Start a :func:`load_flat` without a dtype conversion in the background: the tensors' views
-    exist at once (a model can be assigned them while the bytes stream in); ``wait()`` before use."""
-    flat, fill = _prepare(paths, torch.device(device), select)
+               select: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None) -> PendingFlat:
+    """Start a :func:`load_flat` in the background: the tensors' views exist at once (a model can be
+    assigned them while the bytes stream in); ``wait()`` before use. ``dtype`` casts on the CPU only."""
+    device = torch.device(device)
+    if dtype is not None and device.type != "cpu":
+        raise ValueError(f"start_flat casts on the CPU only, not on {device}")
+    flat, fill = _prepare(paths, device, select, dtype)
     return PendingFlat(flat, fill)
 
 
@@ -382,73 +487,17 @@ def load_flat(paths: str | Path | Sequence[str | Path], device: torch.device | s
               dtype: torch.dtype | None = None, select: Callable[[str], bool] | None = None) -> FlatTensors:
     """Load the (selected) tensors of one or more safetensors files into one buffer on ``device``.
 
-    Floating-point tensors are converted to ``dtype`` when given (on the device, after the copy; on the
-    CPU straight from the files mapped into memory); other tensors keep their type. Values are bit-exact
-    when no conversion is asked for.
+    Floating-point tensors are converted to ``dtype`` when given (on the CPU piece by piece as they are
+    read; on other devices after the copy); other tensors keep their type. Values are bit-exact when no
+    conversion is asked for, and equal to ``tensor.to(dtype)`` of the file's tensors when one is.
+    On the CPU the buffer is recycled host memory (:mod:`services.load.host_memory`).
     """
     device = torch.device(device)
-    path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if device.type == "cpu" and dtype is not None and needs_cast(path_list, dtype, select):
-        return _cast(_mapped(path_list, select), dtype)  # (the mapping goes with its views after the cast)
-    flat, fill = _prepare(paths, device, select)
+    flat, fill = _prepare(paths, device, select, dtype if device.type == "cpu" else None)
     fill()
     if dtype is not None and any(_needs_cast(t, dtype) for t in flat.tensors.values()):
         flat = _cast(flat, dtype)
     return flat
-
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page at once (elsewhere: as they are read)
-
-
-def _read_ahead(mapping: mmap.mmap, entries: Iterable[TensorEntry]) -> None:
-    for e in entries:
-        start = e.start - e.start % mmap.PAGESIZE
-        if e.end > start:
-            mapping.madvise(mmap.MADV_WILLNEED, start, e.end - start)
-
-
-def _read_only_tensor(mapping: mmap.mmap) -> torch.Tensor:
-    """uint8 views of a read-only mapping: only ever read (the cast's source), so torch's warning that
-    writing would be undefined does not apply."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(mapping, dtype=torch.uint8)
-
-
-def _mapped(path_list: Sequence[Path], select: Callable[[str], bool] | None) -> FlatTensors:
-    """The (selected) tensors as views of the files mapped into memory (private, populated at once).
-
-    For a CPU load that casts: the cast reads the page cache where it lies, instead of a copy of the
-    file into fresh memory first (a copy and a page fault per 4 KiB that the cast then reads again):
-    0.79 s instead of 0.87 s median for a 0.44 GB fp16 UNet loaded as fp32 on the 2-core dev VM. The
-    mapping lives only while the cast runs; with a selection only the chosen tensors' pages are read. Like safetensors' own ``safe_open`` (which diffusers loads
-    through), a file truncated in place during those moments would fault the process; installs replace
-    files by renaming, which leaves a mapped file whole. ``buffer`` is the first file's mapping; every
-    view keeps its own file's mapping alive."""
-    tensors: dict[str, torch.Tensor] = {}
-    whole = torch.empty(0, dtype=torch.uint8)
-    for index, path in enumerate(path_list):
-        header = read_header(path)
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if any(e.end > size for e in header.entries.values()):  # shrunk since its header was read
-                raise InvalidModelException(f"{path}: the file is shorter than its header says (truncated file?)")
-            # read-only: a writable private mapping would be populated by copying every page
-            # populated at once when every tensor is read; a selection (one model of a bundle) asks the
-            # kernel to read ahead just the chosen tensors' pages
-            mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE | (_POPULATE if select is None else 0),
-                                prot=mmap.PROT_READ) if size else None
-        if mapping is not None and select is not None:
-            _read_ahead(mapping, [e for e in header.entries.values() if select(e.name)])
-        file_bytes = _read_only_tensor(mapping) if mapping is not None else whole
-        whole = file_bytes if index == 0 else whole
-        for e in header.entries.values():
-            if select is not None and not select(e.name):
-                continue
-            if e.name in tensors:
-                raise InvalidModelException(f"tensor {e.name!r} appears in two weight files")
-            tensors[e.name] = _view(file_bytes, e.start, e.dtype, e.shape)
-    return FlatTensors(whole, tensors)
 
 
 def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -483,23 +532,6 @@ def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     else:
         for dst, src in pairs:
             dst.copy_(src)
-
-
-def cast_to_cpu(paths: Sequence[str | Path], dtype: torch.dtype,
-                select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    """The (selected) tensors of safetensors files on the CPU, floating ones in ``dtype``, each in memory
-    of its own, read from the files mapped into memory.
-
-    For a module load (its weights become parameters, not views of one buffer): tensors of their own
-    come from the allocator's free memory, which a process that loads and frees models reuses, where one
-    big buffer is a fresh mapping, faulted in page by page on every load (the half-width SD-1.5 UNet's
-    0.9 GB cast: 0.15 s instead of 0.39 s median, loads repeated on the dev VM). Bit-exact with
-    :func:`load_flat`'s cast."""
-    source = _mapped([Path(p) for p in paths], select)
-    out = {name: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype)
-           for name, t in source.tensors.items()}
-    _copy_all([(out[name], t) for name, t in source.tensors.items()])
-    return out
 
 
 def empty_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import (
     Activity,
     CacheEvicted,
@@ -46,11 +46,13 @@ from modelbus.services.load.errors import (
     SubmodelRequiredError,
 )
 from modelbus.services.load.estimate import estimate_bytes
+from modelbus.services.load.fp8 import keeps_fp8
+from modelbus.services.load.host_memory import configure as configure_host_memory
 from modelbus.services.load.kit import Loaded, LoadRequest
 from modelbus.services.load.registry import loader_for
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType, SubModelType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Publisher = Callable[[Activity], object]  # what it returns (a stream position...) is ignored
 CONTEXT_FIELDS = ("queue_id", "queue_item_id", "queue_batch_id", "graph_execution_state_id")
@@ -138,9 +140,13 @@ class ModelLoadService:
         self.cache = cache or ModelCache(execution_device=device, ram_limit=int(config.ram_cache_size),
                                          vram_limit=int(config.vram_cache_size),
                                          keep_alive=float(getattr(config, "cache_keep_alive", 0.0)))
+        configure_host_memory(int(float(getattr(config, "cpu_recycle_mb", 4096)) * (1 << 20)),
+                              float(getattr(config, "cpu_recycle_idle_s", 60.0)))
         if self.cache.on_event is None:
             self.cache.on_event = self._cache_event
         self.precision = inference_dtype(str(getattr(config, "precision", "auto")), self.cache.execution_device)
+        # decided for the execution device, whether a load parks the model in RAM first or not
+        self.fp8_storage = keeps_fp8(str(getattr(config, "fp8_storage", "auto")), self.cache.execution_device)
 
     @property
     def execution_device(self) -> torch.device:
@@ -173,7 +179,8 @@ class ModelLoadService:
         if not location.exists():
             raise ModelNotFoundException(f"model {key} ({record.name}): nothing at {location}")
         cache_key = f"{key}:{submodel.value}" if submodel is not None else key
-        request = LoadRequest(record, location, submodel, self.execution_device, self.precision)
+        request = LoadRequest(record, location, submodel, self.execution_device, self.precision,
+                              self.fp8_storage)
         ids = self._payload(record, submodel, location, context)
         hit_before = cache_key in self.cache
         if hits_only and not hit_before:
@@ -207,7 +214,8 @@ class ModelLoadService:
 
         def run(device: torch.device) -> Loaded:
             # parked in RAM or not, weights take the inference dtype: a later move to VRAM is one copy
-            req = LoadRequest(request.record, request.location, request.submodel, device, self.precision)
+            req = LoadRequest(request.record, request.location, request.submodel, device, self.precision,
+                              self.fp8_storage)
             try:
                 return load(req)
             except LoadError:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from modelbus.services.load.errors import InvalidModelException, UnsafeModelException
-from modelbus.services.load.safetensors_fast import cast_to_cpu, load_flat, needs_cast
+from modelbus.services.load.safetensors_fast import load_flat
 from modelbus.services.probe import scan_pickle
+from modelbus.services.probe.errors import CorruptModelError, UnsafeArchiveError
 
 SAFETENSORS = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
@@ -64,8 +65,6 @@ def read_state_dict(paths: list[Path], device: torch.device, dtype: torch.dtype 
     if missing:
         raise InvalidModelException(f"weight files missing: {', '.join(map(str, missing))}")
     if all(p.suffix == ".safetensors" for p in paths):
-        if device.type == "cpu" and select is None and dtype is not None and needs_cast(paths, dtype):
-            return StateDict(cast_to_cpu(paths, dtype), None)  # (tensors of their own: no buffer)
         flat = load_flat(paths, device, dtype, select)
         return StateDict(flat.tensors, flat.buffer)
     tensors: dict[str, torch.Tensor] = {}
@@ -79,7 +78,12 @@ def read_state_dict(paths: list[Path], device: torch.device, dtype: torch.dtype 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Scan, then load a pickled checkpoint with ``weights_only=True``; unwraps ``state_dict``."""
-    findings = scan_pickle(path)
+    try:
+        findings = scan_pickle(path)
+    except UnsafeArchiveError as exc:  # the probe's errors, in the load service's family
+        raise UnsafeModelException(str(exc)) from exc
+    except CorruptModelError as exc:  # a truncated or malformed archive
+        raise InvalidModelException(str(exc)) from exc
     if findings:
         raise UnsafeModelException(f"{path}: refusing to unpickle, it imports {', '.join(findings[:5])}")
     try:

@@ -1,6 +1,5 @@
 """The base of a LoRA of a 2025-2026 diffusion transformer (FLUX.2, Qwen-Image, Wan, Chroma, HunyuanVideo,
-Z-Image, Lumina 2) from the names
-of the layers it adapts and their widths.
+Z-Image, Lumina 2, LTX-Video, LTX-2, HiDream, Sana) from the names of the layers it adapts and their widths.
 
 The trainers write the same layer under different spellings: PEFT/diffusers
 (``transformer.blocks.0.attn1.to_q.lora_A.weight``), ai-toolkit, diffusion-pipe and ComfyUI the original
@@ -25,6 +24,15 @@ all), and the layer's input and output widths (``lora_A``/``lora_down``: ``(rank
   wide.
 - HunyuanVideo: FLUX.1's layers in diffusers' names, but 20 double and 40 single blocks (FLUX.1's 19 and 38);
   in its own names ``img_mod.linear`` (BFL's ``img_mod.lin``) and its token refiner.
+- LTX-Video, LTX-2 and Sana: ``transformer_blocks.N.attn1``/``attn2`` (self- and cross-attention; FLUX-style
+  families name theirs ``attn``), LTX's ``ff.net``. LTX-Video 2B is 2048 wide; LTX-Video 13B and LTX-2's video
+  stream 4096, so an LTX-2 LoRA shows itself by its audio layers (``audio_attn1``, ``audio_to_video_attn``,
+  ``audio_ff``...) or its name, else "cannot tell"; Sana is 1152 (600M) or 2240 (1600M) wide, its
+  feed-forward convolutional (PixArt, also 1152, has ``ff.net`` linears: not taken). The trainers (LTX's own,
+  ai-toolkit, diffusion-pipe) write diffusers' module names under ``diffusion_model.``, as diffusers' LoRA
+  conversions for LTX read them.
+- HiDream-I1: ``double_stream_blocks.N.block``/``single_stream_blocks.N.block`` (its own names, which the
+  trainers keep), 2560 wide.
 - A LoRA of 3072-wide attention alone fits FLUX.1, Chroma, FLUX.2 Klein 4B and Qwen-Image (with 20 blocks,
   HunyuanVideo and Qwen-Image; past 20, Qwen-Image): the file's name or metadata decides, else "cannot
   tell" naming them.
@@ -75,6 +83,13 @@ _LUMINA_STYLE = re.compile(r"^(?:layers|noise_refiner|context_refiner)_\d+_(?:at
                            r"norm1_linear)$")  # fmt: skip
 _LUMINA_WIDTHS = {3840: Base.ZImage, 2304: Base.Lumina2}
 _BFL = re.compile(r"^(?:double_blocks|single_blocks)_(\d+)_")
+_LTX_STYLE = re.compile(r"^transformer_blocks_\d+_(?:(?:audio_)?attn[12]_(?:to_[qkv]|to_out_0)|"
+                        r"(?:audio_to_video|video_to_audio)_attn_(?:to_[qkv]|to_out_0)|(?:audio_)?ff_net_(?:0_proj|2))$")
+_LTX2_AUDIO = re.compile(r"_(?:audio_attn[12]|audio_to_video_attn|video_to_audio_attn|audio_ff)_")
+_SELF_ATTENTION = re.compile(r"^transformer_blocks_\d+_attn1_to_[qkv]$")
+_FF_LINEAR = re.compile(r"_ff_net_(?:0_proj|2)$")
+_SANA_WIDTHS = frozenset({1152, 2240})
+_HIDREAM = re.compile(r"^(?:double|single)_stream_blocks_\d+_block_")
 _ATTENTION = re.compile(r"^transformer_blocks_(\d+)_attn_")
 
 
@@ -144,7 +159,7 @@ def dit_lora_base(index: TensorIndex) -> Base | None:
     layers = adapted_layers(index)
     if not layers.widths:
         return None
-    for rule in (_wan, _lumina_style, _hunyuan, _marked, _bfl, _attention_only):
+    for rule in (_wan, _lumina_style, _hidream, _ltx_style, _hunyuan, _marked, _bfl, _attention_only):
         base = rule(layers)
         if base is not None:
             return base
@@ -203,6 +218,46 @@ def _lumina_style(layers: Layers) -> Base | None:
     raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a Lumina-style transformer (layers.N.attention) of "
                                  f"width {width}, which is neither Z-Image's (3840) nor Lumina 2's (2304); pass "
                                  "base_model explicitly")  # fmt: skip
+
+
+def _hidream(layers: Layers) -> Base | None:
+    named = layers.matching(_HIDREAM)
+    if not named:
+        return None
+    width = min((i for k, (i, _) in named.items() if i is not None and "_attn1_to_" in k), default=None)
+    if width in (None, 2560):
+        return Base.HiDream
+    raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a HiDream-style transformer (double_stream_blocks) "
+                                 f"of width {width}, which is not HiDream-I1's (2560); pass base_model explicitly")
+
+
+def _ltx_style(layers: Layers) -> Base | None:
+    """``attn1``/``attn2`` blocks: LTX-Video, LTX-2, Sana, by the audio stream, the width and the MLP."""
+    named = layers.matching(_LTX_STYLE)
+    if not named:
+        return None
+    if layers.matching(_LTX2_AUDIO):
+        return Base.LTXVideo2
+    widths = {i for k, (i, _) in named.items() if i is not None and _SELF_ATTENTION.match(k)}
+    widths = widths or {i for k, (i, _) in named.items() if i is not None and "_attn" in k}
+    width = min(widths, default=None)
+    if width is None or width in _SD3_WIDTHS:
+        return None  # SD-3.5 medium's second attention is attn2 as well: the SD-3 rules' case
+    if width == 2048:
+        return Base.LTXVideo
+    if width == 4096:
+        if layers.hint("ltx[-_.]?2", "ltxv?[-_.]?2"):
+            return Base.LTXVideo2
+        if layers.hint("ltxv", "ltx[-_.]?video"):
+            return Base.LTXVideo
+        raise _cannot_tell(layers, "a 4096-wide LTX-style video transformer (attn1/attn2, no audio layers)",
+                           [Base.LTXVideo, Base.LTXVideo2])
+    if width in _SANA_WIDTHS and not layers.matching(_FF_LINEAR):
+        return Base.Sana
+    raise UnrecognizedFilesError(f"{layers.index.path}: LoRA of a transformer with attn1/attn2 blocks of width {width}"
+                                 f"{' and linear feed-forwards (PixArt-style)' if layers.matching(_FF_LINEAR) else ''}"
+                                 ", which matches no published LTX-Video (2048, 4096), LTX-2 (4096) or Sana (1152, "
+                                 "2240); pass base_model explicitly")  # fmt: skip
 
 
 def _hunyuan(layers: Layers) -> Base | None:

@@ -13,6 +13,16 @@ encoder of Wan, and Qwen2.5-VL, the text encoder of Qwen-Image.
 - Qwen2.5-VL (``qwen_2.5_vl_7b.safetensors``): a vision tower (``visual.blocks``, ``visual.merger``) whose
   blocks have SwiGLU MLPs (``mlp.gate_proj``; Qwen2-VL's have ``fc1``), beside a Qwen2 language model; the
   7B model (3584 wide) is the one Qwen-Image's transformer reads (``txt_norm`` over 3584).
+- Qwen3 (``qwen_3_4b.safetensors``, ``qwen_3_8b.safetensors``): a language model whose attention normalises
+  its queries and keys (``self_attn.q_norm``; Qwen2's has biases instead); Qwen3-4B (2560 wide) is Z-Image's
+  and FLUX.2 Klein 4B's text encoder (Z-Image's ``cap_feat_dim``, Klein 4B's joint width 3 x 2560), Qwen3-8B
+  (4096) Klein 9B's (3 x 4096).
+- Mistral Small 3.x (``mistral_3_small_flux2_bf16.safetensors``), FLUX.2 dev's text encoder (joint width
+  3 x 5120): a Llama-style language model (no biases, no query norm) with Mistral's 131,072-token vocabulary,
+  5120 wide with a 32,768-wide MLP (Mistral Nemo, also 5120 wide, has 14,336), alone (ComfyUI's file) or
+  with its Pixtral vision tower (transformers' ``Mistral3ForConditionalGeneration``).
+
+Each names the config shipped for it (``services/configs/transformers/<name>``), which the loader builds.
 """
 
 from __future__ import annotations
@@ -25,12 +35,31 @@ from modelbus.services.records.enums import ModelFormat, ModelType
 
 _WAN_VAE = (("decoder.middle.0.residual.0.gamma", "decoder.conv1.weight"),  # Wan-AI's names
             ("decoder.mid_block.resnets.0.norm1.gamma", "decoder.conv_in.weight"))  # diffusers'  # fmt: skip
-_QWEN_VL_WIDTHS = {3584: Base.QwenImage}  # Qwen2.5-VL-7B
+_QWEN_VL_WIDTHS = {3584: (Base.QwenImage, "qwen2.5-vl-7b")}  # Qwen2.5-VL-7B
+# Qwen3 width -> (base, shipped config, what it is)
+_QWEN3_WIDTHS = {2560: (Base.ZImage, "qwen3-4b", "Qwen3-4B (Z-Image's and FLUX.2 Klein 4B's text encoder)"),
+                 4096: (Base.Flux2, "qwen3-8b", "Qwen3-8B (FLUX.2 Klein 9B's text encoder)")}  # fmt: skip
+_MISTRAL_VOCAB = 131072  # Mistral's Tekken tokenizer (Nemo, Small 3.x)
+_MISTRAL_SMALL = (5120, 32768)  # width, MLP width
+# where a language model's layers sit: alone (ComfyUI), under CausalLM's ``model.``, inside transformers 4's
+# and 5's vision-language wrappers
+_LM_PREFIXES = ("", "model.", "language_model.model.", "model.language_model.")
 
 
-def _result(model_type: ModelType, base: Base, notes: str | None = None) -> ProbeResult:
+def _result(model_type: ModelType, base: Base, notes: str | None = None, config: str | None = None) -> ProbeResult:
     return ProbeResult(model_type=model_type, model_format=ModelFormat.Checkpoint, base_model=base,
-                       compatible_bases=compatible_bases(model_type, base), notes=notes)  # fmt: skip
+                       compatible_bases=compatible_bases(model_type, base), notes=notes,
+                       config_path=config)  # fmt: skip
+
+
+def _language_model(index: TensorIndex) -> str | None:
+    """The prefix of a Llama-style language model's layers (embeddings and a first attention layer)."""
+    return next((p for p in _LM_PREFIXES if f"{p}embed_tokens.weight" in index.shapes
+                 and f"{p}layers.0.self_attn.q_proj.weight" in index.shapes), None)  # fmt: skip
+
+
+def _layers(index: TensorIndex, prefix: str) -> int:
+    return sum(1 for k in index.shapes if k.startswith(f"{prefix}layers.") and k.endswith(".self_attn.q_proj.weight"))
 
 
 def _hint(index: TensorIndex, *words: str) -> bool:
@@ -80,6 +109,39 @@ def probe_qwen25_vl(index: TensorIndex) -> ProbeResult | None:
                                      "Qwen2.5-VL that Qwen-Image encodes with")  # fmt: skip
     embed = index.shape("model.embed_tokens.weight") or index.shape("model.language_model.embed_tokens.weight")
     width = embed[1] if embed and len(embed) == 2 else None
-    base = _QWEN_VL_WIDTHS.get(width or 0, Base.Any)
+    base, config = _QWEN_VL_WIDTHS.get(width or 0, (Base.Any, None))
     notes = None if base is not Base.Any else f"Qwen2.5-VL of width {width} (Qwen-Image reads the 7B's 3584)"
-    return _result(ModelType.Qwen25VL, base, notes)
+    return _result(ModelType.Qwen25VL, base, notes, config)
+
+
+def probe_qwen3(index: TensorIndex) -> ProbeResult | None:
+    prefix = _language_model(index)
+    if prefix is None or f"{prefix}layers.0.self_attn.q_norm.weight" not in index.shapes \
+            or index.has_prefix("visual.", "model.visual."):
+        return None
+    width = index.shape(f"{prefix}embed_tokens.weight")[1]  # type: ignore[index]
+    layers = _layers(index, prefix)
+    if width not in _QWEN3_WIDTHS:
+        return _result(ModelType.Qwen3Encoder, Base.Any, f"Qwen3 language model of width {width}, {layers} layers "
+                       "(Z-Image and FLUX.2 Klein 4B read Qwen3-4B's 2560, Klein 9B Qwen3-8B's 4096)")  # fmt: skip
+    base, config, what = _QWEN3_WIDTHS[width]
+    return _result(ModelType.Qwen3Encoder, base, f"{what}, {layers} layers", config)
+
+
+def probe_mistral(index: TensorIndex) -> ProbeResult | None:
+    prefix = _language_model(index)
+    if prefix is None or f"{prefix}layers.0.self_attn.q_norm.weight" in index.shapes \
+            or f"{prefix}layers.0.self_attn.q_proj.bias" in index.shapes:
+        return None
+    vocab, width = index.shape(f"{prefix}embed_tokens.weight")  # type: ignore[misc]
+    if vocab != _MISTRAL_VOCAB:
+        return None  # a Llama-style model of another family: not an encoder of a family we know
+    mlp = index.shape(f"{prefix}layers.0.mlp.gate_proj.weight")
+    layers = _layers(index, prefix)
+    vision = " with its Pixtral vision tower" if index.has_prefix("vision_tower.", "model.vision_tower.") else ""
+    if (width, mlp[0] if mlp else None) == _MISTRAL_SMALL:
+        return _result(ModelType.MistralEncoder, Base.Flux2, f"Mistral Small 3.x, {layers} layers{vision} "
+                       "(FLUX.2 dev's text encoder)", "mistral-small-3.1-24b")  # fmt: skip
+    return _result(ModelType.MistralEncoder, Base.Any, f"Mistral-vocabulary language model of width {width}, MLP "
+                   f"{mlp[0] if mlp else '?'}, {layers} layers{vision} (FLUX.2 dev reads Mistral Small 3.x: 5120, "
+                   "MLP 32768)")  # fmt: skip

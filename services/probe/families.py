@@ -24,10 +24,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from modelbus.services.probe import upscalers
 from modelbus.services.probe.claims import with_claim_checked
 from modelbus.services.probe.dit import probe_dit
 from modelbus.services.probe.dit_loras import dit_lora_base, lora_notes
-from modelbus.services.probe.encoders import probe_qwen25_vl, probe_umt5, probe_video_vae
+from modelbus.services.probe.encoders import (
+    probe_mistral,
+    probe_qwen3,
+    probe_qwen25_vl,
+    probe_umt5,
+    probe_video_vae,
+)
 from modelbus.services.probe.errors import UnrecognizedFilesError
 from modelbus.services.probe.result import (
     ProbeResult,
@@ -504,23 +511,17 @@ def probe_clip_vision(index: TensorIndex) -> ProbeResult | None:
     return _result(ModelType.CLIPVision, ModelFormat.Checkpoint, Base.Any)
 
 
-# image-to-image networks Spandrel loads: (marker keys, all present) -> architecture, read under the
-# ``params_ema.``/``params.`` wrappers BasicSR checkpoints use
-_UPSCALERS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("conv_first.weight", "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"), "HAT"),
-    (("conv_first.weight", "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"), "SwinIR"),
-    (("conv_first.weight", "body.0.rdb1.conv1.weight"), "RealESRGAN (RRDBNet)"),
-    (("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"), "ESRGAN"),
-)
-
-
 def probe_upscaler(index: TensorIndex) -> ProbeResult | None:
-    for wrapper in ("", "params_ema.", "params."):
-        for markers, arch in _UPSCALERS:
-            if all(wrapper + m in index.shapes for m in markers):
-                return _result(ModelType.SpandrelImageToImage, ModelFormat.Checkpoint, Base.Any,
-                               notes=f"{arch} image-to-image network")
-    return None
+    """An image-to-image network Spandrel loads (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, LaMa...), told by
+    Spandrel's own key conditions (:mod:`services.probe.upscalers`); the architecture and scale recorded."""
+    found = upscalers.identify(index.shapes)
+    if found is None:
+        return None
+    arch_id, name, scale = found
+    purpose = upscalers.PURPOSES.get(arch_id, "image-to-image network")
+    shown = f", {scale}x" if scale and scale > 1 else ""
+    return _result(ModelType.SpandrelImageToImage, ModelFormat.Checkpoint, Base.Any, architecture=arch_id,
+                   scale=scale, notes=f"{name} {purpose}{shown}")
 
 
 FILE_RULES: tuple[Rule, ...] = (
@@ -536,6 +537,8 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_umt5,
     probe_t5_encoder,
     probe_qwen25_vl,
+    probe_qwen3,
+    probe_mistral,
     probe_clip_vision,
     probe_upscaler,
 )

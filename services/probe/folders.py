@@ -272,6 +272,19 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
         base = Base.QwenImage if width == 3584 else Base.Any
         return _result(ModelType.Qwen25VL, ModelFormat.Diffusers, base,
                        notes=None if base is Base.QwenImage else f"Qwen2.5-VL of width {width}")
+    if any(a.startswith("Qwen3") and not a.startswith("Qwen3Moe") for a in architectures):
+        width = config.get("hidden_size")
+        base = {2560: Base.ZImage, 4096: Base.Flux2}.get(width if isinstance(width, int) else 0, Base.Any)
+        return _result(ModelType.Qwen3Encoder, ModelFormat.Diffusers, base,
+                       notes=None if base is not Base.Any else f"Qwen3 language model of width {width}")
+    if any(a.startswith(("Mistral3", "MistralForCausalLM", "MistralModel")) for a in architectures):
+        text_config = config.get("text_config")
+        text = text_config if isinstance(text_config, dict) else config
+        shape = (text.get("hidden_size"), text.get("intermediate_size"), text.get("vocab_size"))
+        small = shape == (5120, 32768, 131072)
+        return _result(ModelType.MistralEncoder, ModelFormat.Diffusers, Base.Flux2 if small else Base.Any,
+                       notes=None if small else f"Mistral language model of width {shape[0]}, MLP {shape[1]}, "
+                       f"vocabulary {shape[2]} (FLUX.2 dev reads Mistral Small 3.x)")
     seen = cls or (", ".join(architectures) if architectures else "no _class_name or architectures")
     raise UnrecognizedFilesError(f"{path}: config.json describes an unsupported model ({seen}); {_describe_folder(path)}")
 

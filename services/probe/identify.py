@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import structlog
 from pydantic import ValidationError
 
+from modelbus.events.logs import get_logger
 from modelbus.services.probe.errors import InvalidOverrideError, ModelPathError, UnrecognizedFilesError
 from modelbus.services.probe.families import identify_file
 from modelbus.services.probe.folders import identify_folder
@@ -27,7 +27,7 @@ from modelbus.services.probe.result import (
 from modelbus.services.probe.tensors import GGUF_SUFFIXES, read_tensor_index
 from modelbus.services.records.enums import ModelFormat, ModelType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # accepted override names -> ProbeResult field (record field names, plus short spellings)
 _OVERRIDE_FIELDS = {

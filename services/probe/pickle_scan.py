@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.probe.defaults import PICKLE_CHECK_EVERY, PICKLE_MAX_BYTES, PICKLE_MAX_OPCODES
 from modelbus.services.probe.errors import (
     CorruptModelError,
@@ -45,7 +44,7 @@ from modelbus.services.stopping import checkpoint
 if TYPE_CHECKING:
     import torch
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
 _LEGACY_PICKLES = 5

@@ -60,6 +60,9 @@ class ProbeResult(BaseModel):
     quantization: str | None = None
     #: the dtype most of the file's weights are stored in (``bf16``, ``fp8_e4m3fn``...)
     precision: str | None = None
+    #: image-to-image networks (Spandrel's): the architecture's id (``ESRGAN``, ``SwinIR``...) and scale
+    architecture: str | None = None
+    scale: int | None = None
     #: what identification noticed beyond the fields: metadata that disagreed with the tensors...
     notes: str | None = None
 
@@ -79,6 +82,8 @@ class ProbeResult(BaseModel):
             "quantization": self.quantization,
             "precision": self.precision,
             "notes": self.notes,
+            "architecture": self.architecture,
+            "scale": self.scale,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
@@ -108,7 +113,8 @@ def compatible_bases(model_type: ModelType, base: BaseModelType) -> list[BaseMod
 
     VAEs cross bases: SD-1 and SD-2 share one latent space (the kl-f8 autoencoder), the SDXL refiner
     decodes with the SDXL VAE, and Wan 2.2's A14B models with Wan 2.1's. So do the encoders of families
-    that share one: UMT5 (Wan 2.1 and 2.2), Qwen2.5-VL-7B (Qwen-Image and HunyuanVideo 1.5). Everything else
+    that share one: UMT5 (Wan 2.1 and 2.2), Qwen2.5-VL-7B (Qwen-Image and HunyuanVideo 1.5), Qwen3-4B (Z-Image
+    and FLUX.2 Klein 4B). Everything else
     is tied to the network it was made for.
     """
     shared = {
@@ -120,6 +126,7 @@ def compatible_bases(model_type: ModelType, base: BaseModelType) -> list[BaseMod
         },
         ModelType.T5Encoder: {BaseModelType.Wan21: [BaseModelType.Wan22]},
         ModelType.Qwen25VL: {BaseModelType.QwenImage: [BaseModelType.HunyuanVideo15]},
+        ModelType.Qwen3Encoder: {BaseModelType.ZImage: [BaseModelType.Flux2]},
     }
     return list(shared.get(model_type, {}).get(base, []))
 

@@ -21,6 +21,8 @@ class ModelType(str, Enum):
     SigLIP = "siglip"
     LlavaOnevision = "llava_onevision"
     Qwen25VL = "qwen2_5_vl"  # Qwen2.5-VL, Qwen-Image's (and HunyuanVideo 1.5's) text encoder
+    Qwen3Encoder = "qwen3_encoder"  # Qwen3, Z-Image's and FLUX.2 Klein's text encoder
+    MistralEncoder = "mistral_encoder"  # Mistral Small 3.x, FLUX.2 dev's text encoder
 
 
 class ModelFormat(str, Enum):

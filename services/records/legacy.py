@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import yaml
 
 from modelbus.events.errors import InvalidInput
+from modelbus.events.logs import get_logger
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
 from modelbus.services.records.errors import DuplicateModelException, RecordServiceError
 from modelbus.services.records.fold import resolve_path
 from modelbus.services.records.models import CLASSES_BY_TAG, tag_of
 from modelbus.services.records.service import ModelRecordServiceBase
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # legacy fields we carry over; anything else is noted and dropped
 _CARRIED = ("path", "description", "variant", "vae", "config", "prediction_type", "upcast_attention")

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import Event, ModelCoverChanged, ModelLinked, ModelSettingsChanged, ModelUnlinked
 from modelbus.services.records.errors import FieldError, InvalidModelConfigException, UnknownModelException
 from modelbus.services.records.extras import (
@@ -27,7 +26,7 @@ from modelbus.services.records.extras import (
 from modelbus.services.records.models import ModelConfigBase
 from modelbus.services.records.projection import RecordProjection
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class LinkNotFound(UnknownModelException):

@@ -268,6 +268,8 @@ class SpandrelImageToImageConfig(CheckpointConfig):
 
     model_type: Literal[ModelType.SpandrelImageToImage] = ModelType.SpandrelImageToImage
     model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+    architecture: str | None = Field(default=None, description="Spandrel's id of the architecture (ESRGAN, SwinIR...)")
+    scale: int | None = Field(default=None, description="how many times larger the output is (1: restoration)")
 
 
 class SigLIPConfig(ModelConfigBase):
@@ -289,6 +291,26 @@ class Qwen25VLConfig(ModelConfigBase):
 
     model_type: Literal[ModelType.Qwen25VL] = ModelType.Qwen25VL
     model_format: Literal[ModelFormat.Diffusers, ModelFormat.Checkpoint]
+    #: a single file's config: the name of one shipped in ``services/configs/transformers``, or a path
+    config: str | None = None
+
+
+class Qwen3EncoderConfig(ModelConfigBase):
+    """Qwen3, the language model Z-Image (Qwen3-4B) and FLUX.2 Klein (4B, 8B) encode their prompts with."""
+
+    model_type: Literal[ModelType.Qwen3Encoder] = ModelType.Qwen3Encoder
+    model_format: Literal[ModelFormat.Diffusers, ModelFormat.Checkpoint]
+    #: a single file's config: the name of one shipped in ``services/configs/transformers``, or a path
+    config: str | None = None
+
+
+class MistralEncoderConfig(ModelConfigBase):
+    """Mistral Small 3.x, the language model FLUX.2 dev encodes its prompts with."""
+
+    model_type: Literal[ModelType.MistralEncoder] = ModelType.MistralEncoder
+    model_format: Literal[ModelFormat.Diffusers, ModelFormat.Checkpoint]
+    #: a single file's config: the name of one shipped in ``services/configs/transformers``, or a path
+    config: str | None = None
 
 
 CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
@@ -298,7 +320,7 @@ CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     CLIPVisionDiffusersConfig, CLIPVisionCheckpointConfig, T2IAdapterConfig, T2IAdapterCheckpointConfig,
     T5EncoderConfig, T5EncoderCheckpointConfig,
     MainGGUFConfig, MainBnbQuantizedConfig, FluxReduxConfig, SpandrelImageToImageConfig, SigLIPConfig,
-    LlavaOnevisionConfig, Qwen25VLConfig,
+    LlavaOnevisionConfig, Qwen25VLConfig, Qwen3EncoderConfig, MistralEncoderConfig,
 )
 
 
@@ -366,6 +388,10 @@ AnyModelConfig = Annotated[
         Annotated[LlavaOnevisionConfig, Tag("llava_onevision/diffusers")],
         Annotated[Qwen25VLConfig, Tag("qwen2_5_vl/diffusers")],
         Annotated[Qwen25VLConfig, Tag("qwen2_5_vl/checkpoint")],
+        Annotated[Qwen3EncoderConfig, Tag("qwen3_encoder/diffusers")],
+        Annotated[Qwen3EncoderConfig, Tag("qwen3_encoder/checkpoint")],
+        Annotated[MistralEncoderConfig, Tag("mistral_encoder/diffusers")],
+        Annotated[MistralEncoderConfig, Tag("mistral_encoder/checkpoint")],
     ],
     Discriminator(_discriminate),
 ]

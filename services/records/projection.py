@@ -20,9 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import structlog
-
 from modelbus.events.codec import EventBody
+from modelbus.events.logs import get_logger
 from modelbus.events.store import BodyBatch, StoredEvent, as_body_batch, position_key
 from modelbus.events.validation import Refusal, Refuse, body_problem, schema_problem, version_problem
 from modelbus.services.records.enums import BaseModelType, ModelFormat, ModelType
@@ -30,7 +29,7 @@ from modelbus.services.records.fold import MODEL_EVENT_TYPES, READS_STATE, State
 from modelbus.services.records.models import CLASSES_BY_TAG, ModelConfigBase, tag_of
 from modelbus.services.records.parsing import config_class
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 RECORDS_VERSION = "3.2"  # the spec's version() of the record store
 KIND = "modelbus-model-records"  # marks our files and tables: anything else is not opened

@@ -6,12 +6,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.events.store import EventStore
 from modelbus.services.records.service import ModelRecordServiceBase
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

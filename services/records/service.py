@@ -22,9 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-import structlog
-
 from modelbus.events.errors import ConcurrencyError, EventStoreError, UniqueConstraintError
+from modelbus.events.logs import get_logger
 from modelbus.events.projection import ProjectionRunner
 from modelbus.events.schema import Event, FileEntry, ModelAdded, ModelRemoved, ModelRenamed, ModelUpdated
 from modelbus.events.store import AppendResult, EventStore, StoredEvent, position_key
@@ -53,8 +52,9 @@ from modelbus.services.records.projection import (
     RecordProjection,
     config_from_state,
 )
+from modelbus.services.records.validation import validated
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 WRITE_ATTEMPTS = 16  # optimistic retries before a write gives up under constant contention
 RETRY_BACKOFF_BASE = 0.0005  # seconds; the random back-off after a lost race doubles up to the cap
@@ -370,6 +370,7 @@ class ModelRecordServiceBase(ModelDataWrites):
                 replay.clear()
                 expected = -1  # no version matches: the store answers "duplicate" for our key, or refuses
             event = ModelAdded(aggregate_id=key, config=body, files=tuple(files), correlation_id=correlation_id)
+            validated(event.config)  # the record's own dump: the append need not validate it again
             result = self._append(event, claims={claim: key}, idempotency_key=idempotency_key,
                                   path=record.path, expected=expected)
             if result is None:

@@ -6,9 +6,8 @@ directory, today's behaviour). See ``blobs.py`` for the store's rule and ``s3.py
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelbus.services.store.blobs import BlobStore, FileBlobStore, check_digest, file_digest
 from modelbus.services.store.errors import (
     BlobCorruptError,
     BlobMissingError,
@@ -18,6 +17,20 @@ from modelbus.services.store.errors import (
     StoreError,
 )
 from modelbus.services.store.location import StoreLocation, parse_store_url
+
+if TYPE_CHECKING:
+    from modelbus.services.store.blobs import BlobStore, FileBlobStore, check_digest, file_digest
+
+#: what comes from services.store.blobs (BLAKE3, the transfer code), imported on first use: the settings
+#: import this package for its errors and its URL parser, and a CLI ``list`` needs no more
+_FROM_BLOBS = ("BlobStore", "FileBlobStore", "check_digest", "file_digest")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BLOBS:
+        from modelbus.services.store import blobs
+        return getattr(blobs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BlobCorruptError",
@@ -40,6 +53,7 @@ def open_store(config: Any) -> BlobStore | None:
     """The blob store ``config.store_url`` names; None when models live in the shared models directory."""
     location = parse_store_url(getattr(config, "store_url", None))
     if location.scheme == "file":
+        from modelbus.services.store.blobs import FileBlobStore
         assert location.path is not None
         return FileBlobStore(location.path)
     if location.scheme == "s3":

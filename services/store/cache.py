@@ -26,15 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import orjson
-import structlog
 
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import FileEntry
 from modelbus.services.store import defaults
 from modelbus.services.store.blobs import BlobStore, check_digest, file_digest
 from modelbus.services.store.errors import BlobCorruptError, CacheFullError, StoreConfigError
 from modelbus.services.store.transfer import Progress
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def _alive(pid: int) -> bool:

@@ -14,14 +14,13 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.services.install.manifest import recorded_manifest
 from modelbus.services.store import defaults
 from modelbus.services.store.blobs import BlobStore
 from modelbus.services.store.cache import HostCache
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MODEL_FETCH_STARTED = "model_fetch_started"
 MODEL_FETCH_PROGRESS = "model_fetch_progress"

@@ -13,14 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import FileEntry
 from modelbus.services.store import defaults, open_store
 from modelbus.services.store.blobs import BlobStore
 from modelbus.services.store.errors import BlobStoreUnavailableError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def model_base(path: Path) -> Path:

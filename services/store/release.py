@@ -26,15 +26,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from modelbus.events.keys import Keys
+from modelbus.events.logs import get_logger
 from modelbus.events.schema import FileEntry
 from modelbus.services.store import defaults, open_store
 from modelbus.services.store.blobs import BlobStore
 from modelbus.services.store.errors import StoreError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], 'deleting') == 1 then return 0 end

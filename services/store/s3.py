@@ -25,15 +25,15 @@ import blake3
 import boto3
 import botocore.config
 import botocore.exceptions
-import structlog
 from boto3.s3.transfer import TransferConfig
 
+from modelbus.events.logs import get_logger
 from modelbus.services.store import defaults
 from modelbus.services.store.blobs import BlobInfo, BlobStore, check_digest
 from modelbus.services.store.errors import BlobCorruptError, BlobMissingError, BlobStoreUnavailableError
 from modelbus.services.store.location import StoreLocation
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _CONNECTION_ERRORS = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError,

@@ -21,12 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import blake3
-import structlog
 
+from modelbus.events.logs import get_logger
 from modelbus.services.store import defaults
 from modelbus.services.store.errors import BlobCorruptError, CacheFullError, StoreError, TransferStopped
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Progress = Callable[[int], None]                   # hears each number of bytes that arrived
 ReadRange = Callable[[int, int], Iterator[bytes]]  # bytes [start, end) of the blob, in chunks

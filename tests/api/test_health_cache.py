@@ -44,10 +44,11 @@ def _storm(app_config: AppConfig, refresh_seconds: float) -> tuple[int, list[htt
 @pytest.mark.parametrize("refresh_seconds", [3600.0, 0.0])
 def test_one_probe_answers_a_storm_of_health_checks(app_config: AppConfig, refresh_seconds: float) -> None:
     # 0 s is the behaviour before the cache (every request probes): the count tells them apart. (A new
-    # pooled connection may PING once too, hence "a few" rather than exactly one.)
+    # pooled connection may PING once too, hence "a few" rather than exactly one: on a loaded machine the
+    # probe's reads open more connections; 5 were seen on a 2-core VM at load 8.)
     pinged, answers = _storm(app_config, refresh_seconds)
     if refresh_seconds:
-        assert 1 <= pinged <= 4
+        assert 1 <= pinged <= REQUESTS // 4
     else:
         assert pinged >= REQUESTS
     assert {(r.status_code, r.json()["status"], r.json()["redis"]["ok"]) for r in answers} == {(200, "degraded", True)}

@@ -210,8 +210,10 @@ def methods_for(weights: Path, folder: Path | None, device: torch.device, dtype:
 
 
 def rounds(methods: dict[str, Callable[[], Any]], device: torch.device, n: int, cold: Path | None,
-           ) -> dict[str, list[float]]:
-    """Each method ``n`` times, the order reversed every other round; ``cold``: drop this file's pages first."""
+           cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Each method ``n`` times, the order reversed every other round; ``cold``: drop this file's pages first.
+    ``cpu``: filled with the CPU seconds this process spent in each (all its threads, kernel time too),
+    which other processes on a busy machine disturb far less than the wall time."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
     for r in range(n):
@@ -219,16 +221,20 @@ def rounds(methods: dict[str, Callable[[], Any]], device: torch.device, n: int, 
             if cold is not None:
                 drop_page_cache(cold)
             sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             result = methods[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
             del result
     return times
 
 
 def summary(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: min(ts) for name, ts in times.items()}
+    """Each method's median over the rounds (a busy machine's outliers in either direction count less
+    than in a best-of or a mean)."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_file(label: str, weights: Path, folder: Path | None, device: torch.device, dtype: torch.dtype,
@@ -236,17 +242,22 @@ def bench_file(label: str, weights: Path, folder: Path | None, device: torch.dev
     methods, missing = methods_for(weights, folder, device, dtype)
     for name in skip:
         methods.pop(name, None)
-    out: dict[str, Any] = {"file_bytes": weights.stat().st_size, "missing": missing}
+    out: dict[str, Any] = {"file_bytes": weights.stat().st_size, "missing": missing, "rounds": repeat,
+                           "cold_rounds": cold_repeat}
     for fn in methods.values() if warmup else ():  # imports, staging buffers, skeletons: outside the timings
         fn()
-    out["warm_s"] = summary(rounds(methods, device, repeat, None))
-    out["cold_s"] = summary(rounds(methods, device, cold_repeat, weights))
+    warm_cpu: dict[str, list[float]] = {}
+    out["warm_rounds_s"] = rounds(methods, device, repeat, None, warm_cpu)
+    out["cold_rounds_s"] = rounds(methods, device, cold_repeat, weights)
+    out["warm_s"], out["cold_s"] = summary(out["warm_rounds_s"]), summary(out["cold_rounds_s"])
+    out["warm_cpu_s"] = summary(warm_cpu)
     warm, cold = out["warm_s"], out["cold_s"]
     peers = [p for p in ("fastsafetensors", "runai") if p in cold]
     if "module" in warm:
         out["module_over_flat_warm"] = warm["module"] / warm["flat"]
         out["diffusers_over_module_warm"] = warm["diffusers"] / warm["module"]
         out["diffusers_over_module_cold"] = cold["diffusers"] / cold["module"]
+        out["diffusers_over_module_warm_cpu"] = out["warm_cpu_s"]["diffusers"] / out["warm_cpu_s"]["module"]
     ours_cold = cold["module"] if "module" in cold else cold["flat"]
     out["ours_cold_over_best_read"] = ours_cold / min(v for k, v in cold.items() if k.startswith("read"))
     if peers:
@@ -259,9 +270,12 @@ def bench_file(label: str, weights: Path, folder: Path | None, device: torch.dev
 
 
 def print_file(label: str, out: dict[str, Any]) -> None:
-    print(f"== {label}: {out['file_bytes'] / 1e9:.2f} GB")
+    print(f"== {label}: {out['file_bytes'] / 1e9:.2f} GB (medians of {out['rounds']} warm, {out['cold_rounds']} "
+          "cold rounds, alternating the order)")
     for name in out["warm_s"]:
-        print(f"  {name:16s} cold {out['cold_s'].get(name, float('nan')):7.3f} s   warm {out['warm_s'][name]:7.3f} s")
+        each = " ".join(f"{t:.3f}" for t in out["cold_rounds_s"].get(name, []))
+        print(f"  {name:16s} cold {out['cold_s'].get(name, float('nan')):7.3f} s   warm {out['warm_s'][name]:7.3f} s"
+              f" ({out['warm_cpu_s'][name]:6.3f} s CPU)   (cold rounds: {each})")
     for key, value in out.items():
         if isinstance(value, float):
             print(f"  {key}: {value:.3f}")
@@ -344,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default=None, help="comma list of sd15, sdxl, half (CPU default: half)")
     ap.add_argument("--flux", action="store_true", help="also a FLUX-size (23.8 GB) flat file (CUDA)")
-    ap.add_argument("--repeat", type=int, default=int(os.environ.get("MODELBUS_BENCH_REPEAT", "3")))
+    ap.add_argument("--repeat", type=int, default=int(os.environ.get("MODELBUS_BENCH_REPEAT", "5")))
     ap.add_argument("--cold-repeat", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list of methods to leave out")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON results line to this file")

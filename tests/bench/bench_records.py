@@ -11,6 +11,7 @@ MODELBUS_BENCH_SCALE scales every count (the defaults keep the run near a minute
 from __future__ import annotations
 
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -113,19 +114,27 @@ def bench_writes(url: str, root: Path, config: AppConfig) -> None:
     service = ModelRecordServiceSQL.from_db_file(root / "writes.db", store, config=config)
     configs = [_config(i) for i in range(per_round * rounds)]
 
+    cpu: dict[str, list[float]] = {"ours": [], "raw": []}  # this process's CPU per call, by round
+
     def ours(round_: int) -> None:
+        started = time.process_time()
         for c in configs[round_ * per_round:(round_ + 1) * per_round]:
             service.add_model(str(c["key"]), c)
+        cpu["ours"].append((time.process_time() - started) / per_round)
 
     body = orjson.dumps(configs[0])
     raw = redis.Redis.from_url(url)
 
     def baseline(round_: int) -> None:
+        started = time.process_time()
         for i in range(round_ * per_round, (round_ + 1) * per_round):
             raw.xadd("bench:raw-add", {"type": "ModelAdded", "agg": f"k{i}", "body": body})
+        cpu["raw"].append((time.process_time() - started) / per_round)
 
     mine, theirs = paired_rates((per_round, per_round), ours, baseline, rounds)
     ratio_line(f"add_model/s (SQLite projection) vs raw XADD, median of {rounds}", mine, theirs, "ops/s", ">= 0.4x")
+    print(f"  client CPU per call, medians: add_model {statistics.median(cpu['ours']) * 1e6:.0f} us, raw XADD "
+          f"{statistics.median(cpu['raw']) * 1e6:.0f} us (a busy machine moves these far less than the rates)")
     # the floor of the design: the append script alone (one EVALSHA, the events built beforehand)
     events = [ModelAdded(aggregate_id=str(c["key"]), config=c) for c in configs]
     floor = RedisEventStore.from_url(url, f"bench-f-{uuid.uuid4().hex[:6]}")

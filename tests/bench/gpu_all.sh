@@ -2,9 +2,10 @@
 # Every GPU measurement of the load work in one go, on a bare lent GPU machine (python3 with torch,
 # no internet): partial VRAM loading (bench_partial), then bench_load (SD-1.5 and SDXL UNets, a
 # FLUX-size flat file with --flux, fastsafetensors and Run:ai streamer baselines when their wheels
-# came along, first/later offload and reload).
+# came along, first/later offload and reload), then bench_fp8 (a FLUX.1-size fp8_scaled transformer kept
+# in fp8 vs upcast to bf16: memory held, peak and forward time; it writes a 12 GB file under $MB_TMP).
 #
-#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux]
+#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux] [fp8]
 #
 # The wheels: diffusers, structlog, fastsafetensors, runai-model-streamer (pip download them for the
 # machine's Python). Only modelbus's load modules are put on the path (no Redis, records or API).
@@ -12,7 +13,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WHL=${WHL:-$REPO/../whl}
 OUT=${OUT:-/tmp/bench-out}
-STEPS=${*:-partial load}
+STEPS=${*:-partial load fp8}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
@@ -45,5 +46,7 @@ for step in $STEPS; do
             --out "$OUT/load.jsonl" ${LOAD_ARGS:-} 2>&1 | tee "$OUT/load.log" ;;
     flux) timeout "${FLUX_TIMEOUT:-330}" python3 tests/bench/bench_load.py --device cuda --sizes "" --flux \
             --out "$OUT/flux.jsonl" 2>&1 | tee "$OUT/flux.log" ;;
+    fp8) MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${FP8_TIMEOUT:-330}" python3 tests/bench/bench_fp8.py \
+           --device cuda --out "$OUT/fp8.jsonl" ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" ;;
   esac
 done

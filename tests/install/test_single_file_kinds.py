@@ -1,7 +1,7 @@
 """Single files that the probe recognises beyond the SD checkpoints, installed from a local path end
 to end through the queue and real workers: T2I-Adapters (diffusers state dict, TencentARC's original
 pickle), a FLUX transformer in the diffusers layout, transformer ControlNets (FLUX, SD-3), and LoRAs of Wan
-and FLUX.2 in their trainers' layouts. Each
+and FLUX.2 in their trainers' layouts, a Real-ESRGAN upscaler (its architecture and scale recorded). Each
 lands under ``<base>/<type>/`` with a record of the right concrete config class."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig
@@ -21,6 +22,7 @@ from modelbus.services.records.models import (
     LoRALycorisConfig,
     MainCheckpointConfig,
     ModelConfigBase,
+    SpandrelImageToImageConfig,
     T2IAdapterCheckpointConfig,
 )
 from tests.fixtures import dit_loras as dl
@@ -35,6 +37,11 @@ Builder = Callable[[Path], Path]
 def _first_block(layers: dl.Widths) -> dl.Widths:
     return {k: v for k, v in layers.items() if ".0." in k}
 
+
+_REALESRGAN_X2PLUS = {
+    "conv_first.weight": (8, 12, 3, 3), "body.0.rdb1.conv1.weight": (4, 8, 3, 3), "conv_body.weight": (8, 8, 3, 3),
+    "conv_up1.weight": (8, 8, 3, 3), "conv_up2.weight": (8, 8, 3, 3), "conv_hr.weight": (8, 8, 3, 3),
+    "conv_last.weight": (3, 8, 3, 3)}
 
 CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
     "t2i-sd15-depth.safetensors": (
@@ -61,6 +68,10 @@ CASES: dict[str, tuple[Builder, type[ModelConfigBase], dict[str, Any]]] = {
         lambda p: dl.write_lora_file(p, _first_block(dl.original_widths("flux2", dl.shipped_layers("flux2-klein-4b"))),
                                      "kohya"),
         LoRALycorisConfig, {"base_model": "flux2", "model_format": "lycoris"}),
+    # Real-ESRGAN x2plus in BasicSR's names: an x4 RRDBNet behind a pixel unshuffle (12 input channels)
+    "RealESRGAN_x2plus.safetensors": (
+        lambda p: b.write_state(p, {k: torch.zeros(shape) for k, shape in _REALESRGAN_X2PLUS.items()}),
+        SpandrelImageToImageConfig, {"base_model": "any", "architecture": "ESRGAN", "scale": 2}),
 }  # fmt: skip
 
 

@@ -40,6 +40,20 @@ TINY: dict[str, dict[str, Any]] = {
     "lumina-2": {"_class_name": "Lumina2Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
                  "hidden_size": 32, "num_layers": 1, "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1,
                  "multiple_of": 16, "axes_dim_rope": [4, 6, 6], "axes_lens": [32, 32, 32], "cap_feat_dim": 16},
+    "ltx-video": {"_class_name": "LTXVideoTransformer3DModel", "in_channels": 8, "out_channels": 8,
+                  "num_attention_heads": 2, "attention_head_dim": 8, "cross_attention_dim": 16, "num_layers": 2,
+                  "caption_channels": 16},
+    "ltx-2": {"_class_name": "LTX2VideoTransformer3DModel", "in_channels": 8, "out_channels": 8,
+              "num_attention_heads": 2, "attention_head_dim": 8, "cross_attention_dim": 16, "audio_in_channels": 8,
+              "audio_out_channels": 8, "audio_num_attention_heads": 2, "audio_attention_head_dim": 4,
+              "audio_cross_attention_dim": 8, "num_layers": 2, "caption_channels": 16},
+    "hidream": {"_class_name": "HiDreamImageTransformer2DModel", "patch_size": 2, "in_channels": 4, "num_layers": 1,
+                "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "caption_channels": [16, 8],
+                "text_emb_dim": 8, "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": [4, 4],
+                "llama_layers": [0, 1]},
+    "sana": {"_class_name": "SanaTransformer2DModel", "in_channels": 4, "out_channels": 4, "num_attention_heads": 2,
+             "attention_head_dim": 8, "num_layers": 2, "num_cross_attention_heads": 2, "cross_attention_head_dim": 8,
+             "cross_attention_dim": 16, "caption_channels": 16, "sample_size": 8},
 }  # fmt: skip
 _FAMILY = {"flux2": "flux2", "wan-2.1": "wan"}  # bases whose trainers also write the original names
 
@@ -71,7 +85,8 @@ CASES = [
     ("qwen-image-2.1", "peft", False), ("qwen-image-2.1", "aitk", False), ("qwen-image-2.1", "kohya", False),
     ("wan-2.1", "peft", False), ("wan-2.1", "aitk", True), ("wan-2.1", "kohya", True),
     ("chroma", "peft", False), ("z-image", "peft", False), ("z-image", "aitk", False), ("z-image", "kohya", False),
-    ("lumina-2", "peft", False),
+    ("lumina-2", "peft", False), ("ltx-video", "peft", False), ("ltx-video", "aitk", False), ("ltx-2", "peft", False),
+    ("ltx-2", "aitk", False), ("hidream", "peft", False), ("hidream", "aitk", False), ("sana", "peft", False),
 ]  # fmt: skip
 
 
@@ -98,7 +113,7 @@ def test_lora_loads_in_the_transformers_names(service: ModelLoadService, add: An
         b = loaded[key.replace(".lora_A.", ".lora_B.")]
         assert a.shape[1] == linear.in_features and b.shape[0] == linear.out_features, key
         got[module] = b.float() @ a.float()
-    assert got.keys() == expected.keys()
+    assert expected and got.keys() == expected.keys()
     for module, delta in expected.items():
         torch.testing.assert_close(got[module], delta, rtol=1e-3, atol=1e-4, msg=module)
 
@@ -149,3 +164,13 @@ def test_lokr_of_a_family_diffusers_does_not_convert_is_refused(service: ModelLo
                                                      r"does not convert for this family \(\d+ tensors name no "
                                                      r"module of its transformer, e\.g\. "):
         service.get_model(add("wan-lokr.safetensors", "lora", "lycoris", base="wan-2.1"))
+
+
+@pytest.mark.parametrize("base", ["ltx-video", "hidream"])
+def test_kohya_layout_of_a_family_diffusers_converts_from_its_trainers_only_is_refused(
+        service: ModelLoadService, add: Any, config: Any, base: str) -> None:
+    """LTX's and HiDream's trainers write diffusers' names (under ``diffusion_model.``); diffusers converts those
+    and not kohya's ``lora_unet_`` names, so such a file is refused naming a tensor rather than passed through."""
+    name, _ = _write(config.models_path, base, "kohya", False, alpha=1.0)
+    with pytest.raises(InvalidModelException, match=rf"a {base} LoRA in a layout diffusers does not convert.*lora_unet_"):
+        service.get_model(add(name, "lora", "lycoris", base=base))

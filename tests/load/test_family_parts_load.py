@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from modelbus.services.load import InvalidModelException, ModelLoadService
 from modelbus.services.probe import probe
+from tests.fixtures import transformer_files as tf
 from tests.fixtures.loadable import T5_CFG
 from tests.fixtures.wan_vae import wan_vae_original_key
 
@@ -127,3 +128,28 @@ def test_without_a_config_the_published_vae_is_built(service: ModelLoadService, 
     with pytest.raises(InvalidModelException, match=refusal) as info:
         service.get_model(add("small-vae.safetensors", "vae", "checkpoint", base="wan-2.1"))
     assert "96" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_wan_ai_umt5_file_loads(service: ModelLoadService, add: Any, config: Any, suffix: str) -> None:
+    """Wan-AI's own ``models_t5_umt5-xxl-enc-bf16.pth`` names (``blocks.N.attn.q``, ``ffn.gate.0``...)."""
+    import transformers
+
+    from tests.fixtures.model_files import write_torch
+
+    torch.manual_seed(6)
+    umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(**T5_CFG)).eval()
+    wan = {k: v.contiguous() for k, v in tf.to_wan_t5_names(umt5.state_dict()).items()}
+    assert len(wan) == len(umt5.state_dict()) - 1  # every weight but the tied embed_tokens, under Wan-AI's name
+    path = config.models_path / f"models_t5_umt5-enc{suffix}"
+    save_file(wan, str(path)) if suffix == ".safetensors" else write_torch(path, wan)
+    found = probe(path)
+    assert (found.model_type, found.base_model) == ("t5_encoder", "wan-2.1")
+    with service.get_model(add(path.name, "t5_encoder", "checkpoint", base="wan-2.1")) as model:
+        assert isinstance(model, transformers.UMT5EncoderModel)
+        _same(model, umt5.state_dict())
+        ids = torch.tensor([[1, 2, 3, 4]])
+        torch.testing.assert_close(model(ids).last_hidden_state, umt5(ids).last_hidden_state)
+    save_file({**wan, "blocks.0.attn.extra.weight": torch.zeros(2)}, str(config.models_path / "odd.safetensors"))
+    with pytest.raises(InvalidModelException, match=r"blocks\.0\.attn\.extra\.weight is no tensor of Wan-AI's UMT5"):
+        service.get_model(add("odd.safetensors", "t5_encoder", "checkpoint", base="wan-2.1"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
@@ -82,3 +83,34 @@ def test_a_config_with_no_json_form_is_built_every_time() -> None:
     assert skeleton.config_key(UNet2DConditionModel, {"x": object()}) is None
     assert skeleton.config_key(UNet2DConditionModel, {"b": 1, "a": [1, 2]}) == \
         skeleton.config_key(UNet2DConditionModel, {"a": [1, 2], "b": 1})
+
+
+def test_builds_and_clones_run_with_gc_paused_and_restore_it() -> None:
+    import gc
+
+    skeleton.forget_skeletons()
+    seen: list[bool] = []
+
+    def build() -> torch.nn.Module:
+        seen.append(gc.isenabled())
+        return empty_model(lambda: UNet2DConditionModel(**UNET_CFG))
+
+    assert gc.isenabled()
+    skeleton.skeleton_model(UNet2DConditionModel, UNET_CFG, build)
+    assert seen == [False] and gc.isenabled()
+
+    def failing() -> torch.nn.Module:
+        seen.append(gc.isenabled())
+        raise ValueError("bad config")
+
+    with pytest.raises(ValueError, match="bad config"):
+        skeleton.skeleton_model(UNet2DConditionModel, {"x": object()}, failing)  # (no key: built each time)
+    assert seen == [False, False] and gc.isenabled()  # restored on the way out of a failure too
+    gc.disable()
+    try:
+        with skeleton.gc_paused(), skeleton.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
+    skeleton.forget_skeletons()

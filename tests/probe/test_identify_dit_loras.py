@@ -99,6 +99,24 @@ LORA_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
     "zit-kohya.safetensors": (diffusers_names("z-image-turbo", "kohya"),
                               lora("z-image")),
     "lumina-2-peft.safetensors": (diffusers_names("lumina-2", "peft"), lora("lumina-2")),
+    # LTX-Video 2B / 13B, LTX-2 (LTX's trainer, ai-toolkit and diffusion-pipe write diffusers' names under
+    # diffusion_model.; kohya / musubi-tuner lora_unet_); a 4096-wide video-only LoRA by name, LTX-2's audio layers
+    "ltxv-2b-trainer.safetensors": (diffusers_names("ltx-video-2b", "aitk"), lora("ltx-video")),
+    "ltxv-2b-peft.safetensors": (diffusers_names("ltx-video-2b", "peft"), lora("ltx-video")),
+    "ltxv-2b-kohya.safetensors": (diffusers_names("ltx-video-2b", "kohya"), lora("ltx-video")),
+    "ltxv-13b-0.9.8-style.safetensors": (diffusers_names("ltx-video-13b", "aitk"), lora("ltx-video")),
+    "ltx-2-trainer.safetensors": (diffusers_names("ltx-2", "aitk"), lora("ltx-2")),
+    "ltx-2-kohya.safetensors": (diffusers_names("ltx-2", "kohya"), lora("ltx-2")),
+    "ltx-2-video-attention-peft.safetensors": (diffusers_names(
+        "ltx-2", "peft", lambda ls: {k: v for k, v in ls.items() if ".attn1." in k or ".attn2." in k}), lora("ltx-2")),
+    # HiDream-I1: its own block names in every trainer's layout
+    "hidream-aitoolkit.safetensors": (diffusers_names("hidream-i1", "aitk"), lora("hidream")),
+    "hidream-peft.safetensors": (diffusers_names("hidream-i1", "peft"), lora("hidream")),
+    "hidream-kohya.safetensors": (diffusers_names("hidream-i1", "kohya"), lora("hidream")),
+    "hidream-attention-peft.safetensors": (diffusers_names("hidream-i1", "peft", _attention), lora("hidream")),
+    # Sana 600M / 1600M (diffusers' training script: PEFT)
+    "sana-600m-peft.safetensors": (diffusers_names("sana-600m", "peft"), lora("sana")),
+    "sana-1600m-kohya.safetensors": (diffusers_names("sana-1600m", "kohya"), lora("sana")),
     # Chroma: its guidance approximator, or its name; FLUX.1's layers alone are FLUX.1's
     "chroma-approximator-peft.safetensors": (lambda p: dl.write_lora_file(
         p, dl.linear_layers(dl.shipped_config("chroma"), blocks_only=False), "peft"), lora("chroma")),
@@ -165,3 +183,21 @@ def test_diffusers_lora_folder(tmp_path: Path) -> None:
     (folder / "README.md").write_text(json.dumps({"base_model": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}))
     result = probe(folder)
     assert (result.model_type, result.model_format, result.base_model) == ("lora", "diffusers", "wan-2.2")
+
+
+def test_a_4096_wide_ltx_lora_without_audio_layers_names_both_bases(tmp_path: Path) -> None:
+    path = dl.write_lora_file(tmp_path / "style.safetensors", dl.shipped_layers("ltx-video-13b"), "aitk")
+    assert_cannot_tell(path, ["ltx-video", "ltx-2"], {"model_type": "lora", "model_format": "lycoris"})
+
+
+def test_attn1_loras_of_other_widths_are_refused_naming_them(tmp_path: Path) -> None:
+    """PixArt (1152 wide like Sana 600M, but with linear feed-forwards) and an unpublished LTX width."""
+    from modelbus.services.probe import UnrecognizedFilesError
+
+    pixart = {f"transformer_blocks.{n}.{m}": w for n in range(2) for m, w in
+              (("attn1.to_q", (1152, 1152)), ("attn2.to_k", (1152, 1152)), ("ff.net.0.proj", (1152, 4608)))}
+    with pytest.raises(UnrecognizedFilesError, match="width 1152 and linear feed-forwards.*Sana"):
+        probe(dl.write_lora_file(tmp_path / "pixart.safetensors", pixart, "peft"))
+    odd = {k: (3000, 3000) for k in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_q")}
+    with pytest.raises(UnrecognizedFilesError, match="width 3000, which matches no published LTX-Video"):
+        probe(dl.write_lora_file(tmp_path / "odd.safetensors", odd, "peft"))

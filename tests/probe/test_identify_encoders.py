@@ -1,6 +1,7 @@
 """VAEs and text encoders of the 2025-2026 families (Wan 2.1/2.2 VAE, Qwen-Image's VAE, FLUX.2's VAE, UMT5,
-Qwen2.5-VL) are recorded with their type and base, as single files (full size from the real classes on the
-meta device, data regions sparse) and as folders.
+Qwen2.5-VL, Qwen3, Mistral Small 3.1) are recorded with their type and base, as single files (full size from
+the real classes on the meta device, the language models' from the configs shipped in
+``services/configs/transformers``; data regions sparse) and as folders.
 
 ``ENCODER_LAYOUTS`` is the table the README's accuracy table reports.
 """
@@ -61,11 +62,12 @@ def wan_vae_original(**config: Any) -> dict[str, tuple[int, ...]]:
 def umt5(wan_names: bool = False) -> dict[str, tuple[int, ...]]:
     import transformers
 
-    if wan_names:  # Wan-AI's models_t5_umt5-xxl-enc-bf16.pth
-        return {"token_embedding.weight": (256384, 4096), "blocks.0.attn.q.weight": (4096, 4096),
-                "blocks.0.pos_embedding.embedding.weight": (32, 64), "blocks.1.pos_embedding.embedding.weight": (32, 64),
-                "blocks.0.ffn.gate.0.weight": (10240, 4096), "norm.weight": (4096,)}  # fmt: skip
-    return _meta_state(lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_XXL)))
+    shapes = _meta_state(lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_XXL)))
+    if wan_names:  # Wan-AI's models_t5_umt5-xxl-enc-bf16.pth: every tensor under its wan/modules/t5.py name
+        from tests.fixtures.transformer_files import to_wan_t5_names
+
+        return to_wan_t5_names(shapes)
+    return shapes
 
 
 def t5_xxl() -> dict[str, tuple[int, ...]]:
@@ -84,6 +86,28 @@ def qwen25_vl(transformers4_names: bool = False) -> dict[str, tuple[int, ...]]:
         shapes = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
                   for k, v in shapes.items()}  # fmt: skip
     return shapes
+
+
+def shipped_llm(name: str, drop: tuple[str, ...] = (), text_only: bool = False,
+                transformers4: bool = False) -> dict[str, tuple[int, ...]]:
+    """The weights' shapes of a shipped transformers config's class (``drop``: names left out, such as the
+    head a text-encoder file omits; ``text_only``: a vision-language model's language model alone, in its
+    causal-LM names, as ComfyUI stores Mistral; ``transformers4``: Mistral3's transformers 4 names)."""
+    import transformers
+
+    from modelbus.services.load.text_encoders import SHIPPED, _build_config
+
+    raw = json.loads((SHIPPED / name / "config.json").read_text())
+    config = _build_config(raw)
+    if text_only:
+        shapes = _meta_state(lambda: transformers.MistralForCausalLM(config.text_config))
+    else:
+        shapes = _meta_state(lambda: getattr(transformers, raw["architectures"][0])(config))
+    if transformers4:
+        shapes = {k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.", "vision_tower.")
+                  .replace("model.multi_modal_projector.", "multi_modal_projector.")
+                  .replace("lm_head.", "language_model.lm_head."): v for k, v in shapes.items()}  # fmt: skip
+    return {k: v for k, v in shapes.items() if not k.startswith(drop)}
 
 
 def _file(make: Callable[[], dict[str, tuple[int, ...]]], **kw: Any) -> Builder:
@@ -115,9 +139,26 @@ ENCODER_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
     "t5xxl_fp16.safetensors": (_file(t5_xxl), _expect("t5_encoder", "any")),
     # Qwen2.5-VL-7B, Qwen-Image's text encoder (and HunyuanVideo 1.5's)
     "qwen_2.5_vl_7b.safetensors": (_file(lambda: qwen25_vl(True)),
-                                   _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"])),
+                                   _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"]) | {"config_path": "qwen2.5-vl-7b"}),
     "qwen2.5-vl-7b-transformers5.safetensors": (_file(qwen25_vl),
                                                 _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"])),
+    # Qwen3-4B (Z-Image's, FLUX.2 Klein 4B's text encoder; its head is its embeddings), Qwen3-8B (Klein 9B's)
+    "qwen_3_4b.safetensors": (_file(lambda: shipped_llm("qwen3-4b", drop=("lm_head.",))),
+                              _expect("qwen3_encoder", "z-image", ["flux2"]) | {"config_path": "qwen3-4b"}),
+    "qwen_3_4b_fp8_mixed.safetensors": (_file(lambda: shipped_llm("qwen3-4b", drop=("lm_head.",)), dtype="F8_E4M3"),
+                                        _expect("qwen3_encoder", "z-image", ["flux2"]) | {"precision": "fp8_e4m3fn"}),
+    "qwen_3_8b.safetensors": (_file(lambda: shipped_llm("qwen3-8b")),
+                              _expect("qwen3_encoder", "flux2") | {"config_path": "qwen3-8b"}),
+    "Qwen3-8B-no-head.safetensors": (_file(lambda: shipped_llm("qwen3-8b", drop=("lm_head.",))),
+                                     _expect("qwen3_encoder", "flux2")),
+    # Mistral Small 3.1 (FLUX.2 dev's): ComfyUI's language model alone, transformers 5's and 4's whole model
+    "mistral_3_small_flux2_bf16.safetensors": (_file(lambda: shipped_llm("mistral-small-3.1-24b", drop=("lm_head.",),
+                                                                         text_only=True)),
+                                               _expect("mistral_encoder", "flux2") | {"config_path": "mistral-small-3.1-24b"}),
+    "mistral-small-3.1-transformers5.safetensors": (_file(lambda: shipped_llm("mistral-small-3.1-24b")),
+                                                    _expect("mistral_encoder", "flux2")),
+    "mistral-small-3.1-transformers4.safetensors": (_file(lambda: shipped_llm("mistral-small-3.1-24b", transformers4=True)),
+                                                    _expect("mistral_encoder", "flux2")),
 }  # fmt: skip
 
 
@@ -151,6 +192,12 @@ def test_qwen2_vl_is_not_qwen25_vl(tmp_path: Path) -> None:
         probe(write_sparse(tmp_path / "qwen2-vl.safetensors", shapes))
 
 
+def _shipped_config(name: str) -> dict[str, Any]:
+    from modelbus.services.load.text_encoders import SHIPPED
+
+    return json.loads((SHIPPED / name / "config.json").read_text())  # type: ignore[no-any-return]
+
+
 FOLDERS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "Wan2.1-T2V-1.3B-Diffusers-vae": ({"_class_name": "AutoencoderKLWan", "z_dim": 16},
                                       _expect("vae", "wan-2.1", ["wan-2.2"], "diffusers")),
@@ -162,6 +209,9 @@ FOLDERS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                             _expect("t5_encoder", "wan-2.1", ["wan-2.2"], "t5_encoder")),
     "Qwen-Image-text_encoder": ({"architectures": ["Qwen2_5_VLForConditionalGeneration"], **QWEN25_VL_7B},
                                 _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"], "diffusers")),
+    "Z-Image-Turbo-text_encoder": (_shipped_config("qwen3-4b"), _expect("qwen3_encoder", "z-image", ["flux2"], "diffusers")),
+    "FLUX.2-klein-9B-text_encoder": (_shipped_config("qwen3-8b"), _expect("qwen3_encoder", "flux2", fmt="diffusers")),
+    "FLUX.2-dev-text_encoder": (_shipped_config("mistral-small-3.1-24b"), _expect("mistral_encoder", "flux2", fmt="diffusers")),
 }  # fmt: skip
 
 
@@ -171,3 +221,29 @@ def test_encoder_folder_identified(tmp_path: Path, name: str) -> None:
     (tmp_path / name).mkdir()
     (tmp_path / name / "config.json").write_text(json.dumps(config))
     assert_fields(probe(tmp_path / name), expected, name)
+
+
+def test_other_language_models_are_not_taken_for_encoders(tmp_path: Path) -> None:
+    """A Qwen2 language model (query biases, no query norm) and a Llama (another vocabulary) are not text encoders
+    of a known family; a Mistral-vocabulary model of other widths (Mistral Nemo) is recorded without a base."""
+    from modelbus.services.probe import UnrecognizedFilesError
+
+    def llm(vocab: int, width: int, mlp: int, qk_norm: bool, bias: bool) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, width), "model.norm.weight": (width,)}
+        for n in range(2):
+            p = f"model.layers.{n}."
+            shapes |= {p + "self_attn.q_proj.weight": (4096, width), p + "self_attn.k_proj.weight": (1024, width),
+                       p + "mlp.gate_proj.weight": (mlp, width), p + "input_layernorm.weight": (width,)}  # fmt: skip
+            shapes |= {p + "self_attn.q_norm.weight": (128,)} if qk_norm else {}
+            shapes |= {p + "self_attn.q_proj.bias": (4096,)} if bias else {}
+        return shapes
+
+    for name, shapes in {"qwen2.5-7b.safetensors": llm(152064, 3584, 18944, False, True),
+                         "llama-3-8b.safetensors": llm(128256, 4096, 14336, False, False)}.items():
+        with pytest.raises(UnrecognizedFilesError, match="not a model this version recognises"):
+            probe(write_sparse(tmp_path / name, shapes))
+    nemo = probe(write_sparse(tmp_path / "mistral-nemo.safetensors", llm(131072, 5120, 14336, False, False)))
+    assert (nemo.model_type, nemo.base_model) == ("mistral_encoder", "any")
+    assert "width 5120, MLP 14336" in str(nemo.notes)
+    qwen3 = probe(write_sparse(tmp_path / "qwen3-1.7b.safetensors", llm(151936, 2048, 6144, True, False)))
+    assert (qwen3.model_type, qwen3.base_model, qwen3.config_path) == ("qwen3_encoder", "any", None)

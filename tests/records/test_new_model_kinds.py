@@ -24,7 +24,11 @@ NEW_KINDS: dict[str, dict[str, Any]] = {
     "siglip/checkpoint": {"base_model": "any"},
     "llava_onevision/diffusers": {"base_model": "any"},
     "qwen2_5_vl/diffusers": {"base_model": "qwen-image"},
-    "qwen2_5_vl/checkpoint": {"base_model": "qwen-image", "precision": "fp8_e4m3fn"},
+    "qwen2_5_vl/checkpoint": {"base_model": "qwen-image", "precision": "fp8_e4m3fn", "config": "qwen2.5-vl-7b"},
+    "qwen3_encoder/checkpoint": {"base_model": "z-image", "compatible_bases": ["flux2"], "config": "qwen3-4b"},
+    "qwen3_encoder/diffusers": {"base_model": "flux2"},
+    "mistral_encoder/checkpoint": {"base_model": "flux2", "config": "mistral-small-3.1-24b"},
+    "mistral_encoder/diffusers": {"base_model": "flux2"},
     "t5_encoder/checkpoint": {"base_model": "wan-2.1", "compatible_bases": ["wan-2.2"], "notes": "UMT5-XXL"},
     "vae/checkpoint": {"base_model": "wan-2.2"},
 }
