@@ -16,6 +16,7 @@ from modelbus.events.errors import EventStoreError
 from modelbus.events.logs import configure_logging, get_logger
 from modelbus.events.store import RedisEventStore
 from modelbus.services.config import AppConfig, ConfigError, parse_size
+from modelbus.services.install.staging import reclaim
 from modelbus.workers import defaults
 from modelbus.workers.context import WorkerContext, set_context
 from modelbus.workers.runner import Heartbeat, build_worker, parse_queues, worker_name
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelbus worker: {exc}", file=sys.stderr)
         return 2
     _preload(queues)
+    if {"install", "hash"} & set(queues):
+        _staging_janitor(config, store)
     name = args.name or worker_name("gpu" if "gpu" in queues else "mb")
     if concurrency == 1:
         return run_worker(config, store, queues, name, args.burst)
@@ -111,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(config, own, queues, slot_name, args.burst)
     get_logger("workers").info("worker_pool_starting", worker=name, queues=queues, concurrency=concurrency)
     return Pool(slot_names(name, concurrency), slot, burst=args.burst).run()
+
+
+def _staging_janitor(config: AppConfig, store: RedisEventStore) -> None:
+    """Reclaim what installs left in staging long ago (services.install.staging), once, as the worker starts."""
+    try:
+        reclaim(config, store)
+    except Exception as exc:  # noqa: BLE001 - the janitor's trouble never keeps a worker from starting
+        structlog.get_logger("workers").warning("staging_janitor_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def choose_concurrency(given: int | None, queues: list[str], config: AppConfig) -> int:

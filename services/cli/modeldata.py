@@ -159,3 +159,5 @@ def convert(key: str, keep_original: Annotated[bool, typer.Option(
         return
     kept = "removed" if result["original_removed"] else "kept"
     console.print(f"converted {key} to {result['path']} (hash {result['hash']}); the original file is {kept}")
+    for part, companion in sorted(result.get("companions", {}).items()):
+        console.print(f"  {part} from {companion}", markup=False, highlight=False)

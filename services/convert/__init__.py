@@ -1,6 +1,7 @@
 """Conversion of single-file checkpoints to diffusers folders: what can be converted (here, light:
 the client checks it before it asks a worker) and the conversion itself (:mod:`.folder`, on a worker,
-which also decides what an SD-3 file bundles and refuses a FLUX file that bundles more than its transformer).
+which also decides what an SD-3 file bundles and refuses a FLUX file that bundles more than its transformer),
+with the parts a file lacks from companion models (:mod:`.companions`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ PIPELINES: dict[str, tuple[str, tuple[str, ...]]] = {
     "flux": ("FluxPipeline", ("transformer",)),
     "sd-3": _SD3, "sd-3.5-medium": _SD3, "sd-3.5-large": _SD3,
 }
-#: what each pipeline's folder never holds (no file carries it, and nothing of it ships with the project:
-#: SD-3's T5 tokenizer, FLUX's VAE, encoders, tokenizers and scheduler)
+#: what each pipeline's folder holds as null (the pipeline runs without it)
 ABSENT = {"StableDiffusionPipeline": ("safety_checker", "feature_extractor"),
-          "StableDiffusionXLImg2ImgPipeline": ("text_encoder", "tokenizer"),
-          "FluxPipeline": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-          "StableDiffusion3Pipeline": ("tokenizer_3",)}
+          "StableDiffusionXLImg2ImgPipeline": ("text_encoder", "tokenizer")}
+#: the parts of a FLUX.1 folder besides its file's transformer: shipped (the CLIP tokenizer, the scheduler), or
+#: from companion models (services.convert.companions)
+FLUX_SHIPPED = ("tokenizer", "scheduler")
+FLUX_COMPANIONS = ("vae", "text_encoder", "text_encoder_2", "tokenizer_2")
 
 
 class NotConvertible(InvalidInput):

@@ -10,13 +10,15 @@ worker killed mid-install leaves it behind. The janitor (``prune``) reclaims a f
 - its job is not running: no live worker holds the lease of any step of the job's current attempt, and a
   job that has not ended has not moved (no event) within the TTL either.
 
-Each reclaimed folder is an ``InstallStagingReclaimed`` event, appended before the folder goes: on the job's
+Prune runs the janitor, and so does every worker of the install or hash queue once as it starts (a worker killed
+mid-install is mostly followed by a new one on its host). Each reclaimed folder is an ``InstallStagingReclaimed`` event, appended before the folder goes: on the job's
 aggregate at the version that was judged (a job that moved meanwhile is judged again, and kept), else on
 ``@staging``. A crash between the two leaves the folder for the next prune, which records it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,11 +168,14 @@ def reclaim(config: AppConfig, store: Any, dry_run: bool = False, now: float | N
 
 
 def _reclaim_one(config: AppConfig, store: Any, folder: StagingFolder, now: float) -> bool:
-    event = InstallStagingReclaimed(aggregate_id=folder.job or STAGING_AGGREGATE, folder=folder.name,
-                                    files=folder.files, bytes=folder.bytes,
-                                    modified=datetime.fromtimestamp(folder.modified, UTC), correlation_id=folder.job)
+    aggregate = folder.job or STAGING_AGGREGATE
+    # one id per folder as it is: two janitors at once (workers starting together) record it once
+    event_id = hashlib.sha256(f"{aggregate}\0{folder.name}\0{folder.modified!r}".encode()).hexdigest()[:32]
+    event = InstallStagingReclaimed(aggregate_id=aggregate, folder=folder.name, files=folder.files, bytes=folder.bytes,
+                                    modified=datetime.fromtimestamp(folder.modified, UTC), correlation_id=folder.job,
+                                    event_id=event_id)
     if folder.job is None:
-        store.append([event])
+        store.append([event], idempotency_key=event_id)
     else:
         def decide(job: InstallJob) -> InstallStagingReclaimed | None:
             return event if _kept_because(store, job, config.staging_ttl, now) is None else None

@@ -49,7 +49,13 @@ from modelbus.services.load.kit import (
     resolve_class,
 )
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
-from modelbus.services.load.sd3 import SD3_BASES, load_sd3_checkpoint, load_sd3_controlnet
+from modelbus.services.load.sd3 import (
+    MMDIT_VAE_LATENTS,
+    SD3_BASES,
+    load_mmdit_vae_file,
+    load_sd3_checkpoint,
+    load_sd3_controlnet,
+)
 from modelbus.services.records.enums import SubModelType
 
 CLIP_PREFIXES = {"sd-1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
@@ -214,6 +220,8 @@ def load_main_checkpoint(req: LoadRequest) -> Loaded:
 def load_vae_checkpoint(req: LoadRequest) -> Loaded:
     if base_of(req.record) in PUBLISHED:  # Wan's, Qwen-Image's, FLUX.2's: diffusers classes of their own
         return load_family_vae(req)
+    if base_of(req.record) in MMDIT_VAE_LATENTS:  # FLUX.1's and SD-3's: no original config, read from the weights
+        return load_mmdit_vae_file(req)
     return load_vae(req, original_config(req.record), whole_file=True)
 
 

@@ -25,6 +25,7 @@ from modelbus.services.load.kit import (
     VAE_PREFIXES,
     Loaded,
     LoadRequest,
+    base_of,
     block_count,
     build_from,
     clip_config,
@@ -205,6 +206,25 @@ def load_sd3_vae(req: LoadRequest) -> Loaded:
     config = sd3_vae_config({k.removeprefix(prefix): v for k, v in tensors.items()}, req.location)
     converted = quiet(sfu.convert_ldm_vae_checkpoint, tensors, config)
     return build_from(lambda: AutoencoderKL.from_config(config), converted, req, buffer, "SD-3 VAE")
+
+
+#: the latent statistics of the 16-channel VAEs of the MMDiT families (the weights do not record them)
+MMDIT_VAE_LATENTS = {"flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159},
+                     **{base: {"scaling_factor": _SD3_VAE["scaling_factor"], "shift_factor": _SD3_VAE["shift_factor"]}
+                        for base in SD3_BASES}}
+
+
+def load_mmdit_vae_file(req: LoadRequest) -> Loaded:
+    """A VAE file of its own of FLUX.1 (BFL's ``ae.safetensors``) or SD-3: LDM names, bare or under a VAE prefix;
+    the config from the weights' shapes, the latent statistics of the family."""
+    tensors, buffer = read_checkpoint(req, lambda k: True)
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in tensors)), "")
+    bare = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    if "decoder.conv_in.weight" not in bare:
+        raise InvalidModelException(f"{req.location}: no VAE weights (LDM names: encoder.*, decoder.conv_in...)")
+    config = sd3_vae_config(bare, req.location) | MMDIT_VAE_LATENTS[base_of(req.record)]
+    converted = quiet(sfu.convert_ldm_vae_checkpoint, bare, config)
+    return build_from(lambda: AutoencoderKL.from_config(config), converted, req, buffer, "VAE")
 
 
 def load_sd3_text_encoder(req: LoadRequest, sub: SubModelType) -> Loaded:

@@ -4,6 +4,7 @@ report the staging figures; a staging name from a job cannot leave the staging f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 from modelbus.events.schema import InstallFailed, InstallFileDownloaded, InstallRequested, InstallStarted
 from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
+from modelbus.services.client.aio import AsyncModelBusClient
 from modelbus.services.install.errors import InvalidStagingNameError
 from modelbus.services.install.placement import staging_dir, staging_root
 from modelbus.services.install.staging import STAGING_AGGREGATE
@@ -88,6 +91,11 @@ def test_stale_staging_is_reclaimed_and_running_jobs_keep_theirs(bus: Bus, cli: 
     assert datetime.fromisoformat(planned["oldest"]) < datetime.now(UTC) - timedelta(days=29)
     assert killed_dir.is_dir() and local_dir.is_dir()  # a dry run removes nothing and records nothing
     assert client.store.history(STAGING_AGGREGATE) == []
+
+    async def dry_run() -> dict[str, Any]:  # the async client, the same call
+        async with AsyncModelBusClient(bus.config) as aclient:
+            return await aclient.prune(dry_run=True)  # type: ignore[attr-defined,no-any-return]
+    assert asyncio.run(dry_run())["staging"]["reclaimable"] == planned["reclaimable"]
     shown = cli("prune", "--dry-run").stdout
     assert "would reclaim 2 (3.4 KiB) older than 1w that no running job uses" in " ".join(shown.split()), shown
     doctor = {c["name"]: c for c in json.loads(cli("doctor", "--json", code=0).stdout)}
@@ -149,3 +157,18 @@ def test_a_staging_name_from_a_job_cannot_leave_the_staging_folder(bus: Bus, nam
     with pytest.raises(InvalidStagingNameError, match="staging folder name"):
         staging_dir(bus.config, name)
     assert staging_dir(bus.config, "0123abcd").parent == staging_root(bus.config)
+
+
+def test_a_starting_worker_runs_the_janitor(bus: Bus, http: TestClient) -> None:
+    """A worker killed mid-install is mostly followed by a new one on its host: as it starts it reclaims what
+    was left long ago (once, whoever else starts with it)."""
+    client = _client(http)
+    left = _stage(bus, f"local-{uuid.uuid4().hex}", {"half-copied.safetensors": 64}, 10)
+    kept = _stage(bus, f"local-{uuid.uuid4().hex}", {"copying.safetensors": 8}, 0)
+    before = len(client.store.history(STAGING_AGGREGATE))
+    bus.start_worker()
+    wait_until(lambda: not left.exists(), 120, "the new worker's janitor", bus.worker_log)
+    assert kept.is_dir()
+    events = [s.event for s in client.store.history(STAGING_AGGREGATE)][before:]
+    assert [(e.folder, e.bytes) for e in events] == [(left.name, 64)]
+    shutil.rmtree(kept)

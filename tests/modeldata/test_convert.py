@@ -1,7 +1,8 @@
-"""`modelbus convert`: a single-file SD-1, FLUX.1 or SD-3 checkpoint becomes a diffusers folder on a worker of the
-hash queue, under the same key with a new hash, whose weights are the checkpoint's (an SD-3 file's bundled VAE
-and text encoders too); what cannot be converted is refused
-before any worker is asked, and nothing changes."""
+"""`modelbus convert`: a single-file SD-1, FLUX.1 or SD-3 checkpoint becomes a complete diffusers folder on a worker
+of the hash queue (diffusers' pipeline loads it), under the same key with a new hash, whose weights are the
+checkpoint's (an SD-3 file's bundled VAE and text encoders too) and, for what the file lacks, those of the installed
+companion models (tests/modeldata/companions.py); what cannot be converted is refused before any worker is asked,
+and nothing changes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UNet2DConditionModel,
+)
 from fastapi.testclient import TestClient
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,6 +30,7 @@ from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable, make_lora_kohya, transformer_files
 from tests.install.conftest import Bus
+from tests.modeldata.companions import install_companions
 from tests.waiting import wait_until
 
 TIMEOUT = "600"
@@ -42,6 +51,12 @@ def _add_checkpoint(bus: Bus, key: str, seed: int) -> dict[str, torch.nn.Module]
         client.add_model(key, {"name": key, "model_type": "main", "model_format": "checkpoint", "base_model": "sd-1",
                                "path": f"{key}.safetensors", "config": str(yaml_path)})
     return models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def companions(bus: Bus) -> dict[str, torch.nn.Module]:
+    """The companion models this module's FLUX.1 and SD-3 conversions take what their files lack from."""
+    return install_companions(bus)
 
 
 @pytest.fixture(autouse=True)
@@ -111,18 +126,35 @@ def _same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> 
     return set(got) == set(expected) and all(torch.equal(v.float(), expected[k].float()) for k, v in got.items())
 
 
-def test_convert_a_flux_checkpoint(bus: Bus) -> None:
-    state = transformer_files.flux_transformer_state(guidance=True)
-    transformer_files.write_state(bus.config.models_path / "tiny-flux.safetensors", loadable.flux_to_bfl(state))
-    _add(bus, "tiny-flux", "flux", "tiny-flux.safetensors")
-    done = json.loads(_cli("convert", "tiny-flux", "--json", "--timeout", TIMEOUT).stdout)
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_convert_a_flux_checkpoint(bus: Bus, companions: dict[str, torch.nn.Module], guidance: bool) -> None:
+    key = f"tiny-flux-{'dev' if guidance else 'schnell'}"
+    state = transformer_files.flux_transformer_state(guidance=guidance)
+    transformer_files.write_state(bus.config.models_path / f"{key}.safetensors", loadable.flux_to_bfl(state))
+    _add(bus, key, "flux", f"{key}.safetensors")
+    done = json.loads(_cli("convert", key, "--json", "--timeout", TIMEOUT).stdout)
     assert done["model_format"] == "diffusers" and done["original_removed"]
+    given = done["companions"]
+    # CLIP-L from the SD-1 checkpoint, or from a FLUX folder converted before (preferred; its CLIP-L is that one)
+    assert given.pop("text_encoder") in ("clip-donor", "tiny-flux-dev")
+    assert given == {"vae": "flux-vae", "text_encoder_2": "t5-encoder", "tokenizer_2": "t5-encoder"}
     folder = bus.config.model_path(done["path"])
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
-    assert all(index[part] == [None, None] for part in ("vae", "text_encoder", "text_encoder_2", "scheduler"))
+    assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert index["tokenizer"][1] == "CLIPTokenizer" and index["tokenizer_2"][1].startswith("T5Tokenizer")
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)  # complete: diffusers loads the whole folder
+    assert pipe.scheduler.config.use_dynamic_shifting is guidance  # dev's schedule, or schnell's
+    assert pipe.tokenizer_2("a photo of a cat").input_ids[-1] == pipe.tokenizer_2.eos_token_id
+    assert _same_weights(pipe.vae, {k: v.half() for k, v in companions["flux:vae"].state_dict().items()})
+    assert _same_weights(pipe.text_encoder, {k: v.half() for k, v in
+                                             companions["flux:text_encoder"].state_dict().items()})
+    assert _same_weights(pipe.text_encoder_2, {k: v.half() for k, v in
+                                               companions["flux:text_encoder_2"].state_dict().items()})
     transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
-    assert transformer.config.guidance_embeds and _same_weights(transformer, {k: v.half() for k, v in state.items()})
+    assert transformer.config.guidance_embeds is guidance
+    assert _same_weights(transformer, {k: v.half() for k, v in state.items()})
     with safe_open(folder / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
         names = list(weights.keys())  # (a safetensors file is not iterable)
         assert {weights.get_slice(k).get_dtype() for k in names} == {"F16"}  # the file's precision kept
@@ -187,7 +219,7 @@ def test_a_flux_file_bundling_more_than_its_transformer_is_refused(bus: Bus) -> 
 
 
 @pytest.mark.parametrize("bundle", [True, False])
-def test_convert_an_sd3_checkpoint(bus: Bus, bundle: bool) -> None:
+def test_convert_an_sd3_checkpoint(bus: Bus, companions: dict[str, torch.nn.Module], bundle: bool) -> None:
     key = f"tiny-sd3-{'bundle' if bundle else 'alone'}"
     models = loadable.write_sd3_checkpoint(bus.config.models_path / f"{key}.safetensors", bundle=bundle,
                                            prefix="model.diffusion_model.", medium=not bundle)
@@ -196,18 +228,24 @@ def test_convert_an_sd3_checkpoint(bus: Bus, bundle: bool) -> None:
         r = http.post(f"/api/v2/models/i/{key}/convert", json={"timeout": 600}, headers={"Host": "127.0.0.1"})
         assert r.status_code == 200, r.text
     folder = bus.config.model_path(r.json()["path"])
+    given = r.json()["companions"]
+    assert given == ({"tokenizer_3": "t5-encoder"} if bundle else
+                     {"vae": "sd3-donor", "text_encoder": "sd3-donor", "text_encoder_2": "sd3-donor",
+                      "text_encoder_3": "t5-encoder", "tokenizer_3": "t5-encoder"})
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["tokenizer_3"] == [None, None]
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["tokenizer_3"][1].startswith("T5Tokenizer")
     assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["tokenizer"] == index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
     bundled = {"vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
                "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel}
     for part, cls in bundled.items():
-        if not bundle:
-            assert index[part] == [None, None] and not (folder / part).exists()
-            continue
         assert index[part][1] == cls.__name__
-        assert _same_weights(cls.from_pretrained(folder / part, local_files_only=True), models[part].state_dict())
-    assert (index["tokenizer"] == ["transformers", "CLIPTokenizer"]) is bundle
+        loaded = cls.from_pretrained(folder / part, local_files_only=True)
+        if part in models:
+            assert _same_weights(loaded, models[part].state_dict())
+        else:  # a companion's, written in the file's precision (fp16)
+            assert _same_weights(loaded, {k: v.half() for k, v in companions[f"sd3:{part}"].state_dict().items()}), part
+    StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)  # complete: diffusers loads it whole
     transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
     assert _same_weights(transformer, models["transformer"].state_dict())

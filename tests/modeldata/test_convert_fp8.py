@@ -1,6 +1,6 @@
-"""`modelbus convert` of fp8 single files of SD-1, SD-2 and SDXL (FLUX's are in test_convert): a plain e4m3fn
-file becomes a bf16 diffusers folder holding the file's values exactly (each upcast once), a ComfyUI fp8_scaled
-one has its scales folded into the denoiser's weights and carries no scale or marker tensor."""
+"""`modelbus convert` of fp8 single files of SD-1, SD-2, SDXL, SD-3 and SD-3.5 (FLUX's are in test_convert): a plain
+e4m3fn file becomes a bf16 diffusers folder holding the file's values exactly (each upcast once), a ComfyUI
+fp8_scaled one has its scales folded into the denoiser's weights and carries no scale or marker tensor."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
-from typer.testing import CliRunner
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable
 from tests.install.conftest import Bus
-from tests.waiting import wait_until
+from tests.modeldata.companions import install_companions, run_cli, wait_for_hash_worker
 
 TIMEOUT = "600"
 SCALE = 0.037  # one scale for every scaled weight: what the folder holds is then known per tensor
@@ -41,15 +39,10 @@ CASES: dict[str, tuple[Writer, Callable[[Path], Path], dict[str, type]]] = {
 
 @pytest.fixture(autouse=True)
 def _hash_worker_up(bus: Bus) -> None:
-    with ModelBusClient(bus.config) as client:
-        wait_until(lambda: any("hash" in w.queues for w in client.workers()), 120, "a worker on the hash queue",
-                   bus.worker_log)
+    wait_for_hash_worker(bus)
 
 
-def _cli(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(cli_app, list(args))
-    assert result.exit_code == code, (args, result.stdout, result.stderr)
-    return result
+_cli = run_cli
 
 
 def as_fp8_file(tensors: dict[str, torch.Tensor], scaled_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -129,3 +122,37 @@ def test_convert_an_fp8_checkpoint(bus: Bus, base: str, scaled: bool) -> None:
         loaded = cls.from_pretrained(folder / part, local_files_only=True)
         wrong = same(loaded, expected_weights(models[part], scaled and part == "unet"))
         assert wrong == [], (part, wrong[:5])
+
+
+SD3_PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+             "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel}
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer_companion(bus: Bus) -> None:
+    """No single file carries T5's tokenizer: an installed T5 encoder folder gives it to the SD-3 folders."""
+    install_companions(bus, sd3_donor=False)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["e4m3fn", "fp8_scaled"])
+@pytest.mark.parametrize("base", ["sd-3", "sd-3.5-medium"])
+def test_convert_an_fp8_sd3_checkpoint(bus: Bus, t5_tokenizer_companion: None, base: str, scaled: bool) -> None:
+    key = f"fp8-{base}-{'scaled' if scaled else 'plain'}"
+    file = bus.config.models_path / f"{key}.safetensors"
+    # an all-in-one file (transformer, VAE, CLIP-L, CLIP-G, T5-XXL), as Stability's and ComfyUI's
+    models = loadable.write_sd3_checkpoint(file, medium=base != "sd-3", bundle=True, prefix="model.diffusion_model.",
+                                           dtype=torch.float32)
+    save_file(as_fp8_file(load_file(str(file)), DENOISER if scaled else ()), str(file))
+    with ModelBusClient(bus.config) as client:
+        client.add_model(key, {"name": key, "model_type": "main", "model_format": "checkpoint", "base_model": base,
+                               "path": file.name})
+    done = json.loads(_cli("convert", key, "--json", "--timeout", TIMEOUT).stdout)
+    assert done["companions"] == {"tokenizer_3": "t5-encoder"}
+    folder = bus.config.model_path(done["path"])
+    names = folder_tensor_names(folder)
+    assert not any(n.endswith(("scale_weight", "scaled_fp8")) for n in names)
+    for part, cls in SD3_PARTS.items():
+        loaded = cls.from_pretrained(folder / part, local_files_only=True)
+        wrong = same(loaded, expected_weights(models[part], scaled and part == "transformer"))
+        assert wrong == [], (part, wrong[:5])
+    StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)

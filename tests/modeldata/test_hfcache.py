@@ -5,6 +5,7 @@ file of `hf auth login` is used when HF_TOKEN is unset. The cache is made by the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from modelbus.services import hfcache
 from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
+from modelbus.services.client.aio import AsyncModelBusClient
 from modelbus.services.config import AppConfig
 from modelbus.services.covers.fetch import fetch_image
 from modelbus.services.download.errors import HFOfflineError
@@ -154,6 +156,27 @@ def test_which_variable_makes_hugging_face_offline(monkeypatch: pytest.MonkeyPat
     assert hfcache.offline_for_url(f"{endpoint}/a/b/resolve/main/x", endpoint) == mirror
     assert hfcache.offline_for_url("https://civitai.com/api/v1/models/1", endpoint) is None
     assert hfcache.offline_for_url("https://nothuggingface.co/x", endpoint) is None
+
+
+def test_hf_hub_cache_names_the_cache_over_hf_home(cached: tuple[Bus, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_CACHE (and its old name) places the cache itself: browsing offline reads that one, not HF_HOME's."""
+    _, home = cached
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))  # holds no cache
+    monkeypatch.setenv("MODELBUS_HF_OFFLINE", "1")
+    missing = _run("ls-remote", REPO, code=2).stderr
+    assert str(tmp_path / "elsewhere" / "hub") in missing and "not in the Hugging Face cache" in missing
+    for name in ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"):
+        monkeypatch.setenv(name, str(home / "hub"))
+        assert hfcache.hub_cache() == home / "hub"
+        assert json.loads(_run("ls-remote", REPO, "--json").stdout)["repo_id"] == REPO
+        monkeypatch.delenv(name)
+
+    async def browse() -> dict[str, object]:  # the async client, the same call
+        async with AsyncModelBusClient(AppConfig.load()) as client:
+            return await client.ls_remote(REPO)  # type: ignore[attr-defined,no-any-return]
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    assert asyncio.run(browse())["offline"] is True
 
 
 def test_a_public_hub_url_under_hf_hub_offline_is_refused_before_any_connection(

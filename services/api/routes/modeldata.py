@@ -147,10 +147,13 @@ class Converted(BaseModel):
     model_format: str
     original: str
     original_removed: bool
+    companions: dict[str, str] = Field(default_factory=dict, description="part -> the key of the installed model it "
+                                       "came from (what the single file lacked: FLUX.1's VAE and text encoders...)")
 
 
 @router.post("/i/{key}/convert", response_model=Converted, responses={**FOUND, **WORKER},
-             summary="Convert a single-file main checkpoint into a diffusers folder (same key), on a worker")
+             summary="Convert a single-file main checkpoint into a complete diffusers folder (same key; what the file "
+             "lacks from installed companion models), on a worker")
 def convert_model(key: Key, c: Client, body: ConvertRequest | None = None) -> Response:
     body = body or ConvertRequest()
     return _json(c.convert(key, keep_original=body.keep_original, timeout=body.timeout))

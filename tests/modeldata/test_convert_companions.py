@@ -1,0 +1,91 @@
+"""`modelbus convert` of a file that lacks parts of its pipeline (FLUX.1: all but the transformer; SD-3: T5's
+tokenizer at least) when no installed model can give them: refused in one line naming each missing part and what to
+install, with nothing written, recorded or removed; a companion that does not load is passed over for the next."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelbus.services.client import ModelBusClient
+from tests.fixtures import loadable, transformer_files
+from tests.install.conftest import Bus
+from tests.modeldata.companions import add, run_cli, wait_for_hash_worker, write_t5_folder, write_vae_file
+
+TIMEOUT = "600"
+
+
+@pytest.fixture(autouse=True)
+def _hash_worker_up(bus: Bus) -> None:
+    wait_for_hash_worker(bus)
+
+
+_cli = run_cli
+
+
+def _flux_file(bus: Bus, key: str) -> Path:
+    bus.config.models_path.mkdir(parents=True, exist_ok=True)
+    path = bus.config.models_path / f"{key}.safetensors"
+    transformer_files.write_state(path, loadable.flux_to_bfl(transformer_files.flux_transformer_state()))
+    add(bus, key, "main", "checkpoint", "flux", path)
+    return path
+
+
+def _refused(bus: Bus, key: str, path: Path) -> str:
+    """The one-line refusal of converting ``key``; nothing of it changed."""
+    with ModelBusClient(bus.config) as client:
+        head, before = client.store.head(), path.read_bytes()
+    refused = _cli("convert", key, "--timeout", TIMEOUT, code=2).stderr.strip()
+    assert len(refused.splitlines()) == 1, refused
+    with ModelBusClient(bus.config) as client:
+        assert client.store.head() == head and client.get_model(key).model_format.value == "checkpoint"
+    assert path.read_bytes() == before  # the original untouched
+    assert not [p for p in bus.config.models_path.rglob(f"{path.stem}*") if p != path]  # no folder placed
+    staging = bus.config.models_path / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())  # nor left in staging
+    return refused
+
+
+def test_missing_companions_are_named_broken_ones_passed_over_and_nothing_changes(bus: Bus) -> None:
+    models = bus.config.models_path
+    path = _flux_file(bus, "lonely-flux")
+    refused = _refused(bus, "lonely-flux", path)
+    assert "none is installed for vae, text_encoder, text_encoder_2, tokenizer_2" in refused
+    assert "--starter flux-vae" in refused and "--starter t5-xxl-encoder" in refused
+
+    # a T5 encoder file gives text_encoder_2 but no tokenizer; a VAE and an SD-1 checkpoint give the rest
+    loadable.write_t5_encoder(models / "t5-file.safetensors")
+    add(bus, "t5-file", "t5_encoder", "checkpoint", "any", models / "t5-file.safetensors")
+    write_vae_file(models / "ae.safetensors")
+    add(bus, "ae", "vae", "checkpoint", "flux", models / "ae.safetensors")
+    loadable.write_sd1_checkpoint(models / "sd1.safetensors", dtype=torch.float32)
+    add(bus, "sd1", "main", "checkpoint", "sd-1", models / "sd1.safetensors",
+        config=str(loadable.write_original_yaml(bus.root / "sd1.yaml")))
+    refused = _refused(bus, "lonely-flux", path)
+    assert "none is installed for tokenizer_2 (install for tokenizer_2, a T5 tokenizer" in refused
+
+    # an SD-3 file with everything bundled still lacks T5's tokenizer; one that does not load gives none
+    sd3 = models / "bundled-sd3.safetensors"
+    loadable.write_sd3_checkpoint(sd3, bundle=True, prefix="model.diffusion_model.")
+    add(bus, "bundled-sd3", "main", "checkpoint", "sd-3", sd3)
+    assert "none is installed for tokenizer_3" in _refused(bus, "bundled-sd3", sd3)
+    write_t5_folder(models / "bad-tokenizer")
+    (models / "bad-tokenizer" / "tokenizer.json").write_text("{ not json")
+    add(bus, "bad-tokenizer", "t5_encoder", "t5_encoder", "any", models / "bad-tokenizer")
+    refused = _refused(bus, "bundled-sd3", sd3)
+    assert "no installed companion gives tokenizer_3: bad-tokenizer (bad-tokenizer):" in refused
+
+    # broken candidates first (by name) are passed over for the good ones
+    (models / "a-broken-vae.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    add(bus, "a-broken-vae", "vae", "checkpoint", "flux", models / "a-broken-vae.safetensors")
+    write_t5_folder(models / "a-broken-t5")  # its tokenizer is fine, its weights are not
+    (models / "a-broken-t5" / "model.safetensors").write_bytes(b"not safetensors at all")
+    add(bus, "a-broken-t5", "t5_encoder", "t5_encoder", "any", models / "a-broken-t5")
+    done = json.loads(_cli("convert", "lonely-flux", "--json", "--timeout", TIMEOUT).stdout)
+    assert done["companions"] == {"vae": "ae", "text_encoder": "sd1", "text_encoder_2": "bad-tokenizer",
+                                  "tokenizer_2": "a-broken-t5"}
+    assert done["original_removed"] and not path.exists()
+    assert "companion_passed_over" in bus.worker_log()
