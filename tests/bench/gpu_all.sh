@@ -27,6 +27,7 @@ mkdir -p $MB/events $MB/services/load $MB/services/records $MB/services/probe
 touch $MB/__init__.py $MB/events/__init__.py $MB/services/__init__.py $MB/services/load/__init__.py \
   $MB/services/records/__init__.py
 ln -s "$REPO/events/errors.py" $MB/events/errors.py
+ln -s "$REPO/events/logs.py" $MB/events/logs.py
 ln -s "$REPO/services/records/enums.py" $MB/services/records/enums.py
 ln -s "$REPO/services/configs" $MB/services/configs
 for f in "$REPO"/services/load/*.py; do
