@@ -121,7 +121,7 @@ def _staging_janitor(config: AppConfig, store: RedisEventStore) -> None:
     try:
         reclaim(config, store)
     except Exception as exc:  # noqa: BLE001 - the janitor's trouble never keeps a worker from starting
-        structlog.get_logger("workers").warning("staging_janitor_failed", error=f"{type(exc).__name__}: {exc}")
+        get_logger("workers").warning("staging_janitor_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def choose_concurrency(given: int | None, queues: list[str], config: AppConfig) -> int:

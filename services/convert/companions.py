@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from modelbus.events.errors import ModelbusError
+from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.convert import NotConvertible
 from modelbus.services.load.kit import VAE_PREFIXES, LoadRequest
@@ -35,7 +35,7 @@ from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX
 from modelbus.services.probe import read_tensor_index
 from modelbus.services.records import SubModelType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _SD3 = ("sd-3", "sd-3.5-medium", "sd-3.5-large")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
