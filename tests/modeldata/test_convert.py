@@ -93,6 +93,34 @@ def test_keep_original_and_the_api(bus: Bus) -> None:
         assert not r.json()["original_removed"] and Path(r.json()["original"]).is_file()
 
 
+def test_the_async_client_converts_and_refuses(bus: Bus) -> None:
+    """AsyncModelBusClient.convert: the same conversion on the worker, and the same refusal before any
+    worker is asked (a LoRA is not a checkpoint; nothing appended)."""
+    import asyncio
+
+    from modelbus.services.client import AsyncModelBusClient
+    from modelbus.services.convert import NotConvertible
+
+    _add_checkpoint(bus, "async-ckpt", seed=3)
+    lora = make_lora_kohya(bus.config.models_path / "async-lora.safetensors", rank=3)
+    with ModelBusClient(bus.config) as client:
+        client.add_model("async-lora", {"name": "al", "model_type": "lora", "model_format": "lycoris",
+                                        "base_model": "sd-1", "path": lora.name})
+
+    async def run() -> tuple[dict[str, object], str, str, str]:
+        async with AsyncModelBusClient(bus.config) as client:
+            done = await client.convert("async-ckpt", keep_original=True, timeout=600)
+            head = client.sync.store.head()
+            with pytest.raises(NotConvertible) as refused:
+                await client.convert("async-lora")
+            return done, head, client.sync.store.head(), str(refused.value)
+
+    done, head, head_after, refusal = asyncio.run(run())
+    assert done["key"] == "async-ckpt" and done["model_format"] == "diffusers" and not done["original_removed"]
+    assert Path(str(done["original"])).is_file()
+    assert "not a single-file main checkpoint" in refusal and head_after == head
+
+
 @pytest.mark.parametrize("what", ["lora", "diffusers", "missing"])
 def test_what_cannot_be_converted_is_refused_and_nothing_changes(bus: Bus, tmp_path: Path, what: str) -> None:
     if what == "missing":
