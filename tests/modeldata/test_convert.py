@@ -115,7 +115,12 @@ def test_the_async_client_converts_and_refuses(bus: Bus) -> None:
                 await client.convert("async-lora")
             return done, head, client.sync.store.head(), str(refused.value)
 
-    done, head, head_after, refusal = asyncio.run(run())
+    try:
+        done, head, head_after, refusal = asyncio.run(run())
+    finally:  # the converted SD-1 folder would be a CLIP-L companion of this module's later FLUX conversions
+        with ModelBusClient(bus.config) as client:
+            client.delete_model("async-ckpt", delete_files=True)
+            client.delete_model("async-lora", delete_files=True)
     assert done["key"] == "async-ckpt" and done["model_format"] == "diffusers" and not done["original_removed"]
     assert Path(str(done["original"])).is_file()
     assert "not a single-file main checkpoint" in refusal and head_after == head
