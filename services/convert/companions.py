@@ -20,6 +20,7 @@ nothing is written or recorded. A candidate that does not load is passed over fo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,13 +202,20 @@ def _tokenizer_folder(location: Path) -> Path:
 
 
 def _as_class(model: Any, cls: type) -> Any:
-    """CLIP-L's text model as ``cls`` (an SD-3 model's carries a projection FLUX does not take; SD-3 takes
-    one only with its projection)."""
+    """CLIP-L's text model as ``cls``: an SD-3 model's carries a projection FLUX does not take; SD-3 pools
+    through one, the identity where a file has none (as SD-3's reference code and the SD-3 loader start it)."""
     if not isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
         raise NotConvertible(f"a {type(model).__name__} is not a CLIP text encoder")
+    dtype = next(model.parameters()).dtype
     if cls is CLIPTextModelWithProjection:
-        raise NotConvertible("a CLIP text encoder without its text projection (SD-3 takes CLIP-L with it)")
+        hidden = model.config.hidden_size
+        config = copy.deepcopy(model.config)
+        config.projection_dim = hidden
+        projected = CLIPTextModelWithProjection(config)
+        projected.text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in model.state_dict().items()})
+        projected.text_projection.weight.data = torch.eye(hidden)
+        return projected.to(dtype)
     plain = cls(model.config)
     plain.load_state_dict(fit_keys(plain, {k: v for k, v in model.state_dict().items()
                                            if not k.startswith("text_projection.")}))
-    return plain.to(next(model.parameters()).dtype)
+    return plain.to(dtype)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from safetensors.torch import load_file, save_file
 from transformers import T5Config, T5EncoderModel
 
 from modelbus.services.catalog import load_catalog
@@ -20,6 +21,7 @@ from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable, transformer_files
 from tests.install.conftest import Bus
 from tests.modeldata.companions import (
+    add,
     assert_refused,
     run_cli,
     t5_tokenizer,
@@ -120,3 +122,25 @@ def test_the_flux_bundle_converts_to_a_pipeline_once_its_t5_holds_its_tokenizer(
     image = pipe("a photo of a red cat", num_inference_steps=1, height=16, width=16, guidance_scale=0.0,
                  max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+def test_the_bundles_clip_l_and_t5_tokenizer_complete_an_sd3_file(bus: Bus, hub_files: dict[str, object]) -> None:
+    """An SD-3 file bundling all but CLIP-L takes the clip_l file (with its projection) and T5's tokenizer."""
+    tmp = hub_files["tmp"]
+    assert isinstance(tmp, Path)
+    if not (tmp / "invoke" / T5_SUB / "tokenizer_2").is_dir():  # (this test alone: the T5 repo as InvokeAI's)
+        t5_tokenizer().save_pretrained(tmp / "invoke" / T5_SUB / "tokenizer_2")
+        bus.hub.add_repo(T5_REPO, tmp / "invoke")
+    keys = _install("--starter", "clip-l-encoder") | _install("--starter", "t5-xxl-encoder")
+    path = bus.config.models_path / "sd3-no-clip-l.safetensors"
+    models = loadable.write_sd3_checkpoint(path, bundle=True, prefix="model.diffusion_model.")
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("text_encoders.clip_l.")}, str(path))
+    add(bus, "sd3-no-clip-l", "main", "checkpoint", "sd-3", path)
+    done = json.loads(run_cli("convert", "sd3-no-clip-l", "--json", "--timeout", TIMEOUT).stdout)
+    assert done["companions"] == {"text_encoder": keys["clip-l-encoder"], "tokenizer_3": keys["t5-xxl-encoder"]}
+    folder = bus.config.model_path(done["path"])
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModelWithProjection"
+    assert _same_weights(pipe.text_encoder, hub_files["clip"])  # type: ignore[arg-type]
+    assert _same_weights(pipe.text_encoder_2, models["text_encoder_2"])
+    assert pipe.tokenizer_3("a photo of a cat").input_ids[-1] == pipe.tokenizer_3.eos_token_id
