@@ -211,7 +211,7 @@ def _as_class(model: Any, cls: type) -> Any:
         hidden = model.config.hidden_size
         config = copy.deepcopy(model.config)
         config.projection_dim = hidden
-        projected = CLIPTextModelWithProjection(config)
+        projected: Any = CLIPTextModelWithProjection(config)
         projected.text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in model.state_dict().items()})
         projected.text_projection.weight.data = torch.eye(hidden)
         return projected.to(dtype)

@@ -124,23 +124,41 @@ def test_the_flux_bundle_converts_to_a_pipeline_once_its_t5_holds_its_tokenizer(
     assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
-def test_the_bundles_clip_l_and_t5_tokenizer_complete_an_sd3_file(bus: Bus, hub_files: dict[str, object]) -> None:
-    """An SD-3 file bundling all but CLIP-L takes the clip_l file (with its projection) and T5's tokenizer."""
+@pytest.mark.parametrize("projection", [True, False], ids=["clip-l-projection", "bare-clip-l"])
+def test_the_bundles_clip_l_and_t5_tokenizer_complete_an_sd3_file(bus: Bus, hub_files: dict[str, object],
+                                                                   projection: bool) -> None:
+    """An SD-3 file bundling all but CLIP-L takes a clip_embed file (the bundle's, with its projection; or one
+    without, whose projection starts as the identity) and the bundle's T5 tokenizer."""
     tmp = hub_files["tmp"]
     assert isinstance(tmp, Path)
     if not (tmp / "invoke" / T5_SUB / "tokenizer_2").is_dir():  # (this test alone: the T5 repo as InvokeAI's)
         t5_tokenizer().save_pretrained(tmp / "invoke" / T5_SUB / "tokenizer_2")
         bus.hub.add_repo(T5_REPO, tmp / "invoke")
     keys = _install("--starter", "clip-l-encoder") | _install("--starter", "t5-xxl-encoder")
-    path = bus.config.models_path / "sd3-no-clip-l.safetensors"
+    clip = hub_files["clip"]
+    if not projection:  # named to come before the bundle's (candidates of a source go by name)
+        clip = write_clip_l_file(bus.config.models_path / "a-bare-clip-l.safetensors", projection=False, seed=17)
+        add(bus, "a-bare-clip-l", "clip_embed", "checkpoint", "any", bus.config.models_path / "a-bare-clip-l.safetensors")
+        keys["clip-l-encoder"] = "a-bare-clip-l"
+    key = f"sd3-no-clip-l-{projection}"
+    path = bus.config.models_path / f"{key}.safetensors"
     models = loadable.write_sd3_checkpoint(path, bundle=True, prefix="model.diffusion_model.")
     save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("text_encoders.clip_l.")}, str(path))
-    add(bus, "sd3-no-clip-l", "main", "checkpoint", "sd-3", path)
-    done = json.loads(run_cli("convert", "sd3-no-clip-l", "--json", "--timeout", TIMEOUT).stdout)
+    add(bus, key, "main", "checkpoint", "sd-3", path)
+    done = json.loads(run_cli("convert", key, "--json", "--timeout", TIMEOUT).stdout)
     assert done["companions"] == {"text_encoder": keys["clip-l-encoder"], "tokenizer_3": keys["t5-xxl-encoder"]}
     folder = bus.config.model_path(done["path"])
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     assert type(pipe.text_encoder).__name__ == "CLIPTextModelWithProjection"
-    assert _same_weights(pipe.text_encoder, hub_files["clip"])  # type: ignore[arg-type]
+    assert isinstance(clip, torch.nn.Module)
+    if projection:
+        assert _same_weights(pipe.text_encoder, clip)
+    else:
+        hidden = pipe.text_encoder.config.hidden_size
+        assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(hidden))
+        got = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()
+               if not k.startswith("text_projection.")}
+        want = {k.removeprefix("text_model."): v for k, v in clip.state_dict().items()}
+        assert got.keys() == want.keys() and all(torch.equal(v, want[k].half().float()) for k, v in got.items())
     assert _same_weights(pipe.text_encoder_2, models["text_encoder_2"])
     assert pipe.tokenizer_3("a photo of a cat").input_ids[-1] == pipe.tokenizer_3.eos_token_id
