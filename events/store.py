@@ -432,8 +432,7 @@ class RedisEventStore(EventStore):
             duplicate, raw = self._call(append_and_replicate)
         except redis.ResponseError as exc:
             raise _translate(aggregate, expected_version, str(exc)) from exc
-        result = orjson.loads(raw)
-        return AppendResult(list(result["ids"]), int(result["version"]), bool(duplicate))
+        return _append_result(raw, bool(duplicate))
 
     def _run_append(self, keys: list[str], args: list[Any]) -> Any:
         return self._run_script(self._append_sha, APPEND, keys, args)
@@ -523,14 +522,13 @@ class RedisEventStore(EventStore):
             known, last, events = self._histories.get(aggregate_id, (0, "", ()))
 
         def tail() -> tuple[int, list[Any]]:
-            pipe = self.client.pipeline(transaction=False)
-            if known:
-                pipe.lindex(index, known - 1)
-            pipe.lrange(index, known, -1)
-            replies = pipe.execute()
-            if known and _text(replies[0]) != last:
+            # one command: the last entry read before (still in its place?) and whatever came after it
+            if not known:
                 return 0, self.client.lrange(index, 0, -1)
-            return known, replies[-1]
+            replies = self.client.lrange(index, known - 1, -1)
+            if not replies or _text(replies[0]) != last:
+                return 0, self.client.lrange(index, 0, -1)
+            return known, replies[1:]
 
         start, ids = self._call(tail)
         if start == 0:
@@ -656,6 +654,16 @@ class RedisEventStore(EventStore):
         ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
         floor = position_key(position)
         return sum(1 for raw in ids if position_key(raw.decode() if isinstance(raw, bytes) else raw) < floor)
+
+
+def _append_result(raw: bytes | str, duplicate: bool) -> AppendResult:
+    """The append script's reply: ``"<version> <id>..."``, or the JSON an earlier script recorded."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if text.startswith("{"):
+        result = orjson.loads(text)
+        return AppendResult(list(result["ids"]), int(result["version"]), duplicate)
+    version, *ids = text.split(" ")
+    return AppendResult(ids, int(version), duplicate)
 
 
 def _translate(aggregate: str, expected: int | None, message: str) -> EventStoreError:
