@@ -50,7 +50,10 @@ log = get_logger(__name__)
 
 
 def open_records(config: AppConfig, store: RedisEventStore) -> ModelRecordServiceBase:
-    return ModelRecordServiceBase.open(config, event_store=store)
+    """The record service of one job: every read catches up with one round trip, without a log watch. A
+    watch is a connection of its own that Redis tells of every append to the log, by any worker, while it
+    is open: for the few reads of one job it costs Redis more than the round trips it saves."""
+    return ModelRecordServiceBase.open(config.model_copy(update={"records_read_tracking": False}), event_store=store)
 
 
 def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | None = None,

@@ -187,8 +187,16 @@ def _enqueue_hash(store: RedisEventStore, job: InstallJob, after: list[str], fol
     queue = Queue(store.keys.queue("hash"), connection=store.client)
     depends = Dependency(jobs=after, allow_failure=True) if after else None
     extra: dict[str, Any] = {"attempt": job.attempt} if job.attempt else {}
-    queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
-                  **extra, **_job_options(defaults.HASH_JOB_TIMEOUT))
+    options = {**extra, **_job_options(defaults.HASH_JOB_TIMEOUT)}
+    if depends is not None:  # RQ reads the dependencies' state: its own round trips
+        queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
+                      **options)
+        return
+    with store.client.pipeline(transaction=True) as pipe:  # no dependency: the enqueue in one round trip
+        pipe.multi()  # explicit, as RQ expects of a pipeline it is given
+        queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, pipeline=pipe,
+                      **options)
+        pipe.execute()
 
 
 def _job_options(timeout: int = defaults.JOB_TIMEOUT) -> dict[str, Any]:

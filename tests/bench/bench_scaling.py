@@ -123,9 +123,14 @@ def _redis_idle_rate(client: redis.Redis, seconds: float = 1.0) -> float:
 
 
 def _redis_calls(client: redis.Redis) -> dict[str, tuple[int, int]]:
-    """(calls, microseconds) per command so far."""
-    return {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
-            for name, stat in client.info("commandstats").items()}
+    """(calls, microseconds) per command so far, and under ``reads`` the reads of requests Redis did (one per
+    round trip of a client: a pipeline is one; INFO stats' total_reads_processed)."""
+    calls = {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
+             for name, stat in client.info("commandstats").items()}
+    return {**calls, READS: (int(client.info("stats").get("total_reads_processed", 0)), 0)}
+
+
+READS = "(reads)"
 
 
 def report_calls(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], installs: int,
@@ -136,8 +141,9 @@ def report_calls(before: dict[str, tuple[int, int]], after: dict[str, tuple[int,
     that bounds how many workers one Redis can serve."""
     calls = {n: (after[n][0] - before.get(n, (0, 0))[0]) / installs for n in after}
     usec = {n: (after[n][1] - before.get(n, (0, 0))[1]) / installs for n in after}
+    reads = calls.pop(READS, 0.0)
     top = sorted((n for n in calls if calls[n] >= 0.05), key=lambda n: -usec[n])
-    print(f"    Redis per install: {sum(calls.values()):.0f} commands (by time: " +
+    print(f"    Redis per install: {sum(calls.values()):.0f} commands in {reads:.0f} round trips (by time: " +
           ", ".join(f"{n} {calls[n]:.1f}x {usec[n]:.0f} us" for n in top[:10]) + ")", flush=True)
     print(f"    Redis CPU per install (beyond its idle load): {redis_cpu_s / installs * 1e6:.0f} us", flush=True)
 
