@@ -97,7 +97,7 @@ def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: 
     if skip is not None:
         return skip
     job, first_run = transition(store, job_id, lambda j: InstallStarted(
-        aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None)
+        aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None, known=job)
     try:
         source = job.options.get(IMPORT_PATH) or job.source  # a hand-over copy stands for the user's path
         plan = resolve(source, config, job.options, lambda: http_client(config), access_token)
@@ -139,7 +139,7 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
     total = size_of(path)
     job, appended = transition(store, job.id, lambda j: InstallDownloaded(
         aggregate_id=job.id, path=str(path), total_bytes=total, correlation_id=job.id)
-        if j.status is InstallStatus.DOWNLOADING else None)
+        if j.status is InstallStatus.DOWNLOADING else None, known=job)
     if not appended and job.terminal:
         remove_tree(staging_dir(config, job.id))  # cancelled while copying
         discard_hand_over(config, job.options)
