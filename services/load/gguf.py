@@ -107,22 +107,17 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     out: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
-        if _excluded(prefix, keep):
-            pass
-        elif type(module) is torch.nn.Linear and isinstance(tensors.get(dot + "weight"), GGUFParameter):
-            module.__class__ = GGUFLinear  # what GGUFLinear's own __init__ adds to nn.Linear's
-            module.compute_dtype, module.device, module.source_cls = dtype, None, torch.nn.Linear
-        elif isinstance(module, torch.nn.Linear) and isinstance(tensors.get(dot + "weight"), GGUFParameter):
-            swapped = GGUFLinear(module.in_features, module.out_features, module.bias is not None,
-                                 compute_dtype=dtype, device="meta")  # fmt: skip
-            swapped.source_cls = type(module)
-            swapped.requires_grad_(False)
-            parent = model.get_submodule(prefix.rpartition(".")[0])
-            parent._modules[prefix.rpartition(".")[2]] = swapped
+        quantized = isinstance(tensors.get(dot + "weight"), GGUFParameter)
+        if quantized and isinstance(module, torch.nn.Linear) and not _excluded(prefix, keep):
+            # diffusers builds a GGUFLinear in its place; the clone's own module object becomes one (the
+            # attributes GGUFLinear's __init__ adds to nn.Linear's), which costs no build
+            linear: Any = module
+            linear.source_cls, linear.__class__ = type(module), GGUFLinear
+            linear.compute_dtype, linear.device = dtype, None
         persistent = [n for n in module._buffers if n not in module._non_persistent_buffers_set]
         for name, old in [*module._parameters.items(), *((n, module._buffers[n]) for n in persistent)]:
             key = dot + name
-            value = tensors.get(key)
+            value: Any = tensors.get(key)
             if old is None or value is None or key in out:
                 continue
             quantized = isinstance(value, GGUFParameter)
@@ -161,5 +156,6 @@ def load_gguf_main(req: LoadRequest) -> Loaded:
         converted = to_diffusers_names(tensors, cls.__name__, expected, req.location)
     what = f"{req.location} (GGUF {cls.__name__})"
     assign_weights(model, prepare_gguf_model(model, converted, req.dtype, what), req.device, what)
-    model.hf_quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=req.dtype))  # as from_single_file sets it
+    quantized: Any = model
+    quantized.hf_quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=req.dtype))  # as from_single_file does
     return Loaded(model, live_buffer(model, buffer))

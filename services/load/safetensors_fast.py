@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import init_empty_weights
@@ -575,7 +575,8 @@ def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dev
                 unfilled.append((module, name, dot + name, old))
                 continue
             if id(old) not in replaced:
-                replaced[id(old)] = value if stored_as is not None else torch.nn.Parameter(value, requires_grad=False)
+                replaced[id(old)] = (cast(torch.nn.Parameter, value) if stored_as is not None
+                                     else torch.nn.Parameter(value, requires_grad=False))
             module._parameters[name] = replaced[id(old)]
         for name, buf in list(module._buffers.items()):
             if buf is None:
