@@ -16,6 +16,12 @@ a ``GGUFParameter`` of its type; F32/F16 ones as they are. The model is a clone 
 the same conversion of the original names, unquantized tensors cast to the compute dtype (float32 in
 the modules the class keeps in float32, whose quantized weights are dequantized then), the same
 parameters, bytes and quantization types (``tests/load/test_gguf_load.py`` compares the two).
+
+Kept quantized, every forward pass dequantizes each layer's weight again (diffusers' ``GGUFLinear``: in
+torch ops, or with ``DIFFUSERS_GGUF_CUDA_KERNELS`` a kernel fetched from the Hub, still dequantize then
+matmul), which is why it runs slower than an unquantized model. ``MODELBUS_GGUF_DEQUANTIZE``
+(``req.gguf_dequantize``) dequantizes once, as the file loads, into plain ``nn.Linear`` layers: what
+diffusers' ``model.dequantize()`` gives, an unquantized model's speed for its memory.
 """
 
 from __future__ import annotations
@@ -95,12 +101,14 @@ def _excluded(name: str, modules: list[str]) -> bool:
 
 
 def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                       where: str) -> dict[str, torch.Tensor]:
+                       where: str, dequantize: bool = False) -> dict[str, torch.Tensor]:
     """Make ``model`` (a meta-built clone) and ``tensors`` (diffusers' names) what diffusers' GGUF load
     makes of them: ``nn.Linear`` layers whose weight is quantized become ``GGUFLinear`` (computing in
     ``dtype``), except under the modules the class keeps in float32; unquantized floating tensors are
     cast to ``dtype`` (float32 there) and quantized ones there dequantized to float32. Every shape is
-    checked against the model's first: a disagreement is refused, naming the tensor."""
+    checked against the model's first: a disagreement is refused, naming the tensor. ``dequantize``:
+    every quantized weight is dequantized now, to ``dtype`` (float32 in those modules), and the layers
+    stay ``nn.Linear``: what diffusers' ``model.dequantize()`` makes of its GGUF load."""
     from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
 
     keep = list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
@@ -108,7 +116,7 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         quantized = isinstance(tensors.get(dot + "weight"), GGUFParameter)
-        if quantized and isinstance(module, torch.nn.Linear) and not _excluded(prefix, keep):
+        if quantized and not dequantize and isinstance(module, torch.nn.Linear) and not _excluded(prefix, keep):
             # diffusers builds a GGUFLinear in its place; the clone's own module object becomes one (the
             # attributes GGUFLinear's __init__ adds to nn.Linear's), which costs no build
             linear: Any = module
@@ -127,8 +135,8 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
                 raise InvalidModelException(
                     f"{where}: GGUF tensor {key} ({kind}) has shape {list(shape)}, the {type(model).__name__} of "
                     f"its config has {list(old.shape)} there: the file and the config disagree")  # fmt: skip
-            if quantized and _excluded(key, keep):
-                value = dequantize_gguf_tensor(value).to(torch.float32)
+            if quantized and (dequantize or _excluded(key, keep)):
+                value = dequantize_gguf_tensor(value).to(torch.float32 if _excluded(key, keep) else dtype)
             elif not quantized and value.is_floating_point():
                 value = value.to(torch.float32 if _excluded(key, keep) else dtype)
             out[key] = value
@@ -155,7 +163,10 @@ def load_gguf_main(req: LoadRequest) -> Loaded:
     else:
         converted = to_diffusers_names(tensors, cls.__name__, expected, req.location)
     what = f"{req.location} (GGUF {cls.__name__})"
-    assign_weights(model, prepare_gguf_model(model, converted, req.dtype, what), req.device, what)
-    quantized: Any = model
-    quantized.hf_quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=req.dtype))  # as from_single_file does
+    prepared = prepare_gguf_model(model, converted, req.dtype, what, dequantize=req.gguf_dequantize)
+    del tensors, converted
+    assign_weights(model, prepared, req.device, what)
+    if not req.gguf_dequantize:
+        quantized: Any = model
+        quantized.hf_quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=req.dtype))  # as from_single_file
     return Loaded(model, live_buffer(model, buffer))

@@ -249,3 +249,46 @@ def test_tensor_shapes_disagreeing_with_the_config_are_refused(service: ModelLoa
     path = g.write_gguf_weights(config.models_path / "bad-flux.gguf", state, "Q8_0")
     _refused(service, add(path.name, "main", "gguf", base="flux"),
              r"transformer_blocks.0.attn.to_k.weight \(Q8_0\) has shape \[32, 64\], .* has \[32, 32\]")
+
+
+@pytest.mark.parametrize("case", ["flux-Q8_0-bf16", "wan-Q8_0-bf16", "qwen-image-Q5_1-fp32"])
+def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: Any, add: Any, case: str) -> None:
+    """``gguf_dequantize``: plain layers holding the dequantized weights in the inference dtype (float32
+    in the modules the class keeps so), what diffusers' ``model.dequantize()`` makes of its GGUF load;
+    the size estimate is then the dequantized size."""
+    from modelbus.services.load.estimate import estimate_bytes
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+
+    base, quant, dtype, _ = CASES[case]
+    path, model_config = _write(config, base, quant)
+    key = add(path.name, "main", "gguf", base=base, **({} if base == "flux" else {"config": f"{base}-config"}))
+    req = LoadRequest(store.get_model(key), path, SubModelType.Transformer, torch.device("cpu"), dtype,
+                      gguf_dequantize=True)  # fmt: skip
+    ours = load_gguf_main(req).model
+    theirs = _diffusers_gguf(path, model_config, dtype)
+    theirs.dequantize()
+    assert _same_as_diffusers(ours, theirs) == 0
+    feed = _inputs(base, dtype)
+    with torch.no_grad():
+        got, want = ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0]
+    assert torch.equal(got, want)
+    assert estimate_bytes(req) == sum(t.numel() for t in g.dequantized(path).values()) * dtype.itemsize
+
+
+def test_gguf_dequantize_setting_reaches_the_loader(modelbus_env: dict[str, str], store: Any, add: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MODELBUS_GGUF_DEQUANTIZE`` through the load service: no GGUF layer left."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    from modelbus.services.config import AppConfig
+
+    monkeypatch.setenv("MODELBUS_GGUF_DEQUANTIZE", "1")
+    cfg = AppConfig.load(device="cpu", ram_cache_size="256M", vram_cache_size="0")
+    cfg.models_path.mkdir(parents=True, exist_ok=True)
+    path = g.write_gguf_weights(cfg.models_path / "d.gguf", tf.flux_transformer_state(), "Q8_0")
+    with ModelLoadService(cfg, store).get_model(add(path.name, "main", "gguf", base="flux"),
+                                                SubModelType.Transformer) as model:
+        assert not any(isinstance(m, GGUFLinear) for m in model.modules())
+        assert not any(isinstance(p, GGUFParameter) for p in model.parameters())
+        assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32
