@@ -3,8 +3,9 @@
 - a FLUX.1-size GGUF Q8_0 transformer (12.7 GB, diffusers' names) through the load service's GGUF
   loader (the flat read, weights kept quantized as diffusers' ``GGUFParameter``) vs diffusers' own GGUF
   load of the same file (``from_single_file`` with a ``GGUFQuantizationConfig``, then ``.to(device)``):
-  load time, the first and the later loads; and vs the same transformer's bf16 file (23.8 GB) through
-  the FLUX loader: memory held, load time and forward time (1,024 image + 512 text tokens);
+  load time, the first and the later loads; vs the same transformer's bf16 file (23.8 GB) through the
+  FLUX loader: memory held, load time and forward time (1,024 image + 512 text tokens); and the GGUF
+  dequantized as it loads (``MODELBUS_GGUF_DEQUANTIZE``) vs kept quantized: memory held, forward time;
 - a Qwen-Image-size transformer (20 B parameters, bf16, 40.9 GB) in diffusers' names through the load
   service's DiT loader vs diffusers' ``QwenImageTransformer2DModel.from_single_file`` (+ ``.to(device)``)
   with the same shipped config: load time.
@@ -32,6 +33,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -118,6 +120,7 @@ def bench_gguf(folder: Path, device: torch.device, dtype: torch.dtype, config: d
 
     steps: dict[str, Callable[[], Any]] = {
         "gguf": lambda: load_gguf_main(request(gguf_path, "gguf")),
+        "gguf_dequantized": lambda: load_gguf_main(replace(request(gguf_path, "gguf"), gguf_dequantize=True)),
         "diffusers_gguf": lambda: _diffusers_gguf_load(gguf_path, config, device, dtype),
         "bf16": lambda: load_flux_checkpoint(request(bf16_path, "checkpoint")),
     }
@@ -152,8 +155,13 @@ def bench_gguf(folder: Path, device: torch.device, dtype: torch.dtype, config: d
                higher_is_better=False)
     ratio_line("GGUF Q8_0 FLUX: load, later (ms) vs bf16 file", gguf["later_s"] * 1e3, bf16["later_s"] * 1e3, "ms",
                higher_is_better=False)
+    deq = results["gguf_dequantized"]
+    ratio_line("GGUF dequantized on load: memory held (GB) vs kept", deq["held_bytes"] / 1e9, gguf["held_bytes"] / 1e9,
+               "GB", higher_is_better=False)
     if forward:
         ratio_line("GGUF Q8_0 FLUX: forward pass (ms) vs bf16", gguf["forward_s"] * 1e3, bf16["forward_s"] * 1e3,
+                   "ms", higher_is_better=False)
+        ratio_line("GGUF dequantized on load: forward (ms) vs kept", deq["forward_s"] * 1e3, gguf["forward_s"] * 1e3,
                    "ms", higher_is_better=False)
     return results
 
