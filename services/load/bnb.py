@@ -70,12 +70,18 @@ class _Quantized:
     state: Any = None                  # 4-bit: bitsandbytes' QuantState
     scb: torch.Tensor | None = None    # int8: the per-row scales
 
-    def rows(self, bnb: ModuleType, rows: torch.Tensor, dense: dict[int, torch.Tensor], n: int) -> _Quantized:
-        """The weight's ``rows`` (a part of a fused projection), quantized as the source was."""
+    def rows(self, bnb: ModuleType, rows: torch.Tensor, dense: dict[int, torch.Tensor], n: int,
+             device: torch.device) -> _Quantized:
+        """The weight's ``rows`` (a part of a fused projection), quantized as the source was, on ``device``
+        (where bitsandbytes' kernels are fastest: requantizing a FLUX's fused projections on the CPU takes
+        minutes)."""
         if self.scb is not None:
             return _Quantized(self.data[rows].contiguous(), (len(rows), self.shape[1]), scb=self.scb[rows].contiguous())
         if n not in dense:
-            dense[n] = bnb.functional.dequantize_4bit(self.data, self.state).float()
+            dense.clear()  # the parts of one source come together: one dense copy at a time
+            self.state.to(device)
+            dense[n] = bnb.functional.dequantize_4bit(self.data.to(device), self.state).float()
+        rows = rows.to(device)
         data, state = bnb.functional.quantize_4bit(
             dense[n][rows].contiguous(), blocksize=self.state.blocksize, compress_statistics=False,
             quant_type=self.state.quant_type, quant_storage=self.data.dtype)  # fmt: skip
@@ -262,7 +268,7 @@ def _build(bnb: ModuleType, req: LoadRequest, converted: dict[str, torch.Tensor]
         source = quantized[sources[n]]
         rows = ids - (n << _ROW_BITS)
         whole = len(rows) == source.shape[0] and torch.equal(rows, torch.arange(source.shape[0]))
-        part = source if whole else source.rows(bnb, rows, dense, n)
+        part = source if whole else source.rows(bnb, rows, dense, n, req.device)
         name = key.removesuffix(".weight")
         linear = modules.get(name)
         if not isinstance(linear, torch.nn.Linear) or (linear.out_features, linear.in_features) != part.shape:
