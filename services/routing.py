@@ -1,5 +1,7 @@
 """Routing GPU work: a load goes to the worker that already holds the model, else to one whose host
 cache has its files on disk, else to the one with the most free VRAM, else to the shared ``gpu`` queue.
+A model whose format wants a device (bitsandbytes checkpoints: CUDA, :func:`device_wanted`) chooses among
+the workers on that device first, and among all of them only when none is alive.
 Worker states are what each GPU worker's heartbeat publishes (``events.workers.WorkerState``): its queues,
 device, cached models, models on disk and free VRAM.
 
@@ -29,6 +31,7 @@ from modelbus.events.errors import Failed, ModelbusError, NotFound, TimedOut
 from modelbus.events.keys import Keys
 from modelbus.events.logs import get_logger
 from modelbus.events.workers import WorkerState, read_worker_states, worker_alive
+from modelbus.services.records.enums import ModelFormat
 
 LOAD_JOB = "modelbus.workers.gpu.load_job"
 UNLOAD_JOB = "modelbus.workers.gpu.unload_job"
@@ -60,6 +63,16 @@ class WorkerStoppedError(RoutingError, Failed):
     pass
 
 
+# formats whose loads go to a CUDA worker where one is alive: bitsandbytes' kernels are CUDA's first (its CPU
+# backend is the fallback, much slower; a worker where bitsandbytes does not import refuses the load)
+_CUDA_FORMATS = frozenset({ModelFormat.BnbQuantizedNF4.value, ModelFormat.BnbQuantizedInt8.value})
+
+
+def device_wanted(model_format: object) -> str | None:
+    """The device type a record of ``model_format`` loads on best (``"cuda"``), or None: any worker."""
+    return "cuda" if str(getattr(model_format, "value", model_format)) in _CUDA_FORMATS else None
+
+
 @redis_errors_translated()
 def worker_states(connection: Any, namespace: str) -> list[WorkerState]:
     """The live workers (those whose state has not expired), newest heartbeat first."""
@@ -70,13 +83,17 @@ def gpu_workers(states: list[WorkerState]) -> list[WorkerState]:
     return [s for s in states if s.serves("gpu")]
 
 
-def choose_gpu_worker(states: list[WorkerState], model_key: str, worker: str | None = None) -> str | None:
-    """The id of the worker that should serve ``model_key``; None: use the shared queue."""
+def choose_gpu_worker(states: list[WorkerState], model_key: str, worker: str | None = None,
+                      device: str | None = None) -> str | None:
+    """The id of the worker that should serve ``model_key`` (on a ``device``-type worker where one is
+    alive); None: use the shared queue."""
     gpu = gpu_workers(states)
     if worker is not None:
         if not any(s.id == worker for s in gpu):
             raise NoSuchWorkerError(f"no live GPU worker named {worker!r}")
         return worker
+    if device is not None:
+        gpu = [s for s in gpu if (s.device or "").split(":")[0] == device] or gpu
     holders = [s for s in gpu if s.holds(model_key)]
     if holders:
         return holders[0].id
@@ -129,7 +146,7 @@ def enqueue_on(connection: Any, namespace: str, func: str, args: tuple[Any, ...]
 @redis_errors_translated()
 def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...], *, model_key: str,
                 worker: str | None = None, timeout: float = GPU_JOB_TIMEOUT,
-                states: list[WorkerState] | None = None) -> tuple[Job, Any]:
+                states: list[WorkerState] | None = None, device: str | None = None) -> tuple[Job, Any]:
     """Place a GPU job (affinity first), wait for it, and re-route it when its worker dies.
 
     A job sits on the chosen worker's own queue; if that worker's heartbeat stops (killed mid-load, or
@@ -141,7 +158,7 @@ def run_gpu_job(connection: Any, namespace: str, func: str, args: tuple[Any, ...
     for _ in range(MAX_REROUTES + 1):
         # the caller's fresh read of the states serves the first placement; a re-route reads them again
         live = states if states is not None and not dead else worker_states(connection, namespace)
-        target = choose_gpu_worker([s for s in live if s.id not in dead], model_key, worker)
+        target = choose_gpu_worker([s for s in live if s.id not in dead], model_key, worker, device)
         job = enqueue_on(connection, namespace, func, args, target)
         while True:
             try:

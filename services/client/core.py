@@ -243,8 +243,8 @@ class ModelBusClient(ModelDataCalls):
              wait: bool = True, timeout: float | None = None) -> LoadOutcome:
         """Load a model on a GPU worker (the one already holding it, unless ``worker`` is given); with
         ``wait``, return after the worker's ``model_load_completed`` with what it reported."""
-        self.get_model(key)  # an unknown key fails here, not on a worker
-        return self.gpu.load(key, submodel, worker, wait, timeout)
+        record = self.get_model(key)  # an unknown key fails here, not on a worker
+        return self.gpu.load(key, submodel, worker, wait, timeout, model_format=record.model_format)
 
     def unload(self, key: str, worker: str | None = None) -> UnloadOutcome:
         return self.gpu.unload(key, worker)

@@ -38,24 +38,25 @@ class GpuLoads:
         return routing.enqueue_on(self.connection, self.namespace, func, args, worker)
 
     def load(self, key: str, submodel: str | None, worker: str | None, wait: bool,
-             timeout: float | None) -> LoadOutcome:
+             timeout: float | None, model_format: object = None) -> LoadOutcome:
         gpu = self._gpu_workers()
+        device = routing.device_wanted(model_format)
         if wait and not gpu:
             # waiting on a queue nobody reads would only time out: say why now
             raise UnavailableError("no GPU worker is running (start one: modelbus worker --queues gpu)")
         with translated():
             if not wait:
-                target = routing.choose_gpu_worker(gpu, key, worker)
+                target = routing.choose_gpu_worker(gpu, key, worker, device)
                 job = self._enqueue(routing.LOAD_JOB, (key, submodel), target)
                 return LoadOutcome(key=key, state="queued", job_id=job.id, submodel=submodel)
-            target = routing.choose_gpu_worker(gpu, key, worker)
+            target = routing.choose_gpu_worker(gpu, key, worker, device)
             if target is not None and any(s.id == target and s.holds(key) for s in gpu):
                 hit = self._cache_hit(target, key, submodel)
                 if hit is not None:
                     return hit
             job, result = routing.run_gpu_job(
                 self.connection, self.namespace, routing.LOAD_JOB, (key, submodel),
-                model_key=key, worker=worker, states=gpu,
+                model_key=key, worker=worker, states=gpu, device=device,
                 timeout=timeout if timeout is not None else routing.GPU_JOB_TIMEOUT)
         # the worker's answer (workers.gpu.load_job) as plain data over RQ: typed here, where it comes in
         return LoadOutcome.model_validate({**result, "key": key, "state": "loaded", "job_id": job.id})

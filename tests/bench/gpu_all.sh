@@ -5,18 +5,21 @@
 # came along, first/later offload and reload), then bench_fp8 (a FLUX.1-size fp8_scaled transformer kept
 # in fp8 vs upcast to bf16: memory held, peak and forward time; it writes a 12 GB file under $MB_TMP), then
 # bench_families (a FLUX.1-size GGUF Q8_0 vs its bf16 file: memory, load, forward; a Qwen-Image-size
-# transformer, 41 GB, through the DiT loader vs diffusers' from_single_file; sparse files under $MB_TMP).
+# transformer, 41 GB, through the DiT loader vs diffusers' from_single_file; sparse files under $MB_TMP), then
+# bnb (bench_bnb: a FLUX-shaped transformer in lllyasviel's NF4 layout, 5 + 10 blocks of FLUX.1's width by
+# default, quantized by bitsandbytes on the GPU, vs its bf16 file: memory held, load and forward time; a 6 GB
+# and a 1.7 GB file under $MB_TMP, removed after; BNB_ARGS="--layers 19,38" for the full 24 GB model).
 #
-#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux] [fp8] [families]
+#   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux] [fp8] [families] [bnb]
 #
-# The wheels: diffusers, structlog, fastsafetensors, runai-model-streamer, and for the families step gguf and
-# pydantic (pip download them for the machine's Python). Only modelbus's load modules are put on the path (no
+# The wheels: diffusers, structlog, fastsafetensors, runai-model-streamer, for the families step gguf and
+# pydantic, for the bnb step bitsandbytes (pip download them for the machine's Python). Only modelbus's load modules are put on the path (no
 # Redis, records or API; of the probe, the GGUF header reader the GGUF loader uses).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WHL=${WHL:-$REPO/../whl}
 OUT=${OUT:-/tmp/bench-out}
-STEPS=${*:-partial load fp8 families}
+STEPS=${*:-partial load fp8 families bnb}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
@@ -57,5 +60,13 @@ for step in $STEPS; do
            --device cuda --out "$OUT/fp8.jsonl" ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" ;;
     families) MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${FAMILIES_TIMEOUT:-400}" python3 tests/bench/bench_families.py \
                 --device cuda --out "$OUT/families.jsonl" ${FAMILIES_ARGS:-} 2>&1 | tee "$OUT/families.log" ;;
+    bnb) if timeout 120 python3 -c "import torch, bitsandbytes as b; print('bitsandbytes', b.__version__, 'torch cuda',
+           torch.version.cuda, 'backends', sorted(b.supported_torch_devices))" 2>&1 | tee "$OUT/bnb.log"; then
+           MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${BNB_TIMEOUT:-420}" python3 tests/bench/bench_bnb.py \
+             --device cuda --out "$OUT/bnb.jsonl" ${BNB_ARGS:-} 2>&1 | tee -a "$OUT/bnb.log"
+           echo "bnb step exit status ${PIPESTATUS[0]} (124: past BNB_TIMEOUT)" | tee -a "$OUT/bnb.log"
+         else
+           echo "bnb step skipped: bitsandbytes does not import (is its wheel in \$WHL?)" | tee -a "$OUT/bnb.log"
+         fi ;;
   esac
 done

@@ -59,3 +59,24 @@ def test_expired_or_unreadable_states_are_workers_gone(event_store: RedisEventSt
     assert client.zscore(keys.workers, "expired") is None  # the reader pruned the index
     remove_worker_state(client, keys, "live")
     assert read_worker_states(client, keys) == []
+
+
+def test_bitsandbytes_loads_go_to_a_cuda_worker_where_one_is_alive(event_store: RedisEventStore) -> None:
+    """A bnb record prefers a CUDA worker over a roomier CPU worker, even one that holds it; with no CUDA
+    worker alive it goes to a CPU worker (bitsandbytes' CPU backend, or its refusal there)."""
+    from modelbus.services.records.enums import ModelFormat
+    from modelbus.services.routing import device_wanted
+
+    client, keys = event_store.client, event_store.keys
+    publish_worker_state(client, keys, _state("cpu-roomy", vram_free=1000, models=("bnb",)), ttl=30)
+    cuda = _state("cuda-small", vram_free=1).model_copy(update={"device": "cuda:0"})
+    publish_worker_state(client, keys, cuda, ttl=30)
+    states = read_worker_states(client, keys)
+    assert device_wanted(ModelFormat.BnbQuantizedNF4) == device_wanted("bnb_quantized_int8b") == "cuda"
+    assert device_wanted(ModelFormat.Checkpoint) is None and device_wanted(None) is None
+    assert choose_gpu_worker(states, "bnb", device=device_wanted(ModelFormat.BnbQuantizedNF4)) == "cuda-small"
+    assert choose_gpu_worker(states, "bnb") == "cpu-roomy"  # any other format: the holder, as always
+    assert choose_gpu_worker(states, "other", device=None) == "cpu-roomy"  # the most free VRAM
+    assert choose_gpu_worker(states, "bnb", "cpu-roomy", device="cuda") == "cpu-roomy"  # a named worker is obeyed
+    cpu_only = [s for s in states if s.id == "cpu-roomy"]
+    assert choose_gpu_worker(cpu_only, "bnb", device="cuda") == "cpu-roomy"

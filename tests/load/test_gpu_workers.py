@@ -88,3 +88,23 @@ def test_loads_follow_the_cache_and_survive_a_dead_worker(gpu_workers: dict[str,
     completed = [(e.payload["model_key"], e.payload["worker"], e.payload["cache_hit"]) for e in events]  # type: ignore[attr-defined]
     assert (first, "gpu-b", False) in completed and (first, "gpu-b", True) in completed
     assert (first, "gpu-a", False) in completed
+
+
+def test_a_bnb_checkpoint_loads_kept_quantized_on_a_gpu_worker(gpu_workers: dict[str, subprocess.Popen[bytes]],
+                                                               app_config: AppConfig) -> None:
+    """An NF4 FLUX file in lllyasviel's layout, loaded by a worker process through the client: with no CUDA
+    worker alive it goes to a CPU worker, where bitsandbytes' CPU backend loads it."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[dev])")
+    from tests.fixtures import transformer_files as tf
+    from tests.load.test_bnb_load import _bfl_quantized, _write
+
+    client = ModelBusClient(app_config)
+    path = _write(app_config.models_path / "flux1-dev-bnb-nf4.safetensors",
+                  _bfl_quantized(tf.flux_transformer_state(), "nf4", True))
+    key = "bnb-key"
+    client.add_model(key, {"name": "flux1-dev-bnb-nf4", "model_type": "main", "model_format": "bnb_quantized_nf4b",
+                           "base_model": "flux", "path": path.name, "hash": key, "quantization": "nf4"})
+    loaded = client.load(key, submodel="transformer", timeout=90)
+    assert loaded["worker"] in gpu_workers and loaded["device"] == "cpu"
+    events = [d.event for d in client.events(types=["model_load_completed"])]
+    assert any(e.payload["model_key"] == key for e in events)  # type: ignore[attr-defined]

@@ -1,8 +1,10 @@
 """fp8 FLUX transformers (e4m3fn, e5m2, ComfyUI's fp8_scaled) are identified with the file's precision and
-loaded upcast on the CPU, the scales folded back in; bitsandbytes checkpoints are refused on a CPU worker."""
+loaded upcast on the CPU, the scales folded back in; bitsandbytes checkpoints are identified, and refused
+where bitsandbytes does not import."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,15 @@ def _bnb_flux(path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize(("kind", "fmt"), [("nf4", "bnb_quantized_nf4b"), ("int8", "bnb_quantized_int8b")])
-def test_bitsandbytes_identified_and_refused_on_cpu(service: ModelLoadService, config: Any, add: Any,
-                                                    kind: str, fmt: str) -> None:
+def test_bitsandbytes_identified_and_refused_without_it(service: ModelLoadService, config: Any, add: Any,
+                                                        monkeypatch: pytest.MonkeyPatch, kind: str, fmt: str) -> None:
+    """Identified from the key layout alone; a worker where bitsandbytes does not import says so (its load where
+    it does: tests/load/test_bnb_load.py)."""
     path = _bnb_flux(config.models_path / f"flux1-dev-bnb-{kind}.safetensors", kind)
     found = probe(path)
     assert (found.model_type, found.model_format, found.base_model, found.quantization) == ("main", fmt, "flux", kind)
     key = add(path.name, "main", fmt, base="flux", quantization=kind)
-    with pytest.raises(InvalidModelException, match=f"bitsandbytes {kind}.*CUDA.*this worker's device is cpu"):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # the package absent: its import raises ImportError
+    with pytest.raises(InvalidModelException, match="bitsandbytes checkpoints need bitsandbytes, which does not import"):
         service.get_model(key, SubModelType.Transformer)
+    assert service.cache.stats().models == 0
