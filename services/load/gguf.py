@@ -26,6 +26,8 @@ diffusers' ``model.dequantize()`` gives, an unquantized model's speed for its me
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -113,6 +115,7 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
     keep = list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
     out: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, Any, torch.dtype]] = []  # quantized weights to dequantize: key, value, dtype
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         quantized = isinstance(tensors.get(dot + "weight"), GGUFParameter)
@@ -136,10 +139,14 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
                     f"{where}: GGUF tensor {key} ({kind}) has shape {list(shape)}, the {type(model).__name__} of "
                     f"its config has {list(old.shape)} there: the file and the config disagree")  # fmt: skip
             if quantized and (dequantize or _excluded(key, keep)):
-                value = dequantize_gguf_tensor(value).to(torch.float32 if _excluded(key, keep) else dtype)
+                pending.append((key, value, torch.float32 if _excluded(key, keep) else dtype))
             elif not quantized and value.is_floating_point():
                 value = value.to(torch.float32 if _excluded(key, keep) else dtype)
             out[key] = value
+    if pending:  # dequantizing is torch ops, which let go of the GIL: one tensor per thread
+        with ThreadPoolExecutor(max(1, min(len(pending), os.cpu_count() or 1)), thread_name_prefix="modelbus-gguf") as pool:
+            done = pool.map(lambda job: dequantize_gguf_tensor(job[1]).to(job[2]), pending)
+            out |= {key: value for (key, _, _), value in zip(pending, done, strict=True)}
     return out
 
 
