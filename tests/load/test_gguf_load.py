@@ -292,3 +292,25 @@ def test_gguf_dequantize_setting_reaches_the_loader(modelbus_env: dict[str, str]
         assert not any(isinstance(m, GGUFLinear) for m in model.modules())
         assert not any(isinstance(p, GGUFParameter) for p in model.parameters())
         assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32
+
+
+def test_gguf_flux_in_bfl_layout_is_diffusers_gguf_load_of_its_diffusers_names(config: Any, store: Any,
+                                                                                add: Any) -> None:
+    """city96's FLUX files keep BFL's names (``double_blocks``, q/k/v and a single block's MLP fused):
+    converted on the quantized bytes (row splits keep whole blocks), they are what diffusers' GGUF load
+    makes of the same weights written in diffusers' names."""
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+    from tests.fixtures.loadable import flux_to_bfl
+
+    state = _tiny("flux").state_dict()
+    bfl = g.write_gguf_weights(config.models_path / "flux1-dev-bfl-Q8_0.gguf", flux_to_bfl(state, ""), "Q8_0")
+    named = g.write_gguf_weights(config.models_path / "flux1-dev-diffusers-Q8_0.gguf", state, "Q8_0")
+    req = LoadRequest(store.get_model(add(bfl.name, "main", "gguf", base="flux")), bfl, SubModelType.Transformer,
+                      torch.device("cpu"), torch.bfloat16)  # fmt: skip
+    ours = load_gguf_main(req).model
+    theirs = _diffusers_gguf(named, {"_class_name": "FluxTransformer2DModel", **TINY["flux"][1]}, torch.bfloat16)
+    assert _same_as_diffusers(ours, theirs) > 0
+    feed = _inputs("flux", torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0])
