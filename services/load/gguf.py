@@ -26,6 +26,7 @@ diffusers' ``model.dequantize()`` gives, an unquantized model's speed for its me
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -83,6 +84,7 @@ def read_gguf_tensors(req: LoadRequest, header: GGUFHeader | None = None
             raise InvalidModelException(
                 f"{req.location}: GGUF tensor {name!r} {shape} is {qtype}, which diffusers' GGUF support cannot "
                 f"dequantize (it does {', '.join(sorted(supported | set(_PLAIN)))})")  # fmt: skip
+    _refuse_aliasing(header, req)
     length = max((offset + nbytes for _, _, offset, nbytes in header.tensors.values()), default=0)
     buffer = read_span(req.location, header.data_start, length, req.device)
     tensors: dict[str, torch.Tensor] = {}
@@ -96,6 +98,20 @@ def read_gguf_tensors(req: LoadRequest, header: GGUFHeader | None = None
         rows = (*shape[:-1], shape[-1] // block * type_size) if shape else (nbytes,)
         tensors[name] = GGUFParameter(raw.view(rows), quant_type=kind)
     return tensors, buffer
+
+
+def _refuse_aliasing(header: GGUFHeader, req: LoadRequest) -> None:
+    """Each tensor is a view of the one buffer: a file whose tensors share bytes (one weight patched in
+    place would change another) or whose unquantized data is not aligned to its element is refused."""
+    for name, (_, qtype, offset, _) in header.tensors.items():
+        if qtype in _PLAIN and offset % _PLAIN[qtype].itemsize:
+            raise InvalidModelException(f"{req.location}: GGUF tensor {name!r} ({qtype}) starts at data offset "
+                                        f"{offset}, not aligned to its {_PLAIN[qtype].itemsize}-byte elements")
+    placed = sorted((offset, offset + nbytes, name) for name, (_, _, offset, nbytes) in header.tensors.items())
+    for (_, end, name), (start, _, other) in itertools.pairwise(placed):
+        if start < end:
+            raise InvalidModelException(f"{req.location}: GGUF tensors {name!r} and {other!r} overlap in the file "
+                                        f"(one ends at data offset {end}, the other starts at {start})")  # fmt: skip
 
 
 def _excluded(name: str, modules: list[str]) -> bool:

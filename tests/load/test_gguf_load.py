@@ -314,3 +314,21 @@ def test_gguf_flux_in_bfl_layout_is_diffusers_gguf_load_of_its_diffusers_names(c
     feed = _inputs("flux", torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0])
+
+
+def test_tensors_sharing_bytes_or_misaligned_are_refused(service: ModelLoadService, config: Any, add: Any) -> None:
+    """Each tensor is a view of one buffer: a hostile header cannot make two weights one, nor a float
+    tensor start between its elements."""
+    from modelbus.services.probe.gguf_file import read_gguf_header
+
+    state = tf.flux_transformer_state()
+    path = g.write_gguf_weights(config.models_path / "alias.gguf", state, "Q8_0")
+    tensors = read_gguf_header(path).tensors
+    g.set_tensor_offset(path, "transformer_blocks.0.attn.to_k.weight", tensors["transformer_blocks.0.attn.to_q.weight"][2])
+    _refused(service, add(path.name, "main", "gguf", base="flux"), r"GGUF tensors '.*' and '.*' overlap in the file")
+    path = g.write_gguf_weights(config.models_path / "odd.gguf", state, "Q8_0")
+    bias = "transformer_blocks.0.attn.to_q.bias"
+    assert tensors[bias][1] == "F32"
+    g.set_tensor_offset(path, bias, tensors[bias][2] + 2)
+    _refused(service, add(path.name, "main", "gguf", base="flux"),
+             f"GGUF tensor '{bias}' \\(F32\\) starts at data offset {tensors[bias][2] + 2}, not aligned")
