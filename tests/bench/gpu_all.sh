@@ -4,8 +4,7 @@
 # FLUX-size flat file with --flux, fastsafetensors and Run:ai streamer baselines when their wheels
 # came along, first/later offload and reload), then bench_fp8 (a FLUX.1-size fp8_scaled transformer kept
 # in fp8 vs upcast to bf16: memory held, peak and forward time; it writes a 12 GB file under $MB_TMP), then
-# bench_families (a FLUX.1-size GGUF Q8_0 through our loader vs diffusers' GGUF load of it: load; vs its bf16
-# file: memory, load, forward; dequantized on load vs kept: memory, forward; a Qwen-Image-size
+# bench_families (a FLUX.1-size GGUF Q8_0 vs its bf16 file: memory, load, forward; a Qwen-Image-size
 # transformer, 41 GB, through the DiT loader vs diffusers' from_single_file; sparse files under $MB_TMP).
 #
 #   WHL=folder/of/wheels OUT=results/folder bash tests/bench/gpu_all.sh [partial] [load] [flux] [fp8] [families]
