@@ -26,6 +26,9 @@ diffusers' ``model.dequantize()`` gives, an unquantized model's speed for its me
 
 from __future__ import annotations
 
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -81,6 +84,7 @@ def read_gguf_tensors(req: LoadRequest, header: GGUFHeader | None = None
             raise InvalidModelException(
                 f"{req.location}: GGUF tensor {name!r} {shape} is {qtype}, which diffusers' GGUF support cannot "
                 f"dequantize (it does {', '.join(sorted(supported | set(_PLAIN)))})")  # fmt: skip
+    _refuse_aliasing(header, req)
     length = max((offset + nbytes for _, _, offset, nbytes in header.tensors.values()), default=0)
     buffer = read_span(req.location, header.data_start, length, req.device)
     tensors: dict[str, torch.Tensor] = {}
@@ -94,6 +98,20 @@ def read_gguf_tensors(req: LoadRequest, header: GGUFHeader | None = None
         rows = (*shape[:-1], shape[-1] // block * type_size) if shape else (nbytes,)
         tensors[name] = GGUFParameter(raw.view(rows), quant_type=kind)
     return tensors, buffer
+
+
+def _refuse_aliasing(header: GGUFHeader, req: LoadRequest) -> None:
+    """Each tensor is a view of the one buffer: a file whose tensors share bytes (one weight patched in
+    place would change another) or whose unquantized data is not aligned to its element is refused."""
+    for name, (_, qtype, offset, _) in header.tensors.items():
+        if qtype in _PLAIN and offset % _PLAIN[qtype].itemsize:
+            raise InvalidModelException(f"{req.location}: GGUF tensor {name!r} ({qtype}) starts at data offset "
+                                        f"{offset}, not aligned to its {_PLAIN[qtype].itemsize}-byte elements")
+    placed = sorted((offset, offset + nbytes, name) for name, (_, _, offset, nbytes) in header.tensors.items())
+    for (_, end, name), (start, _, other) in itertools.pairwise(placed):
+        if start < end:
+            raise InvalidModelException(f"{req.location}: GGUF tensors {name!r} and {other!r} overlap in the file "
+                                        f"(one ends at data offset {end}, the other starts at {start})")  # fmt: skip
 
 
 def _excluded(name: str, modules: list[str]) -> bool:
@@ -113,6 +131,7 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
     keep = list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
     out: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, Any, torch.dtype]] = []  # quantized weights to dequantize: key, value, dtype
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         quantized = isinstance(tensors.get(dot + "weight"), GGUFParameter)
@@ -136,10 +155,14 @@ def prepare_gguf_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
                     f"{where}: GGUF tensor {key} ({kind}) has shape {list(shape)}, the {type(model).__name__} of "
                     f"its config has {list(old.shape)} there: the file and the config disagree")  # fmt: skip
             if quantized and (dequantize or _excluded(key, keep)):
-                value = dequantize_gguf_tensor(value).to(torch.float32 if _excluded(key, keep) else dtype)
+                pending.append((key, value, torch.float32 if _excluded(key, keep) else dtype))
             elif not quantized and value.is_floating_point():
                 value = value.to(torch.float32 if _excluded(key, keep) else dtype)
             out[key] = value
+    if pending:  # dequantizing is torch ops, which let go of the GIL: one tensor per thread
+        with ThreadPoolExecutor(max(1, min(len(pending), os.cpu_count() or 1)), thread_name_prefix="modelbus-gguf") as pool:
+            done = pool.map(lambda job: dequantize_gguf_tensor(job[1]).to(job[2]), pending)
+            out |= {key: value for (key, _, _), value in zip(pending, done, strict=True)}
     return out
 
 

@@ -292,3 +292,43 @@ def test_gguf_dequantize_setting_reaches_the_loader(modelbus_env: dict[str, str]
         assert not any(isinstance(m, GGUFLinear) for m in model.modules())
         assert not any(isinstance(p, GGUFParameter) for p in model.parameters())
         assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32
+
+
+def test_gguf_flux_in_bfl_layout_is_diffusers_gguf_load_of_its_diffusers_names(config: Any, store: Any,
+                                                                                add: Any) -> None:
+    """city96's FLUX files keep BFL's names (``double_blocks``, q/k/v and a single block's MLP fused):
+    converted on the quantized bytes (row splits keep whole blocks), they are what diffusers' GGUF load
+    makes of the same weights written in diffusers' names."""
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+    from tests.fixtures.loadable import flux_to_bfl
+
+    state = _tiny("flux").state_dict()
+    bfl = g.write_gguf_weights(config.models_path / "flux1-dev-bfl-Q8_0.gguf", flux_to_bfl(state, ""), "Q8_0")
+    named = g.write_gguf_weights(config.models_path / "flux1-dev-diffusers-Q8_0.gguf", state, "Q8_0")
+    req = LoadRequest(store.get_model(add(bfl.name, "main", "gguf", base="flux")), bfl, SubModelType.Transformer,
+                      torch.device("cpu"), torch.bfloat16)  # fmt: skip
+    ours = load_gguf_main(req).model
+    theirs = _diffusers_gguf(named, {"_class_name": "FluxTransformer2DModel", **TINY["flux"][1]}, torch.bfloat16)
+    assert _same_as_diffusers(ours, theirs) > 0
+    feed = _inputs("flux", torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0])
+
+
+def test_tensors_sharing_bytes_or_misaligned_are_refused(service: ModelLoadService, config: Any, add: Any) -> None:
+    """Each tensor is a view of one buffer: a hostile header cannot make two weights one, nor a float
+    tensor start between its elements."""
+    from modelbus.services.probe.gguf_file import read_gguf_header
+
+    state = tf.flux_transformer_state()
+    path = g.write_gguf_weights(config.models_path / "alias.gguf", state, "Q8_0")
+    tensors = read_gguf_header(path).tensors
+    g.set_tensor_offset(path, "transformer_blocks.0.attn.to_k.weight", tensors["transformer_blocks.0.attn.to_q.weight"][2])
+    _refused(service, add(path.name, "main", "gguf", base="flux"), r"GGUF tensors '.*' and '.*' overlap in the file")
+    path = g.write_gguf_weights(config.models_path / "odd.gguf", state, "Q8_0")
+    bias = "transformer_blocks.0.attn.to_q.bias"
+    assert tensors[bias][1] == "F32"
+    g.set_tensor_offset(path, bias, tensors[bias][2] + 2)
+    _refused(service, add(path.name, "main", "gguf", base="flux"),
+             f"GGUF tensor '{bias}' \\(F32\\) starts at data offset {tensors[bias][2] + 2}, not aligned")
