@@ -26,7 +26,9 @@ joined, a per-row scale's rows cut), the load falls back to the upcast.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK, LayerwiseCastingHook
 
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.safetensors_fast import read_header
 
 _SCALES = {".scale_weight": ".weight", ".weight_scale": ".weight"}
 _MARKERS = ("scaled_fp8",)
@@ -75,14 +78,47 @@ def _scale_target(key: str) -> str | None:
 
 
 def _checked_factor(scale: torch.Tensor, weight: torch.Tensor, key: str, target: str, where: object) -> torch.Tensor:
-    if scale.numel() != 1 and scale.shape[0] != weight.shape[0]:
+    """The factor ``weight`` is multiplied by: one number, or one per row (a column of the rows' count)."""
+    rows = weight.shape[0] if weight.dim() else 0
+    per_row = scale.dim() > 0 and scale.numel() == rows == scale.shape[0]
+    if not scale.is_floating_point() or (scale.numel() != 1 and not per_row):
         raise InvalidModelException(f"{where}: fp8 scale {key} of shape {tuple(scale.shape)} fits no row of "
                                     f"{target} {tuple(weight.shape)}")  # fmt: skip
     return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
-def fold_fp8_scales(tensors: dict[str, torch.Tensor], where: object = "") -> dict[str, torch.Tensor]:
-    """Multiply each scaled weight by its scale, in place; the scale entries are removed."""
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
+
+
+def _check_unscaled(fp8: Collection[str], targets: Collection[str], where: object) -> None:
+    """Refuse a scaled file where an fp8 tensor lacks the scale that its kin (the same name in another
+    block: ``blocks.3.q.weight`` beside ``blocks.0.q.weight``) have: its stored values are ``weight / scale``,
+    and read without the scale they would be wrong (ComfyUI quantizes all of a layer's kind or none). An fp8
+    tensor whose kin have no scale either (an embedding) is the weight itself."""
+    if not targets:
+        return
+    scaled_kin = {_INDEX.sub("N", t): t for t in targets}
+    for key in sorted(fp8):
+        kin = scaled_kin.get(_INDEX.sub("N", key))
+        if key not in targets and kin is not None and not _is_marker(key) and _scale_target(key) is None:
+            raise InvalidModelException(f"{where}: fp8 tensor {key} has no scale in a scaled file "
+                                        f"(no {key.removesuffix('.weight')}.scale_weight; {kin} has one)")
+
+
+def stored_fp8(path: Path, select: Callable[[str], bool] | None = None) -> set[str] | None:
+    """The names of a safetensors file's fp8 tensors (those ``select`` keeps), from its header; None for
+    other files."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    return {e.name for e in read_header(path).entries.values() if e.dtype in FP8_DTYPES
+            and (select is None or select(e.name))}
+
+
+def fold_fp8_scales(tensors: dict[str, torch.Tensor], where: object = "",
+                    fp8: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Multiply each scaled weight by its scale, in place; the scale entries are removed. ``fp8``: the
+    names the file stores in fp8 (they are upcast by now), to refuse one that lacks its scale."""
+    _check_unscaled(fp8 or (), {t for k in tensors if (t := _scale_target(k)) is not None}, where)
     for key in [k for k in tensors if _is_marker(k)]:
         del tensors[key]
     for key in [k for k in tensors if _scale_target(k) is not None]:
@@ -136,6 +172,8 @@ def split_fp8(tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: objec
     scales: dict[str, tuple[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     scaled = False
+    _check_unscaled([k for k, t in tensors.items() if is_fp8(t)],
+                    {t for k in tensors if (t := _scale_target(k)) is not None}, where)
     for key, t in tensors.items():
         target = _scale_target(key)
         if _is_marker(key):

@@ -21,7 +21,14 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
-from modelbus.services.load.fp8 import FP8_DTYPES, fold_fp8_scales, keep_fp8, scales_after, split_fp8
+from modelbus.services.load.fp8 import (
+    FP8_DTYPES,
+    fold_fp8_scales,
+    keep_fp8,
+    scales_after,
+    split_fp8,
+    stored_fp8,
+)
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model, read_header
 from modelbus.services.load.skeleton import skeleton_model, state_keys
 from modelbus.services.load.tensors import plan_layout, tensor_slots
@@ -123,10 +130,14 @@ def fit_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
 
 # ---- single files of one model each, their configs read from their tensors' names and shapes ----
 def read_single_file(req: LoadRequest, select: Callable[[str], bool] | None = None) -> StateDict:
+    """The file's tensors (those ``select`` keeps) in ``req.dtype``, a ComfyUI fp8_scaled file's scales
+    folded in (:func:`fold_fp8_scales`)."""
     if not req.location.is_file():
         what = getattr(req.record.model_type, "value", req.record.model_type)
         raise InvalidModelException(f"{req.location}: a {what} checkpoint must be a single file")
-    return read_state_dict([req.location], req.device, req.dtype, select)
+    state = read_state_dict([req.location], req.device, req.dtype, select)
+    fold_fp8_scales(state.tensors, req.location, stored_fp8(req.location, select))
+    return state
 
 
 def block_count(keys: Iterable[str], pattern: str) -> int:
@@ -196,7 +207,7 @@ def read_checkpoint(req: LoadRequest, select: Callable[[str], bool]) -> tuple[di
     if not req.location.is_file():
         raise InvalidModelException(f"{req.location}: a checkpoint must be a single file")
     state = read_state_dict([req.location], req.device, req.dtype, select)
-    return fold_fp8_scales(state.tensors, req.location), state.buffer
+    return fold_fp8_scales(state.tensors, req.location, stored_fp8(req.location, select)), state.buffer
 
 
 def read_kept(req: LoadRequest, select: Callable[[str], bool]

@@ -1,0 +1,147 @@
+"""fp8 text encoders as ComfyUI users download them (``t5xxl_fp8_e4m3fn.safetensors``,
+``t5xxl_fp8_e4m3fn_scaled.safetensors``, ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``,
+``qwen_2.5_vl_7b_fp8_scaled.safetensors``) are identified with the file's precision and loaded through the
+load service upcast to the worker's precision, each scale folded in as ComfyUI folds it
+(``weight.to(dtype) * scale_weight.to(dtype)``). The files are tiny real T5 / UMT5 / Qwen2.5-VL models
+quantized at test time in ComfyUI's layout: every Linear weight ``w / scale`` in float8_e4m3fn beside its
+``<layer>.scale_weight`` (fp32, one per tensor) and a ``scaled_fp8`` marker; the embeddings fp8 without a
+scale, the norms bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from modelbus.services.load import InvalidModelException, ModelLoadService
+from modelbus.services.probe import probe
+from tests.fixtures.loadable import T5_CFG
+from tests.load.test_llm_encoders_load import QWEN25_VL, _tiny
+
+FP8 = torch.float8_e4m3fn
+
+
+def comfy_fp8(model: torch.nn.Module, state: dict[str, torch.Tensor], scaled: bool,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """``state`` (file names) as ComfyUI's fp8 files store it, and for each name the stored tensor and its
+    scale (None: none). ``model``'s Linear weights are the ones ComfyUI scales; file names may lack the
+    model's leading levels, matched by suffix."""
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for name, w in state.items():
+        w = w.detach().float()
+        is_linear = any(full == name or full.endswith("." + name) or name.endswith("." + full) for full in linear)
+        if w.dim() == 2 and is_linear and scaled:
+            scale = (w.abs().max() / 448).clamp(min=1e-6).reshape(())
+            q = (w / scale).to(FP8)
+            out[name], out[name.removesuffix(".weight") + ".scale_weight"] = q, scale
+            parts[name] = (q, scale)
+        elif w.dim() >= 2:
+            out[name] = w.to(FP8)
+            parts[name] = (out[name], None)
+        else:
+            out[name] = w.to(torch.bfloat16)
+            parts[name] = (out[name], None)
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=FP8)
+    return out, parts
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def _upcast(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """ComfyUI's arithmetic: the weight in the compute dtype, times the scale in it."""
+    up = stored.to(dtype)
+    return up if scale is None else up * scale.to(dtype)
+
+
+def _t5(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(3)
+    if kind == "umt5":
+        model: Any = transformers.UMT5EncoderModel(transformers.UMT5Config(**T5_CFG)).eval()
+    else:
+        model = transformers.T5EncoderModel(transformers.T5Config(**T5_CFG)).eval()
+    state = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied: stored once
+    return model, state
+
+
+def _check_loaded(loaded: torch.nn.Module, parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                  dtype: torch.dtype, rename: Any = lambda k: k) -> None:
+    got = loaded.state_dict()
+    for name, (stored, scale) in parts.items():
+        have = got[rename(name)]
+        assert have.dtype == dtype, name
+        want = _upcast(stored, scale, dtype)
+        assert torch.equal(have, want), name
+
+
+T5_LAYOUTS = [("t5", False, "t5xxl_fp8_e4m3fn.safetensors", "any"),
+              ("t5", True, "t5xxl_fp8_e4m3fn_scaled.safetensors", "any"),
+              ("umt5", True, "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan-2.1")]
+
+
+@pytest.mark.parametrize(("kind", "scaled", "filename", "base"), T5_LAYOUTS)
+def test_fp8_t5_encoders_identified_and_loaded_upcast(service: ModelLoadService, config: Any, add: Any,
+                                                      kind: str, scaled: bool, filename: str, base: str) -> None:
+    model, state = _t5(kind)
+    stored, parts = comfy_fp8(model, state, scaled)
+    path = _write(config.models_path / filename, stored)
+    found = probe(path)
+    assert (found.model_type, found.base_model, found.precision) == ("t5_encoder", base, "fp8_e4m3fn")
+    assert found.quantization == ("fp8_scaled" if scaled else None)
+    key = add(filename, "t5_encoder", "checkpoint", base=base, precision=found.precision,
+              quantization=found.quantization)
+    with service.get_model(key) as loaded:
+        assert type(loaded) is type(model)
+        _check_loaded(loaded, parts, service.precision)
+
+
+def test_fp8_scaled_qwen25_vl_identified_and_loaded_upcast(service: ModelLoadService, config: Any, add: Any) -> None:
+    """ComfyUI's qwen_2.5_vl_7b_fp8_scaled.safetensors: transformers 4's names, no head, fp8_scaled."""
+    folder = config.models_path / "qwen-vl-config"
+    model = _tiny("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", QWEN25_VL, folder)
+    state = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+             for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    stored, parts = comfy_fp8(model, state, scaled=True)
+    name = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    path = _write(config.models_path / name, stored)
+    found = probe(path)
+    assert (found.model_type, found.precision, found.quantization) == ("qwen2_5_vl", "fp8_e4m3fn", "fp8_scaled")
+    key = add(name, "qwen2_5_vl", "checkpoint", base="qwen-image", config=str(folder), precision=found.precision)
+    with service.get_model(key) as loaded:
+        assert type(loaded).__name__ == "Qwen2_5_VLModel"
+
+        _check_loaded(loaded, parts, service.precision,
+                      lambda k: k if k.startswith("visual.") else "language_model." + k.removeprefix("model."))
+
+
+Q = "encoder.block.1.layer.0.SelfAttention.q"
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", f"fp8 tensor {Q}.weight has no scale in a scaled file"),
+    ("wrong-shape", f"fp8 scale {Q}.scale_weight of shape (3,) fits no row of {Q}.weight"),
+    ("matrix", f"fp8 scale {Q}.scale_weight of shape (16, 16) fits no row of {Q}.weight"),
+])
+def test_bad_scales_refused_naming_the_tensor(service: ModelLoadService, config: Any, add: Any, case: str,
+                                              message: str) -> None:
+    model, state = _t5("t5")
+    stored, _ = comfy_fp8(model, state, scaled=True)
+    if case == "missing":
+        del stored[f"{Q}.scale_weight"]
+    else:
+        stored[f"{Q}.scale_weight"] = torch.ones(3) if case == "wrong-shape" else torch.ones(16, 16)
+    _write(config.models_path / f"bad-{case}.safetensors", stored)
+    key = add(f"bad-{case}.safetensors", "t5_encoder", "checkpoint", base="any")
+    with pytest.raises(InvalidModelException) as err:
+        service.get_model(key)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert service.cache.stats().models == 0
