@@ -263,10 +263,13 @@ class Fp8UpcastHook(LayerwiseCastingHook):
         return output
 
 
-def keep_fp8(model: torch.nn.Module, scales: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> int:
+def keep_fp8(model: torch.nn.Module, scales: dict[str, torch.Tensor], compute_dtype: torch.dtype,
+             upcast: Collection[str] = ()) -> int:
     """Hook every module of ``model`` that holds fp8 parameters (see the module's docstring); ``scales``
     by parameter name. The scales become (non-persistent) buffers of their modules, so they move with
-    the model. Returns how many parameters stay fp8."""
+    the model. The modules named (last name) in ``upcast`` are upcast instead, times their scale, as the
+    fold does: models that read a layer's weight dtype outside its forward (T5's ``wo``). Returns how
+    many parameters stay fp8."""
     kept = 0
     for prefix, module in model.named_modules():
         names = tuple(n for n, p in module._parameters.items() if p is not None and is_fp8(p))
@@ -274,12 +277,17 @@ def keep_fp8(model: torch.nn.Module, scales: dict[str, torch.Tensor], compute_dt
             continue
         for name in names:
             scale = scales.get(f"{prefix}.{name}" if prefix else name)
-            if scale is not None:
-                param = module._parameters[name]
-                assert param is not None
+            param = module._parameters[name]
+            assert param is not None
+            if prefix.rsplit(".", 1)[-1] in upcast:
+                up = param.data.to(compute_dtype)
+                param.data = up * scale.to(up.device, compute_dtype) if scale is not None else up
+            elif scale is not None:
                 module.register_buffer(_SCALE_BUFFER + name, scale.to(param.device), persistent=False)
+        names = tuple(n for n in names if is_fp8(module._parameters[n]))  # type: ignore[arg-type]
+        if not names:
+            continue
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
             Fp8UpcastHook(names, compute_dtype), _LAYERWISE_CASTING_HOOK)
         kept += len(names)
     return kept
-

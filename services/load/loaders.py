@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import diffusers
 import torch
 import transformers
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load import loras
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.fp8 import keep_fp8
 from modelbus.services.load.kit import (
     CONFIGS_DIR,
     Loaded,
@@ -26,8 +29,10 @@ from modelbus.services.load.kit import (
     block_count,
     clip_config,
     fit_keys,
+    kept_scales,
     live_buffer,
     read_json,
+    read_kept,
     read_single_file,
     resolve_class,
     shape_of,
@@ -36,6 +41,8 @@ from modelbus.services.load.safetensors_fast import assign_weights, empty_model,
 from modelbus.services.load.skeleton import gc_paused, skeleton_model
 from modelbus.services.load.weights import StateDict, read_state_dict, weight_files
 from modelbus.services.records.enums import SubModelType
+
+log = get_logger(__name__)
 
 # submodel -> the class used when a diffusers folder has no model_index.json
 _DEFAULT_CLASSES: dict[SubModelType, tuple[str, str]] = {
@@ -319,21 +326,30 @@ def from_wan_t5(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torc
 
 def load_t5_encoder_checkpoint(req: LoadRequest) -> Loaded:
     """A ``T5EncoderModel`` from one file (a whole T5's decoder, when there, is not read); Wan-AI's own UMT5
-    file in its names."""
-    state = read_single_file(req, lambda k: not k.startswith(("decoder.", "lm_head.")))
-    tensors = state.tensors
+    file in its names. An fp8 file's weights stay fp8 where the worker keeps them (``req.fp8_storage``,
+    :mod:`services.load.fp8`), except in fp16, where T5 keeps its ``wo`` layers fp32: there it is upcast."""
+    def select(key: str) -> bool:
+        return not key.startswith(("decoder.", "lm_head."))
+
+    kept = read_kept(req, select) if req.dtype != torch.float16 else None
+    if kept is not None:
+        tensors, buffer = kept[0], kept[1]
+    else:
+        state = read_single_file(req, select)
+        tensors, buffer = state.tensors, state.buffer
     if "token_embedding.weight" in tensors and "blocks.0.attn.q.weight" in tensors:
         tensors = from_wan_t5(tensors, req.location)
     if not any(k.startswith("encoder.block.") for k in tensors):
         raise InvalidModelException(f"{req.location}: no T5 encoder weights (encoder.block.N.*, or Wan-AI's "
                                     "blocks.N.attn.*)")
-    return build_t5_encoder(req, tensors, state.buffer)
+    return build_t5_encoder(req, tensors, buffer, kept=kept)
 
 
 def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer: torch.Tensor | None,
-                     what: str = "T5 encoder") -> Loaded:
+                     what: str = "T5 encoder", kept: tuple[Any, Any, bool] | None = None) -> Loaded:
     """A ``T5EncoderModel`` from its weights (HF names, no prefix), its config read from their shapes;
-    also the T5-XXL that SD-3's all-in-one files bundle."""
+    also the T5-XXL that SD-3's all-in-one files bundle. ``kept``: :func:`read_kept`'s answer, when the
+    fp8 weights stay fp8."""
     config = t5_encoder_config(tensors, req.location)
     if "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in tensors:
         # UMT5 (Wan's encoder): a relative position bias in every layer, not the first alone
@@ -342,7 +358,14 @@ def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer:
     else:
         model = empty_model(lambda: transformers.T5EncoderModel(config))
     model.tie_weights()  # type: ignore[operator]  # the meta build unties it from ``shared``: files store it once
-    assign_weights(model, fit_keys(model, tensors), req.device, f"{req.location} ({what})")
+    fitted = fit_keys(model, tensors)
+    scales = kept_scales(kept, fitted)
+    if scales is None:
+        log.info("fp8_kept_fallback", path=str(req.location), reason="the names leave a scale untold")
+        return load_t5_encoder_checkpoint(replace(req, fp8_storage=False))
+    assign_weights(model, fitted, req.device, f"{req.location} ({what})")
+    if kept is not None:  # T5 casts its feed-forward to ``wo``'s dtype: ``wo`` is upcast
+        keep_fp8(model, scales, req.dtype, upcast=getattr(model, "_keep_in_fp32_modules", None) or ())
     keep_in_fp32(model, req.dtype)
     return Loaded(model, live_buffer(model, buffer))
 

@@ -145,3 +145,31 @@ def test_bad_scales_refused_naming_the_tensor(service: ModelLoadService, config:
         service.get_model(key)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert service.cache.stats().models == 0
+
+
+@pytest.mark.parametrize(("kind", "scaled", "filename", "base"), T5_LAYOUTS)
+def test_fp8_t5_encoders_kept_in_fp8(service: ModelLoadService, config: Any, add: Any, store: Any,
+                                     kind: str, scaled: bool, filename: str, base: str) -> None:
+    """With ``fp8_storage`` on (as on an fp8-capable GPU), the encoder holds the file's fp8 tensors, upcast
+    (times their scale) layer by layer: its outputs are the upcast load's, and a forward leaves them fp8.
+    T5's ``wo`` layers, whose dtype T5 casts its feed-forward to, are upcast as the upcast load does."""
+    from modelbus.services.config import AppConfig
+
+    model, state = _t5(kind)
+    stored, parts = comfy_fp8(model, state, scaled)
+    _write(config.models_path / filename, stored)
+    key = add(filename, "t5_encoder", "checkpoint", base=base)
+    kept = ModelLoadService(AppConfig.load(device="cpu", ram_cache_size="256M", vram_cache_size="0",
+                                           fp8_storage="on"), store)
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with service.get_model(key) as upcast, torch.no_grad():
+        want = upcast(input_ids=ids).last_hidden_state
+    with kept.get_model(key) as loaded, torch.no_grad():
+        got = loaded.state_dict()
+        fp8 = {n for n, (t, _) in parts.items() if t.dtype == FP8 and ".wo." not in n}
+        assert fp8 and all(got[n].dtype == FP8 for n in fp8)
+        wo = [n for n in parts if ".wo." in n]
+        assert wo and all(torch.equal(got[n], _upcast(*parts[n], service.precision)) for n in wo)
+        assert all(torch.equal(got[n].view(torch.uint8), parts[n][0].view(torch.uint8)) for n in fp8)
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, want)
+        assert all(loaded.state_dict()[n].dtype == FP8 for n in fp8)
