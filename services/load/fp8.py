@@ -264,11 +264,12 @@ class Fp8UpcastHook(LayerwiseCastingHook):
 
 
 def keep_fp8(model: torch.nn.Module, scales: dict[str, torch.Tensor], compute_dtype: torch.dtype,
-             upcast: Collection[str] = ()) -> int:
+             upcast: Callable[[str], bool] = lambda name: False) -> int:
     """Hook every module of ``model`` that holds fp8 parameters (see the module's docstring); ``scales``
     by parameter name. The scales become (non-persistent) buffers of their modules, so they move with
-    the model. The modules named (last name) in ``upcast`` are upcast instead, times their scale, as the
-    fold does: models that read a layer's weight dtype outside its forward (T5's ``wo``). Returns how
+    the model. The modules whose name ``upcast`` picks are upcast instead, times their scale, as the
+    fold does: layers whose weight dtype the model reads outside their forward (T5's ``wo``, Qwen2.5-VL's
+    vision tower). Returns how
     many parameters stay fp8."""
     kept = 0
     for prefix, module in model.named_modules():
@@ -279,7 +280,7 @@ def keep_fp8(model: torch.nn.Module, scales: dict[str, torch.Tensor], compute_dt
             scale = scales.get(f"{prefix}.{name}" if prefix else name)
             param = module._parameters[name]
             assert param is not None
-            if prefix.rsplit(".", 1)[-1] in upcast:
+            if upcast(prefix):
                 up = param.data.to(compute_dtype)
                 param.data = up * scale.to(up.device, compute_dtype) if scale is not None else up
             elif scale is not None:

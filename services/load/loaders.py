@@ -365,7 +365,8 @@ def build_t5_encoder(req: LoadRequest, tensors: dict[str, torch.Tensor], buffer:
         return load_t5_encoder_checkpoint(replace(req, fp8_storage=False))
     assign_weights(model, fitted, req.device, f"{req.location} ({what})")
     if kept is not None:  # T5 casts its feed-forward to ``wo``'s dtype: ``wo`` is upcast
-        keep_fp8(model, scales, req.dtype, upcast=getattr(model, "_keep_in_fp32_modules", None) or ())
+        fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+        keep_fp8(model, scales, req.dtype, upcast=lambda name: name.rsplit(".", 1)[-1] in fp32)
     keep_in_fp32(model, req.dtype)
     return Loaded(model, live_buffer(model, buffer))
 

@@ -13,21 +13,26 @@ read, unless the config ties the head to the embeddings (Qwen3-4B).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
+from modelbus.events.logs import get_logger
 from modelbus.services.load.errors import InvalidModelException
+from modelbus.services.load.fp8 import keep_fp8
 from modelbus.services.load.kit import (
     CONFIGS_DIR,
     Loaded,
     LoadRequest,
     fit_keys,
+    kept_scales,
     live_buffer,
     read_checkpoint,
     read_json,
+    read_kept,
     resolve_class,
 )
 from modelbus.services.load.safetensors_fast import assign_weights, empty_model
@@ -43,6 +48,8 @@ _CLASSES = {ModelType.Qwen25VL: ("Qwen2_5_VLForConditionalGeneration",),
             ModelType.Qwen3Encoder: ("Qwen3ForCausalLM", "Qwen3Model"),
             ModelType.MistralEncoder: ("Mistral3ForConditionalGeneration", "MistralForCausalLM", "MistralModel")}
 _VISION = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.")
+
+log = get_logger(__name__)
 
 
 def _width(tensors: dict[str, torch.Tensor]) -> int | None:
@@ -86,7 +93,10 @@ def _tied(config: Any) -> bool:
 
 
 def load_llm_checkpoint(req: LoadRequest) -> Loaded:
-    tensors, buffer = read_checkpoint(req, lambda k: True)
+    """An fp8 file's weights stay fp8 where the worker keeps them (``req.fp8_storage``), but for the vision
+    tower's, which reads its weights' dtype outside their layers: upcast, as the text encoding seldom runs it."""
+    kept = read_kept(req, lambda k: True)
+    tensors, buffer = (kept[0], kept[1]) if kept is not None else read_checkpoint(req, lambda k: True)
     raw = encoder_config(req, tensors)
     cls = resolve_class("transformers", str(raw["architectures"][0]))
     config = _build_config(raw)
@@ -102,6 +112,13 @@ def load_llm_checkpoint(req: LoadRequest) -> Loaded:
         prefix = f"{model.base_model_prefix}."  # no head in the file: the base model, which encodes as well
         model = getattr(model, model.base_model_prefix)
         fitted = {k.removeprefix(prefix): v for k, v in fitted.items() if k.startswith(prefix)}
+    scales = kept_scales(kept, fitted)
+    if scales is None:
+        log.info("fp8_kept_fallback", path=str(req.location), reason="the names leave a scale untold")
+        return load_llm_checkpoint(replace(req, fp8_storage=False))
     what = f"{req.location} ({type(model).__name__})"
     assign_weights(model, fitted, req.device, what)
+    if kept is not None:
+        vision = tuple(p.removeprefix("model.") for p in _VISION) + _VISION
+        keep_fp8(model, scales, req.dtype, upcast=lambda name: (name + ".").startswith(vision))
     return Loaded(model, live_buffer(model, buffer))

@@ -173,3 +173,29 @@ def test_fp8_t5_encoders_kept_in_fp8(service: ModelLoadService, config: Any, add
         assert all(torch.equal(got[n].view(torch.uint8), parts[n][0].view(torch.uint8)) for n in fp8)
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, want)
         assert all(loaded.state_dict()[n].dtype == FP8 for n in fp8)
+
+
+def test_fp8_scaled_qwen25_vl_kept_in_fp8(config: Any, add: Any, store: Any, service: ModelLoadService) -> None:
+    """Kept: the language model's fp8 weights stay fp8 and its hidden states are the upcast load's; the
+    vision tower (which reads its weights' dtype outside their layers) is upcast."""
+    from modelbus.services.config import AppConfig
+    from tests.load.test_llm_encoders_load import IDS, _hidden
+
+    folder = config.models_path / "qwen-vl-config"
+    model = _tiny("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", QWEN25_VL, folder)
+    state = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+             for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    stored, parts = comfy_fp8(model, state, scaled=True)
+    _write(config.models_path / "qwen-vl-fp8.safetensors", stored)
+    key = add("qwen-vl-fp8.safetensors", "qwen2_5_vl", "checkpoint", base="qwen-image", config=str(folder))
+    kept = ModelLoadService(AppConfig.load(device="cpu", ram_cache_size="256M", vram_cache_size="0",
+                                           fp8_storage="on"), store)
+    with service.get_model(key) as upcast:
+        want = _hidden(upcast, IDS)
+    with kept.get_model(key) as loaded:
+        got = loaded.state_dict()
+        text = [n for n, (t, _) in parts.items() if t.dtype == FP8 and n.startswith("model.")]
+        assert text and all(got["language_model." + n.removeprefix("model.")].dtype == FP8 for n in text)
+        vision = [n for n in parts if n.startswith("visual.")]
+        assert all(torch.equal(got[n], _upcast(*parts[n], service.precision)) for n in vision)
+        assert torch.equal(_hidden(loaded, IDS), want)
