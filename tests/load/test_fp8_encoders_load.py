@@ -199,3 +199,24 @@ def test_fp8_scaled_qwen25_vl_kept_in_fp8(config: Any, add: Any, store: Any, ser
         vision = [n for n in parts if n.startswith("visual.")]
         assert all(torch.equal(got[n], _upcast(*parts[n], service.precision)) for n in vision)
         assert torch.equal(_hidden(loaded, IDS), want)
+
+
+def test_fp8_scaled_clip_l_identified_and_loaded_upcast(service: ModelLoadService, config: Any, add: Any,
+                                                         tmp_path: Path) -> None:
+    """The rarer clip_l fp8 variants: ComfyUI's names (``text_model.*``, ``text_projection``), fp8_scaled."""
+    from safetensors.torch import load_file
+
+    from tests.modeldata.companions import write_clip_l_file
+
+    model = write_clip_l_file(tmp_path / "clip_l.safetensors")
+    stored, parts = comfy_fp8(model, load_file(str(tmp_path / "clip_l.safetensors")), scaled=True)
+    assert any(s is not None for _, s in parts.values())
+    path = _write(config.models_path / "clip_l_fp8_e4m3fn_scaled.safetensors", stored)
+    found = probe(path)
+    assert (found.model_type, found.precision, found.quantization) == ("clip_embed", "fp8_e4m3fn", "fp8_scaled")
+    with service.get_model(add(path.name, "clip_embed", "checkpoint", base="any")) as loaded:
+        assert type(loaded).__name__ == "CLIPTextModelWithProjection"
+        got = {k.removeprefix("text_model."): v for k, v in loaded.state_dict().items()}
+        for name, (tensor, scale) in parts.items():
+            have = got[name.removeprefix("text_model.")]
+            assert torch.equal(have, _upcast(tensor, scale, service.precision)), name
