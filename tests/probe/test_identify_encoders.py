@@ -114,6 +114,27 @@ def _file(make: Callable[[], dict[str, tuple[int, ...]]], **kw: Any) -> Builder:
     return lambda p: write_sparse(p, make(), **kw)
 
 
+def _comfy_fp8(shapes: dict[str, tuple[int, ...]], path: Path, scaled: bool) -> Path:
+    """``shapes`` as ComfyUI's fp8 files store them: 2-D weights F8_E4M3 (the embeddings too), each beside an
+    F32 ``<layer>.scale_weight`` of one number and a ``scaled_fp8`` marker when scaled; the rest bf16."""
+    out: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for name, shape in shapes.items():
+        out[name] = shape
+        if len(shape) == 2:
+            dtypes[name] = "F8_E4M3"
+            if scaled and "embed" not in name and not name.startswith("shared."):
+                out[name.removesuffix(".weight") + ".scale_weight"] = ()
+                dtypes[name.removesuffix(".weight") + ".scale_weight"] = "F32"
+    if scaled:
+        out["scaled_fp8"], dtypes["scaled_fp8"] = (0,), "F8_E4M3"
+    return write_sparse(path, out, dtype=dtypes)
+
+
+def _fp8(precision: str = "fp8_e4m3fn", scaled: bool = True) -> dict[str, Any]:
+    return {"precision": precision, "quantization": "fp8_scaled" if scaled else None}
+
+
 def _expect(model_type: str, base: str, compatible: list[str] | None = None, fmt: str = "checkpoint") -> dict[str, Any]:
     return {"model_type": model_type, "model_format": fmt, "base_model": base, "compatible_bases": compatible or []}
 
@@ -133,13 +154,21 @@ ENCODER_LAYOUTS: dict[str, tuple[Builder, dict[str, Any]]] = {
     "flux2-vae.safetensors": (_file(lambda: diffusers_vae("AutoencoderKLFlux2")), _expect("vae", "flux2")),
     # UMT5 (Wan's text encoder), T5-XXL stays any
     "umt5_xxl_fp16.safetensors": (_file(umt5), _expect("t5_encoder", "wan-2.1", ["wan-2.2"])),
-    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": (_file(umt5, dtype="F8_E4M3"), _expect("t5_encoder", "wan-2.1", ["wan-2.2"])),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": (lambda p: _comfy_fp8(umt5(), p, scaled=True),
+                                               _expect("t5_encoder", "wan-2.1", ["wan-2.2"]) | _fp8()),
     "models_t5_umt5-xxl-enc-bf16.safetensors": (_file(lambda: umt5(wan_names=True)),
                                                 _expect("t5_encoder", "wan-2.1", ["wan-2.2"])),
     "t5xxl_fp16.safetensors": (_file(t5_xxl), _expect("t5_encoder", "any")),
+    # comfyanonymous/flux_text_encoders' fp8 T5-XXL, plain and scaled
+    "t5xxl_fp8_e4m3fn.safetensors": (lambda p: _comfy_fp8(t5_xxl(), p, scaled=False),
+                                     _expect("t5_encoder", "any") | _fp8(scaled=False)),
+    "t5xxl_fp8_e4m3fn_scaled.safetensors": (lambda p: _comfy_fp8(t5_xxl(), p, scaled=True),
+                                            _expect("t5_encoder", "any") | _fp8()),
     # Qwen2.5-VL-7B, Qwen-Image's text encoder (and HunyuanVideo 1.5's)
     "qwen_2.5_vl_7b.safetensors": (_file(lambda: qwen25_vl(True)),
                                    _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"]) | {"config_path": "qwen2.5-vl-7b"}),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": (lambda p: _comfy_fp8(qwen25_vl(True), p, scaled=True),
+                                              _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"]) | _fp8()),
     "qwen2.5-vl-7b-transformers5.safetensors": (_file(qwen25_vl),
                                                 _expect("qwen2_5_vl", "qwen-image", ["hunyuan-video-1.5"])),
     # Qwen3-4B (Z-Image's, FLUX.2 Klein 4B's text encoder; its head is its embeddings), Qwen3-8B (Klein 9B's)
