@@ -90,6 +90,10 @@ def _checked_factor(scale: torch.Tensor, weight: torch.Tensor, key: str, target:
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
 
 
+def _scaled_weights(tensors: dict[str, torch.Tensor]) -> set[str]:
+    return {str(_scale_target(k)) for k in tensors if _scale_target(k) is not None}
+
+
 def _check_unscaled(fp8: Collection[str], targets: Collection[str], where: object) -> None:
     """Refuse a scaled file where an fp8 tensor lacks the scale that its kin (the same name in another
     block: ``blocks.3.q.weight`` beside ``blocks.0.q.weight``) have: its stored values are ``weight / scale``,
@@ -118,7 +122,7 @@ def fold_fp8_scales(tensors: dict[str, torch.Tensor], where: object = "",
                     fp8: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Multiply each scaled weight by its scale, in place; the scale entries are removed. ``fp8``: the
     names the file stores in fp8 (they are upcast by now), to refuse one that lacks its scale."""
-    _check_unscaled(fp8 or (), {t for k in tensors if (t := _scale_target(k)) is not None}, where)
+    _check_unscaled(fp8 or (), _scaled_weights(tensors), where)
     for key in [k for k in tensors if _is_marker(k)]:
         del tensors[key]
     for key in [k for k in tensors if _scale_target(k) is not None]:
@@ -172,8 +176,7 @@ def split_fp8(tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: objec
     scales: dict[str, tuple[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     scaled = False
-    _check_unscaled([k for k, t in tensors.items() if is_fp8(t)],
-                    {t for k in tensors if (t := _scale_target(k)) is not None}, where)
+    _check_unscaled([k for k, t in tensors.items() if is_fp8(t)], _scaled_weights(tensors), where)
     for key, t in tensors.items():
         target = _scale_target(key)
         if _is_marker(key):
