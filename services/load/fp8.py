@@ -84,6 +84,8 @@ def _checked_factor(scale: torch.Tensor, weight: torch.Tensor, key: str, target:
     if not scale.is_floating_point() or (scale.numel() != 1 and not per_row):
         raise InvalidModelException(f"{where}: fp8 scale {key} of shape {tuple(scale.shape)} fits no row of "
                                     f"{target} {tuple(weight.shape)}")  # fmt: skip
+    if not bool(torch.isfinite(scale).all()):
+        raise InvalidModelException(f"{where}: fp8 scale {key} is not a finite number (inf or nan)")
     return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 

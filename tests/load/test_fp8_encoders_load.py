@@ -130,6 +130,7 @@ Q = "encoder.block.1.layer.0.SelfAttention.q"
     ("missing", f"fp8 tensor {Q}.weight has no scale in a scaled file"),
     ("wrong-shape", f"fp8 scale {Q}.scale_weight of shape (3,) fits no row of {Q}.weight"),
     ("matrix", f"fp8 scale {Q}.scale_weight of shape (16, 16) fits no row of {Q}.weight"),
+    ("nan", f"fp8 scale {Q}.scale_weight is not a finite number"),
 ])
 def test_bad_scales_refused_naming_the_tensor(service: ModelLoadService, config: Any, add: Any, case: str,
                                               message: str) -> None:
@@ -138,7 +139,8 @@ def test_bad_scales_refused_naming_the_tensor(service: ModelLoadService, config:
     if case == "missing":
         del stored[f"{Q}.scale_weight"]
     else:
-        stored[f"{Q}.scale_weight"] = torch.ones(3) if case == "wrong-shape" else torch.ones(16, 16)
+        stored[f"{Q}.scale_weight"] = {"wrong-shape": torch.ones(3), "matrix": torch.ones(16, 16),
+                                       "nan": torch.tensor(float("nan"))}[case]
     _write(config.models_path / f"bad-{case}.safetensors", stored)
     key = add(f"bad-{case}.safetensors", "t5_encoder", "checkpoint", base="any")
     with pytest.raises(InvalidModelException) as err:
@@ -220,3 +222,21 @@ def test_fp8_scaled_clip_l_identified_and_loaded_upcast(service: ModelLoadServic
         for name, (tensor, scale) in parts.items():
             have = got[name.removeprefix("text_model.")]
             assert torch.equal(have, _upcast(tensor, scale, service.precision)), name
+
+
+def test_fp8_scaled_t5_in_fp16_folds_in_fp16_and_keeps_wo_fp32(config: Any, add: Any, store: Any) -> None:
+    """A worker of fp16 precision: each weight is ComfyUI's fp16 one (``q.to(fp16) * scale.to(fp16)``), and T5's
+    ``wo`` layers are then held in fp32 as transformers keeps them (the fp16 values, widened)."""
+    from modelbus.services.load.kit import LoadRequest
+    from modelbus.services.load.loaders import load_t5_encoder_checkpoint
+
+    model, state = _t5("t5")
+    stored, parts = comfy_fp8(model, state, scaled=True)
+    path = _write(config.models_path / "t5-fp16.safetensors", stored)
+    record = store.get_model(add(path.name, "t5_encoder", "checkpoint", base="any"))
+    for keep in (False, True):  # a worker that keeps fp8 upcasts here: fp16 T5 holds ``wo`` in fp32
+        req = LoadRequest(record, path, None, torch.device("cpu"), torch.float16, fp8_storage=keep)
+        got = load_t5_encoder_checkpoint(req).model.state_dict()
+        for name, (tensor, scale) in parts.items():
+            want = _upcast(tensor, scale, torch.float16)
+            assert torch.equal(got[name], want.float() if ".wo." in name else want), name
