@@ -96,17 +96,18 @@ def _scaled_weights(tensors: dict[str, torch.Tensor]) -> set[str]:
     return {str(_scale_target(k)) for k in tensors if _scale_target(k) is not None}
 
 
-def _check_unscaled(fp8: Collection[str], targets: Collection[str], where: object) -> None:
+def _check_unscaled(fp8: Collection[str], tensors: dict[str, torch.Tensor], where: object) -> None:
     """Refuse a scaled file where an fp8 tensor lacks the scale that its kin (the same name in another
-    block: ``blocks.3.q.weight`` beside ``blocks.0.q.weight``) have: its stored values are ``weight / scale``,
-    and read without the scale they would be wrong (ComfyUI quantizes all of a layer's kind or none). An fp8
-    tensor whose kin have no scale either (an embedding) is the weight itself."""
+    block, of the same rank: ``blocks.3.q.weight`` beside ``blocks.0.q.weight``) have: its stored values are
+    ``weight / scale``, and read without the scale they would be wrong (ComfyUI quantizes all of a layer's
+    kind or none). An fp8 tensor whose kin have no scale either (an embedding, a norm) is the weight itself."""
+    targets = _scaled_weights(tensors)
     if not targets:
         return
-    scaled_kin = {_INDEX.sub("N", t): t for t in targets}
-    for key in sorted(fp8):
-        kin = scaled_kin.get(_INDEX.sub("N", key))
-        if key not in targets and kin is not None and not _is_marker(key) and _scale_target(key) is None:
+    scaled_kin = {(_INDEX.sub("N", t), tensors[t].dim()): t for t in targets if t in tensors}
+    for key in sorted(k for k in fp8 if k in tensors and k not in targets):
+        kin = scaled_kin.get((_INDEX.sub("N", key), tensors[key].dim()))
+        if kin is not None and not _is_marker(key) and _scale_target(key) is None:
             raise InvalidModelException(f"{where}: fp8 tensor {key} has no scale in a scaled file "
                                         f"(no {key.removesuffix('.weight')}.scale_weight; {kin} has one)")
 
@@ -124,7 +125,7 @@ def fold_fp8_scales(tensors: dict[str, torch.Tensor], where: object = "",
                     fp8: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Multiply each scaled weight by its scale, in place; the scale entries are removed. ``fp8``: the
     names the file stores in fp8 (they are upcast by now), to refuse one that lacks its scale."""
-    _check_unscaled(fp8 or (), _scaled_weights(tensors), where)
+    _check_unscaled(fp8 or (), tensors, where)
     for key in [k for k in tensors if _is_marker(k)]:
         del tensors[key]
     for key in [k for k in tensors if _scale_target(k) is not None]:
@@ -178,7 +179,7 @@ def split_fp8(tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: objec
     scales: dict[str, tuple[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     scaled = False
-    _check_unscaled([k for k, t in tensors.items() if is_fp8(t)], _scaled_weights(tensors), where)
+    _check_unscaled([k for k, t in tensors.items() if is_fp8(t)], tensors, where)
     for key, t in tensors.items():
         target = _scale_target(key)
         if _is_marker(key):

@@ -240,3 +240,20 @@ def test_fp8_scaled_t5_in_fp16_folds_in_fp16_and_keeps_wo_fp32(config: Any, add:
         for name, (tensor, scale) in parts.items():
             want = _upcast(tensor, scale, torch.float16)
             assert torch.equal(got[name], want.float() if ".wo." in name else want), name
+
+
+def test_only_a_weight_whose_kin_of_its_rank_are_scaled_needs_a_scale() -> None:
+    """``mlp.0`` (a Linear, scaled) and ``mlp.1`` (a norm, fp8 as plain fp8 files store norms) are not kin;
+    ``mlp.2`` (a Linear, fp8 without its scale) is ``mlp.0``'s."""
+    from modelbus.services.load.fp8 import fold_fp8_scales
+
+    def file(with_bad: bool) -> dict[str, torch.Tensor]:
+        q = torch.randn(4, 4).to(FP8)
+        out = {"mlp.0.weight": q.float(), "mlp.0.scale_weight": torch.tensor(0.5),
+               "mlp.1.weight": torch.ones(4).to(FP8).float()}
+        return out | ({"mlp.2.weight": q.float()} if with_bad else {})
+
+    folded = fold_fp8_scales(file(False), "f", fp8={"mlp.0.weight", "mlp.1.weight"})
+    assert folded.keys() == {"mlp.0.weight", "mlp.1.weight"} and torch.equal(folded["mlp.1.weight"], torch.ones(4))
+    with pytest.raises(InvalidModelException, match=r"^f: fp8 tensor mlp\.2\.weight has no scale in a scaled file"):
+        fold_fp8_scales(file(True), "f", fp8={"mlp.0.weight", "mlp.1.weight", "mlp.2.weight"})
