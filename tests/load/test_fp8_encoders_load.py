@@ -25,7 +25,7 @@ from tests.load.test_llm_encoders_load import QWEN25_VL, _tiny
 FP8 = torch.float8_e4m3fn
 
 
-def comfy_fp8(model: torch.nn.Module, state: dict[str, torch.Tensor], scaled: bool,
+def comfy_fp8(model: torch.nn.Module, state: dict[str, torch.Tensor], scaled: bool, fp8: torch.dtype = FP8,
               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
     """``state`` (file names) as ComfyUI's fp8 files store it, and for each name the stored tensor and its
     scale (None: none). ``model``'s Linear weights are the ones ComfyUI scales; file names may lack the
@@ -37,18 +37,18 @@ def comfy_fp8(model: torch.nn.Module, state: dict[str, torch.Tensor], scaled: bo
         w = w.detach().float()
         is_linear = any(full == name or full.endswith("." + name) or name.endswith("." + full) for full in linear)
         if w.dim() == 2 and is_linear and scaled:
-            scale = (w.abs().max() / 448).clamp(min=1e-6).reshape(())
-            q = (w / scale).to(FP8)
+            scale = (w.abs().max() / torch.finfo(fp8).max).clamp(min=1e-6).reshape(())
+            q = (w / scale).to(fp8)
             out[name], out[name.removesuffix(".weight") + ".scale_weight"] = q, scale
             parts[name] = (q, scale)
         elif w.dim() >= 2:
-            out[name] = w.to(FP8)
+            out[name] = w.to(fp8)
             parts[name] = (out[name], None)
         else:
             out[name] = w.to(torch.bfloat16)
             parts[name] = (out[name], None)
     if scaled:
-        out["scaled_fp8"] = torch.empty(0, dtype=FP8)
+        out["scaled_fp8"] = torch.empty(0, dtype=fp8)
     return out, parts
 
 
@@ -85,17 +85,24 @@ def _check_loaded(loaded: torch.nn.Module, parts: dict[str, tuple[torch.Tensor, 
 
 T5_LAYOUTS = [("t5", False, "t5xxl_fp8_e4m3fn.safetensors", "any"),
               ("t5", True, "t5xxl_fp8_e4m3fn_scaled.safetensors", "any"),
+              ("t5", False, "t5xxl_fp8_e5m2.safetensors", "any"),
+              ("t5", True, "t5xxl_fp8_e5m2_scaled.safetensors", "any"),
               ("umt5", True, "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan-2.1")]
+
+
+def _dtype_of(filename: str) -> torch.dtype:
+    return torch.float8_e5m2 if "e5m2" in filename else FP8
 
 
 @pytest.mark.parametrize(("kind", "scaled", "filename", "base"), T5_LAYOUTS)
 def test_fp8_t5_encoders_identified_and_loaded_upcast(service: ModelLoadService, config: Any, add: Any,
                                                       kind: str, scaled: bool, filename: str, base: str) -> None:
     model, state = _t5(kind)
-    stored, parts = comfy_fp8(model, state, scaled)
+    stored, parts = comfy_fp8(model, state, scaled, _dtype_of(filename))
     path = _write(config.models_path / filename, stored)
     found = probe(path)
-    assert (found.model_type, found.base_model, found.precision) == ("t5_encoder", base, "fp8_e4m3fn")
+    precision = "fp8_e5m2" if "e5m2" in filename else "fp8_e4m3fn"
+    assert (found.model_type, found.base_model, found.precision) == ("t5_encoder", base, precision)
     assert found.quantization == ("fp8_scaled" if scaled else None)
     key = add(filename, "t5_encoder", "checkpoint", base=base, precision=found.precision,
               quantization=found.quantization)
@@ -158,7 +165,7 @@ def test_fp8_t5_encoders_kept_in_fp8(service: ModelLoadService, config: Any, add
     from modelbus.services.config import AppConfig
 
     model, state = _t5(kind)
-    stored, parts = comfy_fp8(model, state, scaled)
+    stored, parts = comfy_fp8(model, state, scaled, _dtype_of(filename))
     _write(config.models_path / filename, stored)
     key = add(filename, "t5_encoder", "checkpoint", base=base)
     kept = ModelLoadService(AppConfig.load(device="cpu", ram_cache_size="256M", vram_cache_size="0",
@@ -168,13 +175,13 @@ def test_fp8_t5_encoders_kept_in_fp8(service: ModelLoadService, config: Any, add
         want = upcast(input_ids=ids).last_hidden_state
     with kept.get_model(key) as loaded, torch.no_grad():
         got = loaded.state_dict()
-        fp8 = {n for n, (t, _) in parts.items() if t.dtype == FP8 and ".wo." not in n}
-        assert fp8 and all(got[n].dtype == FP8 for n in fp8)
+        fp8 = {n for n, (t, _) in parts.items() if t.dtype == _dtype_of(filename) and ".wo." not in n}
+        assert fp8 and all(got[n].dtype == _dtype_of(filename) for n in fp8)
         wo = [n for n in parts if ".wo." in n]
         assert wo and all(torch.equal(got[n], _upcast(*parts[n], service.precision)) for n in wo)
         assert all(torch.equal(got[n].view(torch.uint8), parts[n][0].view(torch.uint8)) for n in fp8)
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, want)
-        assert all(loaded.state_dict()[n].dtype == FP8 for n in fp8)
+        assert all(loaded.state_dict()[n].dtype == _dtype_of(filename) for n in fp8)
 
 
 def test_fp8_scaled_qwen25_vl_kept_in_fp8(config: Any, add: Any, store: Any, service: ModelLoadService) -> None:
