@@ -220,7 +220,10 @@ def test_bnb_diffusers_folder_loads_quantized(service: ModelLoadService, config:
     (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
                                                        "transformer": ["diffusers", "FluxTransformer2DModel"],
                                                        "text_encoder_2": ["transformers", "T5EncoderModel"]}))
-    key = add(root.name, "main", "diffusers", base="flux")
+    found = probe(root)
+    assert (found.model_type, found.model_format, found.base_model, found.quantization) == (
+        "main", "diffusers", "flux", kind)
+    key = add(root.name, "main", "diffusers", base="flux", quantization=kind)
     with service.get_model(key, SubModelType.Transformer) as model:
         assert any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
         got = _run(model)
