@@ -225,7 +225,8 @@ def _linear_classes() -> tuple[type[torch.nn.Module], type[torch.nn.Module]]:
         carries it; the state is pointed at them before each call."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            state = self.weight.quant_state
+            weight: Any = self.weight
+            state = weight.quant_state
             state.absmax, state.code = self.absmax, self.code
             if state.nested:
                 state.state2.absmax, state.state2.code, state.offset = self.nested_absmax, self.nested_code, self.offset
@@ -235,8 +236,10 @@ def _linear_classes() -> tuple[type[torch.nn.Module], type[torch.nn.Module]]:
         """bnb's LLM.int8 Linear whose row scales are a buffer (the cache moves buffers)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.weight.CB, self.weight.SCB = None, None
-            self.state.CB, self.state.SCB = self.weight.data, self.scb
+            weight: Any = self.weight
+            weight.CB, weight.SCB = None, None
+            state: Any = self.state
+            state.CB, state.SCB = weight.data, self.scb
             return super().forward(x)  # type: ignore[no-any-return]
 
     return Linear4bit, Int8Linear
@@ -283,8 +286,9 @@ def _build(bnb: ModuleType, model: torch.nn.Module, converted: dict[str, torch.T
     plain = {k: v.to(device) for k, v in converted.items() if k.removesuffix(".weight") not in replaced
              or not k.endswith(".weight")}
     result = model.load_state_dict(plain, strict=False, assign=True)
-    if callable(getattr(model, "tie_weights", None)):  # transformers: the assignment untied what files store once
-        model.tie_weights()
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):  # transformers: the assignment untied what files store once
+        tie()
     still_meta = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
     if still_meta or result.unexpected_keys:
         raise InvalidModelException(f"{where}: {len(still_meta)} weights missing, {len(result.unexpected_keys)} "
