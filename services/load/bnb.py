@@ -43,6 +43,7 @@ QUANT_TYPES = ("nf4", "fp4")
 _QS = ".quant_state.bitsandbytes__"
 _4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (BitsAndBytesConfig's default; files do not record it)
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' block sizes
 _ROW_BITS = 32  # a row-index tensor's value: source number << 32 | row
 
 
@@ -114,6 +115,12 @@ def _read_4bit(bnb: ModuleType, tensors: dict[str, torch.Tensor], key: str, wher
     except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as exc:
         raise InvalidModelException(f"{where}: {key}'s bitsandbytes quant state does not read: "
                                     f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+    blocksizes = [state.blocksize] + ([state.state2.blocksize] if state.nested else [])
+    if any(not isinstance(b, int) or b not in _BLOCKSIZES for b in blocksizes) or \
+            not isinstance(state.dtype, torch.dtype) or not state.dtype.is_floating_point:
+        raise InvalidModelException(f"{where}: {key}'s quant state has block size {blocksizes} and dtype "
+                                    f"{state.dtype!r}: bitsandbytes uses blocks of {list(_BLOCKSIZES)} and a "
+                                    "floating dtype")  # fmt: skip
     data = tensors[key]
     shape = tuple(state.shape or ())
     if len(shape) != 2:

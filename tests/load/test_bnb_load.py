@@ -147,8 +147,10 @@ def _bad(stored: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
         del stored[key + ".absmax"]
     elif how == "short-data":
         stored[key] = stored[key][: stored[key].shape[0] // 2]
-    elif how == "wrong-type-in-state":
-        packed = json.loads(bytes(blob.numpy()).decode()) | {"quant_type": "int3"}
+    elif how in ("wrong-type-in-state", "zero-blocksize", "not-a-dtype"):
+        change = {"wrong-type-in-state": {"quant_type": "int3"}, "zero-blocksize": {"blocksize": 0},
+                  "not-a-dtype": {"dtype": "Tensor"}}[how]
+        packed = json.loads(bytes(blob.numpy()).decode()) | change
         stored[key + _QS + "nf4"] = torch.tensor(list(json.dumps(packed).encode()), dtype=torch.uint8)
     return stored
 
@@ -160,6 +162,8 @@ def _bad(stored: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
     ("missing-absmax", "is missing its bitsandbytes absmax"),
     ("short-data", "holds .* bytes and .* block scales; its shape"),
     ("wrong-type-in-state", "quant state says quant type 'int3'"),
+    ("zero-blocksize", r"block size \[0, 256\]"),
+    ("not-a-dtype", "bitsandbytes uses blocks of .* and a floating dtype"),
 ])
 def test_bnb_bad_quant_state_refused_naming_it(service: ModelLoadService, config: Any, add: Any, how: str,
                                                says: str) -> None:
