@@ -52,8 +52,9 @@ def bitsandbytes_for(device: torch.device, where: Path) -> ModuleType:
     try:
         import bitsandbytes
     except Exception as exc:  # an absent package, or a native library that fails to load
+        said = (str(exc).strip().splitlines() or [""])[0]  # (a native library's error runs over many lines)
         raise InvalidModelException(f"{where}: bitsandbytes checkpoints need bitsandbytes, which does not import "
-                                    f"here ({type(exc).__name__}: {exc}); install it (pip install bitsandbytes) "
+                                    f"here ({type(exc).__name__}: {said}); install it (pip install bitsandbytes) "
                                     "or load it on a worker that has it") from exc  # fmt: skip
     supported = set(getattr(bitsandbytes, "supported_torch_devices", {"cuda"}))
     if device.type not in supported:
