@@ -2,6 +2,7 @@
 
 READ_BATCH = 1000                 # entries fetched per XRANGE/XREAD call
 HISTORY_CACHE = 512               # aggregates whose decoded history a store keeps (RedisEventStore.history)
+RECENT_ENTRIES = 512              # log entries a store appended or saw arrive, kept for its history reads
 REBUILD_BATCH = 5000              # entries per XRANGE during a full replay (read ahead while the last applies)
 SUBSCRIBE_BLOCK_MS = 1000         # how long one blocking XREAD waits before looping
 RECONNECT_BACKOFF_BASE = 0.05     # seconds; doubled per failed attempt

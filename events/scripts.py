@@ -1,11 +1,17 @@
 """Lua scripts. The append is one script so that the version check, the idempotency check, the unique
 claims and the XADDs happen atomically: either every event of the batch lands or none does.
 
+Every command a script runs costs every writer of the fleet (Redis runs them one at a time), so the append
+touches as little as it can: what an idempotency key recorded is plain text, ``"<version> <id> <id>..."``,
+not JSON. (The version is kept in its own hash, not taken from the length of the aggregate's index: an entry
+forged onto the index must not shift the versions of real ones, see events.validation.)
+
 KEYS: 1 log stream, 2 versions hash, 3 idempotency hash, 4 unique hash, 5 aggregate index list
 ARGV: aggregate id, expected version ('' = any), idempotency key ('' = none), event count,
       then 6 values per event (type, schema version, time, correlation id, event id, body),
       then claim count and (field, owner) pairs, then release count and fields.
-Returns {duplicate (0|1), JSON {"ids": [...], "version": n}}.
+Returns {duplicate (0|1), "<version> <id> <id>..."} (a duplicate of an append recorded by the script
+before this one: {1, JSON {"ids": [...], "version": n}}).
 """
 
 PER_EVENT = 6
@@ -36,10 +42,9 @@ local ids = {}
 for i = 0, n - 1 do
   local o = 5 + i * 6
   current = current + 1
-  local id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[o], 'v', ARGV[o + 1], 'agg', agg, 'ver', current,
-                        'time', ARGV[o + 2], 'corr', ARGV[o + 3], 'id', ARGV[o + 4], 'body', ARGV[o + 5])
-  ids[#ids + 1] = id
-  redis.call('RPUSH', KEYS[5], id)
+  ids[i + 1] = redis.call('XADD', KEYS[1], '*', 'type', ARGV[o], 'v', ARGV[o + 1], 'agg', agg, 'ver', current,
+                          'time', ARGV[o + 2], 'corr', ARGV[o + 3], 'id', ARGV[o + 4], 'body', ARGV[o + 5])
+  redis.call('RPUSH', KEYS[5], ids[i + 1])
 end
 redis.call('HSET', KEYS[2], agg, current)
 for i = 1, nclaims do
@@ -50,7 +55,7 @@ for i = 1, tonumber(ARGV[rel]) do
   local field = ARGV[rel + i]
   if redis.call('HGET', KEYS[4], field) == agg then redis.call('HDEL', KEYS[4], field) end
 end
-local result = cjson.encode({ids = ids, version = current})
+local result = current .. ' ' .. table.concat(ids, ' ')
 if idem ~= '' then redis.call('HSET', KEYS[3], idem, result) end
 return {0, result}
 """

@@ -37,7 +37,7 @@ from modelbus.events.errors import (
 from modelbus.events.keys import Keys
 from modelbus.events.logs import get_logger
 from modelbus.events.schema import Event, activity
-from modelbus.events.scripts import APPEND, QUARANTINE
+from modelbus.events.scripts import APPEND, PER_EVENT, QUARANTINE
 from modelbus.events.validation import Refusal, Refuse, SequenceGate, body_problem
 from modelbus.events.watch import CounterLogWatch, LogWatch, RedisLogWatch
 
@@ -371,6 +371,10 @@ class RedisEventStore(EventStore):
         # so a history read fetches and decodes only what was appended since (see ``history``)
         self._histories: OrderedDict[str, tuple[int, str, tuple[StoredEvent, ...]]] = OrderedDict()
         self._histories_lock = threading.Lock()
+        # position -> the entry as XRANGE returns it, for entries this store appended or saw arrive (poll):
+        # a history read that finds one of them in the aggregate's index decodes it from here instead of
+        # fetching it (an entry of a stream never changes; the index check of ``history`` is unchanged)
+        self._recent: OrderedDict[str, tuple[bytes, dict[bytes, bytes]]] = OrderedDict()
         # connections kept for appends (see _evalsha), idle ones here; the pid they were made in
         self._kept: list[Any] = []
         self._kept_pid = os.getpid()
@@ -432,8 +436,17 @@ class RedisEventStore(EventStore):
             duplicate, raw = self._call(append_and_replicate)
         except redis.ResponseError as exc:
             raise _translate(aggregate, expected_version, str(exc)) from exc
-        result = orjson.loads(raw)
-        return AppendResult(list(result["ids"]), int(result["version"]), bool(duplicate))
+        result = _append_result(raw, bool(duplicate))
+        if not result.duplicate:
+            self._remember(_appended_entries(aggregate, events, args, result))
+        return result
+
+    def _remember(self, entries: Iterable[tuple[Any, Any]]) -> None:
+        with self._histories_lock:
+            for raw_id, fields in entries:
+                self._recent[_text(raw_id)] = (raw_id, fields)
+            while len(self._recent) > defaults.RECENT_ENTRIES:
+                self._recent.popitem(last=False)
 
     def _run_append(self, keys: list[str], args: list[Any]) -> Any:
         return self._run_script(self._append_sha, APPEND, keys, args)
@@ -523,25 +536,32 @@ class RedisEventStore(EventStore):
             known, last, events = self._histories.get(aggregate_id, (0, "", ()))
 
         def tail() -> tuple[int, list[Any]]:
-            pipe = self.client.pipeline(transaction=False)
-            if known:
-                pipe.lindex(index, known - 1)
-            pipe.lrange(index, known, -1)
-            replies = pipe.execute()
-            if known and _text(replies[0]) != last:
+            # one command: the last entry read before (still in its place?) and whatever came after it
+            if not known:
                 return 0, self.client.lrange(index, 0, -1)
-            return known, replies[-1]
+            replies = self.client.lrange(index, known - 1, -1)
+            if not replies or _text(replies[0]) != last:
+                return 0, self.client.lrange(index, 0, -1)
+            return known, replies[1:]
 
         start, ids = self._call(tail)
         if start == 0:
             events = ()
         if ids:
-            pipe = self.client.pipeline(transaction=False)
-            for raw in ids:
-                pipe.xrange(self.keys.events, min=raw, max=raw)
-            found = self._call(pipe.execute)
-            events += tuple(_decode_entries((entry for entries in found for entry in entries), self.refuse))
-            last = _text(ids[-1])
+            positions = [_text(raw) for raw in ids]
+            with self._histories_lock:
+                seen = [self._recent.get(p) for p in positions]
+            missing = [p for p, entry in zip(positions, seen, strict=True) if entry is None]
+            fetched: dict[str, list[Any]] = {}
+            if missing:
+                pipe = self.client.pipeline(transaction=False)
+                for position in missing:
+                    pipe.xrange(self.keys.events, min=position, max=position)
+                fetched = dict(zip(missing, self._call(pipe.execute), strict=True))
+            entries = [entry for p, known_entry in zip(positions, seen, strict=True)
+                       for entry in ([known_entry] if known_entry is not None else fetched[p])]
+            events += tuple(_decode_entries(entries, self.refuse))
+            last = positions[-1]
         with self._histories_lock:
             self._histories[aggregate_id] = (start + len(ids), last, events)
             self._histories.move_to_end(aggregate_id)
@@ -570,6 +590,8 @@ class RedisEventStore(EventStore):
         key = self._stream_key(stream)
         reply = self._call(lambda: self.client.xread({key: after}, count=defaults.READ_BATCH, block=block_ms))
         entries = [entry for _, items in (reply or []) for entry in items]
+        if stream == "events":
+            self._remember(entries[-defaults.RECENT_ENTRIES:])  # a waiter reads its job's history next
         return _decode_entries(entries, self._refuser(stream)), _last_id(entries, after)
 
     # --- consumer groups: each event to one member, with ack and reclaim ------------------------
@@ -656,6 +678,30 @@ class RedisEventStore(EventStore):
         ids = self._call(lambda: self.client.lrange(self.keys.aggregate_index(aggregate_id), 0, -1))
         floor = position_key(position)
         return sum(1 for raw in ids if position_key(raw.decode() if isinstance(raw, bytes) else raw) < floor)
+
+
+def _appended_entries(aggregate: str, events: Sequence[Event], args: Sequence[Any],
+                      result: AppendResult) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries an append wrote, as XRANGE returns them (the script's fields, from the same arguments)."""
+    agg = aggregate.encode()
+    out = []
+    first = result.version - len(events) + 1
+    for n, position in enumerate(result.positions):
+        kind, version, when, corr, event_id, body = args[4 + n * PER_EVENT:4 + (n + 1) * PER_EVENT]
+        out.append((position.encode(), {
+            b"type": kind.encode(), b"v": str(version).encode(), b"agg": agg, b"ver": str(first + n).encode(),
+            b"time": when.encode(), b"corr": corr.encode(), b"id": event_id.encode(), b"body": bytes(body)}))
+    return out
+
+
+def _append_result(raw: bytes | str, duplicate: bool) -> AppendResult:
+    """The append script's reply: ``"<version> <id>..."``, or the JSON an earlier script recorded."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if text.startswith("{"):
+        result = orjson.loads(text)
+        return AppendResult(list(result["ids"]), int(result["version"]), duplicate)
+    version, *ids = text.split(" ")
+    return AppendResult(ids, int(version), duplicate)
 
 
 def _translate(aggregate: str, expected: int | None, message: str) -> EventStoreError:

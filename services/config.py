@@ -3,6 +3,11 @@
 Path settings (``models_dir``, ``db_path``, ``conf_path``) accept paths relative to ``root`` and hold
 absolute ones once loaded, as InvokeAI's config does; ``root`` itself is made absolute. A bad value raises :class:`ConfigError` naming the
 variable and the value, so a typo in the environment is reported instead of silently ignored.
+
+The settings are read as pydantic-settings reads them (``MODELBUS_<FIELD>`` whatever its case; a
+dict setting's value as JSON; keyword arguments over the environment over the file over the defaults,
+dicts merged) by :func:`_sources`, a few lines instead of pydantic-settings itself, whose import cost
+every ``modelbus`` command ~0.05 s of start-up (``tests/config/test_config.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelbus.events.errors import InvalidInput
 from modelbus.services.hfcache import read_token
@@ -83,34 +88,69 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".modelbus"
 
 
-class _YamlFileSource(PydanticBaseSettingsSource):
-    """Reads ``$MODELBUS_ROOT/modelbus.yaml`` when it exists; the environment wins over it."""
+def _yaml_file() -> dict[str, Any]:
+    """The settings of ``$MODELBUS_ROOT/modelbus.yaml`` when it exists; the environment wins over it."""
+    path = default_root() / CONFIG_FILE_NAME
+    if not path.is_file():
+        return {}
+    import yaml  # (only when there is a file: most commands start without one)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+    return loaded
 
-    def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls)
-        path = default_root() / CONFIG_FILE_NAME
-        self._data: dict[str, Any] = {}
-        if path.is_file():
-            import yaml  # (only when there is a file: most commands start without one)
+
+#: the settings whose environment value is JSON (pydantic-settings' "complex" fields: the dict ones)
+_JSON_SETTINGS = ("remote_api_tokens",)
+
+
+def _environment(names: Iterable[str]) -> dict[str, Any]:
+    """``MODELBUS_<NAME>`` of each setting that is set, its name matched whatever its case (a later
+    spelling in the environment wins, as in pydantic-settings); a JSON setting's value decoded."""
+    env = {k.lower(): v for k, v in os.environ.items()}
+    found: dict[str, Any] = {}
+    for name in names:
+        value = env.get(f"{ENV_PREFIX}{name}".lower())
+        if value is None:
+            continue
+        if name in _JSON_SETTINGS:
+            import json
             try:
-                loaded = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-            self._data = loaded
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+                value = json.loads(value)
+            except ValueError:  # (the value is not shown: it holds tokens)
+                raise ConfigError(f"invalid configuration: {ENV_PREFIX}{name.upper()}: not valid JSON "
+                                  "(expected an object of URL regex -> token)") from None
+        if value is not None:  # (JSON null: unset)
+            found[name] = value
+    return found
 
 
-class AppConfig(BaseSettings):
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """``high`` over ``low``; where both hold a dict, the two dicts merged the same way."""
+    out = dict(low)
+    for key, value in high.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _sources(fields: Iterable[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The values of a configuration: keyword arguments over the environment over modelbus.yaml (only
+    its settings, not its other keys); the defaults fill in the rest."""
+    names = tuple(fields)
+    file = {k: v for k, v in _yaml_file().items() if k in names}
+    return _merged(_merged(file, _environment(names)), overrides)
+
+
+class AppConfig(BaseModel):
     """Everything modelbus reads from its environment. See README "Configuration"."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+    model_config = ConfigDict(extra="ignore", validate_default=True)
+
+    def __init__(self, **overrides: Any) -> None:
+        super().__init__(**_sources(type(self).model_fields, overrides))
 
     root: Path = Field(default_factory=default_root, description="root directory of models, databases, redis data")
     models_dir: Path = Field(default=Path("models"), description="where installed models live")
@@ -127,6 +167,9 @@ class AppConfig(BaseSettings):
     fp8_storage: Literal["auto", "on", "off"] = Field(
         default="auto", description="keep fp8 files' weights in fp8 in memory, upcast layer by layer in the forward "
         "pass: 'on', 'off', or 'auto' (on CUDA devices with fp8 support, compute capability 8.9 and later)")
+    gguf_dequantize: bool = Field(
+        default=False, description="dequantize GGUF transformers' weights once, as they load, to the inference "
+        "precision: the forward pass of an unquantized model for its memory (Q8_0 at bf16: about 1.9x the file)")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     allow_private_downloads: bool = Field(default=False, description="allow URLs to loopback/private hosts")
@@ -158,7 +201,7 @@ class AppConfig(BaseSettings):
                              description="API processes `modelbus up` serves on its one socket (default: half "
                              "the cores, 1 to 8)")
     api_token: str | None = None
-    api_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+    api_allowed_hosts: tuple[str, ...] = Field(
         default=(), description="host names the API answers besides its bound address, localhost, 127.0.0.1 "
         "and [::1] (comma-separated; '*' turns the Host check off)")
     api_public_metrics: bool = Field(default=False, description="with a token set, /metrics and the API docs "
@@ -266,17 +309,6 @@ class AppConfig(BaseSettings):
         if not re.match(r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://", str(value)):
             raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
         return str(value)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlFileSource(settings_cls))
 
     @classmethod
     def load(cls, **overrides: Any) -> AppConfig:

@@ -121,3 +121,13 @@ def test_modules_log_through_the_deferred_logger() -> None:
     offenders = sorted(str(path.relative_to(ROOT)) for module, path in MODULES.items()
                        if module != "modelbus.events.logs" and "structlog.get_logger(" in path.read_text())
     assert offenders == []
+
+
+def test_no_module_imports_pydantic_settings() -> None:
+    """services.config reads the environment itself (pydantic-settings cost every command ~0.05 s of
+    start-up); tests/cli/test_entry.py checks what the reading commands import when they run."""
+    def names(node: ast.Import | ast.ImportFrom) -> list[str]:
+        return [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+    offenders = sorted(m for m, path in MODULES.items() for node in _imports(ast.parse(path.read_text()))
+                       if any(n.split(".")[0] == "pydantic_settings" for n in names(node)))
+    assert offenders == []

@@ -50,7 +50,10 @@ log = get_logger(__name__)
 
 
 def open_records(config: AppConfig, store: RedisEventStore) -> ModelRecordServiceBase:
-    return ModelRecordServiceBase.open(config, event_store=store)
+    """The record service of one job: every read catches up with one round trip, without a log watch. A
+    watch is a connection of its own that Redis tells of every append to the log, by any worker, while it
+    is open: for the few reads of one job it costs Redis more than the round trips it saves."""
+    return ModelRecordServiceBase.open(config.model_copy(update={"records_read_tracking": False}), event_store=store)
 
 
 def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | None = None,
@@ -59,16 +62,17 @@ def run_hash(job_id: str, folder: str | None = None, metadata: dict[str, Any] | 
     with for_current_job(context.store.client, context.store.keys, context.worker_id) as lease:
         if lease is not None and lease.done_before:
             return load_job(context.store, job_id).status.value  # delivered again: it already ran
-        skip = not_for(load_job(context.store, job_id), attempt)
+        job = load_job(context.store, job_id)
+        skip = not_for(job, attempt)
         if skip in ("superseded", InstallStatus.PAUSED.value):
             return skip  # (a paused job's resume enqueues a hash step of its own)
-        return _hash(context.store, context.config, job_id, folder, metadata)
+        return _hash(context.store, context.config, job_id, folder, metadata, job)
 
 
 def _hash(store: RedisEventStore, config: AppConfig, job_id: str, folder: str | None,
-          metadata: dict[str, Any] | None) -> str:
+          metadata: dict[str, Any] | None, known: InstallJob | None = None) -> str:
     try:
-        job = load_job(store, job_id)
+        job = known if known is not None else load_job(store, job_id)
         if not job.terminal:
             with stop_on(_cancel_check(store, job_id)):
                 _install(store, config, _downloaded(store, config, job, folder, metadata or {}))
@@ -124,9 +128,9 @@ def _downloaded(store: RedisEventStore, config: AppConfig, job: InstallJob, fold
         total = size_of(path)
         job, _ = transition(store, job.id, lambda j: InstallDownloaded(
             aggregate_id=j.id, path=str(path), total_bytes=total, metadata=metadata, correlation_id=j.id)
-            if j.status is InstallStatus.DOWNLOADING else None)
+            if j.status is InstallStatus.DOWNLOADING else None, known=job)
     job, _ = transition(store, job.id, lambda j: InstallStarted(aggregate_id=j.id, correlation_id=j.id)
-                        if j.status is InstallStatus.DOWNLOADS_DONE else None)
+                        if j.status is InstallStatus.DOWNLOADS_DONE else None, known=job)
     return job
 
 
@@ -183,7 +187,7 @@ def _complete(store: RedisEventStore, config: AppConfig, records: ModelRecordSer
     total = size_of(target) if target.exists() else 0
     _, appended = transition(store, job.id, unless_ended(lambda j: InstallCompleted(
         aggregate_id=j.id, key=record.key, config=record.model_dump(mode="json"), total_bytes=total,
-        already_installed=already, correlation_id=j.id)))
+        already_installed=already, correlation_id=j.id)), known=job)
     if appended:
         log.info("install_completed", job=job.id, key=record.key, path=record.path, already_installed=already)
         return

@@ -97,7 +97,7 @@ def _install(store: RedisEventStore, config: AppConfig, worker_id: str, job_id: 
     if skip is not None:
         return skip
     job, first_run = transition(store, job_id, lambda j: InstallStarted(
-        aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None)
+        aggregate_id=job_id, worker=worker_id, correlation_id=job_id) if j.waiting else None, known=job)
     try:
         source = job.options.get(IMPORT_PATH) or job.source  # a hand-over copy stands for the user's path
         plan = resolve(source, config, job.options, lambda: http_client(config), access_token)
@@ -139,7 +139,7 @@ def _local(store: RedisEventStore, config: AppConfig, job: InstallJob, plan: Loc
     total = size_of(path)
     job, appended = transition(store, job.id, lambda j: InstallDownloaded(
         aggregate_id=job.id, path=str(path), total_bytes=total, correlation_id=job.id)
-        if j.status is InstallStatus.DOWNLOADING else None)
+        if j.status is InstallStatus.DOWNLOADING else None, known=job)
     if not appended and job.terminal:
         remove_tree(staging_dir(config, job.id))  # cancelled while copying
         discard_hand_over(config, job.options)
@@ -187,8 +187,16 @@ def _enqueue_hash(store: RedisEventStore, job: InstallJob, after: list[str], fol
     queue = Queue(store.keys.queue("hash"), connection=store.client)
     depends = Dependency(jobs=after, allow_failure=True) if after else None
     extra: dict[str, Any] = {"attempt": job.attempt} if job.attempt else {}
-    queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
-                  **extra, **_job_options(defaults.HASH_JOB_TIMEOUT))
+    options = {**extra, **_job_options(defaults.HASH_JOB_TIMEOUT)}
+    if depends is not None:  # RQ reads the dependencies' state: its own round trips
+        queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, depends_on=depends,
+                      **options)
+        return
+    with store.client.pipeline(transaction=True) as pipe:  # no dependency: the enqueue in one round trip
+        pipe.multi()  # explicit, as RQ expects of a pipeline it is given
+        queue.enqueue(HASH_FUNCTION, job.id, folder=folder, metadata=metadata, job_id=rq_id, pipeline=pipe,
+                      **options)
+        pipe.execute()
 
 
 def _job_options(timeout: int = defaults.JOB_TIMEOUT) -> dict[str, Any]:

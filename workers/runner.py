@@ -107,6 +107,16 @@ class _Fenced:
         self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=defaults.PUBSUB_POLL, daemon=True,
                                                        exception_handler=self._pubsub_exception_handler)  # type: ignore[attr-defined]
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's, in one round trip: RQ sends its three commands one by one when it is given no pipeline,
+        and its loop beats several times around every job (a fleet's workers all pay Redis for each)."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)  # type: ignore[misc]
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
+            pipe.execute()
+
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
         try:
             super().maintain_heartbeats(job, execution)  # type: ignore[misc]

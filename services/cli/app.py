@@ -3,7 +3,6 @@ every failure is one line on stderr and an exit code (see services.cli.errors), 
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 import sys
@@ -18,6 +17,7 @@ from typer.core import TyperGroup
 
 from modelbus.events.logs import configure_logging, configure_logging_later
 from modelbus.services.cli.context import state
+from modelbus.services.cli.startup import imports_uncollected
 
 #: every command: its name, and the module of services.cli and the function that implement it
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -154,16 +154,12 @@ class CommandLine(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         name = named_command(sys.argv[1:]) if not args and "args" not in kwargs else None
         if name in COMMANDS or name in GROUPS:
-            gc.disable()  # a command's imports make objects that live as long as the process: nothing to collect
-            try:
+            with imports_uncollected():  # the command's own imports
                 only = _typer()
                 if name in COMMANDS:
                     only.command(name)(_function(*COMMANDS[str(name)]))
                 else:
                     only.add_typer(GROUPS[str(name)].typer(), name=name)
-            finally:
-                gc.enable()
-            gc.freeze()  # ... nor to scan again at each collection the command's own work triggers
             return only(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 

@@ -7,8 +7,11 @@ installed companion model: a record of the type and base :data:`COMPANIONS` list
 preference (other than the model being converted), built by the load service's own loader for that record
 (``services.load.registry``: a VAE file, a T5 encoder file or folder, a part of another main model, diffusers or
 single file) and written like the file's own parts. The CLIP tokenizers and FLUX's schedulers are the project's
-shipped configs. FLUX.1's CLIP-L is OpenAI's CLIP ViT-L/14 text model, frozen: the same weights SD-1.x and
-SDXL's first text encoder carry, so those models are companions too.
+shipped configs. FLUX.1's CLIP-L is OpenAI's CLIP ViT-L/14 text model, frozen: a CLIP text encoder file
+(``clip_embed``, comfyanonymous' ``clip_l.safetensors``, the ``clip-l-encoder`` starter) gives it first; the same
+weights SD-1.x and SDXL's first text encoder carry, so those models are companions too. T5's tokenizer comes from
+a T5 encoder folder that holds it (the ``t5-xxl-encoder`` starter is InvokeAI's ``text_encoder_2/`` +
+``tokenizer_2/`` folder), or from a FLUX or SD-3 diffusers model.
 
 The candidates of every missing part are found before anything is built: a part no installed model can give
 refuses the conversion (:class:`MissingCompanionError`) naming each such part and what would give it, and
@@ -17,6 +20,7 @@ nothing is written or recorded. A candidate that does not load is passed over fo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from modelbus.events.errors import ModelbusError
 from modelbus.events.logs import get_logger
 from modelbus.services.config import AppConfig
 from modelbus.services.convert import NotConvertible
-from modelbus.services.load.kit import VAE_PREFIXES, LoadRequest
+from modelbus.services.load.kit import VAE_PREFIXES, LoadRequest, fit_keys
 from modelbus.services.load.registry import loader_for
 from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX
 from modelbus.services.probe import read_tensor_index
@@ -60,7 +64,7 @@ _T5_FOLDER_TOKENIZER = Source("t5_encoder", ("any",), tokenizer_of=True)
 #: (pipeline, part) -> where the part may come from, the best first
 COMPANIONS: dict[tuple[str, str], tuple[Source, ...]] = {
     ("FluxPipeline", "vae"): (Source("vae", ("flux",)), Source("main", ("flux",), "vae")),
-    ("FluxPipeline", "text_encoder"): (Source("main", ("flux",), "text_encoder"),
+    ("FluxPipeline", "text_encoder"): (Source("clip_embed", ("any",)), Source("main", ("flux",), "text_encoder"),
                                        Source("main", ("sdxl",), "text_encoder"),
                                        Source("main", ("sd-1",), "text_encoder")),
     ("FluxPipeline", "text_encoder_2"): (Source("t5_encoder", ("any",)), Source("main", ("flux",), "text_encoder_2"),
@@ -68,7 +72,7 @@ COMPANIONS: dict[tuple[str, str], tuple[Source, ...]] = {
     ("FluxPipeline", "tokenizer_2"): (_T5_FOLDER_TOKENIZER, Source("main", ("flux",), "tokenizer_2"),
                                       Source("main", _SD3, "tokenizer_3")),
     ("StableDiffusion3Pipeline", "vae"): (Source("vae", _SD3), Source("main", _SD3, "vae")),
-    ("StableDiffusion3Pipeline", "text_encoder"): (Source("main", _SD3, "text_encoder"),),
+    ("StableDiffusion3Pipeline", "text_encoder"): (Source("clip_embed", ("any",)), Source("main", _SD3, "text_encoder")),
     ("StableDiffusion3Pipeline", "text_encoder_2"): (Source("main", _SD3, "text_encoder_2"),),
     ("StableDiffusion3Pipeline", "text_encoder_3"): (Source("t5_encoder", ("any",)),
                                                      Source("main", _SD3, "text_encoder_3"),
@@ -77,16 +81,17 @@ COMPANIONS: dict[tuple[str, str], tuple[Source, ...]] = {
                                                   Source("main", ("flux",), "tokenizer_2")),
 }
 #: what to install when a part has no companion
+_T5_TOKENIZER = ("a T5 tokenizer: a T5 encoder folder holding its tokenizer files (modelbus install --starter "
+                 "t5-xxl-encoder: text_encoder_2/ and tokenizer_2/), or a FLUX or SD-3 diffusers model")
 WANTED = {"vae": "a VAE of the family (FLUX.1: ae.safetensors, modelbus install --starter flux-vae)",
-          "text_encoder": "a CLIP-L text encoder (FLUX.1: any SD-1, SDXL or FLUX diffusers main model carries it)",
+          "text_encoder": "a CLIP-L text encoder (modelbus install --starter clip-l-encoder; for FLUX.1 also any "
+                          "SD-1, SDXL or FLUX diffusers main model carries it)",
           "text_encoder_2": "a T5-XXL encoder (modelbus install --starter t5-xxl-encoder)",
           "text_encoder_3": "a T5-XXL encoder (modelbus install --starter t5-xxl-encoder)",
-          "tokenizer_2": "a T5 tokenizer: a T5 encoder folder holding its tokenizer files, or a FLUX or SD-3 "
-                         "diffusers model",
-          "tokenizer_3": "a T5 tokenizer: a T5 encoder folder holding its tokenizer files, or a FLUX or SD-3 "
-                         "diffusers model"}
+          "tokenizer_2": _T5_TOKENIZER, "tokenizer_3": _T5_TOKENIZER}
 #: (pipeline, part) -> the class the pipeline takes, when another one's weights may be given for it
-_AS_CLASS: dict[tuple[str, str], type] = {("FluxPipeline", "text_encoder"): CLIPTextModel}
+_AS_CLASS: dict[tuple[str, str], type] = {("FluxPipeline", "text_encoder"): CLIPTextModel,
+                                          ("StableDiffusion3Pipeline", "text_encoder"): CLIPTextModelWithProjection}
 
 Candidate = tuple[Any, Source]
 
@@ -114,8 +119,14 @@ def bundled_parts(path: Path) -> set[str]:
 
 
 def _gives(config: AppConfig, record: Any, source: Source) -> bool:
-    """Whether ``record`` can give what ``source`` names: no single file holds a tokenizer (beyond the shipped
-    CLIP ones), a FLUX.1 file holds its transformer alone, an SD-3 file what it bundles."""
+    """Whether ``record`` can give what ``source`` names: a T5 folder its tokenizer only when it holds its files,
+    no single file holds a tokenizer (beyond the shipped CLIP ones), a FLUX.1 file holds its transformer alone,
+    an SD-3 file what it bundles."""
+    if source.tokenizer_of and _value(record.model_format) != "checkpoint":
+        try:  # a T5 folder without its tokenizer (a weights-only repo) gives none: refused at the plan, by name
+            return bool(_tokenizer_folder(config.model_path(record.path)))
+        except NotConvertible:
+            return False
     if _value(record.model_format) != "checkpoint":
         return True
     if source.tokenizer_of or (source.submodel or "").startswith("tokenizer"):
@@ -162,13 +173,13 @@ def build_companion(config: AppConfig, pipeline: str, part: str, found: list[Can
     for record, source in found:
         try:
             built = _build(config, record, source, dtype)
+            wanted = _AS_CLASS.get((pipeline, part))
+            if wanted is not None and type(built) is not wanted:
+                built = _as_class(built, wanted)
         except (ModelbusError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             errors.append(f"{record.key} ({record.name}): {exc}")
             log.info("companion_passed_over", part=part, key=record.key, error=str(exc))
             continue
-        wanted = _AS_CLASS.get((pipeline, part))
-        if wanted is not None and type(built) is not wanted:
-            built = _as_class(built, wanted)
         log.info("companion_used", part=part, key=record.key, name=record.name)
         return built, record
     raise NotConvertible(f"no installed companion gives {part}: " + "; ".join(errors)[:2000])
@@ -178,8 +189,6 @@ def _build(config: AppConfig, record: Any, source: Source, dtype: torch.dtype) -
     location = config.model_path(record.path)
     if source.tokenizer_of:
         return AutoTokenizer.from_pretrained(_tokenizer_folder(location), local_files_only=True)
-    if source.model_type == "t5_encoder" and location.is_dir() and not (location / "config.json").is_file():
-        location = location / "text_encoder_2"  # InvokeAI's and FLUX's layout: text_encoder_2/ beside tokenizer_2/
     submodel = SubModelType(source.submodel) if source.submodel else None
     load = loader_for(_value(record.model_type), _value(record.model_format))
     return load(LoadRequest(record, location, submodel, torch.device("cpu"), dtype)).model
@@ -193,9 +202,20 @@ def _tokenizer_folder(location: Path) -> Path:
 
 
 def _as_class(model: Any, cls: type) -> Any:
-    """CLIP-L's text model as ``cls`` (an SD-3 model's carries a projection FLUX does not take)."""
+    """CLIP-L's text model as ``cls``: an SD-3 model's carries a projection FLUX does not take; SD-3 pools
+    through one, the identity where a file has none (as SD-3's reference code and the SD-3 loader start it)."""
     if not isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
         raise NotConvertible(f"a {type(model).__name__} is not a CLIP text encoder")
+    dtype = next(model.parameters()).dtype
+    if cls is CLIPTextModelWithProjection:
+        hidden = model.config.hidden_size
+        config = copy.deepcopy(model.config)
+        config.projection_dim = hidden
+        projected: Any = CLIPTextModelWithProjection(config)
+        projected.text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in model.state_dict().items()})
+        projected.text_projection.weight.data = torch.eye(hidden)
+        return projected.to(dtype)
     plain = cls(model.config)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_projection.")})
-    return plain.to(next(model.parameters()).dtype)
+    plain.load_state_dict(fit_keys(plain, {k: v for k, v in model.state_dict().items()
+                                           if not k.startswith("text_projection.")}))
+    return plain.to(dtype)

@@ -11,6 +11,8 @@ the job already ended.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -224,15 +226,25 @@ def live_jobs(store: RedisEventStore, board: ProgressBoard) -> list[InstallJob]:
 Decide = Callable[[InstallJob], Event | None]
 
 
-def transition(store: EventStore, job_id: str, decide: Decide) -> tuple[InstallJob, bool]:
+def transition(store: EventStore, job_id: str, decide: Decide, known: InstallJob | None = None,
+               ) -> tuple[InstallJob, bool]:
     """Append what ``decide`` says given the job's current state, at that state's version.
 
     ``decide`` returns ``None`` to leave the job alone. Returns (the job after, whether appended).
     A terminal event releases the job's source claim in the same atomic append.
+
+    ``known``: the job as the caller read it (or as the last transition left it), tried first without
+    reading the history again: an append at its version fails if anything was written since, and then
+    the job is read and decided again. Leaving the job alone is only ever decided on a fresh read.
     """
     for _ in range(APPEND_ATTEMPTS):
-        job = load_job(store, job_id)
+        job = _copy(known) if known is not None and known.id == job_id else load_job(store, job_id)
         event = decide(job)
+        if event is None and known is not None:
+            known = None
+            job = load_job(store, job_id)
+            event = decide(job)
+        known = None
         if event is None:
             return job, False
         releases = [job.claim] if isinstance(event, TERMINAL_EVENTS) and job.claim else []
@@ -248,6 +260,14 @@ def transition(store: EventStore, job_id: str, decide: Decide) -> tuple[InstallJ
             job_id=job_id, status=after.status.value, event=event.type)))
         return after, True
     raise InstallError(f"install job {job_id!r} kept changing under {APPEND_ATTEMPTS} attempts")
+
+
+def _copy(job: InstallJob) -> InstallJob:
+    """A copy that :func:`apply` may change without changing the caller's job (the one container it
+    changes in place is ``downloaded``)."""
+    twin = copy.copy(job)
+    twin.downloaded = dict(job.downloaded)
+    return twin
 
 
 def unless_ended(make: Callable[[InstallJob], Event]) -> Decide:

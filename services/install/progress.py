@@ -38,12 +38,13 @@ class ProgressBoard:
 
     def set_file(self, job_id: str, file: str, done: int, total: int | None, name: str | None = None) -> None:
         key = self.keys.job(job_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, f"b:{file}", done)
+        fields: dict[str, str | int] = {f"b:{file}": done}
         if name:
-            pipe.hset(key, f"n:{file}", name)
+            fields[f"n:{file}"] = name
         if total is not None:
-            pipe.hset(key, f"t:{file}", total)
+            fields[f"t:{file}"] = total
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)  # one command for the file's fields (every progress tick writes them)
         pipe.expire(key, PROGRESS_TTL)
         pipe.execute()
 
@@ -103,17 +104,19 @@ class ProgressReporter:
         self.name = name  # what the job's view calls the file (``file`` is its id within the job)
         self.interval = interval
         self._last = 0.0
+        self._sent: tuple[int, int | None] | None = None  # the last figures reported
 
     def __call__(self, done: int, total: int | None) -> None:
         now = time.monotonic()
         finished = total is not None and done >= total
-        if not finished and now - self._last < self.interval:
-            return
+        if (not finished and now - self._last < self.interval) or (done, total) == self._sent:
+            return  # (the end of a file is often reported twice: by the copy loop and by its caller)
         self._last = now
         try:
             self.board.set_file(self.job_id, self.file, done, total, self.name)
             self.store.publish(InstallProgress(aggregate_id=self.job_id, correlation_id=self.job_id,
                                                payload=InstallProgressPayload(job_id=self.job_id, file=self.file,
                                                                               bytes=done, total_bytes=total)))
+            self._sent = (done, total)
         except (redis.RedisError, EventStoreError) as exc:  # advisory: a report lost while Redis is away
             log.warning("install_progress_not_reported", job=self.job_id, error=str(exc))  # must not end the copy

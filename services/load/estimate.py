@@ -6,6 +6,7 @@ The cache uses it to make room (or refuse a model that can never fit) before loa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def estimate_bytes(req: LoadRequest) -> int:
     try:
         loc, fmt = req.location, ModelFormat(req.record.model_format)
         if fmt == ModelFormat.GGUF:  # kept quantized in memory: the quantized size
-            return gguf_bytes(loc)
+            return gguf_bytes(loc, req.dtype if req.gguf_dequantize else None)
         if ModelType(req.record.model_type) == ModelType.Main and fmt == ModelFormat.Diffusers:
             if req.submodel in (None, SubModelType.Scheduler, SubModelType.Tokenizer, SubModelType.Tokenizer2,
                                 SubModelType.Tokenizer3):
@@ -119,12 +120,15 @@ def estimate_bytes(req: LoadRequest) -> int:
         return 0  # the load itself reports what is wrong with the files
 
 
-def gguf_bytes(path: Path) -> int:
-    """The tensors' bytes of a GGUF file as stored (quantized), from its header."""
+def gguf_bytes(path: Path, dequantized: torch.dtype | None = None) -> int:
+    """The tensors' bytes of a GGUF file as stored (quantized), or ``dequantized`` to a dtype, from its header."""
     from modelbus.services.probe import ProbeError
     from modelbus.services.probe.gguf_file import read_gguf_header
 
     try:
-        return read_gguf_header(path).data_bytes()
+        header = read_gguf_header(path)
     except ProbeError:
         return 0  # the load itself reports what is wrong with the file
+    if dequantized is None:
+        return header.data_bytes()
+    return sum(math.prod(shape) for shape, _, _, _ in header.tensors.values()) * dequantized.itemsize

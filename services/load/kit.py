@@ -45,6 +45,7 @@ class LoadRequest:
     device: torch.device
     dtype: torch.dtype
     fp8_storage: bool = False        # keep a file's fp8 weights in fp8 (services.load.fp8), where the loader can
+    gguf_dequantize: bool = False    # dequantize a GGUF file's weights as they load (services.load.gguf)
 
 
 Loader = Callable[[LoadRequest], Loaded]

@@ -20,9 +20,11 @@ import transformers
 from modelbus.services.load import bnb, loras
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.kit import (
+    CONFIGS_DIR,
     Loaded,
     LoadRequest,
     block_count,
+    clip_config,
     fit_keys,
     live_buffer,
     read_json,
@@ -172,9 +174,13 @@ def load_diffusers_t2i_adapter(req: LoadRequest) -> Loaded:
 
 def load_transformers_folder(req: LoadRequest) -> Loaded:
     """A transformers model saved with ``save_pretrained`` (CLIP image encoders, T5 encoders): its
-    ``config.json`` names the class."""
-    architectures = read_json(req.location / "config.json").get("architectures") or [""]
-    return load_module_folder(resolve_class("transformers", str(architectures[0])), req.location, req.device,
+    ``config.json`` names the class. A T5 encoder folder in InvokeAI's and FLUX's layout keeps it in
+    ``text_encoder_2/`` (beside ``tokenizer_2/``)."""
+    location = req.location
+    if not (location / "config.json").is_file() and (location / "text_encoder_2" / "config.json").is_file():
+        location = location / "text_encoder_2"
+    architectures = read_json(location / "config.json").get("architectures") or [""]
+    return load_module_folder(resolve_class("transformers", str(architectures[0])), location, req.device,
                               req.dtype)
 
 
@@ -389,3 +395,28 @@ def load_clip_vision_checkpoint(req: LoadRequest) -> Loaded:
         tensors = max((tensors, stripped), key=lambda c: len(wanted & c.keys()))
     assign_weights(model, tensors, req.device, f"{req.location} (CLIP image encoder)")
     return Loaded(model, state.buffer)
+
+
+#: the shipped config a CLIP text encoder file's dimensions are laid over (OpenAI's ViT-L/14 text model)
+_CLIP_TEXT_CONFIG = CONFIGS_DIR / "diffusers" / "sd-1" / "text_encoder"
+
+
+def load_clip_embed_checkpoint(req: LoadRequest) -> Loaded:
+    """A CLIP text encoder from one file (``text_model.*``, or SD's ``transformer.text_model.*``): a
+    ``CLIPTextModel``, or ``CLIPTextModelWithProjection`` when the file has its projection (SD-3's CLIP-L);
+    the shipped CLIP-L config with the dimensions the file's tensors give."""
+    state = read_single_file(req, lambda k: k.removeprefix("transformer.").startswith(("text_model.",
+                                                                                         "text_projection.")))
+    tensors = {k.removeprefix("transformer."): v for k, v in state.tensors.items()}
+    what = "CLIP text encoder"
+    vocab, hidden = shape_of(tensors, "text_model.embeddings.token_embedding.weight", req.location, what)
+    positions = shape_of(tensors, "text_model.embeddings.position_embedding.weight", req.location, what)[0]
+    inter = shape_of(tensors, "text_model.encoder.layers.0.mlp.fc1.weight", req.location, what)[0]
+    layers = block_count(tensors, r"text_model\.encoder\.layers\.(\d+)\.")
+    projection = tensors.get("text_projection.weight")
+    config = clip_config(_CLIP_TEXT_CONFIG, hidden, vocab, positions, layers, inter,
+                         int(projection.shape[0]) if projection is not None else None)
+    cls = transformers.CLIPTextModel if projection is None else transformers.CLIPTextModelWithProjection
+    model = empty_model(lambda: cls(config))
+    assign_weights(model, fit_keys(model, tensors), req.device, f"{req.location} ({what})")
+    return Loaded(model, live_buffer(model, state.buffer))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import init_empty_weights
@@ -347,25 +347,41 @@ def _prepare(paths: str | Path | Sequence[str | Path], device: torch.device, sel
                                                                                  device=device)
     tensors = {name: _view(buffer, off, e.dtype, e.shape) for name, (e, off) in placed.items()}
 
-    def fill() -> None:
-        fds = [os.open(p, os.O_RDONLY) for p in path_list]
-        direct = _direct_fds(path_list, fds) if device.type == "cuda" else None
-        try:
-            for fd in fds:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            if device.type == "cuda":
-                _read_to_cuda(fds, ranges, buffer, direct)
-            elif device.type == "cpu":
-                _read_to_cpu(fds, ranges, buffer)
-            else:  # mps and others: read to the CPU, one copy over
-                host = torch.empty_like(buffer, device="cpu")
-                _read_to_cpu(fds, ranges, host)
-                buffer.copy_(host)
-        finally:
-            for fd in fds + (direct or []):
-                os.close(fd)
+    return FlatTensors(buffer, tensors), lambda: _fill(path_list, ranges, buffer)
 
-    return FlatTensors(buffer, tensors), fill
+
+def _fill(path_list: Sequence[Path], ranges: list[_Range], buffer: torch.Tensor) -> None:
+    """Read ``ranges`` of the files into ``buffer`` (uint8) on its device: the CUDA pipeline, or
+    parallel ``preadv`` on the CPU."""
+    device = buffer.device
+    fds = [os.open(p, os.O_RDONLY) for p in path_list]
+    direct = _direct_fds(path_list, fds) if device.type == "cuda" else None
+    try:
+        for fd in fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if device.type == "cuda":
+            _read_to_cuda(fds, ranges, buffer, direct)
+        elif device.type == "cpu":
+            _read_to_cpu(fds, ranges, buffer)
+        else:  # mps and others: read to the CPU, one copy over
+            host = torch.empty_like(buffer, device="cpu")
+            _read_to_cpu(fds, ranges, host)
+            buffer.copy_(host)
+    finally:
+        for fd in fds + (direct or []):
+            os.close(fd)
+
+
+def read_span(path: str | Path, start: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bytes ``start`` to ``start + length`` of a file, read the way the flat loads read (pinned
+    pipeline to CUDA, parallel ``preadv`` into recycled host memory on the CPU) into one uint8 buffer
+    on ``device``: for formats other than safetensors whose tensors lie in one data region (GGUF)."""
+    device = torch.device(device)
+    buffer = host_memory().take(length) if device.type == "cpu" else torch.empty(max(length, 1), dtype=torch.uint8,
+                                                                                  device=device)
+    if length > 0:
+        _fill([Path(path)], [_Range(0, start, length, 0)], buffer)
+    return buffer
 
 
 def _casts(headers: Sequence[SafetensorsHeader], dtype: torch.dtype, select: Callable[[str], bool] | None) -> bool:
@@ -552,11 +568,15 @@ def _assign_direct(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dev
             if old is None:
                 continue
             value = tensors.get(dot + name)
-            if value is None or value.shape != old.shape:
+            # a parameter kind that stores its data in another shape (diffusers' GGUFParameter: bytes of
+            # quantized blocks) tells the shape it stands for, and is assigned as it is
+            stored_as = getattr(value, "quant_shape", None)
+            if value is None or (stored_as if stored_as is not None else value.shape) != old.shape:
                 unfilled.append((module, name, dot + name, old))
                 continue
             if id(old) not in replaced:
-                replaced[id(old)] = torch.nn.Parameter(value, requires_grad=False)
+                replaced[id(old)] = (cast(torch.nn.Parameter, value) if stored_as is not None
+                                     else torch.nn.Parameter(value, requires_grad=False))
             module._parameters[name] = replaced[id(old)]
         for name, buf in list(module._buffers.items()):
             if buf is None:

@@ -147,6 +147,7 @@ class ModelLoadService:
         self.precision = inference_dtype(str(getattr(config, "precision", "auto")), self.cache.execution_device)
         # decided for the execution device, whether a load parks the model in RAM first or not
         self.fp8_storage = keeps_fp8(str(getattr(config, "fp8_storage", "auto")), self.cache.execution_device)
+        self.gguf_dequantize = bool(getattr(config, "gguf_dequantize", False))
 
     @property
     def execution_device(self) -> torch.device:
@@ -180,7 +181,7 @@ class ModelLoadService:
             raise ModelNotFoundException(f"model {key} ({record.name}): nothing at {location}")
         cache_key = f"{key}:{submodel.value}" if submodel is not None else key
         request = LoadRequest(record, location, submodel, self.execution_device, self.precision,
-                              self.fp8_storage)
+                              self.fp8_storage, self.gguf_dequantize)
         ids = self._payload(record, submodel, location, context)
         hit_before = cache_key in self.cache
         if hits_only and not hit_before:
@@ -215,7 +216,7 @@ class ModelLoadService:
         def run(device: torch.device) -> Loaded:
             # parked in RAM or not, weights take the inference dtype: a later move to VRAM is one copy
             req = LoadRequest(request.record, request.location, request.submodel, device, self.precision,
-                              self.fp8_storage)
+                              self.fp8_storage, self.gguf_dequantize)
             try:
                 return load(req)
             except LoadError:

@@ -511,6 +511,24 @@ def probe_clip_vision(index: TensorIndex) -> ProbeResult | None:
     return _result(ModelType.CLIPVision, ModelFormat.Checkpoint, Base.Any)
 
 
+#: where a CLIP text encoder alone keeps its layers: transformers' names (comfyanonymous' clip_l.safetensors),
+#: or SD's ``transformer.``-prefixed ones
+CLIP_EMBED_PREFIXES = ("", "transformer.")
+#: a CLIP text tower's width -> what it is (OpenAI's ViT-L/14: FLUX.1's and SD-3's CLIP-L; OpenCLIP bigG)
+_CLIP_EMBED_WIDTHS = {768: "CLIP-L text encoder", 1280: "CLIP-G text encoder"}
+
+
+def probe_clip_embed(index: TensorIndex) -> ProbeResult | None:
+    """A CLIP text encoder alone (no image tower: a whole CLIP model is a clip_vision file)."""
+    prefix = next((p for p in CLIP_EMBED_PREFIXES if f"{p}text_model.embeddings.token_embedding.weight" in index.shapes
+                   and index.has_prefix(f"{p}text_model.encoder.layers.0.")), None)
+    if prefix is None or index.has_prefix("vision_model.", f"{prefix}vision_model."):
+        return None
+    width = (index.shape(f"{prefix}text_model.embeddings.token_embedding.weight") or (0, 0))[-1]
+    notes = _CLIP_EMBED_WIDTHS.get(width, f"CLIP text encoder of width {width}")
+    return _result(ModelType.CLIPEmbed, ModelFormat.Checkpoint, Base.Any, notes=notes)
+
+
 def probe_upscaler(index: TensorIndex) -> ProbeResult | None:
     """An image-to-image network Spandrel loads (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, LaMa...), told by
     Spandrel's own key conditions (:mod:`services.probe.upscalers`); the architecture and scale recorded."""
@@ -540,6 +558,7 @@ FILE_RULES: tuple[Rule, ...] = (
     probe_qwen3,
     probe_mistral,
     probe_clip_vision,
+    probe_clip_embed,
     probe_upscaler,
 )
 

@@ -22,6 +22,7 @@ from modelbus.services.records.errors import (
 from modelbus.services.records.models import (
     AnyModelConfig,
     CheckpointConfig,
+    CLIPEmbedCheckpointConfig,
     CLIPVisionCheckpointConfig,
     CLIPVisionDiffusersConfig,
     ControlNetCheckpointConfig,
@@ -51,6 +52,7 @@ from modelbus.services.records.service import ModelRecordServiceBase
 __all__ = [
     "AnyModelConfig",
     "BaseModelType",
+    "CLIPEmbedCheckpointConfig",
     "CLIPVisionCheckpointConfig",
     "CLIPVisionDiffusersConfig",
     "CheckpointConfig",

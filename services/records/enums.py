@@ -13,6 +13,7 @@ class ModelType(str, Enum):
     TextualInversion = "embedding"
     IPAdapter = "ip_adapter"
     CLIPVision = "clip_vision"
+    CLIPEmbed = "clip_embed"  # a CLIP text encoder alone (FLUX.1's and SD-3's CLIP-L, as InvokeAI names it)
     T2IAdapter = "t2i_adapter"
     T5Encoder = "t5_encoder"
     ONNX = "onnx"

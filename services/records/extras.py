@@ -33,7 +33,8 @@ SETTINGS_TYPES = ("main", "onnx")
 TRIGGER_TYPES = ("lora", "embedding", "main")
 #: how a model may relate to another, by the linking model's type
 RELATIONS: dict[str, tuple[str, ...]] = {
-    "for": ("lora", "embedding", "controlnet", "ip_adapter", "t2i_adapter", "vae", "clip_vision", "t5_encoder"),
+    "for": ("lora", "embedding", "controlnet", "ip_adapter", "t2i_adapter", "vae", "clip_vision", "t5_encoder",
+            "clip_embed"),
     "uses": ("main", "ip_adapter"),  # a pipeline using a VAE, encoder...; an IP-Adapter its image encoder
 }
 MAX_PHRASES = 64

@@ -228,6 +228,14 @@ class T2IAdapterCheckpointConfig(CheckpointConfig):
     model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
 
 
+class CLIPEmbedCheckpointConfig(CheckpointConfig):
+    """A CLIP text encoder as one file (comfyanonymous' ``clip_l.safetensors``: ``text_model.*``, or SD's
+    ``transformer.text_model.*``): FLUX.1's and SD-3's CLIP-L apart from any pipeline."""
+
+    model_type: Literal[ModelType.CLIPEmbed] = ModelType.CLIPEmbed
+    model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
+
+
 class T5EncoderConfig(ModelConfigBase):
     model_type: Literal[ModelType.T5Encoder] = ModelType.T5Encoder
     model_format: Literal[ModelFormat.T5Encoder] = ModelFormat.T5Encoder
@@ -321,7 +329,7 @@ CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     CLIPVisionDiffusersConfig, CLIPVisionCheckpointConfig, T2IAdapterConfig, T2IAdapterCheckpointConfig,
     T5EncoderConfig, T5EncoderCheckpointConfig,
     MainGGUFConfig, MainBnbQuantizedConfig, FluxReduxConfig, SpandrelImageToImageConfig, SigLIPConfig,
-    LlavaOnevisionConfig, Qwen25VLConfig, Qwen3EncoderConfig, MistralEncoderConfig,
+    LlavaOnevisionConfig, Qwen25VLConfig, Qwen3EncoderConfig, MistralEncoderConfig, CLIPEmbedCheckpointConfig,
 )
 
 
@@ -393,6 +401,7 @@ AnyModelConfig = Annotated[
         Annotated[Qwen3EncoderConfig, Tag("qwen3_encoder/checkpoint")],
         Annotated[MistralEncoderConfig, Tag("mistral_encoder/diffusers")],
         Annotated[MistralEncoderConfig, Tag("mistral_encoder/checkpoint")],
+        Annotated[CLIPEmbedCheckpointConfig, Tag("clip_embed/checkpoint")],
     ],
     Discriminator(_discriminate),
 ]

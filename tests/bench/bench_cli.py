@@ -2,15 +2,17 @@
 
     modelbus list / show / jobs / workers / events (goal <= 0.4 s each)
         vs ``python -c pass`` (the floor) and ``python -c "import torch"`` (what a command paid before),
-        and the libraries every reading command needs, imported alone (redis, pydantic-settings, typer,
-        rich, orjson; structlog comes with the first log line, which these commands do not write): the
-        floor of any CLI built on them
+        and the libraries every reading command needs, imported alone (redis, pydantic's models, typer,
+        rich, orjson; structlog comes with the first log line, which these commands do not write): the floor
+        of any CLI built on them; and those with pydantic-settings, which the configuration used before
 
 Each command runs as a fresh process against a private Redis holding a few models, so the figure is
 everything a user waits for: interpreter, imports, the Redis connection, the projection's catch-up and
 the printing. Each is timed twice: wall time, and the CPU time (user + system) of the process, which a
-busy machine (the 2-core dev VM, shared) inflates far less. An untimed round runs first, so no timed
-one writes .pyc files. Rounds alternate the order of the commands; the medians are printed.
+busy machine (the 2-core dev VM, shared) inflates far less. An untimed round runs first and writes
+the bytecode of every module (into a private PYTHONPYCACHEPREFIX, even where the shell exports
+PYTHONDONTWRITEBYTECODE): a timed run reads .pyc files, as an installed modelbus does, and compiles
+no source. Rounds alternate the order of the commands; the medians are printed.
 
 ``MODELBUS_BENCH_CLI_BEFORE=<git rev>`` also times the same commands of that revision's code (exported
 with ``git archive``) in the same rounds, and prints each command's ratio against it.
@@ -40,7 +42,9 @@ from tests.bench.common import bench_redis, ratio_line, scale
 REPO = Path(__file__).resolve().parents[2]
 MODELS = 20
 GOAL_SECONDS = 0.4
-LIBRARIES = "import redis, pydantic_settings, typer, rich.table, orjson"
+#: (pydantic's models, not its package alone: ``import pydantic`` imports its model machinery on first use)
+LIBRARIES = "import redis, typer, rich.table, orjson; from pydantic import BaseModel, Field, TypeAdapter"
+WITH_SETTINGS = LIBRARIES + "; import pydantic_settings"
 
 
 def _seed(url: str, namespace: str, root: Path) -> str:
@@ -91,7 +95,8 @@ def main() -> int:
         namespace = f"bench-{uuid.uuid4().hex[:8]}"
         key = _seed(url, namespace, root)
         env = {**os.environ, "MODELBUS_REDIS_URL": url, "MODELBUS_NAMESPACE": namespace, "MODELBUS_ROOT": str(root),
-               "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(root / "pycache")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         cli = [sys.executable, "-m", "modelbus.services.cli"]
         commands = {"list": ["list"], "show": ["show", key], "jobs": ["jobs"], "workers": ["workers"],
                     "events": ["events", "--count", "5"]}
@@ -99,6 +104,7 @@ def main() -> int:
             "python -c pass": ([sys.executable, "-c", "pass"], env),
             "python -c 'import torch'": ([sys.executable, "-c", "import torch"], env),
             "libraries": ([sys.executable, "-c", LIBRARIES], env),
+            "libraries + pydantic_settings": ([sys.executable, "-c", WITH_SETTINGS], env),
             **{f"modelbus {name}": ([*cli, *args], env) for name, args in commands.items()},
         }
         if before:
@@ -119,7 +125,8 @@ def main() -> int:
     floor, torch_name = "python -c pass", "python -c 'import torch'"
     print(f"  (medians of {rounds} runs, CPU (wall): {floor} {cpu[floor]:.3f} s ({wall[floor]:.3f}), "
           f"import torch {cpu[torch_name]:.3f} s ({wall[torch_name]:.3f}), the libraries alone "
-          f"({LIBRARIES[7:]}) {cpu['libraries']:.3f} s ({wall['libraries']:.3f}))", flush=True)
+          f"(redis, typer, rich, orjson, pydantic's models) {cpu['libraries']:.3f} s ({wall['libraries']:.3f}), with pydantic_settings "
+          f"{cpu['libraries + pydantic_settings']:.3f} s ({wall['libraries + pydantic_settings']:.3f}))", flush=True)
     torch, libraries = wall[torch_name], cpu["libraries"]
     for name in commands:
         ours = f"modelbus {name}"

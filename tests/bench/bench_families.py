@@ -1,18 +1,24 @@
-"""Full-size loads of the 2025-2026 formats on CUDA, each against a baseline in the same run:
+"""Full-size loads of the 2025-2026 formats, each against a baseline in the same run:
 
-- a FLUX.1-size GGUF Q8_0 transformer (city96's layout, 12.7 GB) through the load service's GGUF loader
-  (diffusers' GGUF support, weights kept quantized) vs the same transformer's bf16 file (23.8 GB) through
-  the FLUX loader: memory held, load time and forward time (1,024 image + 512 text tokens);
+- a FLUX.1-size GGUF Q8_0 transformer (12.7 GB, diffusers' names) through the load service's GGUF
+  loader (the flat read, weights kept quantized as diffusers' ``GGUFParameter``) vs diffusers' own GGUF
+  load of the same file (``from_single_file`` with a ``GGUFQuantizationConfig``, then ``.to(device)``):
+  load time, the first (page cache dropped) and the later loads; vs the same transformer's bf16 file (23.8 GB) through the
+  FLUX loader: memory held, load time and forward time (1,024 image + 512 text tokens); and the GGUF
+  dequantized as it loads (``MODELBUS_GGUF_DEQUANTIZE``) vs kept quantized: memory held, forward time;
 - a Qwen-Image-size transformer (20 B parameters, bf16, 40.9 GB) in diffusers' names through the load
   service's DiT loader vs diffusers' ``QwenImageTransformer2DModel.from_single_file`` (+ ``.to(device)``)
   with the same shipped config: load time.
 
-    python3 tests/bench/bench_families.py [--device cuda] [--only gguf,qwen] [--small] [--repeat 3] [--out FILE]
+    python3 tests/bench/bench_families.py [--device cuda] [--only gguf,qwen] [--small | --layers 2,4]
+        [--loads 3] [--no-forward] [--repeat 3] [--out FILE]
 
 The files are sparse (their data regions holes: zeros, read from the page cache without a disk), written
 under ``$MODELBUS_BENCH_TMP`` (default /tmp) and removed after each step; ``--small`` shrinks both models
-to a block or so, to check the script on a CPU (where diffusers' single-file load maps the file and reads
-nothing until used: its CPU figure is no load). Needs the ``gguf`` package (and diffusers' GGUF support).
+to a block or so, to check the script; ``--layers D,S`` keeps FLUX's width with D double and S single
+blocks (a CPU-sized GGUF comparison: diffusers' GGUF load copies every tensor out of its memory map, so
+its CPU figure is a real load; its bf16 single-file load maps the file and reads nothing until used).
+Needs the ``gguf`` package (and diffusers' GGUF support).
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -73,39 +81,95 @@ def _meta_shapes(cls: Any, config: dict[str, Any]) -> dict[str, tuple[int, ...]]
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def bench_gguf(folder: Path, device: torch.device, dtype: torch.dtype, small: bool, repeat: int) -> dict[str, Any]:
+def _diffusers_gguf_load(path: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """The baseline: diffusers' own GGUF load (``from_single_file`` with a ``GGUFQuantizationConfig``,
+    its config from a folder), then ``.to(device)``: what the GGUF loader did before it read the file flat."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = FluxTransformer2DModel.from_single_file(
+                str(path), config=tmp, local_files_only=True, torch_dtype=dtype,
+                quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))  # fmt: skip
+    return SimpleNamespace(model=model.to(device).eval())
+
+
+def bench_gguf(folder: Path, device: torch.device, dtype: torch.dtype, config: dict[str, Any], repeat: int,
+               loads: int, forward: bool) -> dict[str, Any]:
+    """A FLUX GGUF Q8_0 through the load service's GGUF loader against diffusers' GGUF load of the same
+    file (``loads`` rounds, the two alternating: the first load and the median of the later ones), and
+    against the same transformer's bf16 file through the FLUX loader (memory held, load, forward)."""
     from diffusers import FluxTransformer2DModel
 
     from modelbus.services.load.flux import load_flux_checkpoint
     from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.safetensors_fast import drop_page_cache
     from tests.fixtures.gguf_files import write_gguf
 
-    config = FLUX | ({"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 4} if small else {})
     shapes = _meta_shapes(FluxTransformer2DModel, config)
     gguf_path = write_gguf(folder / "flux1-dev-Q8_0.gguf", shapes, "Q8_0")
     bf16_path = write_sparse(folder / "flux1-dev-bf16.safetensors", shapes)
-    feed = _flux_inputs(device, dtype, 16 if small else 32)
-    results: dict[str, Any] = {"gguf_file_gb": gguf_path.stat().st_size / 1e9, "bf16_file_gb": bf16_path.stat().st_size / 1e9}
+    feed = _flux_inputs(device, dtype, 16 if config["num_layers"] < 19 else 32)
+    results: dict[str, Any] = {"config": config, "gguf_file_gb": gguf_path.stat().st_size / 1e9,
+                               "bf16_file_gb": bf16_path.stat().st_size / 1e9}  # fmt: skip
+
+    def request(path: Path, fmt: str) -> LoadRequest:
+        record = SimpleNamespace(key=fmt, model_type="main", model_format=fmt, base_model="flux", config=None)
+        return LoadRequest(record, path, SubModelType.Transformer, device, dtype)
+
+    steps: dict[str, Callable[[], Any]] = {
+        "gguf": lambda: load_gguf_main(request(gguf_path, "gguf")),
+        "diffusers_gguf": lambda: _diffusers_gguf_load(gguf_path, config, device, dtype),
+        "bf16": lambda: load_flux_checkpoint(request(bf16_path, "checkpoint")),
+        # once, after the rounds: a different model (plain layers, twice the memory), not a rival
+        "gguf_dequantized": lambda: load_gguf_main(replace(request(gguf_path, "gguf"), gguf_dequantize=True)),
+    }
+    rivals = list(steps)[:3]
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    import diffusers.quantizers.gguf.utils  # noqa: F401 - imported before the clock starts, for both
     try:
-        for name, path, load, fmt in (("gguf", gguf_path, load_gguf_main, "gguf"),
-                                      ("bf16", bf16_path, load_flux_checkpoint, "checkpoint")):
-            record = SimpleNamespace(key=name, model_type="main", model_format=fmt, base_model="flux", config=None)
-            req = LoadRequest(record, path, SubModelType.Transformer, device, dtype)
-            loaded, seconds = _timed(lambda: load(req), device)  # noqa: B023 - called at once
-            model = loaded.model
-            results[name] = {"load_s": round(seconds, 3), "held_bytes": held_bytes(model),
-                             "forward_s": round(median_forward(model, feed, device, repeat), 4)}
+        for round_ in range(loads + 1):
+            # the rivals in turns (neither always first), the first round from a cold page cache for each
+            names = (rivals[:: 1 if round_ % 2 == 0 else -1]) if round_ < loads else ["gguf_dequantized"]
+            for name in names:
+                if round_ == 0:
+                    for path in (gguf_path, bf16_path):
+                        drop_page_cache(path)
+                loaded, seconds = _timed(steps[name], device)
+                times[name].append(round(seconds, 3))
+                if name not in results:
+                    model = loaded.model
+                    results[name] = {"held_bytes": held_bytes(model)}
+                    if forward and name != "diffusers_gguf":  # the same modules as ours: the same forward
+                        results[name]["forward_s"] = round(median_forward(model, feed, device, repeat), 4)
+                    del model
+                del loaded
+        for name, seconds in times.items():
+            later = seconds[1:] or seconds
+            results[name] |= {"load_s": seconds, "first_s": seconds[0], "later_s": statistics.median(later)}
             print(f"{name}: {results[name]}", flush=True)
-            del loaded, model
     finally:
         gguf_path.unlink(missing_ok=True)
         bf16_path.unlink(missing_ok=True)
-    gguf, bf16 = results["gguf"], results["bf16"]
-    ratio_line("GGUF Q8_0 FLUX: memory held (GB)", gguf["held_bytes"] / 1e9, bf16["held_bytes"] / 1e9, "GB",
+    gguf, theirs, bf16 = results["gguf"], results["diffusers_gguf"], results["bf16"]
+    ratio_line("GGUF Q8_0 FLUX: load, first (ms) vs diffusers' GGUF", gguf["first_s"] * 1e3, theirs["first_s"] * 1e3,
+               "ms", higher_is_better=False)
+    ratio_line("GGUF Q8_0 FLUX: load, later (ms) vs diffusers' GGUF", gguf["later_s"] * 1e3, theirs["later_s"] * 1e3,
+               "ms", higher_is_better=False)
+    ratio_line("GGUF Q8_0 FLUX: memory held (GB) vs bf16", gguf["held_bytes"] / 1e9, bf16["held_bytes"] / 1e9, "GB",
                higher_is_better=False)
-    ratio_line("GGUF Q8_0 FLUX: load (s)", gguf["load_s"], bf16["load_s"], "s", higher_is_better=False)
-    ratio_line("GGUF Q8_0 FLUX: forward pass (ms)", gguf["forward_s"] * 1e3, bf16["forward_s"] * 1e3, "ms",
+    ratio_line("GGUF Q8_0 FLUX: load, later (ms) vs bf16 file", gguf["later_s"] * 1e3, bf16["later_s"] * 1e3, "ms",
                higher_is_better=False)
+    deq = results["gguf_dequantized"]
+    ratio_line("GGUF dequantized on load: memory held (GB) vs kept", deq["held_bytes"] / 1e9, gguf["held_bytes"] / 1e9,
+               "GB", higher_is_better=False)
+    if forward:
+        ratio_line("GGUF Q8_0 FLUX: forward pass (ms) vs bf16", gguf["forward_s"] * 1e3, bf16["forward_s"] * 1e3,
+                   "ms", higher_is_better=False)
+        ratio_line("GGUF dequantized on load: forward (ms) vs kept", deq["forward_s"] * 1e3, gguf["forward_s"] * 1e3,
+                   "ms", higher_is_better=False)
     return results
 
 
@@ -154,7 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", default="gguf,qwen")
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--layers", default="", help="FLUX's double,single block counts at full width (e.g. 2,4)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--loads", type=int, default=3, help="GGUF load rounds (ours and diffusers' alternating)")
+    ap.add_argument("--no-forward", dest="forward", action="store_false")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -165,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = set(args.only.split(","))
     with tempfile.TemporaryDirectory(prefix="bench-families-", dir=os.environ.get("MODELBUS_BENCH_TMP")) as tmp:
         if "gguf" in steps:
-            res["gguf"] = bench_gguf(Path(tmp), device, dtype, args.small, args.repeat)
+            config = FLUX | ({"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 4} if args.small else {})
+            if args.layers:
+                double, single = (int(n) for n in args.layers.split(","))
+                config |= {"num_layers": double, "num_single_layers": single}
+            res["gguf"] = bench_gguf(Path(tmp), device, dtype, config, args.repeat, args.loads, args.forward)
         if "qwen" in steps:
             res["qwen_image"] = bench_qwen_image(Path(tmp), device, dtype, args.small)
     emit(res, args.out)

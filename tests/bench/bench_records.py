@@ -141,7 +141,7 @@ def bench_writes(url: str, root: Path, config: AppConfig) -> None:
 
     def script_only(round_: int) -> None:
         for e in events[round_ * per_round:(round_ + 1) * per_round]:
-            floor.client.execute_command("EVALSHA", floor._append_sha, 5, *floor._append_keys,
+            floor.client.execute_command("EVALSHA", floor._append_sha, len(floor._append_keys) + 1, *floor._append_keys,
                                          floor.keys.aggregate_index(e.aggregate_id), e.aggregate_id, 0, e.event_id, 1,
                                          e.type, e.schema_version, e.time.isoformat(), "", e.event_id, encode_body(e),
                                          1, f"path:{e.aggregate_id}", e.aggregate_id, 0)

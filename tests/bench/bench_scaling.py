@@ -114,20 +114,38 @@ def _redis_cpu(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+def _redis_idle_rate(client: redis.Redis, seconds: float = 1.0) -> float:
+    """Redis's CPU seconds per second with the workers idle (its timers, their blocking polls): taken off
+    the round's figure, so that what is left per install is what the installs cost it."""
+    before = _redis_cpu(client)
+    time.sleep(seconds)
+    return (_redis_cpu(client) - before) / seconds
+
+
 def _redis_calls(client: redis.Redis) -> dict[str, tuple[int, int]]:
-    """(calls, microseconds) per command so far."""
-    return {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
-            for name, stat in client.info("commandstats").items()}
+    """(calls, microseconds) per command so far, and under ``reads`` the reads of requests Redis did (one per
+    round trip of a client: a pipeline is one; INFO stats' total_reads_processed)."""
+    calls = {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
+             for name, stat in client.info("commandstats").items()}
+    return {**calls, READS: (int(client.info("stats").get("total_reads_processed", 0)), 0)}
 
 
-def report_calls(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], installs: int) -> None:
+READS = "(reads)"
+
+
+def report_calls(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], installs: int,
+                 redis_cpu_s: float = 0.0) -> None:
     """Redis commands per install, the busiest first, and the microseconds of Redis's time they took
-    (scripts' inner commands are counted twice: as themselves and inside their EVALSHA)."""
+    (scripts' inner commands are counted twice: as themselves and inside their EVALSHA); then Redis's own
+    CPU time per install (INFO cpu: the commands, and the network reads and writes around them), the figure
+    that bounds how many workers one Redis can serve."""
     calls = {n: (after[n][0] - before.get(n, (0, 0))[0]) / installs for n in after}
     usec = {n: (after[n][1] - before.get(n, (0, 0))[1]) / installs for n in after}
+    reads = calls.pop(READS, 0.0)
     top = sorted((n for n in calls if calls[n] >= 0.05), key=lambda n: -usec[n])
-    print(f"    Redis per install: {sum(calls.values()):.0f} commands (by time: " +
+    print(f"    Redis per install: {sum(calls.values()):.0f} commands in {reads:.0f} round trips (by time: " +
           ", ".join(f"{n} {calls[n]:.1f}x {usec[n]:.0f} us" for n in top[:10]) + ")", flush=True)
+    print(f"    Redis CPU per install (beyond its idle load): {redis_cpu_s / installs * 1e6:.0f} us", flush=True)
 
 
 def run_round(redis_url: str, workers: int, tmp: Path) -> float:
@@ -144,6 +162,7 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
         for i in range(workers):
             bus.start_worker(name=f"scale-{workers}-{i}")
         _wait_registered(service.event_store.client, workers)
+        idle = _redis_idle_rate(service.event_store.client)
         cpu, redis_cpu = _cpu_times(), _redis_cpu(service.event_store.client)
         calls = _redis_calls(service.event_store.client)
         start = time.perf_counter()
@@ -152,7 +171,9 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
         done = [service.wait_for_job(j, timeout=600) for j in jobs]
         elapsed = time.perf_counter() - start
         busy, iowait = _cpu_share(cpu, _cpu_times())
-        redis_share = (_redis_cpu(service.event_store.client) - redis_cpu) / elapsed
+        redis_used = _redis_cpu(service.event_store.client) - redis_cpu
+        redis_work = max(0.0, redis_used - idle * elapsed)  # what the installs cost it, beyond its idle load
+        redis_share = redis_used / elapsed
         calls_after = _redis_calls(service.event_store.client)
         print(f"    {workers} worker{'s' if workers > 1 else ''}: {elapsed:.2f} s, submitting took {submitted:.2f} s; "
               f"CPUs {busy:.0%} busy ({iowait:.0%} iowait), Redis {redis_share:.0%} of one core", flush=True)
@@ -160,7 +181,7 @@ def run_round(redis_url: str, workers: int, tmp: Path) -> float:
         if bad:
             raise RuntimeError(f"{len(bad)} installs failed: {bad[0].error_type}: {bad[0].error}")
         report_phases(workers, [phases(service.event_store, j.id) for j in done])
-        report_calls(calls, calls_after, len(done))
+        report_calls(calls, calls_after, len(done), redis_work)
         service.record_store.close()
         return MODELS / elapsed
     finally:

@@ -98,3 +98,33 @@ log.debug("now_shown")
                                                                    ("then_structlog", "info"),
                                                                    ("now_shown", "debug")]
     assert lines[0]["logger"] == "rq.worker" and lines[1]["token"] == "[redacted]"
+
+
+#: what none of the reading commands may import, run through the console script: the model stack, the
+#: API, the logging library (no log line is written), pydantic-settings (services.config reads the
+#: environment itself), and what only installs and loads use
+NOT_FOR_READING = ("torch", "diffusers", "transformers", "fastapi", "structlog", "pydantic_settings", "rq", "yaml",
+                   "httpx", "PIL", "modelbus.services.install.service", "modelbus.services.download",
+                   "modelbus.services.load", "modelbus.services.catalog", "modelbus.services.routing")
+#: what a command line's process had imported when it ended, written by an exit hook to PROBE_OUT
+AT_EXIT = ("import atexit, json, os, runpy, sys\n"
+           "atexit.register(lambda: open(os.environ['PROBE_OUT'], 'w').write(json.dumps(sorted(sys.modules))))\n"
+           "sys.argv = ['modelbus', *sys.argv[1:]]\nrunpy.run_module('modelbus.services.cli', run_name='__main__')")
+
+
+@pytest.mark.parametrize("args", [("list",), ("list", "--json"), ("show", "alpha"), ("show", "alpha", "--json"),
+                                  ("jobs",), ("workers",), ("events", "--count", "5"), ("events", "--json")])
+def test_the_reading_commands_never_import_the_heavy_libraries(args: tuple[str, ...], modelbus_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    from modelbus.services.client import ModelBusClient
+    with ModelBusClient() as client:
+        client.add_model("k0", {"name": "alpha", "model_type": "lora", "model_format": "lycoris", "base_model": "sd-1",
+                                "path": "loras/a.safetensors", "hash": "blake3:00"})
+    out = tmp_path / "modules.json"
+    done = subprocess.run([sys.executable, "-c", AT_EXIT, *args], capture_output=True, text=True, timeout=120,
+                          check=False, env={**os.environ, "COLUMNS": "200", "PROBE_OUT": str(out)})
+    assert done.returncode == 0, done.stderr
+    assert ("k0" if args[0] in ("list", "show", "events") else "") in done.stdout  # the command did its work
+    modules = json.loads(out.read_text())
+    assert "modelbus.services.records.models" in modules  # (the probe sees what the command imported)
+    assert [m for m in modules if m.split(".")[0] in NOT_FOR_READING or m.startswith(NOT_FOR_READING)] == []

@@ -84,3 +84,20 @@ def test_history_keeps_a_bounded_number_of_aggregates(redis_url: str, namespace:
         assert _names(store, f"m{n}") == [f"m{n}"]
     assert len(store._histories) == 8
     assert _names(store, "m0") == ["m0"]  # read again whole after it was dropped
+
+
+def test_own_appends_and_entries_seen_arriving_read_back_as_the_log_holds_them(redis_url: str,
+                                                                               namespace: str) -> None:
+    """A store decodes what it appended, or saw arrive through ``poll``, from the entry it kept instead of
+    fetching it: the events must be exactly those a reader that fetches them decodes."""
+    writer = RedisEventStore.from_url(redis_url, namespace)
+    waiter = RedisEventStore.from_url(redis_url, namespace)
+    writer.append([ModelAdded(aggregate_id="ü/a", config=record_config("ü/a"), correlation_id="cmd-1")],
+                  expected_version=0, claims={"path:ü": "ü/a"})
+    writer.append([_renamed("ü/a", "b ✓"), _renamed("ü/a", "c")], expected_version=1, idempotency_key="k")
+    seen, _ = waiter.poll("0-0", "events", 10)
+    assert len(seen) == 3
+    fresh = RedisEventStore.from_url(redis_url, namespace).history("ü/a")
+    assert [s.event.aggregate_version for s in fresh] == [1, 2, 3]
+    for store in (writer, waiter):
+        assert [(s.position, s.event) for s in store.history("ü/a")] == [(s.position, s.event) for s in fresh]

@@ -108,7 +108,7 @@ def test_activity_stream_is_separate_and_filterable(store: EventStore) -> None:
     assert isinstance(seen.event, DownloadProgress) and seen.event.payload.bytes == 1
 
 
-def test_redis_store_reports_and_skips_unknown_entries(event_store: RedisEventStore,
+def test_event_store_reports_and_skips_unknown_entries(event_store: RedisEventStore,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     event_store.append([added("a")])
     event_store.client.xadd(event_store.keys.events, {"type": "FromTheFuture", "v": "1", "agg": "z",
@@ -169,3 +169,21 @@ def test_version_before_counts_what_the_append_recorded(store: EventStore) -> No
     second = store.append([ModelRemoved(aggregate_id="a")]).positions[0]
     assert [store.version_before("a", p) for p in ("0-0", first, second)] == [0, 0, 1]  # strictly before
     assert store.version_before("a", "99999999999999-0") == 2 and store.version_before("zzz", second) == 0
+
+
+def test_a_batch_repeated_under_its_idempotency_key_returns_every_position(store: EventStore) -> None:
+    batch = [added("a"), ModelUpdated(aggregate_id="a", changes={"name": "b"}, config=record_config("a"))]
+    one = store.append(batch, expected_version=0, idempotency_key="cmd-batch")
+    two = store.append(batch, expected_version=0, idempotency_key="cmd-batch")
+    assert not one.duplicate and two.duplicate
+    assert two.positions == one.positions == [s.position for s in store.read()] and two.version == 2
+
+
+def test_an_idempotency_key_recorded_as_json_by_an_earlier_version_still_answers(event_store: RedisEventStore) -> None:
+    """The append script once recorded a key's result as JSON: a repeat after an upgrade gets it back."""
+    first = event_store.append([added("a")], idempotency_key="cmd-old")
+    event_store.client.hset(event_store.keys.idempotency, "cmd-old",
+                            f'{{"ids":["{first.positions[0]}"],"version":{first.version}}}')
+    again = event_store.append([added("a")], idempotency_key="cmd-old")
+    assert again.duplicate and again.positions == first.positions and again.version == 1
+    assert len(event_store.read()) == 1

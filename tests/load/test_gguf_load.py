@@ -1,9 +1,15 @@
-"""A GGUF FLUX transformer (real Q8_0 weights written with the gguf package) loads through the load
-service with diffusers' GGUF support: its weights stay quantized, and it computes what the dequantized
-weights compute."""
+"""GGUF transformers (real quantized weights written with the gguf package) load through the load
+service with diffusers' GGUF support: their weights stay quantized, they compute what the dequantized
+weights compute, and the load is what diffusers' own GGUF load (``from_single_file`` with a
+``GGUFQuantizationConfig``) gives, parameter by parameter and byte for byte, and forward for forward.
+Bad files (truncated, a type nobody or diffusers cannot dequantize, shapes the config disagrees with)
+are refused, naming the problem."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,3 +61,234 @@ def test_gguf_size_estimate_is_the_quantized_size(config: Any, add: Any, store: 
     req = LoadRequest(record, path, SubModelType.Transformer, torch.device("cpu"), torch.float32)
     fp32 = sum(t.numel() * 4 for t in state.values())
     assert estimate_bytes(req) == read_gguf_header(path).data_bytes() < fp32 / 3
+
+
+# tiny configs whose widths fill Q8_0/Q4_0 blocks of 32, so most weights are quantized
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "flux": ("FluxTransformer2DModel", _flux_config(True)),
+    "qwen-image": ("QwenImageTransformer2DModel", {"patch_size": 2, "in_channels": 32, "out_channels": 4,
+                   "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                   "axes_dims_rope": [4, 6, 6]}),
+    "wan-2.1": ("WanTransformer3DModel", {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16,
+                "in_channels": 4, "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 64, "num_layers": 2,
+                "rope_max_seq_len": 32}),
+}  # fmt: skip
+
+
+def _tiny(base: str) -> torch.nn.Module:
+    import diffusers
+
+    cls, config = TINY[base]
+    torch.manual_seed(0)
+    model: torch.nn.Module = getattr(diffusers, cls)(**config)
+    with torch.no_grad():  # zero-initialised layers (FLUX's, Qwen's output gates) would make every output 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _inputs(base: str, dtype: torch.dtype) -> dict[str, Any]:
+    torch.manual_seed(1)
+    if base == "flux":
+        feed = _flux_inputs(64, True)
+    elif base == "qwen-image":
+        feed = {"hidden_states": torch.randn(1, 4, 32), "encoder_hidden_states": torch.randn(1, 3, 32),
+                "encoder_hidden_states_mask": torch.ones(1, 3), "timestep": torch.tensor([0.5]),
+                "img_shapes": [(1, 2, 2)]}  # fmt: skip
+    else:
+        feed = {"hidden_states": torch.randn(1, 4, 1, 4, 4), "timestep": torch.tensor([500]),
+                "encoder_hidden_states": torch.randn(1, 3, 32)}  # fmt: skip
+    floats = ("hidden_states", "encoder_hidden_states", "pooled_projections")
+    return {k: v.to(dtype) if k in floats else v for k, v in feed.items()}
+
+
+def _write(config: Any, base: str, quant: str, prefix: str = "") -> tuple[Path, dict[str, Any]]:
+    cls, kwargs = TINY[base]
+    state = {prefix + k: v for k, v in _tiny(base).state_dict().items()}
+    path = g.write_gguf_weights(config.models_path / f"{base}-tiny-{quant}{prefix[:5]}.gguf", state, quant)
+    folder = config.models_path / f"{base}-config"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": cls, **kwargs}))
+    return path, {"_class_name": cls, **kwargs}
+
+
+def _diffusers_gguf(path: Path, config: dict[str, Any], dtype: torch.dtype) -> Any:
+    """diffusers' own GGUF load, the reference: its config from a folder, never the network."""
+    import diffusers
+    from diffusers import GGUFQuantizationConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        return getattr(diffusers, config["_class_name"]).from_single_file(
+            str(path), config=tmp, local_files_only=True, torch_dtype=dtype,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype)).eval()  # fmt: skip
+
+
+def _same_as_diffusers(ours: Any, theirs: Any) -> int:
+    """Module for module, tensor for tensor: the same kinds, types, dtypes, shapes and bytes; returns
+    how many weights are quantized."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == \
+        [(n, type(m).__name__) for n, m in theirs.named_modules()]
+    mine, want = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert mine.keys() == want.keys()
+    quantized = 0
+    for name, p in want.items():
+        q = mine[name]
+        # (diffusers leaves a weight it dequantizes at load, in a module kept in fp32, a plain tensor in
+        # the module's parameters; ours is a Parameter: the same values, the same dtype)
+        assert isinstance(q, GGUFParameter) == isinstance(p, GGUFParameter), name
+        assert q.dtype == p.dtype and q.shape == p.shape, name
+        if isinstance(p, GGUFParameter):
+            quantized += 1
+            assert q.quant_type == p.quant_type and q.quant_shape == p.quant_shape, name
+            assert torch.equal(q.as_tensor(), p.as_tensor()), name
+            assert torch.equal(dequantize_gguf_tensor(q), dequantize_gguf_tensor(p)), name
+        else:
+            assert torch.equal(q, p), name
+    mine_b, want_b = dict(ours.named_buffers()), dict(theirs.named_buffers())
+    assert mine_b.keys() == want_b.keys()
+    for name, b in want_b.items():
+        assert mine_b[name].dtype == b.dtype and torch.equal(mine_b[name], b), name
+    return quantized
+
+
+CASES = {  # base, quantization, compute dtype, name prefix (ComfyUI's)
+    "flux-Q8_0-bf16": ("flux", "Q8_0", torch.bfloat16, ""),
+    "flux-Q4_0-fp32": ("flux", "Q4_0", torch.float32, ""),
+    "qwen-image-Q8_0-bf16-comfy": ("qwen-image", "Q8_0", torch.bfloat16, "model.diffusion_model."),
+    "qwen-image-Q5_1-fp32": ("qwen-image", "Q5_1", torch.float32, ""),
+    "wan-Q8_0-bf16": ("wan-2.1", "Q8_0", torch.bfloat16, ""),  # Wan keeps its norms and time embedder in fp32
+    "wan-Q4_0-fp32-comfy": ("wan-2.1", "Q4_0", torch.float32, "model.diffusion_model."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gguf_load_is_diffusers_gguf_load(config: Any, add: Any, store: Any, case: str) -> None:
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+
+    base, quant, dtype, prefix = CASES[case]
+    path, model_config = _write(config, base, quant, prefix)
+    key = add(path.name, "main", "gguf", base=base, quantization=quant,
+              **({} if base == "flux" else {"config": f"{base}-config"}))
+    req = LoadRequest(store.get_model(key), path, SubModelType.Transformer, torch.device("cpu"), dtype)
+    ours = load_gguf_main(req).model
+    # diffusers' GGUF load takes no ComfyUI prefix: its reference is the same file without one
+    plain = path if not prefix else _write(config, base, quant)[0].rename(config.models_path / "plain.gguf")
+    theirs = _diffusers_gguf(plain, model_config, dtype)
+    assert _same_as_diffusers(ours, theirs) > 0
+    feed = _inputs(base, dtype)
+    with torch.no_grad():
+        got, want = ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0]
+    assert got.dtype == dtype and got.abs().sum() > 0
+    assert torch.equal(got, want)
+
+
+def test_gguf_loads_again_from_the_skeleton_and_both_compute_alike(service: ModelLoadService, config: Any,
+                                                                   add: Any) -> None:
+    """A second load (the skeleton's clone, recycled host memory) is the first's twin, and turning one
+    clone's layers into GGUF layers leaves the kept skeleton plain."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from modelbus.services.load import skeleton
+
+    path, _ = _write(config, "qwen-image", "Q8_0")
+    key = add(path.name, "main", "gguf", base="qwen-image", config="qwen-image-config")
+    outs = []
+    for _ in range(2):
+        service.drop_model(key)  # the second load is a load, not the cache's copy
+        with service.get_model(key, SubModelType.Transformer) as model:
+            assert isinstance(model.transformer_blocks[0].attn.to_q, GGUFLinear)
+            with torch.no_grad():
+                outs.append(model(**_inputs("qwen-image", torch.float32), return_dict=False)[0])
+    assert torch.equal(outs[0], outs[1])
+    if skeleton.SKELETONS > 0:  # (MODELBUS_SKELETON_CACHE=0 keeps none)
+        kept = skeleton.skeleton_model(type(model), TINY["qwen-image"][1], lambda: pytest.fail("no skeleton kept"))
+        assert type(kept.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+
+
+def _refused(service: ModelLoadService, key: str, match: str) -> None:
+    with pytest.raises(InvalidModelException, match=match):
+        service.get_model(key, SubModelType.Transformer)
+
+
+def test_truncated_gguf_is_refused(service: ModelLoadService, config: Any, add: Any) -> None:
+    path = g.write_gguf_weights(config.models_path / "cut.gguf", tf.flux_transformer_state(), "Q8_0")
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size - 1000)
+    _refused(service, add(path.name, "main", "gguf", base="flux"), r"truncated GGUF: tensor .* ends at byte")
+
+
+def test_unknown_and_undequantizable_types_are_refused(service: ModelLoadService, config: Any, add: Any) -> None:
+    import gguf
+
+    name = "time_text_embed.timestep_embedder.linear_1.weight"  # (32, 256): whole blocks of 256 too
+    path = g.write_gguf_weights(config.models_path / "odd.gguf", tf.flux_transformer_state(), "Q8_0")
+    g.set_tensor_type(path, name, 99)
+    _refused(service, add(path.name, "main", "gguf", base="flux"), f"{name}' has unknown quantization type 99")
+    path = g.write_gguf_weights(config.models_path / "iq.gguf", tf.flux_transformer_state(), "Q8_0")
+    g.set_tensor_type(path, name, gguf.GGMLQuantizationType.IQ2_XXS.value)
+    _refused(service, add(path.name, "main", "gguf", base="flux"),
+             f"{name}' .* is IQ2_XXS, which diffusers' GGUF support cannot dequantize")
+
+
+def test_tensor_shapes_disagreeing_with_the_config_are_refused(service: ModelLoadService, config: Any,
+                                                                add: Any) -> None:
+    path, _ = _write(config, "qwen-image", "Q8_0")
+    wider = json.loads((config.models_path / "qwen-image-config" / "config.json").read_text())
+    folder = config.models_path / "wider"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(wider | {"joint_attention_dim": 64}))
+    _refused(service, add(path.name, "main", "gguf", base="qwen-image", config="wider"),
+             r"GGUF tensor txt_norm.weight \(F32\) has shape \[32\], the QwenImageTransformer2DModel of its config "
+             r"has \[64\]")
+    state = tf.flux_transformer_state()  # FLUX: the config comes from the file; one block disagrees with it
+    state["transformer_blocks.0.attn.to_k.weight"] = torch.randn(32, 64)
+    path = g.write_gguf_weights(config.models_path / "bad-flux.gguf", state, "Q8_0")
+    _refused(service, add(path.name, "main", "gguf", base="flux"),
+             r"transformer_blocks.0.attn.to_k.weight \(Q8_0\) has shape \[32, 64\], .* has \[32, 32\]")
+
+
+@pytest.mark.parametrize("case", ["flux-Q8_0-bf16", "wan-Q8_0-bf16", "qwen-image-Q5_1-fp32"])
+def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: Any, add: Any, case: str) -> None:
+    """``gguf_dequantize``: plain layers holding the dequantized weights in the inference dtype (float32
+    in the modules the class keeps so), what diffusers' ``model.dequantize()`` makes of its GGUF load;
+    the size estimate is then the dequantized size."""
+    from modelbus.services.load.estimate import estimate_bytes
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+
+    base, quant, dtype, _ = CASES[case]
+    path, model_config = _write(config, base, quant)
+    key = add(path.name, "main", "gguf", base=base, **({} if base == "flux" else {"config": f"{base}-config"}))
+    req = LoadRequest(store.get_model(key), path, SubModelType.Transformer, torch.device("cpu"), dtype,
+                      gguf_dequantize=True)  # fmt: skip
+    ours = load_gguf_main(req).model
+    theirs = _diffusers_gguf(path, model_config, dtype)
+    theirs.dequantize()
+    assert _same_as_diffusers(ours, theirs) == 0
+    feed = _inputs(base, dtype)
+    with torch.no_grad():
+        got, want = ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0]
+    assert torch.equal(got, want)
+    assert estimate_bytes(req) == sum(t.numel() for t in g.dequantized(path).values()) * dtype.itemsize
+
+
+def test_gguf_dequantize_setting_reaches_the_loader(modelbus_env: dict[str, str], store: Any, add: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MODELBUS_GGUF_DEQUANTIZE`` through the load service: no GGUF layer left."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    from modelbus.services.config import AppConfig
+
+    monkeypatch.setenv("MODELBUS_GGUF_DEQUANTIZE", "1")
+    cfg = AppConfig.load(device="cpu", ram_cache_size="256M", vram_cache_size="0")
+    cfg.models_path.mkdir(parents=True, exist_ok=True)
+    path = g.write_gguf_weights(cfg.models_path / "d.gguf", tf.flux_transformer_state(), "Q8_0")
+    with ModelLoadService(cfg, store).get_model(add(path.name, "main", "gguf", base="flux"),
+                                                SubModelType.Transformer) as model:
+        assert not any(isinstance(m, GGUFLinear) for m in model.modules())
+        assert not any(isinstance(p, GGUFParameter) for p in model.parameters())
+        assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 from typer.testing import CliRunner, Result
 
 from modelbus.services.cli import app as cli_app
@@ -39,6 +46,20 @@ def write_t5_folder(folder: Path, seed: int = 11, with_tokenizer: bool = True) -
     model.save_pretrained(folder)
     if with_tokenizer:
         t5_tokenizer().save_pretrained(folder)
+    return model
+
+
+def write_clip_l_file(path: Path, seed: int = 15, projection: bool = True, prefix: str = "", hidden: int = 64,
+                      vocab: int = 16, positions: int = 8) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A CLIP text encoder alone in one fp16 file, under transformers' ``text_model.*`` names (with its
+    ``text_projection``, as comfyanonymous' clip_l.safetensors) behind ``prefix`` (SD's ``transformer.``)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(**{**loadable.CLIP_CFG, "hidden_size": hidden, "vocab_size": vocab,
+                               "max_position_embeddings": positions, "projection_dim": hidden})
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    state = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+             for k, v in model.state_dict().items()}  # (transformers 5's CLIPTextModel has no text_model. level)
+    loadable._save(path, {prefix + k: v for k, v in state.items()}, torch.float16)
     return model
 
 
@@ -91,3 +112,19 @@ def run_cli(*args: str, code: int = 0) -> Result:
     result = CliRunner().invoke(cli_app, list(args))
     assert result.exit_code == code, (args, result.stdout, result.stderr)
     return result
+
+
+def assert_refused(bus: Bus, key: str, path: Path, timeout: str = "600") -> str:
+    """The one-line refusal of converting ``key`` (exit code 2); nothing of it changed: no event appended, the
+    record and its file as they were, no folder placed or left in staging."""
+    with ModelBusClient(bus.config) as client:
+        head, before = client.store.head(), path.read_bytes()
+    refused = run_cli("convert", key, "--timeout", timeout, code=2).stderr.strip()
+    assert len(refused.splitlines()) == 1, refused
+    with ModelBusClient(bus.config) as client:
+        assert client.store.head() == head and client.get_model(key).model_format.value == "checkpoint"
+    assert path.read_bytes() == before  # the original untouched
+    assert not [p for p in bus.config.models_path.rglob(f"{path.stem}*") if p != path]  # no folder placed
+    staging = bus.config.models_path / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())  # nor left in staging
+    return refused

@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable, transformer_files
 from tests.install.conftest import Bus
-from tests.modeldata.companions import add, run_cli, wait_for_hash_worker, write_t5_folder, write_vae_file
+from tests.modeldata.companions import (
+    add,
+    assert_refused,
+    run_cli,
+    wait_for_hash_worker,
+    write_t5_folder,
+    write_vae_file,
+)
 
 TIMEOUT = "600"
 
@@ -24,6 +30,7 @@ def _hash_worker_up(bus: Bus) -> None:
 
 
 _cli = run_cli
+_refused = assert_refused
 
 
 def _flux_file(bus: Bus, key: str) -> Path:
@@ -32,21 +39,6 @@ def _flux_file(bus: Bus, key: str) -> Path:
     transformer_files.write_state(path, loadable.flux_to_bfl(transformer_files.flux_transformer_state()))
     add(bus, key, "main", "checkpoint", "flux", path)
     return path
-
-
-def _refused(bus: Bus, key: str, path: Path) -> str:
-    """The one-line refusal of converting ``key``; nothing of it changed."""
-    with ModelBusClient(bus.config) as client:
-        head, before = client.store.head(), path.read_bytes()
-    refused = _cli("convert", key, "--timeout", TIMEOUT, code=2).stderr.strip()
-    assert len(refused.splitlines()) == 1, refused
-    with ModelBusClient(bus.config) as client:
-        assert client.store.head() == head and client.get_model(key).model_format.value == "checkpoint"
-    assert path.read_bytes() == before  # the original untouched
-    assert not [p for p in bus.config.models_path.rglob(f"{path.stem}*") if p != path]  # no folder placed
-    staging = bus.config.models_path / ".staging"
-    assert not staging.exists() or not any(staging.iterdir())  # nor left in staging
-    return refused
 
 
 def test_missing_companions_are_named_broken_ones_passed_over_and_nothing_changes(bus: Bus) -> None:

@@ -35,7 +35,10 @@ def test_the_shipped_catalogue_holds_what_people_start_with() -> None:
             "flux-vae", "t5-xxl-encoder", "sdxl-vae-fp16-fix", "controlnet-canny-sd15", "ip-adapter-sd15"} <= names
     assert {b.name for b in catalog.bundles} == {"sd-1", "sdxl", "flux"}
     flux = [s.name for s in catalog.with_dependencies(catalog.bundle("flux").models)]
-    assert flux == ["flux-vae", "t5-xxl-encoder", "flux.1-schnell"]  # dependencies first
+    assert flux == ["flux-vae", "t5-xxl-encoder", "clip-l-encoder", "flux.1-schnell"]  # dependencies first
+    # what a FLUX.1 conversion takes besides the VAE: CLIP-L, and T5-XXL in a folder holding its tokenizer
+    assert catalog.starter("clip-l-encoder").type.value == "clip_embed"
+    assert catalog.starter("t5-xxl-encoder").source == "InvokeAI/t5-v1_1-xxl:bfloat16"
     assert catalog.starter("flux.1-schnell").install_source("http://hub") == \
         "http://hub/black-forest-labs/FLUX.1-schnell/resolve/main/flux1-schnell.safetensors"
 
