@@ -106,7 +106,7 @@ def test_bnb_flux_loads_quantized_and_matches(service: ModelLoadService, config:
     assert torch.allclose(got, want_dequantized, atol=0.05, rtol=0.05), (got - want_dequantized).abs().max()
     # ... and is as near the unquantized model as bnb's quantization error lets it be
     error = (got - want_original).abs().mean() / want_original.abs().mean()
-    assert error < (0.35 if kind in ("nf4", "fp4") else 0.05), error
+    assert error < (0.25 if kind in ("nf4", "fp4") else 0.03), error  # (measured: 0.12-0.16, 0.010)
     assert error > 0  # the weights really were quantized
 
 
