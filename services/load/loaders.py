@@ -17,7 +17,7 @@ import diffusers
 import torch
 import transformers
 
-from modelbus.services.load import loras
+from modelbus.services.load import bnb, loras
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.kit import (
     CONFIGS_DIR,
@@ -64,6 +64,10 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
     files = weight_files(folder, dtype)
     if not files:
         raise InvalidModelException(f"{folder}: no weight files (.safetensors, .bin, .ckpt)")
+    if bnb.folder_quantization(folder) is not None:  # saved quantized by bitsandbytes: kept quantized
+        loaded = bnb.load_bnb_folder(lambda: _empty_from_folder(cls, folder, reuse=False), files, folder, device, dtype)
+        keep_in_fp32(loaded.model, dtype)  # (what bnb did not quantize: T5's wo stays fp32 in fp16, as in from_pretrained)
+        return loaded
     if all(f.suffix == ".safetensors" for f in files) and (device.type == "cpu" or not needs_cast(files, dtype)):
         # the weights stream in (threads, GIL released; on the CPU cast as they arrive) while this
         # thread builds the meta model and assigns it the buffer's views, whose bytes are still
@@ -104,10 +108,12 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     return cast
 
 
-def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
+def _empty_from_folder(cls: type, folder: Path, reuse: bool = True) -> torch.nn.Module:
+    """``cls`` built from the folder's config on the meta device; ``reuse``: a clone of a kept skeleton."""
     if issubclass(cls, diffusers.ModelMixin):
         config = cls.load_config(folder, local_files_only=True)  # type: ignore[attr-defined]
-        return skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))  # type: ignore[attr-defined]
+        fresh = lambda: empty_model(lambda: cls.from_config(config))  # type: ignore[attr-defined]
+        return skeleton_model(cls, config, fresh) if reuse else fresh()
     if issubclass(cls, transformers.PreTrainedModel):
         config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined,union-attr]
 
@@ -116,7 +122,7 @@ def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
             model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
             return model
 
-        return skeleton_model(cls, config, build)  # clones keep the ties (one Parameter, two modules)
+        return skeleton_model(cls, config, build) if reuse else build()  # clones keep the ties
     raise InvalidModelException(f"{folder}: {cls.__name__} is not a model class")
 
 

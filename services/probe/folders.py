@@ -8,6 +8,9 @@
   (``architectures``): VAE, ControlNet, T2I-Adapter, CLIP Vision, T5 encoder.
 - ``*.onnx`` files: an ONNX pipeline, format ``olive`` when Olive left its traces (see
   :func:`onnx_format`), else ``onnx``.
+- a ``quantization_config`` of bitsandbytes in the folder's or a submodel's ``config.json`` (as diffusers'
+  and transformers' ``save_pretrained`` write it): the record's ``quantization`` is ``nf4``, ``fp4`` or
+  ``int8``; the format stays the folder's (the folder loader keeps the weights quantized).
 """
 
 from __future__ import annotations
@@ -40,7 +43,27 @@ _OLIVE_EXTERNAL_DATA = ".onnx.data"  # Olive's <model>.onnx.data; diffusers writ
 _MAX_WORKFLOW_JSON = 1 << 20  # Olive workflow configs are a few KB; tokenizer vocabularies are not read
 
 
+def bnb_folder_quantization(path: Path) -> str | None:
+    """``nf4``/``fp4``/``int8`` when the folder or one of its submodels was saved quantized by bitsandbytes."""
+    for config in [path / "config.json", *sorted(path.glob("*/config.json"))]:
+        try:
+            quant = orjson.loads(config.read_bytes()).get("quantization_config") if config.is_file() else None
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes":
+            if quant.get("load_in_8bit"):
+                return "int8"
+            return str(quant.get("bnb_4bit_quant_type") or "fp4")  # (BitsAndBytesConfig's default is fp4)
+    return None
+
+
 def identify_folder(path: Path) -> ProbeResult:
+    result = _identify_folder(path)
+    quant = bnb_folder_quantization(path) if result.quantization is None else None
+    return result.model_copy(update={"quantization": quant}) if quant else result
+
+
+def _identify_folder(path: Path) -> ProbeResult:
     if (path / "model_index.json").is_file():
         return _probe_pipeline(path, read_json(path / "model_index.json"))
     weights = _first_existing(path, "pytorch_lora_weights")

@@ -258,7 +258,8 @@ class MainGGUFConfig(CheckpointConfig, MainConfig):
 
 
 class MainBnbQuantizedConfig(CheckpointConfig, MainConfig):
-    """A bitsandbytes-quantized checkpoint (NF4 or int8): loadable only where bitsandbytes runs (CUDA)."""
+    """A bitsandbytes-quantized checkpoint (NF4/FP4 or int8): loaded kept quantized where bitsandbytes runs
+    (CUDA, and its CPU backend)."""
 
     model_type: Literal[ModelType.Main] = ModelType.Main
     model_format: Literal[ModelFormat.BnbQuantizedNF4, ModelFormat.BnbQuantizedInt8]
