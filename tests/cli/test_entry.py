@@ -128,3 +128,5 @@ def test_the_reading_commands_never_import_the_heavy_libraries(args: tuple[str, 
     modules = json.loads(out.read_text())
     assert "modelbus.services.records.models" in modules  # (the probe sees what the command imported)
     assert [m for m in modules if m.split(".")[0] in NOT_FOR_READING or m.startswith(NOT_FOR_READING)] == []
+    if "--json" in args:  # JSON is printed without rich (its console is made when first used)
+        assert [m for m in modules if m.split(".")[0] == "rich"] == []
