@@ -112,8 +112,10 @@ class EventStore(ABC):
     @abstractmethod
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
-               releases: Sequence[str] = ()) -> AppendResult:
-        """Append events of one aggregate atomically (see events.scripts for the checks)."""
+               releases: Sequence[str] = (), announce: Sequence[Event] = ()) -> AppendResult:
+        """Append events of one aggregate atomically (see events.scripts for the checks); ``announce``:
+        operational events published on the activity stream once the append has landed (not for a
+        duplicate), in the same step."""
 
     @abstractmethod
     def version(self, aggregate_id: str) -> int: ...
@@ -408,7 +410,7 @@ class RedisEventStore(EventStore):
 
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
-               releases: Sequence[str] = ()) -> AppendResult:
+               releases: Sequence[str] = (), announce: Sequence[Event] = ()) -> AppendResult:
         aggregate = _check_batch(events, expected_version)
         args: list[Any] = [aggregate, "" if expected_version is None else expected_version,
                            idempotency_key or events[0].event_id, len(events)]
@@ -420,7 +422,11 @@ class RedisEventStore(EventStore):
             args += (field, owner)
         args.append(len(releases))
         args += releases
-        keys = [*self._append_keys, self.keys.aggregate_index(aggregate)]
+        args += (len(announce), self.activity_maxlen)
+        for a in announce:  # the fields of codec.encode
+            args += (a.type, a.schema_version, a.aggregate_id, a.time.isoformat(), a.correlation_id or "",
+                     a.event_id, encode_body(a))
+        keys = [*self._append_keys, self.keys.aggregate_index(aggregate), self.keys.activity]
         def append_and_replicate() -> tuple[int, bytes]:
             # one step for the retry loop: after a failover the append is repeated (the idempotency key
             # makes that safe) so that WAIT counts replicas of the server that holds the event now
@@ -737,7 +743,7 @@ class InMemoryEventStore(EventStore):
 
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
-               releases: Sequence[str] = ()) -> AppendResult:
+               releases: Sequence[str] = (), announce: Sequence[Event] = ()) -> AppendResult:
         aggregate = _check_batch(events, expected_version)
         key = idempotency_key or events[0].event_id
         with self._cond:
@@ -765,6 +771,8 @@ class InMemoryEventStore(EventStore):
                     del self._unique[field]
             result = AppendResult(positions, current)
             self._idempotency[key] = result
+            for a in announce:
+                self.publish(a)  # (the condition is reentrant: the same step)
             self._cond.notify_all()
             return result
 
