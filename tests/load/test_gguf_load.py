@@ -368,17 +368,23 @@ def test_tensor_shapes_disagreeing_with_the_config_are_refused(service: ModelLoa
              r"transformer_blocks.0.attn.to_k.weight \(Q8_0\) has shape \[32, 64\], .* has \[32, 32\]")
 
 
-@pytest.mark.parametrize("case", ["flux-Q8_0-bf16", "wan-Q8_0-bf16", "qwen-image-Q5_1-fp32"])
-def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: Any, add: Any, case: str) -> None:
+DEQUANTIZED = [("flux", "Q8_0", torch.bfloat16), ("wan-2.1", "Q8_0", torch.bfloat16),
+               ("qwen-image", "Q5_1", torch.float32), ("flux", "Q5_K", torch.bfloat16),
+               ("wan-2.1", "Q3_K", torch.bfloat16), ("qwen-image", "Q6_K", torch.float32)]
+
+
+@pytest.mark.parametrize(("base", "quant", "dtype"), DEQUANTIZED, ids=[f"{b}-{q}-{str(d)[6:]}" for b, q, d in DEQUANTIZED])
+def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: Any, add: Any, base: str, quant: str,
+                                                          dtype: torch.dtype) -> None:
     """``gguf_dequantize``: plain layers holding the dequantized weights in the inference dtype (float32
     in the modules the class keeps so), what diffusers' ``model.dequantize()`` makes of its GGUF load;
-    the size estimate is then the dequantized size."""
+    the size estimate is then the dequantized size. K-quants: on the 256-wide configs."""
     from modelbus.services.load.estimate import estimate_bytes
     from modelbus.services.load.gguf import load_gguf_main
     from modelbus.services.load.kit import LoadRequest
 
-    base, quant, dtype, _ = CASES[case]
-    path, model_config = _write(config, base, quant)
+    width = 256 if quant in g.K_QUANTS else 32
+    path, model_config = _write(config, base, quant, tiny=TINY_K if width == 256 else TINY)
     key = add(path.name, "main", "gguf", base=base, **({} if base == "flux" else {"config": f"{base}-config"}))
     req = LoadRequest(store.get_model(key), path, SubModelType.Transformer, torch.device("cpu"), dtype,
                       gguf_dequantize=True)  # fmt: skip
@@ -386,7 +392,7 @@ def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: An
     theirs = _diffusers_gguf(path, model_config, dtype)
     theirs.dequantize()
     assert _same_as_diffusers(ours, theirs) == 0
-    feed = _inputs(base, dtype)
+    feed = _inputs(base, dtype, width)
     with torch.no_grad():
         got, want = ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0]
     assert torch.equal(got, want)
