@@ -15,7 +15,9 @@ a T5 encoder folder that holds it (the ``t5-xxl-encoder`` starter is InvokeAI's 
 
 The candidates of every missing part are found before anything is built: a part no installed model can give
 refuses the conversion (:class:`MissingCompanionError`) naming each such part and what would give it, and
-nothing is written or recorded. A candidate that does not load is passed over for the next.
+nothing is written or recorded. A candidate that does not load is passed over for the next, and so is a CLIP
+text encoder of the wrong width (:func:`clip_width_wanted`: a CLIP-G recorded as ``clip_embed`` is no FLUX
+CLIP-L), its width and the one wanted named in the refusal when no candidate fits.
 """
 
 from __future__ import annotations
@@ -165,17 +167,59 @@ def plan_companions(config: AppConfig, records: Iterable[Any], model: Any, pipel
     return found
 
 
+def clip_width(model: Any) -> int:
+    """How wide a CLIP text encoder's pooled output is: its projection's (CLIPTextModelWithProjection's
+    ``text_embeds``, what SD-3 pools), else its hidden size (CLIPTextModel's ``pooler_output``, what FLUX pools)."""
+    projection = getattr(model, "text_projection", None)
+    if projection is not None:
+        return int(projection.weight.shape[0])
+    return int(model.config.hidden_size)
+
+
+def clip_width_wanted(pipeline: str, part: str, built: dict[str, Any]) -> tuple[int, str] | None:
+    """(the width the pipeline's CLIP ``part`` must have, why), from the config of the transformer the file
+    gave, so a tiny pipeline wants a tiny width; None where that does not say (not a CLIP part, or SD-3's
+    first CLIP companion while the other is not built either). FLUX.1 pools CLIP-L alone: its transformer's
+    ``pooled_projection_dim`` (768). SD-3 pools CLIP-L and CLIP-G side by side: the two widths add up to its
+    ``pooled_projection_dim`` (768 + 1280 = 2048), so one is that less the other's."""
+    transformer = built.get("transformer")
+    pooled = getattr(getattr(transformer, "config", None), "pooled_projection_dim", None)
+    if not isinstance(pooled, int):
+        return None
+    if pipeline == "FluxPipeline" and part == "text_encoder":
+        return pooled, f"its transformer's pooled_projection_dim is {pooled}"
+    other = {"text_encoder": "text_encoder_2", "text_encoder_2": "text_encoder"}.get(part)
+    if pipeline == "StableDiffusion3Pipeline" and other is not None and other in built:
+        width = clip_width(built[other])
+        return pooled - width, f"its transformer's pooled_projection_dim is {pooled} and its {other} is {width} wide"
+    return None
+
+
+def companion_order(parts: Iterable[str]) -> list[str]:
+    """The order companions are built in: SD-3's CLIP-G before CLIP-L, so one's width tells the other's."""
+    listed = list(parts)
+    if "text_encoder" in listed and "text_encoder_2" in listed:
+        listed.remove("text_encoder_2")
+        listed.insert(listed.index("text_encoder"), "text_encoder_2")
+    return listed
+
+
 def build_companion(config: AppConfig, pipeline: str, part: str, found: list[Candidate],
-                    dtype: torch.dtype) -> tuple[Any, Any]:
-    """(the part, the record that gave it), from the first candidate that gives it; NotConvertible naming what
-    each one answered."""
+                    dtype: torch.dtype, built_parts: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(the part, the record that gave it), from the first candidate that gives it (a CLIP text encoder only
+    of the width the pipeline's other parts in ``built_parts`` want); NotConvertible naming what each one
+    answered."""
     errors = []
+    width_wanted = clip_width_wanted(pipeline, part, built_parts or {})
     for record, source in found:
         try:
             built = _build(config, record, source, dtype)
             wanted = _AS_CLASS.get((pipeline, part))
             if wanted is not None and type(built) is not wanted:
                 built = _as_class(built, wanted)
+            if width_wanted is not None and clip_width(built) != width_wanted[0]:
+                raise NotConvertible(f"a CLIP text encoder {clip_width(built)} wide, and {pipeline}'s {part} "
+                                     f"must be {width_wanted[0]} wide ({width_wanted[1]})")
         except (ModelbusError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             errors.append(f"{record.key} ({record.name}): {exc}")
             log.info("companion_passed_over", part=part, key=record.key, error=str(exc))
