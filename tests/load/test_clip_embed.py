@@ -47,9 +47,20 @@ def test_a_clip_text_encoder_file_is_identified_recorded_and_loaded(
         _same(model, written.state_dict())
 
 
-def test_clip_l_is_named_by_its_width_and_a_whole_clip_model_stays_clip_vision(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("width", "named"), [(768, "CLIP-L text encoder"), (1280, "CLIP-G text encoder"),
+                                              (1024, "CLIP text encoder of width 1024")], ids=["L", "G", "other"])
+def test_a_clip_text_encoder_is_named_by_its_width(tmp_path: Path, width: int, named: str) -> None:
+    """768: OpenAI's ViT-L/14 text tower (FLUX.1's and SD-3's CLIP-L); 1280: OpenCLIP bigG's (SDXL's and SD-3's
+    CLIP-G, as SD-3's clip_g.safetensors holds it); in either layout, with or without the projection."""
+    for prefix, projection in (("", True), ("transformer.", False)):
+        path = tmp_path / f"clip-{prefix or 'comfy'}.safetensors"
+        write_clip_l_file(path, hidden=width, vocab=16, prefix=prefix, projection=projection)
+        found = probe(path)
+        assert (found.model_type.value, found.base_model.value, found.notes) == ("clip_embed", "any", named), prefix
+
+
+def test_a_whole_clip_model_stays_clip_vision(tmp_path: Path) -> None:
     write_clip_l_file(tmp_path / "clip_l.safetensors", hidden=768, vocab=16)  # OpenAI's ViT-L/14 text width
-    assert probe(tmp_path / "clip_l.safetensors").notes == "CLIP-L text encoder"
     vision = tmp_path / "vision.safetensors"
     loadable.write_clip_vision(vision)
     both = {**load_file(str(vision)), **load_file(str(tmp_path / "clip_l.safetensors"))}
