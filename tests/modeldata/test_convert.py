@@ -144,6 +144,9 @@ def test_what_cannot_be_converted_is_refused_and_nothing_changes(bus: Bus, tmp_p
         head = client.store.head()
     refused = _cli("convert", f"conv-{what}", code=2)
     assert "not a single-file main checkpoint" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    with TestClient(create_app(bus.config)) as http:  # the API: the same refusal, a 422 naming it
+        r = http.post(f"/api/v2/models/i/conv-{what}/convert", json={}, headers={"Host": "127.0.0.1"})
+        assert r.status_code == 422 and "not a single-file main checkpoint" in r.json()["error"]["message"], r.text
     with ModelBusClient(bus.config) as client:
         assert client.store.head() == head
 
