@@ -8,7 +8,8 @@ preference (other than the model being converted), built by the load service's o
 (``services.load.registry``: a VAE file, a T5 encoder file or folder, a part of another main model, diffusers or
 single file) and written like the file's own parts. The CLIP tokenizers and FLUX's schedulers are the project's
 shipped configs. FLUX.1's CLIP-L is OpenAI's CLIP ViT-L/14 text model, frozen: a CLIP text encoder file
-(``clip_embed``, comfyanonymous' ``clip_l.safetensors``, the ``clip-l-encoder`` starter) gives it first; the same
+(``clip_embed``: comfyanonymous' ``clip_l.safetensors``, the ``clip-l-encoder`` starter, or a transformers
+folder) gives it first; the same
 weights SD-1.x and SDXL's first text encoder carry, so those models are companions too. T5's tokenizer comes from
 a T5 encoder folder that holds it (the ``t5-xxl-encoder`` starter is InvokeAI's ``text_encoder_2/`` +
 ``tokenizer_2/`` folder), or from a FLUX or SD-3 diffusers model.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from tests.fixtures import loadable, transformer_files
 from tests.install.conftest import Bus
@@ -90,7 +90,8 @@ def test_missing_companions_are_named_broken_ones_passed_over_and_nothing_change
 def test_a_clip_text_encoder_of_the_wrong_width_is_passed_over_and_named(bus: Bus) -> None:
     """A CLIP-G recorded as clip_embed is no CLIP-L: FLUX.1 takes a CLIP as wide as its transformer pools
     (pooled_projection_dim), SD-3 one as wide as its pooled width less its CLIP-G's. The wrong one is passed over
-    for the next; when none fits, the refusal names each candidate's width and the one wanted, nothing changed."""
+    for the next (here a CLIP-L folder in InvokeAI's layout); when none fits, the refusal names each candidate's
+    width and the one wanted, nothing changed."""
     models = bus.config.models_path
     models.mkdir(parents=True, exist_ok=True)
     write_vae_file(models / "w-vae.safetensors")
@@ -100,8 +101,12 @@ def test_a_clip_text_encoder_of_the_wrong_width_is_passed_over_and_named(bus: Bu
     wide = 2 * CLIP_L_WIDTH  # this tiny world's CLIP-G: named to come first among the clip_embed candidates
     write_clip_l_file(models / "w-clip-g.safetensors", seed=21, hidden=wide)
     add(bus, "w-clip-g", "clip_embed", "checkpoint", "any", models / "w-clip-g.safetensors")
-    clip_l = write_clip_l_file(models / "w-clip-l.safetensors", seed=22)
-    add(bus, "w-clip-l", "clip_embed", "checkpoint", "any", models / "w-clip-l.safetensors")
+    torch.manual_seed(22)  # the CLIP-L as a folder, in InvokeAI's layout (text_encoder/ beside tokenizer/)
+    clip_l = CLIPTextModel(CLIPTextConfig(**loadable.CLIP_CFG)).eval()
+    clip_l.save_pretrained(models / "w-clip-l" / "text_encoder")
+    (models / "w-clip-l" / "tokenizer").mkdir()
+    (models / "w-clip-l" / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    add(bus, "w-clip-l", "clip_embed", "diffusers", "any", models / "w-clip-l")
 
     # a FLUX file pooling a width no installed CLIP has: refused, each candidate's width named
     odd = models / "w-flux-48.safetensors"
