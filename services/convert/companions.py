@@ -24,6 +24,7 @@ CLIP-L), its width and the one wanted named in the refusal when no candidate fit
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from modelbus.services.load.kit import VAE_PREFIXES, LoadRequest, fit_keys
 from modelbus.services.load.registry import loader_for
 from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX
 from modelbus.services.probe import read_tensor_index
+from modelbus.services.probe.families import CLIP_EMBED_PREFIXES
 from modelbus.services.records import SubModelType
 
 log = get_logger(__name__)
@@ -212,15 +214,21 @@ def build_companion(config: AppConfig, pipeline: str, part: str, found: list[Can
     answered."""
     errors = []
     width_wanted = clip_width_wanted(pipeline, part, built_parts or {})
+
+    def check_width(width: int | None) -> None:
+        if width_wanted is not None and width is not None and width != width_wanted[0]:
+            raise NotConvertible(f"a CLIP text encoder {width} wide, and {pipeline}'s {part} must be "
+                                 f"{width_wanted[0]} wide ({width_wanted[1]})")
     for record, source in found:
         try:
+            if width_wanted is not None and source.model_type == "clip_embed":
+                check_width(declared_clip_width(config, record, pipeline))  # a wrong one is not even built
             built = _build(config, record, source, dtype)
             wanted = _AS_CLASS.get((pipeline, part))
             if wanted is not None and type(built) is not wanted:
                 built = _as_class(built, wanted)
-            if width_wanted is not None and clip_width(built) != width_wanted[0]:
-                raise NotConvertible(f"a CLIP text encoder {clip_width(built)} wide, and {pipeline}'s {part} "
-                                     f"must be {width_wanted[0]} wide ({width_wanted[1]})")
+            if width_wanted is not None:
+                check_width(clip_width(built))
         except (ModelbusError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             errors.append(f"{record.key} ({record.name}): {exc}")
             log.info("companion_passed_over", part=part, key=record.key, error=str(exc))
@@ -228,6 +236,33 @@ def build_companion(config: AppConfig, pipeline: str, part: str, found: list[Can
         log.info("companion_used", part=part, key=record.key, name=record.name)
         return built, record
     raise NotConvertible(f"no installed companion gives {part}: " + "; ".join(errors)[:2000])
+
+
+def declared_clip_width(config: AppConfig, record: Any, pipeline: str) -> int | None:
+    """The width a ``clip_embed`` record's encoder has as ``pipeline`` takes it (FLUX.1: its hidden size; SD-3:
+    its projection's, else its hidden size), from the file's header or the folder's ``config.json`` alone;
+    None when they do not say (the built encoder is checked then)."""
+    location = config.model_path(record.path)
+    try:
+        if _value(record.model_format) == "checkpoint":
+            shapes = read_tensor_index(location).shapes
+            prefix = next((p for p in CLIP_EMBED_PREFIXES
+                           if f"{p}text_model.embeddings.token_embedding.weight" in shapes), None)
+            if prefix is None:
+                return None
+            hidden: Any = shapes[f"{prefix}text_model.embeddings.token_embedding.weight"][-1]
+            projection = shapes.get(f"{prefix}text_projection.weight")
+            projected: Any = projection[0] if projection else None
+        else:
+            folder = location if (location / "config.json").is_file() else location / "text_encoder"
+            text = json.loads((folder / "config.json").read_text())
+            hidden = text.get("hidden_size")
+            projected = text.get("projection_dim") if "CLIPTextModelWithProjection" in (
+                text.get("architectures") or []) else None
+    except (ModelbusError, OSError, ValueError, IndexError):
+        return None
+    width = hidden if pipeline == "FluxPipeline" else (projected or hidden)
+    return width if isinstance(width, int) else None
 
 
 def _build(config: AppConfig, record: Any, source: Source, dtype: torch.dtype) -> Any:

@@ -100,6 +100,9 @@ def test_a_clip_text_encoder_of_the_wrong_width_is_passed_over_and_named(bus: Bu
     add(bus, "w-t5", "t5_encoder", "t5_encoder", "any", models / "w-t5")
     wide = 2 * CLIP_L_WIDTH  # this tiny world's CLIP-G: named to come first among the clip_embed candidates
     write_clip_l_file(models / "w-clip-g.safetensors", seed=21, hidden=wide)
+    # ... and one that would not even load (no final norm): its header tells its width, so it is never built
+    whole = load_file(str(models / "w-clip-g.safetensors"))
+    save_file({k: v for k, v in whole.items() if "final_layer_norm" not in k}, str(models / "w-clip-g.safetensors"))
     add(bus, "w-clip-g", "clip_embed", "checkpoint", "any", models / "w-clip-g.safetensors")
     torch.manual_seed(22)  # the CLIP-L as a folder, in InvokeAI's layout (text_encoder/ beside tokenizer/)
     clip_l = CLIPTextModel(CLIPTextConfig(**loadable.CLIP_CFG)).eval()
