@@ -173,12 +173,13 @@ def load_diffusers_t2i_adapter(req: LoadRequest) -> Loaded:
 
 
 def load_transformers_folder(req: LoadRequest) -> Loaded:
-    """A transformers model saved with ``save_pretrained`` (CLIP image encoders, T5 encoders): its
+    """A transformers model saved with ``save_pretrained`` (CLIP image and text encoders, T5 encoders): its
     ``config.json`` names the class. A T5 encoder folder in InvokeAI's and FLUX's layout keeps it in
-    ``text_encoder_2/`` (beside ``tokenizer_2/``)."""
+    ``text_encoder_2/`` (beside ``tokenizer_2/``), a CLIP text encoder folder in ``text_encoder/``."""
     location = req.location
-    if not (location / "config.json").is_file() and (location / "text_encoder_2" / "config.json").is_file():
-        location = location / "text_encoder_2"
+    if not (location / "config.json").is_file():
+        location = next((location / sub for sub in ("text_encoder_2", "text_encoder")
+                         if (location / sub / "config.json").is_file()), location)
     architectures = read_json(location / "config.json").get("architectures") or [""]
     return load_module_folder(resolve_class("transformers", str(architectures[0])), location, req.device,
                               req.dtype)
