@@ -6,15 +6,20 @@ touches as little as it can: what an idempotency key recorded is plain text, ``"
 not JSON. (The version is kept in its own hash, not taken from the length of the aggregate's index: an entry
 forged onto the index must not shift the versions of real ones, see events.validation.)
 
-KEYS: 1 log stream, 2 versions hash, 3 idempotency hash, 4 unique hash, 5 aggregate index list
+KEYS: 1 log stream, 2 versions hash, 3 idempotency hash, 4 unique hash, 5 aggregate index list,
+      6 activity stream
 ARGV: aggregate id, expected version ('' = any), idempotency key ('' = none), event count,
       then 6 values per event (type, schema version, time, correlation id, event id, body),
-      then claim count and (field, owner) pairs, then release count and fields.
+      then claim count and (field, owner) pairs, then release count and fields,
+      then the count of activity events to announce once the append has landed, the activity stream's
+      approximate cap, and 7 values per activity event (type, schema version, aggregate id, time,
+      correlation id, event id, body): the news of the append in the same round trip (none for a duplicate).
 Returns {duplicate (0|1), "<version> <id> <id>..."} (a duplicate of an append recorded by the script
 before this one: {1, JSON {"ids": [...], "version": n}}).
 """
 
 PER_EVENT = 6
+PER_ANNOUNCED = 7
 
 APPEND = """
 local agg = ARGV[1]
@@ -57,6 +62,12 @@ for i = 1, tonumber(ARGV[rel]) do
 end
 local result = current .. ' ' .. table.concat(ids, ' ')
 if idem ~= '' then redis.call('HSET', KEYS[3], idem, result) end
+local ann = rel + tonumber(ARGV[rel]) + 1
+for i = 0, tonumber(ARGV[ann] or '0') - 1 do
+  local o = ann + 2 + i * 7
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[ann + 1], '*', 'type', ARGV[o], 'v', ARGV[o + 1], 'agg', ARGV[o + 2],
+             'time', ARGV[o + 3], 'corr', ARGV[o + 4], 'id', ARGV[o + 5], 'body', ARGV[o + 6])
+end
 return {0, result}
 """
 

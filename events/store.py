@@ -112,8 +112,10 @@ class EventStore(ABC):
     @abstractmethod
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
-               releases: Sequence[str] = ()) -> AppendResult:
-        """Append events of one aggregate atomically (see events.scripts for the checks)."""
+               releases: Sequence[str] = (), announce: Sequence[Event] = ()) -> AppendResult:
+        """Append events of one aggregate atomically (see events.scripts for the checks); ``announce``:
+        operational events published on the activity stream once the append has landed (not for a
+        duplicate), in the same step."""
 
     @abstractmethod
     def version(self, aggregate_id: str) -> int: ...
@@ -374,7 +376,7 @@ class RedisEventStore(EventStore):
         # position -> the entry as XRANGE returns it, for entries this store appended or saw arrive (poll):
         # a history read that finds one of them in the aggregate's index decodes it from here instead of
         # fetching it (an entry of a stream never changes; the index check of ``history`` is unchanged)
-        self._recent: OrderedDict[str, tuple[bytes, dict[bytes, bytes]]] = OrderedDict()
+        self._recent: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         # connections kept for appends (see _evalsha), idle ones here; the pid they were made in
         self._kept: list[Any] = []
         self._kept_pid = os.getpid()
@@ -408,7 +410,7 @@ class RedisEventStore(EventStore):
 
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
-               releases: Sequence[str] = ()) -> AppendResult:
+               releases: Sequence[str] = (), announce: Sequence[Event] = ()) -> AppendResult:
         aggregate = _check_batch(events, expected_version)
         args: list[Any] = [aggregate, "" if expected_version is None else expected_version,
                            idempotency_key or events[0].event_id, len(events)]
@@ -420,7 +422,11 @@ class RedisEventStore(EventStore):
             args += (field, owner)
         args.append(len(releases))
         args += releases
-        keys = [*self._append_keys, self.keys.aggregate_index(aggregate)]
+        args += (len(announce), self.activity_maxlen)
+        for a in announce:  # the fields of codec.encode
+            args += (a.type, a.schema_version, a.aggregate_id, a.time.isoformat(), a.correlation_id or "",
+                     a.event_id, encode_body(a))
+        keys = [*self._append_keys, self.keys.aggregate_index(aggregate), self.keys.activity]
         def append_and_replicate() -> tuple[int, bytes]:
             # one step for the retry loop: after a failover the append is repeated (the idempotency key
             # makes that safe) so that WAIT counts replicas of the server that holds the event now
@@ -437,14 +443,16 @@ class RedisEventStore(EventStore):
         except redis.ResponseError as exc:
             raise _translate(aggregate, expected_version, str(exc)) from exc
         result = _append_result(raw, bool(duplicate))
-        if not result.duplicate:
-            self._remember(_appended_entries(aggregate, events, args, result))
+        if not result.duplicate:  # kept as sent: made into an entry only if a history read asks for it
+            first = result.version - len(events) + 1
+            self._remember((p, (aggregate, first + n, args[4 + n * PER_EVENT:4 + (n + 1) * PER_EVENT]))
+                           for n, p in enumerate(result.positions))
         return result
 
-    def _remember(self, entries: Iterable[tuple[Any, Any]]) -> None:
+    def _remember(self, entries: Iterable[tuple[str, Any]]) -> None:
         with self._histories_lock:
-            for raw_id, fields in entries:
-                self._recent[_text(raw_id)] = (raw_id, fields)
+            for position, kept in entries:
+                self._recent[position] = kept
             while len(self._recent) > defaults.RECENT_ENTRIES:
                 self._recent.popitem(last=False)
 
@@ -558,8 +566,8 @@ class RedisEventStore(EventStore):
                 for position in missing:
                     pipe.xrange(self.keys.events, min=position, max=position)
                 fetched = dict(zip(missing, self._call(pipe.execute), strict=True))
-            entries = [entry for p, known_entry in zip(positions, seen, strict=True)
-                       for entry in ([known_entry] if known_entry is not None else fetched[p])]
+            entries = [entry for p, kept in zip(positions, seen, strict=True)
+                       for entry in ([_kept_entry(p, kept)] if kept is not None else fetched[p])]
             events += tuple(_decode_entries(entries, self.refuse))
             last = positions[-1]
         with self._histories_lock:
@@ -590,8 +598,8 @@ class RedisEventStore(EventStore):
         key = self._stream_key(stream)
         reply = self._call(lambda: self.client.xread({key: after}, count=defaults.READ_BATCH, block=block_ms))
         entries = [entry for _, items in (reply or []) for entry in items]
-        if stream == "events":
-            self._remember(entries[-defaults.RECENT_ENTRIES:])  # a waiter reads its job's history next
+        if stream == "events":  # a waiter reads its job's history next
+            self._remember((_text(entry[0]), entry) for entry in entries[-defaults.RECENT_ENTRIES:])
         return _decode_entries(entries, self._refuser(stream)), _last_id(entries, after)
 
     # --- consumer groups: each event to one member, with ack and reclaim ------------------------
@@ -680,18 +688,16 @@ class RedisEventStore(EventStore):
         return sum(1 for raw in ids if position_key(raw.decode() if isinstance(raw, bytes) else raw) < floor)
 
 
-def _appended_entries(aggregate: str, events: Sequence[Event], args: Sequence[Any],
-                      result: AppendResult) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries an append wrote, as XRANGE returns them (the script's fields, from the same arguments)."""
-    agg = aggregate.encode()
-    out = []
-    first = result.version - len(events) + 1
-    for n, position in enumerate(result.positions):
-        kind, version, when, corr, event_id, body = args[4 + n * PER_EVENT:4 + (n + 1) * PER_EVENT]
-        out.append((position.encode(), {
-            b"type": kind.encode(), b"v": str(version).encode(), b"agg": agg, b"ver": str(first + n).encode(),
-            b"time": when.encode(), b"corr": corr.encode(), b"id": event_id.encode(), b"body": bytes(body)}))
-    return out
+def _kept_entry(position: str, kept: Any) -> tuple[Any, Any]:
+    """An entry as XRANGE returns it, from what ``RedisEventStore._remember`` kept: an entry read from the
+    log as it was, or (aggregate, version, the append's 6 arguments of the event) made into the fields the
+    script wrote from those arguments."""
+    if len(kept) == 2:
+        return kept  # type: ignore[no-any-return]
+    aggregate, version, (kind, schema, when, corr, event_id, body) = kept
+    return position.encode(), {
+        b"type": kind.encode(), b"v": str(schema).encode(), b"agg": aggregate.encode(), b"ver": str(version).encode(),
+        b"time": when.encode(), b"corr": corr.encode(), b"id": event_id.encode(), b"body": bytes(body)}
 
 
 def _append_result(raw: bytes | str, duplicate: bool) -> AppendResult:
@@ -737,7 +743,7 @@ class InMemoryEventStore(EventStore):
 
     def append(self, events: Sequence[Event], *, expected_version: int | None = None,
                idempotency_key: str | None = None, claims: Mapping[str, str] | None = None,
-               releases: Sequence[str] = ()) -> AppendResult:
+               releases: Sequence[str] = (), announce: Sequence[Event] = ()) -> AppendResult:
         aggregate = _check_batch(events, expected_version)
         key = idempotency_key or events[0].event_id
         with self._cond:
@@ -765,6 +771,8 @@ class InMemoryEventStore(EventStore):
                     del self._unique[field]
             result = AppendResult(positions, current)
             self._idempotency[key] = result
+            for a in announce:
+                self.publish(a)  # (the condition is reentrant: the same step)
             self._cond.notify_all()
             return result
 

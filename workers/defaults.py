@@ -7,6 +7,7 @@ JOB_MONITORING_INTERVAL = 2      # s; how often a busy worker renews its heartbe
 JOB_HEARTBEAT_SLACK = 6          # s; a running job whose worker stopped renewing it this much longer is abandoned
 PUBSUB_POLL = 1.0                # s; how long the thread taking RQ's worker commands waits per poll (a stop joins it)
 HEARTBEAT_INTERVAL = 2.0         # s; our own heartbeat (SimpleWorker sends none while a job runs)
+HEARTBEAT_COALESCE = 1.0         # s; RQ's loop beats again this soon with the same TTL: not sent (runner._Fenced)
 WORKER_STATE_TTL = 15            # s; a worker's published state expires unless renewed
 JOB_TIMEOUT = 6 * 3600           # s; downloads of large models take long
 JOB_RETRIES = 3

@@ -107,15 +107,42 @@ class _Fenced:
         self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=defaults.PUBSUB_POLL, daemon=True,
                                                        exception_handler=self._pubsub_exception_handler)  # type: ignore[attr-defined]
 
+    # what this worker last wrote of its RQ key on its own (not in a pipeline): (TTL, when) of the
+    # heartbeat, and the state; forgotten while a job runs, whose run writes that key too
+    _beat_sent: tuple[int, float] | None = None
+    _state_sent: str | None = None
+    worker_ttl: int
+
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's, in one round trip: RQ sends its three commands one by one when it is given no pipeline,
-        and its loop beats several times around every job (a fleet's workers all pay Redis for each)."""
+        """RQ's, in one round trip (RQ sends its three commands one by one when it is given no pipeline),
+        and not sent again within ``HEARTBEAT_COALESCE`` s with the same TTL: RQ's loop beats four times
+        around every job, within a few milliseconds, and a fleet's workers all pay Redis for each."""
         if pipeline is not None:
             super().heartbeat(timeout, pipeline=pipeline)  # type: ignore[misc]
+            return
+        ttl = timeout or self.worker_ttl + 60  # (RQ's default)
+        sent = self._beat_sent
+        if sent is not None and sent[0] == ttl and time.monotonic() - sent[1] < defaults.HEARTBEAT_COALESCE:
             return
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
             pipe.execute()
+        self._beat_sent = (ttl, time.monotonic())
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's, but the state this worker wrote last is not written again (RQ's loop writes ``idle`` twice
+        after every job)."""
+        if pipeline is None and state == self._state_sent:
+            return
+        super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
+        self._state_sent = state if pipeline is None else None
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        self._beat_sent = self._state_sent = None  # the job's run writes this worker's key (its TTL, its state)
+        try:
+            super().execute_job(job, queue)  # type: ignore[misc]
+        finally:
+            self._beat_sent = None  # (the state it ends with, idle, is written by this process)
 
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
         try:

@@ -23,7 +23,7 @@ from modelbus.services.client.subscription import Delivered
 ASYNC_METHODS = (
     "install", "wait", "job", "jobs", "cancel", "list_models", "list_models_page", "listing", "get_model", "add_model",
     "update_model", "rename_model", "delete_model", "history", "load", "unload", "workers", "events", "scan", "sync",
-    "queue_lengths", "ping", "rebuild_records", "import_yaml", "close",
+    "queue_lengths", "ping", "rebuild_records", "import_yaml", "close", "quarantined", "quarantine_count",
     "find_model", "models_by_hash", "pause", "resume", "restart", "verify", "prune", "ls_remote", "plan_install",
 ) + MODELDATA_METHODS
 

@@ -8,19 +8,23 @@ preference (other than the model being converted), built by the load service's o
 (``services.load.registry``: a VAE file, a T5 encoder file or folder, a part of another main model, diffusers or
 single file) and written like the file's own parts. The CLIP tokenizers and FLUX's schedulers are the project's
 shipped configs. FLUX.1's CLIP-L is OpenAI's CLIP ViT-L/14 text model, frozen: a CLIP text encoder file
-(``clip_embed``, comfyanonymous' ``clip_l.safetensors``, the ``clip-l-encoder`` starter) gives it first; the same
+(``clip_embed``: comfyanonymous' ``clip_l.safetensors``, the ``clip-l-encoder`` starter, or a transformers
+folder) gives it first; the same
 weights SD-1.x and SDXL's first text encoder carry, so those models are companions too. T5's tokenizer comes from
 a T5 encoder folder that holds it (the ``t5-xxl-encoder`` starter is InvokeAI's ``text_encoder_2/`` +
 ``tokenizer_2/`` folder), or from a FLUX or SD-3 diffusers model.
 
 The candidates of every missing part are found before anything is built: a part no installed model can give
 refuses the conversion (:class:`MissingCompanionError`) naming each such part and what would give it, and
-nothing is written or recorded. A candidate that does not load is passed over for the next.
+nothing is written or recorded. A candidate that does not load is passed over for the next, and so is a CLIP
+text encoder of the wrong width (:func:`clip_width_wanted`: a CLIP-G recorded as ``clip_embed`` is no FLUX
+CLIP-L), its width and the one wanted named in the refusal when no candidate fits.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,7 @@ from modelbus.services.load.kit import VAE_PREFIXES, LoadRequest, fit_keys
 from modelbus.services.load.registry import loader_for
 from modelbus.services.load.sd3 import SD3_CLIP_PREFIXES, SD3_T5_PREFIX
 from modelbus.services.probe import read_tensor_index
+from modelbus.services.probe.families import CLIP_EMBED_PREFIXES
 from modelbus.services.records import SubModelType
 
 log = get_logger(__name__)
@@ -165,17 +170,65 @@ def plan_companions(config: AppConfig, records: Iterable[Any], model: Any, pipel
     return found
 
 
+def clip_width(model: Any) -> int:
+    """How wide a CLIP text encoder's pooled output is: its projection's (CLIPTextModelWithProjection's
+    ``text_embeds``, what SD-3 pools), else its hidden size (CLIPTextModel's ``pooler_output``, what FLUX pools)."""
+    projection = getattr(model, "text_projection", None)
+    if projection is not None:
+        return int(projection.weight.shape[0])
+    return int(model.config.hidden_size)
+
+
+def clip_width_wanted(pipeline: str, part: str, built: dict[str, Any]) -> tuple[int, str] | None:
+    """(the width the pipeline's CLIP ``part`` must have, why), from the config of the transformer the file
+    gave, so a tiny pipeline wants a tiny width; None where that does not say (not a CLIP part, or SD-3's
+    first CLIP companion while the other is not built either). FLUX.1 pools CLIP-L alone: its transformer's
+    ``pooled_projection_dim`` (768). SD-3 pools CLIP-L and CLIP-G side by side: the two widths add up to its
+    ``pooled_projection_dim`` (768 + 1280 = 2048), so one is that less the other's."""
+    transformer = built.get("transformer")
+    pooled = getattr(getattr(transformer, "config", None), "pooled_projection_dim", None)
+    if not isinstance(pooled, int):
+        return None
+    if pipeline == "FluxPipeline" and part == "text_encoder":
+        return pooled, f"its transformer's pooled_projection_dim is {pooled}"
+    other = {"text_encoder": "text_encoder_2", "text_encoder_2": "text_encoder"}.get(part)
+    if pipeline == "StableDiffusion3Pipeline" and other is not None and other in built:
+        width = clip_width(built[other])
+        return pooled - width, f"its transformer's pooled_projection_dim is {pooled} and its {other} is {width} wide"
+    return None
+
+
+def companion_order(parts: Iterable[str]) -> list[str]:
+    """The order companions are built in: SD-3's CLIP-G before CLIP-L, so one's width tells the other's."""
+    listed = list(parts)
+    if "text_encoder" in listed and "text_encoder_2" in listed:
+        listed.remove("text_encoder_2")
+        listed.insert(listed.index("text_encoder"), "text_encoder_2")
+    return listed
+
+
 def build_companion(config: AppConfig, pipeline: str, part: str, found: list[Candidate],
-                    dtype: torch.dtype) -> tuple[Any, Any]:
-    """(the part, the record that gave it), from the first candidate that gives it; NotConvertible naming what
-    each one answered."""
+                    dtype: torch.dtype, built_parts: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(the part, the record that gave it), from the first candidate that gives it (a CLIP text encoder only
+    of the width the pipeline's other parts in ``built_parts`` want); NotConvertible naming what each one
+    answered."""
     errors = []
+    width_wanted = clip_width_wanted(pipeline, part, built_parts or {})
+
+    def check_width(width: int | None) -> None:
+        if width_wanted is not None and width is not None and width != width_wanted[0]:
+            raise NotConvertible(f"a CLIP text encoder {width} wide, and {pipeline}'s {part} must be "
+                                 f"{width_wanted[0]} wide ({width_wanted[1]})")
     for record, source in found:
         try:
+            if width_wanted is not None and source.model_type == "clip_embed":
+                check_width(declared_clip_width(config, record, pipeline))  # a wrong one is not even built
             built = _build(config, record, source, dtype)
             wanted = _AS_CLASS.get((pipeline, part))
             if wanted is not None and type(built) is not wanted:
                 built = _as_class(built, wanted)
+            if width_wanted is not None:
+                check_width(clip_width(built))
         except (ModelbusError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             errors.append(f"{record.key} ({record.name}): {exc}")
             log.info("companion_passed_over", part=part, key=record.key, error=str(exc))
@@ -183,6 +236,33 @@ def build_companion(config: AppConfig, pipeline: str, part: str, found: list[Can
         log.info("companion_used", part=part, key=record.key, name=record.name)
         return built, record
     raise NotConvertible(f"no installed companion gives {part}: " + "; ".join(errors)[:2000])
+
+
+def declared_clip_width(config: AppConfig, record: Any, pipeline: str) -> int | None:
+    """The width a ``clip_embed`` record's encoder has as ``pipeline`` takes it (FLUX.1: its hidden size; SD-3:
+    its projection's, else its hidden size), from the file's header or the folder's ``config.json`` alone;
+    None when they do not say (the built encoder is checked then)."""
+    location = config.model_path(record.path)
+    try:
+        if _value(record.model_format) == "checkpoint":
+            shapes = read_tensor_index(location).shapes
+            prefix = next((p for p in CLIP_EMBED_PREFIXES
+                           if f"{p}text_model.embeddings.token_embedding.weight" in shapes), None)
+            if prefix is None:
+                return None
+            hidden: Any = shapes[f"{prefix}text_model.embeddings.token_embedding.weight"][-1]
+            projection = shapes.get(f"{prefix}text_projection.weight")
+            projected: Any = projection[0] if projection else None
+        else:
+            folder = location if (location / "config.json").is_file() else location / "text_encoder"
+            text = json.loads((folder / "config.json").read_text())
+            hidden = text.get("hidden_size")
+            projected = text.get("projection_dim") if "CLIPTextModelWithProjection" in (
+                text.get("architectures") or []) else None
+    except (ModelbusError, OSError, ValueError, IndexError):
+        return None
+    width = hidden if pipeline == "FluxPipeline" else (projected or hidden)
+    return width if isinstance(width, int) else None
 
 
 def _build(config: AppConfig, record: Any, source: Source, dtype: torch.dtype) -> Any:

@@ -39,7 +39,13 @@ from modelbus.services.convert import (
     NotConvertible,
     check_convertible,
 )
-from modelbus.services.convert.companions import SD3_BUNDLED, build_companion, bundled_parts, plan_companions
+from modelbus.services.convert.companions import (
+    SD3_BUNDLED,
+    build_companion,
+    bundled_parts,
+    companion_order,
+    plan_companions,
+)
 from modelbus.services.install import ModelInstallService
 from modelbus.services.install.finalize import record_path
 from modelbus.services.install.placement import destination_dir, is_inside, place, remove_tree, staging_dir
@@ -102,8 +108,8 @@ def convert(config: AppConfig, installer: ModelInstallService, key: str, keep_or
         for part in parts:
             built_parts[part] = _file_part(pipeline, part, LoadRequest(model, original, SubModelType(part),
                                                                        torch.device("cpu"), dtype), built_parts)
-        for part, candidates in found.items():
-            built_parts[part], record = build_companion(config, pipeline, part, candidates, dtype)
+        for part in companion_order(found):
+            built_parts[part], record = build_companion(config, pipeline, part, found[part], dtype, built_parts)
             companions[part] = record.key
         for part, built in built_parts.items():
             built.save_pretrained(folder / part, **({} if part.startswith("tokenizer") or part == "scheduler"

@@ -12,7 +12,6 @@ the job already ended.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -248,16 +247,17 @@ def transition(store: EventStore, job_id: str, decide: Decide, known: InstallJob
         if event is None:
             return job, False
         releases = [job.claim] if isinstance(event, TERMINAL_EVENTS) and job.claim else []
+        after = apply(_copy(job), event.model_copy(update={"aggregate_version": job.version + 1}))
+        assert after is not None
+        # job state changes are also operational news: UIs follow the activity stream, not the log (published
+        # by the append itself, in its round trip, once it has landed)
+        news = InstallJobChanged(aggregate_id=job_id, correlation_id=job_id, payload=InstallJobPayload(
+            job_id=job_id, status=after.status.value, event=event.type))
         try:
-            result = store.append([event], expected_version=job.version, idempotency_key=event.event_id,
-                                  releases=releases)
+            store.append([event], expected_version=job.version, idempotency_key=event.event_id,
+                         releases=releases, announce=[news])
         except ConcurrencyError:
             continue  # someone else wrote to this job first: decide again on what they wrote
-        after = apply(job, event.model_copy(update={"aggregate_version": result.version}))
-        assert after is not None
-        # job state changes are also operational news: UIs follow the activity stream, not the log
-        store.publish(InstallJobChanged(aggregate_id=job_id, correlation_id=job_id, payload=InstallJobPayload(
-            job_id=job_id, status=after.status.value, event=event.type)))
         return after, True
     raise InstallError(f"install job {job_id!r} kept changing under {APPEND_ATTEMPTS} attempts")
 

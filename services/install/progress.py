@@ -38,7 +38,7 @@ class ProgressBoard:
 
     def set_file(self, job_id: str, file: str, done: int, total: int | None, name: str | None = None) -> None:
         key = self.keys.job(job_id)
-        fields: dict[str, str | int] = {f"b:{file}": done}
+        fields: dict[str | bytes, bytes | float | int | str] = {f"b:{file}": done}
         if name:
             fields[f"n:{file}"] = name
         if total is not None:

@@ -37,6 +37,7 @@ from modelbus.services.install.jobs import (
     InstallStatus,
     live_job,
     live_jobs,
+    load_job,
     transition,
     unless_ended,
 )
@@ -169,7 +170,7 @@ class ModelInstallService:
             if batch:
                 after = batch[-1].position
             if not batch or any(s.event.aggregate_id == job_id for s in batch):
-                current = self.get_job_by_id(job_id)
+                current = load_job(self.event_store, job_id)  # (an ended job has no live bytes to read)
         return current
 
     def wait_for_installs(self, timeout: float | None = None) -> list[InstallJob]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +43,7 @@ QUANT_TYPES = ("nf4", "fp4")
 _QS = ".quant_state.bitsandbytes__"
 _4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (BitsAndBytesConfig's default; files do not record it)
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' block sizes
 _ROW_BITS = 32  # a row-index tensor's value: source number << 32 | row
 
 
@@ -50,8 +52,9 @@ def bitsandbytes_for(device: torch.device, where: Path) -> ModuleType:
     try:
         import bitsandbytes
     except Exception as exc:  # an absent package, or a native library that fails to load
+        said = (str(exc).strip().splitlines() or [""])[0]  # (a native library's error runs over many lines)
         raise InvalidModelException(f"{where}: bitsandbytes checkpoints need bitsandbytes, which does not import "
-                                    f"here ({type(exc).__name__}: {exc}); install it (pip install bitsandbytes) "
+                                    f"here ({type(exc).__name__}: {said}); install it (pip install bitsandbytes) "
                                     "or load it on a worker that has it") from exc  # fmt: skip
     supported = set(getattr(bitsandbytes, "supported_torch_devices", {"cuda"}))
     if device.type not in supported:
@@ -113,6 +116,12 @@ def _read_4bit(bnb: ModuleType, tensors: dict[str, torch.Tensor], key: str, wher
     except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as exc:
         raise InvalidModelException(f"{where}: {key}'s bitsandbytes quant state does not read: "
                                     f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+    blocksizes = [state.blocksize] + ([state.state2.blocksize] if state.nested else [])
+    if any(not isinstance(b, int) or b not in _BLOCKSIZES for b in blocksizes) or \
+            not isinstance(state.dtype, torch.dtype) or not state.dtype.is_floating_point:
+        raise InvalidModelException(f"{where}: {key}'s quant state has block size {blocksizes} and dtype "
+                                    f"{state.dtype!r}: bitsandbytes uses blocks of {list(_BLOCKSIZES)} and a "
+                                    "floating dtype")  # fmt: skip
     data = tensors[key]
     shape = tuple(state.shape or ())
     if len(shape) != 2:
@@ -188,12 +197,12 @@ def _converted(tensors: dict[str, torch.Tensor], quantized: dict[str, _Quantized
     return converted, shapes, sources
 
 
-def _quantized_linear(bnb: ModuleType, q: _Quantized, bias: bool, device: torch.device, dtype: torch.dtype
-                      ) -> torch.nn.Module:
+def _quantized_linear(bnb: ModuleType, q: _Quantized, bias: bool, device: torch.device, dtype: torch.dtype,
+                      threshold: float) -> torch.nn.Module:
     out_features, in_features = q.shape
     if q.scb is not None:
         with torch.device("meta"):
-            int8 = _Int8Linear(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=INT8_THRESHOLD)
+            int8 = _Int8Linear(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=threshold)
         int8.weight = bnb.nn.Int8Params(q.data.to(device), requires_grad=False, has_fp16_weights=False)
         int8.register_buffer("scb", q.scb.to(device), persistent=False)
         return int8
@@ -224,7 +233,8 @@ def _linear_classes() -> tuple[type[torch.nn.Module], type[torch.nn.Module]]:
         carries it; the state is pointed at them before each call."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            state = self.weight.quant_state
+            weight: Any = self.weight
+            state = weight.quant_state
             state.absmax, state.code = self.absmax, self.code
             if state.nested:
                 state.state2.absmax, state.state2.code, state.offset = self.nested_absmax, self.nested_code, self.offset
@@ -234,8 +244,10 @@ def _linear_classes() -> tuple[type[torch.nn.Module], type[torch.nn.Module]]:
         """bnb's LLM.int8 Linear whose row scales are a buffer (the cache moves buffers)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.weight.CB, self.weight.SCB = None, None
-            self.state.CB, self.state.SCB = self.weight.data, self.scb
+            weight: Any = self.weight
+            weight.CB, weight.SCB = None, None
+            state: Any = self.state
+            state.CB, state.SCB = weight.data, self.scb
             return super().forward(x)  # type: ignore[no-any-return]
 
     return Linear4bit, Int8Linear
@@ -251,10 +263,11 @@ def _install_classes() -> None:
         _Linear4bit, _Int8Linear = _linear_classes()
 
 
-def _build(bnb: ModuleType, req: LoadRequest, converted: dict[str, torch.Tensor], shapes: dict[str, torch.Tensor],
-           quantized: dict[str, _Quantized], sources: list[str]) -> torch.nn.Module:
-    config = flux_transformer_config(shapes, req.location)
-    model = empty_model(lambda: FluxTransformer2DModel.from_config(config))
+def _build(bnb: ModuleType, model: torch.nn.Module, converted: dict[str, torch.Tensor],
+           quantized: dict[str, _Quantized], sources: list[str], device: torch.device, dtype: torch.dtype,
+           where: Path, threshold: float = INT8_THRESHOLD) -> torch.nn.Module:
+    """``model`` (built on the meta device) with its quantized Linears replaced by bnb's and every other
+    weight assigned; refused whole if a quantized weight has no Linear of its shape, or a weight is missing."""
     modules = dict(model.named_modules())
     dense: dict[int, torch.Tensor] = {}
     replaced: dict[str, torch.nn.Module] = {}
@@ -264,26 +277,29 @@ def _build(bnb: ModuleType, req: LoadRequest, converted: dict[str, torch.Tensor]
         ids = value.reshape(-1)
         n = int(ids[0]) >> _ROW_BITS
         if torch.any((ids >> _ROW_BITS) != n):
-            raise InvalidModelException(f"{req.location}: {key} mixes rows of several quantized weights")
+            raise InvalidModelException(f"{where}: {key} mixes rows of several quantized weights")
         source = quantized[sources[n]]
         rows = ids - (n << _ROW_BITS)
         whole = len(rows) == source.shape[0] and torch.equal(rows, torch.arange(source.shape[0]))
-        part = source if whole else source.rows(bnb, rows, dense, n, req.device)
+        part = source if whole else source.rows(bnb, rows, dense, n, device)
         name = key.removesuffix(".weight")
         linear = modules.get(name)
         if not isinstance(linear, torch.nn.Linear) or (linear.out_features, linear.in_features) != part.shape:
-            raise InvalidModelException(f"{req.location}: quantized {sources[n]} ({list(part.shape)}) goes to {key}, "
+            raise InvalidModelException(f"{where}: quantized {sources[n]} ({list(part.shape)}) goes to {key}, "
                                         f"which is not a Linear of that shape in {type(model).__name__}")  # fmt: skip
-        replaced[name] = _quantized_linear(bnb, part, linear.bias is not None, req.device, req.dtype)
+        replaced[name] = _quantized_linear(bnb, part, linear.bias is not None, device, dtype, threshold)
     for name, module in replaced.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
-    plain = {k: v.to(req.device) for k, v in converted.items() if k.removesuffix(".weight") not in replaced
+    plain = {k: v.to(device) for k, v in converted.items() if k.removesuffix(".weight") not in replaced
              or not k.endswith(".weight")}
     result = model.load_state_dict(plain, strict=False, assign=True)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):  # transformers: the assignment untied what files store once
+        tie()
     still_meta = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
     if still_meta or result.unexpected_keys:
-        raise InvalidModelException(f"{req.location}: {len(still_meta)} weights missing, {len(result.unexpected_keys)} "
+        raise InvalidModelException(f"{where}: {len(still_meta)} weights missing, {len(result.unexpected_keys)} "
                                     f"unexpected for {type(model).__name__}, e.g. "
                                     f"{(still_meta + list(result.unexpected_keys))[:3]}")  # fmt: skip
     return model.requires_grad_(False).eval()
@@ -304,4 +320,36 @@ def load_bnb_main(req: LoadRequest) -> Loaded:
     state = read_state_dict([req.location], torch.device("cpu"), None, lambda k: not k.startswith(NOT_FLUX_TRANSFORMER))
     quantized = read_quantized(bnb, state.tensors, req.location)
     converted, shapes, sources = _converted(state.tensors, quantized, req.dtype, req.location)
-    return Loaded(_build(bnb, req, converted, shapes, quantized, sources))
+    config = flux_transformer_config(shapes, req.location)
+    model = empty_model(lambda: FluxTransformer2DModel.from_config(config))
+    return Loaded(_build(bnb, model, converted, quantized, sources, req.device, req.dtype, req.location))
+
+
+def folder_quantization(folder: Path) -> dict[str, Any] | None:
+    """The bnb ``quantization_config`` a diffusers or transformers folder was saved with, or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return quant if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" else None
+
+
+def load_bnb_folder(build: Callable[[], torch.nn.Module], files: list[Path], folder: Path, device: torch.device,
+                    dtype: torch.dtype) -> Loaded:
+    """A diffusers or transformers model saved quantized by bitsandbytes (4-bit or LLM.int8, its names the
+    model's own), built by ``build`` on the meta device and kept quantized."""
+    quant = folder_quantization(folder) or {}
+    bnb = bitsandbytes_for(device, folder)
+    _install_classes()
+    if not all(f.suffix == ".safetensors" for f in files):
+        raise InvalidModelException(f"{folder}: bitsandbytes-quantized weights load from .safetensors only")
+    state = read_state_dict(files, torch.device("cpu"), None)
+    quantized = read_quantized(bnb, state.tensors, folder)
+    sources = sorted(quantized)
+    plain = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.tensors.items()
+             if k not in quantized and not _is_state(k, quantized)}
+    whole = {k: ((n << _ROW_BITS) + torch.arange(quantized[k].shape[0], dtype=torch.int64)).reshape(-1, 1)
+             for n, k in enumerate(sources)}
+    threshold = float(quant.get("llm_int8_threshold", INT8_THRESHOLD))
+    return Loaded(_build(bnb, build(), plain | whole, quantized, sources, device, dtype, folder, threshold))

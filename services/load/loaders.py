@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from modelbus.events.logs import get_logger
-from modelbus.services.load import loras
+from modelbus.services.load import bnb, loras
 from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.fp8 import keep_fp8
 from modelbus.services.load.kit import (
@@ -71,6 +71,10 @@ def load_module_folder(cls: type, folder: Path, device: torch.device, dtype: tor
     files = weight_files(folder, dtype)
     if not files:
         raise InvalidModelException(f"{folder}: no weight files (.safetensors, .bin, .ckpt)")
+    if bnb.folder_quantization(folder) is not None:  # saved quantized by bitsandbytes: kept quantized
+        loaded = bnb.load_bnb_folder(lambda: _empty_from_folder(cls, folder, reuse=False), files, folder, device, dtype)
+        keep_in_fp32(loaded.model, dtype)  # (what bnb did not quantize: T5's wo stays fp32 in fp16, as in from_pretrained)
+        return loaded
     if all(f.suffix == ".safetensors" for f in files) and (device.type == "cpu" or not needs_cast(files, dtype)):
         # the weights stream in (threads, GIL released; on the CPU cast as they arrive) while this
         # thread builds the meta model and assigns it the buffer's views, whose bytes are still
@@ -111,10 +115,12 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     return cast
 
 
-def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
+def _empty_from_folder(cls: type, folder: Path, reuse: bool = True) -> torch.nn.Module:
+    """``cls`` built from the folder's config on the meta device; ``reuse``: a clone of a kept skeleton."""
     if issubclass(cls, diffusers.ModelMixin):
         config = cls.load_config(folder, local_files_only=True)  # type: ignore[attr-defined]
-        return skeleton_model(cls, config, lambda: empty_model(lambda: cls.from_config(config)))  # type: ignore[attr-defined]
+        fresh = lambda: empty_model(lambda: cls.from_config(config))  # type: ignore[attr-defined]
+        return skeleton_model(cls, config, fresh) if reuse else fresh()
     if issubclass(cls, transformers.PreTrainedModel):
         config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined,union-attr]
 
@@ -123,7 +129,7 @@ def _empty_from_folder(cls: type, folder: Path) -> torch.nn.Module:
             model.tie_weights()  # type: ignore[operator]  # the meta build unties them; files store tied weights once
             return model
 
-        return skeleton_model(cls, config, build)  # clones keep the ties (one Parameter, two modules)
+        return skeleton_model(cls, config, build) if reuse else build()  # clones keep the ties
     raise InvalidModelException(f"{folder}: {cls.__name__} is not a model class")
 
 
@@ -174,12 +180,13 @@ def load_diffusers_t2i_adapter(req: LoadRequest) -> Loaded:
 
 
 def load_transformers_folder(req: LoadRequest) -> Loaded:
-    """A transformers model saved with ``save_pretrained`` (CLIP image encoders, T5 encoders): its
+    """A transformers model saved with ``save_pretrained`` (CLIP image and text encoders, T5 encoders): its
     ``config.json`` names the class. A T5 encoder folder in InvokeAI's and FLUX's layout keeps it in
-    ``text_encoder_2/`` (beside ``tokenizer_2/``)."""
+    ``text_encoder_2/`` (beside ``tokenizer_2/``), a CLIP text encoder folder in ``text_encoder/``."""
     location = req.location
-    if not (location / "config.json").is_file() and (location / "text_encoder_2" / "config.json").is_file():
-        location = location / "text_encoder_2"
+    if not (location / "config.json").is_file():
+        location = next((location / sub for sub in ("text_encoder_2", "text_encoder")
+                         if (location / sub / "config.json").is_file()), location)
     architectures = read_json(location / "config.json").get("architectures") or [""]
     return load_module_folder(resolve_class("transformers", str(architectures[0])), location, req.device,
                               req.dtype)

@@ -24,6 +24,7 @@ LOADERS: dict[tuple[ModelType, ModelFormat], Loader] = {
     (ModelType.CLIPVision, ModelFormat.Checkpoint): loaders.load_clip_vision_checkpoint,
     (ModelType.CLIPVision, ModelFormat.Diffusers): loaders.load_transformers_folder,
     (ModelType.CLIPEmbed, ModelFormat.Checkpoint): loaders.load_clip_embed_checkpoint,
+    (ModelType.CLIPEmbed, ModelFormat.Diffusers): loaders.load_transformers_folder,
     (ModelType.T5Encoder, ModelFormat.T5Encoder): loaders.load_transformers_folder,
     (ModelType.IPAdapter, ModelFormat.Checkpoint): ip_adapters.load_ip_adapter,
     (ModelType.IPAdapter, ModelFormat.InvokeAI): ip_adapters.load_ip_adapter,

@@ -525,8 +525,12 @@ def probe_clip_embed(index: TensorIndex) -> ProbeResult | None:
     if prefix is None or index.has_prefix("vision_model.", f"{prefix}vision_model."):
         return None
     width = (index.shape(f"{prefix}text_model.embeddings.token_embedding.weight") or (0, 0))[-1]
-    notes = _CLIP_EMBED_WIDTHS.get(width, f"CLIP text encoder of width {width}")
-    return _result(ModelType.CLIPEmbed, ModelFormat.Checkpoint, Base.Any, notes=notes)
+    return _result(ModelType.CLIPEmbed, ModelFormat.Checkpoint, Base.Any, notes=clip_embed_notes(width))
+
+
+def clip_embed_notes(width: object) -> str:
+    """What a CLIP text encoder of this width is (a file's or a folder's ``hidden_size``)."""
+    return _CLIP_EMBED_WIDTHS.get(width if isinstance(width, int) else 0, f"CLIP text encoder of width {width}")
 
 
 def probe_upscaler(index: TensorIndex) -> ProbeResult | None:

@@ -5,9 +5,13 @@
 - ``pytorch_lora_weights.*``, ``learned_embeds.*``, ``ip_adapter.*``: adapters saved by diffusers
   training scripts / InvokeAI; their one weights file is read by the file rules for the base.
 - ``config.json``: a single diffusers model (``_class_name``) or transformers model
-  (``architectures``): VAE, ControlNet, T2I-Adapter, CLIP Vision, T5 encoder.
+  (``architectures``): VAE, ControlNet, T2I-Adapter, CLIP Vision, T5 encoder, CLIP text encoder (also in
+  InvokeAI's layout, ``text_encoder/`` beside ``tokenizer/``, as T5's ``text_encoder_2/``).
 - ``*.onnx`` files: an ONNX pipeline, format ``olive`` when Olive left its traces (see
   :func:`onnx_format`), else ``onnx``.
+- a ``quantization_config`` of bitsandbytes in the folder's or a submodel's ``config.json`` (as diffusers'
+  and transformers' ``save_pretrained`` write it): the record's ``quantization`` is ``nf4``, ``fp4`` or
+  ``int8``; the format stays the folder's (the folder loader keeps the weights quantized).
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import orjson
 
 from modelbus.services.probe.dit import probe_dit
 from modelbus.services.probe.errors import CorruptModelError, UnrecognizedFilesError
-from modelbus.services.probe.families import lora_base, probe_ip_adapter, probe_textual_inversion, sd3_base
+from modelbus.services.probe.families import (
+    clip_embed_notes,
+    lora_base,
+    probe_ip_adapter,
+    probe_textual_inversion,
+    sd3_base,
+)
 from modelbus.services.probe.result import ProbeResult, compatible_bases, upcast_for
 from modelbus.services.probe.tensors import TensorIndex, read_tensor_index
 from modelbus.services.records.enums import BaseModelType as Base
@@ -40,7 +50,27 @@ _OLIVE_EXTERNAL_DATA = ".onnx.data"  # Olive's <model>.onnx.data; diffusers writ
 _MAX_WORKFLOW_JSON = 1 << 20  # Olive workflow configs are a few KB; tokenizer vocabularies are not read
 
 
+def bnb_folder_quantization(path: Path) -> str | None:
+    """``nf4``/``fp4``/``int8`` when the folder or one of its submodels was saved quantized by bitsandbytes."""
+    for config in [path / "config.json", *sorted(path.glob("*/config.json"))]:
+        try:
+            quant = orjson.loads(config.read_bytes()).get("quantization_config") if config.is_file() else None
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes":
+            if quant.get("load_in_8bit"):
+                return "int8"
+            return str(quant.get("bnb_4bit_quant_type") or "fp4")  # (BitsAndBytesConfig's default is fp4)
+    return None
+
+
 def identify_folder(path: Path) -> ProbeResult:
+    result = _identify_folder(path)
+    quant = bnb_folder_quantization(path) if result.quantization is None else None
+    return result.model_copy(update={"quantization": quant}) if quant else result
+
+
+def _identify_folder(path: Path) -> ProbeResult:
     if (path / "model_index.json").is_file():
         return _probe_pipeline(path, read_json(path / "model_index.json"))
     weights = _first_existing(path, "pytorch_lora_weights")
@@ -63,6 +93,10 @@ def identify_folder(path: Path) -> ProbeResult:
     t5_config = path / "text_encoder_2" / "config.json"
     if t5_config.is_file() and "T5EncoderModel" in read_json(t5_config).get("architectures", []):
         return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
+    clip_config = path / "text_encoder" / "config.json"
+    if clip_config.is_file() and _is_clip_text(read_json(clip_config)):
+        return _result(ModelType.CLIPEmbed, ModelFormat.Diffusers, Base.Any,
+                       notes=clip_embed_notes(read_json(clip_config).get("hidden_size")))
     if _onnx_files(path):
         return _probe_onnx(path)
     raise UnrecognizedFilesError(f"{path}: folder is no known model layout: {_describe_folder(path)}")
@@ -263,6 +297,8 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
         return _result(ModelType.CLIPVision, ModelFormat.Diffusers, Base.Any)
     if "T5EncoderModel" in architectures:
         return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Any)
+    if _is_clip_text(config):
+        return _result(ModelType.CLIPEmbed, ModelFormat.Diffusers, Base.Any, notes=clip_embed_notes(config.get("hidden_size")))
     if "UMT5EncoderModel" in architectures:
         return _result(ModelType.T5Encoder, ModelFormat.T5Encoder, Base.Wan21, notes="UMT5 encoder (Wan's text encoder)")
     if any(a.startswith("Qwen2_5_VL") for a in architectures):
@@ -287,6 +323,14 @@ def _probe_single_model(path: Path, config: dict[str, Any]) -> ProbeResult:
                        f"vocabulary {shape[2]} (FLUX.2 dev reads Mistral Small 3.x)")
     seen = cls or (", ".join(architectures) if architectures else "no _class_name or architectures")
     raise UnrecognizedFilesError(f"{path}: config.json describes an unsupported model ({seen}); {_describe_folder(path)}")
+
+
+#: the transformers classes of a CLIP text encoder alone (a whole CLIPModel has an image tower: not one)
+_CLIP_TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def _is_clip_text(config: dict[str, Any]) -> bool:
+    return any(str(a) in _CLIP_TEXT_CLASSES for a in config.get("architectures") or [])
 
 
 def _vae_base(path: Path, config: dict[str, Any]) -> Base:

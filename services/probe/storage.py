@@ -8,8 +8,8 @@
   quantization ``fp8_scaled``, the loader multiplies the scales back in.
 - bitsandbytes checkpoints keep each quantized weight's state beside it: NF4/FP4
   (``<layer>.weight.quant_state.bitsandbytes__nf4``, ``absmax``, ``quant_map``) and LLM.int8
-  (``<layer>.SCB``). Their format is ``bnb_quantized_nf4b`` / ``bnb_quantized_int8b``: loadable only
-  where bitsandbytes runs (CUDA).
+  (``<layer>.SCB``). Their format is ``bnb_quantized_nf4b`` / ``bnb_quantized_int8b``: loaded kept
+  quantized where bitsandbytes runs (services.load.bnb).
 """
 
 from __future__ import annotations

@@ -236,6 +236,14 @@ class CLIPEmbedCheckpointConfig(CheckpointConfig):
     model_format: Literal[ModelFormat.Checkpoint] = ModelFormat.Checkpoint
 
 
+class CLIPEmbedDiffusersConfig(DiffusersConfig):
+    """A CLIP text encoder as a transformers folder (``config.json`` naming ``CLIPTextModel`` or
+    ``CLIPTextModelWithProjection``), alone or in InvokeAI's layout: ``text_encoder/`` beside ``tokenizer/``."""
+
+    model_type: Literal[ModelType.CLIPEmbed] = ModelType.CLIPEmbed
+    model_format: Literal[ModelFormat.Diffusers] = ModelFormat.Diffusers
+
+
 class T5EncoderConfig(ModelConfigBase):
     model_type: Literal[ModelType.T5Encoder] = ModelType.T5Encoder
     model_format: Literal[ModelFormat.T5Encoder] = ModelFormat.T5Encoder
@@ -258,7 +266,8 @@ class MainGGUFConfig(CheckpointConfig, MainConfig):
 
 
 class MainBnbQuantizedConfig(CheckpointConfig, MainConfig):
-    """A bitsandbytes-quantized checkpoint (NF4 or int8): loadable only where bitsandbytes runs (CUDA)."""
+    """A bitsandbytes-quantized checkpoint (NF4/FP4 or int8): loaded kept quantized where bitsandbytes runs
+    (CUDA, and its CPU backend)."""
 
     model_type: Literal[ModelType.Main] = ModelType.Main
     model_format: Literal[ModelFormat.BnbQuantizedNF4, ModelFormat.BnbQuantizedInt8]
@@ -329,6 +338,7 @@ CONCRETE_CONFIGS: tuple[type[ModelConfigBase], ...] = (
     T5EncoderConfig, T5EncoderCheckpointConfig,
     MainGGUFConfig, MainBnbQuantizedConfig, FluxReduxConfig, SpandrelImageToImageConfig, SigLIPConfig,
     LlavaOnevisionConfig, Qwen25VLConfig, Qwen3EncoderConfig, MistralEncoderConfig, CLIPEmbedCheckpointConfig,
+    CLIPEmbedDiffusersConfig,
 )
 
 
@@ -401,6 +411,7 @@ AnyModelConfig = Annotated[
         Annotated[MistralEncoderConfig, Tag("mistral_encoder/diffusers")],
         Annotated[MistralEncoderConfig, Tag("mistral_encoder/checkpoint")],
         Annotated[CLIPEmbedCheckpointConfig, Tag("clip_embed/checkpoint")],
+        Annotated[CLIPEmbedDiffusersConfig, Tag("clip_embed/diffusers")],
     ],
     Discriminator(_discriminate),
 ]

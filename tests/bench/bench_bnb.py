@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     double, single = (int(x) for x in (args.layers or ("5,10" if cuda else "1,1")).split(","))
     tokens = args.tokens or (1024 if cuda else 64)
     config = flux_config(width, double, single)
-    print(f"bitsandbytes {bitsandbytes.__version__} ({', '.join(sorted(bitsandbytes.supported_torch_devices))}); "
+    print(f"bitsandbytes {bitsandbytes.__version__} ({', '.join(sorted(getattr(bitsandbytes, 'supported_torch_devices', ['?'])))}); "
           f"{device}, {args.kind} vs bf16, {double}+{single} blocks of width {width}, {tokens} tokens", flush=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-bnb-", dir=os.environ.get("MODELBUS_BENCH_TMP")))
     try:

@@ -16,7 +16,9 @@ Each round also reports where an install's time goes, from the times of its even
 seconds per install, and the share of the sum): ``queued`` (requested -> the install step starts),
 ``copy`` (the install step: probe and copy into staging -> downloaded), ``hash wait`` (-> the hash step
 starts: RQ's dependency hand-over and the hash queue), ``hash+record`` (BLAKE3, imohash, probe,
-placement, ModelAdded -> completed).
+placement, ModelAdded -> completed). Then what each install asked of Redis (the one thread every worker
+shares): commands by name with their share of Redis's time, round trips (requests Redis read: a pipeline
+is one), and Redis's CPU time per install beyond what it spends with the workers idle.
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ def _redis_idle_rate(client: redis.Redis, seconds: float = 1.0) -> float:
 
 
 def _redis_calls(client: redis.Redis) -> dict[str, tuple[int, int]]:
-    """(calls, microseconds) per command so far, and under ``reads`` the reads of requests Redis did (one per
-    round trip of a client: a pipeline is one; INFO stats' total_reads_processed)."""
+    """(calls, microseconds) per command so far, and under ``READS`` the requests Redis read (one per round
+    trip of a client: a pipeline is one; INFO stats' total_reads_processed)."""
     calls = {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
              for name, stat in client.info("commandstats").items()}
     return {**calls, READS: (int(client.info("stats").get("total_reads_processed", 0)), 0)}

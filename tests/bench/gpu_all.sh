@@ -61,7 +61,7 @@ for step in $STEPS; do
     families) MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${FAMILIES_TIMEOUT:-400}" python3 tests/bench/bench_families.py \
                 --device cuda --out "$OUT/families.jsonl" ${FAMILIES_ARGS:-} 2>&1 | tee "$OUT/families.log" ;;
     bnb) if timeout 120 python3 -c "import torch, bitsandbytes as b; print('bitsandbytes', b.__version__, 'torch cuda',
-           torch.version.cuda, 'backends', sorted(b.supported_torch_devices))" 2>&1 | tee "$OUT/bnb.log"; then
+           torch.version.cuda, 'backends', sorted(getattr(b, 'supported_torch_devices', ['?'])))" 2>&1 | tee "$OUT/bnb.log"; then
            MODELBUS_BENCH_TMP=${MB_TMP:-/tmp} timeout "${BNB_TIMEOUT:-420}" python3 tests/bench/bench_bnb.py \
              --device cuda --out "$OUT/bnb.jsonl" ${BNB_ARGS:-} 2>&1 | tee -a "$OUT/bnb.log"
            echo "bnb step exit status ${PIPESTATUS[0]} (124: past BNB_TIMEOUT)" | tee -a "$OUT/bnb.log"

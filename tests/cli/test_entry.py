@@ -128,3 +128,14 @@ def test_the_reading_commands_never_import_the_heavy_libraries(args: tuple[str, 
     modules = json.loads(out.read_text())
     assert "modelbus.services.records.models" in modules  # (the probe sees what the command imported)
     assert [m for m in modules if m.split(".")[0] in NOT_FOR_READING or m.startswith(NOT_FOR_READING)] == []
+    if "--json" in args:  # JSON is printed without rich (its console is made when first used)
+        assert [m for m in modules if m.split(".")[0] == "rich"] == []
+
+
+def test_a_program_importing_the_cli_keeps_its_gc_as_it_was(modelbus_env: dict[str, str]) -> None:
+    # the console script freezes what its imports made; a test or typer's runner importing it is not frozen
+    probe = ("import gc, json\nbefore = gc.isenabled()\nimport modelbus.services.cli\n"
+             "from modelbus.services.cli.startup import started_as_the_cli\n"
+             "print(json.dumps([before, gc.isenabled(), gc.get_freeze_count(), started_as_the_cli()]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True, 0, False]

@@ -21,6 +21,7 @@ from modelbus.services.client import (
     ModelBusClient,
     UnavailableError,
 )
+from modelbus.services.client.aio import ASYNC_METHODS
 from modelbus.services.config import AppConfig
 from tests.fixtures.activity import download_payload, load_payload
 from tests.waiting import wait_until
@@ -170,3 +171,20 @@ def test_async_client_subscribes_and_calls(client: ModelBusClient) -> None:
     assert key == "x" and past == ["model_load_started"]
 
 
+
+
+def test_every_call_of_the_sync_client_is_on_the_async_one(client: ModelBusClient) -> None:
+    """Both clients have the same methods: each public call of ModelBusClient is a coroutine of
+    AsyncModelBusClient (subscribe an async iterator), so a call added to one cannot be missing from the other;
+    one of them answers as the sync call does."""
+    import inspect
+
+    public = {n for n, v in inspect.getmembers(ModelBusClient) if not n.startswith("_") and callable(v)
+              and not isinstance(inspect.getattr_static(ModelBusClient, n), property)}
+    assert public - {"subscribe"} == set(ASYNC_METHODS) - {"subscribe"}
+    for name in public - {"subscribe"}:
+        assert inspect.iscoroutinefunction(getattr(AsyncModelBusClient, name)), name
+    assert inspect.isasyncgenfunction(AsyncModelBusClient.subscribe)
+    aclient = AsyncModelBusClient(client=client)
+    assert asyncio.run(aclient.quarantine_count()) == client.quarantine_count()  # type: ignore[attr-defined]
+    assert asyncio.run(aclient.quarantined()) == client.quarantined()  # type: ignore[attr-defined]

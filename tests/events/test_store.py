@@ -187,3 +187,18 @@ def test_an_idempotency_key_recorded_as_json_by_an_earlier_version_still_answers
     again = event_store.append([added("a")], idempotency_key="cmd-old")
     assert again.duplicate and again.positions == first.positions and again.version == 1
     assert len(event_store.read()) == 1
+
+
+def test_news_announced_with_an_append_is_published_once_and_only_when_it_lands(store: EventStore) -> None:
+    def news(n: int) -> DownloadProgress:
+        return DownloadProgress(aggregate_id="a", correlation_id="cmd", payload=download_payload(id=n))
+
+    store.append([added("a")], expected_version=0, idempotency_key="cmd-a", announce=[news(1)])
+    store.append([added("a")], expected_version=0, idempotency_key="cmd-a", announce=[news(2)])  # a repeat
+    with pytest.raises(ConcurrencyError):
+        store.append([added("a")], expected_version=0, announce=[news(3)])
+    store.append([added("b")], announce=[news(4), news(5)])
+    published = store.read(stream="activity")
+    assert [s.event.payload.id for s in published] == [1, 4, 5]  # type: ignore[attr-defined]
+    assert [s.event.correlation_id for s in published] == ["cmd"] * 3
+    assert [s.event.aggregate_id for s in published] == ["a"] * 3

@@ -4,11 +4,15 @@ run downloads and queues nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
+from modelbus.services.api.routes.lifecycle import InstallPlan, RemoteListing
+from modelbus.services.client import AsyncModelBusClient
 from tests.fixtures.model_files import make_lora_diffusers, make_lora_kohya
 from tests.install.conftest import Bus
 from tests.lifecycle.conftest import TIMEOUT, Cli, cli_json
@@ -37,6 +41,7 @@ def test_ls_remote_lists_a_repo_with_sizes_and_the_files_an_install_takes(bus: B
     assert {f["path"] for f in sub["files"]} == {"other.safetensors", "notes.txt"}
     api = http.get("/api/v2/models/remote", params={"source": "acme/browse-lora:extra"}).json()
     assert api["files"] == sub["files"]
+    assert RemoteListing.model_validate(api).repo_id == "acme/browse-lora"  # the answer is what OpenAPI documents
 
 
 def test_ls_remote_lists_civitai_versions(bus: Bus, cli: Cli, http: TestClient, tmp_path: Path) -> None:
@@ -54,6 +59,7 @@ def test_ls_remote_lists_civitai_versions(bus: Bus, cli: Cli, http: TestClient, 
     assert found["versions"][0]["files"][0]["size"] is not None
     one = http.get("/api/v2/models/remote", params={"source": "civitai:7101@71011"}).json()
     assert [v["id"] for v in one["versions"]] == [71011]
+    assert RemoteListing.model_validate(one).kind == "civitai" and RemoteListing.model_validate(found).versions
     assert "Browse LoRA" in cli("ls-remote", "civitai:7101").stdout
 
 
@@ -75,6 +81,13 @@ def test_install_dry_run_with_globs_shows_exactly_what_an_install_fetches(bus: B
     api = http.post("/api/v2/models/install/plan", json={"source": "acme/glob-lora", "include": ["*.safetensors"],
                                                           "exclude": ["extra/*"]})
     assert api.status_code == 200 and api.json()["files"] == plan["files"]
+    assert InstallPlan.model_validate(api.json()).folder == "glob-lora"  # the answer is what OpenAPI documents
+
+    async def planned() -> dict[str, Any]:  # the async client, the same plan
+        async with AsyncModelBusClient(bus.config) as aclient:
+            return await aclient.plan_install(  # type: ignore[attr-defined,no-any-return]
+                "acme/glob-lora", include=["*.safetensors"], exclude=["extra/*"])
+    assert asyncio.run(planned())["files"] == plan["files"]
     assert len(cli_json(cli, "jobs")) == jobs  # nothing queued
     assert not any("/resolve/" in r.path for r in bus.hub.requests[requests:])  # nothing downloaded
     # the globs reach a real install: only the chosen file is downloaded

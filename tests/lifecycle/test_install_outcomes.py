@@ -55,6 +55,13 @@ def test_expected_hashes_verify_a_url_download(bus: Bus, cli: Cli, http: TestCli
     failed = cli_json(cli, "install", url, "--blake3", wrong, "--wait", "--timeout", str(TIMEOUT), code=1)
     assert failed["state"] == "error" and failed["error_type"] == "ExpectedHashError" and wrong in failed["error"]
     assert _files_under(bus.config.models_path) == before
+    # the API and the client: the same check, the same failure, nothing left
+    job = http.post("/api/v2/models/install", json={"source": url, "sha256": wrong})
+    assert job.status_code == 202, job.text
+    failed = http.app.state.client.wait(job.json(), timeout=TIMEOUT)  # type: ignore[attr-defined]
+    assert failed["state"] == "error" and "sha256" in failed["error"], failed  # (checked as it downloads)
+    wait_until(lambda: not staging_dir(bus.config, failed["id"]).exists(), TIMEOUT, "the staging folder removed")
+    assert _files_under(bus.config.models_path) == before
     good = cli_json(cli, "install", url, "--sha256", hashlib.sha256(data).hexdigest().upper(),
                     "--blake3", blake3.blake3(data).hexdigest(), "--wait", "--timeout", str(TIMEOUT))
     assert good["state"] == "completed", good

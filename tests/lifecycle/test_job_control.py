@@ -3,11 +3,14 @@ failed job restarts; every state that does not allow the command refuses it and 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
-from modelbus.services.client import ModelBusClient
+from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from modelbus.services.install.errors import JobStateError
 from modelbus.services.install.placement import staging_dir
 from tests.fixtures.model_files import make_lora_kohya
@@ -107,3 +110,32 @@ def test_cancelling_a_paused_job_removes_its_partial_files(bus: Bus, cli: Cli, h
     assert client.job(job["id"])["state"] == "cancelled"
     assert "only a paused job" in cli("jobs", "resume", job["id"], code=4).stderr
 
+
+
+def test_the_async_client_pauses_and_resumes(bus: Bus, http: TestClient, tmp_path: Path) -> None:
+    """AsyncModelBusClient.pause/.resume: the same job control, the same events, the same refusal."""
+    client = _client(http)
+    path = tmp_path / "async-paused.safetensors"
+    job = stalled_install(bus, client, path)
+
+    async def pause() -> dict[str, Any]:
+        async with AsyncModelBusClient(bus.config) as aclient:
+            return await aclient.pause(job["id"])  # type: ignore[attr-defined,no-any-return]
+
+    async def resume() -> dict[str, Any]:
+        async with AsyncModelBusClient(bus.config) as aclient:
+            return await aclient.resume(job["id"])  # type: ignore[attr-defined,no-any-return]
+    assert asyncio.run(pause())["state"] == "paused"
+    wait_until(lambda: _parts(bus, job["id"]), TIMEOUT, "the partial file kept")
+    with pytest.raises(JobStateError, match="only a waiting or downloading job"):
+        asyncio.run(pause())
+    bus.files.set_fault(f"files/{path.name}", None)  # the server serves the rest now
+    assert asyncio.run(resume())["state"] in ("waiting", "downloading")
+    done = client.wait(job, timeout=TIMEOUT)
+    assert done["state"] == "completed", (done, bus.worker_log())
+    assert bus.config.model_path(client.get_model(done["key"]).path).read_bytes() == path.read_bytes()
+    states = [s.event.type for s in client.store.history(job["id"])]
+    assert states.count("InstallPaused") == 1 and states.count("InstallResumed") == 1
+    with pytest.raises(JobStateError, match="completed"):
+        asyncio.run(resume())
+    assert [s.event.type for s in client.store.history(job["id"])] == states

@@ -79,6 +79,9 @@ def test_verify_while_a_file_is_being_written(bus: Bus, cli: Cli, http: TestClie
         assert result["models"][0]["status"] == "busy" and "open for writing" in result["models"][0]["busy"][0]
         assert "repair" not in result["models"][0]
         assert "verify again when done" in cli("verify", key, code=1).stderr
+        api = http.post("/api/v2/models/verify", json={"keys": [key], "repair": True})  # the API: the same verdict
+        assert api.status_code == 200 and not api.json()["healthy"], api.text
+        assert api.json()["models"][0]["status"] == "busy" and "repair" not in api.json()["models"][0]
     assert path.read_bytes() == before
     assert cli_json(cli, "verify", key)["healthy"]
 

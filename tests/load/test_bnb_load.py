@@ -19,7 +19,7 @@ from modelbus.services.load.tensors import move_object
 from modelbus.services.probe import probe
 from modelbus.services.records.enums import SubModelType
 from tests.fixtures import transformer_files as tf
-from tests.fixtures.loadable import flux_to_bfl
+from tests.fixtures.loadable import T5_CFG, flux_to_bfl
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[dev])")
 F = bnb.functional
@@ -106,7 +106,7 @@ def test_bnb_flux_loads_quantized_and_matches(service: ModelLoadService, config:
     assert torch.allclose(got, want_dequantized, atol=0.05, rtol=0.05), (got - want_dequantized).abs().max()
     # ... and is as near the unquantized model as bnb's quantization error lets it be
     error = (got - want_original).abs().mean() / want_original.abs().mean()
-    assert error < (0.35 if kind in ("nf4", "fp4") else 0.05), error
+    assert error < (0.25 if kind in ("nf4", "fp4") else 0.03), error  # (measured: 0.12-0.16, 0.010)
     assert error > 0  # the weights really were quantized
 
 
@@ -147,8 +147,10 @@ def _bad(stored: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
         del stored[key + ".absmax"]
     elif how == "short-data":
         stored[key] = stored[key][: stored[key].shape[0] // 2]
-    elif how == "wrong-type-in-state":
-        packed = json.loads(bytes(blob.numpy()).decode()) | {"quant_type": "int3"}
+    elif how in ("wrong-type-in-state", "zero-blocksize", "not-a-dtype"):
+        change = {"wrong-type-in-state": {"quant_type": "int3"}, "zero-blocksize": {"blocksize": 0},
+                  "not-a-dtype": {"dtype": "Tensor"}}[how]
+        packed = json.loads(bytes(blob.numpy()).decode()) | change
         stored[key + _QS + "nf4"] = torch.tensor(list(json.dumps(packed).encode()), dtype=torch.uint8)
     return stored
 
@@ -160,6 +162,8 @@ def _bad(stored: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
     ("missing-absmax", "is missing its bitsandbytes absmax"),
     ("short-data", "holds .* bytes and .* block scales; its shape"),
     ("wrong-type-in-state", "quant state says quant type 'int3'"),
+    ("zero-blocksize", r"block size \[0, 256\]"),
+    ("not-a-dtype", "bitsandbytes uses blocks of .* and a floating dtype"),
 ])
 def test_bnb_bad_quant_state_refused_naming_it(service: ModelLoadService, config: Any, add: Any, how: str,
                                                says: str) -> None:
@@ -179,3 +183,64 @@ def test_bnb_refused_on_a_device_bitsandbytes_does_not_support(service: ModelLoa
     assert "cpu" in supported  # bitsandbytes >= 0.48 runs on the CPU: the loads above ran there
     with pytest.raises(InvalidModelException, match=r"does not run on this worker's device \(meta; it supports .*cpu"):
         bitsandbytes_for(torch.device("meta"), config.models_path / "x.safetensors")
+
+
+def _quantization_config(kind: str) -> dict[str, Any]:
+    if kind == "int8":
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 6.0}
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": kind,
+            "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bnb_diffusers_folder_loads_quantized(service: ModelLoadService, config: Any, add: Any, kind: str) -> None:
+    """A pipeline folder whose transformer (diffusers) and T5 encoder (transformers) were saved with a bnb
+    ``quantization_config``, as diffusers' and transformers' ``save_pretrained`` write them."""
+    state = tf.flux_transformer_state()
+    stored, back = _quantize(state, kind, True)
+    root = config.models_path / f"flux-bnb-{kind}"
+    folder = root / "transformer"
+    _write(folder / "diffusion_pytorch_model.safetensors", stored)
+    flux_config = dict(_reference(state).config) | {"_class_name": "FluxTransformer2DModel",
+                                                    "quantization_config": _quantization_config(kind)}
+    (folder / "config.json").write_text(json.dumps(flux_config))
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(5)
+    t5 = T5EncoderModel(T5Config(**T5_CFG)).eval()
+    t5.save_pretrained(root / "text_encoder_2")  # its config.json; the weights are replaced by quantized ones
+    # what transformers quantizes: the Linears but those it keeps in fp32 (T5's wo)
+    keep = set(t5._keep_in_fp32_modules or ())
+    linears = {f"{n}.weight" for n, m in t5.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in keep}
+    matrices = {k: v for k, v in t5.state_dict().items() if k in linears}
+    rest = {k: v.detach().to(torch.bfloat16) for k, v in t5.state_dict().items()
+            if k not in linears and k != "encoder.embed_tokens.weight"}  # (tied to shared.weight)
+    t5_quantized, t5_back = _quantize(matrices, kind, True)
+    t5_stored = t5_quantized | rest
+    _write(root / "text_encoder_2" / "model.safetensors", t5_stored)
+    t5_config = json.loads((root / "text_encoder_2" / "config.json").read_text())
+    (root / "text_encoder_2" / "config.json").write_text(json.dumps(t5_config | {"quantization_config": _quantization_config(kind)}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                       "transformer": ["diffusers", "FluxTransformer2DModel"],
+                                                       "text_encoder_2": ["transformers", "T5EncoderModel"]}))
+    found = probe(root)
+    assert (found.model_type, found.model_format, found.base_model, found.quantization) == (
+        "main", "diffusers", "flux", kind)
+    key = add(root.name, "main", "diffusers", base="flux", quantization=kind)
+    with service.get_model(key, SubModelType.Transformer) as model:
+        assert any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+        got = _run(model)
+    assert torch.allclose(got, _run(_reference(back)), atol=0.05, rtol=0.05)
+    with service.get_model(key, SubModelType.TextEncoder2) as encoder:
+        quantized = [m for m in encoder.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+        assert len(quantized) == len(matrices)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            out = encoder(input_ids=ids).last_hidden_state.float()
+            want = t5(input_ids=ids).last_hidden_state.float()
+    t5.load_state_dict({k: v.float() for k, v in t5_back.items()}, strict=False)  # the file's weights, dequantized
+    with torch.no_grad():
+        dequantized = t5(input_ids=ids).last_hidden_state.float()
+    assert torch.allclose(out, dequantized, atol=0.05, rtol=0.05), (out - dequantized).abs().max()
+    assert not torch.equal(out, want)  # the weights really were quantized

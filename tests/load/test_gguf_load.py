@@ -73,12 +73,21 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                 "in_channels": 4, "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 64, "num_layers": 2,
                 "rope_max_seq_len": 32}),
 }  # fmt: skip
+# the same families 256 wide (K-quant blocks are 256 long), so that most Linear weights take a K-quant
+TINY_K: dict[str, tuple[str, dict[str, Any]]] = {
+    "flux": ("FluxTransformer2DModel", _flux_config(True, 256) | {"num_attention_heads": 16, "joint_attention_dim": 256,
+             "pooled_projection_dim": 256}),
+    "qwen-image": ("QwenImageTransformer2DModel", TINY["qwen-image"][1] | {"in_channels": 256, "num_attention_heads": 16,
+                   "joint_attention_dim": 256}),
+    "wan-2.1": ("WanTransformer3DModel", TINY["wan-2.1"][1] | {"num_attention_heads": 16, "text_dim": 256,
+                "freq_dim": 256, "ffn_dim": 512}),
+}  # fmt: skip
 
 
-def _tiny(base: str) -> torch.nn.Module:
+def _tiny(base: str, tiny: dict[str, tuple[str, dict[str, Any]]] = TINY) -> torch.nn.Module:
     import diffusers
 
-    cls, config = TINY[base]
+    cls, config = tiny[base]
     torch.manual_seed(0)
     model: torch.nn.Module = getattr(diffusers, cls)(**config)
     with torch.no_grad():  # zero-initialised layers (FLUX's, Qwen's output gates) would make every output 0
@@ -87,24 +96,27 @@ def _tiny(base: str) -> torch.nn.Module:
     return model
 
 
-def _inputs(base: str, dtype: torch.dtype) -> dict[str, Any]:
+def _inputs(base: str, dtype: torch.dtype, width: int = 32) -> dict[str, Any]:
+    """The tiny configs' inputs; ``width`` 256: ``TINY_K``'s."""
     torch.manual_seed(1)
     if base == "flux":
-        feed = _flux_inputs(64, True)
+        feed = _flux_inputs(64, True) if width == 32 else _flux_inputs(width, True) | {
+            "encoder_hidden_states": torch.randn(1, 3, width), "pooled_projections": torch.randn(1, width)}
     elif base == "qwen-image":
-        feed = {"hidden_states": torch.randn(1, 4, 32), "encoder_hidden_states": torch.randn(1, 3, 32),
+        feed = {"hidden_states": torch.randn(1, 4, width), "encoder_hidden_states": torch.randn(1, 3, width),
                 "encoder_hidden_states_mask": torch.ones(1, 3), "timestep": torch.tensor([0.5]),
                 "img_shapes": [(1, 2, 2)]}  # fmt: skip
     else:
         feed = {"hidden_states": torch.randn(1, 4, 1, 4, 4), "timestep": torch.tensor([500]),
-                "encoder_hidden_states": torch.randn(1, 3, 32)}  # fmt: skip
+                "encoder_hidden_states": torch.randn(1, 3, width)}  # fmt: skip
     floats = ("hidden_states", "encoder_hidden_states", "pooled_projections")
     return {k: v.to(dtype) if k in floats else v for k, v in feed.items()}
 
 
-def _write(config: Any, base: str, quant: str, prefix: str = "") -> tuple[Path, dict[str, Any]]:
-    cls, kwargs = TINY[base]
-    state = {prefix + k: v for k, v in _tiny(base).state_dict().items()}
+def _write(config: Any, base: str, quant: str, prefix: str = "",
+           tiny: dict[str, tuple[str, dict[str, Any]]] = TINY) -> tuple[Path, dict[str, Any]]:
+    cls, kwargs = tiny[base]
+    state = {prefix + k: v for k, v in _tiny(base, tiny).state_dict().items()}
     path = g.write_gguf_weights(config.models_path / f"{base}-tiny-{quant}{prefix[:5]}.gguf", state, quant)
     folder = config.models_path / f"{base}-config"
     folder.mkdir(exist_ok=True)
@@ -186,6 +198,111 @@ def test_gguf_load_is_diffusers_gguf_load(config: Any, add: Any, store: Any, cas
     assert torch.equal(got, want)
 
 
+K_CASES = [(base, quant, torch.bfloat16 if quant == "Q4_K" else torch.float32)
+           for base in ("flux", "qwen-image", "wan-2.1") for quant in g.K_QUANTS]
+
+
+@pytest.mark.parametrize(("base", "quant", "dtype"), K_CASES, ids=[f"{b}-{q}-{str(d)[6:]}" for b, q, d in K_CASES])
+def test_gguf_k_quant_load_is_diffusers_gguf_load(config: Any, add: Any, store: Any, base: str, quant: str,
+                                                  dtype: torch.dtype) -> None:
+    """K-quants (what most community FLUX/Qwen-Image/Wan GGUFs ship): the same parameters, types, raw
+    bytes, dequantized values and forward output as diffusers' own GGUF load of the same file."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+
+    path, model_config = _write(config, base, quant, tiny=TINY_K)
+    key = add(path.name, "main", "gguf", base=base, quantization=quant,
+              **({} if base == "flux" else {"config": f"{base}-config"}))
+    req = LoadRequest(store.get_model(key), path, SubModelType.Transformer, torch.device("cpu"), dtype)
+    ours = load_gguf_main(req).model
+    theirs = _diffusers_gguf(path, model_config, dtype)
+    kinds = {p.quant_type.name for p in ours.parameters() if isinstance(p, GGUFParameter)}
+    assert _same_as_diffusers(ours, theirs) > 10 and kinds == {quant}
+    feed = _inputs(base, dtype, 256)
+    with torch.no_grad():
+        got, want = ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0]
+    assert got.dtype == dtype and torch.isfinite(got).all() and got.abs().sum() > 0
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("quant", sorted(g.K_QUANTS))
+def test_gguf_k_quant_probe_and_size_estimate(config: Any, add: Any, store: Any, quant: str) -> None:
+    """A K-quant file is recorded as its type (``Q4_K``...) and estimated at its blocks' size."""
+    import gguf
+
+    from modelbus.services.load.estimate import estimate_bytes
+    from modelbus.services.load.kit import LoadRequest
+
+    path, _ = _write(config, "flux", quant, tiny=TINY_K)
+    found = probe(path)
+    assert (found.model_format, found.base_model, found.quantization) == ("gguf", "flux", quant)
+    record = store.get_model(add(path.name, "main", "gguf", base="flux", quantization=quant))
+    req = LoadRequest(record, path, SubModelType.Transformer, torch.device("cpu"), torch.float32)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]]
+    reader = gguf.GGUFReader(path)
+    want = sum(int(t.n_elements) // block * size if t.tensor_type.name == quant else int(t.n_bytes)
+               for t in reader.tensors)  # fmt: skip
+    assert estimate_bytes(req) == want < sum(int(t.n_elements) * 4 for t in reader.tensors) / 4
+
+
+@pytest.mark.parametrize("quant", sorted(g.K_QUANTS))
+def test_gguf_package_and_diffusers_dequantize_k_quants_alike(quant: str) -> None:
+    """The two references agree on the same bytes: diffusers' dequantize in float32 is gguf-py's
+    exactly; diffusers' default (the loads', in the fp16 of the block scales) is it to fp16 rounding."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_functions, dequantize_gguf_tensor
+
+    kind = gguf.GGMLQuantizationType[quant]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = g.kquant_blocks((48, 512), quant)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, kind))
+    assert ref.shape == (48, 512) and torch.isfinite(ref).all() and 0.01 < ref.abs().max() < 0.1
+    blocks = torch.from_numpy(raw).reshape(-1, size)
+    assert torch.equal(dequantize_functions[kind](blocks, block, size, torch.float32).reshape(48, 512), ref)
+    default = dequantize_gguf_tensor(GGUFParameter(torch.from_numpy(raw), quant_type=kind))
+    assert default.shape == ref.shape
+    torch.testing.assert_close(default.float(), ref, rtol=0, atol=ref.abs().max().item() * 2e-3)
+
+
+def test_gguf_mixed_k_quant_file_is_diffusers_gguf_load(config: Any, add: Any, store: Any) -> None:
+    """A Q4_K_M-style file (most weights Q4_K, the value and MLP-out ones Q6_K, a few Q8_0): recorded
+    as Q4_K, each weight kept in its own type, as diffusers' load keeps it."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    from modelbus.services.load.gguf import load_gguf_main
+    from modelbus.services.load.kit import LoadRequest
+
+    state = _tiny("flux", TINY_K).state_dict()
+    types = {k: "Q6_K" for k in state if k.endswith(("attn.to_v.weight", "ff.net.2.weight"))}
+    types |= {"x_embedder.weight": "Q8_0", "proj_out.weight": "Q8_0"}
+    path = g.write_gguf_weights(config.models_path / "flux1-dev-tiny-Q4_K_M.gguf", state, "Q4_K", types=types)
+    assert probe(path).quantization == "Q4_K"
+    req = LoadRequest(store.get_model(add(path.name, "main", "gguf", base="flux")), path, SubModelType.Transformer,
+                      torch.device("cpu"), torch.bfloat16)  # fmt: skip
+    ours = load_gguf_main(req).model
+    theirs = _diffusers_gguf(path, {"_class_name": "FluxTransformer2DModel", **TINY_K["flux"][1]}, torch.bfloat16)
+    assert _same_as_diffusers(ours, theirs) > 10
+    kinds = {n: p.quant_type.name for n, p in ours.named_parameters() if isinstance(p, GGUFParameter)}
+    assert set(kinds.values()) == {"Q4_K", "Q6_K", "Q8_0"}
+    assert all(kinds[n] == types.get(n, "Q4_K") for n in kinds)
+    feed = _inputs("flux", torch.bfloat16, 256)
+    with torch.no_grad():
+        assert torch.equal(ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0])
+
+
+def test_k_quant_type_on_rows_short_of_a_block_is_refused(service: ModelLoadService, config: Any, add: Any) -> None:
+    """A header declaring a K-quant for a 32-wide weight (K blocks are 256 long) is refused, naming it."""
+    import gguf
+
+    name = "transformer_blocks.0.attn.to_q.weight"  # (32, 32)
+    path = g.write_gguf_weights(config.models_path / "short.gguf", tf.flux_transformer_state(), "Q8_0")
+    g.set_tensor_type(path, name, gguf.GGMLQuantizationType.Q4_K.value)
+    _refused(service, add(path.name, "main", "gguf", base="flux"),
+             rf"{name}' of shape \(32, 32\) does not fill whole Q4_K blocks of 256")
+
+
 def test_gguf_loads_again_from_the_skeleton_and_both_compute_alike(service: ModelLoadService, config: Any,
                                                                    add: Any) -> None:
     """A second load (the skeleton's clone, recycled host memory) is the first's twin, and turning one
@@ -251,17 +368,23 @@ def test_tensor_shapes_disagreeing_with_the_config_are_refused(service: ModelLoa
              r"transformer_blocks.0.attn.to_k.weight \(Q8_0\) has shape \[32, 64\], .* has \[32, 32\]")
 
 
-@pytest.mark.parametrize("case", ["flux-Q8_0-bf16", "wan-Q8_0-bf16", "qwen-image-Q5_1-fp32"])
-def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: Any, add: Any, case: str) -> None:
+DEQUANTIZED = [("flux", "Q8_0", torch.bfloat16), ("wan-2.1", "Q8_0", torch.bfloat16),
+               ("qwen-image", "Q5_1", torch.float32), ("flux", "Q5_K", torch.bfloat16),
+               ("wan-2.1", "Q3_K", torch.bfloat16), ("qwen-image", "Q6_K", torch.float32)]
+
+
+@pytest.mark.parametrize(("base", "quant", "dtype"), DEQUANTIZED, ids=[f"{b}-{q}-{str(d)[6:]}" for b, q, d in DEQUANTIZED])
+def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: Any, add: Any, base: str, quant: str,
+                                                          dtype: torch.dtype) -> None:
     """``gguf_dequantize``: plain layers holding the dequantized weights in the inference dtype (float32
     in the modules the class keeps so), what diffusers' ``model.dequantize()`` makes of its GGUF load;
-    the size estimate is then the dequantized size."""
+    the size estimate is then the dequantized size. K-quants: on the 256-wide configs."""
     from modelbus.services.load.estimate import estimate_bytes
     from modelbus.services.load.gguf import load_gguf_main
     from modelbus.services.load.kit import LoadRequest
 
-    base, quant, dtype, _ = CASES[case]
-    path, model_config = _write(config, base, quant)
+    width = 256 if quant in g.K_QUANTS else 32
+    path, model_config = _write(config, base, quant, tiny=TINY_K if width == 256 else TINY)
     key = add(path.name, "main", "gguf", base=base, **({} if base == "flux" else {"config": f"{base}-config"}))
     req = LoadRequest(store.get_model(key), path, SubModelType.Transformer, torch.device("cpu"), dtype,
                       gguf_dequantize=True)  # fmt: skip
@@ -269,7 +392,7 @@ def test_gguf_dequantized_on_load_is_diffusers_dequantize(config: Any, store: An
     theirs = _diffusers_gguf(path, model_config, dtype)
     theirs.dequantize()
     assert _same_as_diffusers(ours, theirs) == 0
-    feed = _inputs(base, dtype)
+    feed = _inputs(base, dtype, width)
     with torch.no_grad():
         got, want = ours(**feed, return_dict=False)[0], theirs(**feed, return_dict=False)[0]
     assert torch.equal(got, want)

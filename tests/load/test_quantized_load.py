@@ -88,6 +88,7 @@ def test_bitsandbytes_identified_and_refused_without_it(service: ModelLoadServic
     assert (found.model_type, found.model_format, found.base_model, found.quantization) == ("main", fmt, "flux", kind)
     key = add(path.name, "main", fmt, base="flux", quantization=kind)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # the package absent: its import raises ImportError
-    with pytest.raises(InvalidModelException, match="bitsandbytes checkpoints need bitsandbytes, which does not import"):
+    with pytest.raises(InvalidModelException, match="bitsandbytes checkpoints need bitsandbytes, which does not import") as err:
         service.get_model(key, SubModelType.Transformer)
+    assert "\n" not in str(err.value)
     assert service.cache.stats().models == 0

@@ -26,6 +26,9 @@ from tests.fixtures import loadable
 from tests.install.conftest import Bus
 from tests.waiting import wait_until
 
+#: the tiny CLIP-L's width (the SD-1 checkpoint's, the SD-3 file's): a tiny FLUX transformer converted with these
+#: companions pools that wide (``flux_transformer_state(pooled=CLIP_L_WIDTH)``), as FLUX.1 pools CLIP-L's 768
+CLIP_L_WIDTH = int(loadable.CLIP_CFG["hidden_size"])
 _WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue")
 
 

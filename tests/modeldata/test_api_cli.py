@@ -230,7 +230,15 @@ def test_async_client_has_the_same_calls(seeded: ModelBusClient) -> None:
             assert (await aclient.links(MAIN))["linked_from"] == [{"key": LORA, "relation": "for"}]
             await aclient.set_cover(LORA, images.png(64, 64))
             assert (await aclient.get_cover(LORA))[8:12] == b"WEBP"
+            assert (await aclient.delete_cover(LORA)).cover is None
+            assert (await aclient.unlink(LORA, MAIN)).links == []
+            assert (await aclient.links(MAIN))["linked_from"] == []
     asyncio.run(run())
+    # each change is an event in the log, on the model it changed
+    assert [s.event.type for s in seeded.history(LORA)][1:] == ["ModelLinked", "ModelCoverChanged",
+                                                                "ModelCoverChanged", "ModelUnlinked"]
+    assert [s.event.type for s in seeded.history(MAIN)][1:] == ["ModelSettingsChanged"]
+    assert not seeded.redis.keys(f"*cover:{LORA}:*")  # the deleted cover's bytes went with it
 
 
 def test_concurrent_covers_leave_exactly_the_recorded_bytes(seeded: ModelBusClient) -> None:

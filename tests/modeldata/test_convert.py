@@ -30,7 +30,7 @@ from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable, make_lora_kohya, transformer_files
 from tests.install.conftest import Bus
-from tests.modeldata.companions import install_companions
+from tests.modeldata.companions import CLIP_L_WIDTH, install_companions
 from tests.waiting import wait_until
 
 TIMEOUT = "600"
@@ -144,6 +144,9 @@ def test_what_cannot_be_converted_is_refused_and_nothing_changes(bus: Bus, tmp_p
         head = client.store.head()
     refused = _cli("convert", f"conv-{what}", code=2)
     assert "not a single-file main checkpoint" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    with TestClient(create_app(bus.config)) as http:  # the API: the same refusal, a 422 naming it
+        r = http.post(f"/api/v2/models/i/conv-{what}/convert", json={}, headers={"Host": "127.0.0.1"})
+        assert r.status_code == 422 and "not a single-file main checkpoint" in r.json()["error"]["message"], r.text
     with ModelBusClient(bus.config) as client:
         assert client.store.head() == head
 
@@ -162,7 +165,7 @@ def _same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> 
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 def test_convert_a_flux_checkpoint(bus: Bus, companions: dict[str, torch.nn.Module], guidance: bool) -> None:
     key = f"tiny-flux-{'dev' if guidance else 'schnell'}"
-    state = transformer_files.flux_transformer_state(guidance=guidance)
+    state = transformer_files.flux_transformer_state(guidance=guidance, pooled=CLIP_L_WIDTH)
     transformer_files.write_state(bus.config.models_path / f"{key}.safetensors", loadable.flux_to_bfl(state))
     _add(bus, key, "flux", f"{key}.safetensors")
     done = json.loads(_cli("convert", key, "--json", "--timeout", TIMEOUT).stdout)
@@ -199,7 +202,7 @@ def _as_fp8_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_convert_an_fp8_flux_checkpoint_to_bf16(bus: Bus) -> None:
-    state = transformer_files.flux_transformer_state(guidance=True)
+    state = transformer_files.flux_transformer_state(guidance=True, pooled=CLIP_L_WIDTH)
     bus.config.models_path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in _as_fp8_file(loadable.flux_to_bfl(state)).items()},
               str(bus.config.models_path / "fp8-flux.safetensors"))
@@ -216,7 +219,7 @@ def test_convert_an_fp8_flux_checkpoint_to_bf16(bus: Bus) -> None:
 
 def test_convert_an_fp8_scaled_flux_checkpoint_folds_its_scales(bus: Bus) -> None:
     # ComfyUI's fp8_scaled: each matrix stored as weight / scale in fp8, its scale beside it, a marker tensor
-    bfl = loadable.flux_to_bfl(transformer_files.flux_transformer_state(guidance=True))
+    bfl = loadable.flux_to_bfl(transformer_files.flux_transformer_state(guidance=True, pooled=CLIP_L_WIDTH))
     scales = {k: v.abs().max().float() / 200 for k, v in bfl.items() if v.dim() >= 2}
     stored = {k: ((v.float() / scales[k]).to(torch.float8_e4m3fn) if k in scales else v.to(torch.bfloat16))
               for k, v in bfl.items()}

@@ -21,6 +21,7 @@ from modelbus.services.client import ModelBusClient
 from tests.fixtures import loadable, transformer_files
 from tests.install.conftest import Bus
 from tests.modeldata.companions import (
+    CLIP_L_WIDTH,
     add,
     assert_refused,
     run_cli,
@@ -32,8 +33,9 @@ from tests.modeldata.companions import (
 
 TIMEOUT = "600"
 T5_REPO, T5_SUB = load_catalog().starter("t5-xxl-encoder").source.split(":")  # type: ignore[union-attr]
-# the tiny transformer's widths: pooled CLIP-L (pooled_projection_dim) and T5 (joint_attention_dim)
-WIDTH = 32
+# the tiny transformer's widths: pooled CLIP-L (pooled_projection_dim: the width SD-3's tiny file leaves its CLIP-L
+# too) and T5 (joint_attention_dim)
+CLIP_WIDTH, WIDTH = CLIP_L_WIDTH, 32
 CLIP_VOCAB = 49408  # the shipped CLIP tokenizer's: the pipeline's token ids index this encoder's embedding
 
 
@@ -43,13 +45,13 @@ def hub_files(bus: Bus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, o
     tmp = tmp_path_factory.mktemp("flux-bundle")
     bfl = tmp / "bfl"
     bfl.mkdir()
-    state = transformer_files.flux_transformer_state(guidance=False)  # schnell: no guidance embedding
+    state = transformer_files.flux_transformer_state(guidance=False, pooled=CLIP_WIDTH)  # schnell: no guidance embedding
     transformer_files.write_state(bfl / "flux1-schnell.safetensors", loadable.flux_to_bfl(state))
     vae = write_vae_file(bfl / "ae.safetensors")
     bus.hub.add_repo("black-forest-labs/FLUX.1-schnell", bfl)
     comfy = tmp / "comfy"
     comfy.mkdir()
-    clip = write_clip_l_file(comfy / "clip_l.safetensors", hidden=WIDTH, vocab=CLIP_VOCAB, positions=77)
+    clip = write_clip_l_file(comfy / "clip_l.safetensors", hidden=CLIP_WIDTH, vocab=CLIP_VOCAB, positions=77)
     bus.hub.add_repo("comfyanonymous/flux_text_encoders", comfy)
     torch.manual_seed(16)
     t5 = T5EncoderModel(T5Config(**{**loadable.T5_CFG, "d_model": WIDTH, "vocab_size": 64})).eval()

@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from modelbus.services import hfcache
+from modelbus.services.api import create_app
+from modelbus.services.api.routes.lifecycle import RemoteListing
 from modelbus.services.cli import app as cli_app
 from modelbus.services.client import ModelBusClient
 from modelbus.services.client.aio import AsyncModelBusClient
@@ -27,6 +30,7 @@ from tests.fixtures import make_vae_diffusers
 from tests.install.conftest import Bus, _bus
 
 TIMEOUT = 240.0
+HOST = {"Host": "127.0.0.1"}
 REPO = "acme/cached-vae"
 SCANNED = "acme/scanned-vae"  # (a twin of REPO's model would be a duplicate: its config differs)
 
@@ -130,6 +134,13 @@ def test_offline_installs_come_from_the_cache_alone(redis_url: str, tmp_path: Pa
         # a thumbnail (or any request the download client would send there) is refused before it is sent
         with pytest.raises(HFOfflineError, match="MODELBUS_HF_OFFLINE=1 forbids network access to Hugging Face"):
             fetch_image(bus.config, f"{bus.hub.url}/{REPO}/resolve/main/cover.png")
+        # the API: the same cached listing, the same refusal of what the cache lacks
+        with TestClient(create_app(bus.config)) as http:
+            api = http.get("/api/v2/models/remote", params={"source": REPO}, headers=HOST)
+            assert api.status_code == 200 and RemoteListing.model_validate(api.json()).offline, api.text
+            assert api.json()["files"] == listed["files"]
+            plan = http.post("/api/v2/models/install/plan", json={"source": "acme/not-cached"}, headers=HOST)
+            assert plan.status_code == 422 and "not in the Hugging Face cache" in plan.json()["error"]["message"]
         assert len(bus.hub.requests) == asked  # not one request to the hub
         with ModelBusClient(bus.config) as client:
             assert sorted(m.key for m in client.list_models()) == sorted([done["key"], by_url["key"]])

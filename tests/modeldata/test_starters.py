@@ -3,8 +3,10 @@ through the CLI and the API, against stand-ins the local Hugging Face server ser
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,9 +14,10 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from modelbus.services.api import create_app
+from modelbus.services.api.routes.modeldata import StarterQueued, Starters
 from modelbus.services.catalog import Catalog, load_catalog
 from modelbus.services.cli import app as cli_app
-from modelbus.services.client import ModelBusClient
+from modelbus.services.client import AsyncModelBusClient, ModelBusClient
 from tests.fixtures import (
     make_clip_vision,
     make_controlnet_diffusers,
@@ -99,7 +102,7 @@ def test_install_a_starter_with_its_dependency_then_the_bundle(stand_ins: Bus) -
         r = http.post("/api/v2/models/starters/install", json={"bundle": "sd-1"}, headers=HOST)
         assert r.status_code == 202, r.text
         entries = r.json()
-        assert [e["starter"] for e in entries] == ["sd-1.5", "sd-vae-ft-mse", "controlnet-canny-sd15",
+        assert [StarterQueued.model_validate(e).starter for e in entries] == ["sd-1.5", "sd-vae-ft-mse", "controlnet-canny-sd15",
                                                    "controlnet-depth-sd15", "ip-adapter-image-encoder",
                                                    "ip-adapter-sd15"]
         assert entries[-1]["installed"] == done[1]["job"]["key"] and "job" not in entries[-1]
@@ -111,8 +114,18 @@ def test_install_a_starter_with_its_dependency_then_the_bundle(stand_ins: Bus) -
         r = http.get("/api/v2/models/starters", headers=HOST)
         assert r.status_code == 200, r.text
         listed = {s["name"]: s for s in r.json()["models"]}
+        assert Starters.model_validate(r.json()).bundles  # the answer is what OpenAPI documents
     assert all(listed[n]["installed"] for n in ("sd-1.5", "sd-vae-ft-mse", "controlnet-canny-sd15"))
     assert listed["sdxl-base"]["installed"] is None
+
+    async def again() -> tuple[dict[str, Any], list[dict[str, Any]]]:  # the async client, the same calls
+        async with AsyncModelBusClient(stand_ins.config) as aclient:
+            return (await aclient.starters(),  # type: ignore[attr-defined]
+                    await aclient.install_starters(["ip-adapter-sd15"]))  # type: ignore[attr-defined]
+    shown, queued = asyncio.run(again())
+    assert {s["name"]: s["installed"] for s in shown["models"]} == {n: s["installed"] for n, s in listed.items()}
+    assert queued == [{"starter": "ip-adapter-image-encoder", "installed": listed["ip-adapter-image-encoder"]["installed"]},
+                      {"starter": "ip-adapter-sd15", "installed": done[1]["job"]["key"]}]  # nothing queued again
 
 
 def test_unknown_starters_and_bundles_are_refused_before_anything_starts(stand_ins: Bus) -> None:

@@ -4,7 +4,7 @@ reads a model file); browse a remote repository and plan an install before runni
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -147,14 +147,79 @@ def prune(c: Client, body: PruneRequest | None = None) -> Response:
 
 # --- browsing before an install -------------------------------------------------------------------
 
-@router.get("/remote", summary="The files of a Hugging Face repo (owner/repo[:subfolder]) or the versions "
+class _Out(BaseModel):
+    """A response documented field by field: a field the code adds and this does not name fails the tests
+    that check the real answers against it (tests/lifecycle/test_browse.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RemoteFile(_Out):
+    path: str = Field(description="relative to the repo (and its subfolder)")
+    size: int | None
+    sha256: str | None = Field(description="the LFS sha256, where the hub gives one")
+    chosen: bool = Field(description="an install of the repo takes this file")
+
+
+class CivitaiFile(_Out):
+    name: str
+    type: str | None
+    size: int | None
+    primary: bool
+    sha256: str | None
+    chosen: bool = Field(description="the file an install of this version takes")
+
+
+class CivitaiVersion(_Out):
+    id: int | None
+    name: str | None
+    base_model: str | None
+    published_at: str | None
+    chosen: bool = Field(description="the version an install of the model takes")
+    files: list[CivitaiFile]
+
+
+class RemoteListing(_Out):
+    kind: Literal["huggingface", "civitai"]
+    # a Hugging Face repo
+    repo_id: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    files: list[RemoteFile] | None = None
+    total_bytes: int | None = None
+    chosen_bytes: int | None = None
+    offline: bool | None = Field(default=None, description="listed from the Hugging Face cache (HF_HUB_OFFLINE)")
+    # a Civitai model
+    model_id: int | None = None
+    name: str | None = None
+    type: str | None = None
+    versions: list[CivitaiVersion] | None = None
+
+
+class PlannedFile(_Out):
+    path: str
+    size: int | None
+    url: str | None
+    sha256: str | None = None
+
+
+class InstallPlan(_Out):
+    source: str
+    files: list[PlannedFile]
+    total_bytes: int | None
+    folder: str | None = Field(description="the folder the files go in, for a multi-file model")
+    destination: str = Field(description="where the model is placed")
+
+
+@router.get("/remote", response_model=RemoteListing, summary="The files of a Hugging Face repo (owner/repo[:subfolder]) or the versions "
             "of a Civitai model (civitai:MODEL[@VERSION]), with sizes", responses={**NOT_FOUND, **WORKER})
 def ls_remote(c: Client, source: Annotated[str, Query(min_length=1, max_length=4096)],
               revision: Annotated[str | None, Query(max_length=256)] = None) -> Response:
     return _json(c.ls_remote(source, revision=revision))
 
 
-@router.post("/install/plan", summary="What an install would download and where (a dry run: nothing queued)",
+@router.post("/install/plan", response_model=InstallPlan, summary="What an install would download and where (a dry run: nothing queued)",
              responses={**NOT_FOUND, **FORBIDDEN, **WORKER})
 def plan_install(body: InstallRequest, c: Client) -> Response:
     options = body.options()

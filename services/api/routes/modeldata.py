@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelbus.events.jobs import InstallJobView
 from modelbus.services.api.errors import ErrorResponse, Responses
 from modelbus.services.api.routes.models import ID_PATTERN, WORKER, Client, Key, _json
 from modelbus.services.client import AsyncModelBusClient
@@ -120,12 +121,52 @@ class StarterInstall(BaseModel):
     bundle: str | None = Field(default=None, max_length=128, description="a bundle: sd-1, sdxl, flux")
 
 
-@router.get("/starters", summary="The starter models and bundles, with the key of each one installed")
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # every field named (tests/modeldata/test_starters.py checks)
+
+
+class StarterFile(_Out):
+    repo: str
+    path: str
+
+
+class StarterListed(_Out):
+    name: str
+    description: str
+    source: str = Field(description="what `install` takes for it")
+    file: StarterFile | None = None
+    variant: str | None = None
+    type: str
+    base: str
+    size: int = Field(description="approximate download size in bytes")
+    gated: bool
+    dependencies: list[str]
+    installed: str | None = Field(description="the key of its installed record, or null")
+
+
+class BundleListed(_Out):
+    name: str
+    description: str
+    models: list[str]
+
+
+class Starters(_Out):
+    models: list[StarterListed]
+    bundles: list[BundleListed]
+
+
+class StarterQueued(_Out):
+    starter: str
+    job: InstallJobView | None = Field(default=None, description="the install job queued for it")
+    installed: str | None = Field(default=None, description="the key of its record, when already installed")
+
+
+@router.get("/starters", response_model=Starters, summary="The starter models and bundles, with the key of each one installed")
 def list_starters(c: Client) -> Response:
     return _json(c.starters())
 
 
-@router.post("/starters/install", status_code=202, responses={**FOUND, 502: {
+@router.post("/starters/install", response_model=list[StarterQueued], status_code=202, responses={**FOUND, 502: {
     "model": ErrorResponse, "description": "the install queue could not take the job"}},
              summary="Install starter models (or a bundle) with their dependencies, dependencies first")
 def install_starters(body: StarterInstall, c: Client) -> Response:
