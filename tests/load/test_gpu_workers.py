@@ -80,7 +80,7 @@ def test_loads_follow_the_cache_and_survive_a_dead_worker(gpu_workers: dict[str,
     started = time.monotonic()
     rescued = client.load(first, timeout=90)
     victim.send_signal(signal.SIGKILL)
-    assert rescued["worker"] == "gpu-a"
+    assert rescued["worker"] == "gpu-a", rescued
     print(f"load re-routed from the frozen gpu-b to gpu-a after {time.monotonic() - started:.1f}s")
     assert client.load(second, timeout=60)["worker"] == "gpu-a"
 
