@@ -3,7 +3,9 @@
 A plain fp8 file (e4m3fn or e5m2) stores the weights themselves; ComfyUI's "fp8_scaled" ones store
 ``weight / scale`` in fp8 and the scale as ``<layer>.scale_weight`` (older ComfyUI) or
 ``<layer>.weight_scale``, with a ``scaled_fp8`` marker tensor: their weights are only right once
-multiplied back.
+multiplied back. ComfyUI's newer quantized files mark each layer with ``<layer>.comfy_quant`` (uint8 JSON
+naming its format) and add an ``input_scale``: their fp8 layers are read the same way, any other format
+(nvfp4, mxfp8...) is refused (:func:`_take_comfy_quant`).
 
 Upcast (the default on the CPU): :func:`fold_fp8_scales` multiplies the scales into the upcast
 tensors and drops the scales and the marker, which no model has as parameters.
@@ -26,6 +28,7 @@ joined, a per-row scale's rows cut), the load falls back to the upcast.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -39,6 +42,8 @@ from modelbus.services.load.errors import InvalidModelException
 from modelbus.services.load.safetensors_fast import read_header
 
 _SCALES = {".scale_weight": ".weight", ".weight_scale": ".weight"}
+_COMFY_QUANT = ".comfy_quant"  # ComfyUI's per-layer quantization config: uint8 JSON like {"format": "float8_e4m3fn"}
+_COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 _MARKERS = ("scaled_fp8",)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: values of ``MODELBUS_FP8_STORAGE``
@@ -112,6 +117,36 @@ def _check_unscaled(fp8: Collection[str], tensors: dict[str, torch.Tensor], wher
                                         f"(no {key.removesuffix('.weight')}.scale_weight; {kin} has one)")
 
 
+def _comfy_format(conf: torch.Tensor) -> str | None:
+    try:
+        info = json.loads(bytes(conf.reshape(-1).tolist())) if conf.dtype == torch.uint8 else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    fmt = info.get("format") if isinstance(info, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def _take_comfy_quant(tensors: dict[str, torch.Tensor], where: object) -> None:
+    """Check and remove a ComfyUI quantized file's ``<layer>.comfy_quant`` configs and ``<layer>.input_scale``
+    tensors (a quantized matmul's activation scale, not needed once the weights are upcast), in place. Only
+    the fp8 formats with a ``weight_scale`` are read (their scale is folded as ``scale_weight`` is); any
+    other format (nvfp4, mxfp8, int8 blocks...) or a malformed config is refused."""
+    layers = [k.removesuffix(_COMFY_QUANT) for k in tensors if k.endswith(_COMFY_QUANT)]
+    for layer in sorted(layers):
+        fmt = _comfy_format(tensors[layer + _COMFY_QUANT])
+        if fmt is None:
+            raise InvalidModelException(f"{where}: ComfyUI quantization config {layer}{_COMFY_QUANT} is malformed "
+                                        "(not uint8 JSON with a \"format\")")  # fmt: skip
+        if fmt not in _COMFY_FP8_FORMATS:
+            raise InvalidModelException(f"{where}: ComfyUI {fmt} quantization is not supported: {layer}")
+        weight = tensors.get(layer + ".weight")
+        if weight is not None and layer + ".weight_scale" not in tensors:
+            raise InvalidModelException(f"{where}: ComfyUI {fmt} layer {layer} has no {layer}.weight_scale")
+    if layers:
+        for key in [k for k in tensors if k.endswith((_COMFY_QUANT, ".input_scale"))]:
+            del tensors[key]
+
+
 def stored_fp8(path: Path, select: Callable[[str], bool] | None = None) -> set[str] | None:
     """The names of a safetensors file's fp8 tensors (those ``select`` keeps), from its header; None for
     other files."""
@@ -124,7 +159,9 @@ def stored_fp8(path: Path, select: Callable[[str], bool] | None = None) -> set[s
 def fold_fp8_scales(tensors: dict[str, torch.Tensor], where: object = "",
                     fp8: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Multiply each scaled weight by its scale, in place; the scale entries are removed. ``fp8``: the
-    names the file stores in fp8 (they are upcast by now), to refuse one that lacks its scale."""
+    names the file stores in fp8 (they are upcast by now), to refuse one that lacks its scale. A ComfyUI
+    ``comfy_quant`` file's configs are checked first (:func:`_take_comfy_quant`)."""
+    _take_comfy_quant(tensors, where)
     _check_unscaled(fp8 or (), tensors, where)
     for key in [k for k in tensors if _is_marker(k)]:
         del tensors[key]
@@ -179,6 +216,7 @@ def split_fp8(tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: objec
     scales: dict[str, tuple[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     scaled = False
+    _take_comfy_quant(tensors, where)
     _check_unscaled([k for k, t in tensors.items() if is_fp8(t)], tensors, where)
     for key, t in tensors.items():
         target = _scale_target(key)

@@ -5,6 +5,7 @@ Tiny real FLUX (BFL layout: q/k/v split by the conversion) and Wan (ComfyUI's pr
 
 from __future__ import annotations
 
+import json
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelbus.services.config import AppConfig, ConfigError
-from modelbus.services.load import ModelLoadService
+from modelbus.services.load import InvalidModelException, ModelLoadService
 from modelbus.services.load.estimate import estimate_bytes
 from modelbus.services.load.fp8 import keeps_fp8
 from modelbus.services.load.kit import LoadRequest
@@ -200,3 +201,38 @@ def test_policy(monkeypatch: pytest.MonkeyPatch, modelbus_env: dict[str, str]) -
     monkeypatch.setenv("MODELBUS_FP8_STORAGE", "sometimes")
     with pytest.raises(ConfigError, match="MODELBUS_FP8_STORAGE='sometimes': Input should be 'auto', 'on' or 'off'"):
         AppConfig.load()
+
+
+def _comfy_quant_layout(stored: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """``stored`` (a scaled file of :func:`_quantize`) in ComfyUI's newer layout: ``weight_scale``, a
+    ``comfy_quant`` config and an ``input_scale`` per quantized layer, no marker."""
+    out: dict[str, torch.Tensor] = {}
+    conf = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+    for name, t in stored.items():
+        if name.endswith(".scale_weight"):
+            layer = name.removesuffix(".scale_weight")
+            out[layer + ".weight_scale"], out[layer + ".input_scale"] = t, torch.tensor(5.0)
+            out[layer + ".comfy_quant"] = conf.clone()
+        elif name != "scaled_fp8":
+            out[name] = t
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4"])
+def test_flux_kept_comfy_quant(service: ModelLoadService, kept: ModelLoadService, config: Any, add: Any,
+                               fmt: str) -> None:
+    """A comfy_quant fp8 file kept in fp8 computes what its upcast load does; another format is refused."""
+    stored, _ = _quantize(builders.flux_to_bfl(tf.flux_transformer_state(), ""), True, _FLUX_BF16)
+    _write(config.models_path / "flux-cq.safetensors", _comfy_quant_layout(stored, fmt), "model.diffusion_model.")
+    key = add("flux-cq.safetensors", "main", "checkpoint", base="flux", config="flux-dev", precision="fp8_e4m3fn")
+    if fmt == "nvfp4":
+        with (pytest.raises(InvalidModelException, match="ComfyUI nvfp4 quantization is not supported: "),
+              kept.get_model(key, SubModelType.Transformer)):
+            pass
+        return
+    inputs = _flux_inputs()
+    with service.get_model(key, SubModelType.Transformer) as upcast:
+        want = upcast(**inputs).sample
+    with kept.get_model(key, SubModelType.Transformer) as model:
+        assert any(p.dtype == E4M3 for p in model.parameters())
+        torch.testing.assert_close(model(**inputs).sample, want, rtol=1e-5, atol=1e-5)

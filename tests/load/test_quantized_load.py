@@ -4,6 +4,7 @@ where bitsandbytes does not import."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,59 @@ def test_bitsandbytes_identified_and_refused_without_it(service: ModelLoadServic
         service.get_model(key, SubModelType.Transformer)
     assert "\n" not in str(err.value)
     assert service.cache.stats().models == 0
+
+
+def _comfy_quant(fmt: str) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_comfy_quant_fp8_flux_loaded_with_its_weight_scales(service: ModelLoadService, config: Any, add: Any,
+                                                            dtype: torch.dtype) -> None:
+    """ComfyUI's newer "fp8_mixed" layout: each quantized layer has ``.comfy_quant`` (uint8 JSON naming its
+    format), ``.weight_scale`` and ``.input_scale``; no ``scaled_fp8`` marker. The weights are loaded upcast
+    times their weight_scale, and no config or input scale is left in the model."""
+    state = tf.flux_transformer_state()
+    fmt = "float8_e4m3fn" if dtype == torch.float8_e4m3fn else "float8_e5m2"
+    stored: dict[str, torch.Tensor] = {}
+    expected: dict[str, torch.Tensor] = {}
+    for name, w in state.items():
+        w = w.detach().float()
+        if w.dim() == 2:
+            layer = name.removesuffix(".weight")
+            scale = (w.abs().max() / 8).clamp(min=1e-3).reshape(())
+            stored[name] = (w / scale).to(dtype)
+            stored[layer + ".weight_scale"] = scale.float()
+            stored[layer + ".input_scale"] = torch.tensor(3.0)  # would change the values were it folded
+            stored[layer + ".comfy_quant"] = _comfy_quant(fmt)
+            expected[name] = stored[name].float() * scale
+        else:
+            expected[name] = stored[name] = w.to(torch.bfloat16).float()
+    path = _write(config.models_path / "flux-fp8-mixed.safetensors", stored)
+    assert probe(path).quantization == "fp8_scaled"
+    precision = "fp8_e4m3fn" if dtype == torch.float8_e4m3fn else "fp8_e5m2"
+    key = add("flux-fp8-mixed.safetensors", "main", "checkpoint", base="flux", config="flux-dev", precision=precision)
+    with service.get_model(key, SubModelType.Transformer) as model:
+        got = model.state_dict()
+        assert got.keys() == expected.keys()
+        for name, want in expected.items():
+            assert torch.equal(got[name], want), name
+
+
+@pytest.mark.parametrize("conf", ["nvfp4", "malformed"])
+def test_comfy_quant_other_formats_refused_naming_them(service: ModelLoadService, config: Any, add: Any,
+                                                       conf: str) -> None:
+    state = {k: v.detach().to(torch.bfloat16) for k, v in tf.flux_transformer_state().items()}
+    layer = next(k for k, v in state.items() if v.dim() == 2).removesuffix(".weight")
+    rows, cols = state[layer + ".weight"].shape
+    state[layer + ".weight"] = torch.zeros(rows, cols // 2, dtype=torch.uint8)  # two fp4 values a byte
+    state[layer + ".weight_scale"] = torch.ones(rows, max(cols // 16, 1)).to(torch.float8_e4m3fn)
+    state[layer + ".weight_scale_2"] = torch.tensor(1.0)
+    state[layer + ".comfy_quant"] = (_comfy_quant("nvfp4") if conf == "nvfp4"
+                                     else torch.tensor(list(b"{not json"), dtype=torch.uint8))
+    _write(config.models_path / "flux-nvfp4.safetensors", state)
+    key = add("flux-nvfp4.safetensors", "main", "checkpoint", base="flux", config="flux-dev")
+    want = (f"ComfyUI nvfp4 quantization is not supported: {layer}$" if conf == "nvfp4"
+            else f"ComfyUI quantization config {layer}.comfy_quant is malformed")
+    with pytest.raises(InvalidModelException, match=want), service.get_model(key, SubModelType.Transformer):
+        pass
