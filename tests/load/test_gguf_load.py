@@ -297,8 +297,7 @@ def test_k_quant_type_on_rows_short_of_a_block_is_refused(service: ModelLoadServ
     import gguf
 
     name = "transformer_blocks.0.attn.to_q.weight"  # (32, 32)
-    path = g.write_gguf_weights(config.models_path / "short.gguf", tf.flux_transformer_state(), "Q8_0")
-    g.set_tensor_type(path, name, gguf.GGMLQuantizationType.Q4_K.value)
+    path = _flux_retyped(config, "short.gguf", name, gguf.GGMLQuantizationType.Q4_K.value)
     _refused(service, add(path.name, "main", "gguf", base="flux"),
              rf"{name}' of shape \(32, 32\) does not fill whole Q4_K blocks of 256")
 
@@ -326,6 +325,13 @@ def test_gguf_loads_again_from_the_skeleton_and_both_compute_alike(service: Mode
         assert type(kept.transformer_blocks[0].attn.to_q) is torch.nn.Linear
 
 
+def _flux_retyped(config: Any, file: str, name: str, quant_type: int) -> Path:
+    """A tiny FLUX Q8_0 GGUF whose header then declares ``name`` of ``quant_type``."""
+    path = g.write_gguf_weights(config.models_path / file, tf.flux_transformer_state(), "Q8_0")
+    g.set_tensor_type(path, name, quant_type)
+    return path
+
+
 def _refused(service: ModelLoadService, key: str, match: str) -> None:
     with pytest.raises(InvalidModelException, match=match):
         service.get_model(key, SubModelType.Transformer)
@@ -342,11 +348,9 @@ def test_unknown_and_undequantizable_types_are_refused(service: ModelLoadService
     import gguf
 
     name = "time_text_embed.timestep_embedder.linear_1.weight"  # (32, 256): whole blocks of 256 too
-    path = g.write_gguf_weights(config.models_path / "odd.gguf", tf.flux_transformer_state(), "Q8_0")
-    g.set_tensor_type(path, name, 99)
+    path = _flux_retyped(config, "odd.gguf", name, 99)
     _refused(service, add(path.name, "main", "gguf", base="flux"), f"{name}' has unknown quantization type 99")
-    path = g.write_gguf_weights(config.models_path / "iq.gguf", tf.flux_transformer_state(), "Q8_0")
-    g.set_tensor_type(path, name, gguf.GGMLQuantizationType.IQ2_XXS.value)
+    path = _flux_retyped(config, "iq.gguf", name, gguf.GGMLQuantizationType.IQ2_XXS.value)
     _refused(service, add(path.name, "main", "gguf", base="flux"),
              f"{name}' .* is IQ2_XXS, which diffusers' GGUF support cannot dequantize")
 
